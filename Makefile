@@ -1,0 +1,31 @@
+# `make test` and `make bench` each create or reuse .venv and install what they need.
+# On a machine without CUDA, torch is pinned to the CPU build (never a multi-GB CUDA download).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_CPU ?= torch==2.13.0
+# Triton's interpreter needs triton >= 3.7 beside numpy >= 2.4.
+TRITON_CPU ?= triton>=3.7
+
+.PHONY: test bench venv clean
+
+$(VENV)/.ready-%: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if $(PY) -c "import torch" 2>/dev/null; then :; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	else $(PIP) install -q "$(TORCH_CPU)"; fi
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -e ".[$*]"; \
+	else $(PIP) install -q -e ".[$*]" "$(TRITON_CPU)"; fi
+	touch $@
+
+venv: $(VENV)/.ready-test
+
+test: $(VENV)/.ready-test
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.ready-bench
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

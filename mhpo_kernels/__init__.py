@@ -1,0 +1,12 @@
+"""Fused Triton kernels for the MHPO policy loss (Modulated Hazard-aware Policy Optimization).
+
+    loss = mhpo_kernels.mhpo_loss(logits, input_ids, old_logprobs, advantages, mask)
+
+See ``mhpo_loss`` for the formula and shapes, and the README for where each path runs.
+"""
+
+from ._dispatch import use_backend
+from .loss import MHPOLoss, MHPOLossFunction, mhpo_loss, token_logprobs
+
+__version__ = "0.1.0"
+__all__ = ["MHPOLoss", "MHPOLossFunction", "mhpo_loss", "token_logprobs", "use_backend"]

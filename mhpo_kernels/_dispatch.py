@@ -1,0 +1,74 @@
+"""Which implementation of the two sweeps runs, by device.
+
+- CUDA (and ROCm, which PyTorch also calls "cuda") tensors: the Triton kernels, compiled.
+- CPU tensors with ``TRITON_INTERPRET=1`` set before the kernels were first imported: the same
+  Triton kernels, run by Triton's interpreter (slow; this is how the tests exercise them).
+- CPU tensors otherwise, or Triton not installed: ``torch_sweeps``, the chunked PyTorch version.
+
+``use_backend("torch" | "triton")`` overrides the choice inside a ``with`` block; the tests use it to
+compare the two paths in one process.
+"""
+
+import contextlib
+import os
+import sys
+
+from . import torch_sweeps
+
+_FORWARD_MODULE = f"{__package__}.kernels.forward"
+_forced = None
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force ``"triton"`` or ``"torch"`` for the sweeps run inside the block."""
+    global _forced
+    if name not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {name!r}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _kernels_interpreted():
+    """True when the Triton kernels exist and were built by the interpreter."""
+    module = sys.modules.get(_FORWARD_MODULE)
+    if module is None:
+        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+            return False
+        try:
+            from .kernels import forward as module
+        except ImportError:
+            return False
+    return type(module._mhpo_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend_for(device):
+    """"triton" or "torch" for tensors on ``device``."""
+    if _forced is not None:
+        return _forced
+    if device.type == "cpu":
+        return "triton" if _kernels_interpreted() else "torch"
+    if device.type == "cuda" and _triton_importable():
+        return "triton"
+    return "torch"
+
+
+def sweeps(device):
+    """(forward, backward) sweep functions for tensors on ``device``."""
+    if backend_for(device) == "triton":
+        from .kernels.backward import mhpo_bwd
+        from .kernels.forward import mhpo_fwd
+
+        return mhpo_fwd, mhpo_bwd
+    return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd

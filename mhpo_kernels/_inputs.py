@@ -1,0 +1,206 @@
+"""Validation and normalization of the public arguments, before any kernel runs.
+
+Every check raises TypeError (wrong kind or dtype) or ValueError (wrong shape or value) with a
+message that starts with the argument's name. What comes out is flat (N,) per-token tensors the
+sweeps read without further thought: fp32, contiguous, and a target id of −1 at invalid tokens.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Batch:
+    logits: torch.Tensor           # (B, T, V) view of the caller's logits, unit stride along V
+    token_shape: torch.Size        # shape of input_ids: what per-token outputs are reshaped to
+    target: torch.Tensor           # (N,) int64, the id at valid tokens, −1 elsewhere
+    valid: torch.Tensor            # (N,) bool
+    old: Optional[torch.Tensor]    # (N,) fp32, None = on-policy
+    adv: Optional[torch.Tensor]    # (N,) fp32
+    weight: Optional[torch.Tensor]  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
+    ref: Optional[torch.Tensor]    # (N,) fp32
+
+
+def check_positive(name, value):
+    """A finite real number > 0 (not a bool, not a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_nonnegative(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def check_agg_mode(loss_agg_mode):
+    if loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+    return loss_agg_mode
+
+
+def _check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def _check_tensor(name, x, device):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, but logits are on {device}")
+    return x
+
+
+def _check_float_per_token(name, x, token_shape, device):
+    """An optional floating (B, T) tensor, returned flat in fp32 (a copy only if needed)."""
+    if x is None:
+        return None
+    _check_tensor(name, x, device)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.shape != token_shape:
+        raise ValueError(f"{name} must have shape {tuple(token_shape)} like input_ids, got {tuple(x.shape)}")
+    return x.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _check_logits(logits):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (B, T, V) or (N, V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a vocabulary dimension V >= 1, got V = 0")
+    logits3 = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    if logits3.stride(-1) != 1 and logits3.shape[-1] > 1:
+        # The kernels read rows with unit stride; any other layout costs one copy here.
+        logits3 = logits3.contiguous()
+    return logits3
+
+
+def _check_ids(input_ids, logits):
+    _check_tensor("input_ids", input_ids, logits.device)
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"input_ids must have shape {tuple(logits.shape[:-1])} (logits without V), "
+            f"got {tuple(input_ids.shape)}"
+        )
+    return input_ids.reshape(-1).to(torch.int64)
+
+
+def _check_mask(mask, token_shape, device):
+    """Optional bool or 0/1 (B, T) mask, flat. Returns (mask, has_non_binary_values)."""
+    if mask is None:
+        return None, None
+    _check_tensor("mask", mask, device)
+    if mask.shape != token_shape:
+        raise ValueError(f"mask must have shape {tuple(token_shape)} like input_ids, got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
+    mask = mask.detach().reshape(-1)
+    if mask.dtype == torch.bool:
+        return mask, None
+    return mask != 0, ((mask != 0) & (mask != 1)).any()
+
+
+def _check_advantages(advantages, token_shape, device):
+    """(B,) per sequence or (B, T) per token; for 2-D logits (N,) per token or (1,)/() for all."""
+    _check_tensor("advantages", advantages, device)
+    if not advantages.is_floating_point():
+        raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+    adv = advantages.detach().to(torch.float32)
+    if len(token_shape) == 2:
+        B, T = token_shape
+        if adv.shape == (B,):
+            return adv.unsqueeze(1).expand(B, T).contiguous().reshape(-1)
+        if adv.shape == (B, T):
+            return adv.reshape(-1).contiguous()
+        expected = f"(B,) = ({B},) or (B, T) = ({B}, {T})"
+    else:
+        (N,) = token_shape
+        if adv.shape == (N,):
+            return adv.contiguous()
+        if adv.numel() == 1 and adv.dim() <= 1:
+            return adv.reshape(1).expand(N).contiguous()
+        expected = f"(N,) = ({N},), (1,) or ()"
+    raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
+
+
+def _raise_on_bad_values(ids, valid, V, mask_not_binary):
+    """One host sync for the checks that need to look at values."""
+    bad_ids = valid & ((ids < 0) | (ids >= V))
+    flags = [bad_ids.any()]
+    if mask_not_binary is not None:
+        flags.append(mask_not_binary)
+    flags = torch.stack(flags).tolist()
+    if flags[0]:
+        where = bad_ids.nonzero()[0, 0].item()
+        raise ValueError(
+            f"input_ids holds {int(bad_ids.sum())} id(s) outside [0, {V}) at valid positions, "
+            f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)"
+        )
+    if len(flags) > 1 and flags[1]:
+        raise ValueError("mask must hold only 0 and 1 (or be bool)")
+
+
+def aggregation_weights(valid, loss_agg_mode):
+    """g_t of SPEC.md "Aggregation" from the (B, T) validity: loss = Σ_t g_t · loss_t."""
+    valid_f = valid.to(torch.float32)
+    if loss_agg_mode == "token-mean":
+        return valid_f / valid_f.sum().clamp(min=1)
+    tokens_per_seq = valid_f.sum(-1, keepdim=True)
+    n_seqs = (tokens_per_seq > 0).sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return valid_f / (tokens_per_seq.clamp(min=1) * n_seqs)
+    return valid_f / n_seqs  # seq-mean-token-sum
+
+
+def prepare_tokens(logits, input_ids, ignore_index, mask=None):
+    """Validate logits, ids and mask; return a Batch with target and validity filled in."""
+    logits3 = _check_logits(logits)
+    ids = _check_ids(input_ids, logits)
+    ignore_index = _check_ignore_index(ignore_index)
+    token_shape = input_ids.shape
+    mask, mask_not_binary = _check_mask(mask, token_shape, logits.device)
+    valid = ids != ignore_index
+    if mask is not None:
+        valid = valid & mask
+    _raise_on_bad_values(ids, valid, logits.shape[-1], mask_not_binary)
+    target = torch.where(valid, ids, -1)
+    return Batch(logits3, token_shape, target, valid, None, None, None, None)
+
+
+def prepare_mhpo(
+    logits, input_ids, old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode,
+    ignore_index,
+):
+    """Validate every argument of ``mhpo_loss`` that is a tensor; return the Batch for the sweeps."""
+    check_agg_mode(loss_agg_mode)
+    beta = check_nonnegative("beta", beta)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
+    batch = prepare_tokens(logits, input_ids, ignore_index, mask)
+    token_shape, device = batch.token_shape, logits.device
+    batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
+    batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
+    batch.adv = _check_advantages(advantages, token_shape, device)
+    seqs = batch.valid.reshape(batch.logits.shape[:2])
+    batch.weight = aggregation_weights(seqs, loss_agg_mode).reshape(-1)
+    return batch

@@ -1,0 +1,67 @@
+"""The small records that pass between the public functions and the two sweeps."""
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class MHPOParams:
+    """Runtime scalars of the per-token MHPO math (kernel arguments, never compile-time)."""
+
+    c: float = 1.5
+    k_pos: float = 1.5
+    lam_pos: float = 1.0
+    k_neg: float = 2.0
+    lam_neg: float = 0.8
+    beta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """x ↦ z, the logit the softmax sees: z = s·x/τ, or with softcap z = cap·tanh(s·x/cap)/τ.
+
+    Stored as the two multipliers the kernels use (see ``kernels.token_math._logit_map``).
+    """
+
+    in_scale: float
+    out_scale: float
+    softcap: bool
+
+    @staticmethod
+    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None):
+        if softcap is None:
+            return LogitMap(logit_scale / temperature, 1.0, False)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True)
+
+
+class RowStats(NamedTuple):
+    """What sweep 1 writes per row, each (N,) fp32; 0 at invalid rows.
+
+    ``loss`` and ``coef`` already carry the aggregation weight g_t, so the loss is ``loss.sum()``
+    and dL/dlogp_t = G · coef_t. Fields a sweep was not asked for are None.
+    """
+
+    lse: torch.Tensor                 # log Σ_v exp(z_v)
+    logp: torch.Tensor                # z_y − lse
+    entropy: Optional[torch.Tensor]   # −Σ_v p_v log p_v
+    psi: Optional[torch.Tensor]       # ψ
+    zeta: Optional[torch.Tensor]      # ζ
+    loss: Optional[torch.Tensor]      # g_t · loss_t
+    coef: Optional[torch.Tensor]      # g_t · d loss_t / d logp_t
+
+    @staticmethod
+    def empty(n, device, *, with_entropy, with_loss):
+        def new():
+            return torch.empty(n, device=device, dtype=torch.float32)
+
+        return RowStats(
+            lse=new(),
+            logp=new(),
+            entropy=new() if with_entropy else None,
+            psi=new() if with_loss else None,
+            zeta=new() if with_loss else None,
+            loss=new() if with_loss else None,
+            coef=new() if with_loss else None,
+        )

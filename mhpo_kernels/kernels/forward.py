@@ -1,0 +1,125 @@
+"""Sweep 1: per row, one read of the logits for log-sum-exp, the target logit and the entropy, then
+the per-token MHPO epilogue. Writes O(N) fp32 scalars, never a V-sized buffer."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import sweep_config
+from .._sweep_types import RowStats
+from .token_math import _dhp, _expm1, _k3, _lfm, _logit_map
+
+
+@triton.jit
+def _mhpo_fwd_kernel(
+    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
+    p_y,                                         # (N,) int64 target ids, < 0 where invalid
+    p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
+    p_lse, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,  # (N,) fp32 outputs
+    T, V,
+    in_scale, out_scale,                         # logit map, see _logit_map
+    c, k_pos, lam_pos, k_neg, lam_neg, beta,     # MHPO hyperparameters
+    SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_LOSS: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i_b = row // T
+    i_t = row - i_b * T
+    # int64: b · stride_xb passes 2³¹ elements as soon as the logits pass 4 GiB in bf16.
+    p_row = p_x + i_b.to(tl.int64) * stride_xb + i_t.to(tl.int64) * stride_xt
+
+    y = tl.load(p_y + row)
+    valid = (y >= 0) & (y < V)
+    n_read = tl.where(valid, V, 0)  # invalid rows read nothing and write zeros
+
+    # Online softmax statistics over z = map(x), relative to the running max m:
+    #   s = Σ e^(z−m),   a = Σ e^(z−m)·(z−m)   so that   lse = m + log s,   H = log s − a/s.
+    m = float("-inf")
+    s = 0.0
+    a = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < n_read
+        b_x = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z = tl.where(m_v, _logit_map(b_x, in_scale, out_scale, SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(b_z, 0))
+        # While every z so far is −inf keep the reference at 0, so that s stays 0, not inf − inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        b_e = tl.exp(b_z - m_ref)
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0.0, s * (m - m_ref), 0.0)
+            b_a = tl.where(b_e > 0.0, b_e * (b_z - m_ref), 0.0)
+            a = alpha * (a + shift) + tl.sum(b_a, 0)
+        s = s * alpha + tl.sum(b_e, 0)
+        m = m_new
+
+    lse = m + tl.log(s)
+    z_y = _logit_map(
+        tl.load(p_row + y, mask=valid, other=0.0).to(tl.float32),
+        in_scale, out_scale, SOFTCAP,
+    )
+    logp = z_y - lse
+    tl.store(p_lse + row, tl.where(valid, lse, 0.0))
+    tl.store(p_logp + row, tl.where(valid, logp, 0.0))
+    if WITH_ENTROPY:
+        tl.store(p_ent + row, tl.where(valid, tl.log(s) - a / s, 0.0))
+
+    if WITH_LOSS:
+        adv = tl.load(p_adv + row, mask=valid, other=0.0)
+        g = tl.load(p_g + row, mask=valid, other=0.0)
+        if HAS_OLD:
+            log_ratio = logp - tl.load(p_old + row, mask=valid, other=0.0)
+        else:
+            log_ratio = tl.zeros_like(logp)  # on-policy: old = sg[logp]
+        psi, dpsi = _lfm(log_ratio, c)
+        zeta = _dhp(psi, k_pos, lam_pos, k_neg, lam_neg)
+        w = tl.exp(psi - zeta)
+        loss = -w * adv
+        coef = -adv * w * dpsi                          # d loss_t / d logp_t
+        if HAS_REF:
+            d = tl.load(p_ref + row, mask=valid, other=0.0) - logp
+            loss += beta * _k3(d)
+            coef -= beta * _expm1(d)                    # β · (1 − e^d)
+        tl.store(p_psi + row, tl.where(valid, psi, 0.0))
+        tl.store(p_zeta + row, tl.where(valid, zeta, 0.0))
+        tl.store(p_loss + row, tl.where(valid, g * loss, 0.0))
+        tl.store(p_coef + row, tl.where(valid, g * coef, 0.0))
+
+
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss):
+    """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32."""
+    B, T, V = logits.shape
+    N = B * T
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
+    if N == 0:
+        return out
+    block_v, num_warps = sweep_config(V)
+    dummy = out.lse  # stands in for absent optional inputs/outputs; never dereferenced
+    _mhpo_fwd_kernel[(N,)](
+        logits, logits.stride(0), logits.stride(1),
+        target,
+        dummy if old is None else old, dummy if adv is None else adv,
+        dummy if g is None else g, dummy if ref is None else ref,
+        out.lse, out.logp,
+        dummy if out.entropy is None else out.entropy,
+        dummy if out.psi is None else out.psi,
+        dummy if out.zeta is None else out.zeta,
+        dummy if out.loss is None else out.loss,
+        dummy if out.coef is None else out.coef,
+        T, V,
+        lmap.in_scale, lmap.out_scale,
+        hp.c, hp.k_pos, hp.lam_pos, hp.k_neg, hp.lam_neg, hp.beta,
+        SOFTCAP=lmap.softcap,
+        WITH_ENTROPY=with_entropy,
+        WITH_LOSS=with_loss,
+        HAS_OLD=old is not None,
+        HAS_REF=ref is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return out

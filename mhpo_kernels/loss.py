@@ -1,0 +1,213 @@
+"""The autograd op over the two sweeps, and the public ``mhpo_loss``, ``MHPOLoss``,
+``token_logprobs``."""
+
+import torch
+
+from . import _dispatch
+from ._inputs import check_agg_mode, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
+from ._sweep_types import LogitMap, MHPOParams
+
+
+class MHPOLossFunction(torch.autograd.Function):
+    """Sweep 1 forward, sweep 2 backward, for both the loss and plain log-probs.
+
+    Outputs, each (N,) fp32: ``loss`` (g_t · loss_t, or None without advantages), ``logp`` and
+    ``entropy`` (None unless asked) are differentiable; ``lse``, ``psi``, ``zeta`` and ``coef`` are
+    not. Saved for backward: the logits (the caller's tensor, not a copy) and O(N) scalars.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, old, adv, weight, ref, hp, lmap, with_entropy):
+        forward_sweep, _ = _dispatch.sweeps(logits.device)
+        with_loss = adv is not None
+        stats = forward_sweep(
+            logits, target, old, adv, weight, ref, hp, lmap,
+            with_entropy=with_entropy, with_loss=with_loss,
+        )
+        ctx.save_for_backward(logits, target, stats.lse, stats.coef, stats.entropy)
+        ctx.lmap = lmap
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(x for x in (stats.lse, stats.psi, stats.zeta, stats.coef) if x is not None))
+        return stats.loss, stats.logp, stats.entropy, stats.lse, stats.psi, stats.zeta, stats.coef
+
+    @staticmethod
+    def backward(ctx, d_loss, d_logp, d_entropy, *_):
+        logits, target, lse, coef, entropy = ctx.saved_tensors
+        if d_loss is None and d_logp is None and d_entropy is None:
+            return (None,) * 9
+        dlogp = torch.zeros_like(lse)
+        if d_loss is not None:
+            dlogp = dlogp + coef * d_loss
+        if d_logp is not None:
+            dlogp = dlogp + d_logp
+        dent = None if d_entropy is None else d_entropy.float().contiguous()
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _, backward_sweep = _dispatch.sweeps(logits.device)
+        backward_sweep(logits, grad, target, lse, dlogp.float().contiguous(), entropy, dent, ctx.lmap)
+        return (grad,) + (None,) * 8
+
+
+def _metrics(stats, batch, c):
+    """Detached means over valid tokens (0 when there are none): the metrics SPEC.md lists."""
+    _, logp, entropy, _, psi, zeta, _ = stats
+    valid = batch.valid
+    n_valid = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return torch.where(valid, x, 0.0).sum().div(n_valid).detach()
+
+    logp = logp.detach()
+    log_ratio = logp - batch.old if batch.old is not None else torch.zeros_like(logp)
+    metrics = {
+        "psi": mean(psi),
+        "zeta": mean(zeta),
+        "survival": mean(torch.exp(-zeta)),
+        "abs_log_ratio": mean(log_ratio.abs()),
+        "saturated_frac": mean((log_ratio.abs() > c).float()),
+        "entropy": mean(entropy.detach()),
+        "logp": mean(logp),
+    }
+    if batch.ref is not None:
+        delta = batch.ref - logp
+        metrics["kl"] = mean(torch.expm1(delta) - delta)
+    return metrics
+
+
+def mhpo_loss(
+    logits,
+    input_ids,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    c=1.5,
+    k_pos=1.5,
+    lam_pos=1.0,
+    k_neg=2.0,
+    lam_neg=0.8,
+    temperature=1.0,
+    loss_agg_mode="seq-mean-token-mean",
+    ref_logprobs=None,
+    beta=0.0,
+    ignore_index=-100,
+    return_metrics=False,
+):
+    """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
+
+    Equals, in plain PyTorch (``reference.mhpo_loss`` is exactly this, evaluated in float64):
+
+        logp  = log_softmax(logits / τ, -1).gather(-1, input_ids)        per token
+        log_r = logp − old_logprobs                                      (0 when old is None)
+        ψ     = c · tanh(log_r / c)
+        ζ     = (softplus(sg[ψ]) / λ₊)^k₊ + (softplus(−sg[ψ]) / λ₋)^k₋    (no gradient)
+        loss_t = −exp(ψ − ζ) · A  +  β · (e^d − d − 1),  d = ref_logprobs − logp
+        loss  = Σ_t g_t · loss_t over valid tokens (mask true, id ≠ ignore_index)
+
+    with g_t from ``loss_agg_mode``: "seq-mean-token-mean" (mean over each sequence's valid
+    tokens, then over sequences that have any), "token-mean", or "seq-mean-token-sum". An
+    all-invalid batch gives 0 and a zero gradient.
+
+    Args:
+        logits: (B, T, V) or (N, V), float32/bfloat16/float16. Any view whose last dim has unit
+            stride (e.g. ``full_logits[:, :-1]``) is read in place; other layouts are copied once.
+        input_ids: (B, T) or (N,) integer ids of the sampled tokens. At valid positions each
+            must lie in [0, V); elsewhere anything goes.
+        old_logprobs: (B, T) float log-probs under the rollout policy, or None for on-policy
+            (old = logp detached, ratio 1).
+        advantages: (B,) per sequence or (B, T) per token, float. For 2-D logits: (N,) per token,
+            or (1,) / () for the one sequence.
+        mask: optional (B, T) bool or 0/1 completion mask.
+        c, k_pos, lam_pos, k_neg, lam_neg: LFM bound and Weibull hazard shapes/scales, finite > 0.
+        temperature: τ > 0, applied to the logits before the softmax.
+        ref_logprobs, beta: optional reference log-probs (B, T) and KL weight β ≥ 0; β > 0 needs
+            ref_logprobs.
+        ignore_index: ids equal to it are invalid tokens.
+        return_metrics: also return a dict of detached 0-d fp32 tensors, means over valid tokens:
+            psi, zeta, survival (e^−ζ), abs_log_ratio, saturated_frac (|log_r| > c), entropy,
+            logp, and kl (k3) when ref_logprobs is given.
+
+    old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
+
+    Where it runs: CUDA tensors go through the two Triton kernels (forward: one read of the
+    logits; backward: one more read and one write of the gradient in the logits' dtype, all math
+    in fp32). CPU tensors go through the same kernels under Triton's interpreter when
+    ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
+    of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
+    """
+    hp = MHPOParams(
+        c=check_positive("c", c),
+        k_pos=check_positive("k_pos", k_pos),
+        lam_pos=check_positive("lam_pos", lam_pos),
+        k_neg=check_positive("k_neg", k_neg),
+        lam_neg=check_positive("lam_neg", lam_neg),
+        beta=check_nonnegative("beta", beta),
+    )
+    lmap = LogitMap.make(check_positive("temperature", temperature))
+    batch = prepare_mhpo(
+        logits, input_ids, old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode,
+        ignore_index,
+    )
+    stats = MHPOLossFunction.apply(
+        batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
+        bool(return_metrics),
+    )
+    loss = stats[0].sum()
+    if not return_metrics:
+        return loss
+    return loss, _metrics(stats, batch, hp.c)
+
+
+def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
+
+    Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
+    (and, with ``return_entropy=True``, also ``−Σ_v p_v log p_v`` of that softmax), without
+    materializing either. Positions where ``input_ids == ignore_index`` give 0 for both and pass
+    no gradient. Shapes: logits (B, T, V) or (N, V) in float32/bfloat16/float16; input_ids (B, T)
+    or (N,); results have input_ids' shape, dtype float32. Runs where ``mhpo_loss`` runs.
+    """
+    lmap = LogitMap.make(check_positive("temperature", temperature))
+    batch = prepare_tokens(logits, input_ids, ignore_index)
+    _, logp, entropy, *_ = MHPOLossFunction.apply(
+        batch.logits, batch.target, None, None, None, None, MHPOParams(), lmap, bool(return_entropy)
+    )
+    logp = logp.reshape(batch.token_shape)
+    if not return_entropy:
+        return logp
+    return logp, entropy.reshape(batch.token_shape)
+
+
+class MHPOLoss(torch.nn.Module):
+    """``mhpo_loss`` with its hyperparameters held by the module (checked at construction)."""
+
+    def __init__(
+        self, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, *, temperature=1.0,
+        loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100,
+    ):
+        super().__init__()
+        self.c = check_positive("c", c)
+        self.k_pos = check_positive("k_pos", k_pos)
+        self.lam_pos = check_positive("lam_pos", lam_pos)
+        self.k_neg = check_positive("k_neg", k_neg)
+        self.lam_neg = check_positive("lam_neg", lam_neg)
+        self.temperature = check_positive("temperature", temperature)
+        self.loss_agg_mode = check_agg_mode(loss_agg_mode)
+        self.beta = check_nonnegative("beta", beta)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
+                ref_logprobs=None, return_metrics=False):
+        return mhpo_loss(
+            logits, input_ids, old_logprobs, advantages, mask,
+            c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
+            lam_neg=self.lam_neg, temperature=self.temperature,
+            loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
+            ignore_index=self.ignore_index, return_metrics=return_metrics,
+        )
+
+    def extra_repr(self):
+        return (
+            f"c={self.c}, k_pos={self.k_pos}, lam_pos={self.lam_pos}, k_neg={self.k_neg}, "
+            f"lam_neg={self.lam_neg}, temperature={self.temperature}, "
+            f"loss_agg_mode={self.loss_agg_mode!r}, beta={self.beta}"
+        )

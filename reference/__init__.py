@@ -1,0 +1,141 @@
+"""The MHPO loss in plain PyTorch: the specification (SPEC.md) written as code.
+
+Written for clarity, not speed: log_softmax over the whole logits tensor, gather, and autograd for
+the gradient. Everything is computed in the dtype it is given (promoted as eager PyTorch promotes),
+so ``reference.mhpo_loss(logits.double(), ...)`` is the float64 ground truth and
+``reference.mhpo_loss(logits_bf16, ...)`` is what an eager trainer computes in bf16.
+
+Tests and benchmarks import this module; nothing else re-implements it. It is not installed with
+the package.
+"""
+
+import torch
+import torch.nn.functional as F
+
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+
+
+def _as_batch(logits, *per_token):
+    """2-D logits (N, V) are one sequence of N tokens: view everything as (1, N, ...)."""
+    if logits.dim() == 3:
+        return (logits, *per_token)
+    return (logits.unsqueeze(0), *(None if x is None else x.reshape(1, -1) for x in per_token))
+
+
+def _valid_tokens(input_ids, mask, ignore_index):
+    valid = input_ids != ignore_index
+    if mask is not None:
+        valid = valid & mask.bool()
+    return valid
+
+
+def _selected_logprobs(logits, input_ids, valid, temperature):
+    """log softmax(x/τ)[y] and softmax(x/τ) over the vocabulary, for valid tokens only.
+
+    Invalid rows are replaced by zeros first, so whatever they hold (NaN, garbage ids) reaches
+    neither the result nor the gradient.
+    """
+    logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
+    ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
+    logprobs = F.log_softmax(logits / temperature, dim=-1)
+    logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp, logprobs
+
+
+def _entropy(logprobs):
+    """H = −Σ_v p_v log p_v; a token of zero probability adds 0 (the limit of p log p)."""
+    probs = logprobs.exp()
+    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+
+
+def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored."""
+    logits3, ids = _as_batch(logits, input_ids)
+    valid = _valid_tokens(ids, None, ignore_index)
+    logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
+    logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
+    if not return_entropy:
+        return logp
+    entropy = torch.where(valid, _entropy(logprobs), torch.zeros_like(logp.reshape(valid.shape)))
+    return logp, entropy.reshape(input_ids.shape)
+
+
+def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg):
+    """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token."""
+    log_ratio = logp - old_logp
+    psi = c * torch.tanh(log_ratio / c)                        # Log-Fidelity Modulator
+    sg_psi = psi.detach()                                      # ζ carries no gradient
+    zeta = (F.softplus(sg_psi) / lam_pos) ** k_pos + (F.softplus(-sg_psi) / lam_neg) ** k_neg
+    weight = torch.exp(psi - zeta)
+    return log_ratio, psi, zeta, weight
+
+
+def aggregate(loss_tok, valid, loss_agg_mode):
+    """Σ_t g_t · loss_t with the aggregation of SPEC.md; an all-invalid batch gives 0."""
+    loss_tok = torch.where(valid, loss_tok, torch.zeros_like(loss_tok))
+    valid = valid.to(loss_tok.dtype)
+    if loss_agg_mode == "token-mean":
+        return loss_tok.sum() / valid.sum().clamp(min=1)
+    tokens_per_seq = valid.sum(-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        per_seq = loss_tok.sum(-1) / tokens_per_seq.clamp(min=1)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        per_seq = loss_tok.sum(-1)
+    else:
+        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+    return per_seq.sum() / (tokens_per_seq > 0).sum().clamp(min=1)
+
+
+def mhpo_loss(
+    logits,
+    input_ids,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    c=1.5,
+    k_pos=1.5,
+    lam_pos=1.0,
+    k_neg=2.0,
+    lam_neg=0.8,
+    temperature=1.0,
+    loss_agg_mode="seq-mean-token-mean",
+    ref_logprobs=None,
+    beta=0.0,
+    ignore_index=-100,
+    return_metrics=False,
+):
+    """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``."""
+    logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
+    valid = _valid_tokens(ids, mask, ignore_index)
+    logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
+
+    old = logp.detach() if old is None else old                # on-policy: ratio 1
+    adv = advantages.reshape(logits3.shape[0], -1).expand(valid.shape)
+    log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
+    loss_tok = -weight * adv
+    if ref is not None:
+        delta = ref - logp
+        kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
+        loss_tok = loss_tok + beta * kl
+    loss = aggregate(loss_tok, valid, loss_agg_mode)
+    if not return_metrics:
+        return loss
+
+    n_valid = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return (torch.where(valid, x, torch.zeros_like(x)).sum() / n_valid).detach()
+
+    metrics = {
+        "psi": mean(psi),
+        "zeta": mean(zeta),
+        "survival": mean(torch.exp(-zeta)),
+        "abs_log_ratio": mean(log_ratio.abs()),
+        "saturated_frac": mean((log_ratio.abs() > c).to(logp.dtype)),
+        "entropy": mean(_entropy(logprobs)),
+        "logp": mean(logp),
+    }
+    if ref is not None:
+        metrics["kl"] = mean(kl)
+    return loss, metrics

@@ -1,0 +1,144 @@
+"""Known values and properties of the op that hold whatever the inputs: the paper's on-policy weight,
+Theorem 1's gradient bound, the true gradient of saturated tokens, the two paths agreeing, every
+gradient element written, and hyperparameters that do not recompile."""
+
+import inspect
+import math
+
+import pytest
+import torch
+import triton.language as tl
+
+import mhpo_kernels
+from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err
+from conftest import DEVICES
+from mhpo_kernels._inputs import prepare_mhpo
+from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+
+
+def _zeta0(k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8):
+    sp0 = math.log(2.0)  # softplus(0)
+    return (sp0 / lam_pos) ** k_pos + (sp0 / lam_neg) ** k_neg
+
+
+def test_on_policy_weight_is_paper_value():
+    """On-policy ψ = 0, so w = exp(−ζ(0)) ≈ 0.2651 with the paper's defaults; loss = −w·A."""
+    w = math.exp(-_zeta0())
+    assert w == pytest.approx(0.2651, abs=5e-5)
+    logits = torch.randn(3, 7, 257)
+    ids = torch.randint(0, 257, (3, 7))
+    loss, metrics = mhpo_kernels.mhpo_loss(logits, ids, None, torch.ones(3), return_metrics=True)
+    assert loss.item() == pytest.approx(-w, rel=FP32_RTOL)
+    assert metrics["survival"].item() == pytest.approx(w, rel=FP32_RTOL)
+    assert metrics["psi"].item() == 0.0 and metrics["saturated_frac"].item() == 0.0
+
+
+def _token_coefficients(logits, kwargs, hp):
+    """(N,) dL/dlogp_t as the forward saves it, and the aggregation weights g_t."""
+    batch = prepare_mhpo(logits, kwargs["input_ids"], kwargs["old_logprobs"], kwargs["advantages"],
+                         None, None, 0.0, "seq-mean-token-mean", -100)
+    stats = mhpo_kernels.MHPOLossFunction.apply(
+        batch.logits, batch.target, batch.old, batch.adv, batch.weight, None, hp, LogitMap.make(1.0), False)
+    return stats[6], batch.weight, batch.adv, stats[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_bound_theorem_1(device):
+    """|dL/dlogp_t| ≤ e^c · |A_t| · g_t for any ratio, however extreme."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 4, 16, 97
+    logits = (torch.randn(B, T, V, generator=g) * 4).to(device)
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    true_logp = mhpo_kernels.token_logprobs(logits, ids)
+    log_ratio = torch.empty(B, T).uniform_(-60, 60, generator=g).to(device)
+    kwargs = dict(input_ids=ids, old_logprobs=true_logp - log_ratio,
+                  advantages=(torch.randn(B, T, generator=g) * 5).to(device))
+    for c in (0.3, 1.5, 4.0):
+        coef, weight, adv, _ = _token_coefficients(logits, kwargs, MHPOParams(c=c))
+        bound = math.exp(c) * adv.abs() * weight
+        assert (coef.abs() <= bound * (1 + 1e-6)).all()
+        # No token is clipped to a zero gradient while sech² is an fp32 number (|log_r/c| < 40).
+        representable = (log_ratio.reshape(-1) / c).abs() < 40
+        assert representable.any() and (coef.abs()[representable] > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saturated_tokens_keep_their_true_gradient(device):
+    """At |log_r/c| = 9 … 40, dψ/dlog_r = sech² is tiny but not zero: 1 − tanh² in fp32 would give
+    half the value at 9 and exactly 0 beyond; the kernel must match float64 sech² to fp32 accuracy."""
+    c = 1.5
+    u = torch.tensor([-40.0, -25.0, -9.0, -3.0, 0.0, 1e-4, 3.0, 9.0, 25.0, 40.0])
+    V, T = 64, u.numel()
+    logits = torch.randn(1, T, V).to(device)
+    ids = torch.randint(0, V, (1, T)).to(device)
+    logp = mhpo_kernels.token_logprobs(logits, ids)
+    old = logp - (u.to(device) * c).reshape(1, T)
+    kwargs = dict(input_ids=ids, old_logprobs=old, advantages=torch.ones(1, T, device=device))
+    coef, weight, adv, logp_out = _token_coefficients(logits, kwargs, MHPOParams(c=c))
+    u64 = ((logp_out.double() - old.reshape(-1).double()) / c).cpu()   # the ratio the kernel saw
+    sech2 = 1.0 / torch.cosh(u64) ** 2
+    psi = c * torch.tanh(u64)
+    sp = torch.nn.functional.softplus
+    zeta = (sp(psi) / 1.0) ** 1.5 + (sp(-psi) / 0.8) ** 2.0
+    expected = -torch.exp(psi - zeta) * sech2 * weight.double().cpu()
+    assert (coef.cpu() != 0).all()
+    assert torch.allclose(coef.cpu().double(), expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("regime", [Regime("kl", kl=True, temperature=0.7), Regime("far", ratio="far")],
+                         ids=lambda r: r.id)
+def test_interpreter_and_torch_paths_agree(regime):
+    logits, kwargs = make_inputs(SMALL, regime)
+    results = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            loss, grad = loss_and_grad(mhpo_kernels.mhpo_loss, logits, kwargs, upstream=0.37)
+            _, metrics = mhpo_kernels.mhpo_loss(logits, **kwargs, return_metrics=True)
+            logp, ent = mhpo_kernels.token_logprobs(logits, kwargs["input_ids"].clamp(0, SMALL.V - 1),
+                                                    return_entropy=True)
+        results[backend] = (loss, grad, metrics, logp, ent)
+    (l1, g1, m1, p1, e1), (l2, g2, m2, p2, e2) = results["triton"], results["torch"]
+    assert l1.item() == pytest.approx(l2.item(), rel=FP32_RTOL)
+    assert max_rel_err(g1, g2) <= FP32_RTOL
+    for name in m1:
+        assert m1[name].item() == pytest.approx(m2[name].item(), rel=FP32_RTOL, abs=1e-6), name
+    finite = torch.isfinite(p2)
+    assert max_rel_err(p1[finite], p2[finite]) <= FP32_RTOL
+    assert max_rel_err(e1[finite], e2[finite]) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_gradient_element_written(backend, dtype):
+    """The backward sweep writes each element of a NaN-filled buffer, zero rows for invalid tokens."""
+    logits, kwargs = make_inputs(SMALL, Regime("w", kl=True, dtype=dtype))
+    batch = prepare_mhpo(logits, kwargs["input_ids"], kwargs["old_logprobs"], kwargs["advantages"],
+                         kwargs["mask"], kwargs["ref_logprobs"], 0.2, "token-mean", -100)
+    hp, lmap = MHPOParams(beta=0.2), LogitMap.make(1.0)
+    with mhpo_kernels.use_backend(backend):
+        fwd, bwd = mhpo_kernels._dispatch.sweeps(logits.device)
+        stats = fwd(batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
+                    with_entropy=True, with_loss=True)
+        grad = torch.full(batch.logits.shape, float("nan"), dtype=dtype)
+        dent = torch.randn(stats.lse.shape)
+        bwd(batch.logits, grad, batch.target, stats.lse, stats.coef * 1.7, stats.entropy, dent, lmap)
+    assert not grad.isnan().any()
+    invalid = ~batch.valid.reshape(grad.shape[:2])
+    assert invalid.any() and not grad[invalid].any()
+    assert grad[~invalid].abs().sum(-1).gt(0).all()
+
+
+def test_hyperparameters_are_runtime_arguments():
+    """Only what changes the generated code is constexpr: temperature, c, k, λ, β are not, so a
+    new value reuses the compiled kernel."""
+    from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel
+    from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel
+
+    def params(kernel, constexpr):
+        signature = inspect.signature(kernel.fn)  # the Python function, compiled or interpreted
+        return {n for n, p in signature.parameters.items() if (p.annotation is tl.constexpr) == constexpr}
+
+    assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF", "BLOCK_V"}
+    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "BLOCK_V"}
+    runtime = params(_mhpo_fwd_kernel, False)
+    assert {"in_scale", "c", "k_pos", "lam_pos", "k_neg", "lam_neg", "beta"} <= runtime
