@@ -43,7 +43,8 @@ class RowStats(NamedTuple):
     and dL/dlogp_t = G · coef_t. Fields a sweep was not asked for are None.
     """
 
-    lse: torch.Tensor                 # log Σ_v exp(z_v)
+    row_max: torch.Tensor             # m = max_v x_v, the raw logit
+    log_sum: torch.Tensor             # log Σ_v exp(z_v − z(m)); lse = z(m) + log_sum
     logp: torch.Tensor                # z_y − lse
     entropy: Optional[torch.Tensor]   # −Σ_v p_v log p_v
     psi: Optional[torch.Tensor]       # ψ
@@ -57,7 +58,8 @@ class RowStats(NamedTuple):
             return torch.empty(n, device=device, dtype=torch.float32)
 
         return RowStats(
-            lse=new(),
+            row_max=new(),
+            log_sum=new(),
             logp=new(),
             entropy=new() if with_entropy else None,
             psi=new() if with_loss else None,

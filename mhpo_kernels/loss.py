@@ -5,37 +5,38 @@ import torch
 
 from . import _dispatch
 from ._inputs import check_agg_mode, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
-from ._sweep_types import LogitMap, MHPOParams
+from ._sweep_types import LogitMap, MHPOParams, RowStats
 
 
 class MHPOLossFunction(torch.autograd.Function):
     """Sweep 1 forward, sweep 2 backward, for both the loss and plain log-probs.
 
-    Outputs, each (N,) fp32: ``loss`` (g_t · loss_t, or None without advantages), ``logp`` and
-    ``entropy`` (None unless asked) are differentiable; ``lse``, ``psi``, ``zeta`` and ``coef`` are
-    not. Saved for backward: the logits (the caller's tensor, not a copy) and O(N) scalars.
+    Returns the fields of ``RowStats`` in order, each (N,) fp32 or None: ``logp``, ``entropy``
+    (None unless asked) and ``loss`` (g_t · loss_t; None without advantages) are differentiable,
+    the rest are not. Saved for backward: the logits (the caller's tensor, not a copy) and O(N)
+    fp32 scalars per row, never a V-sized buffer.
     """
 
     @staticmethod
     def forward(ctx, logits, target, old, adv, weight, ref, hp, lmap, with_entropy):
         forward_sweep, _ = _dispatch.sweeps(logits.device)
-        with_loss = adv is not None
         stats = forward_sweep(
             logits, target, old, adv, weight, ref, hp, lmap,
-            with_entropy=with_entropy, with_loss=with_loss,
+            with_entropy=with_entropy, with_loss=adv is not None,
         )
-        ctx.save_for_backward(logits, target, stats.lse, stats.coef, stats.entropy)
+        ctx.save_for_backward(logits, target, stats.row_max, stats.log_sum, stats.coef, stats.entropy)
         ctx.lmap = lmap
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(x for x in (stats.lse, stats.psi, stats.zeta, stats.coef) if x is not None))
-        return stats.loss, stats.logp, stats.entropy, stats.lse, stats.psi, stats.zeta, stats.coef
+        constant = (stats.row_max, stats.log_sum, stats.psi, stats.zeta, stats.coef)
+        ctx.mark_non_differentiable(*(x for x in constant if x is not None))
+        return tuple(stats)
 
     @staticmethod
-    def backward(ctx, d_loss, d_logp, d_entropy, *_):
-        logits, target, lse, coef, entropy = ctx.saved_tensors
+    def backward(ctx, _max, _log_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
+        logits, target, row_max, log_sum, coef, entropy = ctx.saved_tensors
         if d_loss is None and d_logp is None and d_entropy is None:
             return (None,) * 9
-        dlogp = torch.zeros_like(lse)
+        dlogp = torch.zeros_like(log_sum)
         if d_loss is not None:
             dlogp = dlogp + coef * d_loss
         if d_logp is not None:
@@ -43,13 +44,22 @@ class MHPOLossFunction(torch.autograd.Function):
         dent = None if d_entropy is None else d_entropy.float().contiguous()
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _, backward_sweep = _dispatch.sweeps(logits.device)
-        backward_sweep(logits, grad, target, lse, dlogp.float().contiguous(), entropy, dent, ctx.lmap)
+        backward_sweep(logits, grad, target, row_max, log_sum, dlogp.float().contiguous(), entropy,
+                       dent, ctx.lmap)
         return (grad,) + (None,) * 8
+
+
+def row_stats(batch, hp, lmap, with_entropy):
+    """Run the op on a prepared batch: ``RowStats`` whose logp, entropy and loss carry gradient."""
+    return RowStats(*MHPOLossFunction.apply(
+        batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
+        bool(with_entropy),
+    ))
 
 
 def _metrics(stats, batch, c):
     """Detached means over valid tokens (0 when there are none): the metrics SPEC.md lists."""
-    _, logp, entropy, _, psi, zeta, _ = stats
+    logp, entropy, psi, zeta = stats.logp, stats.entropy, stats.psi, stats.zeta
     valid = batch.valid
     n_valid = valid.sum().clamp(min=1)
 
@@ -147,11 +157,8 @@ def mhpo_loss(
         logits, input_ids, old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode,
         ignore_index,
     )
-    stats = MHPOLossFunction.apply(
-        batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
-        bool(return_metrics),
-    )
-    loss = stats[0].sum()
+    stats = row_stats(batch, hp, lmap, with_entropy=return_metrics)
+    loss = stats.loss.sum()
     if not return_metrics:
         return loss
     return loss, _metrics(stats, batch, hp.c)
@@ -168,13 +175,11 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     """
     lmap = LogitMap.make(check_positive("temperature", temperature))
     batch = prepare_tokens(logits, input_ids, ignore_index)
-    _, logp, entropy, *_ = MHPOLossFunction.apply(
-        batch.logits, batch.target, None, None, None, None, MHPOParams(), lmap, bool(return_entropy)
-    )
-    logp = logp.reshape(batch.token_shape)
+    stats = row_stats(batch, MHPOParams(), lmap, with_entropy=return_entropy)
+    logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp
-    return logp, entropy.reshape(batch.token_shape)
+    return logp, stats.entropy.reshape(batch.token_shape)
 
 
 class MHPOLoss(torch.nn.Module):

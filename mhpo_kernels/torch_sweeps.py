@@ -24,10 +24,11 @@ def _chunks(logits):
             yield b, t0, t1, b * T + t0
 
 
-def _logit_map(x, lmap):
+def _logit_delta(x, m, lmap):
+    """z(x) − z(m) for the raw row max m; see ``kernels.token_math._logit_delta``."""
     if lmap.softcap:
-        return lmap.out_scale * torch.tanh(lmap.in_scale * x)
-    return lmap.in_scale * x
+        return lmap.out_scale * (torch.tanh(lmap.in_scale * x) - torch.tanh(lmap.in_scale * m))
+    return (x - m) * lmap.in_scale
 
 
 def _sech2(u):
@@ -42,12 +43,11 @@ def _logit_map_slope(x, lmap):
     return torch.full_like(x, lmap.in_scale)
 
 
-def _row_chunk(logits, target, b, t0, t1, r0, lmap):
-    """fp32 z = map(x) for rows [r0, r0 + t1 − t0), with invalid rows zeroed (they may hold NaN)."""
+def _row_chunk(logits, target, b, t0, t1, r0):
+    """fp32 rows [r0, r0 + t1 − t0) of the logits, invalid rows zeroed (they may hold NaN)."""
     valid = target[r0:r0 + t1 - t0] >= 0
     x = logits[b, t0:t1].float()
-    x = torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x))
-    return x, _logit_map(x, lmap), valid
+    return torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x)), valid
 
 
 def _token_terms(logp, valid, old, adv, g, ref, hp):
@@ -80,13 +80,16 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        _, z, valid = _row_chunk(logits, target, b, t0, t1, r0, lmap)
-        lse = torch.logsumexp(z, dim=-1)
-        z_y = z.gather(-1, target[r0:r1].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.lse[r0:r1] = torch.where(valid, lse, 0.0)
-        out.logp[r0:r1] = torch.where(valid, z_y - lse, 0.0)
+        x, valid = _row_chunk(logits, target, b, t0, t1, r0)
+        m = x.max(-1, keepdim=True).values
+        d = _logit_delta(x, m, lmap)                       # z − z(m) ≤ 0
+        log_sum = torch.logsumexp(d, dim=-1, keepdim=True)
+        logprobs = d - log_sum
+        out.row_max[r0:r1] = torch.where(valid, m.squeeze(-1), 0.0)
+        out.log_sum[r0:r1] = torch.where(valid, log_sum.squeeze(-1), 0.0)
+        logp = logprobs.gather(-1, target[r0:r1].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.logp[r0:r1] = torch.where(valid, logp, 0.0)
         if with_entropy:
-            logprobs = z - lse.unsqueeze(-1)
             p = logprobs.exp()
             plogp = torch.where(p > 0, p * logprobs, torch.zeros_like(p))
             out.entropy[r0:r1] = torch.where(valid, -plogp.sum(-1), 0.0)
@@ -98,12 +101,12 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     return out
 
 
-def mhpo_bwd(logits, grad, target, lse, dlogp, entropy, dentropy, lmap):
-    """Sweep 2 in PyTorch; see ``kernels.backward.mhpo_bwd`` for the derivation."""
+def mhpo_bwd(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap):
+    """Sweep 2 in PyTorch; see ``kernels.backward`` for the derivation."""
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        x, z, valid = _row_chunk(logits, target, b, t0, t1, r0, lmap)
-        logprobs = z - lse[r0:r1].unsqueeze(-1)
+        x, valid = _row_chunk(logits, target, b, t0, t1, r0)
+        logprobs = _logit_delta(x, row_max[r0:r1].unsqueeze(-1), lmap) - log_sum[r0:r1].unsqueeze(-1)
         p = logprobs.exp()
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
         dz = -dlogp_c * p

@@ -33,7 +33,7 @@ SHAPES = [
     Shape("sliced", 2, 3, 5000, "logits[:, :-1] view: rows not evenly strided", sliced=True),
     Shape("flat", 1, 5, 2000, "2-D (N, V) logits: one sequence", flat=True),
 ]
-SMALL = Shape("small", 2, 4, 1500, "regime sweeps")
+SMALL = Shape("small", 3, 4, 1500, "regime sweeps: two sequences with valid tokens, one without")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ def make_inputs(shape, regime, seed=0, device="cpu"):
         mask = torch.rand(B, T, generator=g) > 0.25
         mask[0, 0] = True
         if B > 1:
+            mask[1, 0] = True
+        if B > 2:
             mask[-1] = False            # one sequence with no valid token at all
         valid &= mask
     if regime.ignore and T > 1:

@@ -14,6 +14,7 @@ from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel
 from conftest import DEVICES
 from mhpo_kernels._inputs import prepare_mhpo
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels.loss import row_stats
 
 
 def _zeta0(k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8):
@@ -37,9 +38,8 @@ def _token_coefficients(logits, kwargs, hp):
     """(N,) dL/dlogp_t as the forward saves it, and the aggregation weights g_t."""
     batch = prepare_mhpo(logits, kwargs["input_ids"], kwargs["old_logprobs"], kwargs["advantages"],
                          None, None, 0.0, "seq-mean-token-mean", -100)
-    stats = mhpo_kernels.MHPOLossFunction.apply(
-        batch.logits, batch.target, batch.old, batch.adv, batch.weight, None, hp, LogitMap.make(1.0), False)
-    return stats[6], batch.weight, batch.adv, stats[1]
+    stats = row_stats(batch, hp, LogitMap.make(1.0), with_entropy=False)
+    return stats.coef, batch.weight, batch.adv, stats.logp
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,8 +120,9 @@ def test_every_gradient_element_written(backend, dtype):
         stats = fwd(batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
                     with_entropy=True, with_loss=True)
         grad = torch.full(batch.logits.shape, float("nan"), dtype=dtype)
-        dent = torch.randn(stats.lse.shape)
-        bwd(batch.logits, grad, batch.target, stats.lse, stats.coef * 1.7, stats.entropy, dent, lmap)
+        dent = torch.randn(stats.logp.shape)
+        bwd(batch.logits, grad, batch.target, stats.row_max, stats.log_sum, stats.coef * 1.7,
+            stats.entropy, dent, lmap)
     assert not grad.isnan().any()
     invalid = ~batch.valid.reshape(grad.shape[:2])
     assert invalid.any() and not grad[invalid].any()
@@ -142,3 +143,55 @@ def test_hyperparameters_are_runtime_arguments():
     assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "BLOCK_V"}
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"in_scale", "c", "k_pos", "lam_pos", "k_neg", "lam_neg", "beta"} <= runtime
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_term_accurate_near_the_reference_policy(device):
+    """With A = 0 (a group whose rewards are all equal) only the KL term acts. Near the reference
+    policy, e^d − d − 1 and 1 − e^d cancel catastrophically in fp32 (k3 ≈ d²/2 lost to the
+    rounding of e^d); the kernel must give them to fp32 accuracy.
+
+    ref = logp + d is formed in fp32 from the kernel's own logp, so the kernel's d = ref − logp is
+    exact (Sterbenz) and equals d64 below: the comparison isolates the KL arithmetic."""
+    d = torch.tensor([-0.6, -3e-2, -1e-3, -2e-5, 2e-5, 1e-3, 3e-2, 0.6, 2.5])
+    T, V, beta = d.numel(), 128, 0.3
+    logits = torch.randn(1, T, V).to(device)
+    ids = torch.randint(0, V, (1, T)).to(device)
+    hp = MHPOParams(beta=beta)
+
+    def run(ref):
+        batch = prepare_mhpo(logits, ids, None, torch.zeros(1, device=device), None, ref, beta,
+                             "token-mean", -100)
+        return row_stats(batch, hp, LogitMap.make(1.0), with_entropy=False)
+
+    logp = run(torch.zeros(1, T, device=device)).logp
+    ref = (logp + d.to(device)).reshape(1, T)
+    stats = run(ref)
+    loss_tok, coef = stats.loss, stats.coef
+    assert torch.equal(logp, stats.logp)
+    d64 = ref.reshape(-1).double().cpu() - logp.double().cpu()
+    expected_loss = beta * (torch.expm1(d64) - d64) / T
+    expected_coef = -beta * torch.expm1(d64) / T
+    assert torch.allclose(loss_tok.cpu().double(), expected_loss, rtol=FP32_RTOL, atol=0)
+    assert torch.allclose(coef.cpu().double(), expected_coef, rtol=FP32_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_whose_first_block_is_all_minus_inf(device):
+    """The online max starts at −inf: a first block of −inf logits followed by very negative ones
+    (−1000) must not leave the running reference at 0, where every e^z underflows."""
+    from mhpo_kernels._config import BLOCK_V
+
+    V = BLOCK_V + 300
+    logits = torch.randn(1, 3, V) - 1000.0
+    logits[:, :, :BLOCK_V] = float("-inf")
+    ids = torch.randint(BLOCK_V, V, (1, 3))
+    kwargs = dict(input_ids=ids.to(device), old_logprobs=torch.full((1, 3), -6.0, device=device),
+                  advantages=torch.tensor([1.3], device=device))
+    loss, grad = loss_and_grad(mhpo_kernels.mhpo_loss, logits.to(device), kwargs, upstream=0.8)
+    import reference
+    loss64, grad64 = loss_and_grad(reference.mhpo_loss, logits.double(),
+                                   {k: v.cpu().double() if v.is_floating_point() else v.cpu()
+                                    for k, v in kwargs.items()}, upstream=0.8)
+    assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
+    assert max_rel_err(grad.cpu(), grad64) <= FP32_RTOL

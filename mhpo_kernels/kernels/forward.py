@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .._config import sweep_config
 from .._sweep_types import RowStats
-from .token_math import _dhp, _expm1, _k3, _lfm, _logit_map
+from .token_math import _dhp, _expm1, _k3, _lfm, _logit_delta
 
 
 @triton.jit
@@ -15,7 +15,8 @@ def _mhpo_fwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
     p_y,                                         # (N,) int64 target ids, < 0 where invalid
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
-    p_lse, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,  # (N,) fp32 outputs
+    p_max, p_logs, p_logp, p_ent,                # (N,) fp32 outputs: row max, log s, logp, H
+    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the MHPO epilogue
     T, V,
     in_scale, out_scale,                         # logit map, see _logit_map
     c, k_pos, lam_pos, k_neg, lam_neg, beta,     # MHPO hyperparameters
@@ -36,38 +37,41 @@ def _mhpo_fwd_kernel(
     valid = (y >= 0) & (y < V)
     n_read = tl.where(valid, V, 0)  # invalid rows read nothing and write zeros
 
-    # Online softmax statistics over z = map(x), relative to the running max m:
-    #   s = Σ e^(z−m),   a = Σ e^(z−m)·(z−m)   so that   lse = m + log s,   H = log s − a/s.
+    # Online softmax statistics. m is the running max of the raw logits x (z is increasing in x),
+    # and with d = z(x) − z(m) ≤ 0:
+    #   s = Σ e^d,   a = Σ e^d · d,   so that   logp = z(x_y) − z(m) − log s,   H = log s − a/s.
     m = float("-inf")
     s = 0.0
     a = 0.0
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < n_read
-        b_x = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_z = tl.where(m_v, _logit_map(b_x, in_scale, out_scale, SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(b_z, 0))
-        # While every z so far is −inf keep the reference at 0, so that s stays 0, not inf − inf.
+        b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(b_x, 0))
+        # While every logit so far is −inf keep the reference at 0: s stays 0, not inf − inf.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        b_e = tl.exp(b_z - m_ref)
+        b_d = tl.where(m_v, _logit_delta(b_x, m_ref, in_scale, out_scale, SOFTCAP), float("-inf"))
+        b_e = tl.exp(b_d)
+        shift = _logit_delta(m, m_ref, in_scale, out_scale, SOFTCAP)  # rebase old sums to m_new
+        alpha = tl.exp(shift)
         if WITH_ENTROPY:
-            shift = tl.where(s > 0.0, s * (m - m_ref), 0.0)
-            b_a = tl.where(b_e > 0.0, b_e * (b_z - m_ref), 0.0)
-            a = alpha * (a + shift) + tl.sum(b_a, 0)
+            # Σ e^(d_old + shift)·(d_old + shift) = alpha · (a + s · shift); nothing to rebase at s = 0.
+            a = alpha * (a + tl.where(s > 0.0, s * shift, 0.0)) + tl.sum(
+                tl.where(b_e > 0.0, b_e * b_d, 0.0), 0
+            )
         s = s * alpha + tl.sum(b_e, 0)
         m = m_new
 
-    lse = m + tl.log(s)
-    z_y = _logit_map(
-        tl.load(p_row + y, mask=valid, other=0.0).to(tl.float32),
-        in_scale, out_scale, SOFTCAP,
-    )
-    logp = z_y - lse
-    tl.store(p_lse + row, tl.where(valid, lse, 0.0))
+    # Rows with nothing read (invalid) keep m = −inf, s = 0: write zeros, not NaN.
+    m = tl.where(valid, m, 0.0)
+    log_s = tl.log(tl.where(valid, s, 1.0))
+    x_y = tl.load(p_row + y, mask=valid, other=0.0).to(tl.float32)
+    logp = _logit_delta(x_y, m, in_scale, out_scale, SOFTCAP) - log_s
+    tl.store(p_max + row, m)
+    tl.store(p_logs + row, log_s)
     tl.store(p_logp + row, tl.where(valid, logp, 0.0))
     if WITH_ENTROPY:
-        tl.store(p_ent + row, tl.where(valid, tl.log(s) - a / s, 0.0))
+        tl.store(p_ent + row, tl.where(valid, log_s - a / tl.where(valid, s, 1.0), 0.0))
 
     if WITH_LOSS:
         adv = tl.load(p_adv + row, mask=valid, other=0.0)
@@ -99,13 +103,13 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     if N == 0:
         return out
     block_v, num_warps = sweep_config(V)
-    dummy = out.lse  # stands in for absent optional inputs/outputs; never dereferenced
+    dummy = out.row_max  # stands in for absent optional inputs/outputs; never dereferenced
     _mhpo_fwd_kernel[(N,)](
         logits, logits.stride(0), logits.stride(1),
         target,
         dummy if old is None else old, dummy if adv is None else adv,
         dummy if g is None else g, dummy if ref is None else ref,
-        out.lse, out.logp,
+        out.row_max, out.log_sum, out.logp,
         dummy if out.entropy is None else out.entropy,
         dummy if out.psi is None else out.psi,
         dummy if out.zeta is None else out.zeta,

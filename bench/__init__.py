@@ -1,0 +1,1 @@
+"""Benchmarks of mhpo_kernels against eager PyTorch (the reference) and other baselines."""
