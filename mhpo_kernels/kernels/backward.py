@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .._config import sweep_config
+from .rows import _row_ptr, _row_target
 from .token_math import _logit_delta, _logit_map_slope
 
 # Derivation. With z the logit the softmax sees (z = x/τ without softcap), p = softmax(z) and
@@ -35,15 +36,9 @@ def _mhpo_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    i_b = row // T
-    i_t = row - i_b * T
-    # int64: b · stride passes 2³¹ elements as soon as the logits pass 4 GiB in bf16.
-    p_row = p_x + i_b.to(tl.int64) * stride_xb + i_t.to(tl.int64) * stride_xt
-    p_drow = p_dx + i_b.to(tl.int64) * stride_db + i_t.to(tl.int64) * stride_dt
-
-    y = tl.load(p_y + row)
-    valid = (y >= 0) & (y < V)
-    n_read = tl.where(valid, V, 0)  # invalid rows read nothing and write a zero row
+    p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
+    p_drow = _row_ptr(p_dx, row, T, stride_db, stride_dt)
+    y, valid, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write a zero row
     m = tl.load(p_max + row)
     log_s = tl.load(p_logs + row)
     dlogp = tl.where(valid, tl.load(p_dlogp + row), 0.0)
@@ -70,6 +65,9 @@ def mhpo_bwd(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, l
     N = B * T
     if N == 0:
         return grad
+    per_token = (target, row_max, log_sum, dlogp, entropy, dentropy)
+    assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
+    assert grad.stride(-1) == 1 and grad.dtype == logits.dtype
     block_v, num_warps = sweep_config(V)
     has_dent = dentropy is not None
     _mhpo_bwd_kernel[(N,)](

@@ -7,6 +7,7 @@ import triton.language as tl
 
 from .._config import sweep_config
 from .._sweep_types import RowStats
+from .rows import _row_ptr, _row_target
 from .token_math import _dhp, _expm1, _k3, _lfm, _logit_delta
 
 
@@ -28,14 +29,8 @@ def _mhpo_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    i_b = row // T
-    i_t = row - i_b * T
-    # int64: b · stride_xb passes 2³¹ elements as soon as the logits pass 4 GiB in bf16.
-    p_row = p_x + i_b.to(tl.int64) * stride_xb + i_t.to(tl.int64) * stride_xt
-
-    y = tl.load(p_y + row)
-    valid = (y >= 0) & (y < V)
-    n_read = tl.where(valid, V, 0)  # invalid rows read nothing and write zeros
+    p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
+    y, valid, n_read = _row_target(p_y, row, V)  # invalid rows read nothing and write zeros
 
     # Online softmax statistics. m is the running max of the raw logits x (z is increasing in x),
     # and with d = z(x) − z(m) ≤ 0:
@@ -102,6 +97,8 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     if N == 0:
         return out
+    per_token = (target, old, adv, g, ref)
+    assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     block_v, num_warps = sweep_config(V)
     dummy = out.row_max  # stands in for absent optional inputs/outputs; never dereferenced
     _mhpo_fwd_kernel[(N,)](
