@@ -1,49 +1,162 @@
-"""python -m bench: time the fused op against the eager reference, after checking they agree."""
+"""python -m bench: the fused MHPO op against eager PyTorch, torch.compile and Liger.
 
-import time
+Prints a table (provider × case × mode: median time, GB/s under the bytes-moved model, % of the
+device's measured copy bandwidth, peak and extra memory, speed-up against eager and compile),
+and writes bench/results/<device>-<date>.json and .png. Without CUDA it runs the PyTorch path of
+the op against the eager reference on small shapes, which says nothing about GPU speed.
+"""
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import re
+import sys
 
 import torch
 
 import mhpo_kernels
 import reference
 
+from . import harness, report
+from .providers import PROVIDERS
+from .workloads import MODES, PRESETS, bytes_moved, make_inputs
 
-def _time(fn, repeats=5):
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+# The agreement asked of a provider's loss with the fused op's at each benchmarked case: the
+# eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
+AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 
 
-def main():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    B, T, V = 4, 64, 32000
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(device)
-    ids = torch.randint(0, V, (B, T), generator=g).to(device)
-    old = mhpo_kernels.token_logprobs(logits, ids) + 0.1 * torch.randn(B, T, generator=g).to(device)
-    adv = torch.randn(B, generator=g).to(device)
+def check_correctness(device):
+    """Before timing anything: the fused op against the float64 reference on a small case."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 33, 5003, generator=g) * 2).to(device)
+    ids = torch.randint(0, 5003, (2, 32), generator=g).to(device)
+    old = torch.randn(2, 32, generator=g).to(device) - 9
+    adv = torch.randn(2, generator=g).to(device)
+    kwargs = dict(temperature=0.9, ref_logprobs=old + 0.1, beta=0.04)
+    x = logits[:, :-1].detach().requires_grad_()
+    loss = mhpo_kernels.mhpo_loss(x, ids, old, adv, **kwargs)
+    loss.backward()
+    x64 = logits[:, :-1].detach().cpu().double().requires_grad_()
+    kw64 = {**kwargs, "ref_logprobs": kwargs["ref_logprobs"].cpu().double()}
+    loss64 = reference.mhpo_loss(x64, ids.cpu(), old.cpu().double(), adv.cpu().double(), **kw64)
+    loss64.backward()
+    err = ((x.grad.cpu().double() - x64.grad).abs().max() / x64.grad.abs().max()).item()
+    loss_err = abs(loss.item() - loss64.item()) / abs(loss64.item())
+    if not (err <= 1e-5 and loss_err <= 1e-5):
+        sys.exit(f"fused op disagrees with the float64 reference: loss {loss_err:.1e}, grad {err:.1e}")
+    return max(err, loss_err)
 
-    def step(fn, x):
-        x = x.detach().requires_grad_()
-        loss = fn(x, ids, old, adv)
-        loss.backward()
-        return loss.detach(), x.grad
 
-    fused_loss, fused_grad = step(mhpo_kernels.mhpo_loss, logits)
-    ref_loss, ref_grad = step(reference.mhpo_loss, logits.double())
-    err = ((fused_grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
-    assert abs(fused_loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), "loss mismatch"
-    assert err <= 1e-5, f"gradient mismatch: {err:.2e}"
-    t_fused = _time(lambda: step(mhpo_kernels.mhpo_loss, logits))
-    t_eager = _time(lambda: step(reference.mhpo_loss, logits))
-    print(f"device {device}, logits ({B}, {T}, {V}) fp32, forward+backward")
-    print(f"  agreement with float64 reference: loss {fused_loss.item():.6f} vs {ref_loss.item():.6f}, "
-          f"gradient max rel err {err:.1e}")
-    print(f"  fused {t_fused * 1e3:8.2f} ms   eager {t_eager * 1e3:8.2f} ms")
-    if device == "cpu":
-        print("  (CPU timings of the PyTorch path: they say nothing about GPU speed)")
+def _agreement(value, fused_value):
+    if value is None or fused_value is None:
+        return None
+    a, b = value.detach().double(), fused_value.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def measure(provider, case, mode, inputs, device, repeats, fused_value):
+    row = dict(provider=provider.name, computes=provider.computes, mode=mode, case=case.id,
+               B=case.B, T=case.T, V=case.V, dtype=case.dtype, tokens=case.tokens,
+               bytes_model=bytes_moved(case, mode), status="ok", median_ms=None, p20_ms=None,
+               p80_ms=None, gbps=None, frac_copy_bw=None, peak_bytes=None, extra_bytes=None,
+               agreement_with_fused=None)
+    reason = provider.unavailable(device)
+    if reason:
+        row["status"] = f"skipped: {reason}"
+        return row, None
+    fn = value = None
+    try:
+        fn = provider.step(inputs, mode)
+        value = fn().detach()                          # first call: compilation happens here
+        if provider.computes == "MHPO" and provider.name != "fused":
+            row["agreement_with_fused"] = _agreement(value, fused_value)
+        getattr(fn, "release", lambda: None)()
+        row["peak_bytes"], row["extra_bytes"] = harness.peak_memory(fn, device)
+        row["median_ms"], row["p20_ms"], row["p80_ms"] = harness.time_ms(fn, device, warmup=2, repeats=repeats)
+        row["gbps"] = row["bytes_model"] / (row["median_ms"] * 1e-3) / 1e9
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "out of memory"
+    except Exception as e:  # a baseline failing at a shape is a result, not a crash of the run
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    finally:
+        fn = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row, value
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full" if cuda else "cpu")
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and the plot")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if cuda else "cpu")
+    name = harness.device_name(device)
+    date = datetime.date.today().isoformat()
+    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
+    if not cuda:
+        print("No CUDA: timing the PyTorch path of the op on the CPU. CPU numbers say nothing "
+              "about GPU speed; they check that the harness runs.", flush=True)
+    fused_err = check_correctness(device)
+    print(f"fused vs float64 reference on a small case: max rel err {fused_err:.1e}", flush=True)
+    copy_bw = harness.copy_bandwidth_gbps(device)
+    if copy_bw:
+        print(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
+
+    meta = dict(device=name, date=date, preset=args.preset, torch=torch.__version__,
+                triton=_version("triton"), liger_kernel=_version("liger_kernel"),
+                python=platform.python_version(), copy_bandwidth_gbps=copy_bw,
+                fused_vs_float64_max_rel_err=fused_err,
+                byte_model="see bench/workloads.py: bytes_moved",
+                note=None if cuda else "CPU run of the PyTorch path: no statement about GPU speed")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{date}")
+
+    # Most important first (modes in the order given, cases in preset order), and the files are
+    # rewritten after every case: a run cut short by a time limit keeps what it measured.
+    providers = [PROVIDERS[p] for p in dict.fromkeys(["fused"] + args.providers)]
+    cases = PRESETS[args.preset]
+    total, done, results = len(cases) * len(args.modes) * len(providers), 0, []
+    for mode in args.modes:
+        for case in cases:
+            inputs = make_inputs(case, device)
+            fused_value = None
+            for provider in providers:
+                done += 1
+                print(f"[{done}/{total}] {provider.name} {mode} {case.id}", file=sys.stderr, flush=True)
+                row, value = measure(provider, case, mode, inputs, device, args.repeats, fused_value)
+                if provider.name == "fused":
+                    fused_value = value
+                if row["gbps"] and copy_bw:
+                    row["frac_copy_bw"] = row["gbps"] / copy_bw
+                tol = AGREEMENT[case.dtype]
+                if row["agreement_with_fused"] is not None and row["agreement_with_fused"] > tol:
+                    row["status"] = f"disagrees with fused ({row['agreement_with_fused']:.1e})"
+                results.append(row)
+            inputs = fused_value = value = None
+            gc.collect()
+            report.add_speedups(results)
+            report.write_json(stem + ".json", meta, results)
+    wrote_plot = report.plot(stem + ".png", meta, results)
+    print(report.table(results))
+    print(f"wrote {stem}.json" + (f" and {stem}.png" if wrote_plot else ""))
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

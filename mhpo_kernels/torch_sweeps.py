@@ -24,30 +24,27 @@ def _chunks(logits):
             yield b, t0, t1, b * T + t0
 
 
-def _logit_delta(x, m, lmap):
-    """z(x) − z(m) for the raw row max m; see ``kernels.token_math._logit_delta``."""
-    if lmap.softcap:
-        return lmap.out_scale * (torch.tanh(lmap.in_scale * x) - torch.tanh(lmap.in_scale * m))
-    return (x - m) * lmap.in_scale
-
-
 def _sech2(u):
     """sech²(u) = 4e/(1 + e)², e = exp(−2|u|): never 1 − tanh² (see SPEC.md, "Gradient")."""
     e = torch.exp(-2.0 * u.abs())
     return 4.0 * e / (1.0 + e) ** 2
 
 
-def _logit_map_slope(x, lmap):
-    if lmap.softcap:
-        return lmap.out_scale * lmap.in_scale * _sech2(lmap.in_scale * x)
-    return torch.full_like(x, lmap.in_scale)
+def _shifted_logits(logits, target, b, t0, t1, r0, row_max, lmap):
+    """A fresh fp32 chunk d = z(x) − z(m) for rows [r0, r0 + t1 − t0), and its validity.
 
-
-def _row_chunk(logits, target, b, t0, t1, r0):
-    """fp32 rows [r0, r0 + t1 − t0) of the logits, invalid rows zeroed (they may hold NaN)."""
+    Invalid rows are zeroed first (they may hold NaN). ``row_max`` None: m is the chunk's own row
+    max (sweep 1), else the saved one (sweep 2). Also returns the raw m used and, with softcap, the
+    raw chunk (its slope needs it); without softcap the work is done in place on one buffer.
+    """
     valid = target[r0:r0 + t1 - t0] >= 0
-    x = logits[b, t0:t1].float()
-    return torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x)), valid
+    x = logits[b, t0:t1].to(torch.float32, copy=True)
+    x.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    m = x.amax(-1, keepdim=True) if row_max is None else row_max[r0:r0 + t1 - t0].unsqueeze(-1)
+    if lmap.softcap:
+        d = torch.tanh(lmap.in_scale * x).sub_(torch.tanh(lmap.in_scale * m)).mul_(lmap.out_scale)
+        return d, valid, m, x
+    return x.sub_(m).mul_(lmap.in_scale), valid, m, None
 
 
 def _token_terms(logp, valid, old, adv, g, ref, hp):
@@ -80,19 +77,18 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        x, valid = _row_chunk(logits, target, b, t0, t1, r0)
-        m = x.max(-1, keepdim=True).values
-        d = _logit_delta(x, m, lmap)                       # z − z(m) ≤ 0
-        log_sum = torch.logsumexp(d, dim=-1, keepdim=True)
-        logprobs = d - log_sum
+        d, valid, m, _ = _shifted_logits(logits, target, b, t0, t1, r0, None, lmap)
+        e = d.exp()                                     # max(d) = 0, so Σ e ≥ 1: no overflow
+        sum_e = e.sum(-1)
+        log_sum = sum_e.log()
+        d_y = d.gather(-1, target[r0:r1].clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out.row_max[r0:r1] = torch.where(valid, m.squeeze(-1), 0.0)
-        out.log_sum[r0:r1] = torch.where(valid, log_sum.squeeze(-1), 0.0)
-        logp = logprobs.gather(-1, target[r0:r1].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.logp[r0:r1] = torch.where(valid, logp, 0.0)
+        out.log_sum[r0:r1] = torch.where(valid, log_sum, 0.0)
+        out.logp[r0:r1] = torch.where(valid, d_y - log_sum, 0.0)
         if with_entropy:
-            p = logprobs.exp()
-            plogp = torch.where(p > 0, p * logprobs, torch.zeros_like(p))
-            out.entropy[r0:r1] = torch.where(valid, -plogp.sum(-1), 0.0)
+            # H = log s − Σ e·d / s; e·d is 0, not NaN, where d = −inf.
+            e_d = torch.where(e > 0, e.mul_(d), 0.0).sum(-1)
+            out.entropy[r0:r1] = torch.where(valid, log_sum - e_d / sum_e, 0.0)
     if with_loss and N > 0:
         valid = target >= 0
         out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = _token_terms(
@@ -105,16 +101,21 @@ def mhpo_bwd(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, l
     """Sweep 2 in PyTorch; see ``kernels.backward`` for the derivation."""
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        x, valid = _row_chunk(logits, target, b, t0, t1, r0)
-        logprobs = _logit_delta(x, row_max[r0:r1].unsqueeze(-1), lmap) - log_sum[r0:r1].unsqueeze(-1)
-        p = logprobs.exp()
+        logprobs, valid, _, x = _shifted_logits(logits, target, b, t0, t1, r0, row_max, lmap)
+        logprobs.sub_(log_sum[r0:r1].unsqueeze(-1))
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
-        dz = -dlogp_c * p
-        dz.scatter_add_(-1, target[r0:r1].clamp(min=0).unsqueeze(-1), dlogp_c)
+        dz = logprobs.exp()                             # p, then overwritten with ∂L/∂z
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
-            dz -= torch.where(p > 0, dent * p * (logprobs + h), torch.zeros_like(p))
-        dx = dz * _logit_map_slope(x, lmap)
-        grad[b, t0:t1] = torch.where(valid.unsqueeze(-1), dx, torch.zeros_like(dx))
+            ent_term = torch.where(dz > 0, dz * (logprobs + h), 0.0).mul_(dent)
+        dz.mul_(-dlogp_c).scatter_add_(-1, target[r0:r1].clamp(min=0).unsqueeze(-1), dlogp_c)
+        if dentropy is not None:
+            dz.sub_(ent_term)
+        if lmap.softcap:
+            dz.mul_(_sech2(lmap.in_scale * x).mul_(lmap.out_scale * lmap.in_scale))
+        else:
+            dz.mul_(lmap.in_scale)
+        dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
+        grad[b, t0:t1] = dz
     return grad

@@ -1,0 +1,44 @@
+"""python -m bench.readme RESULTS.json: write that run's forward+backward table into README.md,
+between the benchmark markers, with its device, date and plot."""
+
+import json
+import os
+import sys
+
+from .report import markdown_table
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def section(path):
+    with open(path) as f:
+        run = json.load(f)
+    stem = os.path.splitext(os.path.relpath(path, os.path.dirname(README)))[0]
+    lines = [
+        f"Measured on **{run['device']}**, {run['date']} (torch {run['torch']}, triton {run['triton']}"
+        + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")."
+        + (f" Device-to-device copy: {run['copy_bandwidth_gbps']:.0f} GB/s." if run.get("copy_bandwidth_gbps") else "")
+        + f" Raw numbers: [`{stem}.json`]({stem}.json).",
+        "",
+    ]
+    if run.get("note"):
+        lines += [f"*{run['note']}.*", ""]
+    lines += ["Forward+backward (loss and logits gradient):", "", markdown_table(run["results"], "fwd_bwd"), ""]
+    if os.path.exists(os.path.join(os.path.dirname(README), stem + ".png")):
+        lines += [f"![time and memory against vocabulary size]({stem}.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    (path,) = argv or sys.argv[1:]
+    with open(README) as f:
+        text = f.read()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(README, "w") as f:
+        f.write(head + START + "\n" + section(path) + END + tail)
+
+
+if __name__ == "__main__":
+    main()
