@@ -24,3 +24,21 @@ def sweep_config(V):
     block_v = min(BLOCK_V, max(16, 1 << (V - 1).bit_length()))
     num_warps = max(1, min(NUM_WARPS, block_v // 256))
     return block_v, num_warps
+
+
+# Fused linear path: tokens per chunk. Each chunk materializes one (rows, V) logits tile in the
+# hidden states' dtype, turned into its gradient in place, so the tile is the working memory that
+# scales with the chunk; beside it live the fp32 weight-gradient accumulator (V × H × 4 bytes,
+# 2.5 GB at V 151,936, H 4096) and dhidden (N × H). 1 GiB of tile keeps the three GEMMs per chunk
+# large enough to run near the GEMM rate (about 3,300 rows at V 151,936 in bf16) while adding
+# less than the fp32 accumulator itself.
+FUSED_LINEAR_TILE_BYTES = 1 << 30
+CHUNK_ROWS_MULTIPLE = 256   # GEMM-friendly row counts
+CHUNK_ROWS_MAX = 8192       # beyond this the tile only costs memory
+
+
+def fused_linear_chunk_rows(V, itemsize):
+    """Default tokens per chunk: the largest multiple of 256 rows whose tile fits the budget."""
+    rows = FUSED_LINEAR_TILE_BYTES // (V * itemsize)
+    rows = rows // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE
+    return max(CHUNK_ROWS_MULTIPLE, min(CHUNK_ROWS_MAX, rows))

@@ -18,8 +18,8 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class Batch:
-    logits: torch.Tensor           # (B, T, V) view of the caller's logits, unit stride along V
     token_shape: torch.Size        # shape of input_ids: what per-token outputs are reshaped to
+    seq_shape: tuple               # (B, T); 1-D input_ids are one sequence (1, N)
     target: torch.Tensor           # (N,) int64, the id at valid tokens, −1 elsewhere
     valid: torch.Tensor            # (N,) bool
     old: Optional[torch.Tensor]    # (N,) fp32, None = on-policy
@@ -77,7 +77,8 @@ def _check_float_per_token(name, x, token_shape, device):
     return x.detach().reshape(-1).to(torch.float32).contiguous()
 
 
-def _check_logits(logits):
+def check_logits(logits):
+    """logits (B, T, V) or (N, V) → a (B, T, V) view with unit stride along V."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -93,14 +94,13 @@ def _check_logits(logits):
     return logits3
 
 
-def _check_ids(input_ids, logits):
-    _check_tensor("input_ids", input_ids, logits.device)
+def _check_ids(input_ids, token_shape, device, source):
+    _check_tensor("input_ids", input_ids, device)
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.shape != logits.shape[:-1]:
+    if input_ids.shape != token_shape:
         raise ValueError(
-            f"input_ids must have shape {tuple(logits.shape[:-1])} (logits without V), "
-            f"got {tuple(input_ids.shape)}"
+            f"input_ids must have shape {tuple(token_shape)} ({source}), got {tuple(input_ids.shape)}"
         )
     return input_ids.reshape(-1).to(torch.int64)
 
@@ -172,35 +172,33 @@ def aggregation_weights(valid, loss_agg_mode):
     return valid_f / n_seqs  # seq-mean-token-sum
 
 
-def prepare_tokens(logits, input_ids, ignore_index, mask=None):
-    """Validate logits, ids and mask; return a Batch with target and validity filled in."""
-    logits3 = _check_logits(logits)
-    ids = _check_ids(input_ids, logits)
+def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V"):
+    """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
+    with target and validity filled in. ``source`` names where token_shape comes from."""
+    ids = _check_ids(input_ids, token_shape, device, source)
     ignore_index = _check_ignore_index(ignore_index)
-    token_shape = input_ids.shape
-    mask, mask_not_binary = _check_mask(mask, token_shape, logits.device)
+    mask, mask_not_binary = _check_mask(mask, token_shape, device)
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
-    _raise_on_bad_values(ids, valid, logits.shape[-1], mask_not_binary)
+    _raise_on_bad_values(ids, valid, V, mask_not_binary)
     target = torch.where(valid, ids, -1)
-    return Batch(logits3, token_shape, target, valid, None, None, None, None)
+    seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
+    return Batch(token_shape, seq_shape, target, valid, None, None, None, None)
 
 
 def prepare_mhpo(
-    logits, input_ids, old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode,
-    ignore_index,
+    input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
+    loss_agg_mode, ignore_index, source="logits without V",
 ):
-    """Validate every argument of ``mhpo_loss`` that is a tensor; return the Batch for the sweeps."""
+    """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
     check_agg_mode(loss_agg_mode)
     beta = check_nonnegative("beta", beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
-    batch = prepare_tokens(logits, input_ids, ignore_index, mask)
-    token_shape, device = batch.token_shape, logits.device
+    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     batch.adv = _check_advantages(advantages, token_shape, device)
-    seqs = batch.valid.reshape(batch.logits.shape[:2])
-    batch.weight = aggregation_weights(seqs, loss_agg_mode).reshape(-1)
+    batch.weight = aggregation_weights(batch.valid.reshape(batch.seq_shape), loss_agg_mode).reshape(-1)
     return batch

@@ -4,7 +4,9 @@
 import torch
 
 from . import _dispatch
-from ._inputs import check_agg_mode, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
+from ._inputs import (
+    check_agg_mode, check_logits, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens,
+)
 from ._sweep_types import LogitMap, MHPOParams, RowStats
 
 
@@ -49,17 +51,29 @@ class MHPOLossFunction(torch.autograd.Function):
         return (grad,) + (None,) * 8
 
 
-def row_stats(batch, hp, lmap, with_entropy):
-    """Run the op on a prepared batch: ``RowStats`` whose logp, entropy and loss carry gradient."""
+def row_stats(logits, batch, hp, lmap, with_entropy):
+    """Run the op on (B, T, V) logits and a prepared batch: ``RowStats`` whose logp, entropy and
+    loss carry gradient."""
     return RowStats(*MHPOLossFunction.apply(
-        batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
+        logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
         bool(with_entropy),
     ))
 
 
-def _metrics(stats, batch, c):
+def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
+    """Checked MHPO hyperparameters: c, k, λ finite and > 0, β finite and ≥ 0."""
+    return MHPOParams(
+        c=check_positive("c", c),
+        k_pos=check_positive("k_pos", k_pos),
+        lam_pos=check_positive("lam_pos", lam_pos),
+        k_neg=check_positive("k_neg", k_neg),
+        lam_neg=check_positive("lam_neg", lam_neg),
+        beta=check_nonnegative("beta", beta),
+    )
+
+
+def metrics_from_stats(logp, entropy, psi, zeta, batch, c):
     """Detached means over valid tokens (0 when there are none): the metrics SPEC.md lists."""
-    logp, entropy, psi, zeta = stats.logp, stats.entropy, stats.psi, stats.zeta
     valid = batch.valid
     n_valid = valid.sum().clamp(min=1)
 
@@ -144,24 +158,18 @@ def mhpo_loss(
     ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
     of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
     """
-    hp = MHPOParams(
-        c=check_positive("c", c),
-        k_pos=check_positive("k_pos", k_pos),
-        lam_pos=check_positive("lam_pos", lam_pos),
-        k_neg=check_positive("k_neg", k_neg),
-        lam_neg=check_positive("lam_neg", lam_neg),
-        beta=check_nonnegative("beta", beta),
-    )
+    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
     lmap = LogitMap.make(check_positive("temperature", temperature))
+    logits3 = check_logits(logits)
     batch = prepare_mhpo(
-        logits, input_ids, old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode,
-        ignore_index,
+        input_ids, logits.shape[:-1], logits.shape[-1], logits.device, old_logprobs, advantages,
+        mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
     )
-    stats = row_stats(batch, hp, lmap, with_entropy=return_metrics)
+    stats = row_stats(logits3, batch, hp, lmap, with_entropy=return_metrics)
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
-    return loss, _metrics(stats, batch, hp.c)
+    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, hp.c)
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -174,8 +182,9 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     or (N,); results have input_ids' shape, dtype float32. Runs where ``mhpo_loss`` runs.
     """
     lmap = LogitMap.make(check_positive("temperature", temperature))
-    batch = prepare_tokens(logits, input_ids, ignore_index)
-    stats = row_stats(batch, MHPOParams(), lmap, with_entropy=return_entropy)
+    logits3 = check_logits(logits)
+    batch = prepare_tokens(input_ids, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
+    stats = row_stats(logits3, batch, MHPOParams(), lmap, with_entropy=return_entropy)
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp

@@ -36,9 +36,10 @@ def test_on_policy_weight_is_paper_value():
 
 def _token_coefficients(logits, kwargs, hp):
     """(N,) dL/dlogp_t as the forward saves it, and the aggregation weights g_t."""
-    batch = prepare_mhpo(logits, kwargs["input_ids"], kwargs["old_logprobs"], kwargs["advantages"],
-                         None, None, 0.0, "seq-mean-token-mean", -100)
-    stats = row_stats(batch, hp, LogitMap.make(1.0), with_entropy=False)
+    batch = prepare_mhpo(kwargs["input_ids"], logits.shape[:-1], logits.shape[-1], logits.device,
+                         kwargs["old_logprobs"], kwargs["advantages"], None, None, 0.0,
+                         "seq-mean-token-mean", -100)
+    stats = row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)
     return stats.coef, batch.weight, batch.adv, stats.logp
 
 
@@ -112,16 +113,17 @@ def test_interpreter_and_torch_paths_agree(regime):
 def test_every_gradient_element_written(backend, dtype):
     """The backward sweep writes each element of a NaN-filled buffer, zero rows for invalid tokens."""
     logits, kwargs = make_inputs(SMALL, Regime("w", kl=True, dtype=dtype))
-    batch = prepare_mhpo(logits, kwargs["input_ids"], kwargs["old_logprobs"], kwargs["advantages"],
-                         kwargs["mask"], kwargs["ref_logprobs"], 0.2, "token-mean", -100)
+    batch = prepare_mhpo(kwargs["input_ids"], logits.shape[:-1], logits.shape[-1], logits.device,
+                         kwargs["old_logprobs"], kwargs["advantages"], kwargs["mask"],
+                         kwargs["ref_logprobs"], 0.2, "token-mean", -100)
     hp, lmap = MHPOParams(beta=0.2), LogitMap.make(1.0)
     with mhpo_kernels.use_backend(backend):
         fwd, bwd = mhpo_kernels._dispatch.sweeps(logits.device)
-        stats = fwd(batch.logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
+        stats = fwd(logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
                     with_entropy=True, with_loss=True)
-        grad = torch.full(batch.logits.shape, float("nan"), dtype=dtype)
+        grad = torch.full(logits.shape, float("nan"), dtype=dtype)
         dent = torch.randn(stats.logp.shape)
-        bwd(batch.logits, grad, batch.target, stats.row_max, stats.log_sum, stats.coef * 1.7,
+        bwd(logits, grad, batch.target, stats.row_max, stats.log_sum, stats.coef * 1.7,
             stats.entropy, dent, lmap)
     assert not grad.isnan().any()
     invalid = ~batch.valid.reshape(grad.shape[:2])
@@ -160,9 +162,9 @@ def test_kl_term_accurate_near_the_reference_policy(device):
     hp = MHPOParams(beta=beta)
 
     def run(ref):
-        batch = prepare_mhpo(logits, ids, None, torch.zeros(1, device=device), None, ref, beta,
-                             "token-mean", -100)
-        return row_stats(batch, hp, LogitMap.make(1.0), with_entropy=False)
+        batch = prepare_mhpo(ids, ids.shape, V, logits.device, None, torch.zeros(1, device=device),
+                             None, ref, beta, "token-mean", -100)
+        return row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)
 
     logp = run(torch.zeros(1, T, device=device)).logp
     ref = (logp + d.to(device)).reshape(1, T)

@@ -1,0 +1,205 @@
+"""fused_linear_mhpo_loss against mhpo_loss on materialized logits and against the float64
+reference: loss, dhidden, dweight, dbias, over odd shapes and every projection option."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mhpo_kernels
+import reference
+from _cases import FP32_RTOL, UNIT_ROUNDOFF, max_rel_err
+from conftest import DEVICES
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    id: str
+    B: int
+    T: int
+    H: int
+    V: int
+    chunk: object          # tokens per chunk, None = the default
+    bias: bool = False
+    softcap: object = None
+    scale: float = 1.0
+    temperature: float = 1.0
+    kl: bool = False
+    mask: bool = False
+    flat: bool = False     # hidden (N, H)
+
+
+CASES = [
+    LinearCase("ragged-chunks-softcap-bias", 2, 7, 64, 1000, chunk=5, bias=True, softcap=4.0, scale=0.8),
+    LinearCase("V-past-block-kl-temperature", 1, 6, 96, 4097, chunk=4, temperature=0.7, kl=True),
+    LinearCase("flat-default-chunk-scale", 1, 9, 96, 3001, chunk=None, bias=True, scale=1.3, flat=True),
+    LinearCase("mask-ignore-everything", 3, 4, 64, 1500, chunk=3, bias=True, softcap=6.0,
+               temperature=0.9, kl=True, mask=True),
+]
+
+
+def make(case, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, V = case.B, case.T, case.H, case.V
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * H ** -0.5 * 3
+    bias = torch.randn(V, generator=g) if case.bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = None
+    if case.mask:
+        mask = torch.rand(B, T, generator=g) > 0.3
+        mask[0, 0], mask[-1] = True, False
+        ids[0, 1] = -100
+    old = torch.randn(B, T, generator=g) - 7.0
+    kwargs = dict(
+        input_ids=ids, old_logprobs=old, advantages=torch.randn(B, generator=g), mask=mask,
+        temperature=case.temperature, ref_logprobs=old + 0.4 * torch.randn(B, T, generator=g) if case.kl else None,
+        beta=0.1 if case.kl else 0.0,
+    )
+    if case.flat:
+        hidden = hidden.reshape(B * T, H)
+        kwargs = {k: v.reshape(-1) if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in kwargs.items()}
+        kwargs["advantages"] = kwargs["advantages"].repeat_interleave(T)
+    params = [x if x is None else x.to(device, dtype) for x in (hidden, weight, bias)]
+    return params, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def transform(z, case):
+    z = z * case.scale
+    return z if case.softcap is None else case.softcap * torch.tanh(z / case.softcap)
+
+
+def via_logits(loss_fn, params, kwargs, case, upstream):
+    """(loss, grads) through materialized logits: transform(hidden @ weight.T + bias)."""
+    params = [None if p is None else p.detach().requires_grad_() for p in params]
+    hidden, weight, bias = params
+    z = hidden @ weight.T + (bias if bias is not None else 0)
+    loss = loss_fn(transform(z, case), **kwargs)
+    grads = torch.autograd.grad(loss * upstream, [p for p in params if p is not None])
+    return loss.detach(), grads
+
+
+def fused(params, kwargs, case, upstream):
+    params = [None if p is None else p.detach().requires_grad_() for p in params]
+    hidden, weight, bias = params
+    loss = mhpo_kernels.fused_linear_mhpo_loss(
+        hidden, weight, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap,
+        chunk_size=case.chunk, **kwargs)
+    grads = torch.autograd.grad(loss * upstream, [p for p in params if p is not None])
+    return loss.detach(), grads
+
+
+def float64(params, kwargs):
+    cpu = [None if p is None else p.detach().cpu().double() for p in params]
+    kw = {k: (v.cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
+          for k, v in kwargs.items()}
+    return cpu, kw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fp32_against_float64_and_materialized(case, device):
+    params, kwargs = make(case, torch.float32, device)
+    loss, grads = fused(params, kwargs, case, upstream=1.7)
+    loss64, grads64 = via_logits(reference.mhpo_loss, *float64(params, kwargs), case, upstream=1.7)
+    loss_m, grads_m = via_logits(mhpo_kernels.mhpo_loss, params, kwargs, case, upstream=1.7)
+    assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
+    assert loss.item() == pytest.approx(loss_m.item(), rel=FP32_RTOL)
+    for name, g, g64, gm in zip(("dhidden", "dweight", "dbias"), grads, grads64, grads_m):
+        assert g.dtype == torch.float32 and g.shape == gm.shape, name
+        assert max_rel_err(g.cpu(), g64) <= FP32_RTOL, name
+        assert max_rel_err(g, gm) <= FP32_RTOL, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.id)
+def test_bf16_no_worse_than_materialized(case, device):
+    """In bf16 the tile is rounded to bf16 like ``hidden @ weight.T`` would be; the error against
+    float64 must not exceed that of mhpo_loss on the materialized bf16 logits by more than one
+    bf16 rounding (dweight is summed over chunks in fp32, the materialized GEMM in one go)."""
+    params, kwargs = make(case, torch.bfloat16, device)
+    loss, grads = fused(params, kwargs, case, upstream=0.6)
+    loss64, grads64 = via_logits(reference.mhpo_loss, *float64(params, kwargs), case, upstream=0.6)
+    loss_m, grads_m = via_logits(mhpo_kernels.mhpo_loss, params, kwargs, case, upstream=0.6)
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    assert abs(loss.item() - loss64.item()) <= abs(loss_m.item() - loss64.item()) + u * abs(loss64.item())
+    for name, g, g64, gm in zip(("dhidden", "dweight", "dbias"), grads, grads64, grads_m):
+        assert g.dtype == torch.bfloat16, name
+        assert max_rel_err(g.cpu(), g64) <= max_rel_err(gm.cpu(), g64) + u, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_metrics_and_logprobs_match_materialized(device):
+    case = CASES[3]
+    params, kwargs = make(case, torch.float32, device)
+    hidden, weight, bias = params
+    logits = transform(hidden @ weight.T + bias, case)
+    _, metrics = mhpo_kernels.fused_linear_mhpo_loss(
+        hidden, weight, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap,
+        chunk_size=case.chunk, return_metrics=True, **kwargs)
+    _, expected = mhpo_kernels.mhpo_loss(logits, return_metrics=True, **kwargs)
+    assert metrics.keys() == expected.keys()
+    for name in metrics:
+        assert metrics[name].item() == pytest.approx(expected[name].item(), rel=FP32_RTOL, abs=1e-6), name
+    ids = kwargs["input_ids"]
+    logp, ent = mhpo_kernels.fused_linear_token_logprobs(
+        hidden, weight, ids, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap,
+        temperature=case.temperature, chunk_size=case.chunk, return_entropy=True)
+    logp_m, ent_m = mhpo_kernels.token_logprobs(logits, ids, temperature=case.temperature, return_entropy=True)
+    assert not logp.requires_grad and logp.shape == ids.shape
+    assert max_rel_err(logp, logp_m) <= FP32_RTOL and max_rel_err(ent, ent_m) <= FP32_RTOL
+
+
+def test_frozen_head_and_no_grad():
+    """A frozen LM head (LoRA) gets no weight gradient, and none is computed; under no_grad the
+    loss is the same and nothing is differentiable."""
+    case = CASES[0]
+    params, kwargs = make(case, torch.float32, "cpu")
+    hidden, weight, bias = params
+    h = hidden.clone().requires_grad_()
+    loss = mhpo_kernels.fused_linear_mhpo_loss(h, weight, bias=bias, logit_scale=case.scale,
+                                               final_logit_softcap=case.softcap, chunk_size=case.chunk, **kwargs)
+    loss.backward()
+    assert h.grad is not None and weight.grad is None and bias.grad is None
+    with torch.no_grad():
+        loss_ng = mhpo_kernels.fused_linear_mhpo_loss(h, weight, bias=bias, logit_scale=case.scale,
+                                                      final_logit_softcap=case.softcap, chunk_size=case.chunk, **kwargs)
+    assert not loss_ng.requires_grad and torch.equal(loss_ng, loss.detach())
+
+
+@pytest.mark.parametrize("change, error, name", [
+    (dict(weight=torch.randn(50, 32)), ValueError, "weight"),
+    (dict(weight=torch.randn(50, 16, dtype=torch.bfloat16)), TypeError, "weight"),
+    (dict(bias=torch.randn(49)), ValueError, "bias"),
+    (dict(hidden=torch.randn(16)), ValueError, "hidden"),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, "input_ids"),
+    (dict(input_ids=torch.full((2, 3), 50)), ValueError, "input_ids"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(final_logit_softcap=0.0), ValueError, "final_logit_softcap"),
+    (dict(logit_scale=-1.0), ValueError, "logit_scale"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(beta=0.5), ValueError, "ref_logprobs"),
+], ids=["weight-H", "weight-dtype", "bias-shape", "hidden-1d", "ids-shape", "ids-range", "chunk",
+        "softcap", "scale", "temperature", "beta-no-ref"])
+def test_bad_calls_raise(change, error, name):
+    args = dict(hidden=torch.randn(2, 3, 16), weight=torch.randn(50, 16), input_ids=torch.randint(0, 50, (2, 3)),
+                old_logprobs=torch.randn(2, 3), advantages=torch.randn(2))
+    args.update(change)
+    with pytest.raises(error, match=name):
+        mhpo_kernels.fused_linear_mhpo_loss(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradient_accumulates_in_fp32(device):
+    """Summing one bf16 GEMM per chunk into dweight must not round each product (or the running
+    sum) to bf16: over 200 chunks that loses ~1e-3, fp32 keeps ~1e-6."""
+    from mhpo_kernels.fused_linear import _addmm_fp32
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(200, 64, 8, generator=g).to(device, torch.bfloat16)
+    b = torch.randn(200, 8, 32, generator=g).to(device, torch.bfloat16)
+    acc = torch.zeros(64, 32, device=device)
+    for i in range(200):
+        _addmm_fp32(acc, a[i], b[i])
+    exact = torch.einsum("nik,nkj->ij", a.double().cpu(), b.double().cpu())
+    assert max_rel_err(acc.cpu(), exact) <= 1e-5
