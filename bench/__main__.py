@@ -1,9 +1,11 @@
-"""python -m bench: the fused MHPO op against eager PyTorch, torch.compile and Liger.
+"""python -m bench: the fused MHPO ops against eager PyTorch, torch.compile, TRL and Liger.
 
-Prints a table (provider × case × mode: median time, GB/s under the bytes-moved model, % of the
-device's measured copy bandwidth, peak and extra memory, speed-up against eager and compile),
-and writes bench/results/<device>-<date>.json and .png. Without CUDA it runs the PyTorch path of
-the op against the eager reference on small shapes, which says nothing about GPU speed.
+Two suites. ``logits``: the op on materialized logits, reported as GB/s under the bytes-moved
+model and as a share of the device's measured copy bandwidth. ``linear``: hidden states and the
+LM head, reported as TFLOP/s against the 3-GEMM floor and as a share of a GEMM's measured rate.
+Both: median time, peak and extra memory, speed-up against eager (and compile). Writes
+bench/results/<device>-<date>.json and .png. Without CUDA it runs the PyTorch path of the ops
+against the eager reference on small shapes, which says nothing about GPU speed.
 """
 
 import argparse
@@ -21,12 +23,15 @@ import reference
 
 from . import harness, report
 from .providers import PROVIDERS
-from .workloads import MODES, PRESETS, bytes_moved, make_inputs
+from .workloads import PRESETS, SUITE_MODES, SUITES, bytes_moved, gemm_flops, make_inputs
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
-# The agreement asked of a provider's loss with the fused op's at each benchmarked case: the
-# eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
+# The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
+# the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+# Most important first; a run cut short by a time limit keeps what it measured.
+ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
+         ("linear", "logprobs")]
 
 
 def check_correctness(device):
@@ -58,13 +63,14 @@ def _agreement(value, fused_value):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def measure(provider, case, mode, inputs, device, repeats, fused_value):
-    row = dict(provider=provider.name, computes=provider.computes, mode=mode, case=case.id,
-               B=case.B, T=case.T, V=case.V, dtype=case.dtype, tokens=case.tokens,
-               bytes_model=bytes_moved(case, mode), status="ok", median_ms=None, p20_ms=None,
-               p80_ms=None, gbps=None, frac_copy_bw=None, peak_bytes=None, extra_bytes=None,
-               agreement_with_fused=None)
-    reason = provider.unavailable(device)
+def measure(provider, case, mode, inputs, device, repeats, fused_value, ceilings):
+    """One row: time, memory, rate and agreement of ``provider`` on ``case`` in ``mode``."""
+    row = dict(suite=case.suite, provider=provider.name, computes=provider.computes, mode=mode,
+               case=case.id, B=case.B, T=case.T, V=case.V, H=case.H, dtype=case.dtype,
+               tokens=case.tokens, bytes_model=bytes_moved(case, mode), flops_model=gemm_flops(case, mode),
+               status="ok", median_ms=None, p20_ms=None, p80_ms=None, gbps=None, frac_copy_bw=None,
+               tflops=None, frac_gemm=None, peak_bytes=None, extra_bytes=None, agreement_with_fused=None)
+    reason = provider.unavailable(device, mode)
     if reason:
         row["status"] = f"skipped: {reason}"
         return row, None
@@ -77,7 +83,13 @@ def measure(provider, case, mode, inputs, device, repeats, fused_value):
         getattr(fn, "release", lambda: None)()
         row["peak_bytes"], row["extra_bytes"] = harness.peak_memory(fn, device)
         row["median_ms"], row["p20_ms"], row["p80_ms"] = harness.time_ms(fn, device, warmup=2, repeats=repeats)
-        row["gbps"] = row["bytes_model"] / (row["median_ms"] * 1e-3) / 1e9
+        seconds = row["median_ms"] * 1e-3
+        if row["bytes_model"]:
+            row["gbps"] = row["bytes_model"] / seconds / 1e9
+            row["frac_copy_bw"] = ceilings["copy_gbps"] and row["gbps"] / ceilings["copy_gbps"]
+        if row["flops_model"]:
+            row["tflops"] = row["flops_model"] / seconds / 1e12
+            row["frac_gemm"] = ceilings["gemm_tflops"] and row["tflops"] / ceilings["gemm_tflops"]
     except torch.cuda.OutOfMemoryError:
         row["status"] = "out of memory"
     except Exception as e:  # a baseline failing at a shape is a result, not a crash of the run
@@ -87,6 +99,9 @@ def measure(provider, case, mode, inputs, device, repeats, fused_value):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tol = AGREEMENT[case.dtype]
+    if row["agreement_with_fused"] is not None and row["agreement_with_fused"] > tol:
+        row["status"] = f"disagrees with fused ({row['agreement_with_fused']:.1e})"
     return row, value
 
 
@@ -94,8 +109,9 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full" if cuda else "cpu")
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--providers", nargs="+", help="provider names (default: all of each suite)")
+    parser.add_argument("--modes", nargs="+", choices=sorted({m for ms in SUITE_MODES.values() for m in ms}))
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and the plot")
     args = parser.parse_args(argv)
@@ -105,48 +121,45 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
     if not cuda:
-        print("No CUDA: timing the PyTorch path of the op on the CPU. CPU numbers say nothing "
+        print("No CUDA: timing the PyTorch path of the ops on the CPU. CPU numbers say nothing "
               "about GPU speed; they check that the harness runs.", flush=True)
     fused_err = check_correctness(device)
     print(f"fused vs float64 reference on a small case: max rel err {fused_err:.1e}", flush=True)
-    copy_bw = harness.copy_bandwidth_gbps(device)
-    if copy_bw:
-        print(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
+    ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device), "gemm_tflops": harness.gemm_tflops(device)}
+    if cuda:
+        print(f"device-to-device copy {ceilings['copy_gbps']:.0f} GB/s (read + write); "
+              f"bf16 GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s", flush=True)
 
     meta = dict(device=name, date=date, preset=args.preset, torch=torch.__version__,
-                triton=_version("triton"), liger_kernel=_version("liger_kernel"),
-                python=platform.python_version(), copy_bandwidth_gbps=copy_bw,
-                fused_vs_float64_max_rel_err=fused_err,
-                byte_model="see bench/workloads.py: bytes_moved",
+                triton=_version("triton"), liger_kernel=_version("liger_kernel"), trl=_version("trl"),
+                python=platform.python_version(), copy_bandwidth_gbps=ceilings["copy_gbps"],
+                gemm_tflops=ceilings["gemm_tflops"], fused_vs_float64_max_rel_err=fused_err,
+                work_models="bench/workloads.py: bytes_moved (logits suite), gemm_flops (linear suite)",
                 note=None if cuda else "CPU run of the PyTorch path: no statement about GPU speed")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{date}")
 
-    # Most important first (modes in the order given, cases in preset order), and the files are
-    # rewritten after every case: a run cut short by a time limit keeps what it measured.
-    providers = [PROVIDERS[p] for p in dict.fromkeys(["fused"] + args.providers)]
-    cases = PRESETS[args.preset]
-    total, done, results = len(cases) * len(args.modes) * len(providers), 0, []
-    for mode in args.modes:
-        for case in cases:
-            inputs = make_inputs(case, device)
-            fused_value = None
-            for provider in providers:
-                done += 1
-                print(f"[{done}/{total}] {provider.name} {mode} {case.id}", file=sys.stderr, flush=True)
-                row, value = measure(provider, case, mode, inputs, device, args.repeats, fused_value)
-                if provider.name == "fused":
-                    fused_value = value
-                if row["gbps"] and copy_bw:
-                    row["frac_copy_bw"] = row["gbps"] / copy_bw
-                tol = AGREEMENT[case.dtype]
-                if row["agreement_with_fused"] is not None and row["agreement_with_fused"] > tol:
-                    row["status"] = f"disagrees with fused ({row['agreement_with_fused']:.1e})"
-                results.append(row)
-            inputs = fused_value = value = None
-            gc.collect()
-            report.add_speedups(results)
-            report.write_json(stem + ".json", meta, results)
+    plan = [(suite, mode, case) for suite, mode in ORDER
+            if suite in args.suites and (args.modes is None or mode in args.modes)
+            for case in PRESETS[args.preset] if case.suite == suite]
+    providers = {s: [p for n, p in PROVIDERS[s].items() if n == "fused" or not args.providers or n in args.providers]
+                 for s in SUITES}
+    total = sum(len(providers[suite]) for suite, _, _ in plan)
+    done, results = 0, []
+    for suite, mode, case in plan:
+        inputs = make_inputs(case, device)
+        fused_value = None
+        for provider in providers[suite]:
+            done += 1
+            print(f"[{done}/{total}] {suite} {provider.name} {mode} {case.id}", file=sys.stderr, flush=True)
+            row, value = measure(provider, case, mode, inputs, device, args.repeats, fused_value, ceilings)
+            if provider.name == "fused":
+                fused_value = value
+            results.append(row)
+        inputs = fused_value = value = None
+        gc.collect()
+        report.add_speedups(results)
+        report.write_json(stem + ".json", meta, results)
     wrote_plot = report.plot(stem + ".png", meta, results)
     print(report.table(results))
     print(f"wrote {stem}.json" + (f" and {stem}.png" if wrote_plot else ""))

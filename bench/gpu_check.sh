@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# Optional wheels carried in .whl (Liger, for its GRPO baseline): nothing can be fetched there.
+# Optional wheels carried in .whl (Liger and TRL, for their baselines): nothing can be fetched there.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -32,13 +32,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 head -n 20 "$OUT/env.txt"
 
 # 1. The test suite, with every device-parametrized test also on CUDA.
-step tests 140 python3 -m pytest -q -p no:cacheprovider tests
-# 2. The benchmark on the headline cases (fwd+bwd first); JSON and PNG land in $OUT.
-step bench 200 python3 -m bench --preset headline --out "$OUT"
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests
+# 2. The benchmark on the headline cases, both suites (fwd+bwd first); JSON and PNG land in $OUT.
+step bench 240 python3 -m bench --preset headline --out "$OUT"
 # 3. Memory errors and shared-memory races in every kernel variant, at a small shape.
 python3 bench/sanitize.py >/dev/null 2>&1  # compile outside the sanitizer (Triton's cache)
-step memcheck 40 compute-sanitizer --tool memcheck --error-exitcode 3 python3 bench/sanitize.py
-step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 3 python3 bench/sanitize.py
+step memcheck 35 compute-sanitizer --tool memcheck --error-exitcode 3 python3 bench/sanitize.py
+step racecheck 35 compute-sanitizer --tool racecheck --error-exitcode 3 python3 bench/sanitize.py
 
 echo "== results table"
 sed -n '/^provider/,$p' "$OUT/bench.log"

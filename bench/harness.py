@@ -61,6 +61,19 @@ def copy_bandwidth_gbps(device, nbytes=2 << 30):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def gemm_tflops(device, M=8192, K=4096, N=32768, dtype=torch.bfloat16):
+    """Rate of one large GEMM through torch (cuBLAS): the ceiling the fused linear path's three
+    GEMMs per chunk are measured against. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(M, K, device=device, dtype=dtype)
+    b = torch.randn(N, K, device=device, dtype=dtype)
+    ms, _, _ = time_ms(lambda: a @ b.T, device, warmup=3, repeats=20)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * M * K * N / (ms * 1e-3) / 1e12
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

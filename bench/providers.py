@@ -1,9 +1,9 @@
 """What is compared: each provider turns (inputs, mode) into a callable that runs one step.
 
-All providers see the same inputs at the same settings (temperature, β with reference log-probs,
-completion mask, per-sequence advantages, the mean over each sequence's tokens then over
-sequences). Liger's kernel computes GRPO's clipped objective, not MHPO: it is the nearest fused
-Triton RL loss on logits, and is labelled as such wherever it is reported.
+All providers of a suite see the same inputs at the same settings (temperature, β with reference
+log-probs, completion mask, per-sequence advantages, the mean over each sequence's tokens then over
+sequences). Liger's kernels compute GRPO's clipped objective, not MHPO: they are the nearest fused
+Triton RL losses, and are labelled as such wherever they are reported.
 """
 
 import functools
@@ -15,17 +15,15 @@ import reference
 
 TEMPERATURE = 0.9
 BETA = 0.04
+TRL_VOCAB_CHUNK = 8192  # vocabulary columns per tile in TRL's ChunkedLogProbFunction
 
 
-def _mhpo_call(fn, inputs, logits):
-    return fn(
-        logits, inputs["input_ids"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
-        temperature=TEMPERATURE, ref_logprobs=inputs["ref_logprobs"], beta=BETA,
-    )
+def _loss_kwargs(inputs):
+    return dict(temperature=TEMPERATURE, ref_logprobs=inputs["ref_logprobs"], beta=BETA)
 
 
-def _logprobs_call(fn, inputs):
-    return fn(inputs["logits"], inputs["input_ids"], temperature=TEMPERATURE)
+def _mhpo_args(inputs):
+    return inputs["input_ids"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,29 +38,82 @@ def _liger():
     return triton_grpo_loss, fused_selective_log_softmax
 
 
-def _liger_call(inputs, logits_full):
-    triton_grpo_loss, _ = _liger()
-    out = triton_grpo_loss(
-        logits_full, inputs["old_logprobs"], inputs["ref_logprobs"], inputs["input_ids"],
-        inputs["advantages"], inputs["mask"], temperature=TEMPERATURE, beta=BETA,
-        eps_low=0.2, eps_high=0.2, inplace=False, loss_type="grpo", reduce=True,
-    )
+def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@functools.lru_cache(maxsize=None)
+def _liger_linear():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss(beta=BETA, temperature=TEMPERATURE, epsilon_low=0.2,
+                                    epsilon_high=0.2, loss_type="grpo", use_ref_model=True)
+
+
+def _trl_logprobs(hidden, weight, ids):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    B, T, H = hidden.shape
+    out = ChunkedLogProbFunction.apply(hidden.reshape(B * T, H), weight, None, ids.reshape(-1),
+                                       TEMPERATURE, TRL_VOCAB_CHUNK, None, 1.0, ())
+    return out[0].reshape(B, T)
+
+
+# Steps. Loss steps take (inputs, differentiable leaves) and return a scalar loss.
+
+def _fused(inputs, x):
+    return mhpo_kernels.mhpo_loss(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+
+
+def _eager(inputs, x):
+    return reference.mhpo_loss(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+
+
+def _compile(inputs, x):
+    return _compiled("mhpo_loss")(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+
+
+def _liger_logits(inputs, x):
+    triton_grpo_loss, _ = _liger()
+    return _first(triton_grpo_loss(
+        x, inputs["old_logprobs"], inputs["ref_logprobs"], inputs["input_ids"], inputs["advantages"],
+        inputs["mask"], temperature=TEMPERATURE, beta=BETA, eps_low=0.2, eps_high=0.2,
+        inplace=False, loss_type="grpo", reduce=True))
+
+
+def _fused_linear(inputs, h, w):
+    return mhpo_kernels.fused_linear_mhpo_loss(h, w, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+
+
+def _eager_linear(inputs, h, w):
+    return reference.mhpo_loss(h @ w.T, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+
+
+def _trl_linear(inputs, h, w):
+    logp = _trl_logprobs(h, w, inputs["input_ids"])
+    return reference.mhpo_loss_from_logprobs(
+        logp, inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+        ref_logprobs=inputs["ref_logprobs"], beta=BETA)
+
+
+def _liger_fused_linear(inputs, h, w):
+    return _first(_liger_linear()(
+        h, w, inputs["input_ids"], inputs["mask"], inputs["advantages"],
+        ref_per_token_logps=inputs["ref_logprobs"], old_per_token_logps=inputs["old_logprobs"]))
+
+
 class Provider:
-    """name, what it computes, when it is available, and its step for each mode."""
+    """A provider: what it computes, when it can run, its loss step and its no-grad log-probs."""
 
-    def __init__(self, name, computes, loss, logprobs, needs=None, uses_full_logits=False):
-        self.name = name
-        self.computes = computes
-        self._loss = loss            # (inputs, logits) -> scalar loss
-        self._logprobs = logprobs    # (inputs) -> (B, T) log-probs, no gradient
-        self._needs = needs
-        self.uses_full_logits = uses_full_logits
+    def __init__(self, name, computes, loss, logprobs, needs=None, leaves=("logits",)):
+        self.name, self.computes = name, computes
+        self._loss, self._logprobs, self._needs = loss, logprobs, needs
+        self.leaves = leaves   # the inputs the loss differentiates
 
-    def unavailable(self, device):
-        """None if the provider can run on ``device``, else the reason it cannot."""
+    def unavailable(self, device, mode):
+        """None if the provider can run ``mode`` on ``device``, else the reason it cannot."""
+        if mode == "logprobs" and self._logprobs is None:
+            return "no log-probs entry point"
         return self._needs(device) if self._needs else None
 
     def step(self, inputs, mode):
@@ -72,19 +123,22 @@ class Provider:
                 with torch.no_grad():
                     return self._logprobs(inputs)
             return run
-        source = inputs["full_logits"] if self.uses_full_logits else inputs["logits"]
-        x = source.detach().requires_grad_()
+        leaves = [inputs[k].detach().requires_grad_() for k in self.leaves]
+
+        def release():  # so that a memory reading starts from the inputs
+            for x in leaves:
+                x.grad = None
 
         if mode == "fwd":
-            return lambda: self._loss(inputs, x)
-
-        def run():
-            x.grad = None
-            loss = self._loss(inputs, x)
-            loss.backward()
-            return loss
-
-        run.release = lambda: setattr(x, "grad", None)  # so a memory reading starts from the inputs
+            def run():
+                return self._loss(inputs, *leaves)
+        else:
+            def run():
+                release()
+                loss = self._loss(inputs, *leaves)
+                loss.backward()
+                return loss
+        run.release = release
         return run
 
 
@@ -92,38 +146,51 @@ def _needs_cuda(device):
     return None if device.type == "cuda" else "runs on CUDA only"
 
 
-def _needs_liger(device):
-    if device.type != "cuda":
-        return "runs on CUDA only"
-    try:
-        _liger()
-    except ImportError as e:
-        return f"liger_kernel not importable ({e.name or e})"
-    return None
+def _needs_module(probe):
+    def needs(device):
+        if device.type != "cuda":
+            return "runs on CUDA only"
+        try:
+            probe()
+        except ImportError as e:
+            return f"{e.name or e} not importable"
+        return None
+    return needs
+
+
+def _probe_trl():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
+
+
+def _probe_liger_linear():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
 
 
 PROVIDERS = {
-    "fused": Provider(
-        "fused", "MHPO",
-        loss=lambda inputs, x: _mhpo_call(mhpo_kernels.mhpo_loss, inputs, x),
-        logprobs=lambda inputs: _logprobs_call(mhpo_kernels.token_logprobs, inputs),
-    ),
-    "eager": Provider(
-        "eager", "MHPO",
-        loss=lambda inputs, x: _mhpo_call(reference.mhpo_loss, inputs, x),
-        logprobs=lambda inputs: _logprobs_call(reference.token_logprobs, inputs),
-    ),
-    "compile": Provider(
-        "compile", "MHPO",
-        loss=lambda inputs, x: _mhpo_call(_compiled("mhpo_loss"), inputs, x),
-        logprobs=lambda inputs: _logprobs_call(_compiled("token_logprobs"), inputs),
-        needs=_needs_cuda,
-    ),
-    "liger": Provider(
-        "liger", "GRPO (not MHPO)",
-        loss=lambda inputs, x: _liger_call(inputs, x),
-        logprobs=lambda inputs: _liger()[1](inputs["full_logits"], inputs["input_ids"], TEMPERATURE),
-        needs=_needs_liger,
-        uses_full_logits=True,
-    ),
+    "logits": {
+        "fused": Provider("fused", "MHPO", _fused,
+                          lambda i: mhpo_kernels.token_logprobs(i["logits"], i["input_ids"], TEMPERATURE)),
+        "eager": Provider("eager", "MHPO", _eager,
+                          lambda i: reference.token_logprobs(i["logits"], i["input_ids"], TEMPERATURE)),
+        "compile": Provider("compile", "MHPO", _compile,
+                            lambda i: _compiled("token_logprobs")(i["logits"], i["input_ids"], TEMPERATURE),
+                            needs=_needs_cuda),
+        "liger": Provider("liger", "GRPO (not MHPO)", _liger_logits,
+                          lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
+                          needs=_needs_module(_liger), leaves=("full_logits",)),
+    },
+    "linear": {
+        "fused": Provider("fused", "MHPO", _fused_linear,
+                          lambda i: mhpo_kernels.fused_linear_token_logprobs(
+                              i["hidden"], i["weight"], i["input_ids"], temperature=TEMPERATURE),
+                          leaves=("hidden", "weight")),
+        "eager": Provider("eager", "MHPO", _eager_linear,
+                          lambda i: reference.token_logprobs(i["hidden"] @ i["weight"].T, i["input_ids"], TEMPERATURE),
+                          leaves=("hidden", "weight")),
+        "trl": Provider("trl", "MHPO (TRL log-probs + eager loss)", _trl_linear,
+                        lambda i: _trl_logprobs(i["hidden"], i["weight"], i["input_ids"]),
+                        needs=_needs_module(_probe_trl), leaves=("hidden", "weight")),
+        "liger": Provider("liger", "GRPO (not MHPO)", _liger_fused_linear, None,
+                          needs=_needs_module(_probe_liger_linear), leaves=("hidden", "weight")),
+    },
 }

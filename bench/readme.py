@@ -19,14 +19,18 @@ def section(path):
         f"Measured on **{run['device']}**, {run['date']} (torch {run['torch']}, triton {run['triton']}"
         + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")."
         + (f" Device-to-device copy: {run['copy_bandwidth_gbps']:.0f} GB/s." if run.get("copy_bandwidth_gbps") else "")
+        + (f" bf16 GEMM: {run['gemm_tflops']:.0f} TFLOP/s." if run.get("gemm_tflops") else "")
         + f" Raw numbers: [`{stem}.json`]({stem}.json).",
         "",
     ]
     if run.get("note"):
         lines += [f"*{run['note']}.*", ""]
-    lines += ["Forward+backward (loss and logits gradient):", "", markdown_table(run["results"], "fwd_bwd"), ""]
+    lines += ["On logits, forward+backward (loss and logits gradient); rate under the 3-pass byte model:",
+              "", markdown_table(run["results"], "logits"), "",
+              "From hidden states and the LM head, forward+backward (loss, dhidden, dweight); rate "
+              "against the 3-GEMM floor 3 · 2·N·V·H:", "", markdown_table(run["results"], "linear"), ""]
     if os.path.exists(os.path.join(os.path.dirname(README), stem + ".png")):
-        lines += [f"![time and memory against vocabulary size]({stem}.png)", ""]
+        lines += [f"![time and memory, forward+backward]({stem}.png)", ""]
     return "\n".join(lines)
 
 

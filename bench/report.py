@@ -1,4 +1,4 @@
-"""Turning results into a table, a JSON file and a plot."""
+"""Turning results into a table, a JSON file, the README's tables and a plot."""
 
 import json
 from collections import Counter
@@ -9,59 +9,68 @@ MIB = 1 << 20
 
 
 def add_speedups(results):
-    """speedup_vs_eager / speedup_vs_compile for every timed row, within its (case, mode)."""
-    times = {(r["case"], r["mode"], r["provider"]): r["median_ms"] for r in results if r["status"] == "ok"}
+    """speedup_vs_<p> for p in eager, compile, trl: within each (suite, case, mode)."""
+    times = {(r["suite"], r["case"], r["mode"], r["provider"]): r["median_ms"]
+             for r in results if r["status"] == "ok"}
     for r in results:
-        for base in ("eager", "compile"):
-            t_base = times.get((r["case"], r["mode"], base))
+        for base in ("eager", "compile", "trl"):
+            t_base = times.get((r["suite"], r["case"], r["mode"], base))
             ok = r["status"] == "ok" and t_base is not None
             r[f"speedup_vs_{base}"] = t_base / r["median_ms"] if ok else None
 
 
-def _fmt(x, spec, none="-"):
-    return none if x is None else format(x, spec)
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _columns(r):
+    """The rate and its share of the ceiling: GB/s and % copy (logits), TFLOP/s and % GEMM (linear)."""
+    if r["suite"] == "linear":
+        return _fmt(r["tflops"], ".3g") + " TF/s", _fmt(r["frac_gemm"] and 100 * r["frac_gemm"], ".0f") + "% gemm"
+    return _fmt(r["gbps"], ".3g") + " GB/s", _fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f") + "% copy"
+
+
+def _mib(x):
+    return _fmt(x and x / MIB, ".0f")
 
 
 def table(results):
-    header = ["provider", "computes", "mode", "case", "median ms", "GB/s", "% copy", "peak MiB",
-              "extra MiB", "x eager", "x compile"]
+    header = ["suite", "provider", "computes", "mode", "case", "median ms", "rate", "of ceiling",
+              "peak MiB", "extra MiB", "x eager", "x compile", "x trl"]
     rows = [header]
     for r in results:
         if r["status"] != "ok":
-            rows.append([r["provider"], r["computes"], r["mode"], r["case"], r["status"]] + [""] * 6)
+            rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], r["status"]] + [""] * 7)
             continue
-        rows.append([
-            r["provider"], r["computes"], r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
-            _fmt(r["gbps"], ".0f"), _fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f"),
-            _fmt(r["peak_bytes"] and r["peak_bytes"] / MIB, ".0f"),
-            _fmt(r["extra_bytes"] and r["extra_bytes"] / MIB, ".0f"),
-            _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
-        ])
+        rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
+                     *_columns(r), _mib(r["peak_bytes"]), _mib(r["extra_bytes"]),
+                     _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
+                     _fmt(r["speedup_vs_trl"], ".2f")])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = [
-        "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        "  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def markdown_table(results, mode="fwd_bwd"):
-    """The README's table: one mode, every case and provider."""
-    out = ["| case | provider | computes | median ms | GB/s | % of copy | extra MiB | × eager | × compile |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+def markdown_table(results, suite, mode="fwd_bwd"):
+    """The README's table for one suite and mode: every case and provider."""
+    base = "× trl" if suite == "linear" else "× compile"
+    out = [f"| case | provider | computes | median ms | rate | of ceiling | peak MiB | extra MiB | × eager | {base} |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        if r["mode"] != mode:
+        if r["suite"] != suite or r["mode"] != mode:
             continue
         if r["status"] != "ok":
-            out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['status']} | | | | | |")
+            out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['status']} | | | | | | |")
             continue
-        out.append(
-            f"| {r['case']} | {r['provider']} | {r['computes']} | {r['median_ms']:.3f} | "
-            f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['frac_copy_bw'] and 100 * r['frac_copy_bw'], '.0f')} | "
-            f"{_fmt(r['extra_bytes'] and r['extra_bytes'] / MIB, '.0f')} | "
-            f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(r['speedup_vs_compile'], '.2f')} |"
-        )
+        rate, share = _columns(r)
+        other = r["speedup_vs_trl"] if suite == "linear" else r["speedup_vs_compile"]
+        out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['median_ms']:.3f} | {rate} | "
+                   f"{share} | {_mib(r['peak_bytes'])} | {_mib(r['extra_bytes'])} | "
+                   f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(other, '.2f')} |")
     return "\n".join(out)
 
 
@@ -70,36 +79,52 @@ def write_json(path, meta, results):
         json.dump({**meta, "results": results}, f, indent=1)
 
 
+def _sweep(rows, axis):
+    """The rows of the most common fixed setting, to plot against ``axis`` (V or tokens)."""
+    fixed = "tokens" if axis == "V" else "V"
+    groups = Counter((r[fixed], r["dtype"]) for r in rows)
+    if not groups:
+        return [], None
+    key = max(groups, key=lambda k: (len({r[axis] for r in rows if (r[fixed], r["dtype"]) == k}), k))
+    return [r for r in rows if (r[fixed], r["dtype"]) == key], f"{fixed} {key[0]}, {key[1]}"
+
+
 def plot(path, meta, results):
-    """Time and extra memory against vocabulary size, per provider, forward+backward, at the
-    (tokens, dtype) with the most vocabularies measured."""
+    """Per suite, forward+backward: time and memory against V (logits) or tokens (linear)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results if r["mode"] == "fwd_bwd" and r["status"] == "ok"]
-    if not rows:
+    panels = []
+    for suite, axis in (("logits", "V"), ("linear", "tokens")):
+        rows = [r for r in results if r["suite"] == suite and r["mode"] == "fwd_bwd" and r["status"] == "ok"]
+        rows, label = _sweep(rows, axis)
+        if rows:
+            panels.append((suite, axis, rows, label))
+    if not panels:
         return False
-    groups = Counter((r["tokens"], r["dtype"]) for r in rows)
-    tokens, dtype = max(groups, key=lambda k: (len({r["V"] for r in rows if (r["tokens"], r["dtype"]) == k}), k))
-    rows = [r for r in rows if (r["tokens"], r["dtype"]) == (tokens, dtype)]
-    has_memory = any(r["extra_bytes"] is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(11 if has_memory else 6, 4), squeeze=False)
-    for provider in dict.fromkeys(r["provider"] for r in rows):
-        pts = sorted((r["V"], r["median_ms"], r["extra_bytes"]) for r in rows if r["provider"] == provider)
-        label = provider + (" (GRPO)" if any(r["computes"] != "MHPO" for r in rows if r["provider"] == provider) else "")
-        axes[0][0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    has_memory = any(r["peak_bytes"] is not None for _, _, rows, _ in panels for r in rows)
+    ncols = 2 if has_memory else 1
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(5.5 * ncols, 4 * len(panels)), squeeze=False)
+    for (suite, axis, rows, label), ax_row in zip(panels, axes):
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = sorted((r[axis], r["median_ms"], r["peak_bytes"], r["computes"]) for r in rows
+                         if r["provider"] == provider)
+            name = provider + ("" if pts[0][3].startswith("MHPO") else " (GRPO)")
+            ax_row[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            if has_memory:
+                ax_row[1].plot([p[0] for p in pts], [(p[2] or 0) / MIB for p in pts], "o-", label=name)
+        title = f"{suite}: {MODE_LABELS['fwd_bwd']}, {label}"
+        ax_row[0].set(xlabel=axis, ylabel="median ms", title=title)
         if has_memory:
-            axes[0][1].plot([p[0] for p in pts], [p[2] / MIB for p in pts], "o-", label=label)
-    axes[0][0].set(xlabel="vocabulary V", ylabel="median ms", title=f"{MODE_LABELS['fwd_bwd']}, {tokens} tokens, {dtype}")
-    if has_memory:
-        axes[0][1].set(xlabel="vocabulary V", ylabel="extra MiB beyond inputs", title="memory")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{meta['device']} ({meta['date']})" + (": PyTorch path, says nothing about GPU speed" if meta["device"] == "cpu" else ""))
+            ax_row[1].set(xlabel=axis, ylabel="peak MiB", title=f"{suite}: peak memory")
+        for ax in ax_row:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    cpu_note = ": PyTorch path, says nothing about GPU speed" if meta["device"] == "cpu" else ""
+    fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -1,6 +1,6 @@
 """A small forward+backward through every kernel variant, for compute-sanitizer (memcheck,
 racecheck) on a GPU: invalid rows, masks, the KL term, entropy with its gradient, bf16 and fp32,
-a strided view, V not a multiple of the block."""
+a strided view, V not a multiple of the block; and the fused linear path with softcap."""
 
 import torch
 
@@ -28,6 +28,15 @@ def main():
         torch.cuda.synchronize()
         assert torch.isfinite(x.grad).all() and torch.isfinite(loss)
         print(dtype, "loss", loss.item(), "entropy", metrics["entropy"].item())
+
+        # The fused linear path: tiles, in-place gradient, softcap.
+        h = torch.randn(B, T, 64, generator=g).to(device, dtype).requires_grad_()
+        w = (torch.randn(V, 64, generator=g) * 0.25).to(device, dtype).requires_grad_()
+        loss = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                                   final_logit_softcap=30.0, chunk_size=5)
+        loss.backward()
+        torch.cuda.synchronize()
+        assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
 
 
 if __name__ == "__main__":

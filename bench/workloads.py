@@ -1,15 +1,22 @@
-"""Benchmark shapes, their inputs, and the bytes-moved model that turns a time into GB/s."""
+"""Benchmark cases, their inputs, and the work models that turn a time into GB/s or TFLOP/s.
+
+Two suites: ``logits`` (the op on materialized logits) and ``linear`` (hidden states and the LM
+head, the logits never whole).
+"""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUITES = ("logits", "linear")
 MODES = ("fwd_bwd", "fwd", "logprobs")  # most important first
-MODE_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward", "logprobs": "token_logprobs"}
+MODE_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward", "logprobs": "log-probs (no grad)"}
+SUITE_MODES = {"logits": MODES, "linear": ("fwd_bwd", "logprobs")}
 
 # Per-token scalars the fused op reads and writes besides the logits (ids, old/ref logp,
-# advantage, aggregation weight, and the saved row statistics): a generous 64 bytes per pass.
+# advantage, aggregation weight, and the saved row statistics): a generous 64 bytes per sweep.
 SCALAR_BYTES_PER_TOKEN = 64
 
 
@@ -19,6 +26,11 @@ class Case:
     T: int
     V: int
     dtype: str = "bf16"
+    H: Optional[int] = None   # set for the linear suite
+
+    @property
+    def suite(self):
+        return "logits" if self.H is None else "linear"
 
     @property
     def tokens(self):
@@ -26,7 +38,8 @@ class Case:
 
     @property
     def id(self):
-        return f"{self.B}x{self.T}x{self.V}-{self.dtype}"
+        h = "" if self.H is None else f"xH{self.H}"
+        return f"{self.B}x{self.T}x{self.V}{h}-{self.dtype}"
 
     @property
     def logits_bytes(self):
@@ -34,16 +47,24 @@ class Case:
 
 
 def bytes_moved(case, mode):
-    """The fewest bytes any implementation must move, and exactly what the fused op moves.
-
-    forward: read the logits once; forward+backward: read them in the forward, read them again
-    and write their gradient in the backward (3 passes); token_logprobs: one read. Plus the O(N)
-    per-token scalars of each pass. Every provider's GB/s uses this same model, so GB/s is an
-    effective rate: a provider that moves more bytes shows it as a lower figure.
-    """
+    """Logits suite: the fewest bytes any implementation must move, and exactly what the fused op
+    moves. forward: read the logits once; forward+backward: read them in the forward, read them
+    again and write their gradient in the backward (3 passes); log-probs: one read. Plus the O(N)
+    per-token scalars of each sweep. Every provider's GB/s uses this model, so GB/s is an
+    effective rate: a provider that moves more bytes shows it as a lower figure."""
+    if case.suite != "logits":
+        return None
     passes = {"fwd": 1, "fwd_bwd": 3, "logprobs": 1}[mode]
     sweeps = 2 if mode == "fwd_bwd" else 1
     return passes * case.logits_bytes + sweeps * SCALAR_BYTES_PER_TOKEN * case.tokens
+
+
+def gemm_flops(case, mode):
+    """Linear suite: the GEMM floor. A training step needs the logits (N·V·H multiply-adds),
+    dhidden and dweight: 3 · 2·N·V·H flops; the no-grad log-probs only the first."""
+    if case.suite != "linear":
+        return None
+    return (3 if mode == "fwd_bwd" else 1) * 2 * case.tokens * case.V * case.H
 
 
 # Real vocabularies: Llama-2/Mistral 32000, Llama-3 128256, Qwen2/3 151936.
@@ -52,52 +73,69 @@ TOKENS = (4096, 8192, 16384)
 SEQ_LEN = 1024  # tokens per sequence in the (B, T) layout
 
 
-def _case(tokens, V, dtype):
-    return Case(tokens // SEQ_LEN, SEQ_LEN, V, dtype)
+def _case(tokens, V, dtype, H=None):
+    return Case(tokens // SEQ_LEN, SEQ_LEN, V, dtype, H)
 
 
 PRESETS = {
-    # The acceptance shape (8192 tokens × 151,936, bf16), a vocabulary sweep at 8192 tokens for the
-    # plot, fp32 at the headline vocabulary, and one long sequence of 65,536 rows.
+    # The acceptance cases first: 8192 tokens × 151,936 bf16 on logits, then a vocabulary sweep
+    # for the plot, fp32, one sequence of 65,536 rows; for the LM head, H 4096 at 8k-32k tokens.
     "headline": [_case(8192, V, "bf16") for V in reversed(VOCABS)]
-    + [_case(8192, 151936, "fp32"), Case(1, 65536, 32000, "bf16")],
+    + [_case(8192, 151936, "fp32"), Case(1, 65536, 32000, "bf16")]
+    + [_case(n, 151936, "bf16", 4096) for n in (32768, 8192)] + [_case(16384, 128256, "bf16", 4096)],
     "full": [_case(n, V, d) for d in ("bf16", "fp32") for V in VOCABS for n in TOKENS]
-    + [Case(1, 65536, 32000, "bf16"), Case(1, 65536, 151936, "bf16")],
+    + [Case(1, 65536, 32000, "bf16"), Case(1, 65536, 151936, "bf16")]
+    + [_case(n, V, "bf16", 4096) for V in (151936, 128256) for n in (8192, 16384, 32768)],
     # Without CUDA: small shapes, only to exercise the harness and the CPU path.
-    "cpu": [Case(2, 128, 32000, "fp32"), Case(2, 256, 32000, "fp32"), Case(2, 128, 128256, "fp32")],
+    "cpu": [Case(2, 128, 32000, "fp32"), Case(2, 256, 32000, "fp32"), Case(2, 128, 128256, "fp32"),
+            Case(2, 128, 32000, "fp32", 256), Case(2, 256, 32000, "fp32", 256)],
     # For the test that runs the whole CLI.
-    "tiny": [Case(1, 8, 1000, "fp32"), Case(1, 8, 3000, "fp32")],
+    "tiny": [Case(1, 8, 1000, "fp32"), Case(1, 8, 3000, "fp32"), Case(1, 8, 1000, "fp32", 32)],
 }
 
 
-def make_inputs(case, device, seed=0):
-    """Trainer-shaped inputs: logits (B, T+1, V) as a model returns them, used as the view
-    [:, :-1]; sampled ids; old and reference log-probs near the current policy; a mask with
-    ragged completion lengths; per-sequence advantages."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    g_device = torch.Generator(device=device).manual_seed(seed)
-    B, T, V = case.B, case.T, case.V
-    full = torch.empty(B, T + 1, V, dtype=DTYPES[case.dtype], device=device)
-    # Drawn on the device in row blocks through fp32, so a 10 GB case needs no 20 GB temporary.
-    rows = max(1, (1 << 28) // (4 * V))
-    flat = full.view(-1, V)
+def _randn(shape, scale, dtype, device, generator):
+    """A normal tensor drawn on the device in row blocks through fp32, so a 10 GB tensor needs no
+    20 GB temporary."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1, shape[-1])
+    rows = max(1, (1 << 28) // (4 * shape[-1]))
     for r in range(0, flat.shape[0], rows):
         n = min(rows, flat.shape[0] - r)
-        flat[r:r + n] = torch.randn(n, V, generator=g_device, device=device) * 2.0
-    ids = torch.randint(0, V, (B, T), generator=g).to(device)
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
-    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
-    with torch.no_grad():
-        import mhpo_kernels
+        flat[r:r + n] = torch.randn(n, shape[-1], generator=generator, device=device) * scale
+    return out
 
-        logp = mhpo_kernels.token_logprobs(full[:, :-1], ids)
+
+def make_inputs(case, device, seed=0):
+    """Trainer-shaped inputs. Logits suite: logits (B, T+1, V) as a model returns them, used as
+    the view [:, :-1]. Linear suite: hidden (B, T, H) and an LM head (V, H) scaled so the logits
+    have unit-ish spread. Both: sampled ids, old and reference log-probs near the current policy,
+    a mask with ragged completion lengths, per-sequence advantages."""
+    import mhpo_kernels
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    g_device = torch.Generator(device=device).manual_seed(seed)
+    B, T, V, dtype = case.B, case.T, case.V, DTYPES[case.dtype]
+    inputs = {}
+    with torch.no_grad():
+        if case.suite == "logits":
+            full = _randn((B, T + 1, V), 2.0, dtype, device, g_device)
+            inputs.update(full_logits=full, logits=full[:, :-1])
+        else:
+            inputs["hidden"] = _randn((B, T, case.H), 1.0, dtype, device, g_device)
+            inputs["weight"] = _randn((V, case.H), 2.0 * case.H ** -0.5, dtype, device, g_device)
+        ids = torch.randint(0, V, (B, T), generator=g).to(device)
+        if case.suite == "logits":
+            logp = mhpo_kernels.token_logprobs(inputs["logits"], ids)
+        else:
+            logp = mhpo_kernels.fused_linear_token_logprobs(inputs["hidden"], inputs["weight"], ids)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     noise = torch.randn(2, B, T, generator=g).to(device)
-    return {
-        "full_logits": full,
-        "logits": full[:, :-1],
-        "input_ids": ids,
-        "old_logprobs": logp + 0.1 * noise[0],
-        "ref_logprobs": logp + 0.2 * noise[1],
-        "advantages": torch.randn(B, generator=g).to(device),
-        "mask": mask,
-    }
+    inputs.update(
+        input_ids=ids,
+        mask=(torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device),
+        old_logprobs=logp + 0.1 * noise[0],
+        ref_logprobs=logp + 0.2 * noise[1],
+        advantages=torch.randn(B, generator=g).to(device),
+    )
+    return inputs

@@ -86,6 +86,60 @@ def aggregate(loss_tok, valid, loss_agg_mode):
     return per_seq.sum() / (tokens_per_seq > 0).sum().clamp(min=1)
 
 
+def mhpo_loss_from_logprobs(
+    logp,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    c=1.5,
+    k_pos=1.5,
+    lam_pos=1.0,
+    k_neg=2.0,
+    lam_neg=0.8,
+    loss_agg_mode="seq-mean-token-mean",
+    ref_logprobs=None,
+    beta=0.0,
+    return_metrics=False,
+    entropy=None,
+):
+    """The MHPO loss of SPEC.md from the current policy's per-token log-probs ``logp`` (B, T),
+    which carry the gradient; ``mask`` (B, T) marks valid tokens (None: all). ``entropy`` (B, T),
+    if given, is averaged into the metrics."""
+    valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
+    adv = advantages.reshape(logp.shape[0], -1).expand(valid.shape)
+    log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
+    loss_tok = -weight * adv
+    if ref_logprobs is not None:
+        delta = ref_logprobs - logp
+        kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
+        loss_tok = loss_tok + beta * kl
+    loss = aggregate(loss_tok, valid, loss_agg_mode)
+    if not return_metrics:
+        return loss
+
+    n_valid = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return (torch.where(valid, x, torch.zeros_like(x)).sum() / n_valid).detach()
+
+    metrics = {
+        "psi": mean(psi),
+        "zeta": mean(zeta),
+        "survival": mean(torch.exp(-zeta)),
+        "abs_log_ratio": mean(log_ratio.abs()),
+        "saturated_frac": mean((log_ratio.abs() > c).to(logp.dtype)),
+    }
+    if entropy is not None:
+        metrics["entropy"] = mean(entropy)
+    metrics["logp"] = mean(logp)
+    if ref_logprobs is not None:
+        metrics["kl"] = mean(kl)
+    return loss, metrics
+
+
 def mhpo_loss(
     logits,
     input_ids,
@@ -109,33 +163,9 @@ def mhpo_loss(
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
     logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
-
-    old = logp.detach() if old is None else old                # on-policy: ratio 1
-    adv = advantages.reshape(logits3.shape[0], -1).expand(valid.shape)
-    log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
-    loss_tok = -weight * adv
-    if ref is not None:
-        delta = ref - logp
-        kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
-        loss_tok = loss_tok + beta * kl
-    loss = aggregate(loss_tok, valid, loss_agg_mode)
-    if not return_metrics:
-        return loss
-
-    n_valid = valid.sum().clamp(min=1)
-
-    def mean(x):
-        return (torch.where(valid, x, torch.zeros_like(x)).sum() / n_valid).detach()
-
-    metrics = {
-        "psi": mean(psi),
-        "zeta": mean(zeta),
-        "survival": mean(torch.exp(-zeta)),
-        "abs_log_ratio": mean(log_ratio.abs()),
-        "saturated_frac": mean((log_ratio.abs() > c).to(logp.dtype)),
-        "entropy": mean(_entropy(logprobs)),
-        "logp": mean(logp),
-    }
-    if ref is not None:
-        metrics["kl"] = mean(kl)
-    return loss, metrics
+    return mhpo_loss_from_logprobs(
+        logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
+        lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
+        ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
+        entropy=_entropy(logprobs) if return_metrics else None,
+    )

@@ -10,10 +10,14 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     (json_path,) = tmp_path.glob("*.json")
     assert json_path.with_suffix(".png").exists()
     run = json.loads(json_path.read_text())
-    ok = {(r["provider"], r["mode"]) for r in run["results"] if r["status"] == "ok"}
-    assert {("fused", m) for m in ("fwd", "fwd_bwd", "logprobs")} <= ok
-    assert {("eager", m) for m in ("fwd", "fwd_bwd", "logprobs")} <= ok
+    ok = {(r["suite"], r["provider"], r["mode"]) for r in run["results"] if r["status"] == "ok"}
+    for provider in ("fused", "eager"):
+        assert {("logits", provider, m) for m in ("fwd", "fwd_bwd", "logprobs")} <= ok
+        assert {("linear", provider, m) for m in ("fwd_bwd", "logprobs")} <= ok
     for r in run["results"]:
         if r["status"] == "ok":
-            assert r["median_ms"] > 0 and r["gbps"] > 0 and r["bytes_model"] > 0
+            assert r["median_ms"] > 0
+            assert (r["gbps"] > 0) if r["suite"] == "logits" else (r["tflops"] > 0)
+        if r["agreement_with_fused"] is not None:
+            assert not r["status"].startswith("disagrees"), r
     assert "provider" in capsys.readouterr().out
