@@ -6,14 +6,12 @@ See ``mhpo_loss`` for the formula and shapes, and the README for where each path
 """
 
 from ._dispatch import use_backend
-from .fused_linear import FusedLinearMHPOFunction, fused_linear_mhpo_loss, fused_linear_token_logprobs
-from .loss import MHPOLoss, MHPOLossFunction, mhpo_loss, token_logprobs
+from .fused_linear import fused_linear_mhpo_loss, fused_linear_token_logprobs
+from .loss import MHPOLoss, mhpo_loss, token_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
-    "FusedLinearMHPOFunction",
     "MHPOLoss",
-    "MHPOLossFunction",
     "fused_linear_mhpo_loss",
     "fused_linear_token_logprobs",
     "mhpo_loss",

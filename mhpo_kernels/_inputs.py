@@ -143,9 +143,19 @@ def _check_advantages(advantages, token_shape, device):
     raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
 
 
+_BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"
+_BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
+
+
 def _raise_on_bad_values(ids, valid, V, mask_not_binary):
-    """One host sync for the checks that need to look at values."""
+    """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
+    branch on data, asynchronous asserts in the graph instead (an error at the next sync)."""
     bad_ids = valid & ((ids < 0) | (ids >= V))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad_ids.any(), _BAD_IDS)
+        if mask_not_binary is not None:
+            torch._assert_async(~mask_not_binary, _BAD_MASK)
+        return
     flags = [bad_ids.any()]
     if mask_not_binary is not None:
         flags.append(mask_not_binary)
@@ -157,7 +167,7 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary):
             f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)"
         )
     if len(flags) > 1 and flags[1]:
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
+        raise ValueError(_BAD_MASK)
 
 
 def aggregation_weights(valid, loss_agg_mode):

@@ -1,18 +1,17 @@
 """Hidden states and the LM head straight to the MHPO loss: the (N, V) logits never exist whole.
 
-Per chunk of tokens: one GEMM makes the (rows, V) logits tile, sweep 1 gives the per-token loss
-and dL/dlogp, and, since the loss is the only consumer of the logits, sweep 2 turns the tile into
-its gradient in place right away, which two more GEMMs fold into dhidden and dweight. That is 3
-GEMMs per chunk; a path that recomputes the tile in the backward needs 4. The backward then only
-scales the stored gradients by the upstream gradient.
+Since the loss is the only consumer of the logits, each chunk's logits tile is turned into its
+gradient during the forward (``linear_sweeps``), and the backward only scales the stored gradients
+by the upstream gradient.
 """
 
 import torch
 
-from . import _dispatch
+from . import ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import LOGIT_DTYPES, check_positive, prepare_mhpo, prepare_tokens
-from ._sweep_types import LogitMap, MHPOParams, RowStats
+from ._sweep_types import LogitMap
+from .linear_sweeps import token_logprobs_sweeps
 from .loss import metrics_from_stats, mhpo_params
 
 
@@ -46,89 +45,6 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
     return hidden.reshape(-1, hidden.shape[-1]), chunk_size
-
-
-def _logits_tiles(hidden, weight, bias, chunk_rows):
-    """(r0, r1, hidden rows, logits tile (1, rows, V)) per chunk of tokens: one GEMM each."""
-    for r0 in range(0, hidden.shape[0], chunk_rows):
-        r1 = min(r0 + chunk_rows, hidden.shape[0])
-        h_c = hidden[r0:r1]
-        tile = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
-        yield r0, r1, h_c, tile.unsqueeze(0)
-
-
-def _addmm_fp32(acc, a, b):
-    """acc += a @ b into an fp32 accumulator without first rounding a @ b to a's dtype.
-
-    On CUDA, bf16/fp16 operands go through one GEMM with an fp32 output (torch ≥ 2.8); otherwise
-    the operands are widened to fp32 (exact, slower)."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
-            pass
-    acc.addmm_(a.float(), b.float())
-
-
-def _cat(parts):
-    return None if parts[0] is None else torch.cat(parts)
-
-
-class FusedLinearMHPOFunction(torch.autograd.Function):
-    """Loss (0-d fp32, differentiable to hidden, weight, bias) and detached per-token RowStats
-    fields (logp, entropy, psi, zeta) from hidden (N, H) and weight (V, H)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                with_entropy, with_grad):
-        forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
-        need_dh, need_dw, need_db = (with_grad and ctx.needs_input_grad[i] for i in range(3))
-        N, H = hidden.shape
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
-        parts = []
-        for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
-            def rows(x):
-                return None if x is None else x[r0:r1]
-
-            stats = forward_sweep(tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp,
-                                  lmap, with_entropy=with_entropy, with_loss=True)
-            parts.append(stats)
-            if not (need_dh or need_dw or need_db):
-                continue
-            # The tile becomes ∂L/∂logits for G = 1 (the upstream gradient scales it in backward).
-            backward_sweep(tile, tile, rows(target), stats.row_max, stats.log_sum, stats.coef,
-                           None, None, lmap)
-            grad = tile[0]
-            if need_dh:
-                torch.mm(grad, weight, out=dh[r0:r1])
-            if need_dw:
-                _addmm_fp32(dw, grad.t(), h_c)
-            if need_db:
-                db += grad.sum(0, dtype=torch.float32)
-        stats = RowStats(*(_cat(list(field)) if parts else None for field in zip(*parts)))
-        if not parts:  # N = 0
-            stats = RowStats.empty(0, hidden.device, with_entropy=with_entropy, with_loss=True)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        outputs = (stats.loss.sum(), stats.logp, stats.entropy, stats.psi, stats.zeta)
-        ctx.mark_non_differentiable(*(x for x in outputs[1:] if x is not None))
-        return outputs
-
-    @staticmethod
-    def backward(ctx, d_loss, *_):
-        dh, dw, db = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-
-        def scaled(x, dtype):
-            if x is None:
-                return None
-            out = torch.empty(x.shape, dtype=dtype, device=x.device)
-            return torch.mul(x, d_loss, out=out)  # fp32 accumulators round once, here
-
-        return (scaled(dh, h_dtype), scaled(dw, w_dtype), scaled(db, w_dtype)) + (None,) * 10
 
 
 def fused_linear_mhpo_loss(
@@ -166,14 +82,16 @@ def fused_linear_mhpo_loss(
         input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, old_logprobs, advantages,
         mask, ref_logprobs, beta, loss_agg_mode, ignore_index, source="hidden without H",
     )
-    with_grad = torch.is_grad_enabled()
-    loss, logp, entropy, psi, zeta = FusedLinearMHPOFunction.apply(
-        hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp,
-        lmap, chunk_rows, bool(return_metrics), with_grad,
+    grad_on = torch.is_grad_enabled()
+    loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
+        hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight, batch.ref,
+        ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, hp.c)
+    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, hp.c)
 
 
 @torch.no_grad()
@@ -188,14 +106,7 @@ def fused_linear_token_logprobs(
     lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
     batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index,
                            source="hidden without H")
-    forward_sweep, _ = _dispatch.sweeps(hidden.device)
-    logp = torch.empty(hidden2d.shape[0], dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty_like(logp) if return_entropy else None
-    for r0, r1, _, tile in _logits_tiles(hidden2d, weight, bias, chunk_rows):
-        stats = forward_sweep(tile, batch.target[r0:r1], None, None, None, None, MHPOParams(), lmap,
-                              with_entropy=return_entropy, with_loss=False)
-        logp[r0:r1] = stats.logp
-        if return_entropy:
-            entropy[r0:r1] = stats.entropy
+    logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
+                                          bool(return_entropy))
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

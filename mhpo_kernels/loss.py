@@ -1,63 +1,13 @@
-"""The autograd op over the two sweeps, and the public ``mhpo_loss``, ``MHPOLoss``,
-``token_logprobs``."""
+"""The public ``mhpo_loss``, ``MHPOLoss`` and ``token_logprobs``: validate, run the sweeps (the
+``ops`` custom ops, which carry the autograd formula), reduce."""
 
 import torch
 
-from . import _dispatch
 from ._inputs import (
     check_agg_mode, check_logits, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens,
 )
-from ._sweep_types import LogitMap, MHPOParams, RowStats
-
-
-class MHPOLossFunction(torch.autograd.Function):
-    """Sweep 1 forward, sweep 2 backward, for both the loss and plain log-probs.
-
-    Returns the fields of ``RowStats`` in order, each (N,) fp32 or None: ``logp``, ``entropy``
-    (None unless asked) and ``loss`` (g_t · loss_t; None without advantages) are differentiable,
-    the rest are not. Saved for backward: the logits (the caller's tensor, not a copy) and O(N)
-    fp32 scalars per row, never a V-sized buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, old, adv, weight, ref, hp, lmap, with_entropy):
-        forward_sweep, _ = _dispatch.sweeps(logits.device)
-        stats = forward_sweep(
-            logits, target, old, adv, weight, ref, hp, lmap,
-            with_entropy=with_entropy, with_loss=adv is not None,
-        )
-        ctx.save_for_backward(logits, target, stats.row_max, stats.log_sum, stats.coef, stats.entropy)
-        ctx.lmap = lmap
-        ctx.set_materialize_grads(False)
-        constant = (stats.row_max, stats.log_sum, stats.psi, stats.zeta, stats.coef)
-        ctx.mark_non_differentiable(*(x for x in constant if x is not None))
-        return tuple(stats)
-
-    @staticmethod
-    def backward(ctx, _max, _log_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
-        logits, target, row_max, log_sum, coef, entropy = ctx.saved_tensors
-        if d_loss is None and d_logp is None and d_entropy is None:
-            return (None,) * 9
-        dlogp = torch.zeros_like(log_sum)
-        if d_loss is not None:
-            dlogp = dlogp + coef * d_loss
-        if d_logp is not None:
-            dlogp = dlogp + d_logp
-        dent = None if d_entropy is None else d_entropy.float().contiguous()
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _, backward_sweep = _dispatch.sweeps(logits.device)
-        backward_sweep(logits, grad, target, row_max, log_sum, dlogp.float().contiguous(), entropy,
-                       dent, ctx.lmap)
-        return (grad,) + (None,) * 8
-
-
-def row_stats(logits, batch, hp, lmap, with_entropy):
-    """Run the op on (B, T, V) logits and a prepared batch: ``RowStats`` whose logp, entropy and
-    loss carry gradient."""
-    return RowStats(*MHPOLossFunction.apply(
-        logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
-        bool(with_entropy),
-    ))
+from ._sweep_types import LogitMap, MHPOParams
+from .ops import row_stats
 
 
 def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):

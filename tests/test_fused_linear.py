@@ -193,7 +193,7 @@ def test_bad_calls_raise(change, error, name):
 def test_weight_gradient_accumulates_in_fp32(device):
     """Summing one bf16 GEMM per chunk into dweight must not round each product (or the running
     sum) to bf16: over 200 chunks that loses ~1e-3, fp32 keeps ~1e-6."""
-    from mhpo_kernels.fused_linear import _addmm_fp32
+    from mhpo_kernels.linear_sweeps import _addmm_fp32
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(200, 64, 8, generator=g).to(device, torch.bfloat16)

@@ -14,7 +14,7 @@ from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel
 from conftest import DEVICES
 from mhpo_kernels._inputs import prepare_mhpo
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
-from mhpo_kernels.loss import row_stats
+from mhpo_kernels.ops import row_stats
 
 
 def _zeta0(k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8):

@@ -1,0 +1,169 @@
+"""The sweeps and the fused linear path as PyTorch custom ops (namespace ``mhpo_kernels::``).
+
+Each op has a fake (shape-only) implementation and an autograd formula, so ``torch.compile``
+traces a training step that calls ``mhpo_loss`` or ``fused_linear_mhpo_loss`` into one graph: the
+ops are opaque nodes in it, and the Triton (or PyTorch) sweeps run inside them unchanged.
+
+Op arguments are flat: tensors (absent optional ones as None), the runtime scalars as one float
+list ``params = [c, k_pos, lam_pos, k_neg, lam_neg, beta, in_scale, out_scale]`` (see
+``MHPOParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from ._sweep_types import LogitMap, MHPOParams, RowStats
+from .linear_sweeps import fused_linear_sweeps
+
+
+def pack_params(hp, lmap):
+    return [hp.c, hp.k_pos, hp.lam_pos, hp.k_neg, hp.lam_neg, hp.beta, lmap.in_scale, lmap.out_scale]
+
+
+def _unpack(params, softcap):
+    return MHPOParams(*params[:6]), LogitMap(params[6], params[7], softcap)
+
+
+def _fp32(like, n):
+    return torch.empty(n, dtype=torch.float32, device=like.device)
+
+
+# ---- the two sweeps over (B, T, V) logits -------------------------------------------------------
+
+@torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
+def sweeps_forward(
+    logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
+    weight: Optional[Tensor], ref: Optional[Tensor], params: List[float], softcap: bool,
+    with_entropy: bool, with_loss: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for)."""
+    hp, lmap = _unpack(params, softcap)
+    forward_sweep, _ = _dispatch.sweeps(logits.device)
+    stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
+                          with_entropy=with_entropy, with_loss=with_loss)
+    return tuple(_fp32(logits, 0) if x is None else x for x in stats)
+
+
+@sweeps_forward.register_fake
+def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with_loss):
+    n = logits.shape[0] * logits.shape[1]
+    present = (True, True, True, with_entropy) + (with_loss,) * 4
+    return tuple(_fp32(logits, n if p else 0) for p in present)
+
+
+@torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
+def sweeps_backward(
+    logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor, dlogp: Tensor,
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
+) -> Tensor:
+    """Sweep 2: ∂L/∂logits (B, T, V) in the logits' dtype, from ∂L/∂logp and ∂L/∂H per row."""
+    _, lmap = _unpack(params, softcap)
+    _, backward_sweep = _dispatch.sweeps(logits.device)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return backward_sweep(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap)
+
+
+@sweeps_backward.register_fake
+def _(logits, target, row_max, log_sum, dlogp, entropy, dentropy, params, softcap):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _sweeps_setup(ctx, inputs, output):
+    logits, target, _, _, _, _, params, softcap, with_entropy, with_loss = inputs
+    row_max, log_sum, _, entropy, psi, zeta, _, coef = output
+    ctx.save_for_backward(logits, target, row_max, log_sum, coef, entropy)
+    ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
+    ctx.mark_non_differentiable(row_max, log_sum, psi, zeta, coef)
+    ctx.set_materialize_grads(False)
+
+
+def _sweeps_backward(ctx, _max, _log_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
+    logits, target, row_max, log_sum, coef, entropy = ctx.saved_tensors
+    d_loss = d_loss if ctx.with_loss else None
+    d_entropy = d_entropy if ctx.with_entropy else None
+    if d_loss is None and d_logp is None and d_entropy is None:
+        return (None,) * 10
+    # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
+    dlogp = torch.zeros_like(log_sum)
+    if d_loss is not None:
+        dlogp = dlogp + coef * d_loss
+    if d_logp is not None:
+        dlogp = dlogp + d_logp
+    dent = None if d_entropy is None else d_entropy.float().contiguous()
+    grad = sweeps_backward(logits, target, row_max, log_sum, dlogp.float().contiguous(),
+                           entropy if dent is not None else None, dent, ctx.params, ctx.softcap)
+    return (grad,) + (None,) * 9
+
+
+torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
+
+
+def row_stats(logits, batch, hp, lmap, with_entropy):
+    """Sweep 1 on (B, T, V) logits and a prepared batch, as ``RowStats`` (absent fields None)
+    whose logp, entropy and loss carry gradient to the logits."""
+    with_loss = batch.adv is not None
+    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref,
+                         pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss)
+    present = (True, True, True, with_entropy) + (with_loss,) * 4
+    return RowStats(*(x if p else None for x, p in zip(out, present)))
+
+
+# ---- hidden states and LM head ------------------------------------------------------------------
+
+@torch.library.custom_op("mhpo_kernels::fused_linear_forward", mutates_args=())
+def fused_linear_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
+    adv: Tensor, g: Tensor, ref: Optional[Tensor], params: List[float], softcap: bool,
+    chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
+    for an upstream gradient of 1 and empty when not asked for."""
+    hp, lmap = _unpack(params, softcap)
+    out = fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
+                              with_entropy, need_dh, need_dw, need_db)
+    return tuple(_fp32(hidden, 0) if x is None else x for x in out)
+
+
+@fused_linear_forward.register_fake
+def _(hidden, weight, bias, target, old, adv, g, ref, params, softcap, chunk_rows, with_entropy,
+      need_dh, need_dw, need_db):
+    n = hidden.shape[0]
+    return (
+        torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
+        _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
+        torch.empty(hidden.shape if need_dh else (0,), dtype=hidden.dtype, device=hidden.device),
+        torch.empty(weight.shape if need_dw else (0,), dtype=torch.float32, device=hidden.device),
+        _fp32(hidden, weight.shape[0] if need_db else 0),
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight = inputs[0], inputs[1]
+    _, logp, entropy, psi, zeta, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.needs = inputs[12:15]
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, d_loss, *_):
+    dh, dw, db = ctx.saved_tensors
+    if d_loss is None:
+        return (None,) * 15
+    h_dtype, w_dtype = ctx.dtypes
+
+    def scaled(x, need, dtype):
+        if not need:
+            return None
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return torch.mul(x, d_loss, out=out)  # the fp32 accumulators round once, here
+
+    need_dh, need_dw, need_db = ctx.needs
+    return (scaled(dh, need_dh, h_dtype), scaled(dw, need_dw, w_dtype), scaled(db, need_db, w_dtype)) + (None,) * 12
+
+
+torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)

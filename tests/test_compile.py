@@ -1,0 +1,78 @@
+"""torch.compile(fullgraph=True) traces a loss computation through the custom ops with no graph
+break, and its forward and (AOTAutograd-compiled) backward give the eager result. A fresh inductor
+cache, so a warm cache cannot hide a broken registration."""
+
+import pytest
+import torch
+import torch._dynamo
+
+import mhpo_kernels
+from _cases import FP32_RTOL, SMALL, Regime, make_inputs, max_rel_err
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def logits_step(logits, ids, old, adv, mask, ref):
+    loss, metrics = mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                           temperature=0.8, return_metrics=True)
+    return loss, metrics["entropy"], metrics["kl"]
+
+
+def linear_step(hidden, weight, ids, old, adv, mask):
+    loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
+        hidden, weight, ids, old, adv, mask, chunk_size=5, final_logit_softcap=8.0,
+        loss_agg_mode="token-mean", return_metrics=True)
+    return loss, metrics["psi"], metrics["entropy"]
+
+
+def _logits_args():
+    logits, kw = make_inputs(SMALL, Regime("compile", kl=True, garbage=False))
+    return logits.requires_grad_(), kw["input_ids"], kw["old_logprobs"], kw["advantages"], kw["mask"], kw["ref_logprobs"]
+
+
+def _linear_args():
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 2, 6, 32, 700
+    return (torch.randn(B, T, H, generator=g).requires_grad_(), (torch.randn(V, H, generator=g) * 0.3).requires_grad_(),
+            torch.randint(0, V, (B, T), generator=g), torch.randn(B, T, generator=g) - 6, torch.randn(B, generator=g),
+            torch.rand(B, T, generator=g) > 0.2)
+
+
+def _fresh(args):
+    return [a.detach().clone().requires_grad_() if a.requires_grad else a for a in args]
+
+
+@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (linear_step, _linear_args)],
+                         ids=["mhpo_loss", "fused_linear_mhpo_loss"])
+def test_no_graph_breaks(step, make_args):
+    explanation = torch._dynamo.explain(step)(*make_args())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (linear_step, _linear_args)],
+                         ids=["mhpo_loss", "fused_linear_mhpo_loss"])
+def test_compiled_step_equals_eager(step, make_args):
+    args = make_args()
+    eager_args, compiled_args = _fresh(args), _fresh(args)
+    expected = step(*eager_args)
+    got = torch.compile(step, fullgraph=True)(*compiled_args)
+    (expected[0] * 1.3).backward()
+    (got[0] * 1.3).backward()
+    for e, c in zip(expected, got):
+        assert c.item() == pytest.approx(e.item(), rel=FP32_RTOL)
+    for e, c in zip(eager_args, compiled_args):
+        if e.requires_grad:
+            assert max_rel_err(c.grad, e.grad) <= FP32_RTOL
+
+
+def test_custom_ops_registered():
+    for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward"):
+        assert hasattr(torch.ops.mhpo_kernels, name)
