@@ -9,15 +9,16 @@ TORCH_CPU ?= torch==2.13.0
 # Triton's interpreter needs triton >= 3.7 beside numpy >= 2.4.
 TRITON_CPU ?= triton>=3.7
 
+# What each target installs: the tests run the TRL and verl integrations too.
+EXTRAS_test  := test,trl,verl
+EXTRAS_bench := bench
+
 .PHONY: test bench venv clean
 
 $(VENV)/.ready-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if $(PY) -c "import torch" 2>/dev/null; then :; \
-	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
-	else $(PIP) install -q "$(TORCH_CPU)"; fi
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -e ".[$*]"; \
-	else $(PIP) install -q -e ".[$*]" "$(TRITON_CPU)"; fi
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -e ".[$(EXTRAS_$*)]"; \
+	else $(PIP) install -q -e ".[$(EXTRAS_$*)]" "$(TORCH_CPU)" "$(TRITON_CPU)"; fi
 	touch $@
 
 venv: $(VENV)/.ready-test

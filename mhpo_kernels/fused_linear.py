@@ -47,6 +47,15 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
     return hidden.reshape(-1, hidden.shape[-1]), chunk_size
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under autocast, the LM head's GEMMs run in the autocast dtype, as ``F.linear`` would: cast
+    the inputs (differentiably) once here; the op itself then runs with autocast off."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    return tuple(x if not isinstance(x, torch.Tensor) else x.to(dtype) for x in (hidden, weight, bias))
+
+
 def fused_linear_mhpo_loss(
     hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, bias=None,
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
@@ -76,6 +85,7 @@ def fused_linear_mhpo_loss(
     dtype as ``hidden @ weight.T`` would be); the sweeps compute in fp32.
     """
     hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
     lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
     batch = prepare_mhpo(
@@ -102,6 +112,7 @@ def fused_linear_token_logprobs(
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z), chunked:
     for the old- and reference-policy passes. Not differentiable: the results carry no gradient.
     Returns fp32 log-probs shaped like input_ids (and the entropy), 0 at ignored positions."""
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
     lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
     batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index,

@@ -27,6 +27,11 @@ def _unpack(params, softcap):
     return MHPOParams(*params[:6]), LogitMap(params[6], params[7], softcap)
 
 
+def _without_autocast(device):
+    """The ops choose their own precisions: an enclosing autocast must not recast their GEMMs."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _fp32(like, n):
     return torch.empty(n, dtype=torch.float32, device=like.device)
 
@@ -42,8 +47,9 @@ def sweeps_forward(
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for)."""
     hp, lmap = _unpack(params, softcap)
     forward_sweep, _ = _dispatch.sweeps(logits.device)
-    stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
-                          with_entropy=with_entropy, with_loss=with_loss)
+    with _without_autocast(logits.device):
+        stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
+                              with_entropy=with_entropy, with_loss=with_loss)
     return tuple(_fp32(logits, 0) if x is None else x for x in stats)
 
 
@@ -63,7 +69,8 @@ def sweeps_backward(
     _, lmap = _unpack(params, softcap)
     _, backward_sweep = _dispatch.sweeps(logits.device)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return backward_sweep(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap)
+    with _without_autocast(logits.device):
+        return backward_sweep(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap)
 
 
 @sweeps_backward.register_fake
@@ -122,8 +129,9 @@ def fused_linear_forward(
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
     for an upstream gradient of 1 and empty when not asked for."""
     hp, lmap = _unpack(params, softcap)
-    out = fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                              with_entropy, need_dh, need_dw, need_db)
+    with _without_autocast(hidden.device):
+        out = fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
+                                  with_entropy, need_dh, need_dw, need_db)
     return tuple(_fp32(hidden, 0) if x is None else x for x in out)
 
 

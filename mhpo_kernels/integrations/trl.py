@@ -1,0 +1,175 @@
+"""MHPO in TRL: ``MHPOTrainer``, a ``GRPOTrainer`` whose loss is the fused MHPO op.
+
+Everything but the loss is TRL's: generation, rewards, advantages, the reference model, the
+old-policy log-probs (absent when TRL skips them: the step is then on-policy), logging. The loss
+replaces ``GRPOTrainer._compute_loss`` (TRL 1.14–1.16) and honours TRL's temperature, β with
+``ref_per_token_logps``, ``tool_mask``, vLLM importance-sampling correction (as a per-token factor
+on the advantage, which is where TRL applies it: to the policy term, not the KL term) and
+gradient-accumulation scaling. It logs the MHPO metrics as ``mhpo/<name>`` beside TRL's ``kl`` and
+``entropy``.
+
+Two paths, chosen by ``MHPOConfig.use_fused_linear``:
+
+- logits (default): the model's forward gives the completion logits, ``mhpo_loss`` reads them in
+  place (one read in the forward, one read and one write in the backward);
+- fused linear: the model's backbone gives the hidden states and ``fused_linear_mhpo_loss`` takes
+  them with the LM head, never materializing the logits. It runs inside the wrapped model's
+  forward (TRL's forward redirection), so DDP/FSDP/DeepSpeed hooks see a normal forward.
+
+    from mhpo_kernels.integrations.trl import MHPOConfig, MHPOTrainer
+    trainer = MHPOTrainer(model=model, reward_funcs=reward, args=MHPOConfig(c=1.5, ...),
+                          train_dataset=dataset)
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from packaging.version import Version
+from trl import GRPOConfig, GRPOTrainer
+
+import mhpo_kernels
+
+TRL_RANGE = (Version("1.14"), Version("1.17"))  # [1.14, 1.17): what _compute_loss is written for
+if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:
+    raise ImportError(
+        f"mhpo_kernels.integrations.trl supports trl >= 1.14, < 1.17 (it replaces "
+        f"GRPOTrainer._compute_loss of those releases); found trl {trl.__version__}. "
+        f"Install a supported one: pip install 'mhpo-kernels[trl]'"
+    )
+
+from trl.models.utils import _ForwardRedirection  # noqa: E402
+
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac")
+
+
+@dataclass
+class MHPOConfig(GRPOConfig):
+    """TRL's GRPOConfig plus MHPO's hyperparameters (the paper's defaults).
+
+    ``loss_type`` and the clipping ε of GRPOConfig have no effect: the loss is MHPO's, aggregated
+    by ``loss_agg_mode``.
+    """
+
+    c: float = field(default=1.5, metadata={"help": "MHPO: bound of the Log-Fidelity Modulator ψ."})
+    k_pos: float = field(default=1.5, metadata={"help": "MHPO: Weibull shape of the positive-shift hazard."})
+    lam_pos: float = field(default=1.0, metadata={"help": "MHPO: Weibull scale of the positive-shift hazard."})
+    k_neg: float = field(default=2.0, metadata={"help": "MHPO: Weibull shape of the negative-shift hazard."})
+    lam_neg: float = field(default=0.8, metadata={"help": "MHPO: Weibull scale of the negative-shift hazard."})
+    loss_agg_mode: str = field(
+        default="seq-mean-token-mean",
+        metadata={"help": f"MHPO: aggregation over tokens, one of {AGG_MODES}."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Not supported with MHPO, whose KL term is SPEC.md's plain k3 (TRL's default is True)."},
+    )
+    use_fused_linear: bool = field(
+        default=False,
+        metadata={"help": "MHPO: take the hidden states and the LM head, never materializing the logits."},
+    )
+
+
+class MHPOTrainer(GRPOTrainer):
+    """GRPOTrainer with the MHPO loss; see the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, MHPOConfig):
+            raise TypeError(f"MHPOTrainer needs an MHPOConfig, got {type(self.args).__name__}")
+        self._check_supported()
+        self._forward_redirection = _ForwardRedirection()
+
+    def _check_supported(self):
+        """GRPO options that have no MHPO counterpart fail here, not silently in training."""
+        args = self.args
+        unsupported = {
+            "importance_sampling_level='sequence' (MHPO's ratio is per token)":
+                getattr(self, "importance_sampling_level", "token") != "token",
+            "top_entropy_quantile < 1": getattr(self, "top_entropy_quantile", 1.0) < 1.0,
+            "off_policy_mask_threshold": getattr(self, "off_policy_mask_threshold", None) is not None,
+            "an entropy bonus (entropy_coef / adaptive entropy)": getattr(self, "_entropy_bonus_enabled", False),
+            "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
+            "delta (two-sided clipping)": getattr(args, "delta", None) is not None,
+            "MoE router aux loss (router_aux_loss_coef = 0 turns it off)": getattr(self, "aux_loss_enabled", False),
+        }
+        chosen = [name for name, on in unsupported.items() if on]
+        if chosen:
+            raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
+        if args.loss_agg_mode not in AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {args.loss_agg_mode!r}")
+
+    # -- the loss ----------------------------------------------------------------------------
+
+    def mhpo_kwargs(self):
+        a = self.args
+        return dict(c=a.c, k_pos=a.k_pos, lam_pos=a.lam_pos, k_neg=a.k_neg, lam_neg=a.lam_neg,
+                    temperature=self.temperature, loss_agg_mode=a.loss_agg_mode, beta=self.beta)
+
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps):
+        """The MHPO loss and metrics from completion logits (B, T, V)."""
+        return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask,
+                                      ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs())
+
+    def _fused_linear_forward(self, model, input_ids, attention_mask, logits_to_keep, *loss_args):
+        """Backbone → completion hidden states → fused_linear_mhpo_loss, inside model.forward."""
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden[:, -logits_to_keep - 1:-1]            # the states that predict the completion
+        head = model.get_output_embeddings()
+        text_config = model.config.get_text_config()
+        completion_ids, old_logps, advantages, mask, ref_logps = loss_args
+        return mhpo_kernels.fused_linear_mhpo_loss(
+            hidden, head.weight, completion_ids, old_logps, advantages, mask, bias=head.bias,
+            logit_scale=getattr(text_config, "logit_scale", None) or 1.0,
+            final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
+            ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs(),
+        )
+
+    def _compute_loss(self, model, inputs):
+        if inputs.get("pixel_values") is not None:
+            raise NotImplementedError("MHPOTrainer supports text-only models")
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        advantages = inputs["advantages"]
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL scales the policy term per token; MHPO's policy term is linear in A.
+            advantages = advantages.reshape(advantages.shape[0], -1) * inputs["importance_sampling_ratio"]
+        old_logps = inputs.get("old_per_token_logps")          # None: on-policy (ratio 1)
+        ref_logps = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps)
+
+        with self.accelerator.autocast():
+            if self.args.use_fused_linear:
+                unwrapped = self.accelerator.unwrap_model(model)
+                loss, metrics = self._forward_redirection(
+                    model, unwrapped, functools.partial(self._fused_linear_forward, unwrapped),
+                    input_ids, attention_mask, logits_to_keep, *loss_args)
+            else:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                               logits_to_keep=logits_to_keep + 1, use_cache=False).logits
+                loss, metrics = self.loss_from_logits(logits[:, :-1], *loss_args)
+
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":  # TRL turns off HF's loss scaling: scale for gradient accumulation here
+            loss = loss / self.current_gradient_accumulation_steps
+        self._log_mhpo_metrics(mode, metrics, mask)
+        return loss
+
+    def _log_mhpo_metrics(self, mode, metrics, mask):
+        """Token-weighted means across processes, like TRL's own masked metrics."""
+        n = mask.sum().float()
+        names = [k for k in metrics if k not in ("logp",)]
+        local = torch.stack([metrics[k].float() * n for k in names] + [n])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        count = totals[-1].clamp(min=1.0)
+        for k, total in zip(names, totals[:-1]):
+            name = {"entropy": "entropy", "kl": "kl"}.get(k, f"mhpo/{k}")
+            self._metrics[mode][name].append((total / count).item())

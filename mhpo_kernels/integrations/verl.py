@@ -1,0 +1,80 @@
+"""MHPO as a verl policy loss: ``actor.policy_loss.loss_mode: mhpo``.
+
+verl calls a policy loss with per-token log-probs, not logits, so this surface runs the MHPO
+per-token math on log-probs (``mhpo_kernels.mhpo_token_loss``: exact sech² gradient, O(N) work)
+and aggregates with verl's own ``agg_loss`` and ``config.global_batch_info``, so data-parallel
+and gradient-accumulation scaling are verl's. The KL penalty stays verl's (``use_kl_loss``).
+
+Installed with ``pip install mhpo-kernels[verl]``, this module is a ``verl.plugins`` entry point:
+``import verl`` registers the loss. In YAML:
+
+    actor_rollout_ref:
+      actor:
+        policy_loss:
+          _target_: mhpo_kernels.integrations.verl.MHPOPolicyLossConfig
+          loss_mode: mhpo
+          c: 1.5
+          k_pos: 1.5
+          lam_pos: 1.0
+          k_neg: 2.0
+          lam_neg: 0.8
+"""
+
+from dataclasses import dataclass
+
+import torch
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+from verl.workers.config import PolicyLossConfig
+
+from ..token_loss import mhpo_token_loss
+
+LOSS_MODE = "mhpo"
+_DEFAULTS = dict(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8)
+
+
+@dataclass
+class MHPOPolicyLossConfig(PolicyLossConfig):
+    """verl's PolicyLossConfig plus the MHPO hyperparameters (the paper's defaults)."""
+
+    loss_mode: str = LOSS_MODE
+    c: float = 1.5
+    k_pos: float = 1.5
+    lam_pos: float = 1.0
+    k_neg: float = 2.0
+    lam_neg: float = 0.8
+
+
+def _hyperparameters(config):
+    policy_loss = config.policy_loss if config is not None else None
+    get = (lambda k, d: policy_loss.get(k, d)) if policy_loss is not None else (lambda k, d: d)
+    return {k: float(get(k, d)) for k, d in _DEFAULTS.items()}
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@register_policy_loss(LOSS_MODE)
+def compute_policy_loss_mhpo(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    rollout_is_weights=None,
+):
+    """verl's policy-loss signature: (pg_loss, metrics) for (bs, response_length) inputs."""
+    hp = _hyperparameters(config)
+    loss_mat, psi, zeta = mhpo_token_loss(log_prob, old_log_prob, advantages, **hp)
+    if rollout_is_weights is not None:
+        loss_mat = loss_mat * rollout_is_weights
+    batch_info = dict(config.global_batch_info) if config is not None else {}
+    pg_loss = agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    with torch.no_grad():
+        mask = response_mask.to(psi.dtype)
+        log_ratio = (log_prob - old_log_prob).float()
+        metrics = {
+            "actor/mhpo_psi": _masked_mean(psi, mask).item(),
+            "actor/mhpo_zeta": _masked_mean(zeta, mask).item(),
+            "actor/mhpo_survival": _masked_mean(torch.exp(-zeta), mask).item(),
+            "actor/mhpo_abs_log_ratio": _masked_mean(log_ratio.abs(), mask).item(),
+            "actor/mhpo_saturated_frac": _masked_mean((log_ratio.abs() > hp["c"]).float(), mask).item(),
+            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
+        }
+    return pg_loss, metrics

@@ -1,0 +1,152 @@
+"""MHPOTrainer in TRL, on CPU: a tiny Llama-style model built from a config, a word-level
+tokenizer built here (nothing downloaded), a handful of prompts and a trivial reward. Two training
+steps run, and the loss and every parameter's gradient equal those of the same trainer computing
+its loss with the reference (fp32 throughout: the op's logits gradient agrees with the reference to
+~1e-6, and backpropagating it through two fp32 transformer layers adds rounding of the same order,
+measured ≤ 5e-6; 3e-5 leaves room)."""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="the trl extra is not installed (pip install mhpo-kernels[trl])")
+
+import reference  # noqa: E402
+from _cases import max_rel_err  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+
+from mhpo_kernels.integrations.trl import MHPOConfig, MHPOTrainer  # noqa: E402
+
+GRAD_RTOL = 3e-5
+VOCAB = 512
+
+
+class ReferenceTrainer(MHPOTrainer):
+    """The same trainer, its loss from the plain-PyTorch reference on the model's logits."""
+
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps):
+        return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
+                                   return_metrics=True, **self.mhpo_kwargs())
+
+
+class RecordGradients(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, hidden-64 Llama and a 512-word tokenizer, saved locally for TRL to load."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c.split())) + 0.1 * (sum(map(ord, c)) % 7) for c in completions]
+
+
+def make_trainer(tiny_model, tmp_path, cls=MHPOTrainer, callbacks=(), **config):
+    path, tokenizer = tiny_model
+    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i % 3)) for i in range(8)]
+    args = MHPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1, use_cpu=True, seed=0,
+        save_strategy="no", disable_tqdm=True, bf16=False, **{
+            "temperature": 0.9, "beta": 0.04, "gradient_accumulation_steps": 2, "num_iterations": 2, **config})
+    return cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+               processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def train(tiny_model, tmp_path, cls=MHPOTrainer, **config):
+    grads = RecordGradients()
+    trainer = make_trainer(tiny_model, tmp_path, cls, callbacks=[grads], **config)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, grads.steps, trainer.state.log_history
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_two_steps_equal_reference(tiny_model, tmp_path, fused_linear):
+    losses, grads, history = train(tiny_model, tmp_path / "op", use_fused_linear=fused_linear)
+    ref_losses, ref_grads, _ = train(tiny_model, tmp_path / "ref", cls=ReferenceTrainer)
+    assert len(grads) == len(ref_grads) == 2
+    assert losses == pytest.approx(ref_losses, abs=1e-6)  # means of terms of size ~ w·|A| ≤ e^c·|A|
+    for step, ref_step in zip(grads, ref_grads):
+        assert step.keys() == ref_step.keys() and len(step) > 0
+        for name, g in step.items():
+            assert max_rel_err(g, ref_step[name]) <= GRAD_RTOL, name
+    logged = {k for h in history for k in h}
+    assert {"mhpo/psi", "mhpo/zeta", "mhpo/survival", "mhpo/saturated_frac", "kl", "entropy"} <= logged
+
+
+def test_on_policy_step_without_old_logprobs(tiny_model, tmp_path):
+    """num_iterations = 1: TRL skips the old log-probs and the ratio is 1, so ψ = 0 exactly."""
+    losses, grads, history = train(tiny_model, tmp_path, num_iterations=1, beta=0.0)
+    assert len(grads) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    psi = [h["mhpo/psi"] for h in history if "mhpo/psi" in h]
+    assert psi and all(p == 0.0 for p in psi)
+
+
+def _inputs(tokenizer, B=4, P=5, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    tool_mask = torch.ones(B, T, dtype=torch.long)
+    tool_mask[2, 1:3] = 0          # tokens a tool wrote: no policy gradient
+    return {
+        "prompt_ids": torch.randint(3, VOCAB, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+        "completion_ids": torch.randint(3, VOCAB, (B, T), generator=g), "completion_mask": completion_mask,
+        "tool_mask": tool_mask, "advantages": torch.randn(B, generator=g),
+        "old_per_token_logps": torch.randn(B, T, generator=g) - 6.0, "ref_per_token_logps": torch.randn(B, T, generator=g) - 6.0,
+    }
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_compute_loss_tool_mask_and_accumulation(tiny_model, tmp_path, fused_linear):
+    """One _compute_loss on a crafted batch: tool-written tokens are excluded, the loss is divided
+    by the gradient-accumulation steps, and it equals the reference trainer's."""
+    trainer = make_trainer(tiny_model, tmp_path / "op", use_fused_linear=fused_linear)
+    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=ReferenceTrainer)
+    inputs = _inputs(tiny_model[1])
+    results = []
+    for t in (trainer, ref_trainer):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 3
+        t.model.zero_grad()
+        loss = t._compute_loss(t.model, inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    for name, g in grads.items():
+        assert max_rel_err(g, ref_grads[name]) <= GRAD_RTOL, name
+    # Without the tool mask and without accumulation: a different loss, 3× the scaled one's size.
+    no_tool = {k: v for k, v in inputs.items() if k != "tool_mask"}
+    ref_trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        unscaled = ref_trainer._compute_loss(ref_trainer.model, inputs)
+        unmasked = ref_trainer._compute_loss(ref_trainer.model, no_tool)
+    assert unscaled.item() == pytest.approx(3 * ref_loss.item(), rel=1e-6)
+    assert unmasked.item() != pytest.approx(unscaled.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("option", [dict(top_entropy_quantile=0.5), dict(importance_sampling_level="sequence"),
+                                    dict(use_bias_correction_kl=True), dict(loss_agg_mode="sum")],
+                         ids=["entropy-quantile", "sequence-level", "bias-corrected-kl", "agg-mode"])
+def test_unsupported_options_fail_clearly(tiny_model, tmp_path, option):
+    with pytest.raises(ValueError, match="MHPOTrainer does not support|loss_agg_mode"):
+        make_trainer(tiny_model, tmp_path, **option)

@@ -1,0 +1,100 @@
+"""The verl plugin: after ``import verl`` the policy loss ``mhpo`` is registered (through the
+``verl.plugins`` entry point), selectable from YAML, and verl's own ``ppo_loss`` with it gives the
+reference loss and gradients in every aggregation mode both share."""
+
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="the verl extra is not installed (pip install mhpo-kernels[verl])")
+
+import reference  # noqa: E402
+from _cases import FP32_RTOL, max_rel_err  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+
+HP = dict(c=1.2, k_pos=1.3, lam_pos=0.9, k_neg=2.2, lam_neg=0.7)
+
+
+def test_entry_point_registers_on_import_verl():
+    import mhpo_kernels.integrations.verl as plugin
+
+    assert get_policy_loss_fn("mhpo") is plugin.compute_policy_loss_mhpo
+
+
+def test_config_selectable_from_yaml():
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from mhpo_kernels.integrations.verl import MHPOPolicyLossConfig
+
+    yaml = """
+    _target_: mhpo_kernels.integrations.verl.MHPOPolicyLossConfig
+    loss_mode: mhpo
+    c: 2.0
+    lam_neg: 0.5
+    """
+    config = omega_conf_to_dataclass(OmegaConf.create(yaml))
+    assert isinstance(config, MHPOPolicyLossConfig)
+    assert (config.loss_mode, config.c, config.lam_neg, config.k_pos) == ("mhpo", 2.0, 0.5, 1.5)
+
+
+def _batch(seed=0):
+    """A padded verl batch: 3 sequences of prompt 4 and response 6 with ragged response lengths,
+    and the flat (no-padding) log-probs a model would return for it."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, R = 3, 4, 6
+    attention = torch.ones(B, P + R, dtype=torch.long)
+    attention[1, P + 4:] = 0
+    attention[2, P + 2:] = 0
+    response_mask = attention[:, P:].clone()
+    seq_logp = torch.randn(B, P + R, generator=g) - 3.0          # per position of each sequence
+    old = torch.where(response_mask.bool(), torch.randn(B, R, generator=g) * 0.8, 0.0)
+    # The model output for position t scores the token at t + 1: the response's log-probs sit at
+    # flat positions [offset + P - 1, offset + P - 1 + response_len) of each sequence.
+    flat = torch.cat([seq_logp[b, : int(attention[b].sum())] for b in range(B)]).requires_grad_()
+    data = TensorDict({
+        "prompts": torch.randint(0, 50, (B, P), generator=g), "responses": torch.randint(0, 50, (B, R), generator=g),
+        "attention_mask": attention, "response_mask": response_mask,
+        "old_log_probs": seq_logp[:, P - 1:P - 1 + R] + old, "advantages": torch.randn(B, R, generator=g),
+    }, batch_size=[B])
+    return flat, data, response_mask
+
+
+def _padded(flat, attention, P, R):
+    rows, offset = [], 0
+    for b in range(attention.shape[0]):
+        n = int(attention[b].sum())
+        seq = flat[offset: offset + n]
+        resp = seq[P - 1: n - 1]
+        rows.append(torch.cat([resp, resp.new_zeros(R - resp.numel())]))
+        offset += n
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("global_info", [False, True], ids=["local", "global-batch-info"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_ppo_loss_equals_reference(mode, global_info):
+    from mhpo_kernels.integrations.verl import MHPOPolicyLossConfig
+
+    flat, data, mask = _batch()
+    B, R = mask.shape
+    P = data["prompts"].shape[1]
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()) if global_info else None,
+                         global_batch_size=B if global_info else None)
+    config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=B, rollout_n=1,
+                         loss_agg_mode=mode, use_kl_loss=False, entropy_coeff=0.0,
+                         policy_loss=MHPOPolicyLossConfig(**HP))
+    loss, metrics = ppo_loss(config, {"log_probs": flat}, data)
+    (grad,) = torch.autograd.grad(loss * 1.7, flat)
+
+    flat64 = flat.detach().double().requires_grad_()
+    logp64 = _padded(flat64, data["attention_mask"], P, R)
+    loss64 = reference.mhpo_loss_from_logprobs(
+        logp64, data["old_log_probs"].double(), data["advantages"].double(), mask, loss_agg_mode=mode, **HP)
+    (grad64,) = torch.autograd.grad(loss64 * 1.7, flat64)
+    assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
+    assert max_rel_err(grad, grad64) <= FP32_RTOL
+    assert "actor/mhpo_psi" in metrics
