@@ -38,7 +38,7 @@ def _mhpo_fwd_kernel(
     m = float("-inf")
     s = 0.0
     a = 0.0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, n_read, BLOCK_V):  # no steps at all for an invalid row
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < n_read
         b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
