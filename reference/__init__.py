@@ -43,9 +43,11 @@ def _selected_logprobs(logits, input_ids, valid, temperature):
 
 
 def _entropy(logprobs):
-    """H = −Σ_v p_v log p_v; a token of zero probability adds 0 (the limit of p log p)."""
+    """H = −Σ_v p_v log p_v; a token of zero probability adds 0 (the limit of p log p), and its
+    log p = −inf is kept out of the product so that the gradient is 0 there too, not NaN."""
     probs = logprobs.exp()
-    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+    finite_logprobs = torch.where(probs > 0, logprobs, torch.zeros_like(logprobs))
+    return -(probs * finite_logprobs).sum(-1)
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -60,12 +62,16 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     return logp, entropy.reshape(input_ids.shape)
 
 
+def hazard(psi, k_pos, lam_pos, k_neg, lam_neg):
+    """The Decoupled Hazard Penalty ζ(ψ): Weibull cumulative hazards of the two shifts."""
+    return (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg
+
+
 def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg):
     """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token."""
     log_ratio = logp - old_logp
     psi = c * torch.tanh(log_ratio / c)                        # Log-Fidelity Modulator
-    sg_psi = psi.detach()                                      # ζ carries no gradient
-    zeta = (F.softplus(sg_psi) / lam_pos) ** k_pos + (F.softplus(-sg_psi) / lam_neg) ** k_neg
+    zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg)  # ζ carries no gradient
     weight = torch.exp(psi - zeta)
     return log_ratio, psi, zeta, weight
 

@@ -8,6 +8,20 @@ import reference
 
 # Unit roundoff of each logits dtype: the size of one rounding of a stored gradient element.
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+# Below the normal range a stored value rounds to a fixed absolute step: half of fp16's subnormal
+# spacing 2⁻²⁴ (bf16 and fp32 reach their subnormals only below 1e-38).
+STORE_FLOOR = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-25}
+
+
+def store_error(dtype, device):
+    """Relative error of storing an fp32 value in ``dtype``: one rounding, except that Triton's
+    interpreter converts fp32 to bf16 by truncation (compiled Triton rounds to nearest, as
+    torch does), which can cost a whole unit in the last place."""
+    if dtype == torch.bfloat16 and str(device) == "cpu":
+        return 2.0**-7
+    return UNIT_ROUNDOFF[dtype]
 # fp32 against float64: the sweeps sum ~V/4096 block partials of exp() in fp32, so the log-sum-exp
 # and everything after it carry a few 1e-7 of relative error; 1e-5 leaves a 10× margin.
 FP32_RTOL = 1e-5
