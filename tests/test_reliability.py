@@ -1,0 +1,151 @@
+"""Huge tensors, long sequences, determinism, and what non-finite input does."""
+
+import math
+
+import pytest
+import torch
+
+import mhpo_kernels
+import reference
+from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err
+from conftest import DEVICES
+from mhpo_kernels._inputs import prepare_mhpo
+from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+
+INT32_MAX = 2**31 - 1
+
+
+def _far_apart_rows(V, gap, dtype=torch.bfloat16, seed=0):
+    """A (3, 1, V) view with rows ``gap`` elements apart in one storage. With gap just over 2³⁰
+    the stride still fits an int32, so only an int64 product b · stride reaches the third row,
+    past element 2³¹. The storage is allocated, not written: only the rows' pages are touched."""
+    storage = torch.empty(2 * gap + V, dtype=dtype)
+    view = storage.as_strided((3, 1, V), (gap, V, 1))
+    g = torch.Generator().manual_seed(seed)
+    view.copy_((torch.randn(3, 1, V, generator=g) * 2).to(dtype))
+    return storage, view
+
+
+@pytest.mark.slow
+def test_row_offsets_beyond_int32_are_exact():
+    """Both sweeps address a row at element offset 2³¹ + 18 of the logits and of the gradient:
+    results equal those of the same rows stored compactly, bit for bit."""
+    V, gap = 1000, 2**30 + 9
+    _, logits = _far_apart_rows(V, gap)
+    grad_storage, _ = _far_apart_rows(V, gap, seed=1)
+    grad = grad_storage.as_strided((3, 1, V), (gap, V, 1))
+    compact = logits.contiguous()
+    assert logits.stride(0) <= INT32_MAX < 2 * logits.stride(0)
+
+    ids = torch.tensor([[7], [V - 1], [3]])
+    old = torch.tensor([[-7.0], [-6.0], [-8.0]])
+    adv = torch.tensor([1.3, -0.4, 0.8])
+    results = []
+    for x, out in ((logits, grad), (compact, torch.empty_like(compact))):
+        batch = prepare_mhpo(ids, ids.shape, V, x.device, old, adv, None, None, 0.0, "token-mean", -100)
+        fwd, bwd = mhpo_kernels._dispatch.sweeps(x.device)
+        stats = fwd(x, batch.target, batch.old, batch.adv, batch.weight, batch.ref, MHPOParams(), LogitMap.make(1.0),
+                    with_entropy=True, with_loss=True)
+        bwd(x, out, batch.target, stats.row_max, stats.log_sum, stats.coef, None, None, LogitMap.make(1.0))
+        results.append((stats, out.clone()))
+    (far, far_grad), (near, near_grad) = results
+    for a, b in zip(far, near):
+        assert a is None or torch.equal(a, b)
+    assert torch.equal(far_grad, near_grad)
+
+    # And through the public op, forward and backward, against the float64 reference.
+    loss, dx = loss_and_grad(mhpo_kernels.mhpo_loss, logits, dict(input_ids=ids, old_logprobs=old, advantages=adv))
+    loss64, dx64 = loss_and_grad(reference.mhpo_loss, compact.double(),
+                                 dict(input_ids=ids, old_logprobs=old.double(), advantages=adv.double()))
+    assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
+    assert max_rel_err(dx, dx64) <= 2**-7  # bf16 gradient, one stored rounding
+
+
+def test_long_sequence_launches_one_program_per_row(monkeypatch):
+    """65,536+ rows of one sequence go to a 1-D grid (a T axis on grid dimension 1 would stop at
+    65,535). Under the interpreter the 70,000 programs would take minutes, so the launches are
+    recorded here and the CUDA test below runs them; the PyTorch path runs for real."""
+    from mhpo_kernels.kernels import backward, forward
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append(grid)
+            return launch
+
+    monkeypatch.setattr(forward, "_mhpo_fwd_kernel", Recorder())
+    monkeypatch.setattr(backward, "_mhpo_bwd_kernel", Recorder())
+    N, V = 70_000, 16
+    x = torch.randn(1, N, V, requires_grad=True)
+    ids = torch.randint(0, V, (1, N))
+    with mhpo_kernels.use_backend("triton"):
+        mhpo_kernels.mhpo_loss(x, ids, None, torch.ones(1)).backward()
+    assert grids == [(N,), (N,)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_sequence_correct(device):
+    """T = 70,000 rows in one call against the float64 reference: the compiled kernels on CUDA,
+    the PyTorch path on CPU (see the launch test above for the interpreter)."""
+    N, V = 70_000, 64
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, N, V, generator=g)
+    ids = torch.randint(0, V, (1, N), generator=g)
+    kwargs = dict(input_ids=ids, old_logprobs=torch.randn(1, N, generator=g) - 4, advantages=torch.randn(1, N, generator=g))
+    backend = "triton" if device == "cuda" else "torch"
+    with mhpo_kernels.use_backend(backend):
+        loss, grad = loss_and_grad(mhpo_kernels.mhpo_loss, x.to(device), {k: v.to(device) for k, v in kwargs.items()})
+    loss64, grad64 = loss_and_grad(reference.mhpo_loss, x.double(),
+                                   {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()})
+    assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
+    assert max_rel_err(grad.cpu(), grad64) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_calls_are_bitwise_identical(device):
+    logits, kwargs = make_inputs(SMALL, Regime("det", kl=True, temperature=0.8, dtype=torch.bfloat16), device=device)
+    runs = [loss_and_grad(mhpo_kernels.mhpo_loss, logits, kwargs, upstream=0.7) for _ in range(3)]
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(2, 5, 32, generator=g).to(device), (torch.randn(300, 32, generator=g) * 0.3).to(device)
+    ids = torch.randint(0, 300, (2, 5), generator=g).to(device)
+    adv = torch.randn(2, generator=g).to(device)
+
+    def linear():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = mhpo_kernels.fused_linear_mhpo_loss(hh, ww, ids, None, adv, chunk_size=3)
+        return (loss, *torch.autograd.grad(loss, (hh, ww)))
+
+    first = linear()
+    for again in (linear(), linear()):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("what", ["logits-nan", "logits-inf", "old-nan", "adv-nan"])
+def test_non_finite_at_a_valid_token_propagates(what, device):
+    """Documented behaviour: a NaN or inf at a valid token is not checked for (that would cost a
+    pass over the logits); like eager PyTorch it makes the loss non-finite and that token's
+    gradient row NaN, while every other row's gradient is what it would have been."""
+    logits, kwargs = make_inputs(SMALL, Regime("nan", mask=False, ignore=False, garbage=False), device=device)
+    kwargs["advantages"] = kwargs["advantages"][:, None].expand(-1, SMALL.T).clone()
+    bad = (0, 1)
+    dirty_logits, dirty = logits.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if what == "logits-nan":
+        dirty_logits[bad] = math.nan
+    elif what == "logits-inf":
+        dirty_logits[bad][3] = math.inf
+    elif what == "old-nan":
+        dirty["old_logprobs"][bad] = math.nan
+    else:
+        dirty["advantages"][bad] = math.nan
+    _, clean_grad = loss_and_grad(mhpo_kernels.mhpo_loss, logits, kwargs)
+    loss, grad = loss_and_grad(mhpo_kernels.mhpo_loss, dirty_logits, dirty)
+    assert not torch.isfinite(loss)
+    assert grad[bad].isnan().all()
+    others = torch.ones(grad.shape[:2], dtype=torch.bool)
+    others[bad] = False
+    assert torch.equal(grad[others.to(device)], clean_grad[others.to(device)])
