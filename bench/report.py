@@ -23,11 +23,17 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _with_unit(x, spec, unit):
+    return "-" if x is None else format(x, spec) + unit
+
+
 def _columns(r):
     """The rate and its share of the ceiling: GB/s and % copy (logits), TFLOP/s and % GEMM (linear)."""
     if r["suite"] == "linear":
-        return _fmt(r["tflops"], ".3g") + " TF/s", _fmt(r["frac_gemm"] and 100 * r["frac_gemm"], ".0f") + "% gemm"
-    return _fmt(r["gbps"], ".3g") + " GB/s", _fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f") + "% copy"
+        share = r["frac_gemm"] and 100 * r["frac_gemm"]
+        return _with_unit(r["tflops"], ".3g", " TF/s"), _with_unit(share, ".0f", "% gemm")
+    share = r["frac_copy_bw"] and 100 * r["frac_copy_bw"]
+    return _with_unit(r["gbps"], ".3g", " GB/s"), _with_unit(share, ".0f", "% copy")
 
 
 def _mib(x):
