@@ -9,3 +9,5 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where the Triton kernels run in this session: compiled on CUDA, else interpreted on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ import triton.language as tl
 
 import mhpo_kernels
 from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err
-from conftest import DEVICES
+from conftest import DEVICES, TRITON_DEVICE
 from mhpo_kernels._inputs import prepare_mhpo
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
 from mhpo_kernels.ops import row_stats
@@ -88,8 +88,10 @@ def test_saturated_tokens_keep_their_true_gradient(device):
 
 @pytest.mark.parametrize("regime", [Regime("kl", kl=True, temperature=0.7), Regime("far", ratio="far")],
                          ids=lambda r: r.id)
-def test_interpreter_and_torch_paths_agree(regime):
-    logits, kwargs = make_inputs(SMALL, regime)
+def test_triton_and_torch_paths_agree(regime):
+    """The Triton kernels (interpreted on CPU, compiled on CUDA) and the PyTorch sweeps, on the
+    same tensors."""
+    logits, kwargs = make_inputs(SMALL, regime, device=TRITON_DEVICE)
     results = {}
     for backend in ("triton", "torch"):
         with mhpo_kernels.use_backend(backend):
@@ -100,19 +102,19 @@ def test_interpreter_and_torch_paths_agree(regime):
         results[backend] = (loss, grad, metrics, logp, ent)
     (l1, g1, m1, p1, e1), (l2, g2, m2, p2, e2) = results["triton"], results["torch"]
     assert l1.item() == pytest.approx(l2.item(), rel=FP32_RTOL)
-    assert max_rel_err(g1, g2) <= FP32_RTOL
+    assert max_rel_err(g1.cpu(), g2.cpu()) <= FP32_RTOL
     for name in m1:
         assert m1[name].item() == pytest.approx(m2[name].item(), rel=FP32_RTOL, abs=1e-6), name
     finite = torch.isfinite(p2)
-    assert max_rel_err(p1[finite], p2[finite]) <= FP32_RTOL
-    assert max_rel_err(e1[finite], e2[finite]) <= FP32_RTOL
+    assert max_rel_err(p1[finite].cpu(), p2[finite].cpu()) <= FP32_RTOL
+    assert max_rel_err(e1[finite].cpu(), e2[finite].cpu()) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_gradient_element_written(backend, dtype):
     """The backward sweep writes each element of a NaN-filled buffer, zero rows for invalid tokens."""
-    logits, kwargs = make_inputs(SMALL, Regime("w", kl=True, dtype=dtype))
+    logits, kwargs = make_inputs(SMALL, Regime("w", kl=True, dtype=dtype), device=TRITON_DEVICE)
     batch = prepare_mhpo(kwargs["input_ids"], logits.shape[:-1], logits.shape[-1], logits.device,
                          kwargs["old_logprobs"], kwargs["advantages"], kwargs["mask"],
                          kwargs["ref_logprobs"], 0.2, "token-mean", -100)
@@ -121,12 +123,12 @@ def test_every_gradient_element_written(backend, dtype):
         fwd, bwd = mhpo_kernels._dispatch.sweeps(logits.device)
         stats = fwd(logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
                     with_entropy=True, with_loss=True)
-        grad = torch.full(logits.shape, float("nan"), dtype=dtype)
-        dent = torch.randn(stats.logp.shape)
+        grad = torch.full(logits.shape, float("nan"), dtype=dtype, device=logits.device)
+        dent = torch.randn(stats.logp.shape, device=logits.device)
         bwd(logits, grad, batch.target, stats.row_max, stats.log_sum, stats.coef * 1.7,
             stats.entropy, dent, lmap)
     assert not grad.isnan().any()
-    invalid = ~batch.valid.reshape(grad.shape[:2])
+    invalid = ~batch.valid.reshape(grad.shape[:2]).to(grad.device)
     assert invalid.any() and not grad[invalid].any()
     assert grad[~invalid].abs().sum(-1).gt(0).all()
 
