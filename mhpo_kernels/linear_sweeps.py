@@ -3,33 +3,49 @@ gives the per-token loss and dL/dlogp, sweep 2 turns the tile into its gradient 
 GEMMs fold it into dhidden and dweight (3 GEMMs per chunk; recomputing the tile in the backward
 would take 4)."""
 
+import functools
+
 import torch
 
 from . import _dispatch
 from ._sweep_types import MHPOParams, RowStats
 
 
-def _logits_tiles(hidden, weight, bias, chunk_rows):
-    """(r0, r1, hidden rows, logits tile (1, rows, V)) per chunk of tokens: one GEMM each."""
+def _logits_tiles(hidden, weight, bias, target, chunk_rows):
+    """(r0, r1, hidden rows, logits tile (1, rows, V)) per chunk of tokens: one GEMM each. The
+    hidden states of invalid tokens are zeroed first: they may hold anything, and a NaN there
+    would otherwise reach dweight through the GEMM (0 · NaN = NaN)."""
     for r0 in range(0, hidden.shape[0], chunk_rows):
         r1 = min(r0 + chunk_rows, hidden.shape[0])
-        h_c = hidden[r0:r1]
+        h_c = torch.where((target[r0:r1] >= 0).unsqueeze(-1), hidden[r0:r1], 0.0)
         tile = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
         yield r0, r1, h_c, tile.unsqueeze(0)
 
 
-def _addmm_fp32(acc, a, b):
-    """acc += a @ b into an fp32 accumulator without first rounding a @ b to a's dtype.
+@functools.lru_cache(maxsize=None)
+def _has_fp32_out_addmm(device_type, dtype):
+    """Whether this torch runs ``addmm(..., out_dtype=torch.float32)`` for ``dtype`` operands
+    (CUDA, torch ≥ 2.8): probed once on tiny tensors, so that a real GEMM's errors (out of
+    memory) are never mistaken for a missing overload."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    a = torch.zeros(2, 2, dtype=dtype, device=device_type)
+    acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
-    On CUDA, bf16/fp16 operands go through one GEMM with an fp32 output (torch ≥ 2.8); otherwise
-    the operands are widened to fp32 (exact, slower)."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
-            pass
-    acc.addmm_(a.float(), b.float())
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b into an fp32 accumulator without first rounding a @ b to a's dtype: one GEMM
+    with an fp32 output where torch has it (CUDA bf16/fp16), else on operands widened to fp32
+    (exact, slower)."""
+    if _has_fp32_out_addmm(acc.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _cat(parts):
@@ -47,7 +63,7 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
     parts = []
-    for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
+    for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, target, chunk_rows):
         def rows(x):
             return None if x is None else x[r0:r1]
 
@@ -77,7 +93,7 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
-    for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
+    for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, target, chunk_rows):
         stats = forward_sweep(tile, target[r0:r1], None, None, None, None, MHPOParams(), lmap,
                               with_entropy=with_entropy, with_loss=False)
         logp[r0:r1] = stats.logp

@@ -130,9 +130,12 @@ def fused_linear_forward(
     for an upstream gradient of 1 and empty when not asked for."""
     hp, lmap = _unpack(params, softcap)
     with _without_autocast(hidden.device):
-        out = fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                                  with_entropy, need_dh, need_dw, need_db)
-    return tuple(_fp32(hidden, 0) if x is None else x for x in out)
+        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
+            hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
+            need_dh, need_dw, need_db)
+    return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
+            hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
+            _fp32(hidden, 0) if db is None else db)
 
 
 @fused_linear_forward.register_fake

@@ -16,8 +16,9 @@ class _MHPOTokenLoss(torch.autograd.Function):
         old_flat = None if old is None else old.detach().reshape(-1)
         psi, zeta, loss, coef = _token_terms(flat, valid, old_flat, adv.detach().reshape(-1), ones, None, hp)
         ctx.save_for_backward(coef)
+        loss, psi, zeta = (x.reshape(logp.shape) for x in (loss, psi, zeta))
         ctx.mark_non_differentiable(psi, zeta)
-        return tuple(x.reshape(logp.shape) for x in (loss, psi, zeta))
+        return loss, psi, zeta
 
     @staticmethod
     def backward(ctx, d_loss, _psi, _zeta):

@@ -76,3 +76,32 @@ def test_compiled_step_equals_eager(step, make_args):
 def test_custom_ops_registered():
     for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward"):
         assert hasattr(torch.ops.mhpo_kernels, name)
+
+
+@pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "linear-all", "linear-head-only-bf16"])
+def test_opcheck(config):
+    """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree
+    with what the ops really do, in the configurations the public functions use."""
+    from mhpo_kernels import ops
+
+    g = torch.Generator().manual_seed(5)
+    params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0]
+    if config.startswith("logits"):
+        x = torch.randn(2, 3, 200, generator=g).requires_grad_()
+        ids = torch.randint(0, 200, (6,), generator=g)
+        ids[4] = -1
+        full = config == "logits-all"
+        vec = [torch.randn(6, generator=g) for _ in range(4)]
+        args = (x, ids, vec[0] if full else None, vec[1] if full else None, vec[2] if full else None,
+                vec[3] if full else None, params, False, full, full)
+        torch.library.opcheck(ops.sweeps_forward, args)
+    else:
+        dtype = torch.float32 if config == "linear-all" else torch.bfloat16
+        h = torch.randn(6, 16, generator=g).to(dtype)
+        w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
+        need_dh = config == "linear-all"
+        h.requires_grad_(need_dh)
+        ids = torch.randint(0, 50, (6,), generator=g)
+        args = (h, w, None, ids, None, torch.randn(6, generator=g), torch.full((6,), 1 / 6), None, params,
+                True, 4, True, need_dh, True, False)
+        torch.library.opcheck(ops.fused_linear_forward, args)

@@ -203,3 +203,19 @@ def test_weight_gradient_accumulates_in_fp32(device):
         _addmm_fp32(acc, a[i], b[i])
     exact = torch.einsum("nik,nkj->ij", a.double().cpu(), b.double().cpu())
     assert max_rel_err(acc.cpu(), exact) <= 1e-5
+
+
+def test_invalid_tokens_hidden_states_may_hold_anything():
+    """A masked or ignored token's hidden state may be NaN or inf: it must reach no gradient, the
+    weight's included (its GEMM would otherwise multiply 0 by NaN)."""
+    case = CASES[3]
+    params, kwargs = make(case, torch.float32, "cpu")
+    clean_loss, clean_grads = fused(params, kwargs, case, upstream=1.0)
+    hidden = params[0].clone()
+    invalid = ~kwargs["mask"] | (kwargs["input_ids"] == -100)
+    hidden[invalid] = float("nan")
+    hidden[invalid.nonzero()[0].unbind()] = float("inf")
+    loss, grads = fused([hidden] + params[1:], kwargs, case, upstream=1.0)
+    assert torch.equal(loss, clean_loss)
+    assert torch.equal(grads[1], clean_grads[1]) and torch.equal(grads[2], clean_grads[2])
+    assert torch.equal(grads[0][~invalid], clean_grads[0][~invalid]) and not grads[0][invalid].any()

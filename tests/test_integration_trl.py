@@ -150,3 +150,43 @@ def test_compute_loss_tool_mask_and_accumulation(tiny_model, tmp_path, fused_lin
 def test_unsupported_options_fail_clearly(tiny_model, tmp_path, option):
     with pytest.raises(ValueError, match="MHPOTrainer does not support|loss_agg_mode"):
         make_trainer(tiny_model, tmp_path, **option)
+
+
+@pytest.mark.parametrize("ratio_shape", ["token", "sequence"])
+def test_vllm_importance_sampling_ratio(tiny_model, tmp_path, ratio_shape):
+    """TRL's vLLM correction multiplies the policy term by a per-token (B, T) or per-sequence
+    (B, 1) ratio; MHPOTrainer folds it into the advantage, which gives the same loss as the
+    reference trainer given the same folded advantage."""
+    trainer = make_trainer(tiny_model, tmp_path / "op")
+    inputs = _inputs(tiny_model[1])
+    B, T = inputs["completion_ids"].shape
+    g = torch.Generator().manual_seed(3)
+    ratio = torch.rand(B, T if ratio_shape == "token" else 1, generator=g) + 0.5
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, {**inputs, "importance_sampling_ratio": ratio})
+        trainer.use_vllm = False
+        folded = (inputs["advantages"][:, None] * ratio).expand(B, T)
+        expected = trainer._compute_loss(trainer.model, {**inputs, "advantages": folded})
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_head_logit_scale_follows_trl():
+    from types import SimpleNamespace
+
+    from mhpo_kernels.integrations.trl import head_logit_scale
+
+    assert head_logit_scale(SimpleNamespace()) == 1.0
+    assert head_logit_scale(SimpleNamespace(logit_scale=0.5, output_multiplier=3.0)) == 0.5
+    assert head_logit_scale(SimpleNamespace(output_multiplier=3.0)) == 3.0
+    assert head_logit_scale(SimpleNamespace(lm_head_multiplier=2.0)) == 2.0
+    assert head_logit_scale(SimpleNamespace(logits_scaling=4.0, model_type="granite")) == 0.25
+    assert head_logit_scale(SimpleNamespace(logits_scaling=4.0, model_type="hyperclovax")) == 4.0
+
+
+def test_fp32_head_needs_the_fused_linear_path(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
+        make_trainer(tiny_model, tmp_path, cast_lm_head_to_fp32=True)
+    make_trainer(tiny_model, tmp_path, cast_lm_head_to_fp32=True, use_fused_linear=True)

@@ -10,9 +10,10 @@ import torch
 import triton.language as tl
 
 import mhpo_kernels
+import reference
 from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err
 from conftest import DEVICES, TRITON_DEVICE
-from mhpo_kernels._inputs import prepare_mhpo
+from mhpo_kernels._inputs import prepare_mhpo, prepare_tokens
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
 from mhpo_kernels.ops import row_stats
 
@@ -193,9 +194,30 @@ def test_row_whose_first_block_is_all_minus_inf(device):
     kwargs = dict(input_ids=ids.to(device), old_logprobs=torch.full((1, 3), -6.0, device=device),
                   advantages=torch.tensor([1.3], device=device))
     loss, grad = loss_and_grad(mhpo_kernels.mhpo_loss, logits.to(device), kwargs, upstream=0.8)
-    import reference
     loss64, grad64 = loss_and_grad(reference.mhpo_loss, logits.double(),
                                    {k: v.cpu().double() if v.is_floating_point() else v.cpu()
                                     for k, v in kwargs.items()}, upstream=0.8)
     assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
     assert max_rel_err(grad.cpu(), grad64) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_softcap_row_of_minus_inf(backend):
+    """With a softcap, −inf logits map to the finite −cap/τ: a row of them is a uniform softmax,
+    not the 'nothing seen yet' state of the uncapped online max."""
+    from mhpo_kernels._config import BLOCK_V
+
+    V, cap, tau = BLOCK_V + 100, 5.0, 0.8
+    x = torch.randn(1, 3, V, device=TRITON_DEVICE if backend == "triton" else "cpu")
+    x[0, 0] = float("-inf")                     # the whole row
+    x[0, 1, :BLOCK_V] = float("-inf")           # its first block only
+    ids = torch.tensor([[5, BLOCK_V + 7, 0]], device=x.device)
+    lmap = LogitMap.make(tau, 1.0, cap)
+    batch = prepare_tokens(ids, ids.shape, V, x.device, -100)
+    with mhpo_kernels.use_backend(backend):
+        fwd, _ = mhpo_kernels._dispatch.sweeps(x.device)
+        stats = fwd(x, batch.target, None, None, None, None, MHPOParams(), lmap, with_entropy=True, with_loss=False)
+    z = cap * torch.tanh(x.cpu().double() / cap)
+    logp64, ent64 = reference.token_logprobs(z, ids.cpu(), tau, return_entropy=True)
+    assert max_rel_err(stats.logp.cpu().reshape(1, 3), logp64) <= FP32_RTOL
+    assert max_rel_err(stats.entropy.cpu().reshape(1, 3), ent64) <= FP32_RTOL

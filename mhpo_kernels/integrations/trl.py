@@ -21,6 +21,7 @@ Two paths, chosen by ``MHPOConfig.use_fused_linear``:
                           train_dataset=dataset)
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -39,7 +40,14 @@ if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:
         f"Install a supported one: pip install 'mhpo-kernels[trl]'"
     )
 
+from torch.distributed.tensor import DTensor  # noqa: E402
 from trl.models.utils import _ForwardRedirection  # noqa: E402
+
+try:  # ZeRO-3 gathering of the head for a fused loss (TRL ≥ 1.15); a no-op elsewhere.
+    from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the installed TRL
+    def maybe_gather_lm_head_ctx(*params):
+        return contextlib.nullcontext()
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
 METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac")
@@ -72,6 +80,21 @@ class MHPOConfig(GRPOConfig):
     )
 
 
+def head_logit_scale(text_config):
+    """The multiplier a model applies to its LM head's output, read as TRL 1.16 reads it for the
+    old and reference log-probs (so that the ratio compares like with like): ``logit_scale``, else
+    ``output_multiplier``, else ``lm_head_multiplier``, else ``logits_scaling`` (a divisor, except
+    for HyperCLOVA X, which multiplies); 1 when none is set."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    return 1.0
+
+
 class MHPOTrainer(GRPOTrainer):
     """GRPOTrainer with the MHPO loss; see the module docstring."""
 
@@ -95,6 +118,8 @@ class MHPOTrainer(GRPOTrainer):
             "delta (two-sided clipping)": getattr(args, "delta", None) is not None,
             "MoE router aux loss (router_aux_loss_coef = 0 turns it off)": getattr(self, "aux_loss_enabled", False),
         }
+        unsupported["cast_lm_head_to_fp32 on the logits path (use_fused_linear=True honours it)"] = (
+            getattr(args, "cast_lm_head_to_fp32", False) and not args.use_fused_linear)
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
@@ -121,12 +146,23 @@ class MHPOTrainer(GRPOTrainer):
         head = model.get_output_embeddings()
         text_config = model.config.get_text_config()
         completion_ids, old_logps, advantages, mask, ref_logps = loss_args
-        return mhpo_kernels.fused_linear_mhpo_loss(
-            hidden, head.weight, completion_ids, old_logps, advantages, mask, bias=head.bias,
-            logit_scale=getattr(text_config, "logit_scale", None) or 1.0,
-            final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-            ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs(),
-        )
+        fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)  # as TRL's head computed the old log-probs
+        # Under ZeRO-3 the head is a 0-element shard outside its gather; under FSDP2 a DTensor.
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            weight, bias = head.weight, head.bias
+            if isinstance(weight, DTensor):
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            if fp32_head:
+                hidden, weight = hidden.float(), weight.float()
+                bias = None if bias is None else bias.float()
+            with torch.autocast(hidden.device.type, enabled=False) if fp32_head else contextlib.nullcontext():
+                return mhpo_kernels.fused_linear_mhpo_loss(
+                    hidden, weight, completion_ids, old_logps, advantages, mask, bias=bias,
+                    logit_scale=head_logit_scale(text_config),
+                    final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
+                    ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs(),
+                )
 
     def _compute_loss(self, model, inputs):
         if inputs.get("pixel_values") is not None:
@@ -140,8 +176,10 @@ class MHPOTrainer(GRPOTrainer):
 
         advantages = inputs["advantages"]
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL scales the policy term per token; MHPO's policy term is linear in A.
-            advantages = advantages.reshape(advantages.shape[0], -1) * inputs["importance_sampling_ratio"]
+            # TRL scales the policy term per token (or per sequence: a (B, 1) ratio); MHPO's policy
+            # term is linear in A.
+            ratio = inputs["importance_sampling_ratio"]
+            advantages = (advantages.reshape(advantages.shape[0], -1) * ratio).expand_as(completion_ids)
         old_logps = inputs.get("old_per_token_logps")          # None: on-policy (ratio 1)
         ref_logps = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps)
@@ -155,7 +193,9 @@ class MHPOTrainer(GRPOTrainer):
             else:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask,
                                logits_to_keep=logits_to_keep + 1, use_cache=False).logits
-                loss, metrics = self.loss_from_logits(logits[:, :-1], *loss_args)
+                # The positions that predict the completion (also for a model that ignores
+                # logits_to_keep and returns every position).
+                loss, metrics = self.loss_from_logits(logits[:, -logits_to_keep - 1:-1], *loss_args)
 
         mode = "train" if self.model.training else "eval"
         if mode == "train":  # TRL turns off HF's loss scaling: scale for gradient accumulation here

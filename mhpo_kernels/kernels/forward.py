@@ -43,8 +43,11 @@ def _mhpo_fwd_kernel(
         m_v = o_v < n_read
         b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(b_x, 0))
-        # While every logit so far is −inf keep the reference at 0: s stays 0, not inf − inf.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if SOFTCAP:
+            m_ref = m_new  # the cap maps −inf to −cap/τ: z(m) stays finite
+        else:
+            # While every logit so far is −inf keep the reference at 0: s stays 0, not inf − inf.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         b_d = tl.where(m_v, _logit_delta(b_x, m_ref, in_scale, out_scale, SOFTCAP), float("-inf"))
         b_e = tl.exp(b_d)
         shift = _logit_delta(m, m_ref, in_scale, out_scale, SOFTCAP)  # rebase old sums to m_new
