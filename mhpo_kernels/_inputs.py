@@ -77,12 +77,18 @@ def _check_float_per_token(name, x, token_shape, device):
     return x.detach().reshape(-1).to(torch.float32).contiguous()
 
 
+def check_float_tensor(name, x):
+    """A tensor in one of the dtypes the kernels read: float32, bfloat16 or float16."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    return x
+
+
 def check_logits(logits):
     """logits (B, T, V) or (N, V) → a (B, T, V) view with unit stride along V."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    check_float_tensor("logits", logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be (B, T, V) or (N, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:

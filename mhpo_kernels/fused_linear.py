@@ -9,7 +9,7 @@ import torch
 
 from . import ops
 from ._config import fused_linear_chunk_rows
-from ._inputs import LOGIT_DTYPES, check_positive, prepare_mhpo, prepare_tokens
+from ._inputs import check_float_tensor, check_positive, prepare_mhpo, prepare_tokens
 from ._sweep_types import LogitMap
 from .linear_sweeps import token_logprobs_sweeps
 from .loss import metrics_from_stats, mhpo_params
@@ -18,12 +18,8 @@ from .loss import metrics_from_stats, mhpo_params
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
     """Validate the projection's arguments; returns hidden as (N, H) and the chunk rows."""
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if x is None and name == "bias":
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        if x is not None or name != "bias":
+            check_float_tensor(name, x)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be (B, T, H) or (N, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
