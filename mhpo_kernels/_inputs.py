@@ -2,7 +2,7 @@
 
 Every check raises TypeError (wrong kind or dtype) or ValueError (wrong shape or value) with a
 message that starts with the argument's name. What comes out is flat (N,) per-token tensors the
-sweeps read without further thought: fp32, contiguous, and a target id of −1 at invalid tokens.
+sweeps read without further thought: fp32, contiguous, and an int32 target id, −1 at invalid tokens.
 """
 
 import math
@@ -20,7 +20,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Batch:
     token_shape: torch.Size        # shape of input_ids: what per-token outputs are reshaped to
     seq_shape: tuple               # (B, T); 1-D input_ids are one sequence (1, N)
-    target: torch.Tensor           # (N,) int64, the id at valid tokens, −1 elsewhere
+    target: torch.Tensor           # (N,) int32, the id at valid tokens, −1 elsewhere
     valid: torch.Tensor            # (N,) bool
     old: Optional[torch.Tensor]    # (N,) fp32, None = on-policy
     adv: Optional[torch.Tensor]    # (N,) fp32
@@ -198,7 +198,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     if mask is not None:
         valid = valid & mask
     _raise_on_bad_values(ids, valid, V, mask_not_binary)
-    target = torch.where(valid, ids, -1)
+    target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
     seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
     return Batch(token_shape, seq_shape, target, valid, None, None, None, None)
 

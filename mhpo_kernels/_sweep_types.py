@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+LOG2E = 1.4426950408889634
+
 
 @dataclass(frozen=True)
 class MHPOParams:
@@ -22,12 +24,28 @@ class MHPOParams:
 class LogitMap:
     """x ↦ z, the logit the softmax sees: z = s·x/τ, or with softcap z = cap·tanh(s·x/cap)/τ.
 
-    Stored as the two multipliers the kernels use (see ``kernels.token_math._logit_map``).
+    Stored as two multipliers, z = out_scale · x · in_scale or out_scale · tanh(in_scale · x); the
+    sweeps take the derived constants below (``kernels/logit_map.py`` says how they are used).
     """
 
     in_scale: float
     out_scale: float
     softcap: bool
+
+    @property
+    def log2_scale(self):
+        """k with k · u(x) = z · log2(e), u(x) = x or tanh(in_scale · x)."""
+        return LOG2E * (self.out_scale if self.softcap else self.in_scale)
+
+    @property
+    def tanh_scale(self):
+        """2 · log2(e) · in_scale: tanh(in_scale · x) = 1 − 2 / (1 + 2^(tanh_scale · x))."""
+        return 2.0 * LOG2E * self.in_scale
+
+    @property
+    def slope(self):
+        """dz/dx without softcap, and dz/dx / (1 − u²) with it: s/τ either way."""
+        return self.in_scale * self.out_scale
 
     @staticmethod
     def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None):
@@ -43,8 +61,8 @@ class RowStats(NamedTuple):
     and dL/dlogp_t = G · coef_t. Fields a sweep was not asked for are None.
     """
 
-    row_max: torch.Tensor             # m = max_v x_v, the raw logit
-    log_sum: torch.Tensor             # log Σ_v exp(z_v − z(m)); lse = z(m) + log_sum
+    base: torch.Tensor                # b = fp32(k · max_v u(x_v)) = z(max)·log2(e), rounded
+    log2_sum: torch.Tensor            # log2 Σ_v 2^(k·u(x_v) − b): log2 p_v = k·u(x_v) − b − log2_sum
     logp: torch.Tensor                # z_y − lse
     entropy: Optional[torch.Tensor]   # −Σ_v p_v log p_v
     psi: Optional[torch.Tensor]       # ψ
@@ -58,8 +76,8 @@ class RowStats(NamedTuple):
             return torch.empty(n, device=device, dtype=torch.float32)
 
         return RowStats(
-            row_max=new(),
-            log_sum=new(),
+            base=new(),
+            log2_sum=new(),
             logp=new(),
             entropy=new() if with_entropy else None,
             psi=new() if with_loss else None,

@@ -62,7 +62,7 @@ def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
 def sweeps_backward(
-    logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor, dlogp: Tensor,
+    logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits (B, T, V) in the logits' dtype, from ∂L/∂logp and ∂L/∂H per row."""
@@ -70,37 +70,37 @@ def sweeps_backward(
     _, backward_sweep = _dispatch.sweeps(logits.device)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     with _without_autocast(logits.device):
-        return backward_sweep(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap)
+        return backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, row_max, log_sum, dlogp, entropy, dentropy, params, softcap):
+def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _sweeps_setup(ctx, inputs, output):
     logits, target, _, _, _, _, params, softcap, with_entropy, with_loss = inputs
-    row_max, log_sum, _, entropy, psi, zeta, _, coef = output
-    ctx.save_for_backward(logits, target, row_max, log_sum, coef, entropy)
+    base, log2_sum, _, entropy, psi, zeta, _, coef = output
+    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
-    ctx.mark_non_differentiable(row_max, log_sum, psi, zeta, coef)
+    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef)
     ctx.set_materialize_grads(False)
 
 
-def _sweeps_backward(ctx, _max, _log_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
-    logits, target, row_max, log_sum, coef, entropy = ctx.saved_tensors
+def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
+    logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
         return (None,) * 10
     # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
-    dlogp = torch.zeros_like(log_sum)
+    dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
         dlogp = dlogp + coef * d_loss
     if d_logp is not None:
         dlogp = dlogp + d_logp
     dent = None if d_entropy is None else d_entropy.float().contiguous()
-    grad = sweeps_backward(logits, target, row_max, log_sum, dlogp.float().contiguous(),
+    grad = sweeps_backward(logits, target, base, log2_sum, dlogp.float().contiguous(),
                            entropy if dent is not None else None, dent, ctx.params, ctx.softcap)
     return (grad,) + (None,) * 9
 

@@ -88,7 +88,7 @@ def test_opcheck(config):
     params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0]
     if config.startswith("logits"):
         x = torch.randn(2, 3, 200, generator=g).requires_grad_()
-        ids = torch.randint(0, 200, (6,), generator=g)
+        ids = torch.randint(0, 200, (6,), generator=g, dtype=torch.int32)
         ids[4] = -1
         full = config == "logits-all"
         vec = [torch.randn(6, generator=g) for _ in range(4)]
@@ -101,7 +101,7 @@ def test_opcheck(config):
         w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
         need_dh = config == "linear-all"
         h.requires_grad_(need_dh)
-        ids = torch.randint(0, 50, (6,), generator=g)
+        ids = torch.randint(0, 50, (6,), generator=g, dtype=torch.int32)
         args = (h, w, None, ids, None, torch.randn(6, generator=g), torch.full((6,), 1 / 6), None, params,
                 True, 4, True, need_dh, True, False)
         torch.library.opcheck(ops.fused_linear_forward, args)

@@ -126,7 +126,7 @@ def test_every_gradient_element_written(backend, dtype):
                     with_entropy=True, with_loss=True)
         grad = torch.full(logits.shape, float("nan"), dtype=dtype, device=logits.device)
         dent = torch.randn(stats.logp.shape, device=logits.device)
-        bwd(logits, grad, batch.target, stats.row_max, stats.log_sum, stats.coef * 1.7,
+        bwd(logits, grad, batch.target, stats.base, stats.log2_sum, stats.coef * 1.7,
             stats.entropy, dent, lmap)
     assert not grad.isnan().any()
     invalid = ~batch.valid.reshape(grad.shape[:2]).to(grad.device)
@@ -144,10 +144,12 @@ def test_hyperparameters_are_runtime_arguments():
         signature = inspect.signature(kernel.fn)  # the Python function, compiled or interpreted
         return {n for n, p in signature.parameters.items() if (p.annotation is tl.constexpr) == constexpr}
 
-    assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF", "BLOCK_V"}
-    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "BLOCK_V"}
+    block = {"R", "LANES", "VEC"}
+    assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF"} | block
+    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT"} | block
     runtime = params(_mhpo_fwd_kernel, False)
-    assert {"in_scale", "c", "k_pos", "lam_pos", "k_neg", "lam_neg", "beta"} <= runtime
+    assert {"k", "tanh_scale", "c", "k_pos", "lam_pos", "k_neg", "lam_neg", "beta"} <= runtime
+    assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

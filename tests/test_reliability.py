@@ -47,7 +47,7 @@ def test_row_offsets_beyond_int32_are_exact(device):
         fwd, bwd = mhpo_kernels._dispatch.sweeps(x.device)
         stats = fwd(x, batch.target, batch.old, batch.adv, batch.weight, batch.ref, MHPOParams(), LogitMap.make(1.0),
                     with_entropy=True, with_loss=True)
-        bwd(x, out, batch.target, stats.row_max, stats.log_sum, stats.coef, None, None, LogitMap.make(1.0))
+        bwd(x, out, batch.target, stats.base, stats.log2_sum, stats.coef, None, None, LogitMap.make(1.0))
         results.append((stats, out.clone()))
     (far, far_grad), (near, near_grad) = results
     for a, b in zip(far, near):

@@ -1,85 +1,130 @@
 """Sweep 2: per row, one more read of the logits and one write of their gradient."""
 
+import torch
 import triton
 import triton.language as tl
 
-from .._config import sweep_config
-from .rows import _row_ptr, _row_target
-from .token_math import _logit_delta, _logit_map_slope
+from .._config import FP_FUSION, sweep_config
+from .logit_map import LN2, _logit_slope, _logit_u
+from .rows import _block_offsets, _row_ptr, _row_target
 
-# Derivation. With z the logit the softmax sees (z = x/τ without softcap), p = softmax(z) and
-# log p_v = z_v − lse:
+# Derivation. With z the logit the softmax sees, p = softmax(z) and ln p_v = z_v − lse:
 #
 #   logp = z_y − lse                     ∂logp/∂z_v = [v = y] − p_v
-#   H    = −Σ_u p_u log p_u              ∂H/∂z_v    = −p_v (log p_v + H)
+#   H    = −Σ_u p_u ln p_u               ∂H/∂z_v    = −p_v (ln p_v + H)
 #
-# The forward saved per row the raw max m and log_sum = lse − z(m), so log p_v = (z_v − z(m)) −
-# log_sum is formed from a difference of nearby logits, and H. The loss, or the caller of
+# The forward saved per row the base b and log2 s, so q_v = log2 p_v = fma(u_v, k, −b) − log2 s
+# is formed from the logit's own exponent (see logit_map.py), and H. The loss, or the caller of
 # token_logprobs, hands back dlogp = ∂L/∂logp (for MHPO: G · g_t · coef_t) and dH = ∂L/∂H:
 #
-#   ∂L/∂x_v = dz_v/dx_v · ( dlogp · ([v = y] − p_v)  −  dH · p_v (log p_v + H) )
+#   ∂L/∂x_v = dz_v/dx_v · ( dlogp · ([v = y] − p_v)  −  dH · p_v (ln 2 · q_v + H) )
+#           = p_v · (a0 + a1 · q_v) · σ_v  +  [v = y] · dlogp · dz_y/dx_y
 #
-# with dz/dx = 1/τ without softcap. A zero-probability entry (log p_v = −inf) adds nothing to the
-# entropy term (p log p → 0).
+# with a0 = −(dlogp + dH · H) · s/τ, a1 = −dH · ln 2 · s/τ, and σ_v = dz_v/dx_v / (s/τ): 1, or
+# 1 − u_v² with softcap. The loop writes the first term for every v; the one-hot term is added at
+# v = y once, after the loop, so the loop compares no indices. A zero-probability entry (q = −inf)
+# adds nothing to the entropy term (p log p → 0): q is clamped to a finite floor first.
+
+Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
+
+
+@triton.jit
+def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr):
+    """The loop's term p · (a0 + a1 · q) · σ for a block (or one element) of raw logits."""
+    b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
+    b_q = tl.fma(b_u, k, -base) - log2_s
+    b_p = tl.exp2(b_q)
+    if HAS_DENT:
+        b_q = tl.maximum(b_q, Q_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        b_g = b_p * (a0 + a1 * b_q)
+    else:
+        b_g = b_p * a0
+    return b_g * _logit_slope(b_u, 1.0, SOFTCAP)
 
 
 @triton.jit
 def _mhpo_bwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
-    p_y, p_max, p_logs,                          # (N,) int64 ids (< 0 invalid), fp32 m, log_sum
+    p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid), fp32 b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     T, V,
-    in_scale, out_scale,
+    k, tanh_scale, slope,                        # logit map, see logit_map.py
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
+    BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
     p_drow = _row_ptr(p_dx, row, T, stride_db, stride_dt)
-    y, valid, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write a zero row
-    m = tl.load(p_max + row)
-    log_s = tl.load(p_logs + row)
-    dlogp = tl.where(valid, tl.load(p_dlogp + row), 0.0)
-    if HAS_DENT:
-        ent = tl.load(p_ent + row)
-        dent = tl.where(valid, tl.load(p_dent + row), 0.0)
+    y, valid, _ = _row_target(p_y, row, V)
+    o_blk = _block_offsets(R, LANES, VEC)
+    n_full = V // BLOCK_V * BLOCK_V
+    zero = tl.zeros([R * LANES, VEC], dtype=p_dx.dtype.element_ty)
 
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_x = tl.load(p_row + o_v, mask=o_v < n_read, other=0.0).to(tl.float32)
-        b_logp = _logit_delta(b_x, m, in_scale, out_scale, SOFTCAP) - log_s
-        b_p = tl.exp(b_logp)
-        b_dz = tl.where(o_v == y, dlogp, 0.0) - dlogp * b_p
+    if valid:
+        base = tl.load(p_base + row)
+        log2_s = tl.load(p_logs + row)
+        dlogp = tl.load(p_dlogp + row)
         if HAS_DENT:
-            b_dz -= tl.where(b_p > 0.0, dent * b_p * (b_logp + ent), 0.0)
-        b_dx = b_dz * _logit_map_slope(b_x, in_scale, out_scale, SOFTCAP)
-        tl.store(p_drow + o_v, tl.where(valid, b_dx, 0.0).to(p_dx.dtype.element_ty), mask=m_v)
+            dent = tl.load(p_dent + row)
+            a0 = -(dlogp + dent * tl.load(p_ent + row)) * slope
+            a1 = -dent * LN2 * slope
+        else:
+            a0 = -dlogp * slope
+            a1 = 0.0
+        # Read before the loop: with p_dx = p_x (gradient in place) the loop overwrites it.
+        x_y = tl.load(p_row + y).to(tl.float32)
+        for v0 in range(0, n_full, BLOCK_V):
+            o_v = v0 + o_blk
+            b_x = tl.load(p_row + o_v).to(tl.float32)
+            b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+            tl.store(p_drow + o_v, b_g.to(p_dx.dtype.element_ty))
+        if n_full < V:
+            o_v = n_full + o_blk
+            m_v = o_v < V
+            b_x = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
+            b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+            tl.store(p_drow + o_v, b_g.to(p_dx.dtype.element_ty), mask=m_v)
+        # The one-hot term at v = y, over the value the loop wrote there: every lane's store
+        # must land first.
+        g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+        g_y += _logit_slope(_logit_u(x_y, tanh_scale, SOFTCAP), dlogp * slope, SOFTCAP)
+        tl.debug_barrier()
+        tl.store(p_drow + y, g_y.to(p_dx.dtype.element_ty))
+    else:
+        # A row without a valid token: its zero row, and nothing read or computed per element.
+        for v0 in range(0, n_full, BLOCK_V):
+            tl.store(p_drow + v0 + o_blk, zero)
+        if n_full < V:
+            o_v = n_full + o_blk
+            tl.store(p_drow + o_v, zero, mask=o_v < V)
 
 
-def mhpo_bwd(logits, grad, target, row_max, log_sum, dlogp, entropy, dentropy, lmap):
-    """Launch sweep 2: write ∂L/∂logits into ``grad`` (B, T, V, unit stride along V)."""
+def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap):
+    """Launch sweep 2: write ∂L/∂logits into ``grad`` (B, T, V, unit stride along V); ``grad``
+    may be ``logits`` itself (each element is read before it is written, by the same lane)."""
     B, T, V = logits.shape
     N = B * T
     if N == 0:
         return grad
-    per_token = (target, row_max, log_sum, dlogp, entropy, dentropy)
+    per_token = (target, base, log2_sum, dlogp, entropy, dentropy)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
-    assert grad.stride(-1) == 1 and grad.dtype == logits.dtype
-    block_v, num_warps = sweep_config(V)
+    assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
+    cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
     _mhpo_bwd_kernel[(N,)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
-        target, row_max, log_sum, dlogp,
+        target, base, log2_sum, dlogp,
         entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
         T, V,
-        lmap.in_scale, lmap.out_scale,
+        lmap.log2_scale, lmap.tanh_scale, lmap.slope,
         SOFTCAP=lmap.softcap,
         HAS_DENT=has_dent,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
+        R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return grad

@@ -5,71 +5,106 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import sweep_config
+from .._config import FP_FUSION, sweep_config
 from .._sweep_types import RowStats
-from .rows import _row_ptr, _row_target
-from .token_math import _dhp, _expm1, _k3, _lfm, _logit_delta
+from .logit_map import LN2, _logit_u
+from .rows import _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _row_ptr, _row_target
+from .token_math import _dhp, _expm1, _k3, _lfm
+
+# The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
+# −inf (not NaN) for u = −inf, and so far below any real k·u that 2^(c − c_new) is 0.
+FLOOR = tl.constexpr(-3.0e38)
+# Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
+# entropy product turns 0 · (−inf) into 0 · (−256) = 0 for −inf logits. NaN still propagates.
+D_FLOOR = tl.constexpr(-256.0)
+
+
+@triton.jit
+def _lse_step(p_row, v0, o_blk, n_read, c, s, a, k, tanh_scale,
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+              R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """One block of the online log-sum-exp, with per-lane state (c, s, a), each [LANES]:
+
+        c = fp32(k · max u) over what the lane has read,  s = Σ 2^d,  a = Σ 2^d · d,  d = fma(u, k, −c)
+
+    Only full blocks run unmasked; the tail of the row takes the masked path once.
+    """
+    o_v = v0 + o_blk
+    if MASKED:
+        m_v = o_v < n_read
+        b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+    else:
+        b_x = tl.load(p_row + o_v).to(tl.float32)
+    b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
+    if MASKED and SOFTCAP:
+        b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes past V
+    b_u = _lanes(b_u, R, LANES, VEC)
+    c_new = tl.maximum(c, _lane_reduce_max(b_u) * k)
+    shift = c - c_new                                    # ≤ 0: rebase the lane's sums to c_new
+    alpha = tl.exp2(shift)
+    b_d = tl.fma(b_u, k, -c_new[None, :, None])           # one rounding, see logit_map.py
+    b_e = tl.exp2(b_d)
+    if WITH_ENTROPY:
+        # Σ 2^(d + shift)·(d + shift) = alpha · (a + s · shift)
+        b_d = tl.maximum(b_d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        a = alpha * (a + s * shift) + _lane_reduce_sum(b_e * b_d)
+    s = s * alpha + _lane_reduce_sum(b_e)
+    return c_new, s, a
 
 
 @triton.jit
 def _mhpo_fwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
-    p_y,                                         # (N,) int64 target ids, < 0 where invalid
+    p_y,                                         # (N,) int32 target ids, < 0 where invalid
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
-    p_max, p_logs, p_logp, p_ent,                # (N,) fp32 outputs: row max, log s, logp, H
+    p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the MHPO epilogue
     T, V,
-    in_scale, out_scale,                         # logit map, see _logit_map
+    k, tanh_scale,                               # logit map, see logit_map.py
     c, k_pos, lam_pos, k_neg, lam_neg, beta,     # MHPO hyperparameters
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
+    BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
     y, valid, n_read = _row_target(p_y, row, V)  # invalid rows read nothing and write zeros
+    o_blk = _block_offsets(R, LANES, VEC)
 
-    # Online softmax statistics. m is the running max of the raw logits x (z is increasing in x),
-    # and with d = z(x) − z(m) ≤ 0:
-    #   s = Σ e^d,   a = Σ e^d · d,   so that   logp = z(x_y) − z(m) − log s,   H = log s − a/s.
-    m = float("-inf")
-    s = 0.0
-    a = 0.0
-    for v0 in range(0, n_read, BLOCK_V):  # no steps at all for an invalid row
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < n_read
-        b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(b_x, 0))
-        if SOFTCAP:
-            m_ref = m_new  # the cap maps −inf to −cap/τ: z(m) stays finite
-        else:
-            # While every logit so far is −inf keep the reference at 0: s stays 0, not inf − inf.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_d = tl.where(m_v, _logit_delta(b_x, m_ref, in_scale, out_scale, SOFTCAP), float("-inf"))
-        b_e = tl.exp(b_d)
-        shift = _logit_delta(m, m_ref, in_scale, out_scale, SOFTCAP)  # rebase old sums to m_new
-        alpha = tl.exp(shift)
-        if WITH_ENTROPY:
-            # Σ e^(d_old + shift)·(d_old + shift) = alpha · (a + s · shift); nothing to rebase at s = 0.
-            a = alpha * (a + tl.where(s > 0.0, s * shift, 0.0)) + tl.sum(
-                tl.where(b_e > 0.0, b_e * b_d, 0.0), 0
-            )
-        s = s * alpha + tl.sum(b_e, 0)
-        m = m_new
+    # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
+    lane_c = tl.full([LANES], FLOOR, tl.float32)
+    lane_s = tl.zeros([LANES], tl.float32)
+    lane_a = tl.zeros([LANES], tl.float32)
+    n_full = n_read // BLOCK_V * BLOCK_V
+    for v0 in range(0, n_full, BLOCK_V):        # no steps at all for an invalid row
+        lane_c, lane_s, lane_a = _lse_step(p_row, v0, o_blk, n_read, lane_c, lane_s, lane_a, k,
+                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    if n_full < n_read:
+        lane_c, lane_s, lane_a = _lse_step(p_row, n_full, o_blk, n_read, lane_c, lane_s, lane_a, k,
+                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
 
-    # Rows with nothing read (invalid) keep m = −inf, s = 0: write zeros, not NaN.
-    m = tl.where(valid, m, 0.0)
-    log_s = tl.log(tl.where(valid, s, 1.0))
+    # Combine the lanes at the row's base b = max c: every lane's c − b ≤ 0, so nothing overflows,
+    # and a lane that read no finite logit (c = FLOOR, s = 0) adds exactly 0.
+    base = tl.max(lane_c, 0)
+    lane_shift = lane_c - base
+    lane_scale = tl.exp2(lane_shift)
+    s = tl.sum(lane_s * lane_scale, 0)
+    # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
+    base = tl.where(valid, base, 0.0)
+    log2_s = tl.log2(tl.where(valid, s, 1.0))
     x_y = tl.load(p_row + y, mask=valid, other=0.0).to(tl.float32)
-    logp = _logit_delta(x_y, m, in_scale, out_scale, SOFTCAP) - log_s
-    tl.store(p_max + row, m)
-    tl.store(p_logs + row, log_s)
+    logp = (tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) - log2_s) * LN2
+    tl.store(p_base + row, base)
+    tl.store(p_logs + row, log2_s)
     tl.store(p_logp + row, tl.where(valid, logp, 0.0))
     if WITH_ENTROPY:
-        tl.store(p_ent + row, tl.where(valid, log_s - a / tl.where(valid, s, 1.0), 0.0))
+        # H = −Σ p ln p with ln p = ln2 · (d − log2 s):  H = ln2 · (log2 s − Σ 2^d d / s)
+        a = tl.sum(lane_scale * (lane_a + lane_s * lane_shift), 0)
+        tl.store(p_ent + row, tl.where(valid, (log2_s - a / tl.where(valid, s, 1.0)) * LN2, 0.0))
 
     if WITH_LOSS:
         adv = tl.load(p_adv + row, mask=valid, other=0.0)
@@ -102,28 +137,30 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         return out
     per_token = (target, old, adv, g, ref)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
-    block_v, num_warps = sweep_config(V)
-    dummy = out.row_max  # stands in for absent optional inputs/outputs; never dereferenced
+    assert target.dtype == torch.int32
+    cfg = sweep_config(V, logits.element_size())
+    dummy = out.base  # stands in for absent optional inputs/outputs; never dereferenced
     _mhpo_fwd_kernel[(N,)](
         logits, logits.stride(0), logits.stride(1),
         target,
         dummy if old is None else old, dummy if adv is None else adv,
         dummy if g is None else g, dummy if ref is None else ref,
-        out.row_max, out.log_sum, out.logp,
+        out.base, out.log2_sum, out.logp,
         dummy if out.entropy is None else out.entropy,
         dummy if out.psi is None else out.psi,
         dummy if out.zeta is None else out.zeta,
         dummy if out.loss is None else out.loss,
         dummy if out.coef is None else out.coef,
         T, V,
-        lmap.in_scale, lmap.out_scale,
+        lmap.log2_scale, lmap.tanh_scale,
         hp.c, hp.k_pos, hp.lam_pos, hp.k_neg, hp.lam_neg, hp.beta,
         SOFTCAP=lmap.softcap,
         WITH_ENTROPY=with_entropy,
         WITH_LOSS=with_loss,
         HAS_OLD=old is not None,
         HAS_REF=ref is not None,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
+        R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return out

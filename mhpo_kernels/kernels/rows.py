@@ -1,4 +1,5 @@
-"""Row addressing shared by the two sweeps: one program per (b, t) row of a (B, T, V) tensor."""
+"""Row addressing and block shape shared by the two sweeps: one program per (b, t) row of a
+(B, T, V) tensor, walking the vocabulary in blocks of R × LANES × VEC elements."""
 
 import triton
 import triton.language as tl
@@ -17,8 +18,38 @@ def _row_ptr(p, row, T, stride_b, stride_t):
 
 @triton.jit
 def _row_target(p_y, row, V):
-    """(y, valid, n_read): the target id, whether the row is a valid token (0 ≤ y < V; the
+    """(y, valid, n_read): the int32 target id, whether the row is a valid token (0 ≤ y < V; the
     launcher writes −1 for invalid ones), and how many logits to read (0 for invalid rows)."""
     y = tl.load(p_y + row)
     valid = (y >= 0) & (y < V)
     return y, valid, tl.where(valid, V, 0)
+
+
+@triton.jit
+def _block_offsets(R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """Offsets of one block as an [R · LANES, VEC] tensor of 16-byte vectors: row i is the i-th
+    vector of the block, so a warp's lanes cover 32 adjacent vectors (coalesced). Loaded, it is
+    viewed as [R, LANES, VEC] (``_lanes``)."""
+    return tl.arange(0, R * LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def _lanes(b, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """A loaded [R · LANES, VEC] block as [R, LANES, VEC]. The load's layout gives each thread
+    whole rows, and the rows of thread i are i, i + LANES, ...: lane i owns R vectors, and reducing
+    over axes 0 and 2 stays inside the thread (no shuffle, no barrier in the loop). The 2-D load
+    fixes that layout; a 3-D one would leave the compiler a tie between axes 0 and 1 that Triton
+    3.6 and 3.9 break in opposite ways."""
+    return tl.reshape(b, [R, LANES, VEC])
+
+
+@triton.jit
+def _lane_reduce_max(b):
+    """Per-lane max of an [R, LANES, VEC] block: [LANES]."""
+    return tl.max(tl.max(b, 2), 0)
+
+
+@triton.jit
+def _lane_reduce_sum(b):
+    """Per-lane sum of an [R, LANES, VEC] block: [LANES]."""
+    return tl.sum(tl.sum(b, 2), 0)

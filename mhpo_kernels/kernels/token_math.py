@@ -85,27 +85,3 @@ def _dhp(psi, k_pos, lam_pos, k_neg, lam_neg):
     )
 
 
-@triton.jit
-def _logit_delta(b_x, m, in_scale, out_scale, SOFTCAP: tl.constexpr):
-    """z(x) − z(m), where z is the logit the softmax sees and m a raw logit (the row max).
-
-    Without softcap: z = in_scale · x (in_scale = logit_scale / τ), so z(x) − z(m) = (x − m) ·
-    in_scale: subtracting before scaling keeps logits of large magnitude (|x| ~ 1e3) exact
-    near the max, where forming z and lse first would lose |z| · 2⁻²⁴ to rounding.
-    With softcap: z = out_scale · tanh(in_scale · x) (in_scale = logit_scale / cap,
-    out_scale = cap / τ), Gemma's cap · tanh(s·x / cap) / τ, bounded by cap / τ.
-    z is increasing in x either way, so the row max of z is z of the row max of x.
-    """
-    if SOFTCAP:
-        return out_scale * (_tanh(in_scale * b_x) - _tanh(in_scale * m))
-    else:
-        return (b_x - m) * in_scale
-
-
-@triton.jit
-def _logit_map_slope(b_raw, in_scale, out_scale, SOFTCAP: tl.constexpr):
-    """dz/dx for the z of ``_logit_delta``: in_scale, or out_scale · in_scale · sech²(in_scale · x)."""
-    if SOFTCAP:
-        return out_scale * in_scale * _sech2(in_scale * b_raw)
-    else:
-        return in_scale

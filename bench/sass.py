@@ -1,0 +1,219 @@
+"""python -m bench.sass: what the compiled sweeps cost per logit, measured from sm_90 SASS without a GPU.
+
+Compiles every sweep variant a public entry point can launch for an H100/H200 (sm_90), exactly as
+the launchers would specialize it for V = 151,936, disassembles the cubin with the ``cuobjdump``
+that ships in Triton's wheel, finds the steady-state loop (the backward branch whose body holds
+the logits loads) and counts its instructions. Elements per thread per iteration come from the
+loads themselves (bytes loaded per thread / element size), so the count per element is exact for
+the loop as compiled, whatever the compiler unrolled.
+
+These are compiled-code figures, not speed: they say whether the instruction issue of the loop
+can keep up with the memory system (``bench/NOTES.md`` has the arithmetic), nothing more.
+
+    python -m bench.sass [--json FILE] [--cubins DIR] [NAME ...]
+
+Run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mhpo_kernels import _config
+from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel
+from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# The budgets the CI test holds the loops to (instructions and MUFU ops per logit).
+BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
+MUFU_BUDGET = 1.25  # outside softcap
+
+_FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False)
+# name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
+# combination a public entry point launches is compiled (and so held to the budget) all the same.
+FWD_FLAGS = {
+    "logprobs": {},                                                     # token_logprobs
+    "entropy": dict(WITH_ENTROPY=True),                                 # ..., return_entropy=True
+    "loss": dict(WITH_LOSS=True),                                       # mhpo_loss, on-policy
+    "loss-old-ref": dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True),
+    "loss-entropy-old-ref": dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True, WITH_ENTROPY=True),
+    "softcap-logprobs": dict(SOFTCAP=True),                             # fused linear, softcapped
+    "softcap-loss-entropy-old-ref": dict(SOFTCAP=True, WITH_LOSS=True, HAS_OLD=True, HAS_REF=True,
+                                         WITH_ENTROPY=True),
+}
+BWD_FLAGS = {
+    "": dict(SOFTCAP=False, HAS_DENT=False),
+    "entropy": dict(SOFTCAP=False, HAS_DENT=True),
+    "softcap": dict(SOFTCAP=True, HAS_DENT=False),
+    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True),
+}
+
+
+def variants():
+    """{name: (kernel, dtype, constexprs)} for every sweep a public entry point can launch."""
+    out = {}
+    for dtype in ITEMSIZE:
+        for suffix, flags in FWD_FLAGS.items():
+            out[f"fwd-{dtype}-{suffix}"] = (_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags})
+        for suffix, flags in BWD_FLAGS.items():
+            out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "")] = (_mhpo_bwd_kernel, dtype, flags)
+    return out
+
+
+def _signature(kernel, dtype, constexprs):
+    """Argument types and the alignment facts the launcher's specialization sees for contiguous
+    16-byte aligned tensors, 16-divisible strides and V."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("p_x", "p_dx"):
+            sig[name] = "*" + dtype
+        elif name == "p_y":
+            sig[name] = "*i32"
+        elif name.startswith("p_"):
+            sig[name] = "*fp32"
+        elif name.startswith("stride"):
+            sig[name] = "i64"
+        elif name in ("T", "V"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    aligned = [n for n in kernel.arg_names if n.startswith(("p_", "stride")) or n == "V"]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return sig, attrs
+
+
+def compile_variant(kernel, dtype, constexprs):
+    """The compiled kernel for ``dtype`` logits at V = 151,936 with the launcher's config."""
+    cfg = _config.sweep_config(V, ITEMSIZE[dtype])
+    constexprs = {**constexprs, "R": cfg.r, "LANES": cfg.lanes, "VEC": cfg.vec}
+    sig, attrs = _signature(kernel, dtype, constexprs)
+    return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET,
+                          options={"num_warps": cfg.num_warps, "enable_fp_fusion": _config.FP_FUSION})
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LDG_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _ldg_bytes(text):
+    """Bytes one thread loads with this LDG (32-bit unless the width says otherwise)."""
+    for part in text.split()[0].split(".")[1:]:
+        if part in _LDG_BYTES:
+            return _LDG_BYTES[part]
+    return 4
+
+
+def parse_sass(sass):
+    """[(address, instruction text)] of the only kernel in a ``cuobjdump -sass`` listing."""
+    return [(int(a, 16), t.strip()) for a, t in _INSTR.findall(sass)]
+
+
+def steady_loop(instrs):
+    """The instructions of the loop that loads the most bytes per iteration: the body of a
+    backward branch ``[target, branch]``. None if the code has no loop with a global load."""
+    best = None
+    for i, (addr, text) in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        start = int(m.group(1), 16)
+        body = [t for a, t in instrs[: i + 1] if a >= start]
+        loaded = sum(_ldg_bytes(t.split(" ", 1)[-1] if t.startswith("@") else t)
+                     for t in body if re.search(r"(^|\s)LDG", t))
+        if loaded and (best is None or loaded > best[0]):
+            best = (loaded, body)
+    return best
+
+
+def analyze(cubin_path, dtype):
+    """The loop report of one cubin: registers, spills, elements and instructions per element."""
+    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
+                          capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
+                           capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    loop = steady_loop(parse_sass(sass))
+    report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
+    if loop is None:
+        return {**report, "elements_per_thread_per_iteration": None, "loop_instructions": None,
+                "instructions_per_element": None, "mufu_per_element": None, "vector_loads": 0,
+                "vector_stores": 0}
+    loaded, body = loop
+    body = [t for t in body if not t.endswith("NOP")]
+    elements = loaded // ITEMSIZE[dtype]
+    mufu = sum(1 for t in body if "MUFU" in t)
+    return {
+        **report,
+        "elements_per_thread_per_iteration": elements,
+        "loop_instructions": len(body),
+        "instructions_per_element": round(len(body) / elements, 2),
+        "mufu_per_element": round(mufu / elements, 3),
+        "vector_loads": sum(1 for t in body if re.search(r"\bLDG\S*\.128\b", t)),
+        "vector_stores": sum(1 for t in body if re.search(r"\bSTG\S*\.128\b", t)),
+    }
+
+
+def budget_for(name):
+    sweep = name.split("-")[0]
+    return BUDGET[sweep + ("-softcap" if "softcap" in name else "")]
+
+
+def measure(names, cubin_dir):
+    os.makedirs(cubin_dir, exist_ok=True)
+    table = variants()
+    rows = []
+    for name in names:
+        kernel, dtype, constexprs = table[name]
+        compiled = compile_variant(kernel, dtype, constexprs)
+        path = os.path.join(cubin_dir, f"{name}.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        rows.append({"name": name, "dtype": dtype, **analyze(path, dtype), "budget": budget_for(name)})
+    return rows
+
+
+def print_table(rows, file=sys.stdout):
+    head = f"{'variant':<38} {'elem/thr/it':>11} {'instr/elem':>10} {'budget':>6} {'MUFU/elem':>9} {'regs':>4} {'spill':>5}"
+    print(head, file=file)
+    for r in rows:
+        print(f"{r['name']:<38} {r['elements_per_thread_per_iteration']!s:>11} "
+              f"{r['instructions_per_element']!s:>10} {r['budget']:>6} {r['mufu_per_element']!s:>9} "
+              f"{r['registers']:>4} {r['spill_bytes']:>5}", file=file)
+
+
+def main(argv=None):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("bench.sass compiles the kernels: run it without TRITON_INTERPRET")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="variants to compile (default: all)")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--cubins", default=os.path.join("bench", "results", "cubins"),
+                        help="directory for <name>.cubin")
+    args = parser.parse_args(argv)
+    names = args.names or list(variants())
+    rows = measure(names, args.cubins)
+    print_table(rows)
+    report = {"what": "compiled-code figures from sm_90 SASS (instructions, registers), not speed",
+              "target": "sm_90", "V": V, "triton": triton.__version__, "variants": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The compiled sweeps fit the instruction budget that keeps them memory-bound on an H100/H200.
+
+``python -m bench.sass`` compiles every sweep variant a public entry point launches for sm_90 (no
+GPU needed) and counts the SASS instructions of its steady-state loop per logit. The budgets come
+from the issue rate against the bandwidth (bench/NOTES.md): a bf16 forward must consume 2.15 G
+logits per ms on an H200, which its 33.5 T thread-instructions per second allow at ~15.6
+instructions per element at full issue and ~10 with room to hide latency; the backward moves 4
+bytes per element, hence twice that, and the budget here keeps a margin under it. These are
+compiled-code figures, not speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.sass import BUDGET, MUFU_BUDGET
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sass")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.sass", "--json", str(out / "sass.json"),
+                          "--cubins", str(out / "cubins")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads((out / "sass.json").read_text())["variants"]
+    assert {r["name"] for r in rows} >= {"fwd-bf16-logprobs", "fwd-fp32-softcap-logprobs", "bwd-fp16-softcap-entropy"}
+    for r in rows:
+        assert (out / "cubins" / f"{r['name']}.cubin").exists()
+    return rows
+
+
+def test_every_variant_within_the_instruction_budget(report):
+    over = [r for r in report if not r["instructions_per_element"] <= r["budget"]]
+    assert not over, "over budget: " + ", ".join(f"{r['name']} {r['instructions_per_element']}/{r['budget']}" for r in over)
+    for r in report:
+        assert r["budget"] == BUDGET[r["name"].split("-")[0] + ("-softcap" if "softcap" in r["name"] else "")]
+
+
+def test_one_exp2_per_element_outside_softcap(report):
+    for r in report:
+        if "softcap" not in r["name"]:
+            assert r["mufu_per_element"] <= MUFU_BUDGET, r
+
+
+def test_no_spills_and_16_byte_vectors(report):
+    for r in report:
+        assert r["spill_bytes"] == 0, r
+        # Each lane moves whole 16-byte vectors: one per VEC elements it owns per iteration.
+        vectors = r["elements_per_thread_per_iteration"] * {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]] // 16
+        assert r["vector_loads"] == vectors, r
+        if r["name"].startswith("bwd"):
+            assert r["vector_stores"] == vectors, r
