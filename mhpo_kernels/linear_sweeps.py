@@ -1,7 +1,7 @@
-"""The fused linear path's chunk loop: per chunk of tokens, one GEMM makes the logits tile, sweep 1
-gives the per-token loss and dL/dlogp, sweep 2 turns the tile into its gradient in place, and two
-GEMMs fold it into dhidden and dweight (3 GEMMs per chunk; recomputing the tile in the backward
-would take 4)."""
+"""The fused linear path's chunk loop: per chunk of valid tokens, one GEMM makes the logits tile,
+sweep 1 gives the per-token loss and dL/dlogp, sweep 2 turns the tile into its gradient in place,
+and two GEMMs fold it into dhidden and dweight (3 GEMMs per chunk; recomputing the tile in the
+backward would take 4). Tokens without a valid target are gathered out first and never multiplied."""
 
 import functools
 
@@ -11,13 +11,23 @@ from . import _dispatch
 from ._sweep_types import MHPOParams, RowStats
 
 
-def _logits_tiles(hidden, weight, bias, target, chunk_rows):
-    """(r0, r1, hidden rows, logits tile (1, rows, V)) per chunk of tokens: one GEMM each. The
-    hidden states of invalid tokens are zeroed first: they may hold anything, and a NaN there
-    would otherwise reach dweight through the GEMM (0 · NaN = NaN)."""
+def _valid_rows(target):
+    """Indices of the valid tokens, or None when every token is valid. The rows without a token
+    (padding, masked prompt positions) then take no part in any GEMM: the three GEMMs of a step
+    scale with the valid tokens, not with the padded batch. Costs one host sync for the count,
+    inside the op: under torch.compile the op is one opaque node with static output shapes, so
+    the compaction is invisible to the graph and adds no dynamic shape or graph break."""
+    valid = target >= 0
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(-1)
+
+
+def _logits_tiles(hidden, weight, bias, chunk_rows):
+    """(r0, r1, hidden rows, logits tile (1, rows, V)) per chunk of tokens: one GEMM each."""
     for r0 in range(0, hidden.shape[0], chunk_rows):
         r1 = min(r0 + chunk_rows, hidden.shape[0])
-        h_c = torch.where((target[r0:r1] >= 0).unsqueeze(-1), hidden[r0:r1], 0.0)
+        h_c = hidden[r0:r1]
         tile = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
         yield r0, r1, h_c, tile.unsqueeze(0)
 
@@ -38,18 +48,37 @@ def _has_fp32_out_addmm(device_type, dtype):
     return True
 
 
+WIDEN_COLUMNS = 4096  # fp32 operands for a CPU half-precision GEMM: one slice of V at a time
+
+
 def _addmm_fp32(acc, a, b):
-    """acc += a @ b into an fp32 accumulator without first rounding a @ b to a's dtype: one GEMM
-    with an fp32 output where torch has it (CUDA bf16/fp16), else on operands widened to fp32
-    (exact, slower)."""
-    if _has_fp32_out_addmm(acc.device.type, a.dtype):
+    """acc += a @ b into an fp32 accumulator without first rounding a @ b to a's dtype.
+
+    fp32 operands: one addmm. bf16/fp16 on CUDA: one GEMM with an fp32 output. Where torch has no
+    such GEMM (CPU), the operands are widened WIDEN_COLUMNS rows of ``a`` (columns of the tile) at a time, so the working
+    copy is bounded by a slice of the vocabulary, never a copy of the whole tile.
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _has_fp32_out_addmm(acc.device.type, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        b32 = b.float()
+        for v0 in range(0, a.shape[0], WIDEN_COLUMNS):
+            acc[v0:v0 + WIDEN_COLUMNS].addmm_(a[v0:v0 + WIDEN_COLUMNS].float(), b32)
 
 
-def _cat(parts):
-    return None if parts[0] is None else torch.cat(parts)
+def _scatter_rows(x, kept, n):
+    """x (len(kept), ...) back to n rows, zeros elsewhere; x itself when kept is None."""
+    if kept is None or x is None:
+        return x
+    out = x.new_zeros((n,) + tuple(x.shape[1:]))
+    out[kept] = x
+    return out
+
+
+def _gather_rows(kept, *xs):
+    return tuple(x if kept is None or x is None else x[kept] for x in xs)
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
@@ -59,11 +88,14 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
     fp32, dhidden in hidden's dtype)."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
+    n = hidden.shape[0]
+    kept = _valid_rows(target)
+    hidden, target, old, adv, g, ref = _gather_rows(kept, hidden, target, old, adv, g, ref)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
     parts = []
-    for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, target, chunk_rows):
+    for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         def rows(x):
             return None if x is None else x[r0:r1]
 
@@ -73,7 +105,7 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
         if not (need_dh or need_dw or need_db):
             continue
         # The tile becomes ∂L/∂logits for an upstream gradient of 1.
-        backward_sweep(tile, tile, rows(target), stats.row_max, stats.log_sum, stats.coef, None, None, lmap)
+        backward_sweep(tile, tile, rows(target), stats.base, stats.log2_sum, stats.coef, None, None, lmap)
         grad = tile[0]
         if need_dh:
             torch.mm(grad, weight, out=dh[r0:r1])
@@ -85,18 +117,23 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
         stats = RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
     else:  # no tokens
         stats = RowStats.empty(0, hidden.device, with_entropy=with_entropy, with_loss=True)
-    return stats.loss.sum(), stats.logp, stats.entropy, stats.psi, stats.zeta, dh, dw, db
+    logp, entropy, psi, zeta, dh = (_scatter_rows(x, kept, n) for x in
+                                    (stats.logp, stats.entropy, stats.psi, stats.zeta, dh))
+    return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
 
 
 def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy):
     """No-grad (logp, entropy or None), each (N,) fp32, chunk by chunk."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
+    n = hidden.shape[0]
+    kept = _valid_rows(target)
+    hidden, target = _gather_rows(kept, hidden, target)
     logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
-    for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, target, chunk_rows):
+    for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         stats = forward_sweep(tile, target[r0:r1], None, None, None, None, MHPOParams(), lmap,
                               with_entropy=with_entropy, with_loss=False)
         logp[r0:r1] = stats.logp
         if with_entropy:
             entropy[r0:r1] = stats.entropy
-    return logp, entropy
+    return _scatter_rows(logp, kept, n), _scatter_rows(entropy, kept, n)
