@@ -150,3 +150,33 @@ def test_non_finite_at_a_valid_token_propagates(what, device):
     others = torch.ones(grad.shape[:2], dtype=torch.bool)
     others[bad] = False
     assert torch.equal(grad[others.to(device)], clean_grad[others.to(device)])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("fill", [-1e9, -1e10, -1e30, torch.finfo(torch.float32).min, -math.inf],
+                         ids=["-1e9", "-1e10", "-1e30", "fp32-min", "-inf"])
+def test_vocabulary_masked_with_large_negatives(backend, fill):
+    """Masking part of the vocabulary with a large finite negative (as samplers and trainers do)
+    leaves zero-probability entries: log-probs, entropy and gradient equal the float64 reference.
+    In base 2 such a logit's exponent rounds with residuals far beyond 2^128, so a lane that has
+    seen only masked entries must be dropped, not multiplied by 0."""
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 2, 3, 8192 + 50
+    x = torch.randn(B, T, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    masked = torch.rand(B, T, V, generator=g) < 0.7
+    masked[:, :, :4096] = True                      # whole first block: lanes that see only masks
+    masked.scatter_(-1, ids.unsqueeze(-1), False)    # the sampled token is allowed
+    x[masked] = fill
+    old = torch.randn(B, T, generator=g) - 4.0
+    adv = torch.randn(B, generator=g)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True)
+        loss, dx = loss_and_grad(mhpo_kernels.mhpo_loss, x, dict(input_ids=ids, old_logprobs=old, advantages=adv))
+    x64 = x.double()
+    logp64, ent64 = reference.token_logprobs(x64, ids, return_entropy=True)
+    loss64, dx64 = loss_and_grad(reference.mhpo_loss, x64, dict(input_ids=ids, old_logprobs=old.double(),
+                                                                 advantages=adv.double()))
+    assert max_rel_err(logp, logp64) <= FP32_RTOL and max_rel_err(ent, ent64) <= FP32_RTOL
+    assert abs(loss.item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+    assert max_rel_err(dx, dx64) <= FP32_RTOL and not dx[masked].any()

@@ -74,8 +74,10 @@ def _mhpo_bwd_kernel(
         else:
             a0 = -dlogp * slope
             a1 = 0.0
-        # Read before the loop: with p_dx = p_x (gradient in place) the loop overwrites it.
+        # Read before the loop: with p_dx = p_x (gradient in place) the loop overwrites it, and
+        # the lane that writes y may be in another warp: every lane waits for this read.
         x_y = tl.load(p_row + y).to(tl.float32)
+        tl.debug_barrier()
         for v0 in range(0, n_full, BLOCK_V):
             o_v = v0 + o_blk
             b_x = tl.load(p_row + o_v).to(tl.float32)

@@ -42,13 +42,16 @@ def _lse_step(p_row, v0, o_blk, n_read, c, s, a, k, tanh_scale,
     c_new = tl.maximum(c, _lane_reduce_max(b_u) * k)
     shift = c - c_new                                    # ≤ 0: rebase the lane's sums to c_new
     alpha = tl.exp2(shift)
+    # alpha = 0: what the lane summed is below 2^−149 of what comes now, and may be inf (logits
+    # masked with −1e10 round to a base whose residuals exceed 2^128): drop it, never inf · 0.
+    kept = alpha > 0.0
     b_d = tl.fma(b_u, k, -c_new[None, :, None])           # one rounding, see logit_map.py
     b_e = tl.exp2(b_d)
     if WITH_ENTROPY:
         # Σ 2^(d + shift)·(d + shift) = alpha · (a + s · shift)
         b_d = tl.maximum(b_d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-        a = alpha * (a + s * shift) + _lane_reduce_sum(b_e * b_d)
-    s = s * alpha + _lane_reduce_sum(b_e)
+        a = tl.where(kept, alpha * (a + s * shift), 0.0) + _lane_reduce_sum(b_e * b_d)
+    s = tl.where(kept, s * alpha, 0.0) + _lane_reduce_sum(b_e)
     return c_new, s, a
 
 
@@ -92,7 +95,8 @@ def _mhpo_fwd_kernel(
     base = tl.max(lane_c, 0)
     lane_shift = lane_c - base
     lane_scale = tl.exp2(lane_shift)
-    s = tl.sum(lane_s * lane_scale, 0)
+    lane_kept = lane_scale > 0.0                # as in _lse_step: a negligible lane adds 0, not inf · 0
+    s = tl.sum(tl.where(lane_kept, lane_s * lane_scale, 0.0), 0)
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)
     log2_s = tl.log2(tl.where(valid, s, 1.0))
@@ -103,7 +107,7 @@ def _mhpo_fwd_kernel(
     tl.store(p_logp + row, tl.where(valid, logp, 0.0))
     if WITH_ENTROPY:
         # H = −Σ p ln p with ln p = ln2 · (d − log2 s):  H = ln2 · (log2 s − Σ 2^d d / s)
-        a = tl.sum(lane_scale * (lane_a + lane_s * lane_shift), 0)
+        a = tl.sum(tl.where(lane_kept, lane_scale * (lane_a + lane_s * lane_shift), 0.0), 0)
         tl.store(p_ent + row, tl.where(valid, (log2_s - a / tl.where(valid, s, 1.0)) * LN2, 0.0))
 
     if WITH_LOSS:
