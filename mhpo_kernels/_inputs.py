@@ -86,18 +86,40 @@ def check_float_tensor(name, x):
     return x
 
 
-def check_logits(logits):
-    """logits (B, T, V) or (N, V) → a (B, T, V) view with unit stride along V."""
+def check_logits(logits, input_ids):
+    """logits (B, T, V), (B, T + 1, V) or (N, V) → (a (B, T', V) view with unit stride along V,
+    the token shape, shifted). ``shifted``: the logits have one more position than input_ids
+    along T, the usual next-token shift (position t predicts input_ids[:, t], the last position
+    predicts nothing and gets a zero gradient row)."""
     check_float_tensor("logits", logits)
     if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be (B, T, V) or (N, V), got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be (B, T, V), (B, T + 1, V) or (N, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a vocabulary dimension V >= 1, got V = 0")
+    token_shape, shifted = logits.shape[:-1], False
+    if (logits.dim() == 3 and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+            and tuple(input_ids.shape) == (logits.shape[0], logits.shape[1] - 1)):
+        token_shape, shifted = input_ids.shape, True
     logits3 = logits if logits.dim() == 3 else logits.unsqueeze(0)
     if logits3.stride(-1) != 1 and logits3.shape[-1] > 1:
         # The kernels read rows with unit stride; any other layout costs one copy here.
         logits3 = logits3.contiguous()
-    return logits3
+    return logits3, token_shape, shifted
+
+
+def check_normalizer(normalizer, device):
+    """None, a finite number > 0, or a 0-d real tensor on ``device`` (its value is checked with
+    the other value checks, in ``prepare_mhpo``). Returned as a 0-d fp32 tensor or None."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a number or a 0-d real tensor, got a {normalizer.dtype} "
+                            f"tensor of shape {tuple(normalizer.shape)}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device}, but the inputs are on {device}")
+        return normalizer.detach().to(device=device, dtype=torch.float32)
+    return torch.tensor(check_positive("normalizer", normalizer), dtype=torch.float32, device=device)
 
 
 def _check_ids(input_ids, token_shape, device, source):
@@ -105,8 +127,9 @@ def _check_ids(input_ids, token_shape, device, source):
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape != token_shape:
+        shifted = " or one position less along T (next-token shift)" if len(token_shape) == 2 and source.startswith("logits") else ""
         raise ValueError(
-            f"input_ids must have shape {tuple(token_shape)} ({source}), got {tuple(input_ids.shape)}"
+            f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, got {tuple(input_ids.shape)}"
         )
     return input_ids.reshape(-1).to(torch.int64)
 
@@ -153,42 +176,53 @@ _BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_in
 _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
 
-def _raise_on_bad_values(ids, valid, V, mask_not_binary):
+_BAD_NORMALIZER = "normalizer must be finite and > 0"
+
+
+def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
     branch on data, asynchronous asserts in the graph instead (an error at the next sync)."""
     bad_ids = valid & ((ids < 0) | (ids >= V))
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad_ids.any(), _BAD_IDS)
-        if mask_not_binary is not None:
-            torch._assert_async(~mask_not_binary, _BAD_MASK)
-        return
-    flags = [bad_ids.any()]
+    checks = [(bad_ids.any(), None)]
     if mask_not_binary is not None:
-        flags.append(mask_not_binary)
-    flags = torch.stack(flags).tolist()
+        checks.append((mask_not_binary, _BAD_MASK))
+    if normalizer is not None:
+        checks.append((~(torch.isfinite(normalizer) & (normalizer > 0)), _BAD_NORMALIZER))
+    if torch.compiler.is_compiling():
+        for flag, message in checks:
+            torch._assert_async(~flag, message or _BAD_IDS)
+        return
+    flags = torch.stack([flag for flag, _ in checks]).tolist()
     if flags[0]:
         where = bad_ids.nonzero()[0, 0].item()
         raise ValueError(
             f"input_ids holds {int(bad_ids.sum())} id(s) outside [0, {V}) at valid positions, "
             f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)"
         )
-    if len(flags) > 1 and flags[1]:
-        raise ValueError(_BAD_MASK)
+    for flag, (_, message) in zip(flags[1:], checks[1:]):
+        if flag:
+            raise ValueError(message if message != _BAD_NORMALIZER else f"{message}, got {normalizer.item()}")
 
 
-def aggregation_weights(valid, loss_agg_mode):
-    """g_t of SPEC.md "Aggregation" from the (B, T) validity: loss = Σ_t g_t · loss_t."""
+def aggregation_weights(valid, loss_agg_mode, normalizer=None):
+    """g_t of the spec's "Aggregation" from the (B, T) validity: loss = Σ_t g_t · loss_t.
+
+    ``normalizer`` (a 0-d tensor) replaces the local count as the divisor of the aggregated sum:
+    the valid tokens for token-mean, the sequences with a valid token for the seq-mean modes.
+    """
     valid_f = valid.to(torch.float32)
-    if loss_agg_mode == "token-mean":
-        return valid_f / valid_f.sum().clamp(min=1)
     tokens_per_seq = valid_f.sum(-1, keepdim=True)
-    n_seqs = (tokens_per_seq > 0).sum().clamp(min=1)
+    if loss_agg_mode == "token-mean":
+        divisor = valid_f.sum().clamp(min=1) if normalizer is None else normalizer
+        return valid_f / divisor
+    divisor = (tokens_per_seq > 0).sum().clamp(min=1) if normalizer is None else normalizer
     if loss_agg_mode == "seq-mean-token-mean":
-        return valid_f / (tokens_per_seq.clamp(min=1) * n_seqs)
-    return valid_f / n_seqs  # seq-mean-token-sum
+        return valid_f / (tokens_per_seq.clamp(min=1) * divisor)
+    return valid_f / divisor  # seq-mean-token-sum
 
 
-def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V"):
+def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
+                   normalizer=None):
     """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
     with target and validity filled in. ``source`` names where token_shape comes from."""
     ids = _check_ids(input_ids, token_shape, device, source)
@@ -197,7 +231,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
-    _raise_on_bad_values(ids, valid, V, mask_not_binary)
+    _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer)
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
     seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
     return Batch(token_shape, seq_shape, target, valid, None, None, None, None)
@@ -205,16 +239,18 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
 
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
-    loss_agg_mode, ignore_index, source="logits without V",
+    loss_agg_mode, ignore_index, source="logits without V", normalizer=None,
 ):
     """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
     check_agg_mode(loss_agg_mode)
     beta = check_nonnegative("beta", beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
-    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source)
+    normalizer = check_normalizer(normalizer, device)
+    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, normalizer)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     batch.adv = _check_advantages(advantages, token_shape, device)
-    batch.weight = aggregation_weights(batch.valid.reshape(batch.seq_shape), loss_agg_mode).reshape(-1)
+    batch.weight = aggregation_weights(batch.valid.reshape(batch.seq_shape), loss_agg_mode,
+                                       normalizer).reshape(-1)
     return batch

@@ -56,11 +56,13 @@ def fused_linear_mhpo_loss(
     hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, bias=None,
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
-    ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False,
+    ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
-    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss``, where
+    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``
+    included; ``inplace_backward`` has no meaning here: the logits tile is always its own
+    gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
         z = cap · tanh(z / cap)                                 if final_logit_softcap (Gemma)
@@ -87,10 +89,12 @@ def fused_linear_mhpo_loss(
     batch = prepare_mhpo(
         input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, old_logprobs, advantages,
         mask, ref_logprobs, beta, loss_agg_mode, ignore_index, source="hidden without H",
+        normalizer=normalizer,
     )
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
-        hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight, batch.ref,
+        hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
+        batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,

@@ -22,8 +22,17 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
     )
 
 
+def check_inplace(logits, inplace_backward):
+    """``inplace_backward`` overwrites the logits with their gradient: refuse it for a leaf that
+    requires grad, whose values (a parameter, a test's input) would be lost."""
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires "
+                         "grad; use it on logits computed by the model (e.g. an LM head's output)")
+    return bool(inplace_backward)
+
+
 def metrics_from_stats(logp, entropy, psi, zeta, batch, c):
-    """Detached means over valid tokens (0 when there are none): the metrics SPEC.md lists."""
+    """Detached means over valid tokens (0 when there are none): the metrics ``SPEC.md`` lists."""
     valid = batch.valid
     n_valid = valid.sum().clamp(min=1)
 
@@ -65,6 +74,8 @@ def mhpo_loss(
     beta=0.0,
     ignore_index=-100,
     return_metrics=False,
+    normalizer=None,
+    inplace_backward=False,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
 
@@ -79,11 +90,20 @@ def mhpo_loss(
 
     with g_t from ``loss_agg_mode``: "seq-mean-token-mean" (mean over each sequence's valid
     tokens, then over sequences that have any), "token-mean", or "seq-mean-token-sum". An
-    all-invalid batch gives 0 and a zero gradient.
+    all-invalid batch gives 0 and a zero gradient. ``SPEC.md`` has the full definition.
+
+    The call a trainer makes passes the model's logits whole, one position longer than the
+    completion (the next-token shift), with no slice:
+
+        logits = model(input_ids).logits                      # (B, T + 1, V)
+        loss = mhpo_loss(logits, input_ids[:, 1:], old_logprobs, advantages, mask)
 
     Args:
-        logits: (B, T, V) or (N, V), float32/bfloat16/float16. Any view whose last dim has unit
-            stride (e.g. ``full_logits[:, :-1]``) is read in place; other layouts are copied once.
+        logits: (B, T, V), (B, T + 1, V) or (N, V), float32/bfloat16/float16. With T + 1
+            positions, position t predicts ``input_ids[:, t]``; the last one predicts nothing and
+            its gradient row is zero (written by the kernel: no slice, no copy, no
+            ``slice_backward``). Any view whose last dim has unit stride is read in place; other
+            layouts are copied once.
         input_ids: (B, T) or (N,) integer ids of the sampled tokens. At valid positions each
             must lie in [0, V); elsewhere anything goes.
         old_logprobs: (B, T) float log-probs under the rollout policy, or None for on-policy
@@ -98,7 +118,21 @@ def mhpo_loss(
         ignore_index: ids equal to it are invalid tokens.
         return_metrics: also return a dict of detached 0-d fp32 tensors, means over valid tokens:
             psi, zeta, survival (e^−ζ), abs_log_ratio, saturated_frac (|log_r| > c), entropy,
-            logp, and kl (k3) when ref_logprobs is given.
+            logp, and kl (k3) when ref_logprobs is given (also at β = 0, where the KL term itself
+            is never evaluated).
+        normalizer: None, a number or a 0-d tensor > 0: the divisor of the aggregated sum in place
+            of the local count. token-mean: Σ_t loss_t / normalizer; seq-mean-token-mean:
+            Σ over sequences of their token-mean / normalizer; seq-mean-token-sum: Σ over
+            sequences of their token-sum / normalizer. With it a data-parallel caller divides by
+            the global count: TRL's ``dapo`` is token-mean with ``num_items_in_batch /
+            num_processes``, Dr. GRPO is seq-mean-token-sum with B · max_completion_length.
+        inplace_backward: the backward writes ∂L/∂logits into the logits' own storage and returns
+            it, so the op allocates no logits-sized buffer. Safe when nothing reads the logits
+            after this loss's backward: logits straight from a linear LM head (its backward needs
+            its inputs, not its output), not used by another loss. Unsafe when another op saved
+            the logits for its own backward, e.g. softcapped logits (tanh's backward reads its
+            result) or a second loss on the same logits: their version counter is bumped, so
+            autograd raises instead of reading overwritten values.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -110,31 +144,36 @@ def mhpo_loss(
     """
     hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
     lmap = LogitMap.make(check_positive("temperature", temperature))
-    logits3 = check_logits(logits)
+    logits3, token_shape, shifted = check_logits(logits, input_ids)
     batch = prepare_mhpo(
-        input_ids, logits.shape[:-1], logits.shape[-1], logits.device, old_logprobs, advantages,
-        mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
+        input_ids, token_shape, logits.shape[-1], logits.device, old_logprobs, advantages,
+        mask, ref_logprobs, beta, loss_agg_mode, ignore_index, normalizer=normalizer,
     )
-    stats = row_stats(logits3, batch, hp, lmap, with_entropy=return_metrics)
+    stats = row_stats(logits3, batch, hp, lmap, with_entropy=return_metrics, shifted=shifted,
+                      inplace_backward=check_inplace(logits, inplace_backward))
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
     return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, hp.c)
 
 
-def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
+def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   inplace_backward=False):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
     (and, with ``return_entropy=True``, also ``−Σ_v p_v log p_v`` of that softmax), without
     materializing either. Positions where ``input_ids == ignore_index`` give 0 for both and pass
-    no gradient. Shapes: logits (B, T, V) or (N, V) in float32/bfloat16/float16; input_ids (B, T)
-    or (N,); results have input_ids' shape, dtype float32. Runs where ``mhpo_loss`` runs.
+    no gradient. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
+    ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
+    input_ids' shape, dtype float32. ``inplace_backward`` as in ``mhpo_loss``. Runs where
+    ``mhpo_loss`` runs.
     """
     lmap = LogitMap.make(check_positive("temperature", temperature))
-    logits3 = check_logits(logits)
-    batch = prepare_tokens(input_ids, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
-    stats = row_stats(logits3, batch, MHPOParams(), lmap, with_entropy=return_entropy)
+    logits3, token_shape, shifted = check_logits(logits, input_ids)
+    batch = prepare_tokens(input_ids, token_shape, logits.shape[-1], logits.device, ignore_index)
+    stats = row_stats(logits3, batch, MHPOParams(), lmap, with_entropy=return_entropy,
+                      shifted=shifted, inplace_backward=check_inplace(logits, inplace_backward))
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp
@@ -146,7 +185,7 @@ class MHPOLoss(torch.nn.Module):
 
     def __init__(
         self, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, *, temperature=1.0,
-        loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100,
+        loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
     ):
         super().__init__()
         self.c = check_positive("c", c)
@@ -158,15 +197,17 @@ class MHPOLoss(torch.nn.Module):
         self.loss_agg_mode = check_agg_mode(loss_agg_mode)
         self.beta = check_nonnegative("beta", beta)
         self.ignore_index = ignore_index
+        self.inplace_backward = bool(inplace_backward)
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
-                ref_logprobs=None, return_metrics=False):
+                ref_logprobs=None, return_metrics=False, normalizer=None):
         return mhpo_loss(
             logits, input_ids, old_logprobs, advantages, mask,
             c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
             lam_neg=self.lam_neg, temperature=self.temperature,
             loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
-            ignore_index=self.ignore_index, return_metrics=return_metrics,
+            ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self):

@@ -37,52 +37,119 @@ def _fp32(like, n):
 
 
 # ---- the two sweeps over (B, T, V) logits -------------------------------------------------------
+#
+# ``shifted``: the logits have one more position than the tokens along T (the next-token shift):
+# the per-token inputs (B·T,) are padded to (B·(T + 1),) with an invalid last position per
+# sequence, so the kernels read the logits whole, and write a zero gradient row for the position
+# that predicts nothing. All of it happens inside the ops, so autograd sees no slice of the logits.
+
+
+def _pad_rows(x, shape, fill):
+    """(B·T,) per-token values → (B·(T + 1),), ``fill`` at each sequence's last position."""
+    if x is None:
+        return None
+    B, T = shape
+    out = x.new_full((B, T + 1), fill)
+    out[:, :T] = x.reshape(B, T)
+    return out.reshape(-1)
+
+
+def _unpad_rows(x, shape):
+    """The inverse of ``_pad_rows`` (a copy): (B·(T + 1),) → (B·T,)."""
+    if x is None or x.numel() == 0:
+        return x
+    B, T = shape
+    return x.reshape(B, T + 1)[:, :T].reshape(-1)
+
+
+def _token_shape(logits, shifted):
+    B, T, _ = logits.shape
+    return (B, T - 1) if shifted else (B, T)
+
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
 def sweeps_forward(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], params: List[float], softcap: bool,
-    with_entropy: bool, with_loss: bool,
+    with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for)."""
+    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for).
+    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits."""
     hp, lmap = _unpack(params, softcap)
     forward_sweep, _ = _dispatch.sweeps(logits.device)
+    if shifted:
+        shape = _token_shape(logits, True)
+        target = _pad_rows(target, shape, -1)
+        old, adv, weight, ref = (_pad_rows(x, shape, 0.0) for x in (old, adv, weight, ref))
     with _without_autocast(logits.device):
         stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
                               with_entropy=with_entropy, with_loss=with_loss)
+    if shifted:
+        stats = RowStats(*(_unpad_rows(x, shape) for x in stats))
     return tuple(_fp32(logits, 0) if x is None else x for x in stats)
 
 
 @sweeps_forward.register_fake
-def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with_loss):
-    n = logits.shape[0] * logits.shape[1]
+def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with_loss, shifted,
+      inplace_backward):
+    B, T = _token_shape(logits, shifted)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    return tuple(_fp32(logits, n if p else 0) for p in present)
+    return tuple(_fp32(logits, B * T if p else 0) for p in present)
+
+
+def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap,
+                    shifted):
+    _, lmap = _unpack(params, softcap)
+    _, backward_sweep = _dispatch.sweeps(logits.device)
+    if shifted:
+        shape = _token_shape(logits, True)
+        target = _pad_rows(target, shape, -1)
+        base, log2_sum, dlogp, entropy, dentropy = (
+            _pad_rows(x, shape, 0.0) for x in (base, log2_sum, dlogp, entropy, dentropy))
+    with _without_autocast(logits.device):
+        return backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap)
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
+    shifted: bool,
 ) -> Tensor:
-    """Sweep 2: ∂L/∂logits (B, T, V) in the logits' dtype, from ∂L/∂logp and ∂L/∂H per row."""
-    _, lmap = _unpack(params, softcap)
-    _, backward_sweep = _dispatch.sweeps(logits.device)
+    """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    with _without_autocast(logits.device):
-        return backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap)
+    return _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, params,
+                           softcap, shifted)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap):
+def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap, shifted):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+@torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))
+def sweeps_backward_(
+    logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
+    shifted: bool,
+) -> None:
+    """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
+    same lane writes it)."""
+    _backward_sweep(logits, logits, target, base, log2_sum, dlogp, entropy, dentropy, params,
+                    softcap, shifted)
+
+
+@sweeps_backward_.register_fake
+def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap, shifted):
+    return None
+
+
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, _, _, params, softcap, with_entropy, with_loss = inputs
+    logits, target, _, _, _, _, params, softcap, with_entropy, with_loss, shifted, inplace = inputs
     base, log2_sum, _, entropy, psi, zeta, _, coef = output
     ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
+    ctx.shifted, ctx.inplace = shifted, inplace
     ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef)
     ctx.set_materialize_grads(False)
 
@@ -92,7 +159,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
-        return (None,) * 10
+        return (None,) * 12
     # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
     dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
@@ -100,20 +167,28 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     if d_logp is not None:
         dlogp = dlogp + d_logp
     dent = None if d_entropy is None else d_entropy.float().contiguous()
-    grad = sweeps_backward(logits, target, base, log2_sum, dlogp.float().contiguous(),
-                           entropy if dent is not None else None, dent, ctx.params, ctx.softcap)
-    return (grad,) + (None,) * 9
+    args = (target, base, log2_sum, dlogp.float().contiguous(), entropy if dent is not None else None,
+            dent, ctx.params, ctx.softcap, ctx.shifted)
+    if ctx.inplace:
+        sweeps_backward_(logits, *args)
+        grad = logits
+    else:
+        grad = sweeps_backward(logits, *args)
+    return (grad,) + (None,) * 11
 
 
 torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
 
 
-def row_stats(logits, batch, hp, lmap, with_entropy):
-    """Sweep 1 on (B, T, V) logits and a prepared batch, as ``RowStats`` (absent fields None)
-    whose logp, entropy and loss carry gradient to the logits."""
+def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False):
+    """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch, as
+    ``RowStats`` (absent fields None) whose logp, entropy and loss carry gradient to the logits.
+    The KL term runs only for β > 0: the reference log-probs are not read at β = 0."""
     with_loss = batch.adv is not None
-    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref,
-                         pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss)
+    ref = batch.ref if hp.beta > 0 else None
+    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref,
+                         pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
+                         bool(shifted), bool(inplace_backward))
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     return RowStats(*(x if p else None for x, p in zip(out, present)))
 

@@ -50,8 +50,16 @@ def _entropy(logprobs):
     return -(probs * finite_logprobs).sum(-1)
 
 
+def _next_token_positions(logits, input_ids):
+    """(B, T + 1, V) logits with (B, T) ids: the T positions that predict the ids."""
+    if logits.dim() == 3 and input_ids.dim() == 2 and logits.shape[1] == input_ids.shape[1] + 1:
+        return logits[:, :-1]
+    return logits
+
+
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
     """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored."""
+    logits = _next_token_positions(logits, input_ids)
     logits3, ids = _as_batch(logits, input_ids)
     valid = _valid_tokens(ids, None, ignore_index)
     logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
@@ -76,12 +84,13 @@ def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg):
     return log_ratio, psi, zeta, weight
 
 
-def aggregate(loss_tok, valid, loss_agg_mode):
-    """Σ_t g_t · loss_t with the aggregation of SPEC.md; an all-invalid batch gives 0."""
+def aggregate(loss_tok, valid, loss_agg_mode, normalizer=None):
+    """Σ_t g_t · loss_t with the aggregation of SPEC.md; an all-invalid batch gives 0.
+    ``normalizer`` replaces the count (tokens, or sequences with a token) as the divisor."""
     loss_tok = torch.where(valid, loss_tok, torch.zeros_like(loss_tok))
     valid = valid.to(loss_tok.dtype)
     if loss_agg_mode == "token-mean":
-        return loss_tok.sum() / valid.sum().clamp(min=1)
+        return loss_tok.sum() / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
     tokens_per_seq = valid.sum(-1)
     if loss_agg_mode == "seq-mean-token-mean":
         per_seq = loss_tok.sum(-1) / tokens_per_seq.clamp(min=1)
@@ -89,7 +98,7 @@ def aggregate(loss_tok, valid, loss_agg_mode):
         per_seq = loss_tok.sum(-1)
     else:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    return per_seq.sum() / (tokens_per_seq > 0).sum().clamp(min=1)
+    return per_seq.sum() / ((tokens_per_seq > 0).sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 def mhpo_loss_from_logprobs(
@@ -108,6 +117,7 @@ def mhpo_loss_from_logprobs(
     beta=0.0,
     return_metrics=False,
     entropy=None,
+    normalizer=None,
 ):
     """The MHPO loss of SPEC.md from the current policy's per-token log-probs ``logp`` (B, T),
     which carry the gradient; ``mask`` (B, T) marks valid tokens (None: all). ``entropy`` (B, T),
@@ -121,8 +131,9 @@ def mhpo_loss_from_logprobs(
     if ref_logprobs is not None:
         delta = ref_logprobs - logp
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
-        loss_tok = loss_tok + beta * kl
-    loss = aggregate(loss_tok, valid, loss_agg_mode)
+        if beta > 0:                                           # β = 0: the term is not evaluated
+            loss_tok = loss_tok + beta * kl
+    loss = aggregate(loss_tok, valid, loss_agg_mode, normalizer)
     if not return_metrics:
         return loss
 
@@ -164,8 +175,12 @@ def mhpo_loss(
     beta=0.0,
     ignore_index=-100,
     return_metrics=False,
+    normalizer=None,
 ):
-    """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``."""
+    """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
+    (less ``inplace_backward``). Logits with one more position than input_ids are sliced:
+    position t predicts input_ids[:, t]."""
+    logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
     logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
@@ -173,5 +188,5 @@ def mhpo_loss(
         logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
-        entropy=_entropy(logprobs) if return_metrics else None,
+        entropy=_entropy(logprobs) if return_metrics else None, normalizer=normalizer,
     )

@@ -25,6 +25,13 @@ def logits_step(logits, ids, old, adv, mask, ref):
     return loss, metrics["entropy"], metrics["kl"]
 
 
+def head_step(hidden, weight, ids, old, adv, mask):
+    """A trainer's call: full logits (B, T + 1, V) from a linear head, gradient written in place."""
+    logits = hidden @ weight.t()
+    return (mhpo_kernels.mhpo_loss(logits, ids[:, 1:], old[:, 1:], adv, mask[:, 1:], normalizer=5.0,
+                                   loss_agg_mode="token-mean", inplace_backward=True),)
+
+
 def linear_step(hidden, weight, ids, old, adv, mask):
     loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
         hidden, weight, ids, old, adv, mask, chunk_size=5, final_logit_softcap=8.0,
@@ -49,16 +56,18 @@ def _fresh(args):
     return [a.detach().clone().requires_grad_() if a.requires_grad else a for a in args]
 
 
-@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (linear_step, _linear_args)],
-                         ids=["mhpo_loss", "fused_linear_mhpo_loss"])
+@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
+                                             (linear_step, _linear_args)],
+                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss"])
 def test_no_graph_breaks(step, make_args):
     explanation = torch._dynamo.explain(step)(*make_args())
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (linear_step, _linear_args)],
-                         ids=["mhpo_loss", "fused_linear_mhpo_loss"])
+@pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
+                                             (linear_step, _linear_args)],
+                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss"])
 def test_compiled_step_equals_eager(step, make_args):
     args = make_args()
     eager_args, compiled_args = _fresh(args), _fresh(args)
@@ -78,7 +87,8 @@ def test_custom_ops_registered():
         assert hasattr(torch.ops.mhpo_kernels, name)
 
 
-@pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "linear-all", "linear-head-only-bf16"])
+@pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "linear-all",
+                                    "linear-head-only-bf16"])
 def test_opcheck(config):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree
     with what the ops really do, in the configurations the public functions use."""
@@ -87,14 +97,21 @@ def test_opcheck(config):
     g = torch.Generator().manual_seed(5)
     params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0]
     if config.startswith("logits"):
-        x = torch.randn(2, 3, 200, generator=g).requires_grad_()
+        shifted = config == "logits-shifted-inplace"
+        x = torch.randn(2, 4 if shifted else 3, 200, generator=g).requires_grad_()
         ids = torch.randint(0, 200, (6,), generator=g, dtype=torch.int32)
         ids[4] = -1
-        full = config == "logits-all"
+        full = config != "logits-minimal"
         vec = [torch.randn(6, generator=g) for _ in range(4)]
         args = (x, ids, vec[0] if full else None, vec[1] if full else None, vec[2] if full else None,
-                vec[3] if full else None, params, False, full, full)
+                vec[3] if full else None, params, False, full, full, shifted, False)
         torch.library.opcheck(ops.sweeps_forward, args)
+        if shifted:  # the backward ops themselves, out of place and in place
+            stats = [s.detach() for s in ops.sweeps_forward(*args)]
+            bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
+                        torch.randn(6, generator=g), params, False, True)
+            torch.library.opcheck(ops.sweeps_backward, bwd_args)
+            torch.library.opcheck(ops.sweeps_backward_, bwd_args)
     else:
         dtype = torch.float32 if config == "linear-all" else torch.bfloat16
         h = torch.randn(6, 16, generator=g).to(dtype)
