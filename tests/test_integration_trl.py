@@ -25,9 +25,9 @@ VOCAB = 512
 class ReferenceTrainer(MHPOTrainer):
     """The same trainer, its loss from the plain-PyTorch reference on the model's logits."""
 
-    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps):
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None):
         return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
-                                   return_metrics=True, **self.mhpo_kwargs())
+                                   return_metrics=True, normalizer=normalizer, **self.mhpo_kwargs())
 
 
 class RecordGradients(TrainerCallback):
@@ -190,3 +190,57 @@ def test_fp32_head_needs_the_fused_linear_path(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
         make_trainer(tiny_model, tmp_path, cast_lm_head_to_fp32=True)
     make_trainer(tiny_model, tmp_path, cast_lm_head_to_fp32=True, use_fused_linear=True)
+
+
+def test_logits_path_runs_no_slice_backward_over_the_logits(tiny_model, tmp_path):
+    """The model returns the C + 1 positions that predict the completion; the op takes them whole:
+    the backward of a step slices nothing logits-sized, and writes the gradient in place."""
+    from test_trainer_calls import _Recorder
+
+    trainer = make_trainer(tiny_model, tmp_path)
+    inputs = _inputs(tiny_model[1])
+    B, C = inputs["completion_ids"].shape
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, inputs)
+    with _Recorder() as rec:
+        loss.backward()
+    logits_numel = B * (C + 1) * VOCAB
+    slices = [sizes for name, sizes in rec.calls if "slice_backward" in name and any(n >= logits_numel for n in sizes)]
+    assert not slices, slices
+    assert any("sweeps_backward_" in name for name, _ in rec.calls)  # in place: on by default
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_token_mean_normalizes_as_trl_dapo(tiny_model, tmp_path, mode):
+    """token-mean: Σ over the micro-batch's valid tokens / (num_items_in_batch / num_processes ·
+    accumulation steps / steps_per_generation) in training, / (num_items_in_batch /
+    num_processes) in eval: TRL's dapo, with no further division by the accumulation steps."""
+    trainer = make_trainer(tiny_model, tmp_path, loss_agg_mode="token-mean", steps_per_generation=4)
+    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=ReferenceTrainer, loss_agg_mode="token-mean",
+                               steps_per_generation=4)
+    inputs = {**_inputs(tiny_model[1]), "num_items_in_batch": torch.tensor(57.0)}
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    results = []
+    for t in (trainer, ref_trainer):
+        t.model.train(mode == "train")
+        t.current_gradient_accumulation_steps = 3
+        with torch.no_grad():
+            results.append(t._compute_loss(t.model, inputs).item())
+    divisor = 57.0 * (3 / 4 if mode == "train" else 1.0)
+    with torch.no_grad():  # the local token mean from the model's logits, rescaled to TRL's divisor
+        C = inputs["completion_ids"].shape[1]
+        logits = ref_trainer.model(
+            input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits[:, -C - 1:]
+        local = reference.mhpo_loss(logits, inputs["completion_ids"], inputs["old_per_token_logps"],
+                                    inputs["advantages"], mask.bool(), ref_logprobs=inputs["ref_per_token_logps"],
+                                    **ref_trainer.mhpo_kwargs())
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    assert results[1] == pytest.approx(local.item() * mask.sum().item() / divisor, rel=1e-5)
+
+
+def test_liger_kernel_is_refused(tiny_model, tmp_path):
+    """TRL's Liger path would train its own GRPO loss and never call _compute_loss."""
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        make_trainer(tiny_model, tmp_path, use_liger_kernel=True)

@@ -10,8 +10,10 @@ gradient-accumulation scaling. It logs the MHPO metrics as ``mhpo/<name>`` besid
 
 Two paths, chosen by ``MHPOConfig.use_fused_linear``:
 
-- logits (default): the model's forward gives the completion logits, ``mhpo_loss`` reads them in
-  place (one read in the forward, one read and one write in the backward);
+- logits (default): the model's forward gives the C + 1 positions that predict the C completion
+  tokens (and the one after), and ``mhpo_loss`` takes them whole with the next-token shift: one
+  read in the forward, one read and one write in the backward, no slice backward, and with
+  ``inplace_backward`` (on by default) the gradient written into the logits themselves;
 - fused linear: the model's backbone gives the hidden states and ``fused_linear_mhpo_loss`` takes
   them with the LM head, never materializing the logits. It runs inside the wrapped model's
   forward (TRL's forward redirection), so DDP/FSDP/DeepSpeed hooks see a normal forward.
@@ -40,7 +42,7 @@ if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:
         f"Install a supported one: pip install 'mhpo-kernels[trl]'"
     )
 
-from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.distributed.tensor import DTensor, Partial  # noqa: E402
 from trl.models.utils import _ForwardRedirection  # noqa: E402
 
 try:  # ZeRO-3 gathering of the head for a fused loss (TRL ≥ 1.15); a no-op elsewhere.
@@ -58,7 +60,20 @@ class MHPOConfig(GRPOConfig):
     """TRL's GRPOConfig plus MHPO's hyperparameters (the paper's defaults).
 
     ``loss_type`` and the clipping ε of GRPOConfig have no effect: the loss is MHPO's, aggregated
-    by ``loss_agg_mode``.
+    by ``loss_agg_mode``:
+
+    - ``token-mean`` normalizes exactly as TRL's ``dapo`` (its default): the sum over this
+      micro-batch's valid tokens divided by the generation batch's valid-token count across all
+      processes, per process and per accumulation window (``num_items_in_batch /
+      num_processes · accumulation steps / steps_per_generation``), so the summed gradient of an
+      optimizer step is the global token mean whatever the batch split.
+    - ``seq-mean-token-mean`` (the paper's): per sequence the mean over its valid tokens, then the
+      mean over the micro-batch's sequences that have any, divided by the accumulation steps.
+      TRL's ``grpo`` divides by every sequence of the micro-batch, empty ones included: the two
+      agree when every completion has a valid token (TRL's ``mask_truncated_completions`` can
+      empty one).
+    - ``seq-mean-token-sum``: the mean over sequences of their token sums, divided by the
+      accumulation steps.
     """
 
     c: float = field(default=1.5, metadata={"help": "MHPO: bound of the Log-Fidelity Modulator ψ."})
@@ -78,6 +93,12 @@ class MHPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "MHPO: take the hidden states and the LM head, never materializing the logits."},
     )
+    inplace_backward: bool = field(
+        default=True,
+        metadata={"help": "MHPO, logits path: write the logits' gradient into the logits (no logits-sized "
+                          "buffer). Safe for a model's output logits, which nothing reads after the loss; "
+                          "autograd raises if another op saved them."},
+    )
 
 
 def head_logit_scale(text_config):
@@ -95,10 +116,31 @@ def head_logit_scale(text_config):
     return 1.0
 
 
+def gathered_head(head):
+    """The LM head's (weight, bias) as plain tensors for the fused loss.
+
+    Under FSDP2 with the head as its own unit, they are sharded DTensors outside the head's own
+    forward (which the fused path never calls): gathered with ``full_tensor``, whose default
+    backward keeps each rank's slice of its *own* gradient, dropping the other ranks' share.
+    ``grad_placements=Partial("avg")`` makes the backward a reduce-scatter that averages over the
+    data-parallel ranks, as FSDP2 averages every other gradient.
+    """
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor(grad_placements=[Partial("avg")] * bias.device_mesh.ndim)
+    return weight, bias
+
+
 class MHPOTrainer(GRPOTrainer):
     """GRPOTrainer with the MHPO loss; see the module docstring."""
 
     def __init__(self, *args, **kwargs):
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if getattr(config, "use_liger_kernel", False):  # before TRL acts on it
+            raise ValueError("MHPOTrainer does not support: use_liger_kernel (TRL's Liger GRPO loss "
+                             "replaces the MHPO loss)")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MHPOConfig):
             raise TypeError(f"MHPOTrainer needs an MHPOConfig, got {type(self.args).__name__}")
@@ -117,6 +159,10 @@ class MHPOTrainer(GRPOTrainer):
             "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
             "delta (two-sided clipping)": getattr(args, "delta", None) is not None,
             "MoE router aux loss (router_aux_loss_coef = 0 turns it off)": getattr(self, "aux_loss_enabled", False),
+            # TRL's Liger path computes its own GRPO loss and never calls _compute_loss: the run
+            # would silently train GRPO.
+            "use_liger_kernel (TRL's Liger GRPO loss replaces the MHPO loss)":
+                getattr(args, "use_liger_kernel", False) or getattr(self, "use_liger_loss", False),
         }
         unsupported["cast_lm_head_to_fp32 on the logits path (use_fused_linear=True honours it)"] = (
             getattr(args, "cast_lm_head_to_fp32", False) and not args.use_fused_linear)
@@ -126,6 +172,12 @@ class MHPOTrainer(GRPOTrainer):
         if args.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {args.loss_agg_mode!r}")
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Always the MHPO loss: no option of the parent's may route around ``_compute_loss``."""
+        if return_outputs:
+            raise ValueError("MHPOTrainer does not support returning outputs")
+        return self._compute_loss(model, inputs)
+
     # -- the loss ----------------------------------------------------------------------------
 
     def mhpo_kwargs(self):
@@ -133,10 +185,21 @@ class MHPOTrainer(GRPOTrainer):
         return dict(c=a.c, k_pos=a.k_pos, lam_pos=a.lam_pos, k_neg=a.k_neg, lam_neg=a.lam_neg,
                     temperature=self.temperature, loss_agg_mode=a.loss_agg_mode, beta=self.beta)
 
-    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps):
-        """The MHPO loss and metrics from completion logits (B, T, V)."""
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None):
+        """The MHPO loss and metrics from the logits (B, C + 1, V) that predict the completion."""
         return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask,
-                                      ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs())
+                                      ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
+                                      inplace_backward=self.args.inplace_backward, **self.mhpo_kwargs())
+
+    def token_mean_normalizer(self, inputs):
+        """TRL's ``dapo`` divisor for token-mean: the generation batch's valid tokens (all processes),
+        per process and per accumulation window; None for the other modes (local counts)."""
+        if self.args.loss_agg_mode != "token-mean":
+            return None
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if self.model.training:  # in eval the batch is neither split across steps nor accumulated
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
 
     def _fused_linear_forward(self, model, input_ids, attention_mask, logits_to_keep, *loss_args):
         """Backbone → completion hidden states → fused_linear_mhpo_loss, inside model.forward."""
@@ -145,14 +208,11 @@ class MHPOTrainer(GRPOTrainer):
         hidden = hidden[:, -logits_to_keep - 1:-1]            # the states that predict the completion
         head = model.get_output_embeddings()
         text_config = model.config.get_text_config()
-        completion_ids, old_logps, advantages, mask, ref_logps = loss_args
+        completion_ids, old_logps, advantages, mask, ref_logps, normalizer = loss_args
         fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)  # as TRL's head computed the old log-probs
         # Under ZeRO-3 the head is a 0-element shard outside its gather; under FSDP2 a DTensor.
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            weight, bias = head.weight, head.bias
-            if isinstance(weight, DTensor):
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if bias is not None else None
+            weight, bias = gathered_head(head)
             if fp32_head:
                 hidden, weight = hidden.float(), weight.float()
                 bias = None if bias is None else bias.float()
@@ -161,7 +221,8 @@ class MHPOTrainer(GRPOTrainer):
                     hidden, weight, completion_ids, old_logps, advantages, mask, bias=bias,
                     logit_scale=head_logit_scale(text_config),
                     final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-                    ref_logprobs=ref_logps, return_metrics=True, **self.mhpo_kwargs(),
+                    ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
+                    **self.mhpo_kwargs(),
                 )
 
     def _compute_loss(self, model, inputs):
@@ -182,7 +243,8 @@ class MHPOTrainer(GRPOTrainer):
             advantages = (advantages.reshape(advantages.shape[0], -1) * ratio).expand_as(completion_ids)
         old_logps = inputs.get("old_per_token_logps")          # None: on-policy (ratio 1)
         ref_logps = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-        loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps)
+        normalizer = self.token_mean_normalizer(inputs)
+        loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps, normalizer)
 
         with self.accelerator.autocast():
             if self.args.use_fused_linear:
@@ -193,12 +255,17 @@ class MHPOTrainer(GRPOTrainer):
             else:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask,
                                logits_to_keep=logits_to_keep + 1, use_cache=False).logits
-                # The positions that predict the completion (also for a model that ignores
-                # logits_to_keep and returns every position).
-                loss, metrics = self.loss_from_logits(logits[:, -logits_to_keep - 1:-1], *loss_args)
+                # The C + 1 positions that predict the completion and the token after it, taken
+                # whole (the op's next-token shift). Only a model that ignores logits_to_keep
+                # and returns every position needs a slice here.
+                if logits.shape[1] != logits_to_keep + 1:
+                    logits = logits[:, -logits_to_keep - 1:]
+                loss, metrics = self.loss_from_logits(logits, *loss_args)
 
         mode = "train" if self.model.training else "eval"
-        if mode == "train":  # TRL turns off HF's loss scaling: scale for gradient accumulation here
+        if mode == "train" and normalizer is None:
+            # TRL turns off HF's loss scaling: scale for gradient accumulation here (token-mean's
+            # normalizer already carries it, as TRL's dapo does).
             loss = loss / self.current_gradient_accumulation_steps
         self._log_mhpo_metrics(mode, metrics, mask)
         return loss

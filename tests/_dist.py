@@ -1,0 +1,48 @@
+"""Multi-process tests on CPU: gloo, a FileStore rendezvous (no ports), the spawn start method, and a
+hard time limit so that a hang fails the test instead of eating CI."""
+
+import datetime
+import os
+import time
+import traceback
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+def _entry(rank, world_size, store_path, fn, args, result_dir):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # children re-import the kernels: same backend
+    try:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+        try:
+            fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run(fn, world_size, tmp_path, *args, timeout=TIMEOUT_S):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes with a gloo group;
+    raise with the first failing rank's traceback, or after ``timeout`` seconds."""
+    store = os.path.join(str(tmp_path), "store")
+    ctx = mp.start_processes(_entry, args=(world_size, store, fn, args, str(tmp_path)),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} did not finish within {timeout} s")
+    except mp.ProcessRaisedException as e:
+        errors = sorted(f for f in os.listdir(tmp_path) if f.startswith("error-"))
+        detail = open(os.path.join(tmp_path, errors[0])).read() if errors else str(e)
+        raise AssertionError(f"{fn.__name__} failed:\n{detail}") from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
