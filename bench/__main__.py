@@ -42,10 +42,10 @@ def check_correctness(device):
     old = torch.randn(2, 32, generator=g).to(device) - 9
     adv = torch.randn(2, generator=g).to(device)
     kwargs = dict(temperature=0.9, ref_logprobs=old + 0.1, beta=0.04)
-    x = logits[:, :-1].detach().requires_grad_()
+    x = logits.detach().requires_grad_()          # whole: the op's next-token shift
     loss = mhpo_kernels.mhpo_loss(x, ids, old, adv, **kwargs)
     loss.backward()
-    x64 = logits[:, :-1].detach().cpu().double().requires_grad_()
+    x64 = logits.detach().cpu().double().requires_grad_()
     kw64 = {**kwargs, "ref_logprobs": kwargs["ref_logprobs"].cpu().double()}
     loss64 = reference.mhpo_loss(x64, ids.cpu(), old.cpu().double(), adv.cpu().double(), **kw64)
     loss64.backward()

@@ -4,6 +4,11 @@ All providers of a suite see the same inputs at the same settings (temperature, 
 log-probs, completion mask, per-sequence advantages, the mean over each sequence's tokens then over
 sequences). Liger's kernels compute GRPO's clipped objective, not MHPO: they are the nearest fused
 Triton RL losses, and are labelled as such wherever they are reported.
+
+The logits suite times what a trainer runs: the model's logits (B, T + 1, V) as the leaf. The
+fused op takes them whole (the next-token shift is its own), with and without
+``inplace_backward``; the eager and compiled baselines slice them as trainers do,
+``logits[:, :-1]``, and pay that slice's backward.
 """
 
 import functools
@@ -65,12 +70,19 @@ def _fused(inputs, x):
     return mhpo_kernels.mhpo_loss(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
 
+def _fused_inplace(inputs, x):
+    # x stands for the model's output: a view, since the op refuses to overwrite a leaf. Its
+    # private copy of the logits becomes their gradient at each step (the values stay finite).
+    return mhpo_kernels.mhpo_loss(x.view_as(x), *_mhpo_args(inputs), inplace_backward=True,
+                                  **_loss_kwargs(inputs))
+
+
 def _eager(inputs, x):
-    return reference.mhpo_loss(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+    return reference.mhpo_loss(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
 
 def _compile(inputs, x):
-    return _compiled("mhpo_loss")(x, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+    return _compiled("mhpo_loss")(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
 
 def _liger_logits(inputs, x):
@@ -105,13 +117,18 @@ def _liger_fused_linear(inputs, h, w):
 class Provider:
     """A provider: what it computes, when it can run, its loss step and its no-grad log-probs."""
 
-    def __init__(self, name, computes, loss, logprobs, needs=None, leaves=("logits",)):
+    def __init__(self, name, computes, loss, logprobs, needs=None, leaves=("full_logits",),
+                 private=False, modes=None):
         self.name, self.computes = name, computes
         self._loss, self._logprobs, self._needs = loss, logprobs, needs
         self.leaves = leaves   # the inputs the loss differentiates
+        self.private = private  # the step overwrites its leaves: it gets copies (made untimed)
+        self.modes = modes
 
     def unavailable(self, device, mode):
         """None if the provider can run ``mode`` on ``device``, else the reason it cannot."""
+        if self.modes is not None and mode not in self.modes:
+            return f"only {', '.join(self.modes)}"
         if mode == "logprobs" and self._logprobs is None:
             return "no log-probs entry point"
         return self._needs(device) if self._needs else None
@@ -123,7 +140,8 @@ class Provider:
                 with torch.no_grad():
                     return self._logprobs(inputs)
             return run
-        leaves = [inputs[k].detach().requires_grad_() for k in self.leaves]
+        leaves = [(inputs[k].detach().clone() if self.private else inputs[k].detach()).requires_grad_()
+                  for k in self.leaves]
 
         def release():  # so that a memory reading starts from the inputs
             for x in leaves:
@@ -169,15 +187,18 @@ def _probe_liger_linear():
 PROVIDERS = {
     "logits": {
         "fused": Provider("fused", "MHPO", _fused,
-                          lambda i: mhpo_kernels.token_logprobs(i["logits"], i["input_ids"], TEMPERATURE)),
+                          lambda i: mhpo_kernels.token_logprobs(i["full_logits"], i["input_ids"], TEMPERATURE)),
+        "fused-inplace": Provider("fused-inplace", "MHPO", _fused_inplace, None, private=True,
+                                  modes=("fwd_bwd",)),
         "eager": Provider("eager", "MHPO", _eager,
-                          lambda i: reference.token_logprobs(i["logits"], i["input_ids"], TEMPERATURE)),
+                          lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"], TEMPERATURE)),
         "compile": Provider("compile", "MHPO", _compile,
-                            lambda i: _compiled("token_logprobs")(i["logits"], i["input_ids"], TEMPERATURE),
+                            lambda i: _compiled("token_logprobs")(i["full_logits"][:, :-1], i["input_ids"],
+                                                                  TEMPERATURE),
                             needs=_needs_cuda),
         "liger": Provider("liger", "GRPO (not MHPO)", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
-                          needs=_needs_module(_liger), leaves=("full_logits",)),
+                          needs=_needs_module(_liger)),
     },
     "linear": {
         "fused": Provider("fused", "MHPO", _fused_linear,

@@ -107,8 +107,8 @@ def _randn(shape, scale, dtype, device, generator):
 
 
 def make_inputs(case, device, seed=0):
-    """Trainer-shaped inputs. Logits suite: logits (B, T+1, V) as a model returns them, used as
-    the view [:, :-1]. Linear suite: hidden (B, T, H) and an LM head (V, H) scaled so the logits
+    """Trainer-shaped inputs. Logits suite: ``full_logits`` (B, T+1, V) as a model returns them,
+    and ``logits``, the view [:, :-1] that predicts the ids. Linear suite: hidden (B, T, H) and an LM head (V, H) scaled so the logits
     have unit-ish spread. Both: sampled ids, old and reference log-probs near the current policy,
     a mask with ragged completion lengths, per-sequence advantages."""
     import mhpo_kernels

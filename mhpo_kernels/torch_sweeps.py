@@ -28,7 +28,7 @@ def _chunks(logits):
 
 
 def _sech2(u):
-    """sech²(u) = 4e/(1 + e)², e = exp(−2|u|): never 1 − tanh² (see SPEC.md, "Gradient")."""
+    """sech²(u) = 4e/(1 + e)², e = exp(−2|u|): never 1 − tanh² (see SPEC.md, section 2)."""
     e = torch.exp(-2.0 * u.abs())
     return 4.0 * e / (1.0 + e) ** 2
 

@@ -87,7 +87,7 @@ class MHPOConfig(GRPOConfig):
     )
     use_bias_correction_kl: bool = field(
         default=False,
-        metadata={"help": "Not supported with MHPO, whose KL term is SPEC.md's plain k3 (TRL's default is True)."},
+        metadata={"help": "Not supported with MHPO, whose KL term is the plain k3 of mhpo_kernels' SPEC.md (TRL's default is True)."},
     )
     use_fused_linear: bool = field(
         default=False,
