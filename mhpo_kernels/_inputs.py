@@ -26,6 +26,7 @@ class Batch:
     adv: Optional[torch.Tensor]    # (N,) fp32
     weight: Optional[torch.Tensor]  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
     ref: Optional[torch.Tensor]    # (N,) fp32
+    tp: Optional[object] = None    # vocab_parallel.VocabSlice when the vocabulary is split over ranks
 
 
 def check_positive(name, value):
@@ -172,6 +173,7 @@ def _check_advantages(advantages, token_shape, device):
     raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
 
 
+INT32_MAX = 2**31 - 1
 _BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"
 _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
@@ -182,7 +184,9 @@ _BAD_NORMALIZER = "normalizer must be finite and > 0"
 def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
     branch on data, asynchronous asserts in the graph instead (an error at the next sync)."""
-    bad_ids = valid & ((ids < 0) | (ids >= V))
+    # V None: the vocabulary is split over ranks and its size not yet known; the upper bound is
+    # checked once the ranks have agreed on it (vocab_parallel.agree_on_inputs).
+    bad_ids = valid & ((ids < 0) | (ids >= (V if V is not None else INT32_MAX)))
     checks = [(bad_ids.any(), None)]
     if mask_not_binary is not None:
         checks.append((mask_not_binary, _BAD_MASK))
@@ -196,7 +200,8 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     if flags[0]:
         where = bad_ids.nonzero()[0, 0].item()
         raise ValueError(
-            f"input_ids holds {int(bad_ids.sum())} id(s) outside [0, {V}) at valid positions, "
+            f"input_ids holds {int(bad_ids.sum())} id(s) outside [0, {V if V is not None else INT32_MAX}) "
+            f"at valid positions, "
             f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)"
         )
     for flag, (_, message) in zip(flags[1:], checks[1:]):

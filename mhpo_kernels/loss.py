@@ -1,6 +1,8 @@
 """The public ``mhpo_loss``, ``MHPOLoss`` and ``token_logprobs``: validate, run the sweeps (the
 ``ops`` custom ops, which carry the autograd formula), reduce."""
 
+from typing import NamedTuple
+
 import torch
 
 from ._inputs import (
@@ -20,6 +22,35 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
         lam_neg=check_positive("lam_neg", lam_neg),
         beta=check_nonnegative("beta", beta),
     )
+
+
+class Prepared(NamedTuple):
+    hp: MHPOParams
+    lmap: LogitMap
+    logits3: torch.Tensor
+    shifted: bool
+    batch: object
+    inplace: bool
+
+
+def _prepared(prepare, tp_group, logits):
+    """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed (see
+    ``vocab_parallel.agree_on_inputs``), the slice set on the batch."""
+    if tp_group is None:
+        return prepare()
+    from .vocab_parallel import agree_on_inputs
+
+    device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+    return agree_on_inputs(tp_group, device, prepare)
+
+
+def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
+    if tp_group is None:
+        return row_stats(logits3, batch, hp, lmap, with_entropy=with_entropy, shifted=shifted,
+                         inplace_backward=inplace)
+    from . import vocab_parallel
+
+    return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)
 
 
 def check_inplace(logits, inplace_backward):
@@ -76,6 +107,7 @@ def mhpo_loss(
     return_metrics=False,
     normalizer=None,
     inplace_backward=False,
+    tp_group=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
 
@@ -133,6 +165,14 @@ def mhpo_loss(
             the logits for its own backward, e.g. softcapped logits (tanh's backward reads its
             result) or a second loss on the same logits: their version counter is bumped, so
             autograd raises instead of reading overwritten values.
+        tp_group: a ``torch.distributed`` process group over which the vocabulary is split
+            (tensor parallelism): each rank passes its contiguous slice of the logits (…, V_r), in
+            rank order (uneven slices allowed) and the same global ``input_ids`` and mask. Every
+            rank returns the loss and metrics of the whole vocabulary, and its logits' gradient
+            is its slice of the full gradient, with no collective in the backward. The forward
+            makes two all-gathers: 7 int64 per rank (slice sizes, token count, a fingerprint of
+            the ids, a validation flag), then 4 fp32 per token per rank (16·N·world bytes
+            received per rank), never O(N·V). A bad call raises on every rank.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -142,15 +182,19 @@ def mhpo_loss(
     ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
     of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
-    lmap = LogitMap.make(check_positive("temperature", temperature))
-    logits3, token_shape, shifted = check_logits(logits, input_ids)
-    batch = prepare_mhpo(
-        input_ids, token_shape, logits.shape[-1], logits.device, old_logprobs, advantages,
-        mask, ref_logprobs, beta, loss_agg_mode, ignore_index, normalizer=normalizer,
-    )
-    stats = row_stats(logits3, batch, hp, lmap, with_entropy=return_metrics, shifted=shifted,
-                      inplace_backward=check_inplace(logits, inplace_backward))
+    def prepare():
+        hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
+        lmap = LogitMap.make(check_positive("temperature", temperature))
+        logits3, token_shape, shifted = check_logits(logits, input_ids)
+        batch = prepare_mhpo(
+            input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
+            old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
+            normalizer=normalizer,
+        )
+        return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
+
+    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
+    stats = _row_stats(logits3, batch, hp, lmap, return_metrics, shifted, inplace, tp_group)
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
@@ -158,7 +202,7 @@ def mhpo_loss(
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False):
+                   inplace_backward=False, tp_group=None):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
@@ -166,14 +210,18 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     materializing either. Positions where ``input_ids == ignore_index`` give 0 for both and pass
     no gradient. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
     ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
-    input_ids' shape, dtype float32. ``inplace_backward`` as in ``mhpo_loss``. Runs where
-    ``mhpo_loss`` runs.
+    input_ids' shape, dtype float32. ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``.
+    Runs where ``mhpo_loss`` runs.
     """
-    lmap = LogitMap.make(check_positive("temperature", temperature))
-    logits3, token_shape, shifted = check_logits(logits, input_ids)
-    batch = prepare_tokens(input_ids, token_shape, logits.shape[-1], logits.device, ignore_index)
-    stats = row_stats(logits3, batch, MHPOParams(), lmap, with_entropy=return_entropy,
-                      shifted=shifted, inplace_backward=check_inplace(logits, inplace_backward))
+    def prepare():
+        lmap = LogitMap.make(check_positive("temperature", temperature))
+        logits3, token_shape, shifted = check_logits(logits, input_ids)
+        batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
+                               logits.device, ignore_index)
+        return Prepared(MHPOParams(), lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
+
+    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
+    stats = _row_stats(logits3, batch, hp, lmap, return_entropy, shifted, inplace, tp_group)
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp
@@ -186,6 +234,7 @@ class MHPOLoss(torch.nn.Module):
     def __init__(
         self, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, *, temperature=1.0,
         loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
+        tp_group=None,
     ):
         super().__init__()
         self.c = check_positive("c", c)
@@ -198,6 +247,7 @@ class MHPOLoss(torch.nn.Module):
         self.beta = check_nonnegative("beta", beta)
         self.ignore_index = ignore_index
         self.inplace_backward = bool(inplace_backward)
+        self.tp_group = tp_group
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None):
@@ -207,7 +257,7 @@ class MHPOLoss(torch.nn.Module):
             lam_neg=self.lam_neg, temperature=self.temperature,
             loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
-            inplace_backward=self.inplace_backward,
+            inplace_backward=self.inplace_backward, tp_group=self.tp_group,
         )
 
     def extra_repr(self):

@@ -86,10 +86,12 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         sum_e = e.sum(-1)
         log2_sum = sum_e.log2()
-        d_y = d.gather(-1, target[r0:r1].clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+        y = target[r0:r1].long()
+        has_y = valid & (y < d.shape[-1])              # y ≥ V: the target is on another rank's slice
+        d_y = d.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         out.base[r0:r1] = torch.where(valid, base, 0.0)
         out.log2_sum[r0:r1] = torch.where(valid, log2_sum, 0.0)
-        out.logp[r0:r1] = torch.where(valid, (d_y - log2_sum) * LN2, 0.0)
+        out.logp[r0:r1] = torch.where(has_y, (d_y - log2_sum) * LN2, 0.0)
         if with_entropy:
             # H = ln 2 · (log2 s − Σ e·d / s); e·d is 0, not NaN, where d = −inf.
             e_d = torch.where(e > 0, e.mul_(d), 0.0).sum(-1)
@@ -114,7 +116,10 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
             ent_term = torch.where(dz > 0, dz * (q * LN2 + h), 0.0).mul_(dent)
-        dz.mul_(-dlogp_c).scatter_add_(-1, target[r0:r1].clamp(min=0).long().unsqueeze(-1), dlogp_c)
+        y = target[r0:r1].long()
+        has_y = (valid & (y < dz.shape[-1])).unsqueeze(-1)
+        dz.mul_(-dlogp_c).scatter_add_(-1, y.clamp(0, dz.shape[-1] - 1).unsqueeze(-1),
+                                       torch.where(has_y, dlogp_c, 0.0))
         if dentropy is not None:
             dz.sub_(ent_term)
         dz.mul_(lmap.slope)

@@ -17,10 +17,9 @@ def _entry(rank, world_size, store_path, fn, args, result_dir):
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
-        try:
-            fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
+        fn(rank, world_size, *args)
+        dist.barrier()                 # nobody tears gloo down while another rank still talks
+        dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

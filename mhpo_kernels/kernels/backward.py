@@ -46,7 +46,7 @@ def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr,
 def _mhpo_bwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
-    p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid), fp32 b, log2 s
+    p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py
@@ -58,7 +58,7 @@ def _mhpo_bwd_kernel(
     row = tl.program_id(0)
     p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
     p_drow = _row_ptr(p_dx, row, T, stride_db, stride_dt)
-    y, valid, _ = _row_target(p_y, row, V)
+    y, valid, has_y, _ = _row_target(p_y, row, V)
     o_blk = _block_offsets(R, LANES, VEC)
     n_full = V // BLOCK_V * BLOCK_V
     zero = tl.zeros([R * LANES, VEC], dtype=p_dx.dtype.element_ty)
@@ -76,7 +76,7 @@ def _mhpo_bwd_kernel(
             a1 = 0.0
         # Read before the loop: with p_dx = p_x (gradient in place) the loop overwrites it, and
         # the lane that writes y may be in another warp: every lane waits for this read.
-        x_y = tl.load(p_row + y).to(tl.float32)
+        x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
         tl.debug_barrier()
         for v0 in range(0, n_full, BLOCK_V):
             o_v = v0 + o_blk
@@ -94,7 +94,7 @@ def _mhpo_bwd_kernel(
         g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
         g_y += _logit_slope(_logit_u(x_y, tanh_scale, SOFTCAP), dlogp * slope, SOFTCAP)
         tl.debug_barrier()
-        tl.store(p_drow + y, g_y.to(p_dx.dtype.element_ty))
+        tl.store(p_drow + y, g_y.to(p_dx.dtype.element_ty), mask=has_y)
     else:
         # A row without a valid token: its zero row, and nothing read or computed per element.
         for v0 in range(0, n_full, BLOCK_V):

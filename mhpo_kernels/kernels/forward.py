@@ -58,7 +58,7 @@ def _lse_step(p_row, v0, o_blk, n_read, c, s, a, k, tanh_scale,
 @triton.jit
 def _mhpo_fwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
-    p_y,                                         # (N,) int32 target ids, < 0 where invalid
+    p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
     p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the MHPO epilogue
@@ -75,7 +75,7 @@ def _mhpo_fwd_kernel(
     BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
-    y, valid, n_read = _row_target(p_y, row, V)  # invalid rows read nothing and write zeros
+    y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
     o_blk = _block_offsets(R, LANES, VEC)
 
     # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
@@ -100,11 +100,11 @@ def _mhpo_fwd_kernel(
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)
     log2_s = tl.log2(tl.where(valid, s, 1.0))
-    x_y = tl.load(p_row + y, mask=valid, other=0.0).to(tl.float32)
+    x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
     logp = (tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) - log2_s) * LN2
     tl.store(p_base + row, base)
     tl.store(p_logs + row, log2_s)
-    tl.store(p_logp + row, tl.where(valid, logp, 0.0))
+    tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
     if WITH_ENTROPY:
         # H = −Σ p ln p with ln p = ln2 · (d − log2 s):  H = ln2 · (log2 s − Σ 2^d d / s)
         a = tl.sum(tl.where(lane_kept, lane_scale * (lane_a + lane_s * lane_shift), 0.0), 0)

@@ -18,11 +18,14 @@ def _row_ptr(p, row, T, stride_b, stride_t):
 
 @triton.jit
 def _row_target(p_y, row, V):
-    """(y, valid, n_read): the int32 target id, whether the row is a valid token (0 ≤ y < V; the
-    launcher writes −1 for invalid ones), and how many logits to read (0 for invalid rows)."""
+    """(y, valid, has_y, n_read) of a row: its int32 target id; whether the row is a valid token
+    (y ≥ 0; the launcher writes −1 for invalid ones); whether the target lies in this row's
+    logits (y < V: with the vocabulary split over ranks, y ≥ V means it is on another rank's
+    slice, and the row is still read for the log-sum-exp); how many logits to read (0 for
+    invalid rows)."""
     y = tl.load(p_y + row)
-    valid = (y >= 0) & (y < V)
-    return y, valid, tl.where(valid, V, 0)
+    valid = y >= 0
+    return y, valid, valid & (y < V), tl.where(valid, V, 0)
 
 
 @triton.jit

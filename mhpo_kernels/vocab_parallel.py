@@ -1,0 +1,225 @@
+"""The vocabulary split over a ``torch.distributed`` group (tensor parallelism, Megatron layout).
+
+Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…, V_r), or LM-head
+rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
+
+1. ``VocabSlice.agree``: one all-gather of a few int64 per rank: V_r (so the slice offsets), the
+   token count, a fingerprint of input_ids and mask, and whether the rank's inputs passed their
+   local checks. Every rank then validates the same table the same way, so a bad call raises on
+   every rank instead of leaving the others waiting in a collective.
+2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
+   log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
+   on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
+   log-prob and entropy. The per-token MHPO epilogue then runs on O(N) vectors, identically on
+   every rank.
+
+The backward needs no collective: with the global log-sum-exp, each rank's logits gradient is its
+slice of the full gradient (the one-hot term only on the rank that holds the target).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ._sweep_types import RowStats
+from .torch_sweeps import LN2, _token_terms
+
+STAT_FIELDS = 4  # base, log2 sum, entropy, log-prob within the slice
+
+
+def _fingerprint(x):
+    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values."""
+    if x is None:
+        return [-1, -1]
+    flat = x.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
+    return [int(flat.sum()), int((flat * weights).sum())]
+
+
+@dataclass
+class VocabSlice:
+    """This rank's place in a vocabulary split over ``group``: slice sizes of every rank, in order."""
+
+    group: object
+    rank: int
+    sizes: tuple
+
+    @property
+    def world(self):
+        return len(self.sizes)
+
+    @property
+    def start(self):
+        return sum(self.sizes[:self.rank])
+
+    @property
+    def size(self):
+        return self.sizes[self.rank]
+
+    @property
+    def total(self):
+        return sum(self.sizes)
+
+    @staticmethod
+    def agree(group, local_size, n_tokens, device, ids=None, mask=None, local_error=None):
+        """Collective 1: exchange (V_r, N, fingerprints, error flag); raise on every rank alike."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("tp_group needs an initialized torch.distributed process group")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        try:
+            prints = _fingerprint(ids) + _fingerprint(mask)
+        except Exception:  # malformed ids: local_error already says why
+            prints = [-2] * 4
+        row = [int(local_size), int(n_tokens), *prints, 0 if local_error is None else 1]
+        mine = torch.tensor(row, dtype=torch.int64, device=device)
+        table = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(table, mine, group=group)
+        table = torch.stack(table).tolist()
+        if local_error is not None:
+            raise local_error
+        failed = [r for r in range(world) if table[r][-1]]
+        if failed:
+            raise ValueError(f"tp_group: the inputs of rank(s) {failed} failed validation (their error is "
+                             f"raised there); no rank computed anything")
+        sizes = tuple(t[0] for t in table)
+        if min(sizes) < 1:
+            raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")
+        if len({t[1] for t in table}) > 1:
+            raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
+        if len({tuple(t[2:6]) for t in table}) > 1:
+            raise ValueError("tp_group: input_ids or mask differ across ranks; every rank must pass the "
+                             "same global ids and mask")
+        return VocabSlice(group, rank, sizes)
+
+    def local_target(self, target):
+        """Global ids (−1 invalid) → ids in this slice; V_r where the target is another rank's."""
+        local = target.to(torch.int64) - self.start
+        elsewhere = (local < 0) | (local >= self.size)
+        return torch.where(target < 0, -1, torch.where(elsewhere, self.size, local)).to(torch.int32)
+
+    def owner_of(self, target):
+        """The rank whose slice holds each global target id (−1 for invalid tokens)."""
+        ends = torch.tensor(self.sizes, device=target.device, dtype=torch.int64).cumsum(0)
+        rank = torch.bucketize(target.to(torch.int64), ends, right=True)
+        return torch.where(target >= 0, rank, -1)
+
+    def combine(self, local, target, with_entropy):
+        """Collective 2: every slice's (base, log2 sum, entropy, logp within the slice) per token →
+        the global (base, log2 sum, logp, entropy), fp32, 0 at invalid tokens.
+
+        With rel_r = (b_r − b) + log2 s_r (b the largest base), S = Σ_r 2^rel_r and the slice's
+        probability P_r = 2^rel_r / S: log2 S is the global log-sum-exp relative to b, the target's
+        log-prob is its log-prob within the owner's slice plus ln P_owner, and the entropy is the
+        mixture's, Σ_r P_r (H_r − ln P_r)."""
+        valid = target >= 0
+        n = target.numel()
+        mine = torch.stack([local.base, local.log2_sum,
+                            local.entropy if with_entropy else torch.zeros_like(local.base), local.logp], 1)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine.contiguous(), group=self.group)
+        base_r, log2_r, ent_r, logp_r = torch.stack(gathered).double().unbind(-1)   # each (world, N)
+        base = base_r.max(0).values
+        rel = (base_r - base) + log2_r
+        log2_sum = torch.log2(torch.exp2(rel).sum(0))
+        log_share = LN2 * (rel - log2_sum)                         # ln P_r, −inf for an empty slice
+        owner = self.owner_of(target)
+        cols = torch.arange(n, device=target.device)
+        logp = logp_r[owner.clamp(min=0), cols] + log_share[owner.clamp(min=0), cols]
+        entropy = None
+        if with_entropy:
+            share = torch.exp(log_share)
+            terms = torch.where(share > 0, share * (ent_r - log_share), 0.0)
+            entropy = torch.where(valid, terms.sum(0), 0.0).float()
+
+        def out(x):
+            return torch.where(valid, x, 0.0).float()
+
+        return out(base), out(log2_sum), out(logp), entropy
+
+    def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss):
+        """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
+        ``combine``, then the per-token epilogue, the same on every rank."""
+        base, log2_sum, logp, entropy = self.combine(local, target, with_entropy)
+        psi = zeta = loss = coef = None
+        if with_loss:
+            psi, zeta, loss, coef = _token_terms(logp, target >= 0, old, adv, g, ref, hp)
+        return RowStats(base, log2_sum, logp, entropy, psi, zeta, loss, coef)
+
+
+def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1]):
+    """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
+    checked only for ≥ 0), then collective 1, then the ids' upper bound against the global
+    vocabulary: the same ids and mask on every rank (fingerprinted) give the same verdict on every
+    rank. Returns what ``prepare()`` returned, with ``batch.tp`` set."""
+    error, prepared, batch = None, None, None
+    try:
+        prepared = prepare()
+        batch = prepared.batch
+    except (TypeError, ValueError) as e:
+        error = e
+    size = local_size(prepared) if batch is not None else 0
+    n = batch.target.numel() if batch is not None else -1
+    tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
+                          local_error=error)
+    bad = batch.target >= tp.total
+    if bool(bad.any()):
+        where = bad.nonzero()[0, 0].item()
+        raise ValueError(f"input_ids holds {int(bad.sum())} id(s) outside [0, {tp.total}) (the vocabulary "
+                         f"of all ranks) at valid positions, e.g. {int(batch.target[where])} at flat position "
+                         f"{where} (use ignore_index or mask to skip)")
+    batch.tp = tp
+    return prepared
+
+
+class _VocabParallelSweeps(torch.autograd.Function):
+    """The two sweeps on this rank's slice, with the statistics combined across the group: the
+    forward returns the global (logp, entropy, g·loss) per token; the backward writes this rank's
+    slice of ∂L/∂logits with no collective."""
+
+    @staticmethod
+    def forward(ctx, logits, tp, batch, hp, lmap, with_entropy, with_loss, shifted, inplace):
+        from . import ops
+
+        target = tp.local_target(batch.target)
+        params = ops.pack_params(hp, lmap)
+        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, params, lmap.softcap,
+                                             bool(with_entropy), False, bool(shifted), False))
+        ref = batch.ref if hp.beta > 0 else None
+        stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
+                               with_entropy, with_loss)
+        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy)
+        ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
+        ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
+        empty = logits.new_empty(0, dtype=torch.float32)
+        return (stats.logp, stats.entropy if with_entropy else empty, stats.loss if with_loss else empty,
+                stats.psi if with_loss else empty, stats.zeta if with_loss else empty)
+
+    @staticmethod
+    def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta):
+        from . import ops
+
+        logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
+        dlogp = d_logp.float()
+        if ctx.with_loss:
+            dlogp = dlogp + coef * d_loss
+        dent = d_entropy.float().contiguous() if ctx.with_entropy else None
+        args = (target, base, log2_sum, dlogp.contiguous(), entropy if dent is not None else None, dent,
+                ctx.params, ctx.softcap, ctx.shifted)
+        if ctx.inplace:
+            ops.sweeps_backward_(logits, *args)
+            grad = logits
+        else:
+            grad = ops.sweeps_backward(logits, *args)
+        return (grad,) + (None,) * 8
+
+
+def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward):
+    """``ops.row_stats`` for a vocabulary slice: RowStats of the global per-token values whose
+    logp, entropy and loss carry gradient to this rank's logits."""
+    logp, entropy, loss, psi, zeta = _VocabParallelSweeps.apply(
+        logits, tp, batch, hp, lmap, bool(with_entropy), batch.adv is not None, bool(shifted),
+        bool(inplace_backward))
+    with_loss = batch.adv is not None
+    return RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
+                    zeta if with_loss else None, loss if with_loss else None, None)
