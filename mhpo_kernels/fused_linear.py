@@ -5,6 +5,8 @@ gradient during the forward (``linear_sweeps``), and the backward only scales th
 by the upstream gradient.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from . import ops
@@ -52,11 +54,30 @@ def _autocast_inputs(hidden, weight, bias):
     return tuple(x if not isinstance(x, torch.Tensor) else x.to(dtype) for x in (hidden, weight, bias))
 
 
+class _Prepared(NamedTuple):
+    hp: object
+    lmap: LogitMap
+    hidden2d: torch.Tensor
+    chunk_rows: int
+    batch: object
+
+
+def _prepared(prepare, tp_group, hidden, weight):
+    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed."""
+    if tp_group is None:
+        return prepare()
+    from .vocab_parallel import agree_on_inputs
+
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    return agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0])
+
+
 def fused_linear_mhpo_loss(
     hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, bias=None,
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
+    tp_group=None, reduce_dhidden=True,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
@@ -75,6 +96,16 @@ def fused_linear_mhpo_loss(
         weight: (V, H) in hidden's dtype; bias: optional (V,).
         chunk_size: tokens per chunk; default: the most rows whose (rows, V) logits tile fits
             1 GiB (``_config.FUSED_LINEAR_TILE_BYTES``), a multiple of 256.
+        tp_group: the vocabulary split over a ``torch.distributed`` group, as in ``mhpo_loss``:
+            each rank passes its contiguous rows of the head, weight (V_r, H) and bias (V_r,), in
+            rank order, and the same hidden states and global ids. Every rank returns the whole
+            vocabulary's loss and metrics; its weight and bias gradients are its rows of the full
+            ones. Collectives, all in the forward: one all-gather of 7 int64 per rank, one
+            all-gather of 4 fp32 per token and rank per chunk of tokens (16 · chunk · world bytes
+            received), and one all-reduce of dhidden (N_valid × H in hidden's dtype).
+        reduce_dhidden: with tp_group, sum dhidden over the group inside the op (default); False
+            leaves each rank its partial dhidden, for callers whose sequence-parallel gather
+            already reduces it in its backward (Megatron's).
 
     Memory beyond the inputs: one logits tile (chunk_size × V in hidden's dtype), the weight
     gradient accumulated in fp32 (V × H × 4 bytes: 2.5 GB at V 151,936, H 4096) and dhidden
@@ -82,15 +113,28 @@ def fused_linear_mhpo_loss(
     The tile GEMM runs in hidden's dtype with fp32 accumulation (the logits are rounded to that
     dtype as ``hidden @ weight.T`` would be); the sweeps compute in fp32.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-    lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
-    batch = prepare_mhpo(
-        input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, old_logprobs, advantages,
-        mask, ref_logprobs, beta, loss_agg_mode, ignore_index, source="hidden without H",
-        normalizer=normalizer,
-    )
+
+    def prepare():
+        hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
+        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
+        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        batch = prepare_mhpo(
+            input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
+            old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
+            source="hidden without H", normalizer=normalizer,
+        )
+        return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
+
+    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight)
+    if tp_group is not None:
+        from . import vocab_parallel
+
+        loss, logp, entropy, psi, zeta = vocab_parallel.fused_linear(
+            hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
+        if not return_metrics:
+            return loss
+        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, hp.c)
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -107,17 +151,23 @@ def fused_linear_mhpo_loss(
 @torch.no_grad()
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
-    chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+    chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
 ):
-    """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z), chunked:
-    for the old- and reference-policy passes. Not differentiable: the results carry no gradient.
-    Returns fp32 log-probs shaped like input_ids (and the entropy), 0 at ignored positions."""
+    """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
+    ``tp_group``), chunked: for the old- and reference-policy passes. Not differentiable: the
+    results carry no gradient. Returns fp32 log-probs shaped like input_ids (and the entropy), 0
+    at ignored positions."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-    lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
-    batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index,
-                           source="hidden without H")
+
+    def prepare():
+        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
+        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
+                               hidden.device, ignore_index, source="hidden without H")
+        return _Prepared(None, lmap, hidden2d, chunk_rows, batch)
+
+    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight)
     logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
-                                          bool(return_entropy))
+                                          bool(return_entropy), tp=batch.tp)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

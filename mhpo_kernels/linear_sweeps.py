@@ -6,6 +6,7 @@ backward would take 4). Tokens without a valid target are gathered out first and
 import functools
 
 import torch
+import torch.distributed
 
 from . import _dispatch
 from ._sweep_types import MHPOParams, RowStats
@@ -81,12 +82,29 @@ def _gather_rows(kept, *xs):
     return tuple(x if kept is None or x is None else x[kept] for x in xs)
 
 
+def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_entropy, with_loss, tp):
+    """Sweep 1 on one tile: the rows' RowStats. With ``tp`` (the vocabulary split over ranks) the
+    tile holds this rank's columns: the sweep gives the slice's statistics and ``tp.finish_rows``
+    makes them global (one all-gather per chunk) and runs the per-token epilogue."""
+    if tp is None:
+        return forward_sweep(tile, target, old, adv, g, ref, hp, lmap, with_entropy=with_entropy,
+                             with_loss=with_loss)
+    local = forward_sweep(tile, tp.local_target(target), None, None, None, None, hp, lmap,
+                          with_entropy=with_entropy, with_loss=False)
+    return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)
+
+
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                        with_entropy, need_dh, need_dw, need_db):
+                        with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True):
     """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias) from hidden (N, H), weight (V, H):
     the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32 (entropy None unless
     asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
-    fp32, dhidden in hidden's dtype)."""
+    fp32, dhidden in hidden's dtype).
+
+    ``tp``: a ``vocab_parallel.VocabSlice``; weight and bias are this rank's rows of the head, and
+    ``target`` holds global ids. dhidden is then this rank's partial sum, all-reduced over the
+    group unless ``reduce_dhidden`` is False (a caller whose sequence-parallel gather already
+    reduces it, as Megatron's does)."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
     kept = _valid_rows(target)
@@ -99,13 +117,14 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
         def rows(x):
             return None if x is None else x[r0:r1]
 
-        stats = forward_sweep(tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp, lmap,
-                              with_entropy=with_entropy, with_loss=True)
+        stats = _chunk_stats(forward_sweep, tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp,
+                             lmap, with_entropy, True, tp)
         parts.append(stats)
         if not (need_dh or need_dw or need_db):
             continue
-        # The tile becomes ∂L/∂logits for an upstream gradient of 1.
-        backward_sweep(tile, tile, rows(target), stats.base, stats.log2_sum, stats.coef, None, None, lmap)
+        # The tile becomes ∂L/∂logits for an upstream gradient of 1 (this rank's columns with tp).
+        tile_target = rows(target) if tp is None else tp.local_target(rows(target))
+        backward_sweep(tile, tile, tile_target, stats.base, stats.log2_sum, stats.coef, None, None, lmap)
         grad = tile[0]
         if need_dh:
             torch.mm(grad, weight, out=dh[r0:r1])
@@ -117,12 +136,14 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
         stats = RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
     else:  # no tokens
         stats = RowStats.empty(0, hidden.device, with_entropy=with_entropy, with_loss=True)
+    if tp is not None and need_dh and reduce_dhidden:
+        torch.distributed.all_reduce(dh, group=tp.group)
     logp, entropy, psi, zeta, dh = (_scatter_rows(x, kept, n) for x in
                                     (stats.logp, stats.entropy, stats.psi, stats.zeta, dh))
     return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
 
 
-def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy):
+def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None):
     """No-grad (logp, entropy or None), each (N,) fp32, chunk by chunk."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
@@ -131,8 +152,8 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
-        stats = forward_sweep(tile, target[r0:r1], None, None, None, None, MHPOParams(), lmap,
-                              with_entropy=with_entropy, with_loss=False)
+        stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, MHPOParams(), lmap,
+                             with_entropy, False, tp)
         logp[r0:r1] = stats.logp
         if with_entropy:
             entropy[r0:r1] = stats.entropy

@@ -236,20 +236,24 @@ def _linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _linear_backward(ctx, d_loss, *_):
-    dh, dw, db = ctx.saved_tensors
-    if d_loss is None:
-        return (None,) * 15
-    h_dtype, w_dtype = ctx.dtypes
+def scaled_linear_grads(saved, needs, dtypes, d_loss):
+    """(dhidden, dweight, dbias) for the upstream gradient ``d_loss`` from the ones the forward
+    computed for 1 (None where not needed): the fp32 accumulators round once, here."""
+    h_dtype, w_dtype = dtypes
 
     def scaled(x, need, dtype):
         if not need:
             return None
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        return torch.mul(x, d_loss, out=out)  # the fp32 accumulators round once, here
+        return torch.mul(x, d_loss, out=out)
 
-    need_dh, need_dw, need_db = ctx.needs
-    return (scaled(dh, need_dh, h_dtype), scaled(dw, need_dw, w_dtype), scaled(db, need_db, w_dtype)) + (None,) * 12
+    return tuple(scaled(x, need, dtype) for x, need, dtype in zip(saved, needs, (h_dtype, w_dtype, w_dtype)))
+
+
+def _linear_backward(ctx, d_loss, *_):
+    if d_loss is None:
+        return (None,) * 15
+    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 12
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)

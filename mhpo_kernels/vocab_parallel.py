@@ -223,3 +223,39 @@ def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backwa
     with_loss = batch.adv is not None
     return RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
                     zeta if with_loss else None, loss if with_loss else None, None)
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """The fused linear path on this rank's rows of the LM head (``linear_sweeps`` with ``tp``):
+    the forward computes the loss and the gradients for an upstream gradient of 1, the backward
+    scales them; no collective in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden):
+        from .linear_sweeps import fused_linear_sweeps
+
+        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
+            hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
+            batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
+            tp=batch.tp, reduce_dhidden=reduce_dhidden)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
+        empty = logp.new_empty(0)
+        outputs = (logp, empty if entropy is None else entropy, psi, zeta)
+        ctx.mark_non_differentiable(*outputs)
+        return (loss,) + outputs
+
+    @staticmethod
+    def backward(ctx, d_loss, *_):
+        from .ops import scaled_linear_grads
+
+        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 7
+
+
+def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden):
+    """(loss, logp, entropy, psi, zeta) of the fused linear path over a vocabulary slice."""
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
+                                      reduce_dhidden)

@@ -183,3 +183,126 @@ def test_vocab_parallel_bad_calls_raise_on_every_rank(tmp_path, case, pattern):
     for rank in range(2):
         message = torch.load(tmp_path / f"err-{rank}.pt")
         assert message is not None and re.search(pattern, message), (rank, message)
+
+
+def _tp_linear_inputs(V=701, B=2, T=5, H=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * H ** -0.5 * 3
+    bias = torch.randn(V, generator=g) * 0.5
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[:, 0] = True
+    old = torch.randn(B, T, generator=g) - 6.0
+    return hidden, weight, bias, ids, mask, old, torch.randn(B, generator=g)
+
+
+LINEAR_KW = dict(chunk_size=3, final_logit_softcap=6.0, temperature=0.9, return_metrics=True)
+
+
+def _tp_linear_worker(rank, world_size, backend, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    start, size = _split(weight.shape[0], world_size)[rank]
+    out = {}
+    with mhpo_kernels.use_backend(backend):
+        for reduce in (True, False):
+            h = hidden.clone().requires_grad_()
+            w = weight[start:start + size].clone().requires_grad_()
+            b = bias[start:start + size].clone().requires_grad_()
+            loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, bias=b,
+                                                                tp_group=dist.group.WORLD, reduce_dhidden=reduce,
+                                                                **LINEAR_KW)
+            (loss * 0.7).backward()
+            out[reduce] = dict(loss=loss.detach(), metrics=metrics, dh=h.grad, dw=w.grad, db=b.grad)
+        out["logp"] = mhpo_kernels.fused_linear_token_logprobs(
+            hidden, weight[start:start + size], ids, bias=bias[start:start + size], chunk_size=3,
+            final_logit_softcap=6.0, temperature=0.9, tp_group=dist.group.WORLD)
+    torch.save(out, f"{out_dir}/tpl-{rank}.pt")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_vocab_parallel_fused_linear_equals_one_process(tmp_path, backend, world_size):
+    """The LM head's rows split over ranks (uneven): loss and metrics on every rank, dhidden
+    reduced inside the op (or left partial, summing to the same), and each rank's dweight and
+    dbias slices equal the single-process fused path's."""
+    import mhpo_kernels
+    from _cases import FP32_RTOL, max_rel_err
+
+    _dist.run(_tp_linear_worker, world_size, tmp_path, backend, str(tmp_path))
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    with mhpo_kernels.use_backend(backend):
+        loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, bias=b, **LINEAR_KW)
+        (loss * 0.7).backward()
+        logp = mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, bias=bias, chunk_size=3,
+                                                        final_logit_softcap=6.0, temperature=0.9)
+    ranks = [torch.load(tmp_path / f"tpl-{r}.pt") for r in range(world_size)]
+    for got in ranks:
+        assert abs(got[True]["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item())
+        for k, v in metrics.items():
+            assert abs(got[True]["metrics"][k].item() - v.item()) <= FP32_RTOL * max(abs(v.item()), 1e-3), k
+        assert max_rel_err(got[True]["dh"], h.grad) <= FP32_RTOL
+        assert max_rel_err(got["logp"], logp) <= FP32_RTOL
+    assert max_rel_err(sum(got[False]["dh"] for got in ranks), h.grad) <= FP32_RTOL
+    assert max_rel_err(torch.cat([got[True]["dw"] for got in ranks]), w.grad) <= FP32_RTOL
+    assert max_rel_err(torch.cat([got[True]["db"] for got in ranks]), b.grad) <= FP32_RTOL
+
+
+# ---- data parallel -------------------------------------------------------------------------------
+
+class _HeadLM(torch.nn.Module):
+    """A backbone and an LM head trained through the fused linear path."""
+
+    def __init__(self, H=8, V=300):
+        super().__init__()
+        self.body = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, x, ids, adv, mask, normalizer=None):
+        import mhpo_kernels
+
+        return mhpo_kernels.fused_linear_mhpo_loss(torch.tanh(self.body(x)), self.head.weight, ids, None, adv, mask,
+                                                   chunk_size=3, loss_agg_mode="token-mean", normalizer=normalizer)
+
+
+def _dp_batch(B=4, T=5, H=8, V=300):
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(B, T, generator=g) > 0.4
+    mask[:, 0] = True
+    mask[0] = True                                 # ragged: the ranks hold different token counts
+    return torch.randn(B, T, H, generator=g), torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g), mask
+
+
+def _ddp_worker(rank, world_size, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_HeadLM())
+    x, ids, adv, mask = (t.chunk(world_size)[rank] for t in _dp_batch())
+    # DDP averages gradients over ranks: dividing each rank's token sum by (global tokens / world)
+    # makes the average the gradient of the global token mean. That is TRL's dapo normalizer.
+    count = mask.sum().float()
+    dist.all_reduce(count)
+    model(x, ids, adv, mask, normalizer=count / world_size).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.module.named_parameters()}, f"{out_dir}/ddp.pt")
+
+
+def test_ddp_with_a_global_normalizer_equals_one_process(tmp_path):
+    """Two DDP ranks on halves of a batch with ragged token counts: with the normalizer set from
+    the global token count, the averaged gradient equals one process's on the whole batch (a
+    local token-mean would weight the ranks' tokens unequally)."""
+    from _cases import FP32_RTOL, max_rel_err
+
+    _dist.run(_ddp_worker, 2, tmp_path, str(tmp_path))
+    got = torch.load(tmp_path / "ddp.pt")
+    torch.manual_seed(0)
+    model = _HeadLM()
+    model(*_dp_batch()).backward()
+    for name, p in model.named_parameters():
+        assert max_rel_err(got[name], p.grad) <= FP32_RTOL, name
