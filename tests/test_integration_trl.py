@@ -64,9 +64,10 @@ def make_trainer(tiny_model, tmp_path, cls=MHPOTrainer, callbacks=(), **config):
     prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i % 3)) for i in range(8)]
     args = MHPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-        max_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1, use_cpu=True, seed=0,
+        learning_rate=1e-3, report_to="none", logging_steps=1, use_cpu=True, seed=0,
         save_strategy="no", disable_tqdm=True, bf16=False, **{
-            "temperature": 0.9, "beta": 0.04, "gradient_accumulation_steps": 2, "num_iterations": 2, **config})
+            "max_steps": 2, "temperature": 0.9, "beta": 0.04, "gradient_accumulation_steps": 2, "num_iterations": 2,
+            **config})
     return cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
                processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -244,3 +245,64 @@ def test_liger_kernel_is_refused(tiny_model, tmp_path):
     """TRL's Liger path would train its own GRPO loss and never call _compute_loss."""
     with pytest.raises(ValueError, match="use_liger_kernel"):
         make_trainer(tiny_model, tmp_path, use_liger_kernel=True)
+
+
+class RecordingTrainer(MHPOTrainer):
+    """Keeps a copy of every batch its loss sees."""
+
+    def _compute_loss(self, model, inputs):
+        self.seen = getattr(self, "seen", []) + [
+            {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}]
+        return super()._compute_loss(model, inputs)
+
+
+def _two_process_worker(rank, world_size, model_path, out_dir):
+    import os
+
+    from transformers import PreTrainedTokenizerFast
+
+    # What `accelerate launch --cpu --num_processes 2` sets; the process group itself is already
+    # initialized (gloo over a FileStore), and accelerate uses it as it is.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+    grads = RecordGradients()
+    trainer = make_trainer((model_path, tokenizer), f"{out_dir}/rank{rank}", RecordingTrainer, callbacks=[grads],
+                           **TWO_PROCESS_CONFIG)
+    assert trainer.accelerator.num_processes == world_size
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "mhpo/psi" in h]
+    torch.save(dict(seen=trainer.seen, grads=grads.steps[0], logged=logged[0]), f"{out_dir}/trl-{rank}.pt")
+
+
+TWO_PROCESS_CONFIG = dict(use_fused_linear=True, max_steps=1, gradient_accumulation_steps=1, num_iterations=1,
+                          beta=0.0)
+
+
+def test_two_processes_give_the_head_the_one_process_gradient(tiny_model, tmp_path):
+    """MHPOTrainer in two processes (DDP on CPU, gloo), fused linear path: the metrics it logs are
+    reduced across processes (the same on both, the token-weighted mean of each rank's), and the
+    LM head's gradient after DDP's averaging equals what one process computes from the two
+    ranks' batches."""
+    import _dist
+
+    _dist.run(_two_process_worker, 2, tmp_path, tiny_model[0], str(tmp_path), timeout=120)
+    ranks = [torch.load(tmp_path / f"trl-{r}.pt") for r in range(2)]
+    assert ranks[0]["logged"]["mhpo/psi"] == ranks[1]["logged"]["mhpo/psi"]
+    single = make_trainer(tiny_model, tmp_path / "single", **TWO_PROCESS_CONFIG)
+    single.model.train()
+    single.current_gradient_accumulation_steps = 1
+    single.model.zero_grad()
+    tokens, weighted = [], []
+    for got in ranks:
+        (batch,) = got["seen"]
+        loss = single._compute_loss(single.model, batch)
+        (loss / 2).backward()                                  # DDP averages over the 2 ranks
+        tokens.append(batch["completion_mask"].sum().item())
+        weighted.append(single._metrics["train"]["mhpo/zeta"][-1] * tokens[-1])
+    head = "lm_head.weight"
+    expected = dict(single.model.named_parameters())[head].grad
+    assert expected.abs().sum() > 0
+    assert max_rel_err(ranks[0]["grads"][head], expected) <= GRAD_RTOL
+    assert max_rel_err(ranks[1]["grads"][head], expected) <= GRAD_RTOL
+    assert ranks[0]["logged"]["mhpo/zeta"] == pytest.approx(sum(weighted) / sum(tokens), rel=1e-5)
