@@ -5,9 +5,10 @@
 See ``mhpo_loss`` for the formula and shapes, and the README for where each path runs.
 """
 
+from . import objectives
 from ._dispatch import use_backend
 from .fused_linear import fused_linear_mhpo_loss, fused_linear_token_logprobs
-from .loss import MHPOLoss, mhpo_loss, token_logprobs
+from .loss import MHPOLoss, mhpo_loss, policy_loss, token_logprobs
 from .token_loss import mhpo_token_loss
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "fused_linear_token_logprobs",
     "mhpo_loss",
     "mhpo_token_loss",
+    "objectives",
+    "policy_loss",
     "token_logprobs",
     "use_backend",
 ]

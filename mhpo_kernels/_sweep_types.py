@@ -9,15 +9,26 @@ LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
-class MHPOParams:
-    """Runtime scalars of the per-token MHPO math (kernel arguments, never compile-time)."""
+class TokenParams:
+    """The per-token epilogue: which objective (``objectives.*_KIND``, and MHPO's LFM/DHP switches:
+    compile-time flags of the kernels) and its runtime scalars (five slots whose meaning the
+    objective defines, and β: kernel arguments, never compile-time)."""
 
-    c: float = 1.5
-    k_pos: float = 1.5
-    lam_pos: float = 1.0
-    k_neg: float = 2.0
-    lam_neg: float = 0.8
+    kind: int = 0
+    values: tuple = (1.5, 1.5, 1.0, 2.0, 0.8)
     beta: float = 0.0
+    lfm: bool = True
+    dhp: bool = True
+
+    @staticmethod
+    def of(objective, beta):
+        lfm, dhp = objective.flags()
+        return TokenParams(objective.kind, tuple(float(v) for v in objective.values()), float(beta), lfm, dhp)
+
+
+def MHPOParams(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0):
+    """TokenParams of MHPO with these hyperparameters."""
+    return TokenParams(0, (c, k_pos, lam_pos, k_neg, lam_neg), beta)
 
 
 @dataclass(frozen=True)

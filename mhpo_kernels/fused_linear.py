@@ -15,6 +15,7 @@ from ._inputs import check_float_tensor, check_positive, prepare_mhpo, prepare_t
 from ._sweep_types import LogitMap
 from .linear_sweeps import token_logprobs_sweeps
 from .loss import metrics_from_stats, mhpo_params
+from .objectives import MHPO
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -134,7 +135,7 @@ def fused_linear_mhpo_loss(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, hp.c)
+        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, MHPO(*hp.values))
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -145,7 +146,7 @@ def fused_linear_mhpo_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, hp.c)
+    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, MHPO(*hp.values))
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import torch
 from ._inputs import (
     check_agg_mode, check_logits, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens,
 )
-from ._sweep_types import LogitMap, MHPOParams
+from ._sweep_types import LogitMap, MHPOParams, TokenParams
+from .objectives import MHPO, MHPO_KIND, check_objective
 from .ops import row_stats
 
 
@@ -25,7 +26,7 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
 
 
 class Prepared(NamedTuple):
-    hp: MHPOParams
+    hp: TokenParams
     lmap: LogitMap
     logits3: torch.Tensor
     shifted: bool
@@ -62,8 +63,21 @@ def check_inplace(logits, inplace_backward):
     return bool(inplace_backward)
 
 
-def metrics_from_stats(logp, entropy, psi, zeta, batch, c):
-    """Detached means over valid tokens (0 when there are none): the metrics ``SPEC.md`` lists."""
+def check_sequence_advantages(batch):
+    """A sequence-level objective needs one advantage per sequence: the per-token advantages must
+    be constant over each sequence's valid tokens."""
+    adv = batch.adv.reshape(batch.seq_shape)
+    valid = batch.valid.reshape(batch.seq_shape)
+    first = torch.where(valid, adv, float("inf")).amin(-1, keepdim=True)
+    last = torch.where(valid, adv, float("-inf")).amax(-1, keepdim=True)
+    if bool(((first != last) & valid.any(-1, keepdim=True)).any()):
+        raise ValueError("advantages must be one per sequence for GSPO: (B,), or (B, T) constant over "
+                         "each sequence's valid tokens")
+
+
+def metrics_from_stats(logp, entropy, psi, zeta, batch, objective):
+    """Detached means over valid tokens (0 when there are none): the metrics ``SPEC.md`` lists
+    (ψ, ζ, survival and the saturated share for MHPO only)."""
     valid = batch.valid
     n_valid = valid.sum().clamp(min=1)
 
@@ -72,15 +86,13 @@ def metrics_from_stats(logp, entropy, psi, zeta, batch, c):
 
     logp = logp.detach()
     log_ratio = logp - batch.old if batch.old is not None else torch.zeros_like(logp)
-    metrics = {
-        "psi": mean(psi),
-        "zeta": mean(zeta),
-        "survival": mean(torch.exp(-zeta)),
-        "abs_log_ratio": mean(log_ratio.abs()),
-        "saturated_frac": mean((log_ratio.abs() > c).float()),
-        "entropy": mean(entropy.detach()),
-        "logp": mean(logp),
-    }
+    metrics = {}
+    if objective.kind == MHPO_KIND:
+        metrics.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)))
+    metrics["abs_log_ratio"] = mean(log_ratio.abs())
+    if objective.kind == MHPO_KIND:
+        metrics["saturated_frac"] = mean((log_ratio.abs() > objective.c).float())
+    metrics.update(entropy=mean(entropy.detach()), logp=mean(logp))
     if batch.ref is not None:
         delta = batch.ref - logp
         metrics["kl"] = mean(torch.expm1(delta) - delta)
@@ -110,6 +122,7 @@ def mhpo_loss(
     tp_group=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
+    (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
 
     Equals, in plain PyTorch (``reference.mhpo_loss`` is exactly this, evaluated in float64):
 
@@ -182,8 +195,53 @@ def mhpo_loss(
     ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
     of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
     """
+    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name mhpo_loss's arguments
+    return policy_loss(
+        logits, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values),
+        temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
+        ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
+        inplace_backward=inplace_backward, tp_group=tp_group,
+    )
+
+
+def policy_loss(
+    logits,
+    input_ids,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    objective=None,
+    temperature=1.0,
+    loss_agg_mode="seq-mean-token-mean",
+    ref_logprobs=None,
+    beta=0.0,
+    ignore_index=-100,
+    return_metrics=False,
+    normalizer=None,
+    inplace_backward=False,
+    tp_group=None,
+):
+    """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
+    DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
+    ``mhpo_kernels.objectives``, e.g. ``PPOClip(eps_low=0.2, eps_high=0.28)``).
+
+    Every other argument is ``mhpo_loss``'s, with the same meaning: the loss is Σ_t g_t · loss_t
+    over valid tokens, with each objective's loss_t (SPEC.md, section 7), plus β · k3 when a
+    reference is given, and the same aggregation modes and ``normalizer``. Token-level objectives
+    run the same two sweeps with a different per-token epilogue; GSPO computes its sequence
+    ratios between the sweeps (O(N), no third pass over the logits) and needs one advantage per
+    sequence, (B,) or (B, T) constant over each sequence's valid tokens. ``return_metrics`` gives
+    abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
+    survival and saturated_frac. GSPO is not available with ``tp_group``.
+    """
+    objective = MHPO() if objective is None else check_objective(objective)
+    if objective.sequence_level and tp_group is not None:
+        raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
+                                  "global log-probs before the epilogue")
+
     def prepare():
-        hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
+        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
         lmap = LogitMap.make(check_positive("temperature", temperature))
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
@@ -191,6 +249,8 @@ def mhpo_loss(
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer,
         )
+        if objective.sequence_level:
+            check_sequence_advantages(batch)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
@@ -198,7 +258,7 @@ def mhpo_loss(
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, hp.c)
+    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, objective)
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,

@@ -5,8 +5,8 @@ traces a training step that calls ``mhpo_loss`` or ``fused_linear_mhpo_loss`` in
 ops are opaque nodes in it, and the Triton (or PyTorch) sweeps run inside them unchanged.
 
 Op arguments are flat: tensors (absent optional ones as None), the runtime scalars as one float
-list ``params = [c, k_pos, lam_pos, k_neg, lam_neg, beta, in_scale, out_scale]`` (see
-``MHPOParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
+list (``pack_params``: the objective's values, β, the logit map, the epilogue's kind; see
+``TokenParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
 """
 
 from typing import List, Optional, Tuple
@@ -15,16 +15,21 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._sweep_types import LogitMap, MHPOParams, RowStats
+from ._sweep_types import LogitMap, RowStats, TokenParams
+from .objectives import GSPO_KIND
+from .torch_sweeps import _sequence_terms
 from .linear_sweeps import fused_linear_sweeps
 
 
 def pack_params(hp, lmap):
-    return [hp.c, hp.k_pos, hp.lam_pos, hp.k_neg, hp.lam_neg, hp.beta, lmap.in_scale, lmap.out_scale]
+    """One float list: the objective's five values, β, the logit map's two scales, then the
+    epilogue's kind and MHPO's LFM/DHP switches (small integers, exact as floats)."""
+    return [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, float(hp.kind), float(hp.lfm), float(hp.dhp)]
 
 
 def _unpack(params, softcap):
-    return MHPOParams(*params[:6]), LogitMap(params[6], params[7], softcap)
+    hp = TokenParams(int(params[8]), tuple(params[:5]), params[5], bool(params[9]), bool(params[10]))
+    return hp, LogitMap(params[6], params[7], softcap)
 
 
 def _without_autocast(device):
@@ -81,11 +86,17 @@ def sweeps_forward(
         shape = _token_shape(logits, True)
         target = _pad_rows(target, shape, -1)
         old, adv, weight, ref = (_pad_rows(x, shape, 0.0) for x in (old, adv, weight, ref))
+    sequence_level = with_loss and hp.kind == GSPO_KIND
     with _without_autocast(logits.device):
         stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
-                              with_entropy=with_entropy, with_loss=with_loss)
+                              with_entropy=with_entropy, with_loss=with_loss and not sequence_level)
     if shifted:
         stats = RowStats(*(_unpad_rows(x, shape) for x in stats))
+        target, old, adv, weight, ref = (_unpad_rows(x, shape) for x in (target, old, adv, weight, ref))
+    if sequence_level:  # O(N) between the sweeps: the sequence ratios from the log-probs
+        psi, seq_coef, loss, coef = _sequence_terms(stats.logp, target >= 0, old, adv, weight, ref, hp,
+                                                    _token_shape(logits, shifted))
+        stats = stats._replace(psi=psi, zeta=seq_coef, loss=loss, coef=coef)
     return tuple(_fp32(logits, 0) if x is None else x for x in stats)
 
 
@@ -145,9 +156,13 @@ def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap,
 
 
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, _, _, params, softcap, with_entropy, with_loss, shifted, inplace = inputs
+    logits, target, _, _, weight, _, params, softcap, with_entropy, with_loss, shifted, inplace = inputs
     base, log2_sum, _, entropy, psi, zeta, _, coef = output
-    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy)
+    ctx.sequence_level = with_loss and _unpack(params, softcap)[0].kind == GSPO_KIND
+    # GSPO: zeta holds each token's share of its sequence term's derivative (see _sequence_terms)
+    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy,
+                          zeta if ctx.sequence_level else None, weight if ctx.sequence_level else None)
+    ctx.token_shape = _token_shape(logits, shifted)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
     ctx.shifted, ctx.inplace = shifted, inplace
     ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef)
@@ -155,7 +170,7 @@ def _sweeps_setup(ctx, inputs, output):
 
 
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
-    logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
+    logits, target, base, log2_sum, coef, entropy, seq_coef, weight = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
@@ -164,6 +179,9 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
         dlogp = dlogp + coef * d_loss
+        if ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
+            per_seq = (weight * d_loss).reshape(ctx.token_shape).sum(-1, keepdim=True)
+            dlogp = dlogp + (seq_coef.reshape(ctx.token_shape) * per_seq).reshape(-1)
     if d_logp is not None:
         dlogp = dlogp + d_logp
     dent = None if d_entropy is None else d_entropy.float().contiguous()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sweep_types import RowStats
+from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
 CHUNK_BYTES = 64 << 20  # float64 working set of one chunk of rows
 LN2 = math.log(2.0)
@@ -52,18 +53,53 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     return d, valid, base, (u if lmap.softcap else None)
 
 
+def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
+    """See ``kernels.token_math._ppo_clip``: (loss, d loss / d log r)."""
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    coef = torch.where(unclipped >= clipped, unclipped, 0.0)
+    if dual_clip > 0:
+        capped = (adv < 0) & (loss > -adv * dual_clip)
+        loss, coef = torch.where(capped, -adv * dual_clip, loss), torch.where(capped, 0.0, coef)
+    return loss, coef
+
+
+def _objective_terms(logp, log_ratio, adv, hp):
+    """(loss_t, d loss_t / d logp_t, ψ, ζ) of a token-level objective; ``token_math._token_loss``
+    line for line, in float64."""
+    h0, h1, h2, h3, h4 = hp.values
+    zero = torch.zeros_like(log_ratio)
+    if hp.kind == MHPO_KIND:
+        if hp.lfm:
+            psi, dpsi = h0 * torch.tanh(log_ratio / h0), _sech2(log_ratio / h0)
+        else:
+            psi, dpsi = log_ratio, zero + 1.0
+        zeta = (F.softplus(psi) / h2) ** h1 + (F.softplus(-psi) / h4) ** h3 if hp.dhp else zero
+        w = torch.exp(psi - zeta)
+        return -w * adv, -adv * w * dpsi, psi, zeta
+    if hp.kind == PPO_CLIP_KIND:
+        return (*_ppo_clip(log_ratio.exp(), adv, h0, h1, h2), log_ratio, zero)
+    if hp.kind == CISPO_KIND:
+        w = log_ratio.exp().clamp(h1, h0)
+        return -w * adv * logp, -w * adv, log_ratio, zero
+    if hp.kind == SAPO_KIND:
+        ratio = log_ratio.exp()
+        tau = torch.where(adv > 0, h0, h1)
+        gate = torch.sigmoid(tau * (ratio - 1.0))
+        return -gate * (4.0 / tau) * adv, -adv * 4.0 * gate * (1.0 - gate) * ratio, log_ratio, zero
+    if hp.kind == GPG_KIND:
+        return -adv * logp, -adv + zero, log_ratio, zero
+    raise ValueError(f"no token-level epilogue for objective kind {hp.kind}")
+
+
 def _token_terms(logp, valid, old, adv, g, ref, hp):
     """The per-token epilogue (ψ, ζ, g·loss_t, g·d loss_t/d logp), in float64 on (N,) vectors."""
     f64 = torch.float64
     logp = logp.to(f64)
     log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
-    u = log_ratio / hp.c
-    psi = hp.c * torch.tanh(u)
-    zeta = (F.softplus(psi) / hp.lam_pos) ** hp.k_pos + (F.softplus(-psi) / hp.lam_neg) ** hp.k_neg
-    w = torch.exp(psi - zeta)
     adv = adv.to(f64)
-    loss = -w * adv
-    coef = -adv * w * _sech2(u)
+    loss, coef, psi, zeta = _objective_terms(logp, log_ratio, adv, hp)
     if ref is not None:
         d = ref.to(f64) - logp
         loss = loss + hp.beta * (torch.expm1(d) - d)
@@ -74,6 +110,43 @@ def _token_terms(logp, valid, old, adv, g, ref, hp):
         return torch.where(valid, x, torch.zeros_like(x)).float()
 
     return out(psi), out(zeta), out(g * loss), out(g * coef)
+
+
+def _sequence_terms(logp, valid, old, adv, g, ref, hp, shape):
+    """GSPO's sequence-level epilogue on (N,) vectors of (B, T) = ``shape`` tokens, in float64:
+    (log s_i per token, the sequence term's derivative share, g·loss_t, g·d(KL term)/d logp).
+
+    s_i = exp(mean over the valid tokens of sequence i of log r), loss_i = PPO-clip of s_i with
+    the sequence's advantage. Every valid token carries loss_i; since loss_i depends on each of
+    the sequence's log-probs through the mean, d loss_i / d logp_u = (d loss_i / d log s_i) / n_i,
+    the "share" returned for each valid token u: the backward multiplies it by Σ_t g_t · ∂L/∂loss_t
+    over the sequence."""
+    f64 = torch.float64
+    B, T = shape
+    valid2 = valid.reshape(B, T)
+    v = valid2.to(f64)
+    logp = logp.to(f64)
+    log_ratio = (logp - old.to(f64) if old is not None else torch.zeros_like(logp)).reshape(B, T)
+    log_ratio = torch.where(valid2, log_ratio, 0.0)
+    n = v.sum(-1).clamp(min=1.0)
+    log_s = log_ratio.sum(-1) / n
+    adv_seq = (torch.where(valid2, adv.to(f64).reshape(B, T), 0.0)).sum(-1) / n
+    h0, h1 = hp.values[:2]
+    loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, h0, h1, 0.0)
+    loss = loss_seq.unsqueeze(-1).expand(B, T).reshape(-1)
+    share = (dlog_s / n).unsqueeze(-1).expand(B, T).reshape(-1)
+    kl_coef = torch.zeros_like(logp)
+    if ref is not None:
+        d = ref.to(f64) - logp
+        loss = loss + hp.beta * (torch.expm1(d) - d)
+        kl_coef = -hp.beta * torch.expm1(d)
+    g = g.to(f64)
+
+    def out(x):
+        return torch.where(valid, x, torch.zeros_like(x)).float()
+
+    psi = log_s.unsqueeze(-1).expand(B, T).reshape(-1)
+    return out(psi), out(share), out(g * loss), out(g * kl_coef)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss):

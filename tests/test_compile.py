@@ -95,7 +95,7 @@ def test_opcheck(config):
     from mhpo_kernels import ops
 
     g = torch.Generator().manual_seed(5)
-    params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0]
+    params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0, 0.0, 1.0, 1.0]  # ops.pack_params: MHPO
     if config.startswith("logits"):
         shifted = config == "logits-shifted-inplace"
         x = torch.randn(2, 4 if shifted else 3, 200, generator=g).requires_grad_()

@@ -9,7 +9,7 @@ from .._config import FP_FUSION, sweep_config
 from .._sweep_types import RowStats
 from .logit_map import LN2, _logit_u
 from .rows import _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _row_ptr, _row_target
-from .token_math import _dhp, _expm1, _k3, _lfm
+from .token_math import _expm1, _k3, _token_loss
 
 # The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
 # −inf (not NaN) for u = −inf, and so far below any real k·u that 2^(c − c_new) is 0.
@@ -61,15 +61,16 @@ def _mhpo_fwd_kernel(
     p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
     p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
-    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the MHPO epilogue
+    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     T, V,
     k, tanh_scale,                               # logit map, see logit_map.py
-    c, k_pos, lam_pos, k_neg, lam_neg, beta,     # MHPO hyperparameters
+    h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
+    OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     BLOCK_V: tl.constexpr = R * LANES * VEC
@@ -117,11 +118,7 @@ def _mhpo_fwd_kernel(
             log_ratio = logp - tl.load(p_old + row, mask=valid, other=0.0)
         else:
             log_ratio = tl.zeros_like(logp)  # on-policy: old = sg[logp]
-        psi, dpsi = _lfm(log_ratio, c)
-        zeta = _dhp(psi, k_pos, lam_pos, k_neg, lam_neg)
-        w = tl.exp(psi - zeta)
-        loss = -w * adv
-        coef = -adv * w * dpsi                          # d loss_t / d logp_t
+        loss, coef, psi, zeta = _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4, OBJECTIVE, LFM, DHP)
         if HAS_REF:
             d = tl.load(p_ref + row, mask=valid, other=0.0) - logp
             loss += beta * _k3(d)
@@ -157,12 +154,13 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         dummy if out.coef is None else out.coef,
         T, V,
         lmap.log2_scale, lmap.tanh_scale,
-        hp.c, hp.k_pos, hp.lam_pos, hp.k_neg, hp.lam_neg, hp.beta,
+        *hp.values, hp.beta,
         SOFTCAP=lmap.softcap,
         WITH_ENTROPY=with_entropy,
         WITH_LOSS=with_loss,
         HAS_OLD=old is not None,
         HAS_REF=ref is not None,
+        OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,

@@ -85,3 +85,47 @@ def _dhp(psi, k_pos, lam_pos, k_neg, lam_neg):
     )
 
 
+
+
+@triton.jit
+def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
+    """PPO's clipped surrogate max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high)) and its derivative by
+    log r: −A·r where the unclipped term is the larger, 0 where the clip holds it. ``dual_clip``
+    C > 0 also caps a negative-advantage token at −A·C (derivative 0 there)."""
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    loss = tl.maximum(unclipped, clipped)
+    coef = tl.where(unclipped >= clipped, unclipped, 0.0)
+    capped = (dual_clip > 0.0) & (adv < 0.0) & (loss > -adv * dual_clip)
+    return tl.where(capped, -adv * dual_clip, loss), tl.where(capped, 0.0, coef)
+
+
+@triton.jit
+def _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4,
+                OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr):
+    """(loss_t, d loss_t / d logp_t, ψ, ζ) of a token-level objective (``objectives.py``; ψ and ζ
+    are MHPO's, log r and 0 for the others). h0..h4 are the objective's runtime values."""
+    zero = tl.zeros_like(log_ratio)
+    if OBJECTIVE == 0:  # MHPO: h0..h4 = c, k₊, λ₊, k₋, λ₋
+        if LFM:
+            psi, dpsi = _lfm(log_ratio, h0)
+        else:
+            psi, dpsi = log_ratio, zero + 1.0
+        zeta = zero
+        if DHP:
+            zeta = _dhp(psi, h1, h2, h3, h4)
+        w = tl.exp(psi - zeta)
+        return -w * adv, -adv * w * dpsi, psi, zeta
+    elif OBJECTIVE == 1:  # PPO-clip: h0, h1, h2 = ε_low, ε_high, dual clip C (0: none)
+        loss, coef = _ppo_clip(tl.exp(log_ratio), adv, h0, h1, h2)
+        return loss, coef, log_ratio, zero
+    elif OBJECTIVE == 2:  # CISPO: h0, h1 = max, min ratio; the clipped ratio carries no gradient
+        w = tl.minimum(tl.maximum(tl.exp(log_ratio), h1), h0)
+        return -w * adv * logp, -w * adv, log_ratio, zero
+    elif OBJECTIVE == 3:  # SAPO: h0, h1 = τ₊, τ₋;  d/dlogp σ(τ(r − 1))·4/τ = 4σ(1 − σ)·r
+        ratio = tl.exp(log_ratio)
+        tau = tl.where(adv > 0.0, h0, h1)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        return -gate * (4.0 / tau) * adv, -adv * 4.0 * gate * (1.0 - gate) * ratio, log_ratio, zero
+    else:  # GPG: the plain policy gradient
+        return -adv * logp, -adv + zero, log_ratio, zero
