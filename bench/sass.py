@@ -39,7 +39,9 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
-_FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False)
+_FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
+                OBJECTIVE=0, LFM=True, DHP=True)
+_LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
 FWD_FLAGS = {
@@ -48,6 +50,12 @@ FWD_FLAGS = {
     "loss": dict(WITH_LOSS=True),                                       # mhpo_loss, on-policy
     "loss-old-ref": dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True),
     "loss-entropy-old-ref": dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True, WITH_ENTROPY=True),
+    # policy_loss's other epilogues (GSPO runs the log-probs sweep and its epilogue in PyTorch)
+    "loss-old-ref-mhpo-ablated": dict(**_LOSS, LFM=False, DHP=False),
+    "loss-old-ref-ppo-clip": dict(**_LOSS, OBJECTIVE=1),
+    "loss-old-ref-cispo": dict(**_LOSS, OBJECTIVE=2),
+    "loss-old-ref-sapo": dict(**_LOSS, OBJECTIVE=3),
+    "loss-old-ref-gpg": dict(**_LOSS, OBJECTIVE=4),
     "softcap-logprobs": dict(SOFTCAP=True),                             # fused linear, softcapped
     "softcap-loss-entropy-old-ref": dict(SOFTCAP=True, WITH_LOSS=True, HAS_OLD=True, HAS_REF=True,
                                          WITH_ENTROPY=True),

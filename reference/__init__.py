@@ -84,6 +84,45 @@ def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg):
     return log_ratio, psi, zeta, weight
 
 
+def objective_loss(logp, old, adv, valid, objective):
+    """Each objective's per-token loss (B, T), differentiable in ``logp``: SPEC.md, section 7,
+    written directly (autograd gives the gradient). ``old`` is logp detached when on-policy."""
+    from mhpo_kernels import objectives as O
+
+    log_ratio = logp - old
+    if isinstance(objective, O.MHPO):
+        c = objective.c
+        psi = c * torch.tanh(log_ratio / c) if objective.lfm else log_ratio
+        zeta = (hazard(psi.detach(), objective.k_pos, objective.lam_pos, objective.k_neg, objective.lam_neg)
+                if objective.dhp else torch.zeros_like(psi))
+        return -torch.exp(psi - zeta) * adv
+    if isinstance(objective, O.PPOClip):
+        return _ppo_clip(torch.exp(log_ratio), adv, objective.eps_low, objective.eps_high, objective.dual_clip)
+    if isinstance(objective, O.CISPO):
+        weight = torch.exp(log_ratio).clamp(objective.min_ratio, objective.max_ratio).detach()
+        return -weight * adv * logp
+    if isinstance(objective, O.SAPO):
+        tau = torch.where(adv > 0, objective.tau_pos, objective.tau_neg)
+        return -torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * (4 / tau) * adv
+    if isinstance(objective, O.GPG):
+        return -adv * logp
+    if isinstance(objective, O.GSPO):  # the sequence's ratio, from the mean of its tokens' log r
+        v = valid.to(logp.dtype)
+        n = v.sum(-1, keepdim=True).clamp(min=1)
+        log_s = (torch.where(valid, log_ratio, torch.zeros_like(log_ratio)) * v).sum(-1, keepdim=True) / n
+        adv_seq = (torch.where(valid, adv, torch.zeros_like(adv)) * v).sum(-1, keepdim=True) / n
+        loss = _ppo_clip(torch.exp(log_s), adv_seq, objective.eps_low, objective.eps_high, None)
+        return loss.expand_as(logp)
+    raise TypeError(f"unknown objective {objective!r}")
+
+
+def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss
+
+
 def aggregate(loss_tok, valid, loss_agg_mode, normalizer=None):
     """Σ_t g_t · loss_t with the aggregation of SPEC.md; an all-invalid batch gives 0.
     ``normalizer`` replaces the count (tokens, or sequences with a token) as the divisor."""
@@ -118,6 +157,7 @@ def mhpo_loss_from_logprobs(
     return_metrics=False,
     entropy=None,
     normalizer=None,
+    objective=None,
 ):
     """The MHPO loss of SPEC.md from the current policy's per-token log-probs ``logp`` (B, T),
     which carry the gradient; ``mask`` (B, T) marks valid tokens (None: all). ``entropy`` (B, T),
@@ -127,7 +167,7 @@ def mhpo_loss_from_logprobs(
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
     adv = advantages.reshape(logp.shape[0], -1).expand(valid.shape)
     log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
-    loss_tok = -weight * adv
+    loss_tok = -weight * adv if objective is None else objective_loss(logp, old, adv, valid, objective)
     if ref_logprobs is not None:
         delta = ref_logprobs - logp
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
@@ -176,8 +216,10 @@ def mhpo_loss(
     ignore_index=-100,
     return_metrics=False,
     normalizer=None,
+    objective=None,
 ):
     """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
+    (and ``objective``, as in ``mhpo_kernels.policy_loss``: None is MHPO with c, k, λ above)
     (less ``inplace_backward``). Logits with one more position than input_ids are sliced:
     position t predicts input_ids[:, t]."""
     logits = _next_token_positions(logits, input_ids)
@@ -189,4 +231,11 @@ def mhpo_loss(
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
         entropy=_entropy(logprobs) if return_metrics else None, normalizer=normalizer,
+        objective=objective,
     )
+
+
+def policy_loss(logits, input_ids, old_logprobs, advantages, mask=None, *, objective, **kwargs):
+    """``mhpo_kernels.policy_loss`` in plain PyTorch: any objective of ``mhpo_kernels.objectives``,
+    every other keyword as ``mhpo_loss``."""
+    return mhpo_loss(logits, input_ids, old_logprobs, advantages, mask, objective=objective, **kwargs)
