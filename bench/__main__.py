@@ -78,8 +78,8 @@ def measure(provider, case, mode, inputs, device, repeats, fused_value, ceilings
     try:
         fn = provider.step(inputs, mode)
         value = fn().detach()                          # first call: compilation happens here
-        if provider.computes == "MHPO" and provider.name != "fused":
-            row["agreement_with_fused"] = _agreement(value, fused_value)
+        if fused_value is not None and not provider.name.startswith("fused"):
+            row["agreement_with_fused"] = _agreement(value, fused_value)  # the fused op of the same objective
         getattr(fn, "release", lambda: None)()
         row["peak_bytes"], row["extra_bytes"] = harness.peak_memory(fn, device)
         row["median_ms"], row["p20_ms"], row["p80_ms"] = harness.time_ms(fn, device, warmup=2, repeats=repeats)
@@ -142,21 +142,23 @@ def main(argv=None):
     plan = [(suite, mode, case) for suite, mode in ORDER
             if suite in args.suites and (args.modes is None or mode in args.modes)
             for case in PRESETS[args.preset] if case.suite == suite]
-    providers = {s: [p for n, p in PROVIDERS[s].items() if n == "fused" or not args.providers or n in args.providers]
+    providers = {s: [p for n, p in PROVIDERS[s].items()
+                     if n.startswith("fused") or not args.providers or n in args.providers]
                  for s in SUITES}
     total = sum(len(providers[suite]) for suite, _, _ in plan)
     done, results = 0, []
     for suite, mode, case in plan:
         inputs = make_inputs(case, device)
-        fused_value = None
+        fused_values = {}  # per objective: what the fused op gave, for the baselines' agreement
         for provider in providers[suite]:
             done += 1
             print(f"[{done}/{total}] {suite} {provider.name} {mode} {case.id}", file=sys.stderr, flush=True)
-            row, value = measure(provider, case, mode, inputs, device, args.repeats, fused_value, ceilings)
-            if provider.name == "fused":
-                fused_value = value
+            row, value = measure(provider, case, mode, inputs, device, args.repeats,
+                                 fused_values.get(provider.computes), ceilings)
+            if provider.name in ("fused", "fused-grpo"):
+                fused_values[provider.computes] = value
             results.append(row)
-        inputs = fused_value = value = None
+        inputs = fused_values = value = None
         gc.collect()
         report.add_speedups(results)
         report.write_json(stem + ".json", meta, results)

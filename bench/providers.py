@@ -2,8 +2,9 @@
 
 All providers of a suite see the same inputs at the same settings (temperature, β with reference
 log-probs, completion mask, per-sequence advantages, the mean over each sequence's tokens then over
-sequences). Liger's kernels compute GRPO's clipped objective, not MHPO: they are the nearest fused
-Triton RL losses, and are labelled as such wherever they are reported.
+sequences). Liger's kernels compute GRPO's clipped objective, not MHPO: on logits they are compared
+with ``policy_loss(objective=PPOClip())`` on the same inputs (like against like); on the LM head,
+Liger's fused linear GRPO is labelled as a different objective.
 
 The logits suite times what a trainer runs: the model's logits (B, T + 1, V) as the leaf. The
 fused op takes them whole (the next-token shift is its own), with and without
@@ -17,6 +18,7 @@ import torch
 
 import mhpo_kernels
 import reference
+from mhpo_kernels.objectives import PPOClip
 
 TEMPERATURE = 0.9
 BETA = 0.04
@@ -75,6 +77,11 @@ def _fused_inplace(inputs, x):
     # private copy of the logits becomes their gradient at each step (the values stay finite).
     return mhpo_kernels.mhpo_loss(x.view_as(x), *_mhpo_args(inputs), inplace_backward=True,
                                   **_loss_kwargs(inputs))
+
+
+def _fused_ppo(inputs, x):
+    return mhpo_kernels.policy_loss(x, *_mhpo_args(inputs), objective=PPOClip(eps_low=0.2, eps_high=0.2),
+                                    **_loss_kwargs(inputs))
 
 
 def _eager(inputs, x):
@@ -196,7 +203,8 @@ PROVIDERS = {
                             lambda i: _compiled("token_logprobs")(i["full_logits"][:, :-1], i["input_ids"],
                                                                   TEMPERATURE),
                             needs=_needs_cuda),
-        "liger": Provider("liger", "GRPO (not MHPO)", _liger_logits,
+        "fused-grpo": Provider("fused-grpo", "GRPO", _fused_ppo, None, modes=("fwd_bwd", "fwd")),
+        "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
                           needs=_needs_module(_liger)),
     },
