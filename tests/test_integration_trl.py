@@ -25,9 +25,11 @@ VOCAB = 512
 class ReferenceTrainer(MHPOTrainer):
     """The same trainer, its loss from the plain-PyTorch reference on the model's logits."""
 
-    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None):
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
+                         loss_agg_mode=None):
+        kwargs = {**self.mhpo_kwargs(), **({"loss_agg_mode": loss_agg_mode} if loss_agg_mode else {})}
         return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
-                                   return_metrics=True, normalizer=normalizer, **self.mhpo_kwargs())
+                                   return_metrics=True, normalizer=normalizer, **kwargs)
 
 
 class RecordGradients(TrainerCallback):
@@ -306,3 +308,54 @@ def test_two_processes_give_the_head_the_one_process_gradient(tiny_model, tmp_pa
     assert max_rel_err(ranks[0]["grads"][head], expected) <= GRAD_RTOL
     assert max_rel_err(ranks[1]["grads"][head], expected) <= GRAD_RTOL
     assert ranks[0]["logged"]["mhpo/zeta"] == pytest.approx(sum(weighted) / sum(tokens), rel=1e-5)
+
+
+class LossLog(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def _trl_run(tiny_model, tmp_path, cls, **config):
+    from trl import GRPOConfig
+
+    path, tokenizer = tiny_model
+    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i % 3)) for i in range(8)]
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                  learning_rate=1e-3, report_to="none", logging_steps=1, use_cpu=True, seed=0, save_strategy="no",
+                  disable_tqdm=True, bf16=False, max_steps=2, temperature=0.9, beta=0.04,
+                  gradient_accumulation_steps=2, num_iterations=2, use_bias_correction_kl=False, **config)
+    args = MHPOConfig(objective="trl", **common) if cls is MHPOTrainer else GRPOConfig(**common)
+    log = LossLog()
+    cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer, callbacks=[log]).train()
+    return log.losses
+
+
+@pytest.mark.parametrize("config", [
+    dict(loss_type="grpo"), dict(loss_type="dapo"), dict(loss_type="bnpo"), dict(loss_type="dr_grpo"),
+    dict(loss_type="cispo", epsilon_high=1.3), dict(loss_type="sapo"), dict(loss_type="dapo", delta=1.5),
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+], ids=["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "dapo-delta", "gspo"])
+def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
+    """objective='trl': the training losses equal TRL's own GRPOTrainer's on the same seed, for
+    each supported loss_type (TRL's ε, δ, SAPO temperatures and normalization)."""
+    ours = _trl_run(tiny_model, tmp_path / "ours", MHPOTrainer, **config)
+    theirs = _trl_run(tiny_model, tmp_path / "trl", trl.GRPOTrainer, **config)
+    assert len(ours) == len(theirs) == 2
+    # Means of per-token terms of size up to |A|·|logp| ≈ 10 (CISPO) that cancel to 1e-2 or less:
+    # fp32 rounding of the terms leaves ~1e-7 absolute (measured ≤ 1.5e-7).
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(loss_type="luspo", importance_sampling_level="sequence"), "loss_type='luspo'"),
+    (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(loss_type="grpo", use_fused_linear=True), "use_fused_linear"),
+])
+def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, config, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tiny_model, tmp_path, objective="trl", **config)

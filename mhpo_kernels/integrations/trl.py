@@ -52,6 +52,10 @@ except ImportError:  # pragma: no cover - depends on the installed TRL
         return contextlib.nullcontext()
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+TRL_LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
+# TRL's aggregation per loss type: (loss_agg_mode, normalizer) — see MHPOTrainer.trl_aggregation.
+TRL_AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
+                   "dr_grpo": "seq-mean-token-sum", "dapo": "token-mean", "cispo": "token-mean"}
 METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac")
 
 
@@ -92,6 +96,12 @@ class MHPOConfig(GRPOConfig):
     use_fused_linear: bool = field(
         default=False,
         metadata={"help": "MHPO: take the hidden states and the LM head, never materializing the logits."},
+    )
+    objective: str = field(
+        default="mhpo",
+        metadata={"help": "'mhpo' (the MHPO loss, aggregated by loss_agg_mode) or 'trl': TRL's own loss for "
+                          f"loss_type in {TRL_LOSS_TYPES} at importance_sampling_level token or sequence, with "
+                          "TRL's epsilon, delta, SAPO temperatures and normalization, through the fused op."},
     )
     inplace_backward: bool = field(
         default=True,
@@ -150,14 +160,21 @@ class MHPOTrainer(GRPOTrainer):
     def _check_supported(self):
         """GRPO options that have no MHPO counterpart fail here, not silently in training."""
         args = self.args
+        if args.objective not in ("mhpo", "trl"):
+            raise ValueError(f"objective must be 'mhpo' or 'trl', got {args.objective!r}")
+        trl_loss = args.objective == "trl"
+        self.objective = self._trl_objective() if trl_loss else None
         unsupported = {
             "importance_sampling_level='sequence' (MHPO's ratio is per token)":
-                getattr(self, "importance_sampling_level", "token") != "token",
+                getattr(self, "importance_sampling_level", "token") != "token" and not trl_loss,
             "top_entropy_quantile < 1": getattr(self, "top_entropy_quantile", 1.0) < 1.0,
             "off_policy_mask_threshold": getattr(self, "off_policy_mask_threshold", None) is not None,
             "an entropy bonus (entropy_coef / adaptive entropy)": getattr(self, "_entropy_bonus_enabled", False),
             "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
-            "delta (two-sided clipping)": getattr(args, "delta", None) is not None,
+            "delta (two-sided clipping) with the MHPO objective": getattr(args, "delta", None) is not None
+                and not trl_loss,
+            "use_fused_linear with objective='trl' (the fused linear path computes MHPO)":
+                trl_loss and args.use_fused_linear,
             "MoE router aux loss (router_aux_loss_coef = 0 turns it off)": getattr(self, "aux_loss_enabled", False),
             # TRL's Liger path computes its own GRPO loss and never calls _compute_loss: the run
             # would silently train GRPO.
@@ -172,6 +189,42 @@ class MHPOTrainer(GRPOTrainer):
         if args.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {args.loss_agg_mode!r}")
 
+    def _trl_objective(self):
+        """The objective of TRL's own loss for this configuration, or a ValueError for the
+        combinations TRL computes that the fused op does not."""
+        from mhpo_kernels.objectives import CISPO, GSPO, SAPO, PPOClip
+
+        args, loss_type, level = self.args, self.loss_type, self.importance_sampling_level
+        if loss_type not in TRL_LOSS_TYPES:
+            raise ValueError(f"MHPOTrainer does not support: objective='trl' with loss_type={loss_type!r} "
+                             f"(supported: {TRL_LOSS_TYPES})")
+        if level == "sequence" and (loss_type in ("cispo", "sapo") or args.delta is not None):
+            raise ValueError(f"MHPOTrainer does not support: objective='trl' with importance_sampling_level="
+                             f"'sequence' and {'delta' if args.delta is not None else 'loss_type=' + loss_type}")
+        if loss_type == "cispo":
+            return CISPO(max_ratio=self.epsilon_high, min_ratio=0.0)
+        if loss_type == "sapo":
+            return SAPO(tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
+        if level == "sequence":
+            return GSPO(eps_low=self.epsilon_low, eps_high=self.epsilon_high)
+        # TRL's delta caps the unclipped ratio: for A < 0 that is the dual clip, for A > 0 it never
+        # binds (TRL requires delta > 1 + epsilon_high).
+        return PPOClip(eps_low=self.epsilon_low, eps_high=self.epsilon_high, dual_clip=args.delta)
+
+    def aggregation(self, inputs, completion_ids):
+        """(loss_agg_mode, normalizer, divide by the accumulation steps) of the loss."""
+        if self.objective is None:
+            normalizer = self.token_mean_normalizer(inputs)
+            return self.args.loss_agg_mode, normalizer, normalizer is None
+        mode = TRL_AGGREGATION[self.loss_type]
+        if self.loss_type in ("grpo", "sapo"):   # the mean over every sequence, empty ones included
+            return mode, float(completion_ids.shape[0]), True
+        if self.loss_type == "dr_grpo":
+            return mode, float(completion_ids.shape[0] * self.max_completion_length), True
+        if self.loss_type == "bnpo":
+            return mode, None, True
+        return mode, self.dapo_normalizer(inputs), False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Always the MHPO loss: no option of the parent's may route around ``_compute_loss``."""
         if return_outputs:
@@ -185,17 +238,28 @@ class MHPOTrainer(GRPOTrainer):
         return dict(c=a.c, k_pos=a.k_pos, lam_pos=a.lam_pos, k_neg=a.k_neg, lam_neg=a.lam_neg,
                     temperature=self.temperature, loss_agg_mode=a.loss_agg_mode, beta=self.beta)
 
-    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None):
-        """The MHPO loss and metrics from the logits (B, C + 1, V) that predict the completion."""
-        return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask,
-                                      ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
-                                      inplace_backward=self.args.inplace_backward, **self.mhpo_kwargs())
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
+                         loss_agg_mode=None):
+        """The loss and metrics from the logits (B, C + 1, V) that predict the completion."""
+        kwargs = self.mhpo_kwargs()
+        if loss_agg_mode is not None:
+            kwargs["loss_agg_mode"] = loss_agg_mode
+        common = dict(ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
+                      inplace_backward=self.args.inplace_backward)
+        if self.objective is None:
+            return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, **common, **kwargs)
+        return mhpo_kernels.policy_loss(logits, completion_ids, old_logps, advantages, mask, objective=self.objective,
+                                        temperature=kwargs["temperature"], loss_agg_mode=kwargs["loss_agg_mode"],
+                                        beta=kwargs["beta"], **common)
 
     def token_mean_normalizer(self, inputs):
         """TRL's ``dapo`` divisor for token-mean: the generation batch's valid tokens (all processes),
         per process and per accumulation window; None for the other modes (local counts)."""
         if self.args.loss_agg_mode != "token-mean":
             return None
+        return self.dapo_normalizer(inputs)
+
+    def dapo_normalizer(self, inputs):
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if self.model.training:  # in eval the batch is neither split across steps nor accumulated
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
@@ -243,7 +307,7 @@ class MHPOTrainer(GRPOTrainer):
             advantages = (advantages.reshape(advantages.shape[0], -1) * ratio).expand_as(completion_ids)
         old_logps = inputs.get("old_per_token_logps")          # None: on-policy (ratio 1)
         ref_logps = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-        normalizer = self.token_mean_normalizer(inputs)
+        agg_mode, normalizer, per_accumulation = self.aggregation(inputs, completion_ids)
         loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps, normalizer)
 
         with self.accelerator.autocast():
@@ -260,11 +324,11 @@ class MHPOTrainer(GRPOTrainer):
                 # and returns every position needs a slice here.
                 if logits.shape[1] != logits_to_keep + 1:
                     logits = logits[:, -logits_to_keep - 1:]
-                loss, metrics = self.loss_from_logits(logits, *loss_args)
+                loss, metrics = self.loss_from_logits(logits, *loss_args, loss_agg_mode=agg_mode)
 
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and normalizer is None:
-            # TRL turns off HF's loss scaling: scale for gradient accumulation here (token-mean's
+        if mode == "train" and per_accumulation:
+            # TRL turns off HF's loss scaling: scale for gradient accumulation here (a dapo
             # normalizer already carries it, as TRL's dapo does).
             loss = loss / self.current_gradient_accumulation_steps
         self._log_mhpo_metrics(mode, metrics, mask)
@@ -273,7 +337,7 @@ class MHPOTrainer(GRPOTrainer):
     def _log_mhpo_metrics(self, mode, metrics, mask):
         """Token-weighted means across processes, like TRL's own masked metrics."""
         n = mask.sum().float()
-        names = [k for k in metrics if k not in ("logp",)]
+        names = [k for k in metrics if k not in ("logp",)]  # MHPO's ψ, ζ, … only with the MHPO objective
         local = torch.stack([metrics[k].float() * n for k in names] + [n])
         totals = self.accelerator.reduce(local, reduction="sum")
         count = totals[-1].clamp(min=1.0)
