@@ -7,7 +7,7 @@ See ``mhpo_loss`` for the formula and shapes, and the README for where each path
 
 from . import objectives
 from ._dispatch import use_backend
-from .fused_linear import fused_linear_mhpo_loss, fused_linear_token_logprobs
+from .fused_linear import fused_linear_mhpo_loss, fused_linear_policy_loss, fused_linear_token_logprobs
 from .loss import MHPOLoss, mhpo_loss, policy_loss, token_logprobs
 from .token_loss import mhpo_token_loss
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MHPOLoss",
     "fused_linear_mhpo_loss",
+    "fused_linear_policy_loss",
     "fused_linear_token_logprobs",
     "mhpo_loss",
     "mhpo_token_loss",

@@ -11,11 +11,11 @@ import torch
 
 from . import ops
 from ._config import fused_linear_chunk_rows
-from ._inputs import check_float_tensor, check_positive, prepare_mhpo, prepare_tokens
-from ._sweep_types import LogitMap
+from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
+from ._sweep_types import LogitMap, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
 from .loss import metrics_from_stats, mhpo_params
-from .objectives import MHPO
+from .objectives import MHPO, check_objective
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -114,10 +114,31 @@ def fused_linear_mhpo_loss(
     The tile GEMM runs in hidden's dtype with fp32 accumulation (the logits are rounded to that
     dtype as ``hidden @ weight.T`` would be); the sweeps compute in fp32.
     """
+    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name these arguments
+    return fused_linear_policy_loss(
+        hidden, weight, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values), bias=bias,
+        logit_scale=logit_scale, final_logit_softcap=final_logit_softcap, chunk_size=chunk_size,
+        temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
+        ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
+        reduce_dhidden=reduce_dhidden)
+
+
+def fused_linear_policy_loss(
+    hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, objective=None, bias=None,
+    logit_scale=1.0, final_logit_softcap=None, chunk_size=None, temperature=1.0,
+    loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
+    return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True,
+):
+    """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
+    objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
+    sequence ratios need every chunk's log-probs before any chunk's gradient."""
+    objective = MHPO() if objective is None else check_objective(objective)
+    if objective.sequence_level:
+        raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():
-        hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)
+        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_mhpo(
@@ -135,7 +156,7 @@ def fused_linear_mhpo_loss(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, MHPO(*hp.values))
+        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, objective)
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -146,7 +167,7 @@ def fused_linear_mhpo_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, MHPO(*hp.values))
+    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, objective)
 
 
 @torch.no_grad()

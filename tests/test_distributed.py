@@ -306,3 +306,34 @@ def test_ddp_with_a_global_normalizer_equals_one_process(tmp_path):
     model(*_dp_batch()).backward()
     for name, p in model.named_parameters():
         assert max_rel_err(got[name], p.grad) <= FP32_RTOL, name
+
+
+def _tp_objective_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+    from mhpo_kernels.objectives import PPOClip
+
+    full, ids, mask, old, adv, ref = _tp_inputs()
+    start, size = _split(full.shape[-1], world_size)[rank]
+    x = full[..., start:start + size].clone().requires_grad_()
+    loss = mhpo_kernels.policy_loss(x, ids, old, adv, mask, objective=PPOClip(0.2, 0.28, dual_clip=3.0),
+                                    ref_logprobs=ref, beta=0.1, tp_group=dist.group.WORLD)
+    loss.backward()
+    torch.save(dict(loss=loss.detach(), grad=x.grad), f"{out_dir}/tpo-{rank}.pt")
+
+
+def test_vocab_parallel_takes_other_objectives(tmp_path):
+    """policy_loss with a vocabulary split over ranks: the epilogue is the objective's."""
+    import mhpo_kernels
+    from _cases import FP32_RTOL, max_rel_err
+    from mhpo_kernels.objectives import PPOClip
+
+    _dist.run(_tp_objective_worker, 2, tmp_path, str(tmp_path))
+    full, ids, mask, old, adv, ref = _tp_inputs()
+    x = full.clone().requires_grad_()
+    loss = mhpo_kernels.policy_loss(x, ids, old, adv, mask, objective=PPOClip(0.2, 0.28, dual_clip=3.0),
+                                    ref_logprobs=ref, beta=0.1)
+    loss.backward()
+    got = [torch.load(tmp_path / f"tpo-{r}.pt") for r in range(2)]
+    assert all(abs(g["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item()) for g in got)
+    assert max_rel_err(torch.cat([g["grad"] for g in got], -1), x.grad) <= FP32_RTOL
