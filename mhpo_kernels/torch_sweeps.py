@@ -2,7 +2,7 @@
 interpreter (and for any device Triton does not serve).
 
 Same inputs and outputs as ``kernels.forward.mhpo_fwd`` / ``kernels.backward.mhpo_bwd``. Memory is
-bounded by one chunk of rows × V in float64 (``CHUNK_BYTES``), never N × V. The per-token epilogue
+bounded by one chunk of rows × V in fp32 (``CHUNK_BYTES``), never N × V. The per-token epilogue
 runs on (N,) vectors in float64, where the textbook formulas are accurate, then rounds to fp32.
 """
 
@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from ._sweep_types import RowStats
 from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
-CHUNK_BYTES = 64 << 20  # float64 working set of one chunk of rows
+CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of rows
 LN2 = math.log(2.0)
 
 
 def _chunks(logits):
     """(b, t0, t1, r0): row blocks of at most CHUNK_BYTES as views of logits (B, T, V)."""
     B, T, V = logits.shape
-    rows = max(1, CHUNK_BYTES // (8 * max(V, 1)))
+    rows = max(1, CHUNK_BYTES // (4 * max(V, 1)))
     for b in range(B):
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
@@ -37,20 +37,22 @@ def _sech2(u):
 def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     """The base-2 exponents d = k·u(x) − b of rows [r0, r0 + t1 − t0) as a fresh fp32 chunk, as the
     kernels form them (``kernels/logit_map.py``): b = fp32(k · max u) when ``base`` is None (sweep
-    1), else the saved one (sweep 2); the product k·u is exact in float64, then d rounds once to
-    fp32, as the kernels' FMA does. Invalid rows are zeroed first (they may hold NaN). Returns
-    (d, valid, b, u) with u the softcapped logits (None without softcap)."""
+    1), else the saved one (sweep 2). d = (u − m)·k + (m·k − b) with m the chunk row's max: u − m
+    is exact near the max and the row's offset m·k − b is formed in float64, so d carries one or
+    two fp32 roundings relative to itself, as the kernels' FMA does, in one fp32 buffer. Invalid
+    rows are zeroed first (they may hold NaN). Returns (d, valid, b, u) with u the softcapped
+    logits (None without softcap)."""
     valid = target[r0:r0 + t1 - t0] >= 0
     x = logits[b, t0:t1].to(torch.float32, copy=True)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
     u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
     k = torch.tensor(lmap.log2_scale, dtype=torch.float32).item()  # the fp32 the kernels get
-    if base is None:
-        base = u.amax(-1) * k
-    else:
-        base = base[r0:r0 + t1 - t0]
-    d = (u.double() * k).sub_(base.double().unsqueeze(-1)).float()
-    return d, valid, base, (u if lmap.softcap else None)
+    m = u.amax(-1)
+    base = m * k if base is None else base[r0:r0 + t1 - t0]
+    m = torch.where(torch.isfinite(m), m, 0.0)  # a row of −inf: d = −inf, not −inf − (−inf)
+    offset = (m.double() * k - base.double()).float().unsqueeze(-1)
+    d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
+    return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
 
 
 def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
