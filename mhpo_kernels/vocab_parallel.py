@@ -156,7 +156,7 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
     try:
         prepared = prepare()
         batch = prepared.batch
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # whatever it is, the other ranks must hear of it before they wait
         error = e
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
