@@ -63,14 +63,18 @@ class _Prepared(NamedTuple):
     batch: object
 
 
-def _prepared(prepare, tp_group, hidden, weight):
+def _prepared(prepare, tp_group, hidden, weight, chunk_size=None):
     """``prepare()``'s checked arguments; with a tp_group only once every rank agreed."""
     if tp_group is None:
         return prepare()
     from .vocab_parallel import agree_on_inputs
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    return agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0])
+    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0])
+    if chunk_size is None:  # every rank must make the same chunks (one collective each): the largest slice's
+        rows = fused_linear_chunk_rows(max(prepared.batch.tp.sizes), hidden.element_size())
+        prepared = prepared._replace(chunk_rows=rows)
+    return prepared
 
 
 def fused_linear_mhpo_loss(
@@ -148,7 +152,7 @@ def fused_linear_policy_loss(
         )
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
-    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight)
+    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
     if tp_group is not None:
         from . import vocab_parallel
 
@@ -188,7 +192,7 @@ def fused_linear_token_logprobs(
                                hidden.device, ignore_index, source="hidden without H")
         return _Prepared(None, lmap, hidden2d, chunk_rows, batch)
 
-    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight)
+    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
     logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
                                           bool(return_entropy), tp=batch.tp)
     logp = logp.reshape(batch.token_shape)

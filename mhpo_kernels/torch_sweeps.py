@@ -48,8 +48,11 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
     k = torch.tensor(lmap.log2_scale, dtype=torch.float32).item()  # the fp32 the kernels get
     m = u.amax(-1)
-    base = m * k if base is None else base[r0:r0 + t1 - t0]
-    m = torch.where(torch.isfinite(m), m, 0.0)  # a row of −inf: d = −inf, not −inf − (−inf)
+    finite = torch.isfinite(m)
+    # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
+    # that d = −inf, never −inf − (−inf).
+    base = torch.where(finite | m.isnan(), m * k, -3.0e38) if base is None else base[r0:r0 + t1 - t0]
+    m = torch.where(finite, m, 0.0)
     offset = (m.double() * k - base.double()).float().unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
     return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
@@ -89,7 +92,8 @@ def _objective_terms(logp, log_ratio, adv, hp):
         ratio = log_ratio.exp()
         tau = torch.where(adv > 0, h0, h1)
         gate = torch.sigmoid(tau * (ratio - 1.0))
-        return -gate * (4.0 / tau) * adv, -adv * 4.0 * gate * (1.0 - gate) * ratio, log_ratio, zero
+        slope = gate * (1.0 - gate)
+        return -gate * (4.0 / tau) * adv, torch.where(slope > 0, -adv * 4.0 * slope * ratio, 0.0), log_ratio, zero
     if hp.kind == GPG_KIND:
         return -adv * logp, -adv + zero, log_ratio, zero
     raise ValueError(f"no token-level epilogue for objective kind {hp.kind}")

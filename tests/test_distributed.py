@@ -371,3 +371,34 @@ def test_vocab_parallel_layout_matches_megatron(tmp_path):
         got = torch.load(tmp_path / f"mc-{rank}.pt")
         assert max_rel_err(-got["logp"], got["loss"]) <= FP32_RTOL
         assert max_rel_err(got["gy"], got["gx"]) <= FP32_RTOL
+
+
+def _tp_edge_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    start, size = _split(weight.shape[0], world_size)[rank]
+    with mhpo_kernels.use_backend("torch"):
+        loss = mhpo_kernels.fused_linear_mhpo_loss(hidden, weight[start:start + size], ids, old, adv, mask,
+                                                   tp_group=dist.group.WORLD)
+        full, tids, tmask, told, tadv, _ = _tp_inputs()
+        full[0, 1] = float("-inf")
+        full[0, 1, 3] = 0.0                          # one finite logit, on rank 0's slice only
+        s0, s1 = _split(full.shape[-1], world_size)[rank]
+        tids = tids.clone()
+        tids[0, 1] = 3
+        tmask = tmask.clone()
+        tmask[0, 1] = True
+        logp = mhpo_kernels.token_logprobs(full[..., s0:s0 + s1], tids.masked_fill(~tmask, -100),
+                                           tp_group=dist.group.WORLD)
+    torch.save(dict(loss=loss, logp=logp), f"{out_dir}/edge-{rank}.pt")
+
+
+def test_vocab_parallel_default_chunk_and_a_slice_of_minus_inf(tmp_path):
+    """Uneven slices with the default chunk run; a token whose logits are −inf on a whole rank's
+    slice is finite on the PyTorch path (that slice adds zero probability)."""
+    _dist.run(_tp_edge_worker, 2, tmp_path, str(tmp_path))
+    got = [torch.load(tmp_path / f"edge-{r}.pt") for r in range(2)]
+    assert torch.isfinite(got[0]["loss"]) and got[0]["loss"].item() == got[1]["loss"].item()
+    assert torch.isfinite(got[0]["logp"]).all() and abs(got[0]["logp"][0, 1].item()) < 1e-6

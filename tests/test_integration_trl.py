@@ -355,6 +355,7 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     (dict(loss_type="luspo", importance_sampling_level="sequence"), "loss_type='luspo'"),
     (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(loss_type="grpo", use_fused_linear=True), "use_fused_linear"),
+    (dict(loss_type="dapo", delta=1.1, epsilon_high=0.28), "delta=1.1"),
 ])
 def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, config, match):
     with pytest.raises(ValueError, match=match):

@@ -168,3 +168,13 @@ def test_fused_linear_path_takes_every_token_level_objective(name):
     assert max_rel_err(dh, dh_m) <= FP32_RTOL and max_rel_err(dw, dw_m) <= FP32_RTOL
     with pytest.raises(NotImplementedError, match="GSPO"):
         mhpo_kernels.fused_linear_policy_loss(hidden, weight, ids, old, adv, objective=GSPO())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_sapo_gradient_finite_at_an_overflowing_ratio(backend):
+    """log r > 88: r overflows fp32 but the gate has saturated, so the gradient is 0, not 0 · inf."""
+    logits, kwargs = make_inputs(SMALL, Regime("sapo", garbage=False, mask=False, ignore=False), device=TRITON_DEVICE)
+    kwargs["old_logprobs"] = torch.full_like(kwargs["old_logprobs"], -120.0)
+    with mhpo_kernels.use_backend(backend):
+        loss, grad = loss_and_grad(lambda x, **kw: _call(mhpo_kernels.policy_loss, SAPO(), x, kw), logits, kwargs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

@@ -201,14 +201,18 @@ class MHPOTrainer(GRPOTrainer):
         if level == "sequence" and (loss_type in ("cispo", "sapo") or args.delta is not None):
             raise ValueError(f"MHPOTrainer does not support: objective='trl' with importance_sampling_level="
                              f"'sequence' and {'delta' if args.delta is not None else 'loss_type=' + loss_type}")
+        if args.delta is not None and args.delta <= 1 + self.epsilon_high:
+            raise ValueError(f"MHPOTrainer does not support: objective='trl' with delta={args.delta} <= 1 + "
+                             f"epsilon_high (TRL's cap then also binds positive advantages; only delta > "
+                             f"1 + epsilon_high is the dual clip)")
         if loss_type == "cispo":
             return CISPO(max_ratio=self.epsilon_high, min_ratio=0.0)
         if loss_type == "sapo":
             return SAPO(tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
         if level == "sequence":
             return GSPO(eps_low=self.epsilon_low, eps_high=self.epsilon_high)
-        # TRL's delta caps the unclipped ratio: for A < 0 that is the dual clip, for A > 0 it never
-        # binds (TRL requires delta > 1 + epsilon_high).
+        # TRL's delta caps the unclipped ratio: for A < 0 that is the dual clip, and for A > 0 it
+        # never binds since delta > 1 + epsilon_high (checked above).
         return PPOClip(eps_low=self.epsilon_low, eps_high=self.epsilon_high, dual_clip=args.delta)
 
     def aggregation(self, inputs, completion_ids):

@@ -126,6 +126,8 @@ def _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4,
         ratio = tl.exp(log_ratio)
         tau = tl.where(adv > 0.0, h0, h1)
         gate = tl.sigmoid(tau * (ratio - 1.0))
-        return -gate * (4.0 / tau) * adv, -adv * 4.0 * gate * (1.0 - gate) * ratio, log_ratio, zero
+        slope = gate * (1.0 - gate)  # 0 where the gate saturates: never 0 · inf for a huge ratio
+        return (-gate * (4.0 / tau) * adv, tl.where(slope > 0.0, -adv * 4.0 * slope * ratio, 0.0),
+                log_ratio, zero)
     else:  # GPG: the plain policy gradient
         return -adv * logp, -adv + zero, log_ratio, zero
