@@ -50,8 +50,9 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     m = u.amax(-1)
     finite = torch.isfinite(m)
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
-    # that d = −inf, never −inf − (−inf).
-    base = torch.where(finite | m.isnan(), m * k, -3.0e38) if base is None else base[r0:r0 + t1 - t0]
+    # that d = −inf, never −inf − (−inf). A +inf or NaN max stays the base, as in the kernels:
+    # every d of the row is then NaN (SPEC.md, section 5).
+    base = torch.where(m == -math.inf, -3.0e38, m * k) if base is None else base[r0:r0 + t1 - t0]
     m = torch.where(finite, m, 0.0)
     offset = (m.double() * k - base.double()).float().unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
@@ -110,6 +111,7 @@ def _token_terms(logp, valid, old, adv, g, ref, hp):
         d = ref.to(f64) - logp
         loss = loss + hp.beta * (torch.expm1(d) - d)
         coef = coef - hp.beta * torch.expm1(d)
+    coef = torch.where(loss.isnan(), loss, coef)   # as the kernels: a NaN term, a NaN row
     g = g.to(f64)
 
     def out(x):
@@ -139,6 +141,7 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, shape):
     adv_seq = (torch.where(valid2, adv.to(f64).reshape(B, T), 0.0)).sum(-1) / n
     h0, h1 = hp.values[:2]
     loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, h0, h1, 0.0)
+    dlog_s = torch.where(loss_seq.isnan(), loss_seq, dlog_s)  # a NaN sequence term: NaN rows, all of them
     loss = loss_seq.unsqueeze(-1).expand(B, T).reshape(-1)
     share = (dlog_s / n).unsqueeze(-1).expand(B, T).reshape(-1)
     kl_coef = torch.zeros_like(logp)

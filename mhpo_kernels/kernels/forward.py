@@ -8,7 +8,7 @@ import triton.language as tl
 from .._config import FP_FUSION, sweep_config
 from .._sweep_types import RowStats
 from .logit_map import LN2, _logit_u
-from .rows import _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _row_ptr, _row_target
+from .rows import _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _row_ptr, _row_target
 from .token_math import _expm1, _k3, _token_loss
 
 # The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
@@ -39,7 +39,9 @@ def _lse_step(p_row, v0, o_blk, n_read, c, s, a, k, tanh_scale,
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes past V
     b_u = _lanes(b_u, R, LANES, VEC)
-    c_new = tl.maximum(c, _lane_reduce_max(b_u) * k)
+    # NaN-propagating: a lane that read a NaN keeps c = NaN, and the row's base with it, so no
+    # rescale below (alpha = 0, or the combine's lane_kept) can drop the NaN from the sums.
+    c_new = _max_nan(c, _lane_reduce_max(b_u) * k)
     shift = c - c_new                                    # ≤ 0: rebase the lane's sums to c_new
     alpha = tl.exp2(shift)
     # alpha = 0: what the lane summed is below 2^−149 of what comes now, and may be inf (logits
@@ -93,7 +95,7 @@ def _mhpo_fwd_kernel(
 
     # Combine the lanes at the row's base b = max c: every lane's c − b ≤ 0, so nothing overflows,
     # and a lane that read no finite logit (c = FLOOR, s = 0) adds exactly 0.
-    base = tl.max(lane_c, 0)
+    base = tl.reduce(lane_c, 0, _max_nan)     # NaN if any lane read a NaN: logp, H, the gradient follow
     lane_shift = lane_c - base
     lane_scale = tl.exp2(lane_shift)
     lane_kept = lane_scale > 0.0                # as in _lse_step: a negligible lane adds 0, not inf · 0
@@ -123,6 +125,9 @@ def _mhpo_fwd_kernel(
             d = tl.load(p_ref + row, mask=valid, other=0.0) - logp
             loss += beta * _k3(d)
             coef -= beta * _expm1(d)                    # β · (1 − e^d)
+        # A NaN term gets a NaN derivative, so its whole gradient row is NaN (SPEC.md, section 5),
+        # also where the objective's derivative is a constant or a select (PPO-clip, SAPO).
+        coef = tl.where(loss != loss, loss, coef)
         tl.store(p_psi + row, tl.where(valid, psi, 0.0))
         tl.store(p_zeta + row, tl.where(valid, zeta, 0.0))
         tl.store(p_loss + row, tl.where(valid, g * loss, 0.0))

@@ -47,9 +47,16 @@ def _lanes(b, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max that returns NaN when either side is NaN (``tl.maximum``'s default drops it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _lane_reduce_max(b):
-    """Per-lane max of an [R, LANES, VEC] block: [LANES]."""
-    return tl.max(tl.max(b, 2), 0)
+    """Per-lane max of an [R, LANES, VEC] block: [LANES], NaN if the lane read one (SPEC.md,
+    section 5: a NaN logit must reach the row's base, never be dropped by a max)."""
+    return tl.reduce(tl.reduce(b, 2, _max_nan), 0, _max_nan)
 
 
 @triton.jit

@@ -85,6 +85,12 @@ def _dhp(psi, k_pos, lam_pos, k_neg, lam_neg):
     )
 
 
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    """clamp(x, lo, hi) that keeps a NaN x NaN, as torch.clamp does (``tl.maximum`` and
+    ``tl.minimum`` drop NaN by default; SPEC.md, section 5)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -93,8 +99,8 @@ def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
     log r: −A·r where the unclipped term is the larger, 0 where the clip holds it. ``dual_clip``
     C > 0 also caps a negative-advantage token at −A·C (derivative 0 there)."""
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-    loss = tl.maximum(unclipped, clipped)
+    clipped = -adv * _clamp_nan(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     coef = tl.where(unclipped >= clipped, unclipped, 0.0)
     capped = (dual_clip > 0.0) & (adv < 0.0) & (loss > -adv * dual_clip)
     return tl.where(capped, -adv * dual_clip, loss), tl.where(capped, 0.0, coef)
@@ -120,7 +126,7 @@ def _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4,
         loss, coef = _ppo_clip(tl.exp(log_ratio), adv, h0, h1, h2)
         return loss, coef, log_ratio, zero
     elif OBJECTIVE == 2:  # CISPO: h0, h1 = max, min ratio; the clipped ratio carries no gradient
-        w = tl.minimum(tl.maximum(tl.exp(log_ratio), h1), h0)
+        w = _clamp_nan(tl.exp(log_ratio), h1, h0)
         return -w * adv * logp, -w * adv, log_ratio, zero
     elif OBJECTIVE == 3:  # SAPO: h0, h1 = τ₊, τ₋;  d/dlogp σ(τ(r − 1))·4/τ = 4σ(1 − σ)·r
         ratio = tl.exp(log_ratio)
