@@ -85,6 +85,10 @@ INVALID_TOKENS = (MASKED, IGNORED)
 # of ``_call``'s keywords.
 
 
+def _nan_or_plus_inf_logit(value, logits):
+    return math.isnan(value) or (logits and value == math.inf)
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -92,6 +96,7 @@ class Target:
     enters: Callable
     sequence: bool       # poisons the whole sequence under GSPO
     logits: bool = False
+    poisons: Callable = _nan_or_plus_inf_logit   # (value, logits): which values make the loss NaN
 
 
 def _at(key):
@@ -110,6 +115,8 @@ def _logit(where):
             v = V - 1
             if y == v:
                 inputs["input_ids"][b, t] = y = 0
+        elif where == "row":
+            v = slice(None)
         else:
             v = rng.choice([u for u in range(V) if u != y])
         inputs["logits"][b, t, v] = value
@@ -129,6 +136,8 @@ TARGETS = (
     Target("logit-target", _logit("target"), _always, sequence=True, logits=True),
     Target("logit-other", _logit("other"), _always, sequence=True, logits=True),
     Target("logit-last-vector", _logit("last"), _always, sequence=True, logits=True),
+    # A whole row of one value: even −inf everywhere leaves no softmax (0/0).
+    Target("logit-row", _logit("row"), _always, sequence=True, logits=True, poisons=lambda value, logits: True),
     Target("old", _at("old_logprobs"), lambda o, beta: not isinstance(o, GPG), sequence=True),
     Target("adv", _advantage, _always, sequence=True),
     Target("ref", _at("ref_logprobs"), lambda o, beta: beta > 0, sequence=False),
@@ -139,7 +148,7 @@ def expectation(target, value, objective, beta):
     """'poison', 'no-op' or 'agree' (module docstring)."""
     if not target.enters(objective, beta):
         return "no-op"
-    if math.isnan(value) or (target.logits and value == math.inf):
+    if target.poisons(value, target.logits):
         return "poison"
     return "agree"
 
@@ -335,9 +344,9 @@ def test_token_logprobs_non_finite():
             c_logp, c_ent, c_grad = clean[path]
             assert _same(logp[others], c_logp[others]) and _same(ent[others], c_ent[others]), f"{where} {path}"
             assert _same(grad[others], c_grad[others]), f"{where} {path}"
-            if value != -math.inf:
+            if target.poisons(value, True):
                 assert logp[b, t].isnan() and ent[b, t].isnan() and grad[b, t].isnan().all(), f"{where} {path}"
-        if value == -math.inf:
+        if not target.poisons(value, True):
             logp64, ent64, _ = results["reference"]
             for path in ("triton", "torch"):
                 logp, ent, _ = results[path]
