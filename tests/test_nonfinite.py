@@ -11,8 +11,8 @@ row is partly past its end), an aggregation mode and β (0 or 0.3, both in every
 - ``budget(4)`` injections of one of NaN, +inf, −inf at one valid token, at one of the targets of
   ``TARGETS``, each combination at most once per run, with the invalid garbage as well.
 
-What an injection must do is the contract's: ``poison`` (a NaN that enters the loss, or a +inf
-logit: the loss is NaN, the poisoned rows of the gradient are NaN, every other row bit-identical
+What an injection must do is the contract's: ``poison`` (a NaN that enters the loss, a +inf
+logit, a whole row of one non-finite value: the loss is NaN, the poisoned rows of the gradient are NaN, every other row bit-identical
 to the clean call's), ``no-op`` (an input the loss does not read: old log-probs for GPG, the
 reference at β = 0: everything bit-identical) or ``agree`` (the paths agree on whether the loss is
 finite, and on its value within fp32 accuracy; rows of other tokens stay bit-identical).
@@ -172,8 +172,7 @@ def _inputs(seed, V, objective):
     logp = reference.token_logprobs(logits.double(), ids.clamp(min=0)).float()
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[MASKED] = False
-    # GSPO: one advantage per sequence, (B,): the (B, T) form must be constant over the
-    # sequence's valid tokens, which a NaN fails (NaN != NaN), and an injection would break
+    # GSPO: one advantage per sequence, (B,), so that an injection sets the sequence's
     adv = torch.randn(B, generator=g) if objective.sequence_level else torch.randn(B, T, generator=g)
     return dict(
         logits=logits, input_ids=ids, mask=mask,
