@@ -10,6 +10,7 @@ compare the two paths in one process.
 """
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -64,11 +65,35 @@ def backend_for(device):
     return "torch"
 
 
+def _quiet(sweep):
+    """``sweep`` with NumPy's floating-point warnings off while it runs. The interpreter evaluates
+    both sides of every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes
+    the kernel then discards); compiled kernels do the same silently. ``numpy.errstate`` is
+    thread- and context-local, so the caller's own warning settings are untouched."""
+    import numpy
+
+    @functools.wraps(sweep)
+    def run(*args, **kwargs):
+        with numpy.errstate(all="ignore"):
+            return sweep(*args, **kwargs)
+
+    return run
+
+
 def sweeps(device):
     """(forward, backward) sweep functions for tensors on ``device``."""
     if backend_for(device) == "triton":
+        interpreted = device.type == "cpu" and _kernels_interpreted()
+        if device.type != "cuda" and not interpreted:
+            raise RuntimeError(
+                f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
+                f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
+                f"kernels; use CUDA tensors, set the variable before importing, or "
+                f"use_backend('torch')")
         from .kernels.backward import mhpo_bwd
         from .kernels.forward import mhpo_fwd
 
+        if interpreted:
+            return _quiet(mhpo_fwd), _quiet(mhpo_bwd)
         return mhpo_fwd, mhpo_bwd
     return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd
