@@ -12,9 +12,10 @@ import torch
 from . import ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
-from ._sweep_types import LogitMap, TokenParams
+from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
-from .loss import metrics_from_stats, mhpo_params
+from ._inputs import check_tp_group
+from .loss import agreed_settings, dtype_name, metrics_from_stats, mhpo_params
 from .objectives import MHPO, check_objective
 
 
@@ -63,14 +64,15 @@ class _Prepared(NamedTuple):
     batch: object
 
 
-def _prepared(prepare, tp_group, hidden, weight, chunk_size=None):
-    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed."""
-    if tp_group is None:
+def _prepared(prepare, tp_group, hidden, weight, chunk_size=None, settings=None):
+    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed on them and
+    on ``settings(prepared)`` (the chunk size among them: every chunk is one collective)."""
+    if check_tp_group(tp_group) is None:
         return prepare()
     from .vocab_parallel import agree_on_inputs
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0])
+    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0], settings=settings)
     if chunk_size is None:  # every rank must make the same chunks (one collective each): the largest slice's
         rows = fused_linear_chunk_rows(max(prepared.batch.tp.sizes), hidden.element_size())
         prepared = prepared._replace(chunk_rows=rows)
@@ -152,7 +154,15 @@ def fused_linear_policy_loss(
         )
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
-    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
+    def settings(p):
+        return agreed_settings(
+            "fused_linear_policy_loss", p.hp, p.lmap, chunk_size=chunk_size, loss_agg_mode=loss_agg_mode,
+            normalizer_given=normalizer is not None, old_logprobs_given=old_logprobs is not None,
+            ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
+            return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
+            dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs))))
+
+    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:
         from . import vocab_parallel
 
@@ -190,9 +200,14 @@ def fused_linear_token_logprobs(
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, source="hidden without H")
-        return _Prepared(None, lmap, hidden2d, chunk_rows, batch)
+        return _Prepared(MHPOParams(), lmap, hidden2d, chunk_rows, batch)
 
-    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
+    def settings(p):
+        return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,
+                               bias_given=bias is not None, return_entropy=bool(return_entropy),
+                               dtypes=(dtype_name(hidden), dtype_name(weight)))
+
+    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
                                           bool(return_entropy), tp=batch.tp)
     logp = logp.reshape(batch.token_shape)

@@ -46,7 +46,7 @@ def _prepared(prepare, tp_group, logits, settings=None):
     return agree_on_inputs(tp_group, device, prepare, settings=settings)
 
 
-def _dtype(x):
+def dtype_name(x):
     return None if not isinstance(x, torch.Tensor) else str(x.dtype)
 
 
@@ -287,7 +287,7 @@ def policy_loss(
             "policy_loss", p.hp, p.lmap, loss_agg_mode=loss_agg_mode, normalizer_given=normalizer is not None,
             old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
             return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,
-            dtypes=tuple(map(_dtype, (logits, old_logprobs, advantages, mask, ref_logprobs))))
+            dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs))))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     stats = _row_stats(logits3, batch, hp, lmap, return_metrics, shifted, inplace, tp_group)
@@ -319,7 +319,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
 
     def settings(p):
         return agreed_settings("token_logprobs", p.hp, p.lmap, return_entropy=bool(return_entropy),
-                               shifted=p.shifted, inplace_backward=p.inplace, dtypes=(_dtype(logits),))
+                               shifted=p.shifted, inplace_backward=p.inplace, dtypes=(dtype_name(logits),))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     stats = _row_stats(logits3, batch, hp, lmap, return_entropy, shifted, inplace, tp_group)
