@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 
 from . import torch_sweeps
 
@@ -46,6 +47,13 @@ def _kernels_interpreted():
     return type(module._mhpo_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _kernels_compiled():
+    """True when the Triton kernels were compiled for a GPU (not built by the interpreter)."""
+    from .kernels import forward
+
+    return type(forward._mhpo_fwd_kernel).__name__ == "JITFunction"
+
+
 def _triton_importable():
     try:
         import triton  # noqa: F401
@@ -66,15 +74,16 @@ def backend_for(device):
 
 
 def _quiet(sweep):
-    """``sweep`` with NumPy's floating-point warnings off while it runs. The interpreter evaluates
-    both sides of every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes
-    the kernel then discards); compiled kernels do the same silently. ``numpy.errstate`` is
-    thread- and context-local, so the caller's own warning settings are untouched."""
+    """``sweep`` without the interpreter's floating-point warnings. It evaluates both sides of
+    every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes the kernel then
+    discards, reductions over all-NaN lanes); compiled kernels do the same silently. NumPy's error
+    state is restored on exit, and so are the caller's warning filters."""
     import numpy
 
     @functools.wraps(sweep)
     def run(*args, **kwargs):
-        with numpy.errstate(all="ignore"):
+        with numpy.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
             return sweep(*args, **kwargs)
 
     return run
@@ -83,8 +92,7 @@ def _quiet(sweep):
 def sweeps(device):
     """(forward, backward) sweep functions for tensors on ``device``."""
     if backend_for(device) == "triton":
-        interpreted = device.type == "cpu" and _kernels_interpreted()
-        if device.type != "cuda" and not interpreted:
+        if device.type != "cuda" and _kernels_compiled():
             raise RuntimeError(
                 f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
                 f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
@@ -93,7 +101,7 @@ def sweeps(device):
         from .kernels.backward import mhpo_bwd
         from .kernels.forward import mhpo_fwd
 
-        if interpreted:
+        if _kernels_interpreted():
             return _quiet(mhpo_fwd), _quiet(mhpo_bwd)
         return mhpo_fwd, mhpo_bwd
     return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd

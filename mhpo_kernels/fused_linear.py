@@ -15,8 +15,7 @@ from ._inputs import check_float_tensor, check_nonnegative, check_positive, prep
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
 from ._inputs import check_tp_group
-from .loss import agreed_settings, dtype_name, metrics_from_stats, mhpo_params
-from .objectives import MHPO, check_objective
+from .loss import agreed_settings, dtype_name, metrics_from_stats, mhpo_objective, resolve_objective
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -120,9 +119,9 @@ def fused_linear_mhpo_loss(
     The tile GEMM runs in hidden's dtype with fp32 accumulation (the logits are rounded to that
     dtype as ``hidden @ weight.T`` would be); the sweeps compute in fp32.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name these arguments
     return fused_linear_policy_loss(
-        hidden, weight, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values), bias=bias,
+        hidden, weight, input_ids, old_logprobs, advantages, mask,
+        objective=mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group), bias=bias,
         logit_scale=logit_scale, final_logit_softcap=final_logit_softcap, chunk_size=chunk_size,
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
@@ -138,13 +137,13 @@ def fused_linear_policy_loss(
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
     sequence ratios need every chunk's log-probs before any chunk's gradient."""
-    objective = MHPO() if objective is None else check_objective(objective)
-    if objective.sequence_level:
-        raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
-    def prepare():
-        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
+    def prepare():  # with a tp_group, every rank hears of any error raised in here
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level:
+            raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
+        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_mhpo(
@@ -170,7 +169,7 @@ def fused_linear_policy_loss(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, objective)
+        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, resolve_objective(objective))
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -181,7 +180,7 @@ def fused_linear_policy_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, objective)
+    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, resolve_objective(objective))
 
 
 @torch.no_grad()

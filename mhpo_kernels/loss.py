@@ -26,6 +26,31 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
     )
 
 
+class RefusedObjective(NamedTuple):
+    """Hyperparameters that failed their checks before ``policy_loss`` ran, with a tp_group: the
+    error is raised among the local checks, which every rank hears of (a raise before the first
+    collective would leave the other ranks waiting in it)."""
+
+    error: Exception
+
+
+def mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group):
+    """``MHPO`` with ``mhpo_loss``'s hyperparameters, errors naming its arguments."""
+    try:
+        return MHPO(*mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta).values)
+    except (TypeError, ValueError) as error:
+        if tp_group is None:
+            raise
+        return RefusedObjective(error)
+
+
+def resolve_objective(objective):
+    """The checked objective of a call (MHPO by default), or a RefusedObjective's error."""
+    if isinstance(objective, RefusedObjective):
+        raise objective.error
+    return MHPO() if objective is None else check_objective(objective)
+
+
 class Prepared(NamedTuple):
     hp: TokenParams
     lmap: LogitMap
@@ -224,9 +249,9 @@ def mhpo_loss(
     ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
     of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name mhpo_loss's arguments
     return policy_loss(
-        logits, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values),
+        logits, input_ids, old_logprobs, advantages, mask,
+        objective=mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group),
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
         inplace_backward=inplace_backward, tp_group=tp_group,
@@ -264,13 +289,12 @@ def policy_loss(
     abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
     survival and saturated_frac. GSPO is not available with ``tp_group``.
     """
-    objective = MHPO() if objective is None else check_objective(objective)
-
-    def prepare():
-        if objective.sequence_level and tp_group is not None:  # a local check: every rank hears of it
+    def prepare():  # with a tp_group, every rank hears of any error raised in here
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level and tp_group is not None:
             raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
                                       "global log-probs before the epilogue")
-        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
+        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         lmap = LogitMap.make(check_positive("temperature", temperature))
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
@@ -278,7 +302,7 @@ def policy_loss(
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer,
         )
-        if objective.sequence_level:
+        if chosen.sequence_level:
             check_sequence_advantages(batch)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
@@ -294,7 +318,8 @@ def policy_loss(
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, objective)
+    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
+                                    resolve_objective(objective))
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,

@@ -3,7 +3,7 @@
 Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…, V_r), or LM-head
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
-1. ``VocabSlice.agree``: one all-gather of ``AGREE_INT64S`` int64 per rank: V_r (so the slice
+1. ``VocabSlice.agree``: one all-gather of 7 + ``SETTING_SLOTS`` = 23 int64 per rank: V_r (so the slice
    offsets), the token count, a fingerprint of input_ids and mask, whether the rank's inputs
    passed their local checks, and a hash of each setting that decides what the later collectives
    do or what they return (hyperparameters, objective, aggregation, dtypes, flags, chunk size:
@@ -31,7 +31,6 @@ from .torch_sweeps import LN2, _token_terms
 
 STAT_FIELDS = 4  # base, log2 sum, entropy, log-prob within the slice
 SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the same order
-AGREE_INT64S = 7 + SETTING_SLOTS
 
 
 def _fingerprint(x):

@@ -188,10 +188,17 @@ def _tp_bad_call(rank, world_size, case):
     elif case == "inplace-overlap":              # both ranks in place, rank 0's logits an expand
         x = x * 1 if rank else (x[:1] * 1).expand_as(x)
         kw["inplace_backward"] = True
+    elif case == "bad-c-one-rank":
+        kw["c"] = 0.0 if rank else 1.5
+    elif case == "c-differs":
+        kw["c"] = 1.5 + rank
+    elif case == "objective-not-a-record-one-rank" and rank == 0:
+        kw["objective"] = "grpo"
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
-        mhpo_kernels.policy_loss(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
+        call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
+        call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
     except (TypeError, ValueError, NotImplementedError) as e:
         message = f"{type(e).__name__}: {e}"
@@ -215,6 +222,9 @@ BAD_TP_CALLS = [
     ("gspo-one-rank", "GSPO with tp_group is not supported|failed validation"),
     ("gspo-every-rank", "GSPO with tp_group is not supported"),
     ("inplace-overlap", "share memory|failed validation"),
+    ("bad-c-one-rank", "c must be finite and > 0|failed validation"),
+    ("c-differs", "disagree on objective"),
+    ("objective-not-a-record-one-rank", "objective must be one of|failed validation"),
     ("nccl-with-cpu-tensors", "NCCL backend.*on cpu"),
 ]
 

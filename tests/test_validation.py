@@ -141,10 +141,23 @@ def test_inplace_backward_on_a_non_overlapping_view_is_exact():
     assert torch.equal(grad(True), grad(False))
 
 
-def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(mhpo_kernels._dispatch, "_kernels_interpreted", lambda: False)
-    with mhpo_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="mhpo_kernels.*TRITON_INTERPRET=1"):
-        mhpo_kernels.mhpo_loss(**good_args())
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
+    """In a fresh process without TRITON_INTERPRET, the kernels are compiled for a GPU: forcing
+    them on CPU tensors raises the package's error, not Triton's "0 active drivers"."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch, mhpo_kernels\n"
+              "x = torch.randn(2, 3, 8)\n"
+              "with mhpo_kernels.use_backend('triton'):\n"
+              "    mhpo_kernels.mhpo_loss(x, torch.randint(0, 8, (2, 3)), None, torch.randn(2))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "RuntimeError: mhpo_kernels: the Triton backend runs cpu tensors only under Triton's interpreter" \
+        in done.stderr, done.stderr[-2000:]
 
 
 def _double_backward_cases():
@@ -237,13 +250,22 @@ def test_non_finite_input_raises_no_warning_in_user_code(backend):
         args["logits"][0, 1, 3] = math.nan
         args["logits"][1, 0, :] = math.inf
         args["logits"][1, 2, 5] = -math.inf
+        args["logits"][0, 2, :] = math.nan      # a whole row: NumPy's all-NaN reductions
     args["mask"][1, 0] = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        filters, errstate = list(warnings.filters), numpy.geterr()
+
+    def call():
         with mhpo_kernels.use_backend(backend):
             loss = mhpo_kernels.mhpo_loss(**args, return_metrics=True)[0]
             loss.backward()
             mhpo_kernels.token_logprobs(args["logits"].detach(), args["input_ids"], return_entropy=True)
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call()  # first: imports that install their own filters (sympy's, through torch) happen here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        filters, errstate = list(warnings.filters), numpy.geterr()
+        loss = call()
         assert warnings.filters == filters and numpy.geterr() == errstate
     assert torch.isnan(loss)
