@@ -121,7 +121,8 @@ def check_sequence_advantages(batch):
     valid = batch.valid.reshape(batch.seq_shape)
     first = torch.where(valid, adv, float("inf")).amin(-1, keepdim=True)
     last = torch.where(valid, adv, float("-inf")).amax(-1, keepdim=True)
-    varies = ((first < last) & valid.any(-1, keepdim=True)).any()  # NaN: the loss, not this check
+    # "<", not "!=": a NaN advantage is not a shape error; it makes the loss NaN, as at any objective
+    varies = ((first < last) & valid.any(-1, keepdim=True)).any()
     if torch.compiler.is_compiling():
         torch._assert_async(~varies, _ADV_NOT_PER_SEQUENCE)
     elif bool(varies):
