@@ -10,8 +10,10 @@ compare the two paths in one process.
 """
 
 import contextlib
+import functools
 import os
 import sys
+import warnings
 
 from . import torch_sweeps
 
@@ -45,6 +47,13 @@ def _kernels_interpreted():
     return type(module._mhpo_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _kernels_compiled():
+    """True when the Triton kernels were compiled for a GPU (not built by the interpreter)."""
+    from .kernels import forward
+
+    return type(forward._mhpo_fwd_kernel).__name__ == "JITFunction"
+
+
 def _triton_importable():
     try:
         import triton  # noqa: F401
@@ -64,11 +73,35 @@ def backend_for(device):
     return "torch"
 
 
+def _quiet(sweep):
+    """``sweep`` without the interpreter's floating-point warnings. It evaluates both sides of
+    every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes the kernel then
+    discards, reductions over all-NaN lanes); compiled kernels do the same silently. NumPy's error
+    state is restored on exit, and so are the caller's warning filters."""
+    import numpy
+
+    @functools.wraps(sweep)
+    def run(*args, **kwargs):
+        with numpy.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+            return sweep(*args, **kwargs)
+
+    return run
+
+
 def sweeps(device):
     """(forward, backward) sweep functions for tensors on ``device``."""
     if backend_for(device) == "triton":
+        if device.type != "cuda" and _kernels_compiled():
+            raise RuntimeError(
+                f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
+                f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
+                f"kernels; use CUDA tensors, set the variable before importing, or "
+                f"use_backend('torch')")
         from .kernels.backward import mhpo_bwd
         from .kernels.forward import mhpo_fwd
 
+        if _kernels_interpreted():
+            return _quiet(mhpo_fwd), _quiet(mhpo_bwd)
         return mhpo_fwd, mhpo_bwd
     return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd

@@ -52,7 +52,37 @@ def check_agg_mode(loss_agg_mode):
     return loss_agg_mode
 
 
-def _check_ignore_index(ignore_index):
+def check_flag(name, value):
+    """A bool (not a truthy object: ``"no"`` must not mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_tp_group(tp_group):
+    """None or a ``torch.distributed`` process group."""
+    if tp_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(tp_group, dist.ProcessGroup)):
+        raise TypeError(f"tp_group must be None or a torch.distributed ProcessGroup, got {type(tp_group).__name__}")
+    return tp_group
+
+
+def has_internal_overlap(x):
+    """True unless ``x``'s elements provably occupy distinct memory: with the dims of size > 1
+    sorted by stride, each stride exceeds the span of the smaller ones (a stride-0 expand, or a
+    strided view that revisits elements, fails)."""
+    span = 0
+    for stride, size in sorted((abs(st), s) for s, st in zip(x.shape, x.stride()) if s > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_ignore_index(ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return int(ignore_index)
@@ -151,25 +181,24 @@ def _check_mask(mask, token_shape, device):
 
 
 def _check_advantages(advantages, token_shape, device):
-    """(B,) per sequence or (B, T) per token; for 2-D logits (N,) per token or (1,)/() for all."""
+    """One advantage per token, per sequence, or one for every token, whatever the logits' rank:
+    input_ids' shape, per token; (B,) or (B, 1) with (B, T) ids, per sequence (1-D ids are one
+    sequence); () or (1,), the same advantage at every token."""
     _check_tensor("advantages", advantages, device)
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
     adv = advantages.detach().to(torch.float32)
+    if adv.shape == token_shape:
+        return adv.reshape(-1).contiguous()
+    if adv.dim() <= 1 and adv.numel() == 1:
+        return adv.reshape(1).expand(token_shape.numel()).contiguous()
     if len(token_shape) == 2:
         B, T = token_shape
-        if adv.shape == (B,):
-            return adv.unsqueeze(1).expand(B, T).contiguous().reshape(-1)
-        if adv.shape == (B, T):
-            return adv.reshape(-1).contiguous()
-        expected = f"(B,) = ({B},) or (B, T) = ({B}, {T})"
+        if adv.shape in ((B,), (B, 1)):
+            return adv.reshape(B, 1).expand(B, T).contiguous().reshape(-1)
+        expected = f"(B,) = ({B},), (B, 1) = ({B}, 1), (B, T) = ({B}, {T}), (1,) or ()"
     else:
-        (N,) = token_shape
-        if adv.shape == (N,):
-            return adv.contiguous()
-        if adv.numel() == 1 and adv.dim() <= 1:
-            return adv.reshape(1).expand(N).contiguous()
-        expected = f"(N,) = ({N},), (1,) or ()"
+        expected = f"(N,) = ({token_shape[0]},), (1,) or ()"
     raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
 
 
@@ -231,7 +260,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
     with target and validity filled in. ``source`` names where token_shape comes from."""
     ids = _check_ids(input_ids, token_shape, device, source)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     mask, mask_not_binary = _check_mask(mask, token_shape, device)
     valid = ids != ignore_index
     if mask is not None:

@@ -12,10 +12,10 @@ import torch
 from . import ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
-from ._sweep_types import LogitMap, TokenParams
+from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
-from .loss import metrics_from_stats, mhpo_params
-from .objectives import MHPO, check_objective
+from ._inputs import check_tp_group
+from .loss import agreed_settings, dtype_name, metrics_from_stats, mhpo_objective, resolve_objective
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -63,14 +63,15 @@ class _Prepared(NamedTuple):
     batch: object
 
 
-def _prepared(prepare, tp_group, hidden, weight, chunk_size=None):
-    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed."""
-    if tp_group is None:
+def _prepared(prepare, tp_group, hidden, weight, chunk_size=None, settings=None):
+    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed on them and
+    on ``settings(prepared)`` (the chunk size among them: every chunk is one collective)."""
+    if check_tp_group(tp_group) is None:
         return prepare()
     from .vocab_parallel import agree_on_inputs
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0])
+    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0], settings=settings)
     if chunk_size is None:  # every rank must make the same chunks (one collective each): the largest slice's
         rows = fused_linear_chunk_rows(max(prepared.batch.tp.sizes), hidden.element_size())
         prepared = prepared._replace(chunk_rows=rows)
@@ -105,7 +106,7 @@ def fused_linear_mhpo_loss(
             each rank passes its contiguous rows of the head, weight (V_r, H) and bias (V_r,), in
             rank order, and the same hidden states and global ids. Every rank returns the whole
             vocabulary's loss and metrics; its weight and bias gradients are its rows of the full
-            ones. Collectives, all in the forward: one all-gather of 7 int64 per rank, one
+            ones. Collectives, all in the forward: one all-gather of 23 int64 per rank, one
             all-gather of 4 fp32 per token and rank per chunk of tokens (16 · chunk · world bytes
             received), and one all-reduce of dhidden (N_valid × H in hidden's dtype).
         reduce_dhidden: with tp_group, sum dhidden over the group inside the op (default); False
@@ -118,9 +119,9 @@ def fused_linear_mhpo_loss(
     The tile GEMM runs in hidden's dtype with fp32 accumulation (the logits are rounded to that
     dtype as ``hidden @ weight.T`` would be); the sweeps compute in fp32.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name these arguments
     return fused_linear_policy_loss(
-        hidden, weight, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values), bias=bias,
+        hidden, weight, input_ids, old_logprobs, advantages, mask,
+        objective=mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group), bias=bias,
         logit_scale=logit_scale, final_logit_softcap=final_logit_softcap, chunk_size=chunk_size,
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
@@ -136,13 +137,13 @@ def fused_linear_policy_loss(
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
     sequence ratios need every chunk's log-probs before any chunk's gradient."""
-    objective = MHPO() if objective is None else check_objective(objective)
-    if objective.sequence_level:
-        raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
-    def prepare():
-        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
+    def prepare():  # with a tp_group, every rank hears of any error raised in here
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level:
+            raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
+        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_mhpo(
@@ -152,7 +153,15 @@ def fused_linear_policy_loss(
         )
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
-    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
+    def settings(p):
+        return agreed_settings(
+            "fused_linear_policy_loss", p.hp, p.lmap, chunk_size=chunk_size, loss_agg_mode=loss_agg_mode,
+            normalizer_given=normalizer is not None, old_logprobs_given=old_logprobs is not None,
+            ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
+            return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
+            dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs))))
+
+    hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:
         from . import vocab_parallel
 
@@ -160,7 +169,7 @@ def fused_linear_policy_loss(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, objective)
+        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, resolve_objective(objective))
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -171,7 +180,7 @@ def fused_linear_policy_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, objective)
+    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, resolve_objective(objective))
 
 
 @torch.no_grad()
@@ -190,9 +199,14 @@ def fused_linear_token_logprobs(
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, source="hidden without H")
-        return _Prepared(None, lmap, hidden2d, chunk_rows, batch)
+        return _Prepared(MHPOParams(), lmap, hidden2d, chunk_rows, batch)
 
-    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
+    def settings(p):
+        return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,
+                               bias_given=bias is not None, return_entropy=bool(return_entropy),
+                               dtypes=(dtype_name(hidden), dtype_name(weight)))
+
+    _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
                                           bool(return_entropy), tp=batch.tp)
     logp = logp.reshape(batch.token_shape)

@@ -6,7 +6,8 @@ from typing import NamedTuple
 import torch
 
 from ._inputs import (
-    check_agg_mode, check_logits, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens,
+    check_agg_mode, check_flag, check_ignore_index, check_logits, check_nonnegative, check_positive,
+    check_tp_group, has_internal_overlap, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -25,6 +26,31 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
     )
 
 
+class RefusedObjective(NamedTuple):
+    """Hyperparameters that failed their checks before ``policy_loss`` ran, with a tp_group: the
+    error is raised among the local checks, which every rank hears of (a raise before the first
+    collective would leave the other ranks waiting in it)."""
+
+    error: Exception
+
+
+def mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group):
+    """``MHPO`` with ``mhpo_loss``'s hyperparameters, errors naming its arguments."""
+    try:
+        return MHPO(*mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta).values)
+    except (TypeError, ValueError) as error:
+        if tp_group is None:
+            raise
+        return RefusedObjective(error)
+
+
+def resolve_objective(objective):
+    """The checked objective of a call (MHPO by default), or a RefusedObjective's error."""
+    if isinstance(objective, RefusedObjective):
+        raise objective.error
+    return MHPO() if objective is None else check_objective(objective)
+
+
 class Prepared(NamedTuple):
     hp: TokenParams
     lmap: LogitMap
@@ -34,15 +60,27 @@ class Prepared(NamedTuple):
     inplace: bool
 
 
-def _prepared(prepare, tp_group, logits):
-    """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed (see
-    ``vocab_parallel.agree_on_inputs``), the slice set on the batch."""
-    if tp_group is None:
+def _prepared(prepare, tp_group, logits, settings=None):
+    """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed on them and
+    on ``settings(prepared)`` (see ``vocab_parallel.agree_on_inputs``), the slice set on the batch."""
+    if check_tp_group(tp_group) is None:
         return prepare()
     from .vocab_parallel import agree_on_inputs
 
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
-    return agree_on_inputs(tp_group, device, prepare)
+    return agree_on_inputs(tp_group, device, prepare, settings=settings)
+
+
+def dtype_name(x):
+    return None if not isinstance(x, torch.Tensor) else str(x.dtype)
+
+
+def agreed_settings(call, hp, lmap, **flags):
+    """What every rank of a tp_group must pass alike, by name (``vocab_parallel.agree``): the
+    call, the objective with its values and switches, β, the logit map (temperature, scale,
+    softcap), then the call's own flags and dtypes."""
+    return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
+                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap), **flags)
 
 
 def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
@@ -54,25 +92,41 @@ def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_grou
     return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)
 
 
-def check_inplace(logits, inplace_backward):
-    """``inplace_backward`` overwrites the logits with their gradient: refuse it for a leaf that
-    requires grad, whose values (a parameter, a test's input) would be lost."""
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
+def check_inplace(logits, logits3, inplace_backward):
+    """``inplace_backward`` overwrites the logits (``logits3``, the view the sweeps read) with their
+    gradient: refuse it for a leaf that requires grad, whose values (a parameter, a test's input)
+    would be lost, and for a view whose elements share memory (an ``expand``), where the rows'
+    gradients would overwrite each other."""
+    if not check_flag("inplace_backward", inplace_backward):
+        return False
+    if logits.is_leaf and logits.requires_grad:
         raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires "
                          "grad; use it on logits computed by the model (e.g. an LM head's output)")
-    return bool(inplace_backward)
+    if has_internal_overlap(logits3):
+        raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got a "
+                         f"view with shape {tuple(logits.shape)} and strides {logits.stride()} (e.g. an "
+                         f"expand); pass inplace_backward=False or a contiguous copy")
+    return True
+
+
+_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,), (B, 1), or (B, T) constant "
+                         "over each sequence's valid tokens")
 
 
 def check_sequence_advantages(batch):
     """A sequence-level objective needs one advantage per sequence: the per-token advantages must
-    be constant over each sequence's valid tokens."""
+    be constant over each sequence's valid tokens. Inside torch.compile, which cannot branch on
+    data, an asynchronous assert in the graph instead (an error at the next sync)."""
     adv = batch.adv.reshape(batch.seq_shape)
     valid = batch.valid.reshape(batch.seq_shape)
     first = torch.where(valid, adv, float("inf")).amin(-1, keepdim=True)
     last = torch.where(valid, adv, float("-inf")).amax(-1, keepdim=True)
-    if bool(((first != last) & valid.any(-1, keepdim=True)).any()):
-        raise ValueError("advantages must be one per sequence for GSPO: (B,), or (B, T) constant over "
-                         "each sequence's valid tokens")
+    # "<", not "!=": a NaN advantage is not a shape error; it makes the loss NaN, as at any objective
+    varies = ((first < last) & valid.any(-1, keepdim=True)).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~varies, _ADV_NOT_PER_SEQUENCE)
+    elif bool(varies):
+        raise ValueError(_ADV_NOT_PER_SEQUENCE)
 
 
 def metrics_from_stats(logp, entropy, psi, zeta, batch, objective):
@@ -153,8 +207,8 @@ def mhpo_loss(
             must lie in [0, V); elsewhere anything goes.
         old_logprobs: (B, T) float log-probs under the rollout policy, or None for on-policy
             (old = logp detached, ratio 1).
-        advantages: (B,) per sequence or (B, T) per token, float. For 2-D logits: (N,) per token,
-            or (1,) / () for the one sequence.
+        advantages: float, (B,) or (B, 1) per sequence, (B, T) per token, or () / (1,) for every
+            token (broadcast). For 2-D logits: (N,) per token, or () / (1,).
         mask: optional (B, T) bool or 0/1 completion mask.
         c, k_pos, lam_pos, k_neg, lam_neg: LFM bound and Weibull hazard shapes/scales, finite > 0.
         temperature: τ > 0, applied to the logits before the softmax.
@@ -183,9 +237,10 @@ def mhpo_loss(
             rank order (uneven slices allowed) and the same global ``input_ids`` and mask. Every
             rank returns the loss and metrics of the whole vocabulary, and its logits' gradient
             is its slice of the full gradient, with no collective in the backward. The forward
-            makes two all-gathers: 7 int64 per rank (slice sizes, token count, a fingerprint of
-            the ids, a validation flag), then 4 fp32 per token per rank (16·N·world bytes
-            received per rank), never O(N·V). A bad call raises on every rank.
+            makes two all-gathers: 23 int64 per rank (slice sizes, token count, a fingerprint of
+            the ids, a validation flag, a hash of each hyperparameter, flag and dtype), then 4
+            fp32 per token per rank (16·N·world bytes received per rank), never O(N·V). A bad
+            call, or ranks that pass different hyperparameters, raise on every rank.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -195,9 +250,9 @@ def mhpo_loss(
     ``TRITON_INTERPRET=1`` was set before import, and otherwise through a chunked PyTorch version
     of the same two sweeps whose memory is bounded by a chunk of rows, not N × V.
     """
-    hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta)  # errors name mhpo_loss's arguments
     return policy_loss(
-        logits, input_ids, old_logprobs, advantages, mask, objective=MHPO(*hp.values),
+        logits, input_ids, old_logprobs, advantages, mask,
+        objective=mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group),
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
         inplace_backward=inplace_backward, tp_group=tp_group,
@@ -235,13 +290,12 @@ def policy_loss(
     abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
     survival and saturated_frac. GSPO is not available with ``tp_group``.
     """
-    objective = MHPO() if objective is None else check_objective(objective)
-    if objective.sequence_level and tp_group is not None:
-        raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
-                                  "global log-probs before the epilogue")
-
-    def prepare():
-        hp = TokenParams.of(objective, check_nonnegative("beta", beta))
+    def prepare():  # with a tp_group, every rank hears of any error raised in here
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level and tp_group is not None:
+            raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
+                                      "global log-probs before the epilogue")
+        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         lmap = LogitMap.make(check_positive("temperature", temperature))
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
@@ -249,16 +303,24 @@ def policy_loss(
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer,
         )
-        if objective.sequence_level:
+        if chosen.sequence_level:
             check_sequence_advantages(batch)
-        return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
+        return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
-    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
+    def settings(p):
+        return agreed_settings(
+            "policy_loss", p.hp, p.lmap, loss_agg_mode=loss_agg_mode, normalizer_given=normalizer is not None,
+            old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
+            return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,
+            dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs))))
+
+    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     stats = _row_stats(logits3, batch, hp, lmap, return_metrics, shifted, inplace, tp_group)
     loss = stats.loss.sum()
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, objective)
+    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
+                                    resolve_objective(objective))
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -278,9 +340,14 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index)
-        return Prepared(MHPOParams(), lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
+        return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
+                        check_inplace(logits, logits3, inplace_backward))
 
-    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
+    def settings(p):
+        return agreed_settings("token_logprobs", p.hp, p.lmap, return_entropy=bool(return_entropy),
+                               shifted=p.shifted, inplace_backward=p.inplace, dtypes=(dtype_name(logits),))
+
+    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     stats = _row_stats(logits3, batch, hp, lmap, return_entropy, shifted, inplace, tp_group)
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
@@ -289,25 +356,23 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
 
 
 class MHPOLoss(torch.nn.Module):
-    """``mhpo_loss`` with its hyperparameters held by the module (checked at construction)."""
+    """``mhpo_loss`` with its hyperparameters held by the module, by keyword only, every one
+    checked at construction."""
 
     def __init__(
-        self, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, *, temperature=1.0,
+        self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, temperature=1.0,
         loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
         tp_group=None,
     ):
         super().__init__()
-        self.c = check_positive("c", c)
-        self.k_pos = check_positive("k_pos", k_pos)
-        self.lam_pos = check_positive("lam_pos", lam_pos)
-        self.k_neg = check_positive("k_neg", k_neg)
-        self.lam_neg = check_positive("lam_neg", lam_neg)
+        self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg = mhpo_params(
+            c, k_pos, lam_pos, k_neg, lam_neg, beta).values
         self.temperature = check_positive("temperature", temperature)
         self.loss_agg_mode = check_agg_mode(loss_agg_mode)
         self.beta = check_nonnegative("beta", beta)
-        self.ignore_index = ignore_index
-        self.inplace_backward = bool(inplace_backward)
-        self.tp_group = tp_group
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.inplace_backward = check_flag("inplace_backward", inplace_backward)
+        self.tp_group = check_tp_group(tp_group)
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None):

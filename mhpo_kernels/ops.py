@@ -9,6 +9,7 @@ list (``pack_params``: the objective's values, β, the logit map, the epilogue's
 ``TokenParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
 """
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,6 +36,36 @@ def _unpack(params, softcap):
 def _without_autocast(device):
     """The ops choose their own precisions: an enclosing autocast must not recast their GEMMs."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+DOUBLE_BACKWARD = ("mhpo_kernels: double backward is not supported: the gradients of mhpo_kernels' losses "
+                   "and log-probs are not themselves differentiable (backward with create_graph=True "
+                   "gives them, differentiating them again raises this)")
+
+
+def once_differentiable(backward):
+    """``backward`` run without recording a graph; under ``create_graph=True`` the gradients it
+    returns carry a node that raises ``DOUBLE_BACKWARD`` if differentiated (what
+    ``torch.autograd.function.once_differentiable`` does, with the package's own message instead
+    of PyTorch's advice to register a formula)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out
+        present = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
+        if not present:
+            return out
+        raising = torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(present))
+        wrapped = raising(*[out[i].detach().requires_grad_() for i in present])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        out = list(out)
+        for i, g in zip(present, wrapped):
+            out[i] = g
+        return tuple(out)
+
+    return run
 
 
 def _fp32(like, n):
@@ -169,6 +200,7 @@ def _sweeps_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
     logits, target, base, log2_sum, coef, entropy, seq_coef, weight = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
@@ -268,6 +300,7 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
     return tuple(scaled(x, need, dtype) for x, need, dtype in zip(saved, needs, (h_dtype, w_dtype, w_dtype)))
 
 
+@once_differentiable
 def _linear_backward(ctx, d_loss, *_):
     if d_loss is None:
         return (None,) * 15

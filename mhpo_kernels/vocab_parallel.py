@@ -3,10 +3,13 @@
 Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…, V_r), or LM-head
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
-1. ``VocabSlice.agree``: one all-gather of a few int64 per rank: V_r (so the slice offsets), the
-   token count, a fingerprint of input_ids and mask, and whether the rank's inputs passed their
-   local checks. Every rank then validates the same table the same way, so a bad call raises on
-   every rank instead of leaving the others waiting in a collective.
+1. ``VocabSlice.agree``: one all-gather of 7 + ``SETTING_SLOTS`` = 23 int64 per rank: V_r (so the slice
+   offsets), the token count, a fingerprint of input_ids and mask, whether the rank's inputs
+   passed their local checks, and a hash of each setting that decides what the later collectives
+   do or what they return (hyperparameters, objective, aggregation, dtypes, flags, chunk size:
+   ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
+   that disagree, raise on every rank instead of leaving the others waiting in a collective or
+   returning different losses.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
    log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
    on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
@@ -17,6 +20,7 @@ The backward needs no collective: with the global log-sum-exp, each rank's logit
 slice of the full gradient (the one-hot term only on the rank that holds the target).
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +30,7 @@ from ._sweep_types import RowStats
 from .torch_sweeps import LN2, _token_terms
 
 STAT_FIELDS = 4  # base, log2 sum, entropy, log-prob within the slice
+SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the same order
 
 
 def _fingerprint(x):
@@ -35,6 +40,36 @@ def _fingerprint(x):
     flat = x.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
     return [int(flat.sum()), int((flat * weights).sum())]
+
+
+def _setting_hashes(settings):
+    """``SETTING_SLOTS`` int64 hashes of the settings' values, in order, 0 for unused slots (the
+    row has one length on every rank, whatever the call). Hashes of ``repr``: equal on every rank
+    for equal values, unlike Python's ``hash`` of a str, which is seeded per process."""
+    if settings is None:
+        return [0] * SETTING_SLOTS
+    values = list(settings.values())
+    if len(values) > SETTING_SLOTS:
+        raise AssertionError(f"at most {SETTING_SLOTS} agreed settings per call, got {len(values)}")
+    out = [int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "little", signed=True) or 1
+           for v in values]
+    return out + [0] * (SETTING_SLOTS - len(out))
+
+
+def collective_device(group, device):
+    """The device of the agreement's all-gather, and why ``device`` is wrong for ``group`` (or
+    None). An NCCL group communicates CUDA tensors only: inputs on another device are an error,
+    detected locally by the same rule on every rank, and reported through a CUDA tensor, so that
+    a rank with CPU inputs still tells the others before any of them waits."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and device.type != "cuda" and not any(
+            b in backend for b in ("gloo", "mpi", "ucc")):
+        problem = (f"tp_group uses the NCCL backend, which communicates CUDA tensors only, but the "
+                   f"inputs are on {device}; move them to CUDA or use a gloo group")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device()), problem
+        return None, problem
+    return device, None
 
 
 @dataclass
@@ -62,26 +97,43 @@ class VocabSlice:
         return sum(self.sizes)
 
     @staticmethod
-    def agree(group, local_size, n_tokens, device, ids=None, mask=None, local_error=None):
-        """Collective 1: exchange (V_r, N, fingerprints, error flag); raise on every rank alike."""
+    def agree(group, local_size, n_tokens, device, ids=None, mask=None, local_error=None, settings=None):
+        """Collective 1: exchange (V_r, N, fingerprints, error flag, settings); raise on every rank
+        alike. ``settings``: name → value of what every rank must pass alike."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("tp_group needs an initialized torch.distributed process group")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        comm_device, wrong_device = collective_device(group, device)
+        if wrong_device is not None:
+            local_error = local_error or ValueError(wrong_device)
+            if comm_device is None:  # no device this group can talk on: nothing to tell the others with
+                raise local_error
         try:
             prints = _fingerprint(ids) + _fingerprint(mask)
+            hashes = _setting_hashes(settings)
         except Exception:  # malformed ids: local_error already says why
-            prints = [-2] * 4
-        row = [int(local_size), int(n_tokens), *prints, 0 if local_error is None else 1]
-        mine = torch.tensor(row, dtype=torch.int64, device=device)
+            prints, hashes = [-2] * 4, [0] * SETTING_SLOTS
+        row = [int(local_size), int(n_tokens), *prints, 0 if local_error is None else 1, *hashes]
+        mine = torch.tensor(row, dtype=torch.int64, device=comm_device)
         table = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(table, mine, group=group)
         table = torch.stack(table).tolist()
         if local_error is not None:
             raise local_error
-        failed = [r for r in range(world) if table[r][-1]]
+        failed = [r for r in range(world) if table[r][6]]
         if failed:
             raise ValueError(f"tp_group: the inputs of rank(s) {failed} failed validation (their error is "
                              f"raised there); no rank computed anything")
+        differ = [i for i in range(SETTING_SLOTS) if len({t[7 + i] for t in table}) > 1]
+        if differ:
+            names = list(settings or {})
+            if 0 in differ:  # different calls: the other slots mean different things
+                raise ValueError(f"tp_group: ranks make different calls; this rank's is "
+                                 f"{(settings or {}).get('call')}: every rank must make the same call")
+            mine_values = ", ".join(f"{names[i]}={settings[names[i]]!r}" for i in differ if i < len(names))
+            raise ValueError(f"tp_group: ranks disagree on {', '.join(names[i] for i in differ if i < len(names))} "
+                             f"(this rank: {mine_values}); every rank must pass the same hyperparameters, "
+                             f"objective, flags and dtypes")
         sizes = tuple(t[0] for t in table)
         if min(sizes) < 1:
             raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")
@@ -147,21 +199,24 @@ class VocabSlice:
         return RowStats(base, log2_sum, logp, entropy, psi, zeta, loss, coef)
 
 
-def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1]):
+def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1],
+                    settings=None):
     """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
     checked only for ≥ 0), then collective 1, then the ids' upper bound against the global
     vocabulary: the same ids and mask on every rank (fingerprinted) give the same verdict on every
-    rank. Returns what ``prepare()`` returned, with ``batch.tp`` set."""
-    error, prepared, batch = None, None, None
+    rank. ``settings(prepared)``: name → value of what must agree across ranks (see ``agree``).
+    Returns what ``prepare()`` returned, with ``batch.tp`` set."""
+    error, prepared, batch, agreed = None, None, None, None
     try:
         prepared = prepare()
         batch = prepared.batch
+        agreed = None if settings is None else settings(prepared)
     except Exception as e:  # whatever it is, the other ranks must hear of it before they wait
         error = e
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
     tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          local_error=error)
+                          local_error=error, settings=agreed)
     bad = batch.target >= tp.total
     if bool(bad.any()):
         where = bad.nonzero()[0, 0].item()
@@ -197,6 +252,12 @@ class _VocabParallelSweeps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta):
+        from . import ops
+
+        return ops.once_differentiable(_VocabParallelSweeps._backward)(ctx, d_logp, d_entropy, d_loss)
+
+    @staticmethod
+    def _backward(ctx, d_logp, d_entropy, d_loss):
         from . import ops
 
         logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
@@ -247,6 +308,12 @@ class _VocabParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss, *_):
+        from .ops import once_differentiable
+
+        return once_differentiable(_VocabParallelLinear._backward)(ctx, d_loss)
+
+    @staticmethod
+    def _backward(ctx, d_loss):
         from .ops import scaled_linear_grads
 
         return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 7

@@ -141,13 +141,22 @@ def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
     assert max_rel_err(torch.cat(grads, -1), x64.grad) <= FP32_RTOL
 
 
-def _tp_bad_call_worker(rank, world_size, case, out_dir):
+def _tp_bad_call_worker(rank, world_size, cases, out_dir):
+    """Every case in turn in one pair of processes: each raises on every rank alike, so the ranks
+    stay in step from one case to the next."""
+    torch.save({case: _tp_bad_call(rank, world_size, case) for case in cases}, f"{out_dir}/err-{rank}.pt")
+
+
+def _tp_bad_call(rank, world_size, case):
     import mhpo_kernels
     import torch.distributed as dist
+    from mhpo_kernels.objectives import GSPO, PPOClip
 
     full, ids, mask, old, adv, _ = _tp_inputs()
     start, size = _split(full.shape[-1], world_size)[rank]
     x = full[..., start:start + size]
+    kw = {}
+    get_backend = dist.get_backend
     if case == "id-out-of-range":
         ids = ids.clone()
         ids[0, 0] = full.shape[-1]           # valid position, one past the global vocabulary
@@ -160,29 +169,77 @@ def _tp_bad_call_worker(rank, world_size, case, out_dir):
     elif case == "ids-differ" and rank == 1:
         ids = ids.clone()
         ids[1, 2] = (ids[1, 2] + 1) % full.shape[-1]
+    elif case == "temperature-differs":
+        kw["temperature"] = 1.0 + 0.1 * rank
+    elif case == "objective-differs" and rank == 1:
+        kw["objective"] = PPOClip()
+    elif case == "dual-clip-differs":
+        kw["objective"] = PPOClip(dual_clip=3.0 + rank)
+    elif case == "agg-mode-differs" and rank == 1:
+        kw["loss_agg_mode"] = "token-mean"
+    elif case == "metrics-differ" and rank == 1:
+        kw["return_metrics"] = True
+    elif case == "dtype-differs" and rank == 1:
+        old = old.double()
+    elif case == "gspo-one-rank" and rank == 0:
+        kw["objective"] = GSPO()
+    elif case == "gspo-every-rank":
+        kw["objective"] = GSPO()
+    elif case == "inplace-overlap":              # both ranks in place, rank 0's logits an expand
+        x = x * 1 if rank else (x[:1] * 1).expand_as(x)
+        kw["inplace_backward"] = True
+    elif case == "bad-c-one-rank":
+        kw["c"] = 0.0 if rank else 1.5
+    elif case == "c-differs":
+        kw["c"] = 1.5 + rank
+    elif case == "objective-not-a-record-one-rank" and rank == 0:
+        kw["objective"] = "grpo"
+    elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
+        dist.get_backend = lambda group=None: "nccl"
     try:
-        mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, tp_group=dist.group.WORLD)
+        call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
+        call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, NotImplementedError) as e:
         message = f"{type(e).__name__}: {e}"
-    torch.save(message, f"{out_dir}/err-{rank}.pt")
+    finally:
+        dist.get_backend = get_backend
+    return message
 
 
-@pytest.mark.parametrize("case, pattern", [
+BAD_TP_CALLS = [
     ("id-out-of-range", "outside \\[0, 1001\\)"),
     ("tokens-disagree", "input_ids must have shape|disagree on the number of tokens|failed validation"),
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
     ("one-rank-bad-dtype", "logits must be float32|failed validation"),
     ("ids-differ", "differ across ranks"),
-])
-def test_vocab_parallel_bad_calls_raise_on_every_rank(tmp_path, case, pattern):
-    """A call that is wrong on any rank raises on every rank, before any collective could hang."""
+    ("temperature-differs", "disagree on temperature_and_logit_map"),
+    ("objective-differs", "disagree on objective"),
+    ("dual-clip-differs", "disagree on objective"),
+    ("agg-mode-differs", "disagree on loss_agg_mode"),
+    ("metrics-differ", "disagree on return_metrics"),
+    ("dtype-differs", "disagree on dtypes"),
+    ("gspo-one-rank", "GSPO with tp_group is not supported|failed validation"),
+    ("gspo-every-rank", "GSPO with tp_group is not supported"),
+    ("inplace-overlap", "share memory|failed validation"),
+    ("bad-c-one-rank", "c must be finite and > 0|failed validation"),
+    ("c-differs", "disagree on objective"),
+    ("objective-not-a-record-one-rank", "objective must be one of|failed validation"),
+    ("nccl-with-cpu-tensors", "NCCL backend.*on cpu"),
+]
+
+
+def test_vocab_parallel_bad_calls_raise_on_every_rank(tmp_path):
+    """A call that is wrong on any rank, or ranks that pass different hyperparameters, objectives,
+    flags or dtypes, raise on every rank, before any collective could hang or the ranks'
+    results diverge (each case of ``BAD_TP_CALLS``, in one pair of processes)."""
     import re
 
-    _dist.run(_tp_bad_call_worker, 2, tmp_path, case, str(tmp_path))
-    for rank in range(2):
-        message = torch.load(tmp_path / f"err-{rank}.pt")
-        assert message is not None and re.search(pattern, message), (rank, message)
+    _dist.run(_tp_bad_call_worker, 2, tmp_path, [case for case, _ in BAD_TP_CALLS], str(tmp_path))
+    got = [torch.load(tmp_path / f"err-{rank}.pt") for rank in range(2)]
+    wrong = [(case, rank, got[rank][case]) for case, pattern in BAD_TP_CALLS for rank in range(2)
+             if got[rank][case] is None or not re.search(pattern, got[rank][case])]
+    assert not wrong, wrong
 
 
 def _tp_linear_inputs(V=701, B=2, T=5, H=16, seed=3):
@@ -402,3 +459,71 @@ def test_vocab_parallel_default_chunk_and_a_slice_of_minus_inf(tmp_path):
     got = [torch.load(tmp_path / f"edge-{r}.pt") for r in range(2)]
     assert torch.isfinite(got[0]["loss"]) and got[0]["loss"].item() == got[1]["loss"].item()
     assert torch.isfinite(got[0]["logp"]).all() and abs(got[0]["logp"][0, 1].item()) < 1e-6
+
+
+# ---- chunks on the fused linear path: one collective per chunk, so every rank makes the same ------
+
+CHUNK_SPLIT = [(0, 600), (600, 101)]       # uneven enough for different default chunks (below)
+CHUNK_TILE_BYTES = 512 * 4 * 101           # 512 rows of the small slice, 256 of the large one
+
+
+def _chunk_inputs(B=2, T=300, H=16, V=701):
+    g = torch.Generator().manual_seed(8)
+    return (torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * H ** -0.5 * 3,
+            torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g))
+
+
+def _tp_chunk_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import mhpo_kernels._config as config
+    import torch.distributed as dist
+
+    hidden, weight, ids, adv = _chunk_inputs()
+    start, size = CHUNK_SPLIT[rank]
+    config.FUSED_LINEAR_TILE_BYTES = CHUNK_TILE_BYTES
+    out = {}
+    with mhpo_kernels.use_backend("torch"):
+        w = weight[start:start + size].clone().requires_grad_()
+        h = hidden.clone().requires_grad_()
+        loss = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, None, adv, tp_group=dist.group.WORLD)
+        loss.backward()
+        logp = mhpo_kernels.fused_linear_token_logprobs(hidden, weight[start:start + size], ids,
+                                                        tp_group=dist.group.WORLD)
+        out["default"] = dict(loss=loss.detach(), dh=h.grad, dw=w.grad, logp=logp)
+        for name, call in (("loss", mhpo_kernels.fused_linear_mhpo_loss),
+                           ("logprobs", mhpo_kernels.fused_linear_token_logprobs)):
+            args = (hidden, w, ids, None, adv) if name == "loss" else (hidden, w, ids)
+            try:
+                call(*args, chunk_size=100 + 50 * rank, tp_group=dist.group.WORLD)
+                out[name] = None
+            except ValueError as e:
+                out[name] = str(e)
+    torch.save(out, f"{out_dir}/chunk-{rank}.pt")
+
+
+def test_vocab_parallel_chunks_are_agreed(tmp_path, monkeypatch):
+    """Every chunk is one collective, so every rank must make the same chunks. Slices whose own
+    default chunk differs (512 rows of the small one, 256 of the large: 2 and 3 chunks of 600
+    tokens) make the largest slice's chunks and give one process's loss, log-probs and
+    gradients; explicit chunk sizes that differ raise on every rank."""
+    import mhpo_kernels
+    import mhpo_kernels._config as config
+    from _cases import FP32_RTOL, max_rel_err
+
+    monkeypatch.setattr(config, "FUSED_LINEAR_TILE_BYTES", CHUNK_TILE_BYTES)
+    assert [config.fused_linear_chunk_rows(size, 4) for _, size in CHUNK_SPLIT] == [256, 512]
+    _dist.run(_tp_chunk_worker, 2, tmp_path, str(tmp_path))
+    hidden, weight, ids, adv = _chunk_inputs()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with mhpo_kernels.use_backend("torch"):
+        loss = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, None, adv)
+        loss.backward()
+        logp = mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids)
+    got = [torch.load(tmp_path / f"chunk-{r}.pt") for r in range(2)]
+    for g in got:
+        d = g["default"]
+        assert abs(d["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item())
+        assert max_rel_err(d["dh"], h.grad) <= FP32_RTOL and max_rel_err(d["logp"], logp) <= FP32_RTOL
+        for name in ("loss", "logprobs"):
+            assert g[name] is not None and "disagree on chunk_size" in g[name], (name, g[name])
+    assert max_rel_err(torch.cat([g["default"]["dw"] for g in got]), w.grad) <= FP32_RTOL

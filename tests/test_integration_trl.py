@@ -356,6 +356,10 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(loss_type="grpo", use_fused_linear=True), "use_fused_linear"),
     (dict(loss_type="dapo", delta=1.1, epsilon_high=0.28), "delta=1.1"),
+    # before TRL sets up vLLM: the refusal needs no vLLM installed
+    (dict(loss_type="grpo", importance_sampling_level="sequence", use_vllm=True,
+          vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate"),
+     "vllm_importance_sampling_mode='token_truncate'"),
 ])
 def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, config, match):
     with pytest.raises(ValueError, match=match):

@@ -97,3 +97,175 @@ def test_masked_and_ignored_positions_may_hold_anything():
         dirty["advantages"][b, t] = math.inf
     dirty["input_ids"][1, 2] = 10**9
     assert torch.equal(mhpo_kernels.mhpo_loss(**dirty), loss_clean)
+
+
+def _no_kernel(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a sweep ran before validation finished")
+
+    monkeypatch.setattr(mhpo_kernels._dispatch, "sweeps", no_kernel)
+
+
+@pytest.mark.parametrize("call", ["mhpo_loss", "policy_loss", "token_logprobs"])
+@pytest.mark.parametrize("view", ["expand", "overlapping-strides"])
+def test_inplace_backward_refuses_logits_that_share_memory(call, view, monkeypatch):
+    """An expand (stride 0) or a strided view that revisits elements: the in-place backward would
+    write each shared element once per row that reads it, so it is refused before any kernel."""
+    p = torch.randn(T + 1, V, requires_grad=True)
+    if view == "expand":
+        x = (p[:T] * 1).expand(B, T, V)
+    else:
+        x = (p * 1).as_strided((B, T, V), (V, V, 1))  # rows 1..T of sequence 0 are rows 0..T-1 of sequence 1
+    args = good_args()
+    _no_kernel(monkeypatch)
+    with pytest.raises(ValueError, match="inplace_backward.*share memory"):
+        if call == "token_logprobs":
+            mhpo_kernels.token_logprobs(x, args["input_ids"], inplace_backward=True)
+        else:
+            getattr(mhpo_kernels, call)(x, args["input_ids"], args["old_logprobs"], args["advantages"],
+                                        inplace_backward=True)
+
+
+def test_inplace_backward_on_a_non_overlapping_view_is_exact():
+    """A strided but non-overlapping view (a slice along T, padded rows) is still written in place
+    and gives the out-of-place gradient."""
+    args = good_args()
+    base = torch.randn(B, T + 2, V + 3, requires_grad=True)
+
+    def grad(inplace):
+        x = (base * 1)[:, 1:T + 1, :V]
+        (g,) = torch.autograd.grad(mhpo_kernels.mhpo_loss(x, args["input_ids"], args["old_logprobs"],
+                                                          args["advantages"], inplace_backward=inplace), base)
+        return g
+
+    assert torch.equal(grad(True), grad(False))
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
+    """In a fresh process without TRITON_INTERPRET, the kernels are compiled for a GPU: forcing
+    them on CPU tensors raises the package's error, not Triton's "0 active drivers"."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch, mhpo_kernels\n"
+              "x = torch.randn(2, 3, 8)\n"
+              "with mhpo_kernels.use_backend('triton'):\n"
+              "    mhpo_kernels.mhpo_loss(x, torch.randint(0, 8, (2, 3)), None, torch.randn(2))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "RuntimeError: mhpo_kernels: the Triton backend runs cpu tensors only under Triton's interpreter" \
+        in done.stderr, done.stderr[-2000:]
+
+
+def _double_backward_cases():
+    args = good_args()
+    ids, old, adv = args["input_ids"], args["old_logprobs"], args["advantages"]
+    return {
+        "mhpo_loss": lambda x: mhpo_kernels.mhpo_loss(x, ids, old, adv),
+        "mhpo_loss-inplace": lambda x: mhpo_kernels.mhpo_loss(x * 1, ids, old, adv, inplace_backward=True),
+        "token_logprobs-entropy": lambda x: sum(t.sum() for t in mhpo_kernels.token_logprobs(x, ids, return_entropy=True)),
+        "fused_linear": lambda x: mhpo_kernels.fused_linear_mhpo_loss(
+            x[..., :8], torch.randn(V, 8, generator=torch.Generator().manual_seed(1)), ids, old, adv, chunk_size=4),
+    }
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+def test_double_backward_is_a_clear_error(case):
+    """create_graph=True gives the ordinary gradient; differentiating it again raises an error
+    that names the package and says double backward is unsupported."""
+    fn = _double_backward_cases()[case]
+    x = torch.randn(B, T, V, requires_grad=True)
+    (expected,) = torch.autograd.grad(fn(x), x)
+    (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+    assert torch.equal(g.detach(), expected)
+    with pytest.raises(RuntimeError, match="mhpo_kernels: double backward is not supported"):
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("change, error, name", [
+    (dict(ignore_index="x"), TypeError, "ignore_index"), (dict(ignore_index=1.0), TypeError, "ignore_index"),
+    (dict(inplace_backward="yes"), TypeError, "inplace_backward"),
+    (dict(inplace_backward=1), TypeError, "inplace_backward"),
+    (dict(tp_group="world"), TypeError, "tp_group"), (dict(k_neg=math.inf), ValueError, "k_neg"),
+], ids=["ignore-index-str", "ignore-index-float", "inplace-str", "inplace-int", "tp-group", "k-neg-inf"])
+def test_module_checks_every_argument_at_construction(change, error, name):
+    with pytest.raises(error, match=name):
+        mhpo_kernels.MHPOLoss(**change)
+
+
+def test_module_takes_hyperparameters_by_keyword_only():
+    """MHPOLoss(0.7) would read as a temperature and set c: refused."""
+    with pytest.raises(TypeError):
+        mhpo_kernels.MHPOLoss(0.7)
+    assert mhpo_kernels.MHPOLoss(c=0.7).c == 0.7
+
+
+@pytest.mark.parametrize("logits_dim", [2, 3])
+def test_advantage_shapes_mean_the_same_for_2d_and_3d_logits(logits_dim):
+    """(B, 1) is one advantage per sequence, like (B,); () and (1,) are one advantage for every
+    token, for 2-D and 3-D logits alike: each equals the explicit per-token advantages."""
+    args = good_args()
+    adv = args.pop("advantages")
+    if logits_dim == 2:
+        args = dict(logits=args["logits"][0], input_ids=args["input_ids"][0], old_logprobs=args["old_logprobs"][0],
+                    mask=args["mask"][0])
+    token_shape = args["input_ids"].shape
+
+    def loss(a):
+        return mhpo_kernels.mhpo_loss(**args, advantages=a)
+
+    shapes = [adv[0].reshape(()), adv[:1].clone()]
+    expanded = [adv[0].expand(token_shape), adv[0].expand(token_shape)]
+    if logits_dim == 3:
+        shapes.append(adv.reshape(B, 1))
+        expanded.append(adv.reshape(B, 1).expand(B, T))
+    for a, full in zip(shapes, expanded):
+        assert torch.equal(loss(a), loss(full.contiguous())), tuple(a.shape)
+
+
+def test_gspo_takes_one_advantage_per_sequence_as_b_by_1():
+    from mhpo_kernels.objectives import GSPO
+
+    args = good_args()
+    adv = args.pop("advantages")
+    got = mhpo_kernels.policy_loss(**args, advantages=adv.reshape(B, 1), objective=GSPO())
+    assert torch.equal(got, mhpo_kernels.policy_loss(**args, advantages=adv, objective=GSPO()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_finite_input_raises_no_warning_in_user_code(backend):
+    """NaN and inf logits (valid and masked rows) run under warnings as errors: the interpreter's
+    floating-point warnings from masked lanes stay inside the package's launches, and the
+    caller's warning filters and NumPy error state are what they were."""
+    import warnings
+
+    import numpy
+
+    args = good_args()
+    args["logits"] = args["logits"].clone().requires_grad_()
+    with torch.no_grad():
+        args["logits"][0, 1, 3] = math.nan
+        args["logits"][1, 0, :] = math.inf
+        args["logits"][1, 2, 5] = -math.inf
+        args["logits"][0, 2, :] = math.nan      # a whole row: NumPy's all-NaN reductions
+    args["mask"][1, 0] = False
+
+    def call():
+        with mhpo_kernels.use_backend(backend):
+            loss = mhpo_kernels.mhpo_loss(**args, return_metrics=True)[0]
+            loss.backward()
+            mhpo_kernels.token_logprobs(args["logits"].detach(), args["input_ids"], return_entropy=True)
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call()  # first: imports that install their own filters (sympy's, through torch) happen here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        filters, errstate = list(warnings.filters), numpy.geterr()
+        loss = call()
+        assert warnings.filters == filters and numpy.geterr() == errstate
+    assert torch.isnan(loss)

@@ -143,6 +143,15 @@ def gathered_head(head):
     return weight, bias
 
 
+def _gspo_with_token_ratio(config):
+    """objective='trl' at sequence level (GSPO) with vLLM's per-token importance-sampling ratio
+    (TRL's token_* modes give a (B, T) ratio; sequence_* modes a (B, 1) one)."""
+    return (getattr(config, "objective", None) == "trl"
+            and getattr(config, "importance_sampling_level", "token") == "sequence"
+            and getattr(config, "use_vllm", False) and getattr(config, "vllm_importance_sampling_correction", False)
+            and str(getattr(config, "vllm_importance_sampling_mode", "")).startswith("token"))
+
+
 class MHPOTrainer(GRPOTrainer):
     """GRPOTrainer with the MHPO loss; see the module docstring."""
 
@@ -151,6 +160,12 @@ class MHPOTrainer(GRPOTrainer):
         if getattr(config, "use_liger_kernel", False):  # before TRL acts on it
             raise ValueError("MHPOTrainer does not support: use_liger_kernel (TRL's Liger GRPO loss "
                              "replaces the MHPO loss)")
+        if _gspo_with_token_ratio(config):  # TRL's own checks run first on the rest
+            raise ValueError("MHPOTrainer does not support: objective='trl' with importance_sampling_level="
+                             f"'sequence' (GSPO) and vllm_importance_sampling_mode="
+                             f"{config.vllm_importance_sampling_mode!r}: TRL then scales GSPO's sequence "
+                             "term per token, which the fused GSPO (one advantage per sequence) does not "
+                             "compute; use a sequence_* mode")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MHPOConfig):
             raise TypeError(f"MHPOTrainer needs an MHPOConfig, got {type(self.args).__name__}")

@@ -1,0 +1,56 @@
+"""The PyTorch path's working memory: what the two sweeps allocate beyond their inputs and outputs
+stays within ``torch_sweeps.CHUNK_BYTES`` whatever the number of rows. Measured from the
+profiler's record of every allocation and free on the CPU (peak of the running sum), with a
+small chunk budget so that a few hundred rows make several chunks."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mhpo_kernels import torch_sweeps
+from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+
+BUDGET = 1 << 20
+
+
+def peak_allocated(fn):
+    """The largest number of bytes allocated and not yet freed at any point of ``fn()``."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("with_entropy, softcap", [(False, None), (True, 30.0)], ids=["plain", "entropy-softcap"])
+@pytest.mark.parametrize("rows", [160, 480])
+def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap, rows):
+    """The variant with the most temporaries (entropy and softcap: 6.7 chunks in sweep 2) and the
+    one with the fewest, at two row counts."""
+    monkeypatch.setattr(torch_sweeps, "CHUNK_BYTES", BUDGET)
+    g = torch.Generator().manual_seed(0)
+    V = 1000
+    x = torch.randn(2, rows // 2, V, generator=g) * 3
+    target = torch.randint(0, V, (rows,), generator=g, dtype=torch.int32)
+    old, adv, weight = torch.randn(rows, generator=g) - 7, torch.randn(rows, generator=g), torch.full((rows,), 0.01)
+    hp, lmap = MHPOParams(), LogitMap.make(0.9, 1.0, softcap)
+    chunk_rows = BUDGET // (torch_sweeps.CHUNK_COPIES * 4 * V)
+    assert rows // 2 > 2 * chunk_rows  # several chunks per sequence
+
+    def forward():
+        return torch_sweeps.mhpo_fwd(x, target, old, adv, weight, None, hp, lmap, with_entropy=with_entropy,
+                                     with_loss=True)
+
+    stats = forward()
+    grad = torch.empty_like(x)
+    dent = torch.randn(rows, generator=g) if with_entropy else None
+
+    def backward():
+        torch_sweeps.mhpo_bwd(x, grad, target, stats.base, stats.log2_sum, stats.coef, stats.entropy, dent, lmap)
+
+    outputs = 12 * 4 * rows  # the per-token vectors sweep 1 returns and the epilogue's float64 ones
+    for sweep in (forward, backward):
+        peak = peak_allocated(sweep)
+        assert chunk_rows * V * 4 <= peak <= BUDGET + outputs, (sweep.__name__, peak / BUDGET)
