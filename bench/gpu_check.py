@@ -34,8 +34,11 @@ from . import harness
 RESULT = "gpu_check.json"
 HEADLINE = (8192, 151936)          # rows, V: the acceptance case, bf16
 SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-GRID = [(bv, w) for bv in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16) if 32 * w * 8 <= bv]
-ALIGN_V = ((151936, 151935), (50264, 50257))
+# BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
+# step cut short keeps the informative ones.
+GRID = [(4096, 8), (8192, 8), (2048, 8), (4096, 4), (8192, 16), (16384, 16), (2048, 4), (4096, 16),
+        (8192, 4), (16384, 8), (1024, 4), (16384, 4)]
+ALIGN_V = ((151936, 151935), (50272, 50257))   # a multiple of 16, and one that is not
 ONE_SWEEP_PROGRAMS_PER_SM = (1.0, 1.5, 2.0)
 DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
            compile_shape=(1, 5, 96, 16))
@@ -159,8 +162,8 @@ def step_env(args):
         for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
             fill = _config.rows_to_fill(props, HEADLINE[1], itemsize)
             env[f"predicted_{dtype}"] = fill._asdict()
-            env[f"predicted_{dtype}_measured_bw"] = _config.rows_to_fill(
-                props, HEADLINE[1], itemsize, bandwidth=env["copy_gbps"] * 1e9 / 2)._asdict()
+            env[f"predicted_{dtype}_measured_bw"] = _config.rows_to_fill(   # copy: bytes read + written
+                props, HEADLINE[1], itemsize, bandwidth=env["copy_gbps"] * 1e9)._asdict()
     return env
 
 
@@ -205,7 +208,7 @@ def step_sweeps(args):
 
 
 def step_grid(args):
-    """Both sweeps at the headline case over BLOCK_V × num_warps (each lane at least 8 elements)."""
+    """Both sweeps at the headline case over BLOCK_V × num_warps."""
     device = _device(args.dry_run)
     (n, V), grid = (HEADLINE, GRID) if not args.dry_run else ((DRY["rows"][-1], DRY["V"]), DRY["grid"])
     dtype = torch.float32 if args.dry_run else torch.bfloat16

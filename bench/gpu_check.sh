@@ -13,7 +13,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TOTAL=${GPU_CHECK_SECONDS:-470}
 PY=python3
 CHECK="$PY -m bench.gpu_check"
-KERNELS="regex:_mhpo_"   # the sweeps' kernels (and any later one named so), nothing of torch's
+# The sweeps' kernels (and any later one named so), nothing of torch's: ncu's name filter and
+# compute-sanitizer's kernel-name-substring filter.
+NCU_KERNELS="regex:_mhpo_"
+SANITIZER_KERNELS="kns=_mhpo_"
 
 # Optional wheels carried in .whl (Liger and TRL, for the integration tests): nothing can be fetched there.
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -52,7 +55,7 @@ step env 20 "$OUT/steps.log" $CHECK env --out "$OUT"
 step sweeps 45 "$OUT/steps.log" $CHECK sweeps --out "$OUT"
 # BLOCK_V x num_warps at the headline case (8192 x 151,936 bf16).
 step grid 50 "$OUT/steps.log" $CHECK grid --out "$OUT"
-# Aligned against unaligned V: 151,936 / 151,935 and 50,264 / 50,257.
+# Aligned against unaligned V: 151,936 / 151,935 and 50,272 / 50,257.
 step align 25 "$OUT/steps.log" $CHECK align --out "$OUT"
 # In place against out of place, bitwise, 100 repeats each.
 step inplace 30 "$OUT/steps.log" $CHECK inplace --out "$OUT"
@@ -62,10 +65,10 @@ step compile 70 "$OUT/steps.log" $CHECK compile --out "$OUT"
 step tests 100 "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider tests
 # Memory errors and shared-memory races in every kernel variant, the kernels alone.
 timeout 40 $CHECK sanitize-target >/dev/null 2>&1  # compile outside the sanitizer (Triton's cache)
-step memcheck 35 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --kernel-name "$KERNELS" --error-exitcode 3 $CHECK sanitize-target
-step racecheck 35 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --kernel-name "$KERNELS" --error-exitcode 3 $CHECK sanitize-target
+step memcheck 35 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --filter "$SANITIZER_KERNELS" --error-exitcode 3 $CHECK sanitize-target
+step racecheck 35 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --filter "$SANITIZER_KERNELS" --error-exitcode 3 $CHECK sanitize-target
 # DRAM bytes of each kernel at the headline case (one forward, one backward), clocks left alone.
-step ncu 45 "$OUT/ncu.csv" ncu --clock-control none --kernel-name "$KERNELS" --csv \
+step ncu 45 "$OUT/ncu.csv" ncu --clock-control none --kernel-name "$NCU_KERNELS" --csv \
   --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum $CHECK ncu-target
 $CHECK ncu-parse --out "$OUT" --file "$OUT/ncu.csv" >>"$OUT/steps.log" 2>&1
 
