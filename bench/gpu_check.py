@@ -9,8 +9,8 @@ checks that the script works before a GPU is lent, and measures nothing.
 Steps: env, sweeps (GB/s against N), grid (BLOCK_V × num_warps), align (aligned against
 unaligned V), inplace (in place against out of place, bitwise, 100 repeats), compile (a compiled
 training step under sync debug mode "error", in a CUDA graph, and its generated code),
-sanitize-target and ncu-target (the kernels alone, for compute-sanitizer and ncu), ncu-parse,
-record (a shell step's exit status), summary.
+sanitize-target and ncu-target (the kernels alone, for compute-sanitizer and ncu). Recording a
+shell step, ncu's CSV and the summary are ``bench.check_report`` (no torch import).
 """
 
 import argparse
@@ -30,9 +30,7 @@ from mhpo_kernels import _config, _dispatch
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
 
 from . import harness
-
-RESULT = "gpu_check.json"
-HEADLINE = (8192, 151936)          # rows, V: the acceptance case, bf16
+from .check_report import HEADLINE, merge
 SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
 # step cut short keeps the informative ones.
@@ -42,32 +40,6 @@ ALIGN_V = ((151936, 151935), (50272, 50257))   # a multiple of 16, and one that 
 ONE_SWEEP_PROGRAMS_PER_SM = (1.0, 1.5, 2.0)
 DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
            compile_shape=(1, 5, 96, 16))
-
-
-# ---- the result file ------------------------------------------------------------------------------
-
-def _path(out):
-    return os.path.join(out, RESULT)
-
-
-def load(out):
-    try:
-        with open(_path(out)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {"steps": {}}
-
-
-def merge(out, step, result):
-    """Write ``result`` as ``step``'s entry (replacing an earlier one), keeping every other."""
-    os.makedirs(out, exist_ok=True)
-    run = load(out)
-    run["steps"].setdefault(step, {}).update(result)
-    tmp = _path(out) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=1, default=str)
-    os.replace(tmp, _path(out))
-    return run
 
 
 # ---- inputs and timing --------------------------------------------------------------------------
@@ -461,150 +433,38 @@ def step_kernels_once(args, headline=False):
     return {"launches": launches}
 
 
-NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
-
-
-def parse_ncu_csv(text):
-    """ncu --csv --metrics ... output → per kernel launch {kernel, metric: value} (bytes, ns)."""
-    import csv
-    lines = [line for line in text.splitlines() if line.startswith('"')]
-    launches = {}
-    for row in csv.DictReader(lines):
-        key = row.get("ID")
-        if key is None or "Metric Name" not in row:
-            continue
-        entry = launches.setdefault(key, {"kernel": row.get("Kernel Name", "")})
-        value = float(row["Metric Value"].replace(",", "")) if row["Metric Value"] else None
-        unit = row.get("Metric Unit", "")
-        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
-                 "nsecond": 1, "usecond": 1e3, "msecond": 1e6, "ns": 1, "us": 1e3, "ms": 1e6}.get(unit, 1)
-        entry[row["Metric Name"]] = None if value is None else value * scale
-    return list(launches.values())
-
-
-def step_ncu_parse(args):
-    """DRAM bytes of each kernel at the headline case against the bytes model: the forward reads
-    the logits once, the backward reads them and writes the gradient."""
-    with open(args.file, errors="replace") as f:
-        launches = parse_ncu_csv(f.read())
-    if not launches:
-        raise ValueError(f"no kernel launches in {args.file}")
-    logits_bytes = HEADLINE[0] * HEADLINE[1] * 2
-    for entry in launches:
-        model = 2 * logits_bytes if "bwd" in entry["kernel"] else logits_bytes
-        moved = (entry.get("dram__bytes_read.sum") or 0) + (entry.get("dram__bytes_write.sum") or 0)
-        entry.update(model_bytes=model, moved_over_model=moved / model if model else None)
-    return {"launches": launches}
-
-
-def step_record(args):
-    """A shell step's exit status and time, and the tail of its log. A Python step that caught
-    its own error exits 0: its recorded "error" stands."""
-    tail = []
-    if args.file and os.path.exists(args.file):
-        with open(args.file, errors="replace") as f:
-            tail = f.read().splitlines()[-6:]
-    status = "ok" if args.rc == 0 else ("timed out" if args.rc in (124, 137) else f"exit {args.rc}")
-    if args.rc == 0 and load(args.out)["steps"].get(args.name, {}).get("status") == "error":
-        status = "error"
-    result = {"status": status, "seconds": args.seconds, "exit_code": args.rc}
-    if tail:
-        result["log_tail"] = tail
-    return result
-
-
-def summary_table(run):
-    """One line per step: its status and its headline figure."""
-    lines = [f"{'step':<10} {'status':<12} result", "-" * 72]
-    for step, entry in run["steps"].items():
-        lines.append(f"{step:<10} {entry.get('status', '?'):<12} {_headline(step, entry)}")
-    return "\n".join(lines)
-
-
-def _headline(step, e):
-    try:
-        if step == "sweeps" and e.get("rows"):
-            first, last = e["rows"][0], e["rows"][-1]
-            pred = e.get("predicted", {}).get("rows_to_fill")
-            return (f"fwd {first['fwd_gbps']:.0f}->{last['fwd_gbps']:.0f} GB/s, bwd {first['bwd_gbps']:.0f}->"
-                    f"{last['bwd_gbps']:.0f} GB/s for N {first['N']}->{last['N']}; predicted fill {pred} rows")
-        if step == "grid" and e.get("grid"):
-            ok = [g for g in e["grid"] if "fwd_gbps" in g]
-            best = max(ok, key=lambda g: g["fwd_gbps"] + g["bwd_gbps"]) if ok else None
-            return "no configuration ran" if best is None else (
-                f"best BLOCK_V {best['block_v']} x {best['num_warps']} warps: fwd {best['fwd_gbps']:.0f}, "
-                f"bwd {best['bwd_gbps']:.0f} GB/s (default {e['default']})")
-        if step == "align" and e.get("pairs"):
-            return "; ".join(f"V {p['unaligned']['V']}/{p['aligned']['V']}: fwd x{p['fwd_ratio']:.2f}, "
-                             f"bwd x{p['bwd_ratio']:.2f}" for p in e["pairs"])
-        if step == "inplace" and "bitwise_equal" in e:
-            return f"bitwise equal over {e['repeats']} repeats: {e['bitwise_equal']} {e['grad_mismatches']}"
-        if step == "compile":
-            return "; ".join(f"{k}: {v.get('sync_debug_error_mode', v.get('error', '?'))}, graph "
-                             f"{v.get('cuda_graph', '-')}, no logits copy {v.get('no_logits_copy', '-')}, "
-                             f"eager syncs {v.get('eager_syncs_per_call', '-')}"
-                             for k, v in e.items() if isinstance(v, dict))
-        if step == "ncu" and e.get("launches"):
-            return "; ".join(f"{x['kernel'][:24]}: {x['moved_over_model']:.2f} of model"
-                             for x in e["launches"] if x.get("moved_over_model") is not None)
-        if step == "env" and "device" in e:
-            return f"{e['device']}, torch {e['torch']}, triton {e['triton']}, one sweep: {e['one_sweep']}"
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
-        return f"(unreadable: {err!r})"
-    tail = e.get("log_tail") or []
-    return tail[-1][:60] if tail else ""
-
-
 STEPS = {"env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
          "inplace": step_inplace, "compile": step_compile, "sanitize-target": step_kernels_once,
-         "ncu-target": lambda a: step_kernels_once(a, headline=True), "ncu-parse": step_ncu_parse,
-         "record": step_record}
-STORED = {"ncu-parse": "ncu"}             # steps whose result lands under another name
+         "ncu-target": lambda a: step_kernels_once(a, headline=True)}
 UNSTORED = ("sanitize-target", "ncu-target")  # run under a tool: the tool's log is the result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=sorted(STEPS) + ["summary", "dry-run"])
+    parser.add_argument("step", choices=sorted(STEPS) + ["dry-run"])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing")
-    parser.add_argument("--name", help="record: the step's name")
-    parser.add_argument("--rc", type=int, default=0)
-    parser.add_argument("--seconds", type=float)
-    parser.add_argument("--file", help="record: the step's log; ncu-parse: ncu's CSV")
     args = parser.parse_args(argv)
-    if args.step == "dry-run":  # every Python step once, in this process
+    if args.step == "dry-run":  # every step once, in this process
         args.dry_run = True
-        for step in ("env", "sweeps", "grid", "align", "inplace", "compile", "sanitize-target", "ncu-target"):
+        for step in STEPS:
             _run(step, args)
-    elif args.step == "summary":
-        table = summary_table(load(args.out))
-        with open(os.path.join(args.out, "summary.txt"), "w") as f:
-            f.write(table + "\n")
-        print(table)
     else:
         _run(args.step, args)
 
 
 def _run(step, args):
     t0 = time.perf_counter()
-    name = args.name if step == "record" else STORED.get(step, step)
     try:
-        result = STEPS[step](args)
-        if step != "record":
-            result["status"] = "ok"
+        result = {**STEPS[step](args), "status": "ok"}
     except Exception as e:  # recorded, and the shell goes on to the next step
         result = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    if step != "record":
-        result.setdefault("seconds", round(time.perf_counter() - t0, 2))
-    earlier = load(args.out)["steps"].get(name, {}).get("status")
-    if step == "ncu-parse" and earlier not in (None, "ok"):  # what ncu itself ended with stands
-        result["status"] = earlier
+    result["seconds"] = round(time.perf_counter() - t0, 2)
     if step in UNSTORED:
         print(json.dumps(result))
-        return result
-    merge(args.out, name, result)
-    print(f"{name}: {result['status']}", flush=True)
+    else:
+        merge(args.out, step, result)
+        print(f"{step}: {result['status']}", flush=True)
     return result
 
 

@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TOTAL=${GPU_CHECK_SECONDS:-470}
 PY=python3
 CHECK="$PY -m bench.gpu_check"
+REPORT="$PY -m bench.check_report"   # no torch import: cheap to call after every step
 # The sweeps' kernels (and any later one named so), nothing of torch's: ncu's name filter and
 # compute-sanitizer's kernel-name-substring filter.
 NCU_KERNELS="regex:_mhpo_"
@@ -29,7 +30,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run within its limit and what is l
   local left=$((TOTAL - SECONDS))
   if [ "$left" -lt 10 ]; then
     echo "== $name: skipped, ${left}s left of ${TOTAL}s"
-    $CHECK record --out "$OUT" --name "$name" --rc 124 --seconds 0 >/dev/null 2>&1
+    $REPORT record --out "$OUT" --name "$name" --rc 124 --seconds 0 >/dev/null 2>&1
     return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -38,7 +39,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run within its limit and what is l
   timeout --signal=INT --kill-after=5 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   echo "   exit $rc after $((SECONDS - t0))s" | tee -a "$OUT/steps.log"
-  $CHECK record --out "$OUT" --name "$name" --rc "$rc" --seconds "$((SECONDS - t0))" --file "$log" >/dev/null 2>&1
+  $REPORT record --out "$OUT" --name "$name" --rc "$rc" --seconds "$((SECONDS - t0))" --file "$log" >/dev/null 2>&1
 }
 
 {
@@ -70,8 +71,8 @@ step racecheck 35 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --filt
 # DRAM bytes of each kernel at the headline case (one forward, one backward), clocks left alone.
 step ncu 45 "$OUT/ncu.csv" ncu --clock-control none --kernel-name "$NCU_KERNELS" --csv \
   --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum $CHECK ncu-target
-$CHECK ncu-parse --out "$OUT" --file "$OUT/ncu.csv" >>"$OUT/steps.log" 2>&1
+$REPORT ncu-parse --out "$OUT" --file "$OUT/ncu.csv" >>"$OUT/steps.log" 2>&1
 
 echo "== summary (${SECONDS}s)"
-$CHECK summary --out "$OUT"
+$REPORT summary --out "$OUT"
 ls -l "$OUT"

@@ -80,11 +80,11 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     """Every Python step of the GPU check runs on the CPU at tiny shapes (PyTorch path) and
     lands in the one JSON; the summary reads it."""
     import mhpo_kernels
-    from bench import gpu_check
+    from bench import check_report, gpu_check
 
     with mhpo_kernels.use_backend("torch"):
         gpu_check.main(["dry-run", "--out", str(tmp_path)])
-    gpu_check.main(["summary", "--out", str(tmp_path)])
+    check_report.main(["summary", "--out", str(tmp_path)])
     run = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = run["steps"]
     assert set(steps) == {"env", "sweeps", "grid", "align", "inplace", "compile"}
@@ -99,13 +99,14 @@ def test_gpu_check_dry_run(tmp_path, capsys):
 
 
 def test_gpu_check_record_and_ncu_parse(tmp_path):
-    from bench import gpu_check
+    """Without torch: a step's exit status (an error a Python step caught stands), ncu's CSV."""
+    from bench import check_report
 
     out = str(tmp_path)
-    gpu_check.merge(out, "grid", {"status": "error", "error": "boom"})
-    gpu_check.main(["record", "--out", out, "--name", "grid", "--rc", "0", "--seconds", "3"])
-    gpu_check.main(["record", "--out", out, "--name", "tests", "--rc", "124", "--seconds", "100"])
-    steps = gpu_check.load(out)["steps"]
+    check_report.merge(out, "grid", {"status": "error", "error": "boom"})
+    check_report.main(["record", "--out", out, "--name", "grid", "--rc", "0", "--seconds", "3"])
+    check_report.main(["record", "--out", out, "--name", "tests", "--rc", "124", "--seconds", "100"])
+    steps = check_report.load(out)["steps"]
     assert steps["grid"]["status"] == "error" and steps["tests"]["status"] == "timed out"
 
     csv = tmp_path / "ncu.csv"
@@ -116,8 +117,11 @@ def test_gpu_check_record_and_ncu_parse(tmp_path):
             '"1","_mhpo_bwd_kernel","dram__bytes_write.sum","Gbyte","2.49"',
             '"1","_mhpo_bwd_kernel","gpu__time_duration.sum","msecond","1.2"']
     csv.write_text("==PROF== Disconnected\n" + "\n".join([header] + rows) + "\n")
-    gpu_check.main(["ncu-parse", "--out", out, "--file", str(csv)])
-    fwd, bwd = gpu_check.load(out)["steps"]["ncu"]["launches"]
+    check_report.main(["record", "--out", out, "--name", "ncu", "--rc", "0", "--seconds", "30"])
+    check_report.main(["ncu-parse", "--out", out, "--file", str(csv)])
+    ncu = check_report.load(out)["steps"]["ncu"]
+    assert ncu["status"] == "ok"
+    fwd, bwd = ncu["launches"]
     model = 8192 * 151936 * 2
     assert fwd["dram__bytes_write.sum"] == 1024e3 and bwd["gpu__time_duration.sum"] == 1.2e6
     assert fwd["moved_over_model"] == pytest.approx((2.49e9 + 1.024e6) / model)
