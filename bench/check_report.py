@@ -76,6 +76,8 @@ def step_record(args):
         with open(args.file, errors="replace") as f:
             tail = f.read().splitlines()[-6:]
     status = "ok" if args.rc == 0 else ("timed out" if args.rc in (124, 137) else f"exit {args.rc}")
+    if args.skipped:
+        status = "skipped: no time left"
     if args.rc == 0 and load(args.out)["steps"].get(args.name, {}).get("status") == "error":
         status = "error"
     result = {"status": status, "seconds": args.seconds, "exit_code": args.rc}
@@ -133,6 +135,7 @@ def main(argv=None):
     parser.add_argument("--name", help="record: the step's name")
     parser.add_argument("--rc", type=int, default=0)
     parser.add_argument("--seconds", type=float)
+    parser.add_argument("--skipped", action="store_true", help="record: the step did not start")
     parser.add_argument("--file", help="record: the step's log; ncu-parse: ncu's CSV")
     args = parser.parse_args(argv)
     if args.step == "summary":

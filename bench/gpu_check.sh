@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run within its limit and what is l
   local left=$((TOTAL - SECONDS))
   if [ "$left" -lt 10 ]; then
     echo "== $name: skipped, ${left}s left of ${TOTAL}s"
-    $REPORT record --out "$OUT" --name "$name" --rc 124 --seconds 0 >/dev/null 2>&1
+    $REPORT record --out "$OUT" --name "$name" --rc 124 --seconds 0 --skipped >/dev/null 2>&1
     return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -42,11 +42,11 @@ step() {  # step NAME SECONDS LOG COMMAND...: run within its limit and what is l
   $REPORT record --out "$OUT" --name "$name" --rc "$rc" --seconds "$((SECONDS - t0))" --file "$log" >/dev/null 2>&1
 }
 
-{
-  nvidia-smi
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
-  compute-sanitizer --version 2>&1 | tail -1
-  ncu --version 2>&1 | tail -1
+{  # each time-boxed too: a hung tool must not eat the steps' time
+  timeout 15 nvidia-smi
+  timeout 30 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
+  timeout 15 compute-sanitizer --version 2>&1 | tail -1
+  timeout 15 ncu --version 2>&1 | tail -1
 } >"$OUT/env.txt" 2>&1
 head -n 12 "$OUT/env.txt"
 
