@@ -129,9 +129,8 @@ def plot(path, meta, results):
         for ax in ax_row:
             ax.grid(alpha=0.3)
             ax.legend()
-    cpu_note = (": CPU time only (PyTorch path; no memory reading), says nothing about GPU speed"
-                if cpu else "")
-    fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}")
+    cpu_note = ": CPU time only (PyTorch path), not GPU speed" if cpu else ""
+    fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}", fontsize=10 if cpu else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
