@@ -3,9 +3,10 @@
 Two suites. ``logits``: the op on materialized logits, reported as GB/s under the bytes-moved
 model and as a share of the device's measured copy bandwidth. ``linear``: hidden states and the
 LM head, reported as TFLOP/s against the 3-GEMM floor and as a share of a GEMM's measured rate.
-Both: median time, peak and extra memory, speed-up against eager (and compile). Writes
-bench/results/<device>-<date>.json and .png. Without CUDA it runs the PyTorch path of the ops
-against the eager reference on small shapes, which says nothing about GPU speed.
+Both: median time, peak and extra memory, speed-up against eager and torch.compile. Writes
+<device>-<date>.json and .png into bench/out/ (ignored by git), or the folder named by --out or
+MHPO_BENCH_OUT (bench/results for a run to commit). Without CUDA it runs the PyTorch path of the
+ops against the eager and compiled reference on small shapes, which says nothing about GPU speed.
 """
 
 import argparse
@@ -25,7 +26,9 @@ from . import harness, report
 from .providers import PROVIDERS
 from .workloads import PRESETS, SUITE_MODES, SUITES, bytes_moved, gemm_flops, make_inputs
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+# A local run writes here, ignored by git: `make bench` leaves the tree clean. A run to commit
+# names bench/results.
+OUT_DIR = os.environ.get("MHPO_BENCH_OUT") or os.path.join(os.path.dirname(__file__), "out")
 # The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
 # the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
@@ -113,7 +116,8 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", help="provider names (default: all of each suite)")
     parser.add_argument("--modes", nargs="+", choices=sorted({m for ms in SUITE_MODES.values() for m in ms}))
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and the plot")
+    parser.add_argument("--out", "--results", default=OUT_DIR,
+                        help="folder for the JSON and the plot (default: $MHPO_BENCH_OUT or bench/out, ignored by git)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -1,46 +1,78 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (bench/README.md gives the exact device call). Ends in under 8 minutes on
-# an H100: each step has its own time limit, and the benchmark writes its JSON after every case,
-# so a step cut short still leaves what it measured. Writes at most 8 files under $OUT.
+# One call on a lent GPU (bench/README.md gives the exact device call): settles the open questions
+# of the sweeps' speed in under 8 minutes on an H100 or H200. Each step has its own time limit,
+# shortened so that the whole stays within GPU_CHECK_SECONDS (470 s by default); a step that
+# fails or runs out of time is recorded as such and the script goes on. Every result lands in
+# $OUT/gpu_check.json (summary table in $OUT/summary.txt); 8 files in all, the most a call brings back:
+# env.txt gpu_check.json summary.txt steps.log tests.log memcheck.log racecheck.log ncu.csv
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+TOTAL=${GPU_CHECK_SECONDS:-470}
+PY=python3
+CHECK="$PY -m bench.gpu_check"
+REPORT="$PY -m bench.check_report"   # no torch import: cheap to call after every step
+# The sweeps' kernels (and any later one named so), nothing of torch's: ncu's name filter and
+# compute-sanitizer's kernel-name-substring filter.
+NCU_KERNELS="regex:_mhpo_"
+SANITIZER_KERNELS="kns=_mhpo_"
 
-# Optional wheels carried in .whl (Liger and TRL, for their baselines): nothing can be fetched there.
+# Optional wheels carried in .whl (Liger and TRL, for the integration tests): nothing can be fetched there.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)"
+step() {  # step NAME SECONDS LOG COMMAND...: run within its limit and what is left of TOTAL
+  local name=$1 limit=$2 log=$3; shift 3
+  local left=$((TOTAL - SECONDS))
+  if [ "$left" -lt 10 ]; then
+    echo "== $name: skipped, ${left}s left of ${TOTAL}s"
+    $REPORT record --out "$OUT" --name "$name" --rc 124 --seconds 0 --skipped >/dev/null 2>&1
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)" | tee -a "$OUT/steps.log"
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=5 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
-  echo "   exit $rc after $((SECONDS - t0))s; tail:"; tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+  echo "   exit $rc after $((SECONDS - t0))s" | tee -a "$OUT/steps.log"
+  $REPORT record --out "$OUT" --name "$name" --rc "$rc" --seconds "$((SECONDS - t0))" --file "$log" >/dev/null 2>&1
 }
 
-{
-  nvidia-smi
-  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
-  python3 -c "import liger_kernel; print('liger_kernel', getattr(liger_kernel, '__version__', 'present'))" 2>&1
-  compute-sanitizer --version 2>&1 | tail -1
+{  # each time-boxed too: a hung tool must not eat the steps' time
+  timeout 15 nvidia-smi
+  timeout 30 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
+  timeout 15 compute-sanitizer --version 2>&1 | tail -1
+  timeout 15 ncu --version 2>&1 | tail -1
 } >"$OUT/env.txt" 2>&1
-head -n 20 "$OUT/env.txt"
+head -n 12 "$OUT/env.txt"
 
-# 1. The test suite, with every device-parametrized test also on CUDA: the property-based search
-#    and its replayed regressions, 70,000-row sequences, determinism, torch.compile.
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests
-# 2. The benchmark on the headline cases, both suites (fwd+bwd first); JSON and PNG land in $OUT.
-step bench 240 python3 -m bench --preset headline --out "$OUT"
-# 3. Memory errors and shared-memory races in every kernel variant, at a small shape.
-python3 bench/sanitize.py >/dev/null 2>&1  # compile outside the sanitizer (Triton's cache)
-step memcheck 35 compute-sanitizer --tool memcheck --error-exitcode 3 python3 bench/sanitize.py
-step racecheck 35 compute-sanitizer --tool racecheck --error-exitcode 3 python3 bench/sanitize.py
+# Device, versions, measured copy rate, and _config's prediction of the rows that fill the GPU.
+step env 20 "$OUT/steps.log" $CHECK env --out "$OUT"
+# GB/s of each sweep against N (128 to 16,384 rows of 151,936 bf16), one-sweep where it exists.
+step sweeps 45 "$OUT/steps.log" $CHECK sweeps --out "$OUT"
+# BLOCK_V x num_warps at the headline case (8192 x 151,936 bf16).
+step grid 50 "$OUT/steps.log" $CHECK grid --out "$OUT"
+# Aligned against unaligned V: 151,936 / 151,935 and 50,272 / 50,257.
+step align 25 "$OUT/steps.log" $CHECK align --out "$OUT"
+# In place against out of place, bitwise, 100 repeats each.
+step inplace 30 "$OUT/steps.log" $CHECK inplace --out "$OUT"
+# A compiled training step: sync debug mode "error", a CUDA graph, inductor's code (no logits copy).
+step compile 70 "$OUT/steps.log" $CHECK compile --out "$OUT"
+# The test suite, with every device-parametrized test also on CUDA.
+step tests 100 "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider tests
+# Memory errors and shared-memory races in every kernel variant, the kernels alone.
+timeout 40 $CHECK sanitize-target >/dev/null 2>&1  # compile outside the sanitizer (Triton's cache)
+step memcheck 35 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --filter "$SANITIZER_KERNELS" --error-exitcode 3 $CHECK sanitize-target
+step racecheck 35 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --filter "$SANITIZER_KERNELS" --error-exitcode 3 $CHECK sanitize-target
+# DRAM bytes of each kernel at the headline case (one forward, one backward), clocks left alone.
+step ncu 45 "$OUT/ncu.csv" ncu --clock-control none --kernel-name "$NCU_KERNELS" --csv \
+  --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum $CHECK ncu-target
+$REPORT ncu-parse --out "$OUT" --file "$OUT/ncu.csv" >>"$OUT/steps.log" 2>&1
 
-echo "== results table"
-sed -n '/^provider/,$p' "$OUT/bench.log"
+echo "== summary (${SECONDS}s)"
+$REPORT summary --out "$OUT"
 ls -l "$OUT"

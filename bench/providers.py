@@ -167,10 +167,6 @@ class Provider:
         return run
 
 
-def _needs_cuda(device):
-    return None if device.type == "cuda" else "runs on CUDA only"
-
-
 def _needs_module(probe):
     def needs(device):
         if device.type != "cuda":
@@ -201,8 +197,7 @@ PROVIDERS = {
                           lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"], TEMPERATURE)),
         "compile": Provider("compile", "MHPO", _compile,
                             lambda i: _compiled("token_logprobs")(i["full_logits"][:, :-1], i["input_ids"],
-                                                                  TEMPERATURE),
-                            needs=_needs_cuda),
+                                                                  TEMPERATURE)),
         "fused-grpo": Provider("fused-grpo", "GRPO", _fused_ppo, None, modes=("fwd_bwd", "fwd")),
         "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),

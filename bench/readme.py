@@ -1,5 +1,7 @@
 """python -m bench.readme RESULTS.json: write that run's forward+backward table into README.md,
-between the benchmark markers, with its device, date and plot."""
+between the benchmark markers, with its device, date and plot. Only this command touches the
+README; it takes a run under bench/results (committed), never one in the ignored bench/out,
+whose files the README's links would miss in every other checkout."""
 
 import json
 import os
@@ -36,6 +38,9 @@ def section(path):
 
 def main(argv=None):
     (path,) = argv or sys.argv[1:]
+    results = os.path.realpath(os.path.join(os.path.dirname(__file__), "results"))
+    if os.path.commonpath([results, os.path.realpath(path)]) != results:
+        sys.exit(f"{path} is not under bench/results: copy the run there first (the README links to it)")
     with open(README) as f:
         text = f.read()
     head, rest = text.split(START, 1)

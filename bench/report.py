@@ -111,6 +111,7 @@ def plot(path, meta, results):
     if not panels:
         return False
     has_memory = any(r["peak_bytes"] is not None for _, _, rows, _ in panels for r in rows)
+    cpu = meta["device"] == "cpu"
     ncols = 2 if has_memory else 1
     fig, axes = plt.subplots(len(panels), ncols, figsize=(5.5 * ncols, 4 * len(panels)), squeeze=False)
     for (suite, axis, rows, label), ax_row in zip(panels, axes):
@@ -121,15 +122,15 @@ def plot(path, meta, results):
             ax_row[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
             if has_memory:
                 ax_row[1].plot([p[0] for p in pts], [(p[2] or 0) / MIB for p in pts], "o-", label=name)
-        title = f"{suite}: {MODE_LABELS['fwd_bwd']}, {label}"
-        ax_row[0].set(xlabel=axis, ylabel="median ms", title=title)
+        title = f"{suite}: {MODE_LABELS['fwd_bwd']}, {label}" + (", time only" if cpu else "")
+        ax_row[0].set(xlabel=axis, ylabel="median CPU ms (time only)" if cpu else "median ms", title=title)
         if has_memory:
             ax_row[1].set(xlabel=axis, ylabel="peak MiB", title=f"{suite}: peak memory")
         for ax in ax_row:
             ax.grid(alpha=0.3)
             ax.legend()
-    cpu_note = ": PyTorch path, says nothing about GPU speed" if meta["device"] == "cpu" else ""
-    fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}")
+    cpu_note = ": CPU time only (PyTorch path), not GPU speed" if cpu else ""
+    fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}", fontsize=10 if cpu else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ logit near the row max keeps its digits), so the launchers set it explicitly ins
 Triton's default, which changes in Triton 3.10.
 """
 
+import contextlib
 from typing import NamedTuple
 
 BLOCK_V = 4096
@@ -59,3 +60,101 @@ def fused_linear_chunk_rows(V, itemsize):
     rows = FUSED_LINEAR_TILE_BYTES // (V * itemsize)
     rows = rows // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE
     return max(CHUNK_ROWS_MULTIPLE, min(CHUNK_ROWS_MAX, rows))
+
+
+# ---- small N and the tail wave ------------------------------------------------------------------
+#
+# One program per row: a batch of N rows can keep busy at most N programs. The GPU's memory
+# system is full only when enough bytes are in flight (Little's law: bandwidth × latency), and
+# each program has one step's loads in flight at a time (BLOCK_V elements: 8 KiB in bf16), so
+#
+#     rows_to_fill = min(resident programs, bandwidth × step time / bytes per step)
+#
+# where resident programs = SMs × programs per SM (threads: 2048 per SM; registers: 65,536 per
+# SM, allocated per warp in multiples of 8 per thread; at most 32 programs), and the step time is
+# what one program takes per step, DRAM latency and the loop's issue together. The figures the
+# defaults below are set to are leads until bench/gpu_check.sh's N sweep measures them (GB/s
+# against N: the rate levels off at rows_to_fill):
+# - H100 SXM and H200: 132 SMs; 3.35 and 4.8 TB/s by the datasheets, about 4.3 TB/s (read +
+#   write) measured for a copy on an H200. The sweeps use 32 to 40 registers at 8 warps
+#   (bench/results/sass-sm90-*.json): 40 registers × 256 threads = 10,240 per program, 6 per SM,
+#   792 resident programs (8 per SM, 1,056, at 32 registers, where the thread limit binds).
+# - One program moves about 8 GB/s (8 KiB per step, about 1 µs a step): full bandwidth needs
+#   4.8 TB/s × 1 µs / 8 KiB = 586 rows in bf16 on an H200 and 409 on an H100 (half that in fp32,
+#   16 KiB a step), of the order of the resident capacity. Below about 800 rows, then, SMs sit
+#   idle, and below about 600 the memory system is short of bytes in flight: 2.9 MB are needed
+#   at 600 ns of DRAM latency (4.8 TB/s × 600 ns), 22 KiB per SM, against 8 KiB per program.
+# - Above it, the tail wave: N rows in waves of R resident programs leave the last wave
+#   partly empty (``wave_efficiency``): 8192 rows at R 792 take 11 waves, 94 % full.
+#
+# The remedy below rows_to_fill is to split each row over ``row_splits`` programs (a split-V
+# forward writing per-split (max, sum of exponentials, target, entropy terms), then a combine pass
+# over N × splits numbers, and a backward whose programs each take one split of a row): it needs
+# a kernel change, so the launchers do not split yet; ``bench/gpu_check.sh`` measures the rate
+# against N that decides it.
+
+H100_H200_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, datasheets
+STEP_SECONDS = 1.0e-6        # one program's time per BLOCK_V step (lead: about 8 GB/s per program)
+SWEEP_REGISTERS = 40         # per thread, the most any sweep variant uses (bench.sass)
+MAX_PROGRAMS_PER_SM = 32
+MIN_SPLIT_ELEMENTS = 8 * BLOCK_V  # a split shorter than this spends more on its combine than it saves
+
+
+class Fill(NamedTuple):
+    programs_per_sm: int
+    resident_programs: int    # SMs × programs_per_sm
+    rows_for_bandwidth: int   # bandwidth × step time / bytes per step (resident_programs if unknown)
+    rows_to_fill: int         # the fewer of the two: below it, the GPU is not full
+
+
+def _device_bandwidth(props):
+    name = getattr(props, "name", "")
+    return next((bw for key, bw in H100_H200_BANDWIDTH.items() if key in name), None)
+
+
+def rows_to_fill(props, V, itemsize, registers=SWEEP_REGISTERS, bandwidth=None, step_seconds=STEP_SECONDS):
+    """How many rows a sweep over rows of V ``itemsize``-byte logits needs to fill the GPU
+    described by ``props`` (``torch.cuda.get_device_properties``, or anything with
+    ``multi_processor_count`` and, optionally, ``max_threads_per_multi_processor``,
+    ``regs_per_multiprocessor`` and ``name``). ``bandwidth`` in bytes/s; default: the datasheet's
+    for an H100 or H200, else unknown (then the resident capacity alone decides)."""
+    cfg = sweep_config(V, itemsize)
+    threads = 32 * cfg.num_warps
+    regs_per_program = -(-registers // 8) * 8 * threads
+    per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
+                 getattr(props, "regs_per_multiprocessor", 65536) // regs_per_program, MAX_PROGRAMS_PER_SM)
+    resident = props.multi_processor_count * per_sm
+    bandwidth = bandwidth or _device_bandwidth(props)
+    if bandwidth is None:
+        for_bandwidth = resident
+    else:
+        for_bandwidth = -(-int(bandwidth * step_seconds) // (cfg.block_v * itemsize))
+    return Fill(per_sm, resident, for_bandwidth, min(resident, for_bandwidth))
+
+
+def wave_efficiency(n_rows, resident_programs):
+    """Share of the program slots busy over the waves N rows take (1.0 for whole waves)."""
+    waves = -(-n_rows // resident_programs)
+    return n_rows / (waves * resident_programs) if n_rows else 1.0
+
+
+def row_splits(n_rows, V, fill_rows):
+    """Programs per row that would bring ``n_rows`` up to ``fill_rows`` programs, each split at
+    least MIN_SPLIT_ELEMENTS long: 1 when the rows alone fill the GPU."""
+    if n_rows == 0 or n_rows >= fill_rows:
+        return 1
+    return max(1, min(-(-fill_rows // n_rows), V // MIN_SPLIT_ELEMENTS))
+
+
+@contextlib.contextmanager
+def overridden(block_v=None, num_warps=None):
+    """For the benchmark's BLOCK_V × num_warps grid only: the launches inside the block use
+    these instead of BLOCK_V and NUM_WARPS (a row shorter than block_v still gets its power of
+    two; Triton compiles each new pair once)."""
+    global BLOCK_V, NUM_WARPS
+    previous = BLOCK_V, NUM_WARPS
+    BLOCK_V, NUM_WARPS = block_v or BLOCK_V, num_warps or NUM_WARPS
+    try:
+        yield sweep_config
+    finally:
+        BLOCK_V, NUM_WARPS = previous

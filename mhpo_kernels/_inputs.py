@@ -27,6 +27,7 @@ class Batch:
     weight: Optional[torch.Tensor]  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
     ref: Optional[torch.Tensor]    # (N,) fp32
     tp: Optional[object] = None    # vocab_parallel.VocabSlice when the vocabulary is split over ranks
+    n_valid: Optional[int] = None  # valid tokens, read in validation's one host sync; None inside torch.compile
 
 
 def check_positive(name, value):
@@ -212,7 +213,9 @@ _BAD_NORMALIZER = "normalizer must be finite and > 0"
 
 def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
-    branch on data, asynchronous asserts in the graph instead (an error at the next sync)."""
+    branch on data, asynchronous asserts in the graph instead (an error at the next sync).
+    Returns the number of valid tokens, read in the same sync (the fused linear path sizes its
+    compaction by it), or None inside torch.compile."""
     # V None: the vocabulary is split over ranks and its size not yet known; the upper bound is
     # checked once the ranks have agreed on it (vocab_parallel.agree_on_inputs).
     bad_ids = valid & ((ids < 0) | (ids >= (V if V is not None else INT32_MAX)))
@@ -224,8 +227,8 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     if torch.compiler.is_compiling():
         for flag, message in checks:
             torch._assert_async(~flag, message or _BAD_IDS)
-        return
-    flags = torch.stack([flag for flag, _ in checks]).tolist()
+        return None
+    n_valid, *flags = torch.stack([valid.sum()] + [flag.to(torch.int64) for flag, _ in checks]).tolist()
     if flags[0]:
         where = bad_ids.nonzero()[0, 0].item()
         raise ValueError(
@@ -236,6 +239,7 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     for flag, (_, message) in zip(flags[1:], checks[1:]):
         if flag:
             raise ValueError(message if message != _BAD_NORMALIZER else f"{message}, got {normalizer.item()}")
+    return n_valid
 
 
 def aggregation_weights(valid, loss_agg_mode, normalizer=None):
@@ -265,10 +269,10 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
-    _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer)
+    n_valid = _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer)
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
     seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
-    return Batch(token_shape, seq_shape, target, valid, None, None, None, None)
+    return Batch(token_shape, seq_shape, target, valid, None, None, None, None, n_valid=n_valid)
 
 
 def prepare_mhpo(

@@ -176,7 +176,7 @@ def fused_linear_policy_loss(
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, batch.n_valid,
     )
     if not return_metrics:
         return loss
@@ -208,6 +208,6 @@ def fused_linear_token_logprobs(
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
-                                          bool(return_entropy), tp=batch.tp)
+                                          bool(return_entropy), tp=batch.tp, n_valid=batch.n_valid)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

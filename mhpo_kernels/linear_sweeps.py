@@ -1,9 +1,10 @@
 """The fused linear path's chunk loop: per chunk of valid tokens, one GEMM makes the logits tile,
 sweep 1 gives the per-token loss and dL/dlogp, sweep 2 turns the tile into its gradient in place,
 and two GEMMs fold it into dhidden and dweight (3 GEMMs per chunk; recomputing the tile in the
-backward would take 4). Tokens without a valid target are gathered out first and never multiplied."""
+backward would take 4). Tokens without a valid target are gathered out first and never multiplied
+(eagerly; inside torch.compile see ``_valid_rows``)."""
 
-import functools
+import re
 
 import torch
 import torch.distributed
@@ -12,16 +13,28 @@ from . import _dispatch
 from ._sweep_types import MHPOParams, RowStats
 
 
-def _valid_rows(target):
-    """Indices of the valid tokens, or None when every token is valid. The rows without a token
-    (padding, masked prompt positions) then take no part in any GEMM: the three GEMMs of a step
-    scale with the valid tokens, not with the padded batch. Costs one host sync for the count,
-    inside the op: under torch.compile the op is one opaque node with static output shapes, so
-    the compaction is invisible to the graph and adds no dynamic shape or graph break."""
-    valid = target >= 0
-    if bool(valid.all()):
+def _valid_rows(target, n_valid):
+    """Indices of the valid tokens, or None to run every row. The rows without a token (padding,
+    masked prompt positions) then take no part in any GEMM: the three GEMMs of a step scale with
+    the valid tokens, not with the padded batch.
+
+    ``n_valid`` is the count validation read in its one host sync (``Batch.n_valid``), so the
+    compaction needs no second one: ``nonzero_static`` with that size fills its output on the
+    device. None means the count is not known on the host (inside torch.compile, where validation
+    only asserts asynchronously): the op is then one opaque node called with n_valid None, and
+    any count taken inside it would be an eager sync at run time, on every step. So it compacts
+    nothing there: the rows without a token go through the GEMMs, and the sweeps give them a zero
+    loss and a zero gradient row; the cost is GEMM time on the padding, never a sync."""
+    if n_valid is None or n_valid == target.numel():
         return None
-    return valid.nonzero().squeeze(-1)
+    return torch.nonzero_static(target >= 0, size=n_valid).squeeze(-1)
+
+
+def _without_padding(hidden, target, n_valid):
+    """hidden with the rows that go through the GEMMs without a token (n_valid None) set to 0:
+    whatever a padded position holds (NaN, say) must add nothing to dweight, and its zero
+    gradient row times a NaN would not be zero."""
+    return hidden if n_valid is not None else hidden.masked_fill(target.unsqueeze(-1) < 0, 0)
 
 
 def _logits_tiles(hidden, weight, bias, chunk_rows):
@@ -33,20 +46,22 @@ def _logits_tiles(hidden, weight, bias, chunk_rows):
         yield r0, r1, h_c, tile.unsqueeze(0)
 
 
-@functools.lru_cache(maxsize=None)
+def _torch_version(version):
+    """(major, minor) of a torch version string such as '2.8.0+cu128' or '2.11.0a0'."""
+    major, minor = re.match(r"(\d+)\.(\d+)", str(version)).groups()
+    return int(major), int(minor)
+
+
 def _has_fp32_out_addmm(device_type, dtype):
-    """Whether this torch runs ``addmm(..., out_dtype=torch.float32)`` for ``dtype`` operands
-    (CUDA, torch ≥ 2.8): probed once on tiny tensors, so that a real GEMM's errors (out of
-    memory) are never mistaken for a missing overload."""
-    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    """Whether ``addmm(..., out_dtype=torch.float32)`` exists for ``dtype`` operands: torch ≥ 2.8
+    on CUDA (not ROCm) with bf16 or fp16, decided from the version and the device alone. No probe
+    and no cache: a probe can fail for reasons that say nothing about the overload (inside a CUDA
+    graph capture, out of memory), and a cached failure would send every later dW through the
+    widened fp32 GEMMs without a word. Where the overload should exist and the real GEMM fails,
+    its error reaches the caller."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or torch.version.hip:
         return False
-    a = torch.zeros(2, 2, dtype=dtype, device=device_type)
-    acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
-    try:
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
+    return _torch_version(torch.__version__) >= (2, 8)
 
 
 WIDEN_COLUMNS = 4096  # fp32 operands for a CPU half-precision GEMM: one slice of V at a time
@@ -95,7 +110,7 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                        with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True):
+                        with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None):
     """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias) from hidden (N, H), weight (V, H):
     the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32 (entropy None unless
     asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
@@ -107,7 +122,8 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     reduces it, as Megatron's does)."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
-    kept = _valid_rows(target)
+    kept = _valid_rows(target, n_valid)
+    hidden = _without_padding(hidden, target, n_valid)
     hidden, target, old, adv, g, ref = _gather_rows(kept, hidden, target, old, adv, g, ref)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -143,12 +159,12 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
 
 
-def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None):
-    """No-grad (logp, entropy or None), each (N,) fp32, chunk by chunk."""
+def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None):
+    """No-grad (logp, entropy or None), each (N,) fp32, chunk by chunk; ``n_valid`` as above."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
-    kept = _valid_rows(target)
-    hidden, target = _gather_rows(kept, hidden, target)
+    kept = _valid_rows(target, n_valid)
+    hidden, target = _gather_rows(kept, _without_padding(hidden, target, n_valid), target)
     logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):

@@ -250,14 +250,16 @@ def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
     adv: Tensor, g: Tensor, ref: Optional[Tensor], params: List[float], softcap: bool,
     chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
+    n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
-    for an upstream gradient of 1 and empty when not asked for."""
+    for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
+    validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``)."""
     hp, lmap = _unpack(params, softcap)
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
-            need_dh, need_dw, need_db)
+            need_dh, need_dw, need_db, n_valid=n_valid)
     return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
             hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
             _fp32(hidden, 0) if db is None else db)
@@ -265,7 +267,7 @@ def fused_linear_forward(
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, target, old, adv, g, ref, params, softcap, chunk_rows, with_entropy,
-      need_dh, need_dw, need_db):
+      need_dh, need_dw, need_db, n_valid=None):
     n = hidden.shape[0]
     return (
         torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
@@ -303,8 +305,8 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
 @once_differentiable
 def _linear_backward(ctx, d_loss, *_):
     if d_loss is None:
-        return (None,) * 15
-    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 12
+        return (None,) * 16
+    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 13
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)

@@ -298,7 +298,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
             batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
-            tp=batch.tp, reduce_dhidden=reduce_dhidden)
+            tp=batch.tp, reduce_dhidden=reduce_dhidden, n_valid=batch.n_valid)
         ctx.save_for_backward(dh, dw, db)
         ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
         empty = logp.new_empty(0)

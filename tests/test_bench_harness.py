@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
+
 from bench.__main__ import main
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):
-    main(["--preset", "tiny", "--repeats", "1", "--out", str(tmp_path)])
+    main(["--preset", "tiny", "--repeats", "1", "--out", str(tmp_path), "--providers", "eager"])
     (json_path,) = tmp_path.glob("*.json")
     assert json_path.with_suffix(".png").exists()
     run = json.loads(json_path.read_text())
@@ -21,3 +23,116 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
         if r["agreement_with_fused"] is not None:
             assert not r["status"].startswith("disagrees"), r
     assert "provider" in capsys.readouterr().out
+
+
+def test_local_run_writes_to_an_ignored_folder():
+    """`make bench` leaves `git status` clean: the default output folder is ignored by git."""
+    import os
+    import shutil
+    import subprocess
+
+    import bench.__main__ as cli
+
+    assert os.path.basename(cli.OUT_DIR) == "out" or os.environ.get("MHPO_BENCH_OUT")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    probe = os.path.join("bench", "out", "cpu-2000-01-01.json")
+    assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0
+
+
+def test_readme_takes_only_committed_runs(tmp_path):
+    from bench import readme
+
+    run = tmp_path / "cpu-2000-01-01.json"
+    run.write_text("{}")
+    with pytest.raises(SystemExit, match="not under bench/results"):
+        readme.main([str(run)])
+
+
+def test_cpu_plot_says_time_only(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from bench import report
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: titles.append(
+        (self._suptitle.get_text(), [ax.get_ylabel() for ax in self.axes])))
+    row = dict(suite="logits", mode="fwd_bwd", status="ok", V=1000, tokens=8, dtype="fp32", provider="fused",
+               median_ms=1.0, peak_bytes=None, computes="MHPO")
+    assert report.plot(str(tmp_path / "x.png"), {"device": "cpu", "date": "2000-01-01"}, [row])
+    (suptitle, ylabels), = titles
+    assert "time only" in suptitle and all("time only" in y for y in ylabels)
+
+
+# ---- bench/gpu_check.sh and its Python steps, on the CPU ---------------------------------------
+
+def test_gpu_check_script_parses():
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"]).returncode == 0
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    """Every Python step of the GPU check runs on the CPU at tiny shapes (PyTorch path) and
+    lands in the one JSON; the summary reads it."""
+    import mhpo_kernels
+    from bench import check_report, gpu_check
+
+    with mhpo_kernels.use_backend("torch"):
+        gpu_check.main(["dry-run", "--out", str(tmp_path)])
+    check_report.main(["summary", "--out", str(tmp_path)])
+    run = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = run["steps"]
+    assert set(steps) == {"env", "sweeps", "grid", "align", "inplace", "compile"}
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    assert len(steps["sweeps"]["rows"]) == 2 and all(r["fwd_gbps"] > 0 for r in steps["sweeps"]["rows"])
+    assert all("fwd_gbps" in g for g in steps["grid"]["grid"])
+    assert steps["inplace"]["bitwise_equal"] is True
+    assert steps["compile"]["head_inplace"]["compiled_equals_eager"] is True
+    assert steps["compile"]["fused_linear"]["compiled_equals_eager"] is True
+    out = capsys.readouterr().out
+    assert '"launches": 48' in out and "inplace" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_check_record_and_ncu_parse(tmp_path):
+    """Without torch: a step's exit status (an error a Python step caught stands), ncu's CSV."""
+    from bench import check_report
+
+    out = str(tmp_path)
+    check_report.merge(out, "grid", {"status": "error", "error": "boom"})
+    check_report.main(["record", "--out", out, "--name", "grid", "--rc", "0", "--seconds", "3"])
+    check_report.main(["record", "--out", out, "--name", "tests", "--rc", "124", "--seconds", "100"])
+    steps = check_report.load(out)["steps"]
+    assert steps["grid"]["status"] == "error" and steps["tests"]["status"] == "timed out"
+
+    csv = tmp_path / "ncu.csv"
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+    rows = ['"0","_mhpo_fwd_kernel","dram__bytes_read.sum","Gbyte","2.49"',
+            '"0","_mhpo_fwd_kernel","dram__bytes_write.sum","Kbyte","1,024"',
+            '"1","_mhpo_bwd_kernel","dram__bytes_read.sum","Gbyte","2.49"',
+            '"1","_mhpo_bwd_kernel","dram__bytes_write.sum","Gbyte","2.49"',
+            '"1","_mhpo_bwd_kernel","gpu__time_duration.sum","msecond","1.2"']
+    csv.write_text("==PROF== Disconnected\n" + "\n".join([header] + rows) + "\n")
+    check_report.main(["record", "--out", out, "--name", "ncu", "--rc", "0", "--seconds", "30"])
+    check_report.main(["ncu-parse", "--out", out, "--file", str(csv)])
+    ncu = check_report.load(out)["steps"]["ncu"]
+    assert ncu["status"] == "ok"
+    fwd, bwd = ncu["launches"]
+    model = 8192 * 151936 * 2
+    assert fwd["dram__bytes_write.sum"] == 1024e3 and bwd["gpu__time_duration.sum"] == 1.2e6
+    assert fwd["moved_over_model"] == pytest.approx((2.49e9 + 1.024e6) / model)
+    assert bwd["moved_over_model"] == pytest.approx(4.98e9 / (2 * model))
+
+
+def test_gpu_check_logits_copies_found():
+    from bench.gpu_check import _logits_allocations
+
+    code = ("buf0 = empty_strided_cuda((2, 1025, 151936), (155734400, 151936, 1), torch.bfloat16)\n"
+            "buf1 = empty_strided_cuda((2050, ), (1, ), torch.float32)\n"
+            "buf7 = aten.clone(buf0)  # (2, 1025, 151936)\n")
+    alloc, clones = _logits_allocations(code, (2, 1025, 151936))
+    assert len(alloc) == 1 and len(clones) == 1

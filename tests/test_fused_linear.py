@@ -250,7 +250,8 @@ def test_padded_tokens_take_no_part_in_the_gemms():
     def step(h, t, out):
         n = h.shape[0]
         out.append(linear_sweeps.fused_linear_sweeps(h, weight, None, t, None, adv[:n], w[:n], None,
-                                                     hp, lmap, 4, False, True, True, False))
+                                                     hp, lmap, 4, False, True, True, False,
+                                                     n_valid=int((t >= 0).sum())))
 
     full, half = [], []
     flops_full = _gemm_flops(lambda: step(hidden, target, full))

@@ -1,0 +1,479 @@
+"""python -m bench.gpu_check STEP [--out DIR] [--dry-run]: the Python steps of bench/gpu_check.sh.
+
+Each step measures one open question and merges its result into DIR/gpu_check.json (one file:
+the device call brings back at most 8), so a step cut short by its time limit leaves what the
+others measured. ``summary`` prints the table of every step. ``--dry-run`` runs the same code on
+the CPU at tiny shapes (the PyTorch path, or the Triton interpreter when TRITON_INTERPRET=1): it
+checks that the script works before a GPU is lent, and measures nothing.
+
+Steps: env, sweeps (GB/s against N), grid (BLOCK_V × num_warps), align (aligned against
+unaligned V), inplace (in place against out of place, bitwise, 100 repeats), compile (a compiled
+training step under sync debug mode "error", in a CUDA graph, and its generated code),
+sanitize-target and ncu-target (the kernels alone, for compute-sanitizer and ncu). Recording a
+shell step, ncu's CSV and the summary are ``bench.check_report`` (no torch import).
+"""
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import re
+import sys
+import time
+import warnings
+
+import torch
+
+import mhpo_kernels
+from mhpo_kernels import _config, _dispatch
+from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+
+from . import harness
+from .check_report import HEADLINE, merge
+SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
+# step cut short keeps the informative ones.
+GRID = [(4096, 8), (8192, 8), (2048, 8), (4096, 4), (8192, 16), (16384, 16), (2048, 4), (4096, 16),
+        (8192, 4), (16384, 8), (1024, 4), (16384, 4)]
+ALIGN_V = ((151936, 151935), (50272, 50257))   # a multiple of 16, and one that is not
+ONE_SWEEP_PROGRAMS_PER_SM = (1.0, 1.5, 2.0)
+DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
+           compile_shape=(1, 5, 96, 16))
+
+
+# ---- inputs and timing --------------------------------------------------------------------------
+
+def _device(dry):
+    return torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
+
+
+def _sweep_inputs(n, V, dtype, device, seed=0):
+    """Logits (1, n, V) and the per-token inputs of the loss, as the launchers take them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(1, n, V, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+              * 2).to(dtype)
+    target = torch.randint(0, V, (n,), generator=g, dtype=torch.int32).to(device)
+    old = (torch.randn(n, generator=g) - 9).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    weight = torch.full((n,), 1.0 / n, device=device)
+    return logits, target, old, adv, weight
+
+
+def _timed(fn, device, repeats):
+    ms, _, _ = harness.time_ms(fn, device, warmup=2, repeats=repeats)
+    return ms
+
+
+def _two_sweeps(logits, target, old, adv, weight):
+    """(forward, backward) closures: sweep 1 with the loss, sweep 2 out of place."""
+    fwd, bwd = _dispatch.sweeps(logits.device)
+    hp, lmap = MHPOParams(), LogitMap.make(1.0)
+    stats = fwd(logits, target, old, adv, weight, None, hp, lmap, with_entropy=False, with_loss=True)
+    grad = torch.empty_like(logits)
+
+    def forward():
+        return fwd(logits, target, old, adv, weight, None, hp, lmap, with_entropy=False, with_loss=True)
+
+    def backward():
+        return bwd(logits, grad, target, stats.base, stats.log2_sum, stats.coef, None, None, lmap)
+
+    return forward, backward
+
+
+def _gbps(nbytes, ms):
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def _one_sweep_option():
+    """Whether mhpo_loss has a one-sweep (gradient in the forward) option, and the reason if not."""
+    if "grad_in_forward" in inspect.signature(mhpo_kernels.mhpo_loss).parameters:
+        return None
+    return "mhpo_loss has no grad_in_forward option in this version"
+
+
+def _one_sweep_programs_knob():
+    return next((name for name in ("ONE_SWEEP_PROGRAMS_PER_SM", "PROGRAMS_PER_SM") if hasattr(_config, name)), None)
+
+
+@contextlib.contextmanager
+def _config_value(name, value):
+    previous = getattr(_config, name)
+    setattr(_config, name, value)
+    try:
+        yield
+    finally:
+        setattr(_config, name, previous)
+
+
+def _one_sweep_step(logits, target, old, adv):
+    x = logits.detach().requires_grad_()
+
+    def step():
+        x.grad = None
+        loss = mhpo_kernels.mhpo_loss(x, target.long().reshape(logits.shape[:2]), old.reshape(logits.shape[:2]),
+                                      adv.reshape(logits.shape[:2]), grad_in_forward=True)
+        loss.backward()
+        return loss
+    return step
+
+
+# ---- steps ----------------------------------------------------------------------------------------
+
+def step_env(args):
+    device = _device(args.dry_run)
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda, triton=_version("triton"),
+               python=sys.version.split()[0], device=harness.device_name(device),
+               backend=_dispatch.backend_for(device), one_sweep=_one_sweep_option() or "available")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(sms=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", None),
+                   regs_per_sm=getattr(props, "regs_per_multiprocessor", None),
+                   threads_per_sm=getattr(props, "max_threads_per_multi_processor", None),
+                   total_memory=props.total_memory, copy_gbps=harness.copy_bandwidth_gbps(device))
+        for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+            fill = _config.rows_to_fill(props, HEADLINE[1], itemsize)
+            env[f"predicted_{dtype}"] = fill._asdict()
+            env[f"predicted_{dtype}_measured_bw"] = _config.rows_to_fill(   # copy: bytes read + written
+                props, HEADLINE[1], itemsize, bandwidth=env["copy_gbps"] * 1e9)._asdict()
+    return env
+
+
+def step_sweeps(args):
+    """GB/s of each sweep against N at V 151,936 bf16 (bytes: forward reads the logits, backward
+    reads them and writes the gradient), beside _config's prediction of where it levels off;
+    the one-sweep kernel at 1, 1.5 and 2 programs per SM where it exists."""
+    device = _device(args.dry_run)
+    rows, V = (DRY["rows"], DRY["V"]) if args.dry_run else (SWEEP_ROWS, HEADLINE[1])
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    repeats = DRY["repeats"] if args.dry_run else 10
+    result = {"V": V, "dtype": str(dtype), "rows": []}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        fill = _config.rows_to_fill(props, V, dtype.itemsize)
+        result["predicted"] = fill._asdict()
+    one_sweep = _one_sweep_option()
+    knob = _one_sweep_programs_knob()
+    result["one_sweep"] = one_sweep or "measured"
+    for n in rows:
+        logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
+        forward, backward = _two_sweeps(logits, target, old, adv, weight)
+        nbytes = logits.numel() * logits.element_size()
+        row = {"N": n, "fwd_ms": _timed(forward, device, repeats), "bwd_ms": _timed(backward, device, repeats)}
+        row["fwd_gbps"], row["bwd_gbps"] = _gbps(nbytes, row["fwd_ms"]), _gbps(2 * nbytes, row["bwd_ms"])
+        if "predicted" in result:
+            row["predicted_wave_efficiency"] = _config.wave_efficiency(n, result["predicted"]["resident_programs"])
+            row["predicted_row_splits"] = _config.row_splits(n, V, result["predicted"]["rows_to_fill"])
+        if one_sweep is None:
+            for per_sm in ONE_SWEEP_PROGRAMS_PER_SM if knob else (None,):
+                with _config_value(knob, per_sm) if knob else contextlib.nullcontext():
+                    ms = _timed(_one_sweep_step(logits, target, old, adv), device, repeats)
+                row[f"one_sweep_{per_sm or 'default'}_ms"] = ms
+                row[f"one_sweep_{per_sm or 'default'}_gbps_2pass"] = _gbps(2 * nbytes, ms)
+        result["rows"].append(row)
+        print(f"N {n}: fwd {row['fwd_gbps']:.0f} GB/s, bwd {row['bwd_gbps']:.0f} GB/s", flush=True)
+        del logits, forward, backward
+        merge(args.out, "sweeps", result)
+    if one_sweep is None and knob is None:
+        result["one_sweep_programs_per_sm"] = "skipped: _config has no programs-per-SM setting; default grid timed"
+    return result
+
+
+def step_grid(args):
+    """Both sweeps at the headline case over BLOCK_V × num_warps."""
+    device = _device(args.dry_run)
+    (n, V), grid = (HEADLINE, GRID) if not args.dry_run else ((DRY["rows"][-1], DRY["V"]), DRY["grid"])
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    repeats = DRY["repeats"] if args.dry_run else 5
+    logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
+    nbytes = logits.numel() * logits.element_size()
+    result = {"N": n, "V": V, "default": [_config.BLOCK_V, _config.NUM_WARPS], "grid": []}
+    for block_v, num_warps in grid:
+        entry = {"block_v": block_v, "num_warps": num_warps}
+        try:
+            with _config.overridden(block_v, num_warps):
+                forward, backward = _two_sweeps(logits, target, old, adv, weight)
+                entry["fwd_gbps"] = _gbps(nbytes, _timed(forward, device, repeats))
+                entry["bwd_gbps"] = _gbps(2 * nbytes, _timed(backward, device, repeats))
+        except Exception as e:  # a configuration that does not compile is a result
+            entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        result["grid"].append(entry)
+        merge(args.out, "grid", result)
+    return result
+
+
+def step_align(args):
+    """Aligned against unaligned V (a multiple of 16 and one off it), both sweeps."""
+    device = _device(args.dry_run)
+    n = DRY["rows"][-1] if args.dry_run else 4096
+    pairs = DRY["align"] if args.dry_run else ALIGN_V
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    repeats = DRY["repeats"] if args.dry_run else 10
+    result = {"N": n, "pairs": []}
+    for aligned, unaligned in pairs:
+        entry = {}
+        for key, V in (("aligned", aligned), ("unaligned", unaligned)):
+            logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
+            forward, backward = _two_sweeps(logits, target, old, adv, weight)
+            nbytes = logits.numel() * logits.element_size()
+            entry[key] = {"V": V, "fwd_gbps": _gbps(nbytes, _timed(forward, device, repeats)),
+                          "bwd_gbps": _gbps(2 * nbytes, _timed(backward, device, repeats))}
+        entry["fwd_ratio"] = entry["unaligned"]["fwd_gbps"] / entry["aligned"]["fwd_gbps"]
+        entry["bwd_ratio"] = entry["unaligned"]["bwd_gbps"] / entry["aligned"]["bwd_gbps"]
+        result["pairs"].append(entry)
+        merge(args.out, "align", result)
+    return result
+
+
+def _logits_case(shape, dtype, device, seed=1):
+    B, T, V = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    full = (torch.randn(B, T + 1, V, generator=g) * 2).to(device, dtype)
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(device)
+    old = (torch.randn(B, T, generator=g) - 9).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    return full, ids, mask, old, adv
+
+
+def step_inplace(args):
+    """mhpo_loss forward+backward in place and out of place, 100 times each: every gradient the
+    same bits as the first out-of-place one (determinism and in place = out of place)."""
+    device = _device(args.dry_run)
+    shape = (1, 4, DRY["V"]) if args.dry_run else (2, 1024, HEADLINE[1])
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    repeats = DRY["inplace_repeats"] if args.dry_run else 100
+    full, ids, mask, old, adv = _logits_case(shape, dtype, device)
+    reference_grad, mismatches, loss_mismatches, first_loss = None, {"out_of_place": 0, "inplace": 0}, 0, None
+    for _ in range(repeats):
+        for key in ("out_of_place", "inplace"):
+            # In place: a view stands for the model's output (the op refuses to overwrite a leaf);
+            # its private copy of the logits becomes their gradient.
+            leaf = full.clone().requires_grad_()
+            inplace = key == "inplace"
+            loss = mhpo_kernels.mhpo_loss(leaf.view_as(leaf) if inplace else leaf, ids, old, adv, mask,
+                                          inplace_backward=inplace)
+            loss.backward()
+            grad = leaf.grad
+            if reference_grad is None:
+                reference_grad, first_loss = grad.clone(), loss.detach().clone()
+            mismatches[key] += int(not torch.equal(grad, reference_grad))
+            loss_mismatches += int(not torch.equal(loss.detach(), first_loss))
+    return {"shape": list(shape), "repeats": repeats, "grad_mismatches": mismatches,
+            "loss_mismatches": loss_mismatches, "bitwise_equal": not any(mismatches.values()) and not loss_mismatches}
+
+
+def _logits_allocations(code, shape):
+    """Lines of inductor's generated code that allocate a buffer of the logits' shape, and those
+    that clone or copy one: a compiled step that does not copy the logits has exactly the one
+    allocation that makes them (the head's GEMM) and no clone."""
+    dims = ", ".join(str(d) for d in shape)
+    alloc = [line.strip() for line in code.splitlines() if f"({dims})" in line and "empty_strided" in line]
+    clones = [line.strip() for line in code.splitlines()
+              if re.search(r"\bclone\b|aten\.copy", line) and f"({dims})" in line]
+    return alloc, clones
+
+
+def _head_step(hidden, weight, ids, old, adv, mask):
+    """A trainer's step: the LM head's full logits, the loss with its gradient written in place."""
+    logits = hidden @ weight.t()
+    return mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, inplace_backward=True)
+
+
+def _linear_step(hidden, weight, ids, old, adv, mask):
+    return mhpo_kernels.fused_linear_mhpo_loss(hidden[:, :-1], weight, ids, old, adv, mask)
+
+
+def _head_inputs(shape, dtype, device):
+    B, T, V, H = shape
+    g = torch.Generator(device="cpu").manual_seed(2)
+    hidden = torch.randn(B, T + 1, H, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device, dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(device)
+    old = (torch.randn(B, T, generator=g) - 9).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    return [hidden, weight, ids, old, adv, mask]
+
+
+def _fwd_bwd(fn, inputs):
+    for x in inputs[:2]:
+        x.grad = None
+    loss = fn(*inputs)
+    loss.backward()
+    return loss
+
+
+def _count_syncs(fn):
+    """Syncs of one eager call on CUDA, counted by sync debug mode "warn" (one warning each)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def step_compile(args):
+    """A compiled training step (the head's logits through mhpo_loss in place, and the fused
+    linear path): no sync under sync debug mode "error", replayed from a CUDA graph with the
+    eager result, and inductor's code allocating the logits once, never cloning them. Eager:
+    the syncs of one call (validation's one)."""
+    device = _device(args.dry_run)
+    cuda = device.type == "cuda"
+    shape = DRY["compile_shape"] if args.dry_run else (2, 1024, HEADLINE[1], 1024)
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    backend = "eager" if args.dry_run else "inductor"  # dry run: dynamo traces the same graph, fast
+    result = {"shape": list(shape), "backend": backend}
+    for name, step in (("head_inplace", _head_step), ("fused_linear", _linear_step)):
+        entry = result.setdefault(name, {})
+        try:
+            inputs = _head_inputs(shape, dtype, device)
+            eager_loss = _fwd_bwd(step, inputs).detach()
+            eager_grads = [x.grad.clone() for x in inputs[:2]]
+            if cuda:
+                entry["eager_syncs_per_call"] = _count_syncs(lambda: _fwd_bwd(step, inputs))
+            torch._dynamo.reset()
+            compiled = torch.compile(step, backend=backend, fullgraph=True)
+            if cuda:
+                from torch._inductor.utils import run_and_get_code
+                _, codes = run_and_get_code(lambda: _fwd_bwd(compiled, inputs))
+                logits_shape = (shape[0], shape[1] + 1, shape[2]) if name == "head_inplace" else None
+                if logits_shape:
+                    alloc, clones = _logits_allocations("\n".join(codes), logits_shape)
+                    entry.update(logits_allocations=alloc, logits_clones=clones,
+                                 no_logits_copy=len(alloc) <= 1 and not clones)
+            else:
+                _fwd_bwd(compiled, inputs)
+            compiled_loss = _fwd_bwd(compiled, inputs).detach()
+            entry["compiled_equals_eager"] = bool(torch.allclose(compiled_loss, eager_loss, rtol=1e-2, atol=1e-4))
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    _fwd_bwd(compiled, inputs)
+                    entry["sync_debug_error_mode"] = "no sync"
+                except RuntimeError as e:
+                    entry["sync_debug_error_mode"] = f"synced: {str(e).splitlines()[0][:200]}"
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                entry["cuda_graph"] = _graph_replay(compiled, inputs, eager_loss, eager_grads)
+            else:
+                entry["sync_debug_error_mode"] = entry["cuda_graph"] = "skipped: needs CUDA"
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        merge(args.out, "compile", result)
+    torch._dynamo.reset()
+    return result
+
+
+def _graph_replay(compiled, inputs, eager_loss, eager_grads):
+    """Capture forward+backward of the compiled step in a CUDA graph, replay it, compare."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            _fwd_bwd(compiled, inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for x in inputs[:2]:
+        x.grad = None
+    with torch.cuda.graph(graph):
+        loss = compiled(*inputs)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    ok = torch.allclose(loss, eager_loss, rtol=1e-2, atol=1e-4) and all(
+        torch.allclose(x.grad.float(), g.float(), rtol=5e-2, atol=1e-3) for x, g in zip(inputs[:2], eager_grads))
+    return "replayed, equals eager" if ok else "replayed, differs from eager"
+
+
+def _kernel_cases(dry):
+    """(name, dtype, rows, V) for every kernel variant the target scripts launch."""
+    V, Vu = (DRY["V"], DRY["V"] + 3) if dry else (5003 * 16, 5003 * 16 + 7)
+    return [("bf16", torch.bfloat16, 6, V), ("bf16-unaligned", torch.bfloat16, 6, Vu),
+            ("fp32", torch.float32, 5, Vu)]
+
+
+def step_kernels_once(args, headline=False):
+    """Each kernel variant launched once (forward with log-probs, entropy, loss with old and
+    reference log-probs, softcap; backward with and without the entropy gradient, in place):
+    what compute-sanitizer checks (small shapes) and ncu reads (``headline``: the acceptance
+    case, one forward and one backward)."""
+    device = _device(args.dry_run)
+    fwd, bwd = _dispatch.sweeps(device)
+    hp = MHPOParams(beta=0.1)
+    launches = 0
+    cases = [("bf16", torch.bfloat16, *HEADLINE)] if headline and not args.dry_run else _kernel_cases(args.dry_run)
+    for name, dtype, n, V in cases:
+        logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
+        target[1] = -1                                     # an invalid row
+        ref = old + 0.1
+        variants = [(LogitMap.make(0.8), True, True)] if headline else [
+            (LogitMap.make(0.8), False, False), (LogitMap.make(1.0), True, False),
+            (LogitMap.make(0.9), True, True), (LogitMap.make(1.0, 1.0, 30.0), True, True)]
+        for lmap, with_entropy, with_loss in variants:
+            stats = fwd(logits, target, old if with_loss else None, adv if with_loss else None,
+                        weight if with_loss else None, ref if with_loss else None, hp, lmap,
+                        with_entropy=with_entropy, with_loss=with_loss)
+            dlogp = stats.coef if with_loss else torch.ones_like(stats.base)
+            dent = torch.full_like(stats.base, 0.5) if with_entropy and not headline else None
+            grad = torch.empty_like(logits)
+            bwd(logits, grad, target, stats.base, stats.log2_sum, dlogp, stats.entropy if dent is not None else None,
+                dent, lmap)
+            launches += 2
+            if not headline:
+                bwd(logits, logits.clone(), target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+                inplace = logits.clone()
+                bwd(inplace, inplace, target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+                launches += 2
+    harness.sync(device)
+    return {"launches": launches}
+
+
+STEPS = {"env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
+         "inplace": step_inplace, "compile": step_compile, "sanitize-target": step_kernels_once,
+         "ncu-target": lambda a: step_kernels_once(a, headline=True)}
+UNSTORED = ("sanitize-target", "ncu-target")  # run under a tool: the tool's log is the result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=sorted(STEPS) + ["dry-run"])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing")
+    args = parser.parse_args(argv)
+    if args.step == "dry-run":  # every step once, in this process
+        args.dry_run = True
+        for step in STEPS:
+            _run(step, args)
+    else:
+        _run(args.step, args)
+
+
+def _run(step, args):
+    t0 = time.perf_counter()
+    try:
+        result = {**STEPS[step](args), "status": "ok"}
+    except Exception as e:  # recorded, and the shell goes on to the next step
+        result = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if step in UNSTORED:
+        print(json.dumps(result))
+    else:
+        merge(args.out, step, result)
+        print(f"{step}: {result['status']}", flush=True)
+    return result
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
