@@ -14,7 +14,7 @@ from ._config import fused_linear_chunk_rows
 from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
 from ._sweep_types import LogitMap, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
-from .loss import metrics_from_stats, mhpo_params
+from .loss import check_entropy_coef, metrics_from_stats, mhpo_params
 from .objectives import MHPO, check_objective
 
 
@@ -82,12 +82,12 @@ def fused_linear_mhpo_loss(
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
-    tp_group=None, reduce_dhidden=True,
+    tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
-    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``
-    included; ``inplace_backward`` has no meaning here: the logits tile is always its own
+    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``,
+    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens`` and ``entropy_coef`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
     gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
@@ -124,21 +124,26 @@ def fused_linear_mhpo_loss(
         logit_scale=logit_scale, final_logit_softcap=final_logit_softcap, chunk_size=chunk_size,
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
-        reduce_dhidden=reduce_dhidden)
+        reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
+        entropy_coef=entropy_coef)
 
 
 def fused_linear_policy_loss(
     hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, objective=None, bias=None,
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
-    return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True,
+    return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
+    seq_valid_tokens=None, entropy_coef=0.0,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
-    sequence ratios need every chunk's log-probs before any chunk's gradient."""
+    sequence ratios need every chunk's log-probs before any chunk's gradient. With
+    ``entropy_coef`` > 0 each chunk's gradient tile takes the entropy's part in the same backward
+    sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM."""
     objective = MHPO() if objective is None else check_objective(objective)
     if objective.sequence_level:
         raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
+    entropy_coef = check_entropy_coef(entropy_coef)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():
@@ -148,7 +153,8 @@ def fused_linear_policy_loss(
         batch = prepare_mhpo(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            source="hidden without H", normalizer=normalizer,
+            source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
+            seq_valid_tokens=seq_valid_tokens,
         )
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
@@ -157,7 +163,8 @@ def fused_linear_policy_loss(
         from . import vocab_parallel
 
         loss, logp, entropy, psi, zeta = vocab_parallel.fused_linear(
-            hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
+            hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
+            entropy_coef)
         if not return_metrics:
             return loss
         return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, objective)
@@ -167,7 +174,7 @@ def fused_linear_policy_loss(
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, entropy_coef,
     )
     if not return_metrics:
         return loss

@@ -231,13 +231,14 @@ class _VocabParallelLinear(torch.autograd.Function):
     scales them; no collective in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden):
+    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden,
+                entropy_coef):
         from .linear_sweeps import fused_linear_sweeps
 
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
             batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
-            tp=batch.tp, reduce_dhidden=reduce_dhidden)
+            tp=batch.tp, reduce_dhidden=reduce_dhidden, entropy_coef=entropy_coef)
         ctx.save_for_backward(dh, dw, db)
         ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
         empty = logp.new_empty(0)
@@ -249,13 +250,13 @@ class _VocabParallelLinear(torch.autograd.Function):
     def backward(ctx, d_loss, *_):
         from .ops import scaled_linear_grads
 
-        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 7
+        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 8
 
 
-def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden):
+def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden, entropy_coef=0.0):
     """(loss, logp, entropy, psi, zeta) of the fused linear path over a vocabulary slice."""
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
-                                      reduce_dhidden)
+                                      reduce_dhidden, entropy_coef)
