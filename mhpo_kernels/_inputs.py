@@ -158,8 +158,8 @@ def _check_mask(mask, token_shape, device):
 
 def _check_advantages(advantages, token_shape, device, n_seqs=None):
     """(B,) per sequence or (B, T) per token; for 2-D logits (N,) per token or (1,)/() for all;
-    with cu_seqlens (``n_seqs`` = S), (S,) per sequence or (N,) per token. Returns the flat (N,)
-    advantages, or for (S,) the per-sequence ones, which ``prepare_mhpo`` spreads over tokens."""
+    with cu_seqlens (``n_seqs`` = S), (S,) or (S, 1) per sequence or (N,) per token. Returns the
+    flat (N,) advantages, or the (S,) per-sequence ones, which ``prepare_mhpo`` spreads over tokens."""
     _check_tensor("advantages", advantages, device)
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
@@ -168,9 +168,9 @@ def _check_advantages(advantages, token_shape, device, n_seqs=None):
         (N,) = token_shape
         if adv.shape == (N,):
             return adv.contiguous()
-        if adv.shape == (n_seqs,):
-            return adv.contiguous()
-        expected = f"(S,) = ({n_seqs},) per sequence of cu_seqlens or (N,) = ({N},) per token"
+        if adv.shape in ((n_seqs,), (n_seqs, 1)):
+            return adv.reshape(-1).contiguous()
+        expected = f"(S,) or (S, 1) = ({n_seqs}, 1) per sequence of cu_seqlens, or (N,) = ({N},) per token"
     elif len(token_shape) == 2:
         B, T = token_shape
         if adv.shape == (B,):
@@ -224,7 +224,8 @@ def sequence_boundaries(token_shape, device, cu_seqlens=None):
 def segment_ids(cu, n):
     """The sequence index of each of n tokens from the boundaries cu (an empty sequence holds none)."""
     positions = torch.arange(n, device=cu.device, dtype=torch.int64)
-    return (torch.bucketize(positions, cu, right=True) - 1).clamp_(0, max(cu.numel() - 2, 0))
+    # The clamp keeps malformed boundaries (refused by the value checks) from indexing out of range.
+    return (torch.bucketize(positions, cu, right=True) - 1).clamp_(min=0).clamp_(max=cu.numel() - 2)
 
 
 def per_sequence_sum(x, seq_id, n_seqs):
@@ -353,13 +354,13 @@ def prepare_mhpo(
     packed = cu_seqlens is not None
     adv = _check_advantages(advantages, token_shape, device, batch.n_seqs if packed else None)
     N, S = ids.numel(), batch.n_seqs
-    if packed and adv.shape != (N,):
+    if packed and (advantages.dim() == 2 or adv.shape != (N,)):
         adv = adv[batch.seq_id]
     elif packed and S == N:
         # (N,) and (S,) coincide: read per token, which is the same only if every sequence has one token.
         extra.append(((batch.cu[1:] - batch.cu[:-1] != 1).any(),
                       f"advantages of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} sequences but not "
-                      f"one token each (leave the empty sequences out of cu_seqlens)"))
+                      f"one token each: pass per-sequence advantages as (S, 1)"))
     batch.adv = adv
     seq_counts = _check_seq_valid_tokens(seq_valid_tokens, S, device)
     if seq_counts is not None:
