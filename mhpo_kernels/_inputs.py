@@ -193,7 +193,10 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
     values (cu[0] = 0, non-decreasing, cu[-1] = N) are checked with the other value checks."""
     if cu_seqlens is None:
         return None
-    _check_tensor("cu_seqlens", cu_seqlens, device)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but the inputs are on {device}")
     if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     if len(token_shape) != 1:
@@ -201,7 +204,8 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
                          f"(N, H); got input_ids of shape {tuple(token_shape)} (a padded batch needs no cu_seqlens)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D (S + 1,), got shape {tuple(cu_seqlens.shape)}")
-    return cu_seqlens.detach().to(torch.int64)
+    # Frameworks often keep a host copy of the boundaries (for flash-attention's max_seqlen): taken as is.
+    return cu_seqlens.detach().to(device=device, dtype=torch.int64)
 
 
 def _bad_cu_seqlens(cu, n):

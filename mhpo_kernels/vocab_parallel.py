@@ -4,9 +4,9 @@ Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
 1. ``VocabSlice.agree``: one all-gather of a few int64 per rank: V_r (so the slice offsets), the
-   token count, a fingerprint of input_ids and mask, and whether the rank's inputs passed their
-   local checks. Every rank then validates the same table the same way, so a bad call raises on
-   every rank instead of leaving the others waiting in a collective.
+   token count, fingerprints of the valid ids and of the sequence boundaries, and whether the
+   rank's inputs passed their local checks. Every rank then validates the same table the same
+   way, so a bad call raises on every rank instead of leaving the others waiting in a collective.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
    log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
    on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
@@ -88,8 +88,8 @@ class VocabSlice:
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
         if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids or mask differ across ranks; every rank must pass the "
-                             "same global ids and mask")
+            raise ValueError("tp_group: input_ids, mask or cu_seqlens differ across ranks; every rank must "
+                             "pass the same global ids, mask and sequence boundaries")
         return VocabSlice(group, rank, sizes)
 
     def local_target(self, target):
@@ -161,7 +161,7 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
     tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          local_error=error)
+                          mask=None if batch is None else batch.cu, local_error=error)
     bad = batch.target >= tp.total
     if bool(bad.any()):
         where = bad.nonzero()[0, 0].item()

@@ -64,9 +64,11 @@ def _unpack(cu_seqlens, *flat):
     cu = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
     L = max(lengths, default=0)
-    held = torch.tensor([[j < n for j in range(L)] for n in lengths], dtype=torch.bool).reshape(len(lengths), L)
+    device = cu_seqlens.device
+    held = torch.tensor([[j < n for j in range(L)] for n in lengths], dtype=torch.bool,
+                        device=device).reshape(len(lengths), L)
     index = torch.tensor([[min(a + j, max(cu[-1] - 1, 0)) for j in range(L)] for a in cu[:-1]],
-                         dtype=torch.int64).reshape(len(lengths), L)
+                         dtype=torch.int64, device=device).reshape(len(lengths), L)
     return held, tuple(None if x is None else x[index] for x in flat)
 
 

@@ -11,6 +11,7 @@ import _dist
 import mhpo_kernels
 import reference
 from _cases import FP32_RTOL, max_rel_err
+from conftest import TRITON_DEVICE
 from mhpo_kernels.objectives import CISPO, GPG, GSPO, MHPO, SAPO, PPOClip
 
 MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
@@ -20,13 +21,17 @@ OBJECTIVES = [MHPO(), MHPO(lfm=False), PPOClip(eps_low=0.2, eps_high=0.28, dual_
 B, T, V, H = 4, 4, 37, 8
 
 
-def _padded(seed=0, dtype=torch.float32):
+def _device(path):
+    return TRITON_DEVICE if path == "triton" else "cpu"
+
+
+def _padded(seed=0, device="cpu"):
     """A padded batch whose rows exercise the aggregation: row 2 is all padding (an empty
     sequence once packed), row 3 is kept but all its ids are ignore_index (a sequence with tokens
     and none of them valid); old log-probs near the current ones, so that no objective is clipped
     everywhere."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    x = torch.randn(B, T, V, generator=g) * 2
     ids = torch.randint(0, V, (B, T), generator=g)
     ids[0, 2] = -100
     ids[3] = -100
@@ -39,13 +44,14 @@ def _padded(seed=0, dtype=torch.float32):
     old = logp + 0.1 * torch.randn(B, T, generator=g)
     ref = logp + 0.1 * torch.randn(B, T, generator=g)
     adv = torch.randn(B, generator=g)
-    return dict(x=x, ids=ids, mask=mask, old=old, ref=ref, adv=adv, adv_tok=torch.randn(B, T, generator=g))
+    case = dict(x=x, ids=ids, mask=mask, old=old, ref=ref, adv=adv, adv_tok=torch.randn(B, T, generator=g))
+    return {k: v.to(device) for k, v in case.items()}
 
 
 def _pack(case):
     """The masked positions of the padded batch as one stream and its boundaries."""
     keep = case["mask"]
-    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
     cu[1:] = keep.sum(1).cumsum(0)
     return keep, cu
 
@@ -70,7 +76,7 @@ def test_packed_equals_padded(path):
     """Packing the valid tokens of a padded batch gives the padded call's loss and its gradient
     rows, for every objective and mode, and both equal the float64 reference of the packed call;
     per-sequence and per-token advantages."""
-    c = _padded()
+    c = _padded(device=_device(path))
     keep, cu = _pack(c)
     for i, objective in enumerate(OBJECTIVES):
         per_token = [False] if objective.sequence_level or path == "triton" else [False, True]
@@ -102,11 +108,11 @@ def test_fused_linear_packed_equals_padded(path):
     """hidden (N, H) with cu_seqlens: the padded call's loss and hidden/weight/bias gradients,
     with the entropy bonus, for every mode."""
     g = torch.Generator().manual_seed(3)
-    c = _padded(seed=3)
+    c = _padded(seed=3, device=_device(path))
     keep, cu = _pack(c)
-    hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * 0.5
-    bias = torch.randn(V, generator=g) * 0.1
+    hidden = torch.randn(B, T, H, generator=g).to(keep.device)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(keep.device)
+    bias = (torch.randn(V, generator=g) * 0.1).to(keep.device)
 
     def run(h, *args, **kwargs):
         h, w, b = (t.detach().clone().requires_grad_() for t in (h, weight, bias))
@@ -127,11 +133,11 @@ def test_fused_linear_packed_equals_padded(path):
 def test_entropy_coef_against_reference(path):
     """loss = Σ g_t (loss_t − coef · H_t) and its gradient, every mode, against float64 autograd;
     on shifted (B, T + 1, V) logits with a temperature, and on the fused linear path with softcap."""
-    c = _padded(seed=5)
+    c = _padded(seed=5, device=_device(path))
     g = torch.Generator().manual_seed(6)
-    full = torch.cat([c["x"], torch.randn(B, 1, V, generator=g)], 1)
-    hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g)
+    full = torch.cat([c["x"], torch.randn(B, 1, V, generator=g).to(c["x"].device)], 1)
+    hidden = torch.randn(B, T, H, generator=g).to(full.device)
+    weight = torch.randn(V, H, generator=g).to(full.device)
     for i, mode in enumerate(MODES):
         kw = dict(loss_agg_mode=mode, temperature=0.7, entropy_coef=0.3)
         with mhpo_kernels.use_backend(path):
@@ -164,9 +170,9 @@ def test_entropy_coef_against_reference(path):
 def test_token_logprobs_mask(path):
     """mask= acts like ignore_index (0 and no gradient where false); the log-prob and the entropy
     are differentiable, against float64 autograd of the reference."""
-    c = _padded(seed=7)
+    c = _padded(seed=7, device=_device(path))
     g = torch.Generator().manual_seed(8)
-    up_logp, up_ent = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    up_logp, up_ent = (torch.randn(B, T, generator=g).to(c["x"].device) for _ in range(2))
     x = c["x"].clone()
     x[~c["mask"]] = float("nan")                 # whatever a masked row holds reaches nothing
     results = []
@@ -262,6 +268,25 @@ def test_module_and_compile_with_varying_sequence_count(tmp_path, monkeypatch):
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for 4 sequence counts (S = 2 … 5)"
 
 
+def test_opcheck_sequence_level_with_boundaries():
+    """The sweeps' custom op with GSPO's sequence boundaries: schema, fake implementation and
+    autograd registration agree with what it does (an empty sequence among them)."""
+    from mhpo_kernels import ops
+    from mhpo_kernels._sweep_types import LogitMap, TokenParams
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 7, 30, generator=g).requires_grad_()
+    ids = torch.randint(0, 30, (7,), generator=g, dtype=torch.int32)
+    ids[3] = -1
+    cu = torch.tensor([0, 2, 2, 7])
+    old = torch.randn(7, generator=g) * 0.05 - 3.4
+    adv = torch.tensor([0.5, 0.5, -1.0, -1.0, -1.0, -1.0, -1.0])
+    params = ops.pack_params(TokenParams.of(GSPO(eps_low=0.2, eps_high=0.3), 0.0), LogitMap.make(1.0))
+    with mhpo_kernels.use_backend("torch"):
+        torch.library.opcheck(ops.sweeps_forward, (x, ids, old, adv, torch.full((7,), 0.25), None, params, False,
+                                                   True, True, False, False, cu))
+
+
 # ---- two ranks: the vocabulary split (tp_group) and context parallelism ------------------------
 
 CUT = 20  # rank 0 holds the vocabulary [0, CUT), rank 1 [CUT, V)
@@ -302,6 +327,12 @@ def _two_rank_worker(rank, world, out_dir):
                                       beta=0.05, entropy_coef=0.1, tp_group=dist.group.WORLD)
         loss.backward()
         results[f"tp/{mode}"] = (loss.detach(), xr.grad)
+    other_cu = cu.clone()
+    other_cu[1] -= rank                       # a valid stream, but not the one rank 0 describes
+    try:
+        mhpo_kernels.mhpo_loss(x[:, lo:hi], ids, old, adv, cu_seqlens=other_cu, tp_group=dist.group.WORLD)
+    except ValueError as e:
+        results["tp/cu-differ"] = str(e)
 
     parts, counts = _cp_split(ids, cu)
     mine, local_cu = parts[rank]
@@ -340,6 +371,8 @@ def test_two_ranks_tp_group_and_context_parallel(tmp_path):
     g = torch.Generator().manual_seed(12)
     hidden, weight = torch.randn(ids.numel(), H, generator=g).double(), torch.randn(V, H, generator=g).double()
     parts, _ = _cp_split(ids, cu)
+    for r in range(2):
+        assert "cu_seqlens differ across ranks" in got[r].get("tp/cu-differ", ""), r
     for mode in MODES:
         loss, grad = _loss(reference.mhpo_loss, x, ids, old, adv, cu_seqlens=cu, loss_agg_mode=mode,
                            ref_logprobs=ref, beta=0.05, entropy_coef=0.1)
