@@ -85,9 +85,13 @@ def test_packed_equals_padded(path):
                 adv = c["adv_tok"] if tok else c["adv"]
                 kw = dict(objective=objective, loss_agg_mode=mode, ref_logprobs=c["ref"], beta=0.05,
                           entropy_coef=0.02)
+                # On the kernels the padded call runs for one objective per mode: padded against
+                # the reference is what the other test files check, for every objective.
+                with_padded = path == "torch" or i < len(MODES)
                 with mhpo_kernels.use_backend(path):
-                    padded, g_padded = _loss(mhpo_kernels.policy_loss, c["x"], c["ids"], c["old"], adv, c["mask"],
-                                             **kw)
+                    if with_padded:
+                        padded, g_padded = _loss(mhpo_kernels.policy_loss, c["x"], c["ids"], c["old"], adv,
+                                                 c["mask"], **kw)
                     kw["ref_logprobs"] = c["ref"][keep]
                     adv_p = adv[keep] if tok else adv
                     packed, g_packed = _loss(mhpo_kernels.policy_loss, c["x"][keep], c["ids"][keep],
@@ -96,8 +100,9 @@ def test_packed_equals_padded(path):
                 expected, g_expected = _loss(reference.policy_loss, c["x"][keep].double(), c["ids"][keep],
                                              c["old"][keep].double(), adv_p.double(), cu_seqlens=cu, **kw)
                 where = f"{objective!r} {mode} per_token={tok}"
-                assert packed.item() == pytest.approx(padded.item(), rel=FP32_RTOL, abs=1e-7), where
-                assert max_rel_err(g_packed, g_padded[keep]) <= FP32_RTOL, where
+                if with_padded:
+                    assert packed.item() == pytest.approx(padded.item(), rel=FP32_RTOL, abs=1e-7), where
+                    assert max_rel_err(g_packed, g_padded[keep]) <= FP32_RTOL, where
                 assert packed.item() == pytest.approx(expected.item(), rel=FP32_RTOL, abs=1e-7), where
                 assert max_rel_err(g_packed, g_expected) <= FP32_RTOL, where
                 assert g_expected.abs().max() > 0, where      # the comparison is not between zeros
