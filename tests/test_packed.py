@@ -238,7 +238,7 @@ def _bad_calls():
 
 def test_bad_packed_inputs_name_the_argument():
     with mhpo_kernels.use_backend("torch"):
-        for i, (call, error, name) in enumerate(_bad_calls()):
+        for call, error, name in _bad_calls():
             with pytest.raises(error, match=name):
                 call()
 
