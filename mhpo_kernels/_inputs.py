@@ -19,7 +19,8 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class Batch:
     token_shape: torch.Size        # shape of input_ids: what per-token outputs are reshaped to
-    seq_shape: tuple               # (B, T); 1-D input_ids are one sequence (1, N)
+    cu: torch.Tensor               # (S + 1,) int64 sequence boundaries in the flat token order:
+                                   # cu_seqlens, or B rows of T, or one sequence of N
     target: torch.Tensor           # (N,) int32, the id at valid tokens, −1 elsewhere
     valid: torch.Tensor            # (N,) bool
     old: Optional[torch.Tensor]    # (N,) fp32, None = on-policy
@@ -27,7 +28,12 @@ class Batch:
     weight: Optional[torch.Tensor]  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
     ref: Optional[torch.Tensor]    # (N,) fp32
     tp: Optional[object] = None    # vocab_parallel.VocabSlice when the vocabulary is split over ranks
+    seq_id: Optional[torch.Tensor] = None  # (N,) int64, the sequence of each token (from cu)
     n_valid: Optional[int] = None  # valid tokens, read in validation's one host sync; None inside torch.compile
+
+    @property
+    def n_seqs(self):
+        return self.cu.numel() - 1
 
 
 def check_positive(name, value):
@@ -181,10 +187,12 @@ def _check_mask(mask, token_shape, device):
     return mask != 0, ((mask != 0) & (mask != 1)).any()
 
 
-def _check_advantages(advantages, token_shape, device):
+def _check_advantages(advantages, token_shape, device, n_seqs=None):
     """One advantage per token, per sequence, or one for every token, whatever the logits' rank:
-    input_ids' shape, per token; (B,) or (B, 1) with (B, T) ids, per sequence (1-D ids are one
-    sequence); () or (1,), the same advantage at every token."""
+    input_ids' shape, per token; per sequence (B,) or (B, 1) with (B, T) ids, (S,) or (S, 1) with
+    cu_seqlens (``n_seqs`` = S; 1-D ids without it are one sequence); () or (1,), the same
+    advantage at every token. Returns the flat (N,) per-token advantages, or with cu_seqlens the
+    (S,) per-sequence ones, which ``prepare_mhpo`` spreads over tokens."""
     _check_tensor("advantages", advantages, device)
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
@@ -193,7 +201,12 @@ def _check_advantages(advantages, token_shape, device):
         return adv.reshape(-1).contiguous()
     if adv.dim() <= 1 and adv.numel() == 1:
         return adv.reshape(1).expand(token_shape.numel()).contiguous()
-    if len(token_shape) == 2:
+    if n_seqs is not None:
+        if adv.shape in ((n_seqs,), (n_seqs, 1)):
+            return adv.reshape(-1).contiguous()
+        expected = (f"(S,) or (S, 1) = ({n_seqs}, 1) per sequence of cu_seqlens, (N,) = ({token_shape[0]},) "
+                    f"per token, (1,) or ()")
+    elif len(token_shape) == 2:
         B, T = token_shape
         if adv.shape in ((B,), (B, 1)):
             return adv.reshape(B, 1).expand(B, T).contiguous().reshape(-1)
@@ -201,6 +214,70 @@ def _check_advantages(advantages, token_shape, device):
     else:
         expected = f"(N,) = ({token_shape[0]},), (1,) or ()"
     raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
+
+
+def _check_cu_seqlens(cu_seqlens, token_shape, device):
+    """The (S + 1,) boundaries of packed sequences, as int64; None for the unpacked layouts. Its
+    values (cu[0] = 0, non-decreasing, cu[-1] = N) are checked with the other value checks."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but the inputs are on {device}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if len(token_shape) != 1:
+        raise ValueError(f"cu_seqlens describes a packed stream: flat input_ids (N,) with logits (N, V) or hidden "
+                         f"(N, H); got input_ids of shape {tuple(token_shape)} (a padded batch needs no cu_seqlens)")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D (S + 1,), got shape {tuple(cu_seqlens.shape)}")
+    # Frameworks often keep a host copy of the boundaries (for flash-attention's max_seqlen): taken as is.
+    return cu_seqlens.detach().to(device=device, dtype=torch.int64)
+
+
+def _bad_cu_seqlens(cu, n):
+    return (cu[0] != 0) | (cu[-1] != n) | (cu[1:] < cu[:-1]).any()
+
+
+def sequence_boundaries(token_shape, device, cu_seqlens=None):
+    """(cu, seq_id): the (S + 1,) boundaries and each token's sequence, for every layout, so that
+    one code path aggregates them all: cu_seqlens as given, B rows of T, or one sequence of N."""
+    n = math.prod(token_shape)
+    if cu_seqlens is not None:
+        cu = cu_seqlens
+    elif len(token_shape) == 2:
+        cu = torch.arange(token_shape[0] + 1, device=device, dtype=torch.int64) * token_shape[1]
+    else:
+        cu = torch.tensor([0, n], device=device, dtype=torch.int64)
+    return cu, segment_ids(cu, n)
+
+
+def segment_ids(cu, n):
+    """The sequence index of each of n tokens from the boundaries cu (an empty sequence holds none)."""
+    positions = torch.arange(n, device=cu.device, dtype=torch.int64)
+    # The clamp keeps malformed boundaries (refused by the value checks) from indexing out of range.
+    return (torch.bucketize(positions, cu, right=True) - 1).clamp_(min=0).clamp_(max=cu.numel() - 2)
+
+
+def per_sequence_sum(x, seq_id, n_seqs):
+    """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype."""
+    return x.new_zeros(n_seqs).index_add_(0, seq_id, x)
+
+
+def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):
+    """Each sequence's valid tokens over every rank that holds a part of it (context
+    parallelism), (S,) integers; its values are checked against the local counts later."""
+    if seq_valid_tokens is None:
+        return None
+    _check_tensor("seq_valid_tokens", seq_valid_tokens, device)
+    if (seq_valid_tokens.is_floating_point() or seq_valid_tokens.is_complex()
+            or seq_valid_tokens.dtype == torch.bool):
+        raise TypeError(f"seq_valid_tokens must be an integer tensor, got {seq_valid_tokens.dtype}")
+    if seq_valid_tokens.shape != (n_seqs,):
+        raise ValueError(f"seq_valid_tokens must have shape (S,) = ({n_seqs},), one count per sequence, "
+                         f"got {tuple(seq_valid_tokens.shape)}")
+    return seq_valid_tokens.detach().to(torch.float32)
 
 
 INT32_MAX = 2**31 - 1
@@ -211,9 +288,10 @@ _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 _BAD_NORMALIZER = "normalizer must be finite and > 0"
 
 
-def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
+def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None, extra=()):
     """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
     branch on data, asynchronous asserts in the graph instead (an error at the next sync).
+    ``extra``: more (0-d bool flag, message) pairs, raised as ValueError(message) when set.
     Returns the number of valid tokens, read in the same sync (the fused linear path sizes its
     compaction by it), or None inside torch.compile."""
     # V None: the vocabulary is split over ranks and its size not yet known; the upper bound is
@@ -224,6 +302,7 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
         checks.append((mask_not_binary, _BAD_MASK))
     if normalizer is not None:
         checks.append((~(torch.isfinite(normalizer) & (normalizer > 0)), _BAD_NORMALIZER))
+    checks.extend(extra)
     if torch.compiler.is_compiling():
         for flag, message in checks:
             torch._assert_async(~flag, message or _BAD_IDS)
@@ -242,42 +321,60 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
     return n_valid
 
 
-def aggregation_weights(valid, loss_agg_mode, normalizer=None):
-    """g_t of the spec's "Aggregation" from the (B, T) validity: loss = Σ_t g_t · loss_t.
+def aggregation_weights(valid, seq_id, n_seqs, loss_agg_mode, normalizer=None, seq_counts=None):
+    """g_t of the spec's "Aggregation" from the (N,) validity and each token's sequence:
+    loss = Σ_t g_t · loss_t.
 
-    ``normalizer`` (a 0-d tensor) replaces the local count as the divisor of the aggregated sum:
-    the valid tokens for token-mean, the sequences with a valid token for the seq-mean modes.
+    ``normalizer`` (a 0-d tensor) replaces the count as the divisor of the aggregated sum: the
+    valid tokens for token-mean, the sequences with a valid token for the seq-mean modes.
+    ``seq_counts`` (S,) replaces the local valid tokens of each sequence (context parallelism:
+    the count over every rank), and so every count derived from them.
     """
     valid_f = valid.to(torch.float32)
-    tokens_per_seq = valid_f.sum(-1, keepdim=True)
+    tokens_per_seq = per_sequence_sum(valid_f, seq_id, n_seqs) if seq_counts is None else seq_counts
     if loss_agg_mode == "token-mean":
-        divisor = valid_f.sum().clamp(min=1) if normalizer is None else normalizer
+        divisor = tokens_per_seq.sum().clamp(min=1) if normalizer is None else normalizer
         return valid_f / divisor
     divisor = (tokens_per_seq > 0).sum().clamp(min=1) if normalizer is None else normalizer
     if loss_agg_mode == "seq-mean-token-mean":
-        return valid_f / (tokens_per_seq.clamp(min=1) * divisor)
+        return valid_f / (tokens_per_seq.clamp(min=1)[seq_id] * divisor)
     return valid_f / divisor  # seq-mean-token-sum
 
 
-def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
-                   normalizer=None):
-    """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
-    with target and validity filled in. ``source`` names where token_shape comes from."""
+def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens):
+    """The Batch's ids, validity and sequences, and the value checks still to make."""
     ids = _check_ids(input_ids, token_shape, device, source)
     ignore_index = check_ignore_index(ignore_index)
     mask, mask_not_binary = _check_mask(mask, token_shape, device)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, token_shape, device)
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
-    n_valid = _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer)
+    cu, seq_id = sequence_boundaries(token_shape, device, cu_seqlens)
+    extra = []
+    if cu_seqlens is not None:
+        extra.append((_bad_cu_seqlens(cu, ids.numel()),
+                      f"cu_seqlens must start at 0, be non-decreasing and end at N = {ids.numel()} (the "
+                      f"number of tokens)"))
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
-    seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
-    return Batch(token_shape, seq_shape, target, valid, None, None, None, None, n_valid=n_valid)
+    batch = Batch(token_shape, cu, target, valid, None, None, None, None, seq_id=seq_id)
+    return batch, ids, mask_not_binary, extra
+
+
+def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
+                   normalizer=None, cu_seqlens=None):
+    """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
+    with target, validity and sequences filled in. ``source`` names where token_shape comes from."""
+    batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
+                                                      source, cu_seqlens)
+    batch.n_valid = _raise_on_bad_values(ids, batch.valid, V, mask_not_binary, normalizer, extra)
+    return batch
 
 
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
-    loss_agg_mode, ignore_index, source="logits without V", normalizer=None,
+    loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
+    seq_valid_tokens=None,
 ):
     """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
     check_agg_mode(loss_agg_mode)
@@ -285,10 +382,27 @@ def prepare_mhpo(
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
     normalizer = check_normalizer(normalizer, device)
-    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, normalizer)
+    batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
+                                                      source, cu_seqlens)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
-    batch.adv = _check_advantages(advantages, token_shape, device)
-    batch.weight = aggregation_weights(batch.valid.reshape(batch.seq_shape), loss_agg_mode,
-                                       normalizer).reshape(-1)
+    packed = cu_seqlens is not None
+    adv = _check_advantages(advantages, token_shape, device, batch.n_seqs if packed else None)
+    N, S = ids.numel(), batch.n_seqs
+    if packed and (advantages.dim() == 2 or adv.shape != (N,)):
+        adv = adv[batch.seq_id]
+    elif packed and S == N and advantages.dim() == 1 and N > 1:
+        # (N,) and (S,) coincide: read per token, which is the same only if every sequence has one token.
+        extra.append(((batch.cu[1:] - batch.cu[:-1] != 1).any(),
+                      f"advantages of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} sequences but not "
+                      f"one token each: pass per-sequence advantages as (S, 1)"))
+    batch.adv = adv
+    seq_counts = _check_seq_valid_tokens(seq_valid_tokens, S, device)
+    if seq_counts is not None:
+        local = per_sequence_sum(batch.valid.to(torch.float32), batch.seq_id, S)
+        extra.append(((seq_counts < local).any(),
+                      "seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
+                      "this rank's own count for some sequence"))
+    batch.n_valid = _raise_on_bad_values(ids, batch.valid, V, mask_not_binary, normalizer, extra)
+    batch.weight = aggregation_weights(batch.valid, batch.seq_id, S, loss_agg_mode, normalizer, seq_counts)
     return batch

@@ -15,7 +15,8 @@ from ._inputs import check_float_tensor, check_nonnegative, check_positive, prep
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .linear_sweeps import token_logprobs_sweeps
 from ._inputs import check_tp_group
-from .loss import agreed_settings, dtype_name, metrics_from_stats, mhpo_objective, resolve_objective
+from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_from_stats, mhpo_objective,
+                   resolve_objective)
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -83,12 +84,12 @@ def fused_linear_mhpo_loss(
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
-    tp_group=None, reduce_dhidden=True,
+    tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
-    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``
-    included; ``inplace_backward`` has no meaning here: the logits tile is always its own
+    Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``,
+    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens`` and ``entropy_coef`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
     gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
@@ -125,31 +126,37 @@ def fused_linear_mhpo_loss(
         logit_scale=logit_scale, final_logit_softcap=final_logit_softcap, chunk_size=chunk_size,
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
-        reduce_dhidden=reduce_dhidden)
+        reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
+        entropy_coef=entropy_coef)
 
 
 def fused_linear_policy_loss(
     hidden, weight, input_ids, old_logprobs, advantages, mask=None, *, objective=None, bias=None,
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
-    return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True,
+    return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
+    seq_valid_tokens=None, entropy_coef=0.0,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
-    sequence ratios need every chunk's log-probs before any chunk's gradient."""
+    sequence ratios need every chunk's log-probs before any chunk's gradient. With
+    ``entropy_coef`` > 0 each chunk's gradient tile takes the entropy's part in the same backward
+    sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():  # with a tp_group, every rank hears of any error raised in here
         chosen = resolve_objective(objective)
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
+        check_entropy_coef(entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
         batch = prepare_mhpo(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            source="hidden without H", normalizer=normalizer,
+            source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
+            seq_valid_tokens=seq_valid_tokens,
         )
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
@@ -158,15 +165,18 @@ def fused_linear_policy_loss(
             "fused_linear_policy_loss", p.hp, p.lmap, chunk_size=chunk_size, loss_agg_mode=loss_agg_mode,
             normalizer_given=normalizer is not None, old_logprobs_given=old_logprobs is not None,
             ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
+            seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
             dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs))))
 
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
+    entropy_coef = float(entropy_coef)  # checked in prepare()
     if tp_group is not None:
         from . import vocab_parallel
 
         loss, logp, entropy, psi, zeta = vocab_parallel.fused_linear(
-            hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden))
+            hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
+            entropy_coef)
         if not return_metrics:
             return loss
         return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, resolve_objective(objective))
@@ -176,7 +186,7 @@ def fused_linear_policy_loss(
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, batch.n_valid,
+        grad_on and bias is not None and bias.requires_grad, entropy_coef, batch.n_valid,
     )
     if not return_metrics:
         return loss

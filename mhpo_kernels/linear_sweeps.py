@@ -110,7 +110,8 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
-                        with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None):
+                        with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None,
+                        entropy_coef=0.0):
     """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias) from hidden (N, H), weight (V, H):
     the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32 (entropy None unless
     asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
@@ -119,8 +120,13 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     ``tp``: a ``vocab_parallel.VocabSlice``; weight and bias are this rank's rows of the head, and
     ``target`` holds global ids. dhidden is then this rank's partial sum, all-reduced over the
     group unless ``reduce_dhidden`` is False (a caller whose sequence-parallel gather already
-    reduces it, as Megatron's does)."""
+    reduces it, as Megatron's does).
+
+    ``entropy_coef``: the loss is Σ g_t · (loss_t − entropy_coef · H_t); each tile's backward
+    sweep takes ∂L/∂H_t = −entropy_coef · g_t with ∂L/∂logp_t (HAS_DENT), in the same pass."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
+    bonus = entropy_coef > 0
+    sweep_entropy = bool(with_entropy) or bonus
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden = _without_padding(hidden, target, n_valid)
@@ -134,13 +140,17 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
             return None if x is None else x[r0:r1]
 
         stats = _chunk_stats(forward_sweep, tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp,
-                             lmap, with_entropy, True, tp)
+                             lmap, sweep_entropy, True, tp)
+        if bonus:
+            dentropy = rows(g) * -entropy_coef
+            stats = stats._replace(loss=stats.loss + dentropy * stats.entropy)
         parts.append(stats)
         if not (need_dh or need_dw or need_db):
             continue
         # The tile becomes ∂L/∂logits for an upstream gradient of 1 (this rank's columns with tp).
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))
-        backward_sweep(tile, tile, tile_target, stats.base, stats.log2_sum, stats.coef, None, None, lmap)
+        backward_sweep(tile, tile, tile_target, stats.base, stats.log2_sum, stats.coef,
+                       stats.entropy if bonus else None, dentropy if bonus else None, lmap)
         grad = tile[0]
         if need_dh:
             torch.mm(grad, weight, out=dh[r0:r1])
@@ -151,7 +161,9 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     if parts:
         stats = RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
     else:  # no tokens
-        stats = RowStats.empty(0, hidden.device, with_entropy=with_entropy, with_loss=True)
+        stats = RowStats.empty(0, hidden.device, with_entropy=sweep_entropy, with_loss=True)
+    if not with_entropy:
+        stats = stats._replace(entropy=None)
     if tp is not None and need_dh and reduce_dhidden:
         torch.distributed.all_reduce(dh, group=tp.group)
     logp, entropy, psi, zeta, dh = (_scatter_rows(x, kept, n) for x in

@@ -7,7 +7,7 @@ import torch
 
 from ._inputs import (
     check_agg_mode, check_flag, check_ignore_index, check_logits, check_nonnegative, check_positive,
-    check_tp_group, has_internal_overlap, prepare_mhpo, prepare_tokens,
+    check_tp_group, has_internal_overlap, per_sequence_sum, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -109,24 +109,38 @@ def check_inplace(logits, logits3, inplace_backward):
     return True
 
 
-_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,), (B, 1), or (B, T) constant "
-                         "over each sequence's valid tokens")
+_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) "
+                         "or (S, 1)), or per token and constant over each sequence's valid tokens")
 
 
 def check_sequence_advantages(batch):
     """A sequence-level objective needs one advantage per sequence: the per-token advantages must
     be constant over each sequence's valid tokens. Inside torch.compile, which cannot branch on
     data, an asynchronous assert in the graph instead (an error at the next sync)."""
-    adv = batch.adv.reshape(batch.seq_shape)
-    valid = batch.valid.reshape(batch.seq_shape)
-    first = torch.where(valid, adv, float("inf")).amin(-1, keepdim=True)
-    last = torch.where(valid, adv, float("-inf")).amax(-1, keepdim=True)
+    S, seq_id, valid = batch.n_seqs, batch.seq_id, batch.valid
+    first = torch.full((S,), float("inf"), device=valid.device).scatter_reduce(
+        0, seq_id, torch.where(valid, batch.adv, float("inf")), "amin")
+    last = torch.full((S,), float("-inf"), device=valid.device).scatter_reduce(
+        0, seq_id, torch.where(valid, batch.adv, float("-inf")), "amax")
+    has_tokens = per_sequence_sum(valid.to(torch.float32), seq_id, S) > 0
     # "<", not "!=": a NaN advantage is not a shape error; it makes the loss NaN, as at any objective
-    varies = ((first < last) & valid.any(-1, keepdim=True)).any()
+    varies = ((first < last) & has_tokens).any()
     if torch.compiler.is_compiling():
         torch._assert_async(~varies, _ADV_NOT_PER_SEQUENCE)
     elif bool(varies):
         raise ValueError(_ADV_NOT_PER_SEQUENCE)
+
+
+def check_entropy_coef(entropy_coef):
+    return check_nonnegative("entropy_coef", entropy_coef)
+
+
+def entropy_bonus(loss, entropy_coef, weight, entropy):
+    """Σ_t g_t · (loss_t − entropy_coef · H_t) from Σ_t g_t · loss_t: the entropy's gradient is
+    ∂L/∂H_t = −entropy_coef · g_t, which the backward sweep folds into its one pass."""
+    if entropy_coef == 0:
+        return loss
+    return loss - entropy_coef * (weight * entropy).sum()
 
 
 def metrics_from_stats(logp, entropy, psi, zeta, batch, objective):
@@ -174,6 +188,9 @@ def mhpo_loss(
     normalizer=None,
     inplace_backward=False,
     tp_group=None,
+    cu_seqlens=None,
+    seq_valid_tokens=None,
+    entropy_coef=0.0,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -191,7 +208,13 @@ def mhpo_loss(
     tokens, then over sequences that have any), "token-mean", or "seq-mean-token-sum". An
     all-invalid batch gives 0 and a zero gradient. ``SPEC.md`` has the full definition.
 
-    The call a trainer makes passes the model's logits whole, one position longer than the
+    A framework that packs its sequences into one flat stream (verl's remove-padding, slime,
+    AReaL, prime-rl, NeMo-RL, ROLL) passes the stream and its boundaries:
+
+        logits = model(packed_ids, cu_seqlens=cu).logits[0]   # (N, V), N tokens of S sequences
+        loss = mhpo_loss(logits, target_ids, old_logprobs, advantages, mask, cu_seqlens=cu)
+
+    A trainer with a padded batch passes the model's logits whole, one position longer than the
     completion (the next-token shift), with no slice:
 
         logits = model(input_ids).logits                      # (B, T + 1, V)
@@ -208,7 +231,8 @@ def mhpo_loss(
         old_logprobs: (B, T) float log-probs under the rollout policy, or None for on-policy
             (old = logp detached, ratio 1).
         advantages: float, (B,) or (B, 1) per sequence, (B, T) per token, or () / (1,) for every
-            token (broadcast). For 2-D logits: (N,) per token, or () / (1,).
+            token (broadcast). For 2-D logits: (N,) per token, or () / (1,); with ``cu_seqlens``,
+            also (S,) or (S, 1) per sequence.
         mask: optional (B, T) bool or 0/1 completion mask.
         c, k_pos, lam_pos, k_neg, lam_neg: LFM bound and Weibull hazard shapes/scales, finite > 0.
         temperature: τ > 0, applied to the logits before the softmax.
@@ -241,6 +265,21 @@ def mhpo_loss(
             the ids, a validation flag, a hash of each hyperparameter, flag and dtype), then 4
             fp32 per token per rank (16·N·world bytes received per rank), never O(N·V). A bad
             call, or ranks that pass different hyperparameters, raise on every rank.
+        cu_seqlens: for 2-D logits (N, V) and ids (N,) holding S packed sequences, their
+            boundaries: a 1-D integer tensor (S + 1,) with cu[0] = 0, non-decreasing, cu[-1] = N;
+            sequence i is tokens cu[i]:cu[i + 1] (the layout of flash-attention's varlen calls).
+            Every per-sequence notion (the seq-mean modes, GSPO's ratio) then reads these
+            sequences; old, ref and mask stay (N,). Packing the valid tokens of a padded batch
+            gives the padded call's loss and gradient rows.
+        seq_valid_tokens: context parallelism, where this rank holds a part of each sequence:
+            (S,) integers (S = B for a padded batch, 1 for a flat one without cu_seqlens), each
+            sequence's valid tokens over every rank. The aggregation counts come from it instead
+            of the local mask (n_i for seq-mean-token-mean, the sequences with n_i > 0, Σ n_i for
+            token-mean), so the losses of the ranks sum to the unsplit loss and their gradients to
+            its gradient. Not with GSPO, whose ratio needs every rank's log-probs.
+        entropy_coef: ≥ 0, an entropy bonus: loss = Σ_t g_t · (loss_t − entropy_coef · H_t), H_t
+            the entropy of softmax(logits / τ), aggregated like the loss. Its gradient is part of
+            the one backward sweep.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -255,7 +294,8 @@ def mhpo_loss(
         objective=mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group),
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
-        inplace_backward=inplace_backward, tp_group=tp_group,
+        inplace_backward=inplace_backward, tp_group=tp_group, cu_seqlens=cu_seqlens,
+        seq_valid_tokens=seq_valid_tokens, entropy_coef=entropy_coef,
     )
 
 
@@ -276,6 +316,9 @@ def policy_loss(
     normalizer=None,
     inplace_backward=False,
     tp_group=None,
+    cu_seqlens=None,
+    seq_valid_tokens=None,
+    entropy_coef=0.0,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -288,20 +331,24 @@ def policy_loss(
     ratios between the sweeps (O(N), no third pass over the logits) and needs one advantage per
     sequence, (B,) or (B, T) constant over each sequence's valid tokens. ``return_metrics`` gives
     abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
-    survival and saturated_frac. GSPO is not available with ``tp_group``.
+    survival and saturated_frac. GSPO is not available with ``tp_group`` or ``seq_valid_tokens``.
     """
     def prepare():  # with a tp_group, every rank hears of any error raised in here
         chosen = resolve_objective(objective)
         if chosen.sequence_level and tp_group is not None:
             raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
                                       "global log-probs before the epilogue")
+        if chosen.sequence_level and seq_valid_tokens is not None:
+            raise NotImplementedError("GSPO with seq_valid_tokens (a sequence split over ranks) is not "
+                                      "supported: its sequence ratio needs the log-probs of every rank")
+        check_entropy_coef(entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         lmap = LogitMap.make(check_positive("temperature", temperature))
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            normalizer=normalizer,
+            normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
         )
         if chosen.sequence_level:
             check_sequence_advantages(batch)
@@ -311,12 +358,15 @@ def policy_loss(
         return agreed_settings(
             "policy_loss", p.hp, p.lmap, loss_agg_mode=loss_agg_mode, normalizer_given=normalizer is not None,
             old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
+            seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,
             dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs))))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
-    stats = _row_stats(logits3, batch, hp, lmap, return_metrics, shifted, inplace, tp_group)
-    loss = stats.loss.sum()
+    entropy_coef = float(entropy_coef)  # checked in prepare()
+    with_entropy = bool(return_metrics) or entropy_coef > 0
+    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group)
+    loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
     if not return_metrics:
         return loss
     return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
@@ -324,13 +374,14 @@ def policy_loss(
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, tp_group=None):
+                   inplace_backward=False, tp_group=None, mask=None):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
     (and, with ``return_entropy=True``, also ``−Σ_v p_v log p_v`` of that softmax), without
-    materializing either. Positions where ``input_ids == ignore_index`` give 0 for both and pass
-    no gradient. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
+    materializing either. Positions where ``input_ids == ignore_index`` or ``mask`` (optional, bool
+    or 0/1, shaped like input_ids) is false give 0 for both and pass no gradient; both results are
+    differentiable. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
     ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
     input_ids' shape, dtype float32. ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``.
     Runs where ``mhpo_loss`` runs.
@@ -339,7 +390,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         lmap = LogitMap.make(check_positive("temperature", temperature))
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index)
+                               logits.device, ignore_index, mask)
         return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 
@@ -362,7 +413,7 @@ class MHPOLoss(torch.nn.Module):
     def __init__(
         self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, temperature=1.0,
         loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
-        tp_group=None,
+        tp_group=None, entropy_coef=0.0,
     ):
         super().__init__()
         self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg = mhpo_params(
@@ -373,21 +424,24 @@ class MHPOLoss(torch.nn.Module):
         self.ignore_index = check_ignore_index(ignore_index)
         self.inplace_backward = check_flag("inplace_backward", inplace_backward)
         self.tp_group = check_tp_group(tp_group)
+        self.entropy_coef = check_entropy_coef(entropy_coef)
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
-                ref_logprobs=None, return_metrics=False, normalizer=None):
+                ref_logprobs=None, return_metrics=False, normalizer=None, cu_seqlens=None,
+                seq_valid_tokens=None):
         return mhpo_loss(
             logits, input_ids, old_logprobs, advantages, mask,
             c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
             lam_neg=self.lam_neg, temperature=self.temperature,
             loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
-            inplace_backward=self.inplace_backward, tp_group=self.tp_group,
+            inplace_backward=self.inplace_backward, tp_group=self.tp_group, cu_seqlens=cu_seqlens,
+            seq_valid_tokens=seq_valid_tokens, entropy_coef=self.entropy_coef,
         )
 
     def extra_repr(self):
         return (
             f"c={self.c}, k_pos={self.k_pos}, lam_pos={self.lam_pos}, k_neg={self.k_neg}, "
             f"lam_neg={self.lam_neg}, temperature={self.temperature}, "
-            f"loss_agg_mode={self.loss_agg_mode!r}, beta={self.beta}"
+            f"loss_agg_mode={self.loss_agg_mode!r}, beta={self.beta}, entropy_coef={self.entropy_coef}"
         )

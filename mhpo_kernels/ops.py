@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._sweep_types import LogitMap, RowStats, TokenParams
+from ._inputs import segment_ids
 from .objectives import GSPO_KIND
 from .torch_sweeps import _sequence_terms
 from .linear_sweeps import fused_linear_sweeps
@@ -107,10 +108,11 @@ def _token_shape(logits, shifted):
 def sweeps_forward(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], params: List[float], softcap: bool,
-    with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
+    with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool, cu: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for).
-    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits."""
+    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
+    ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
     hp, lmap = _unpack(params, softcap)
     forward_sweep, _ = _dispatch.sweeps(logits.device)
     if shifted:
@@ -125,15 +127,16 @@ def sweeps_forward(
         stats = RowStats(*(_unpad_rows(x, shape) for x in stats))
         target, old, adv, weight, ref = (_unpad_rows(x, shape) for x in (target, old, adv, weight, ref))
     if sequence_level:  # O(N) between the sweeps: the sequence ratios from the log-probs
+        n = stats.logp.numel()
         psi, seq_coef, loss, coef = _sequence_terms(stats.logp, target >= 0, old, adv, weight, ref, hp,
-                                                    _token_shape(logits, shifted))
+                                                    segment_ids(cu, n), cu.numel() - 1)
         stats = stats._replace(psi=psi, zeta=seq_coef, loss=loss, coef=coef)
     return tuple(_fp32(logits, 0) if x is None else x for x in stats)
 
 
 @sweeps_forward.register_fake
 def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with_loss, shifted,
-      inplace_backward):
+      inplace_backward, cu=None):
     B, T = _token_shape(logits, shifted)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     return tuple(_fp32(logits, B * T if p else 0) for p in present)
@@ -187,12 +190,13 @@ def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap,
 
 
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, weight, _, params, softcap, with_entropy, with_loss, shifted, inplace = inputs
+    logits, target, _, _, weight, _, params, softcap, with_entropy, with_loss, shifted, inplace, *cu = inputs
     base, log2_sum, _, entropy, psi, zeta, _, coef = output
     ctx.sequence_level = with_loss and _unpack(params, softcap)[0].kind == GSPO_KIND
     # GSPO: zeta holds each token's share of its sequence term's derivative (see _sequence_terms)
-    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy,
-                          zeta if ctx.sequence_level else None, weight if ctx.sequence_level else None)
+    seq = ctx.sequence_level
+    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy, zeta if seq else None,
+                          weight if seq else None, cu[0] if seq else None)
     ctx.token_shape = _token_shape(logits, shifted)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
     ctx.shifted, ctx.inplace = shifted, inplace
@@ -202,18 +206,19 @@ def _sweeps_setup(ctx, inputs, output):
 
 @once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
-    logits, target, base, log2_sum, coef, entropy, seq_coef, weight = ctx.saved_tensors
+    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
-        return (None,) * 12
+        return (None,) * 13
     # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
     dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
         dlogp = dlogp + coef * d_loss
         if ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
-            per_seq = (weight * d_loss).reshape(ctx.token_shape).sum(-1, keepdim=True)
-            dlogp = dlogp + (seq_coef.reshape(ctx.token_shape) * per_seq).reshape(-1)
+            seq_id = segment_ids(cu, dlogp.numel())
+            per_seq = dlogp.new_zeros(cu.numel() - 1).index_add_(0, seq_id, weight * d_loss)
+            dlogp = dlogp + seq_coef * per_seq[seq_id]
     if d_logp is not None:
         dlogp = dlogp + d_logp
     dent = None if d_entropy is None else d_entropy.float().contiguous()
@@ -224,7 +229,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         grad = logits
     else:
         grad = sweeps_backward(logits, *args)
-    return (grad,) + (None,) * 11
+    return (grad,) + (None,) * 12
 
 
 torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
@@ -238,7 +243,7 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     ref = batch.ref if hp.beta > 0 else None
     out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref,
                          pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
-                         bool(shifted), bool(inplace_backward))
+                         bool(shifted), bool(inplace_backward), batch.cu if hp.kind == GSPO_KIND else None)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     return RowStats(*(x if p else None for x, p in zip(out, present)))
 
@@ -250,7 +255,7 @@ def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
     adv: Tensor, g: Tensor, ref: Optional[Tensor], params: List[float], softcap: bool,
     chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
-    n_valid: Optional[int] = None,
+    entropy_coef: float = 0.0, n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
     for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
@@ -259,7 +264,7 @@ def fused_linear_forward(
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
-            need_dh, need_dw, need_db, n_valid=n_valid)
+            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=entropy_coef)
     return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
             hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
             _fp32(hidden, 0) if db is None else db)
@@ -267,7 +272,7 @@ def fused_linear_forward(
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, target, old, adv, g, ref, params, softcap, chunk_rows, with_entropy,
-      need_dh, need_dw, need_db, n_valid=None):
+      need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None):
     n = hidden.shape[0]
     return (
         torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
@@ -305,8 +310,8 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
 @once_differentiable
 def _linear_backward(ctx, d_loss, *_):
     if d_loss is None:
-        return (None,) * 16
-    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 13
+        return (None,) * 17
+    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 14
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._inputs import per_sequence_sum
 from ._sweep_types import RowStats
 from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
@@ -126,9 +127,10 @@ def _token_terms(logp, valid, old, adv, g, ref, hp):
     return out(psi), out(zeta), out(g * loss), out(g * coef)
 
 
-def _sequence_terms(logp, valid, old, adv, g, ref, hp, shape):
-    """GSPO's sequence-level epilogue on (N,) vectors of (B, T) = ``shape`` tokens, in float64:
-    (log s_i per token, the sequence term's derivative share, g·loss_t, g·d(KL term)/d logp).
+def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
+    """GSPO's sequence-level epilogue on (N,) vectors of tokens in ``n_seqs`` sequences (``seq_id``
+    the sequence of each token), in float64: (log s_i per token, the sequence term's derivative
+    share, g·loss_t, g·d(KL term)/d logp).
 
     s_i = exp(mean over the valid tokens of sequence i of log r), loss_i = PPO-clip of s_i with
     the sequence's advantage. Every valid token carries loss_i; since loss_i depends on each of
@@ -136,20 +138,22 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, shape):
     the "share" returned for each valid token u: the backward multiplies it by Σ_t g_t · ∂L/∂loss_t
     over the sequence."""
     f64 = torch.float64
-    B, T = shape
-    valid2 = valid.reshape(B, T)
-    v = valid2.to(f64)
+    v = valid.to(f64)
     logp = logp.to(f64)
-    log_ratio = (logp - old.to(f64) if old is not None else torch.zeros_like(logp)).reshape(B, T)
-    log_ratio = torch.where(valid2, log_ratio, 0.0)
-    n = v.sum(-1).clamp(min=1.0)
-    log_s = log_ratio.sum(-1) / n
-    adv_seq = (torch.where(valid2, adv.to(f64).reshape(B, T), 0.0)).sum(-1) / n
+    log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
+    log_ratio = torch.where(valid, log_ratio, 0.0)
+
+    def per_seq(x):
+        return per_sequence_sum(x, seq_id, n_seqs)
+
+    n = per_seq(v).clamp(min=1.0)
+    log_s = per_seq(log_ratio) / n
+    adv_seq = per_seq(torch.where(valid, adv.to(f64), 0.0)) / n
     h0, h1 = hp.values[:2]
     loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, h0, h1, 0.0)
     dlog_s = torch.where(loss_seq.isnan(), loss_seq, dlog_s)  # a NaN sequence term: NaN rows, all of them
-    loss = loss_seq.unsqueeze(-1).expand(B, T).reshape(-1)
-    share = (dlog_s / n).unsqueeze(-1).expand(B, T).reshape(-1)
+    loss = loss_seq[seq_id]
+    share = (dlog_s / n)[seq_id]
     kl_coef = torch.zeros_like(logp)
     if ref is not None:
         d = ref.to(f64) - logp
@@ -160,8 +164,7 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, shape):
     def out(x):
         return torch.where(valid, x, torch.zeros_like(x)).float()
 
-    psi = log_s.unsqueeze(-1).expand(B, T).reshape(-1)
-    return out(psi), out(share), out(g * loss), out(g * kl_coef)
+    return out(log_s[seq_id]), out(share), out(g * loss), out(g * kl_coef)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss):

@@ -4,8 +4,8 @@ Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
 1. ``VocabSlice.agree``: one all-gather of 7 + ``SETTING_SLOTS`` = 23 int64 per rank: V_r (so the slice
-   offsets), the token count, a fingerprint of input_ids and mask, whether the rank's inputs
-   passed their local checks, and a hash of each setting that decides what the later collectives
+   offsets), the token count, fingerprints of input_ids and mask and of the sequence boundaries,
+   whether the rank's inputs passed their local checks, and a hash of each setting that decides what the later collectives
    do or what they return (hyperparameters, objective, aggregation, dtypes, flags, chunk size:
    ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
    that disagree, raise on every rank instead of leaving the others waiting in a collective or
@@ -140,8 +140,8 @@ class VocabSlice:
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
         if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids or mask differ across ranks; every rank must pass the "
-                             "same global ids and mask")
+            raise ValueError("tp_group: input_ids, mask or cu_seqlens differ across ranks; every rank must "
+                             "pass the same global ids, mask and sequence boundaries")
         return VocabSlice(group, rank, sizes)
 
     def local_target(self, target):
@@ -216,7 +216,7 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
     tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          local_error=error, settings=agreed)
+                          mask=None if batch is None else batch.cu, local_error=error, settings=agreed)
     bad = batch.target >= tp.total
     if bool(bad.any()):
         where = bad.nonzero()[0, 0].item()
@@ -292,13 +292,14 @@ class _VocabParallelLinear(torch.autograd.Function):
     scales them; no collective in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden):
+    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden,
+                entropy_coef):
         from .linear_sweeps import fused_linear_sweeps
 
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
             batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
-            tp=batch.tp, reduce_dhidden=reduce_dhidden, n_valid=batch.n_valid)
+            tp=batch.tp, reduce_dhidden=reduce_dhidden, n_valid=batch.n_valid, entropy_coef=entropy_coef)
         ctx.save_for_backward(dh, dw, db)
         ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
         empty = logp.new_empty(0)
@@ -316,13 +317,13 @@ class _VocabParallelLinear(torch.autograd.Function):
     def _backward(ctx, d_loss):
         from .ops import scaled_linear_grads
 
-        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 7
+        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 8
 
 
-def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden):
+def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden, entropy_coef=0.0):
     """(loss, logp, entropy, psi, zeta) of the fused linear path over a vocabulary slice."""
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
-                                      reduce_dhidden)
+                                      reduce_dhidden, entropy_coef)

@@ -57,11 +57,27 @@ def _next_token_positions(logits, input_ids):
     return logits
 
 
-def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored."""
+def _unpack(cu_seqlens, *flat):
+    """A packed stream → the padded batch it stands for: (S, L) per-token tensors with L the
+    longest sequence, and the (S, L) bool of the positions that hold a token. Sequence i is
+    tokens cu[i]:cu[i + 1]; indexing keeps the gradient flowing back to the stream."""
+    cu = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    L = max(lengths, default=0)
+    device = cu_seqlens.device
+    held = torch.tensor([[j < n for j in range(L)] for n in lengths], dtype=torch.bool,
+                        device=device).reshape(len(lengths), L)
+    index = torch.tensor([[min(a + j, max(cu[-1] - 1, 0)) for j in range(L)] for a in cu[:-1]],
+                         dtype=torch.int64, device=device).reshape(len(lengths), L)
+    return held, tuple(None if x is None else x[index] for x in flat)
+
+
+def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False, mask=None):
+    """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored
+    or where ``mask`` is false."""
     logits = _next_token_positions(logits, input_ids)
-    logits3, ids = _as_batch(logits, input_ids)
-    valid = _valid_tokens(ids, None, ignore_index)
+    logits3, ids, mask3 = _as_batch(logits, input_ids, mask)
+    valid = _valid_tokens(ids, mask3, ignore_index)
     logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
     logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
     if not return_entropy:
@@ -123,14 +139,15 @@ def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
     return loss
 
 
-def aggregate(loss_tok, valid, loss_agg_mode, normalizer=None):
+def aggregate(loss_tok, valid, loss_agg_mode, normalizer=None, seq_valid_tokens=None):
     """Σ_t g_t · loss_t with the aggregation of SPEC.md; an all-invalid batch gives 0.
-    ``normalizer`` replaces the count (tokens, or sequences with a token) as the divisor."""
+    ``normalizer`` replaces the count (tokens, or sequences with a token) as the divisor;
+    ``seq_valid_tokens`` (B,) replaces each sequence's count of valid tokens."""
     loss_tok = torch.where(valid, loss_tok, torch.zeros_like(loss_tok))
     valid = valid.to(loss_tok.dtype)
+    tokens_per_seq = valid.sum(-1) if seq_valid_tokens is None else seq_valid_tokens.to(loss_tok.dtype)
     if loss_agg_mode == "token-mean":
-        return loss_tok.sum() / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
-    tokens_per_seq = valid.sum(-1)
+        return loss_tok.sum() / (tokens_per_seq.sum().clamp(min=1) if normalizer is None else normalizer)
     if loss_agg_mode == "seq-mean-token-mean":
         per_seq = loss_tok.sum(-1) / tokens_per_seq.clamp(min=1)
     elif loss_agg_mode == "seq-mean-token-sum":
@@ -158,10 +175,13 @@ def mhpo_loss_from_logprobs(
     entropy=None,
     normalizer=None,
     objective=None,
+    entropy_coef=0.0,
+    seq_valid_tokens=None,
 ):
     """The MHPO loss of SPEC.md from the current policy's per-token log-probs ``logp`` (B, T),
     which carry the gradient; ``mask`` (B, T) marks valid tokens (None: all). ``entropy`` (B, T),
-    if given, is averaged into the metrics."""
+    if given, is averaged into the metrics, and with ``entropy_coef`` > 0 (then it must carry its
+    gradient) each token's loss is loss_t − entropy_coef · H_t."""
     valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
@@ -173,7 +193,9 @@ def mhpo_loss_from_logprobs(
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
         if beta > 0:                                           # β = 0: the term is not evaluated
             loss_tok = loss_tok + beta * kl
-    loss = aggregate(loss_tok, valid, loss_agg_mode, normalizer)
+    if entropy_coef > 0:
+        loss_tok = loss_tok - entropy_coef * entropy
+    loss = aggregate(loss_tok, valid, loss_agg_mode, normalizer, seq_valid_tokens)
     if not return_metrics:
         return loss
 
@@ -217,11 +239,21 @@ def mhpo_loss(
     return_metrics=False,
     normalizer=None,
     objective=None,
+    cu_seqlens=None,
+    seq_valid_tokens=None,
+    entropy_coef=0.0,
 ):
     """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
     (and ``objective``, as in ``mhpo_kernels.policy_loss``: None is MHPO with c, k, λ above)
     (less ``inplace_backward``). Logits with one more position than input_ids are sliced:
-    position t predicts input_ids[:, t]."""
+    position t predicts input_ids[:, t]. A packed stream (``cu_seqlens``) is the padded batch of
+    its sequences: it is unpacked and computed as that batch."""
+    if cu_seqlens is not None:
+        per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens) = _unpack(
+            cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None)
+        advantages = adv_tokens if per_token else advantages
+        mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
@@ -230,8 +262,8 @@ def mhpo_loss(
         logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
-        entropy=_entropy(logprobs) if return_metrics else None, normalizer=normalizer,
-        objective=objective,
+        entropy=_entropy(logprobs) if return_metrics or entropy_coef > 0 else None, normalizer=normalizer,
+        objective=objective, entropy_coef=entropy_coef, seq_valid_tokens=seq_valid_tokens,
     )
 
 

@@ -336,13 +336,14 @@ def _trl_run(tiny_model, tmp_path, cls, **config):
 
 
 @pytest.mark.parametrize("config", [
-    dict(loss_type="grpo"), dict(loss_type="dapo"), dict(loss_type="bnpo"), dict(loss_type="dr_grpo"),
+    dict(loss_type="grpo"), dict(loss_type="dapo"), dict(loss_type="bnpo", entropy_coef=0.5), dict(loss_type="dr_grpo"),
     dict(loss_type="cispo", epsilon_high=1.3), dict(loss_type="sapo"), dict(loss_type="dapo", delta=1.5),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
-], ids=["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "dapo-delta", "gspo"])
+], ids=["grpo", "dapo", "bnpo-entropy-bonus", "dr_grpo", "cispo", "sapo", "dapo-delta", "gspo"])
 def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     """objective='trl': the training losses equal TRL's own GRPOTrainer's on the same seed, for
-    each supported loss_type (TRL's ε, δ, SAPO temperatures and normalization)."""
+    each supported loss_type (TRL's ε, δ, SAPO temperatures and normalization), and TRL's entropy
+    bonus where its meaning is the op's (bnpo: both are the local token mean)."""
     ours = _trl_run(tiny_model, tmp_path / "ours", MHPOTrainer, **config)
     theirs = _trl_run(tiny_model, tmp_path / "trl", trl.GRPOTrainer, **config)
     assert len(ours) == len(theirs) == 2
@@ -360,6 +361,8 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     (dict(loss_type="grpo", importance_sampling_level="sequence", use_vllm=True,
           vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate"),
      "vllm_importance_sampling_mode='token_truncate'"),
+    (dict(loss_type="grpo", entropy_coef=0.1), "entropy_coef"),
+    (dict(loss_type="bnpo", entropy_coef=0.1, use_adaptive_entropy=True), "use_adaptive_entropy"),
 ])
 def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, config, match):
     with pytest.raises(ValueError, match=match):

@@ -98,3 +98,33 @@ def test_ppo_loss_equals_reference(mode, global_info):
     assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
     assert max_rel_err(grad, grad64) <= FP32_RTOL
     assert "actor/mhpo_psi" in metrics
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_token_logprobs_replaces_verl_remove_padding_hook(backend):
+    """verl's remove-padding forward computes, on the packed (total_nnz, V) logits divided by τ,
+    ``logprobs_from_logits(logits_rmpad, input_ids_rmpad_rolled)`` and
+    ``entropy_from_logits(logits_rmpad)``; ``token_logprobs(logits_rmpad, input_ids_rmpad_rolled,
+    temperature=τ, return_entropy=True)`` gives both, and their gradients, from the raw logits."""
+    import mhpo_kernels
+    from conftest import TRITON_DEVICE
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    g = torch.Generator().manual_seed(21)
+    nnz, V, tau = 11, 53, 0.8
+    logits_rmpad = torch.randn(nnz, V, generator=g, dtype=torch.float64) * 2
+    input_ids_rmpad_rolled = torch.randint(0, V, (nnz,), generator=g)
+    up = torch.randn(2, nnz, generator=g, dtype=torch.float64)
+    x64 = logits_rmpad.clone().requires_grad_()
+    scaled = x64 / tau
+    theirs = (logprobs_from_logits(scaled, input_ids_rmpad_rolled), entropy_from_logits(scaled))
+    (g64,) = torch.autograd.grad((theirs[0] * up[0]).sum() + (theirs[1] * up[1]).sum(), x64)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = logits_rmpad.float().to(device).requires_grad_()
+    up32 = up.float().to(device)
+    with mhpo_kernels.use_backend(backend):
+        ours = mhpo_kernels.token_logprobs(x, input_ids_rmpad_rolled.to(device), temperature=tau, return_entropy=True)
+        (g32,) = torch.autograd.grad((ours[0] * up32[0]).sum() + (ours[1] * up32[1]).sum(), x)
+    for a, b in zip(ours, theirs):
+        assert max_rel_err(a.cpu(), b.detach()) <= FP32_RTOL
+    assert max_rel_err(g32.cpu(), g64) <= FP32_RTOL

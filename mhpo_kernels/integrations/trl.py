@@ -184,7 +184,12 @@ class MHPOTrainer(GRPOTrainer):
                 getattr(self, "importance_sampling_level", "token") != "token" and not trl_loss,
             "top_entropy_quantile < 1": getattr(self, "top_entropy_quantile", 1.0) < 1.0,
             "off_policy_mask_threshold": getattr(self, "off_policy_mask_threshold", None) is not None,
-            "an entropy bonus (entropy_coef / adaptive entropy)": getattr(self, "_entropy_bonus_enabled", False),
+            "adaptive entropy control (use_adaptive_entropy)": getattr(self, "use_adaptive_entropy", False),
+            # TRL's bonus is the local token mean of the entropy whatever the loss type; the op's is
+            # aggregated like the loss (Σ g_t · H_t): the same only where g_t is that token mean.
+            "entropy_coef except with objective='trl' and loss_type='bnpo' (TRL's bonus is a local token "
+            "mean of the entropy, which the fused loss aggregates like the loss)":
+                getattr(self, "entropy_coef", 0.0) != 0.0 and not (trl_loss and self.loss_type == "bnpo"),
             "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
             "delta (two-sided clipping) with the MHPO objective": getattr(args, "delta", None) is not None
                 and not trl_loss,
@@ -264,12 +269,16 @@ class MHPOTrainer(GRPOTrainer):
         if loss_agg_mode is not None:
             kwargs["loss_agg_mode"] = loss_agg_mode
         common = dict(ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
-                      inplace_backward=self.args.inplace_backward)
+                      inplace_backward=self.args.inplace_backward, entropy_coef=self.entropy_bonus_coef())
         if self.objective is None:
             return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, **common, **kwargs)
         return mhpo_kernels.policy_loss(logits, completion_ids, old_logps, advantages, mask, objective=self.objective,
                                         temperature=kwargs["temperature"], loss_agg_mode=kwargs["loss_agg_mode"],
                                         beta=kwargs["beta"], **common)
+
+    def entropy_bonus_coef(self):
+        """TRL's static ``entropy_coef`` (only where ``_check_supported`` found the meanings equal)."""
+        return float(getattr(self, "entropy_coef", 0.0))
 
     def token_mean_normalizer(self, inputs):
         """TRL's ``dapo`` divisor for token-mean: the generation batch's valid tokens (all processes),
