@@ -27,6 +27,7 @@ class Batch:
     weight: Optional[torch.Tensor]  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
     ref: Optional[torch.Tensor]    # (N,) fp32
     tp: Optional[object] = None    # vocab_parallel.VocabSlice when the vocabulary is split over ranks
+    tau: Optional[torch.Tensor] = None  # (N,) fp32 per-token temperature, 1 at invalid tokens
 
 
 def check_positive(name, value):
@@ -44,6 +45,29 @@ def check_nonnegative(name, value):
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
+
+
+def check_temperature(temperature):
+    """(τ for the logit map, the per-token tensor or None): a number τ is checked here, finite and
+    > 0; a tensor only for its kind (its shape and values are checked with the other per-token
+    inputs, ``prepare_tokens``), and the map then takes τ = 1 and the tensor per row."""
+    if not isinstance(temperature, torch.Tensor):
+        return check_positive("temperature", temperature), None
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a number or a floating tensor, got a {temperature.dtype} tensor")
+    return 1.0, temperature
+
+
+def _check_temperature_tensor(tau, token_shape, device):
+    """A floating tensor shaped like input_ids, or flat (N,), on ``device``: flat fp32."""
+    if tau is None:
+        return None
+    _check_tensor("temperature", tau, device)
+    n = math.prod(token_shape)
+    if tau.shape != token_shape and tuple(tau.shape) != (n,):
+        raise ValueError(f"temperature must be a number or a tensor of shape {tuple(token_shape)} like "
+                         f"input_ids (or ({n},)), got shape {tuple(tau.shape)}")
+    return tau.detach().reshape(-1).to(torch.float32).contiguous()
 
 
 def check_agg_mode(loss_agg_mode):
@@ -179,9 +203,10 @@ _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
 
 _BAD_NORMALIZER = "normalizer must be finite and > 0"
+_BAD_TEMPERATURE = "temperature must be finite and > 0 at valid tokens"
 
 
-def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
+def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None, tau=None):
     """The checks that look at values: one host sync eagerly; inside torch.compile, which cannot
     branch on data, asynchronous asserts in the graph instead (an error at the next sync)."""
     # V None: the vocabulary is split over ranks and its size not yet known; the upper bound is
@@ -192,6 +217,9 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
         checks.append((mask_not_binary, _BAD_MASK))
     if normalizer is not None:
         checks.append((~(torch.isfinite(normalizer) & (normalizer > 0)), _BAD_NORMALIZER))
+    if tau is not None:  # invalid tokens' τ may be anything: it is never used
+        bad_tau = valid & ~(torch.isfinite(tau) & (tau > 0))
+        checks.append((bad_tau.any(), _BAD_TEMPERATURE))
     if torch.compiler.is_compiling():
         for flag, message in checks:
             torch._assert_async(~flag, message or _BAD_IDS)
@@ -205,6 +233,9 @@ def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None):
             f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)"
         )
     for flag, (_, message) in zip(flags[1:], checks[1:]):
+        if flag and message == _BAD_TEMPERATURE:
+            where = bad_tau.nonzero()[0, 0].item()
+            raise ValueError(f"{message}, got {tau[where].item()} at flat position {where}")
         if flag:
             raise ValueError(message if message != _BAD_NORMALIZER else f"{message}, got {normalizer.item()}")
 
@@ -227,24 +258,27 @@ def aggregation_weights(valid, loss_agg_mode, normalizer=None):
 
 
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
-                   normalizer=None):
-    """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
-    with target and validity filled in. ``source`` names where token_shape comes from."""
+                   normalizer=None, temperature=None):
+    """Validate ids and mask (and a per-token ``temperature`` tensor) for ``token_shape`` tokens
+    over a vocabulary of V; return a Batch with target, validity and τ filled in. ``source``
+    names where token_shape comes from."""
     ids = _check_ids(input_ids, token_shape, device, source)
     ignore_index = _check_ignore_index(ignore_index)
     mask, mask_not_binary = _check_mask(mask, token_shape, device)
+    tau = _check_temperature_tensor(temperature, token_shape, device)
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
-    _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer)
+    _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer, tau)
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
     seq_shape = tuple(token_shape) if len(token_shape) == 2 else (1, ids.numel())
-    return Batch(token_shape, seq_shape, target, valid, None, None, None, None)
+    tau = None if tau is None else torch.where(valid, tau, 1.0)
+    return Batch(token_shape, seq_shape, target, valid, None, None, None, None, tau=tau)
 
 
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
-    loss_agg_mode, ignore_index, source="logits without V", normalizer=None,
+    loss_agg_mode, ignore_index, source="logits without V", normalizer=None, temperature=None,
 ):
     """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
     check_agg_mode(loss_agg_mode)
@@ -252,7 +286,8 @@ def prepare_mhpo(
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
     normalizer = check_normalizer(normalizer, device)
-    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, normalizer)
+    batch = prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, normalizer,
+                           temperature)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     batch.adv = _check_advantages(advantages, token_shape, device)

@@ -11,9 +11,10 @@ import torch
 
 from . import ops
 from ._config import fused_linear_chunk_rows
-from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
+from ._inputs import (
+    check_float_tensor, check_nonnegative, check_positive, check_temperature, prepare_mhpo, prepare_tokens,
+)
 from ._sweep_types import LogitMap, TokenParams
-from .linear_sweeps import token_logprobs_sweeps
 from .loss import metrics_from_stats, mhpo_params
 from .objectives import MHPO, check_objective
 
@@ -144,12 +145,13 @@ def fused_linear_policy_loss(
     def prepare():
         hp = TokenParams.of(objective, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        tau_value, tau = check_temperature(temperature)
         batch = prepare_mhpo(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            source="hidden without H", normalizer=normalizer,
+            source="hidden without H", normalizer=normalizer, temperature=tau,
         )
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
@@ -165,7 +167,7 @@ def fused_linear_policy_loss(
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
-        ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
+        lmap.tau, ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
@@ -174,26 +176,47 @@ def fused_linear_policy_loss(
     return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, objective)
 
 
-@torch.no_grad()
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
+    reduce_dhidden=True,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
-    ``tp_group``), chunked: for the old- and reference-policy passes. Not differentiable: the
-    results carry no gradient. Returns fp32 log-probs shaped like input_ids (and the entropy), 0
-    at ignored positions."""
+    ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
+    log-probs shaped like input_ids (and the entropy of softmax(z / τ)), 0 at ignored positions.
+
+    Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
+    drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
+    is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``.
+
+    Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
+    (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
+    each tile (one GEMM), turns it into ∂L/∂logits in place and folds it into dhidden and dweight
+    (two GEMMs): 4 GEMMs per chunk in all, one more than ``fused_linear_mhpo_loss``, whose loss
+    is known in the forward; the backward holds one tile and an fp32 dweight (V × H × 4 bytes).
+    Under ``torch.no_grad()``, or when none of hidden, weight, bias requires grad, nothing is
+    saved: the old- and reference-policy passes cost the forward alone. With ``tp_group`` the
+    forward makes the loss path's collectives and the backward only dhidden's all-reduce.
+    """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        tau_value, tau = check_temperature(temperature)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
-                               hidden.device, ignore_index, source="hidden without H")
+                               hidden.device, ignore_index, source="hidden without H", temperature=tau)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(None, lmap, hidden2d, chunk_rows, batch)
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size)
-    logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
-                                          bool(return_entropy), tp=batch.tp)
+    if tp_group is not None:
+        from . import vocab_parallel
+
+        logp, entropy = vocab_parallel.fused_linear_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                             bool(return_entropy), bool(reduce_dhidden))
+    else:
+        logp, entropy, _, _ = ops.fused_linear_logprobs(hidden2d, weight, bias, batch.target, lmap.tau,
+                                                        ops.pack_params(TokenParams(), lmap), lmap.softcap,
+                                                        chunk_rows, bool(return_entropy))
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

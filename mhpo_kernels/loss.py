@@ -6,7 +6,8 @@ from typing import NamedTuple
 import torch
 
 from ._inputs import (
-    check_agg_mode, check_logits, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens,
+    check_agg_mode, check_logits, check_nonnegative, check_positive, check_temperature, prepare_mhpo,
+    prepare_tokens,
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -157,7 +158,12 @@ def mhpo_loss(
             or (1,) / () for the one sequence.
         mask: optional (B, T) bool or 0/1 completion mask.
         c, k_pos, lam_pos, k_neg, lam_neg: LFM bound and Weibull hazard shapes/scales, finite > 0.
-        temperature: τ > 0, applied to the logits before the softmax.
+        temperature: τ > 0, applied to the logits before the softmax: a number, or one τ_t per
+            token, a floating tensor shaped like input_ids (or flat (N,)) on the logits' device
+            (prime-rl passes one per token; one per sequence is ``tau[:, None].expand_as(ids)``).
+            Each must be finite and > 0 at valid tokens; invalid tokens' values are never read
+            (NaN is fine). A new tensor (or value) never recompiles anything, and no gradient
+            reaches it. The metrics (entropy) are those of softmax(x_t / τ_t).
         ref_logprobs, beta: optional reference log-probs (B, T) and KL weight β ≥ 0; β > 0 needs
             ref_logprobs.
         ignore_index: ids equal to it are invalid tokens.
@@ -242,13 +248,14 @@ def policy_loss(
 
     def prepare():
         hp = TokenParams.of(objective, check_nonnegative("beta", beta))
-        lmap = LogitMap.make(check_positive("temperature", temperature))
+        tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            normalizer=normalizer,
+            normalizer=normalizer, temperature=tau,
         )
+        lmap = LogitMap.make(tau_value, tau=batch.tau)
         if objective.sequence_level:
             check_sequence_advantages(batch)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
@@ -270,14 +277,15 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     materializing either. Positions where ``input_ids == ignore_index`` give 0 for both and pass
     no gradient. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
     ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
-    input_ids' shape, dtype float32. ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``.
-    Runs where ``mhpo_loss`` runs.
+    input_ids' shape, dtype float32. ``temperature`` (a number or one τ per token),
+    ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``. Runs where ``mhpo_loss`` runs.
     """
     def prepare():
-        lmap = LogitMap.make(check_positive("temperature", temperature))
+        tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index)
+                               logits.device, ignore_index, temperature=tau)
+        lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(MHPOParams(), lmap, logits3, shifted, batch, check_inplace(logits, inplace_backward))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits)
@@ -289,7 +297,11 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
 
 
 class MHPOLoss(torch.nn.Module):
-    """``mhpo_loss`` with its hyperparameters held by the module (checked at construction)."""
+    """``mhpo_loss`` with its hyperparameters held by the module (checked at construction).
+
+    ``temperature`` is the module's number; ``forward(..., temperature=tau)`` replaces it for one
+    call, with a number or a per-token tensor (as ``mhpo_loss`` takes).
+    """
 
     def __init__(
         self, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, *, temperature=1.0,
@@ -310,11 +322,11 @@ class MHPOLoss(torch.nn.Module):
         self.tp_group = tp_group
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
-                ref_logprobs=None, return_metrics=False, normalizer=None):
+                ref_logprobs=None, return_metrics=False, normalizer=None, temperature=None):
         return mhpo_loss(
             logits, input_ids, old_logprobs, advantages, mask,
             c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
-            lam_neg=self.lam_neg, temperature=self.temperature,
+            lam_neg=self.lam_neg, temperature=self.temperature if temperature is None else temperature,
             loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
             inplace_backward=self.inplace_backward, tp_group=self.tp_group,

@@ -4,7 +4,7 @@ Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
 1. ``VocabSlice.agree``: one all-gather of a few int64 per rank: V_r (so the slice offsets), the
-   token count, a fingerprint of input_ids and mask, and whether the rank's inputs passed their
+   token count, a fingerprint of input_ids and mask and one of a per-token temperature, and whether the rank's inputs passed their
    local checks. Every rank then validates the same table the same way, so a bad call raises on
    every rank instead of leaving the others waiting in a collective.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
@@ -29,9 +29,12 @@ STAT_FIELDS = 4  # base, log2 sum, entropy, log-prob within the slice
 
 
 def _fingerprint(x):
-    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values."""
+    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values
+    (a floating tensor by its bits)."""
     if x is None:
         return [-1, -1]
+    if x.is_floating_point():
+        x = x.to(torch.float32).view(torch.int32)
     flat = x.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
     return [int(flat.sum()), int((flat * weights).sum())]
@@ -88,8 +91,8 @@ class VocabSlice:
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
         if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids or mask differ across ranks; every rank must pass the "
-                             "same global ids and mask")
+            raise ValueError("tp_group: input_ids, mask or temperature differ across ranks; every rank "
+                             "must pass the same global ids, mask and per-token temperature")
         return VocabSlice(group, rank, sizes)
 
     def local_target(self, target):
@@ -160,8 +163,9 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
         error = e
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
+    # The mask is folded into the ids (−1); τ is 1 at invalid tokens, so it may differ only there.
     tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          local_error=error)
+                          mask=None if batch is None else batch.tau, local_error=error)
     bad = batch.target >= tp.total
     if bool(bad.any()):
         where = bad.nonzero()[0, 0].item()
@@ -183,12 +187,12 @@ class _VocabParallelSweeps(torch.autograd.Function):
 
         target = tp.local_target(batch.target)
         params = ops.pack_params(hp, lmap)
-        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, params, lmap.softcap,
-                                             bool(with_entropy), False, bool(shifted), False))
+        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, lmap.tau, params,
+                                             lmap.softcap, bool(with_entropy), False, bool(shifted), False))
         ref = batch.ref if hp.beta > 0 else None
         stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                with_entropy, with_loss)
-        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy)
+        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy, lmap.tau)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
@@ -199,13 +203,13 @@ class _VocabParallelSweeps(torch.autograd.Function):
     def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta):
         from . import ops
 
-        logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
+        logits, target, base, log2_sum, coef, entropy, tau = ctx.saved_tensors
         dlogp = d_logp.float()
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
         dent = d_entropy.float().contiguous() if ctx.with_entropy else None
         args = (target, base, log2_sum, dlogp.contiguous(), entropy if dent is not None else None, dent,
-                ctx.params, ctx.softcap, ctx.shifted)
+                tau, ctx.params, ctx.softcap, ctx.shifted)
         if ctx.inplace:
             ops.sweeps_backward_(logits, *args)
             grad = logits
@@ -259,3 +263,40 @@ def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy
              grad_on and bias is not None and bias.requires_grad)
     return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
                                       reduce_dhidden)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group:
+    the forward is ``linear_sweeps.token_logprobs_sweeps`` with ``tp`` (its combine makes the
+    global statistics), the backward ``token_logprobs_grads`` with those statistics, whose only
+    collective is dhidden's all-reduce."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+        from .linear_sweeps import token_logprobs_sweeps
+
+        logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
+                                                              chunk_rows, with_entropy, tp=batch.tp)
+        ctx.save_for_backward(hidden, weight, bias, base, log2_sum, entropy)
+        ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
+        return logp, logp.new_empty(0) if entropy is None else entropy
+
+    @staticmethod
+    def backward(ctx, d_logp, d_entropy):
+        from .linear_sweeps import token_logprobs_grads
+
+        hidden, weight, bias, base, log2_sum, entropy = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dent = None if entropy is None else d_entropy.float().contiguous()
+        dh, dw, db = token_logprobs_grads(
+            hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, log2_sum, entropy,
+            d_logp.float().contiguous(), dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
+            reduce_dhidden=ctx.reduce_dhidden)
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype)) + \
+            (None,) * 5
+
+
+def fused_linear_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+    """(logp, entropy or an empty tensor) of the fused linear path over a vocabulary slice."""
+    return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
+                                        reduce_dhidden)
