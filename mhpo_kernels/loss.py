@@ -190,8 +190,9 @@ def mhpo_loss(
             rank returns the loss and metrics of the whole vocabulary, and its logits' gradient
             is its slice of the full gradient, with no collective in the backward. The forward
             makes two all-gathers: 7 int64 per rank (slice sizes, token count, a fingerprint of
-            the ids, a validation flag), then 4 fp32 per token per rank (16·N·world bytes
-            received per rank), never O(N·V). A bad call raises on every rank.
+            the ids and mask, one of a per-token temperature, a validation flag), then 4 fp32
+            per token per rank (16·N·world bytes received per rank), never O(N·V). A bad call
+            raises on every rank.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
