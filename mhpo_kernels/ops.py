@@ -335,7 +335,8 @@ def _logprobs_setup(ctx, inputs, output):
 
 def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
     hidden, weight, bias, target, tau, base, log2_sum, entropy = ctx.saved_tensors
-    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
         d_entropy = None
     if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
@@ -344,9 +345,9 @@ def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, log2_sum, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, bool(need_db and bias is not None))
-    return (dh if need_dh else None, dw if need_dw else None, db if need_db and bias is not None else None) + \
-        (None,) * 6
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db)
+    grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
+    return grads + (None,) * 6
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,

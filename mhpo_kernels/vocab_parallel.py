@@ -279,6 +279,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                                                               chunk_rows, with_entropy, tp=batch.tp)
         ctx.save_for_backward(hidden, weight, bias, base, log2_sum, entropy)
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
+        ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
         return logp, logp.new_empty(0) if entropy is None else entropy
 
     @staticmethod
@@ -287,13 +288,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         hidden, weight, bias, base, log2_sum, entropy = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        dent = None if entropy is None else d_entropy.float().contiguous()
+        dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
+        dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
+        # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
         dh, dw, db = token_logprobs_grads(
             hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, log2_sum, entropy,
-            d_logp.float().contiguous(), dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
+            dlogp, dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
             reduce_dhidden=ctx.reduce_dhidden)
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype)) + \
-            (None,) * 5
+        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))
+        return grads + (None,) * 5
 
 
 def fused_linear_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
