@@ -40,6 +40,16 @@ def linear_step(hidden, weight, ids, old, adv, mask):
     return loss, metrics["psi"], metrics["entropy"]
 
 
+def linear_logprobs_step(hidden, weight, ids, old, adv, mask):
+    """The differentiable fused (log-prob, entropy) with a per-token temperature, as an RL hook
+    calls it: both outputs in the loss."""
+    tau = torch.sigmoid(old) + 0.5
+    logp, ent = mhpo_kernels.fused_linear_token_logprobs(
+        hidden, weight, ids.masked_fill(~mask, -100), temperature=tau, return_entropy=True, chunk_size=5,
+        final_logit_softcap=8.0)
+    return (logp * adv[:, None]).sum() + 0.1 * ent.sum(), ent.mean()
+
+
 def _logits_args():
     logits, kw = make_inputs(SMALL, Regime("compile", kl=True, garbage=False))
     return logits.requires_grad_(), kw["input_ids"], kw["old_logprobs"], kw["advantages"], kw["mask"], kw["ref_logprobs"]
@@ -67,8 +77,9 @@ def test_no_graph_breaks(step, make_args):
 
 
 @pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
-                                             (linear_step, _linear_args)],
-                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss"])
+                                             (linear_step, _linear_args), (linear_logprobs_step, _linear_args)],
+                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss",
+                              "fused_linear_token_logprobs"])
 def test_compiled_step_equals_eager(step, make_args):
     args = make_args()
     eager_args, compiled_args = _fresh(args), _fresh(args)
