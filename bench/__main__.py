@@ -34,7 +34,7 @@ OUT_DIR = os.environ.get("MHPO_BENCH_OUT") or os.path.join(os.path.dirname(__fil
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 # Most important first; a run cut short by a time limit keeps what it measured.
 ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
-         ("linear", "logprobs")]
+         ("linear", "logprobs"), ("linear", "logprobs_grad")]
 
 
 def check_correctness(device):

@@ -57,13 +57,32 @@ def _liger_linear():
                                     epsilon_high=0.2, loss_type="grpo", use_ref_model=True)
 
 
-def _trl_logprobs(hidden, weight, ids):
+def _trl_logprobs(hidden, weight, ids, with_entropy=False):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     B, T, H = hidden.shape
     out = ChunkedLogProbFunction.apply(hidden.reshape(B * T, H), weight, None, ids.reshape(-1),
-                                       TEMPERATURE, TRL_VOCAB_CHUNK, None, 1.0, ())
+                                       TEMPERATURE, TRL_VOCAB_CHUNK, None, 1.0,
+                                       ("entropy",) if with_entropy else ())
+    if with_entropy:
+        return out[0].reshape(B, T), out[1].reshape(B, T)
     return out[0].reshape(B, T)
+
+
+# Differentiable (log-prob, entropy) steps, the hook verl, prime-rl and NeMo-RL call: take
+# (inputs, hidden, weight), return both per token.
+
+def _fused_linear_logprobs_grad(inputs, h, w):
+    return mhpo_kernels.fused_linear_token_logprobs(h, w, inputs["input_ids"], temperature=TEMPERATURE,
+                                                    return_entropy=True)
+
+
+def _eager_linear_logprobs_grad(inputs, h, w):
+    return reference.token_logprobs(h @ w.T, inputs["input_ids"], TEMPERATURE, return_entropy=True)
+
+
+def _trl_linear_logprobs_grad(inputs, h, w):
+    return _trl_logprobs(h, w, inputs["input_ids"], with_entropy=True)
 
 
 # Steps. Loss steps take (inputs, differentiable leaves) and return a scalar loss.
@@ -122,12 +141,14 @@ def _liger_fused_linear(inputs, h, w):
 
 
 class Provider:
-    """A provider: what it computes, when it can run, its loss step and its no-grad log-probs."""
+    """A provider: what it computes, when it can run, its loss step, its no-grad log-probs and its
+    differentiable (log-prob, entropy)."""
 
     def __init__(self, name, computes, loss, logprobs, needs=None, leaves=("full_logits",),
-                 private=False, modes=None):
+                 private=False, modes=None, logprobs_grad=None):
         self.name, self.computes = name, computes
         self._loss, self._logprobs, self._needs = loss, logprobs, needs
+        self._logprobs_grad = logprobs_grad
         self.leaves = leaves   # the inputs the loss differentiates
         self.private = private  # the step overwrites its leaves: it gets copies (made untimed)
         self.modes = modes
@@ -138,6 +159,8 @@ class Provider:
             return f"only {', '.join(self.modes)}"
         if mode == "logprobs" and self._logprobs is None:
             return "no log-probs entry point"
+        if mode == "logprobs_grad" and self._logprobs_grad is None:
+            return "no differentiable log-probs entry point"
         return self._needs(device) if self._needs else None
 
     def step(self, inputs, mode):
@@ -157,6 +180,18 @@ class Provider:
         if mode == "fwd":
             def run():
                 return self._loss(inputs, *leaves)
+        elif mode == "logprobs_grad":
+            # Random upstream gradients on both outputs, as a loss that uses log-probs and an
+            # entropy bonus hands back; drawn once, untimed.
+            g = torch.Generator().manual_seed(5)
+            up_logp, up_ent = torch.randn((2,) + tuple(inputs["input_ids"].shape), generator=g).to(
+                inputs["input_ids"].device)
+
+            def run():
+                release()
+                logp, ent = self._logprobs_grad(inputs, *leaves)
+                ((logp * up_logp).sum() + (ent * up_ent).sum()).backward()
+                return torch.stack([logp, ent])
         else:
             def run():
                 release()
@@ -171,6 +206,18 @@ def _needs_module(probe):
     def needs(device):
         if device.type != "cuda":
             return "runs on CUDA only"
+        try:
+            probe()
+        except ImportError as e:
+            return f"{e.name or e} not importable"
+        return None
+    return needs
+
+
+def _needs_import(probe):
+    """Available where ``probe`` imports, on any device: TRL's chunked log-probs fall back to
+    PyTorch where Triton does not run, as the fused op does."""
+    def needs(device):
         try:
             probe()
         except ImportError as e:
@@ -207,13 +254,14 @@ PROVIDERS = {
         "fused": Provider("fused", "MHPO", _fused_linear,
                           lambda i: mhpo_kernels.fused_linear_token_logprobs(
                               i["hidden"], i["weight"], i["input_ids"], temperature=TEMPERATURE),
-                          leaves=("hidden", "weight")),
+                          leaves=("hidden", "weight"), logprobs_grad=_fused_linear_logprobs_grad),
         "eager": Provider("eager", "MHPO", _eager_linear,
                           lambda i: reference.token_logprobs(i["hidden"] @ i["weight"].T, i["input_ids"], TEMPERATURE),
-                          leaves=("hidden", "weight")),
+                          leaves=("hidden", "weight"), logprobs_grad=_eager_linear_logprobs_grad),
         "trl": Provider("trl", "MHPO (TRL log-probs + eager loss)", _trl_linear,
                         lambda i: _trl_logprobs(i["hidden"], i["weight"], i["input_ids"]),
-                        needs=_needs_module(_probe_trl), leaves=("hidden", "weight")),
+                        needs=_needs_import(_probe_trl), leaves=("hidden", "weight"),
+                        logprobs_grad=_trl_linear_logprobs_grad),
         "liger": Provider("liger", "GRPO (not MHPO)", _liger_fused_linear, None,
                           needs=_needs_module(_probe_liger_linear), leaves=("hidden", "weight")),
     },

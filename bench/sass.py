@@ -40,7 +40,7 @@ BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                OBJECTIVE=0, LFM=True, DHP=True)
+                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
@@ -59,12 +59,18 @@ FWD_FLAGS = {
     "softcap-logprobs": dict(SOFTCAP=True),                             # fused linear, softcapped
     "softcap-loss-entropy-old-ref": dict(SOFTCAP=True, WITH_LOSS=True, HAS_OLD=True, HAS_REF=True,
                                          WITH_ENTROPY=True),
+    # a per-token temperature: τ_t is a row constant, the loop must not move
+    "tau-loss-entropy-old-ref": dict(HAS_TAU=True, WITH_LOSS=True, HAS_OLD=True, HAS_REF=True,
+                                     WITH_ENTROPY=True),
+    "softcap-tau-logprobs": dict(SOFTCAP=True, HAS_TAU=True),
 }
 BWD_FLAGS = {
-    "": dict(SOFTCAP=False, HAS_DENT=False),
-    "entropy": dict(SOFTCAP=False, HAS_DENT=True),
-    "softcap": dict(SOFTCAP=True, HAS_DENT=False),
-    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True),
+    "": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False),
+    "entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False),
+    "softcap": dict(SOFTCAP=True, HAS_DENT=False, HAS_TAU=False),
+    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False),
+    "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True),
+    "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True),
 }
 
 

@@ -12,8 +12,9 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUITES = ("logits", "linear")
 MODES = ("fwd_bwd", "fwd", "logprobs")  # most important first
-MODE_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward", "logprobs": "log-probs (no grad)"}
-SUITE_MODES = {"logits": MODES, "linear": ("fwd_bwd", "logprobs")}
+MODE_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward", "logprobs": "log-probs (no grad)",
+               "logprobs_grad": "log-probs + entropy, forward+backward"}
+SUITE_MODES = {"logits": MODES, "linear": ("fwd_bwd", "logprobs", "logprobs_grad")}
 
 # Per-token scalars the fused op reads and writes besides the logits (ids, old/ref logp,
 # advantage, aggregation weight, and the saved row statistics): a generous 64 bytes per sweep.
@@ -61,10 +62,11 @@ def bytes_moved(case, mode):
 
 def gemm_flops(case, mode):
     """Linear suite: the GEMM floor. A training step needs the logits (N·V·H multiply-adds),
-    dhidden and dweight: 3 · 2·N·V·H flops; the no-grad log-probs only the first."""
+    dhidden and dweight: 3 · 2·N·V·H flops, and so do differentiable log-probs (whose fused op
+    makes a fourth, recomputing the tile in the backward); the no-grad log-probs only the first."""
     if case.suite != "linear":
         return None
-    return (3 if mode == "fwd_bwd" else 1) * 2 * case.tokens * case.V * case.H
+    return (1 if mode == "logprobs" else 3) * 2 * case.tokens * case.V * case.H
 
 
 # Real vocabularies: Llama-2/Mistral 32000, Llama-3 128256, Qwen2/3 151936.

@@ -30,6 +30,7 @@ class Batch:
     tp: Optional[object] = None    # vocab_parallel.VocabSlice when the vocabulary is split over ranks
     seq_id: Optional[torch.Tensor] = None  # (N,) int64, the sequence of each token (from cu)
     n_valid: Optional[int] = None  # valid tokens, read in validation's one host sync; None inside torch.compile
+    tau: Optional[torch.Tensor] = None  # (N,) fp32 per-token temperature, 1 at invalid tokens
 
     @property
     def n_seqs(self):
@@ -51,6 +52,29 @@ def check_nonnegative(name, value):
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
+
+
+def check_temperature(temperature):
+    """(τ for the logit map, the per-token tensor or None): a number τ is checked here, finite and
+    > 0; a tensor only for its kind (its shape and values are checked with the other per-token
+    inputs, ``prepare_tokens``), and the map then takes τ = 1 and the tensor per row."""
+    if not isinstance(temperature, torch.Tensor):
+        return check_positive("temperature", temperature), None
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a number or a floating tensor, got a {temperature.dtype} tensor")
+    return 1.0, temperature
+
+
+def _check_temperature_tensor(tau, token_shape, device):
+    """A floating tensor shaped like input_ids, or flat (N,), on ``device``: flat fp32."""
+    if tau is None:
+        return None
+    _check_tensor("temperature", tau, device)
+    n = math.prod(token_shape)
+    if tau.shape != token_shape and tuple(tau.shape) != (n,):
+        raise ValueError(f"temperature must be a number or a tensor of shape {tuple(token_shape)} like "
+                         f"input_ids (or ({n},)), got shape {tuple(tau.shape)}")
+    return tau.detach().reshape(-1).to(torch.float32).contiguous()
 
 
 def check_agg_mode(loss_agg_mode):
@@ -286,6 +310,7 @@ _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
 
 _BAD_NORMALIZER = "normalizer must be finite and > 0"
+_BAD_TEMPERATURE = "temperature must be finite and > 0 at valid tokens"
 
 
 def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None, extra=()):
@@ -341,12 +366,13 @@ def aggregation_weights(valid, seq_id, n_seqs, loss_agg_mode, normalizer=None, s
     return valid_f / divisor  # seq-mean-token-sum
 
 
-def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens):
-    """The Batch's ids, validity and sequences, and the value checks still to make."""
+def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature):
+    """The Batch's ids, validity, sequences and per-token τ, and the value checks still to make."""
     ids = _check_ids(input_ids, token_shape, device, source)
     ignore_index = check_ignore_index(ignore_index)
     mask, mask_not_binary = _check_mask(mask, token_shape, device)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, token_shape, device)
+    tau = _check_temperature_tensor(temperature, token_shape, device)
     valid = ids != ignore_index
     if mask is not None:
         valid = valid & mask
@@ -356,17 +382,21 @@ def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, 
         extra.append((_bad_cu_seqlens(cu, ids.numel()),
                       f"cu_seqlens must start at 0, be non-decreasing and end at N = {ids.numel()} (the "
                       f"number of tokens)"))
+    if tau is not None:  # invalid tokens' τ may be anything: it is never used
+        extra.append(((valid & ~(torch.isfinite(tau) & (tau > 0))).any(), _BAD_TEMPERATURE))
+        tau = torch.where(valid, tau, 1.0)
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
-    batch = Batch(token_shape, cu, target, valid, None, None, None, None, seq_id=seq_id)
+    batch = Batch(token_shape, cu, target, valid, None, None, None, None, seq_id=seq_id, tau=tau)
     return batch, ids, mask_not_binary, extra
 
 
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
-                   normalizer=None, cu_seqlens=None):
-    """Validate ids and mask for ``token_shape`` tokens over a vocabulary of V; return a Batch
-    with target, validity and sequences filled in. ``source`` names where token_shape comes from."""
+                   normalizer=None, cu_seqlens=None, temperature=None):
+    """Validate ids and mask (and a per-token ``temperature`` tensor) for ``token_shape`` tokens
+    over a vocabulary of V; return a Batch with target, validity, sequences and τ filled in.
+    ``source`` names where token_shape comes from."""
     batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
-                                                      source, cu_seqlens)
+                                                      source, cu_seqlens, temperature)
     batch.n_valid = _raise_on_bad_values(ids, batch.valid, V, mask_not_binary, normalizer, extra)
     return batch
 
@@ -374,7 +404,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None,
+    seq_valid_tokens=None, temperature=None,
 ):
     """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
     check_agg_mode(loss_agg_mode)
@@ -383,7 +413,7 @@ def prepare_mhpo(
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
     normalizer = check_normalizer(normalizer, device)
     batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
-                                                      source, cu_seqlens)
+                                                      source, cu_seqlens, temperature)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     packed = cu_seqlens is not None

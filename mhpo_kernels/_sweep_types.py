@@ -1,6 +1,6 @@
 """The small records that pass between the public functions and the two sweeps."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -31,17 +31,21 @@ def MHPOParams(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0):
     return TokenParams(0, (c, k_pos, lam_pos, k_neg, lam_neg), beta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LogitMap:
     """x ↦ z, the logit the softmax sees: z = s·x/τ, or with softcap z = cap·tanh(s·x/cap)/τ.
 
     Stored as two multipliers, z = out_scale · x · in_scale or out_scale · tanh(in_scale · x); the
     sweeps take the derived constants below (``kernels/logit_map.py`` says how they are used).
+    With a per-token temperature, ``tau`` holds τ_t per row ((N,) fp32, 1 at invalid rows) and the
+    scalars are those of τ = 1: τ_t divides ``log2_scale`` and ``slope`` row by row (it never
+    enters ``tanh_scale``), once per row, in each sweep.
     """
 
     in_scale: float
     out_scale: float
     softcap: bool
+    tau: Optional[torch.Tensor] = None
 
     @property
     def log2_scale(self):
@@ -58,11 +62,16 @@ class LogitMap:
         """dz/dx without softcap, and dz/dx / (1 − u²) with it: s/τ either way."""
         return self.in_scale * self.out_scale
 
+    def rows(self, index):
+        """The map of a subset of the rows (a slice or an index tensor of ``tau``'s rows)."""
+        return self if self.tau is None else replace(self, tau=self.tau[index])
+
     @staticmethod
-    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None):
+    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None):
+        """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
         if softcap is None:
-            return LogitMap(logit_scale / temperature, 1.0, False)
-        return LogitMap(logit_scale / softcap, softcap / temperature, True)
+            return LogitMap(logit_scale / temperature, 1.0, False, tau)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau)
 
 
 class RowStats(NamedTuple):

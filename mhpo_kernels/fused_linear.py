@@ -11,10 +11,11 @@ import torch
 
 from . import ops
 from ._config import fused_linear_chunk_rows
-from ._inputs import check_float_tensor, check_nonnegative, check_positive, prepare_mhpo, prepare_tokens
+from ._inputs import (
+    check_float_tensor, check_nonnegative, check_positive, check_temperature, check_tp_group, prepare_mhpo,
+    prepare_tokens,
+)
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
-from .linear_sweeps import token_logprobs_sweeps
-from ._inputs import check_tp_group
 from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_from_stats, mhpo_objective,
                    resolve_objective)
 
@@ -151,13 +152,14 @@ def fused_linear_policy_loss(
         check_entropy_coef(entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        tau_value, tau = check_temperature(temperature)
         batch = prepare_mhpo(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
-            seq_valid_tokens=seq_valid_tokens,
+            seq_valid_tokens=seq_valid_tokens, temperature=tau,
         )
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -184,7 +186,7 @@ def fused_linear_policy_loss(
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
-        ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
+        lmap.tau, ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, entropy_coef, batch.n_valid,
     )
@@ -193,31 +195,52 @@ def fused_linear_policy_loss(
     return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, resolve_objective(objective))
 
 
-@torch.no_grad()
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
+    reduce_dhidden=True,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
-    ``tp_group``), chunked: for the old- and reference-policy passes. Not differentiable: the
-    results carry no gradient. Returns fp32 log-probs shaped like input_ids (and the entropy), 0
-    at ignored positions."""
+    ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
+    log-probs shaped like input_ids (and the entropy of softmax(z / τ)), 0 at ignored positions.
+
+    Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
+    drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
+    is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``.
+
+    Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
+    (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
+    each tile (one GEMM), turns it into ∂L/∂logits in place and folds it into dhidden and dweight
+    (two GEMMs): 4 GEMMs per chunk in all, one more than ``fused_linear_mhpo_loss``, whose loss
+    is known in the forward; the backward holds one tile and an fp32 dweight (V × H × 4 bytes).
+    Under ``torch.no_grad()``, or when none of hidden, weight, bias requires grad, nothing is
+    saved: the old- and reference-policy passes cost the forward alone. With ``tp_group`` the
+    forward makes the loss path's collectives and the backward only dhidden's all-reduce.
+    """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
-        lmap = LogitMap.make(check_positive("temperature", temperature), logit_scale, final_logit_softcap)
+        tau_value, tau = check_temperature(temperature)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
-                               hidden.device, ignore_index, source="hidden without H")
+                               hidden.device, ignore_index, source="hidden without H", temperature=tau)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(MHPOParams(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
         return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,
                                bias_given=bias is not None, return_entropy=bool(return_entropy),
-                               dtypes=(dtype_name(hidden), dtype_name(weight)))
+                               reduce_dhidden=bool(reduce_dhidden), dtypes=(dtype_name(hidden), dtype_name(weight)))
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
-    logp, entropy = token_logprobs_sweeps(hidden2d, weight, bias, batch.target, lmap, chunk_rows,
-                                          bool(return_entropy), tp=batch.tp, n_valid=batch.n_valid)
+    if tp_group is not None:
+        from . import vocab_parallel
+
+        logp, entropy = vocab_parallel.fused_linear_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                             bool(return_entropy), bool(reduce_dhidden))
+    else:
+        logp, entropy, _, _ = ops.fused_linear_logprobs(hidden2d, weight, bias, batch.target, lmap.tau,
+                                                        ops.pack_params(TokenParams(), lmap), lmap.softcap,
+                                                        chunk_rows, bool(return_entropy), batch.n_valid)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

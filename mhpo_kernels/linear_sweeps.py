@@ -2,7 +2,12 @@
 sweep 1 gives the per-token loss and dL/dlogp, sweep 2 turns the tile into its gradient in place,
 and two GEMMs fold it into dhidden and dweight (3 GEMMs per chunk; recomputing the tile in the
 backward would take 4). Tokens without a valid target are gathered out first and never multiplied
-(eagerly; inside torch.compile see ``_valid_rows``)."""
+(eagerly; inside torch.compile see ``_valid_rows``).
+
+Differentiable log-probs and entropy (``token_logprobs_sweeps`` / ``token_logprobs_grads``) cannot
+fold the gradient in the forward: the upstream gradients of both outputs arrive only in the
+backward. Their forward makes 1 GEMM per chunk and keeps O(N) row statistics; their backward
+recomputes each tile (1 GEMM) and folds its gradient (2 GEMMs): 4 per chunk in all."""
 
 import re
 
@@ -131,16 +136,16 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     kept = _valid_rows(target, n_valid)
     hidden = _without_padding(hidden, target, n_valid)
     hidden, target, old, adv, g, ref = _gather_rows(kept, hidden, target, old, adv, g, ref)
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
+    lmap = lmap if kept is None else lmap.rows(kept)
+    dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
     parts = []
     for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         def rows(x):
             return None if x is None else x[r0:r1]
 
+        lmap_c = lmap.rows(slice(r0, r1))
         stats = _chunk_stats(forward_sweep, tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp,
-                             lmap, sweep_entropy, True, tp)
+                             lmap_c, sweep_entropy, True, tp)
         if bonus:
             dentropy = rows(g) * -entropy_coef
             stats = stats._replace(loss=stats.loss + dentropy * stats.entropy)
@@ -150,14 +155,8 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
         # The tile becomes ∂L/∂logits for an upstream gradient of 1 (this rank's columns with tp).
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))
         backward_sweep(tile, tile, tile_target, stats.base, stats.log2_sum, stats.coef,
-                       stats.entropy if bonus else None, dentropy if bonus else None, lmap)
-        grad = tile[0]
-        if need_dh:
-            torch.mm(grad, weight, out=dh[r0:r1])
-        if need_dw:
-            _addmm_fp32(dw, grad.t(), h_c)
-        if need_db:
-            db += grad.sum(0, dtype=torch.float32)
+                       stats.entropy if bonus else None, dentropy if bonus else None, lmap_c)
+        _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if parts:
         stats = RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
     else:  # no tokens
@@ -171,18 +170,69 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
 
 
+def _grad_buffers(hidden, weight, need_dh, need_dw, need_db):
+    """dhidden (hidden's dtype, every row written), dweight and dbias (fp32 accumulators, zeroed)."""
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
+    return dh, dw, db
+
+
+def _fold_tile_grad(grad, h_c, weight, dh_rows, dw, db):
+    """A chunk's ∂L/∂logits (rows, V) into its dhidden rows and the dweight, dbias sums: 2 GEMMs."""
+    if dh_rows is not None:
+        torch.mm(grad, weight, out=dh_rows)
+    if dw is not None:
+        _addmm_fp32(dw, grad.t(), h_c)
+    if db is not None:
+        db += grad.sum(0, dtype=torch.float32)
+
+
 def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None):
-    """No-grad (logp, entropy or None), each (N,) fp32, chunk by chunk; ``n_valid`` as above."""
+    """(logp, entropy or None, base, log2_sum), each (N,) fp32, chunk by chunk (1 GEMM each): the
+    last two are the rows' log-sum-exp statistics (global ones with ``tp``), which is all that
+    ``token_logprobs_grads`` needs besides the inputs. ``n_valid`` as in ``fused_linear_sweeps``."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden, target = _gather_rows(kept, _without_padding(hidden, target, n_valid), target)
-    logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lmap = lmap if kept is None else lmap.rows(kept)
+    logp, base, log2_sum = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+                            for _ in range(3))
     entropy = torch.empty_like(logp) if with_entropy else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
-        stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, MHPOParams(), lmap,
-                             with_entropy, False, tp)
-        logp[r0:r1] = stats.logp
+        stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, MHPOParams(),
+                             lmap.rows(slice(r0, r1)), with_entropy, False, tp)
+        logp[r0:r1], base[r0:r1], log2_sum[r0:r1] = stats.logp, stats.base, stats.log2_sum
         if with_entropy:
             entropy[r0:r1] = stats.entropy
-    return _scatter_rows(logp, kept, n), _scatter_rows(entropy, kept, n)
+    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, log2_sum))
+
+
+def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, log2_sum, entropy, dlogp,
+                         dentropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None):
+    """The backward of ``token_logprobs_sweeps``: (dhidden, dweight, dbias) (fp32 accumulators for
+    the last two; None where not needed) for the upstream gradients ``dlogp`` and ``dentropy``
+    ((N,) fp32; ``dentropy`` None when the entropy got none). Per chunk of valid tokens the tile
+    is recomputed (1 GEMM), sweep 2 turns it into ∂L/∂logits in place and 2 GEMMs fold it. With
+    ``tp`` the tile holds this rank's columns and ``base``/``log2_sum``/``entropy`` are the global
+    statistics, so the tile's gradient is this rank's slice of the full one: the only collective
+    is dhidden's all-reduce (unless ``reduce_dhidden`` is False)."""
+    _, backward_sweep = _dispatch.sweeps(hidden.device)
+    n = hidden.shape[0]
+    kept = _valid_rows(target, n_valid)
+    hidden, target, base, log2_sum, entropy, dlogp, dentropy = _gather_rows(
+        kept, _without_padding(hidden, target, n_valid), target, base, log2_sum, entropy, dlogp, dentropy)
+    lmap = lmap if kept is None else lmap.rows(kept)
+    dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
+    for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
+        def rows(x):
+            return None if x is None else x[r0:r1]
+
+        tile_target = rows(target) if tp is None else tp.local_target(rows(target))
+        backward_sweep(tile, tile, tile_target, rows(base), rows(log2_sum), rows(dlogp).contiguous(),
+                       rows(entropy), rows(dentropy), lmap.rows(slice(r0, r1)))
+        _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
+    if tp is not None and need_dh and reduce_dhidden:
+        torch.distributed.all_reduce(dh, group=tp.group)
+    return _scatter_rows(dh, kept, n), dw, db

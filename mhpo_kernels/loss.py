@@ -7,7 +7,8 @@ import torch
 
 from ._inputs import (
     check_agg_mode, check_flag, check_ignore_index, check_logits, check_nonnegative, check_positive,
-    check_tp_group, has_internal_overlap, per_sequence_sum, prepare_mhpo, prepare_tokens,
+    check_temperature, check_tp_group, has_internal_overlap, per_sequence_sum, prepare_mhpo,
+    prepare_tokens,
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -80,7 +81,8 @@ def agreed_settings(call, hp, lmap, **flags):
     call, the objective with its values and switches, β, the logit map (temperature, scale,
     softcap), then the call's own flags and dtypes."""
     return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
-                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap), **flags)
+                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap, lmap.tau is not None),
+                **flags)
 
 
 def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
@@ -235,7 +237,12 @@ def mhpo_loss(
             also (S,) or (S, 1) per sequence.
         mask: optional (B, T) bool or 0/1 completion mask.
         c, k_pos, lam_pos, k_neg, lam_neg: LFM bound and Weibull hazard shapes/scales, finite > 0.
-        temperature: τ > 0, applied to the logits before the softmax.
+        temperature: τ > 0, applied to the logits before the softmax: a number, or one τ_t per
+            token, a floating tensor shaped like input_ids (or flat (N,)) on the logits' device
+            (prime-rl passes one per token; one per sequence is ``tau[:, None].expand_as(ids)``).
+            Each must be finite and > 0 at valid tokens; invalid tokens' values are never read
+            (NaN is fine). A new tensor (or value) never recompiles anything, and no gradient
+            reaches it. The metrics (entropy) are those of softmax(x_t / τ_t).
         ref_logprobs, beta: optional reference log-probs (B, T) and KL weight β ≥ 0; β > 0 needs
             ref_logprobs.
         ignore_index: ids equal to it are invalid tokens.
@@ -262,7 +269,8 @@ def mhpo_loss(
             rank returns the loss and metrics of the whole vocabulary, and its logits' gradient
             is its slice of the full gradient, with no collective in the backward. The forward
             makes two all-gathers: 23 int64 per rank (slice sizes, token count, a fingerprint of
-            the ids, a validation flag, a hash of each hyperparameter, flag and dtype), then 4
+            the ids, mask, sequence boundaries and a per-token temperature, a validation
+            flag, a hash of each hyperparameter, flag and dtype), then 4
             fp32 per token per rank (16·N·world bytes received per rank), never O(N·V). A bad
             call, or ranks that pass different hyperparameters, raise on every rank.
         cu_seqlens: for 2-D logits (N, V) and ids (N,) holding S packed sequences, their
@@ -343,13 +351,14 @@ def policy_loss(
                                       "supported: its sequence ratio needs the log-probs of every rank")
         check_entropy_coef(entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
-        lmap = LogitMap.make(check_positive("temperature", temperature))
+        tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_mhpo(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
-            normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
+            normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
         )
+        lmap = LogitMap.make(tau_value, tau=batch.tau)
         if chosen.sequence_level:
             check_sequence_advantages(batch)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
@@ -383,14 +392,15 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     or 0/1, shaped like input_ids) is false give 0 for both and pass no gradient; both results are
     differentiable. Shapes: logits (B, T, V), (B, T + 1, V) (the next-token shift, as in
     ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
-    input_ids' shape, dtype float32. ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``.
-    Runs where ``mhpo_loss`` runs.
+    input_ids' shape, dtype float32. ``temperature`` (a number or one τ per token),
+    ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``. Runs where ``mhpo_loss`` runs.
     """
     def prepare():
-        lmap = LogitMap.make(check_positive("temperature", temperature))
+        tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask)
+                               logits.device, ignore_index, mask, temperature=tau)
+        lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 
@@ -408,7 +418,11 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
 
 class MHPOLoss(torch.nn.Module):
     """``mhpo_loss`` with its hyperparameters held by the module, by keyword only, every one
-    checked at construction."""
+    checked at construction.
+
+    ``temperature`` is the module's number; ``forward(..., temperature=tau)`` replaces it for one
+    call, with a number or a per-token tensor (as ``mhpo_loss`` takes).
+    """
 
     def __init__(
         self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, temperature=1.0,
@@ -428,11 +442,11 @@ class MHPOLoss(torch.nn.Module):
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None, cu_seqlens=None,
-                seq_valid_tokens=None):
+                seq_valid_tokens=None, temperature=None):
         return mhpo_loss(
             logits, input_ids, old_logprobs, advantages, mask,
             c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
-            lam_neg=self.lam_neg, temperature=self.temperature,
+            lam_neg=self.lam_neg, temperature=self.temperature if temperature is None else temperature,
             loss_agg_mode=self.loss_agg_mode, ref_logprobs=ref_logprobs, beta=self.beta,
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
             inplace_backward=self.inplace_backward, tp_group=self.tp_group, cu_seqlens=cu_seqlens,

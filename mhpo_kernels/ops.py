@@ -4,9 +4,9 @@ Each op has a fake (shape-only) implementation and an autograd formula, so ``tor
 traces a training step that calls ``mhpo_loss`` or ``fused_linear_mhpo_loss`` into one graph: the
 ops are opaque nodes in it, and the Triton (or PyTorch) sweeps run inside them unchanged.
 
-Op arguments are flat: tensors (absent optional ones as None), the runtime scalars as one float
-list (``pack_params``: the objective's values, β, the logit map, the epilogue's kind; see
-``TokenParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
+Op arguments are flat: tensors (absent optional ones as None; a per-token temperature is one, ``tau``,
+beside the float list), the runtime scalars as one float list (``pack_params``: the objective's
+values, β, the logit map, the epilogue's kind; see ``TokenParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
 """
 
 import functools
@@ -20,7 +20,7 @@ from ._sweep_types import LogitMap, RowStats, TokenParams
 from ._inputs import segment_ids
 from .objectives import GSPO_KIND
 from .torch_sweeps import _sequence_terms
-from .linear_sweeps import fused_linear_sweeps
+from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 
 
 def pack_params(hp, lmap):
@@ -29,9 +29,9 @@ def pack_params(hp, lmap):
     return [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, float(hp.kind), float(hp.lfm), float(hp.dhp)]
 
 
-def _unpack(params, softcap):
+def _unpack(params, softcap, tau=None):
     hp = TokenParams(int(params[8]), tuple(params[:5]), params[5], bool(params[9]), bool(params[10]))
-    return hp, LogitMap(params[6], params[7], softcap)
+    return hp, LogitMap(params[6], params[7], softcap, tau)
 
 
 def _without_autocast(device):
@@ -107,18 +107,20 @@ def _token_shape(logits, shifted):
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
 def sweeps_forward(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
-    weight: Optional[Tensor], ref: Optional[Tensor], params: List[float], softcap: bool,
-    with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool, cu: Optional[Tensor] = None,
+    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
+    cu: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for).
     ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
     ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
-    hp, lmap = _unpack(params, softcap)
-    forward_sweep, _ = _dispatch.sweeps(logits.device)
     if shifted:
         shape = _token_shape(logits, True)
         target = _pad_rows(target, shape, -1)
         old, adv, weight, ref = (_pad_rows(x, shape, 0.0) for x in (old, adv, weight, ref))
+        tau = _pad_rows(tau, shape, 1.0)
+    hp, lmap = _unpack(params, softcap, tau)
+    forward_sweep, _ = _dispatch.sweeps(logits.device)
     sequence_level = with_loss and hp.kind == GSPO_KIND
     with _without_autocast(logits.device):
         stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
@@ -135,22 +137,23 @@ def sweeps_forward(
 
 
 @sweeps_forward.register_fake
-def _(logits, target, old, adv, weight, ref, params, softcap, with_entropy, with_loss, shifted,
+def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
       inplace_backward, cu=None):
     B, T = _token_shape(logits, shifted)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     return tuple(_fp32(logits, B * T if p else 0) for p in present)
 
 
-def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap,
+def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap,
                     shifted):
-    _, lmap = _unpack(params, softcap)
     _, backward_sweep = _dispatch.sweeps(logits.device)
     if shifted:
         shape = _token_shape(logits, True)
         target = _pad_rows(target, shape, -1)
         base, log2_sum, dlogp, entropy, dentropy = (
             _pad_rows(x, shape, 0.0) for x in (base, log2_sum, dlogp, entropy, dentropy))
+        tau = _pad_rows(tau, shape, 1.0)
+    _, lmap = _unpack(params, softcap, tau)
     with _without_autocast(logits.device):
         return backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap)
 
@@ -158,45 +161,45 @@ def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentro
 @torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
-    entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
-    shifted: bool,
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, shifted: bool,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, params,
+    return _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params,
                            softcap, shifted)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap, shifted):
+def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap, shifted):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))
 def sweeps_backward_(
     logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
-    entropy: Optional[Tensor], dentropy: Optional[Tensor], params: List[float], softcap: bool,
-    shifted: bool,
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, shifted: bool,
 ) -> None:
     """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
     same lane writes it)."""
-    _backward_sweep(logits, logits, target, base, log2_sum, dlogp, entropy, dentropy, params,
+    _backward_sweep(logits, logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params,
                     softcap, shifted)
 
 
 @sweeps_backward_.register_fake
-def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, params, softcap, shifted):
+def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap, shifted):
     return None
 
 
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, weight, _, params, softcap, with_entropy, with_loss, shifted, inplace, *cu = inputs
+    logits, target, _, _, weight, _, tau, params, softcap, with_entropy, with_loss, shifted, inplace, *cu = inputs
     base, log2_sum, _, entropy, psi, zeta, _, coef = output
     ctx.sequence_level = with_loss and _unpack(params, softcap)[0].kind == GSPO_KIND
     # GSPO: zeta holds each token's share of its sequence term's derivative (see _sequence_terms)
     seq = ctx.sequence_level
     ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy, zeta if seq else None,
-                          weight if seq else None, cu[0] if seq else None)
+                          weight if seq else None, cu[0] if seq else None, tau)
     ctx.token_shape = _token_shape(logits, shifted)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
     ctx.shifted, ctx.inplace = shifted, inplace
@@ -206,11 +209,11 @@ def _sweeps_setup(ctx, inputs, output):
 
 @once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
-    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu = ctx.saved_tensors
+    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
-        return (None,) * 13
+        return (None,) * 14
     # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
     dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
@@ -223,13 +226,13 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         dlogp = dlogp + d_logp
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     args = (target, base, log2_sum, dlogp.float().contiguous(), entropy if dent is not None else None,
-            dent, ctx.params, ctx.softcap, ctx.shifted)
+            dent, tau, ctx.params, ctx.softcap, ctx.shifted)
     if ctx.inplace:
         sweeps_backward_(logits, *args)
         grad = logits
     else:
         grad = sweeps_backward(logits, *args)
-    return (grad,) + (None,) * 12
+    return (grad,) + (None,) * 13
 
 
 torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
@@ -241,7 +244,7 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     The KL term runs only for β > 0: the reference log-probs are not read at β = 0."""
     with_loss = batch.adv is not None
     ref = batch.ref if hp.beta > 0 else None
-    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref,
+    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
                          pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
                          bool(shifted), bool(inplace_backward), batch.cu if hp.kind == GSPO_KIND else None)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
@@ -253,14 +256,14 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
 @torch.library.custom_op("mhpo_kernels::fused_linear_forward", mutates_args=())
 def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
-    adv: Tensor, g: Tensor, ref: Optional[Tensor], params: List[float], softcap: bool,
-    chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
+    adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
     entropy_coef: float = 0.0, n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
     for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
     validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``)."""
-    hp, lmap = _unpack(params, softcap)
+    hp, lmap = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
@@ -271,7 +274,7 @@ def fused_linear_forward(
 
 
 @fused_linear_forward.register_fake
-def _(hidden, weight, bias, target, old, adv, g, ref, params, softcap, chunk_rows, with_entropy,
+def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chunk_rows, with_entropy,
       need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None):
     n = hidden.shape[0]
     return (
@@ -287,7 +290,7 @@ def _linear_setup(ctx, inputs, output):
     hidden, weight = inputs[0], inputs[1]
     _, logp, entropy, psi, zeta, dh, dw, db = output
     ctx.save_for_backward(dh, dw, db)
-    ctx.needs = inputs[12:15]
+    ctx.needs = inputs[13:16]
     ctx.dtypes = (hidden.dtype, weight.dtype)
     ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db)
     ctx.set_materialize_grads(False)
@@ -310,8 +313,86 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
 @once_differentiable
 def _linear_backward(ctx, d_loss, *_):
     if d_loss is None:
-        return (None,) * 17
-    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 14
+        return (None,) * 18
+    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 15
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)
+
+
+# ---- differentiable log-probs and entropy of an LM head ------------------------------------------
+
+@torch.library.custom_op("mhpo_kernels::fused_linear_logprobs", mutates_args=())
+def fused_linear_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
+    params: List[float], softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp, entropy (empty unless asked), base, log2_sum), each (N,) fp32; 1 GEMM per chunk. The
+    last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``."""
+    _, lmap = _unpack(params, softcap, tau)
+    with _without_autocast(hidden.device):
+        logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
+                                                              with_entropy, n_valid=n_valid)
+    return logp, _fp32(hidden, 0) if entropy is None else entropy, base, log2_sum
+
+
+@fused_linear_logprobs.register_fake
+def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None):
+    n = hidden.shape[0]
+    return _fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n)
+
+
+@torch.library.custom_op("mhpo_kernels::fused_linear_logprobs_backward", mutates_args=())
+def fused_linear_logprobs_backward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
+    base: Tensor, log2_sum: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
+    params: List[float], softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
+    n_valid: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
+    tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
+    _, lmap = _unpack(params, softcap, tau)
+    with _without_autocast(hidden.device):
+        dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, log2_sum,
+                                          entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
+    return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype),
+            weight.new_empty(0) if db is None else db.to(weight.dtype))
+
+
+@fused_linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, target, tau, base, log2_sum, entropy, dlogp, dentropy, params, softcap,
+      chunk_rows, need_dh, need_dw, need_db, n_valid=None):
+    return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
+            weight.new_empty(weight.shape[0] if need_db else 0))
+
+
+def _logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, *n_valid = inputs
+    logp, entropy, base, log2_sum = output
+    ctx.save_for_backward(hidden, weight, bias, target, tau, base, log2_sum, entropy if with_entropy else None)
+    ctx.params, ctx.softcap, ctx.chunk_rows = params, softcap, chunk_rows
+    ctx.n_valid = n_valid[0] if n_valid else None
+    ctx.mark_non_differentiable(base, log2_sum)
+    ctx.set_materialize_grads(False)
+
+
+@once_differentiable
+def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
+    hidden, weight, bias, target, tau, base, log2_sum, entropy = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    need_db = bias is not None and ctx.needs_input_grad[2]
+    if entropy is None:
+        d_entropy = None
+    if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
+        return (None,) * 10
+    dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
+    dent = None if d_entropy is None else d_entropy.float().contiguous()
+    dh, dw, db = fused_linear_logprobs_backward(
+        hidden, weight, bias, target, tau, base, log2_sum, entropy if dent is not None else None, dlogp, dent,
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid)
+    grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
+    return grads + (None,) * 7
+
+
+torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,
+                                setup_context=_logprobs_setup)

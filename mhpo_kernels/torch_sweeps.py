@@ -41,6 +41,16 @@ def _sech2(u):
     return 4.0 * e / (1.0 + e) ** 2
 
 
+def _row_scale(value, lmap, valid, r0):
+    """A scale of the logit map (``log2_scale`` or ``slope``) for the chunk's rows, as the kernels
+    form it: the fp32 scalar, divided by each row's τ_t in fp32 with a per-token temperature
+    ((rows,) tensor; 1 at invalid rows, which may hold anything)."""
+    scale = torch.tensor(value, dtype=torch.float32)
+    if lmap.tau is None:
+        return scale.item()
+    return scale / torch.where(valid, lmap.tau[r0:r0 + valid.numel()], 1.0)
+
+
 def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     """The base-2 exponents d = k·u(x) − b of rows [r0, r0 + t1 − t0) as a fresh fp32 chunk, as the
     kernels form them (``kernels/logit_map.py``): b = fp32(k · max u) when ``base`` is None (sweep
@@ -53,7 +63,7 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     x = logits[b, t0:t1].to(torch.float32, copy=True)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
     u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
-    k = torch.tensor(lmap.log2_scale, dtype=torch.float32).item()  # the fp32 the kernels get
+    k = _row_scale(lmap.log2_scale, lmap, valid, r0)  # the fp32 the kernels get
     m = u.amax(-1)
     finite = torch.isfinite(m)
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
@@ -61,8 +71,10 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     # every d of the row is then NaN (SPEC.md, section 5).
     base = torch.where(m == -math.inf, -3.0e38, m * k) if base is None else base[r0:r0 + t1 - t0]
     m = torch.where(finite, m, 0.0)
-    offset = (m.double() * k - base.double()).float().unsqueeze(-1)
+    k64 = k.double() if isinstance(k, torch.Tensor) else k
+    offset = (m.double() * k64 - base.double()).float().unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
+    k = k.unsqueeze(-1) if isinstance(k, torch.Tensor) else k
     return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
 
 
@@ -213,7 +225,8 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
                                        torch.where(has_y, dlogp_c, 0.0))
         if dentropy is not None:
             dz.sub_(ent_term)
-        dz.mul_(lmap.slope)
+        slope = _row_scale(lmap.slope, lmap, valid, r0)
+        dz.mul_(slope.unsqueeze(-1) if isinstance(slope, torch.Tensor) else slope)
         if lmap.softcap:
             dz.mul_(1.0 - u * u)                        # dz/dx from tanh's result, as eager does
         dz.masked_fill_(~valid.unsqueeze(-1), 0.0)

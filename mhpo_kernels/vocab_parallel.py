@@ -4,12 +4,12 @@ Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
 1. ``VocabSlice.agree``: one all-gather of 7 + ``SETTING_SLOTS`` = 23 int64 per rank: V_r (so the slice
-   offsets), the token count, fingerprints of input_ids and mask and of the sequence boundaries,
-   whether the rank's inputs passed their local checks, and a hash of each setting that decides what the later collectives
-   do or what they return (hyperparameters, objective, aggregation, dtypes, flags, chunk size:
-   ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
-   that disagree, raise on every rank instead of leaving the others waiting in a collective or
-   returning different losses.
+   offsets), the token count, fingerprints of input_ids (which carry the mask) and of the sequence
+   boundaries with a per-token temperature, whether the rank's inputs passed their local checks,
+   and a hash of each setting that decides what the later collectives do or what they return
+   (hyperparameters, objective, aggregation, dtypes, flags, chunk size: ``settings``). Every rank
+   then validates the same table the same way, so a bad call, or ranks that disagree, raise on
+   every rank instead of leaving the others waiting in a collective or returning different losses.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
    log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
    on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
@@ -34,9 +34,12 @@ SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the sam
 
 
 def _fingerprint(x):
-    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values."""
+    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values
+    (a floating tensor by its bits)."""
     if x is None:
         return [-1, -1]
+    if x.is_floating_point():
+        x = x.to(torch.float32).view(torch.int32)
     flat = x.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
     return [int(flat.sum()), int((flat * weights).sum())]
@@ -140,8 +143,9 @@ class VocabSlice:
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
         if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids, mask or cu_seqlens differ across ranks; every rank must "
-                             "pass the same global ids, mask and sequence boundaries")
+            raise ValueError("tp_group: input_ids, mask, cu_seqlens or temperature differ across ranks; every "
+                             "rank must pass the same global ids, mask, sequence boundaries and per-token "
+                             "temperature")
         return VocabSlice(group, rank, sizes)
 
     def local_target(self, target):
@@ -199,6 +203,15 @@ class VocabSlice:
         return RowStats(base, log2_sum, logp, entropy, psi, zeta, loss, coef)
 
 
+def _per_token_settings(batch):
+    """The sequence boundaries and the per-token temperature's bits, as one int64 tensor to
+    fingerprint: ranks must pass both alike."""
+    parts = [batch.cu]
+    if batch.tau is not None:
+        parts.append(batch.tau.view(torch.int32).to(torch.int64))
+    return torch.cat(parts)
+
+
 def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1],
                     settings=None):
     """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
@@ -215,8 +228,10 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
         error = e
     size = local_size(prepared) if batch is not None else 0
     n = batch.target.numel() if batch is not None else -1
+    # The mask is folded into the ids (−1); τ is 1 at invalid tokens, so it may differ only there.
     tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          mask=None if batch is None else batch.cu, local_error=error, settings=agreed)
+                          mask=None if batch is None else _per_token_settings(batch), local_error=error,
+                          settings=agreed)
     bad = batch.target >= tp.total
     if bool(bad.any()):
         where = bad.nonzero()[0, 0].item()
@@ -238,12 +253,12 @@ class _VocabParallelSweeps(torch.autograd.Function):
 
         target = tp.local_target(batch.target)
         params = ops.pack_params(hp, lmap)
-        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, params, lmap.softcap,
-                                             bool(with_entropy), False, bool(shifted), False))
+        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, lmap.tau, params,
+                                             lmap.softcap, bool(with_entropy), False, bool(shifted), False))
         ref = batch.ref if hp.beta > 0 else None
         stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                with_entropy, with_loss)
-        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy)
+        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy, lmap.tau)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
@@ -260,13 +275,13 @@ class _VocabParallelSweeps(torch.autograd.Function):
     def _backward(ctx, d_logp, d_entropy, d_loss):
         from . import ops
 
-        logits, target, base, log2_sum, coef, entropy = ctx.saved_tensors
+        logits, target, base, log2_sum, coef, entropy, tau = ctx.saved_tensors
         dlogp = d_logp.float()
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
         dent = d_entropy.float().contiguous() if ctx.with_entropy else None
         args = (target, base, log2_sum, dlogp.contiguous(), entropy if dent is not None else None, dent,
-                ctx.params, ctx.softcap, ctx.shifted)
+                tau, ctx.params, ctx.softcap, ctx.shifted)
         if ctx.inplace:
             ops.sweeps_backward_(logits, *args)
             grad = logits
@@ -327,3 +342,50 @@ def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy
              grad_on and bias is not None and bias.requires_grad)
     return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
                                       reduce_dhidden, entropy_coef)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group:
+    the forward is ``linear_sweeps.token_logprobs_sweeps`` with ``tp`` (its combine makes the
+    global statistics), the backward ``token_logprobs_grads`` with those statistics, whose only
+    collective is dhidden's all-reduce."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+        from .linear_sweeps import token_logprobs_sweeps
+
+        logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
+                                                              chunk_rows, with_entropy, tp=batch.tp,
+                                                              n_valid=batch.n_valid)
+        ctx.save_for_backward(hidden, weight, bias, base, log2_sum, entropy)
+        ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
+        ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
+        return logp, logp.new_empty(0) if entropy is None else entropy
+
+    @staticmethod
+    def backward(ctx, d_logp, d_entropy):
+        from .ops import once_differentiable
+
+        return once_differentiable(_VocabParallelLogprobs._backward)(ctx, d_logp, d_entropy)
+
+    @staticmethod
+    def _backward(ctx, d_logp, d_entropy):
+        from .linear_sweeps import token_logprobs_grads
+
+        hidden, weight, bias, base, log2_sum, entropy = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
+        dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
+        # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
+        dh, dw, db = token_logprobs_grads(
+            hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, log2_sum, entropy,
+            dlogp, dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
+            reduce_dhidden=ctx.reduce_dhidden, n_valid=ctx.batch.n_valid)
+        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))
+        return grads + (None,) * 5
+
+
+def fused_linear_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+    """(logp, entropy or an empty tensor) of the fused linear path over a vocabulary slice."""
+    return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
+                                        reduce_dhidden)

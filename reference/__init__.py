@@ -33,10 +33,14 @@ def _selected_logprobs(logits, input_ids, valid, temperature):
     """log softmax(x/τ)[y] and softmax(x/τ) over the vocabulary, for valid tokens only.
 
     Invalid rows are replaced by zeros first, so whatever they hold (NaN, garbage ids) reaches
-    neither the result nor the gradient.
+    neither the result nor the gradient. ``temperature`` is a number or a tensor of one τ_t per
+    token (shaped like input_ids, or flat): each row is divided by its own τ_t (1 at invalid
+    tokens, whose τ may be anything).
     """
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
     ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
+    if isinstance(temperature, torch.Tensor):
+        temperature = torch.where(valid, temperature.reshape(valid.shape), 1.0).unsqueeze(-1)
     logprobs = F.log_softmax(logits / temperature, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp, logprobs

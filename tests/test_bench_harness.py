@@ -15,7 +15,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     ok = {(r["suite"], r["provider"], r["mode"]) for r in run["results"] if r["status"] == "ok"}
     for provider in ("fused", "eager"):
         assert {("logits", provider, m) for m in ("fwd", "fwd_bwd", "logprobs")} <= ok
-        assert {("linear", provider, m) for m in ("fwd_bwd", "logprobs")} <= ok
+        assert {("linear", provider, m) for m in ("fwd_bwd", "logprobs", "logprobs_grad")} <= ok
     for r in run["results"]:
         if r["status"] == "ok":
             assert r["median_ms"] > 0

@@ -5,6 +5,7 @@ cache, so a warm cache cannot hide a broken registration."""
 import pytest
 import torch
 import torch._dynamo
+import torch._dynamo.testing
 
 import mhpo_kernels
 from _cases import FP32_RTOL, SMALL, Regime, make_inputs, max_rel_err
@@ -39,6 +40,16 @@ def linear_step(hidden, weight, ids, old, adv, mask):
     return loss, metrics["psi"], metrics["entropy"]
 
 
+def linear_logprobs_step(hidden, weight, ids, old, adv, mask):
+    """The differentiable fused (log-prob, entropy) with a per-token temperature, as an RL hook
+    calls it: both outputs in the loss."""
+    tau = torch.sigmoid(old) + 0.5
+    logp, ent = mhpo_kernels.fused_linear_token_logprobs(
+        hidden, weight, ids.masked_fill(~mask, -100), temperature=tau, return_entropy=True, chunk_size=5,
+        final_logit_softcap=8.0)
+    return (logp * adv[:, None]).sum() + 0.1 * ent.sum(), ent.mean()
+
+
 def _logits_args():
     logits, kw = make_inputs(SMALL, Regime("compile", kl=True, garbage=False))
     return logits.requires_grad_(), kw["input_ids"], kw["old_logprobs"], kw["advantages"], kw["mask"], kw["ref_logprobs"]
@@ -66,8 +77,9 @@ def test_no_graph_breaks(step, make_args):
 
 
 @pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
-                                             (linear_step, _linear_args)],
-                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss"])
+                                             (linear_step, _linear_args), (linear_logprobs_step, _linear_args)],
+                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss",
+                              "fused_linear_token_logprobs"])
 def test_compiled_step_equals_eager(step, make_args):
     args = make_args()
     eager_args, compiled_args = _fresh(args), _fresh(args)
@@ -122,12 +134,13 @@ def test_every_objective_compiles_and_equals_eager():
 
 
 def test_custom_ops_registered():
-    for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward"):
+    for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward", "fused_linear_logprobs",
+                 "fused_linear_logprobs_backward"):
         assert hasattr(torch.ops.mhpo_kernels, name)
 
 
-@pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "linear-all",
-                                    "linear-head-only-bf16"])
+@pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "logits-shifted-tau",
+                                    "linear-all", "linear-head-only-bf16", "linear-logprobs-tau"])
 def test_opcheck(config):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree
     with what the ops really do, in the configurations the public functions use."""
@@ -136,21 +149,35 @@ def test_opcheck(config):
     g = torch.Generator().manual_seed(5)
     params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0, 0.0, 1.0, 1.0]  # ops.pack_params: MHPO
     if config.startswith("logits"):
-        shifted = config == "logits-shifted-inplace"
+        shifted = config.startswith("logits-shifted")
         x = torch.randn(2, 4 if shifted else 3, 200, generator=g).requires_grad_()
         ids = torch.randint(0, 200, (6,), generator=g, dtype=torch.int32)
         ids[4] = -1
         full = config != "logits-minimal"
+        tau = torch.rand(6, generator=g) + 0.5 if config == "logits-shifted-tau" else None
         vec = [torch.randn(6, generator=g) for _ in range(4)]
         args = (x, ids, vec[0] if full else None, vec[1] if full else None, vec[2] if full else None,
-                vec[3] if full else None, params, False, full, full, shifted, False)
+                vec[3] if full else None, tau, params, False, full, full, shifted, False)
         torch.library.opcheck(ops.sweeps_forward, args)
         if shifted:  # the backward ops themselves, out of place and in place
             stats = [s.detach() for s in ops.sweeps_forward(*args)]
             bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
-                        torch.randn(6, generator=g), params, False, True)
+                        torch.randn(6, generator=g), tau, params, False, True)
             torch.library.opcheck(ops.sweeps_backward, bwd_args)
             torch.library.opcheck(ops.sweeps_backward_, bwd_args)
+    elif config == "linear-logprobs-tau":
+        h = torch.randn(6, 16, generator=g).requires_grad_()
+        w = (torch.randn(50, 16, generator=g) * 0.3).requires_grad_()
+        b = torch.randn(50, generator=g).requires_grad_()
+        ids = torch.randint(0, 50, (6,), generator=g, dtype=torch.int32)
+        ids[2] = -1
+        tau = torch.rand(6, generator=g) + 0.5
+        args = (h, w, b, ids, tau, params, True, 4, True)
+        torch.library.opcheck(ops.fused_linear_logprobs, args)
+        _, ent, base, log2_sum = (s.detach() for s in ops.fused_linear_logprobs(*args))
+        bwd_args = (h.detach(), w.detach(), b.detach(), ids, tau, base, log2_sum, ent, torch.randn(6, generator=g),
+                    torch.randn(6, generator=g), params, True, 4, True, True, True)
+        torch.library.opcheck(ops.fused_linear_logprobs_backward, bwd_args)
     else:
         dtype = torch.float32 if config == "linear-all" else torch.bfloat16
         h = torch.randn(6, 16, generator=g).to(dtype)
@@ -158,6 +185,32 @@ def test_opcheck(config):
         need_dh = config == "linear-all"
         h.requires_grad_(need_dh)
         ids = torch.randint(0, 50, (6,), generator=g, dtype=torch.int32)
-        args = (h, w, None, ids, None, torch.randn(6, generator=g), torch.full((6,), 1 / 6), None, params,
+        args = (h, w, None, ids, None, torch.randn(6, generator=g), torch.full((6,), 1 / 6), None, None, params,
                 True, 4, True, need_dh, True, False)
         torch.library.opcheck(ops.fused_linear_forward, args)
+
+
+def test_new_temperature_tensor_does_not_recompile():
+    """A per-token temperature is data: a compiled step called with new τ values (and a different
+    scalar τ in a second compiled function's place) reuses the graph: one frame, no recompile."""
+    logits, kw = make_inputs(SMALL, Regime("compile-tau", garbage=False))
+    ids, old, adv, mask = kw["input_ids"], kw["old_logprobs"], kw["advantages"], kw["mask"]
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(x, tau):
+        return mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, temperature=tau)
+
+    g = torch.Generator().manual_seed(6)
+    results = []
+    for _ in range(3):
+        tau = torch.rand(ids.shape, generator=g) * 1.7 + 0.3
+        x = logits.detach().clone().requires_grad_()
+        loss = step(x, tau)
+        loss.backward()
+        expected = mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, temperature=tau)
+        results.append((loss.item(), expected.item()))
+    assert counter.frame_count == 1, counter.frame_count
+    for got, expected in results:
+        assert got == pytest.approx(expected, rel=FP32_RTOL)
+    assert len({round(e, 9) for _, e in results}) == 3  # the τ values did change the loss

@@ -527,3 +527,94 @@ def test_vocab_parallel_chunks_are_agreed(tmp_path, monkeypatch):
         for name in ("loss", "logprobs"):
             assert g[name] is not None and "disagree on chunk_size" in g[name], (name, g[name])
     assert max_rel_err(torch.cat([g["default"]["dw"] for g in got]), w.grad) <= FP32_RTOL
+
+
+# ---- per-token temperature and differentiable fused log-probs over a vocabulary split ---------------
+
+def _tp_tau_worker(rank, world_size, out_dir):
+    """One spawn, several checks: the fused (log-prob, entropy) differentiated through a split head
+    on both paths, mhpo_loss with a per-token τ on split logits, and a τ that differs across ranks."""
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    g = torch.Generator().manual_seed(9)
+    tau = torch.rand(ids.shape, generator=g) * 1.7 + 0.3
+    up_logp, up_ent = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+    ids = ids.masked_fill(~mask, -100)
+    start, size = _split(weight.shape[0], world_size)[rank]
+    out = {}
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_()
+        w = weight[start:start + size].clone().requires_grad_()
+        b = bias[start:start + size].clone().requires_grad_()
+        with mhpo_kernels.use_backend(backend):
+            logp, ent = mhpo_kernels.fused_linear_token_logprobs(
+                h, w, ids, bias=b, chunk_size=3, final_logit_softcap=6.0, temperature=tau,
+                return_entropy=True, tp_group=group)
+        ((logp * up_logp).sum() + (ent * up_ent).sum()).backward()
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dh=h.grad, dw=w.grad, db=b.grad)
+    full, lids, lmask, lold, ladv, _ = _tp_inputs()
+    ltau = torch.rand(lids.shape, generator=g) * 1.7 + 0.3
+    vstart, vsize = _split(full.shape[-1], world_size)[rank]
+    x = full[..., vstart:vstart + vsize].clone().requires_grad_()
+    loss = mhpo_kernels.mhpo_loss(x, lids, lold, ladv, lmask, temperature=ltau, tp_group=group)
+    loss.backward()
+    out["loss"], out["grad"] = loss.detach(), x.grad
+    differs = ltau.clone()
+    if rank == 1:
+        differs[tuple(lmask.nonzero()[0].tolist())] += 0.5       # at a valid token: refused
+    try:
+        mhpo_kernels.mhpo_loss(full[..., vstart:vstart + vsize], lids, lold, ladv, lmask, temperature=differs,
+                               tp_group=group)
+        out["differs"] = None
+    except ValueError as e:
+        out["differs"] = str(e)
+    masked = ltau.clone()
+    if rank == 1:
+        masked[tuple((~lmask).nonzero()[0].tolist())] = float("nan")  # at an invalid token: allowed
+    out["masked"] = mhpo_kernels.mhpo_loss(full[..., vstart:vstart + vsize], lids, lold, ladv, lmask,
+                                           temperature=masked, tp_group=group)
+    torch.save(dict(out, ltau=ltau), f"{out_dir}/tau-{rank}.pt")
+
+
+def test_vocab_parallel_per_token_temperature_and_differentiable_logprobs(tmp_path):
+    """2 ranks: the differentiable fused (log-prob, entropy) with a per-token τ over a split head
+    equals the eager float64 result on every rank (dhidden reduced, dweight/dbias the rank's
+    rows), on both paths; mhpo_loss with a per-token τ over split logits equals the reference; a τ
+    that differs at a valid token raises on every rank, one that differs at an invalid token
+    changes nothing."""
+    import reference
+    from _cases import FP32_RTOL, max_rel_err
+    from test_fused_linear_logprobs import eager_logprobs
+
+    world_size = 2
+    _dist.run(_tp_tau_worker, world_size, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"tau-{r}.pt") for r in range(world_size)]
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    g = torch.Generator().manual_seed(9)
+    tau = torch.rand(ids.shape, generator=g) * 1.7 + 0.3
+    up_logp, up_ent = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+    ids = ids.masked_fill(~mask, -100)
+    h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    logp64, ent64 = eager_logprobs(h64, w64, b64, ids, tau.double().unsqueeze(-1), 6.0)
+    ((logp64 * up_logp.double()).sum() + (ent64 * up_ent.double()).sum()).backward()
+    for backend in ("triton", "torch"):
+        for got in ranks:
+            r = got[backend]
+            assert max_rel_err(r["logp"], logp64) <= FP32_RTOL and max_rel_err(r["ent"], ent64) <= FP32_RTOL
+            assert max_rel_err(r["dh"], h64.grad) <= FP32_RTOL
+        assert max_rel_err(torch.cat([got[backend]["dw"] for got in ranks]), w64.grad) <= FP32_RTOL
+        assert max_rel_err(torch.cat([got[backend]["db"] for got in ranks]), b64.grad) <= FP32_RTOL
+    full, lids, lmask, lold, ladv, _ = _tp_inputs()
+    x64 = full.double().requires_grad_()
+    loss64 = reference.mhpo_loss(x64, lids, lold.double(), ladv.double(), lmask,
+                                 temperature=ranks[0]["ltau"].double())
+    loss64.backward()
+    for got in ranks:
+        assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+        assert got["differs"] is not None and "differ across ranks" in got["differs"], got["differs"]
+        assert "temperature" in got["differs"]
+        assert torch.equal(got["masked"], got["loss"])
+    assert max_rel_err(torch.cat([got["grad"] for got in ranks], -1), x64.grad) <= FP32_RTOL

@@ -43,7 +43,17 @@ BAD_CALLS = [
     ("beta-nan", dict(beta=math.nan, ref_logprobs=torch.zeros(B, T)), ValueError, "beta"),
     ("temperature-zero", dict(temperature=0.0), ValueError, "temperature"),
     ("temperature-negative", dict(temperature=-1.0), ValueError, "temperature"),
-    ("temperature-tensor", dict(temperature=torch.tensor(1.0)), TypeError, "temperature"),
+    ("temperature-0d-tensor", dict(temperature=torch.tensor(1.0)), ValueError, "temperature"),
+    ("temperature-int-tensor", dict(temperature=torch.ones(B, T, dtype=torch.long)), TypeError, "temperature"),
+    ("temperature-shape", dict(temperature=torch.ones(B, T + 1)), ValueError, "temperature"),
+    ("temperature-per-sequence", dict(temperature=torch.ones(B)), ValueError, "temperature"),
+    ("temperature-device", dict(temperature=torch.ones(B, T, device="meta")), ValueError, "temperature"),
+    ("temperature-tensor-zero", dict(temperature=torch.ones(B, T).index_fill_(1, torch.tensor([1]), 0.0)),
+     ValueError, "temperature"),
+    ("temperature-tensor-nan", dict(temperature=torch.full((B, T), math.nan)), ValueError, "temperature"),
+    ("temperature-tensor-inf", dict(temperature=torch.full((B, T), math.inf)), ValueError, "temperature"),
+    ("temperature-tensor-negative", dict(temperature=-torch.ones(B, T)), ValueError, "temperature"),
+    ("temperature-not-number", dict(temperature="hot"), TypeError, "temperature"),
     ("agg-unknown", dict(loss_agg_mode="seq-sum"), ValueError, "loss_agg_mode"),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, "ignore_index"),
     ("device-mismatch", dict(advantages=torch.zeros(B, device="meta")), ValueError, "advantages"),
@@ -269,3 +279,38 @@ def test_non_finite_input_raises_no_warning_in_user_code(backend):
         loss = call()
         assert warnings.filters == filters and numpy.geterr() == errstate
     assert torch.isnan(loss)
+
+
+    # A per-token temperature: its values at invalid tokens are never read (NaN, 0, −1 are fine).
+    tau = torch.rand(B, T) + 0.5
+    loss_tau = mhpo_kernels.mhpo_loss(**args, temperature=tau)
+    dirty_tau = tau.clone()
+    dirty_tau[1, 2], dirty_tau[0, 1] = math.nan, -1.0
+    assert torch.equal(mhpo_kernels.mhpo_loss(**dirty, temperature=dirty_tau), loss_tau)
+    assert not torch.equal(loss_tau, loss_clean)
+
+
+def test_temperature_errors_on_every_op():
+    """The per-token temperature is checked (kind, shape, values at valid tokens) by every public
+    function that takes one, before any kernel runs."""
+    hidden, weight = torch.randn(B, T, 8), torch.randn(V, 8)
+    ids = torch.randint(0, V, (B, T))
+    bad = torch.ones(B, T)
+    bad[0, 0] = 0.0
+    calls = [
+        lambda tau: mhpo_kernels.token_logprobs(torch.randn(B, T, V), ids, temperature=tau),
+        lambda tau: mhpo_kernels.policy_loss(torch.randn(B, T, V), ids, None, torch.randn(B), temperature=tau),
+        lambda tau: mhpo_kernels.MHPOLoss()(torch.randn(B, T, V), ids, None, torch.randn(B), temperature=tau),
+        lambda tau: mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, None, torch.randn(B), temperature=tau),
+        lambda tau: mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, temperature=tau),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="temperature must be finite and > 0 at valid tokens"):
+            call(bad)
+        with pytest.raises(ValueError, match="temperature must be a number or a tensor of shape"):
+            call(torch.ones(B * T + 1))
+        with pytest.raises(TypeError, match="temperature"):
+            call(torch.ones(B, T, dtype=torch.int64))
+    ids[0, 0] = -100  # the bad τ is now at an ignored token: accepted
+    for call in calls:
+        call(bad)

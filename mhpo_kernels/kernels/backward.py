@@ -48,10 +48,12 @@ def _mhpo_bwd_kernel(
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
     p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
+    p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     T, V,
-    k, tanh_scale, slope,                        # logit map, see logit_map.py
+    k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
+    HAS_TAU: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     BLOCK_V: tl.constexpr = R * LANES * VEC
@@ -64,6 +66,10 @@ def _mhpo_bwd_kernel(
     zero = tl.zeros([R * LANES, VEC], dtype=p_dx.dtype.element_ty)
 
     if valid:
+        if HAS_TAU:  # per row, as in the forward: k and the slope s/τ_t are row constants
+            tau = tl.load(p_tau + row)
+            k = k / tau
+            slope = slope / tau
         base = tl.load(p_base + row)
         log2_s = tl.load(p_logs + row)
         dlogp = tl.load(p_dlogp + row)
@@ -111,7 +117,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     N = B * T
     if N == 0:
         return grad
-    per_token = (target, base, log2_sum, dlogp, entropy, dentropy)
+    per_token = (target, base, log2_sum, dlogp, entropy, dentropy, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
@@ -121,10 +127,12 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
         grad, grad.stride(0), grad.stride(1),
         target, base, log2_sum, dlogp,
         entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
+        dlogp if lmap.tau is None else lmap.tau,
         T, V,
         lmap.log2_scale, lmap.tanh_scale, lmap.slope,
         SOFTCAP=lmap.softcap,
         HAS_DENT=has_dent,
+        HAS_TAU=lmap.tau is not None,
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,

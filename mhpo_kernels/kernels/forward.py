@@ -62,16 +62,18 @@ def _mhpo_fwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
     p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
+    p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     T, V,
-    k, tanh_scale,                               # logit map, see logit_map.py
+    k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
+    HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
@@ -79,6 +81,8 @@ def _mhpo_fwd_kernel(
     row = tl.program_id(0)
     p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
     y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
+    if HAS_TAU:  # τ_t divides k once per row: the loop sees a row constant, as for a scalar τ
+        k = k / tl.load(p_tau + row, mask=valid, other=1.0)
     o_blk = _block_offsets(R, LANES, VEC)
 
     # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
@@ -141,7 +145,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     if N == 0:
         return out
-    per_token = (target, old, adv, g, ref)
+    per_token = (target, old, adv, g, ref, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
@@ -151,6 +155,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         target,
         dummy if old is None else old, dummy if adv is None else adv,
         dummy if g is None else g, dummy if ref is None else ref,
+        dummy if lmap.tau is None else lmap.tau,
         out.base, out.log2_sum, out.logp,
         dummy if out.entropy is None else out.entropy,
         dummy if out.psi is None else out.psi,
@@ -165,6 +170,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         WITH_LOSS=with_loss,
         HAS_OLD=old is not None,
         HAS_REF=ref is not None,
+        HAS_TAU=lmap.tau is not None,
         OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
