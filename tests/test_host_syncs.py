@@ -236,7 +236,7 @@ def test_fused_linear_uncompacted_equals_compacted():
             assert torch.isfinite(a).all()
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert compacted[1][[1, 4]].eq(0).all() and compacted[5][[1, 4]].eq(0).all()
-    logp, _ = linear_sweeps.token_logprobs_sweeps(hidden, weight, None, target, LogitMap.make(1.0, 1.0, None), 3,
+    logp, *_ = linear_sweeps.token_logprobs_sweeps(hidden, weight, None, target, LogitMap.make(1.0, 1.0, None), 3,
                                                   False, n_valid=None)
     torch.testing.assert_close(logp, compacted[1], rtol=1e-5, atol=1e-6)
 

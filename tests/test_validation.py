@@ -107,6 +107,13 @@ def test_masked_and_ignored_positions_may_hold_anything():
         dirty["advantages"][b, t] = math.inf
     dirty["input_ids"][1, 2] = 10**9
     assert torch.equal(mhpo_kernels.mhpo_loss(**dirty), loss_clean)
+    # A per-token temperature: its values at invalid tokens are never read (NaN, 0, −1 are fine).
+    tau = torch.rand(B, T) + 0.5
+    loss_tau = mhpo_kernels.mhpo_loss(**args, temperature=tau)
+    dirty_tau = tau.clone()
+    dirty_tau[1, 2], dirty_tau[0, 1] = math.nan, -1.0
+    assert torch.equal(mhpo_kernels.mhpo_loss(**dirty, temperature=dirty_tau), loss_tau)
+    assert not torch.equal(loss_tau, loss_clean)
 
 
 def _no_kernel(monkeypatch):
@@ -280,14 +287,6 @@ def test_non_finite_input_raises_no_warning_in_user_code(backend):
         assert warnings.filters == filters and numpy.geterr() == errstate
     assert torch.isnan(loss)
 
-
-    # A per-token temperature: its values at invalid tokens are never read (NaN, 0, −1 are fine).
-    tau = torch.rand(B, T) + 0.5
-    loss_tau = mhpo_kernels.mhpo_loss(**args, temperature=tau)
-    dirty_tau = tau.clone()
-    dirty_tau[1, 2], dirty_tau[0, 1] = math.nan, -1.0
-    assert torch.equal(mhpo_kernels.mhpo_loss(**dirty, temperature=dirty_tau), loss_tau)
-    assert not torch.equal(loss_tau, loss_clean)
 
 
 def test_temperature_errors_on_every_op():
