@@ -265,7 +265,10 @@ class LogitsCounter(TorchDispatchMode):
             self.passes[name] = self.passes.get(name, 0) + 1
         out = func(*args, **kwargs)
         for x in torch.utils._pytree.tree_leaves(out):
-            if self._logits_sized(x):
+            if isinstance(x, torch.Tensor) and x.is_nested:
+                x = x.values()
+            # a buffer is logits-sized by its storage (an expanded row is not)
+            if self._logits_sized(x) and x.untyped_storage().nbytes() >= self.rows * self.vocab * x.element_size():
                 storage = x.untyped_storage()
                 key = storage._cdata
                 if key not in self._alive or self._alive[key][0].expired():
