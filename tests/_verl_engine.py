@@ -240,9 +240,10 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "expand", "
 class LogitsCounter(TorchDispatchMode):
     """Counts, over what runs inside it, the work on logits-sized tensors (a dimension V among the
     last two, transposed views included, and at least ``rows`` · V elements, ``rows`` being the
-    micro-batch's tokens, more than the LM head's H): ``passes``, the ops that read one (views excluded), by op name; ``peak``, the
-    most logits-sized buffers alive at once (a buffer lives while its storage does, autograd's
-    saved tensors included); ``allocated``, the logits-sized buffers created, by op name."""
+    micro-batch's tokens, more than the LM head's H): ``passes``, the ops that read or write one
+    (views and metadata excluded), by op name; ``peak``, the most logits-sized buffers alive at
+    once (a buffer is a storage of that size, alive while anything holds it, autograd's saved
+    tensors included); ``allocated``, the logits-sized buffers created, by op name."""
 
     def __init__(self, vocab, rows):
         super().__init__()

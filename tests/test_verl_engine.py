@@ -195,6 +195,16 @@ def test_other_engines_refused():
     with pytest.raises(NotImplementedError, match="FSDP engine"):
         verl_engine.attach(OtherEngine())
 
+    class OwnOutputs(verl_engine.FSDPEngineWithLMHead):     # e.g. verl's VeOmni engine
+        def __init__(self):
+            pass
+
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            return {}
+
+    with pytest.raises(NotImplementedError, match="OwnOutputs"):
+        verl_engine.attach(OwnOutputs())
+
 
 @pytest.mark.parametrize("flag", ["distillation_use_topk", "calculate_sum_pi_squared"])
 def test_whole_logits_consumers_refused(flag):

@@ -21,9 +21,9 @@ each engine built for that model config runs
   ``logprobs_from_logits``;
 - hidden-states path (``use_fused_kernels: true``): the model's forward returns
   ``log_probs`` and ``entropy`` from the decoder's hidden states and the LM head through
-  ``fused_linear_token_logprobs``, the logits never whole; under FSDP2 a separately sharded head is
-  gathered with the gradient averaged as FSDP2 averages the rest. verl's own unpacking of fused
-  outputs is kept.
+  ``fused_linear_token_logprobs``, the logits never whole; a sharded head (FSDP2, or verl's TP
+  engines) is gathered, its gradient averaged as FSDP2 averages the rest. verl's own unpacking of
+  fused outputs is kept.
 
 The hook is ``EngineRegistry.new``, wrapped at import: for a model config without the switch it
 returns verl's engine untouched. With it, the engine instance (never its class) gets this module's
@@ -85,10 +85,12 @@ def attach(engine):
     """Make one verl engine take its log-probs and entropy from this package."""
     if isinstance(engine, FSDPEngineWithValueHead):
         return  # a critic reads no log-probs
-    if not isinstance(engine, FSDPEngineWithLMHead):
+    own = getattr(type(engine), "prepare_model_outputs", None) is FSDPEngineWithLMHead.prepare_model_outputs
+    if not isinstance(engine, FSDPEngineWithLMHead) or not own:
         raise NotImplementedError(
             f"fused_kernel_options.impl_backend={BACKEND!r} runs on verl's FSDP engine (actor.strategy fsdp or "
-            f"fsdp2); {type(engine).__name__} is not supported")
+            f"fsdp2) and its subclasses that keep its prepare_model_outputs; {type(engine).__name__} is not "
+            f"supported")
     engine.prepare_model_outputs = types.MethodType(prepare_model_outputs, engine)
     build_module = engine._build_module
 
