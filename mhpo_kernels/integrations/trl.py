@@ -42,8 +42,9 @@ if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:
         f"Install a supported one: pip install 'mhpo-kernels[trl]'"
     )
 
-from torch.distributed.tensor import DTensor, Partial  # noqa: E402
 from trl.models.utils import _ForwardRedirection  # noqa: E402
+
+from ._head import gathered_head, head_logit_scale  # noqa: E402
 
 try:  # ZeRO-3 gathering of the head for a fused loss (TRL ≥ 1.15); a no-op elsewhere.
     from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: E402
@@ -109,38 +110,6 @@ class MHPOConfig(GRPOConfig):
                           "buffer). Safe for a model's output logits, which nothing reads after the loss; "
                           "autograd raises if another op saved them."},
     )
-
-
-def head_logit_scale(text_config):
-    """The multiplier a model applies to its LM head's output, read as TRL 1.16 reads it for the
-    old and reference log-probs (so that the ratio compares like with like): ``logit_scale``, else
-    ``output_multiplier``, else ``lm_head_multiplier``, else ``logits_scaling`` (a divisor, except
-    for HyperCLOVA X, which multiplies); 1 when none is set."""
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text_config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(text_config, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / scaling
-    return 1.0
-
-
-def gathered_head(head):
-    """The LM head's (weight, bias) as plain tensors for the fused loss.
-
-    Under FSDP2 with the head as its own unit, they are sharded DTensors outside the head's own
-    forward (which the fused path never calls): gathered with ``full_tensor``, whose default
-    backward keeps each rank's slice of its *own* gradient, dropping the other ranks' share.
-    ``grad_placements=Partial("avg")`` makes the backward a reduce-scatter that averages over the
-    data-parallel ranks, as FSDP2 averages every other gradient.
-    """
-    weight, bias = head.weight, head.bias
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor(grad_placements=[Partial("avg")] * bias.device_mesh.ndim)
-    return weight, bias
 
 
 def _gspo_with_token_ratio(config):

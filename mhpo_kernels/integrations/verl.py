@@ -1,4 +1,7 @@
-"""MHPO as a verl policy loss: ``actor.policy_loss.loss_mode: mhpo``.
+"""verl integration: the policy loss ``mhpo``, and verl's actor log-probs and entropy from the fused
+kernels (``actor_rollout_ref.model.fused_kernel_options.impl_backend: mhpo``, see ``verl_engine``).
+
+MHPO as a verl policy loss: ``actor.policy_loss.loss_mode: mhpo``.
 
 verl calls a policy loss with per-token log-probs, not logits, so this surface runs the MHPO
 per-token math on log-probs (``mhpo_kernels.mhpo_token_loss``: exact sech² gradient, O(N) work)
@@ -23,10 +26,27 @@ Installed with ``pip install mhpo-kernels[verl]``, this module is a ``verl.plugi
 from dataclasses import dataclass
 
 import torch
-from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
-from verl.workers.config import PolicyLossConfig
+import verl
+from packaging.version import Version
 
-from ..token_loss import mhpo_token_loss
+VERL_RANGE = (Version("0.9"), Version("0.10"))  # [0.9, 0.10): the engine code verl_engine is written for
+
+
+def check_verl_version(version):
+    """Refuse a verl release outside the range this integration was built and tested against."""
+    if not VERL_RANGE[0] <= Version(version) < VERL_RANGE[1]:
+        raise ImportError(
+            f"mhpo_kernels.integrations.verl supports verl >= 0.9, < 0.10 (it hooks the FSDP engine of "
+            f"those releases); found verl {version}. Install a supported one: pip install 'mhpo-kernels[verl]'")
+
+
+check_verl_version(verl.__version__)
+
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss  # noqa: E402
+from verl.workers.config import PolicyLossConfig  # noqa: E402
+
+from ..token_loss import mhpo_token_loss  # noqa: E402
+from . import verl_engine  # noqa: E402,F401  (installs the impl_backend switch)
 
 LOSS_MODE = "mhpo"
 _DEFAULTS = dict(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8)

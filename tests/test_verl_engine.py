@@ -1,0 +1,243 @@
+"""verl's own actor (``ActorRolloutRefWorker`` → ``TrainingWorker`` → ``FSDPEngineWithLMHead``) with
+``actor_rollout_ref.model.fused_kernel_options.impl_backend: mhpo`` against the same actor without
+it: ``compute_log_prob`` and one ``update_actor`` step on a tiny random Llama, fp32, world size 1,
+FSDP2 and a plain module, padding removal on and off, the logits path and the fused path.
+
+Tolerances: log-probs within 1e-6 and entropy within 1e-5 absolute (|log p| ≈ log V ≈ 4.6 and
+H ≈ 4.6 here, so a few fp32 ulps: both sides reduce V = 96 fp32 terms in different orders); loss,
+metrics and the LM head's gradient within the fp32 relative tolerance. The helpers (``_verl_engine``)
+hold everything it takes to run verl's actor on CPU.
+"""
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="the verl extra is not installed (pip install mhpo-kernels[verl])")
+
+import _verl_engine as ve  # noqa: E402
+from _cases import FP32_RTOL, max_rel_err  # noqa: E402
+
+import mhpo_kernels  # noqa: E402
+import mhpo_kernels.integrations.verl as plugin  # noqa: E402
+from mhpo_kernels.integrations import verl_engine  # noqa: E402
+
+V = 96
+TAU = 0.7                     # verl's temperature, honoured on both sides
+ROWS = 18                     # tokens of the smaller micro-batch (sequences 11 + 8 | 9 + 9)
+MHPO_LOSS = {"_target_": "mhpo_kernels.integrations.verl.MHPOPolicyLossConfig", "loss_mode": "mhpo"}
+LOGITS_FUNCTIONS = ("logprobs_from_logits", "entropy_from_logits")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("verl_engine")
+    with ve.verl_on_cpu(tmp):
+        ve.tiny_llama(tmp / "model", vocab=V)
+        yield tmp / "model"
+
+
+_runs = {}
+
+
+def actor(model_path, *, mhpo, plain=False, rmpad=True, fused=False, loss=None, temperature=TAU, update=True,
+          sweeps="triton"):
+    """One run of verl's actor, cached per configuration (each costs a worker build)."""
+    key = (mhpo, plain, rmpad, fused, str(loss), str(temperature), update, sweeps)
+    if key not in _runs:
+        config = ve.actor_config(model_path, impl_backend="mhpo" if mhpo else "torch", use_remove_padding=rmpad,
+                                 use_fused_kernels=fused, entropy_coeff=0.01, policy_loss=loss)
+        data = ve.rollout_batch(V, temperature=temperature)
+        with mhpo_kernels.use_backend(sweeps):
+            _runs[key] = ve.run_actor(config, data, plain=plain, update=update,
+                                      count_ops=functools.partial(ve.LogitsCounter, V, ROWS))
+    return _runs[key]
+
+
+def assert_same_log_probs(run, ref):
+    assert run.log_probs.shape == ref.log_probs.shape
+    assert (run.log_probs - ref.log_probs).abs().max().item() <= 1e-6
+    assert (run.entropy - ref.entropy).abs().max().item() <= 1e-5
+
+
+def assert_same_update(run, ref):
+    assert set(run.metrics) == set(ref.metrics)
+    for name, value in ref.metrics.items():
+        if name.startswith("actor/") or name in ("loss", "grad_norm"):
+            assert run.metrics[name] == pytest.approx(value, rel=FP32_RTOL, abs=1e-7), name
+    assert max_rel_err(run.lm_head_grad, ref.lm_head_grad) <= FP32_RTOL
+
+
+LOGITS_CASES = {
+    "fsdp2-packed-vanilla": dict(rmpad=True),
+    "fsdp2-padded-mhpo": dict(rmpad=False, loss=MHPO_LOSS),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGITS_CASES))
+def test_logits_path_is_verl(model_path, case):
+    """Padding removal on and off, verl's vanilla PPO loss and the plugin's mhpo loss, both with
+    entropy_coeff: the same log-probs, entropy, loss, metrics and LM-head gradient as verl's own
+    logits path, none of verl's log-prob or entropy functions called, and the backward in place."""
+    kwargs = LOGITS_CASES[case]
+    ref, run = actor(model_path, mhpo=False, **kwargs), actor(model_path, mhpo=True, **kwargs)
+    assert_same_log_probs(run, ref)
+    assert_same_update(run, ref)
+    assert all(ref.calls[name] > 0 for name in LOGITS_FUNCTIONS)
+    assert all(n == 0 for n in run.calls.values()), run.calls
+    assert run.update_ops.passes.get("sweeps_backward_", 0) == 2                 # one per micro-batch
+    assert "sweeps_backward" not in run.update_ops.passes
+
+
+# verl 0.9.1's own logits path per micro-batch: (buffers alive at peak, passes, buffers allocated);
+# the README's table. A verl release that changes them changes this and the README together.
+VERL_COUNTS = {True: (7, 20, 18), False: (7, 22, 21)}
+
+
+def per_micro_batch(counts):
+    return sum(counts.values()) / 2                    # the update step runs two micro-batches
+
+
+def test_logits_path_counted(model_path):
+    """Per micro-batch of the update step on the logits path: the logits-sized buffers alive at
+    once, the ops reading or writing one, and the buffers allocated (the README's table). With the
+    switch: the logits alone, touched by the forward sweep, the backward sweep (which writes the
+    gradient over them) and the LM head's two backward GEMMs.
+
+    The switch's side runs the PyTorch sweeps (the same custom ops, the same reads and writes):
+    Triton's interpreter keeps the last launch's arguments alive until the next launch, which would
+    add the previous micro-batch's logits to the count."""
+    for rmpad in (True, False):
+        ref = actor(model_path, mhpo=False, rmpad=rmpad)
+        run = actor(model_path, mhpo=True, rmpad=rmpad, sweeps="torch")
+        assert_same_log_probs(run, ref)
+        assert run.update_ops.peak == 1
+        assert {k: v / 2 for k, v in run.update_ops.passes.items()} == {
+            "sweeps_forward": 1, "sweeps_backward_": 1, "mm": 2}
+        assert run.update_ops.allocated == {"mm": 2}                            # the logits
+        verl = (ref.update_ops.peak, per_micro_batch(ref.update_ops.passes), per_micro_batch(ref.update_ops.allocated))
+        assert verl == VERL_COUNTS[rmpad], (ref.update_ops.peak_ops, ref.update_ops.passes, ref.update_ops.allocated)
+
+
+def test_per_sample_temperature(model_path):
+    """verl's per-sample temperature (a (B,) tensor in the batch), padding removal off: one τ per
+    token in the fused call (with padding removal verl hands one per packed token, passed as is)."""
+    tau = torch.tensor([0.7, 1.0, 1.3, 0.9])
+    ref = actor(model_path, mhpo=False, plain=True, rmpad=False, temperature=tau)
+    run = actor(model_path, mhpo=True, plain=True, rmpad=False, temperature=tau)
+    assert_same_log_probs(run, ref)
+    assert_same_update(run, ref)
+
+
+def test_fused_path_log_probs_fsdp2(model_path):
+    """use_fused_kernels under FSDP2, where the LM head is its own sharded unit (verl's torch backend
+    fails there: 'mixed torch.Tensor and DTensor'): compute_log_prob gives verl's logits-path
+    values, without verl's functions."""
+    ref = actor(model_path, mhpo=False)
+    run = actor(model_path, mhpo=True, fused=True, update=False)
+    assert_same_log_probs(run, ref)
+    assert all(n == 0 for n in run.calls.values()), run.calls
+
+
+def test_fused_path_update_fsdp2(model_path):
+    """The update step through the differentiable fused linear op: loss, metrics and the LM head's
+    gradient (gathered from its FSDP2 shard) equal verl's logits path."""
+    ref = actor(model_path, mhpo=False)
+    run = actor(model_path, mhpo=True, fused=True, loss=None)
+    assert_same_log_probs(run, ref)
+    assert_same_update(run, ref)
+    assert all(n == 0 for n in run.calls.values()), run.calls
+
+
+def test_fused_path_is_verl_torch_backend(model_path):
+    """Plain module: verl's own fused torch backend (FusedLinearForPPO) against this one."""
+    ref = actor(model_path, mhpo=False, plain=True, fused=True, loss=MHPO_LOSS)
+    run = actor(model_path, mhpo=True, plain=True, fused=True, loss=MHPO_LOSS)
+    assert ref.calls["FusedLinearForPPO"] > 0
+    assert_same_log_probs(run, ref)
+    assert_same_update(run, ref)
+    assert all(n == 0 for n in run.calls.values()), run.calls
+
+
+# ---- the switch itself, without an engine -------------------------------------------------------
+
+def test_switch_read_from_model_config():
+    from verl.workers.config import HFModelConfig
+
+    assert verl_engine.enabled({"fused_kernel_options": {"impl_backend": "mhpo"}})
+    assert not verl_engine.enabled({"fused_kernel_options": {"impl_backend": "torch"}})
+    assert not verl_engine.enabled({"fused_kernel_options": None})
+    config = HFModelConfig.__new__(HFModelConfig)          # the dataclass, without loading a model
+    object.__setattr__(config, "fused_kernel_options", {"impl_backend": "mhpo"})
+    assert verl_engine.enabled(config)
+
+
+def test_hook_is_reversible():
+    from verl.workers.engine import EngineRegistry
+
+    assert EngineRegistry.new.__func__ is verl_engine._new
+    verl_engine.uninstall()
+    try:
+        assert EngineRegistry.__dict__["new"] is verl_engine._verl_new
+    finally:
+        verl_engine.install()
+    assert EngineRegistry.new.__func__ is verl_engine._new
+
+
+def test_other_engines_refused():
+    from verl.workers.engine.base import BaseEngine
+
+    class OtherEngine(BaseEngine):
+        def __init__(self):
+            pass
+
+    with pytest.raises(NotImplementedError, match="FSDP engine"):
+        verl_engine.attach(OtherEngine())
+
+    class OwnOutputs(verl_engine.FSDPEngineWithLMHead):     # e.g. verl's VeOmni engine
+        def __init__(self):
+            pass
+
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            return {}
+
+    with pytest.raises(NotImplementedError, match="OwnOutputs"):
+        verl_engine.attach(OwnOutputs())
+
+
+@pytest.mark.parametrize("flag", ["distillation_use_topk", "calculate_sum_pi_squared"])
+def test_whole_logits_consumers_refused(flag):
+    from verl.utils import tensordict_utils as tu
+
+    batch = ve.rollout_batch(V)
+    tu.assign_non_tensor(batch, **{flag: True})
+    with pytest.raises(NotImplementedError, match=flag):
+        verl_engine.prepare_model_outputs(None, None, {}, batch, None)
+
+
+@pytest.mark.parametrize("version", ["0.8.5", "0.10.0", "1.0.0"])
+def test_verl_outside_range_refused(version):
+    with pytest.raises(ImportError, match=r"verl >= 0.9, < 0.10"):
+        plugin.check_verl_version(version)
+    plugin.check_verl_version("0.9.1")
+
+
+def test_vocab_sharded_logits_keep_their_shard(tmp_path):
+    """verl's TP engines hand DTensor logits sharded on the vocabulary: the local shard goes to the
+    fused call with the mesh dimension's group as tp_group (no gather); other layouts are gathered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    with ve.verl_on_cpu(tmp_path):
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        logits = torch.randn(5, V)
+        local, group = verl_engine._local_logits(distribute_tensor(logits, mesh, [Shard(1)]))
+        assert group is mesh.get_group(0) and torch.equal(local, logits)
+        full, group = verl_engine._local_logits(distribute_tensor(logits, mesh, [Replicate()]))
+        assert group is None and torch.equal(full, logits)
+        ids = torch.randint(0, V, (5,))
+        sharded = verl_engine._token_logprobs(local, ids, TAU, True, mesh.get_group(0))
+        whole = verl_engine._token_logprobs(logits, ids, TAU, True, None)
+        for a, b in zip(sharded, whole):
+            torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=1e-6)
