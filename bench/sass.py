@@ -1,7 +1,9 @@
 """python -m bench.sass: what the compiled sweeps cost per logit, measured from sm_90 SASS without a GPU.
 
 Compiles every sweep variant a public entry point can launch for an H100/H200 (sm_90), exactly as
-the launchers would specialize it for V = 151,936, disassembles the cubin with the ``cuobjdump``
+the launchers would specialize it for V = 151,936 (every stride and V a multiple of 16), and a
+representative subset again for rows that start anywhere (V = 151,935 and 50,257, strides = V:
+only the data pointers 16-byte aligned); disassembles the cubin with the ``cuobjdump``
 that ships in Triton's wheel, finds the steady-state loop (the backward branch whose body holds
 the logits loads) and counts its instructions. Elements per thread per iteration come from the
 loads themselves (bytes loaded per thread / element size), so the count per element is exact for
@@ -22,6 +24,8 @@ import re
 import subprocess
 import sys
 
+from typing import NamedTuple
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,6 +36,10 @@ from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
+# Qwen's less one and GPT-2's: no stride or V divisible by anything, so rows start at every
+# residue mod 16 bytes. V is a runtime argument, so both compile to the same code (the same
+# block shape: V ≥ 4096); both are reported so that the table names the case it stands for.
+UNALIGNED_V = (151935, 50257)
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -64,30 +72,56 @@ FWD_FLAGS = {
                                      WITH_ENTROPY=True),
     "softcap-tau-logprobs": dict(SOFTCAP=True, HAS_TAU=True),
 }
+# DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
+# autograd ops allocate it for contiguous logits.
 BWD_FLAGS = {
-    "": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False),
-    "entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False),
-    "softcap": dict(SOFTCAP=True, HAS_DENT=False, HAS_TAU=False),
-    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False),
-    "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True),
-    "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True),
+    "": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True),
+    "entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True),
+    "softcap": dict(SOFTCAP=True, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True),
+    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True),
+    "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True),
+    "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True),
 }
+
+# The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
+# so one of each; the other epilogues sit after the same loop.
+UNALIGNED_DTYPES = ("bf16", "fp32")
+UNALIGNED_FWD = ("logprobs", "loss-entropy-old-ref", "softcap-loss-entropy-old-ref")
+UNALIGNED_BWD = ("", "entropy", "softcap-entropy")
+
+
+class Variant(NamedTuple):
+    kernel: object
+    dtype: str
+    constexprs: dict
+    V: int
+    aligned: bool   # strides and V multiples of 16 (else only the data pointers are aligned)
 
 
 def variants():
-    """{name: (kernel, dtype, constexprs)} for every sweep a public entry point can launch."""
+    """{name: Variant} for every sweep a public entry point can launch, aligned, then the
+    unaligned subset (names ending in -v<V>)."""
     out = {}
     for dtype in ITEMSIZE:
         for suffix, flags in FWD_FLAGS.items():
-            out[f"fwd-{dtype}-{suffix}"] = (_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags})
+            out[f"fwd-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
         for suffix, flags in BWD_FLAGS.items():
-            out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "")] = (_mhpo_bwd_kernel, dtype, flags)
+            out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "")] = Variant(
+                _mhpo_bwd_kernel, dtype, flags, V, True)
+    for v in UNALIGNED_V:
+        for dtype in UNALIGNED_DTYPES:
+            for suffix in UNALIGNED_FWD:
+                out[f"fwd-{dtype}-{suffix}-v{v}"] = Variant(
+                    _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[suffix]}, v, False)
+            for suffix in UNALIGNED_BWD:
+                out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "") + f"-v{v}"] = Variant(
+                    _mhpo_bwd_kernel, dtype, BWD_FLAGS[suffix], v, False)
     return out
 
 
-def _signature(kernel, dtype, constexprs):
-    """Argument types and the alignment facts the launcher's specialization sees for contiguous
-    16-byte aligned tensors, 16-divisible strides and V."""
+def _signature(kernel, dtype, constexprs, aligned):
+    """Argument types and the alignment facts the launcher's specialization sees: 16-byte aligned
+    data pointers, and, if ``aligned``, strides and V divisible by 16 too."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -104,16 +138,17 @@ def _signature(kernel, dtype, constexprs):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
-    aligned = [n for n in kernel.arg_names if n.startswith(("p_", "stride")) or n == "V"]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    divisible = [n for n in kernel.arg_names if n not in constexprs and
+                 (n.startswith("p_") or aligned and (n.startswith("stride") or n == "V"))]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     return sig, attrs
 
 
-def compile_variant(kernel, dtype, constexprs):
-    """The compiled kernel for ``dtype`` logits at V = 151,936 with the launcher's config."""
-    cfg = _config.sweep_config(V, ITEMSIZE[dtype])
+def compile_variant(kernel, dtype, constexprs, v=V, aligned=True):
+    """The compiled kernel for ``dtype`` logits at V = ``v`` with the launcher's config."""
+    cfg = _config.sweep_config(v, ITEMSIZE[dtype])
     constexprs = {**constexprs, "R": cfg.r, "LANES": cfg.lanes, "VEC": cfg.vec}
-    sig, attrs = _signature(kernel, dtype, constexprs)
+    sig, attrs = _signature(kernel, dtype, constexprs, aligned)
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET,
                           options={"num_warps": cfg.num_warps, "enable_fp_fusion": _config.FP_FUSION})
 
@@ -190,21 +225,29 @@ def measure(names, cubin_dir):
     os.makedirs(cubin_dir, exist_ok=True)
     table = variants()
     rows = []
+    done = {}  # the code is a function of these alone (V enters as its block shape): compile once
     for name in names:
-        kernel, dtype, constexprs = table[name]
-        compiled = compile_variant(kernel, dtype, constexprs)
+        var = table[name]
+        key = (var.kernel.__name__, var.dtype, tuple(sorted(var.constexprs.items())), var.aligned,
+               _config.sweep_config(var.V, ITEMSIZE[var.dtype]))
         path = os.path.join(cubin_dir, f"{name}.cubin")
+        cubin = done[key][0] if key in done else compile_variant(
+            var.kernel, var.dtype, var.constexprs, var.V, var.aligned).asm["cubin"]
         with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        rows.append({"name": name, "dtype": dtype, **analyze(path, dtype), "budget": budget_for(name)})
+            f.write(cubin)
+        if key not in done:
+            done[key] = (cubin, analyze(path, var.dtype))
+        report = done[key][1]
+        rows.append({"name": name, "dtype": var.dtype, "V": var.V, "aligned": var.aligned, **report,
+                     "budget": budget_for(name)})
     return rows
 
 
 def print_table(rows, file=sys.stdout):
-    head = f"{'variant':<38} {'elem/thr/it':>11} {'instr/elem':>10} {'budget':>6} {'MUFU/elem':>9} {'regs':>4} {'spill':>5}"
+    head = f"{'variant':<46} {'elem/thr/it':>11} {'instr/elem':>10} {'budget':>6} {'MUFU/elem':>9} {'regs':>4} {'spill':>5}"
     print(head, file=file)
     for r in rows:
-        print(f"{r['name']:<38} {r['elements_per_thread_per_iteration']!s:>11} "
+        print(f"{r['name']:<46} {r['elements_per_thread_per_iteration']!s:>11} "
               f"{r['instructions_per_element']!s:>10} {r['budget']:>6} {r['mufu_per_element']!s:>9} "
               f"{r['registers']:>4} {r['spill_bytes']:>5}", file=file)
 
@@ -222,7 +265,7 @@ def main(argv=None):
     rows = measure(names, args.cubins)
     print_table(rows)
     report = {"what": "compiled-code figures from sm_90 SASS (instructions, registers), not speed",
-              "target": "sm_90", "V": V, "triton": triton.__version__, "variants": rows}
+              "target": "sm_90", "V": V, "unaligned_V": list(UNALIGNED_V), "triton": triton.__version__, "variants": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .._config import FP_FUSION, sweep_config
 from .logit_map import LN2, _logit_slope, _logit_u
-from .rows import _block_offsets, _row_ptr, _row_target
+from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_target
 
 # Derivation. With z the logit the softmax sees, p = softmax(z) and ln p_v = z_v − lse:
 #
@@ -43,6 +43,25 @@ def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr,
 
 
 @triton.jit
+def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_scale,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr):
+    """One block of the loop's term, read from the logits and written to the gradient at the same
+    offsets from their block bases (rows.py), where the row is [lo, hi): each element is read and
+    then written by the same lane, so the gradient may be the logits themselves."""
+    o_v = v0 + o_blk
+    if MASKED:
+        m_v = (o_v >= lo) & (o_v < hi)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0).to(tl.float32)
+    else:
+        b_x = tl.load(p_blk + o_v).to(tl.float32)
+    b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+    if MASKED:
+        tl.store(p_dblk + o_v, b_g.to(p_dblk.dtype.element_ty), mask=m_v)
+    else:
+        tl.store(p_dblk + o_v, b_g.to(p_dblk.dtype.element_ty))
+
+
+@triton.jit
 def _mhpo_bwd_kernel(
     p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
@@ -54,15 +73,26 @@ def _mhpo_bwd_kernel(
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_TAU: tl.constexpr,
+    DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
-    p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
-    p_drow = _row_ptr(p_dx, row, T, stride_db, stride_dt)
+    off = _row_offset(row, T, stride_xb, stride_xt)
+    d_off = _row_offset(row, T, stride_db, stride_dt)
+    p_row = p_x + off
+    p_drow = p_dx + d_off
     y, valid, has_y, _ = _row_target(p_y, row, V)
     o_blk = _block_offsets(R, LANES, VEC)
-    n_full = V // BLOCK_V * BLOCK_V
+    # Both rows are walked in the logits' blocks (see forward.py): [lead, n_end) from each block
+    # base. The gradient's stores are vectors too when its rows share the logits' lead (always in
+    # place, and for any two tensors of the same strides); otherwise only the loads are.
+    lead = _row_lead(off, VEC)
+    p_blk = _block_base(p_x, off, lead, True, VEC)
+    p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
+    n_end = lead + V
+    n_full = n_end // BLOCK_V * BLOCK_V
+    tail = (n_full > 0) & (n_full < n_end)
     zero = tl.zeros([R * LANES, VEC], dtype=p_dx.dtype.element_ty)
 
     if valid:
@@ -84,17 +114,14 @@ def _mhpo_bwd_kernel(
         # the lane that writes y may be in another warp: every lane waits for this read.
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
         tl.debug_barrier()
-        for v0 in range(0, n_full, BLOCK_V):
-            o_v = v0 + o_blk
-            b_x = tl.load(p_row + o_v).to(tl.float32)
-            b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
-            tl.store(p_drow + o_v, b_g.to(p_dx.dtype.element_ty))
-        if n_full < V:
-            o_v = n_full + o_blk
-            m_v = o_v < V
-            b_x = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
-            b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
-            tl.store(p_drow + o_v, b_g.to(p_dx.dtype.element_ty), mask=m_v)
+        _grad_step(p_blk, p_dblk, 0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+                   True, SOFTCAP, HAS_DENT)
+        for v0 in range(BLOCK_V, n_full, BLOCK_V):
+            _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+                       False, SOFTCAP, HAS_DENT)
+        if tail:
+            _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+                       True, SOFTCAP, HAS_DENT)
         # The one-hot term at v = y, over the value the loop wrote there: every lane's store
         # must land first.
         g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
@@ -103,11 +130,20 @@ def _mhpo_bwd_kernel(
         tl.store(p_drow + y, g_y.to(p_dx.dtype.element_ty), mask=has_y)
     else:
         # A row without a valid token: its zero row, and nothing read or computed per element.
-        for v0 in range(0, n_full, BLOCK_V):
-            tl.store(p_drow + v0 + o_blk, zero)
-        if n_full < V:
+        tl.store(p_dblk + o_blk, zero, mask=(o_blk >= lead) & (o_blk < n_end))
+        for v0 in range(BLOCK_V, n_full, BLOCK_V):
+            tl.store(p_dblk + v0 + o_blk, zero)
+        if tail:
             o_v = n_full + o_blk
-            tl.store(p_drow + o_v, zero, mask=o_v < V)
+            tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
+
+
+def _in_phase(logits, grad, vec):
+    """Whether every gradient row starts at the same element offset mod ``vec`` as its logits row
+    (host metadata only: the kernel's claim that lets it store 16-byte vectors)."""
+    B, T, _ = logits.shape
+    return all((sx - sd) % vec == 0 for sx, sd, n in zip(logits.stride()[:2], grad.stride()[:2], (B, T))
+               if n > 1)
 
 
 def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap):
@@ -133,6 +169,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
         SOFTCAP=lmap.softcap,
         HAS_DENT=has_dent,
         HAS_TAU=lmap.tau is not None,
+        DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,

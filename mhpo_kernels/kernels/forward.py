@@ -8,7 +8,8 @@ import triton.language as tl
 from .._config import FP_FUSION, sweep_config
 from .._sweep_types import RowStats
 from .logit_map import LN2, _logit_u
-from .rows import _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _row_ptr, _row_target
+from .rows import (_block_base, _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan,
+                   _row_lead, _row_offset, _row_target)
 from .token_math import _expm1, _k3, _token_loss
 
 # The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
@@ -20,24 +21,25 @@ D_FLOOR = tl.constexpr(-256.0)
 
 
 @triton.jit
-def _lse_step(p_row, v0, o_blk, n_read, c, s, a, k, tanh_scale,
+def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
               R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One block of the online log-sum-exp, with per-lane state (c, s, a), each [LANES]:
 
         c = fp32(k · max u) over what the lane has read,  s = Σ 2^d,  a = Σ 2^d · d,  d = fma(u, k, −c)
 
-    Only full blocks run unmasked; the tail of the row takes the masked path once.
+    Offsets are from the row's block base (rows.py), where the row is [lo, hi). Only full blocks
+    run unmasked; the first block and the tail of the row take the masked path.
     """
     o_v = v0 + o_blk
     if MASKED:
-        m_v = o_v < n_read
-        b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        m_v = (o_v >= lo) & (o_v < hi)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
     else:
-        b_x = tl.load(p_row + o_v).to(tl.float32)
+        b_x = tl.load(p_blk + o_v).to(tl.float32)
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
     if MASKED and SOFTCAP:
-        b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes past V
+        b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
     b_u = _lanes(b_u, R, LANES, VEC)
     # NaN-propagating: a lane that read a NaN keeps c = NaN, and the row's base with it, so no
     # rescale below (alpha = 0, or the combine's lane_kept) can drop the NaN from the sums.
@@ -79,23 +81,32 @@ def _mhpo_fwd_kernel(
 ):
     BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
-    p_row = _row_ptr(p_x, row, T, stride_xb, stride_xt)
+    off = _row_offset(row, T, stride_xb, stride_xt)
+    p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
     if HAS_TAU:  # τ_t divides k once per row: the loop sees a row constant, as for a scalar τ
         k = k / tl.load(p_tau + row, mask=valid, other=1.0)
     o_blk = _block_offsets(R, LANES, VEC)
+    # The row is [lead, n_end) from its block base: a first block masked at both ends, full
+    # blocks from BLOCK_V on (16-byte vectors at any V and stride), a masked tail.
+    lead = _row_lead(off, VEC)
+    p_blk = _block_base(p_x, off, lead, True, VEC)
+    n_end = lead + n_read
+    n_full = n_end // BLOCK_V * BLOCK_V
 
     # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
     lane_c = tl.full([LANES], FLOOR, tl.float32)
     lane_s = tl.zeros([LANES], tl.float32)
     lane_a = tl.zeros([LANES], tl.float32)
-    n_full = n_read // BLOCK_V * BLOCK_V
-    for v0 in range(0, n_full, BLOCK_V):        # no steps at all for an invalid row
-        lane_c, lane_s, lane_a = _lse_step(p_row, v0, o_blk, n_read, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
-    if n_full < n_read:
-        lane_c, lane_s, lane_a = _lse_step(p_row, n_full, o_blk, n_read, lane_c, lane_s, lane_a, k,
+    if n_read > 0:                               # no steps at all for an invalid row
+        lane_c, lane_s, lane_a = _lse_step(p_blk, 0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
                                            tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    for v0 in range(BLOCK_V, n_full, BLOCK_V):
+        lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
+                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    if (n_full > 0) & (n_full < n_end):
+        lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
+                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
 
     # Combine the lanes at the row's base b = max c: every lane's c − b ≤ 0, so nothing overflows,
     # and a lane that read no finite logit (c = FLOOR, s = 0) adds exactly 0.

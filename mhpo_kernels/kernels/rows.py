@@ -1,19 +1,48 @@
 """Row addressing and block shape shared by the two sweeps: one program per (b, t) row of a
-(B, T, V) tensor, walking the vocabulary in blocks of R × LANES × VEC elements."""
+(B, T, V) tensor, walking the vocabulary in blocks of R × LANES × VEC elements.
+
+A row may start anywhere: V and the strides need not be multiples of VEC (GPT-2's 50,257, a
+(B, T + 1, V) view, an odd vocabulary slice). The sweeps therefore walk blocks anchored at the
+16-byte boundary at or before the row's start, ``lead`` elements before it: the first block is
+masked at both ends ([lead, lead + V) is the row), the steps after it start at multiples of
+BLOCK_V from that boundary, so the compiler can prove their loads 16-byte aligned, and the last
+partial block is masked once. Triton specializes data pointers that are 16-byte aligned, which
+makes the row's misalignment its element offset mod VEC; an unaligned data pointer gets no
+vectors anywhere, as before.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _row_ptr(p, row, T, stride_b, stride_t):
-    """Pointer to the start of flat row ``row`` = b·T + t of a (B, T, V) tensor.
+def _row_offset(row, T, stride_b, stride_t):
+    """Element offset of flat row ``row`` = b·T + t of a (B, T, V) tensor.
 
     int64 offsets: b · stride_b passes 2³¹ elements as soon as the tensor passes 4 GiB in bf16.
     """
     i_b = row // T
     i_t = row - i_b * T
-    return p + i_b.to(tl.int64) * stride_b + i_t.to(tl.int64) * stride_t
+    return i_b.to(tl.int64) * stride_b + i_t.to(tl.int64) * stride_t
+
+
+@triton.jit
+def _row_lead(off, VEC: tl.constexpr):
+    """How many elements of its 16-byte vector precede a row at element offset ``off`` (≥ 0) from a
+    16-byte aligned pointer: off mod VEC, in [0, VEC)."""
+    return (off % VEC).to(tl.int32)
+
+
+@triton.jit
+def _block_base(p, off, lead, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """p + off − lead: where the row's blocks are anchored. ``ALIGNED`` tells the compiler that
+    off − lead is a multiple of VEC, which holds when lead = off mod VEC (``_row_lead`` of this
+    very offset, or of one known to agree with it mod VEC); with the data pointer's own alignment
+    that makes every unmasked step's loads and stores 16-byte vectors."""
+    off = off - lead
+    if ALIGNED:
+        off = tl.multiple_of(off, VEC)
+    return p + off
 
 
 @triton.jit
