@@ -103,6 +103,12 @@ def _fused_ppo(inputs, x):
                                     **_loss_kwargs(inputs))
 
 
+def _fused_packed(inputs, x):
+    return mhpo_kernels.mhpo_loss(x, inputs["packed_input_ids"], inputs["packed_old_logprobs"], inputs["advantages"],
+                                  cu_seqlens=inputs["cu_seqlens"], temperature=TEMPERATURE,
+                                  ref_logprobs=inputs["packed_ref_logprobs"], beta=BETA)
+
+
 def _eager(inputs, x):
     return reference.mhpo_loss(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
@@ -238,6 +244,10 @@ PROVIDERS = {
     "logits": {
         "fused": Provider("fused", "MHPO", _fused,
                           lambda i: mhpo_kernels.token_logprobs(i["full_logits"], i["input_ids"], TEMPERATURE)),
+        "fused-packed": Provider("fused-packed", "MHPO, packed (cu_seqlens)", _fused_packed,
+                                 lambda i: mhpo_kernels.token_logprobs(i["packed_logits"], i["packed_input_ids"],
+                                                                       TEMPERATURE),
+                                 leaves=("packed_logits",)),
         "fused-inplace": Provider("fused-inplace", "MHPO", _fused_inplace, None, private=True,
                                   modes=("fwd_bwd",)),
         "eager": Provider("eager", "MHPO", _eager,

@@ -140,4 +140,20 @@ def make_inputs(case, device, seed=0):
         ref_logprobs=logp + 0.2 * noise[1],
         advantages=torch.randn(B, generator=g).to(device),
     )
+    if case.suite == "logits":
+        inputs.update(_packed(inputs))
     return inputs
+
+
+def _packed(inputs):
+    """The same batch as a packing framework feeds it: the valid tokens of every sequence, one
+    after the other, (N_valid, V) logits and (N_valid,) per-token tensors, with their boundaries
+    ``cu_seqlens`` (S + 1,). Made once, untimed; the loss is the padded batch's."""
+    mask = inputs["mask"]
+    lengths = mask.sum(-1)
+    with torch.no_grad():
+        return dict(
+            packed_logits=inputs["logits"][mask], packed_input_ids=inputs["input_ids"][mask],
+            packed_old_logprobs=inputs["old_logprobs"][mask], packed_ref_logprobs=inputs["ref_logprobs"][mask],
+            cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
+        )

@@ -79,10 +79,9 @@ INVALID_TOKENS = (MASKED, IGNORED)
 # A row per injection target: where the value goes (``inject(inputs, b, t, value, rng)`` edits the
 # dict of tensors in place), whether a NaN there enters the loss (``enters(objective, beta)``) and
 # whether the poison reaches the whole sequence under GSPO (the sequence ratio and advantage mix
-# every token of it) or only the token. A per-token temperature (a float tensor shaped like
-# input_ids) is one more row: Target("temperature", _at("temperature"), _always, sequence=True),
-# with "temperature" among the per-token tensors of ``_inputs`` (clean value 1.0 or a draw) and
-# of ``_call``'s keywords.
+# every token of it) or only the token. The per-token temperature is one of them: a NaN τ_t is
+# data like any other input (it makes the loss NaN), +inf gives a uniform softmax, −inf is refused
+# by validation as τ ≤ 0 (``test_validation.py``) and so is not injected.
 
 
 def _nan_or_plus_inf_logit(value, logits):
@@ -141,6 +140,7 @@ TARGETS = (
     Target("old", _at("old_logprobs"), lambda o, beta: not isinstance(o, GPG), sequence=True),
     Target("adv", _advantage, _always, sequence=True),
     Target("ref", _at("ref_logprobs"), lambda o, beta: beta > 0, sequence=False),
+    Target("temperature", _at("temperature"), _always, sequence=True),
 )
 
 
@@ -179,6 +179,7 @@ def _inputs(seed, V, objective):
         old_logprobs=logp + 0.3 * torch.randn(B, T, generator=g),
         advantages=adv,
         ref_logprobs=logp + 0.3 * torch.randn(B, T, generator=g),
+        temperature=torch.rand(B, T, generator=g) + 0.5,
     )
 
 
@@ -189,7 +190,7 @@ def _with_garbage(inputs, rng):
     for b, t in INVALID_TOKENS:
         out["logits"][b, t, rng.randrange(V)] = rng.choice(VALUES)
         out["logits"][b, t, V - 1] = rng.choice(VALUES)
-        for key in ("old_logprobs", "advantages", "ref_logprobs"):
+        for key in ("old_logprobs", "advantages", "ref_logprobs", "temperature"):
             if out[key].dim() == 2:
                 out[key][b, t] = rng.choice(VALUES)
     out["input_ids"][MASKED] = V + 7
@@ -221,7 +222,7 @@ def _scale(objective, inputs, mode, beta):
     ids = inputs["input_ids"]
     valid = VALID & (ids != IGNORE_INDEX)
     x = torch.where(valid.unsqueeze(-1), x, 0.0)
-    logp = reference.token_logprobs(x, torch.where(valid, ids, 0))
+    logp = reference.token_logprobs(x, torch.where(valid, ids, 0), temperature=inputs["temperature"].double())
     old = inputs["old_logprobs"].double()
     adv = inputs["advantages"].double().reshape(B, -1).expand(B, T)
     terms = reference.objective_loss(logp, torch.where(valid, old, 0.0), torch.where(valid, adv, 0.0),
@@ -287,7 +288,8 @@ def test_policy_loss_non_finite(name):
         assert _same(loss, clean[path][0]) and _same(grad, clean[path][1]), \
             f"{tag} {path}: garbage at invalid tokens changed the result"
 
-    combos = list(itertools.product(TARGETS, VALUES))
+    combos = [(target, value) for target, value in itertools.product(TARGETS, VALUES)
+              if not (target.name == "temperature" and value == -math.inf)]   # τ ≤ 0: refused
     rng.shuffle(combos)
     for target, value in combos[:budget(4)]:
         b, t = rng.choice(VALID_TOKENS)
@@ -469,6 +471,9 @@ REGRESSIONS = {
     # loss with a NaN gradient row; Triton PPO-clip dropped the NaN log-prob in its max.
     **{f"plus-inf-logit-{name}": (OBJECTIVES[name], 37, "logit-other", math.inf, (0, 0))
        for name in ("mhpo", "mhpo-no-lfm", "mhpo-no-dhp", "sapo", "gspo", "ppo-clip")},
+    # A NaN per-token temperature is data, as a NaN logit is: validation refuses only τ ≤ 0.
+    "temperature-nan-mhpo": (MHPO(), 37, "temperature", math.nan, (0, 1)),
+    "temperature-nan-ppo-clip": (PPOClip(), 33, "temperature", math.nan, (1, 0)),
 }
 
 
