@@ -140,3 +140,32 @@ def test_refusals():
         check_grad_in_forward(True, MHPO(), object())
     with pytest.raises(TypeError, match="grad_in_forward"):
         token_logprobs(x, ids, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_linear_tiles_take_one_sweep(backend, monkeypatch):
+    """Without tp_group each logits tile becomes its gradient in the forward's launch: the backward
+    sweep never runs, and the gradients are those of mhpo_loss on the full logits."""
+    from mhpo_kernels import _dispatch, fused_linear_mhpo_loss
+
+    from _cases import FP32_RTOL, max_rel_err
+
+    g = torch.Generator().manual_seed(9)
+    B, T, H, V = 2, 5, 16, 45
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.3
+    ids = torch.randint(0, V, (B, T), generator=g)
+    old, adv, mask = torch.randn(B, T, generator=g) - 3, torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.2
+    with mhpo_kernels.use_backend(backend):
+        h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        mhpo_loss(h0 @ w0.t(), ids, old, adv, mask).backward()
+        sweeps = _dispatch.sweeps
+
+        def forward_only(device):
+            return sweeps(device)[0], _no_backward_sweep
+
+        monkeypatch.setattr(_dispatch, "sweeps", forward_only)
+        h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        fused_linear_mhpo_loss(h1, w1, ids, old, adv, mask, chunk_size=4).backward()
+    assert max_rel_err(h1.grad, h0.grad) <= FP32_RTOL
+    assert max_rel_err(w1.grad, w0.grad) <= FP32_RTOL
