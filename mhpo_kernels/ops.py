@@ -179,8 +179,9 @@ def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
 
 @torch.library.custom_op("mhpo_kernels::scale_rows_", mutates_args=("grad",))
 def scale_rows_(grad: Tensor, scale: Tensor, shifted: bool) -> None:
-    """``grad`` (B, T, V) row t times ``scale`` (B·T,) (B·(T − 1),) when ``shifted``), in place;
-    rows whose scale is 1 are not touched (the check is on the device, no sync)."""
+    """Row r of ``grad`` (B, T, V) times ``scale[r]``, in place, ``scale`` one value per token
+    ((B·(T − 1),) when ``shifted``: the last position's zero row is left alone). Rows whose scale
+    is 1 are not touched (the check is on the device, no sync)."""
     if shifted:
         scale = _pad_rows(scale, _token_shape(grad, True), 1.0)
     _dispatch.scale_rows(grad.device)(grad, scale.float().contiguous())

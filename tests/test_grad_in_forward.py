@@ -169,3 +169,22 @@ def test_fused_linear_tiles_take_one_sweep(backend, monkeypatch):
         fused_linear_mhpo_loss(h1, w1, ids, old, adv, mask, chunk_size=4).backward()
     assert max_rel_err(h1.grad, h0.grad) <= FP32_RTOL
     assert max_rel_err(w1.grad, w0.grad) <= FP32_RTOL
+
+
+def test_inplace_flat_logits_and_a_second_reader_raises():
+    """In place on 2-D (N, V) logits (a view the op reshapes) gives the default path's gradient;
+    an op that saved the same logits for its backward raises instead of reading the gradient."""
+    x0, ids, old, adv, mask, _, _ = _inputs(5, 1, 6, 30, torch.float32, False)
+    flat = dict(input_ids=ids[0], old_logprobs=old[0], advantages=adv.expand(6), mask=mask[0] | True)
+    grads = []
+    for gif in (False, True):
+        leaf = x0[0].clone().requires_grad_()
+        mhpo_loss(leaf * 1, **flat, inplace_backward=True, grad_in_forward=gif).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    leaf = x0[0].clone().requires_grad_()
+    logits = leaf * 1
+    other = logits.sin().sum()  # sin saves its input
+    loss = mhpo_loss(logits, **flat, inplace_backward=True, grad_in_forward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
