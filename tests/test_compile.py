@@ -151,8 +151,8 @@ def test_every_objective_compiles_and_equals_eager():
 
 
 def test_custom_ops_registered():
-    for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward", "fused_linear_logprobs",
-                 "fused_linear_logprobs_backward"):
+    for name in ("sweeps_forward", "sweeps_backward", "sweeps_forward_grad_", "scale_rows_", "fused_linear_forward",
+                 "fused_linear_logprobs", "fused_linear_logprobs_backward"):
         assert hasattr(torch.ops.mhpo_kernels, name)
 
 
