@@ -93,7 +93,8 @@ def _one_sweep_option():
 
 
 def _one_sweep_programs_knob():
-    return next((name for name in ("ONE_SWEEP_PROGRAMS_PER_SM", "PROGRAMS_PER_SM") if hasattr(_config, name)), None)
+    """The one-sweep kernel's grid setting (programs per SM, read at each launch), if this version has it."""
+    return "PROGRAMS_PER_SM" if hasattr(_config, "PROGRAMS_PER_SM") else None
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ the launchers would specialize it for V = 151,936 (every stride and V a multiple
 representative subset again for rows that start anywhere (V = 151,935 and 50,257, strides = V:
 only the data pointers 16-byte aligned); disassembles the cubin with the ``cuobjdump``
 that ships in Triton's wheel, finds the steady-state loop (the backward branch whose body holds
-the logits loads) and counts its instructions. Elements per thread per iteration come from the
+the logits loads) and counts its instructions. The one-sweep kernel (``grad_in_forward``) has two
+such loops inside its persistent loop over rows: both are counted, pass 1 against the forward's
+budget and pass 2 (the loop that stores) against the backward's. Elements per thread per iteration come from the
 loads themselves (bytes loaded per thread / element size), so the count per element is exact for
 the loop as compiled, whatever the compiler unrolled.
 
@@ -48,7 +50,7 @@ BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True)
+                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False, DX_IN_PHASE=False)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
@@ -83,6 +85,14 @@ BWD_FLAGS = {
     "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True),
 }
 
+# grad_in_forward's one-sweep kernel (the forward kernel with GRAD_IN_FORWARD): two loops per
+# row, pass 1 (the forward's) held to the forward budget, pass 2 (the gradient's) to the
+# backward's. The gradient buffer has the logits' strides, or is the logits (DX_IN_PHASE).
+ONE_SWEEP_DTYPES = ("bf16", "fp32")
+ONE_SWEEP_FLAGS = {suffix: dict(FWD_FLAGS[suffix], GRAD_IN_FORWARD=True, DX_IN_PHASE=True)
+                   for suffix in ("loss-old-ref", "loss-entropy-old-ref")}
+ONE_SWEEP_UNALIGNED = ("bf16", "loss-entropy-old-ref", UNALIGNED_V[0])
+
 # The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
 # so one of each; the other epilogues sit after the same loop.
 UNALIGNED_DTYPES = ("bf16", "fp32")
@@ -108,6 +118,9 @@ def variants():
         for suffix, flags in BWD_FLAGS.items():
             out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "")] = Variant(
                 _mhpo_bwd_kernel, dtype, flags, V, True)
+    for dtype in ONE_SWEEP_DTYPES:
+        for suffix, flags in ONE_SWEEP_FLAGS.items():
+            out[f"onesweep-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
     for v in UNALIGNED_V:
         for dtype in UNALIGNED_DTYPES:
             for suffix in UNALIGNED_FWD:
@@ -116,6 +129,9 @@ def variants():
             for suffix in UNALIGNED_BWD:
                 out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "") + f"-v{v}"] = Variant(
                     _mhpo_bwd_kernel, dtype, BWD_FLAGS[suffix], v, False)
+    dtype, suffix, v = ONE_SWEEP_UNALIGNED
+    out[f"onesweep-{dtype}-{suffix}-v{v}"] = Variant(
+        _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **ONE_SWEEP_FLAGS[suffix]}, v, False)
     return out
 
 
@@ -134,7 +150,7 @@ def _signature(kernel, dtype, constexprs, aligned):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
             sig[name] = "i64"
-        elif name in ("T", "V"):
+        elif name in ("N", "T", "V"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
@@ -170,35 +186,49 @@ def parse_sass(sass):
     return [(int(a, 16), t.strip()) for a, t in _INSTR.findall(sass)]
 
 
+def _loops(instrs):
+    """[(bytes loaded per thread per iteration, body, innermost)] of every backward branch
+    ``[target, branch]`` whose body holds a global load, in address order."""
+    branches = []
+    for i, (addr, text) in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            branches.append((i, addr, int(m.group(1), 16)))
+    loops = []
+    for i, addr, start in branches:
+        body = [t for a, t in instrs[: i + 1] if a >= start]
+        loaded = sum(_ldg_bytes(t.split(" ", 1)[-1] if t.startswith("@") else t)
+                     for t in body if re.search(r"(^|\s)LDG", t))
+        innermost = not any(start <= a < addr for _, a, _ in branches if a != addr)
+        if loaded:
+            loops.append((loaded, body, innermost))
+    return loops
+
+
 def steady_loop(instrs):
     """The instructions of the loop that loads the most bytes per iteration: the body of a
     backward branch ``[target, branch]``. None if the code has no loop with a global load."""
     best = None
-    for i, (addr, text) in enumerate(instrs):
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
-        if not m or int(m.group(1), 16) >= addr:
-            continue
-        start = int(m.group(1), 16)
-        body = [t for a, t in instrs[: i + 1] if a >= start]
-        loaded = sum(_ldg_bytes(t.split(" ", 1)[-1] if t.startswith("@") else t)
-                     for t in body if re.search(r"(^|\s)LDG", t))
-        if loaded and (best is None or loaded > best[0]):
+    for loaded, body, _ in _loops(instrs):
+        if best is None or loaded > best[0]:
             best = (loaded, body)
     return best
 
 
-def analyze(cubin_path, dtype):
-    """The loop report of one cubin: registers, spills, elements and instructions per element."""
-    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
-                          capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
-                           capture_output=True, text=True, check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    loop = steady_loop(parse_sass(sass))
-    report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
+def steady_loops(instrs):
+    """The one-sweep kernel's two steady-state loops, (pass 1, pass 2): the innermost loops with a
+    global load (the persistent loop over rows holds both), pass 2 the one that stores. None
+    unless there are exactly two such loops, one storing."""
+    inner = [(loaded, body) for loaded, body, innermost in _loops(instrs) if innermost]
+    storing = [bool(any(re.search(r"(^|\s)STG", t) for t in body)) for _, body in inner]
+    if len(inner) != 2 or storing.count(True) != 1:
+        return None
+    return tuple(sorted(inner, key=lambda loop: any(re.search(r"(^|\s)STG", t) for t in loop[1])))
+
+
+def _loop_report(loop, dtype):
     if loop is None:
-        return {**report, "elements_per_thread_per_iteration": None, "loop_instructions": None,
+        return {"elements_per_thread_per_iteration": None, "loop_instructions": None,
                 "instructions_per_element": None, "mufu_per_element": None, "vector_loads": 0,
                 "vector_stores": 0}
     loaded, body = loop
@@ -206,7 +236,6 @@ def analyze(cubin_path, dtype):
     elements = loaded // ITEMSIZE[dtype]
     mufu = sum(1 for t in body if "MUFU" in t)
     return {
-        **report,
         "elements_per_thread_per_iteration": elements,
         "loop_instructions": len(body),
         "instructions_per_element": round(len(body) / elements, 2),
@@ -216,8 +245,31 @@ def analyze(cubin_path, dtype):
     }
 
 
-def budget_for(name):
+def analyze(cubin_path, dtype, two_passes=False):
+    """The loop report of one cubin: registers, spills, elements and instructions per element.
+    ``two_passes`` (the one-sweep kernel): the fields are pass 1's, and ``pass2`` holds pass 2's
+    (None for either if the two loops are not found)."""
+    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
+                          capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
+                           capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
+    instrs = parse_sass(sass)
+    if not two_passes:
+        return {**report, **_loop_report(steady_loop(instrs), dtype)}
+    loops = steady_loops(instrs)
+    pass1, pass2 = loops if loops is not None else (None, None)
+    return {**report, **_loop_report(pass1, dtype), "pass2": _loop_report(pass2, dtype)}
+
+
+def budget_for(name, pass2=False):
+    """The budget of a variant's loop: the forward's or the backward's; the one-sweep kernel's
+    pass 1 is held to the forward's, its pass 2 to the backward's."""
     sweep = name.split("-")[0]
+    if sweep == "onesweep":
+        sweep = "bwd" if pass2 else "fwd"
     return BUDGET[sweep + ("-softcap" if "softcap" in name else "")]
 
 
@@ -236,8 +288,10 @@ def measure(names, cubin_dir):
         with open(path, "wb") as f:
             f.write(cubin)
         if key not in done:
-            done[key] = (cubin, analyze(path, var.dtype))
+            done[key] = (cubin, analyze(path, var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False)))
         report = done[key][1]
+        if "pass2" in report:
+            report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}
         rows.append({"name": name, "dtype": var.dtype, "V": var.V, "aligned": var.aligned, **report,
                      "budget": budget_for(name)})
     return rows
@@ -250,6 +304,10 @@ def print_table(rows, file=sys.stdout):
         print(f"{r['name']:<46} {r['elements_per_thread_per_iteration']!s:>11} "
               f"{r['instructions_per_element']!s:>10} {r['budget']:>6} {r['mufu_per_element']!s:>9} "
               f"{r['registers']:>4} {r['spill_bytes']:>5}", file=file)
+        if "pass2" in r:
+            p = r["pass2"]
+            print(f"{'  pass 2 (gradient)':<46} {p['elements_per_thread_per_iteration']!s:>11} "
+                  f"{p['instructions_per_element']!s:>10} {p['budget']:>6} {p['mufu_per_element']!s:>9}", file=file)
 
 
 def main(argv=None):

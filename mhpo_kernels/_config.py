@@ -146,6 +146,31 @@ def row_splits(n_rows, V, fill_rows):
     return max(1, min(-(-fill_rows // n_rows), V // MIN_SPLIT_ELEMENTS))
 
 
+# ---- the one-sweep kernel (grad_in_forward) ---------------------------------------------------
+#
+# Persistent: PROGRAMS_PER_SM programs per SM take the rows in turn, so at most that many rows
+# are between their two reads at once. A row's second read hits L2 only if the rows in flight fit
+# in it: at 2 programs per SM, 264 bf16 rows of V 151,936 (297 KB each) are 78 MB, more than an
+# H100's 50 MB or an H200's 60 MB, but each program is part-way through its row, so on average
+# half of each is still to be re-read (39 MB); 1 per SM (39 MB, about 20 MB pending) leaves
+# margin and fewer bytes in flight. bench/gpu_check.sh times 1, 1.5 and 2.
+PROGRAMS_PER_SM = 2.0
+INTERPRETED_PROGRAMS = 4  # under Triton's interpreter (CPU tensors) each program costs milliseconds
+
+
+def persistent_programs(n_rows, device):
+    """The one-sweep kernel's grid: PROGRAMS_PER_SM × the device's SMs (at least one program per
+    SM), never more than the rows."""
+    if device.type == "cuda":
+        import torch
+
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = max(sms, int(PROGRAMS_PER_SM * sms))
+    else:
+        programs = INTERPRETED_PROGRAMS
+    return max(1, min(n_rows, programs))
+
+
 @contextlib.contextmanager
 def overridden(block_v=None, num_warps=None):
     """For the benchmark's BLOCK_V × num_warps grid only: the launches inside the block use

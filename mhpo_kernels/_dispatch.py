@@ -105,3 +105,13 @@ def sweeps(device):
             return _quiet(mhpo_fwd), _quiet(mhpo_bwd)
         return mhpo_fwd, mhpo_bwd
     return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd
+
+
+def scale_rows(device):
+    """The in-place row scaling (``kernels.backward.scale_rows_``) for tensors on ``device``."""
+    if backend_for(device) == "triton":
+        sweeps(device)  # the same refusal as the sweeps' without the interpreter
+        from .kernels.backward import scale_rows_
+
+        return _quiet(scale_rows_) if _kernels_interpreted() else scale_rows_
+    return torch_sweeps.scale_rows_

@@ -128,9 +128,15 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     reduces it, as Megatron's does).
 
     ``entropy_coef``: the loss is Σ g_t · (loss_t − entropy_coef · H_t); each tile's backward
-    sweep takes ∂L/∂H_t = −entropy_coef · g_t with ∂L/∂logp_t (HAS_DENT), in the same pass."""
+    sweep takes ∂L/∂H_t = −entropy_coef · g_t with ∂L/∂logp_t (HAS_DENT), in the same pass.
+
+    Without ``tp`` and the entropy bonus each tile takes one launch, the forward sweep that also
+    writes the tile's gradient (``grad_in_forward``'s kernel); otherwise the two sweeps."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
     bonus = entropy_coef > 0
+    # One sweep per tile where the forward knows the whole gradient: with tp the slice's statistics
+    # need the group's first, and the entropy bonus's term is the backward sweep's (HAS_DENT).
+    one_sweep = tp is None and not bonus
     sweep_entropy = bool(with_entropy) or bonus
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
@@ -144,13 +150,22 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
             return None if x is None else x[r0:r1]
 
         lmap_c = lmap.rows(slice(r0, r1))
+        need_grad = need_dh or need_dw or need_db
+        if one_sweep and need_grad:
+            # The upstream gradient is 1 by construction: the forward's launch turns the tile into
+            # its gradient, each row re-read right after its statistics (no second sweep).
+            stats = forward_sweep(tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp, lmap_c,
+                                  with_entropy=sweep_entropy, with_loss=True, grad=tile)
+            parts.append(stats)
+            _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
+            continue
         stats = _chunk_stats(forward_sweep, tile, rows(target), rows(old), rows(adv), rows(g), rows(ref), hp,
                              lmap_c, sweep_entropy, True, tp)
         if bonus:
             dentropy = rows(g) * -entropy_coef
             stats = stats._replace(loss=stats.loss + dentropy * stats.entropy)
         parts.append(stats)
-        if not (need_dh or need_dw or need_db):
+        if not need_grad:
             continue
         # The tile becomes ∂L/∂logits for an upstream gradient of 1 (this rank's columns with tp).
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))

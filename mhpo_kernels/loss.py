@@ -85,10 +85,10 @@ def agreed_settings(call, hp, lmap, **flags):
                 **flags)
 
 
-def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
+def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, grad_in_forward=False):
     if tp_group is None:
         return row_stats(logits3, batch, hp, lmap, with_entropy=with_entropy, shifted=shifted,
-                         inplace_backward=inplace)
+                         inplace_backward=inplace, grad_in_forward=grad_in_forward)
     from . import vocab_parallel
 
     return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)
@@ -135,6 +135,24 @@ def check_sequence_advantages(batch):
 
 def check_entropy_coef(entropy_coef):
     return check_nonnegative("entropy_coef", entropy_coef)
+
+
+def check_grad_in_forward(grad_in_forward, objective=None, tp_group=None, entropy_coef=0.0):
+    """``grad_in_forward`` is a flag, and only where the forward can know the whole gradient: a
+    token-level objective (GSPO's sequence ratios come after the sweep), no tp_group (the slice's
+    statistics need the group's before any gradient), and no differentiated entropy."""
+    if not check_flag("grad_in_forward", grad_in_forward):
+        return False
+    if tp_group is not None:
+        raise ValueError("grad_in_forward=True is not supported with tp_group: the gradient needs the "
+                         "statistics of every rank's slice, combined after the forward sweep")
+    if objective is not None and objective.sequence_level:
+        raise ValueError("grad_in_forward=True is not supported with a sequence-level objective (GSPO): its "
+                         "sequence ratios are formed after the sweep over the logits")
+    if entropy_coef > 0:
+        raise ValueError("grad_in_forward=True is not supported with entropy_coef > 0: it computes the "
+                         "gradient of the loss alone, with no entropy term")
+    return True
 
 
 def entropy_bonus(loss, entropy_coef, weight, entropy):
@@ -193,6 +211,7 @@ def mhpo_loss(
     cu_seqlens=None,
     seq_valid_tokens=None,
     entropy_coef=0.0,
+    grad_in_forward=False,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -288,6 +307,15 @@ def mhpo_loss(
         entropy_coef: ≥ 0, an entropy bonus: loss = Σ_t g_t · (loss_t − entropy_coef · H_t), H_t
             the entropy of softmax(logits / τ), aggregated like the loss. Its gradient is part of
             the one backward sweep.
+        grad_in_forward: the forward also computes ∂L/∂logits for an upstream gradient of 1, in
+            one persistent launch that re-reads each row right after its statistics (two passes
+            over the logits instead of three when the re-read hits L2): into the logits
+            themselves with ``inplace_backward=True`` (the forward then overwrites them),
+            otherwise into a buffer it allocates. The backward hands that gradient back, scaled
+            by the upstream gradient only where it is not 1 (decided on the device, no sync).
+            Only the loss is differentiable then (the metrics are detached anyway). Not with
+            ``tp_group``, a sequence-level objective (GSPO) or ``entropy_coef > 0``. Off by
+            default until a GPU measurement shows it faster (README).
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -303,7 +331,7 @@ def mhpo_loss(
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
         inplace_backward=inplace_backward, tp_group=tp_group, cu_seqlens=cu_seqlens,
-        seq_valid_tokens=seq_valid_tokens, entropy_coef=entropy_coef,
+        seq_valid_tokens=seq_valid_tokens, entropy_coef=entropy_coef, grad_in_forward=grad_in_forward,
     )
 
 
@@ -327,6 +355,7 @@ def policy_loss(
     cu_seqlens=None,
     seq_valid_tokens=None,
     entropy_coef=0.0,
+    grad_in_forward=False,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -339,7 +368,8 @@ def policy_loss(
     ratios between the sweeps (O(N), no third pass over the logits) and needs one advantage per
     sequence, (B,) or (B, T) constant over each sequence's valid tokens. ``return_metrics`` gives
     abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
-    survival and saturated_frac. GSPO is not available with ``tp_group`` or ``seq_valid_tokens``.
+    survival and saturated_frac. GSPO is not available with ``tp_group`` or ``seq_valid_tokens``,
+    nor with ``grad_in_forward``.
     """
     def prepare():  # with a tp_group, every rank hears of any error raised in here
         chosen = resolve_objective(objective)
@@ -350,6 +380,7 @@ def policy_loss(
             raise NotImplementedError("GSPO with seq_valid_tokens (a sequence split over ranks) is not "
                                       "supported: its sequence ratio needs the log-probs of every rank")
         check_entropy_coef(entropy_coef)
+        check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
@@ -374,7 +405,7 @@ def policy_loss(
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     with_entropy = bool(return_metrics) or entropy_coef > 0
-    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group)
+    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, bool(grad_in_forward))
     loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
     if not return_metrics:
         return loss
@@ -427,7 +458,7 @@ class MHPOLoss(torch.nn.Module):
     def __init__(
         self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, temperature=1.0,
         loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
-        tp_group=None, entropy_coef=0.0,
+        tp_group=None, entropy_coef=0.0, grad_in_forward=False,
     ):
         super().__init__()
         self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg = mhpo_params(
@@ -439,6 +470,7 @@ class MHPOLoss(torch.nn.Module):
         self.inplace_backward = check_flag("inplace_backward", inplace_backward)
         self.tp_group = check_tp_group(tp_group)
         self.entropy_coef = check_entropy_coef(entropy_coef)
+        self.grad_in_forward = check_grad_in_forward(grad_in_forward, None, self.tp_group, self.entropy_coef)
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None, cu_seqlens=None,
@@ -451,6 +483,7 @@ class MHPOLoss(torch.nn.Module):
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
             inplace_backward=self.inplace_backward, tp_group=self.tp_group, cu_seqlens=cu_seqlens,
             seq_valid_tokens=seq_valid_tokens, entropy_coef=self.entropy_coef,
+            grad_in_forward=self.grad_in_forward,
         )
 
     def extra_repr(self):

@@ -104,16 +104,9 @@ def _token_shape(logits, shifted):
     return (B, T - 1) if shifted else (B, T)
 
 
-@torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
-def sweeps_forward(
-    logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
-    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
-    softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
-    cu: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for).
-    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
-    ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
+def _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
+                   cu, grad=None):
+    """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch)."""
     if shifted:
         shape = _token_shape(logits, True)
         target = _pad_rows(target, shape, -1)
@@ -122,9 +115,10 @@ def sweeps_forward(
     hp, lmap = _unpack(params, softcap, tau)
     forward_sweep, _ = _dispatch.sweeps(logits.device)
     sequence_level = with_loss and hp.kind == GSPO_KIND
+    extra = {} if grad is None else {"grad": grad}
     with _without_autocast(logits.device):
         stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
-                              with_entropy=with_entropy, with_loss=with_loss and not sequence_level)
+                              with_entropy=with_entropy, with_loss=with_loss and not sequence_level, **extra)
     if shifted:
         stats = RowStats(*(_unpad_rows(x, shape) for x in stats))
         target, old, adv, weight, ref = (_unpad_rows(x, shape) for x in (target, old, adv, weight, ref))
@@ -136,12 +130,99 @@ def sweeps_forward(
     return tuple(_fp32(logits, 0) if x is None else x for x in stats)
 
 
+@torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
+def sweeps_forward(
+    logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
+    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
+    cu: Optional[Tensor] = None, grad_in_forward: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for), then
+    with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
+    buffer of the logits' shape and dtype (else empty); its backward rescales that buffer.
+    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
+    ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if grad_in_forward else None
+    stats = _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss,
+                           shifted, cu, grad)
+    return stats + (logits.new_empty(0) if grad is None else grad,)
+
+
 @sweeps_forward.register_fake
 def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-      inplace_backward, cu=None):
+      inplace_backward, cu=None, grad_in_forward=False):
     B, T = _token_shape(logits, shifted)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
+    grad = torch.empty(logits.shape if grad_in_forward else (0,), dtype=logits.dtype, device=logits.device)
+    return tuple(_fp32(logits, B * T if p else 0) for p in present) + (grad,)
+
+
+@torch.library.custom_op("mhpo_kernels::sweeps_forward_grad_", mutates_args=("logits",))
+def sweeps_forward_grad_(
+    logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
+    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    softcap: bool, with_entropy: bool, shifted: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sweep 1 with the loss, and in the same launch ``logits`` overwritten with ∂L/∂logits for an
+    upstream gradient of 1 (each row is read whole before the same program writes it). No
+    autograd formula of its own: ``OneSweepInplace`` carries it."""
+    return _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, True,
+                          shifted, None, logits)
+
+
+@sweeps_forward_grad_.register_fake
+def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted):
+    B, T = _token_shape(logits, shifted)
+    present = (True, True, True, with_entropy) + (True,) * 4
     return tuple(_fp32(logits, B * T if p else 0) for p in present)
+
+
+@torch.library.custom_op("mhpo_kernels::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor, shifted: bool) -> None:
+    """Row r of ``grad`` (B, T, V) times ``scale[r]``, in place, ``scale`` one value per token
+    ((B·(T − 1),) when ``shifted``: the last position's zero row is left alone). Rows whose scale
+    is 1 are not touched (the check is on the device, no sync)."""
+    if shifted:
+        scale = _pad_rows(scale, _token_shape(grad, True), 1.0)
+    _dispatch.scale_rows(grad.device)(grad, scale.float().contiguous())
+
+
+@scale_rows_.register_fake
+def _(grad, scale, shifted):
+    return None
+
+
+def _hand_back(grad, target, d_loss, shifted):
+    """The gradient the forward computed for an upstream gradient of 1, times the loss's upstream
+    gradient per token (1 at invalid tokens, whose rows are zero): a no-op when it is 1. Only the
+    loss is differentiable then: the forward marks the log-probs and entropy non-differentiable."""
+    if d_loss is None:
+        return None
+    scale_rows_(grad, torch.where(target >= 0, d_loss.float(), 1.0), shifted)
+    return grad
+
+
+class OneSweepInplace(torch.autograd.Function):
+    """``grad_in_forward`` with ``inplace_backward``: the forward overwrites the logits with their
+    gradient (``sweeps_forward_grad_``, whose version bump makes any other node that saved the
+    logits refuse to run), the backward scales it and hands it back. Returns the first eight
+    ``sweeps_forward`` outputs."""
+
+    @staticmethod
+    def forward(ctx, logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted):
+        out = sweeps_forward_grad_(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
+                                   shifted)
+        ctx.save_for_backward(logits, target)  # after the overwrite: it is the gradient now
+        ctx.shifted = shifted
+        ctx.mark_non_differentiable(*out[:6], out[7])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, d_loss, _coef):
+        grad, target = ctx.saved_tensors
+        return (_hand_back(grad, target, d_loss, ctx.shifted),) + (None,) * 10
 
 
 def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap,
@@ -193,8 +274,16 @@ def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, sof
 
 
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, weight, _, tau, params, softcap, with_entropy, with_loss, shifted, inplace, *cu = inputs
-    base, log2_sum, _, entropy, psi, zeta, _, coef = output
+    logits, target, _, _, weight, _, tau, params, softcap, with_entropy, with_loss, shifted, inplace, *rest = inputs
+    cu = rest[:1]
+    ctx.grad_in_forward = len(rest) > 1 and rest[1]
+    base, log2_sum, logp, entropy, psi, zeta, _, coef, grad = output
+    if ctx.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
+        ctx.save_for_backward(grad, target)
+        ctx.shifted = shifted
+        ctx.mark_non_differentiable(base, log2_sum, logp, entropy, psi, zeta, coef, grad)
+        ctx.set_materialize_grads(False)
+        return
     ctx.sequence_level = with_loss and _unpack(params, softcap)[0].kind == GSPO_KIND
     # GSPO: zeta holds each token's share of its sequence term's derivative (see _sequence_terms)
     seq = ctx.sequence_level
@@ -203,17 +292,20 @@ def _sweeps_setup(ctx, inputs, output):
     ctx.token_shape = _token_shape(logits, shifted)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
     ctx.shifted, ctx.inplace = shifted, inplace
-    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef)
+    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef, grad)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
-def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef):
+def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad):
+    if ctx.grad_in_forward:
+        grad, target = ctx.saved_tensors
+        return (_hand_back(grad, target, d_loss, ctx.shifted),) + (None,) * 14
     logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau = ctx.saved_tensors
     d_loss = d_loss if ctx.with_loss else None
     d_entropy = d_entropy if ctx.with_entropy else None
     if d_loss is None and d_logp is None and d_entropy is None:
-        return (None,) * 14
+        return (None,) * 15
     # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
     dlogp = torch.zeros_like(log2_sum)
     if d_loss is not None:
@@ -232,21 +324,28 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         grad = logits
     else:
         grad = sweeps_backward(logits, *args)
-    return (grad,) + (None,) * 13
+    return (grad,) + (None,) * 14
 
 
 torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
 
 
-def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False):
+def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False):
     """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch, as
     ``RowStats`` (absent fields None) whose logp, entropy and loss carry gradient to the logits.
-    The KL term runs only for β > 0: the reference log-probs are not read at β = 0."""
+    The KL term runs only for β > 0: the reference log-probs are not read at β = 0.
+    ``grad_in_forward`` (a token-level loss only): the logits' gradient is computed in the same
+    launch, into the logits themselves with ``inplace_backward``; only the loss is differentiable."""
     with_loss = batch.adv is not None
     ref = batch.ref if hp.beta > 0 else None
-    out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
-                         pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
-                         bool(shifted), bool(inplace_backward), batch.cu if hp.kind == GSPO_KIND else None)
+    if grad_in_forward and inplace_backward:
+        out = OneSweepInplace.apply(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
+                                    pack_params(hp, lmap), lmap.softcap, bool(with_entropy), bool(shifted))
+    else:
+        out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
+                             pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
+                             bool(shifted), bool(inplace_backward), batch.cu if hp.kind == GSPO_KIND else None,
+                             bool(grad_in_forward))
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     return RowStats(*(x if p else None for x, p in zip(out, present)))
 

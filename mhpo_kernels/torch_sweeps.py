@@ -179,8 +179,9 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
     return out(log_s[seq_id]), out(share), out(g * loss), out(g * kl_coef)
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss):
-    """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``."""
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None):
+    """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
+    upstream gradient of 1 into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     for b, t0, t1, r0 in _chunks(logits):
@@ -204,6 +205,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = _token_terms(
             out.logp, valid, old, adv, g, ref, hp
         )
+    if grad is not None:
+        mhpo_bwd(logits, grad, target, out.base, out.log2_sum, torch.zeros_like(out.coef) + out.coef, None, None,
+                 lmap)
     return out
 
 
@@ -232,3 +236,9 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
         dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
         grad[b, t0:t1] = dz
     return grad
+
+
+def scale_rows_(grad, scale):
+    """grad (B, T, V) row r times ``scale`` (B·T,) fp32, in place (``kernels.backward.scale_rows_``)."""
+    B, T, _ = grad.shape
+    return grad.mul_(scale.reshape(B, T, 1))

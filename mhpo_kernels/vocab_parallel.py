@@ -254,7 +254,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
         target = tp.local_target(batch.target)
         params = ops.pack_params(hp, lmap)
         local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, lmap.tau, params,
-                                             lmap.softcap, bool(with_entropy), False, bool(shifted), False))
+                                             lmap.softcap, bool(with_entropy), False, bool(shifted), False)[:8])
         ref = batch.ref if hp.beta > 0 else None
         stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                with_entropy, with_loss)

@@ -90,6 +90,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert set(steps) == {"env", "sweeps", "grid", "align", "inplace", "compile"}
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert len(steps["sweeps"]["rows"]) == 2 and all(r["fwd_gbps"] > 0 for r in steps["sweeps"]["rows"])
+    # the one-sweep kernel (grad_in_forward), timed at each programs-per-SM setting
+    assert steps["sweeps"]["one_sweep"] == "measured"
+    assert all(r[f"one_sweep_{p}_ms"] > 0 for r in steps["sweeps"]["rows"] for p in gpu_check.ONE_SWEEP_PROGRAMS_PER_SM)
     assert all("fwd_gbps" in g for g in steps["grid"]["grid"])
     assert steps["inplace"]["bitwise_equal"] is True
     assert steps["compile"]["head_inplace"]["compiled_equals_eager"] is True

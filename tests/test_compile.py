@@ -33,6 +33,20 @@ def head_step(hidden, weight, ids, old, adv, mask):
                                    loss_agg_mode="token-mean", inplace_backward=True),)
 
 
+def one_sweep_step(logits, ids, old, adv, mask, ref):
+    """grad_in_forward: the gradient from the forward's launch, handed back scaled."""
+    loss, metrics = mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                           temperature=0.8, return_metrics=True, grad_in_forward=True)
+    return loss, metrics["entropy"], metrics["kl"]
+
+
+def one_sweep_head_step(hidden, weight, ids, old, adv, mask):
+    """grad_in_forward in place: the forward overwrites the head's output with its gradient."""
+    logits = hidden @ weight.t()
+    return (mhpo_kernels.mhpo_loss(logits, ids[:, 1:], old[:, 1:], adv, mask[:, 1:], loss_agg_mode="token-mean",
+                                   inplace_backward=True, grad_in_forward=True),)
+
+
 def linear_step(hidden, weight, ids, old, adv, mask):
     loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
         hidden, weight, ids, old, adv, mask, chunk_size=5, final_logit_softcap=8.0,
@@ -68,8 +82,10 @@ def _fresh(args):
 
 
 @pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
-                                             (linear_step, _linear_args)],
-                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss"])
+                                             (linear_step, _linear_args), (one_sweep_step, _logits_args),
+                                             (one_sweep_head_step, _linear_args)],
+                         ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss", "grad-in-forward",
+                              "grad-in-forward-inplace"])
 def test_no_graph_breaks(step, make_args):
     explanation = torch._dynamo.explain(step)(*make_args())
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -77,9 +93,10 @@ def test_no_graph_breaks(step, make_args):
 
 
 @pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
-                                             (linear_step, _linear_args), (linear_logprobs_step, _linear_args)],
+                                             (linear_step, _linear_args), (linear_logprobs_step, _linear_args),
+                                             (one_sweep_step, _logits_args), (one_sweep_head_step, _linear_args)],
                          ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss",
-                              "fused_linear_token_logprobs"])
+                              "fused_linear_token_logprobs", "grad-in-forward", "grad-in-forward-inplace"])
 def test_compiled_step_equals_eager(step, make_args):
     args = make_args()
     eager_args, compiled_args = _fresh(args), _fresh(args)
@@ -134,12 +151,13 @@ def test_every_objective_compiles_and_equals_eager():
 
 
 def test_custom_ops_registered():
-    for name in ("sweeps_forward", "sweeps_backward", "fused_linear_forward", "fused_linear_logprobs",
-                 "fused_linear_logprobs_backward"):
+    for name in ("sweeps_forward", "sweeps_backward", "sweeps_forward_grad_", "scale_rows_", "fused_linear_forward",
+                 "fused_linear_logprobs", "fused_linear_logprobs_backward"):
         assert hasattr(torch.ops.mhpo_kernels, name)
 
 
 @pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "logits-shifted-tau",
+                                    "logits-grad-in-forward", "logits-shifted-grad-in-forward",
                                     "linear-all", "linear-head-only-bf16", "linear-logprobs-tau"])
 def test_opcheck(config):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree
@@ -158,6 +176,19 @@ def test_opcheck(config):
         vec = [torch.randn(6, generator=g) for _ in range(4)]
         args = (x, ids, vec[0] if full else None, vec[1] if full else None, vec[2] if full else None,
                 vec[3] if full else None, tau, params, False, full, full, shifted, False)
+        if config.endswith("grad-in-forward"):  # the flag, and the in-place forward and row scaling
+            # All but the AOT dispatch check, which returns every output from one joint graph: the
+            # gradient buffer is then both a graph output and what the backward scales in place,
+            # which AOT's partitioner rejects ("was invalid, but is output"). The compiled steps
+            # with grad_in_forward above go through AOT autograd as a training step does.
+            torch.library.opcheck(ops.sweeps_forward, args + (None, True),
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+            fwd_args = (x.detach().clone(),) + args[1:8] + (False, full, shifted)
+            torch.library.opcheck(ops.sweeps_forward_grad_, fwd_args)
+            scale = torch.randn(6, generator=g)
+            scale[:3] = 1.0
+            torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), scale, shifted))
+            return
         torch.library.opcheck(ops.sweeps_forward, args)
         if shifted:  # the backward ops themselves, out of place and in place
             stats = [s.detach() for s in ops.sweeps_forward(*args)]

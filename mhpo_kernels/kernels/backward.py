@@ -44,21 +44,72 @@ def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr,
 
 @triton.jit
 def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_scale,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr):
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr):
     """One block of the loop's term, read from the logits and written to the gradient at the same
     offsets from their block bases (rows.py), where the row is [lo, hi): each element is read and
-    then written by the same lane, so the gradient may be the logits themselves."""
+    then written by the same lane, so the gradient may be the logits themselves. ``EVICT``: the
+    loads' eviction policy ("evict_first" where the row is read for the last time while the
+    forward's read of it may still be in L2)."""
     o_v = v0 + o_blk
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
-        b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0, eviction_policy=EVICT).to(tl.float32)
     else:
-        b_x = tl.load(p_blk + o_v).to(tl.float32)
+        b_x = tl.load(p_blk + o_v, eviction_policy=EVICT).to(tl.float32)
     b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
     if MASKED:
         tl.store(p_dblk + o_v, b_g.to(p_dblk.dtype.element_ty), mask=m_v)
     else:
         tl.store(p_dblk + o_v, b_g.to(p_dblk.dtype.element_ty))
+
+
+@triton.jit
+def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k, slope, base, log2_s,
+              dlogp, ent, dent, tanh_scale,
+              SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr,
+              R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """The gradient row of a valid token from its statistics (the row constants k and slope are
+    the row's own, τ_t applied): the loop's term over [lead, n_end) from the block bases, then the
+    one-hot term at y. ``x_y``: the target logit, read before any of the row was written."""
+    BLOCK_V: tl.constexpr = R * LANES * VEC
+    n_full = n_end // BLOCK_V * BLOCK_V
+    if HAS_DENT:
+        a0 = -(dlogp + dent * ent) * slope
+        a1 = -dent * LN2 * slope
+    else:
+        a0 = -dlogp * slope
+        a1 = 0.0
+    # With p_dx = p_x (gradient in place) the loop overwrites the row, and the lane that writes y
+    # may be in another warp: every lane waits until every lane has read x_y.
+    tl.debug_barrier()
+    _grad_step(p_blk, p_dblk, 0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+               True, SOFTCAP, HAS_DENT, EVICT)
+    for v0 in range(BLOCK_V, n_full, BLOCK_V):
+        _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+                   False, SOFTCAP, HAS_DENT, EVICT)
+    if (n_full > 0) & (n_full < n_end):
+        _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+                   True, SOFTCAP, HAS_DENT, EVICT)
+    # The one-hot term at v = y, over the value the loop wrote there: every lane's store
+    # must land first.
+    g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+    g_y += _logit_slope(_logit_u(x_y, tanh_scale, SOFTCAP), dlogp * slope, SOFTCAP)
+    tl.debug_barrier()
+    tl.store(p_drow + y, g_y.to(p_drow.dtype.element_ty), mask=has_y)
+
+
+@triton.jit
+def _zero_row(p_dblk, o_blk, lead, n_end, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """A row without a valid token: its zero row, and nothing read or computed per element."""
+    BLOCK_V: tl.constexpr = R * LANES * VEC
+    n_full = n_end // BLOCK_V * BLOCK_V
+    zero = tl.zeros([R * LANES, VEC], dtype=p_dblk.dtype.element_ty)
+    tl.store(p_dblk + o_blk, zero, mask=(o_blk >= lead) & (o_blk < n_end))
+    for v0 in range(BLOCK_V, n_full, BLOCK_V):
+        tl.store(p_dblk + v0 + o_blk, zero)
+    if (n_full > 0) & (n_full < n_end):
+        o_v = n_full + o_blk
+        tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
 
 
 @triton.jit
@@ -76,7 +127,6 @@ def _mhpo_bwd_kernel(
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
-    BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_xb, stride_xt)
     d_off = _row_offset(row, T, stride_db, stride_dt)
@@ -91,9 +141,6 @@ def _mhpo_bwd_kernel(
     p_blk = _block_base(p_x, off, lead, True, VEC)
     p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
     n_end = lead + V
-    n_full = n_end // BLOCK_V * BLOCK_V
-    tail = (n_full > 0) & (n_full < n_end)
-    zero = tl.zeros([R * LANES, VEC], dtype=p_dx.dtype.element_ty)
 
     if valid:
         if HAS_TAU:  # per row, as in the forward: k and the slope s/τ_t are row constants
@@ -105,37 +152,42 @@ def _mhpo_bwd_kernel(
         dlogp = tl.load(p_dlogp + row)
         if HAS_DENT:
             dent = tl.load(p_dent + row)
-            a0 = -(dlogp + dent * tl.load(p_ent + row)) * slope
-            a1 = -dent * LN2 * slope
+            ent = tl.load(p_ent + row)
         else:
-            a0 = -dlogp * slope
-            a1 = 0.0
-        # Read before the loop: with p_dx = p_x (gradient in place) the loop overwrites it, and
-        # the lane that writes y may be in another warp: every lane waits for this read.
+            dent = 0.0
+            ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
-        tl.debug_barrier()
-        _grad_step(p_blk, p_dblk, 0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-                   True, SOFTCAP, HAS_DENT)
-        for v0 in range(BLOCK_V, n_full, BLOCK_V):
-            _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-                       False, SOFTCAP, HAS_DENT)
-        if tail:
-            _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-                       True, SOFTCAP, HAS_DENT)
-        # The one-hot term at v = y, over the value the loop wrote there: every lane's store
-        # must land first.
-        g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
-        g_y += _logit_slope(_logit_u(x_y, tanh_scale, SOFTCAP), dlogp * slope, SOFTCAP)
-        tl.debug_barrier()
-        tl.store(p_drow + y, g_y.to(p_dx.dtype.element_ty), mask=has_y)
+        _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k, slope, base, log2_s,
+                  dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
     else:
-        # A row without a valid token: its zero row, and nothing read or computed per element.
-        tl.store(p_dblk + o_blk, zero, mask=(o_blk >= lead) & (o_blk < n_end))
-        for v0 in range(BLOCK_V, n_full, BLOCK_V):
-            tl.store(p_dblk + v0 + o_blk, zero)
-        if tail:
-            o_v = n_full + o_blk
-            tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
+        _zero_row(p_dblk, o_blk, lead, n_end, R, LANES, VEC)
+
+
+@triton.jit
+def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V, BLOCK: tl.constexpr):
+    """Row r of the gradient times scale[r], read on the device: a row whose scale is 1 is not
+    touched at all, so handing back a gradient computed for 1 costs nothing logits-sized."""
+    row = tl.program_id(0)
+    scale = tl.load(p_scale + row)
+    if scale != 1.0:
+        p_row = p_dx + _row_offset(row, T, stride_db, stride_dt)
+        o = tl.arange(0, BLOCK)
+        for v0 in range(0, V, BLOCK):
+            m = v0 + o < V
+            x = tl.load(p_row + v0 + o, mask=m, other=0.0).to(tl.float32)
+            tl.store(p_row + v0 + o, (x * scale).to(p_dx.dtype.element_ty), mask=m)
+
+
+def scale_rows_(grad, scale):
+    """grad (B, T, V) row r times ``scale`` (B·T,) fp32, in place, rows whose scale is 1 skipped."""
+    B, T, V = grad.shape
+    if B * T == 0:
+        return grad
+    assert grad.stride(-1) == 1 and scale.is_contiguous() and scale.dtype == torch.float32
+    block = min(4096, max(16, 1 << (V - 1).bit_length()))
+    _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), scale, T, V, BLOCK=block,
+                                 num_warps=max(1, min(8, block // 256)))
+    return grad
 
 
 def _in_phase(logits, grad, vec):

@@ -5,8 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, sweep_config
+from .._config import FP_FUSION, persistent_programs, sweep_config
 from .._sweep_types import RowStats
+from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
 from .rows import (_block_base, _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan,
                    _row_lead, _row_offset, _row_target)
@@ -60,32 +61,28 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
 
 
 @triton.jit
-def _mhpo_fwd_kernel(
-    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
-    p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
-    p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
-    p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
-    p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
-    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
-    T, V,
-    k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
-    h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
-    SOFTCAP: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    WITH_LOSS: tl.constexpr,
-    HAS_OLD: tl.constexpr,
-    HAS_REF: tl.constexpr,
-    HAS_TAU: tl.constexpr,
+def _fwd_row(
+    row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+    p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_dx, stride_db, stride_dt,
+    T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+    SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
+    """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
+    (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
+    in L2."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
-    row = tl.program_id(0)
     off = _row_offset(row, T, stride_xb, stride_xt)
     p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
     if HAS_TAU:  # τ_t divides k once per row: the loop sees a row constant, as for a scalar τ
-        k = k / tl.load(p_tau + row, mask=valid, other=1.0)
+        tau = tl.load(p_tau + row, mask=valid, other=1.0)
+        k = k / tau
+        slope = slope / tau
     o_blk = _block_offsets(R, LANES, VEC)
     # The row is [lead, n_end) from its block base: a first block masked at both ends, full
     # blocks from BLOCK_V on (16-byte vectors at any V and stride), a masked tail.
@@ -143,14 +140,69 @@ def _mhpo_fwd_kernel(
         # A NaN term gets a NaN derivative, so its whole gradient row is NaN (SPEC.md, section 5),
         # also where the objective's derivative is a constant or a select (PPO-clip, SAPO).
         coef = tl.where(loss != loss, loss, coef)
+        g_coef = tl.where(valid, g * coef, 0.0)
         tl.store(p_psi + row, tl.where(valid, psi, 0.0))
         tl.store(p_zeta + row, tl.where(valid, zeta, 0.0))
         tl.store(p_loss + row, tl.where(valid, g * loss, 0.0))
-        tl.store(p_coef + row, tl.where(valid, g * coef, 0.0))
+        tl.store(p_coef + row, g_coef)
+        if GRAD_IN_FORWARD:
+            # Pass 2 of the row. dlogp = 0 + 1 · g·coef, formed as the backward's caller forms it
+            # (ops._sweeps_backward), so that even the sign of a zero agrees with the two sweeps.
+            d_off = _row_offset(row, T, stride_db, stride_dt)
+            p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
+            if valid:
+                _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, x_y, y, has_y, k, slope,
+                          base, log2_s, g_coef + 0.0, 0.0, 0.0, tanh_scale, SOFTCAP, False, "evict_first",
+                          R, LANES, VEC)
+            else:
+                _zero_row(p_dblk, o_blk, lead, lead + V, R, LANES, VEC)
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss):
-    """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32."""
+@triton.jit
+def _mhpo_fwd_kernel(
+    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
+    p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
+    p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
+    p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
+    p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
+    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
+    p_dx, stride_db, stride_dt,                  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
+    N, T, V,
+    k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
+    h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
+    SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_LOSS: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_TAU: tl.constexpr,
+    OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
+    DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+):
+    if GRAD_IN_FORWARD:
+        # A grid of a few programs per SM, each taking rows in turn: at most that many rows are in
+        # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
+        for row in range(tl.program_id(0), N, tl.num_programs(0)):
+            _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+                     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                     T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                     True, DX_IN_PHASE, R, LANES, VEC)
+    else:
+        _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+                 p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                 T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                 False, DX_IN_PHASE, R, LANES, VEC)
+
+
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None):
+    """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32.
+
+    ``grad``: also write ∂L/∂logits for an upstream gradient of 1 into it (B, T, V, unit stride
+    along V; may be ``logits`` itself), in the same persistent launch (needs ``with_loss``)."""
     B, T, V = logits.shape
     N = B * T
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
@@ -161,7 +213,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     assert target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
     dummy = out.base  # stands in for absent optional inputs/outputs; never dereferenced
-    _mhpo_fwd_kernel[(N,)](
+    one_sweep = grad is not None
+    if one_sweep:
+        assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
+    dx = grad if one_sweep else logits
+    _mhpo_fwd_kernel[(persistent_programs(N, logits.device) if one_sweep else N,)](
         logits, logits.stride(0), logits.stride(1),
         target,
         dummy if old is None else old, dummy if adv is None else adv,
@@ -173,8 +229,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         dummy if out.zeta is None else out.zeta,
         dummy if out.loss is None else out.loss,
         dummy if out.coef is None else out.coef,
-        T, V,
-        lmap.log2_scale, lmap.tanh_scale,
+        dx, dx.stride(0), dx.stride(1),
+        N, T, V,
+        lmap.log2_scale, lmap.tanh_scale, lmap.slope,
         *hp.values, hp.beta,
         SOFTCAP=lmap.softcap,
         WITH_ENTROPY=with_entropy,
@@ -183,6 +240,8 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         HAS_REF=ref is not None,
         HAS_TAU=lmap.tau is not None,
         OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
+        GRAD_IN_FORWARD=one_sweep,
+        DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,
