@@ -310,7 +310,7 @@ _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
 
 _BAD_NORMALIZER = "normalizer must be finite and > 0"
-_BAD_TEMPERATURE = "temperature must be finite and > 0 at valid tokens"
+_BAD_TEMPERATURE = "temperature must be finite and > 0 at valid tokens (a NaN one is data: it propagates)"
 
 
 def _raise_on_bad_values(ids, valid, V, mask_not_binary, normalizer=None, extra=()):
@@ -383,7 +383,8 @@ def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, 
                       f"cu_seqlens must start at 0, be non-decreasing and end at N = {ids.numel()} (the "
                       f"number of tokens)"))
     if tau is not None:  # invalid tokens' τ may be anything: it is never used
-        extra.append(((valid & ~(torch.isfinite(tau) & (tau > 0))).any(), _BAD_TEMPERATURE))
+        # τ_t is data like a logit: NaN propagates (SPEC.md, section 5); τ ≤ 0 or +inf is a misuse
+        extra.append(((valid & ((tau <= 0) | tau.isinf())).any(), _BAD_TEMPERATURE))
         tau = torch.where(valid, tau, 1.0)
     target = torch.where(valid, ids, -1).to(torch.int32)  # validated: every valid id < V < 2³¹
     batch = Batch(token_shape, cu, target, valid, None, None, None, None, seq_id=seq_id, tau=tau)

@@ -259,8 +259,8 @@ def mhpo_loss(
         temperature: τ > 0, applied to the logits before the softmax: a number, or one τ_t per
             token, a floating tensor shaped like input_ids (or flat (N,)) on the logits' device
             (prime-rl passes one per token; one per sequence is ``tau[:, None].expand_as(ids)``).
-            Each must be finite and > 0 at valid tokens; invalid tokens' values are never read
-            (NaN is fine). A new tensor (or value) never recompiles anything, and no gradient
+            Each must be finite and > 0 at valid tokens (a NaN one is data: it makes the loss
+            NaN, SPEC.md section 5); invalid tokens' values are never read. A new tensor (or value) never recompiles anything, and no gradient
             reaches it. The metrics (entropy) are those of softmax(x_t / τ_t).
         ref_logprobs, beta: optional reference log-probs (B, T) and KL weight β ≥ 0; β > 0 needs
             ref_logprobs.

@@ -50,7 +50,7 @@ BAD_CALLS = [
     ("temperature-device", dict(temperature=torch.ones(B, T, device="meta")), ValueError, "temperature"),
     ("temperature-tensor-zero", dict(temperature=torch.ones(B, T).index_fill_(1, torch.tensor([1]), 0.0)),
      ValueError, "temperature"),
-    ("temperature-tensor-nan", dict(temperature=torch.full((B, T), math.nan)), ValueError, "temperature"),
+    ("temperature-tensor-minus-inf", dict(temperature=torch.full((B, T), -math.inf)), ValueError, "temperature"),
     ("temperature-tensor-inf", dict(temperature=torch.full((B, T), math.inf)), ValueError, "temperature"),
     ("temperature-tensor-negative", dict(temperature=-torch.ones(B, T)), ValueError, "temperature"),
     ("temperature-not-number", dict(temperature="hot"), TypeError, "temperature"),

@@ -42,14 +42,15 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
     b_u = _lanes(b_u, R, LANES, VEC)
-    # NaN-propagating: a lane that read a NaN keeps c = NaN, and the row's base with it, so no
-    # rescale below (alpha = 0, or the combine's lane_kept) can drop the NaN from the sums.
+    # A NaN logit reaches the lane's sum s through its 2^d; the compiled max may drop it (the
+    # interpreter's keeps it), so s, not c, carries it: no rescale below (alpha = 0, or the
+    # combine's lane_kept) may drop a NaN sum (SPEC.md, section 5).
     c_new = _max_nan(c, _lane_reduce_max(b_u) * k)
     shift = c - c_new                                    # ≤ 0: rebase the lane's sums to c_new
     alpha = tl.exp2(shift)
     # alpha = 0: what the lane summed is below 2^−149 of what comes now, and may be inf (logits
     # masked with −1e10 round to a base whose residuals exceed 2^128): drop it, never inf · 0.
-    kept = alpha > 0.0
+    kept = (alpha > 0.0) | (s != s)
     b_d = tl.fma(b_u, k, -c_new[None, :, None])           # one rounding, see logit_map.py
     b_e = tl.exp2(b_d)
     if WITH_ENTROPY:
@@ -107,10 +108,11 @@ def _fwd_row(
 
     # Combine the lanes at the row's base b = max c: every lane's c − b ≤ 0, so nothing overflows,
     # and a lane that read no finite logit (c = FLOOR, s = 0) adds exactly 0.
-    base = tl.reduce(lane_c, 0, _max_nan)     # NaN if any lane read a NaN: logp, H, the gradient follow
+    base = tl.max(lane_c, 0)
     lane_shift = lane_c - base
     lane_scale = tl.exp2(lane_shift)
-    lane_kept = lane_scale > 0.0                # as in _lse_step: a negligible lane adds 0, not inf · 0
+    # As in _lse_step: a negligible lane adds 0, not inf · 0, but a NaN sum is never negligible.
+    lane_kept = (lane_scale > 0.0) | (lane_s != lane_s)
     s = tl.sum(tl.where(lane_kept, lane_s * lane_scale, 0.0), 0)
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)

