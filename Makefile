@@ -23,8 +23,10 @@ $(VENV)/.ready-%: pyproject.toml
 
 venv: $(VENV)/.ready-test
 
+# Two workers (the CPU machines have 2 cores), a test file per worker: the module-scoped fixtures
+# (the SASS report, the verl engine set-up) then run once.
 test: $(VENV)/.ready-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.ready-bench
 	$(PY) -m bench
