@@ -50,7 +50,8 @@ BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False, DX_IN_PHASE=False)
+                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False, DX_IN_PHASE=False,
+                SPLIT=0)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
@@ -77,12 +78,12 @@ FWD_FLAGS = {
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.
 BWD_FLAGS = {
-    "": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True),
-    "entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True),
-    "softcap": dict(SOFTCAP=True, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True),
-    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True),
-    "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True),
-    "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True),
+    "": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
+    "entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
+    "softcap": dict(SOFTCAP=True, HAS_DENT=False, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
+    "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
+    "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
+    "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
 }
 
 # grad_in_forward's one-sweep kernel (the forward kernel with GRAD_IN_FORWARD): two loops per
@@ -92,6 +93,14 @@ ONE_SWEEP_DTYPES = ("bf16", "fp32")
 ONE_SWEEP_FLAGS = {suffix: dict(FWD_FLAGS[suffix], GRAD_IN_FORWARD=True, DX_IN_PHASE=True)
                    for suffix in ("loss-old-ref", "loss-entropy-old-ref")}
 ONE_SWEEP_UNALIGNED = ("bf16", "loss-entropy-old-ref", UNALIGNED_V[0])
+
+# Rows split over programs (small N, ``_config.launch_splits``): each split's loop is the
+# unsplit one from a block boundary, so the loops of the splits' forward (SPLIT=1) and of the
+# split backward are held to the same budgets; the combine launch (SPLIT=2) reads no logits row.
+SPLIT_DTYPES = ("bf16", "fp32")
+SPLIT_FWD = ("logprobs", "entropy", "softcap-logprobs")
+SPLIT_BWD = ("", "entropy", "softcap-entropy")
+SPLIT_UNALIGNED = ("bf16", "entropy", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
 
 # The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
 # so one of each; the other epilogues sit after the same loop.
@@ -121,6 +130,13 @@ def variants():
     for dtype in ONE_SWEEP_DTYPES:
         for suffix, flags in ONE_SWEEP_FLAGS.items():
             out[f"onesweep-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
+    for dtype in SPLIT_DTYPES:
+        for suffix in SPLIT_FWD:
+            out[f"fwd-{dtype}-split-{suffix}"] = Variant(
+                _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[suffix], "SPLIT": 1}, V, True)
+        for suffix in SPLIT_BWD:
+            out[f"bwd-{dtype}-split" + (f"-{suffix}" if suffix else "")] = Variant(
+                _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[suffix], "SPLIT": True}, V, True)
     for v in UNALIGNED_V:
         for dtype in UNALIGNED_DTYPES:
             for suffix in UNALIGNED_FWD:
@@ -132,6 +148,11 @@ def variants():
     dtype, suffix, v = ONE_SWEEP_UNALIGNED
     out[f"onesweep-{dtype}-{suffix}-v{v}"] = Variant(
         _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **ONE_SWEEP_FLAGS[suffix]}, v, False)
+    dtype, fwd, bwd, v = SPLIT_UNALIGNED
+    out[f"fwd-{dtype}-split-{fwd}-v{v}"] = Variant(
+        _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[fwd], "SPLIT": 1}, v, False)
+    out[f"bwd-{dtype}-split-{bwd}-v{v}"] = Variant(
+        _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[bwd], "SPLIT": True}, v, False)
     return out
 
 
@@ -150,12 +171,13 @@ def _signature(kernel, dtype, constexprs, aligned):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
             sig[name] = "i64"
-        elif name in ("N", "T", "V"):
+        elif name in ("N", "T", "V", "n_splits", "split_len"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
+    # split_len is whole blocks, so a multiple of 16 at any V (Triton specializes it as such).
     divisible = [n for n in kernel.arg_names if n not in constexprs and
-                 (n.startswith("p_") or aligned and (n.startswith("stride") or n == "V"))]
+                 (n.startswith("p_") or n == "split_len" or aligned and (n.startswith("stride") or n == "V"))]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     return sig, attrs
 

@@ -87,17 +87,25 @@ def fused_linear_chunk_rows(V, itemsize):
 # - Above it, the tail wave: N rows in waves of R resident programs leave the last wave
 #   partly empty (``wave_efficiency``): 8192 rows at R 792 take 11 waves, 94 % full.
 #
-# The remedy below rows_to_fill is to split each row over ``row_splits`` programs (a split-V
-# forward writing per-split (max, sum of exponentials, target, entropy terms), then a combine pass
-# over N × splits numbers, and a backward whose programs each take one split of a row): it needs
-# a kernel change, so the launchers do not split yet; ``bench/gpu_check.sh`` measures the rate
-# against N that decides it.
+# The remedy below rows_to_fill: split each row over ``row_splits`` programs. Sweep 1 then runs
+# as two launches, a grid (N, splits) whose programs each write one split's (max, sum of
+# exponentials, entropy sum) and a grid (N,) that combines them (the lanes' own combine) and runs
+# the epilogue: 12 bytes per split and row, against the row's 2V, so the extra launch is the cost.
+# Sweep 2 needs no combine: program (r, j) writes split j of row r. Each split is a run of whole
+# BLOCK_V blocks from the row's block base, so the splits' loops are the unsplit loop, 16-byte
+# vectors included (``bench.sass`` holds them to the same budget). A split shorter than
+# MIN_SPLIT_ELEMENTS would spend more on its launch and combine than it saves, and at most
+# MAX_ROW_SPLITS are combined (one vector). ``bench/gpu_check.sh``'s N sweep times both, split
+# and one program per row, which confirms or moves rows_to_fill. The one-sweep kernel does not
+# split (its rows are re-read from L2, which needs rows in flight, not splits). Off CUDA (the
+# interpreter) nothing is split unless ``overridden(row_splits=...)`` says so.
 
 H100_H200_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, datasheets
 STEP_SECONDS = 1.0e-6        # one program's time per BLOCK_V step (lead: about 8 GB/s per program)
 SWEEP_REGISTERS = 40         # per thread, the most any sweep variant uses (bench.sass)
 MAX_PROGRAMS_PER_SM = 32
 MIN_SPLIT_ELEMENTS = 8 * BLOCK_V  # a split shorter than this spends more on its combine than it saves
+MAX_ROW_SPLITS = 16              # the combine reads a row's splits as one vector of this many
 
 
 class Fill(NamedTuple):
@@ -143,7 +151,35 @@ def row_splits(n_rows, V, fill_rows):
     least MIN_SPLIT_ELEMENTS long: 1 when the rows alone fill the GPU."""
     if n_rows == 0 or n_rows >= fill_rows:
         return 1
-    return max(1, min(-(-fill_rows // n_rows), V // MIN_SPLIT_ELEMENTS))
+    return max(1, min(-(-fill_rows // n_rows), V // MIN_SPLIT_ELEMENTS, MAX_ROW_SPLITS))
+
+
+_forced_splits = None
+
+
+def launch_splits(n_rows, V, itemsize, device):
+    """Programs per row the sweeps launch for ``n_rows`` rows of V ``itemsize``-byte logits on
+    ``device``: ``row_splits`` against ``rows_to_fill`` on CUDA, 1 elsewhere, at most one per
+    block of the row; ``overridden(row_splits=...)`` forces it (tests, the benchmark)."""
+    if _forced_splits is not None:
+        splits = _forced_splits
+    elif device.type == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        splits = row_splits(n_rows, V, rows_to_fill(props, V, itemsize).rows_to_fill)
+    else:
+        return 1
+    cfg = sweep_config(V, itemsize)
+    blocks = -(-(V + cfg.vec - 1) // cfg.block_v)  # a row's blocks from its base, at any lead
+    return max(1, min(splits, blocks, MAX_ROW_SPLITS))
+
+
+def split_length(V, cfg, splits):
+    """Elements (whole blocks) per split of a row walked from its block base (at most VEC − 1
+    elements before the row): ``splits`` runs cover any row, the last possibly shorter or empty."""
+    blocks = -(-(V + cfg.vec - 1) // cfg.block_v)
+    return -(-blocks // splits) * cfg.block_v
 
 
 # ---- the one-sweep kernel (grad_in_forward) ---------------------------------------------------
@@ -172,14 +208,15 @@ def persistent_programs(n_rows, device):
 
 
 @contextlib.contextmanager
-def overridden(block_v=None, num_warps=None):
-    """For the benchmark's BLOCK_V × num_warps grid only: the launches inside the block use
-    these instead of BLOCK_V and NUM_WARPS (a row shorter than block_v still gets its power of
-    two; Triton compiles each new pair once)."""
-    global BLOCK_V, NUM_WARPS
-    previous = BLOCK_V, NUM_WARPS
+def overridden(block_v=None, num_warps=None, row_splits=None):
+    """For the tests and the benchmark only: the launches inside the block use these instead of
+    BLOCK_V, NUM_WARPS and ``launch_splits``'s choice (a row shorter than block_v still gets its
+    power of two, and no row more splits than blocks; Triton compiles each new shape once)."""
+    global BLOCK_V, NUM_WARPS, _forced_splits
+    previous = BLOCK_V, NUM_WARPS, _forced_splits
     BLOCK_V, NUM_WARPS = block_v or BLOCK_V, num_warps or NUM_WARPS
+    _forced_splits = row_splits or _forced_splits
     try:
         yield sweep_config
     finally:
-        BLOCK_V, NUM_WARPS = previous
+        BLOCK_V, NUM_WARPS, _forced_splits = previous

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, sweep_config
+from .._config import FP_FUSION, launch_splits, split_length, sweep_config
 from .logit_map import LN2, _logit_slope, _logit_u
 from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_target
 
@@ -64,15 +64,17 @@ def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_s
 
 
 @triton.jit
-def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k, slope, base, log2_s,
+def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base, log2_s,
               dlogp, ent, dent, tanh_scale,
               SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr,
               R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """The gradient row of a valid token from its statistics (the row constants k and slope are
-    the row's own, τ_t applied): the loop's term over [lead, n_end) from the block bases, then the
-    one-hot term at y. ``x_y``: the target logit, read before any of the row was written."""
+    """The gradient of a valid token's row, [lead, n_end) from the block bases, over its blocks
+    [b0, b1) (the whole row, or one split: b0 a multiple of BLOCK_V), from the row's statistics
+    (the row constants k and slope are the row's own, τ_t applied): the loop's term, then the
+    one-hot term at y where ``has_y`` (y in these blocks). ``x_y``: the target logit, read before
+    any of the row was written."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
-    n_full = n_end // BLOCK_V * BLOCK_V
+    n_full = b1 // BLOCK_V * BLOCK_V
     if HAS_DENT:
         a0 = -(dlogp + dent * ent) * slope
         a1 = -dent * LN2 * slope
@@ -82,12 +84,12 @@ def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k
     # With p_dx = p_x (gradient in place) the loop overwrites the row, and the lane that writes y
     # may be in another warp: every lane waits until every lane has read x_y.
     tl.debug_barrier()
-    _grad_step(p_blk, p_dblk, 0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
+    _grad_step(p_blk, p_dblk, b0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
                True, SOFTCAP, HAS_DENT, EVICT)
-    for v0 in range(BLOCK_V, n_full, BLOCK_V):
+    for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
         _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
                    False, SOFTCAP, HAS_DENT, EVICT)
-    if (n_full > 0) & (n_full < n_end):
+    if (n_full > b0) & (n_full < b1):
         _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
                    True, SOFTCAP, HAS_DENT, EVICT)
     # The one-hot term at v = y, over the value the loop wrote there: every lane's store
@@ -99,15 +101,17 @@ def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k
 
 
 @triton.jit
-def _zero_row(p_dblk, o_blk, lead, n_end, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """A row without a valid token: its zero row, and nothing read or computed per element."""
+def _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """A row without a valid token, over its blocks [b0, b1) as in ``_grad_row``: zeros, and
+    nothing read or computed per element."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
-    n_full = n_end // BLOCK_V * BLOCK_V
+    n_full = b1 // BLOCK_V * BLOCK_V
     zero = tl.zeros([R * LANES, VEC], dtype=p_dblk.dtype.element_ty)
-    tl.store(p_dblk + o_blk, zero, mask=(o_blk >= lead) & (o_blk < n_end))
-    for v0 in range(BLOCK_V, n_full, BLOCK_V):
+    o_v = b0 + o_blk
+    tl.store(p_dblk + o_v, zero, mask=(o_v >= lead) & (o_v < n_end))
+    for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
         tl.store(p_dblk + v0 + o_blk, zero)
-    if (n_full > 0) & (n_full < n_end):
+    if (n_full > b0) & (n_full < b1):
         o_v = n_full + o_blk
         tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
 
@@ -119,12 +123,14 @@ def _mhpo_bwd_kernel(
     p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
+    split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
     T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_TAU: tl.constexpr,
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
+    SPLIT: tl.constexpr,                         # grid (N, splits): program (r, j) writes split j of row r
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -141,6 +147,13 @@ def _mhpo_bwd_kernel(
     p_blk = _block_base(p_x, off, lead, True, VEC)
     p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
     n_end = lead + V
+    if SPLIT:
+        b0 = tl.multiple_of(tl.program_id(1) * split_len, R * LANES * VEC)
+        b1 = tl.minimum(b0 + split_len, n_end)
+        has_y = has_y & (lead + y >= b0) & (lead + y < b1)   # the one-hot term is this split's
+    else:
+        b0 = 0
+        b1 = n_end
 
     if valid:
         if HAS_TAU:  # per row, as in the forward: k and the slope s/τ_t are row constants
@@ -157,10 +170,10 @@ def _mhpo_bwd_kernel(
             dent = 0.0
             ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
-        _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, x_y, y, has_y, k, slope, base, log2_s,
-                  dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
+        _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,
+                  log2_s, dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
     else:
-        _zero_row(p_dblk, o_blk, lead, n_end, R, LANES, VEC)
+        _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R, LANES, VEC)
 
 
 @triton.jit
@@ -200,7 +213,8 @@ def _in_phase(logits, grad, vec):
 
 def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap):
     """Launch sweep 2: write ∂L/∂logits into ``grad`` (B, T, V, unit stride along V); ``grad``
-    may be ``logits`` itself (each element is read before it is written, by the same lane)."""
+    may be ``logits`` itself (each element is read before it is written, by the same lane). Rows
+    too few to fill the GPU are split over several programs each (``_config.launch_splits``)."""
     B, T, V = logits.shape
     N = B * T
     if N == 0:
@@ -210,18 +224,21 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
-    _mhpo_bwd_kernel[(N,)](
+    splits = launch_splits(N, V, logits.element_size(), logits.device)
+    _mhpo_bwd_kernel[(N, splits)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
         target, base, log2_sum, dlogp,
         entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
         dlogp if lmap.tau is None else lmap.tau,
+        split_length(V, cfg, splits),
         T, V,
         lmap.log2_scale, lmap.tanh_scale, lmap.slope,
         SOFTCAP=lmap.softcap,
         HAS_DENT=has_dent,
         HAS_TAU=lmap.tau is not None,
         DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
+        SPLIT=splits > 1,
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,

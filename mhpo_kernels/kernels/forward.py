@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, persistent_programs, sweep_config
+from .._config import FP_FUSION, MAX_ROW_SPLITS, launch_splits, persistent_programs, split_length, sweep_config
 from .._sweep_types import RowStats
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
@@ -19,6 +19,7 @@ FLOOR = tl.constexpr(-3.0e38)
 # Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
 # entropy product turns 0 · (−inf) into 0 · (−256) = 0 for −inf logits. NaN still propagates.
 D_FLOOR = tl.constexpr(-256.0)
+MAX_SPLITS = tl.constexpr(MAX_ROW_SPLITS)
 
 
 @triton.jit
@@ -62,21 +63,63 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
 
 
 @triton.jit
+def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
+                SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """Per-lane (c, s, a) of the online log-sum-exp over the blocks [b0, b1) of a row that is
+    [lead, n_end) from its block base (b0 a multiple of BLOCK_V): the first block masked, full
+    blocks after it (16-byte vectors at any V and stride), a masked tail. The whole row is
+    [0, n_end); a split of it (``_config.launch_splits``) is a run of whole blocks."""
+    BLOCK_V: tl.constexpr = R * LANES * VEC
+    n_full = b1 // BLOCK_V * BLOCK_V
+    lane_c = tl.full([LANES], FLOOR, tl.float32)
+    lane_s = tl.zeros([LANES], tl.float32)
+    lane_a = tl.zeros([LANES], tl.float32)
+    if b0 < b1:                                  # no steps at all for an invalid row
+        lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
+                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
+        lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
+                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    if (n_full > b0) & (n_full < b1):
+        lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
+                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    return lane_c, lane_s, lane_a
+
+
+@triton.jit
+def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
+    """(b, s, a) of a row from the (c, s, a) of its parts (lanes, or a split row's splits), each
+    at its own reference c: rebased to b = max c, every part's c − b ≤ 0, so nothing overflows,
+    and a part that read no finite logit (c = FLOOR, s = 0) adds exactly 0."""
+    base = tl.max(c, 0)
+    shift = c - base
+    scale = tl.exp2(shift)
+    # As in _lse_step: a negligible part adds 0, not inf · 0, but a NaN sum is never negligible.
+    kept = (scale > 0.0) | (s != s)
+    s_row = tl.sum(tl.where(kept, s * scale, 0.0), 0)
+    if WITH_ENTROPY:
+        a_row = tl.sum(tl.where(kept, scale * (a + s * shift), 0.0), 0)
+    else:
+        a_row = s_row
+    return base, s_row, a_row
+
+
+@triton.jit
 def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
-    p_dx, stride_db, stride_dt,
-    T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+    p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
+    N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
-    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
     (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
-    in L2."""
-    BLOCK_V: tl.constexpr = R * LANES * VEC
+    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits."""
     off = _row_offset(row, T, stride_xb, stride_xt)
     p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
@@ -85,35 +128,58 @@ def _fwd_row(
         k = k / tau
         slope = slope / tau
     o_blk = _block_offsets(R, LANES, VEC)
-    # The row is [lead, n_end) from its block base: a first block masked at both ends, full
-    # blocks from BLOCK_V on (16-byte vectors at any V and stride), a masked tail.
+    # The row is [lead, n_end) from its block base (rows.py).
     lead = _row_lead(off, VEC)
     p_blk = _block_base(p_x, off, lead, True, VEC)
-    n_end = lead + n_read
-    n_full = n_end // BLOCK_V * BLOCK_V
+    n_end = tl.where(n_read > 0, lead + n_read, 0)
 
     # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
-    lane_c = tl.full([LANES], FLOOR, tl.float32)
-    lane_s = tl.zeros([LANES], tl.float32)
-    lane_a = tl.zeros([LANES], tl.float32)
-    if n_read > 0:                               # no steps at all for an invalid row
-        lane_c, lane_s, lane_a = _lse_step(p_blk, 0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
-    for v0 in range(BLOCK_V, n_full, BLOCK_V):
-        lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
-    if (n_full > 0) & (n_full < n_end):
-        lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
-                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+    if SPLIT == 2:
+        # A split row's statistics from its splits' (c, s, a), one [MAX_ROW_SPLITS] vector each.
+        o_j = tl.arange(0, MAX_SPLITS)
+        m_j = o_j < n_splits
+        p_j = p_part + row.to(tl.int64) * (3 * n_splits) + o_j
+        base, s, a = _combine(tl.load(p_j, mask=m_j, other=FLOOR), tl.load(p_j + n_splits, mask=m_j, other=0.0),
+                              tl.load(p_j + 2 * n_splits, mask=m_j, other=0.0), WITH_ENTROPY)
+    else:
+        if SPLIT == 1:
+            i_split = tl.program_id(1)
+            b0 = tl.multiple_of(i_split * split_len, R * LANES * VEC)
+            b1 = tl.minimum(b0 + split_len, n_end)
+        else:
+            b0 = 0
+            b1 = n_end
+        lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
+                                             SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+        base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
 
-    # Combine the lanes at the row's base b = max c: every lane's c − b ≤ 0, so nothing overflows,
-    # and a lane that read no finite logit (c = FLOOR, s = 0) adds exactly 0.
-    base = tl.max(lane_c, 0)
-    lane_shift = lane_c - base
-    lane_scale = tl.exp2(lane_shift)
-    # As in _lse_step: a negligible lane adds 0, not inf · 0, but a NaN sum is never negligible.
-    lane_kept = (lane_scale > 0.0) | (lane_s != lane_s)
-    s = tl.sum(tl.where(lane_kept, lane_s * lane_scale, 0.0), 0)
+    if SPLIT == 1:
+        # One split's (c, s, a) at its own reference; the combine launch finishes the row.
+        p_j = p_part + row.to(tl.int64) * (3 * n_splits) + i_split
+        tl.store(p_j, base)
+        tl.store(p_j + n_splits, s)
+        tl.store(p_j + 2 * n_splits, a)
+    else:
+        _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
+                      p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+                      p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                      SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
+                      GRAD_IN_FORWARD, DX_IN_PHASE, R, LANES, VEC)
+
+
+@triton.jit
+def _fwd_epilogue(
+    row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
+    p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+    SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr,
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+):
+    """A row's outputs from its statistics (b, s = Σ 2^d, a = Σ 2^d·d at b): log-prob, entropy,
+    the per-token epilogue, and with GRAD_IN_FORWARD pass 2."""
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)
     log2_s = tl.log2(tl.where(valid, s, 1.0))
@@ -124,7 +190,6 @@ def _fwd_row(
     tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
     if WITH_ENTROPY:
         # H = −Σ p ln p with ln p = ln2 · (d − log2 s):  H = ln2 · (log2 s − Σ 2^d d / s)
-        a = tl.sum(tl.where(lane_kept, lane_scale * (lane_a + lane_s * lane_shift), 0.0), 0)
         tl.store(p_ent + row, tl.where(valid, (log2_s - a / tl.where(valid, s, 1.0)) * LN2, 0.0))
 
     if WITH_LOSS:
@@ -153,11 +218,11 @@ def _fwd_row(
             d_off = _row_offset(row, T, stride_db, stride_dt)
             p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
             if valid:
-                _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, x_y, y, has_y, k, slope,
-                          base, log2_s, g_coef + 0.0, 0.0, 0.0, tanh_scale, SOFTCAP, False, "evict_first",
-                          R, LANES, VEC)
+                _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, 0, lead + V, x_y, y, has_y,
+                          k, slope, base, log2_s, g_coef + 0.0, 0.0, 0.0, tanh_scale, SOFTCAP, False,
+                          "evict_first", R, LANES, VEC)
             else:
-                _zero_row(p_dblk, o_blk, lead, lead + V, R, LANES, VEC)
+                _zero_row(p_dblk, o_blk, lead, lead + V, 0, lead + V, R, LANES, VEC)
 
 
 @triton.jit
@@ -169,6 +234,7 @@ def _mhpo_fwd_kernel(
     p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
+    p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
     N, T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
@@ -181,6 +247,8 @@ def _mhpo_fwd_kernel(
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
+    SPLIT: tl.constexpr,                         # 0 a row per program; 1 grid (N, n_splits): the
+                                                 # splits' (c, s, a); 2 grid (N,): their combine
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     if GRAD_IN_FORWARD:
@@ -189,22 +257,25 @@ def _mhpo_fwd_kernel(
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                      p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                     T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
                      SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
-                     True, DX_IN_PHASE, R, LANES, VEC)
+                     True, DX_IN_PHASE, 0, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                  p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                 T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                 p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
                  SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
-                 False, DX_IN_PHASE, R, LANES, VEC)
+                 False, DX_IN_PHASE, SPLIT, R, LANES, VEC)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None):
     """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32.
 
     ``grad``: also write ∂L/∂logits for an upstream gradient of 1 into it (B, T, V, unit stride
-    along V; may be ``logits`` itself), in the same persistent launch (needs ``with_loss``)."""
+    along V; may be ``logits`` itself), in the same persistent launch (needs ``with_loss``).
+    Without it, rows too few to fill the GPU are split over several programs each
+    (``_config.launch_splits``): one launch for the splits, one for their combine and the
+    epilogue."""
     B, T, V = logits.shape
     N = B * T
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
@@ -219,33 +290,48 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
     dx = grad if one_sweep else logits
-    _mhpo_fwd_kernel[(persistent_programs(N, logits.device) if one_sweep else N,)](
-        logits, logits.stride(0), logits.stride(1),
-        target,
-        dummy if old is None else old, dummy if adv is None else adv,
-        dummy if g is None else g, dummy if ref is None else ref,
-        dummy if lmap.tau is None else lmap.tau,
-        out.base, out.log2_sum, out.logp,
-        dummy if out.entropy is None else out.entropy,
-        dummy if out.psi is None else out.psi,
-        dummy if out.zeta is None else out.zeta,
-        dummy if out.loss is None else out.loss,
-        dummy if out.coef is None else out.coef,
-        dx, dx.stride(0), dx.stride(1),
-        N, T, V,
-        lmap.log2_scale, lmap.tanh_scale, lmap.slope,
-        *hp.values, hp.beta,
-        SOFTCAP=lmap.softcap,
-        WITH_ENTROPY=with_entropy,
-        WITH_LOSS=with_loss,
-        HAS_OLD=old is not None,
-        HAS_REF=ref is not None,
-        HAS_TAU=lmap.tau is not None,
-        OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
-        GRAD_IN_FORWARD=one_sweep,
-        DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
-        R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
-        num_warps=cfg.num_warps,
-        enable_fp_fusion=FP_FUSION,
-    )
+    splits = 1 if one_sweep else launch_splits(N, V, logits.element_size(), logits.device)
+    split_len = split_length(V, cfg, splits)
+    part = torch.empty(N * 3 * splits, device=logits.device, dtype=torch.float32) if splits > 1 else dummy
+
+    def launch(grid, split, num_warps):
+        _mhpo_fwd_kernel[grid](
+            logits, logits.stride(0), logits.stride(1),
+            target,
+            dummy if old is None else old, dummy if adv is None else adv,
+            dummy if g is None else g, dummy if ref is None else ref,
+            dummy if lmap.tau is None else lmap.tau,
+            out.base, out.log2_sum, out.logp,
+            dummy if out.entropy is None else out.entropy,
+            dummy if out.psi is None else out.psi,
+            dummy if out.zeta is None else out.zeta,
+            dummy if out.loss is None else out.loss,
+            dummy if out.coef is None else out.coef,
+            dx, dx.stride(0), dx.stride(1),
+            part, splits, split_len,
+            N, T, V,
+            lmap.log2_scale, lmap.tanh_scale, lmap.slope,
+            *hp.values, hp.beta,
+            SOFTCAP=lmap.softcap,
+            WITH_ENTROPY=with_entropy,
+            WITH_LOSS=with_loss,
+            HAS_OLD=old is not None,
+            HAS_REF=ref is not None,
+            HAS_TAU=lmap.tau is not None,
+            OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
+            GRAD_IN_FORWARD=one_sweep,
+            DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
+            SPLIT=split,
+            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+            num_warps=num_warps,
+            enable_fp_fusion=FP_FUSION,
+        )
+
+    if one_sweep:
+        launch((persistent_programs(N, logits.device),), 0, cfg.num_warps)
+    elif splits == 1:
+        launch((N,), 0, cfg.num_warps)
+    else:
+        launch((N, splits), 1, cfg.num_warps)
+        launch((N,), 2, 1)   # per row: a few scalars, no logits but the target's
     return out
