@@ -99,8 +99,11 @@ def _headline(step, e):
         if step == "sweeps" and e.get("rows"):
             first, last = e["rows"][0], e["rows"][-1]
             pred = e.get("predicted", {}).get("rows_to_fill")
+            split = "" if "fwd_unsplit_gbps" not in first else (
+                f"; N {first['N']} at {first['row_splits']} splits against 1: fwd {first['fwd_gbps']:.0f} / "
+                f"{first['fwd_unsplit_gbps']:.0f}, bwd {first['bwd_gbps']:.0f} / {first['bwd_unsplit_gbps']:.0f} GB/s")
             return (f"fwd {first['fwd_gbps']:.0f}->{last['fwd_gbps']:.0f} GB/s, bwd {first['bwd_gbps']:.0f}->"
-                    f"{last['bwd_gbps']:.0f} GB/s for N {first['N']}->{last['N']}; predicted fill {pred} rows")
+                    f"{last['bwd_gbps']:.0f} GB/s for N {first['N']}->{last['N']}; predicted fill {pred} rows{split}")
         if step == "grid" and e.get("grid"):
             ok = [g for g in e["grid"] if "fwd_gbps" in g]
             best = max(ok, key=lambda g: g["fwd_gbps"] + g["bwd_gbps"]) if ok else None

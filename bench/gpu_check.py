@@ -142,8 +142,9 @@ def step_env(args):
 
 def step_sweeps(args):
     """GB/s of each sweep against N at V 151,936 bf16 (bytes: forward reads the logits, backward
-    reads them and writes the gradient), beside _config's prediction of where it levels off;
-    the one-sweep kernel at 1, 1.5 and 2 programs per SM where it exists."""
+    reads them and writes the gradient), beside _config's prediction of where it levels off; where
+    the launchers split rows (small N), also at one program per row; the one-sweep kernel at 1, 1.5
+    and 2 programs per SM."""
     device = _device(args.dry_run)
     rows, V = (DRY["rows"], DRY["V"]) if args.dry_run else (SWEEP_ROWS, HEADLINE[1])
     dtype = torch.float32 if args.dry_run else torch.bfloat16
@@ -162,6 +163,15 @@ def step_sweeps(args):
         nbytes = logits.numel() * logits.element_size()
         row = {"N": n, "fwd_ms": _timed(forward, device, repeats), "bwd_ms": _timed(backward, device, repeats)}
         row["fwd_gbps"], row["bwd_gbps"] = _gbps(nbytes, row["fwd_ms"]), _gbps(2 * nbytes, row["bwd_ms"])
+        # Rows split over programs below rows_to_fill: the same sweeps at one program per row
+        # say what the split bought (the dry run takes this branch too, so it has run before).
+        row["row_splits"] = _config.launch_splits(n, V, dtype.itemsize, device)
+        if row["row_splits"] > 1 or args.dry_run:
+            with _config.overridden(row_splits=1):
+                row["fwd_unsplit_ms"] = _timed(forward, device, repeats)
+                row["bwd_unsplit_ms"] = _timed(backward, device, repeats)
+            row["fwd_unsplit_gbps"] = _gbps(nbytes, row["fwd_unsplit_ms"])
+            row["bwd_unsplit_gbps"] = _gbps(2 * nbytes, row["bwd_unsplit_ms"])
         if "predicted" in result:
             row["predicted_wave_efficiency"] = _config.wave_efficiency(n, result["predicted"]["resident_programs"])
             row["predicted_row_splits"] = _config.row_splits(n, V, result["predicted"]["rows_to_fill"])

@@ -100,7 +100,7 @@ ONE_SWEEP_UNALIGNED = ("bf16", "loss-entropy-old-ref", UNALIGNED_V[0])
 SPLIT_DTYPES = ("bf16", "fp32")
 SPLIT_FWD = ("logprobs", "entropy", "softcap-logprobs")
 SPLIT_BWD = ("", "entropy", "softcap-entropy")
-SPLIT_UNALIGNED = ("bf16", "entropy", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
+SPLIT_UNALIGNED = ("bf16", "logprobs", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
 
 # The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
 # so one of each; the other epilogues sit after the same loop.

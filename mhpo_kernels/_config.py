@@ -1,6 +1,7 @@
 """Launch configuration of the two sweeps: the only place that knows block sizes and warps.
 
-Both sweeps run one program per row and walk the vocabulary in BLOCK_V-wide steps, each an
+Both sweeps run one program per row (or per split of a row, when the rows are too few to fill the
+GPU: ``launch_splits`` below) and walk the vocabulary in BLOCK_V-wide steps, each an
 [R, LANES, VEC] block: every lane (thread) owns R runs of VEC contiguous elements, VEC being one
 16-byte vector (8 bf16/fp16, 4 fp32). They are memory-bound only if the loop issues few enough
 instructions per element (bench/NOTES.md has the budget, ``python -m bench.sass`` the count), so:

@@ -225,7 +225,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
     splits = launch_splits(N, V, logits.element_size(), logits.device)
-    _mhpo_bwd_kernel[(N, splits)](
+    _mhpo_bwd_kernel[(N,) if splits == 1 else (N, splits)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
         target, base, log2_sum, dlogp,
