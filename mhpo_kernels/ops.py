@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._sweep_types import LogitMap, RowStats, TokenParams
-from ._inputs import segment_ids
+from ._inputs import has_internal_overlap, segment_ids
 from .objectives import GSPO_KIND
 from .torch_sweeps import _sequence_terms
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
@@ -71,6 +71,23 @@ def once_differentiable(backward):
 
 def _fp32(like, n):
     return torch.empty(n, dtype=torch.float32, device=like.device)
+
+
+# Out of place, the gradient takes the logits' strides where they are a view with small gaps (a
+# (B, T + 1, V)[:, :-1] slice, a vocabulary cut out of a padded one): its rows then start where
+# the logits' rows do mod 16 bytes, so the backward stores 16-byte vectors at any V, where a
+# contiguous buffer would put the rows out of phase at an odd V. Gaps beyond this share of the
+# logits would cost memory: then the buffer is contiguous.
+GRAD_GAP_SHARE = 1 / 8
+
+
+def _grad_buffer(logits):
+    """An empty tensor for ∂L/∂logits: the logits' strides (as above), else contiguous."""
+    if not logits.is_contiguous() and logits.stride(-1) == 1 and not has_internal_overlap(logits):
+        span = 1 + sum((n - 1) * st for n, st in zip(logits.shape, logits.stride()))
+        if span <= logits.numel() * (1 + GRAD_GAP_SHARE):
+            return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 # ---- the two sweeps over (B, T, V) logits -------------------------------------------------------
@@ -142,7 +159,7 @@ def sweeps_forward(
     buffer of the logits' shape and dtype (else empty); its backward rescales that buffer.
     ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
     ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if grad_in_forward else None
+    grad = _grad_buffer(logits) if grad_in_forward else None
     stats = _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss,
                            shifted, cu, grad)
     return stats + (logits.new_empty(0) if grad is None else grad,)
@@ -153,7 +170,7 @@ def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
       inplace_backward, cu=None, grad_in_forward=False):
     B, T = _token_shape(logits, shifted)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    grad = torch.empty(logits.shape if grad_in_forward else (0,), dtype=logits.dtype, device=logits.device)
+    grad = _grad_buffer(logits) if grad_in_forward else logits.new_empty(0)
     return tuple(_fp32(logits, B * T if p else 0) for p in present) + (grad,)
 
 
@@ -246,14 +263,14 @@ def sweeps_backward(
     softcap: bool, shifted: bool,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _grad_buffer(logits)
     return _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params,
                            softcap, shifted)
 
 
 @sweeps_backward.register_fake
 def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap, shifted):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _grad_buffer(logits)
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))

@@ -39,8 +39,8 @@ CONTIGUOUS = [Layout(f"{dt}-V{V}", "contiguous", dtype, V, *bt)
               for V in (3, 37, 63, 8191)]
 VIEWS = [
     Layout("shifted-bf16-V37", "shifted", torch.bfloat16, 37, 2, 4),   # rows r·V, r < B·(T + 1)
-    # Rows at V·(b·(T + 1) + t), the gradient contiguous at V·(b·T + t): their residues differ
-    # out of place, so only the loads are vectors; T + 1 = 9 keeps every residue.
+    # Rows at V·(b·(T + 1) + t); out of place the gradient takes the same strides
+    # (test_gradient_buffer_in_phase); T + 1 = 9 keeps every residue.
     Layout("sliced-bf16-V37", "sliced", torch.bfloat16, 37, 2, 8),
     # as_strided rows at 3 + r·(V + 1): an even V whose padded stride is odd.
     Layout("padded-fp32-V50", "padded", torch.float32, 50, 1, 4),
@@ -186,3 +186,41 @@ def test_in_phase_is_exact(vec):
                 for d in views:
                     if x.shape == d.shape:
                         assert _in_phase(x, d, vec) == brute(x, d), (V, Bn, Tn, x.stride(), d.stride())
+
+
+def test_gradient_buffer_in_phase(monkeypatch):
+    """Out of place, the backward's gradient buffer has the logits' strides when they are a view
+    with small gaps (a sliced (B, T + 1, V), a vocabulary cut from a padded one), so its rows are
+    in phase with the logits' and the stores are 16-byte vectors at odd V; a view with large gaps
+    (every other sequence) gets a contiguous buffer, and the gradient is right either way."""
+    from mhpo_kernels.kernels import backward
+
+    seen = []
+    launch = backward.mhpo_bwd
+
+    def recording(logits, grad, *args):
+        seen.append((logits.stride(), grad.stride(), _in_phase(logits, grad, 8)))
+        return launch(logits, grad, *args)
+
+    monkeypatch.setattr(backward, "mhpo_bwd", recording)
+    g = torch.Generator().manual_seed(12)
+    B, T, V = 4, 16, 37      # sliced: 6 % more storage than elements; every other sequence: 112 %
+    full = (torch.randn(B, T + 1, V + 1, generator=g) * 3).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B // 2, T), generator=g)
+    views = {"sliced": lambda x: x[:, :-1, :V], "every-other": lambda x: x[::2, :-1, :V]}
+    for name, view in views.items():
+        b = B if name == "sliced" else B // 2
+        seen.clear()
+        x = full.detach().to(TRITON_DEVICE).requires_grad_()
+        with mhpo_kernels.use_backend("triton"):
+            logp = mhpo_kernels.token_logprobs(view(x), ids.repeat(b // ids.shape[0], 1).to(TRITON_DEVICE))
+        (grad,) = torch.autograd.grad(logp.sum(), x)
+        (x_stride, grad_stride, in_phase), = seen
+        if name == "sliced":
+            assert grad_stride == x_stride and in_phase, seen
+        else:
+            assert grad_stride == (T * V, V, 1) and not in_phase, seen
+        x64 = full.double().requires_grad_()
+        logp64 = reference.token_logprobs(view(x64), ids.repeat(b // ids.shape[0], 1))
+        (grad64,) = torch.autograd.grad(logp64.sum(), x64)
+        assert max_rel_err(grad.cpu(), grad64) <= _grad_tol(torch.bfloat16, TRITON_DEVICE), name
