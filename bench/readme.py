@@ -1,4 +1,4 @@
-"""python -m bench.readme RESULTS.json: write that run's forward+backward table into README.md,
+"""python -m bench.readme RESULTS.json: write that run's forward+backward tables into README.md,
 between the benchmark markers, with its device, date and plot. Only this command touches the
 README; it takes a run under bench/results (committed), never one in the ignored bench/out,
 whose files the README's links would miss in every other checkout."""
@@ -27,12 +27,21 @@ def section(path):
     ]
     if run.get("note"):
         lines += [f"*{run['note']}.*", ""]
-    lines += ["On logits, forward+backward (loss and logits gradient); rate under the 3-pass byte model:",
-              "", markdown_table(run["results"], "logits"), "",
+    if run.get("memory"):
+        lines += [f"Peak and extra MiB: {run['memory']}.", ""]
+    results = run["results"]
+    lines += ["On logits, forward+backward (loss and logits gradient); `fused-packed` is the same batch as "
+              "its valid tokens with `cu_seqlens`; rate under the 3-pass byte model:",
+              "", markdown_table(results, "logits"), "",
               "From hidden states and the LM head, forward+backward (loss, dhidden, dweight); rate "
-              "against the 3-GEMM floor 3 · 2·N·V·H:", "", markdown_table(run["results"], "linear"), ""]
+              "against the 3-GEMM floor 3 · 2·N·V·H:", "", markdown_table(results, "linear"), ""]
+    if any(r["mode"] == "logprobs_grad" for r in results):
+        lines += ["From hidden states and the LM head, differentiable log-probs and entropy (forward, then "
+                  "the backward of random upstream gradients on both: the hook verl, prime-rl and NeMo-RL "
+                  "call); rate against the same 3-GEMM floor, where the fused op makes a fourth:",
+                  "", markdown_table(results, "linear", "logprobs_grad"), ""]
     if os.path.exists(os.path.join(os.path.dirname(README), stem + ".png")):
-        lines += [f"![time and memory, forward+backward]({stem}.png)", ""]
+        lines += [f"![time and memory]({stem}.png)", ""]
     return "\n".join(lines)
 
 
