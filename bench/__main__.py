@@ -142,7 +142,8 @@ def main(argv=None):
 
     meta = dict(device=name, date=date, preset=args.preset, torch=torch.__version__,
                 triton=_version("triton"), liger_kernel=_version("liger_kernel"), trl=_version("trl"),
-                python=platform.python_version(), copy_bandwidth_gbps=ceilings["copy_gbps"],
+                python=platform.python_version(), cpu_threads=None if cuda else torch.get_num_threads(),
+                copy_bandwidth_gbps=ceilings["copy_gbps"],
                 gemm_tflops=ceilings["gemm_tflops"], fused_vs_float64_max_rel_err=fused_err,
                 work_models="bench/workloads.py: bytes_moved (logits suite), gemm_flops (linear suite)",
                 memory=MEMORY_CUDA if cuda else MEMORY_CPU,

@@ -19,7 +19,9 @@ def section(path):
     stem = os.path.splitext(os.path.relpath(path, os.path.dirname(README)))[0]
     lines = [
         f"Measured on **{run['device']}**, {run['date']} (torch {run['torch']}, triton {run['triton']}"
-        + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")."
+        + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")"
+        + (f" on {run['cpu_threads']} CPU thread{'s' if run['cpu_threads'] > 1 else ''}" if run.get("cpu_threads") else "")
+        + "."
         + (f" Device-to-device copy: {run['copy_bandwidth_gbps']:.0f} GB/s." if run.get("copy_bandwidth_gbps") else "")
         + (f" bf16 GEMM: {run['gemm_tflops']:.0f} TFLOP/s." if run.get("gemm_tflops") else "")
         + f" Raw numbers: [`{stem}.json`]({stem}.json).",
