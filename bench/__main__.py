@@ -37,7 +37,7 @@ AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 # What the peak and extra bytes of a run are (harness.peak_memory), written into its JSON.
 MEMORY_CUDA = ("CUDA caching allocator: max_memory_allocated during one call after a reset (peak), "
                "minus memory_allocated before it (extra)")
-MEMORY_CPU = ("CPU allocator bytes of the PyTorch path: the most held at once during one untimed call under "
+MEMORY_CPU = ("CPU allocator bytes of the PyTorch path, as the most held at once during one untimed call under "
               "torch.profiler beyond what was held before it (extra), plus the CPU tensors alive before it (peak)")
 ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
          ("linear", "logprobs"), ("linear", "logprobs_grad")]

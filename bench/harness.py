@@ -61,7 +61,8 @@ def cpu_allocated_peak(fn):
     beyond what it held when the call began: the peak of the running sum of every allocation
     (positive) and free (negative) that torch.profiler records with ``profile_memory``, in the
     order they happened. Memory that never passes through torch's allocator (a BLAS library's own
-    scratch) is not seen."""
+    scratch) is not seen, nor is the free of a block allocated before the call (the profiler does
+    not know its size), so a call that frees its caller's tensors reads high, never low."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = [e for e in prof.profiler.kineto_results.events()

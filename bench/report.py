@@ -36,6 +36,11 @@ def _columns(r):
     return _with_unit(r["gbps"], ".3g", " GB/s"), _with_unit(share, ".0f", "% copy")
 
 
+def _computes(r):
+    """What the row computes: the provider's objective for a loss, else what the mode returns."""
+    return {"logprobs": "log-probs", "logprobs_grad": "log-probs, entropy"}.get(r["mode"], r["computes"])
+
+
 def _mib(x):
     return _fmt(x and x / MIB, ".0f")
 
@@ -46,9 +51,9 @@ def table(results):
     rows = [header]
     for r in results:
         if r["status"] != "ok":
-            rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], r["status"]] + [""] * 7)
+            rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], r["status"]] + [""] * 7)
             continue
-        rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
+        rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
                      *_columns(r), _mib(r["peak_bytes"]), _mib(r["extra_bytes"]),
                      _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
                      _fmt(r["speedup_vs_trl"], ".2f")])
@@ -70,11 +75,11 @@ def markdown_table(results, suite, mode="fwd_bwd"):
         if r["suite"] != suite or r["mode"] != mode:
             continue
         if r["status"] != "ok":
-            out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['status']} | | | | | | |")
+            out.append(f"| {r['case']} | {r['provider']} | {_computes(r)} | {r['status']} | | | | | | |")
             continue
         rate, share = _columns(r)
         other = r["speedup_vs_trl"] if suite == "linear" else r["speedup_vs_compile"]
-        out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['median_ms']:.3f} | {rate} | "
+        out.append(f"| {r['case']} | {r['provider']} | {_computes(r)} | {r['median_ms']:.3f} | {rate} | "
                    f"{share} | {_mib(r['peak_bytes'])} | {_mib(r['extra_bytes'])} | "
                    f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(other, '.2f')} |")
     return "\n".join(out)
