@@ -33,12 +33,12 @@ OUT_DIR = os.environ.get("MHPO_BENCH_OUT") or os.path.join(os.path.dirname(__fil
 # The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
 # the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
-# Most important first; a run cut short by a time limit keeps what it measured.
 # What the peak and extra bytes of a run are (harness.peak_memory), written into its JSON.
 MEMORY_CUDA = ("CUDA caching allocator: max_memory_allocated during one call after a reset (peak), "
                "minus memory_allocated before it (extra)")
 MEMORY_CPU = ("CPU allocator bytes of the PyTorch path, as the most held at once during one untimed call under "
               "torch.profiler beyond what was held before it (extra), plus the CPU tensors alive before it (peak)")
+# Most important first; a run cut short by a time limit keeps what it measured.
 ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
          ("linear", "logprobs"), ("linear", "logprobs_grad")]
 
