@@ -24,6 +24,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
         if r["status"] == "ok":
             assert r["median_ms"] > 0
             assert (r["gbps"] > 0) if r["suite"] == "logits" else (r["tflops"] > 0)
+            assert r["peak_bytes"] > r["extra_bytes"] > 0  # the CPU allocator's reading, the inputs beside it
         if r["agreement_with_fused"] is not None:
             assert not r["status"].startswith("disagrees"), r
     assert "provider" in capsys.readouterr().out
