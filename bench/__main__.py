@@ -6,7 +6,8 @@ LM head, reported as TFLOP/s against the 3-GEMM floor and as a share of a GEMM's
 Both: median time, peak and extra memory, speed-up against eager and torch.compile. Writes
 <device>-<date>.json and .png into bench/out/ (ignored by git), or the folder named by --out or
 MHPO_BENCH_OUT (bench/results for a run to commit). Without CUDA it runs the PyTorch path of the
-ops against the eager and compiled reference on small shapes, which says nothing about GPU speed.
+ops against the eager and compiled reference on small shapes, memory read from the CPU allocator
+through torch.profiler, which says nothing about GPU speed or memory.
 """
 
 import argparse
@@ -32,6 +33,11 @@ OUT_DIR = os.environ.get("MHPO_BENCH_OUT") or os.path.join(os.path.dirname(__fil
 # The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
 # the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+# What the peak and extra bytes of a run are (harness.peak_memory), written into its JSON.
+MEMORY_CUDA = ("CUDA caching allocator: max_memory_allocated during one call after a reset (peak), "
+               "minus memory_allocated before it (extra)")
+MEMORY_CPU = ("CPU allocator bytes of the PyTorch path, as the most held at once during one untimed call under "
+              "torch.profiler beyond what was held before it (extra), plus the CPU tensors alive before it (peak)")
 # Most important first; a run cut short by a time limit keeps what it measured.
 ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
          ("linear", "logprobs"), ("linear", "logprobs_grad")]
@@ -126,7 +132,7 @@ def main(argv=None):
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
     if not cuda:
         print("No CUDA: timing the PyTorch path of the ops on the CPU. CPU numbers say nothing "
-              "about GPU speed; they check that the harness runs.", flush=True)
+              "about GPU speed or memory; they check that the harness runs.", flush=True)
     fused_err = check_correctness(device)
     print(f"fused vs float64 reference on a small case: max rel err {fused_err:.1e}", flush=True)
     ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device), "gemm_tflops": harness.gemm_tflops(device)}
@@ -136,10 +142,12 @@ def main(argv=None):
 
     meta = dict(device=name, date=date, preset=args.preset, torch=torch.__version__,
                 triton=_version("triton"), liger_kernel=_version("liger_kernel"), trl=_version("trl"),
-                python=platform.python_version(), copy_bandwidth_gbps=ceilings["copy_gbps"],
+                python=platform.python_version(), cpu_threads=None if cuda else torch.get_num_threads(),
+                copy_bandwidth_gbps=ceilings["copy_gbps"],
                 gemm_tflops=ceilings["gemm_tflops"], fused_vs_float64_max_rel_err=fused_err,
                 work_models="bench/workloads.py: bytes_moved (logits suite), gemm_flops (linear suite)",
-                note=None if cuda else "CPU run of the PyTorch path: no statement about GPU speed")
+                memory=MEMORY_CUDA if cuda else MEMORY_CPU,
+                note=None if cuda else "CPU run of the PyTorch path: no statement about GPU speed or memory")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{date}")
 

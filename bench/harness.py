@@ -1,9 +1,12 @@
 """Timing and memory measurement, the same for every provider."""
 
+import gc
 import statistics
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 
 def sync(device):
@@ -35,10 +38,15 @@ def time_ms(fn, device, warmup=3, repeats=10):
 
 
 def peak_memory(fn, device):
-    """(peak bytes allocated during one call of ``fn``, of which beyond what was allocated
-    before it: the inputs). None on devices without an allocator to ask."""
+    """(peak, extra) bytes of one call of ``fn``: extra is the most it held at once beyond what was
+    allocated when it began, peak that plus what was allocated then (the inputs). On CUDA from
+    the caching allocator's counters; on the CPU from ``cpu_allocated_peak`` (the profiler's record
+    of each allocation and free) and ``cpu_tensor_bytes`` (the tensors alive before the call). The
+    CPU reading runs ``fn`` under the profiler: never time the same call."""
     if device.type != "cuda":
-        return None, None
+        before = cpu_tensor_bytes()
+        extra = cpu_allocated_peak(fn)
+        return before + extra, extra
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -46,6 +54,37 @@ def peak_memory(fn, device):
     sync(device)
     peak = torch.cuda.max_memory_allocated(device)
     return peak, peak - before
+
+
+def cpu_allocated_peak(fn):
+    """The largest number of bytes the CPU allocator held for ``fn()`` at any point of one call,
+    beyond what it held when the call began: the peak of the running sum of every allocation
+    (positive) and free (negative) that torch.profiler records with ``profile_memory``, in the
+    order they happened. Memory that never passes through torch's allocator (a BLAS library's own
+    scratch) is not seen, nor is the free of a block allocated before the call (the profiler does
+    not know its size), so a call that frees its caller's tensors reads high, never low."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def cpu_tensor_bytes():
+    """Bytes of the distinct storages of every CPU tensor reachable from Python: on the CPU, the
+    counterpart of ``torch.cuda.memory_allocated`` (tensors held only by C++ are missed)."""
+    storages = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance: no __class__ lookup on proxies, and subclasses such as fake
+        # tensors own no memory
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def copy_bandwidth_gbps(device, nbytes=2 << 30):

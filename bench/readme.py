@@ -1,4 +1,4 @@
-"""python -m bench.readme RESULTS.json: write that run's forward+backward table into README.md,
+"""python -m bench.readme RESULTS.json: write that run's forward+backward tables into README.md,
 between the benchmark markers, with its device, date and plot. Only this command touches the
 README; it takes a run under bench/results (committed), never one in the ignored bench/out,
 whose files the README's links would miss in every other checkout."""
@@ -19,7 +19,9 @@ def section(path):
     stem = os.path.splitext(os.path.relpath(path, os.path.dirname(README)))[0]
     lines = [
         f"Measured on **{run['device']}**, {run['date']} (torch {run['torch']}, triton {run['triton']}"
-        + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")."
+        + (f", liger_kernel {run['liger_kernel']}" if run.get("liger_kernel") else "") + ")"
+        + (f" on {run['cpu_threads']} CPU thread{'s' if run['cpu_threads'] > 1 else ''}" if run.get("cpu_threads") else "")
+        + "."
         + (f" Device-to-device copy: {run['copy_bandwidth_gbps']:.0f} GB/s." if run.get("copy_bandwidth_gbps") else "")
         + (f" bf16 GEMM: {run['gemm_tflops']:.0f} TFLOP/s." if run.get("gemm_tflops") else "")
         + f" Raw numbers: [`{stem}.json`]({stem}.json).",
@@ -27,12 +29,21 @@ def section(path):
     ]
     if run.get("note"):
         lines += [f"*{run['note']}.*", ""]
-    lines += ["On logits, forward+backward (loss and logits gradient); rate under the 3-pass byte model:",
-              "", markdown_table(run["results"], "logits"), "",
+    if run.get("memory"):
+        lines += [f"Peak and extra MiB: {run['memory']}.", ""]
+    results = run["results"]
+    lines += ["On logits, forward+backward (loss and logits gradient); `fused-packed` is the same batch as "
+              "its valid tokens with `cu_seqlens`; rate under the 3-pass byte model:",
+              "", markdown_table(results, "logits"), "",
               "From hidden states and the LM head, forward+backward (loss, dhidden, dweight); rate "
-              "against the 3-GEMM floor 3 · 2·N·V·H:", "", markdown_table(run["results"], "linear"), ""]
+              "against the 3-GEMM floor 3 · 2·N·V·H:", "", markdown_table(results, "linear"), ""]
+    if any(r["mode"] == "logprobs_grad" for r in results):
+        lines += ["From hidden states and the LM head, differentiable log-probs and entropy (forward, then "
+                  "the backward of random upstream gradients on both: the hook verl, prime-rl and NeMo-RL "
+                  "call); rate against the same 3-GEMM floor, where the fused op makes a fourth:",
+                  "", markdown_table(results, "linear", "logprobs_grad"), ""]
     if os.path.exists(os.path.join(os.path.dirname(README), stem + ".png")):
-        lines += [f"![time and memory, forward+backward]({stem}.png)", ""]
+        lines += [f"![time and memory]({stem}.png)", ""]
     return "\n".join(lines)
 
 

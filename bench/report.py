@@ -36,6 +36,11 @@ def _columns(r):
     return _with_unit(r["gbps"], ".3g", " GB/s"), _with_unit(share, ".0f", "% copy")
 
 
+def _computes(r):
+    """What the row computes: the provider's objective for a loss, else what the mode returns."""
+    return {"logprobs": "log-probs", "logprobs_grad": "log-probs, entropy"}.get(r["mode"], r["computes"])
+
+
 def _mib(x):
     return _fmt(x and x / MIB, ".0f")
 
@@ -46,9 +51,9 @@ def table(results):
     rows = [header]
     for r in results:
         if r["status"] != "ok":
-            rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], r["status"]] + [""] * 7)
+            rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], r["status"]] + [""] * 7)
             continue
-        rows.append([r["suite"], r["provider"], r["computes"], r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
+        rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
                      *_columns(r), _mib(r["peak_bytes"]), _mib(r["extra_bytes"]),
                      _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
                      _fmt(r["speedup_vs_trl"], ".2f")])
@@ -70,11 +75,11 @@ def markdown_table(results, suite, mode="fwd_bwd"):
         if r["suite"] != suite or r["mode"] != mode:
             continue
         if r["status"] != "ok":
-            out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['status']} | | | | | | |")
+            out.append(f"| {r['case']} | {r['provider']} | {_computes(r)} | {r['status']} | | | | | | |")
             continue
         rate, share = _columns(r)
         other = r["speedup_vs_trl"] if suite == "linear" else r["speedup_vs_compile"]
-        out.append(f"| {r['case']} | {r['provider']} | {r['computes']} | {r['median_ms']:.3f} | {rate} | "
+        out.append(f"| {r['case']} | {r['provider']} | {_computes(r)} | {r['median_ms']:.3f} | {rate} | "
                    f"{share} | {_mib(r['peak_bytes'])} | {_mib(r['extra_bytes'])} | "
                    f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(other, '.2f')} |")
     return "\n".join(out)
@@ -95,41 +100,49 @@ def _sweep(rows, axis):
     return [r for r in rows if (r[fixed], r["dtype"]) == key], f"{fixed} {key[0]}, {key[1]}"
 
 
+# What the plot shows: per suite and mode, time and memory against the axis that varies.
+PLOTS = (("logits", "fwd_bwd", "V"), ("linear", "fwd_bwd", "tokens"), ("linear", "logprobs_grad", "tokens"))
+
+
 def plot(path, meta, results):
-    """Per suite, forward+backward: time and memory against V (logits) or tokens (linear)."""
+    """Forward+backward on logits and on the LM head, and the differentiable (log-prob, entropy):
+    time and the memory beyond the inputs (extra) against V (logits) or tokens (linear). A CPU
+    run's axes and title say what its figures are: the PyTorch path's CPU time and the bytes of
+    the CPU allocator."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = []
-    for suite, axis in (("logits", "V"), ("linear", "tokens")):
-        rows = [r for r in results if r["suite"] == suite and r["mode"] == "fwd_bwd" and r["status"] == "ok"]
+    for suite, mode, axis in PLOTS:
+        rows = [r for r in results if r["suite"] == suite and r["mode"] == mode and r["status"] == "ok"]
         rows, label = _sweep(rows, axis)
         if rows:
-            panels.append((suite, axis, rows, label))
+            panels.append((suite, mode, axis, rows, label))
     if not panels:
         return False
-    has_memory = any(r["peak_bytes"] is not None for _, _, rows, _ in panels for r in rows)
+    has_memory = any(r["extra_bytes"] is not None for *_, rows, _ in panels for r in rows)
     cpu = meta["device"] == "cpu"
     ncols = 2 if has_memory else 1
     fig, axes = plt.subplots(len(panels), ncols, figsize=(5.5 * ncols, 4 * len(panels)), squeeze=False)
-    for (suite, axis, rows, label), ax_row in zip(panels, axes):
+    for (suite, mode, axis, rows, label), ax_row in zip(panels, axes):
         for provider in dict.fromkeys(r["provider"] for r in rows):
-            pts = sorted((r[axis], r["median_ms"], r["peak_bytes"], r["computes"]) for r in rows
+            pts = sorted((r[axis], r["median_ms"], r["extra_bytes"], r["computes"]) for r in rows
                          if r["provider"] == provider)
             name = provider + ("" if pts[0][3].startswith("MHPO") else " (GRPO)")
             ax_row[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
             if has_memory:
                 ax_row[1].plot([p[0] for p in pts], [(p[2] or 0) / MIB for p in pts], "o-", label=name)
-        title = f"{suite}: {MODE_LABELS['fwd_bwd']}, {label}" + (", time only" if cpu else "")
-        ax_row[0].set(xlabel=axis, ylabel="median CPU ms (time only)" if cpu else "median ms", title=title)
+        ax_row[0].set(xlabel=axis, ylabel="median CPU ms (PyTorch path)" if cpu else "median ms",
+                      title=f"{suite}: {MODE_LABELS[mode]}, {label}")
         if has_memory:
-            ax_row[1].set(xlabel=axis, ylabel="peak MiB", title=f"{suite}: peak memory")
+            ax_row[1].set(xlabel=axis, ylabel="extra MiB, CPU allocator (PyTorch path)" if cpu else "extra MiB",
+                          title=f"{suite}: memory beyond the inputs")
         for ax in ax_row:
             ax.grid(alpha=0.3)
-            ax.legend()
-    cpu_note = ": CPU time only (PyTorch path), not GPU speed" if cpu else ""
+            ax.legend(fontsize=8)
+    cpu_note = ": PyTorch path, CPU time and CPU allocator bytes, not GPU figures" if cpu else ""
     fig.suptitle(f"{meta['device']} ({meta['date']}){cpu_note}", fontsize=10 if cpu else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

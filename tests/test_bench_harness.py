@@ -24,6 +24,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
         if r["status"] == "ok":
             assert r["median_ms"] > 0
             assert (r["gbps"] > 0) if r["suite"] == "logits" else (r["tflops"] > 0)
+            assert r["peak_bytes"] > r["extra_bytes"] > 0  # the CPU allocator's reading, the inputs beside it
         if r["agreement_with_fused"] is not None:
             assert not r["status"].startswith("disagrees"), r
     assert "provider" in capsys.readouterr().out
@@ -54,7 +55,30 @@ def test_readme_takes_only_committed_runs(tmp_path):
         readme.main([str(run)])
 
 
-def test_cpu_plot_says_time_only(tmp_path, monkeypatch):
+def test_cpu_peak_memory_of_a_known_allocation():
+    """On the CPU, extra is the most held at once (4 + 1 MiB, not the 7 MiB allocated in all nor
+    the 3 MiB left at the end) and peak adds the tensors alive before the call."""
+    import torch
+
+    from bench import harness
+
+    mib = 1 << 20
+    held = torch.ones(3 * mib, dtype=torch.uint8)
+
+    def step():
+        a = torch.ones(4 * mib, dtype=torch.uint8)
+        b = torch.ones(mib, dtype=torch.uint8)
+        del a
+        c = torch.ones(2 * mib, dtype=torch.uint8)
+        return b, c
+
+    peak, extra = harness.peak_memory(step, torch.device("cpu"))
+    assert 5 * mib <= extra < 5 * mib + 4096
+    assert peak >= extra + held.nbytes
+
+
+def test_cpu_plot_says_what_it_shows(tmp_path, monkeypatch):
+    """A CPU run's plot: the PyTorch path's CPU time and CPU allocator bytes, no GPU figures."""
     import matplotlib.figure
 
     from bench import report
@@ -63,10 +87,12 @@ def test_cpu_plot_says_time_only(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: titles.append(
         (self._suptitle.get_text(), [ax.get_ylabel() for ax in self.axes])))
     row = dict(suite="logits", mode="fwd_bwd", status="ok", V=1000, tokens=8, dtype="fp32", provider="fused",
-               median_ms=1.0, peak_bytes=None, computes="MHPO")
-    assert report.plot(str(tmp_path / "x.png"), {"device": "cpu", "date": "2000-01-01"}, [row])
+               median_ms=1.0, peak_bytes=3 << 20, extra_bytes=1 << 20, computes="MHPO")
+    grad = dict(row, suite="linear", mode="logprobs_grad")
+    assert report.plot(str(tmp_path / "x.png"), {"device": "cpu", "date": "2000-01-01"}, [row, grad])
     (suptitle, ylabels), = titles
-    assert "time only" in suptitle and all("time only" in y for y in ylabels)
+    assert "PyTorch path" in suptitle and "not GPU" in suptitle
+    assert ylabels == ["median CPU ms (PyTorch path)", "extra MiB, CPU allocator (PyTorch path)"] * 2
 
 
 # ---- bench/gpu_check.sh and its Python steps, on the CPU ---------------------------------------

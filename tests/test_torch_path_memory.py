@@ -1,27 +1,17 @@
 """The PyTorch path's working memory: what the two sweeps allocate beyond their inputs and outputs
-stays within ``torch_sweeps.CHUNK_BYTES`` whatever the number of rows. Measured from the
-profiler's record of every allocation and free on the CPU (peak of the running sum), with a
-small chunk budget so that a few hundred rows make several chunks."""
+stays within ``torch_sweeps.CHUNK_BYTES`` whatever the number of rows. Measured by the
+benchmark's CPU reading (``bench.harness.cpu_allocated_peak``: the peak of the running sum of every
+allocation and free the profiler records), with a small chunk budget so that a few hundred rows
+make several chunks."""
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from bench.harness import cpu_allocated_peak
 from mhpo_kernels import torch_sweeps
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
 
 BUDGET = 1 << 20
-
-
-def peak_allocated(fn):
-    """The largest number of bytes allocated and not yet freed at any point of ``fn()``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("with_entropy, softcap", [(False, None), (True, 30.0)], ids=["plain", "entropy-softcap"])
@@ -52,5 +42,5 @@ def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap,
 
     outputs = 12 * 4 * rows  # the per-token vectors sweep 1 returns and the epilogue's float64 ones
     for sweep in (forward, backward):
-        peak = peak_allocated(sweep)
+        peak = cpu_allocated_peak(sweep)
         assert chunk_rows * V * 4 <= peak <= BUDGET + outputs, (sweep.__name__, peak / BUDGET)
