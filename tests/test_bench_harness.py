@@ -86,8 +86,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     import mhpo_kernels
     from bench import check_report, gpu_check
 
-    with mhpo_kernels.use_backend("torch"):
-        gpu_check.main(["dry-run", "--out", str(tmp_path)])
+    with mhpo_kernels.use_backend("torch"):  # verl-mem's dry run: tests/test_verl_engine.py (verl's import)
+        gpu_check.main(["dry-run", "--skip", "verl-mem", "--out", str(tmp_path)])
     check_report.main(["summary", "--out", str(tmp_path)])
     run = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = run["steps"]
@@ -103,6 +103,19 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert steps["compile"]["fused_linear"]["compiled_equals_eager"] is True
     out = capsys.readouterr().out
     assert '"launches": 48' in out and "inplace" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_check_verl_mem_skipped_without_verl(tmp_path, monkeypatch):
+    """Where verl is not installed the verl-mem step records why, as a skip (not a pass), and the
+    shell's record of its exit status 0 keeps it."""
+    from bench import check_report, gpu_check
+
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name == "verl" else real(name, *a))
+    gpu_check.main(["verl-mem", "--dry-run", "--out", str(tmp_path)])
+    check_report.main(["record", "--out", str(tmp_path), "--name", "verl-mem", "--rc", "0", "--seconds", "1"])
+    status = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["verl-mem"]["status"]
+    assert status.startswith("skipped: verl is not installed"), status
 
 
 def test_gpu_check_record_and_ncu_parse(tmp_path):
