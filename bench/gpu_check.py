@@ -49,7 +49,7 @@ DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), r
 # verl's update step: a one-layer Llama (H 64, so the logits are all but the whole of a micro-batch's
 # memory) with Qwen's vocabulary, 4 sequences of about 4,096 tokens in 2 micro-batches of about
 # 8,190 tokens: one fp32 logits tensor is 4.98 GB, verl's counted 7 of them 35 GB. The dry run: V 96,
-# micro-batches of about 1,270 tokens, longer than verl's fused torch backend's 512-row tiles, so
+# micro-batches of about 1,275 tokens, longer than verl's fused torch backend's 512-row tiles, so
 # that on the hidden-states path too the count is the prediction's.
 VERL_MEM = dict(vocab=151936, hidden=64, batch=4, prompt=1024, response=3072)
 DRY_VERL_MEM = dict(vocab=96, hidden=16, batch=4, prompt=256, response=384)
@@ -419,8 +419,8 @@ class _MicroBatchMemory:
     logits-sized buffers alive at its peak, and the ops touching one). And the bytes of the LM head's
     output, the logits, where the head's forward runs (the logits path)."""
 
-    def __init__(self, ve, vocab):
-        self.ve, self.vocab = ve, vocab
+    def __init__(self, ve, vocab, cuda):
+        self.ve, self.vocab, self.cuda = ve, vocab, cuda
         self.windows = []
         self._counter = None
         self._hooked = None
@@ -429,7 +429,7 @@ class _MicroBatchMemory:
         if not self.windows:
             return
         window = self.windows[-1]
-        if self._counter is None:
+        if self.cuda:
             torch.cuda.synchronize()
             window["peak_bytes"] = torch.cuda.max_memory_allocated()
             window["extra_bytes"] = window["peak_bytes"] - window["before_bytes"]
@@ -447,7 +447,7 @@ class _MicroBatchMemory:
             self._hooked = head
         tokens = int(micro_batch["input_ids"].offsets()[-1])
         self.windows.append({"tokens": tokens})
-        if torch.cuda.is_available() and next(head.parameters()).is_cuda:
+        if self.cuda:
             torch.cuda.synchronize()
             self.windows[-1]["before_bytes"] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -516,7 +516,7 @@ def step_verl_mem(args):
             try:
                 config = ve.actor_config(pathlib.Path(tmp) / "model", impl_backend=backend, use_remove_padding=rmpad,
                                          use_fused_kernels=fused, entropy_coeff=0.01, batch_size=shape["batch"])
-                probe = _MicroBatchMemory(ve, V)
+                probe = _MicroBatchMemory(ve, V, device.type == "cuda")
                 ve.run_actor(config, data, plain=True, log_prob=False, probe=probe)
                 entry.update(_verl_mem_entry(probe.windows, _predicted_buffers(ve, fused, rmpad, backend),
                                              logits_bytes, rmpad, V))

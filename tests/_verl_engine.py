@@ -1,4 +1,4 @@
-"""verl's engine actor, in this process, on CPU.
+"""verl's engine actor, in this process, on CPU (and on CUDA, for the GPU check's verl-mem step).
 
 verl 0.9 runs its actor as ``ActorRolloutRefWorker`` → ``TrainingWorker`` → ``FSDPEngineWithLMHead``
 on CUDA or NPU inside Ray. Everything below is what it takes to run that same code here instead;
@@ -11,7 +11,9 @@ none of it belongs in the package:
   cuda and npu only), verl's state_dict patch for TRL's value-head model skipped (TRL 1.x moved the
   class; the actor has no value head), a one-process gloo group on a ``FileStore`` (verl's own
   initialisation would read a TCP port) and the environment verl's ``Worker`` reads;
-- ``run_actor(plain=True)``: the model left unwrapped instead of FSDP-wrapped;
+  ``verl_in_process(tmp_path, "cuda")`` is the same on verl's own CUDA platform and engine;
+- ``run_actor(plain=True)``: the model left unwrapped instead of FSDP-wrapped (and moved to verl's
+  device, which FSDP would do);
 - a tiny random Llama written to a temporary folder (no hub), attention "sdpa", fp32 weights and
   fp32 mixed precision, no tokenizer.
 """

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main
 
@@ -116,6 +117,32 @@ def test_gpu_check_verl_mem_skipped_without_verl(tmp_path, monkeypatch):
     check_report.main(["record", "--out", str(tmp_path), "--name", "verl-mem", "--rc", "0", "--seconds", "1"])
     status = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["verl-mem"]["status"]
     assert status.startswith("skipped: verl is not installed"), status
+
+
+def test_gpu_check_verl_mem_cuda_probe(monkeypatch):
+    """verl-mem's CUDA reading, on the CPU with the allocator's statistics faked: each micro-batch's
+    rise over what was allocated at its start, against the bytes of that micro-batch's logits."""
+    from bench import gpu_check
+
+    allocated, peaks, calls = iter([100, 5000]), iter([800, 5500]), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    head = torch.nn.Linear(3, 5)
+    engine = type("Engine", (), {"module": type("Model", (), {"get_output_embeddings": lambda self: head})()})()
+    probe = gpu_check._MicroBatchMemory(None, 5, cuda=True)
+    for n in (4, 2):
+        ids = torch.nested.nested_tensor([torch.zeros(n - 1), torch.zeros(1)], layout=torch.jagged)
+        probe.micro_batch(engine, {"input_ids": ids})
+        head(torch.zeros(1, n, 3))
+    probe.done(engine)
+    entry = gpu_check._verl_mem_entry(probe.windows, 7, {}, True, 5)
+    first, second = entry["micro_batches"]
+    assert calls == ["reset", "reset"]
+    assert (first["tokens"], first["logits_bytes"], first["extra_bytes"]) == (4, 80, 700)
+    assert (second["tokens"], second["logits_bytes"], second["extra_bytes"]) == (2, 40, 500)
+    assert first["predicted_extra_bytes"] == 7 * 80 and entry["extra_over_logits"] == 500 / 40
 
 
 def test_gpu_check_record_and_ncu_parse(tmp_path):
