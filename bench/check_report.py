@@ -70,7 +70,7 @@ def step_ncu_parse(args):
 
 def step_record(args):
     """A shell step's exit status and time, and the tail of its log. A Python step that caught
-    its own error exits 0: its recorded "error" stands."""
+    its own error, or skipped itself, exits 0: its recorded "error" or "skipped: why" stands."""
     tail = []
     if args.file and os.path.exists(args.file):
         with open(args.file, errors="replace") as f:
@@ -78,8 +78,9 @@ def step_record(args):
     status = "ok" if args.rc == 0 else ("timed out" if args.rc in (124, 137) else f"exit {args.rc}")
     if args.skipped:
         status = "skipped: no time left"
-    if args.rc == 0 and load(args.out)["steps"].get(args.name, {}).get("status") == "error":
-        status = "error"
+    recorded = load(args.out)["steps"].get(args.name, {}).get("status", "")
+    if args.rc == 0 and (recorded == "error" or recorded.startswith("skipped")):
+        status = recorded
     result = {"status": status, "seconds": args.seconds, "exit_code": args.rc}
     if tail:
         result["log_tail"] = tail
@@ -123,6 +124,10 @@ def _headline(step, e):
         if step == "ncu" and e.get("launches"):
             return "; ".join(f"{x['kernel'][:24]}: {x['moved_over_model']:.2f} of model"
                              for x in e["launches"] if x.get("moved_over_model") is not None)
+        if step == "verl-mem" and e.get("cases"):
+            return "peak extra per micro-batch, logits tensors measured/predicted: " + ", ".join(
+                f"{k} {v['extra_over_logits']:.2f}/{v['predicted_buffers']}" if "extra_over_logits" in v
+                else f"{k} error" for k, v in e["cases"].items())
         if step == "env" and "device" in e:
             return f"{e['device']}, torch {e['torch']}, triton {e['triton']}, one sweep: {e['one_sweep']}"
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:

@@ -9,17 +9,23 @@ checks that the script works before a GPU is lent, and measures nothing.
 Steps: env, sweeps (GB/s against N), grid (BLOCK_V × num_warps), align (aligned against
 unaligned V), inplace (in place against out of place, bitwise, 100 repeats), compile (a compiled
 training step under sync debug mode "error", in a CUDA graph, and its generated code),
-sanitize-target and ncu-target (the kernels alone, for compute-sanitizer and ncu). Recording a
-shell step, ncu's CSV and the summary are ``bench.check_report`` (no torch import).
+verl-mem (the peak memory of each micro-batch of verl's own update step, its logits and
+hidden-states paths against ``impl_backend: mhpo``), sanitize-target and ncu-target (the kernels
+alone, for compute-sanitizer and ncu). Recording a shell step, ncu's CSV and the summary are
+``bench.check_report`` (no torch import).
 """
 
 import argparse
 import contextlib
+import gc
+import importlib.util
 import inspect
 import json
 import os
+import pathlib
 import re
 import sys
+import tempfile
 import time
 import warnings
 
@@ -40,6 +46,21 @@ ALIGN_V = ((151936, 151935), (50272, 50257))   # a multiple of 16, and one that 
 ONE_SWEEP_PROGRAMS_PER_SM = (1.0, 1.5, 2.0)
 DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
            compile_shape=(1, 5, 96, 16))
+# verl's update step: a one-layer Llama (H 64, so the logits are all but the whole of a micro-batch's
+# memory) with Qwen's vocabulary, 4 sequences of about 4,096 tokens in 2 micro-batches of about
+# 8,190 tokens: one fp32 logits tensor is 4.98 GB, verl's counted 7 of them 35 GB. The dry run: V 96,
+# micro-batches of about 1,275 tokens, longer than verl's fused torch backend's 512-row tiles, so
+# that on the hidden-states path too the count is the prediction's.
+VERL_MEM = dict(vocab=151936, hidden=64, batch=4, prompt=1024, response=3072)
+DRY_VERL_MEM = dict(vocab=96, hidden=16, batch=4, prompt=256, response=384)
+# (name, use_fused_kernels, use_remove_padding, impl_backend), in the order a step cut short keeps
+VERL_MEM_CASES = [("logits-rmpad-verl", False, True, "torch"), ("logits-rmpad-mhpo", False, True, "mhpo"),
+                  ("hidden-verl-torch", True, True, "torch"), ("hidden-mhpo", True, True, "mhpo"),
+                  ("logits-padded-verl", False, False, "torch"), ("logits-padded-mhpo", False, False, "mhpo")]
+
+
+class Skipped(Exception):
+    """A step that cannot run here: recorded as skipped, with the reason, never as a pass."""
 
 
 # ---- inputs and timing --------------------------------------------------------------------------
@@ -401,6 +422,150 @@ def _graph_replay(compiled, inputs, eager_loss, eager_grads):
     return "replayed, equals eager" if ok else "replayed, differs from eager"
 
 
+class _MicroBatchMemory:
+    """``run_actor``'s probe: per micro-batch of verl's update step, from the start of its forward
+    to the end of its backward. On CUDA: the allocator's bytes allocated at the start, and its peak
+    (``max_memory_allocated`` after a reset). Elsewhere: a ``LogitsCounter`` over the window (the
+    logits-sized buffers alive at its peak, and the ops touching one). And the bytes of the LM head's
+    output, the logits, where the head's forward runs (the logits path)."""
+
+    def __init__(self, ve, vocab, cuda):
+        self.ve, self.vocab, self.cuda = ve, vocab, cuda
+        self.windows = []
+        self._counter = None
+        self._hooked = None
+
+    def _close(self):
+        if not self.windows:
+            return
+        window = self.windows[-1]
+        if self.cuda:
+            torch.cuda.synchronize()
+            window["peak_bytes"] = torch.cuda.max_memory_allocated()
+            window["extra_bytes"] = window["peak_bytes"] - window["before_bytes"]
+        else:
+            self._counter.__exit__(None, None, None)
+            window["counted_buffers"] = self._counter.peak
+            window["counted_passes"] = sum(self._counter.passes.values())
+            self._counter = None
+
+    def micro_batch(self, engine, micro_batch):
+        self._close()
+        head = engine.module.get_output_embeddings()
+        if self._hooked is not head:
+            head.register_forward_hook(self._logits)
+            self._hooked = head
+        tokens = int(micro_batch["input_ids"].offsets()[-1])
+        self.windows.append({"tokens": tokens})
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.windows[-1]["before_bytes"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._counter = self.ve.LogitsCounter(self.vocab, tokens)
+            self._counter.__enter__()
+
+    def done(self, engine):
+        self._close()
+
+    def _logits(self, module, args, output):
+        if self.windows:
+            self.windows[-1]["logits_shape"] = list(output.shape)
+            self.windows[-1]["logits_bytes"] = output.numel() * output.element_size()
+
+
+def _verl_engine_helpers():
+    """tests/_verl_engine.py, which builds verl's actor in this process (its set-up stays out of the
+    package), or Skipped with the reason verl cannot be imported here."""
+    if importlib.util.find_spec("verl") is None:
+        raise Skipped("verl is not installed (its wheels travel in .whl/verl: bench/README.md)")
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)      # where pytest puts it: one module, whoever imports it first
+    try:
+        import _verl_engine
+        from mhpo_kernels.integrations import verl_engine  # noqa: F401  (the switch's hook)
+    except ImportError as e:
+        raise Skipped(f"verl does not import: {type(e).__name__}: {str(e)[:200]}") from e
+    return _verl_engine
+
+
+def _predicted_buffers(ve, fused, rmpad, backend):
+    """Logits-sized buffers alive at the peak of a micro-batch, from the CPU dispatch count: verl's
+    logits path and the switch's (ve.VERL_COUNTS, ve.MHPO_COUNTS); none on the hidden-states path,
+    whose tiles (chunk × V) are smaller than the logits."""
+    if fused:
+        return 0
+    return ve.MHPO_COUNTS[0] if backend == "mhpo" else ve.VERL_COUNTS[rmpad][0]
+
+
+def step_verl_mem(args):
+    """Per micro-batch of one update step of verl's own actor (ActorRolloutRefWorker, a plain module,
+    fp32, the entropy on, τ 0.7): the peak memory of verl's logits path (padding removal on and
+    off) and of its hidden-states path with its torch backend, against ``impl_backend: mhpo``,
+    beside the peak predicted from the CPU count (logits-sized buffers × bytes of one logits tensor).
+    fp32: the count was made there, every logits-sized buffer the size of the logits."""
+    device = _device(args.dry_run)
+    if device.type != "cuda" and not args.dry_run:
+        raise Skipped("needs CUDA (--dry-run: the CPU, tiny shapes, counted instead of measured)")
+    ve = _verl_engine_helpers()
+    shape = DRY_VERL_MEM if args.dry_run else VERL_MEM
+    V = shape["vocab"]
+    result = {"shape": dict(shape), "device": harness.device_name(device),
+              "measure": "cuda max_memory_allocated" if device.type == "cuda" else "LogitsCounter (CPU dispatch count)",
+              "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp, ve.verl_in_process(pathlib.Path(tmp), device.type):
+        ve.tiny_llama(pathlib.Path(tmp) / "model", vocab=V, hidden=shape["hidden"],
+                      max_positions=shape["prompt"] + shape["response"])
+        data = ve.rollout_batch(V, batch_size=shape["batch"], prompt_len=shape["prompt"],
+                                response_len=shape["response"], temperature=0.7)
+        logits_bytes = {}
+        for name, fused, rmpad, backend in VERL_MEM_CASES:
+            entry = {"use_fused_kernels": fused, "use_remove_padding": rmpad, "impl_backend": backend}
+            t0 = time.perf_counter()
+            try:
+                config = ve.actor_config(pathlib.Path(tmp) / "model", impl_backend=backend, use_remove_padding=rmpad,
+                                         use_fused_kernels=fused, entropy_coeff=0.01, batch_size=shape["batch"])
+                probe = _MicroBatchMemory(ve, V, device.type == "cuda")
+                ve.run_actor(config, data, plain=True, log_prob=False, probe=probe)
+                entry.update(_verl_mem_entry(probe.windows, _predicted_buffers(ve, fused, rmpad, backend),
+                                             logits_bytes, rmpad, V))
+            except Exception as e:  # one case that fails is a result; the others still run
+                entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            result["cases"][name] = entry
+            if device.type == "cuda":  # the last case's worker, model and optimizer gone before the next
+                gc.collect()
+                torch.cuda.empty_cache()
+            merge(args.out, "verl-mem", result)
+            print(f"{name}: {_verl_mem_line(entry)}", flush=True)
+    return result
+
+
+def _verl_mem_entry(windows, predicted, logits_bytes, rmpad, V):
+    """The micro-batches' figures, each against one logits tensor of that micro-batch (the head's
+    output where it runs; on the hidden-states path, tokens × V fp32, the logits it never makes)."""
+    for i, window in enumerate(windows):
+        if "logits_bytes" in window:
+            logits_bytes.setdefault((rmpad, i), window["logits_bytes"])
+        window.setdefault("logits_bytes", logits_bytes.get((rmpad, i), window["tokens"] * V * 4))
+        window["predicted_buffers"] = predicted
+        window["predicted_extra_bytes"] = predicted * window["logits_bytes"]
+        measured = window.get("extra_bytes")
+        if measured is None:
+            measured = window["counted_buffers"] * window["logits_bytes"]   # the count stands in for bytes
+        window["extra_over_logits"] = measured / window["logits_bytes"]
+    return {"micro_batches": windows, "predicted_buffers": predicted,
+            "extra_over_logits": max(w["extra_over_logits"] for w in windows)}
+
+
+def _verl_mem_line(entry):
+    if "error" in entry:
+        return entry["error"]
+    return (f"peak extra {entry['extra_over_logits']:.2f} logits tensors per micro-batch "
+            f"(predicted {entry['predicted_buffers']})")
+
+
 def _kernel_cases(dry):
     """(name, dtype, rows, V) for every kernel variant the target scripts launch."""
     V, Vu = (DRY["V"], DRY["V"] + 3) if dry else (5003 * 16, 5003 * 16 + 7)
@@ -445,7 +610,8 @@ def step_kernels_once(args, headline=False):
 
 
 STEPS = {"env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
-         "inplace": step_inplace, "compile": step_compile, "sanitize-target": step_kernels_once,
+         "inplace": step_inplace, "compile": step_compile, "verl-mem": step_verl_mem,
+         "sanitize-target": step_kernels_once,
          "ncu-target": lambda a: step_kernels_once(a, headline=True)}
 UNSTORED = ("sanitize-target", "ncu-target")  # run under a tool: the tool's log is the result
 
@@ -455,11 +621,14 @@ def main(argv=None):
     parser.add_argument("step", choices=sorted(STEPS) + ["dry-run"])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing")
+    parser.add_argument("--skip", action="append", default=[], choices=sorted(STEPS),
+                        help="dry-run: leave this step out (repeatable)")
     args = parser.parse_args(argv)
     if args.step == "dry-run":  # every step once, in this process
         args.dry_run = True
         for step in STEPS:
-            _run(step, args)
+            if step not in args.skip:
+                _run(step, args)
     else:
         _run(args.step, args)
 
@@ -468,6 +637,8 @@ def _run(step, args):
     t0 = time.perf_counter()
     try:
         result = {**STEPS[step](args), "status": "ok"}
+    except Skipped as e:
+        result = {"status": f"skipped: {e}"}
     except Exception as e:  # recorded, and the shell goes on to the next step
         result = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     result["seconds"] = round(time.perf_counter() - t0, 2)

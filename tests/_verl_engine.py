@@ -1,22 +1,27 @@
-"""verl's engine actor, in this process, on CPU.
+"""verl's engine actor, in this process, on CPU (and on CUDA, for the GPU check's verl-mem step).
 
 verl 0.9 runs its actor as ``ActorRolloutRefWorker`` → ``TrainingWorker`` → ``FSDPEngineWithLMHead``
 on CUDA or NPU inside Ray. Everything below is what it takes to run that same code here instead;
 none of it belongs in the package:
 
-- ``uvicorn`` and ``fastapi`` (imported by verl's rollout servers, never called by the actor) are
-  stubbed when they are not installed;
+- the packages in ``UNUSED`` (imported at module level by verl, never used by the actor: uvicorn,
+  fastapi, ray, datasets) are stubbed when they are not installed;
 - ``verl_on_cpu``, undone on exit: a CPU platform for verl's platform layer (device "cpu",
   communication backend gloo), the FSDP engine registered for device "cpu" (verl registers it for
   cuda and npu only), verl's state_dict patch for TRL's value-head model skipped (TRL 1.x moved the
   class; the actor has no value head), a one-process gloo group on a ``FileStore`` (verl's own
   initialisation would read a TCP port) and the environment verl's ``Worker`` reads;
-- ``run_actor(plain=True)``: the model left unwrapped instead of FSDP-wrapped;
+  ``verl_in_process(tmp_path, "cuda")`` is the same on verl's own CUDA platform and engine;
+- ``run_actor(plain=True)``: the model left unwrapped instead of FSDP-wrapped (and moved to verl's
+  device, which FSDP would do);
 - a tiny random Llama written to a temporary folder (no hub), attention "sdpa", fp32 weights and
   fp32 mixed precision, no tokenizer.
 """
 
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import sys
 import types
@@ -28,19 +33,66 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _stub(name):
-    """uvicorn/fastapi: imported at module level by verl's rollout servers, never called by the actor."""
-    stub = types.ModuleType(name)
-    for attr in ("FastAPI", "Request", "Server", "Config"):
-        setattr(stub, attr, type(attr, (), {}))
-    return stub
+# Imported at module level by verl, never used by the actor built here in-process: the rollout
+# servers' uvicorn and fastapi, ray (verl's protocol and single controller decorate their actor
+# classes with ``ray.remote``; nothing here starts it) and datasets (verl's dataset module).
+UNUSED = ("uvicorn", "fastapi", "ray", "datasets")
 
 
-for _name in ("uvicorn", "fastapi"):
-    try:
-        __import__(_name)
-    except ImportError:
-        sys.modules[_name] = _stub(_name)
+class _UnusedType(type):
+    """An empty class whose attributes are empty classes (``ray.actor.ActorHandle``): an annotation
+    or a base class works; an instance has nothing, so a call made at run time fails loudly."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _UnusedType(name, (), {})
+
+
+class _UnusedModule(types.ModuleType):
+    """A package that is not installed, for verl's module-level imports: any name is an
+    ``_UnusedType``; ``ray.is_initialized()`` is False and ``ray.remote`` leaves what it decorates
+    as it is."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _UnusedType(name, (), {})
+        setattr(self, name, value)
+        return value
+
+    @staticmethod
+    def is_initialized():
+        return False
+
+    @staticmethod
+    def remote(*args, **kwargs):
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]
+        return lambda cls: cls
+
+
+class _UnusedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``_UnusedModule`` for the packages in ``names`` and their submodules."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in self.names:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _UnusedModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+MISSING = tuple(name for name in UNUSED if importlib.util.find_spec(name) is None)
+if MISSING:
+    sys.meta_path.append(_UnusedFinder(MISSING))
 
 import verl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -141,9 +193,19 @@ def _restored(obj, name):
         setattr(obj, name, saved)
 
 
-@contextlib.contextmanager
 def verl_on_cpu(tmp_path):
     """verl's actor able to run in this process on CPU, for the duration; everything undone on exit."""
+    return verl_in_process(tmp_path, "cpu")
+
+
+@contextlib.contextmanager
+def verl_in_process(tmp_path, device):
+    """verl's actor able to run in this process, for the duration; everything undone on exit.
+
+    ``device`` "cpu": the CPU platform and verl's FSDP engine registered for it. "cuda": verl's own
+    CUDA platform and engine registration. Either way a one-process gloo group (on CUDA verl's only
+    collectives at world size 1 are an all_reduce, which gloo runs on CUDA tensors, a barrier and
+    object gathers; no NCCL), and TRL's value-head patch skipped."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            # verl's Worker records an address; the group below is the one it uses (no port is opened).
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
@@ -153,13 +215,14 @@ def verl_on_cpu(tmp_path):
         for obj, name in ((platform_manager, "_current_platform"), (transformer_impl, "device_name"),
                           (monkey_patch, "is_trl_available")):
             stack.enter_context(_restored(obj, name))
-        platform_manager.set_platform(PlatformCPU())
-        transformer_impl.device_name = "cpu"
+        if device == "cpu":
+            platform_manager.set_platform(PlatformCPU())
+            transformer_impl.device_name = "cpu"
         # verl's patch of TRL's value-head class imports a name TRL 1.x no longer has (no value head here)
         monkey_patch.is_trl_available = lambda: False
-        added = [b for b in ("fsdp", "fsdp2") if "cpu" not in engines[b]]
+        added = [b for b in ("fsdp", "fsdp2") if device not in engines[b]]
         for backend in added:
-            engines[backend]["cpu"] = transformer_impl.FSDPEngineWithLMHead
+            engines[backend][device] = transformer_impl.FSDPEngineWithLMHead
         os.environ.update(env)
         owns_group = not torch.distributed.is_initialized()
         if owns_group:
@@ -171,7 +234,7 @@ def verl_on_cpu(tmp_path):
             if owns_group:
                 torch.distributed.destroy_process_group()
             for backend in added:
-                del engines[backend]["cpu"]
+                del engines[backend][device]
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -179,13 +242,13 @@ def verl_on_cpu(tmp_path):
                     os.environ[k] = v
 
 
-def tiny_llama(path, vocab=96, hidden=16, layers=1, seed=0):
+def tiny_llama(path, vocab=96, hidden=16, layers=1, seed=0, max_positions=64):
     """A random LlamaConfig model, saved where verl's HFModelConfig reads it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -224,10 +287,10 @@ def actor_config(model_path, *, strategy="fsdp2", use_remove_padding=True, use_f
 
 
 def _plain_module(self, module):
-    """FSDPEngine._build_fsdp_module for a model left unwrapped, in fp32."""
+    """FSDPEngine._build_fsdp_module for a model left unwrapped, in fp32, on verl's device."""
     self._autocast_dtype = torch.float32
     self.scaler = None
-    return module
+    return module.to(transformer_impl.device_name)
 
 
 # Ops that only re-describe a tensor or read its metadata: no pass over its elements.
@@ -285,6 +348,13 @@ class LogitsCounter(TorchDispatchMode):
 # verl's functions that compute log-probs or entropy from logits or hidden states: counted per run.
 COUNTED = ("logprobs_from_logits", "entropy_from_logits", "FusedLinearForPPO")
 
+# Per micro-batch of the update step on the logits path (verl 0.9.1, fp32, the entropy on):
+# (logits-sized buffers alive at peak, ops reading or writing one, logits-sized buffers allocated),
+# verl's own path by use_remove_padding, and impl_backend: mhpo's either way. The README's table:
+# tests/test_verl_engine.py counts them, the GPU check's verl-mem step measures the first in bytes.
+VERL_COUNTS = {True: (7, 20, 18), False: (7, 22, 21)}
+MHPO_COUNTS = (1, 4, 1)
+
 
 @dataclass
 class ActorRun:
@@ -303,13 +373,16 @@ def _counting(calls, name, fn):
     return counted
 
 
-def run_actor(config, data, *, plain=False, count_ops=None, update=True):
-    """Build verl's ActorRolloutRefWorker (role actor) from ``config``, run its compute_log_prob and
-    (``update``) one update_actor step on ``data``, and return what they gave.
+def run_actor(config, data, *, plain=False, count_ops=None, update=True, log_prob=True, probe=None):
+    """Build verl's ActorRolloutRefWorker (role actor) from ``config``, run its compute_log_prob
+    (``log_prob``) and (``update``) one update_actor step on ``data``, and return what they gave.
 
     ``plain``: the model is not wrapped by FSDP. ``count_ops``: a context manager factory (e.g.
-    ``LogitsCounter``) entered around the update step. Everything patched here is restored on
-    return, verl's fused-kernel backends' replacement of the model class's forward included."""
+    ``LogitsCounter``) entered around the update step. ``probe``: during the update step,
+    ``probe.micro_batch(engine, micro_batch)`` is called as each micro-batch's forward starts and
+    ``probe.done(engine)`` after the last one's backward, before the optimizer step. Everything
+    patched here is restored on return, verl's fused-kernel backends' replacement of the model
+    class's forward included."""
     from transformers import LlamaForCausalLM
     from verl.utils import tensordict_utils as tu
     from verl.utils import torch_functional as verl_F
@@ -335,18 +408,31 @@ def run_actor(config, data, *, plain=False, count_ops=None, update=True):
         grads = []
 
         def optimizer_step():  # the LM head's gradient before verl clips and applies it
+            if probe is not None:
+                probe.done(engine)
             grad = engine.module.get_output_embeddings().weight.grad
             grads.append((grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone())
             return type(engine).optimizer_step(engine)
 
         engine.optimizer_step = optimizer_step
 
-        batch = data.clone()
-        tu.assign_non_tensor(batch, calculate_entropy=True, compute_loss=False)
-        out = worker.compute_log_prob(batch)
+        log_probs = entropy = None
+        if log_prob:
+            batch = data.clone()
+            tu.assign_non_tensor(batch, calculate_entropy=True, compute_loss=False)
+            out = worker.compute_log_prob(batch)
+            log_probs, entropy = out["log_probs"].values(), out["entropy"].values()
 
         if not update:
-            return ActorRun(out["log_probs"].values(), out["entropy"].values(), None, None, dict(calls), None)
+            return ActorRun(log_probs, entropy, None, None, dict(calls), None)
+        if probe is not None:
+            forward_step = engine.forward_step
+
+            def probed_forward_step(micro_batch, *args, **kwargs):
+                probe.micro_batch(engine, micro_batch)
+                return forward_step(micro_batch, *args, **kwargs)
+
+            engine.forward_step = probed_forward_step
         batch = data.clone()
         size = batch.batch_size[0]
         tu.assign_non_tensor(batch, calculate_entropy=True, global_batch_size=size, mini_batch_size=size, epochs=1,
@@ -355,8 +441,7 @@ def run_actor(config, data, *, plain=False, count_ops=None, update=True):
         with counter:
             metrics = tu.get(worker.update_actor(batch), "metrics")
         (grad,) = grads
-        return ActorRun(out["log_probs"].values(), out["entropy"].values(), metrics, grad, dict(calls),
-                        counter if count_ops is not None else None)
+        return ActorRun(log_probs, entropy, metrics, grad, dict(calls), counter if count_ops is not None else None)
 
 
 def rollout_batch(vocab, batch_size=4, prompt_len=5, response_len=6, seed=0, temperature=1.0):

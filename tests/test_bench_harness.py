@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main
 
@@ -112,8 +113,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     import mhpo_kernels
     from bench import check_report, gpu_check
 
-    with mhpo_kernels.use_backend("torch"):
-        gpu_check.main(["dry-run", "--out", str(tmp_path)])
+    with mhpo_kernels.use_backend("torch"):  # verl-mem's dry run: tests/test_verl_engine.py (verl's import)
+        gpu_check.main(["dry-run", "--skip", "verl-mem", "--out", str(tmp_path)])
     check_report.main(["summary", "--out", str(tmp_path)])
     run = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = run["steps"]
@@ -129,6 +130,45 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert steps["compile"]["fused_linear"]["compiled_equals_eager"] is True
     out = capsys.readouterr().out
     assert '"launches": 48' in out and "inplace" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_check_verl_mem_skipped_without_verl(tmp_path, monkeypatch):
+    """Where verl is not installed the verl-mem step records why, as a skip (not a pass), and the
+    shell's record of its exit status 0 keeps it."""
+    from bench import check_report, gpu_check
+
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name == "verl" else real(name, *a))
+    gpu_check.main(["verl-mem", "--dry-run", "--out", str(tmp_path)])
+    check_report.main(["record", "--out", str(tmp_path), "--name", "verl-mem", "--rc", "0", "--seconds", "1"])
+    status = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["verl-mem"]["status"]
+    assert status.startswith("skipped: verl is not installed"), status
+
+
+def test_gpu_check_verl_mem_cuda_probe(monkeypatch):
+    """verl-mem's CUDA reading, on the CPU with the allocator's statistics faked: each micro-batch's
+    rise over what was allocated at its start, against the bytes of that micro-batch's logits."""
+    from bench import gpu_check
+
+    allocated, peaks, calls = iter([100, 5000]), iter([800, 5500]), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    head = torch.nn.Linear(3, 5)
+    engine = type("Engine", (), {"module": type("Model", (), {"get_output_embeddings": lambda self: head})()})()
+    probe = gpu_check._MicroBatchMemory(None, 5, cuda=True)
+    for n in (4, 2):
+        ids = torch.nested.nested_tensor([torch.zeros(n - 1), torch.zeros(1)], layout=torch.jagged)
+        probe.micro_batch(engine, {"input_ids": ids})
+        head(torch.zeros(1, n, 3))
+    probe.done(engine)
+    entry = gpu_check._verl_mem_entry(probe.windows, 7, {}, True, 5)
+    first, second = entry["micro_batches"]
+    assert calls == ["reset", "reset"]
+    assert (first["tokens"], first["logits_bytes"], first["extra_bytes"]) == (4, 80, 700)
+    assert (second["tokens"], second["logits_bytes"], second["extra_bytes"]) == (2, 40, 500)
+    assert first["predicted_extra_bytes"] == 7 * 80 and entry["extra_over_logits"] == 500 / 40
 
 
 def test_gpu_check_record_and_ncu_parse(tmp_path):

@@ -90,11 +90,6 @@ def test_logits_path_is_verl(model_path, case):
     assert "sweeps_backward" not in run.update_ops.passes
 
 
-# verl 0.9.1's own logits path per micro-batch: (buffers alive at peak, passes, buffers allocated);
-# the README's table. A verl release that changes them changes this and the README together.
-VERL_COUNTS = {True: (7, 20, 18), False: (7, 22, 21)}
-
-
 def per_micro_batch(counts):
     return sum(counts.values()) / 2                    # the update step runs two micro-batches
 
@@ -116,8 +111,11 @@ def test_logits_path_counted(model_path):
         assert {k: v / 2 for k, v in run.update_ops.passes.items()} == {
             "sweeps_forward": 1, "sweeps_backward_": 1, "mm": 2}
         assert run.update_ops.allocated == {"mm": 2}                            # the logits
+        mhpo = (run.update_ops.peak, per_micro_batch(run.update_ops.passes), per_micro_batch(run.update_ops.allocated))
+        assert mhpo == ve.MHPO_COUNTS
+        # verl 0.9.1's own; a verl release that changes them changes ve.VERL_COUNTS and the README together
         verl = (ref.update_ops.peak, per_micro_batch(ref.update_ops.passes), per_micro_batch(ref.update_ops.allocated))
-        assert verl == VERL_COUNTS[rmpad], (ref.update_ops.peak_ops, ref.update_ops.passes, ref.update_ops.allocated)
+        assert verl == ve.VERL_COUNTS[rmpad], (ref.update_ops.peak_ops, ref.update_ops.passes, ref.update_ops.allocated)
 
 
 def test_per_sample_temperature(model_path):
@@ -158,6 +156,33 @@ def test_fused_path_is_verl_torch_backend(model_path):
     assert_same_log_probs(run, ref)
     assert_same_update(run, ref)
     assert all(n == 0 for n in run.calls.values()), run.calls
+
+
+def test_gpu_check_verl_mem_dry_run(tmp_path):
+    """The GPU check's verl-mem step on the CPU (its dry run): every case runs verl's update step,
+    and per micro-batch the logits-sized buffers counted at the peak are those the GPU run's
+    prediction takes from this file's count (logits path: verl's 7, the switch's 1; hidden-states
+    path: none, the micro-batches being longer than verl's 512-row tiles)."""
+    import json
+
+    from bench import check_report, gpu_check
+
+    with mhpo_kernels.use_backend("torch"):          # see test_logits_path_counted
+        gpu_check.main(["verl-mem", "--dry-run", "--out", str(tmp_path)])
+    check_report.main(["summary", "--out", str(tmp_path)])
+    step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["verl-mem"]
+    assert step["status"] == "ok" and list(step["cases"]) == [c[0] for c in gpu_check.VERL_MEM_CASES]
+    for name, fused, rmpad, backend in gpu_check.VERL_MEM_CASES:
+        case = step["cases"][name]
+        assert "error" not in case, case
+        passes = 0 if fused else (ve.MHPO_COUNTS if backend == "mhpo" else ve.VERL_COUNTS[rmpad])[1]
+        assert len(case["micro_batches"]) == 2
+        for window in case["micro_batches"]:
+            assert window["tokens"] > 512
+            assert window["counted_buffers"] == window["predicted_buffers"], (name, window)
+            assert window["counted_passes"] == passes, (name, window)
+            assert window["logits_bytes"] >= window["tokens"] * V * 4
+    assert "logits-rmpad-verl 7.00/7" in (tmp_path / "summary.txt").read_text()
 
 
 # ---- the switch itself, without an engine -------------------------------------------------------
