@@ -147,12 +147,14 @@ def test_hyperparameters_are_runtime_arguments():
     block = {"R", "LANES", "VEC"}
     assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF",
                                               "HAS_TAU", "OBJECTIVE", "LFM", "DHP", "GRAD_IN_FORWARD",
-                                              "DX_IN_PHASE"} | block
-    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "DX_IN_PHASE"} | block
+                                              "DX_IN_PHASE", "SPLIT"} | block
+    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "DX_IN_PHASE", "SPLIT"} | block
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "h0", "h1", "h2", "h3", "h4", "beta"} <= runtime  # every objective's values
     assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)
     assert {"N", "slope"} <= runtime  # the persistent grid's row count, the one-sweep pass's slope
+    # a row's split count and length (small N) never recompile the splits' kernel
+    assert {"n_splits", "split_len"} <= runtime and "split_len" in params(_mhpo_bwd_kernel, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
