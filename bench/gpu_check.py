@@ -573,38 +573,49 @@ def _kernel_cases(dry):
             ("fp32", torch.float32, 5, Vu)]
 
 
+def _launch_variants(fwd, bwd, n, V, dtype, device, headline):
+    """Each variant of the sweeps once on n rows of V ``dtype`` logits; the number of launches."""
+    hp = MHPOParams(beta=0.1)
+    logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
+    target[1] = -1                                     # an invalid row
+    ref = old + 0.1
+    variants = [(LogitMap.make(0.8), True, True)] if headline else [
+        (LogitMap.make(0.8), False, False), (LogitMap.make(1.0), True, False),
+        (LogitMap.make(0.9), True, True), (LogitMap.make(1.0, 1.0, 30.0), True, True)]
+    launches = 0
+    for lmap, with_entropy, with_loss in variants:
+        stats = fwd(logits, target, old if with_loss else None, adv if with_loss else None,
+                    weight if with_loss else None, ref if with_loss else None, hp, lmap,
+                    with_entropy=with_entropy, with_loss=with_loss)
+        dlogp = stats.coef if with_loss else torch.ones_like(stats.base)
+        dent = torch.full_like(stats.base, 0.5) if with_entropy and not headline else None
+        grad = torch.empty_like(logits)
+        bwd(logits, grad, target, stats.base, stats.log2_sum, dlogp, stats.entropy if dent is not None else None,
+            dent, lmap)
+        launches += 2
+        if not headline:
+            bwd(logits, logits.clone(), target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+            inplace = logits.clone()
+            bwd(inplace, inplace, target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+            launches += 2
+    return launches
+
+
 def step_kernels_once(args, headline=False):
     """Each kernel variant launched once (forward with log-probs, entropy, loss with old and
     reference log-probs, softcap; backward with and without the entropy gradient, in place):
     what compute-sanitizer checks (small shapes) and ncu reads (``headline``: the acceptance
-    case, one forward and one backward)."""
+    case, one forward and one backward). The small cases' few rows are split over programs on a
+    GPU (``_config.launch_splits``): each runs split and again at one program per row, so that
+    both launch shapes are checked."""
     device = _device(args.dry_run)
     fwd, bwd = _dispatch.sweeps(device)
-    hp = MHPOParams(beta=0.1)
-    launches = 0
     cases = [("bf16", torch.bfloat16, *HEADLINE)] if headline and not args.dry_run else _kernel_cases(args.dry_run)
-    for name, dtype, n, V in cases:
-        logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
-        target[1] = -1                                     # an invalid row
-        ref = old + 0.1
-        variants = [(LogitMap.make(0.8), True, True)] if headline else [
-            (LogitMap.make(0.8), False, False), (LogitMap.make(1.0), True, False),
-            (LogitMap.make(0.9), True, True), (LogitMap.make(1.0, 1.0, 30.0), True, True)]
-        for lmap, with_entropy, with_loss in variants:
-            stats = fwd(logits, target, old if with_loss else None, adv if with_loss else None,
-                        weight if with_loss else None, ref if with_loss else None, hp, lmap,
-                        with_entropy=with_entropy, with_loss=with_loss)
-            dlogp = stats.coef if with_loss else torch.ones_like(stats.base)
-            dent = torch.full_like(stats.base, 0.5) if with_entropy and not headline else None
-            grad = torch.empty_like(logits)
-            bwd(logits, grad, target, stats.base, stats.log2_sum, dlogp, stats.entropy if dent is not None else None,
-                dent, lmap)
-            launches += 2
-            if not headline:
-                bwd(logits, logits.clone(), target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
-                inplace = logits.clone()
-                bwd(inplace, inplace, target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
-                launches += 2
+    launches = 0
+    for _, dtype, n, V in cases:
+        for split in (None,) if headline else (None, 1):
+            with _config.overridden(row_splits=split):
+                launches += _launch_variants(fwd, bwd, n, V, dtype, device, headline)
     harness.sync(device)
     return {"launches": launches}
 

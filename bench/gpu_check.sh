@@ -3,11 +3,10 @@
 # of the sweeps' speed in under 8 minutes on an H100 or H200. Each step has its own time limit,
 # shortened so that the whole stays within GPU_CHECK_SECONDS (470 s by default); a step that
 # fails or runs out of time is recorded as such and the script goes on. The step limits add up to
-# 455 s, as they did before the verl-mem step: its 40 s came from grid (50 -> 40 s; its
-# configurations run most informative first and each is kept as it ends) and tests (100 -> 70 s).
-# With the environment probes (at most 75 s, seconds in practice) and the sanitizers' compile run
-# (at most 40 s) that is more than the total: each step's limit is cut to what is left of it, so
-# the last steps are the ones that lose time. Every result lands in
+# 455 s (grid's configurations run most informative first, each kept as it ends, so 40 s keep the
+# leading ones). With the environment probes (at most 75 s, seconds in practice) and the
+# sanitizers' compile run (at most 40 s) that is more than the total: each step's limit is cut to
+# what is left of it, so the last steps are the ones that lose time. Every result lands in
 # $OUT/gpu_check.json (summary table in $OUT/summary.txt); 8 files in all, the most a call brings back:
 # env.txt gpu_check.json summary.txt steps.log tests.log memcheck.log racecheck.log ncu.csv
 set -u

@@ -121,6 +121,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert set(steps) == {"env", "sweeps", "grid", "align", "inplace", "compile"}
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert len(steps["sweeps"]["rows"]) == 2 and all(r["fwd_gbps"] > 0 for r in steps["sweeps"]["rows"])
+    assert all(r["row_splits"] == 1 and r["fwd_unsplit_gbps"] > 0 for r in steps["sweeps"]["rows"])
     # the one-sweep kernel (grad_in_forward), timed at each programs-per-SM setting
     assert steps["sweeps"]["one_sweep"] == "measured"
     assert all(r[f"one_sweep_{p}_ms"] > 0 for r in steps["sweeps"]["rows"] for p in gpu_check.ONE_SWEEP_PROGRAMS_PER_SM)
@@ -129,7 +130,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert steps["compile"]["head_inplace"]["compiled_equals_eager"] is True
     assert steps["compile"]["fused_linear"]["compiled_equals_eager"] is True
     out = capsys.readouterr().out
-    assert '"launches": 48' in out and "inplace" in (tmp_path / "summary.txt").read_text()
+    # 3 cases × 4 variants × 4 launches, each case as the launchers split it and unsplit
+    assert '"launches": 96' in out and "inplace" in (tmp_path / "summary.txt").read_text()
 
 
 def test_gpu_check_verl_mem_skipped_without_verl(tmp_path, monkeypatch):
