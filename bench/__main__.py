@@ -141,7 +141,8 @@ def main(argv=None):
               f"bf16 GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s", flush=True)
 
     meta = dict(device=name, date=date, preset=args.preset, torch=torch.__version__,
-                triton=_version("triton"), liger_kernel=_version("liger_kernel"), trl=_version("trl"),
+                triton=harness.module_version("triton"), liger_kernel=harness.module_version("liger_kernel"),
+                trl=harness.module_version("trl"),
                 python=platform.python_version(), cpu_threads=None if cuda else torch.get_num_threads(),
                 copy_bandwidth_gbps=ceilings["copy_gbps"],
                 gemm_tflops=ceilings["gemm_tflops"], fused_vs_float64_max_rel_err=fused_err,
@@ -177,13 +178,6 @@ def main(argv=None):
     wrote_plot = report.plot(stem + ".png", meta, results)
     print(report.table(results))
     print(f"wrote {stem}.json" + (f" and {stem}.png" if wrote_plot else ""))
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def _one_sweep_step(logits, target, old, adv):
 
 def step_env(args):
     device = _device(args.dry_run)
-    env = dict(torch=torch.__version__, cuda=torch.version.cuda, triton=_version("triton"),
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda, triton=harness.module_version("triton"),
                python=sys.version.split()[0], device=harness.device_name(device),
                backend=_dispatch.backend_for(device), one_sweep=_one_sweep_option() or "available")
     if device.type == "cuda":
@@ -659,13 +659,6 @@ def _run(step, args):
         merge(args.out, step, result)
         print(f"{step}: {result['status']}", flush=True)
     return result
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -113,6 +113,14 @@ def gemm_tflops(device, M=8192, K=4096, N=32768, dtype=torch.bfloat16):
     return 2 * M * K * N / (ms * 1e-3) / 1e12
 
 
+def module_version(module):
+    """``module.__version__``, or None where it is not installed (or fails to import)."""
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -208,22 +208,12 @@ class Provider:
         return run
 
 
-def _needs_module(probe):
+def _needs_import(probe, cuda_only=False):
+    """Available where ``probe`` imports (and, with ``cuda_only``, on CUDA alone). TRL's chunked
+    log-probs fall back to PyTorch where Triton does not run, as the fused op does."""
     def needs(device):
-        if device.type != "cuda":
+        if cuda_only and device.type != "cuda":
             return "runs on CUDA only"
-        try:
-            probe()
-        except ImportError as e:
-            return f"{e.name or e} not importable"
-        return None
-    return needs
-
-
-def _needs_import(probe):
-    """Available where ``probe`` imports, on any device: TRL's chunked log-probs fall back to
-    PyTorch where Triton does not run, as the fused op does."""
-    def needs(device):
         try:
             probe()
         except ImportError as e:
@@ -258,7 +248,7 @@ PROVIDERS = {
         "fused-grpo": Provider("fused-grpo", "GRPO", _fused_ppo, None, modes=("fwd_bwd", "fwd")),
         "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
-                          needs=_needs_module(_liger)),
+                          needs=_needs_import(_liger, cuda_only=True)),
     },
     "linear": {
         "fused": Provider("fused", "MHPO", _fused_linear,
@@ -273,6 +263,6 @@ PROVIDERS = {
                         needs=_needs_import(_probe_trl), leaves=("hidden", "weight"),
                         logprobs_grad=_trl_linear_logprobs_grad),
         "liger": Provider("liger", "GRPO (not MHPO)", _liger_fused_linear, None,
-                          needs=_needs_module(_probe_liger_linear), leaves=("hidden", "weight")),
+                          needs=_needs_import(_probe_liger_linear, cuda_only=True), leaves=("hidden", "weight")),
     },
 }
