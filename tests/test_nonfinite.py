@@ -4,7 +4,9 @@ float64, for every objective and aggregation mode, ``token_logprobs`` and the fu
 
 Each run draws a fresh seed (``MHPO_NONFINITE_SEED=N`` replays one; every failure message starts
 with it). Per objective it draws a vocabulary (5, 33 or 37: odd, so the last 16-byte vector of a
-row is partly past its end), an aggregation mode and β (0 or 0.3, both in every run), then:
+row is partly past its end), an aggregation mode, β (0 or 0.3) and the entropy bonus's
+coefficient (0 or 0.05), each value in every run, and whether the batch goes in padded, (B, T, V),
+or packed, (B·T, V) with ``cu_seqlens`` (the same sequences), then:
 
 - a clean call, and the same call with garbage (NaN, ±inf, an out-of-range id) in every input at
   every invalid token (mask false or ``ignore_index``): loss and gradient bit-identical;
@@ -45,6 +47,7 @@ B, T = 2, 3
 MASKED, IGNORED = (1, 2), (0, 2)  # the invalid tokens of every example: one of each kind
 IGNORE_INDEX = -100
 BETA = 0.3
+ENTROPY_COEF = 0.05
 
 OBJECTIVES = {
     "mhpo": MHPO(),
@@ -197,10 +200,22 @@ def _with_garbage(inputs, rng):
     return out
 
 
-def _call(path, objective, inputs, mode, beta):
-    """(loss, dloss/dlogits) on one path: fp32 for the sweeps, float64 for the reference."""
+def _packed(inputs):
+    """The batch as one stream of its B sequences, (B·T, ...) with ``cu_seqlens``; the advantage
+    stays (B,) per sequence where it is one."""
+    out = {k: v.reshape(B * T, *v.shape[2:]) if v.dim() >= 2 else v for k, v in inputs.items()}
+    out["cu_seqlens"] = torch.arange(0, B * T + 1, T)
+    return out
+
+
+def _call(path, objective, inputs, mode, beta, entropy_coef=0.0, packed=False):
+    """(loss, dloss/dlogits) on one path: fp32 for the sweeps, float64 for the reference. The
+    gradient is (B, T, V) whether the call was padded or ``packed``."""
+    if packed:
+        inputs = _packed(inputs)
     x = inputs["logits"].detach().clone()
-    kwargs = dict({k: v for k, v in inputs.items() if k != "logits"}, objective=objective, loss_agg_mode=mode, beta=beta, ignore_index=IGNORE_INDEX)
+    kwargs = dict({k: v for k, v in inputs.items() if k != "logits"}, objective=objective, loss_agg_mode=mode,
+                  beta=beta, ignore_index=IGNORE_INDEX, entropy_coef=entropy_coef)
     if path == "reference":
         x = x.double()
         kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -212,17 +227,18 @@ def _call(path, objective, inputs, mode, beta):
         with mhpo_kernels.use_backend(path):
             loss = mhpo_kernels.policy_loss(x, **kwargs)
     (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad
+    return loss.detach(), grad.reshape(B, T, -1)
 
 
-def _scale(objective, inputs, mode, beta):
-    """Σ_t g_t·|loss_t| in float64 (from the reference's own per-token terms): each fp32 term
-    carries FP32_RTOL of its own magnitude, so the loss carries FP32_RTOL of this."""
+def _scale(objective, inputs, mode, beta, entropy_coef=0.0, packed=False):
+    """Σ_t g_t·(|loss_t| + entropy_coef·H_t) in float64 (from the reference's own per-token terms):
+    each fp32 term carries FP32_RTOL of its own magnitude, so the loss carries FP32_RTOL of this."""
     x = inputs["logits"].double()
     ids = inputs["input_ids"]
     valid = VALID & (ids != IGNORE_INDEX)
     x = torch.where(valid.unsqueeze(-1), x, 0.0)
-    logp = reference.token_logprobs(x, torch.where(valid, ids, 0), temperature=inputs["temperature"].double())
+    logp, ent = reference.token_logprobs(x, torch.where(valid, ids, 0), temperature=inputs["temperature"].double(),
+                                         return_entropy=True)
     old = inputs["old_logprobs"].double()
     adv = inputs["advantages"].double().reshape(B, -1).expand(B, T)
     terms = reference.objective_loss(logp, torch.where(valid, old, 0.0), torch.where(valid, adv, 0.0),
@@ -230,6 +246,7 @@ def _scale(objective, inputs, mode, beta):
     if beta > 0:
         d = inputs["ref_logprobs"].double() - logp
         terms = terms + beta * (torch.expm1(d) - d).abs()
+    terms = terms + entropy_coef * torch.where(valid, ent, 0.0).abs()
     return reference.aggregate(terms, valid, mode).item()
 
 
@@ -239,12 +256,12 @@ def _same(a, b):
         torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) and torch.equal(a.isnan(), b.isnan())
 
 
-def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, mode, beta):
+def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, mode, beta, **call):
     """One injection on the three paths against the contract; ``clean`` (per path) may be None
-    for a replay, which then checks only the poisoned token."""
+    for a replay, which then checks only the poisoned token. ``call``: entropy_coef, packed."""
     kind = expectation(target, value, objective, beta)
     rows = poisoned_rows(target, objective, b, t)
-    results = {p: _call(p, objective, dirty_inputs, mode, beta) for p in PATHS}
+    results = {p: _call(p, objective, dirty_inputs, mode, beta, **call) for p in PATHS}
     for path, (loss, grad) in results.items():
         where = f"{tag} {path}: {target.name}={value} at {(b, t)} ({kind})"
         if clean is not None:
@@ -263,7 +280,7 @@ def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, m
         assert len(set(finite.values())) == 1, tag_finite
         if finite["reference"]:
             want = results["reference"][0].item()
-            tol = FP32_RTOL * _scale(objective, dirty_inputs, mode, beta) + 1e-30
+            tol = FP32_RTOL * _scale(objective, dirty_inputs, mode, beta, **call) + 1e-30
             for path in ("triton", "torch"):
                 assert abs(results[path][0].item() - want) <= tol, tag_finite
 
@@ -275,16 +292,17 @@ def test_policy_loss_non_finite(name):
     rng = random.Random(f"{RUN_SEED}-{name}")
     V, mode = rng.choice((5, 33, 37)), rng.choice(AGG)
     beta = (0.0, BETA)[(index + RUN_SEED) % 2]   # both values in every run
-    tag = f"MHPO_NONFINITE_SEED={RUN_SEED} {name} V={V} {mode} beta={beta}"
+    call = dict(entropy_coef=(0.0, ENTROPY_COEF)[(index + RUN_SEED // 2) % 2], packed=rng.random() < 0.5)
+    tag = f"MHPO_NONFINITE_SEED={RUN_SEED} {name} V={V} {mode} beta={beta} {call}"
     inputs = _inputs(rng.randrange(2**31), V, objective)
 
-    clean = {p: _call(p, objective, inputs, mode, beta) for p in PATHS}
+    clean = {p: _call(p, objective, inputs, mode, beta, **call) for p in PATHS}
     for path, (loss, grad) in clean.items():
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), f"{tag} {path}: clean input not finite"
         assert not grad[~VALID].any(), f"{tag} {path}"
     garbage = _with_garbage(inputs, rng)
     for path in PATHS:
-        loss, grad = _call(path, objective, garbage, mode, beta)
+        loss, grad = _call(path, objective, garbage, mode, beta, **call)
         assert _same(loss, clean[path][0]) and _same(grad, clean[path][1]), \
             f"{tag} {path}: garbage at invalid tokens changed the result"
 
@@ -295,7 +313,7 @@ def test_policy_loss_non_finite(name):
         b, t = rng.choice(VALID_TOKENS)
         dirty = _with_garbage(inputs, rng)
         target.inject(dirty, b, t, value, rng)
-        _check_injection(tag, objective, clean, dirty, target, value, b, t, mode, beta)
+        _check_injection(tag, objective, clean, dirty, target, value, b, t, mode, beta, **call)
 
 
 TARGET = {target.name: target for target in TARGETS}
