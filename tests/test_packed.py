@@ -332,6 +332,20 @@ def _two_rank_worker(rank, world, out_dir):
                                       beta=0.05, entropy_coef=0.1, tp_group=dist.group.WORLD)
         loss.backward()
         results[f"tp/{mode}"] = (loss.detach(), xr.grad)
+        # The same stream on both ranks with its own valid counts as seq_valid_tokens: the same loss.
+        counts = torch.zeros(cu.numel() - 1, dtype=torch.int64).index_add_(
+            0, torch.bucketize(torch.arange(ids.numel()), cu, right=True) - 1, (ids != -100).long())
+        results[f"tp-counts/{mode}"] = mhpo_kernels.mhpo_loss(
+            x[:, lo:hi], ids, old, adv, cu_seqlens=cu, loss_agg_mode=mode, ref_logprobs=ref, beta=0.05,
+            entropy_coef=0.1, seq_valid_tokens=counts, tp_group=dist.group.WORLD)
+        # The fused linear path on this rank's rows of the head: the loss, this rank's dW rows, and
+        # dhidden, which the op all-reduces over the group (reduce_dhidden=True).
+        w = weight[lo:hi].clone().requires_grad_()
+        h = hidden.clone().requires_grad_()
+        lin = mhpo_kernels.fused_linear_mhpo_loss(h, w, ids, old, adv, cu_seqlens=cu, loss_agg_mode=mode,
+                                                  tp_group=dist.group.WORLD, chunk_size=4)
+        lin.backward()
+        results[f"tp-linear/{mode}"] = (lin.detach(), w.grad, h.grad)
     other_cu = cu.clone()
     other_cu[1] -= rank                       # a valid stream, but not the one rank 0 describes
     try:
@@ -363,7 +377,9 @@ def _two_rank_worker(rank, world, out_dir):
 
 def test_two_ranks_tp_group_and_context_parallel(tmp_path):
     """One spawn, two gloo ranks. (1) tp_group with cu_seqlens: every rank's loss is the
-    single-process packed loss and its logits gradient its vocabulary columns. (2) A stream split
+    single-process packed loss and its logits gradient its vocabulary columns; with
+    seq_valid_tokens (the stream's own counts) the same loss; on the fused linear path, the loss,
+    the rank's rows of the head gradient and the whole dhidden. (2) A stream split
     inside every sequence over the ranks, with seq_valid_tokens: the ranks' losses sum to the
     unsplit loss and their gradients are its gradient rows (and, on the fused linear path, the
     summed weight gradient is the unsplit one), in every mode. Expected: the float64 reference."""
@@ -385,6 +401,13 @@ def test_two_ranks_tp_group_and_context_parallel(tmp_path):
             tp_loss, tp_grad = got[r][f"tp/{mode}"]
             assert tp_loss.item() == pytest.approx(loss.item(), rel=FP32_RTOL), mode
             assert max_rel_err(tp_grad, grad[:, lo:hi] / 1.7) <= FP32_RTOL, mode
+            assert got[r][f"tp-counts/{mode}"].item() == pytest.approx(loss.item(), rel=FP32_RTOL), mode
+            w, h = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
+            lin = reference.mhpo_loss(h @ w.t(), ids, old, adv, cu_seqlens=cu, loss_agg_mode=mode)
+            dh, dw = torch.autograd.grad(lin, (h, w))
+            tp_lin, tp_dw, tp_dh = got[r][f"tp-linear/{mode}"]
+            assert tp_lin.item() == pytest.approx(lin.item(), rel=FP32_RTOL), mode
+            assert max_rel_err(tp_dw, dw[lo:hi]) <= FP32_RTOL and max_rel_err(tp_dh, dh) <= FP32_RTOL, mode
 
         loss, grad = _loss(reference.mhpo_loss, x, ids, old, adv, cu_seqlens=cu, loss_agg_mode=mode,
                            entropy_coef=0.1)
