@@ -97,9 +97,9 @@ ONE_SWEEP_UNALIGNED = ("bf16", "loss-entropy-old-ref", UNALIGNED_V[0])
 # Rows split over programs (small N, ``_config.launch_splits``): each split's loop is the
 # unsplit one from a block boundary, so the loops of the splits' forward (SPLIT=1) and of the
 # split backward are held to the same budgets; the combine launch (SPLIT=2) reads no logits row.
-SPLIT_DTYPES = ("bf16", "fp32")
-SPLIT_FWD = ("logprobs", "entropy", "softcap-logprobs")
-SPLIT_BWD = ("", "entropy", "softcap-entropy")
+# Every loop (log-probs, entropy, softcap) in bf16, the fp32 vector width once per sweep.
+SPLIT_FWD = {"bf16": ("logprobs", "entropy", "softcap-logprobs"), "fp32": ("logprobs",)}
+SPLIT_BWD = {"bf16": ("", "entropy", "softcap-entropy"), "fp32": ("entropy",)}
 SPLIT_UNALIGNED = ("bf16", "logprobs", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
 
 # The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
@@ -130,11 +130,11 @@ def variants():
     for dtype in ONE_SWEEP_DTYPES:
         for suffix, flags in ONE_SWEEP_FLAGS.items():
             out[f"onesweep-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
-    for dtype in SPLIT_DTYPES:
-        for suffix in SPLIT_FWD:
+    for dtype in SPLIT_FWD:
+        for suffix in SPLIT_FWD[dtype]:
             out[f"fwd-{dtype}-split-{suffix}"] = Variant(
                 _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[suffix], "SPLIT": 1}, V, True)
-        for suffix in SPLIT_BWD:
+        for suffix in SPLIT_BWD[dtype]:
             out[f"bwd-{dtype}-split" + (f"-{suffix}" if suffix else "")] = Variant(
                 _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[suffix], "SPLIT": True}, V, True)
     for v in UNALIGNED_V:

@@ -62,9 +62,8 @@ def _logprobs(leaf, view, ids, tau, up, inplace, splits=None):
 
 
 # Splits of 4, 3 and 1 blocks (the last one shorter, or empty at 8 for a row without a lead).
-SPLIT_CASES = [("fp32-2", torch.float32, False, False, 2), ("fp32-8", torch.float32, False, False, 8),
-               ("bf16-shifted-inplace-3", torch.bfloat16, True, True, 3),
-               ("bf16-shifted-inplace-8", torch.bfloat16, True, True, 8), ("bf16-3", torch.bfloat16, False, False, 3)]
+SPLIT_CASES = [("fp32-2", torch.float32, False, False, 2), ("bf16-shifted-inplace-3", torch.bfloat16, True, True, 3),
+               ("bf16-shifted-inplace-8", torch.bfloat16, True, True, 8)]
 
 
 @pytest.mark.parametrize("dtype, shifted, inplace, splits", [c[1:] for c in SPLIT_CASES],
@@ -147,7 +146,7 @@ def test_vocabulary_slice_targets_elsewhere():
 
 # (where, value): a logit in the target's split or in another, the whole row, by value.
 POISONS = [("other-split", math.nan), ("other-split", math.inf), ("other-split", -math.inf),
-           ("target-split", math.nan), ("whole-row", -math.inf), ("whole-row", math.inf)]
+           ("target-split", math.nan), ("whole-row", -math.inf)]
 
 
 @pytest.mark.parametrize("where, value", POISONS, ids=[f"{w}-{v}" for w, v in POISONS])

@@ -133,8 +133,8 @@ def test_unaligned_rows_compiled_for_every_sweep_and_dtype(report):
 def test_split_rows_keep_the_loop(report):
     """A split of a row (small N) is a run of whole blocks from the row's block base: its loop is
     the unsplit one, with the same vectors and MUFU ops and at most two instructions more or less
-    (the loop's bound is the split's end instead of the row's; measured: 0 to 2 in loops of 88 to
-    310 instructions, bench/NOTES.md), at an aligned and an unaligned V."""
+    (the loop's bound is the split's end instead of the row's; measured: −1 to +2 in loops of 89
+    to 310 instructions, bench/NOTES.md), at an aligned and an unaligned V."""
     by_name = {r["name"]: r for r in report}
     splits = [r for r in report if "-split" in r["name"]]
     assert {(r["name"].split("-")[0], r["dtype"], r["aligned"]) for r in splits} == {

@@ -158,21 +158,26 @@ def test_fused_path_is_verl_torch_backend(model_path):
     assert all(n == 0 for n in run.calls.values()), run.calls
 
 
-def test_gpu_check_verl_mem_dry_run(tmp_path):
+def test_gpu_check_verl_mem_dry_run(tmp_path, monkeypatch):
     """The GPU check's verl-mem step on the CPU (its dry run): every case runs verl's update step,
     and per micro-batch the logits-sized buffers counted at the peak are those the GPU run's
     prediction takes from this file's count (logits path: verl's 7, the switch's 1; hidden-states
-    path: none, the micro-batches being longer than verl's 512-row tiles)."""
+    path: none, the micro-batches being longer than verl's 512-row tiles). The cases with padding
+    removal off run the same code with rmpad False, and their count is test_logits_path_counted's:
+    left out here for time."""
     import json
 
     from bench import check_report, gpu_check
 
+    cases = [c for c in gpu_check.VERL_MEM_CASES if c[1] or c[2]]
+    assert len(cases) == 4 and len(gpu_check.VERL_MEM_CASES) == 6
+    monkeypatch.setattr(gpu_check, "VERL_MEM_CASES", cases)
     with mhpo_kernels.use_backend("torch"):          # see test_logits_path_counted
         gpu_check.main(["verl-mem", "--dry-run", "--out", str(tmp_path)])
     check_report.main(["summary", "--out", str(tmp_path)])
     step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["verl-mem"]
-    assert step["status"] == "ok" and list(step["cases"]) == [c[0] for c in gpu_check.VERL_MEM_CASES]
-    for name, fused, rmpad, backend in gpu_check.VERL_MEM_CASES:
+    assert step["status"] == "ok" and list(step["cases"]) == [c[0] for c in cases]
+    for name, fused, rmpad, backend in cases:
         case = step["cases"][name]
         assert "error" not in case, case
         passes = 0 if fused else (ve.MHPO_COUNTS if backend == "mhpo" else ve.VERL_COUNTS[rmpad])[1]
