@@ -190,12 +190,14 @@ def _props(name="NVIDIA H200", sms=132):
 
 def test_launch_splits(monkeypatch):
     """On an H200 (made-up properties) 151,936 bf16 logits per row fill the GPU at 586 rows:
-    4 splits at 128 rows (a split at least 8 blocks), 2 at 512, none from 586 on; nothing split
+    4 splits up to 195 rows (a split at least 8 blocks), 3 up to 292, 2 up to 585, none from 586 on
+    (⌈586 / N⌉, at most 4); nothing split
     off CUDA; a forced count is cut to the row's blocks and MAX_ROW_SPLITS."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _props())
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     Vq = 151936
-    assert [_config.launch_splits(n, Vq, 2, cuda) for n in (1, 128, 300, 512, 586, 8192)] == [4, 4, 2, 2, 1, 1]
+    rows = (1, 128, 195, 196, 292, 293, 512, 585, 586, 8192)
+    assert [_config.launch_splits(n, Vq, 2, cuda) for n in rows] == [4, 4, 4, 3, 3, 2, 2, 2, 1, 1]
     assert _config.launch_splits(128, Vq, 2, cpu) == 1
     assert _config.launch_splits(128, 50257, 2, cuda) == 1        # 50,257 / 32,768: one split long enough
     with _config.overridden(row_splits=64):
