@@ -171,16 +171,18 @@ def launch_splits(n_rows, V, itemsize, device):
         splits = row_splits(n_rows, V, rows_to_fill(props, V, itemsize).rows_to_fill)
     else:
         return 1
-    cfg = sweep_config(V, itemsize)
-    blocks = -(-(V + cfg.vec - 1) // cfg.block_v)  # a row's blocks from its base, at any lead
-    return max(1, min(splits, blocks, MAX_ROW_SPLITS))
+    return max(1, min(splits, _row_blocks(V, sweep_config(V, itemsize)), MAX_ROW_SPLITS))
+
+
+def _row_blocks(V, cfg):
+    """Blocks a row of V walks from its block base, at most VEC − 1 elements before it (any lead)."""
+    return -(-(V + cfg.vec - 1) // cfg.block_v)
 
 
 def split_length(V, cfg, splits):
-    """Elements (whole blocks) per split of a row walked from its block base (at most VEC − 1
-    elements before the row): ``splits`` runs cover any row, the last possibly shorter or empty."""
-    blocks = -(-(V + cfg.vec - 1) // cfg.block_v)
-    return -(-blocks // splits) * cfg.block_v
+    """Elements (whole blocks) per split of a row walked from its block base: ``splits`` runs
+    cover any row, the last possibly shorter or empty."""
+    return -(-_row_blocks(V, cfg) // splits) * cfg.block_v
 
 
 # ---- the one-sweep kernel (grad_in_forward) ---------------------------------------------------

@@ -405,7 +405,11 @@ def policy_loss(
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     with_entropy = bool(return_metrics) or entropy_coef > 0
-    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, bool(grad_in_forward))
+    # The one sweep computes a gradient: only where a backward can ask for it (under no_grad, or
+    # for logits that do not require grad, it would cost a logits-sized buffer, and in place
+    # would overwrite logits that no backward hands a gradient for).
+    one_sweep = bool(grad_in_forward) and torch.is_grad_enabled() and logits.requires_grad
+    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, one_sweep)
     loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
     if not return_metrics:
         return loss

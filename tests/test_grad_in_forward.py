@@ -122,6 +122,26 @@ def test_module_and_mhpo_loss():
     assert torch.equal(leaf.grad, grads[0])
 
 
+def test_no_backward_no_gradient_pass(monkeypatch):
+    """Under no_grad, or for logits that do not require grad, grad_in_forward runs the plain
+    forward sweep: the same loss, no gradient buffer, and in place the logits are left as they were
+    (no backward will hand a gradient for them)."""
+    from mhpo_kernels import ops
+
+    x0, ids, old, adv, mask, _, _ = _inputs(4, 2, 3, 30, torch.float32, False)
+    expected = mhpo_loss(x0, ids, old, adv, mask)
+    seen = []
+    forward = ops._forward_sweep
+    monkeypatch.setattr(ops, "_forward_sweep", lambda *a, **kw: seen.append(a[-1]) or forward(*a, **kw))
+    for grad_enabled, requires_grad in ((False, True), (True, False)):
+        x = x0.clone().requires_grad_(requires_grad)
+        with torch.set_grad_enabled(grad_enabled):
+            logits = x * 1 if requires_grad else x     # a leaf that requires grad is refused in place
+            loss = mhpo_loss(logits, ids, old, adv, mask, grad_in_forward=True, inplace_backward=True)
+        assert torch.equal(loss, expected) and torch.equal(logits.detach(), x0)
+    assert seen == [None, None]   # no gradient buffer handed to the sweep
+
+
 def test_refusals():
     x0, ids, old, adv, mask, _, _ = _inputs(4, 2, 3, 30, torch.float32, False)
     x = x0.clone().requires_grad_()
