@@ -254,14 +254,19 @@ def mhpo_loss(
     its sequences: it is unpacked and computed as that batch."""
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
-        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens) = _unpack(
-            cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None)
+        tau_tokens = torch.is_tensor(temperature) and temperature.shape == input_ids.shape
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau) = _unpack(
+            cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
+            temperature if tau_tokens else None)
         advantages = adv_tokens if per_token else advantages
+        temperature = tau if tau_tokens else temperature
         mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
     logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
+    if advantages.numel() == 1:                            # () or (1,): one advantage for every token
+        advantages = advantages.reshape(1, 1).expand(logits3.shape[0], 1)
     return mhpo_loss_from_logprobs(
         logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,

@@ -422,3 +422,37 @@ def test_two_ranks_tp_group_and_context_parallel(tmp_path):
             assert max_rel_err(dw_sum, dw) <= FP32_RTOL, mode
             unsplit[mine] = part.double()
         assert max_rel_err(unsplit, grad / 1.7) <= FP32_RTOL, mode
+
+
+@pytest.mark.parametrize("path", ["triton", "torch", "reference"])
+def test_packed_per_token_temperature_and_one_advantage(path):
+    """Sequences of different lengths with one τ_t per token, and a single advantage for every
+    token (shape ()): the packed call equals the padded batch's loss and gradient rows."""
+    c = _padded(seed=13)
+    keep, cu = _pack(c)
+    g = torch.Generator().manual_seed(14)
+    tau = torch.rand(B, T, generator=g) + 0.5
+    assert len(set((cu[1:] - cu[:-1]).tolist())) > 1           # the lengths differ
+    adv = torch.tensor(0.7)
+
+    def run(x, **kw):
+        x = (x.double() if path == "reference" else x).detach().requires_grad_()
+        kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() and path == "reference" else v
+              for k, v in kw.items()}
+        if path == "reference":
+            loss = reference.mhpo_loss(x, **kw, entropy_coef=0.1)
+        else:
+            with mhpo_kernels.use_backend(path):
+                loss = mhpo_kernels.mhpo_loss(x, **kw, entropy_coef=0.1)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach().double(), grad.double()
+
+    padded_loss, padded_grad = run(c["x"], input_ids=c["ids"], old_logprobs=c["old"], advantages=adv, mask=c["mask"],
+                                   temperature=tau)
+    loss, grad = run(c["x"][keep], input_ids=c["ids"][keep], old_logprobs=c["old"][keep], advantages=adv,
+                     temperature=tau[keep], cu_seqlens=cu)
+    assert loss.item() == pytest.approx(padded_loss.item(), rel=FP32_RTOL)
+    assert max_rel_err(grad, padded_grad[keep]) <= FP32_RTOL
+    full_loss, _ = run(c["x"], input_ids=c["ids"], old_logprobs=c["old"], advantages=adv.expand(B, T),
+                       mask=c["mask"], temperature=tau)
+    assert padded_loss.item() == pytest.approx(full_loss.item(), rel=FP32_RTOL)
