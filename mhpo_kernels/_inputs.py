@@ -402,12 +402,30 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     return batch
 
 
+_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) "
+                         "or (S, 1)), or per token and constant over each sequence's valid tokens")
+
+
+def _advantages_vary_within_a_sequence(batch):
+    """0-d bool: whether the per-token advantages differ within a sequence's valid tokens (a
+    sequence-level objective needs one advantage per sequence)."""
+    S, seq_id, valid = batch.n_seqs, batch.seq_id, batch.valid
+    first = torch.full((S,), float("inf"), device=valid.device).scatter_reduce(
+        0, seq_id, torch.where(valid, batch.adv, float("inf")), "amin")
+    last = torch.full((S,), float("-inf"), device=valid.device).scatter_reduce(
+        0, seq_id, torch.where(valid, batch.adv, float("-inf")), "amax")
+    has_tokens = per_sequence_sum(valid.to(torch.float32), seq_id, S) > 0
+    # "<", not "!=": a NaN advantage is not a shape error; it makes the loss NaN, as at any objective
+    return ((first < last) & has_tokens).any()
+
+
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None,
+    seq_valid_tokens=None, temperature=None, sequence_level=False,
 ):
-    """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps."""
+    """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps.
+    ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
     check_agg_mode(loss_agg_mode)
     beta = check_nonnegative("beta", beta)
     if beta > 0 and ref_logprobs is None:
@@ -434,6 +452,8 @@ def prepare_mhpo(
         extra.append(((seq_counts < local).any(),
                       "seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
                       "this rank's own count for some sequence"))
+    if sequence_level:
+        extra.append((_advantages_vary_within_a_sequence(batch), _ADV_NOT_PER_SEQUENCE))
     batch.n_valid = _raise_on_bad_values(ids, batch.valid, V, mask_not_binary, normalizer, extra)
     batch.weight = aggregation_weights(batch.valid, batch.seq_id, S, loss_agg_mode, normalizer, seq_counts)
     return batch

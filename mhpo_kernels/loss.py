@@ -7,7 +7,7 @@ import torch
 
 from ._inputs import (
     check_agg_mode, check_flag, check_ignore_index, check_logits, check_nonnegative, check_positive,
-    check_temperature, check_tp_group, has_internal_overlap, per_sequence_sum, prepare_mhpo,
+    check_temperature, check_tp_group, has_internal_overlap, prepare_mhpo,
     prepare_tokens,
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
@@ -109,28 +109,6 @@ def check_inplace(logits, logits3, inplace_backward):
                          f"view with shape {tuple(logits.shape)} and strides {logits.stride()} (e.g. an "
                          f"expand); pass inplace_backward=False or a contiguous copy")
     return True
-
-
-_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) "
-                         "or (S, 1)), or per token and constant over each sequence's valid tokens")
-
-
-def check_sequence_advantages(batch):
-    """A sequence-level objective needs one advantage per sequence: the per-token advantages must
-    be constant over each sequence's valid tokens. Inside torch.compile, which cannot branch on
-    data, an asynchronous assert in the graph instead (an error at the next sync)."""
-    S, seq_id, valid = batch.n_seqs, batch.seq_id, batch.valid
-    first = torch.full((S,), float("inf"), device=valid.device).scatter_reduce(
-        0, seq_id, torch.where(valid, batch.adv, float("inf")), "amin")
-    last = torch.full((S,), float("-inf"), device=valid.device).scatter_reduce(
-        0, seq_id, torch.where(valid, batch.adv, float("-inf")), "amax")
-    has_tokens = per_sequence_sum(valid.to(torch.float32), seq_id, S) > 0
-    # "<", not "!=": a NaN advantage is not a shape error; it makes the loss NaN, as at any objective
-    varies = ((first < last) & has_tokens).any()
-    if torch.compiler.is_compiling():
-        torch._assert_async(~varies, _ADV_NOT_PER_SEQUENCE)
-    elif bool(varies):
-        raise ValueError(_ADV_NOT_PER_SEQUENCE)
 
 
 def check_entropy_coef(entropy_coef):
@@ -388,10 +366,9 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
+            sequence_level=chosen.sequence_level,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau)
-        if chosen.sequence_level:
-            check_sequence_advantages(batch)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):

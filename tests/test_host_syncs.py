@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhpo_kernels
 from mhpo_kernels import linear_sweeps
-from mhpo_kernels.objectives import PPOClip
+from mhpo_kernels.objectives import GSPO, PPOClip
 
 DATA_DEPENDENT = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
                   "unique_consecutive"}
@@ -116,6 +116,11 @@ def _policy(i):
     return mhpo_kernels.policy_loss(i["logits"], i["ids"], i["old"], i["adv"], i["mask"], objective=PPOClip())
 
 
+def _gspo(i):
+    """A sequence-level objective: its advantage check rides validation's sync."""
+    return mhpo_kernels.policy_loss(i["logits"], i["ids"], i["old"], i["adv"], i["mask"], objective=GSPO())
+
+
 def _token_logprobs(i):
     logp, entropy = mhpo_kernels.token_logprobs(i["logits"], i["ids"], return_entropy=True)
     return logp.sum() + entropy.sum()
@@ -132,7 +137,7 @@ def _fused_linear_logprobs(i):
     return logp.sum() + entropy.sum()
 
 
-CALLS = [_mhpo, _mhpo_inplace, _policy, _token_logprobs, _fused_linear, _fused_linear_logprobs]
+CALLS = [_mhpo, _mhpo_inplace, _policy, _gspo, _token_logprobs, _fused_linear, _fused_linear_logprobs]
 
 
 def _step(call, i):
