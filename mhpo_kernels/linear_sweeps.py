@@ -9,6 +9,7 @@ fold the gradient in the forward: the upstream gradients of both outputs arrive 
 backward. Their forward makes 1 GEMM per chunk and keeps O(N) row statistics; their backward
 recomputes each tile (1 GEMM) and folds its gradient (2 GEMMs): 4 per chunk in all."""
 
+import functools
 import re
 
 import torch
@@ -51,6 +52,7 @@ def _logits_tiles(hidden, weight, bias, chunk_rows):
         yield r0, r1, h_c, tile.unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=None)   # a pure function of the string: nothing probed, nothing to go stale
 def _torch_version(version):
     """(major, minor) of a torch version string such as '2.8.0+cu128' or '2.11.0a0'."""
     major, minor = re.match(r"(\d+)\.(\d+)", str(version)).groups()

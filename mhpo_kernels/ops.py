@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._sweep_types import LogitMap, RowStats, TokenParams
-from ._inputs import has_internal_overlap, segment_ids
+from ._inputs import has_internal_overlap, per_sequence_sum, segment_ids
 from .objectives import GSPO_KIND
 from .torch_sweeps import _sequence_terms
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
@@ -306,7 +306,6 @@ def _sweeps_setup(ctx, inputs, output):
     seq = ctx.sequence_level
     ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy, zeta if seq else None,
                           weight if seq else None, cu[0] if seq else None, tau)
-    ctx.token_shape = _token_shape(logits, shifted)
     ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
     ctx.shifted, ctx.inplace = shifted, inplace
     ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef, grad)
@@ -329,7 +328,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         dlogp = dlogp + coef * d_loss
         if ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
             seq_id = segment_ids(cu, dlogp.numel())
-            per_seq = dlogp.new_zeros(cu.numel() - 1).index_add_(0, seq_id, weight * d_loss)
+            per_seq = per_sequence_sum(weight * d_loss, seq_id, cu.numel() - 1)
             dlogp = dlogp + seq_coef * per_seq[seq_id]
     if d_logp is not None:
         dlogp = dlogp + d_logp
