@@ -171,7 +171,7 @@ def _signature(kernel, dtype, constexprs, aligned):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
             sig[name] = "i64"
-        elif name in ("N", "T", "V", "n_splits", "split_len"):
+        elif name in ("N", "T", "V", "n_splits", "split_len", "n_tail"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"

@@ -210,6 +210,16 @@ def persistent_programs(n_rows, device):
     return max(1, min(n_rows, programs))
 
 
+def on_device(device):
+    """The launch context of a kernel over tensors on ``device``: a CUDA tensor's own device (not
+    whichever is current, which on a multi-GPU host may be another), nothing elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def overridden(block_v=None, num_warps=None, row_splits=None):
     """For the tests and the benchmark only: the launches inside the block use these instead of

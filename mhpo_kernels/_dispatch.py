@@ -89,15 +89,19 @@ def _quiet(sweep):
     return run
 
 
+def _check_triton_runs(device):
+    if device.type != "cuda" and _kernels_compiled():
+        raise RuntimeError(
+            f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
+            f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
+            f"kernels; use CUDA tensors, set the variable before importing, or "
+            f"use_backend('torch')")
+
+
 def sweeps(device):
     """(forward, backward) sweep functions for tensors on ``device``."""
     if backend_for(device) == "triton":
-        if device.type != "cuda" and _kernels_compiled():
-            raise RuntimeError(
-                f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
-                f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
-                f"kernels; use CUDA tensors, set the variable before importing, or "
-                f"use_backend('torch')")
+        _check_triton_runs(device)
         from .kernels.backward import mhpo_bwd
         from .kernels.forward import mhpo_fwd
 
@@ -110,8 +114,29 @@ def sweeps(device):
 def scale_rows(device):
     """The in-place row scaling (``kernels.backward.scale_rows_``) for tensors on ``device``."""
     if backend_for(device) == "triton":
-        sweeps(device)  # the same refusal as the sweeps' without the interpreter
+        _check_triton_runs(device)
         from .kernels.backward import scale_rows_
 
         return _quiet(scale_rows_) if _kernels_interpreted() else scale_rows_
     return torch_sweeps.scale_rows_
+
+
+def finalize(device):
+    """The loss and metrics reduction (``kernels.finalize.finalize``) for tensors on ``device``."""
+    if backend_for(device) == "triton":
+        _check_triton_runs(device)
+        from .kernels.finalize import finalize as run
+
+        return _quiet(run) if _kernels_interpreted() else run
+    return torch_sweeps.finalize
+
+
+def prepare_kernel(device):
+    """The Triton prepare program (``kernels.prepare.prepare``) for tensors on ``device``, or None
+    where the PyTorch path runs (``_inputs`` then prepares with PyTorch ops)."""
+    if backend_for(device) != "triton":
+        return None
+    _check_triton_runs(device)
+    from .kernels.prepare import prepare as run
+
+    return _quiet(run) if _kernels_interpreted() else run

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+# How the advantages are given (``_advantage_layout``); the prepare program reads them so.
+ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -37,21 +39,30 @@ class Batch:
         return self.cu.numel() - 1
 
 
+def _check_real(name, value, low_ok):
+    """A finite real number (not a bool, not a tensor) > 0, or ≥ 0 with ``low_ok``. Inside
+    torch.compile a number that changed between calls is a symbolic graph input (so a new value
+    does not recompile): its check is then a runtime assertion of the graph, not a Python branch."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    relation = ">=" if low_ok else ">"
+    if torch.compiler.is_compiling():
+        torch._check(value >= 0 if low_ok else value > 0, lambda: f"{name} must be finite and {relation} 0")
+        torch._check(value < math.inf, lambda: f"{name} must be finite and {relation} 0")
+        return value
+    if not (math.isfinite(value) and (value >= 0 if low_ok else value > 0)):
+        raise ValueError(f"{name} must be finite and {relation} 0, got {value}")
+    return float(value)
+
+
 def check_positive(name, value):
     """A finite real number > 0 (not a bool, not a tensor)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)
+    return _check_real(name, value, low_ok=False)
 
 
 def check_nonnegative(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+    """A finite real number ≥ 0 (not a bool, not a tensor)."""
+    return _check_real(name, value, low_ok=True)
 
 
 def check_temperature(temperature):
@@ -184,7 +195,7 @@ def check_normalizer(normalizer, device):
     return torch.tensor(check_positive("normalizer", normalizer), dtype=torch.float32, device=device)
 
 
-def _check_ids(input_ids, token_shape, device, source):
+def _check_ids(input_ids, token_shape, device, source, convert=True):
     _check_tensor("input_ids", input_ids, device)
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -193,7 +204,7 @@ def _check_ids(input_ids, token_shape, device, source):
         raise ValueError(
             f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, got {tuple(input_ids.shape)}"
         )
-    return input_ids.reshape(-1).to(torch.int64)
+    return input_ids.reshape(-1).to(torch.int64) if convert else None
 
 
 def _check_mask(mask, token_shape, device):
@@ -211,33 +222,46 @@ def _check_mask(mask, token_shape, device):
     return mask != 0, ((mask != 0) & (mask != 1)).any()
 
 
-def _check_advantages(advantages, token_shape, device, n_seqs=None):
-    """One advantage per token, per sequence, or one for every token, whatever the logits' rank:
-    input_ids' shape, per token; per sequence (B,) or (B, 1) with (B, T) ids, (S,) or (S, 1) with
-    cu_seqlens (``n_seqs`` = S; 1-D ids without it are one sequence); () or (1,), the same
-    advantage at every token. Returns the flat (N,) per-token advantages, or with cu_seqlens the
-    (S,) per-sequence ones, which ``prepare_mhpo`` spreads over tokens."""
+def _advantage_layout(advantages, token_shape, device, n_seqs=None):
+    """How the advantages are laid out, one of ADV_PER_TOKEN, ADV_SCALAR, ADV_PER_SEQ, whatever
+    the logits' rank: input_ids' shape, per token; () or (1,), the same advantage at every token;
+    per sequence (B,) or (B, 1) with (B, T) ids, (S,) or (S, 1) with cu_seqlens (``n_seqs`` = S;
+    1-D ids without it are one sequence)."""
     _check_tensor("advantages", advantages, device)
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
-    adv = advantages.detach().to(torch.float32)
-    if adv.shape == token_shape:
-        return adv.reshape(-1).contiguous()
-    if adv.dim() <= 1 and adv.numel() == 1:
-        return adv.reshape(1).expand(token_shape.numel()).contiguous()
+    if advantages.shape == token_shape:
+        return ADV_PER_TOKEN
+    if advantages.dim() <= 1 and advantages.numel() == 1:
+        return ADV_SCALAR
     if n_seqs is not None:
-        if adv.shape in ((n_seqs,), (n_seqs, 1)):
-            return adv.reshape(-1).contiguous()
+        if advantages.shape in ((n_seqs,), (n_seqs, 1)):
+            return ADV_PER_SEQ
         expected = (f"(S,) or (S, 1) = ({n_seqs}, 1) per sequence of cu_seqlens, (N,) = ({token_shape[0]},) "
                     f"per token, (1,) or ()")
     elif len(token_shape) == 2:
         B, T = token_shape
-        if adv.shape in ((B,), (B, 1)):
-            return adv.reshape(B, 1).expand(B, T).contiguous().reshape(-1)
+        if advantages.shape in ((B,), (B, 1)):
+            return ADV_PER_SEQ
         expected = f"(B,) = ({B},), (B, 1) = ({B}, 1), (B, T) = ({B}, {T}), (1,) or ()"
     else:
         expected = f"(N,) = ({token_shape[0]},), (1,) or ()"
     raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
+
+
+def _check_advantages(advantages, token_shape, device, n_seqs=None):
+    """The advantages (``_advantage_layout``) as flat (N,) fp32 per-token values, or with
+    cu_seqlens and one per sequence the (S,) ones, which ``prepare_mhpo`` spreads over tokens."""
+    layout = _advantage_layout(advantages, token_shape, device, n_seqs)
+    adv = advantages.detach().to(torch.float32)
+    if layout == ADV_PER_TOKEN:
+        return adv.reshape(-1).contiguous()
+    if layout == ADV_SCALAR:
+        return adv.reshape(1).expand(token_shape.numel()).contiguous()
+    if n_seqs is not None:
+        return adv.reshape(-1).contiguous()
+    B, T = token_shape
+    return adv.reshape(B, 1).expand(B, T).contiguous().reshape(-1)
 
 
 def _check_cu_seqlens(cu_seqlens, token_shape, device):
@@ -391,11 +415,102 @@ def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, 
     return batch, ids, mask_not_binary, extra
 
 
+# ---- the prepare launch -------------------------------------------------------------------------
+#
+# On the Triton path, outside torch.compile, everything above that looks at values runs in one
+# launch (``kernels/prepare.py``): the host checks shapes, dtypes and devices, the program computes
+# the per-token inputs and the value checks' flags, and the host reads those flags in the call's
+# one sync. Inside torch.compile, and on the PyTorch path, the same work is the PyTorch ops above
+# (the compiled graph fuses them). STATUS_* are the slots of the flags the program writes.
+STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM = range(7)
+STATUS_SLOTS = 7
+
+
+def _kernel_route(device, V, use_kernel):
+    """The prepare program's launcher where it applies, else None."""
+    if not use_kernel or V is None or torch.compiler.is_compiling():
+        return None
+    from . import _dispatch
+
+    return _dispatch.prepare_kernel(device)
+
+
+def _flat(x):
+    return None if x is None else x.detach().reshape(-1)
+
+
+def _advantage_mode(advantages, token_shape, device, n_seqs, packed):
+    """(``_advantage_layout``, the flat view the prepare program reads; it converts the dtype)."""
+    layout = _advantage_layout(advantages, token_shape, device, n_seqs if packed else None)
+    flat = _flat(advantages)
+    return layout, (flat if layout == ADV_SCALAR else flat.contiguous())
+
+
+def _raise_on_status(status, ids, V, normalizer):
+    """Validation's one host sync: read the program's flags, raise what they say; the valid count."""
+    flags = status.tolist()
+    if flags[STATUS_BAD_IDS]:
+        where = flags[STATUS_FIRST_BAD]
+        raise ValueError(
+            f"input_ids holds {flags[STATUS_BAD_IDS]} id(s) outside [0, {V}) at valid positions, "
+            f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)")
+    if flags[STATUS_MASK]:
+        raise ValueError(_BAD_MASK)
+    if flags[STATUS_NORM]:
+        value = normalizer.item() if isinstance(normalizer, torch.Tensor) else normalizer
+        raise ValueError(f"{_BAD_NORMALIZER}, got {value}")
+    return flags[STATUS_N_VALID], flags[STATUS_CU], flags[STATUS_TAU]
+
+
+def _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens,
+                       temperature, advantages=None, loss_agg_mode=None, normalizer=None):
+    """The Batch from one prepare launch and one host read (see above); ``advantages`` None for
+    log-probs alone (no weights)."""
+    _check_ids(input_ids, token_shape, device, source, convert=False)
+    ignore_index = check_ignore_index(ignore_index)
+    if mask is not None:
+        _check_tensor("mask", mask, device)
+        if mask.shape != token_shape:
+            raise ValueError(f"mask must have shape {tuple(token_shape)} like input_ids, got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, token_shape, device)
+    tau = _check_temperature_tensor(temperature, token_shape, device)
+    N = math.prod(token_shape)
+    if cu_seqlens is not None:
+        n_seqs, T = cu_seqlens.numel() - 1, 0
+    elif len(token_shape) == 2:
+        n_seqs, T = token_shape[0], token_shape[1]
+    else:
+        n_seqs, T = 1, N
+    with_weight = advantages is not None
+    adv_mode, adv = ADV_NONE, None
+    if with_weight:
+        adv_mode, adv = _advantage_mode(advantages, token_shape, device, n_seqs, cu_seqlens is not None)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.detach().to(device)
+    target, weight, adv_t, status = launch(
+        _flat(input_ids), _flat(mask), cu_seqlens, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_index,
+        AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight)
+    n_valid, bad_cu, bad_tau = _raise_on_status(status, _flat(input_ids), V, normalizer)
+    if bad_cu:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)")
+    if bad_tau:
+        raise ValueError(_BAD_TEMPERATURE)
+    cu = cu_seqlens if cu_seqlens is not None else None
+    return Batch(token_shape, cu, target, None, None, adv_t, weight, None, n_valid=n_valid, tau=tau)
+
+
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
-                   normalizer=None, cu_seqlens=None, temperature=None):
+                   normalizer=None, cu_seqlens=None, temperature=None, use_kernel=False):
     """Validate ids and mask (and a per-token ``temperature`` tensor) for ``token_shape`` tokens
     over a vocabulary of V; return a Batch with target, validity, sequences and τ filled in.
-    ``source`` names where token_shape comes from."""
+    ``source`` names where token_shape comes from. ``use_kernel``: a caller that reads only the
+    target, τ and the valid count may take the prepare launch (validity and sequences then None)."""
+    launch = _kernel_route(device, V, use_kernel and normalizer is None)
+    if launch is not None:
+        return _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, mask, source,
+                                  cu_seqlens, temperature)
     batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
                                                       source, cu_seqlens, temperature)
     batch.n_valid = _raise_on_bad_values(ids, batch.valid, V, mask_not_binary, normalizer, extra)
@@ -419,17 +534,43 @@ def _advantages_vary_within_a_sequence(batch):
     return ((first < last) & has_tokens).any()
 
 
+def _kernel_applies(advantages, token_shape, cu_seqlens, seq_valid_tokens, sequence_level):
+    """Whether the prepare launch covers a loss call: not for context parallelism's counts, a
+    sequence-level objective's advantage check, or packed (N,) advantages that could be (S,)."""
+    if seq_valid_tokens is not None or sequence_level:
+        return False
+    if cu_seqlens is None or not isinstance(cu_seqlens, torch.Tensor) or not isinstance(advantages, torch.Tensor):
+        return True
+    n = math.prod(token_shape)
+    return not (advantages.dim() == 1 and cu_seqlens.numel() - 1 == n and n > 1)
+
+
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None, sequence_level=False,
+    seq_valid_tokens=None, temperature=None, sequence_level=False, use_kernel=False,
 ):
     """Validate every per-token argument of the MHPO loss; return the Batch for the sweeps.
-    ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
+    ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync.
+    ``use_kernel``: a caller that reads only the target, weights, advantages, old, ref, τ and the
+    valid count may take the prepare launch (validity and sequences are then None)."""
     check_agg_mode(loss_agg_mode)
     beta = check_nonnegative("beta", beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
+    launch = _kernel_route(device, V, use_kernel and _kernel_applies(advantages, token_shape, cu_seqlens,
+                                                                      seq_valid_tokens, sequence_level))
+    if launch is not None:
+        if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+            normalizer = check_positive("normalizer", normalizer)
+        else:
+            check_normalizer(normalizer, device)
+        old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
+        ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
+        batch = _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, mask, source,
+                                   cu_seqlens, temperature, advantages, loss_agg_mode, normalizer)
+        batch.old, batch.ref = old, ref
+        return batch
     normalizer = check_normalizer(normalizer, device)
     batch, ids, mask_not_binary, extra = _token_batch(input_ids, token_shape, V, device, ignore_index, mask,
                                                       source, cu_seqlens, temperature)

@@ -7,6 +7,12 @@ import torch
 
 LOG2E = 1.4426950408889634
 
+# The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
+METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl")
+# The metrics each call reports, by objective (``loss.metrics``): MHPO's own four only for MHPO.
+MHPO_METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp")
+OTHER_METRICS = ("abs_log_ratio", "entropy", "logp")
+
 
 @dataclass(frozen=True)
 class TokenParams:

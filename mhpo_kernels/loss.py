@@ -10,9 +10,9 @@ from ._inputs import (
     check_temperature, check_tp_group, has_internal_overlap, prepare_mhpo,
     prepare_tokens,
 )
-from ._sweep_types import LogitMap, MHPOParams, TokenParams
+from ._sweep_types import METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, MHPOParams, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
-from .ops import row_stats
+from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
 
 
 def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
@@ -86,9 +86,10 @@ def agreed_settings(call, hp, lmap, **flags):
 
 
 def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, grad_in_forward=False):
+    """(RowStats, None, None) of the sweeps; the tp_group's own path reduces nothing."""
     if tp_group is None:
         return row_stats(logits3, batch, hp, lmap, with_entropy=with_entropy, shifted=shifted,
-                         inplace_backward=inplace, grad_in_forward=grad_in_forward)
+                         inplace_backward=inplace, grad_in_forward=grad_in_forward)[0]
     from . import vocab_parallel
 
     return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)
@@ -139,6 +140,19 @@ def entropy_bonus(loss, entropy_coef, weight, entropy):
     if entropy_coef == 0:
         return loss
     return loss - entropy_coef * (weight * entropy).sum()
+
+
+def metric_names(objective, has_ref):
+    """The metrics a call reports, in order: ``SPEC.md`` section 8 (ψ, ζ, survival and the
+    saturated share for MHPO only; kl with reference log-probs)."""
+    names = MHPO_METRICS if objective.kind == MHPO_KIND else OTHER_METRICS
+    return names + (("kl",) if has_ref else ())
+
+
+def metrics_from_vector(vector, objective, has_ref):
+    """The metrics dict of the finalize reduction's vector: 0-d views, detached."""
+    vector = vector.detach()
+    return {name: vector[METRICS.index(name)] for name in metric_names(objective, has_ref)}
 
 
 def metrics_from_stats(logp, entropy, psi, zeta, batch, objective):
@@ -366,7 +380,7 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level,
+            sequence_level=chosen.sequence_level, use_kernel=tp_group is None,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
@@ -386,12 +400,20 @@ def policy_loss(
     # for logits that do not require grad, it would cost a logits-sized buffer, and in place
     # would overwrite logits that no backward hands a gradient for).
     one_sweep = bool(grad_in_forward) and torch.is_grad_enabled() and logits.requires_grad
-    stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, one_sweep)
-    loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
+    if tp_group is not None:
+        stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group)
+        loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
+        if not return_metrics:
+            return loss
+        return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
+                                        resolve_objective(objective))
+    # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
+    _, loss, metrics = row_stats(logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace,
+                                 grad_in_forward=one_sweep, totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL,
+                                 entropy_coef=entropy_coef)
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
-                                    resolve_objective(objective))
+    return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -411,7 +433,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask, temperature=tau)
+                               logits.device, ignore_index, mask, temperature=tau, use_kernel=tp_group is None)
         lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))

@@ -10,28 +10,37 @@ values, β, the logit map, the epilogue's kind; see ``TokenParams`` and ``LogitM
 """
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._sweep_types import LogitMap, RowStats, TokenParams
+from ._sweep_types import METRICS, LogitMap, RowStats, TokenParams
 from ._inputs import has_internal_overlap, per_sequence_sum, segment_ids
-from .objectives import GSPO_KIND
+from .objectives import GSPO_KIND, MHPO_KIND
 from .torch_sweeps import _sequence_terms
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 
 
-def pack_params(hp, lmap):
-    """One float list: the objective's five values, β, the logit map's two scales, then the
-    epilogue's kind and MHPO's LFM/DHP switches (small integers, exact as floats)."""
-    return [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, float(hp.kind), float(hp.lfm), float(hp.dhp)]
+# The runtime scalars of a call, in one float64 host (CPU) tensor: reading them is no device sync,
+# and inside torch.compile they are a graph input, so a new value (β, τ, the entropy bonus) reuses
+# the compiled graph. Slots: the objective's five values, β, the logit map's two scales, the
+# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus.
+BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF = range(5, 12)
+
+
+def pack_params(hp, lmap, entropy_coef=0.0):
+    """The ``params`` host tensor of the ops (slots above)."""
+    return torch.tensor([*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef],
+                        dtype=torch.float64)
 
 
 def _unpack(params, softcap, tau=None):
-    hp = TokenParams(int(params[8]), tuple(params[:5]), params[5], bool(params[9]), bool(params[10]))
-    return hp, LogitMap(params[6], params[7], softcap, tau)
+    """(TokenParams, LogitMap, entropy_coef) from ``params``: read on the host."""
+    v = params.detach().numpy().tolist()
+    hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
+    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau), v[ENTROPY_COEF]
 
 
 def _without_autocast(device):
@@ -92,174 +101,199 @@ def _grad_buffer(logits):
 
 # ---- the two sweeps over (B, T, V) logits -------------------------------------------------------
 #
-# ``shifted``: the logits have one more position than the tokens along T (the next-token shift):
-# the per-token inputs (B·T,) are padded to (B·(T + 1),) with an invalid last position per
-# sequence, so the kernels read the logits whole, and write a zero gradient row for the position
-# that predicts nothing. All of it happens inside the ops, so autograd sees no slice of the logits.
+# ``shifted``: the logits have one more position than the tokens along T (the next-token shift).
+# The sweeps read the first T positions as a view (strides, no copy), and the backward's
+# programs past the N tokens write the zero gradient rows of position T (``rows._row_or_tail``).
+# All of it happens inside the ops, so autograd sees no slice of the logits.
 
 
-def _pad_rows(x, shape, fill):
-    """(B·T,) per-token values → (B·(T + 1),), ``fill`` at each sequence's last position."""
-    if x is None:
-        return None
-    B, T = shape
-    out = x.new_full((B, T + 1), fill)
-    out[:, :T] = x.reshape(B, T)
-    return out.reshape(-1)
+class SweepsArgs(NamedTuple):
+    """``sweeps_forward``'s inputs by name (autograd's setup receives them as a tuple)."""
+
+    logits: Tensor
+    target: Tensor
+    old: Optional[Tensor]
+    adv: Optional[Tensor]
+    weight: Optional[Tensor]
+    ref: Optional[Tensor]
+    tau: Optional[Tensor]
+    params: Tensor
+    softcap: bool
+    with_entropy: bool
+    with_loss: bool
+    shifted: bool
+    inplace_backward: bool
+    cu: Optional[Tensor] = None
+    grad_in_forward: bool = False
+    totals: int = 0
+    entropy_bonus: bool = False
 
 
-def _unpad_rows(x, shape):
-    """The inverse of ``_pad_rows`` (a copy): (B·(T + 1),) → (B·T,)."""
-    if x is None or x.numel() == 0:
-        return x
-    B, T = shape
-    return x.reshape(B, T + 1)[:, :T].reshape(-1)
+NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
 
 
-def _token_shape(logits, shifted):
-    B, T, _ = logits.shape
-    return (B, T - 1) if shifted else (B, T)
+def _token_rows(x, shifted):
+    """The rows of ``x`` (B, T', V) that are tokens: the first T' − 1 positions when shifted."""
+    return x[:, :-1] if shifted else x
 
 
-def _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-                   cu, grad=None):
-    """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch)."""
-    if shifted:
-        shape = _token_shape(logits, True)
-        target = _pad_rows(target, shape, -1)
-        old, adv, weight, ref = (_pad_rows(x, shape, 0.0) for x in (old, adv, weight, ref))
-        tau = _pad_rows(tau, shape, 1.0)
-    hp, lmap = _unpack(params, softcap, tau)
-    forward_sweep, _ = _dispatch.sweeps(logits.device)
-    sequence_level = with_loss and hp.kind == GSPO_KIND
-    extra = {} if grad is None else {"grad": grad}
-    with _without_autocast(logits.device):
-        stats = forward_sweep(logits, target, old, adv, weight, ref, hp, lmap,
-                              with_entropy=with_entropy, with_loss=with_loss and not sequence_level, **extra)
-    if shifted:
-        stats = RowStats(*(_unpad_rows(x, shape) for x in stats))
-        target, old, adv, weight, ref = (_unpad_rows(x, shape) for x in (target, old, adv, weight, ref))
+def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
+    """The finalize reduction of sweep 1's rows: (0-d loss, metrics), or two empty tensors."""
+    if totals == NO_TOTALS:
+        return _fp32(logits, 0), _fp32(logits, 0)
+    finalize = _dispatch.finalize(logits.device)
+    return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, ref,
+                    entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS)
+
+
+def _forward_sweep(a, grad=None):
+    """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
+    then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient."""
+    hp, lmap, entropy_coef = _unpack(a.params, a.softcap, a.tau)
+    forward_sweep, _ = _dispatch.sweeps(a.logits.device)
+    sequence_level = a.with_loss and a.cu is not None
+    extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted}
+    with _without_autocast(a.logits.device):
+        # The KL term runs only for β > 0: the reference log-probs are then not read (they still
+        # give the kl metric).
+        ref = a.ref if hp.beta > 0 else None
+        stats = forward_sweep(_token_rows(a.logits, a.shifted), a.target, a.old, a.adv, a.weight, ref, hp, lmap,
+                              with_entropy=a.with_entropy, with_loss=a.with_loss and not sequence_level, **extra)
     if sequence_level:  # O(N) between the sweeps: the sequence ratios from the log-probs
         n = stats.logp.numel()
-        psi, seq_coef, loss, coef = _sequence_terms(stats.logp, target >= 0, old, adv, weight, ref, hp,
-                                                    segment_ids(cu, n), cu.numel() - 1)
+        psi, seq_coef, loss, coef = _sequence_terms(stats.logp, a.target >= 0, a.old, a.adv, a.weight, ref, hp,
+                                                    segment_ids(a.cu, n), a.cu.numel() - 1)
         stats = stats._replace(psi=psi, zeta=seq_coef, loss=loss, coef=coef)
-    return tuple(_fp32(logits, 0) if x is None else x for x in stats)
+    totals = _totals(a.logits, stats, a.target, a.weight, a.old, a.ref, hp, entropy_coef, a.totals)
+    return tuple(_fp32(a.logits, 0) if x is None else x for x in stats) + totals
+
+
+def _fake_outputs(a, grad):
+    B, T, _ = a.logits.shape
+    n = B * (T - 1 if a.shifted else T)
+    present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
+    stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
+    total = torch.empty((), dtype=torch.float32, device=a.logits.device) if a.totals else _fp32(a.logits, 0)
+    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
 def sweeps_forward(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
-    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
-    cu: Optional[Tensor] = None, grad_in_forward: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for), then
+    cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
-    buffer of the logits' shape and dtype (else empty); its backward rescales that buffer.
-    ``inplace_backward`` changes only the autograd formula: its backward overwrites the logits.
-    ``cu``: the (S + 1,) sequence boundaries over the B·T tokens, for a sequence-level objective."""
+    buffer of the logits' shape and dtype (else empty), whose backward rescales it; then with
+    ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
+    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty).
+    ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
+    changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
+    sequence boundaries over the tokens, for a sequence-level objective (GSPO) only."""
+    a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
+                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus)
     grad = _grad_buffer(logits) if grad_in_forward else None
-    stats = _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss,
-                           shifted, cu, grad)
-    return stats + (logits.new_empty(0) if grad is None else grad,)
+    out = _forward_sweep(a, grad)
+    return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
 
 
 @sweeps_forward.register_fake
-def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-      inplace_backward, cu=None, grad_in_forward=False):
-    B, T = _token_shape(logits, shifted)
-    present = (True, True, True, with_entropy) + (with_loss,) * 4
-    grad = _grad_buffer(logits) if grad_in_forward else logits.new_empty(0)
-    return tuple(_fp32(logits, B * T if p else 0) for p in present) + (grad,)
+def _(*args):
+    a = SweepsArgs(*args)
+    return _fake_outputs(a, _grad_buffer(a.logits) if a.grad_in_forward else a.logits.new_empty(0))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward_grad_", mutates_args=("logits",))
 def sweeps_forward_grad_(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
-    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
-    softcap: bool, with_entropy: bool, shifted: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
+    softcap: bool, with_entropy: bool, shifted: bool, totals: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1 with the loss, and in the same launch ``logits`` overwritten with ∂L/∂logits for an
-    upstream gradient of 1 (each row is read whole before the same program writes it). No
-    autograd formula of its own: ``OneSweepInplace`` carries it."""
-    return _forward_sweep(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, True,
-                          shifted, None, logits)
+    upstream gradient of 1 (each row is read whole before the same program writes it); the
+    ``RowStats`` fields and the totals as in ``sweeps_forward``. No autograd formula of its own:
+    ``OneSweepInplace`` carries it."""
+    a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, True, shifted, True,
+                   totals=totals)
+    return _forward_sweep(a, logits)
 
 
 @sweeps_forward_grad_.register_fake
-def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted):
-    B, T = _token_shape(logits, shifted)
-    present = (True, True, True, with_entropy) + (True,) * 4
-    return tuple(_fp32(logits, B * T if p else 0) for p in present)
+def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted, totals=0):
+    a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, True, shifted, True,
+                   totals=totals)
+    out = _fake_outputs(a, None)
+    return out[:8] + out[9:]
 
 
 @torch.library.custom_op("mhpo_kernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, scale: Tensor, shifted: bool) -> None:
-    """Row r of ``grad`` (B, T, V) times ``scale[r]``, in place, ``scale`` one value per token
-    ((B·(T − 1),) when ``shifted``: the last position's zero row is left alone). Rows whose scale
-    is 1 are not touched (the check is on the device, no sync)."""
-    if shifted:
-        scale = _pad_rows(scale, _token_shape(grad, True), 1.0)
-    _dispatch.scale_rows(grad.device)(grad, scale.float().contiguous())
+def scale_rows_(grad: Tensor, target: Tensor, scale: Tensor, shifted: bool) -> None:
+    """The valid tokens' rows of ``grad`` (B, T, V) times the 0-d ``scale``, in place (the
+    shift's last position, a zero row, is not a token); nothing when it is 1 (decided on the
+    device, no sync)."""
+    _dispatch.scale_rows(grad.device)(_token_rows(grad, shifted), target, scale)
 
 
 @scale_rows_.register_fake
-def _(grad, scale, shifted):
+def _(grad, target, scale, shifted):
     return None
 
 
-def _hand_back(grad, target, d_loss, shifted):
+def _hand_back(grad, target, d_total, shifted):
     """The gradient the forward computed for an upstream gradient of 1, times the loss's upstream
-    gradient per token (1 at invalid tokens, whose rows are zero): a no-op when it is 1. Only the
-    loss is differentiable then: the forward marks the log-probs and entropy non-differentiable."""
-    if d_loss is None:
+    gradient (a no-op when it is 1). Only the loss is differentiable then: the forward marks the
+    log-probs and entropy non-differentiable."""
+    if d_total is None:
         return None
-    scale_rows_(grad, torch.where(target >= 0, d_loss.float(), 1.0), shifted)
+    scale_rows_(grad, target, d_total, shifted)
     return grad
 
 
 class OneSweepInplace(torch.autograd.Function):
     """``grad_in_forward`` with ``inplace_backward``: the forward overwrites the logits with their
     gradient (``sweeps_forward_grad_``, whose version bump makes any other node that saved the
-    logits refuse to run), the backward scales it and hands it back. Returns the first eight
-    ``sweeps_forward`` outputs."""
+    logits refuse to run), the backward scales it and hands it back. Returns the eight
+    ``RowStats`` fields, the 0-d loss and the metrics."""
 
     @staticmethod
-    def forward(ctx, logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted):
+    def forward(ctx, logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted, totals):
         out = sweeps_forward_grad_(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
-                                   shifted)
+                                   shifted, totals)
         ctx.save_for_backward(logits, target)  # after the overwrite: it is the gradient now
         ctx.shifted = shifted
-        ctx.mark_non_differentiable(*out[:6], out[7])
+        ctx.mark_non_differentiable(*out[:8], out[9])  # only the 0-d loss
         ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, d_loss, _coef):
+    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics):
         grad, target = ctx.saved_tensors
-        return (_hand_back(grad, target, d_loss, ctx.shifted),) + (None,) * 10
+        return (_hand_back(grad, target, d_total, ctx.shifted),) + (None,) * 11
+
+
+def _loss_gradient(d_loss, d_total):
+    """The loss's upstream gradient: the 0-d total's, plus per token (N,) where a caller
+    differentiated the per-token losses themselves."""
+    return _add(d_total, d_loss)
 
 
 def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap,
                     shifted):
     _, backward_sweep = _dispatch.sweeps(logits.device)
-    if shifted:
-        shape = _token_shape(logits, True)
-        target = _pad_rows(target, shape, -1)
-        base, log2_sum, dlogp, entropy, dentropy = (
-            _pad_rows(x, shape, 0.0) for x in (base, log2_sum, dlogp, entropy, dentropy))
-        tau = _pad_rows(tau, shape, 1.0)
-    _, lmap = _unpack(params, softcap, tau)
+    _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(logits.device):
-        return backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap)
+        backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, log2_sum, dlogp,
+                       entropy, dentropy, lmap, zero_tail=shifted)
+    return grad
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
-    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, shifted: bool,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
@@ -276,7 +310,7 @@ def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, sof
 @torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))
 def sweeps_backward_(
     logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
-    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, shifted: bool,
 ) -> None:
     """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
@@ -291,79 +325,106 @@ def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, sof
 
 
 def _sweeps_setup(ctx, inputs, output):
-    logits, target, _, _, weight, _, tau, params, softcap, with_entropy, with_loss, shifted, inplace, *rest = inputs
-    cu = rest[:1]
-    ctx.grad_in_forward = len(rest) > 1 and rest[1]
-    base, log2_sum, logp, entropy, psi, zeta, _, coef, grad = output
-    if ctx.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
-        ctx.save_for_backward(grad, target)
-        ctx.shifted = shifted
-        ctx.mark_non_differentiable(base, log2_sum, logp, entropy, psi, zeta, coef, grad)
+    a = SweepsArgs(*inputs)
+    base, log2_sum, logp, entropy, psi, zeta, loss, coef, grad, _, metrics = output
+    ctx.totals = a.totals
+    ctx.grad_in_forward = a.grad_in_forward
+    if a.totals:  # the 0-d loss is the loss's one differentiable output
+        ctx.mark_non_differentiable(loss)
+    if a.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
+        ctx.save_for_backward(grad, a.target)
+        ctx.shifted = a.shifted
+        ctx.mark_non_differentiable(base, log2_sum, logp, entropy, psi, zeta, loss, coef, grad, metrics)
         ctx.set_materialize_grads(False)
         return
-    ctx.sequence_level = with_loss and _unpack(params, softcap)[0].kind == GSPO_KIND
-    # GSPO: zeta holds each token's share of its sequence term's derivative (see _sequence_terms)
-    seq = ctx.sequence_level
-    ctx.save_for_backward(logits, target, base, log2_sum, coef, entropy, zeta if seq else None,
-                          weight if seq else None, cu[0] if seq else None, tau)
-    ctx.params, ctx.softcap, ctx.with_entropy, ctx.with_loss = params, softcap, with_entropy, with_loss
-    ctx.shifted, ctx.inplace = shifted, inplace
-    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef, grad)
+    # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
+    seq = a.with_loss and a.cu is not None
+    ctx.sequence_level = seq
+    ctx.save_for_backward(a.logits, a.target, base, log2_sum, coef, entropy, zeta if seq else None,
+                          a.weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params)
+    ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
+    ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
+    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef, grad, metrics)
     ctx.set_materialize_grads(False)
 
 
+def _add(x, y):
+    return y if x is None else x if y is None else x + y
+
+
 @once_differentiable
-def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad):
+def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics):
+    nothing = (None,) * 17
+    if ctx.totals:
+        d_loss = None   # the per-token losses are not differentiable then: the 0-d total is
+    else:
+        d_total = None  # the empty placeholder output
     if ctx.grad_in_forward:
         grad, target = ctx.saved_tensors
-        return (_hand_back(grad, target, d_loss, ctx.shifted),) + (None,) * 14
-    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau = ctx.saved_tensors
-    d_loss = d_loss if ctx.with_loss else None
+        return (_hand_back(grad, target, d_total, ctx.shifted),) + nothing[1:]
+    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau, params = ctx.saved_tensors
+    if not ctx.with_loss:
+        d_loss = d_total = None
     d_entropy = d_entropy if ctx.with_entropy else None
-    if d_loss is None and d_logp is None and d_entropy is None:
-        return (None,) * 15
-    # The loss output is g_t · loss_t per token, so ∂L/∂logp_t = (∂L/∂loss_t) · coef_t.
-    dlogp = torch.zeros_like(log2_sum)
-    if d_loss is not None:
-        dlogp = dlogp + coef * d_loss
-        if ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
-            seq_id = segment_ids(cu, dlogp.numel())
-            per_seq = per_sequence_sum(weight * d_loss, seq_id, cu.numel() - 1)
-            dlogp = dlogp + seq_coef * per_seq[seq_id]
-    if d_logp is not None:
-        dlogp = dlogp + d_logp
+    # The loss is Σ_t g_t·loss_t (− entropy_coef · Σ_t g_t·H_t): ∂L/∂logp_t = ∂L/∂loss · coef_t,
+    # coef_t = g_t · d loss_t / d logp_t, and the bonus adds ∂L/∂H_t = −entropy_coef · g_t · ∂L/∂loss.
+    d_loss = _loss_gradient(d_loss, d_total)
+    dlogp = None if d_loss is None else coef * d_loss
+    if d_loss is not None and ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
+        seq_id = segment_ids(cu, coef.numel())
+        per_seq = per_sequence_sum(weight * d_loss, seq_id, cu.numel() - 1)
+        dlogp = dlogp + seq_coef * per_seq[seq_id]
+    dlogp = _add(dlogp, d_logp)
+    if d_total is not None and ctx.entropy_bonus:
+        d_entropy = _add(d_entropy, weight * (d_total * -params[ENTROPY_COEF].float()))
+    if dlogp is None and d_entropy is None:
+        return nothing
+    dlogp = torch.zeros_like(log2_sum) if dlogp is None else dlogp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
-    args = (target, base, log2_sum, dlogp.float().contiguous(), entropy if dent is not None else None,
-            dent, tau, ctx.params, ctx.softcap, ctx.shifted)
+    args = (target, base, log2_sum, dlogp, entropy if dent is not None else None, dent, tau, params, ctx.softcap,
+            ctx.shifted)
     if ctx.inplace:
         sweeps_backward_(logits, *args)
         grad = logits
     else:
         grad = sweeps_backward(logits, *args)
-    return (grad,) + (None,) * 14
+    return (grad,) + nothing[1:]
 
 
 torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward, setup_context=_sweeps_setup)
 
 
-def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False):
-    """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch, as
-    ``RowStats`` (absent fields None) whose logp, entropy and loss carry gradient to the logits.
-    The KL term runs only for β > 0: the reference log-probs are not read at β = 0.
+def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
+              totals=NO_TOTALS, entropy_coef=0.0):
+    """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch:
+    (``RowStats`` with absent fields None, whose logp, entropy and loss carry gradient to the
+    logits; with ``totals`` the 0-d loss, differentiable, else None; with LOSS_AND_METRICS the
+    detached metrics vector (``_sweep_types.METRICS``), else None).
+    The KL term runs only for β > 0 (the reference log-probs then only give the kl metric).
     ``grad_in_forward`` (a token-level loss only): the logits' gradient is computed in the same
-    launch, into the logits themselves with ``inplace_backward``; only the loss is differentiable."""
+    launch, into the logits themselves with ``inplace_backward``; only the loss is differentiable.
+    ``entropy_coef``: the bonus the loss total subtracts (with ``totals``)."""
     with_loss = batch.adv is not None
-    ref = batch.ref if hp.beta > 0 else None
+    ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None
+    params = pack_params(hp, lmap, entropy_coef)
     if grad_in_forward and inplace_backward:
         out = OneSweepInplace.apply(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
-                                    pack_params(hp, lmap), lmap.softcap, bool(with_entropy), bool(shifted))
+                                    params, lmap.softcap, bool(with_entropy), bool(shifted), totals)
+        out = out[:8] + (None,) + out[8:]
     else:
-        out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
-                             pack_params(hp, lmap), lmap.softcap, bool(with_entropy), with_loss,
-                             bool(shifted), bool(inplace_backward), batch.cu if hp.kind == GSPO_KIND else None,
-                             bool(grad_in_forward))
+        out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau, params,
+                             lmap.softcap, bool(with_entropy), with_loss, bool(shifted), bool(inplace_backward),
+                             batch.cu if hp.kind == GSPO_KIND else None, bool(grad_in_forward), totals,
+                             totals != NO_TOTALS and with_loss and bool(with_entropy) and _nonzero(entropy_coef))
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    return RowStats(*(x if p else None for x, p in zip(out, present)))
+    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))
+    return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)
+
+
+def _nonzero(value):
+    """``value != 0`` for a number; inside torch.compile a guard on it (the value itself stays a
+    graph input, so a new nonzero value does not recompile)."""
+    return value != 0
 
 
 # ---- hidden states and LM head ------------------------------------------------------------------
@@ -371,14 +432,14 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
 @torch.library.custom_op("mhpo_kernels::fused_linear_forward", mutates_args=())
 def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
-    adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: List[float],
+    adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
     entropy_coef: float = 0.0, n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
     for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
     validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``)."""
-    hp, lmap = _unpack(params, softcap, tau)
+    hp, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
@@ -440,11 +501,11 @@ torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_ba
 @torch.library.custom_op("mhpo_kernels::fused_linear_logprobs", mutates_args=())
 def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
-    params: List[float], softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
+    params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp, entropy (empty unless asked), base, log2_sum), each (N,) fp32; 1 GEMM per chunk. The
     last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``."""
-    _, lmap = _unpack(params, softcap, tau)
+    _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
                                                               with_entropy, n_valid=n_valid)
@@ -461,12 +522,12 @@ def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entro
 def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     base: Tensor, log2_sum: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
-    params: List[float], softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
+    params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
     n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
-    _, lmap = _unpack(params, softcap, tau)
+    _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, log2_sum,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import per_sequence_sum
-from ._sweep_types import RowStats
+from ._sweep_types import METRICS, RowStats
 from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
 CHUNK_BYTES = 64 << 20  # the sweeps' working memory beyond their inputs and outputs
@@ -179,7 +179,14 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
     return out(log_s[seq_id]), out(share), out(g * loss), out(g * kl_coef)
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None):
+def _zero_tail(grad):
+    """Position T of each sequence of the (B, T + 1, V) tensor whose first T positions ``grad`` is:
+    zeros (the next-token shift's last position predicts nothing)."""
+    B, T, V = grad.shape
+    grad.as_strided((B, 1, V), grad.stride(), grad.storage_offset() + T * grad.stride(1)).zero_()
+
+
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False):
     """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
     upstream gradient of 1 into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
@@ -207,12 +214,14 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         )
     if grad is not None:
         mhpo_bwd(logits, grad, target, out.base, out.log2_sum, torch.zeros_like(out.coef) + out.coef, None, None,
-                 lmap)
+                 lmap, zero_tail)
     return out
 
 
-def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap):
-    """Sweep 2 in PyTorch; see ``kernels.backward`` for the derivation."""
+def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap, zero_tail=False):
+    """Sweep 2 in PyTorch; see ``kernels.backward`` for the derivation (and ``zero_tail``)."""
+    if zero_tail:
+        _zero_tail(grad)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         q, valid, _, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
@@ -238,7 +247,39 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     return grad
 
 
-def scale_rows_(grad, scale):
-    """grad (B, T, V) row r times ``scale`` (B·T,) fp32, in place (``kernels.backward.scale_rows_``)."""
+def scale_rows_(grad, target, scale):
+    """grad (B, T, V) times the 0-d ``scale`` at the rows of valid tokens, in place
+    (``kernels.backward.scale_rows_``)."""
     B, T, _ = grad.shape
-    return grad.mul_(scale.reshape(B, T, 1))
+    return grad.mul_(torch.where(target.reshape(B, T, 1) >= 0, scale.float(), 1.0))
+
+
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics):
+    """(the 0-d fp32 loss Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t, 0 without ``loss``; the
+    (len(METRICS),) fp32 metrics when ``metrics``, means over valid tokens, 0 when there are none,
+    slots a call does not have 0; else empty), as ``kernels.finalize``."""
+    total = torch.zeros((), dtype=torch.float32, device=target.device)
+    if loss is not None:
+        total = loss.sum()
+        if entropy_coef != 0:
+            total = total - entropy_coef * (g * entropy).sum()
+    out = torch.zeros(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
+    if not metrics:
+        return total, out
+    valid = target >= 0
+    n_valid = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return torch.where(valid, x, 0.0).sum().div(n_valid)
+
+    log_ratio = logp - old if old is not None else torch.zeros_like(logp)
+    values = dict(abs_log_ratio=mean(log_ratio.abs()), entropy=mean(entropy), logp=mean(logp))
+    if mhpo:
+        values.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)),
+                      saturated_frac=mean((log_ratio.abs() > c).float()))
+    if ref is not None:
+        delta = ref - logp
+        values["kl"] = mean(torch.expm1(delta) - delta)
+    for name, value in values.items():
+        out[METRICS.index(name)] = value
+    return total, out

@@ -198,9 +198,9 @@ def test_gradient_buffer_in_phase(monkeypatch):
     seen = []
     launch = backward.mhpo_bwd
 
-    def recording(logits, grad, *args):
+    def recording(logits, grad, *args, **kwargs):
         seen.append((logits.stride(), grad.stride(), _in_phase(logits, grad, 8)))
-        return launch(logits, grad, *args)
+        return launch(logits, grad, *args, **kwargs)
 
     monkeypatch.setattr(backward, "mhpo_bwd", recording)
     g = torch.Generator().manual_seed(12)

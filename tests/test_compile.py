@@ -165,7 +165,9 @@ def test_opcheck(config):
     from mhpo_kernels import ops
 
     g = torch.Generator().manual_seed(5)
-    params = [1.5, 1.5, 1.0, 2.0, 0.8, 0.1, 1 / 0.9, 1.0, 0.0, 1.0, 1.0]  # ops.pack_params: MHPO
+    from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+
+    params = ops.pack_params(MHPOParams(beta=0.1), LogitMap.make(0.9))
     if config.startswith("logits"):
         shifted = config.startswith("logits-shifted")
         x = torch.randn(2, 4 if shifted else 3, 200, generator=g).requires_grad_()
@@ -185,9 +187,7 @@ def test_opcheck(config):
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
             fwd_args = (x.detach().clone(),) + args[1:8] + (False, full, shifted)
             torch.library.opcheck(ops.sweeps_forward_grad_, fwd_args)
-            scale = torch.randn(6, generator=g)
-            scale[:3] = 1.0
-            torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), scale, shifted))
+            torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), ids, torch.tensor(2.5), shifted))
             return
         torch.library.opcheck(ops.sweeps_forward, args)
         if shifted:  # the backward ops themselves, out of place and in place

@@ -40,7 +40,7 @@ def _token_coefficients(logits, kwargs, hp):
     batch = prepare_mhpo(kwargs["input_ids"], logits.shape[:-1], logits.shape[-1], logits.device,
                          kwargs["old_logprobs"], kwargs["advantages"], None, None, 0.0,
                          "seq-mean-token-mean", -100)
-    stats = row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)
+    stats, _, _ = row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)
     return stats.coef, batch.weight, batch.adv, stats.logp
 
 
@@ -174,7 +174,7 @@ def test_kl_term_accurate_near_the_reference_policy(device):
     def run(ref):
         batch = prepare_mhpo(ids, ids.shape, V, logits.device, None, torch.zeros(1, device=device),
                              None, ref, beta, "token-mean", -100)
-        return row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)
+        return row_stats(logits, batch, hp, LogitMap.make(1.0), with_entropy=False)[0]
 
     logp = run(torch.zeros(1, T, device=device)).logp
     ref = (logp + d.to(device)).reshape(1, T)

@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, launch_splits, split_length, sweep_config
+from .._config import FP_FUSION, launch_splits, on_device, split_length, sweep_config
 from .logit_map import LN2, _logit_slope, _logit_u
-from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_target
+from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_or_tail, _row_target
 
 # Derivation. With z the logit the softmax sees, p = softmax(z) and ln p_v = z_v − lse:
 #
@@ -124,7 +124,7 @@ def _mhpo_bwd_kernel(
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
-    T, V,
+    N, T, V,                                     # rows ≥ N: the zero rows after each sequence (_row_or_tail)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
@@ -134,11 +134,11 @@ def _mhpo_bwd_kernel(
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    off = _row_offset(row, T, stride_xb, stride_xt)
-    d_off = _row_offset(row, T, stride_db, stride_dt)
+    off = _row_or_tail(row, N, T, stride_xb, stride_xt)
+    d_off = _row_or_tail(row, N, T, stride_db, stride_dt)
     p_row = p_x + off
     p_drow = p_dx + d_off
-    y, valid, has_y, _ = _row_target(p_y, row, V)
+    y, valid, has_y, _ = _row_target(p_y, row, N, V)
     o_blk = _block_offsets(R, LANES, VEC)
     # Both rows are walked in the logits' blocks (see forward.py): [lead, n_end) from each block
     # base. The gradient's stores are vectors too when its rows share the logits' lead (always in
@@ -176,13 +176,14 @@ def _mhpo_bwd_kernel(
         _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R, LANES, VEC)
 
 
-@triton.jit
-def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V, BLOCK: tl.constexpr):
-    """Row r of the gradient times scale[r], read on the device: a row whose scale is 1 is not
-    touched at all, so handing back a gradient computed for 1 costs nothing logits-sized."""
+@triton.jit(do_not_specialize=["T"])
+def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_y, p_scale, T, V, BLOCK: tl.constexpr):
+    """The gradient rows of the valid tokens times the 0-d ``scale``, read on the device: when it
+    is 1 nothing is touched at all, so handing back a gradient computed for 1 costs nothing
+    logits-sized (invalid tokens' rows are zero and stay so, whatever the scale)."""
     row = tl.program_id(0)
-    scale = tl.load(p_scale + row)
-    if scale != 1.0:
+    scale = tl.load(p_scale).to(tl.float32)
+    if (scale != 1.0) & (tl.load(p_y + row) >= 0):
         p_row = p_dx + _row_offset(row, T, stride_db, stride_dt)
         o = tl.arange(0, BLOCK)
         for v0 in range(0, V, BLOCK):
@@ -191,15 +192,17 @@ def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V, BLOCK: tl.cons
             tl.store(p_row + v0 + o, (x * scale).to(p_dx.dtype.element_ty), mask=m)
 
 
-def scale_rows_(grad, scale):
-    """grad (B, T, V) row r times ``scale`` (B·T,) fp32, in place, rows whose scale is 1 skipped."""
+def scale_rows_(grad, target, scale):
+    """grad (B, T, V) times the 0-d ``scale`` in place, at the rows of valid tokens (``target``
+    (B·T,) int32 ≥ 0); nothing at all when the scale is 1."""
     B, T, V = grad.shape
     if B * T == 0:
         return grad
-    assert grad.stride(-1) == 1 and scale.is_contiguous() and scale.dtype == torch.float32
+    assert grad.stride(-1) == 1 and target.is_contiguous() and scale.dim() == 0
     block = min(4096, max(16, 1 << (V - 1).bit_length()))
-    _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), scale, T, V, BLOCK=block,
-                                 num_warps=max(1, min(8, block // 256)))
+    with on_device(grad.device):
+        _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), target, scale, T, V, BLOCK=block,
+                                     num_warps=max(1, min(8, block // 256)))
     return grad
 
 
@@ -211,13 +214,16 @@ def _in_phase(logits, grad, vec):
                if n > 1)
 
 
-def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap):
+def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap, zero_tail=False):
     """Launch sweep 2: write ∂L/∂logits into ``grad`` (B, T, V, unit stride along V); ``grad``
     may be ``logits`` itself (each element is read before it is written, by the same lane). Rows
-    too few to fill the GPU are split over several programs each (``_config.launch_splits``)."""
+    too few to fill the GPU are split over several programs each (``_config.launch_splits``).
+    ``zero_tail``: ``logits`` and ``grad`` are the first T positions of (B, T + 1, V) tensors (the
+    next-token shift), and position T of each sequence gets a zero row too."""
     B, T, V = logits.shape
     N = B * T
-    if N == 0:
+    tail = B if zero_tail else 0
+    if N + tail == 0:
         return grad
     per_token = (target, base, log2_sum, dlogp, entropy, dentropy, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
@@ -225,22 +231,24 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
     splits = launch_splits(N, V, logits.element_size(), logits.device)
-    _mhpo_bwd_kernel[(N,) if splits == 1 else (N, splits)](
-        logits, logits.stride(0), logits.stride(1),
-        grad, grad.stride(0), grad.stride(1),
-        target, base, log2_sum, dlogp,
-        entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
-        dlogp if lmap.tau is None else lmap.tau,
-        split_length(V, cfg, splits),
-        T, V,
-        lmap.log2_scale, lmap.tanh_scale, lmap.slope,
-        SOFTCAP=lmap.softcap,
-        HAS_DENT=has_dent,
-        HAS_TAU=lmap.tau is not None,
-        DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
-        SPLIT=splits > 1,
-        R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
-        num_warps=cfg.num_warps,
-        enable_fp_fusion=FP_FUSION,
-    )
+    grid = (N + tail,) if splits == 1 else (N + tail, splits)
+    with on_device(logits.device):
+        _mhpo_bwd_kernel[grid](
+            logits, logits.stride(0), logits.stride(1),
+            grad, grad.stride(0), grad.stride(1),
+            target, base, log2_sum, dlogp,
+            entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
+            dlogp if lmap.tau is None else lmap.tau,
+            split_length(V, cfg, splits),
+            N, T, V,
+            lmap.log2_scale, lmap.tanh_scale, lmap.slope,
+            SOFTCAP=lmap.softcap,
+            HAS_DENT=has_dent,
+            HAS_TAU=lmap.tau is not None,
+            DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
+            SPLIT=splits > 1,
+            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+            num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION,
+        )
     return grad

@@ -5,12 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, MAX_ROW_SPLITS, launch_splits, persistent_programs, split_length, sweep_config
+from .._config import (FP_FUSION, MAX_ROW_SPLITS, launch_splits, on_device, persistent_programs, split_length,
+                       sweep_config)
 from .._sweep_types import RowStats
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
 from .rows import (_block_base, _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan,
-                   _row_lead, _row_offset, _row_target)
+                   _row_lead, _row_offset, _row_or_tail, _row_target)
 from .token_math import _expm1, _k3, _token_loss
 
 # The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
@@ -122,7 +123,7 @@ def _fwd_row(
     in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits."""
     off = _row_offset(row, T, stride_xb, stride_xt)
     p_row = p_x + off
-    y, valid, has_y, n_read = _row_target(p_y, row, V)  # invalid rows read nothing, write zeros
+    y, valid, has_y, n_read = _row_target(p_y, row, N, V)  # invalid rows read nothing, write zeros
     if HAS_TAU:  # τ_t divides k once per row: the loop sees a row constant, as for a scalar τ
         tau = tl.load(p_tau + row, mask=valid, other=1.0)
         k = k / tau
@@ -235,7 +236,7 @@ def _mhpo_fwd_kernel(
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_dx, stride_db, stride_dt,                  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
-    N, T, V,
+    N, T, V, n_tail,                             # n_tail: zero rows after the tokens (GRAD_IN_FORWARD)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
     SOFTCAP: tl.constexpr,
@@ -253,13 +254,19 @@ def _mhpo_fwd_kernel(
 ):
     if GRAD_IN_FORWARD:
         # A grid of a few programs per SM, each taking rows in turn: at most that many rows are in
-        # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
-        for row in range(tl.program_id(0), N, tl.num_programs(0)):
-            _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
-                     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
-                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
-                     True, DX_IN_PHASE, 0, R, LANES, VEC)
+        # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic). The
+        # n_tail rows after the N tokens are the zero gradient rows of the shift (_row_or_tail).
+        for row in range(tl.program_id(0), N + n_tail, tl.num_programs(0)):
+            if row < N:
+                _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+                         p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                         p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                         SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                         True, DX_IN_PHASE, 0, R, LANES, VEC)
+            else:
+                lead = _row_lead(_row_or_tail(row, N, T, stride_xb, stride_xt), VEC)
+                p_dblk = _block_base(p_dx, _row_or_tail(row, N, T, stride_db, stride_dt), lead, DX_IN_PHASE, VEC)
+                _zero_row(p_dblk, _block_offsets(R, LANES, VEC), lead, lead + V, 0, lead + V, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                  p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
@@ -268,18 +275,20 @@ def _mhpo_fwd_kernel(
                  False, DX_IN_PHASE, SPLIT, R, LANES, VEC)
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None):
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False):
     """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32.
 
     ``grad``: also write ∂L/∂logits for an upstream gradient of 1 into it (B, T, V, unit stride
     along V; may be ``logits`` itself), in the same persistent launch (needs ``with_loss``).
     Without it, rows too few to fill the GPU are split over several programs each
     (``_config.launch_splits``): one launch for the splits, one for their combine and the
-    epilogue."""
+    epilogue. ``zero_tail`` (with ``grad``): ``logits`` and ``grad`` are the first T positions of
+    (B, T + 1, V) tensors, and position T of each sequence gets a zero gradient row."""
     B, T, V = logits.shape
     N = B * T
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
-    if N == 0:
+    tail = B if zero_tail and grad is not None else 0
+    if N + tail == 0:
         return out
     per_token = (target, old, adv, g, ref, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
@@ -309,7 +318,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if out.coef is None else out.coef,
             dx, dx.stride(0), dx.stride(1),
             part, splits, split_len,
-            N, T, V,
+            N, T, V, tail,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             *hp.values, hp.beta,
             SOFTCAP=lmap.softcap,
@@ -327,11 +336,12 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             enable_fp_fusion=FP_FUSION,
         )
 
-    if one_sweep:
-        launch((persistent_programs(N, logits.device),), 0, cfg.num_warps)
-    elif splits == 1:
-        launch((N,), 0, cfg.num_warps)
-    else:
-        launch((N, splits), 1, cfg.num_warps)
-        launch((N,), 2, 1)   # per row: a few scalars, no logits but the target's
+    with on_device(logits.device):
+        if one_sweep:
+            launch((persistent_programs(N + tail, logits.device),), 0, cfg.num_warps)
+        elif splits == 1:
+            launch((N,), 0, cfg.num_warps)
+        else:
+            launch((N, splits), 1, cfg.num_warps)
+            launch((N,), 2, 1)   # per row: a few scalars, no logits but the target's
     return out

@@ -46,13 +46,24 @@ def _block_base(p, off, lead, ALIGNED: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _row_target(p_y, row, V):
-    """(y, valid, has_y, n_read) of a row: its int32 target id; whether the row is a valid token
+def _row_or_tail(row, N, T, stride_b, stride_t):
+    """``_row_offset`` of a token row (row < N), or of the position after the last token of
+    sequence row − N (row ≥ N): with the next-token shift, the logits (B, T + 1, V) are read as
+    their first T positions, and the programs past the N = B·T tokens write the zero gradient
+    rows of position T, in the same launch (no copy, no padding)."""
+    i_tail = row - N
+    tail = _row_offset(i_tail * T + (T - 1), T, stride_b, stride_t) + stride_t  # (b, T − 1), one on
+    return tl.where(i_tail >= 0, tail, _row_offset(row, T, stride_b, stride_t))
+
+
+@triton.jit
+def _row_target(p_y, row, N, V):
+    """(y, valid, has_y, n_read) of a row (rows ≥ N are none): its int32 target id; whether the row is a valid token
     (y ≥ 0; the launcher writes −1 for invalid ones); whether the target lies in this row's
     logits (y < V: with the vocabulary split over ranks, y ≥ V means it is on another rank's
     slice, and the row is still read for the log-sum-exp); how many logits to read (0 for
     invalid rows)."""
-    y = tl.load(p_y + row)
+    y = tl.load(p_y + row, mask=row < N, other=-1)  # a tail row (``_row_or_tail``) is no token
     valid = y >= 0
     return y, valid, valid & (y < V), tl.where(valid, V, 0)
 

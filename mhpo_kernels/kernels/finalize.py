@@ -1,0 +1,94 @@
+"""After sweep 1: the loss and every metric, reduced over the N tokens by one program in a fixed
+order (no atomics: the same bits on every run), into one small fp32 vector."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import on_device
+from .._sweep_types import METRICS
+
+from .token_math import _k3
+
+# Slots of the metrics vector, as ``_sweep_types.METRICS`` names them.
+PSI, ZETA, SURVIVAL, ABS_LOG_RATIO, SATURATED, ENTROPY, LOGP, KL = (
+    tl.constexpr(METRICS.index(name)) for name in METRICS)
+BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["N"])
+def _finalize_kernel(
+    p_target, p_loss, p_g, p_ent, p_logp, p_psi, p_zeta, p_old, p_ref,   # (N,) from sweep 1 and prepare
+    p_loss_out, p_out,                                                     # 0-d and (len(METRICS),) fp32
+    N, entropy_coef, c,
+    WITH_LOSS: tl.constexpr, ENTROPY_BONUS: tl.constexpr, METRICS: tl.constexpr, MHPO: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """loss = Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t (the sweep wrote g_t·loss_t), and the
+    metrics: means over valid tokens (0 when there are none). Each sum runs per lane over the
+    blocks in order, then once across the lanes."""
+    o_b = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.float32)
+    loss, bonus, n = zero, zero, zero
+    psi, zeta, survival, abs_lr, saturated, ent, logp, kl = zero, zero, zero, zero, zero, zero, zero, zero
+    for t0 in range(0, N, BLOCK):
+        o = t0 + o_b
+        m = o < N
+        if WITH_LOSS:
+            loss += tl.load(p_loss + o, mask=m, other=0.0)
+            if ENTROPY_BONUS:
+                bonus += tl.load(p_g + o, mask=m, other=0.0) * tl.load(p_ent + o, mask=m, other=0.0)
+        if METRICS:
+            valid = tl.load(p_target + o, mask=m, other=-1) >= 0
+            n += valid.to(tl.float32)
+            b_logp = tl.load(p_logp + o, mask=valid, other=0.0)
+            if HAS_OLD:
+                log_ratio = b_logp - tl.load(p_old + o, mask=valid, other=0.0)
+            else:
+                log_ratio = zero
+            if MHPO:
+                b_zeta = tl.load(p_zeta + o, mask=valid, other=0.0)
+                psi += tl.load(p_psi + o, mask=valid, other=0.0)
+                zeta += b_zeta
+                survival += tl.where(valid, tl.exp(-b_zeta), 0.0)
+                saturated += tl.where(valid & (tl.abs(log_ratio) > c), 1.0, 0.0)
+            abs_lr += tl.where(valid, tl.abs(log_ratio), 0.0)
+            ent += tl.load(p_ent + o, mask=valid, other=0.0)
+            logp += b_logp
+            if HAS_REF:
+                kl += tl.where(valid, _k3(tl.load(p_ref + o, mask=valid, other=0.0) - b_logp), 0.0)
+    total = tl.sum(loss, 0)
+    if ENTROPY_BONUS:
+        total -= entropy_coef * tl.sum(bonus, 0)
+    tl.store(p_loss_out, total)
+    if METRICS:
+        count = tl.maximum(tl.sum(n, 0), 1.0)
+        tl.store(p_out + PSI, tl.sum(psi, 0) / count)
+        tl.store(p_out + ZETA, tl.sum(zeta, 0) / count)
+        tl.store(p_out + SURVIVAL, tl.sum(survival, 0) / count)
+        tl.store(p_out + ABS_LOG_RATIO, tl.sum(abs_lr, 0) / count)
+        tl.store(p_out + SATURATED, tl.sum(saturated, 0) / count)
+        tl.store(p_out + ENTROPY, tl.sum(ent, 0) / count)
+        tl.store(p_out + LOGP, tl.sum(logp, 0) / count)
+        tl.store(p_out + KL, tl.sum(kl, 0) / count)
+
+
+
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics):
+    """Launch the reduction: (the 0-d fp32 loss, 0 without ``loss``; the (len(METRICS),) fp32
+    metrics when ``metrics``, else empty; slots a call does not have hold 0)."""
+    N = target.numel()
+    total = torch.empty((), dtype=torch.float32, device=target.device)
+    out = torch.empty(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
+    dummy = total
+    with on_device(target.device):
+        _finalize_kernel[(1,)](
+            target, dummy if loss is None else loss, dummy if g is None else g,
+            dummy if entropy is None else entropy, logp, dummy if psi is None else psi,
+            dummy if zeta is None else zeta, dummy if old is None else old, dummy if ref is None else ref,
+            total, out, N, float(entropy_coef), float(c),
+            WITH_LOSS=loss is not None, ENTROPY_BONUS=loss is not None and entropy_coef != 0, METRICS=metrics,
+            MHPO=mhpo, HAS_OLD=old is not None, HAS_REF=ref is not None, BLOCK=BLOCK, num_warps=4,
+        )
+    return total, out
+
