@@ -47,8 +47,9 @@ def _check_real(name, value, low_ok):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     relation = ">=" if low_ok else ">"
     if torch.compiler.is_compiling():
-        torch._check(value >= 0 if low_ok else value > 0, lambda: f"{name} must be finite and {relation} 0")
-        torch._check(value < math.inf, lambda: f"{name} must be finite and {relation} 0")
+        # As a tensor: a check of the symbolic number itself would specialize the graph on it.
+        t = torch.zeros((), dtype=torch.float64) + value
+        torch._assert_async(((t >= 0) if low_ok else (t > 0)) & (t < math.inf), f"{name} must be finite and {relation} 0")
         return value
     if not (math.isfinite(value) and (value >= 0 if low_ok else value > 0)):
         raise ValueError(f"{name} must be finite and {relation} 0, got {value}")
@@ -192,7 +193,9 @@ def check_normalizer(normalizer, device):
         if normalizer.device != device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer is on {normalizer.device}, but the inputs are on {device}")
         return normalizer.detach().to(device=device, dtype=torch.float32)
-    return torch.tensor(check_positive("normalizer", normalizer), dtype=torch.float32, device=device)
+    # Not torch.tensor(value, device=...): on a GPU that is a copy from host memory (a sync), and
+    # inside torch.compile it would specialize the graph on the value.
+    return torch.zeros((), dtype=torch.float32, device=device) + check_positive("normalizer", normalizer)
 
 
 def _check_ids(input_ids, token_shape, device, source, convert=True):

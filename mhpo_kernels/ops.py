@@ -32,8 +32,13 @@ BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF = range(5, 12)
 
 def pack_params(hp, lmap, entropy_coef=0.0):
     """The ``params`` host tensor of the ops (slots above)."""
-    return torch.tensor([*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef],
-                        dtype=torch.float64)
+    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef]
+    if torch.compiler.is_compiling():
+        # A number that changed between calls is symbolic here; torch.tensor of it would specialize
+        # the graph on its value (a recompile per value), arithmetic on a tensor keeps it an input.
+        zero = torch.zeros((), dtype=torch.float64)
+        return torch.stack([zero + v for v in values])
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _unpack(params, softcap, tau=None):

@@ -245,3 +245,60 @@ def test_new_temperature_tensor_does_not_recompile():
     for got, expected in results:
         assert got == pytest.approx(expected, rel=FP32_RTOL)
     assert len({round(e, 9) for _, e in results}) == 3  # the τ values did change the loss
+
+
+VALUES = [(1.0, 0.1, 0.01, 3.0), (0.7, 0.2, 0.02, 4.0), (1.3, 0.05, 0.03, 5.0), (0.9, 0.3, 0.5, 7.0)]
+
+
+def _hyper_calls():
+    """Each public form with every hyperparameter that may change between calls as an argument:
+    temperature τ, β, entropy_coef, a float normalizer (token_logprobs and the module: τ)."""
+    from mhpo_kernels.objectives import PPOClip
+
+    def mhpo(x, i, tau, beta, ec, norm):
+        return mhpo_kernels.mhpo_loss(x, i["ids"], i["old"], i["adv"], i["mask"], temperature=tau, beta=beta,
+                                      ref_logprobs=i["ref"], entropy_coef=ec, normalizer=norm, return_metrics=True)[0]
+
+    def policy(x, i, tau, beta, ec, norm):
+        return mhpo_kernels.policy_loss(x, i["ids"], i["old"], i["adv"], i["mask"], objective=PPOClip(),
+                                        temperature=tau, beta=beta, ref_logprobs=i["ref"], entropy_coef=ec,
+                                        normalizer=norm, loss_agg_mode="token-mean")
+
+    def logprobs(x, i, tau, *_):
+        logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True)
+        return logp.sum() + entropy.sum()
+
+    module = mhpo_kernels.MHPOLoss(beta=0.1)
+
+    def module_forward(x, i, tau, *_):
+        return module(x, i["ids"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], temperature=tau)
+
+    return [mhpo, policy, logprobs, module_forward]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("call", _hyper_calls(), ids=lambda c: c.__name__)
+def test_new_hyperparameter_values_compile_at_most_twice(call, backend):
+    """A new τ, β, entropy_coef or normalizer under torch.compile(fullgraph=True): dynamo compiles
+    the first values as constants, then once with them as graph inputs, and never again (they
+    reach the ops as a host tensor, and their checks are asserts on it); each call equals eager."""
+    g = torch.Generator().manual_seed(8)
+    B, T, V = 2, 3, 24
+    i = dict(ids=torch.randint(0, V, (B, T), generator=g), mask=torch.ones(B, T, dtype=torch.bool),
+             old=torch.randn(B, T, generator=g) - 3, ref=torch.randn(B, T, generator=g) - 3,
+             adv=torch.randn(B, generator=g))
+    logits = torch.randn(B, T + 1, V, generator=g) * 2
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    losses = set()
+    with mhpo_kernels.use_backend(backend):
+        for values in VALUES:
+            x, e = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            got, expected = compiled(x, i, *values), call(e, i, *values)
+            got.backward()
+            expected.backward()
+            assert max_rel_err(got.detach(), expected.detach()) <= FP32_RTOL
+            assert max_rel_err(x.grad, e.grad) <= FP32_RTOL
+            losses.add(round(expected.item(), 6))
+    assert counter.frame_count <= 2, counter.frame_count
+    assert len(losses) == len(VALUES)   # the values did change the result
