@@ -4,8 +4,10 @@ torch.compile. And the fp32-output GEMM is chosen from the torch version and the
 
 A host sync is any operation whose result the host must wait for: a scalar read
 (``aten._local_scalar_dense`` or ``is_nonzero``: ``.item()``, ``bool()``, ``int()``), ``.tolist()`` (on a CPU tensor
-it reads memory without the dispatcher, so it is counted at the Python level), and the ops whose
-output shape depends on values (``nonzero``, boolean-mask indexing, ``masked_select``). On a GPU
+it reads memory without the dispatcher, so it is counted at the Python level), a tensor made from
+Python data on a named device (``torch.tensor(x, device=...)``: on a GPU a copy from host memory,
+counted at the Python level too), and the ops whose output shape depends on values (``nonzero``,
+boolean-mask indexing, ``masked_select``). On a GPU
 each of them waits for the stream; counted here on CPU tensors, where the same calls are made.
 """
 
@@ -59,12 +61,21 @@ def counting_syncs(outside_ops=True):
     Inside the ops only: torch.compile runs no frame while a dispatch mode is active, but a
     compiled graph calls the ops' implementations eagerly, so the count there is the run's."""
     mode = HostSyncs()
-    tolist = torch.Tensor.tolist
+    tolist, tensor, as_tensor = torch.Tensor.tolist, torch.tensor, torch.as_tensor
     patched = []
 
     def counted_tolist(self):
         mode.counts["tolist"] += 1
         return tolist(self)
+
+    def from_host(make, name):
+        """A tensor made from Python data on a named device: on a GPU a copy from host memory that
+        waits like a read (a tensor made without a device stays in host memory: no sync)."""
+        def run(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                mode.counts[name] += 1
+            return make(*args, **kwargs)
+        return run
 
     def inside(fn):
         def run(*args, **kwargs):
@@ -76,11 +87,13 @@ def counting_syncs(outside_ops=True):
         patched.append((op, dict(op._backend_fns)))
         op._backend_fns.update({k: inside(fn) for k, fn in op._backend_fns.items()})
     torch.Tensor.tolist = counted_tolist
+    torch.tensor, torch.as_tensor = from_host(tensor, "tensor(device=)"), from_host(as_tensor, "as_tensor(device=)")
     try:
         with mode if outside_ops else contextlib.nullcontext():
             yield mode
     finally:
         torch.Tensor.tolist = tolist
+        torch.tensor, torch.as_tensor = tensor, as_tensor
         for op, fns in patched:
             op._backend_fns.clear()
             op._backend_fns.update(fns)
@@ -167,6 +180,15 @@ def _compact(target: torch.Tensor) -> torch.Tensor:
 @_compact.register_fake
 def _(target):
     return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=target.dtype)
+
+
+def test_counter_sees_tensors_made_from_host_data():
+    """``torch.tensor(x, device=...)`` counts (a copy from host memory on a GPU); without a device
+    (a host tensor) it does not."""
+    with counting_syncs() as syncs:
+        torch.tensor([1.0, 2.0], device="cpu")
+        torch.tensor([1.0, 2.0])
+    assert dict(syncs.counts) == {"tensor(device=)": 1}, dict(syncs.counts)
 
 
 def test_counter_sees_syncs_inside_custom_ops():
