@@ -187,24 +187,39 @@ def split_length(V, cfg, splits):
 
 # ---- the one-sweep kernel (grad_in_forward) ---------------------------------------------------
 #
-# Persistent: PROGRAMS_PER_SM programs per SM take the rows in turn, so at most that many rows
-# are between their two reads at once. A row's second read hits L2 only if the rows in flight fit
-# in it: at 2 programs per SM, 264 bf16 rows of V 151,936 (297 KB each) are 78 MB, more than an
-# H100's 50 MB or an H200's 60 MB, but each program is part-way through its row, so on average
-# half of each is still to be re-read (39 MB); 1 per SM (39 MB, about 20 MB pending) leaves
-# margin and fewer bytes in flight. bench/gpu_check.sh times 1, 1.5 and 2.
-PROGRAMS_PER_SM = 2.0
+# Persistent: a few programs per SM take the rows in turn, so at most that many rows are between
+# their two reads at once, and a row's second read hits L2 only if the rows in flight fit in it.
+# Each program is part-way through its row, so on average half of each row in flight is still to
+# be re-read: P programs keep P · row_bytes / 2 pending. Sized from the device's L2 (PyTorch
+# reports 60 MB on an H200, 50 MB on an H100) so that the pending half-rows fill at most half of
+# it (the other half for the gradient's writes passing through): P = L2 / row_bytes, at least one
+# program per SM and at most two. bf16 rows of V 151,936 (304 KB): 197 programs on an H200 (1.5
+# per SM, L2 in MiB), 172 on an H100. The first pass loads with "evict_last", the second with
+# "evict_first". ``PROGRAMS_PER_SM`` set to a number overrides the rule (bench/gpu_check.sh times
+# 1, 1.5 and 2 per SM against it).
+PROGRAMS_PER_SM = None
+MAX_PROGRAMS_PER_SM_ONE_SWEEP = 2
 INTERPRETED_PROGRAMS = 4  # under Triton's interpreter (CPU tensors) each program costs milliseconds
 
 
-def persistent_programs(n_rows, device):
-    """The one-sweep kernel's grid: PROGRAMS_PER_SM × the device's SMs (at least one program per
-    SM), never more than the rows."""
+def one_sweep_programs(sms, l2_bytes, row_bytes, per_sm=None):
+    """The one-sweep grid on a device of ``sms`` SMs and ``l2_bytes`` of L2 for rows of
+    ``row_bytes``: ``per_sm`` × SMs when given, else L2 / row_bytes within [SMs, 2 · SMs]."""
+    if per_sm is not None:
+        return max(sms, int(per_sm * sms))
+    by_l2 = l2_bytes // max(row_bytes, 1) if l2_bytes else sms
+    return max(sms, min(MAX_PROGRAMS_PER_SM_ONE_SWEEP * sms, by_l2))
+
+
+def persistent_programs(n_rows, device, row_bytes=0):
+    """The one-sweep kernel's grid for ``n_rows`` rows of ``row_bytes`` (``one_sweep_programs``
+    on CUDA), never more than the rows."""
     if device.type == "cuda":
         import torch
 
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = max(sms, int(PROGRAMS_PER_SM * sms))
+        props = torch.cuda.get_device_properties(device)
+        programs = one_sweep_programs(props.multi_processor_count, getattr(props, "L2_cache_size", 0), row_bytes,
+                                      PROGRAMS_PER_SM)
     else:
         programs = INTERPRETED_PROGRAMS
     return max(1, min(n_rows, programs))

@@ -204,6 +204,7 @@ def mhpo_loss(
     seq_valid_tokens=None,
     entropy_coef=0.0,
     grad_in_forward=False,
+    grad_scale=1.0,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -308,6 +309,11 @@ def mhpo_loss(
             Only the loss is differentiable then (the metrics are detached anyway). Not with
             ``tp_group``, a sequence-level objective (GSPO) or ``entropy_coef > 0``. Off by
             default until a GPU measurement shows it faster (README).
+        grad_scale: with ``grad_in_forward``, the upstream gradient the loss's backward will get
+            (a number > 0: TRL's 1 / gradient accumulation steps, times a loss scaler's scale):
+            the forward computes the logits' gradient for it, so that when it arrives the
+            backward touches nothing (another value costs one more read and write of the
+            gradient, to rescale it). No effect on the loss or on any gradient's value.
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them.
 
@@ -324,6 +330,7 @@ def mhpo_loss(
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer,
         inplace_backward=inplace_backward, tp_group=tp_group, cu_seqlens=cu_seqlens,
         seq_valid_tokens=seq_valid_tokens, entropy_coef=entropy_coef, grad_in_forward=grad_in_forward,
+        grad_scale=grad_scale,
     )
 
 
@@ -348,6 +355,7 @@ def policy_loss(
     seq_valid_tokens=None,
     entropy_coef=0.0,
     grad_in_forward=False,
+    grad_scale=1.0,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -373,6 +381,7 @@ def policy_loss(
                                       "supported: its sequence ratio needs the log-probs of every rank")
         check_entropy_coef(entropy_coef)
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
+        check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
@@ -410,7 +419,7 @@ def policy_loss(
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     _, loss, metrics = row_stats(logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace,
                                  grad_in_forward=one_sweep, totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL,
-                                 entropy_coef=entropy_coef)
+                                 entropy_coef=entropy_coef, grad_scale=grad_scale)
     if not return_metrics:
         return loss
     return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
@@ -461,7 +470,7 @@ class MHPOLoss(torch.nn.Module):
     def __init__(
         self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, temperature=1.0,
         loss_agg_mode="seq-mean-token-mean", beta=0.0, ignore_index=-100, inplace_backward=False,
-        tp_group=None, entropy_coef=0.0, grad_in_forward=False,
+        tp_group=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0,
     ):
         super().__init__()
         self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg = mhpo_params(
@@ -474,6 +483,7 @@ class MHPOLoss(torch.nn.Module):
         self.tp_group = check_tp_group(tp_group)
         self.entropy_coef = check_entropy_coef(entropy_coef)
         self.grad_in_forward = check_grad_in_forward(grad_in_forward, None, self.tp_group, self.entropy_coef)
+        self.grad_scale = check_positive("grad_scale", grad_scale)
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None, cu_seqlens=None,
@@ -486,7 +496,7 @@ class MHPOLoss(torch.nn.Module):
             ignore_index=self.ignore_index, return_metrics=return_metrics, normalizer=normalizer,
             inplace_backward=self.inplace_backward, tp_group=self.tp_group, cu_seqlens=cu_seqlens,
             seq_valid_tokens=seq_valid_tokens, entropy_coef=self.entropy_coef,
-            grad_in_forward=self.grad_in_forward,
+            grad_in_forward=self.grad_in_forward, grad_scale=self.grad_scale,
         )
 
     def extra_repr(self):

@@ -26,13 +26,14 @@ from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logp
 # The runtime scalars of a call, in one float64 host (CPU) tensor: reading them is no device sync,
 # and inside torch.compile they are a graph input, so a new value (β, τ, the entropy bonus) reuses
 # the compiled graph. Slots: the objective's five values, β, the logit map's two scales, the
-# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus.
-BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF = range(5, 12)
+# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus, and the
+# upstream gradient the one-sweep kernel computes the logits' gradient for (``grad_in_forward``).
+BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF, GRAD_SCALE = range(5, 13)
 
 
-def pack_params(hp, lmap, entropy_coef=0.0):
+def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
     """The ``params`` host tensor of the ops (slots above)."""
-    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef]
+    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef, grad_scale]
     if torch.compiler.is_compiling():
         # A number that changed between calls is symbolic here; torch.tensor of it would specialize
         # the graph on its value (a recompile per value), arithmetic on a tensor keeps it an input.
@@ -42,10 +43,10 @@ def pack_params(hp, lmap, entropy_coef=0.0):
 
 
 def _unpack(params, softcap, tau=None):
-    """(TokenParams, LogitMap, entropy_coef) from ``params``: read on the host."""
+    """(TokenParams, LogitMap, every value by its slot) from ``params``: read on the host."""
     v = params.detach().numpy().tolist()
     hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
-    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau), v[ENTROPY_COEF]
+    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau), v
 
 
 def _without_autocast(device):
@@ -154,10 +155,12 @@ def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
 def _forward_sweep(a, grad=None):
     """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
     then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient."""
-    hp, lmap, entropy_coef = _unpack(a.params, a.softcap, a.tau)
+    hp, lmap, values = _unpack(a.params, a.softcap, a.tau)
+    entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
     sequence_level = a.with_loss and a.cu is not None
-    extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted}
+    extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted,
+                                     "grad_scale": values[GRAD_SCALE]}
     with _without_autocast(a.logits.device):
         # The KL term runs only for β > 0: the reference log-probs are then not read (they still
         # give the kl metric).
@@ -234,25 +237,27 @@ def _(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
 
 
 @torch.library.custom_op("mhpo_kernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, target: Tensor, scale: Tensor, shifted: bool) -> None:
-    """The valid tokens' rows of ``grad`` (B, T, V) times the 0-d ``scale``, in place (the
-    shift's last position, a zero row, is not a token); nothing when it is 1 (decided on the
-    device, no sync)."""
-    _dispatch.scale_rows(grad.device)(_token_rows(grad, shifted), target, scale)
+def scale_rows_(grad: Tensor, target: Tensor, upstream: Tensor, params: Tensor, shifted: bool) -> None:
+    """The valid tokens' rows of ``grad`` (B, T, V), computed for the upstream gradient
+    ``params[GRAD_SCALE]``, times the 0-d ``upstream`` over it, in place (the shift's last
+    position, a zero row, is not a token); nothing when they are equal (decided on the device, no
+    sync)."""
+    expected = _unpack(params, False)[2][GRAD_SCALE]
+    _dispatch.scale_rows(grad.device)(_token_rows(grad, shifted), target, upstream, expected)
 
 
 @scale_rows_.register_fake
-def _(grad, target, scale, shifted):
+def _(grad, target, upstream, params, shifted):
     return None
 
 
-def _hand_back(grad, target, d_total, shifted):
-    """The gradient the forward computed for an upstream gradient of 1, times the loss's upstream
-    gradient (a no-op when it is 1). Only the loss is differentiable then: the forward marks the
-    log-probs and entropy non-differentiable."""
+def _hand_back(grad, target, d_total, params, shifted):
+    """The gradient the forward computed for the upstream gradient it was told of, times the
+    loss's upstream gradient over that one (a no-op when they agree). Only the loss is
+    differentiable then: the forward marks the log-probs and entropy non-differentiable."""
     if d_total is None:
         return None
-    scale_rows_(grad, target, d_total, shifted)
+    scale_rows_(grad, target, d_total, params, shifted)
     return grad
 
 
@@ -266,7 +271,7 @@ class OneSweepInplace(torch.autograd.Function):
     def forward(ctx, logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted, totals):
         out = sweeps_forward_grad_(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy,
                                    shifted, totals)
-        ctx.save_for_backward(logits, target)  # after the overwrite: it is the gradient now
+        ctx.save_for_backward(logits, target, params)  # after the overwrite: it is the gradient now
         ctx.shifted = shifted
         ctx.mark_non_differentiable(*out[:8], out[9])  # only the 0-d loss
         ctx.set_materialize_grads(False)
@@ -275,8 +280,8 @@ class OneSweepInplace(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics):
-        grad, target = ctx.saved_tensors
-        return (_hand_back(grad, target, d_total, ctx.shifted),) + (None,) * 11
+        grad, target, params = ctx.saved_tensors
+        return (_hand_back(grad, target, d_total, params, ctx.shifted),) + (None,) * 11
 
 
 def _loss_gradient(d_loss, d_total):
@@ -337,7 +342,7 @@ def _sweeps_setup(ctx, inputs, output):
     if a.totals:  # the 0-d loss is the loss's one differentiable output
         ctx.mark_non_differentiable(loss)
     if a.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
-        ctx.save_for_backward(grad, a.target)
+        ctx.save_for_backward(grad, a.target, a.params)
         ctx.shifted = a.shifted
         ctx.mark_non_differentiable(base, log2_sum, logp, entropy, psi, zeta, loss, coef, grad, metrics)
         ctx.set_materialize_grads(False)
@@ -365,8 +370,8 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     else:
         d_total = None  # the empty placeholder output
     if ctx.grad_in_forward:
-        grad, target = ctx.saved_tensors
-        return (_hand_back(grad, target, d_total, ctx.shifted),) + nothing[1:]
+        grad, target, params = ctx.saved_tensors
+        return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
     logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau, params = ctx.saved_tensors
     if not ctx.with_loss:
         d_loss = d_total = None
@@ -400,7 +405,7 @@ torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward
 
 
 def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
-              totals=NO_TOTALS, entropy_coef=0.0):
+              totals=NO_TOTALS, entropy_coef=0.0, grad_scale=1.0):
     """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch:
     (``RowStats`` with absent fields None, whose logp, entropy and loss carry gradient to the
     logits; with ``totals`` the 0-d loss, differentiable, else None; with LOSS_AND_METRICS the
@@ -408,10 +413,11 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     The KL term runs only for β > 0 (the reference log-probs then only give the kl metric).
     ``grad_in_forward`` (a token-level loss only): the logits' gradient is computed in the same
     launch, into the logits themselves with ``inplace_backward``; only the loss is differentiable.
-    ``entropy_coef``: the bonus the loss total subtracts (with ``totals``)."""
+    ``entropy_coef``: the bonus the loss total subtracts (with ``totals``). ``grad_scale``: the
+    upstream gradient ``grad_in_forward`` computes the logits' gradient for."""
     with_loss = batch.adv is not None
     ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None
-    params = pack_params(hp, lmap, entropy_coef)
+    params = pack_params(hp, lmap, entropy_coef, grad_scale)
     if grad_in_forward and inplace_backward:
         out = OneSweepInplace.apply(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
                                     params, lmap.softcap, bool(with_entropy), bool(shifted), totals)

@@ -186,9 +186,10 @@ def _zero_tail(grad):
     grad.as_strided((B, 1, V), grad.stride(), grad.storage_offset() + T * grad.stride(1)).zero_()
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False):
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
+             grad_scale=1.0):
     """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
-    upstream gradient of 1 into it: the same two sweeps, so the same bits as running them apart."""
+    upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     for b, t0, t1, r0 in _chunks(logits):
@@ -213,8 +214,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             out.logp, valid, old, adv, g, ref, hp
         )
     if grad is not None:
-        mhpo_bwd(logits, grad, target, out.base, out.log2_sum, torch.zeros_like(out.coef) + out.coef, None, None,
-                 lmap, zero_tail)
+        mhpo_bwd(logits, grad, target, out.base, out.log2_sum, out.coef * grad_scale, None, None, lmap, zero_tail)
     return out
 
 
@@ -247,11 +247,12 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     return grad
 
 
-def scale_rows_(grad, target, scale):
-    """grad (B, T, V) times the 0-d ``scale`` at the rows of valid tokens, in place
-    (``kernels.backward.scale_rows_``)."""
+def scale_rows_(grad, target, upstream, expected=1.0):
+    """grad (B, T, V) times the 0-d ``upstream`` / ``expected`` at the rows of valid tokens, in
+    place (``kernels.backward.scale_rows_``)."""
     B, T, _ = grad.shape
-    return grad.mul_(torch.where(target.reshape(B, T, 1) >= 0, scale.float(), 1.0))
+    upstream = upstream.float()
+    return grad.mul_(torch.where(target.reshape(B, T, 1) >= 0, upstream / expected, 1.0))
 
 
 def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics):

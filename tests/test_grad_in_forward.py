@@ -1,13 +1,14 @@
 """grad_in_forward=True: the logits' gradient computed in the forward (one persistent launch on the
 Triton path, the two chunked sweeps back to back on the PyTorch path) against the two-sweep path,
-bit for bit at an upstream gradient of 1, within the rescale's own rounding at any other."""
+bit for bit at the upstream gradient the forward is told of (``grad_scale``, 1 by default),
+within the rescale's own rounding at any other."""
 
 import pytest
 import torch
 
 import mhpo_kernels
 from mhpo_kernels import MHPOLoss, mhpo_loss, policy_loss, token_logprobs
-from mhpo_kernels._config import persistent_programs
+from mhpo_kernels._config import one_sweep_programs, persistent_programs
 from mhpo_kernels.loss import check_grad_in_forward
 from mhpo_kernels.objectives import CISPO, GPG, GSPO, MHPO, SAPO, PPOClip
 
@@ -81,9 +82,12 @@ def test_matches_two_sweeps(case, backend, monkeypatch):
     if with_ref:
         kw.update(ref_logprobs=ref, beta=0.05)
     with mhpo_kernels.use_backend(backend):
-        for upstream in (torch.tensor(1.0), torch.tensor(0.37)):
+        # (the upstream gradient, the one the forward is told of: TRL's 1 / accumulation steps)
+        for upstream, grad_scale in ((1.0, 1.0), (0.37, 1.0), (0.37, 0.37)):
+            upstream = torch.tensor(upstream)
             loss2, metrics2, grad2 = _run(x0, args, upstream, **kw)
-            loss1, metrics1, grad1 = _run(x0, args, upstream, monkeypatch, grad_in_forward=True, **kw)
+            loss1, metrics1, grad1 = _run(x0, args, upstream, monkeypatch, grad_in_forward=True,
+                                          grad_scale=grad_scale, **kw)
             assert torch.equal(loss1, loss2)
             assert metrics1.keys() == metrics2.keys()
             for key in metrics2:
@@ -92,7 +96,7 @@ def test_matches_two_sweeps(case, backend, monkeypatch):
             if shifted:
                 assert not grad1[:, -1].any()   # the position that predicts nothing
             assert not grad1[-1].any()          # the sequence without a valid token
-            if upstream.item() == 1.0:
+            if upstream.item() == grad_scale:   # computed for it in the forward: nothing rescaled
                 assert torch.equal(grad1, grad2)
             else:
                 # grad1 = round(G · round(g)), grad2 = round(g_G): two roundings of the stored
@@ -107,6 +111,14 @@ def test_persistent_grid():
     assert persistent_programs(3, cpu) == 3
     assert persistent_programs(1000, cpu) == 4
     assert persistent_programs(0, cpu) == 1
+    # CUDA: sized from L2 (one_sweep_programs), within one and two programs per SM
+    h200, h100 = (132, 60 * 2**20), (132, 50 * 2**20)
+    row = 151936 * 2
+    assert one_sweep_programs(*h200, row) == 60 * 2**20 // row == 207
+    assert one_sweep_programs(*h100, row) == 50 * 2**20 // row == 172
+    assert one_sweep_programs(*h200, 151936 * 4) == 132           # fp32 rows: at least one per SM
+    assert one_sweep_programs(*h200, 32000 * 2) == 264            # short rows: at most two per SM
+    assert one_sweep_programs(*h200, row, per_sm=1.5) == 198      # the benchmark's override
 
 
 def test_module_and_mhpo_loss():
@@ -155,6 +167,13 @@ def test_refusals():
         MHPOLoss(grad_in_forward=1)
     with pytest.raises(TypeError, match="grad_in_forward must be a bool"):
         mhpo_loss(x, ids, old, adv, mask, grad_in_forward="yes")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="grad_scale must be finite and > 0"):
+            mhpo_loss(x, ids, old, adv, mask, grad_in_forward=True, grad_scale=bad)
+        with pytest.raises(ValueError, match="grad_scale"):
+            MHPOLoss(grad_in_forward=True, grad_scale=bad)
+    with pytest.raises(TypeError, match="grad_scale"):
+        mhpo_loss(x, ids, old, adv, mask, grad_in_forward=True, grad_scale=torch.tensor(0.5))
     # tp_group: refused among the local checks that every rank runs (a group object stands in)
     with pytest.raises(ValueError, match="grad_in_forward.*tp_group"):
         check_grad_in_forward(True, MHPO(), object())

@@ -177,13 +177,15 @@ def _mhpo_bwd_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_y, p_scale, T, V, BLOCK: tl.constexpr):
-    """The gradient rows of the valid tokens times the 0-d ``scale``, read on the device: when it
-    is 1 nothing is touched at all, so handing back a gradient computed for 1 costs nothing
-    logits-sized (invalid tokens' rows are zero and stay so, whatever the scale)."""
+def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_y, p_upstream, expected, T, V, BLOCK: tl.constexpr):
+    """The gradient rows of the valid tokens, computed for an upstream gradient ``expected``,
+    times upstream / expected, the 0-d upstream read on the device: when it is the one expected,
+    nothing is touched at all, so handing the gradient back costs nothing logits-sized (invalid
+    tokens' rows are zero and stay so, whatever the scale)."""
     row = tl.program_id(0)
-    scale = tl.load(p_scale).to(tl.float32)
-    if (scale != 1.0) & (tl.load(p_y + row) >= 0):
+    upstream = tl.load(p_upstream).to(tl.float32)
+    scale = upstream / expected
+    if (upstream != expected) & (tl.load(p_y + row) >= 0):
         p_row = p_dx + _row_offset(row, T, stride_db, stride_dt)
         o = tl.arange(0, BLOCK)
         for v0 in range(0, V, BLOCK):
@@ -192,17 +194,18 @@ def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_y, p_scale, T, V, BLOCK: tl
             tl.store(p_row + v0 + o, (x * scale).to(p_dx.dtype.element_ty), mask=m)
 
 
-def scale_rows_(grad, target, scale):
-    """grad (B, T, V) times the 0-d ``scale`` in place, at the rows of valid tokens (``target``
-    (B·T,) int32 ≥ 0); nothing at all when the scale is 1."""
+def scale_rows_(grad, target, upstream, expected=1.0):
+    """grad (B, T, V), computed for an upstream gradient ``expected``, times the 0-d ``upstream``
+    / ``expected`` in place, at the rows of valid tokens (``target`` (B·T,) int32 ≥ 0); nothing
+    at all when the upstream is the one expected."""
     B, T, V = grad.shape
     if B * T == 0:
         return grad
-    assert grad.stride(-1) == 1 and target.is_contiguous() and scale.dim() == 0
+    assert grad.stride(-1) == 1 and target.is_contiguous() and upstream.dim() == 0
     block = min(4096, max(16, 1 << (V - 1).bit_length()))
     with on_device(grad.device):
-        _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), target, scale, T, V, BLOCK=block,
-                                     num_warps=max(1, min(8, block // 256)))
+        _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), target, upstream, float(expected), T, V,
+                                     BLOCK=block, num_warps=max(1, min(8, block // 256)))
     return grad
 
 

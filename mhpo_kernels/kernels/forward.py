@@ -25,21 +25,22 @@ MAX_SPLITS = tl.constexpr(MAX_ROW_SPLITS)
 
 @triton.jit
 def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
-              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr,
               R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One block of the online log-sum-exp, with per-lane state (c, s, a), each [LANES]:
 
         c = fp32(k · max u) over what the lane has read,  s = Σ 2^d,  a = Σ 2^d · d,  d = fma(u, k, −c)
 
     Offsets are from the row's block base (rows.py), where the row is [lo, hi). Only full blocks
-    run unmasked; the first block and the tail of the row take the masked path.
+    run unmasked; the first block and the tail of the row take the masked path. ``EVICT``: the
+    loads' eviction policy ("evict_last" where pass 2 re-reads the row from L2, else default).
     """
     o_v = v0 + o_blk
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
-        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     else:
-        b_x = tl.load(p_blk + o_v).to(tl.float32)
+        b_x = tl.load(p_blk + o_v, eviction_policy=EVICT).to(tl.float32)
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
@@ -65,7 +66,7 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
 
 @triton.jit
 def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
-                SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr,
                 R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Per-lane (c, s, a) of the online log-sum-exp over the blocks [b0, b1) of a row that is
     [lead, n_end) from its block base (b0 a multiple of BLOCK_V): the first block masked, full
@@ -78,13 +79,13 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
     lane_a = tl.zeros([LANES], tl.float32)
     if b0 < b1:                                  # no steps at all for an invalid row
         lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
     for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
         lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
     if (n_full > b0) & (n_full < b1):
         lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
-                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
     return lane_c, lane_s, lane_a
 
 
@@ -111,7 +112,7 @@ def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
     p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
-    N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+    N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
@@ -150,8 +151,12 @@ def _fwd_row(
         else:
             b0 = 0
             b1 = n_end
-        lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
-                                             SOFTCAP, WITH_ENTROPY, R, LANES, VEC)
+        if GRAD_IN_FORWARD:  # pass 2 re-reads the row: keep it in L2 until then
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, SOFTCAP,
+                                                 WITH_ENTROPY, "evict_last", R, LANES, VEC)
+        else:
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, SOFTCAP,
+                                                 WITH_ENTROPY, "", R, LANES, VEC)
         base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
 
     if SPLIT == 1:
@@ -164,6 +169,7 @@ def _fwd_row(
         _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
                       p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
                       p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                      grad_scale,
                       SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
                       GRAD_IN_FORWARD, DX_IN_PHASE, R, LANES, VEC)
 
@@ -172,7 +178,7 @@ def _fwd_row(
 def _fwd_epilogue(
     row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
     p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
-    p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+    p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
@@ -214,13 +220,14 @@ def _fwd_epilogue(
         tl.store(p_loss + row, tl.where(valid, g * loss, 0.0))
         tl.store(p_coef + row, g_coef)
         if GRAD_IN_FORWARD:
-            # Pass 2 of the row. dlogp = 0 + 1 · g·coef, formed as the backward's caller forms it
-            # (ops._sweeps_backward), so that even the sign of a zero agrees with the two sweeps.
+            # Pass 2 of the row, for the upstream gradient the caller said the loss will get:
+            # dlogp = g·coef · grad_scale, the fp32 product the backward's caller forms
+            # (ops._sweeps_backward), so that the bits agree with the two sweeps.
             d_off = _row_offset(row, T, stride_db, stride_dt)
             p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
             if valid:
                 _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, 0, lead + V, x_y, y, has_y,
-                          k, slope, base, log2_s, g_coef + 0.0, 0.0, 0.0, tanh_scale, SOFTCAP, False,
+                          k, slope, base, log2_s, g_coef * grad_scale, 0.0, 0.0, tanh_scale, SOFTCAP, False,
                           "evict_first", R, LANES, VEC)
             else:
                 _zero_row(p_dblk, o_blk, lead, lead + V, 0, lead + V, R, LANES, VEC)
@@ -239,6 +246,7 @@ def _mhpo_fwd_kernel(
     N, T, V, n_tail,                             # n_tail: zero rows after the tokens (GRAD_IN_FORWARD)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
+    grad_scale,                                  # the upstream gradient pass 2 is for (GRAD_IN_FORWARD)
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_LOSS: tl.constexpr,
@@ -261,6 +269,7 @@ def _mhpo_fwd_kernel(
                 _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                          p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
                          p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                         grad_scale,
                          SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
                          True, DX_IN_PHASE, 0, R, LANES, VEC)
             else:
@@ -271,14 +280,16 @@ def _mhpo_fwd_kernel(
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                  p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
                  p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                 grad_scale,
                  SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
                  False, DX_IN_PHASE, SPLIT, R, LANES, VEC)
 
 
-def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False):
+def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
+             grad_scale=1.0):
     """Launch sweep 1 over the rows of ``logits`` (B, T, V). Returns ``RowStats`` of (N,) fp32.
 
-    ``grad``: also write ∂L/∂logits for an upstream gradient of 1 into it (B, T, V, unit stride
+    ``grad``: also write ∂L/∂logits for an upstream gradient of ``grad_scale`` into it (B, T, V, unit stride
     along V; may be ``logits`` itself), in the same persistent launch (needs ``with_loss``).
     Without it, rows too few to fill the GPU are split over several programs each
     (``_config.launch_splits``): one launch for the splits, one for their combine and the
@@ -320,7 +331,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             part, splits, split_len,
             N, T, V, tail,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
-            *hp.values, hp.beta,
+            *hp.values, hp.beta, grad_scale,
             SOFTCAP=lmap.softcap,
             WITH_ENTROPY=with_entropy,
             WITH_LOSS=with_loss,
@@ -338,7 +349,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
 
     with on_device(logits.device):
         if one_sweep:
-            launch((persistent_programs(N + tail, logits.device),), 0, cfg.num_warps)
+            launch((persistent_programs(N + tail, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)
         else:
