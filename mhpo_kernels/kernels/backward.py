@@ -134,12 +134,12 @@ def _mhpo_bwd_kernel(
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    off = _row_or_tail(row, N, T, stride_xb, stride_xt)
-    d_off = _row_or_tail(row, N, T, stride_db, stride_dt)
-    p_row = p_x + off
-    p_drow = p_dx + d_off
     y, valid, has_y, _ = _row_target(p_y, row, N, V)
     o_blk = _block_offsets(R, LANES, VEC)
+    off = _row_offset(row, T, stride_xb, stride_xt)
+    d_off = _row_offset(row, T, stride_db, stride_dt)
+    p_row = p_x + off
+    p_drow = p_dx + d_off
     # Both rows are walked in the logits' blocks (see forward.py): [lead, n_end) from each block
     # base. The gradient's stores are vectors too when its rows share the logits' lead (always in
     # place, and for any two tensors of the same strides); otherwise only the loads are.
@@ -173,6 +173,11 @@ def _mhpo_bwd_kernel(
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,
                   log2_s, dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
     else:
+        if row >= N:  # past the N tokens: the shift's zero rows, at their own offsets (_row_or_tail)
+            lead = _row_lead(_row_or_tail(row, N, T, stride_xb, stride_xt), VEC)
+            p_dblk = _block_base(p_dx, _row_or_tail(row, N, T, stride_db, stride_dt), lead, DX_IN_PHASE, VEC)
+            n_end = lead + V
+            b1 = tl.minimum(b0 + split_len, n_end) if SPLIT else n_end
         _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R, LANES, VEC)
 
 
