@@ -16,12 +16,12 @@ import contextlib
 
 import pytest
 import torch
-import torch._library.custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhpo_kernels
 from mhpo_kernels import ops
 
+from _modes import inside_package_ops
 from conftest import TRITON_DEVICE
 
 # Ops that make no device work: views, metadata, allocations without a fill.
@@ -87,26 +87,12 @@ def counting_device_ops():
         mode.host[id(params)] = params
         return params
 
-    def inside(fn):
-        def run_inside(*args, **kwargs):
-            with mode:
-                return fn(*args, **kwargs)
-        return run_inside
-
-    patched = []
-    for name, op in torch._library.custom_ops.OPDEFS.items():
-        if name.startswith("mhpo_kernels::"):
-            patched.append((op, dict(op._backend_fns)))
-            op._backend_fns.update({k: inside(fn) for k, fn in op._backend_fns.items()})
     InterpretedFunction.run, ops.pack_params = counted_run, marked_pack
     try:
-        with mode:
+        with inside_package_ops(mode), mode:
             yield mode
     finally:
         InterpretedFunction.run, ops.pack_params = run, pack
-        for op, fns in patched:
-            op._backend_fns.clear()
-            op._backend_fns.update(fns)
 
 
 B, T, V = 2, 4, 40

@@ -17,8 +17,9 @@ import contextlib
 import pytest
 import torch
 import torch._dynamo
-import torch._library.custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from _modes import inside_package_ops
 
 import mhpo_kernels
 from mhpo_kernels import linear_sweeps
@@ -50,10 +51,6 @@ class HostSyncs(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def _package_ops():
-    return [op for name, op in torch._library.custom_ops.OPDEFS.items() if name.startswith("mhpo_kernels")]
-
-
 @contextlib.contextmanager
 def counting_syncs(outside_ops=True):
     """A ``HostSyncs`` active inside every custom op of the package (a dispatch mode alone sees
@@ -62,7 +59,6 @@ def counting_syncs(outside_ops=True):
     compiled graph calls the ops' implementations eagerly, so the count there is the run's."""
     mode = HostSyncs()
     tolist, tensor, as_tensor = torch.Tensor.tolist, torch.tensor, torch.as_tensor
-    patched = []
 
     def counted_tolist(self):
         mode.counts["tolist"] += 1
@@ -77,26 +73,14 @@ def counting_syncs(outside_ops=True):
             return make(*args, **kwargs)
         return run
 
-    def inside(fn):
-        def run(*args, **kwargs):
-            with mode:
-                return fn(*args, **kwargs)
-        return run
-
-    for op in _package_ops():
-        patched.append((op, dict(op._backend_fns)))
-        op._backend_fns.update({k: inside(fn) for k, fn in op._backend_fns.items()})
     torch.Tensor.tolist = counted_tolist
     torch.tensor, torch.as_tensor = from_host(tensor, "tensor(device=)"), from_host(as_tensor, "as_tensor(device=)")
     try:
-        with mode if outside_ops else contextlib.nullcontext():
+        with inside_package_ops(mode), mode if outside_ops else contextlib.nullcontext():
             yield mode
     finally:
         torch.Tensor.tolist = tolist
         torch.tensor, torch.as_tensor = tensor, as_tensor
-        for op, fns in patched:
-            op._backend_fns.clear()
-            op._backend_fns.update(fns)
 
 
 B, T, V, H = 2, 4, 40, 16
