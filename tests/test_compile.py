@@ -187,7 +187,7 @@ def test_opcheck(config):
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
             fwd_args = (x.detach().clone(),) + args[1:8] + (False, full, shifted)
             torch.library.opcheck(ops.sweeps_forward_grad_, fwd_args)
-            torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), ids, torch.tensor(2.5), shifted))
+            torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), ids, torch.tensor(2.5), params, shifted))
             return
         torch.library.opcheck(ops.sweeps_forward, args)
         if shifted:  # the backward ops themselves, out of place and in place
