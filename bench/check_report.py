@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import re
 
 RESULT = "gpu_check.json"
 HEADLINE = (8192, 151936)          # rows, V: the acceptance case, bf16
@@ -68,16 +69,28 @@ def step_ncu_parse(args):
     return {"launches": launches}
 
 
+def _refusal(lines, pattern):
+    """The first line of a failed step's log tail that says the tool itself refused to run."""
+    if not pattern:
+        return None
+    return next((line.strip() for line in lines if re.search(pattern, line)), None)
+
+
 def step_record(args):
     """A shell step's exit status and time, and the tail of its log. A Python step that caught
     its own error, or skipped itself, exits 0: its recorded "error" or "skipped: why" stands."""
     tail = []
     if args.file and os.path.exists(args.file):
         with open(args.file, errors="replace") as f:
-            tail = f.read().splitlines()[-6:]
+            tail = f.read().splitlines()[-12:]
     status = "ok" if args.rc == 0 else ("timed out" if args.rc in (124, 137) else f"exit {args.rc}")
+    refusal = _refusal(tail, args.refused) if args.rc not in (0, 124, 137) else None
+    if refusal:
+        status = f"skipped: the tool refused ({refusal[:120]})"
     if args.skipped:
         status = "skipped: no time left"
+    if args.skipped_because:
+        status = f"skipped: {args.skipped_because}"
     recorded = load(args.out)["steps"].get(args.name, {}).get("status", "")
     if args.rc == 0 and (recorded == "error" or recorded.startswith("skipped")):
         status = recorded
@@ -144,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--rc", type=int, default=0)
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--skipped", action="store_true", help="record: the step did not start")
+    parser.add_argument("--skipped-because", help="record: the step did not start, for this reason")
+    parser.add_argument("--refused", help="record: a regex of log lines that mean the tool refused to run")
     parser.add_argument("--file", help="record: the step's log; ncu-parse: ncu's CSV")
     args = parser.parse_args(argv)
     if args.step == "summary":

@@ -81,8 +81,11 @@ def _sweep_inputs(n, V, dtype, device, seed=0):
     return logits, target, old, adv, weight
 
 
-def _timed(fn, device, repeats):
-    ms, _, _ = harness.time_ms(fn, device, warmup=2, repeats=repeats)
+def _timed(fn, device, repeats, kernels=True):
+    """Median ms of ``fn``, the L2 evicted before each repetition. ``kernels``: launches alone,
+    replayed from a CUDA graph (no host time between the events); else a whole call (its
+    validation's sync included), launched from Python as a trainer does."""
+    ms, _, _ = harness.time_ms(fn, device, warmup=2, repeats=repeats, flush_l2=True, graph=kernels)
     return ms
 
 
@@ -128,16 +131,26 @@ def _config_value(name, value):
         setattr(_config, name, previous)
 
 
-def _one_sweep_step(logits, target, old, adv):
+def _whole_op(logits, target, old, adv, one_sweep=True, inplace=False):
+    """One training call of ``mhpo_loss``, forward and backward, as a trainer makes it: validation,
+    the prepare and finalize launches and the sweeps (two, or the one with ``one_sweep``), into a
+    gradient buffer or, ``inplace``, into the logits (a view of them, so not a leaf; each call then
+    reads the previous call's gradient as its logits, which costs the same)."""
     x = logits.detach().requires_grad_()
+    shape = logits.shape[:2]
+    ids, old, adv = target.long().reshape(shape), old.reshape(shape), adv.reshape(shape)
 
     def step():
         x.grad = None
-        loss = mhpo_kernels.mhpo_loss(x, target.long().reshape(logits.shape[:2]), old.reshape(logits.shape[:2]),
-                                      adv.reshape(logits.shape[:2]), grad_in_forward=True)
+        inputs = x.view_as(x) if inplace else x
+        loss = mhpo_kernels.mhpo_loss(inputs, ids, old, adv, grad_in_forward=one_sweep, inplace_backward=inplace)
         loss.backward()
         return loss
     return step
+
+
+def _one_sweep_step(logits, target, old, adv):
+    return _whole_op(logits, target, old, adv, one_sweep=True)
 
 
 # ---- steps ----------------------------------------------------------------------------------------
@@ -196,10 +209,17 @@ def step_sweeps(args):
         if "predicted" in result:
             row["predicted_wave_efficiency"] = _config.wave_efficiency(n, result["predicted"]["resident_programs"])
             row["predicted_row_splits"] = _config.row_splits(n, V, result["predicted"]["rows_to_fill"])
+        # One sweep against two like for like: each a whole call, forward and backward, out of
+        # place and in place (the kernels-alone times above leave out the call's other launches).
+        for sweeps_, one in (("two", False), ("one", True)):
+            for place, inplace in (("out", False), ("inplace", True)):
+                ms = _timed(_whole_op(logits, target, old, adv, one, inplace), device, repeats, kernels=False)
+                row[f"call_{sweeps_}_sweep_{place}_ms"] = ms
+                row[f"call_{sweeps_}_sweep_{place}_gbps"] = _gbps((2 if one else 3) * nbytes, ms)
         if one_sweep is None:
             for per_sm in ONE_SWEEP_PROGRAMS_PER_SM if knob else (None,):
                 with _config_value(knob, per_sm) if knob else contextlib.nullcontext():
-                    ms = _timed(_one_sweep_step(logits, target, old, adv), device, repeats)
+                    ms = _timed(_one_sweep_step(logits, target, old, adv), device, repeats, kernels=False)
                 row[f"one_sweep_{per_sm or 'default'}_ms"] = ms
                 row[f"one_sweep_{per_sm or 'default'}_gbps_2pass"] = _gbps(2 * nbytes, ms)
         result["rows"].append(row)
@@ -296,14 +316,24 @@ def step_inplace(args):
 
 
 def _logits_allocations(code, shape):
-    """Lines of inductor's generated code that allocate a buffer of the logits' shape, and those
-    that clone or copy one: a compiled step that does not copy the logits has exactly the one
-    allocation that makes them (the head's GEMM) and no clone."""
-    dims = ", ".join(str(d) for d in shape)
-    alloc = [line.strip() for line in code.splitlines() if f"({dims})" in line and "empty_strided" in line]
-    clones = [line.strip() for line in code.splitlines()
-              if re.search(r"\bclone\b|aten\.copy", line) and f"({dims})" in line]
+    """Lines of inductor's generated code that allocate a buffer of the logits' shape (B, T, V),
+    or of its flattened GEMM output (B·T, V), and those that clone or copy one: a compiled step
+    that does not copy the logits has exactly the one allocation that makes them (the head's
+    GEMM) and no clone."""
+    B, T, V = shape
+    forms = (f"({B}, {T}, {V})", f"({B * T}, {V})")
+    lines = [line.strip() for line in code.splitlines() if any(form in line for form in forms)]
+    alloc = [line for line in lines if "empty_strided" in line]
+    clones = [line for line in lines if re.search(r"\bclone\b|aten\.copy|\.copy_\(", line)]
     return alloc, clones
+
+
+def no_logits_copy(alloc, clones):
+    """True or False from ``_logits_allocations``'s lines; where none allocates the logits the
+    code was not read right, and that is said, not counted as a pass."""
+    if not alloc:
+        return "undetermined: no allocation of the logits' shape in inductor's code"
+    return len(alloc) == 1 and not clones
 
 
 def _head_step(hidden, weight, ids, old, adv, mask):
@@ -376,7 +406,7 @@ def step_compile(args):
                 if logits_shape:
                     alloc, clones = _logits_allocations("\n".join(codes), logits_shape)
                     entry.update(logits_allocations=alloc, logits_clones=clones,
-                                 no_logits_copy=len(alloc) <= 1 and not clones)
+                                 no_logits_copy=no_logits_copy(alloc, clones))
             else:
                 _fwd_bwd(compiled, inputs)
             compiled_loss = _fwd_bwd(compiled, inputs).detach()

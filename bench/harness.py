@@ -14,18 +14,46 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, warmup=3, repeats=10):
+def l2_flusher(device):
+    """A callable that evicts the device's L2 (writes a buffer twice its size), or None off CUDA:
+    run before each timed call, outside its events, so that no repetition finds the previous
+    one's data in L2 (which would flatter a kernel whose point is L2, the one sweep)."""
+    if device.type != "cuda":
+        return None
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    scratch = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    return scratch.zero_
+
+
+def time_ms(fn, device, warmup=3, repeats=10, flush_l2=False, graph=False):
     """Median, 20th and 80th percentile wall time of ``fn`` in ms, after ``warmup`` calls (which
-    absorb compilation and autotuning). On CUDA each call is bracketed by device events."""
+    absorb compilation and autotuning). On CUDA each call is bracketed by device events; with
+    ``flush_l2`` the L2 is evicted before each (outside the events); with ``graph`` the call is
+    captured once in a CUDA graph and replayed, so that no host launch time falls between the
+    events (for kernels alone: a call that syncs cannot be captured)."""
     for _ in range(warmup):
         fn()
     sync(device)
+    flush = l2_flusher(device) if flush_l2 else None
+    run = fn
+    if graph and device.type == "cuda":
+        captured = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()                                   # once more on the capture stream, then capture
+            with torch.cuda.graph(captured, stream=stream):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        run = captured.replay
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if flush is not None:
+                flush()
             start.record()
-            fn()
+            run()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))

@@ -211,3 +211,53 @@ def test_gpu_check_logits_copies_found():
             "buf7 = aten.clone(buf0)  # (2, 1025, 151936)\n")
     alloc, clones = _logits_allocations(code, (2, 1025, 151936))
     assert len(alloc) == 1 and len(clones) == 1
+
+
+def test_gpu_check_no_logits_copy_can_fail():
+    """The flattened GEMM output counts as the logits' allocation; a copy of it fails the check,
+    and code in which no allocation of the logits is found is "undetermined", never a pass."""
+    from bench.gpu_check import _logits_allocations, no_logits_copy
+
+    shape = (2, 1025, 151936)
+    gemm = "buf3 = empty_strided_cuda((2050, 151936), (151936, 1), torch.bfloat16)\n"
+    copy = "buf9 = empty_strided_cuda((2050, 151936), (151936, 1), torch.bfloat16)\nbuf9.copy_(buf3)  # (2050, 151936)\n"
+    assert no_logits_copy(*_logits_allocations(gemm, shape)) is True
+    assert no_logits_copy(*_logits_allocations(gemm + copy, shape)) is False
+    verdict = no_logits_copy(*_logits_allocations("buf1 = empty_strided_cuda((2050, ), (1, ), torch.float32)", shape))
+    assert verdict.startswith("undetermined")
+
+
+def test_gpu_check_limits_add_up_to_its_time():
+    """The steps' limits (the sanitizer loop's included) add up to at most the script's 360 s, so
+    no step is starved by the ones before it on a cold machine."""
+    import re
+
+    text = open("bench/gpu_check.sh").read()
+    limits = [int(n) for n in re.findall(r"^\s*(?:tool_step \S+ |step )\S+ (\d+) ", text, re.M)]
+    loop = re.search(r"^for tool in (.*); do$", text, re.M).group(1)
+    limits += [int(n) for n in re.findall(r":(\d+)", loop)]
+    assert len(limits) >= 14, limits
+    assert "TOTAL=${GPU_CHECK_SECONDS:-360}" in text
+    assert sum(limits) <= 360, (sum(limits), limits)
+
+
+def test_gpu_check_records_a_refusing_tool_as_skipped(tmp_path):
+    """ncu without counter permission (and any tool that refuses) is "skipped: why", not a
+    failure; a real failure stays one."""
+    from bench import check_report
+
+    log = tmp_path / "ncu.csv"
+    log.write_text("==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access "
+                   "NVIDIA GPU Performance Counters\n")
+    pattern = "ERR_NVGPUCTRPERM|permission to access|not supported"
+    check_report.main(["record", "--out", str(tmp_path), "--name", "ncu", "--rc", "1", "--seconds", "3",
+                       "--file", str(log), "--refused", pattern])
+    (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read of size 2 bytes\n")
+    check_report.main(["record", "--out", str(tmp_path), "--name", "memcheck", "--rc", "3", "--seconds", "5",
+                       "--file", str(tmp_path / "memcheck.log"), "--refused", pattern])
+    check_report.main(["record", "--out", str(tmp_path), "--name", "initcheck", "--rc", "0", "--seconds", "0",
+                       "--skipped-because", "compute-sanitizer not installed"])
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert steps["ncu"]["status"].startswith("skipped: the tool refused (==ERROR== ERR_NVGPUCTRPERM")
+    assert steps["memcheck"]["status"] == "exit 3"
+    assert steps["initcheck"]["status"] == "skipped: compute-sanitizer not installed"
