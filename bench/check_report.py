@@ -141,6 +141,10 @@ def _headline(step, e):
             return "peak extra per micro-batch, logits tensors measured/predicted: " + ", ".join(
                 f"{k} {v['extra_over_logits']:.2f}/{v['predicted_buffers']}" if "extra_over_logits" in v
                 else f"{k} error" for k, v in e["cases"].items())
+        if step == "smoke" and "rescale" in e:
+            return (f"addmm fp32-out taken {e['addmm_fp32_out']['taken']} (rel err "
+                    f"{e['addmm_fp32_out']['max_rel_err']:.1e}), nonzero_static {e['nonzero_static']['equal']}, "
+                    f"rescale {all(e['rescale'].values())}")
         if step == "env" and "device" in e:
             return f"{e['device']}, torch {e['torch']}, triton {e['triton']}, one sweep: {e['one_sweep']}"
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:

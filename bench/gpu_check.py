@@ -650,7 +650,41 @@ def step_kernels_once(args, headline=False):
     return {"launches": launches}
 
 
-STEPS = {"env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
+def step_smoke(args):
+    """Each branch that only CUDA takes, once at a tiny shape, against its PyTorch meaning: the
+    fused linear path's fp32-output GEMM from bf16 operands, its ``nonzero_static`` compaction,
+    and the device-side rescale of a gradient computed in the forward (untouched when the
+    upstream gradient is the one expected, scaled at valid rows otherwise)."""
+    from mhpo_kernels import linear_sweeps
+
+    device = _device(args.dry_run)
+    g = torch.Generator().manual_seed(0)
+    result = {"device": device.type}
+    a, b = torch.randn(64, 32, generator=g).to(device, torch.bfloat16), torch.randn(32, 48, generator=g).to(device, torch.bfloat16)
+    acc = torch.zeros(64, 48, device=device)
+    linear_sweeps._addmm_fp32(acc, a, b)
+    expected = a.double() @ b.double()
+    result["addmm_fp32_out"] = dict(taken=linear_sweeps._has_fp32_out_addmm(device.type, torch.bfloat16),
+                                    max_rel_err=float(((acc.double() - expected).abs().max() / expected.abs().max())))
+    target = torch.tensor([3, -1, 0, -1, 7, 2], device=device)
+    kept = linear_sweeps._valid_rows(target, 4)
+    result["nonzero_static"] = dict(equal=bool(torch.equal(kept.cpu(), torch.tensor([0, 2, 4, 5]))))
+    grad = torch.randn(1, 6, 40, generator=g).to(device)
+    scale_rows = _dispatch.scale_rows(device)
+    ids = target.to(torch.int32)
+    kept_grad = grad.clone()
+    scale_rows(kept_grad, ids, torch.tensor(0.5, device=device), 0.5)
+    scaled = grad.clone()
+    scale_rows(scaled, ids, torch.tensor(0.25, device=device), 0.5)
+    rows = (ids >= 0).cpu()
+    result["rescale"] = dict(untouched_when_expected=bool(torch.equal(kept_grad, grad)),
+                             scaled_at_valid_rows=bool(torch.equal(scaled[0, rows].cpu(), (grad[0, rows] * 0.5).cpu())),
+                             invalid_rows_untouched=bool(torch.equal(scaled[0, ~rows].cpu(), grad[0, ~rows].cpu())))
+    harness.sync(device)
+    return result
+
+
+STEPS = {"smoke": step_smoke, "env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
          "inplace": step_inplace, "compile": step_compile, "verl-mem": step_verl_mem,
          "sanitize-target": step_kernels_once,
          "ncu-target": lambda a: step_kernels_once(a, headline=True)}

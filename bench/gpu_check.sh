@@ -75,8 +75,10 @@ tool_step() {  # tool_step TOOL NAME SECONDS LOG COMMAND...: "skipped" where TOO
 head -n 12 "$OUT/env.txt"
 
 # The limits add up to 360 s (GPU_CHECK_SECONDS); tests/test_bench_harness.py reads them here.
-# Device, versions, measured copy rate, and _config's prediction of the rows that fill the GPU.
-step env 15 "$OUT/steps.log" $CHECK env --out "$OUT"
+# Device, versions, measured copy rate, and _config's prediction of the rows that fill the GPU;
+# then each CUDA-only branch once (fp32-output addmm, nonzero_static, the device-side rescale).
+step env 10 "$OUT/steps.log" $CHECK env --out "$OUT"
+step smoke 5 "$OUT/steps.log" $CHECK smoke --out "$OUT"
 # GB/s of each sweep against N (kernels alone: CUDA graph, L2 evicted before each repetition), and
 # each N's whole call forward + backward, two sweeps against one, out of place and in place.
 step sweeps 50 "$OUT/steps.log" $CHECK sweeps --out "$OUT"

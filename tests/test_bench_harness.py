@@ -118,7 +118,11 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     check_report.main(["summary", "--out", str(tmp_path)])
     run = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = run["steps"]
-    assert set(steps) == {"env", "sweeps", "grid", "align", "inplace", "compile"}
+    assert set(steps) == {"smoke", "env", "sweeps", "grid", "align", "inplace", "compile"}
+    smoke = steps["smoke"]
+    # bf16 operands are exact in fp32; 32 products summed in fp32: a few units of 2**-24
+    assert smoke["addmm_fp32_out"]["max_rel_err"] < 1e-5 and smoke["nonzero_static"]["equal"]
+    assert all(smoke["rescale"].values()), smoke["rescale"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert len(steps["sweeps"]["rows"]) == 2 and all(r["fwd_gbps"] > 0 for r in steps["sweeps"]["rows"])
     assert all(r["row_splits"] == 1 and r["fwd_unsplit_gbps"] > 0 for r in steps["sweeps"]["rows"])
