@@ -31,3 +31,25 @@ if os.environ.get("MHPO_TESTS_AS_ON_CUDA") == "1":
 
     _dispatch._kernels_interpreted = lambda: False
     _dispatch._kernels_compiled = lambda: True
+
+
+def _interpreter_only():
+    path = os.path.join(os.path.dirname(__file__), "interpreter_only.txt")
+    with open(path) as f:
+        return {line.strip() for line in f if line.strip() and not line.startswith("#")}
+
+
+INTERPRETER_ONLY = _interpreter_only()
+INTERPRETER_REASON = ("runs the Triton kernels on CPU tensors, which needs Triton's interpreter; where CUDA is "
+                      "they are compiled instead (the CUDA subset is every other test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the interpreter-only tests (``interpreter``), and skip them where CUDA is."""
+    import pytest
+
+    for item in items:
+        if item.nodeid in INTERPRETER_ONLY:
+            item.add_marker(pytest.mark.interpreter)
+            if torch.cuda.is_available():
+                item.add_marker(pytest.mark.skip(reason=INTERPRETER_REASON))
