@@ -684,11 +684,43 @@ def step_smoke(args):
     return result
 
 
+def _warm_calls(device, dry):
+    """Every whole call the timed steps make, on few rows (the kernels' compiled variant depends
+    on V, the dtype and the flags, not on N, strides or batch shape), as zero-argument callables:
+    two sweeps and one, in place and out of place, at the headline V and its unaligned neighbour
+    in bf16 and at the headline V in fp32, on rows that are split (8) and rows that are not."""
+    V = DRY["V"] if dry else HEADLINE[1]
+    cases = [(torch.bfloat16, V), (torch.bfloat16, V - 1), (torch.float32, V)]
+    calls = []
+    for dtype, v in cases:
+        for n in ((2,) if dry else (8, 1024)):
+            for one, inplace in ((False, False), (False, True), (True, False), (True, True)):
+                def call(dtype=dtype, v=v, n=n, one=one, inplace=inplace):
+                    logits, target, old, adv, _ = _sweep_inputs(n, v, dtype, device)
+                    _whole_op(logits, target, old, adv, one, inplace)()
+                calls.append(call)
+    return calls
+
+
+def step_warm(args):
+    """This process's share (``--part`` of ``--of``) of the calls every timed step makes, each
+    once, so that Triton compiles their kernels before any step is timed: the shell runs the
+    shares in parallel, one process per core, into the shared Triton cache."""
+    device = _device(args.dry_run)
+    calls = _warm_calls(device, args.dry_run)[args.part::args.of]
+    t0 = time.perf_counter()
+    for call in calls:
+        call()
+    harness.sync(device)
+    return {"calls": len(calls), "seconds": round(time.perf_counter() - t0, 2)}
+
+
 STEPS = {"smoke": step_smoke, "env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
          "inplace": step_inplace, "compile": step_compile, "verl-mem": step_verl_mem,
-         "sanitize-target": step_kernels_once,
+         "sanitize-target": step_kernels_once, "warm": step_warm,
          "ncu-target": lambda a: step_kernels_once(a, headline=True)}
-UNSTORED = ("sanitize-target", "ncu-target")  # run under a tool: the tool's log is the result
+# Run under a tool (its log is the result), or in parallel shares (the shell records the step).
+UNSTORED = ("sanitize-target", "ncu-target", "warm")
 
 
 def main(argv=None):
@@ -696,6 +728,8 @@ def main(argv=None):
     parser.add_argument("step", choices=sorted(STEPS) + ["dry-run"])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing")
+    parser.add_argument("--part", type=int, default=0, help="warm: this process's share, 0 … of − 1")
+    parser.add_argument("--of", type=int, default=1, help="warm: the number of shares")
     parser.add_argument("--skip", action="append", default=[], choices=sorted(STEPS),
                         help="dry-run: leave this step out (repeatable)")
     args = parser.parse_args(argv)

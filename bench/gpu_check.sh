@@ -79,9 +79,13 @@ head -n 12 "$OUT/env.txt"
 # then each CUDA-only branch once (fp32-output addmm, nonzero_static, the device-side rescale).
 step env 10 "$OUT/steps.log" $CHECK env --out "$OUT"
 step smoke 5 "$OUT/steps.log" $CHECK smoke --out "$OUT"
+# Every call the timed steps make, once, in one process per core: Triton compiles each kernel
+# variant here, in parallel, into the shared cache (the step's time is the compile time).
+CORES=$(nproc 2>/dev/null || echo 4)
+step warm 25 "$OUT/steps.log" bash -c "seq 0 $((CORES - 1)) | xargs -P $CORES -I{} $CHECK warm --part {} --of $CORES"
 # GB/s of each sweep against N (kernels alone: CUDA graph, L2 evicted before each repetition), and
 # each N's whole call forward + backward, two sweeps against one, out of place and in place.
-step sweeps 50 "$OUT/steps.log" $CHECK sweeps --out "$OUT"
+step sweeps 45 "$OUT/steps.log" $CHECK sweeps --out "$OUT"
 # BLOCK_V x num_warps at the headline case (8192 x 151,936 bf16).
 step grid 25 "$OUT/steps.log" $CHECK grid --out "$OUT"
 # Aligned against unaligned V: 151,936 / 151,935 and 50,272 / 50,257.
@@ -89,16 +93,16 @@ step align 15 "$OUT/steps.log" $CHECK align --out "$OUT"
 # In place against out of place, bitwise.
 step inplace 15 "$OUT/steps.log" $CHECK inplace --out "$OUT"
 # A compiled training step: sync debug mode "error", a CUDA graph, inductor's code (no logits copy).
-step compile 45 "$OUT/steps.log" $CHECK compile --out "$OUT"
+step compile 40 "$OUT/steps.log" $CHECK compile --out "$OUT"
 # Per micro-batch of verl's own update step: peak memory of verl's logits path against
 # impl_backend: mhpo; "skipped" with the reason without verl.
 step verl-mem 25 "$OUT/steps.log" env PYTHONPATH="$VERL_PATH" $CHECK verl-mem --out "$OUT"
 # The tests that run on CUDA (those that need Triton's interpreter are skipped there, with the
 # reason), stopping at the first failure.
-step tests 55 "$OUT/tests.log" $PY -m pytest -q -x -p no:cacheprovider tests
+step tests 50 "$OUT/tests.log" $PY -m pytest -q -x -p no:cacheprovider tests
 # Every kernel variant once, under each of compute-sanitizer's tools, without PyTorch's caching
 # allocator (inside a cached block an overrun is no error to memcheck); compiled first, outside.
-step sanitize-compile 20 "$OUT/steps.log" $CHECK sanitize-target
+step sanitize-compile 10 "$OUT/steps.log" $CHECK sanitize-target
 for tool in memcheck:20 racecheck:15 initcheck:15 synccheck:15; do
   tool_step compute-sanitizer "${tool%%:*}" "${tool##*:}" "$OUT/sanitizers.log" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool%%:*}" --filter "$SANITIZER_KERNELS" \
