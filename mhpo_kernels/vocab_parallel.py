@@ -29,7 +29,6 @@ import torch.distributed as dist
 from ._sweep_types import RowStats
 from .torch_sweeps import LN2, _token_terms
 
-STAT_FIELDS = 4  # base, log2 sum, entropy, log-prob within the slice
 SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the same order
 
 

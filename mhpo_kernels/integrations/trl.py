@@ -57,7 +57,6 @@ TRL_LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
 # TRL's aggregation per loss type: (loss_agg_mode, normalizer) — see MHPOTrainer.trl_aggregation.
 TRL_AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
                    "dr_grpo": "seq-mean-token-sum", "dapo": "token-mean", "cispo": "token-mean"}
-METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac")
 
 
 @dataclass

@@ -135,5 +135,8 @@ def _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4,
         slope = gate * (1.0 - gate)  # 0 where the gate saturates: never 0 · inf for a huge ratio
         return (-gate * (4.0 / tau) * adv, tl.where(slope > 0.0, -adv * 4.0 * slope * ratio, 0.0),
                 log_ratio, zero)
-    else:  # GPG: the plain policy gradient
+    else:
+        # GPG (kind 4), the plain policy gradient; GSPO (5) is sequence-level and never reaches a
+        # token epilogue, and any other kind is refused at compile time
+        tl.static_assert(OBJECTIVE == 4, "no token-level epilogue for this objective kind")
         return -adv * logp, -adv + zero, log_ratio, zero
