@@ -312,8 +312,22 @@ def segment_ids(cu, n):
 
 
 def per_sequence_sum(x, seq_id, n_seqs):
-    """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype."""
-    return x.new_zeros(n_seqs).index_add_(0, seq_id, x)
+    """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype, 0 for an empty sequence.
+    ``seq_id`` (N,) is non-decreasing: tokens in sequence order, as ``segment_ids`` gives them.
+
+    Bitwise reproducible on every device, with no atomics and no host sync: a segmented reduction
+    over the boundaries, each sequence summed in an order fixed by the boundaries alone (on CUDA a
+    ``cub::DeviceSegmentedReduce``, run-to-run deterministic; on CPU left to right). Not
+    ``index_add_``, whose CUDA kernel adds with atomics in whatever order the threads arrive, nor
+    a difference of a running sum, since ``cumsum`` of a floating CUDA tensor is among the ops
+    ``torch.use_deterministic_algorithms`` lists as nondeterministic. ``unsafe=True`` skips the
+    op's own checks of the boundaries, which read them on the host."""
+    starts = torch.arange(n_seqs + 1, device=seq_id.device, dtype=seq_id.dtype)
+    # Exact integer work: where each sequence starts, cu itself for well-formed boundaries; the
+    # cummax keeps malformed ones (refused by the value checks, maybe after this runs) non-decreasing
+    # within [0, N], so that no segment reads outside x.
+    bounds = torch.searchsorted(seq_id, starts).cummax(0).values
+    return torch.segment_reduce(x, "sum", offsets=bounds, unsafe=True)
 
 
 def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhpo_kernels
 import reference
@@ -124,6 +125,73 @@ def test_repeated_calls_are_bitwise_identical(device):
 
     first = linear()
     for again in (linear(), linear()):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sequence_sum_is_deterministic(device):
+    """The per-sequence sums (GSPO's mean log-ratio and its backward's Σ_t g_t · ∂L/∂loss_t, the
+    seq-mean counts) are a segmented reduction, not atomic adds: within fp32 (float64) summation
+    error of the float64 sum, bitwise the same over repeated calls, and bitwise what each sequence
+    summed alone gives (an atomic sum's order depends on what the other sequences' threads do; a
+    segment's order on its own boundaries only), empty sequences (0) first, between and last. Then
+    GSPO on a packed stream with empty sequences: loss and gradient bitwise the same over calls."""
+    from mhpo_kernels._inputs import per_sequence_sum, segment_ids
+    from mhpo_kernels.objectives import GSPO
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [0, 1, 7, 0, 0, 1000, 2, 4099, 0, 33, 0]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    S, N = len(lengths), int(cu[-1])
+    seq_id = segment_ids(cu.to(device), N)
+    # magnitudes over 2⁴⁰ and both signs: a different order of addition gives different bits
+    x64 = torch.randn(N, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-20, 21, (N,), generator=g)
+    for dtype, unit in ((torch.float32, 2.0 ** -24), (torch.float64, 2.0 ** -53)):
+        x = x64.to(dtype).to(device)
+        sums = per_sequence_sum(x, seq_id, S)
+        assert sums.dtype == dtype and sums.shape == (S,)
+        xs = x.cpu().double()
+        for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            exact = xs[a:b].sum().item()
+            assert abs(sums[i].item() - exact) <= max(b - a - 1, 0) * unit * xs[a:b].abs().sum().item(), (i, dtype)
+            # a view, not a copy: the same addresses, so the same alignment of the segment's loads
+            alone = per_sequence_sum(x[a:b], seq_id.new_zeros(b - a), 1)
+            assert torch.equal(alone[0], sums[i]), (i, dtype)
+        assert sums[torch.tensor(lengths) == 0].eq(0).all()
+        with _OpNames() as ops:
+            for _ in range(3):
+                assert torch.equal(per_sequence_sum(x, seq_id, S), sums)
+        # what a CPU run can see of the CUDA kernels' order: no op that accumulates by atomics or scans floats
+        assert not ops.names & {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce",
+                                "scatter_reduce_", "index_put", "index_put_", "_index_put_impl_", "put", "put_",
+                                "cumsum", "cumsum_"}, ops.names
+
+    cu = torch.tensor([0, 0, 3, 3, 8, 9, 9], device=device)
+    N, V = 9, 50
+    logits = (torch.randn(N, V, generator=g) * 2).to(device)
+    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    old = (torch.randn(N, generator=g) * 0.2 - 4).to(device)
+    adv = torch.randn(cu.numel() - 1, 1, generator=g).to(device)
+
+    def gspo():
+        x = logits.clone().requires_grad_()
+        loss = mhpo_kernels.policy_loss(x, ids, old, adv, cu_seqlens=cu, objective=GSPO())
+        return loss, torch.autograd.grad(loss * 0.7, x)[0]
+
+    first = gspo()
+    for again in (gspo(), gspo()):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
