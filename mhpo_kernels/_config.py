@@ -20,10 +20,29 @@ Triton's default, which changes in Triton 3.10.
 """
 
 import contextlib
-from typing import NamedTuple
+import contextvars
+from typing import NamedTuple, Optional
 
 BLOCK_V = 4096
 NUM_WARPS = 8
+
+
+class Overrides(NamedTuple):
+    """What ``overridden`` sets for the launches inside its block (None: the default)."""
+
+    block_v: Optional[int] = None
+    num_warps: Optional[int] = None
+    row_splits: Optional[int] = None
+
+
+# Per thread and per asyncio task (a context variable, not a module global): a benchmark or a test
+# that overrides the launch configuration in one thread leaves every other thread's calls alone.
+_overrides = contextvars.ContextVar("mhpo_kernels_launch_overrides", default=Overrides())
+
+
+def block_v():
+    """The block width in force: BLOCK_V, or an ``overridden`` one."""
+    return _overrides.get().block_v or BLOCK_V
 VECTOR_BYTES = 16
 FP_FUSION = True
 
@@ -38,11 +57,11 @@ class SweepConfig(NamedTuple):
 
 def sweep_config(V, itemsize):
     """The launch configuration of a sweep over rows of length V with ``itemsize``-byte logits."""
-    block_v = min(BLOCK_V, max(16, 1 << (V - 1).bit_length()))
-    num_warps = max(1, min(NUM_WARPS, block_v // 256))
-    vec = min(VECTOR_BYTES // itemsize, block_v)
-    lanes = min(32 * num_warps, block_v // vec)
-    return SweepConfig(block_v, num_warps, block_v // (lanes * vec), lanes, vec)
+    width = min(block_v(), max(16, 1 << (V - 1).bit_length()))
+    num_warps = max(1, min(_overrides.get().num_warps or NUM_WARPS, width // 256))
+    vec = min(VECTOR_BYTES // itemsize, width)
+    lanes = min(32 * num_warps, width // vec)
+    return SweepConfig(width, num_warps, width // (lanes * vec), lanes, vec)
 
 
 # Fused linear path: tokens per chunk. Each chunk materializes one (rows, V) logits tile in the
@@ -95,7 +114,7 @@ def fused_linear_chunk_rows(V, itemsize):
 # Sweep 2 needs no combine: program (r, j) writes split j of row r. Each split is a run of whole
 # BLOCK_V blocks from the row's block base, so the splits' loops are the unsplit loop, 16-byte
 # vectors included (``bench.sass`` holds them to the same budget). A split shorter than
-# MIN_SPLIT_ELEMENTS would spend more on its launch and combine than it saves, and at most
+# MIN_SPLIT_BLOCKS blocks would spend more on its launch and combine than it saves, and at most
 # MAX_ROW_SPLITS are combined (one vector). ``bench/gpu_check.sh``'s N sweep times both, split
 # and one program per row, which confirms or moves rows_to_fill. The one-sweep kernel does not
 # split (its rows are re-read from L2, which needs rows in flight, not splits). Off CUDA (the
@@ -105,7 +124,7 @@ H100_H200_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, datasheets
 STEP_SECONDS = 1.0e-6        # one program's time per BLOCK_V step (lead: about 8 GB/s per program)
 SWEEP_REGISTERS = 40         # per thread, the most any sweep variant uses (bench.sass)
 MAX_PROGRAMS_PER_SM = 32
-MIN_SPLIT_ELEMENTS = 8 * BLOCK_V  # a split shorter than this spends more on its combine than it saves
+MIN_SPLIT_BLOCKS = 8  # a split shorter than this many blocks spends more on its combine than it saves
 MAX_ROW_SPLITS = 16              # the combine reads a row's splits as one vector of this many
 
 
@@ -149,21 +168,18 @@ def wave_efficiency(n_rows, resident_programs):
 
 def row_splits(n_rows, V, fill_rows):
     """Programs per row that would bring ``n_rows`` up to ``fill_rows`` programs, each split at
-    least MIN_SPLIT_ELEMENTS long: 1 when the rows alone fill the GPU."""
+    least MIN_SPLIT_BLOCKS blocks long: 1 when the rows alone fill the GPU."""
     if n_rows == 0 or n_rows >= fill_rows:
         return 1
-    return max(1, min(-(-fill_rows // n_rows), V // MIN_SPLIT_ELEMENTS, MAX_ROW_SPLITS))
-
-
-_forced_splits = None
+    return max(1, min(-(-fill_rows // n_rows), V // (MIN_SPLIT_BLOCKS * block_v()), MAX_ROW_SPLITS))
 
 
 def launch_splits(n_rows, V, itemsize, device):
     """Programs per row the sweeps launch for ``n_rows`` rows of V ``itemsize``-byte logits on
     ``device``: ``row_splits`` against ``rows_to_fill`` on CUDA, 1 elsewhere, at most one per
     block of the row; ``overridden(row_splits=...)`` forces it (tests, the benchmark)."""
-    if _forced_splits is not None:
-        splits = _forced_splits
+    if _overrides.get().row_splits is not None:
+        splits = _overrides.get().row_splits
     elif device.type == "cuda":
         import torch
 
@@ -237,14 +253,14 @@ def on_device(device):
 
 @contextlib.contextmanager
 def overridden(block_v=None, num_warps=None, row_splits=None):
-    """For the tests and the benchmark only: the launches inside the block use these instead of
-    BLOCK_V, NUM_WARPS and ``launch_splits``'s choice (a row shorter than block_v still gets its
-    power of two, and no row more splits than blocks; Triton compiles each new shape once)."""
-    global BLOCK_V, NUM_WARPS, _forced_splits
-    previous = BLOCK_V, NUM_WARPS, _forced_splits
-    BLOCK_V, NUM_WARPS = block_v or BLOCK_V, num_warps or NUM_WARPS
-    _forced_splits = row_splits or _forced_splits
+    """For the tests and the benchmark only: the launches inside the block, in this thread (or
+    task), use these instead of BLOCK_V, NUM_WARPS and ``launch_splits``'s choice (a row shorter
+    than block_v still gets its power of two, and no row more splits than blocks; Triton compiles
+    each new shape once). Nested blocks keep what they do not set."""
+    outer = _overrides.get()
+    token = _overrides.set(Overrides(block_v or outer.block_v, num_warps or outer.num_warps,
+                                     row_splits or outer.row_splits))
     try:
         yield sweep_config
     finally:
-        BLOCK_V, NUM_WARPS, _forced_splits = previous
+        _overrides.reset(token)

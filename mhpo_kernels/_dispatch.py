@@ -10,6 +10,7 @@ compare the two paths in one process.
 """
 
 import contextlib
+import contextvars
 import functools
 import os
 import sys
@@ -18,20 +19,20 @@ import warnings
 from . import torch_sweeps
 
 _FORWARD_MODULE = f"{__package__}.kernels.forward"
-_forced = None
+# Per thread and per asyncio task: forcing a backend in one thread leaves the others' calls alone.
+_forced = contextvars.ContextVar("mhpo_kernels_backend", default=None)
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Force ``"triton"`` or ``"torch"`` for the sweeps run inside the block."""
-    global _forced
+    """Force ``"triton"`` or ``"torch"`` for the sweeps run inside the block (in this thread)."""
     if name not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {name!r}")
-    previous, _forced = _forced, name
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced = previous
+        _forced.reset(token)
 
 
 def _kernels_interpreted():
@@ -64,8 +65,8 @@ def _triton_importable():
 
 def backend_for(device):
     """"triton" or "torch" for tensors on ``device``."""
-    if _forced is not None:
-        return _forced
+    if _forced.get() is not None:
+        return _forced.get()
     if device.type == "cpu":
         return "triton" if _kernels_interpreted() else "torch"
     if device.type == "cuda" and _triton_importable():

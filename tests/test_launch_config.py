@@ -4,6 +4,7 @@ row splits and the benchmark's override, on made-up device properties (no GPU ne
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mhpo_kernels import _config
 
@@ -45,7 +46,7 @@ def test_wave_efficiency_and_row_splits():
     assert _config.wave_efficiency(792 * 3, 792) == 1.0 and _config.wave_efficiency(0, 792) == 1.0
     # 128 rows would want 5 splits, but a split stays at least 8 blocks (32,768) long: 4.
     assert [_config.row_splits(n, V, 586) for n in (128, 256, 512, 586, 8192)] == [4, 3, 2, 1, 1]
-    assert _config.row_splits(1, V, 586) == V // _config.MIN_SPLIT_ELEMENTS == 4
+    assert _config.row_splits(1, V, 586) == V // (_config.MIN_SPLIT_BLOCKS * _config.BLOCK_V) == 4
     assert _config.row_splits(1, 1000, 586) == 1
 
 
@@ -57,3 +58,35 @@ def test_override_is_scoped():
         assert cfg.r * cfg.lanes * cfg.vec == cfg.block_v
         assert sweep_config(100, 2).block_v == 128   # short rows keep their power of two
     assert _config.sweep_config(V, 2) == before
+
+
+def test_overrides_and_backend_stay_in_their_thread():
+    """``overridden`` and ``use_backend`` set context variables: another thread running at the
+    same time sees the defaults (they were module globals, which every thread shared)."""
+    import threading
+
+    import mhpo_kernels
+    from mhpo_kernels import _dispatch
+
+    inside, seen = threading.Event(), {}
+
+    def other():
+        inside.wait(10)
+        seen["cfg"] = _config.sweep_config(151936, 2)
+        seen["splits"] = _config.launch_splits(8, 151936, 2, torch.device("cpu"))
+        seen["backend"] = _dispatch.backend_for(torch.device("meta"))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with _config.overridden(block_v=1024, num_warps=4, row_splits=3), mhpo_kernels.use_backend("triton"):
+        assert _config.sweep_config(151936, 2).block_v == 1024
+        assert _config.launch_splits(8, 151936, 2, torch.device("cpu")) == 3
+        assert _dispatch.backend_for(torch.device("meta")) == "triton"
+        inside.set()
+        thread.join(10)
+    assert seen["cfg"].block_v == _config.BLOCK_V and seen["cfg"].num_warps == _config.NUM_WARPS
+    assert seen["splits"] == 1 and seen["backend"] == "torch"
+    with _config.overridden(block_v=2048):
+        with _config.overridden(row_splits=2):      # nested: keeps the outer block width
+            assert _config.sweep_config(151936, 2).block_v == 2048
+        assert _config.launch_splits(8, 151936, 2, torch.device("cpu")) == 1
