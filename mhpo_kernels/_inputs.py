@@ -74,7 +74,7 @@ def check_temperature(temperature):
         return check_positive("temperature", temperature), None
     if not temperature.is_floating_point():
         raise TypeError(f"temperature must be a number or a floating tensor, got a {temperature.dtype} tensor")
-    return 1.0, temperature
+    return 1.0, temperature  # a 0-d tensor is one τ for every token (``_check_temperature_tensor``)
 
 
 def _check_temperature_tensor(tau, token_shape, device):
@@ -83,9 +83,11 @@ def _check_temperature_tensor(tau, token_shape, device):
         return None
     _check_tensor("temperature", tau, device)
     n = math.prod(token_shape)
+    if tau.dim() == 0:  # one τ for every token, kept on the device (as a 0-d normalizer is)
+        tau = tau.expand(n)
     if tau.shape != token_shape and tuple(tau.shape) != (n,):
-        raise ValueError(f"temperature must be a number or a tensor of shape {tuple(token_shape)} like "
-                         f"input_ids (or ({n},)), got shape {tuple(tau.shape)}")
+        raise ValueError(f"temperature must be a number, a 0-d tensor or a tensor of shape {tuple(token_shape)} "
+                         f"like input_ids (or ({n},)), got shape {tuple(tau.shape)}")
     return tau.detach().reshape(-1).to(torch.float32).contiguous()
 
 

@@ -163,6 +163,9 @@ OBJECTIVES = (MHPO, PPOClip, CISPO, SAPO, GPG, GSPO)
 
 
 def check_objective(objective):
+    if isinstance(objective, type) and issubclass(objective, OBJECTIVES):
+        raise TypeError(f"objective must be an instance, got the class {objective.__name__}: pass "
+                        f"{objective.__name__}() (or with its hyperparameters, e.g. PPOClip(eps_low=0.2))")
     if not isinstance(objective, OBJECTIVES):
         names = ", ".join(o.__name__ for o in OBJECTIVES)
         raise TypeError(f"objective must be one of {names} (from mhpo_kernels.objectives), "

@@ -39,5 +39,11 @@ def mhpo_token_loss(logp, old_logprobs, advantages, *, c=1.5, k_pos=1.5, lam_pos
         raise TypeError("logp must be a floating tensor")
     if old_logprobs is not None and old_logprobs.shape != logp.shape:
         raise ValueError(f"old_logprobs must have logp's shape {tuple(logp.shape)}, got {tuple(old_logprobs.shape)}")
-    adv = torch.broadcast_to(advantages, logp.shape)
+    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
+        raise TypeError("advantages must be a floating tensor")
+    try:
+        adv = torch.broadcast_to(advantages, logp.shape)
+    except RuntimeError:
+        raise ValueError(f"advantages must broadcast to logp's shape {tuple(logp.shape)} (one per token, or per "
+                         f"sequence as (B, 1)), got shape {tuple(advantages.shape)}") from None
     return _MHPOTokenLoss.apply(logp, old_logprobs, adv.float(), hp)

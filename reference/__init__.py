@@ -39,8 +39,9 @@ def _selected_logprobs(logits, input_ids, valid, temperature):
     """
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
     ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
-    if isinstance(temperature, torch.Tensor):
-        temperature = torch.where(valid, temperature.reshape(valid.shape), 1.0).unsqueeze(-1)
+    if isinstance(temperature, torch.Tensor):  # one τ_t per token; a 0-d tensor is one τ for all
+        temperature = torch.where(valid, temperature.expand(valid.numel()).reshape(valid.shape)
+                                  if temperature.dim() == 0 else temperature.reshape(valid.shape), 1.0).unsqueeze(-1)
     logprobs = F.log_softmax(logits / temperature, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp, logprobs

@@ -171,3 +171,18 @@ def test_constant_tensor_equals_the_scalar():
     loss_tensor, _, grad_tensor = _loss_grad(mhpo_kernels.mhpo_loss, logits, tensor)
     assert abs(loss_tensor.item() - loss_scalar.item()) <= FP32_RTOL * abs(loss_scalar.item())
     assert max_rel_err(grad_tensor, grad_scalar) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_dim_tensor_is_one_temperature_for_every_token(backend):
+    """A 0-d τ (a trainer's config value kept as a tensor) is accepted as a 0-d normalizer is:
+    the same τ at every token, equal to the full tensor's result bitwise, and to reference/ in
+    float64 (fp32 tolerance)."""
+    logits, kwargs = make_inputs(SMALL, Regime("tau-0d", temperature=0.7))
+    with mhpo_kernels.use_backend(backend):
+        loss_0d, _, grad_0d = _loss_grad(mhpo_kernels.mhpo_loss, logits, {**kwargs, "temperature": torch.tensor(0.7)})
+        full = {**kwargs, "temperature": torch.full(kwargs["input_ids"].shape, 0.7)}
+        loss_full, _, grad_full = _loss_grad(mhpo_kernels.mhpo_loss, logits, full)
+    assert torch.equal(loss_0d, loss_full) and torch.equal(grad_0d, grad_full)
+    expected = reference.mhpo_loss(logits.double(), **as_float64({**kwargs, "temperature": torch.tensor(0.7)}))
+    assert abs(loss_0d.item() - expected.item()) <= FP32_RTOL * abs(expected.item())
