@@ -312,3 +312,20 @@ def test_temperature_errors_on_every_op():
     ids[0, 0] = -100  # the bad τ is now at an ignored token: accepted
     for call in calls:
         call(bad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_likely_mistakes_are_named(backend):
+    """The objective's class for an instance, and per-token losses whose advantages do not
+    broadcast: errors that say the mistake, not "got type" or torch's broadcast message."""
+    from mhpo_kernels.objectives import PPOClip
+
+    logits, ids = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    with mhpo_kernels.use_backend(backend):
+        with pytest.raises(TypeError, match=r"got the class PPOClip: pass PPOClip\(\)"):
+            mhpo_kernels.policy_loss(logits, ids, None, torch.randn(2), objective=PPOClip)
+    logp = torch.randn(2, 3).requires_grad_()
+    with pytest.raises(ValueError, match=r"advantages must broadcast to logp's shape \(2, 3\).*got shape \(5,\)"):
+        mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(5))
+    loss, _, _ = mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(2, 1))   # per sequence: fine
+    assert loss.shape == (2, 3)
