@@ -17,7 +17,7 @@ from ._inputs import (
 )
 from ._sweep_types import LogitMap, MHPOParams, TokenParams
 from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_from_stats, mhpo_objective,
-                   resolve_objective)
+                   normalizer_setting, resolve_objective)
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -165,7 +165,7 @@ def fused_linear_policy_loss(
     def settings(p):
         return agreed_settings(
             "fused_linear_policy_loss", p.hp, p.lmap, chunk_size=chunk_size, loss_agg_mode=loss_agg_mode,
-            normalizer_given=normalizer is not None, old_logprobs_given=old_logprobs is not None,
+            normalizer=normalizer_setting(normalizer), old_logprobs_given=old_logprobs is not None,
             ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),

@@ -85,6 +85,17 @@ def agreed_settings(call, hp, lmap, **flags):
                 **flags)
 
 
+def normalizer_setting(normalizer):
+    """``normalizer`` as the ranks of a tp_group must agree on it: None, or the value the loss
+    divides by as a 0-d fp32 tensor (a number's on the CPU, a tensor's where it is), whose bits
+    the agreement gathers without reading it on the host (``vocab_parallel.agree``)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(torch.float32)
+    return torch.tensor(float(normalizer), dtype=torch.float32)
+
+
 def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, grad_in_forward=False):
     """(RowStats, None, None) of the sweeps; the tp_group's own path reduces nothing."""
     if tp_group is None:
@@ -396,7 +407,7 @@ def policy_loss(
 
     def settings(p):
         return agreed_settings(
-            "policy_loss", p.hp, p.lmap, loss_agg_mode=loss_agg_mode, normalizer_given=normalizer is not None,
+            "policy_loss", p.hp, p.lmap, loss_agg_mode=loss_agg_mode, normalizer=normalizer_setting(normalizer),
             old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,

@@ -7,9 +7,10 @@ rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks i
    offsets), the token count, fingerprints of input_ids (which carry the mask) and of the sequence
    boundaries with a per-token temperature, whether the rank's inputs passed their local checks,
    and a hash of each setting that decides what the later collectives do or what they return
-   (hyperparameters, objective, aggregation, dtypes, flags, chunk size: ``settings``). Every rank
-   then validates the same table the same way, so a bad call, or ranks that disagree, raise on
-   every rank instead of leaving the others waiting in a collective or returning different losses.
+   (hyperparameters, objective, aggregation, dtypes, flags, chunk size, the normalizer's value:
+   ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
+   that disagree, raise on every rank instead of leaving the others waiting in a collective or
+   returning different losses.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
    log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
    on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
@@ -47,15 +48,32 @@ def _fingerprint(x):
 def _setting_hashes(settings):
     """``SETTING_SLOTS`` int64 hashes of the settings' values, in order, 0 for unused slots (the
     row has one length on every rank, whatever the call). Hashes of ``repr``: equal on every rank
-    for equal values, unlike Python's ``hash`` of a str, which is seeded per process."""
+    for equal values, unlike Python's ``hash`` of a str, which is seeded per process.
+
+    A 0-d tensor (the normalizer: a number's on the CPU, or a tensor on the inputs' device) is not
+    read here: it enters as the bits of its fp32 value, returned as {slot: 0-d int64 tensor, where
+    the value is} for ``agree`` to write into the row on the collective's device, so that a value
+    on the GPU rides the all-gather without a host sync of its own, and a number and a tensor of
+    the same value agree. Returns (hashes, that dict)."""
     if settings is None:
-        return [0] * SETTING_SLOTS
+        return [0] * SETTING_SLOTS, {}
     values = list(settings.values())
     if len(values) > SETTING_SLOTS:
         raise AssertionError(f"at most {SETTING_SLOTS} agreed settings per call, got {len(values)}")
-    out = [int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "little", signed=True) or 1
-           for v in values]
-    return out + [0] * (SETTING_SLOTS - len(out))
+    out, bits = [], {}
+    for slot, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            bits[slot] = v.detach().reshape(()).to(torch.float32).view(torch.int32).to(torch.int64)
+            out.append(0)  # written by agree
+        else:
+            out.append(int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "little",
+                                      signed=True) or 1)
+    return out + [0] * (SETTING_SLOTS - len(out)), bits
+
+
+def _shown(value):
+    """A setting's value for an error message (a tensor's read only then)."""
+    return float(value) if isinstance(value, torch.Tensor) else value
 
 
 def collective_device(group, device):
@@ -112,11 +130,13 @@ class VocabSlice:
                 raise local_error
         try:
             prints = _fingerprint(ids) + _fingerprint(mask)
-            hashes = _setting_hashes(settings)
+            hashes, bits = _setting_hashes(settings)
         except Exception:  # malformed ids: local_error already says why
-            prints, hashes = [-2] * 4, [0] * SETTING_SLOTS
+            prints, hashes, bits = [-2] * 4, [0] * SETTING_SLOTS, {}
         row = [int(local_size), int(n_tokens), *prints, 0 if local_error is None else 1, *hashes]
         mine = torch.tensor(row, dtype=torch.int64, device=comm_device)
+        for slot, value in bits.items():  # copied on the device (or to it), never read on the host
+            mine[7 + slot] = value.to(comm_device)
         table = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(table, mine, group=group)
         table = torch.stack(table).tolist()
@@ -132,10 +152,10 @@ class VocabSlice:
             if 0 in differ:  # different calls: the other slots mean different things
                 raise ValueError(f"tp_group: ranks make different calls; this rank's is "
                                  f"{(settings or {}).get('call')}: every rank must make the same call")
-            mine_values = ", ".join(f"{names[i]}={settings[names[i]]!r}" for i in differ if i < len(names))
+            mine_values = ", ".join(f"{names[i]}={_shown(settings[names[i]])!r}" for i in differ if i < len(names))
             raise ValueError(f"tp_group: ranks disagree on {', '.join(names[i] for i in differ if i < len(names))} "
                              f"(this rank: {mine_values}); every rank must pass the same hyperparameters, "
-                             f"objective, flags and dtypes")
+                             f"objective, normalizer, flags and dtypes")
         sizes = tuple(t[0] for t in table)
         if min(sizes) < 1:
             raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")

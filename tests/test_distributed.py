@@ -242,6 +242,70 @@ def test_vocab_parallel_bad_calls_raise_on_every_rank(tmp_path):
     assert not wrong, wrong
 
 
+NORMALIZER_CASES = {  # name: (rank 0's normalizer, rank 1's)
+    "numbers-differ": (6.0, 7.0),
+    "tensors-differ": (torch.tensor(6.0), torch.tensor(7.0)),
+    "int-tensors-differ": (torch.tensor(6), torch.tensor(7)),      # TRL's num_items_in_batch is a count
+    "one-rank-none": (6.0, None),
+    "number-and-tensor-differ": (6.0, torch.tensor(6.5)),
+    "number-and-tensor-agree": (6.0, torch.tensor(6)),             # the same value: computes
+}
+
+
+def _normalizer_calls(rank, world_size):
+    """(path, call(normalizer) on this rank's slice): the logits path and the fused linear path."""
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    full, ids, mask, old, adv, _ = _tp_inputs()
+    start, size = _split(full.shape[-1], world_size)[rank]
+    hidden, weight, bias, lids, lmask, lold, ladv = _tp_linear_inputs()
+    wstart, wsize = _split(weight.shape[0], world_size)[rank]
+    kw = dict(loss_agg_mode="token-mean", tp_group=None if world_size == 1 else dist.group.WORLD)
+    return [("logits", lambda n: mhpo_kernels.mhpo_loss(full[..., start:start + size], ids, old, adv, mask,
+                                                       normalizer=n, **kw)),
+            ("linear", lambda n: mhpo_kernels.fused_linear_mhpo_loss(
+                hidden, weight[wstart:wstart + wsize], lids, lold, ladv, lmask, bias=bias[wstart:wstart + wsize],
+                chunk_size=4, normalizer=n, **kw))]
+
+
+def _tp_normalizer_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+
+    out = {}
+    with mhpo_kernels.use_backend("torch"):
+        for case, normalizers in NORMALIZER_CASES.items():
+            for path, call in _normalizer_calls(rank, world_size):
+                try:
+                    out[case, path] = call(normalizers[rank]).detach()
+                except ValueError as e:
+                    out[case, path] = str(e)
+    torch.save(out, f"{out_dir}/normalizer-{rank}.pt")
+
+
+def test_vocab_parallel_normalizer_is_agreed(tmp_path):
+    """Ranks that pass different normalizers (numbers, 0-d float or integer tensors, one rank
+    none) raise on every rank, naming normalizer, on the logits path and the fused linear path,
+    instead of returning different losses; a number and a tensor of the same value agree and give
+    one process's loss. A tensor's value is compared in the agreement's all-gather, not read
+    on the host."""
+    import mhpo_kernels
+    from _cases import FP32_RTOL
+
+    _dist.run(_tp_normalizer_worker, 2, tmp_path, str(tmp_path))
+    got = [torch.load(tmp_path / f"normalizer-{rank}.pt") for rank in range(2)]
+    with mhpo_kernels.use_backend("torch"):
+        single = {path: call(6.0) for path, call in _normalizer_calls(0, 1)}
+    for (case, path), _ in got[0].items():
+        for rank in range(2):
+            result = got[rank][case, path]
+            if case.endswith("-agree"):
+                assert isinstance(result, torch.Tensor), (case, path, rank, result)
+                assert abs(result.item() - single[path].item()) <= FP32_RTOL * abs(single[path].item())
+            else:
+                assert isinstance(result, str) and "disagree on normalizer" in result, (case, path, rank, result)
+
+
 def _tp_linear_inputs(V=701, B=2, T=5, H=16, seed=3):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)
