@@ -198,11 +198,12 @@ def fused_linear_policy_loss(
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
-    reduce_dhidden=True,
+    reduce_dhidden=True, mask=None,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
     ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
-    log-probs shaped like input_ids (and the entropy of softmax(z / τ)), 0 at ignored positions.
+    log-probs shaped like input_ids (and the entropy of softmax(z / τ)), 0 at ignored positions and
+    where ``mask`` (optional, bool or 0/1, shaped like input_ids) is false; those pass no gradient.
 
     Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
     drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
@@ -223,7 +224,7 @@ def fused_linear_token_logprobs(
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         tau_value, tau = check_temperature(temperature)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
-                               hidden.device, ignore_index, source="hidden without H", temperature=tau)
+                               hidden.device, ignore_index, mask, source="hidden without H", temperature=tau)
         lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(MHPOParams(), lmap, hidden2d, chunk_rows, batch)
 

@@ -104,3 +104,30 @@ def test_no_grad_saves_nothing():
     n, (V, H) = ids.numel(), weight.shape
     # hidden (N, H), weight, bias, and per-token vectors (target, τ, base, log2 sum, entropy): no tile
     assert sorted(packed) == sorted([(n, H), (V, H), (V,)] + [(n,)] * 4), packed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask(backend):
+    """``mask=``: masked positions give 0 and no gradient, as ``token_logprobs(mask=)`` and
+    reference/ (float64) have it; a mask that is not 0/1 is refused."""
+    import reference
+
+    g = torch.Generator().manual_seed(17)
+    hidden = torch.randn(2, 5, 16, generator=g).requires_grad_()
+    weight = (torch.randn(37, 16, generator=g) * 0.3).requires_grad_()
+    ids = torch.randint(0, 37, (2, 5), generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.4
+    mask[0, 0] = False
+    with mhpo_kernels.use_backend(backend):
+        logp, entropy = mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, chunk_size=3, mask=mask,
+                                                                 return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+        with pytest.raises(ValueError, match="mask"):
+            mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, mask=mask.float() * 2)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref_logp, ref_entropy = reference.token_logprobs(h64 @ w64.t(), ids, mask=mask, return_entropy=True)
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    assert not logp[~mask].any() and not entropy[~mask].any()
+    assert max_rel_err(logp, ref_logp) <= FP32_RTOL and max_rel_err(entropy, ref_entropy) <= FP32_RTOL
+    assert max_rel_err(hidden.grad, h64.grad) <= FP32_RTOL and max_rel_err(weight.grad, w64.grad) <= FP32_RTOL
+    assert not hidden.grad[~mask].any()
