@@ -348,16 +348,6 @@ def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):
 
 
 INT32_MAX = 2**31 - 1
-# A log-prob is ≤ 0; one computed in bf16 can round above 0, by at most half a unit in the last
-# place of the logits it came from (0.0625 for logits up to 16 in magnitude, 0.125 up to 32).
-# Beyond this it is no log-prob: most often a negative log-likelihood (−log p) passed by mistake,
-# which would otherwise give a loss near 0 and no error.
-LOGPROB_SLACK = 0.25
-
-
-def _positive_logprob_message(name):
-    return (f"{name} holds values above 0 (beyond rounding, > {LOGPROB_SLACK}) at valid tokens: log-probs "
-            f"are <= 0; a negative log-likelihood (-log p) passed by mistake?")
 _BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"
 _BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
 
@@ -452,8 +442,7 @@ def _token_batch(input_ids, token_shape, V, device, ignore_index, mask, source, 
 # one sync. Inside torch.compile, and on the PyTorch path, the same work is the PyTorch ops above
 # (the compiled graph fuses them). STATUS_* are the slots of the flags the program writes.
 STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM = range(7)
-STATUS_OLD, STATUS_REF = 7, 8
-STATUS_SLOTS = 9
+STATUS_SLOTS = 7
 
 
 def _kernel_route(device, V, use_kernel):
@@ -486,9 +475,6 @@ def _raise_on_status(status, ids, V, normalizer):
             f"e.g. {ids[where].item()} at flat position {where} (use ignore_index or mask to skip)")
     if flags[STATUS_MASK]:
         raise ValueError(_BAD_MASK)
-    for slot, name in ((STATUS_OLD, "old_logprobs"), (STATUS_REF, "ref_logprobs")):
-        if flags[slot]:
-            raise ValueError(_positive_logprob_message(name))
     if flags[STATUS_NORM]:
         value = normalizer.item() if isinstance(normalizer, torch.Tensor) else normalizer
         raise ValueError(f"{_BAD_NORMALIZER}, got {value}")
@@ -496,7 +482,7 @@ def _raise_on_status(status, ids, V, normalizer):
 
 
 def _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens,
-                       temperature, advantages=None, loss_agg_mode=None, normalizer=None, old=None, ref=None):
+                       temperature, advantages=None, loss_agg_mode=None, normalizer=None):
     """The Batch from one prepare launch and one host read (see above); ``advantages`` None for
     log-probs alone (no weights)."""
     _check_ids(input_ids, token_shape, device, source, convert=False)
@@ -524,7 +510,7 @@ def _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, 
         normalizer = normalizer.detach().to(device)
     target, weight, adv_t, status = launch(
         _flat(input_ids), _flat(mask), cu_seqlens, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_index,
-        AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight, old, ref, LOGPROB_SLACK)
+        AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight)
     n_valid, bad_cu, bad_tau = _raise_on_status(status, _flat(input_ids), V, normalizer)
     if bad_cu:
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)")
@@ -601,7 +587,7 @@ def prepare_mhpo(
         old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
         ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
         batch = _prepare_by_kernel(launch, input_ids, token_shape, V, device, ignore_index, mask, source,
-                                   cu_seqlens, temperature, advantages, loss_agg_mode, normalizer, old, ref)
+                                   cu_seqlens, temperature, advantages, loss_agg_mode, normalizer)
         batch.old, batch.ref = old, ref
         return batch
     normalizer = check_normalizer(normalizer, device)
@@ -609,9 +595,6 @@ def prepare_mhpo(
                                                       source, cu_seqlens, temperature)
     batch.old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     batch.ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
-    for name, x in (("old_logprobs", batch.old), ("ref_logprobs", batch.ref)):
-        if x is not None:  # +inf is data, as any non-finite value (SPEC.md, section 5)
-            extra.append(((batch.valid & (x > LOGPROB_SLACK) & (x < math.inf)).any(), _positive_logprob_message(name)))
     packed = cu_seqlens is not None
     adv = _check_advantages(advantages, token_shape, device, batch.n_seqs if packed else None)
     N, S = ids.numel(), batch.n_seqs

@@ -25,10 +25,9 @@ from .. import _inputs
 
 STATUS_SLOTS = _inputs.STATUS_SLOTS
 # The host's names (``_inputs``) as the kernel's compile-time constants.
-(STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM, STATUS_OLD,
- STATUS_REF) = (tl.constexpr(getattr(_inputs, name)) for name in (
-    "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM",
-    "STATUS_OLD", "STATUS_REF"))
+STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM = (
+    tl.constexpr(getattr(_inputs, name)) for name in (
+        "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM"))
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_inputs, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
 
 BLOCK = 1024
@@ -69,12 +68,10 @@ def _seq_of(p_cu, o, S, T, n_steps, PACKED: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "S", "T", "n_steps"])
 def _prepare_kernel(
     p_ids, p_mask, p_cu, p_adv, p_tau, p_norm,   # inputs: (N,) ids, mask, (S + 1,) cu, adv, (N,) τ, 0-d normalizer
-    p_old, p_ref,                                # (N,) fp32 old and reference log-probs (HAS_OLD, HAS_REF)
     p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage
     p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
-    N, S, T, V, ignore_index, normalizer, n_steps, logprob_slack,
+    N, S, T, V, ignore_index, normalizer, n_steps,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_TAU: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr,
     NORM: tl.constexpr,                          # 0 the count, 1 the value ``normalizer``, 2 the tensor
     BLOCK: tl.constexpr,
@@ -85,8 +82,6 @@ def _prepare_kernel(
     first_bad = tl.zeros([BLOCK], tl.int64) + N
     bad_mask = tl.zeros([BLOCK], tl.int32)
     bad_tau = tl.zeros([BLOCK], tl.int32)
-    bad_old = tl.zeros([BLOCK], tl.int32)
-    bad_ref = tl.zeros([BLOCK], tl.int32)
     carry = tl.full([], 0, tl.int32)
     if WITH_WEIGHT:
         tl.store(p_prefix, 0)
@@ -106,13 +101,6 @@ def _prepare_kernel(
         if HAS_TAU:  # τ_t is data like a logit (NaN propagates); ≤ 0 or +inf is a misuse
             tau = tl.load(p_tau + o, mask=m, other=1.0)
             bad_tau += (valid & ((tau <= 0.0) | (tau == float("inf")))).to(tl.int32)
-        # a log-prob above 0 beyond rounding: an NLL passed by mistake (+inf is data)
-        if HAS_OLD:
-            b_old = tl.load(p_old + o, mask=valid, other=0.0)
-            bad_old += (valid & (b_old > logprob_slack) & (b_old < float("inf"))).to(tl.int32)
-        if HAS_REF:
-            b_ref = tl.load(p_ref + o, mask=valid, other=0.0)
-            bad_ref += (valid & (b_ref > logprob_slack) & (b_ref < float("inf"))).to(tl.int32)
         v = valid.to(tl.int32)
         n_valid += v
         if WITH_WEIGHT:
@@ -124,8 +112,6 @@ def _prepare_kernel(
     tl.store(p_status + STATUS_FIRST_BAD, tl.min(first_bad, 0))
     tl.store(p_status + STATUS_MASK, tl.sum(bad_mask, 0).to(tl.int64))
     tl.store(p_status + STATUS_TAU, tl.sum(bad_tau, 0).to(tl.int64))
-    tl.store(p_status + STATUS_OLD, tl.sum(bad_old, 0).to(tl.int64))
-    tl.store(p_status + STATUS_REF, tl.sum(bad_ref, 0).to(tl.int64))
 
     bad_cu = tl.zeros([BLOCK], tl.int32)
     if PACKED:
@@ -188,12 +174,11 @@ def _prepare_kernel(
     tl.store(p_status + STATUS_CU, tl.sum(bad_cu, 0).to(tl.int64))
 
 
-def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_index, agg, with_weight,
-            old=None, ref=None, logprob_slack=0.0):
+def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_index, agg, with_weight):
     """Launch the prepare program. ``ids`` (N,) integer; ``mask`` (N,) or None; ``cu`` (S + 1,)
     int64 for a packed stream, else None (S = n_seqs rows of T tokens); ``adv`` the advantages as
     ``adv_mode`` reads them; ``tau`` (N,) fp32 or None; ``normalizer`` None, a float, or a 0-d
-    tensor; ``old``, ``ref`` (N,) fp32 or None, checked against ``logprob_slack``. Returns (target int32, weight fp32 or None, adv fp32 or None, status int64)."""
+    tensor. Returns (target int32, weight fp32 or None, adv fp32 or None, status int64)."""
     N = ids.numel()
     device = ids.device
     status = torch.empty(STATUS_SLOTS, dtype=torch.int64, device=device)
@@ -209,13 +194,11 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_
             ids, dummy if mask is None else mask, dummy if cu is None else cu,
             dummy if adv is None else adv, dummy if tau is None else tau,
             normalizer if norm_mode == 2 else dummy,
-            dummy if old is None else old, dummy if ref is None else ref,
             target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
             prefix, seq_n, status,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
-            max(1, (n_seqs - 1).bit_length()), float(logprob_slack),
+            max(1, (n_seqs - 1).bit_length()),
             HAS_MASK=mask is not None, PACKED=cu is not None, HAS_TAU=tau is not None,
-            HAS_OLD=old is not None, HAS_REF=ref is not None,
             WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _inputs.ADV_NONE, NORM=norm_mode,
             BLOCK=BLOCK, num_warps=4,
         )
