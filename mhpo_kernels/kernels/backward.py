@@ -177,18 +177,40 @@ def _mhpo_bwd_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V, BLOCK: tl.constexpr):
+def _scale_step(p_blk, v0, o_blk, lo, hi, scale, MASKED: tl.constexpr):
+    """One block of a row times ``scale``, in place, at offsets from the row's block base where
+    the row is [lo, hi) (as ``_grad_step``)."""
+    o_v = v0 + o_blk
+    if MASKED:
+        m_v = (o_v >= lo) & (o_v < hi)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.store(p_blk + o_v, (b_x * scale).to(p_blk.dtype.element_ty), mask=m_v)
+    else:
+        b_x = tl.load(p_blk + o_v).to(tl.float32)
+        tl.store(p_blk + o_v, (b_x * scale).to(p_blk.dtype.element_ty))
+
+
+@triton.jit
+def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V,
+                       R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Row r of the gradient times scale[r], read on the device: a row whose scale is 1 is not
-    touched at all, so handing back a gradient computed for 1 costs nothing logits-sized."""
+    touched at all, so handing back a gradient computed for 1 costs nothing logits-sized. Rows
+    are walked as the sweeps walk them (rows.py): 16-byte vectors at any V and stride."""
+    BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     scale = tl.load(p_scale + row)
     if scale != 1.0:
-        p_row = p_dx + _row_offset(row, T, stride_db, stride_dt)
-        o = tl.arange(0, BLOCK)
-        for v0 in range(0, V, BLOCK):
-            m = v0 + o < V
-            x = tl.load(p_row + v0 + o, mask=m, other=0.0).to(tl.float32)
-            tl.store(p_row + v0 + o, (x * scale).to(p_dx.dtype.element_ty), mask=m)
+        off = _row_offset(row, T, stride_db, stride_dt)
+        lead = _row_lead(off, VEC)
+        p_blk = _block_base(p_dx, off, lead, True, VEC)
+        o_blk = _block_offsets(R, LANES, VEC)
+        n_end = lead + V
+        n_full = n_end // BLOCK_V * BLOCK_V
+        _scale_step(p_blk, 0, o_blk, lead, n_end, scale, True)
+        for v0 in range(BLOCK_V, n_full, BLOCK_V):
+            _scale_step(p_blk, v0, o_blk, lead, n_end, scale, False)
+        if (n_full > 0) & (n_full < n_end):
+            _scale_step(p_blk, n_full, o_blk, lead, n_end, scale, True)
 
 
 def scale_rows_(grad, scale):
@@ -197,9 +219,9 @@ def scale_rows_(grad, scale):
     if B * T == 0:
         return grad
     assert grad.stride(-1) == 1 and scale.is_contiguous() and scale.dtype == torch.float32
-    block = min(4096, max(16, 1 << (V - 1).bit_length()))
-    _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), scale, T, V, BLOCK=block,
-                                 num_warps=max(1, min(8, block // 256)))
+    cfg = sweep_config(V, grad.element_size())
+    _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), scale, T, V,
+                                 R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps)
     return grad
 
 
