@@ -6,7 +6,8 @@ import triton.language as tl
 
 from .._config import FP_FUSION, launch_splits, split_length, sweep_config
 from .logit_map import LN2, _logit_slope, _logit_u
-from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_target
+from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _row_lead, _row_offset, _row_target,
+                   rows_aligned)
 
 # Derivation. With z the logit the softmax sees, p = softmax(z) and ln p_v = z_v − lse:
 #
@@ -116,10 +117,10 @@ def _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R: tl.constexpr, LANES: tl.con
         tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
 def _mhpo_bwd_kernel(
-    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
-    p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
+    p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
+    p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V), unit stride along V
     p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
@@ -131,11 +132,12 @@ def _mhpo_bwd_kernel(
     HAS_TAU: tl.constexpr,
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     SPLIT: tl.constexpr,                         # grid (N, splits): program (r, j) writes split j of row r
+    ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    off = _row_offset(row, T, stride_xb, stride_xt)
-    d_off = _row_offset(row, T, stride_db, stride_dt)
+    off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
+    d_off = _row_offset(row, T, stride_db, stride_dt, ROWS_ALIGNED and DX_IN_PHASE, VEC)
     p_row = p_x + off
     p_drow = p_dx + d_off
     y, valid, has_y, _ = _row_target(p_y, row, V)
@@ -190,9 +192,9 @@ def _scale_step(p_blk, v0, o_blk, lo, hi, scale, MASKED: tl.constexpr):
         tl.store(p_blk + o_v, (b_x * scale).to(p_blk.dtype.element_ty))
 
 
-@triton.jit
-def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V,
-                       R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
+def _scale_rows_kernel(p_dx, stride_db: tl.int64, stride_dt: tl.int64, p_scale, T, V,
+                       ROWS_ALIGNED: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Row r of the gradient times scale[r], read on the device: a row whose scale is 1 is not
     touched at all, so handing back a gradient computed for 1 costs nothing logits-sized. Rows
     are walked as the sweeps walk them (rows.py): 16-byte vectors at any V and stride."""
@@ -200,7 +202,7 @@ def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_scale, T, V,
     row = tl.program_id(0)
     scale = tl.load(p_scale + row)
     if scale != 1.0:
-        off = _row_offset(row, T, stride_db, stride_dt)
+        off = _row_offset(row, T, stride_db, stride_dt, ROWS_ALIGNED, VEC)
         lead = _row_lead(off, VEC)
         p_blk = _block_base(p_dx, off, lead, True, VEC)
         o_blk = _block_offsets(R, LANES, VEC)
@@ -221,7 +223,8 @@ def scale_rows_(grad, scale):
     assert grad.stride(-1) == 1 and scale.is_contiguous() and scale.dtype == torch.float32
     cfg = sweep_config(V, grad.element_size())
     _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), scale, T, V,
-                                 R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps)
+                                 ROWS_ALIGNED=rows_aligned(grad, cfg.vec), R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+                                 num_warps=cfg.num_warps)
     return grad
 
 
@@ -261,6 +264,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
         HAS_TAU=lmap.tau is not None,
         DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
         SPLIT=splits > 1,
+        ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
         R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
         num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,
