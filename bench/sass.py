@@ -39,7 +39,7 @@ from triton.compiler import ASTSource
 from bench.specialization import TARGET, constexpr_values, recorded_launches, specialize
 from mhpo_kernels import _config
 from mhpo_kernels._sweep_types import LogitMap, TokenParams
-from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, mhpo_bwd
+from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, _scale_rows_kernel, mhpo_bwd, scale_rows_
 from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel, mhpo_fwd
 
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
@@ -55,7 +55,8 @@ SPLITS = 2
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # The budgets the CI test holds the loops to (instructions and MUFU ops per logit).
-BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
+# The rescale of grad_in_forward's gradient reads and writes each element, as the backward does.
+BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0, "scale": 12.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
@@ -117,6 +118,10 @@ UNALIGNED_DTYPES = ("bf16", "fp32")
 UNALIGNED_FWD = ("logprobs", "loss-entropy-old-ref", "softcap-loss-entropy-old-ref")
 UNALIGNED_BWD = ("", "entropy", "softcap-entropy")
 
+# grad_in_forward's backward: its gradient times the loss's upstream gradient, in place, rows
+# whose factor is 1 skipped (``backward.scale_rows_``); aligned and at the first unaligned V.
+SCALE_DTYPES = ("bf16", "fp32")
+
 
 class Variant(NamedTuple):
     kernel: object
@@ -162,6 +167,9 @@ def variants():
         _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[fwd], "SPLIT": 1}, v, False)
     out[f"bwd-{dtype}-split-{bwd}-v{v}"] = Variant(
         _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[bwd], "SPLIT": True}, v, False)
+    for dtype in SCALE_DTYPES:
+        out[f"scale-{dtype}"] = Variant(_scale_rows_kernel, dtype, {}, V, True)
+        out[f"scale-{dtype}-v{UNALIGNED_V[0]}"] = Variant(_scale_rows_kernel, dtype, {}, UNALIGNED_V[0], False)
     return out
 
 
@@ -191,10 +199,12 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
             mhpo_fwd(logits, target, per_token(f["HAS_OLD"]), per_token(loss), per_token(loss),
                      per_token(f["HAS_REF"]), hp, logit_map(), with_entropy=f["WITH_ENTROPY"], with_loss=loss,
                      grad=grad if f["GRAD_IN_FORWARD"] else None)
-        else:
+        elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
                      logit_map())
+        else:
+            scale_rows_(grad, per_token())
     for launch in launches:
         values = constexpr_values(launch)
         if all(values.get(k) == v for k, v in f.items()):

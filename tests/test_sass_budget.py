@@ -14,7 +14,8 @@ budgets and the same 16-byte vectors. Each variant is compiled with the signatur
 selects, and no batch selects another (tests/test_specialization.py).
 
 grad_in_forward's one-sweep kernel has two loops per row inside its persistent loop: pass 1 is
-held to the forward's budget, pass 2 to the backward's.
+held to the forward's budget, pass 2 to the backward's; the rescale of its gradient in the
+backward moves as many bytes per element as the backward, and has the backward's budget.
 """
 
 import json
@@ -42,7 +43,8 @@ def report(tmp_path_factory):
     assert {r["name"] for r in rows} >= {"fwd-bf16-logprobs", "fwd-fp32-softcap-logprobs", "bwd-fp16-softcap-entropy",
                                          "fwd-bf16-tau-loss-entropy-old-ref", "bwd-bf16-tau-entropy",
                                          "bwd-bf16-softcap-tau-entropy",
-                                         "fwd-bf16-loss-entropy-old-ref-v50257", "bwd-bf16-entropy-v151935"}
+                                         "fwd-bf16-loss-entropy-old-ref-v50257", "bwd-bf16-entropy-v151935",
+                                         "scale-bf16", "scale-fp32-v151935"}
     for r in rows:
         assert (out / "cubins" / f"{r['name']}.cubin").exists()
     return rows
@@ -108,14 +110,14 @@ def test_no_spills_and_16_byte_vectors(report):
         # Each lane moves whole 16-byte vectors: one per VEC elements it owns per iteration.
         vectors = r["elements_per_thread_per_iteration"] * {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]] // 16
         assert r["vector_loads"] == vectors, r
-        if r["name"].startswith("bwd") or r["name"].endswith("-pass2"):
+        if r["name"].startswith(("bwd", "scale")) or r["name"].endswith("-pass2"):
             assert r["vector_stores"] == vectors, r
 
 
 def test_unaligned_rows_compiled_for_every_sweep_and_dtype(report):
     """Each sweep's loop (log-probs, entropy, softcap; forward and backward) in bf16 and fp32 is
     compiled for rows at any residue, at each unaligned V."""
-    unaligned = [r for r in report if not r["aligned"] and not r["name"].startswith("onesweep-")]
+    unaligned = [r for r in report if not r["aligned"] and r["name"].startswith(("fwd-", "bwd-"))]
     for v in UNALIGNED_V:
         rows = [r for r in unaligned if r["V"] == v]
         assert {(r["name"].split("-")[0], r["dtype"], "softcap" in r["name"]) for r in rows} == {
