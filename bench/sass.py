@@ -1,9 +1,13 @@
 """python -m bench.sass: what the compiled sweeps cost per logit, measured from sm_90 SASS without a GPU.
 
 Compiles every sweep variant a public entry point can launch for an H100/H200 (sm_90), exactly as
-the launchers would specialize it for V = 151,936 (every stride and V a multiple of 16), and a
-representative subset again for rows that start anywhere (V = 151,935 and 50,257, strides = V:
-only the data pointers 16-byte aligned); disassembles the cubin with the ``cuobjdump``
+the launchers specialize it: each variant's launch is made by the launcher itself on meta tensors
+and recorded instead of run (``bench.specialization``), and the signature, constexprs and
+divisibility attributes Triton's binder derives from it are what is compiled. V = 151,936 (rows
+on 16-byte boundaries), and a representative subset again for rows that start anywhere (V =
+151,935 and 50,257, contiguous: only the data pointers 16-byte aligned); the batch's own integers
+(N, T, strides, splits) are never specialized (tests/test_specialization.py), so any batch gives
+the same code. Disassembles the cubin with the ``cuobjdump``
 that ships in Triton's wheel, finds the steady-state loop (the backward branch whose body holds
 the logits loads) and counts its instructions. The one-sweep kernel (``grad_in_forward``) has two
 such loops inside its persistent loop over rows: both are counted, pass 1 against the forward's
@@ -28,25 +32,31 @@ import sys
 
 from typing import NamedTuple
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.specialization import TARGET, constexpr_values, recorded_launches, specialize
 from mhpo_kernels import _config
-from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel
-from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel
+from mhpo_kernels._sweep_types import LogitMap, TokenParams
+from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, _scale_rows_kernel, mhpo_bwd, scale_rows_
+from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel, mhpo_fwd
 
-TARGET = GPUTarget("cuda", 90, 32)
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
 # Qwen's less one and GPT-2's: no stride or V divisible by anything, so rows start at every
 # residue mod 16 bytes. V is a runtime argument, so both compile to the same code (the same
 # block shape: V ≥ 4096); both are reported so that the table names the case it stands for.
 UNALIGNED_V = (151935, 50257)
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The batch the variants are launched with: any other gives the same signature.
+BATCH = (4, 512)
+SPLITS = 2
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # The budgets the CI test holds the loops to (instructions and MUFU ops per logit).
-BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0}
+# The rescale of grad_in_forward's gradient reads and writes each element, as the backward does.
+BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0, "scale": 12.0}
 MUFU_BUDGET = 1.25  # outside softcap
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
@@ -108,13 +118,17 @@ UNALIGNED_DTYPES = ("bf16", "fp32")
 UNALIGNED_FWD = ("logprobs", "loss-entropy-old-ref", "softcap-loss-entropy-old-ref")
 UNALIGNED_BWD = ("", "entropy", "softcap-entropy")
 
+# grad_in_forward's backward: its gradient times the loss's upstream gradient, in place, rows
+# whose factor is 1 skipped (``backward.scale_rows_``); aligned and at the first unaligned V.
+SCALE_DTYPES = ("bf16", "fp32")
+
 
 class Variant(NamedTuple):
     kernel: object
     dtype: str
     constexprs: dict
     V: int
-    aligned: bool   # strides and V multiples of 16 (else only the data pointers are aligned)
+    aligned: bool   # V a multiple of 16, so contiguous rows start on 16-byte boundaries
 
 
 def variants():
@@ -153,42 +167,64 @@ def variants():
         _mhpo_fwd_kernel, dtype, {**_FWD_OFF, **FWD_FLAGS[fwd], "SPLIT": 1}, v, False)
     out[f"bwd-{dtype}-split-{bwd}-v{v}"] = Variant(
         _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[bwd], "SPLIT": True}, v, False)
+    for dtype in SCALE_DTYPES:
+        out[f"scale-{dtype}"] = Variant(_scale_rows_kernel, dtype, {}, V, True)
+        out[f"scale-{dtype}-v{UNALIGNED_V[0]}"] = Variant(_scale_rows_kernel, dtype, {}, UNALIGNED_V[0], False)
     return out
 
 
-def _signature(kernel, dtype, constexprs, aligned):
-    """Argument types and the alignment facts the launcher's specialization sees: 16-byte aligned
-    data pointers, and, if ``aligned``, strides and V divisible by 16 too."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("p_x", "p_dx"):
-            sig[name] = "*" + dtype
-        elif name == "p_y":
-            sig[name] = "*i32"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        elif name.startswith("stride"):
-            sig[name] = "i64"
-        elif name in ("N", "T", "V", "n_splits", "split_len", "n_tail"):
-            sig[name] = "i32"
+def launch_of(var, batch=BATCH, splits=SPLITS):
+    """The launch the launcher makes for variant ``var``: (B, T, V) logits of its dtype, contiguous,
+    and per-token tensors as the flags ask, all on the meta device, the launch recorded instead of
+    run. A split variant is launched with ``splits`` splits per row. Raises if the launcher
+    launches no kernel with the variant's flags (the table names only what runs)."""
+    f = var.constexprs
+    B, T = batch
+    N = B * T
+    logits = torch.empty(B, T, var.V, dtype=DTYPES[var.dtype], device="meta")
+    target = torch.empty(N, dtype=torch.int32, device="meta")
+
+    def per_token(present=True):
+        return torch.empty(N, device="meta") if present else None
+
+    def logit_map():
+        return LogitMap.make(1.0, softcap=30.0 if f["SOFTCAP"] else None, tau=per_token(f["HAS_TAU"]))
+
+    # The autograd ops' gradient buffer: the logits' layout (in phase), or the logits themselves.
+    grad = torch.empty_like(logits)
+    with recorded_launches(var.kernel) as launches, _config.overridden(row_splits=splits if f.get("SPLIT") else None):
+        if var.kernel is _mhpo_fwd_kernel:
+            loss = f["WITH_LOSS"]
+            hp = TokenParams(f["OBJECTIVE"], (1.5, 1.5, 1.0, 2.0, 0.8), 0.1, f["LFM"], f["DHP"])
+            mhpo_fwd(logits, target, per_token(f["HAS_OLD"]), per_token(loss), per_token(loss),
+                     per_token(f["HAS_REF"]), hp, logit_map(), with_entropy=f["WITH_ENTROPY"], with_loss=loss,
+                     grad=grad if f["GRAD_IN_FORWARD"] else None)
+        elif var.kernel is _mhpo_bwd_kernel:
+            dent = f["HAS_DENT"]
+            mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
+                     logit_map())
         else:
-            sig[name] = "fp32"
-    # split_len is whole blocks, so a multiple of 16 at any V (Triton specializes it as such).
-    divisible = [n for n in kernel.arg_names if n not in constexprs and
-                 (n.startswith("p_") or n == "split_len" or aligned and (n.startswith("stride") or n == "V"))]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    return sig, attrs
+            scale_rows_(grad, target, torch.empty((), device="meta"), 0.5)
+    for launch in launches:
+        values = constexpr_values(launch)
+        if all(values.get(k) == v for k, v in f.items()):
+            assert values["ROWS_ALIGNED"] == var.aligned, (var, values)
+            return launch
+    raise ValueError(f"the launcher launches no {var.kernel.__name__} with {f}: "
+                     f"{[constexpr_values(launch) for launch in launches]}")
 
 
-def compile_variant(kernel, dtype, constexprs, v=V, aligned=True):
-    """The compiled kernel for ``dtype`` logits at V = ``v`` with the launcher's config."""
-    cfg = _config.sweep_config(v, ITEMSIZE[dtype])
-    constexprs = {**constexprs, "R": cfg.r, "LANES": cfg.lanes, "VEC": cfg.vec}
-    sig, attrs = _signature(kernel, dtype, constexprs, aligned)
-    return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET,
-                          options={"num_warps": cfg.num_warps, "enable_fp_fusion": _config.FP_FUSION})
+def launched(var):
+    """``bench.specialization.Specialization`` of the variant's launch: its cache key and the
+    signature, constexprs, attributes and options a compile for that key receives."""
+    return specialize(launch_of(var), TARGET)
+
+
+def compile_variant(var):
+    """The compiled kernel of Variant ``var``, compiled as Triton's launcher would for its launch."""
+    spec = launched(var)
+    return triton.compile(ASTSource(var.kernel, spec.signature, spec.constexprs, spec.attrs), target=TARGET,
+                          options=spec.options.__dict__)
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -299,14 +335,12 @@ def measure(names, cubin_dir):
     os.makedirs(cubin_dir, exist_ok=True)
     table = variants()
     rows = []
-    done = {}  # the code is a function of these alone (V enters as its block shape): compile once
+    done = {}  # one compile per kernel cache key, as on the GPU (V enters as its block shape)
     for name in names:
         var = table[name]
-        key = (var.kernel.__name__, var.dtype, tuple(sorted(var.constexprs.items())), var.aligned,
-               _config.sweep_config(var.V, ITEMSIZE[var.dtype]))
+        key = (var.kernel.__name__, launched(var).key)
         path = os.path.join(cubin_dir, f"{name}.cubin")
-        cubin = done[key][0] if key in done else compile_variant(
-            var.kernel, var.dtype, var.constexprs, var.V, var.aligned).asm["cubin"]
+        cubin = done[key][0] if key in done else compile_variant(var).asm["cubin"]
         with open(path, "wb") as f:
             f.write(cubin)
         if key not in done:

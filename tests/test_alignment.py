@@ -224,3 +224,32 @@ def test_gradient_buffer_in_phase(monkeypatch):
         logp64 = reference.token_logprobs(view(x64), ids.repeat(b // ids.shape[0], 1))
         (grad64,) = torch.autograd.grad(logp64.sum(), x64)
         assert max_rel_err(grad.cpu(), grad64) <= _grad_tol(torch.bfloat16, TRITON_DEVICE), name
+
+
+ALIGNED = [Layout("aligned-bf16-V64", "contiguous", torch.bfloat16, 64, 2, 3),
+           Layout("aligned-shifted-fp32-V8200", "shifted", torch.float32, 8200, 1, 2)]
+
+
+@pytest.mark.parametrize("case", CONTIGUOUS + VIEWS + ALIGNED, ids=lambda c: c.id)
+def test_scale_rows_at_every_residue(case):
+    """The rescale of grad_in_forward's gradient walks rows as the sweeps do (16-byte vectors at
+    any residue; ROWS_ALIGNED where both strides are whole vectors): each row times its factor,
+    stored once in the dtype (upstream / expected: 2.5 / 0.5); rows of invalid tokens, and
+    everything outside the rows, untouched."""
+    from mhpo_kernels.kernels.backward import scale_rows_
+
+    g = torch.Generator().manual_seed(case.V + 1)
+    leaf, view = _logits(case, g)
+    storage = leaf.detach().to(TRITON_DEVICE)
+    before = storage.clone()
+    x = view(storage)
+    B, T = x.shape[:2]
+    target = torch.randint(0, 5, (B * T,), generator=g, dtype=torch.int32)
+    target[::3] = -1
+    scale = torch.where(target >= 0, 5.0, 1.0)
+    scaled = x.float().cpu() * scale.reshape(B, T, 1)
+    scale_rows_(x, target.to(x.device), torch.tensor(2.5, device=x.device), 0.5)
+    assert max_rel_err(x.float().cpu(), scaled) <= store_error(case.dtype, x.device)
+    assert torch.equal(x.cpu()[scale.reshape(B, T) == 1], view(before).cpu()[scale.reshape(B, T) == 1])
+    view(before).copy_(x)
+    assert torch.equal(storage, before)   # nothing outside the rows moved

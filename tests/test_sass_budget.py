@@ -10,10 +10,12 @@ compiled-code figures, not speed.
 
 Rows need not start on a 16-byte boundary (odd V, (B, T + 1, V) views): the report also compiles
 a subset with only the data pointers aligned (V 151,935 and 50,257, strides = V), held to the same
-budgets and the same 16-byte vectors.
+budgets and the same 16-byte vectors. Each variant is compiled with the signature its launch
+selects, and no batch selects another (tests/test_specialization.py).
 
 grad_in_forward's one-sweep kernel has two loops per row inside its persistent loop: pass 1 is
-held to the forward's budget, pass 2 to the backward's.
+held to the forward's budget, pass 2 to the backward's; the rescale of its gradient in the
+backward moves as many bytes per element as the backward, and has the backward's budget.
 """
 
 import json
@@ -23,7 +25,7 @@ import sys
 
 import pytest
 
-from bench.sass import BUDGET, MUFU_BUDGET, UNALIGNED_V, _signature, variants
+from bench.sass import BUDGET, MUFU_BUDGET, UNALIGNED_V, launched, variants
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -41,7 +43,8 @@ def report(tmp_path_factory):
     assert {r["name"] for r in rows} >= {"fwd-bf16-logprobs", "fwd-fp32-softcap-logprobs", "bwd-fp16-softcap-entropy",
                                          "fwd-bf16-tau-loss-entropy-old-ref", "bwd-bf16-tau-entropy",
                                          "bwd-bf16-softcap-tau-entropy",
-                                         "fwd-bf16-loss-entropy-old-ref-v50257", "bwd-bf16-entropy-v151935"}
+                                         "fwd-bf16-loss-entropy-old-ref-v50257", "bwd-bf16-entropy-v151935",
+                                         "scale-bf16", "scale-fp32-v151935"}
     for r in rows:
         assert (out / "cubins" / f"{r['name']}.cubin").exists()
     return rows
@@ -107,27 +110,35 @@ def test_no_spills_and_16_byte_vectors(report):
         # Each lane moves whole 16-byte vectors: one per VEC elements it owns per iteration.
         vectors = r["elements_per_thread_per_iteration"] * {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]] // 16
         assert r["vector_loads"] == vectors, r
-        if r["name"].startswith("bwd") or r["name"].endswith("-pass2"):
+        if r["name"].startswith(("bwd", "scale")) or r["name"].endswith("-pass2"):
             assert r["vector_stores"] == vectors, r
 
 
 def test_unaligned_rows_compiled_for_every_sweep_and_dtype(report):
     """Each sweep's loop (log-probs, entropy, softcap; forward and backward) in bf16 and fp32 is
     compiled for rows at any residue, at each unaligned V."""
-    unaligned = [r for r in report if not r["aligned"] and not r["name"].startswith("onesweep-")]
+    unaligned = [r for r in report if not r["aligned"] and r["name"].startswith(("fwd-", "bwd-"))]
     for v in UNALIGNED_V:
         rows = [r for r in unaligned if r["V"] == v]
         assert {(r["name"].split("-")[0], r["dtype"], "softcap" in r["name"]) for r in rows} == {
             (sweep, dtype, softcap) for sweep in ("fwd", "bwd") for dtype in ("bf16", "fp32")
             for softcap in (False, True)}
         assert all(r["V"] % 16 for r in rows)
-    # Compiled as the launcher sees such rows: the data pointers 16-byte aligned, and the split
-    # length (whole blocks at any V), nothing else.
-    for r in [r for r in report if not r["aligned"]]:
-        var = variants()[r["name"]]
-        _, attrs = _signature(var.kernel, var.dtype, var.constexprs, var.aligned)
-        assert {var.kernel.arg_names[i] for (i,) in attrs} == {
-            n for n in var.kernel.arg_names if n.startswith("p_") or n == "split_len"}
+
+
+def test_compiled_as_launched():
+    """Each variant is compiled from its own launch by the launcher (``bench.sass.launch_of``),
+    with what Triton's binder derives from it: divisibility by 16 only for the logits' and the
+    gradient's data pointers, the split partials' buffer and V where V is a multiple of 16, never
+    for an integer that moves with the batch (N, T, a stride, the split count or length) or a
+    per-token pointer; the strides int64 (tests/test_specialization.py has the keys)."""
+    for name, var in variants().items():
+        spec = launched(var)
+        names = var.kernel.arg_names
+        divisible = {names[i] for (i,), attrs in spec.attrs.items() if attrs}
+        assert divisible == {"p_x", "p_dx", "p_part"} & set(names) | ({"V"} if var.aligned else set()), name
+        assert all(spec.signature[n] == "i64" for n in names if n.startswith("stride")), name
+        assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_splits", "split_len") if n in names), name
 
 
 def test_split_rows_keep_the_loop(report):

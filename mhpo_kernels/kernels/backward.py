@@ -6,7 +6,8 @@ import triton.language as tl
 
 from .._config import FP_FUSION, launch_splits, on_device, split_length, sweep_config
 from .logit_map import LN2, _logit_slope, _logit_u
-from .rows import _block_base, _block_offsets, _row_lead, _row_offset, _row_or_tail, _row_target
+from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _row_lead, _row_offset,
+                   _tail_offset, _row_target, rows_aligned)
 
 # Derivation. With z the logit the softmax sees, p = softmax(z) and ln p_v = z_v − lse:
 #
@@ -116,28 +117,29 @@ def _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R: tl.constexpr, LANES: tl.con
         tl.store(p_dblk + o_v, zero, mask=o_v < n_end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
 def _mhpo_bwd_kernel(
-    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
-    p_dx, stride_db, stride_dt,                  # gradient (B, T, V), unit stride along V
+    p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
+    p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V), unit stride along V
     p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
-    N, T, V,                                     # rows ≥ N: the zero rows after each sequence (_row_or_tail)
+    N, T, V,                                     # rows ≥ N: the zero rows after each sequence (rows._tail_offset)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_TAU: tl.constexpr,
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     SPLIT: tl.constexpr,                         # grid (N, splits): program (r, j) writes split j of row r
+    ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     y, valid, has_y, _ = _row_target(p_y, row, N, V)
     o_blk = _block_offsets(R, LANES, VEC)
-    off = _row_offset(row, T, stride_xb, stride_xt)
-    d_off = _row_offset(row, T, stride_db, stride_dt)
+    off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
+    d_off = _row_offset(row, T, stride_db, stride_dt, ROWS_ALIGNED and DX_IN_PHASE, VEC)
     p_row = p_x + off
     p_drow = p_dx + d_off
     # Both rows are walked in the logits' blocks (see forward.py): [lead, n_end) from each block
@@ -173,30 +175,52 @@ def _mhpo_bwd_kernel(
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,
                   log2_s, dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
     else:
-        if row >= N:  # past the N tokens: the shift's zero rows, at their own offsets (_row_or_tail)
-            lead = _row_lead(_row_or_tail(row, N, T, stride_xb, stride_xt), VEC)
-            p_dblk = _block_base(p_dx, _row_or_tail(row, N, T, stride_db, stride_dt), lead, DX_IN_PHASE, VEC)
+        if row >= N:  # past the N tokens: the shift's zero rows, at their own offsets (rows._tail_offset)
+            lead = _row_lead(_tail_offset(row, N, T, stride_xb, stride_xt), VEC)
+            p_dblk = _block_base(p_dx, _tail_offset(row, N, T, stride_db, stride_dt), lead, DX_IN_PHASE, VEC)
             n_end = lead + V
             b1 = tl.minimum(b0 + split_len, n_end) if SPLIT else n_end
         _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R, LANES, VEC)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _scale_rows_kernel(p_dx, stride_db, stride_dt, p_y, p_upstream, expected, T, V, BLOCK: tl.constexpr):
+@triton.jit
+def _scale_step(p_blk, v0, o_blk, lo, hi, scale, MASKED: tl.constexpr):
+    """One block of a row times ``scale``, in place, at offsets from the row's block base where
+    the row is [lo, hi) (as ``_grad_step``)."""
+    o_v = v0 + o_blk
+    if MASKED:
+        m_v = (o_v >= lo) & (o_v < hi)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.store(p_blk + o_v, (b_x * scale).to(p_blk.dtype.element_ty), mask=m_v)
+    else:
+        b_x = tl.load(p_blk + o_v).to(tl.float32)
+        tl.store(p_blk + o_v, (b_x * scale).to(p_blk.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
+def _scale_rows_kernel(p_dx, stride_db: tl.int64, stride_dt: tl.int64, p_y, p_upstream, expected, T, V,
+                       ROWS_ALIGNED: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """The gradient rows of the valid tokens, computed for an upstream gradient ``expected``,
     times upstream / expected, the 0-d upstream read on the device: when it is the one expected,
     nothing is touched at all, so handing the gradient back costs nothing logits-sized (invalid
-    tokens' rows are zero and stay so, whatever the scale)."""
+    tokens' rows are zero and stay so, whatever the scale). Rows are walked as the sweeps walk
+    them (rows.py): 16-byte vectors at any V and stride."""
+    BLOCK_V: tl.constexpr = R * LANES * VEC
     row = tl.program_id(0)
     upstream = tl.load(p_upstream).to(tl.float32)
     scale = upstream / expected
     if (upstream != expected) & (tl.load(p_y + row) >= 0):
-        p_row = p_dx + _row_offset(row, T, stride_db, stride_dt)
-        o = tl.arange(0, BLOCK)
-        for v0 in range(0, V, BLOCK):
-            m = v0 + o < V
-            x = tl.load(p_row + v0 + o, mask=m, other=0.0).to(tl.float32)
-            tl.store(p_row + v0 + o, (x * scale).to(p_dx.dtype.element_ty), mask=m)
+        off = _row_offset(row, T, stride_db, stride_dt, ROWS_ALIGNED, VEC)
+        lead = _row_lead(off, VEC)
+        p_blk = _block_base(p_dx, off, lead, True, VEC)
+        o_blk = _block_offsets(R, LANES, VEC)
+        n_end = lead + V
+        n_full = n_end // BLOCK_V * BLOCK_V
+        _scale_step(p_blk, 0, o_blk, lead, n_end, scale, True)
+        for v0 in range(BLOCK_V, n_full, BLOCK_V):
+            _scale_step(p_blk, v0, o_blk, lead, n_end, scale, False)
+        if (n_full > 0) & (n_full < n_end):
+            _scale_step(p_blk, n_full, o_blk, lead, n_end, scale, True)
 
 
 def scale_rows_(grad, target, upstream, expected=1.0):
@@ -207,10 +231,11 @@ def scale_rows_(grad, target, upstream, expected=1.0):
     if B * T == 0:
         return grad
     assert grad.stride(-1) == 1 and target.is_contiguous() and upstream.dim() == 0
-    block = min(4096, max(16, 1 << (V - 1).bit_length()))
+    cfg = sweep_config(V, grad.element_size())
     with on_device(grad.device):
         _scale_rows_kernel[(B * T,)](grad, grad.stride(0), grad.stride(1), target, upstream, float(expected), T, V,
-                                     BLOCK=block, num_warps=max(1, min(8, block // 256)))
+                                     ROWS_ALIGNED=rows_aligned(grad, cfg.vec), R=cfg.r, LANES=cfg.lanes,
+                                     VEC=cfg.vec, num_warps=cfg.num_warps)
     return grad
 
 
@@ -255,6 +280,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
             HAS_TAU=lmap.tau is not None,
             DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
             SPLIT=splits > 1,
+            ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
             num_warps=cfg.num_warps,
             enable_fp_fusion=FP_FUSION,

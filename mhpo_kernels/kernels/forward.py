@@ -8,10 +8,12 @@ import triton.language as tl
 from .._config import (FP_FUSION, MAX_ROW_SPLITS, launch_splits, on_device, persistent_programs, split_length,
                        sweep_config)
 from .._sweep_types import RowStats
+from ..torch_sweeps import _zero_tail
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
-from .rows import (_block_base, _block_offsets, _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan,
-                   _row_lead, _row_offset, _row_or_tail, _row_target)
+from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _lane_reduce_max,
+                   _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
+                   rows_aligned)
 from .token_math import _expm1, _k3, _token_loss
 
 # The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
@@ -116,13 +118,13 @@ def _fwd_row(
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
-    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
     (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
     in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits."""
-    off = _row_offset(row, T, stride_xb, stride_xt)
+    off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
     p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)  # invalid rows read nothing, write zeros
     if HAS_TAU:  # τ_t divides k once per row: the loop sees a row constant, as for a scalar τ
@@ -171,7 +173,7 @@ def _fwd_row(
                       p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
                       grad_scale,
                       SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
-                      GRAD_IN_FORWARD, DX_IN_PHASE, R, LANES, VEC)
+                      GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, R, LANES, VEC)
 
 
 @triton.jit
@@ -182,7 +184,7 @@ def _fwd_epilogue(
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
-    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """A row's outputs from its statistics (b, s = Σ 2^d, a = Σ 2^d·d at b): log-prob, entropy,
@@ -223,7 +225,7 @@ def _fwd_epilogue(
             # Pass 2 of the row, for the upstream gradient the caller said the loss will get:
             # dlogp = g·coef · grad_scale, the fp32 product the backward's caller forms
             # (ops._sweeps_backward), so that the bits agree with the two sweeps.
-            d_off = _row_offset(row, T, stride_db, stride_dt)
+            d_off = _row_offset(row, T, stride_db, stride_dt, ROWS_ALIGNED and DX_IN_PHASE, VEC)
             p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
             if valid:
                 _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, 0, lead + V, x_y, y, has_y,
@@ -233,17 +235,17 @@ def _fwd_epilogue(
                 _zero_row(p_dblk, o_blk, lead, lead + V, 0, lead + V, R, LANES, VEC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
 def _mhpo_fwd_kernel(
-    p_x, stride_xb, stride_xt,                   # logits (B, T, V), unit stride along V
+    p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
     p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
-    p_dx, stride_db, stride_dt,                  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
+    p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
-    N, T, V, n_tail,                             # n_tail: zero rows after the tokens (GRAD_IN_FORWARD)
+    N, T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
     grad_scale,                                  # the upstream gradient pass 2 is for (GRAD_IN_FORWARD)
@@ -258,31 +260,26 @@ def _mhpo_fwd_kernel(
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
     SPLIT: tl.constexpr,                         # 0 a row per program; 1 grid (N, n_splits): the
                                                  # splits' (c, s, a); 2 grid (N,): their combine
+    ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     if GRAD_IN_FORWARD:
         # A grid of a few programs per SM, each taking rows in turn: at most that many rows are in
-        # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic). The
-        # n_tail rows after the N tokens are the zero gradient rows of the shift (_row_or_tail).
-        for row in range(tl.program_id(0), N + n_tail, tl.num_programs(0)):
-            if row < N:
-                _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
-                         p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                         p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
-                         grad_scale,
-                         SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
-                         True, DX_IN_PHASE, 0, R, LANES, VEC)
-            else:
-                lead = _row_lead(_row_or_tail(row, N, T, stride_xb, stride_xt), VEC)
-                p_dblk = _block_base(p_dx, _row_or_tail(row, N, T, stride_db, stride_dt), lead, DX_IN_PHASE, VEC)
-                _zero_row(p_dblk, _block_offsets(R, LANES, VEC), lead, lead + V, 0, lead + V, R, LANES, VEC)
+        # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
+        for row in range(tl.program_id(0), N, tl.num_programs(0)):
+            _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+                     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                     grad_scale,
+                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                     True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
                  p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
                  p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
                  grad_scale,
                  SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
-                 False, DX_IN_PHASE, SPLIT, R, LANES, VEC)
+                 False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
@@ -299,7 +296,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     N = B * T
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
     tail = B if zero_tail and grad is not None else 0
-    if N + tail == 0:
+    if N == 0:
+        if tail:
+            _zero_tail(grad)
         return out
     per_token = (target, old, adv, g, ref, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
@@ -329,7 +328,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if out.coef is None else out.coef,
             dx, dx.stride(0), dx.stride(1),
             part, splits, split_len,
-            N, T, V, tail,
+            N, T, V,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             *hp.values, hp.beta, grad_scale,
             SOFTCAP=lmap.softcap,
@@ -342,6 +341,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             GRAD_IN_FORWARD=one_sweep,
             DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
             SPLIT=split,
+            ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
             num_warps=num_warps,
             enable_fp_fusion=FP_FUSION,
@@ -349,7 +349,10 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
 
     with on_device(logits.device):
         if one_sweep:
-            launch((persistent_programs(N + tail, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
+            if tail:  # the shift's zero rows: one fill, not a branch in the persistent loop (it cost
+                # the fp32 kernels 30 to 60 registers)
+                _zero_tail(grad)
+            launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)
         else:

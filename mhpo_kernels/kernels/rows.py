@@ -9,20 +9,43 @@ BLOCK_V from that boundary, so the compiler can prove their loads 16-byte aligne
 partial block is masked once. Triton specializes data pointers that are 16-byte aligned, which
 makes the row's misalignment its element offset mod VEC; an unaligned data pointer gets no
 vectors anywhere, as before.
+
+A new batch shape never means a new compile. Triton keys its kernel cache on whether each integer
+argument is 1 or divisible by 16 (and on its type: i32 below 2³¹, i64 above) unless told not to.
+The integers that move with the batch (``BATCH_INTS``: N, T, the row strides T·V or (T + 1)·V,
+the split count and length) are therefore ``do_not_specialize``d, and the strides are int64 at
+any size. The one fact the strides' divisibility gave the compiler, that every row starts on a
+vector (V a multiple of 16: T·V, (T + 1)·V and V all are, whatever the batch), the launcher
+passes as the constexpr ROWS_ALIGNED (``rows_aligned``), a function of V and the layout alone;
+the compiled code is the same. What chooses a variant, then: the constexprs, V's divisibility,
+the dtype, and the alignment of the logits' and gradient's data pointers, which the vector
+loads rest on. The per-token pointers (``PER_TOKEN_POINTERS``) are read one scalar per row, so
+their alignment is left out too: a chunk of the fused linear path may start them at any token.
+tests/test_specialization.py counts the keys over batch shapes.
 """
 
 import triton
 import triton.language as tl
 
+# Arguments of the sweeps' kernels left out of Triton's specialization key (see above); each
+# kernel names a subset of them.
+BATCH_INTS = ("N", "T", "stride_xb", "stride_xt", "stride_db", "stride_dt", "n_splits", "split_len")
+PER_TOKEN_POINTERS = ("p_y", "p_old", "p_adv", "p_g", "p_ref", "p_tau", "p_base", "p_logs", "p_logp", "p_ent",
+                      "p_psi", "p_zeta", "p_loss", "p_coef", "p_dlogp", "p_dent", "p_upstream")
+
 
 @triton.jit
-def _row_offset(row, T, stride_b, stride_t):
-    """Element offset of flat row ``row`` = b·T + t of a (B, T, V) tensor.
+def _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """Element offset of flat row ``row`` = b·T + t of a (B, T, V) tensor. ``ROWS_ALIGNED``: the
+    launcher found both strides multiples of VEC (``rows_aligned``), which the compiler is told
+    of the offset, as it knew from strides specialized as divisible by 16: the same code.
 
     int64 offsets: b · stride_b passes 2³¹ elements as soon as the tensor passes 4 GiB in bf16.
     """
     i_b = row // T
     i_t = row - i_b * T
+    if ROWS_ALIGNED:
+        return tl.multiple_of(i_b.to(tl.int64) * stride_b + i_t.to(tl.int64) * stride_t, VEC)
     return i_b.to(tl.int64) * stride_b + i_t.to(tl.int64) * stride_t
 
 
@@ -46,14 +69,12 @@ def _block_base(p, off, lead, ALIGNED: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _row_or_tail(row, N, T, stride_b, stride_t):
-    """``_row_offset`` of a token row (row < N), or of the position after the last token of
-    sequence row − N (row ≥ N): with the next-token shift, the logits (B, T + 1, V) are read as
-    their first T positions, and the programs past the N = B·T tokens write the zero gradient
-    rows of position T, in the same launch (no copy, no padding)."""
-    i_tail = row - N
-    tail = _row_offset(i_tail * T + (T - 1), T, stride_b, stride_t) + stride_t  # (b, T − 1), one on
-    return tl.where(i_tail >= 0, tail, _row_offset(row, T, stride_b, stride_t))
+def _tail_offset(row, N, T, stride_b, stride_t):
+    """Element offset of position T of sequence row − N (row ≥ N) in a (B, T + 1, V) tensor read
+    as its first T positions: with the next-token shift, the programs past the N = B·T tokens
+    write these zero gradient rows, in the same launch (no copy, no padding)."""
+    i_b = row - N
+    return i_b.to(tl.int64) * stride_b + (i_b * 0 + T).to(tl.int64) * stride_t
 
 
 @triton.jit
@@ -103,3 +124,12 @@ def _lane_reduce_max(b):
 def _lane_reduce_sum(b):
     """Per-lane sum of an [R, LANES, VEC] block: [LANES]."""
     return tl.sum(tl.sum(b, 2), 0)
+
+
+def rows_aligned(x, vec):
+    """Whether every row of ``x`` (B, T, V) starts a whole number of ``vec``-element vectors from
+    its data pointer: both row strides multiples of vec (host metadata only; the kernels'
+    ROWS_ALIGNED). Both strides count even for a dimension of size 1, so that the answer is a
+    function of V and the layout, never of the batch: T·V, (T + 1)·V and V are all multiples of
+    vec, or (V odd) none of them."""
+    return x.stride(0) % vec == 0 and x.stride(1) % vec == 0
