@@ -46,7 +46,7 @@ class Launch(NamedTuple):
 
     @property
     def name(self):
-        return _function(self.kernel).__name__
+        return self.kernel.fn.__name__
 
 
 class Specialization(NamedTuple):
@@ -66,7 +66,7 @@ class Specialization(NamedTuple):
 def recorded_launches(*kernels):
     """Inside the block, launches of ``kernels`` are appended to the yielded list instead of run
     (each returns None). The kernel objects stay where they are: only their ``run``, which
-    ``kernel[grid]`` calls, is replaced, and restored on exit."""
+    ``kernel[grid]`` calls, is replaced, and restored on exit (not reentrant for one kernel)."""
     launches = []
     kernels = list({id(k): k for k in kernels}.values())
     for kernel in kernels:
@@ -96,10 +96,6 @@ class _Pointer:
         return self._ptr
 
 
-def _function(kernel):
-    return kernel.fn
-
-
 def _params(kernel):
     """The kernel's KernelParams: its own for a JITFunction; for the interpreter's stand-in, built
     as JITFunction builds them, from the same ``do_not_specialize`` lists."""
@@ -120,11 +116,11 @@ _binders = {}
 
 
 def _binder(kernel, target):
-    cache = (_function(kernel), target.backend, target.arch, target.warp_size)
+    cache = (kernel.fn, target.backend, target.arch, target.warp_size)
     if cache not in _binders:
         backend = make_backend(target)
         params = _params(kernel)
-        binder = create_function_from_signature(inspect.signature(_function(kernel)), params, backend)
+        binder = create_function_from_signature(inspect.signature(kernel.fn), params, backend)
         _binders[cache] = backend, params, binder
     return _binders[cache]
 
