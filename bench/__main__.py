@@ -24,15 +24,13 @@ import mhpo_kernels
 import reference
 
 from . import harness, report
+from .harness import measure
 from .providers import PROVIDERS
-from .workloads import PRESETS, SUITE_MODES, SUITES, bytes_moved, gemm_flops, make_inputs
+from .workloads import PRESETS, SUITE_MODES, SUITES, make_inputs
 
 # A local run writes here, ignored by git: `make bench` leaves the tree clean. A run to commit
 # names bench/results.
 OUT_DIR = os.environ.get("MHPO_BENCH_OUT") or os.path.join(os.path.dirname(__file__), "out")
-# The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
-# the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
-AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 # What the peak and extra bytes of a run are (harness.peak_memory), written into its JSON.
 MEMORY_CUDA = ("CUDA caching allocator: max_memory_allocated during one call after a reset (peak), "
                "minus memory_allocated before it (extra)")
@@ -63,55 +61,6 @@ def check_correctness(device):
     if not (err <= 1e-5 and loss_err <= 1e-5):
         sys.exit(f"fused op disagrees with the float64 reference: loss {loss_err:.1e}, grad {err:.1e}")
     return max(err, loss_err)
-
-
-def _agreement(value, fused_value):
-    if value is None or fused_value is None:
-        return None
-    a, b = value.detach().double(), fused_value.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-
-
-def measure(provider, case, mode, inputs, device, repeats, fused_value, ceilings):
-    """One row: time, memory, rate and agreement of ``provider`` on ``case`` in ``mode``."""
-    row = dict(suite=case.suite, provider=provider.name, computes=provider.computes, mode=mode,
-               case=case.id, B=case.B, T=case.T, V=case.V, H=case.H, dtype=case.dtype,
-               tokens=case.tokens, bytes_model=bytes_moved(case, mode), flops_model=gemm_flops(case, mode),
-               status="ok", median_ms=None, p20_ms=None, p80_ms=None, gbps=None, frac_copy_bw=None,
-               tflops=None, frac_gemm=None, peak_bytes=None, extra_bytes=None, agreement_with_fused=None)
-    reason = provider.unavailable(device, mode)
-    if reason:
-        row["status"] = f"skipped: {reason}"
-        return row, None
-    fn = value = None
-    try:
-        fn = provider.step(inputs, mode)
-        value = fn().detach()                          # first call: compilation happens here
-        if fused_value is not None and not provider.name.startswith("fused"):
-            row["agreement_with_fused"] = _agreement(value, fused_value)  # the fused op of the same objective
-        getattr(fn, "release", lambda: None)()
-        row["peak_bytes"], row["extra_bytes"] = harness.peak_memory(fn, device)
-        row["median_ms"], row["p20_ms"], row["p80_ms"] = harness.time_ms(fn, device, warmup=2, repeats=repeats)
-        seconds = row["median_ms"] * 1e-3
-        if row["bytes_model"]:
-            row["gbps"] = row["bytes_model"] / seconds / 1e9
-            row["frac_copy_bw"] = ceilings["copy_gbps"] and row["gbps"] / ceilings["copy_gbps"]
-        if row["flops_model"]:
-            row["tflops"] = row["flops_model"] / seconds / 1e12
-            row["frac_gemm"] = ceilings["gemm_tflops"] and row["tflops"] / ceilings["gemm_tflops"]
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "out of memory"
-    except Exception as e:  # a baseline failing at a shape is a result, not a crash of the run
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    finally:
-        fn = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    tol = AGREEMENT[case.dtype]
-    if row["agreement_with_fused"] is not None and row["agreement_with_fused"] > tol:
-        row["status"] = f"disagrees with fused ({row['agreement_with_fused']:.1e})"
-    return row, value
 
 
 def main(argv=None):

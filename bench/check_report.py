@@ -118,6 +118,16 @@ def _headline(step, e):
                 f"{first['fwd_unsplit_gbps']:.0f}, bwd {first['bwd_gbps']:.0f} / {first['bwd_unsplit_gbps']:.0f} GB/s")
             return (f"fwd {first['fwd_gbps']:.0f}->{last['fwd_gbps']:.0f} GB/s, bwd {first['bwd_gbps']:.0f}->"
                     f"{last['bwd_gbps']:.0f} GB/s for N {first['N']}->{last['N']}; predicted fill {pred} rows{split}")
+        if step == "headline" and e.get("rows"):
+            first = e["rows"][0]["case"]
+            at = {r["provider"]: r for r in e["rows"] if r["case"] == first}
+            fused = at.get("fused", {})
+            if fused.get("status") != "ok":
+                return f"{first}: fused {fused.get('status', 'not run')}"
+            copy = f" ({100 * fused['frac_copy_bw']:.0f}% copy)" if fused.get("frac_copy_bw") else ""
+            others = ", ".join(f"{p} {r['median_ms'] / fused['median_ms']:.2f}x" if r["status"] == "ok"
+                               else f"{p} {r['status'][:30]}" for p, r in at.items() if p != "fused")
+            return f"{first}: fused {fused['median_ms']:.2f} ms, {fused['gbps']:.0f} GB/s{copy}; time of {others}"
         if step == "grid" and e.get("grid"):
             ok = [g for g in e["grid"] if "fwd_gbps" in g]
             best = max(ok, key=lambda g: g["fwd_gbps"] + g["bwd_gbps"]) if ok else None

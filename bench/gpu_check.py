@@ -6,7 +6,9 @@ others measured. ``summary`` prints the table of every step. ``--dry-run`` runs 
 the CPU at tiny shapes (the PyTorch path, or the Triton interpreter when TRITON_INTERPRET=1): it
 checks that the script works before a GPU is lent, and measures nothing.
 
-Steps: env, sweeps (GB/s against N), grid (BLOCK_V × num_warps), align (aligned against
+Steps: env, smoke (each CUDA-only branch once), warm (every timed call once, in parallel
+shares, so that nothing is compiled while timed), headline (the training step of the fused op
+against eager, torch.compile and Liger at the acceptance shapes), sweeps (GB/s against N), grid (BLOCK_V × num_warps), align (aligned against
 unaligned V), inplace (in place against out of place, bitwise, 100 repeats), compile (a compiled
 training step under sync debug mode "error", in a CUDA graph, and its generated code),
 verl-mem (the peak memory of each micro-batch of verl's own update step, its logits and
@@ -35,8 +37,10 @@ import mhpo_kernels
 from mhpo_kernels import _config, _dispatch
 from mhpo_kernels._sweep_types import LogitMap, MHPOParams
 
-from . import harness
+from . import harness, report
 from .check_report import HEADLINE, merge
+from .providers import PROVIDERS
+from .workloads import Case, make_inputs
 SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
 # step cut short keeps the informative ones.
@@ -44,7 +48,16 @@ GRID = [(4096, 8), (8192, 8), (2048, 8), (4096, 4), (8192, 16), (16384, 16), (20
         (8192, 4), (16384, 8), (1024, 4), (16384, 4)]
 ALIGN_V = ((151936, 151935), (50272, 50257))   # a multiple of 16, and one that is not
 ONE_SWEEP_PROGRAMS_PER_SM = (1.0, 1.5, 2.0)
-DRY = dict(rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
+# The headline benchmark: a training step (forward + backward) of each provider, in this order so
+# that a step cut short keeps the acceptance case. Each (V, dtype) goes from its middle N to its
+# smallest and then its largest, so a baseline's memory at the largest is predicted from a
+# measurement (a baseline that cannot fit is recorded as such, not run).
+HEADLINE_CASES = [Case(n // 1024, 1024, V, "bf16") for V in (151936, 151935) for n in (8192, 1024, 32768)] + [
+    Case(8, 1024, 151936, "fp32")]
+HEADLINE_PROVIDERS = ("fused", "fused-grpo", "liger", "eager", "compile")
+# What a baseline may take of the device's free memory before it is predicted not to fit.
+FIT_SHARE = 0.9
+DRY = dict(headline=[Case(1, 8, 300, "fp32"), Case(2, 8, 301, "fp32")], rows=(2, 3), V=300, grid=[(128, 1), (256, 2)], align=((304, 301),), repeats=2, inplace_repeats=3,
            compile_shape=(1, 5, 96, 16))
 # verl's update step: a one-layer Llama (H 64, so the logits are all but the whole of a micro-batch's
 # memory) with Qwen's vocabulary, 4 sequences of about 4,096 tokens in 2 micro-batches of about
@@ -228,6 +241,56 @@ def step_sweeps(args):
         merge(args.out, "sweeps", result)
     if one_sweep is None and knob is None:
         result["one_sweep_programs_per_sm"] = "skipped: _config has no programs-per-SM setting; default grid timed"
+    return result
+
+
+def _predicted_extra(per_token, provider, case):
+    """A provider's extra bytes at ``case`` from its largest measured case of the same V parity and
+    dtype (its memory grows with the tokens), or None before any."""
+    key = (provider, case.V % 16 == 0, case.dtype)
+    return per_token[key] * case.tokens if key in per_token else None
+
+
+def step_headline(args):
+    """The headline benchmark: a training step (forward + backward) of the fused op, Liger's GRPO
+    kernel beside the fused op's GRPO, and the eager and compiled PyTorch reference, at bf16
+    N 1,024 / 8,192 / 32,768 × V 151,936 / 151,935 and fp32 8,192 × 151,936, in this process on the
+    same inputs. Each whole call is timed from Python as a trainer runs it, with the L2 evicted
+    before each repetition; GB/s under the bytes model, % of the copy rate measured here, peak and
+    extra memory. A baseline predicted not to fit (its extra memory per token at a smaller N) is
+    recorded as such and not run. Writes headline.png beside the JSON."""
+    from .providers import compile_dynamic
+
+    device = _device(args.dry_run)
+    cases = DRY["headline"] if args.dry_run else HEADLINE_CASES
+    repeats = DRY["repeats"] if args.dry_run else 5
+    providers = [compile_dynamic() if n == "compile" else PROVIDERS["logits"][n] for n in HEADLINE_PROVIDERS]
+    ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device), "gemm_tflops": None}
+    result = {"copy_gbps": ceilings["copy_gbps"], "rows": []}
+    per_token = {}
+    for case in cases:
+        inputs = make_inputs(case, device)
+        fused_values = {}
+        for provider in providers:
+            predicted = _predicted_extra(per_token, provider.name, case)
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            if predicted is not None and free is not None and predicted > FIT_SHARE * free:
+                row = dict(provider=provider.name, case=case.id, tokens=case.tokens, V=case.V, dtype=case.dtype,
+                           status=f"does not fit: predicted {predicted / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+            else:
+                row, value = harness.measure(provider, case, "fwd_bwd", inputs, device, repeats,
+                                             fused_values.get(provider.computes), ceilings, flush_l2=True)
+                if provider.name in ("fused", "fused-grpo"):
+                    fused_values[provider.computes] = value
+                if row["extra_bytes"] is not None:
+                    per_token[(provider.name, case.V % 16 == 0, case.dtype)] = row["extra_bytes"] / case.tokens
+            result["rows"].append(row)
+            print(f"{case.id} {provider.name}: {row['status']} {row.get('median_ms') or ''}", flush=True)
+        inputs = fused_values = value = None
+        gc.collect()
+        report.add_speedups([r for r in result["rows"] if "suite" in r])
+        merge(args.out, "headline", result)
+    result["figure"] = report.headline_plot(os.path.join(args.out, "headline.png"), result)
     return result
 
 
@@ -691,7 +754,7 @@ def _warm_calls(device, dry):
     in bf16 and at the headline V in fp32, on rows that are split (8) and rows that are not."""
     V = DRY["V"] if dry else HEADLINE[1]
     cases = [(torch.bfloat16, V), (torch.bfloat16, V - 1), (torch.float32, V)]
-    calls = []
+    calls = _warm_baselines(device, dry)
     for dtype, v in cases:
         for n in ((2,) if dry else (8, 1024)):
             for one, inplace in ((False, False), (False, True), (True, False), (True, True)):
@@ -699,6 +762,26 @@ def _warm_calls(device, dry):
                     logits, target, old, adv, _ = _sweep_inputs(n, v, dtype, device)
                     _whole_op(logits, target, old, adv, one, inplace)()
                 calls.append(call)
+    return calls
+
+
+def _warm_baselines(device, dry):
+    """The headline step's baselines once each at a small shape, first in the list so that the
+    shares compile them in parallel: the compiled reference (``dynamic=True``: batch 1 and 2 are
+    its two graphs, since a size of 1 is specialized, for each dtype; inductor keeps them in its
+    on-disk cache) and Liger's kernel and the fused GRPO it is compared with."""
+    from .providers import compile_dynamic
+
+    V = DRY["V"] if dry else HEADLINE[1]
+    cases = [Case(1, 8, V, "bf16"), Case(2, 8, V, "bf16"), Case(2, 8, V, "fp32")]
+    calls = []
+    for provider in (compile_dynamic(), PROVIDERS["logits"]["liger"], PROVIDERS["logits"]["fused-grpo"]):
+        if provider.unavailable(device, "fwd_bwd"):
+            continue
+        for case in cases:
+            def call(provider=provider, case=case):
+                provider.step(make_inputs(case, device), "fwd_bwd")()
+            calls.append(call)
     return calls
 
 
@@ -715,7 +798,7 @@ def step_warm(args):
     return {"calls": len(calls), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-STEPS = {"smoke": step_smoke, "env": step_env, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
+STEPS = {"smoke": step_smoke, "env": step_env, "headline": step_headline, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
          "inplace": step_inplace, "compile": step_compile, "verl-mem": step_verl_mem,
          "sanitize-target": step_kernels_once, "warm": step_warm,
          "ncu-target": lambda a: step_kernels_once(a, headline=True)}

@@ -8,6 +8,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from .workloads import bytes_moved, gemm_flops
+
+# The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
+# the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
+AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+
 
 def sync(device):
     if device.type == "cuda":
@@ -153,3 +159,54 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+def _agreement(value, fused_value):
+    if value is None or fused_value is None:
+        return None
+    a, b = value.detach().double(), fused_value.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def measure(provider, case, mode, inputs, device, repeats, fused_value, ceilings, flush_l2=False):
+    """One row: time, memory, rate and agreement of ``provider`` on ``case`` in ``mode`` (with
+    ``flush_l2``, the L2 evicted before each timed call, outside its events)."""
+    row = dict(suite=case.suite, provider=provider.name, computes=provider.computes, mode=mode,
+               case=case.id, B=case.B, T=case.T, V=case.V, H=case.H, dtype=case.dtype,
+               tokens=case.tokens, bytes_model=bytes_moved(case, mode), flops_model=gemm_flops(case, mode),
+               status="ok", median_ms=None, p20_ms=None, p80_ms=None, gbps=None, frac_copy_bw=None,
+               tflops=None, frac_gemm=None, peak_bytes=None, extra_bytes=None, agreement_with_fused=None)
+    reason = provider.unavailable(device, mode)
+    if reason:
+        row["status"] = f"skipped: {reason}"
+        return row, None
+    fn = value = None
+    try:
+        fn = provider.step(inputs, mode)
+        value = fn().detach()                          # first call: compilation happens here
+        if fused_value is not None and not provider.name.startswith("fused"):
+            row["agreement_with_fused"] = _agreement(value, fused_value)  # the fused op of the same objective
+        getattr(fn, "release", lambda: None)()
+        row["peak_bytes"], row["extra_bytes"] = peak_memory(fn, device)
+        row["median_ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, device, warmup=2, repeats=repeats,
+                                                                     flush_l2=flush_l2)
+        seconds = row["median_ms"] * 1e-3
+        if row["bytes_model"]:
+            row["gbps"] = row["bytes_model"] / seconds / 1e9
+            row["frac_copy_bw"] = ceilings["copy_gbps"] and row["gbps"] / ceilings["copy_gbps"]
+        if row["flops_model"]:
+            row["tflops"] = row["flops_model"] / seconds / 1e12
+            row["frac_gemm"] = ceilings["gemm_tflops"] and row["tflops"] / ceilings["gemm_tflops"]
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "out of memory"
+    except Exception as e:  # a baseline failing at a shape is a result, not a crash of the run
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    finally:
+        fn = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tol = AGREEMENT[case.dtype]
+    if row["agreement_with_fused"] is not None and row["agreement_with_fused"] > tol:
+        row["status"] = f"disagrees with fused ({row['agreement_with_fused']:.1e})"
+    return row, value

@@ -34,8 +34,8 @@ def _mhpo_args(inputs):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name):
-    return torch.compile(getattr(reference, name))
+def _compiled(name, dynamic=None):
+    return torch.compile(getattr(reference, name), dynamic=dynamic)
 
 
 def _liger():
@@ -113,8 +113,8 @@ def _eager(inputs, x):
     return reference.mhpo_loss(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
 
-def _compile(inputs, x):
-    return _compiled("mhpo_loss")(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
+def _compile(inputs, x, dynamic=None):
+    return _compiled("mhpo_loss", dynamic)(x[:, :-1], *_mhpo_args(inputs), **_loss_kwargs(inputs))
 
 
 def _liger_logits(inputs, x):
@@ -228,6 +228,13 @@ def _probe_trl():
 
 def _probe_liger_linear():
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+
+
+def compile_dynamic():
+    """The ``compile`` provider compiled once for every shape (``dynamic=True``): one graph serves
+    every N and V of a dtype, so a run over many shapes compiles once (and a warm-up at a small
+    shape leaves the graph in inductor's on-disk cache)."""
+    return Provider("compile", "MHPO", functools.partial(_compile, dynamic=True), None, modes=("fwd_bwd", "fwd"))
 
 
 PROVIDERS = {

@@ -148,3 +148,42 @@ def plot(path, meta, results):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def headline_plot(path, result):
+    """The headline step's figure: per case (bars grouped by case, one bar per provider), the
+    rate under the bytes model as a share of the measured copy rate and the memory beyond the
+    inputs. Returns the file written, or why none was (no matplotlib, nothing measured)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "skipped: matplotlib not importable"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    if not rows:
+        return "skipped: no provider ran"
+    cases = list(dict.fromkeys(r["case"] for r in result["rows"]))
+    providers = list(dict.fromkeys(r["provider"] for r in result["rows"]))
+    copy = result.get("copy_gbps")
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 1.3 * len(cases)), 8), sharex=True)
+    width = 0.8 / len(providers)
+    for i, provider in enumerate(providers):
+        at = {r["case"]: r for r in rows if r["provider"] == provider}
+        xs = [c + (i - (len(providers) - 1) / 2) * width for c in range(len(cases))]
+        rate = [100 * at[c]["gbps"] / copy if c in at and copy else (at[c]["gbps"] if c in at else 0) for c in cases]
+        extra = [at[c]["extra_bytes"] / 2**30 if c in at and at[c]["extra_bytes"] is not None else 0 for c in cases]
+        axes[0].bar(xs, rate, width, label=provider)
+        axes[1].bar(xs, extra, width, label=provider)
+    axes[0].set_ylabel("% of copy rate (bytes model)" if copy else "GB/s (bytes model; CPU: meaningless)")
+    axes[1].set_ylabel("extra GiB beyond the inputs")
+    axes[1].set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+    axes[0].set_title("forward + backward, whole calls, L2 evicted before each (0: not run, see the JSON)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -139,8 +139,9 @@ def specialize(launch, target=TARGET, real_pointers=False):
     kwargs = {k: as_bound(v) for k, v in launch.kwargs.items()}
     # The options JITFunction.run adds before binding (they are part of the key).
     kwargs["debug"] = kwargs.get("debug", _debug(launch.kernel)) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for option in ("instrumentation_mode", "fpsan_homomorphic_casts"):   # the second from triton 3.7 on
+        if hasattr(knobs.compilation, option):
+            kwargs[option] = getattr(knobs.compilation, option)
     bound_args, specialization, options = binder(*map(as_bound, launch.args), **kwargs)
     if knobs.runtime.add_stages_inspection_hook is not None:
         _, stages_hash = knobs.runtime.add_stages_inspection_hook()

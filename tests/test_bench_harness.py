@@ -118,7 +118,15 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     check_report.main(["summary", "--out", str(tmp_path)])
     run = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = run["steps"]
-    assert set(steps) == {"smoke", "env", "sweeps", "grid", "align", "inplace", "compile"}
+    assert set(steps) == {"smoke", "env", "headline", "sweeps", "grid", "align", "inplace", "compile"}
+    headline = {(r["case"], r["provider"]): r for r in steps["headline"]["rows"]}
+    for case in gpu_check.DRY["headline"]:
+        for provider in ("fused", "fused-grpo", "eager", "compile"):
+            assert headline[case.id, provider]["status"] == "ok", headline[case.id, provider]
+        assert headline[case.id, "liger"]["status"] == "skipped: runs on CUDA only"
+        # fp32 against the eager and compiled fp32 reference: the harness's own agreement bound
+        assert headline[case.id, "eager"]["agreement_with_fused"] < 1e-4
+    assert (tmp_path / "headline.png").stat().st_size > 0
     smoke = steps["smoke"]
     # bf16 operands are exact in fp32; 32 products summed in fp32: a few units of 2**-24
     assert smoke["addmm_fp32_out"]["max_rel_err"] < 1e-5 and smoke["nonzero_static"]["equal"]
