@@ -733,7 +733,7 @@ def step_smoke(args):
     kept = linear_sweeps._valid_rows(target, 4)
     result["nonzero_static"] = dict(equal=bool(torch.equal(kept.cpu(), torch.tensor([0, 2, 4, 5]))))
     grad = torch.randn(1, 6, 40, generator=g).to(device)
-    scale_rows = _dispatch.scale_rows(device)
+    scale_rows = _dispatch.kernel("scale_rows", device)
     ids = target.to(torch.int32)
     kept_grad = grad.clone()
     scale_rows(kept_grad, ids, torch.tensor(0.5, device=device), 0.5)

@@ -12,6 +12,7 @@ compare the two paths in one process.
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
 import sys
 import warnings
@@ -99,45 +100,35 @@ def _check_triton_runs(device):
             f"use_backend('torch')")
 
 
-def sweeps(device):
-    """(forward, backward) sweep functions for tensors on ``device``."""
+# Each kernel's launcher: (module of ``kernels``, function) on the Triton path, and the function
+# of ``torch_sweeps`` with the same contract on the PyTorch path.
+KERNELS = {
+    "prepare": ("prepare", "prepare"),
+    "forward": ("forward", "mhpo_fwd"),
+    "backward": ("backward", "mhpo_bwd"),
+    "scale_rows": ("backward", "scale_rows_"),
+    "finalize": ("finalize", "finalize"),
+}
+TORCH_KERNELS = {"prepare": "prepare", "forward": "mhpo_fwd", "backward": "mhpo_bwd", "scale_rows": "scale_rows_",
+                 "finalize": "finalize"}
+
+
+def kernel(name, device):
+    """The launcher of kernel ``name`` (``KERNELS``) for tensors on ``device``. Inside
+    torch.compile the prepare step is PyTorch's on every device (the graph fuses its ops; its
+    checks become asserts of the graph)."""
+    import torch
+
+    if name == "prepare" and torch.compiler.is_compiling():
+        return torch_sweeps.prepare
     if backend_for(device) == "triton":
         _check_triton_runs(device)
-        from .kernels.backward import mhpo_bwd
-        from .kernels.forward import mhpo_fwd
-
-        if _kernels_interpreted():
-            return _quiet(mhpo_fwd), _quiet(mhpo_bwd)
-        return mhpo_fwd, mhpo_bwd
-    return torch_sweeps.mhpo_fwd, torch_sweeps.mhpo_bwd
-
-
-def scale_rows(device):
-    """The in-place row scaling (``kernels.backward.scale_rows_``) for tensors on ``device``."""
-    if backend_for(device) == "triton":
-        _check_triton_runs(device)
-        from .kernels.backward import scale_rows_
-
-        return _quiet(scale_rows_) if _kernels_interpreted() else scale_rows_
-    return torch_sweeps.scale_rows_
-
-
-def finalize(device):
-    """The loss and metrics reduction (``kernels.finalize.finalize``) for tensors on ``device``."""
-    if backend_for(device) == "triton":
-        _check_triton_runs(device)
-        from .kernels.finalize import finalize as run
-
+        module, function = KERNELS[name]
+        run = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)
         return _quiet(run) if _kernels_interpreted() else run
-    return torch_sweeps.finalize
+    return getattr(torch_sweeps, TORCH_KERNELS[name])
 
 
-def prepare_kernel(device):
-    """The Triton prepare program (``kernels.prepare.prepare``) for tensors on ``device``, or None
-    where the PyTorch path runs (``_inputs`` then prepares with PyTorch ops)."""
-    if backend_for(device) != "triton":
-        return None
-    _check_triton_runs(device)
-    from .kernels.prepare import prepare as run
-
-    return _quiet(run) if _kernels_interpreted() else run
+def sweeps(device):
+    """(forward, backward) sweep launchers for tensors on ``device``."""
+    return kernel("forward", device), kernel("backward", device)

@@ -7,6 +7,17 @@ import torch
 
 LOG2E = 1.4426950408889634
 
+# The aggregation modes, in the order the prepare launch numbers them.
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+# How the advantages are laid out (``_inputs._advantage_layout``); the prepare launch reads them so.
+ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
+# The prepare launch's status vector (int64), read by the host in validation's one sync: the valid
+# tokens, then each value check's count of offending tokens or sequences (the first bad id's flat
+# position in its own slot), 0 where the check passed or does not apply.
+(STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
+ STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH) = range(10)
+STATUS_SLOTS = 10
+
 # The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
 METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl")
 # The metrics each call reports, by objective (``loss.metrics``): MHPO's own four only for MHPO.

@@ -400,7 +400,7 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level, use_kernel=tp_group is None,
+            sequence_level=chosen.sequence_level,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
@@ -453,7 +453,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask, temperature=tau, use_kernel=tp_group is None)
+                               logits.device, ignore_index, mask, temperature=tau)
         lmap = LogitMap.make(tau_value, tau=batch.tau)
         return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))

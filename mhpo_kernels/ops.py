@@ -17,9 +17,9 @@ from torch import Tensor
 
 from . import _dispatch
 from ._sweep_types import METRICS, LogitMap, RowStats, TokenParams
-from ._inputs import has_internal_overlap, per_sequence_sum, segment_ids
+from ._inputs import has_internal_overlap
 from .objectives import GSPO_KIND, MHPO_KIND
-from .torch_sweeps import _sequence_terms
+from .torch_sweeps import _sequence_terms, per_sequence_sum, segment_ids
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 
 
@@ -147,7 +147,7 @@ def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
     """The finalize reduction of sweep 1's rows: (0-d loss, metrics), or two empty tensors."""
     if totals == NO_TOTALS:
         return _fp32(logits, 0), _fp32(logits, 0)
-    finalize = _dispatch.finalize(logits.device)
+    finalize = _dispatch.kernel("finalize", logits.device)
     return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, ref,
                     entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS)
 
@@ -243,7 +243,7 @@ def scale_rows_(grad: Tensor, target: Tensor, upstream: Tensor, params: Tensor, 
     position, a zero row, is not a token); nothing when they are equal (decided on the device, no
     sync)."""
     expected = _unpack(params, False)[2][GRAD_SCALE]
-    _dispatch.scale_rows(grad.device)(_token_rows(grad, shifted), target, upstream, expected)
+    _dispatch.kernel("scale_rows", grad.device)(_token_rows(grad, shifted), target, upstream, expected)
 
 
 @scale_rows_.register_fake
@@ -425,7 +425,7 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     else:
         out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau, params,
                              lmap.softcap, bool(with_entropy), with_loss, bool(shifted), bool(inplace_backward),
-                             batch.cu if hp.kind == GSPO_KIND else None, bool(grad_in_forward), totals,
+                             batch.boundaries() if hp.kind == GSPO_KIND else None, bool(grad_in_forward), totals,
                              totals != NO_TOTALS and with_loss and bool(with_entropy) and _nonzero(entropy_coef))
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))

@@ -1,9 +1,11 @@
-"""The two sweeps in plain PyTorch, chunked over rows: the path for CPU tensors without Triton's
-interpreter (and for any device Triton does not serve).
+"""The kernels in plain PyTorch: the path for CPU tensors without Triton's interpreter (and for
+any device Triton does not serve), and inside torch.compile the prepare step.
 
-Same inputs and outputs as ``kernels.forward.mhpo_fwd`` / ``kernels.backward.mhpo_bwd``. Working
-memory is bounded by ``CHUNK_BYTES`` whatever N (see ``_chunks``), never N × V. The per-token epilogue
-runs on (N,) vectors in float64, where the textbook formulas are accurate, then rounds to fp32.
+Same inputs and outputs as ``kernels.prepare.prepare``, ``kernels.forward.mhpo_fwd``,
+``kernels.backward.mhpo_bwd``, ``scale_rows_`` and ``kernels.finalize.finalize``. The sweeps are
+chunked over rows: working memory is bounded by ``CHUNK_BYTES`` whatever N (see ``_chunks``),
+never N × V. The per-token epilogue runs on (N,) vectors in float64, where the textbook formulas
+are accurate, then rounds to fp32; vocabulary parallelism and ``mhpo_token_loss`` share it.
 """
 
 import math
@@ -11,8 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._inputs import per_sequence_sum
-from ._sweep_types import METRICS, RowStats
+from ._sweep_types import (
+    ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
+    STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
+    STATUS_ADV_VARIES, RowStats,
+)
 from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
 CHUNK_BYTES = 64 << 20  # the sweeps' working memory beyond their inputs and outputs
@@ -21,6 +26,91 @@ CHUNK_BYTES = 64 << 20  # the sweeps' working memory beyond their inputs and out
 # same at every N (tests/test_torch_path_memory.py).
 CHUNK_COPIES = 7
 LN2 = math.log(2.0)
+
+
+def segment_ids(cu, n):
+    """The sequence index of each of n tokens from the boundaries cu (an empty sequence holds none)."""
+    positions = torch.arange(n, device=cu.device, dtype=torch.int64)
+    # The clamp keeps malformed boundaries (refused by the value checks) from indexing out of range.
+    return (torch.bucketize(positions, cu, right=True) - 1).clamp_(min=0).clamp_(max=cu.numel() - 2)
+
+
+def per_sequence_sum(x, seq_id, n_seqs):
+    """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype, 0 for an empty sequence.
+    ``seq_id`` (N,) is non-decreasing: tokens in sequence order, as ``segment_ids`` gives them.
+
+    Bitwise reproducible on every device, with no atomics and no host sync: a segmented reduction
+    over the boundaries, each sequence summed in an order fixed by the boundaries alone (on CUDA a
+    ``cub::DeviceSegmentedReduce``, run-to-run deterministic; on CPU left to right). Not
+    ``index_add_``, whose CUDA kernel adds with atomics in whatever order the threads arrive, nor
+    a difference of a running sum (``cumsum`` of a floating CUDA tensor is nondeterministic)."""
+    starts = torch.arange(n_seqs + 1, device=seq_id.device, dtype=seq_id.dtype)
+    # Where each sequence starts: cu itself for well-formed boundaries; the cummax keeps malformed
+    # ones (refused, maybe after this runs) non-decreasing within [0, N]. ``unsafe``: no host read.
+    bounds = torch.searchsorted(seq_id, starts).cummax(0).values
+    return torch.segment_reduce(x, "sum", offsets=bounds, unsafe=True)
+
+
+def boundaries(cu, n_seqs, T, device):
+    """The (S + 1,) boundaries of every layout: ``cu`` of a packed stream, else S rows of T."""
+    return cu if cu is not None else torch.arange(n_seqs + 1, device=device, dtype=torch.int64) * T
+
+
+def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
+            same_adv=False, one_token_each=False):
+    """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
+    N, device = ids.numel(), ids.device
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    status = [zero] * STATUS_SLOTS
+    ids = ids.to(torch.int64)
+    valid = ids != ignore_index
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            status[STATUS_MASK] = ((mask != 0) & (mask != 1)).sum()
+        valid = valid & (mask != 0)
+    bad = valid & ((ids < 0) | (ids >= V))
+    positions = torch.arange(N, device=device, dtype=torch.int64)
+    status[STATUS_N_VALID], status[STATUS_BAD_IDS] = valid.sum(), bad.sum()
+    status[STATUS_FIRST_BAD] = torch.where(bad, positions, N).amin() if N else zero
+    if tau is not None:  # τ_t is data like a logit (NaN propagates); ≤ 0 or +inf is a misuse
+        status[STATUS_TAU] = (valid & ((tau <= 0) | tau.isinf())).sum()
+    bounds = boundaries(cu, n_seqs, T, device)
+    if cu is not None:
+        status[STATUS_CU] = ((cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any()).to(torch.int64)
+    if normalizer is not None:
+        if not isinstance(normalizer, torch.Tensor):  # arithmetic, not torch.tensor: no copy, no specialization
+            normalizer = torch.zeros((), dtype=torch.float32, device=device) + normalizer
+        normalizer = normalizer.to(torch.float32)
+        status[STATUS_NORM] = (~(torch.isfinite(normalizer) & (normalizer > 0))).to(torch.int64)
+    target = torch.where(valid, ids, -1).to(torch.int32)
+    if not with_weight:
+        return target, None, None, torch.stack(status)
+    seq_id = segment_ids(bounds, N)
+    valid_f = valid.to(torch.float32)
+    n_i = per_sequence_sum(valid_f, seq_id, n_seqs)
+    if seq_counts is not None:
+        status[STATUS_SEQ_COUNTS] = (seq_counts < n_i).sum()
+        n_i = seq_counts
+    if one_token_each:
+        status[STATUS_NOT_ONE_EACH] = (bounds[1:] - bounds[:-1] != 1).sum()
+    # g_t: the divisor of the aggregated sum is the valid tokens (token-mean) or the sequences
+    # that have one (seq-mean modes), at least 1, or the normalizer in their place.
+    mode = AGG_MODES[agg]
+    if normalizer is None:
+        normalizer = n_i.sum().clamp(min=1) if mode == "token-mean" else (n_i > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        weight = valid_f / (n_i.clamp(min=1)[seq_id] * normalizer)
+    else:
+        weight = valid_f / normalizer
+    adv = adv.to(torch.float32)
+    adv_t = adv.reshape(1).expand(N) if adv_mode == ADV_SCALAR else adv[seq_id] if adv_mode == ADV_PER_SEQ else adv
+    if same_adv:  # each valid token against the valid token before it, in the same sequence
+        before = torch.cat([positions.new_full((1,), -1), torch.where(valid, positions, -1).cummax(0).values[:-1]])
+        prev = before.clamp(min=0)
+        # "<" or ">", not "!=": a NaN advantage is no shape error (it makes the loss NaN)
+        differs = (adv_t < adv_t[prev]) | (adv_t > adv_t[prev])
+        status[STATUS_ADV_VARIES] = (valid & (before >= 0) & (seq_id[prev] == seq_id) & differs).sum()
+    return target, weight, adv_t.contiguous(), torch.stack(status)
 
 
 def _chunks(logits):

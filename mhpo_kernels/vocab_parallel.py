@@ -223,11 +223,11 @@ class VocabSlice:
 
 
 def _per_token_settings(batch):
-    """The sequence boundaries and the per-token temperature's bits, as one int64 tensor to
-    fingerprint: ranks must pass both alike."""
-    parts = [batch.cu]
+    """The sequence boundaries and the per-token temperature's bits at valid tokens, as one int64
+    tensor to fingerprint: ranks must pass both alike."""
+    parts = [batch.boundaries()]
     if batch.tau is not None:
-        parts.append(batch.tau.view(torch.int32).to(torch.int64))
+        parts.append(torch.where(batch.valid, batch.tau, 1.0).view(torch.int32).to(torch.int64))
     return torch.cat(parts)
 
 

@@ -1,19 +1,23 @@
 """Before the sweeps: the per-token inputs in one small launch. Validity, each token's target id,
 the per-sequence valid counts, the aggregation weights g_t, each token's advantage, and every value
 check the host reads in validation's one sync, all in one program (O(N) work, no atomics, a fixed
-order, so the same bits on every run).
+order, so the same bits on every run). ``torch_sweeps.prepare`` is the same contract in PyTorch.
 
 One program walks the N tokens three times, in blocks of BLOCK:
 
 1. per token: valid = mask ∧ id ≠ ignore_index, the int32 target (−1 at invalid tokens), the
    checks (id in [0, V), a 0/1 mask, τ_t finite and > 0), and the running count of valid tokens
    up to each token (an exclusive prefix sum, so a sequence's count is two loads);
-2. per sequence: its count n_i = prefix[end] − prefix[start], the sequences that have one, and the
-   boundaries' own checks (cu[0] = 0, non-decreasing, cu[S] = N);
+2. per sequence: its count n_i = prefix[end] − prefix[start] (or the caller's count over every
+   rank, ``SEQ_COUNTS``, checked ≥ the local one), the sequences that have one, and the
+   boundaries' own checks (cu[0] = 0, non-decreasing, cu[S] = N; with ``ONE_TOKEN_EACH``, one
+   token per sequence);
 3. per token: its sequence (t // T for a padded batch, a binary search of cu for a packed one),
-   the weight g_t and the advantage.
+   the weight g_t and the advantage; with ``SAME_ADV`` (a sequence-level objective), the
+   advantage and sequence of each valid token stored at its rank among the valid tokens, and a
+   fourth walk compares each with the valid token before it.
 
-A thread reads in pass 2 what other threads wrote in pass 1, hence the barriers.
+A thread reads in a pass what other threads wrote in the one before, hence the barriers.
 """
 
 import torch
@@ -21,17 +25,19 @@ import triton
 import triton.language as tl
 
 from .._config import on_device
-from .. import _inputs
+from .. import _sweep_types as _types
 
-STATUS_SLOTS = _inputs.STATUS_SLOTS
-# The host's names (``_inputs``) as the kernel's compile-time constants.
-STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM = (
-    tl.constexpr(getattr(_inputs, name)) for name in (
-        "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM"))
-ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_inputs, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
+STATUS_SLOTS = _types.STATUS_SLOTS
+# The host's names (``_sweep_types``) as the kernel's compile-time constants.
+(STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
+ STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH) = (
+    tl.constexpr(getattr(_types, name)) for name in (
+        "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM",
+        "STATUS_SEQ_COUNTS", "STATUS_ADV_VARIES", "STATUS_NOT_ONE_EACH"))
+ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_types, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
 
 BLOCK = 1024
-# The aggregation modes (the kernel's AGG) in the order of ``_inputs.AGG_MODES``.
+# The aggregation modes (the kernel's AGG) in the order of ``_sweep_types.AGG_MODES``.
 SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN = tl.constexpr(0), tl.constexpr(1)
 
 
@@ -68,12 +74,15 @@ def _seq_of(p_cu, o, S, T, n_steps, PACKED: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "S", "T", "n_steps"])
 def _prepare_kernel(
     p_ids, p_mask, p_cu, p_adv, p_tau, p_norm,   # inputs: (N,) ids, mask, (S + 1,) cu, adv, (N,) τ, 0-d normalizer
+    p_seq_counts,                                # (S,) fp32 valid tokens of each sequence over every rank
     p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage
     p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
+    p_vadv, p_vseq,                              # scratch (N,) fp32 and int32: the valid tokens' advantage, sequence
     N, S, T, V, ignore_index, normalizer, n_steps,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_TAU: tl.constexpr,
     WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr,
     NORM: tl.constexpr,                          # 0 the count, 1 the value ``normalizer``, 2 the tensor
+    SEQ_COUNTS: tl.constexpr, SAME_ADV: tl.constexpr, ONE_TOKEN_EACH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     o_b = tl.arange(0, BLOCK)
@@ -125,9 +134,13 @@ def _prepare_kernel(
     if NORM != 0:
         bad_norm = ((norm != norm) | (norm <= 0.0) | (norm == float("inf"))).to(tl.int32)
     tl.store(p_status + STATUS_NORM, bad_norm.to(tl.int64))
+    bad_counts = tl.zeros([BLOCK], tl.int32)
+    not_one = tl.zeros([BLOCK], tl.int32)
+    varies = tl.zeros([BLOCK], tl.int32)
     if WITH_WEIGHT:
         tl.debug_barrier()
         n_seqs = tl.zeros([BLOCK], tl.int32)
+        n_tokens = tl.zeros([BLOCK], tl.float32)
         for s0 in range(0, S, BLOCK):  # 2. sequences
             s = s0 + o_b
             m_s = s < S
@@ -135,15 +148,23 @@ def _prepare_kernel(
             if PACKED:
                 bad_cu += (m_s & (tl.load(p_cu + s + 1, mask=m_s, other=0) < tl.load(p_cu + s, mask=m_s, other=0))
                            ).to(tl.int32)
-            n_i = tl.load(p_prefix + end, mask=m_s, other=0) - tl.load(p_prefix + start, mask=m_s, other=0)
-            tl.store(p_seq_n + s, n_i.to(tl.float32), mask=m_s)
+            if ONE_TOKEN_EACH:
+                not_one += (m_s & (end - start != 1)).to(tl.int32)
+            n_i = (tl.load(p_prefix + end, mask=m_s, other=0) - tl.load(p_prefix + start, mask=m_s, other=0)).to(
+                tl.float32)
+            if SEQ_COUNTS:
+                given = tl.load(p_seq_counts + s, mask=m_s, other=0.0)
+                bad_counts += (m_s & (given < n_i)).to(tl.int32)
+                n_i = given
+            tl.store(p_seq_n + s, n_i, mask=m_s)
             n_seqs += (m_s & (n_i > 0)).to(tl.int32)
+            n_tokens += tl.where(m_s, n_i, 0.0)
         tl.debug_barrier()
         # The divisor of the aggregated sum: the valid tokens (token-mean) or the sequences that
         # have one (seq-mean modes), at least 1; or the normalizer in their place.
         if NORM == 0:
             if AGG == TOKEN_MEAN:
-                norm = tl.maximum(tl.sum(n_valid, 0), 1).to(tl.float32)
+                norm = tl.maximum(tl.sum(n_tokens, 0), 1.0)
             else:
                 norm = tl.maximum(tl.sum(n_seqs, 0), 1).to(tl.float32)
         for t0 in range(0, N, BLOCK):  # 3. tokens again
@@ -165,6 +186,20 @@ def _prepare_kernel(
                 adv = tl.load(p_adv + o, mask=m, other=0.0)
             if ADV != ADV_NONE:
                 tl.store(p_adv_t + o, adv.to(tl.float32), mask=m)
+            if SAME_ADV:  # each valid token's advantage and sequence at its rank among the valid ones
+                rank = tl.load(p_prefix + o, mask=m, other=0)
+                tl.store(p_vadv + rank, adv.to(tl.float32), mask=m & valid)
+                tl.store(p_vseq + rank, seq.to(tl.int32), mask=m & valid)
+        if SAME_ADV:
+            tl.debug_barrier()
+            n_v = tl.sum(n_valid, 0)
+            for k0 in range(1, N, BLOCK):  # 4. each valid token against the one before it
+                k = k0 + o_b
+                m_k = k < n_v
+                a, a_prev = tl.load(p_vadv + k, mask=m_k, other=0.0), tl.load(p_vadv + k - 1, mask=m_k, other=0.0)
+                same_seq = tl.load(p_vseq + k, mask=m_k, other=0) == tl.load(p_vseq + k - 1, mask=m_k, other=-1)
+                # "<" or ">", not "!=": a NaN advantage is no shape error (it makes the loss NaN)
+                varies += (m_k & same_seq & ((a < a_prev) | (a > a_prev))).to(tl.int32)
     elif PACKED:
         for s0 in range(0, S, BLOCK):
             s = s0 + o_b
@@ -172,13 +207,19 @@ def _prepare_kernel(
             bad_cu += (m_s & (tl.load(p_cu + s + 1, mask=m_s, other=0) < tl.load(p_cu + s, mask=m_s, other=0))
                        ).to(tl.int32)
     tl.store(p_status + STATUS_CU, tl.sum(bad_cu, 0).to(tl.int64))
+    tl.store(p_status + STATUS_SEQ_COUNTS, tl.sum(bad_counts, 0).to(tl.int64))
+    tl.store(p_status + STATUS_NOT_ONE_EACH, tl.sum(not_one, 0).to(tl.int64))
+    tl.store(p_status + STATUS_ADV_VARIES, tl.sum(varies, 0).to(tl.int64))
 
 
-def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_index, agg, with_weight):
+def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
+            same_adv=False, one_token_each=False):
     """Launch the prepare program. ``ids`` (N,) integer; ``mask`` (N,) or None; ``cu`` (S + 1,)
     int64 for a packed stream, else None (S = n_seqs rows of T tokens); ``adv`` the advantages as
     ``adv_mode`` reads them; ``tau`` (N,) fp32 or None; ``normalizer`` None, a float, or a 0-d
-    tensor. Returns (target int32, weight fp32 or None, adv fp32 or None, status int64)."""
+    tensor; ``seq_counts`` (S,) fp32 or None; ``same_adv``, ``one_token_each``: the checks named
+    in the module's docstring. Returns (target int32, weight fp32 or None, adv fp32 or None,
+    status int64: ``_sweep_types.STATUS_*``)."""
     N = ids.numel()
     device = ids.device
     status = torch.empty(STATUS_SLOTS, dtype=torch.int64, device=device)
@@ -187,20 +228,23 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, n_seqs, T, V, ignore_
     adv_t = torch.empty(N, dtype=torch.float32, device=device) if with_weight and adv_mode != ADV_NONE else None
     prefix = torch.empty(N + 1 if with_weight else 1, dtype=torch.int32, device=device)
     seq_n = torch.empty(max(n_seqs, 1) if with_weight else 1, dtype=torch.float32, device=device)
+    same_adv = same_adv and with_weight
+    vadv = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.float32, device=device)
+    vseq = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.int32, device=device)
     norm_mode = 0 if normalizer is None else 2 if isinstance(normalizer, torch.Tensor) else 1
     dummy = status
     with on_device(device):
         _prepare_kernel[(1,)](
             ids, dummy if mask is None else mask, dummy if cu is None else cu,
             dummy if adv is None else adv, dummy if tau is None else tau,
-            normalizer if norm_mode == 2 else dummy,
+            normalizer if norm_mode == 2 else dummy, dummy if seq_counts is None else seq_counts,
             target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
-            prefix, seq_n, status,
+            prefix, seq_n, status, vadv, vseq,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
             max(1, (n_seqs - 1).bit_length()),
             HAS_MASK=mask is not None, PACKED=cu is not None, HAS_TAU=tau is not None,
-            WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _inputs.ADV_NONE, NORM=norm_mode,
-            BLOCK=BLOCK, num_warps=4,
+            WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _types.ADV_NONE, NORM=norm_mode,
+            SEQ_COUNTS=seq_counts is not None and with_weight, SAME_ADV=same_adv,
+            ONE_TOKEN_EACH=one_token_each and with_weight, BLOCK=BLOCK, num_warps=4,
         )
     return target, weight, adv_t, status
-
