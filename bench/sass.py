@@ -58,7 +58,7 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 # The rescale of grad_in_forward's gradient reads and writes each element, as the backward does.
 BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0, "scale": 12.0}
 MUFU_BUDGET = 1.25  # outside softcap
-# Registers per thread: at most 64 lets 4 programs of 8 warps share an SM, 64 KiB of loads in
+# Registers per thread: at most 64 lets 4 programs of 8 warps share an SM, 32–64 KiB of loads in
 # flight (bench/NOTES.md). The budgets above are the hardware's and hold for every compiler; the
 # code a Triton version generates for a variant may need more registers, and where it was
 # measured to, the variant and what it took are named here under that version (major.minor), so

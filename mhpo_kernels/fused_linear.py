@@ -108,7 +108,7 @@ def fused_linear_mhpo_loss(
             each rank passes its contiguous rows of the head, weight (V_r, H) and bias (V_r,), in
             rank order, and the same hidden states and global ids. Every rank returns the whole
             vocabulary's loss and metrics; its weight and bias gradients are its rows of the full
-            ones. Collectives, all in the forward: one all-gather of 23 int64 per rank, one
+            ones. Collectives, all in the forward: the agreement (a few int64 per rank), one
             all-gather of 4 fp32 per token and rank per chunk of tokens (16 · chunk · world bytes
             received), and one all-reduce of dhidden (N_valid × H in hidden's dtype).
         reduce_dhidden: with tp_group, sum dhidden over the group inside the op (default); False

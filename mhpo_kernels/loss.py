@@ -291,11 +291,10 @@ def mhpo_loss(
             rank order (uneven slices allowed) and the same global ``input_ids`` and mask. Every
             rank returns the loss and metrics of the whole vocabulary, and its logits' gradient
             is its slice of the full gradient, with no collective in the backward. The forward
-            makes two all-gathers: 23 int64 per rank (slice sizes, token count, a fingerprint of
-            the ids, mask, sequence boundaries and a per-token temperature, a validation
-            flag, a hash of each hyperparameter, flag and dtype), then 4
-            fp32 per token per rank (16·N·world bytes received per rank), never O(N·V). A bad
-            call, or ranks that pass different hyperparameters, raise on every rank.
+            makes two all-gathers: the agreement (a few int64 per rank: slice sizes, fingerprints
+            of the inputs, hashes of the settings; one host read), then 4 fp32 per token per
+            rank, never O(N·V). A bad call, or ranks that pass different hyperparameters, raise
+            on every rank (``vocab_parallel``).
         cu_seqlens: for 2-D logits (N, V) and ids (N,) holding S packed sequences, their
             boundaries: a 1-D integer tensor (S + 1,) with cu[0] = 0, non-decreasing, cu[-1] = N;
             sequence i is tokens cu[i]:cu[i + 1] (the layout of flash-attention's varlen calls).

@@ -3,10 +3,10 @@
 Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…, V_r), or LM-head
 rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
 
-1. ``VocabSlice.agree``: one all-gather of 7 + ``SETTING_SLOTS`` = 23 int64 per rank: V_r (so the slice
-   offsets), the token count, fingerprints of input_ids (which carry the mask) and of the sequence
-   boundaries with a per-token temperature, whether the rank's inputs passed their local checks,
-   and a hash of each setting that decides what the later collectives do or what they return
+1. ``VocabSlice.agree``: one all-gather of 8 + ``SETTING_SLOTS`` = 24 int64 per rank, read on the
+   host once: V_r (so the slice offsets), the token count, fingerprints of input_ids (which carry
+   the mask) and of the sequence boundaries with a per-token temperature, whether the rank's
+   inputs passed their local checks, its largest target id, and a hash of each setting that decides what the later collectives do or what they return
    (hyperparameters, objective, aggregation, dtypes, flags, chunk size, the normalizer's value:
    ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
    that disagree, raise on every rank instead of leaving the others waiting in a collective or
@@ -34,15 +34,13 @@ SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the sam
 
 
 def _fingerprint(x):
-    """Two int64 sums that differ, with overwhelming odds, when ranks pass different values
-    (a floating tensor by its bits)."""
-    if x is None:
-        return [-1, -1]
+    """Two int64 sums, 0-d tensors on x's device (never read on the host), that differ with
+    overwhelming odds when ranks pass different values (a floating tensor by its bits)."""
     if x.is_floating_point():
         x = x.to(torch.float32).view(torch.int32)
     flat = x.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
-    return [int(flat.sum()), int((flat * weights).sum())]
+    return [flat.sum(), (flat * weights).sum()]
 
 
 def _setting_hashes(settings):
@@ -117,9 +115,13 @@ class VocabSlice:
         return sum(self.sizes)
 
     @staticmethod
-    def agree(group, local_size, n_tokens, device, ids=None, mask=None, local_error=None, settings=None):
-        """Collective 1: exchange (V_r, N, fingerprints, error flag, settings); raise on every rank
-        alike. ``settings``: name → value of what every rank must pass alike."""
+    def agree(group, local_size, device, batch=None, local_error=None, settings=None):
+        """The agreement: one all-gather of 8 + ``SETTING_SLOTS`` int64 per rank, read on the host once, and
+        the same verdict raised on every rank. A rank's row: V_r, the token count, fingerprints of
+        the ids (which carry the mask) and of the per-token settings, whether its local checks
+        failed, its largest target id, and a hash of each setting (``settings``: name → value of
+        what every rank must pass alike). Everything but the host's own numbers is written on the
+        device, so the one read of the gathered table is the only sync."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("tp_group needs an initialized torch.distributed process group")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -129,14 +131,20 @@ class VocabSlice:
             if comm_device is None:  # no device this group can talk on: nothing to tell the others with
                 raise local_error
         try:
-            prints = _fingerprint(ids) + _fingerprint(mask)
             hashes, bits = _setting_hashes(settings)
-        except Exception:  # malformed ids: local_error already says why
-            prints, hashes, bits = [-2] * 4, [0] * SETTING_SLOTS, {}
-        row = [int(local_size), int(n_tokens), *prints, 0 if local_error is None else 1, *hashes]
-        mine = torch.tensor(row, dtype=torch.int64, device=comm_device)
-        for slot, value in bits.items():  # copied on the device (or to it), never read on the host
-            mine[7 + slot] = value.to(comm_device)
+        except Exception as e:  # a setting that cannot be hashed: refused like any local error
+            local_error, hashes, bits = local_error or e, [0] * SETTING_SLOTS, {}
+        n = -1 if batch is None else batch.target.numel()
+        host = [int(local_size), n, -2, -2, -2, -2, 0 if local_error is None else 1, -1, *hashes]
+        # From pageable host memory without a stream sync (the list is not touched again).
+        mine = torch.tensor(host, dtype=torch.int64).to(comm_device, non_blocking=True)
+        if batch is not None and local_error is None:
+            prints = _fingerprint(batch.target) + _fingerprint(_per_token_settings(batch))
+            top = batch.target.amax() if n > 0 else batch.target.new_full((), -1)
+            mine[2:6] = torch.stack(prints).to(comm_device)
+            mine[7] = top.to(device=comm_device, dtype=torch.int64)
+        for slot, value in bits.items():
+            mine[8 + slot] = value.to(comm_device)
         table = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(table, mine, group=group)
         table = torch.stack(table).tolist()
@@ -146,7 +154,7 @@ class VocabSlice:
         if failed:
             raise ValueError(f"tp_group: the inputs of rank(s) {failed} failed validation (their error is "
                              f"raised there); no rank computed anything")
-        differ = [i for i in range(SETTING_SLOTS) if len({t[7 + i] for t in table}) > 1]
+        differ = [i for i in range(SETTING_SLOTS) if len({t[8 + i] for t in table}) > 1]
         if differ:
             names = list(settings or {})
             if 0 in differ:  # different calls: the other slots mean different things
@@ -165,7 +173,14 @@ class VocabSlice:
             raise ValueError("tp_group: input_ids, mask, cu_seqlens or temperature differ across ranks; every "
                              "rank must pass the same global ids, mask, sequence boundaries and per-token "
                              "temperature")
-        return VocabSlice(group, rank, sizes)
+        tp = VocabSlice(group, rank, sizes)
+        if table[rank][7] >= tp.total:  # the ids' upper bound, now that V is known (reads only to raise)
+            bad = batch.target >= tp.total
+            where = bad.nonzero()[0, 0].item()
+            raise ValueError(f"input_ids holds {int(bad.sum())} id(s) outside [0, {tp.total}) (the vocabulary "
+                             f"of all ranks) at valid positions, e.g. {int(batch.target[where])} at flat position "
+                             f"{where} (use ignore_index or mask to skip)")
+        return tp
 
     def local_target(self, target):
         """Global ids (−1 invalid) → ids in this slice; V_r where the target is another rank's."""
@@ -175,7 +190,7 @@ class VocabSlice:
 
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
-        ends = torch.tensor(self.sizes, device=target.device, dtype=torch.int64).cumsum(0)
+        ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).to(target.device, non_blocking=True)
         rank = torch.bucketize(target.to(torch.int64), ends, right=True)
         return torch.where(target >= 0, rank, -1)
 
@@ -234,10 +249,10 @@ def _per_token_settings(batch):
 def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1],
                     settings=None):
     """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
-    checked only for ≥ 0), then collective 1, then the ids' upper bound against the global
-    vocabulary: the same ids and mask on every rank (fingerprinted) give the same verdict on every
-    rank. ``settings(prepared)``: name → value of what must agree across ranks (see ``agree``).
-    Returns what ``prepare()`` returned, with ``batch.tp`` set."""
+    checked only for ≥ 0), then the agreement (``VocabSlice.agree``), whose table also gives the
+    ids' upper bound against the global vocabulary: the same ids and mask on every rank
+    (fingerprinted) give the same verdict on every rank. ``settings(prepared)``: name → value of
+    what must agree across ranks. Returns what ``prepare()`` returned, with ``batch.tp`` set."""
     error, prepared, batch, agreed = None, None, None, None
     try:
         prepared = prepare()
@@ -246,18 +261,8 @@ def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepa
     except Exception as e:  # whatever it is, the other ranks must hear of it before they wait
         error = e
     size = local_size(prepared) if batch is not None else 0
-    n = batch.target.numel() if batch is not None else -1
-    # The mask is folded into the ids (−1); τ is 1 at invalid tokens, so it may differ only there.
-    tp = VocabSlice.agree(tp_group, size, n, device, ids=None if batch is None else batch.target,
-                          mask=None if batch is None else _per_token_settings(batch), local_error=error,
-                          settings=agreed)
-    bad = batch.target >= tp.total
-    if bool(bad.any()):
-        where = bad.nonzero()[0, 0].item()
-        raise ValueError(f"input_ids holds {int(bad.sum())} id(s) outside [0, {tp.total}) (the vocabulary "
-                         f"of all ranks) at valid positions, e.g. {int(batch.target[where])} at flat position "
-                         f"{where} (use ignore_index or mask to skip)")
-    batch.tp = tp
+    batch_tp = VocabSlice.agree(tp_group, size, device, batch=batch, local_error=error, settings=agreed)
+    batch.tp = batch_tp
     return prepared
 
 

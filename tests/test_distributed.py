@@ -92,15 +92,18 @@ TP_KW = dict(temperature=0.8, beta=0.1, loss_agg_mode="token-mean", return_metri
 def _tp_worker(rank, world_size, backend, out_dir):
     import mhpo_kernels
     import torch.distributed as dist
+    from test_host_syncs import counting_syncs
 
     full, ids, mask, old, adv, ref = _tp_inputs()
     start, size = _split(full.shape[-1], world_size)[rank]
     out = {}
     with mhpo_kernels.use_backend(backend):
         x = full[..., start:start + size].clone().requires_grad_()
-        loss, metrics = mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, ref_logprobs=ref, tp_group=dist.group.WORLD,
-                                               **TP_KW)
-        (loss * 1.3).backward()
+        with counting_syncs() as syncs:
+            loss, metrics = mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, ref_logprobs=ref,
+                                                   tp_group=dist.group.WORLD, **TP_KW)
+            (loss * 1.3).backward()
+        out["syncs"] = dict(syncs.counts)
         logp, ent = mhpo_kernels.token_logprobs(full[..., start:start + size], ids.masked_fill(~mask, -100),
                                                 return_entropy=True, tp_group=dist.group.WORLD)
     out.update(loss=loss.detach(), metrics={k: v for k, v in metrics.items()}, grad=x.grad, logp=logp, ent=ent)
@@ -111,7 +114,10 @@ def _tp_worker(rank, world_size, backend, out_dir):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
     """Uneven vocabulary slices over 2 and 3 ranks: every rank's loss, metrics, log-probs and
-    entropy equal the single-process op's, and its logits gradient is its slice of the full one."""
+    entropy equal the single-process op's, and its logits gradient is its slice of the full one.
+    On the Triton path, forward and backward read the host twice on each rank: validation's
+    flags and the agreement's gathered table (the agreement's one collective; the second carries
+    the row statistics)."""
     import mhpo_kernels
     import reference
     from _cases import FP32_RTOL, max_rel_err
@@ -130,6 +136,8 @@ def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
     grads = []
     for rank, (start, size) in enumerate(_split(full.shape[-1], world_size)):
         got = torch.load(tmp_path / f"tp-{rank}.pt")
+        if backend == "triton":  # the PyTorch path reads host-side scalars (``tests/test_host_syncs.py``)
+            assert got["syncs"] == {"tolist": 2}, got["syncs"]
         assert abs(got["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item())
         assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
         for k, v in metrics.items():
