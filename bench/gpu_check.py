@@ -35,7 +35,7 @@ import torch
 
 import mhpo_kernels
 from mhpo_kernels import _config, _dispatch
-from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 from . import harness, report
 from .check_report import HEADLINE, merge
@@ -105,7 +105,7 @@ def _timed(fn, device, repeats, kernels=True):
 def _two_sweeps(logits, target, old, adv, weight):
     """(forward, backward) closures: sweep 1 with the loss, sweep 2 out of place."""
     fwd, bwd = _dispatch.sweeps(logits.device)
-    hp, lmap = MHPOParams(), LogitMap.make(1.0)
+    hp, lmap = mhpo_token_params(), LogitMap.make(1.0)
     stats = fwd(logits, target, old, adv, weight, None, hp, lmap, with_entropy=False, with_loss=True)
     grad = torch.empty_like(logits)
 
@@ -113,7 +113,7 @@ def _two_sweeps(logits, target, old, adv, weight):
         return fwd(logits, target, old, adv, weight, None, hp, lmap, with_entropy=False, with_loss=True)
 
     def backward():
-        return bwd(logits, grad, target, stats.base, stats.log2_sum, stats.coef, None, None, lmap)
+        return bwd(logits, grad, target, stats.lse2_base, stats.lse2_rest, stats.coef, None, None, lmap)
 
     return forward, backward
 
@@ -180,10 +180,8 @@ def step_env(args):
                    threads_per_sm=getattr(props, "max_threads_per_multi_processor", None),
                    total_memory=props.total_memory, copy_gbps=harness.copy_bandwidth_gbps(device))
         for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
-            fill = _config.rows_to_fill(props, HEADLINE[1], itemsize)
-            env[f"predicted_{dtype}"] = fill._asdict()
-            env[f"predicted_{dtype}_measured_bw"] = _config.rows_to_fill(   # copy: bytes read + written
-                props, HEADLINE[1], itemsize, bandwidth=env["copy_gbps"] * 1e9)._asdict()
+            env[f"predicted_rows_to_fill_{dtype}"] = _config.rows_to_fill(props.multi_processor_count,
+                                                                          HEADLINE[1], itemsize)
     return env
 
 
@@ -198,9 +196,8 @@ def step_sweeps(args):
     repeats = DRY["repeats"] if args.dry_run else 10
     result = {"V": V, "dtype": str(dtype), "rows": []}
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        fill = _config.rows_to_fill(props, V, dtype.itemsize)
-        result["predicted"] = fill._asdict()
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        result["predicted"] = {"rows_to_fill": _config.rows_to_fill(sms, V, dtype.itemsize)}
     one_sweep = _one_sweep_option()
     knob = _one_sweep_programs_knob()
     result["one_sweep"] = one_sweep or "measured"
@@ -220,7 +217,6 @@ def step_sweeps(args):
             row["fwd_unsplit_gbps"] = _gbps(nbytes, row["fwd_unsplit_ms"])
             row["bwd_unsplit_gbps"] = _gbps(2 * nbytes, row["bwd_unsplit_ms"])
         if "predicted" in result:
-            row["predicted_wave_efficiency"] = _config.wave_efficiency(n, result["predicted"]["resident_programs"])
             row["predicted_row_splits"] = _config.row_splits(n, V, result["predicted"]["rows_to_fill"])
         # One sweep against two like for like: each a whole call, forward and backward, out of
         # place and in place (the kernels-alone times above leave out the call's other launches).
@@ -668,7 +664,7 @@ def _kernel_cases(dry):
 
 def _launch_variants(fwd, bwd, n, V, dtype, device, headline):
     """Each variant of the sweeps once on n rows of V ``dtype`` logits; the number of launches."""
-    hp = MHPOParams(beta=0.1)
+    hp = mhpo_token_params(beta=0.1)
     logits, target, old, adv, weight = _sweep_inputs(n, V, dtype, device)
     target[1] = -1                                     # an invalid row
     ref = old + 0.1
@@ -680,16 +676,16 @@ def _launch_variants(fwd, bwd, n, V, dtype, device, headline):
         stats = fwd(logits, target, old if with_loss else None, adv if with_loss else None,
                     weight if with_loss else None, ref if with_loss else None, hp, lmap,
                     with_entropy=with_entropy, with_loss=with_loss)
-        dlogp = stats.coef if with_loss else torch.ones_like(stats.base)
-        dent = torch.full_like(stats.base, 0.5) if with_entropy and not headline else None
+        dlogp = stats.coef if with_loss else torch.ones_like(stats.lse2_base)
+        dent = torch.full_like(stats.lse2_base, 0.5) if with_entropy and not headline else None
         grad = torch.empty_like(logits)
-        bwd(logits, grad, target, stats.base, stats.log2_sum, dlogp, stats.entropy if dent is not None else None,
+        bwd(logits, grad, target, stats.lse2_base, stats.lse2_rest, dlogp, stats.entropy if dent is not None else None,
             dent, lmap)
         launches += 2
         if not headline:
-            bwd(logits, logits.clone(), target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+            bwd(logits, logits.clone(), target, stats.lse2_base, stats.lse2_rest, dlogp, None, None, lmap)
             inplace = logits.clone()
-            bwd(inplace, inplace, target, stats.base, stats.log2_sum, dlogp, None, None, lmap)
+            bwd(inplace, inplace, target, stats.lse2_base, stats.lse2_rest, dlogp, None, None, lmap)
             launches += 2
     return launches
 

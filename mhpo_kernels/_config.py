@@ -82,88 +82,32 @@ def fused_linear_chunk_rows(V, itemsize):
     return max(CHUNK_ROWS_MULTIPLE, min(CHUNK_ROWS_MAX, rows))
 
 
-# ---- small N and the tail wave ------------------------------------------------------------------
+# ---- small N: row splits -------------------------------------------------------------------------
 #
-# One program per row: a batch of N rows can keep busy at most N programs. The GPU's memory
-# system is full only when enough bytes are in flight (Little's law: bandwidth × latency), and
-# each program has one step's loads in flight at a time (BLOCK_V elements: 8 KiB in bf16), so
+# One program per row keeps one BLOCK_V block of loads in flight, so a batch of few rows leaves
+# the memory system short of bytes in flight. The rule, with its one lead (bench/NOTES.md, "Small
+# N", has the arithmetic; the `sweeps` step of bench/gpu_check.sh measures where GB/s levels off,
+# which replaces it): each SM needs IN_FLIGHT_PER_SM bytes in flight, an H200's 4.8 TB/s × about
+# 1 µs per step (DRAM latency and the loop's issue together) over its 132 SMs, so a sweep fills
+# the GPU from
 #
-#     rows_to_fill = min(resident programs, bandwidth × step time / bytes per step)
+#     rows_to_fill = ceil(SMs × IN_FLIGHT_PER_SM / (BLOCK_V × itemsize))
 #
-# where resident programs = SMs × programs per SM (threads: 2048 per SM; registers: 65,536 per
-# SM, allocated per warp in multiples of 8 per thread; at most 32 programs), and the step time is
-# what one program takes per step, DRAM latency and the loop's issue together. The figures the
-# defaults below are set to are leads until bench/gpu_check.sh's N sweep measures them (GB/s
-# against N: the rate levels off at rows_to_fill):
-# - H100 SXM and H200: 132 SMs; 3.35 and 4.8 TB/s by the datasheets, about 4.3 TB/s (read +
-#   write) measured for a copy on an H200. The sweeps use 32 to 40 registers at 8 warps
-#   (bench/results/sass-sm90-*.json): 40 registers × 256 threads = 10,240 per program, 6 per SM,
-#   792 resident programs (8 per SM, 1,056, at 32 registers, where the thread limit binds).
-# - One program moves about 8 GB/s (8 KiB per step, about 1 µs a step): full bandwidth needs
-#   4.8 TB/s × 1 µs / 8 KiB = 586 rows in bf16 on an H200 and 409 on an H100 (half that in fp32,
-#   16 KiB a step), of the order of the resident capacity. Below about 800 rows, then, SMs sit
-#   idle, and below about 600 the memory system is short of bytes in flight: 2.9 MB are needed
-#   at 600 ns of DRAM latency (4.8 TB/s × 600 ns), 22 KiB per SM, against 8 KiB per program.
-# - Above it, the tail wave: N rows in waves of R resident programs leave the last wave
-#   partly empty (``wave_efficiency``): 8192 rows at R 792 take 11 waves, 94 % full.
-#
-# The remedy below rows_to_fill: split each row over ``row_splits`` programs. Sweep 1 then runs
-# as two launches, a grid (N, splits) whose programs each write one split's (max, sum of
-# exponentials, entropy sum) and a grid (N,) that combines them (the lanes' own combine) and runs
-# the epilogue: 12 bytes per split and row, against the row's 2V, so the extra launch is the cost.
-# Sweep 2 needs no combine: program (r, j) writes split j of row r. Each split is a run of whole
-# BLOCK_V blocks from the row's block base, so the splits' loops are the unsplit loop, 16-byte
-# vectors included (``bench.sass`` holds them to the same budget). A split shorter than
-# MIN_SPLIT_BLOCKS blocks would spend more on its launch and combine than it saves, and at most
-# MAX_ROW_SPLITS are combined (one vector). ``bench/gpu_check.sh``'s N sweep times both, split
-# and one program per row, which confirms or moves rows_to_fill. The one-sweep kernel does not
-# split (its rows are re-read from L2, which needs rows in flight, not splits). Off CUDA (the
-# interpreter) nothing is split unless ``overridden(row_splits=...)`` says so.
-
-H100_H200_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, datasheets
-STEP_SECONDS = 1.0e-6        # one program's time per BLOCK_V step (lead: about 8 GB/s per program)
-SWEEP_REGISTERS = 40         # per thread, the most any sweep variant uses (bench.sass)
-MAX_PROGRAMS_PER_SM = 32
-MIN_SPLIT_BLOCKS = 8  # a split shorter than this many blocks spends more on its combine than it saves
-MAX_ROW_SPLITS = 16              # the combine reads a row's splits as one vector of this many
+# rows: 586 in bf16 and 293 in fp32 on 132 SMs (an H100 and an H200 alike until measured). Below
+# it each row is split over ``row_splits`` programs, each a run of whole BLOCK_V blocks from the
+# row's block base (the unsplit loop: ``bench.sass`` holds them to the same budget): sweep 1 as a
+# grid (N, splits) and a combine launch, sweep 2 as a grid (N, splits). A split is at least
+# MIN_SPLIT_BLOCKS blocks long (a shorter one spends more on its launch and combine than it
+# saves), and at most MAX_ROW_SPLITS are combined (one vector). The one-sweep kernel does not
+# split. Off CUDA (the interpreter) nothing is split unless ``overridden(row_splits=...)`` says so.
+IN_FLIGHT_PER_SM = 4.8e12 * 1.0e-6 / 132   # bytes; a lead until measured
+MIN_SPLIT_BLOCKS = 8
+MAX_ROW_SPLITS = 16
 
 
-class Fill(NamedTuple):
-    programs_per_sm: int
-    resident_programs: int    # SMs × programs_per_sm
-    rows_for_bandwidth: int   # bandwidth × step time / bytes per step (resident_programs if unknown)
-    rows_to_fill: int         # the fewer of the two: below it, the GPU is not full
-
-
-def _device_bandwidth(props):
-    name = getattr(props, "name", "")
-    return next((bw for key, bw in H100_H200_BANDWIDTH.items() if key in name), None)
-
-
-def rows_to_fill(props, V, itemsize, registers=SWEEP_REGISTERS, bandwidth=None, step_seconds=STEP_SECONDS):
-    """How many rows a sweep over rows of V ``itemsize``-byte logits needs to fill the GPU
-    described by ``props`` (``torch.cuda.get_device_properties``, or anything with
-    ``multi_processor_count`` and, optionally, ``max_threads_per_multi_processor``,
-    ``regs_per_multiprocessor`` and ``name``). ``bandwidth`` in bytes/s; default: the datasheet's
-    for an H100 or H200, else unknown (then the resident capacity alone decides)."""
-    cfg = sweep_config(V, itemsize)
-    threads = 32 * cfg.num_warps
-    regs_per_program = -(-registers // 8) * 8 * threads
-    per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
-                 getattr(props, "regs_per_multiprocessor", 65536) // regs_per_program, MAX_PROGRAMS_PER_SM)
-    resident = props.multi_processor_count * per_sm
-    bandwidth = bandwidth or _device_bandwidth(props)
-    if bandwidth is None:
-        for_bandwidth = resident
-    else:
-        for_bandwidth = -(-int(bandwidth * step_seconds) // (cfg.block_v * itemsize))
-    return Fill(per_sm, resident, for_bandwidth, min(resident, for_bandwidth))
-
-
-def wave_efficiency(n_rows, resident_programs):
-    """Share of the program slots busy over the waves N rows take (1.0 for whole waves)."""
-    waves = -(-n_rows // resident_programs)
-    return n_rows / (waves * resident_programs) if n_rows else 1.0
+def rows_to_fill(sms, V, itemsize):
+    """How many rows of V ``itemsize``-byte logits a sweep needs to fill a GPU of ``sms`` SMs."""
+    return -(-int(sms * IN_FLIGHT_PER_SM) // (sweep_config(V, itemsize).block_v * itemsize))
 
 
 def row_splits(n_rows, V, fill_rows):
@@ -183,8 +127,8 @@ def launch_splits(n_rows, V, itemsize, device):
     elif device.type == "cuda":
         import torch
 
-        props = torch.cuda.get_device_properties(device)
-        splits = row_splits(n_rows, V, rows_to_fill(props, V, itemsize).rows_to_fill)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = row_splits(n_rows, V, rows_to_fill(sms, V, itemsize))
     else:
         return 1
     return max(1, min(splits, _row_blocks(V, sweep_config(V, itemsize)), MAX_ROW_SPLITS))

@@ -115,12 +115,12 @@ TORCH_KERNELS = {"prepare": "prepare", "forward": "mhpo_fwd", "backward": "mhpo_
 
 def kernel(name, device):
     """The launcher of kernel ``name`` (``KERNELS``) for tensors on ``device``. Inside
-    torch.compile the prepare step is PyTorch's on every device (the graph fuses its ops; its
-    checks become asserts of the graph)."""
+    torch.compile, where prepare and finalize run outside any custom op, they are PyTorch's on
+    every device (the graph fuses their ops; the checks become asserts of the graph)."""
     import torch
 
-    if name == "prepare" and torch.compiler.is_compiling():
-        return torch_sweeps.prepare
+    if name in ("prepare", "finalize") and torch.compiler.is_compiling():
+        return getattr(torch_sweeps, TORCH_KERNELS[name])
     if backend_for(device) == "triton":
         _check_triton_runs(device)
         module, function = KERNELS[name]

@@ -43,7 +43,7 @@ class TokenParams:
         return TokenParams(objective.kind, tuple(float(v) for v in objective.values()), float(beta), lfm, dhp)
 
 
-def MHPOParams(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0):
+def mhpo_token_params(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0):
     """TokenParams of MHPO with these hyperparameters."""
     return TokenParams(0, (c, k_pos, lam_pos, k_neg, lam_neg), beta)
 
@@ -94,12 +94,14 @@ class LogitMap:
 class RowStats(NamedTuple):
     """What sweep 1 writes per row, each (N,) fp32; 0 at invalid rows.
 
-    ``loss`` and ``coef`` already carry the aggregation weight g_t, so the loss is ``loss.sum()``
-    and dL/dlogp_t = G · coef_t. Fields a sweep was not asked for are None.
+    The row's log-sum-exp in base 2, log2 Σ_v 2^(k·u(x_v)) = lse2_base + lse2_rest, is kept in two
+    parts so that neither loses the other's bits. ``loss`` and ``coef`` already carry the
+    aggregation weight g_t, so the loss is ``loss.sum()`` and dL/dlogp_t = G · coef_t. Fields a
+    sweep was not asked for are None.
     """
 
-    base: torch.Tensor                # b = fp32(k · max_v u(x_v)) = z(max)·log2(e), rounded
-    log2_sum: torch.Tensor            # log2 Σ_v 2^(k·u(x_v) − b): log2 p_v = k·u(x_v) − b − log2_sum
+    lse2_base: torch.Tensor           # b = fp32(k · max_v u(x_v)) = z(max)·log2(e), rounded
+    lse2_rest: torch.Tensor           # log2 Σ_v 2^(k·u(x_v) − b): log2 p_v = k·u(x_v) − b − lse2_rest
     logp: torch.Tensor                # z_y − lse
     entropy: Optional[torch.Tensor]   # −Σ_v p_v log p_v
     psi: Optional[torch.Tensor]       # ψ
@@ -113,8 +115,8 @@ class RowStats(NamedTuple):
             return torch.empty(n, device=device, dtype=torch.float32)
 
         return RowStats(
-            base=new(),
-            log2_sum=new(),
+            lse2_base=new(),
+            lse2_rest=new(),
             logp=new(),
             entropy=new() if with_entropy else None,
             psi=new() if with_loss else None,

@@ -15,8 +15,8 @@ from ._inputs import (
     check_float_tensor, check_nonnegative, check_positive, check_temperature, check_tp_group, prepare_mhpo,
     prepare_tokens,
 )
-from ._sweep_types import LogitMap, MHPOParams, TokenParams
-from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_from_stats, mhpo_objective,
+from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
+from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_of, mhpo_objective,
                    normalizer_setting, resolve_objective)
 
 
@@ -181,7 +181,7 @@ def fused_linear_policy_loss(
             entropy_coef)
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(logp, entropy, psi, zeta, batch, resolve_objective(objective))
+        return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -192,7 +192,7 @@ def fused_linear_policy_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_from_stats(logp, entropy if return_metrics else None, psi, zeta, batch, resolve_objective(objective))
+    return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
 
 
 def fused_linear_token_logprobs(
@@ -226,7 +226,7 @@ def fused_linear_token_logprobs(
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau)
         lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
-        return _Prepared(MHPOParams(), lmap, hidden2d, chunk_rows, batch)
+        return _Prepared(mhpo_token_params(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
         return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,

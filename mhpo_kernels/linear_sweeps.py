@@ -16,7 +16,7 @@ import torch
 import torch.distributed
 
 from . import _dispatch
-from ._sweep_types import MHPOParams, RowStats
+from ._sweep_types import mhpo_token_params, RowStats
 
 
 def _valid_rows(target, n_valid):
@@ -171,7 +171,7 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
             continue
         # The tile becomes ∂L/∂logits for an upstream gradient of 1 (this rank's columns with tp).
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))
-        backward_sweep(tile, tile, tile_target, stats.base, stats.log2_sum, stats.coef,
+        backward_sweep(tile, tile, tile_target, stats.lse2_base, stats.lse2_rest, stats.coef,
                        stats.entropy if bonus else None, dentropy if bonus else None, lmap_c)
         _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if parts:
@@ -206,7 +206,7 @@ def _fold_tile_grad(grad, h_c, weight, dh_rows, dw, db):
 
 
 def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None):
-    """(logp, entropy or None, base, log2_sum), each (N,) fp32, chunk by chunk (1 GEMM each): the
+    """(logp, entropy or None, base, lse2_rest), each (N,) fp32, chunk by chunk (1 GEMM each): the
     last two are the rows' log-sum-exp statistics (global ones with ``tp``), which is all that
     ``token_logprobs_grads`` needs besides the inputs. ``n_valid`` as in ``fused_linear_sweeps``."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
@@ -214,32 +214,32 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     kept = _valid_rows(target, n_valid)
     hidden, target = _gather_rows(kept, _without_padding(hidden, target, n_valid), target)
     lmap = lmap if kept is None else lmap.rows(kept)
-    logp, base, log2_sum = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    logp, base, lse2_rest = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
                             for _ in range(3))
     entropy = torch.empty_like(logp) if with_entropy else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
-        stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, MHPOParams(),
+        stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, mhpo_token_params(),
                              lmap.rows(slice(r0, r1)), with_entropy, False, tp)
-        logp[r0:r1], base[r0:r1], log2_sum[r0:r1] = stats.logp, stats.base, stats.log2_sum
+        logp[r0:r1], base[r0:r1], lse2_rest[r0:r1] = stats.logp, stats.lse2_base, stats.lse2_rest
         if with_entropy:
             entropy[r0:r1] = stats.entropy
-    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, log2_sum))
+    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, lse2_rest))
 
 
-def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, log2_sum, entropy, dlogp,
+def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest, entropy, dlogp,
                          dentropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None):
     """The backward of ``token_logprobs_sweeps``: (dhidden, dweight, dbias) (fp32 accumulators for
     the last two; None where not needed) for the upstream gradients ``dlogp`` and ``dentropy``
     ((N,) fp32; ``dentropy`` None when the entropy got none). Per chunk of valid tokens the tile
     is recomputed (1 GEMM), sweep 2 turns it into ∂L/∂logits in place and 2 GEMMs fold it. With
-    ``tp`` the tile holds this rank's columns and ``base``/``log2_sum``/``entropy`` are the global
+    ``tp`` the tile holds this rank's columns and ``base``/``lse2_rest``/``entropy`` are the global
     statistics, so the tile's gradient is this rank's slice of the full one: the only collective
     is dhidden's all-reduce (unless ``reduce_dhidden`` is False)."""
     _, backward_sweep = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
-    hidden, target, base, log2_sum, entropy, dlogp, dentropy = _gather_rows(
-        kept, _without_padding(hidden, target, n_valid), target, base, log2_sum, entropy, dlogp, dentropy)
+    hidden, target, base, lse2_rest, entropy, dlogp, dentropy = _gather_rows(
+        kept, _without_padding(hidden, target, n_valid), target, base, lse2_rest, entropy, dlogp, dentropy)
     lmap = lmap if kept is None else lmap.rows(kept)
     dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
     for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
@@ -247,7 +247,7 @@ def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, l
             return None if x is None else x[r0:r1]
 
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))
-        backward_sweep(tile, tile, tile_target, rows(base), rows(log2_sum), rows(dlogp).contiguous(),
+        backward_sweep(tile, tile, tile_target, rows(base), rows(lse2_rest), rows(dlogp).contiguous(),
                        rows(entropy), rows(dentropy), lmap.rows(slice(r0, r1)))
         _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if tp is not None and need_dh and reduce_dhidden:

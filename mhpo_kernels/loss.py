@@ -5,19 +5,20 @@ from typing import NamedTuple
 
 import torch
 
+from . import _dispatch
 from ._inputs import (
     check_agg_mode, check_flag, check_ignore_index, check_logits, check_nonnegative, check_positive,
     check_temperature, check_tp_group, has_internal_overlap, prepare_mhpo,
     prepare_tokens,
 )
-from ._sweep_types import METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, MHPOParams, TokenParams
+from ._sweep_types import METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
 from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
 
 
 def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
     """Checked MHPO hyperparameters: c, k, λ finite and > 0, β finite and ≥ 0."""
-    return MHPOParams(
+    return mhpo_token_params(
         c=check_positive("c", c),
         k_pos=check_positive("k_pos", k_pos),
         lam_pos=check_positive("lam_pos", lam_pos),
@@ -166,28 +167,16 @@ def metrics_from_vector(vector, objective, has_ref):
     return {name: vector[METRICS.index(name)] for name in metric_names(objective, has_ref)}
 
 
-def metrics_from_stats(logp, entropy, psi, zeta, batch, objective):
-    """Detached means over valid tokens (0 when there are none): the metrics ``SPEC.md`` lists
-    (ψ, ζ, survival and the saturated share for MHPO only)."""
-    valid = batch.valid
-    n_valid = valid.sum().clamp(min=1)
+def metrics_of(logp, entropy, psi, zeta, batch, objective):
+    """The metrics dict of per-token statistics that no sweeps op reduced (vocabulary parallelism,
+    the fused linear path): the finalize reduction the op runs, on detached inputs."""
+    def detached(x):
+        return None if x is None else x.detach()
 
-    def mean(x):
-        return torch.where(valid, x, 0.0).sum().div(n_valid).detach()
-
-    logp = logp.detach()
-    log_ratio = logp - batch.old if batch.old is not None else torch.zeros_like(logp)
-    metrics = {}
-    if objective.kind == MHPO_KIND:
-        metrics.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)))
-    metrics["abs_log_ratio"] = mean(log_ratio.abs())
-    if objective.kind == MHPO_KIND:
-        metrics["saturated_frac"] = mean((log_ratio.abs() > objective.c).float())
-    metrics.update(entropy=mean(entropy.detach()), logp=mean(logp))
-    if batch.ref is not None:
-        delta = batch.ref - logp
-        metrics["kl"] = mean(torch.expm1(delta) - delta)
-    return metrics
+    _, vector = _dispatch.kernel("finalize", logp.device)(
+        batch.target, None, batch.weight, detached(entropy), detached(logp), detached(psi), detached(zeta), batch.old,
+        batch.ref, 0.0, objective.values()[0], mhpo=objective.kind == MHPO_KIND, metrics=True)
+    return metrics_from_vector(vector, objective, batch.ref is not None)
 
 
 def mhpo_loss(
@@ -424,8 +413,7 @@ def policy_loss(
         loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
         if not return_metrics:
             return loss
-        return loss, metrics_from_stats(stats.logp, stats.entropy, stats.psi, stats.zeta, batch,
-                                        resolve_objective(objective))
+        return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, resolve_objective(objective))
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     _, loss, metrics = row_stats(logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace,
                                  grad_in_forward=one_sweep, totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL,
@@ -454,7 +442,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index, mask, temperature=tau)
         lmap = LogitMap.make(tau_value, tau=batch.tau)
-        return Prepared(MHPOParams(), lmap, logits3, shifted, batch,
+        return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):

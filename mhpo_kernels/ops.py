@@ -1,12 +1,38 @@
 """The sweeps and the fused linear path as PyTorch custom ops (namespace ``mhpo_kernels::``).
 
 Each op has a fake (shape-only) implementation and an autograd formula, so ``torch.compile``
-traces a training step that calls ``mhpo_loss`` or ``fused_linear_mhpo_loss`` into one graph: the
-ops are opaque nodes in it, and the Triton (or PyTorch) sweeps run inside them unchanged.
+traces a training step into one graph: the ops are opaque nodes in it, and the Triton (or
+PyTorch) launchers run inside them unchanged. Op arguments are named (``SweepsArgs``): tensors
+(absent optional ones None), flags, and the runtime scalars as one host float64 tensor
+(``pack_params``). Outputs the call did not ask for are empty tensors.
 
-Op arguments are flat: tensors (absent optional ones as None; a per-token temperature is one, ``tau``,
-beside the float list), the runtime scalars as one float list (``pack_params``: the objective's
-values, β, the logit map, the epilogue's kind; see ``TokenParams`` and ``LogitMap``), and flags. Outputs the call did not ask for are empty tensors.
+What runs, by call and flag (kernels in ``kernels/``; the prepare launch comes first in every
+call, from ``_inputs``):
+
+=================================  =========================================  ===========================
+call and flags                     forward                                    backward
+=================================  =========================================  ===========================
+loss or log-probs on logits        ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``sweeps_backward``:
+                                   (at small N split: SPLIT 1, then 2),       ``_mhpo_bwd_kernel``
+                                   then ``_finalize_kernel`` for a loss
+``inplace_backward``               the same                                   ``sweeps_backward_``, into
+                                                                              the logits
+``grad_in_forward``                ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``scale_rows_``:
+                                   with GRAD_IN_FORWARD (persistent, both     ``_scale_rows_kernel``,
+                                   passes), ``_finalize_kernel``              nothing at ``grad_scale``
+``grad_in_forward`` and in place   ``OneSweepInplace``:                       ``scale_rows_``
+                                   ``sweeps_forward_grad_``
+GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``sweeps_backward``
+                                   epilogue, ``torch_sweeps._sequence_terms``
+                                   (O(N)), ``_finalize_kernel``
+``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
+                                   the slice, one all-gather, the epilogue    ``_``), no collective
+``fused_linear_*_loss``            ``fused_linear_forward``: per chunk a      the saved gradients,
+                                   GEMM, both sweeps, two GEMMs               scaled
+``fused_linear_token_logprobs``    ``fused_linear_logprobs``: per chunk a     ``fused_linear_logprobs_``
+                                   GEMM and sweep 1                           ``backward``: GEMM, sweep
+                                                                              2, two GEMMs
+=================================  =========================================  ===========================
 """
 
 import functools
@@ -59,11 +85,22 @@ DOUBLE_BACKWARD = ("mhpo_kernels: double backward is not supported: the gradient
                    "gives them, differentiating them again raises this)")
 
 
+class _NotDifferentiable(torch.autograd.Function):
+    """The identity on a backward's gradients, whose own backward raises ``DOUBLE_BACKWARD``."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+
 def once_differentiable(backward):
-    """``backward`` run without recording a graph; under ``create_graph=True`` the gradients it
-    returns carry a node that raises ``DOUBLE_BACKWARD`` if differentiated (what
-    ``torch.autograd.function.once_differentiable`` does, with the package's own message instead
-    of PyTorch's advice to register a formula)."""
+    """``backward`` run without recording a graph; under ``create_graph=True`` its gradients pass
+    through ``_NotDifferentiable``, so that differentiating them raises the package's own error
+    (``torch.autograd.function.once_differentiable`` raises one that names no package)."""
     @functools.wraps(backward)
     def run(ctx, *grads):
         with torch.no_grad():
@@ -73,9 +110,7 @@ def once_differentiable(backward):
         present = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
         if not present:
             return out
-        raising = torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(present))
-        wrapped = raising(*[out[i].detach().requires_grad_() for i in present])
-        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        wrapped = _NotDifferentiable.apply(*[out[i].detach().requires_grad_() for i in present])
         out = list(out)
         for i, g in zip(present, wrapped):
             out[i] = g
@@ -290,53 +325,53 @@ def _loss_gradient(d_loss, d_total):
     return _add(d_total, d_loss)
 
 
-def _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap,
+def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
                     shifted):
     _, backward_sweep = _dispatch.sweeps(logits.device)
     _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(logits.device):
-        backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, log2_sum, dlogp,
+        backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, lse2_rest, dlogp,
                        entropy, dentropy, lmap, zero_tail=shifted)
     return grad
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward", mutates_args=())
 def sweeps_backward(
-    logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
+    logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, shifted: bool,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
     grad = _grad_buffer(logits)
-    return _backward_sweep(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, tau, params,
+    return _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
                            softcap, shifted)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap, shifted):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted):
     return _grad_buffer(logits)
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))
 def sweeps_backward_(
-    logits: Tensor, target: Tensor, base: Tensor, log2_sum: Tensor, dlogp: Tensor,
+    logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, shifted: bool,
 ) -> None:
     """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
     same lane writes it)."""
-    _backward_sweep(logits, logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params,
+    _backward_sweep(logits, logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
                     softcap, shifted)
 
 
 @sweeps_backward_.register_fake
-def _(logits, target, base, log2_sum, dlogp, entropy, dentropy, tau, params, softcap, shifted):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted):
     return None
 
 
 def _sweeps_setup(ctx, inputs, output):
     a = SweepsArgs(*inputs)
-    base, log2_sum, logp, entropy, psi, zeta, loss, coef, grad, _, metrics = output
+    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics = output
     ctx.totals = a.totals
     ctx.grad_in_forward = a.grad_in_forward
     if a.totals:  # the 0-d loss is the loss's one differentiable output
@@ -344,17 +379,17 @@ def _sweeps_setup(ctx, inputs, output):
     if a.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
         ctx.save_for_backward(grad, a.target, a.params)
         ctx.shifted = a.shifted
-        ctx.mark_non_differentiable(base, log2_sum, logp, entropy, psi, zeta, loss, coef, grad, metrics)
+        ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics)
         ctx.set_materialize_grads(False)
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
     seq = a.with_loss and a.cu is not None
     ctx.sequence_level = seq
-    ctx.save_for_backward(a.logits, a.target, base, log2_sum, coef, entropy, zeta if seq else None,
+    ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           a.weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
-    ctx.mark_non_differentiable(base, log2_sum, psi, zeta, coef, grad, metrics)
+    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics)
     ctx.set_materialize_grads(False)
 
 
@@ -372,7 +407,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     if ctx.grad_in_forward:
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
-    logits, target, base, log2_sum, coef, entropy, seq_coef, weight, cu, tau, params = ctx.saved_tensors
+    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params = ctx.saved_tensors
     if not ctx.with_loss:
         d_loss = d_total = None
     d_entropy = d_entropy if ctx.with_entropy else None
@@ -389,9 +424,9 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         d_entropy = _add(d_entropy, weight * (d_total * -params[ENTROPY_COEF].float()))
     if dlogp is None and d_entropy is None:
         return nothing
-    dlogp = torch.zeros_like(log2_sum) if dlogp is None else dlogp.float().contiguous()
+    dlogp = torch.zeros_like(lse2_rest) if dlogp is None else dlogp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
-    args = (target, base, log2_sum, dlogp, entropy if dent is not None else None, dent, tau, params, ctx.softcap,
+    args = (target, base, lse2_rest, dlogp, entropy if dent is not None else None, dent, tau, params, ctx.softcap,
             ctx.shifted)
     if ctx.inplace:
         sweeps_backward_(logits, *args)
@@ -514,13 +549,13 @@ def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logp, entropy (empty unless asked), base, log2_sum), each (N,) fp32; 1 GEMM per chunk. The
+    """(logp, entropy (empty unless asked), base, lse2_rest), each (N,) fp32; 1 GEMM per chunk. The
     last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``."""
     _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
-        logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
+        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
                                                               with_entropy, n_valid=n_valid)
-    return logp, _fp32(hidden, 0) if entropy is None else entropy, base, log2_sum
+    return logp, _fp32(hidden, 0) if entropy is None else entropy, base, lse2_rest
 
 
 @fused_linear_logprobs.register_fake
@@ -532,7 +567,7 @@ def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entro
 @torch.library.custom_op("mhpo_kernels::fused_linear_logprobs_backward", mutates_args=())
 def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
-    base: Tensor, log2_sum: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
+    base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
     n_valid: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -540,14 +575,14 @@ def fused_linear_logprobs_backward(
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
     _, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
-        dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, log2_sum,
+        dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
     return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype),
             weight.new_empty(0) if db is None else db.to(weight.dtype))
 
 
 @fused_linear_logprobs_backward.register_fake
-def _(hidden, weight, bias, target, tau, base, log2_sum, entropy, dlogp, dentropy, params, softcap,
+def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
       chunk_rows, need_dh, need_dw, need_db, n_valid=None):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
@@ -555,17 +590,17 @@ def _(hidden, weight, bias, target, tau, base, log2_sum, entropy, dlogp, dentrop
 
 def _logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, *n_valid = inputs
-    logp, entropy, base, log2_sum = output
-    ctx.save_for_backward(hidden, weight, bias, target, tau, base, log2_sum, entropy if with_entropy else None)
+    logp, entropy, base, lse2_rest = output
+    ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None)
     ctx.params, ctx.softcap, ctx.chunk_rows = params, softcap, chunk_rows
     ctx.n_valid = n_valid[0] if n_valid else None
-    ctx.mark_non_differentiable(base, log2_sum)
+    ctx.mark_non_differentiable(base, lse2_rest)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
 def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
-    hidden, weight, bias, target, tau, base, log2_sum, entropy = ctx.saved_tensors
+    hidden, weight, bias, target, tau, base, lse2_rest, entropy = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
@@ -575,7 +610,7 @@ def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
-        hidden, weight, bias, target, tau, base, log2_sum, entropy if dent is not None else None, dlogp, dent,
+        hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
         ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid)
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
     return grads + (None,) * 7

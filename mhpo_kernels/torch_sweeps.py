@@ -183,24 +183,27 @@ def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
 def _objective_terms(logp, log_ratio, adv, hp):
     """(loss_t, d loss_t / d logp_t, ψ, ζ) of a token-level objective; ``token_math._token_loss``
     line for line, in float64."""
-    h0, h1, h2, h3, h4 = hp.values
     zero = torch.zeros_like(log_ratio)
     if hp.kind == MHPO_KIND:
+        c, k_pos, lam_pos, k_neg, lam_neg = hp.values
         if hp.lfm:
-            psi, dpsi = h0 * torch.tanh(log_ratio / h0), _sech2(log_ratio / h0)
+            psi, dpsi = c * torch.tanh(log_ratio / c), _sech2(log_ratio / c)
         else:
             psi, dpsi = log_ratio, zero + 1.0
-        zeta = (F.softplus(psi) / h2) ** h1 + (F.softplus(-psi) / h4) ** h3 if hp.dhp else zero
+        zeta = (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg if hp.dhp else zero
         w = torch.exp(psi - zeta)
         return -w * adv, -adv * w * dpsi, psi, zeta
     if hp.kind == PPO_CLIP_KIND:
-        return (*_ppo_clip(log_ratio.exp(), adv, h0, h1, h2), log_ratio, zero)
+        eps_low, eps_high, dual_clip = hp.values[:3]
+        return (*_ppo_clip(log_ratio.exp(), adv, eps_low, eps_high, dual_clip), log_ratio, zero)
     if hp.kind == CISPO_KIND:
-        w = log_ratio.exp().clamp(h1, h0)
+        max_ratio, min_ratio = hp.values[:2]
+        w = log_ratio.exp().clamp(min_ratio, max_ratio)
         return -w * adv * logp, -w * adv, log_ratio, zero
     if hp.kind == SAPO_KIND:
+        tau_pos, tau_neg = hp.values[:2]
         ratio = log_ratio.exp()
-        tau = torch.where(adv > 0, h0, h1)
+        tau = torch.where(adv > 0, tau_pos, tau_neg)
         gate = torch.sigmoid(tau * (ratio - 1.0))
         slope = gate * (1.0 - gate)
         return -gate * (4.0 / tau) * adv, torch.where(slope > 0, -adv * 4.0 * slope * ratio, 0.0), log_ratio, zero
@@ -251,8 +254,8 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
     n = per_seq(v).clamp(min=1.0)
     log_s = per_seq(log_ratio) / n
     adv_seq = per_seq(torch.where(valid, adv.to(f64), 0.0)) / n
-    h0, h1 = hp.values[:2]
-    loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, h0, h1, 0.0)
+    eps_low, eps_high = hp.values[:2]
+    loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, eps_low, eps_high, 0.0)
     dlog_s = torch.where(loss_seq.isnan(), loss_seq, dlog_s)  # a NaN sequence term: NaN rows, all of them
     loss = loss_seq[seq_id]
     share = (dlog_s / n)[seq_id]
@@ -287,35 +290,35 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         sum_e = e.sum(-1)
-        log2_sum = sum_e.log2()
+        lse2_rest = sum_e.log2()
         y = target[r0:r1].long()
         has_y = valid & (y < d.shape[-1])              # y ≥ V: the target is on another rank's slice
         d_y = d.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-        out.base[r0:r1] = torch.where(valid, base, 0.0)
-        out.log2_sum[r0:r1] = torch.where(valid, log2_sum, 0.0)
-        out.logp[r0:r1] = torch.where(has_y, (d_y - log2_sum) * LN2, 0.0)
+        out.lse2_base[r0:r1] = torch.where(valid, base, 0.0)
+        out.lse2_rest[r0:r1] = torch.where(valid, lse2_rest, 0.0)
+        out.logp[r0:r1] = torch.where(has_y, (d_y - lse2_rest) * LN2, 0.0)
         if with_entropy:
             # H = ln 2 · (log2 s − Σ e·d / s); e·d is 0, not NaN, where d = −inf.
             e_d = torch.where(e > 0, e.mul_(d), 0.0).sum(-1)
-            out.entropy[r0:r1] = torch.where(valid, (log2_sum - e_d / sum_e) * LN2, 0.0)
+            out.entropy[r0:r1] = torch.where(valid, (lse2_rest - e_d / sum_e) * LN2, 0.0)
     if with_loss and N > 0:
         valid = target >= 0
         out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = _token_terms(
             out.logp, valid, old, adv, g, ref, hp
         )
     if grad is not None:
-        mhpo_bwd(logits, grad, target, out.base, out.log2_sum, out.coef * grad_scale, None, None, lmap, zero_tail)
+        mhpo_bwd(logits, grad, target, out.lse2_base, out.lse2_rest, out.coef * grad_scale, None, None, lmap, zero_tail)
     return out
 
 
-def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap, zero_tail=False):
+def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lmap, zero_tail=False):
     """Sweep 2 in PyTorch; see ``kernels.backward`` for the derivation (and ``zero_tail``)."""
     if zero_tail:
         _zero_tail(grad)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         q, valid, _, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
-        q.sub_(log2_sum[r0:r1].unsqueeze(-1))           # log2 p
+        q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
         dz = q.exp2()                                   # p, then overwritten with ∂L/∂z
         if dentropy is not None:

@@ -204,15 +204,15 @@ class VocabSlice:
         mixture's, Σ_r P_r (H_r − ln P_r)."""
         valid = target >= 0
         n = target.numel()
-        mine = torch.stack([local.base, local.log2_sum,
-                            local.entropy if with_entropy else torch.zeros_like(local.base), local.logp], 1)
+        mine = torch.stack([local.lse2_base, local.lse2_rest,
+                            local.entropy if with_entropy else torch.zeros_like(local.lse2_base), local.logp], 1)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine.contiguous(), group=self.group)
         base_r, log2_r, ent_r, logp_r = torch.stack(gathered).double().unbind(-1)   # each (world, N)
         base = base_r.max(0).values
         rel = (base_r - base) + log2_r
-        log2_sum = torch.log2(torch.exp2(rel).sum(0))
-        log_share = LN2 * (rel - log2_sum)                         # ln P_r, −inf for an empty slice
+        lse2_rest = torch.log2(torch.exp2(rel).sum(0))
+        log_share = LN2 * (rel - lse2_rest)                         # ln P_r, −inf for an empty slice
         owner = self.owner_of(target)
         cols = torch.arange(n, device=target.device)
         logp = logp_r[owner.clamp(min=0), cols] + log_share[owner.clamp(min=0), cols]
@@ -225,16 +225,16 @@ class VocabSlice:
         def out(x):
             return torch.where(valid, x, 0.0).float()
 
-        return out(base), out(log2_sum), out(logp), entropy
+        return out(base), out(lse2_rest), out(logp), entropy
 
     def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
         ``combine``, then the per-token epilogue, the same on every rank."""
-        base, log2_sum, logp, entropy = self.combine(local, target, with_entropy)
+        base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
         psi = zeta = loss = coef = None
         if with_loss:
             psi, zeta, loss, coef = _token_terms(logp, target >= 0, old, adv, g, ref, hp)
-        return RowStats(base, log2_sum, logp, entropy, psi, zeta, loss, coef)
+        return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef)
 
 
 def _per_token_settings(batch):
@@ -282,7 +282,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
         ref = batch.ref if hp.beta > 0 else None
         stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                with_entropy, with_loss)
-        ctx.save_for_backward(logits, target, stats.base, stats.log2_sum, stats.coef, stats.entropy, lmap.tau)
+        ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
@@ -299,12 +299,12 @@ class _VocabParallelSweeps(torch.autograd.Function):
     def _backward(ctx, d_logp, d_entropy, d_loss):
         from . import ops
 
-        logits, target, base, log2_sum, coef, entropy, tau = ctx.saved_tensors
+        logits, target, base, lse2_rest, coef, entropy, tau = ctx.saved_tensors
         dlogp = d_logp.float()
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
         dent = d_entropy.float().contiguous() if ctx.with_entropy else None
-        args = (target, base, log2_sum, dlogp.contiguous(), entropy if dent is not None else None, dent,
+        args = (target, base, lse2_rest, dlogp.contiguous(), entropy if dent is not None else None, dent,
                 tau, ctx.params, ctx.softcap, ctx.shifted)
         if ctx.inplace:
             ops.sweeps_backward_(logits, *args)
@@ -378,10 +378,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
         from .linear_sweeps import token_logprobs_sweeps
 
-        logp, entropy, base, log2_sum = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
+        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
                                                               chunk_rows, with_entropy, tp=batch.tp,
                                                               n_valid=batch.n_valid)
-        ctx.save_for_backward(hidden, weight, bias, base, log2_sum, entropy)
+        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy)
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
         ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
         return logp, logp.new_empty(0) if entropy is None else entropy
@@ -396,13 +396,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def _backward(ctx, d_logp, d_entropy):
         from .linear_sweeps import token_logprobs_grads
 
-        hidden, weight, bias, base, log2_sum, entropy = ctx.saved_tensors
+        hidden, weight, bias, base, lse2_rest, entropy = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
         dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
         # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
         dh, dw, db = token_logprobs_grads(
-            hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, log2_sum, entropy,
+            hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, lse2_rest, entropy,
             dlogp, dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
             reduce_dhidden=ctx.reduce_dhidden, n_valid=ctx.batch.n_valid)
         grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))

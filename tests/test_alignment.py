@@ -18,7 +18,7 @@ from _cases import FP32_RTOL, max_rel_err, store_error
 from conftest import TRITON_DEVICE
 from mhpo_kernels import _dispatch
 from mhpo_kernels._config import sweep_config
-from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 from mhpo_kernels.kernels.backward import _in_phase
 
 @dataclass(frozen=True)
@@ -152,10 +152,10 @@ def test_softcap_sweeps_at_every_residue(dtype, inplace, backend):
     with mhpo_kernels.use_backend(backend):
         fwd, bwd = _dispatch.sweeps(torch.device(dev))
         xd = x.to(dev)
-        stats = fwd(xd, target.to(dev), None, None, None, None, MHPOParams(), lmap,
+        stats = fwd(xd, target.to(dev), None, None, None, None, mhpo_token_params(), lmap,
                     with_entropy=True, with_loss=False)
         grad = xd.clone() if inplace else torch.empty_like(xd)
-        bwd(grad if inplace else xd, grad, target.to(dev), stats.base, stats.log2_sum, dlogp.to(dev),
+        bwd(grad if inplace else xd, grad, target.to(dev), stats.lse2_base, stats.lse2_rest, dlogp.to(dev),
             stats.entropy, dent.to(dev), lmap)
 
     x64 = x.double().requires_grad_()

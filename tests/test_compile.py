@@ -165,9 +165,9 @@ def test_opcheck(config):
     from mhpo_kernels import ops
 
     g = torch.Generator().manual_seed(5)
-    from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+    from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
-    params = ops.pack_params(MHPOParams(beta=0.1), LogitMap.make(0.9))
+    params = ops.pack_params(mhpo_token_params(beta=0.1), LogitMap.make(0.9))
     if config.startswith("logits"):
         shifted = config.startswith("logits-shifted")
         x = torch.randn(2, 4 if shifted else 3, 200, generator=g).requires_grad_()
@@ -205,8 +205,8 @@ def test_opcheck(config):
         tau = torch.rand(6, generator=g) + 0.5
         args = (h, w, b, ids, tau, params, True, 4, True)
         torch.library.opcheck(ops.fused_linear_logprobs, args)
-        _, ent, base, log2_sum = (s.detach() for s in ops.fused_linear_logprobs(*args))
-        bwd_args = (h.detach(), w.detach(), b.detach(), ids, tau, base, log2_sum, ent, torch.randn(6, generator=g),
+        _, ent, base, lse2_rest = (s.detach() for s in ops.fused_linear_logprobs(*args))
+        bwd_args = (h.detach(), w.detach(), b.detach(), ids, tau, base, lse2_rest, ent, torch.randn(6, generator=g),
                     torch.randn(6, generator=g), params, True, 4, True, True, True)
         torch.library.opcheck(ops.fused_linear_logprobs_backward, bwd_args)
     else:

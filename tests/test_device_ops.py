@@ -160,7 +160,7 @@ def test_device_ops_per_call(call, expected, budget):
 def test_counter_sees_device_ops_and_skips_host_ones():
     """Not blind: a device op counts, one on the host scalars does not, nor a view."""
     with counting_device_ops() as ops_:
-        params = ops.pack_params(mhpo_kernels._sweep_types.MHPOParams(), mhpo_kernels._sweep_types.LogitMap.make(1.0))
+        params = ops.pack_params(mhpo_kernels._sweep_types.mhpo_token_params(), mhpo_kernels._sweep_types.LogitMap.make(1.0))
         -params[3].float()
         x = torch.ones(4)
         (x * 2).view(2, 2)

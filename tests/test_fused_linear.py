@@ -245,7 +245,7 @@ def test_padded_tokens_take_no_part_in_the_gemms():
     padded[N // 2:] = -1
     dirty = hidden.clone()
     dirty[N // 2:] = float("nan")
-    hp, lmap = mhpo_kernels._sweep_types.MHPOParams(), mhpo_kernels._sweep_types.LogitMap.make(1.0)
+    hp, lmap = mhpo_kernels._sweep_types.mhpo_token_params(), mhpo_kernels._sweep_types.LogitMap.make(1.0)
 
     def step(h, t, out):
         n = h.shape[0]

@@ -14,7 +14,7 @@ import reference
 from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err
 from conftest import DEVICES, TRITON_DEVICE
 from mhpo_kernels._inputs import prepare_mhpo, prepare_tokens
-from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 from mhpo_kernels.ops import row_stats
 
 
@@ -56,7 +56,7 @@ def test_gradient_bound_theorem_1(device):
     kwargs = dict(input_ids=ids, old_logprobs=true_logp - log_ratio,
                   advantages=(torch.randn(B, T, generator=g) * 5).to(device))
     for c in (0.3, 1.5, 4.0):
-        coef, weight, adv, _ = _token_coefficients(logits, kwargs, MHPOParams(c=c))
+        coef, weight, adv, _ = _token_coefficients(logits, kwargs, mhpo_token_params(c=c))
         bound = math.exp(c) * adv.abs() * weight
         assert (coef.abs() <= bound * (1 + 1e-6)).all()
         # No token is clipped to a zero gradient while sech² is an fp32 number (|log_r/c| < 40).
@@ -76,7 +76,7 @@ def test_saturated_tokens_keep_their_true_gradient(device):
     logp = mhpo_kernels.token_logprobs(logits, ids)
     old = logp - (u.to(device) * c).reshape(1, T)
     kwargs = dict(input_ids=ids, old_logprobs=old, advantages=torch.ones(1, T, device=device))
-    coef, weight, adv, logp_out = _token_coefficients(logits, kwargs, MHPOParams(c=c))
+    coef, weight, adv, logp_out = _token_coefficients(logits, kwargs, mhpo_token_params(c=c))
     u64 = ((logp_out.double() - old.reshape(-1).double()) / c).cpu()   # the ratio the kernel saw
     sech2 = 1.0 / torch.cosh(u64) ** 2
     psi = c * torch.tanh(u64)
@@ -119,14 +119,14 @@ def test_every_gradient_element_written(backend, dtype):
     batch = prepare_mhpo(kwargs["input_ids"], logits.shape[:-1], logits.shape[-1], logits.device,
                          kwargs["old_logprobs"], kwargs["advantages"], kwargs["mask"],
                          kwargs["ref_logprobs"], 0.2, "token-mean", -100)
-    hp, lmap = MHPOParams(beta=0.2), LogitMap.make(1.0)
+    hp, lmap = mhpo_token_params(beta=0.2), LogitMap.make(1.0)
     with mhpo_kernels.use_backend(backend):
         fwd, bwd = mhpo_kernels._dispatch.sweeps(logits.device)
         stats = fwd(logits, batch.target, batch.old, batch.adv, batch.weight, batch.ref, hp, lmap,
                     with_entropy=True, with_loss=True)
         grad = torch.full(logits.shape, float("nan"), dtype=dtype, device=logits.device)
         dent = torch.randn(stats.logp.shape, device=logits.device)
-        bwd(logits, grad, batch.target, stats.base, stats.log2_sum, stats.coef * 1.7,
+        bwd(logits, grad, batch.target, stats.lse2_base, stats.lse2_rest, stats.coef * 1.7,
             stats.entropy, dent, lmap)
     assert not grad.isnan().any()
     invalid = ~batch.valid.reshape(grad.shape[:2]).to(grad.device)
@@ -152,7 +152,7 @@ def test_hyperparameters_are_runtime_arguments():
                                               "DX_IN_PHASE", "SPLIT"} | block
     assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "DX_IN_PHASE", "SPLIT"} | block
     runtime = params(_mhpo_fwd_kernel, False)
-    assert {"k", "tanh_scale", "h0", "h1", "h2", "h3", "h4", "beta"} <= runtime  # every objective's values
+    assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values
     assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)
     assert {"N", "slope"} <= runtime  # the persistent grid's row count, the one-sweep pass's slope
     # a row's split count and length (small N) never recompile the splits' kernel
@@ -171,7 +171,7 @@ def test_kl_term_accurate_near_the_reference_policy(device):
     T, V, beta = d.numel(), 128, 0.3
     logits = torch.randn(1, T, V).to(device)
     ids = torch.randint(0, V, (1, T)).to(device)
-    hp = MHPOParams(beta=beta)
+    hp = mhpo_token_params(beta=beta)
 
     def run(ref):
         batch = prepare_mhpo(ids, ids.shape, V, logits.device, None, torch.zeros(1, device=device),
@@ -225,7 +225,7 @@ def test_softcap_row_of_minus_inf(backend):
     batch = prepare_tokens(ids, ids.shape, V, x.device, -100)
     with mhpo_kernels.use_backend(backend):
         fwd, _ = mhpo_kernels._dispatch.sweeps(x.device)
-        stats = fwd(x, batch.target, None, None, None, None, MHPOParams(), lmap, with_entropy=True, with_loss=False)
+        stats = fwd(x, batch.target, None, None, None, None, mhpo_token_params(), lmap, with_entropy=True, with_loss=False)
     z = cap * torch.tanh(x.cpu().double() / cap)
     logp64, ent64 = reference.token_logprobs(z, ids.cpu(), tau, return_entropy=True)
     assert max_rel_err(stats.logp.cpu().reshape(1, 3), logp64) <= FP32_RTOL

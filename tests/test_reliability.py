@@ -11,7 +11,7 @@ import reference
 from _cases import FP32_RTOL, SMALL, Regime, loss_and_grad, make_inputs, max_rel_err, store_error
 from conftest import DEVICES
 from mhpo_kernels._inputs import prepare_mhpo
-from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 INT32_MAX = 2**31 - 1
 
@@ -48,9 +48,9 @@ def test_row_offsets_beyond_int32_are_exact(device):
     for x, out in ((logits, grad), (compact, torch.empty_like(compact))):
         batch = prepare_mhpo(ids, ids.shape, V, x.device, old, adv, None, None, 0.0, "token-mean", -100)
         fwd, bwd = mhpo_kernels._dispatch.sweeps(x.device)
-        stats = fwd(x, batch.target, batch.old, batch.adv, batch.weight, batch.ref, MHPOParams(), LogitMap.make(1.0),
+        stats = fwd(x, batch.target, batch.old, batch.adv, batch.weight, batch.ref, mhpo_token_params(), LogitMap.make(1.0),
                     with_entropy=True, with_loss=True)
-        bwd(x, out, batch.target, stats.base, stats.log2_sum, stats.coef, None, None, LogitMap.make(1.0))
+        bwd(x, out, batch.target, stats.lse2_base, stats.lse2_rest, stats.coef, None, None, LogitMap.make(1.0))
         results.append((stats, out.clone()))
     (far, far_grad), (near, near_grad) = results
     for a, b in zip(far, near):

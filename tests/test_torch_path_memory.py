@@ -9,7 +9,7 @@ import torch
 
 from bench.harness import cpu_allocated_peak
 from mhpo_kernels import torch_sweeps
-from mhpo_kernels._sweep_types import LogitMap, MHPOParams
+from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 BUDGET = 1 << 20
 
@@ -25,7 +25,7 @@ def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap,
     x = torch.randn(2, rows // 2, V, generator=g) * 3
     target = torch.randint(0, V, (rows,), generator=g, dtype=torch.int32)
     old, adv, weight = torch.randn(rows, generator=g) - 7, torch.randn(rows, generator=g), torch.full((rows,), 0.01)
-    hp, lmap = MHPOParams(), LogitMap.make(0.9, 1.0, softcap)
+    hp, lmap = mhpo_token_params(), LogitMap.make(0.9, 1.0, softcap)
     chunk_rows = BUDGET // (torch_sweeps.CHUNK_COPIES * 4 * V)
     assert rows // 2 > 2 * chunk_rows  # several chunks per sequence
 
@@ -38,7 +38,7 @@ def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap,
     dent = torch.randn(rows, generator=g) if with_entropy else None
 
     def backward():
-        torch_sweeps.mhpo_bwd(x, grad, target, stats.base, stats.log2_sum, stats.coef, stats.entropy, dent, lmap)
+        torch_sweeps.mhpo_bwd(x, grad, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, dent, lmap)
 
     outputs = 12 * 4 * rows  # the per-token vectors sweep 1 returns and the epilogue's float64 ones
     for sweep in (forward, backward):

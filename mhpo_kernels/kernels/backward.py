@@ -121,7 +121,7 @@ def _zero_row(p_dblk, o_blk, lead, n_end, b0, b1, R: tl.constexpr, LANES: tl.con
 def _mhpo_bwd_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V), unit stride along V
-    p_y, p_base, p_logs,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
+    p_y, p_lse2_base, p_lse2_rest,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
     split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
@@ -162,8 +162,8 @@ def _mhpo_bwd_kernel(
             tau = tl.load(p_tau + row)
             k = k / tau
             slope = slope / tau
-        base = tl.load(p_base + row)
-        log2_s = tl.load(p_logs + row)
+        base = tl.load(p_lse2_base + row)
+        log2_s = tl.load(p_lse2_rest + row)
         dlogp = tl.load(p_dlogp + row)
         if HAS_DENT:
             dent = tl.load(p_dent + row)
@@ -247,7 +247,7 @@ def _in_phase(logits, grad, vec):
                if n > 1)
 
 
-def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lmap, zero_tail=False):
+def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lmap, zero_tail=False):
     """Launch sweep 2: write ∂L/∂logits into ``grad`` (B, T, V, unit stride along V); ``grad``
     may be ``logits`` itself (each element is read before it is written, by the same lane). Rows
     too few to fill the GPU are split over several programs each (``_config.launch_splits``).
@@ -258,7 +258,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
     tail = B if zero_tail else 0
     if N + tail == 0:
         return grad
-    per_token = (target, base, log2_sum, dlogp, entropy, dentropy, lmap.tau)
+    per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
@@ -269,7 +269,7 @@ def mhpo_bwd(logits, grad, target, base, log2_sum, dlogp, entropy, dentropy, lma
         _mhpo_bwd_kernel[grid](
             logits, logits.stride(0), logits.stride(1),
             grad, grad.stride(0), grad.stride(1),
-            target, base, log2_sum, dlogp,
+            target, base, lse2_rest, dlogp,
             entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
             dlogp if lmap.tau is None else lmap.tau,
             split_length(V, cfg, splits),

@@ -112,9 +112,9 @@ def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
 @triton.jit
 def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
-    p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
     p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
-    N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta, grad_scale,
+    N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
@@ -169,8 +169,8 @@ def _fwd_row(
         tl.store(p_j + 2 * n_splits, a)
     else:
         _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
-                      p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
-                      p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                      p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+                      p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                       grad_scale,
                       SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
                       GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, R, LANES, VEC)
@@ -179,8 +179,8 @@ def _fwd_row(
 @triton.jit
 def _fwd_epilogue(
     row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
-    p_old, p_adv, p_g, p_ref, p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
-    p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta, grad_scale,
+    p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
@@ -194,8 +194,8 @@ def _fwd_epilogue(
     log2_s = tl.log2(tl.where(valid, s, 1.0))
     x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
     logp = (tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) - log2_s) * LN2
-    tl.store(p_base + row, base)
-    tl.store(p_logs + row, log2_s)
+    tl.store(p_lse2_base + row, base)
+    tl.store(p_lse2_rest + row, log2_s)
     tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
     if WITH_ENTROPY:
         # H = −Σ p ln p with ln p = ln2 · (d − log2 s):  H = ln2 · (log2 s − Σ 2^d d / s)
@@ -208,7 +208,7 @@ def _fwd_epilogue(
             log_ratio = logp - tl.load(p_old + row, mask=valid, other=0.0)
         else:
             log_ratio = tl.zeros_like(logp)  # on-policy: old = sg[logp]
-        loss, coef, psi, zeta = _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4, OBJECTIVE, LFM, DHP)
+        loss, coef, psi, zeta = _token_loss(logp, log_ratio, adv, v0, v1, v2, v3, v4, OBJECTIVE, LFM, DHP)
         if HAS_REF:
             d = tl.load(p_ref + row, mask=valid, other=0.0) - logp
             loss += beta * _k3(d)
@@ -241,13 +241,13 @@ def _mhpo_fwd_kernel(
     p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
-    p_base, p_logs, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
+    p_lse2_base, p_lse2_rest, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
     N, T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
-    h0, h1, h2, h3, h4, beta,                    # the objective's values (token_math._token_loss), β
+    v0, v1, v2, v3, v4, beta,                    # the objective's values (token_math._token_loss), β
     grad_scale,                                  # the upstream gradient pass 2 is for (GRAD_IN_FORWARD)
     SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -268,15 +268,15 @@ def _mhpo_fwd_kernel(
         # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
-                     p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
                      SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
                      True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
-                 p_base, p_logs, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
-                 p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, h0, h1, h2, h3, h4, beta,
+                 p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                 p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
                  SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
                  False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
@@ -304,7 +304,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
-    dummy = out.base  # stands in for absent optional inputs/outputs; never dereferenced
+    dummy = out.lse2_base  # stands in for absent optional inputs/outputs; never dereferenced
     one_sweep = grad is not None
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
@@ -320,7 +320,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if old is None else old, dummy if adv is None else adv,
             dummy if g is None else g, dummy if ref is None else ref,
             dummy if lmap.tau is None else lmap.tau,
-            out.base, out.log2_sum, out.logp,
+            out.lse2_base, out.lse2_rest, out.logp,
             dummy if out.entropy is None else out.entropy,
             dummy if out.psi is None else out.psi,
             dummy if out.zeta is None else out.zeta,

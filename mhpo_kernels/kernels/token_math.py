@@ -107,30 +107,35 @@ def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
 
 
 @triton.jit
-def _token_loss(logp, log_ratio, adv, h0, h1, h2, h3, h4,
+def _token_loss(logp, log_ratio, adv, v0, v1, v2, v3, v4,
                 OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr):
     """(loss_t, d loss_t / d logp_t, ψ, ζ) of a token-level objective (``objectives.py``; ψ and ζ
-    are MHPO's, log r and 0 for the others). h0..h4 are the objective's runtime values."""
+    are MHPO's, log r and 0 for the others). v0..v4: the objective's runtime values, in the order
+    of its ``values()``, named in each branch."""
     zero = tl.zeros_like(log_ratio)
-    if OBJECTIVE == 0:  # MHPO: h0..h4 = c, k₊, λ₊, k₋, λ₋
+    if OBJECTIVE == 0:  # MHPO
+        c, k_pos, lam_pos, k_neg, lam_neg = v0, v1, v2, v3, v4
         if LFM:
-            psi, dpsi = _lfm(log_ratio, h0)
+            psi, dpsi = _lfm(log_ratio, c)
         else:
             psi, dpsi = log_ratio, zero + 1.0
         zeta = zero
         if DHP:
-            zeta = _dhp(psi, h1, h2, h3, h4)
+            zeta = _dhp(psi, k_pos, lam_pos, k_neg, lam_neg)
         w = tl.exp(psi - zeta)
         return -w * adv, -adv * w * dpsi, psi, zeta
-    elif OBJECTIVE == 1:  # PPO-clip: h0, h1, h2 = ε_low, ε_high, dual clip C (0: none)
-        loss, coef = _ppo_clip(tl.exp(log_ratio), adv, h0, h1, h2)
+    elif OBJECTIVE == 1:  # PPO-clip; a dual clip C of 0 is none
+        eps_low, eps_high, dual_clip = v0, v1, v2
+        loss, coef = _ppo_clip(tl.exp(log_ratio), adv, eps_low, eps_high, dual_clip)
         return loss, coef, log_ratio, zero
-    elif OBJECTIVE == 2:  # CISPO: h0, h1 = max, min ratio; the clipped ratio carries no gradient
-        w = _clamp_nan(tl.exp(log_ratio), h1, h0)
+    elif OBJECTIVE == 2:  # CISPO: the clipped ratio carries no gradient
+        max_ratio, min_ratio = v0, v1
+        w = _clamp_nan(tl.exp(log_ratio), min_ratio, max_ratio)
         return -w * adv * logp, -w * adv, log_ratio, zero
-    elif OBJECTIVE == 3:  # SAPO: h0, h1 = τ₊, τ₋;  d/dlogp σ(τ(r − 1))·4/τ = 4σ(1 − σ)·r
+    elif OBJECTIVE == 3:  # SAPO: d/dlogp σ(τ(r − 1))·4/τ = 4σ(1 − σ)·r
+        tau_pos, tau_neg = v0, v1
         ratio = tl.exp(log_ratio)
-        tau = tl.where(adv > 0.0, h0, h1)
+        tau = tl.where(adv > 0.0, tau_pos, tau_neg)
         gate = tl.sigmoid(tau * (ratio - 1.0))
         slope = gate * (1.0 - gate)  # 0 where the gate saturates: never 0 · inf for a huge ratio
         return (-gate * (4.0 / tau) * adv, tl.where(slope > 0.0, -adv * 4.0 * slope * ratio, 0.0),
