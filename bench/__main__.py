@@ -36,6 +36,10 @@ MEMORY_CUDA = ("CUDA caching allocator: max_memory_allocated during one call aft
                "minus memory_allocated before it (extra)")
 MEMORY_CPU = ("CPU allocator bytes of the PyTorch path, as the most held at once during one untimed call under "
               "torch.profiler beyond what was held before it (extra), plus the CPU tensors alive before it (peak)")
+# A row's CPU seconds, roughly: a fixed part (compilation, the memory reading) and a part per
+# million logits (tokens x V), fitted to CPU runs of the `tiny` and `cpu` presets on 2 cores (the
+# latter: 87 rows planned, 5 min 47 s). Only for the order of magnitude announced before a run.
+CPU_SECONDS_PER_ROW, CPU_SECONDS_PER_MLOGIT = 1.2, 0.25
 # Most important first; a run cut short by a time limit keeps what it measured.
 ORDER = [("logits", "fwd_bwd"), ("linear", "fwd_bwd"), ("logits", "fwd"), ("logits", "logprobs"),
          ("linear", "logprobs"), ("linear", "logprobs_grad")]
@@ -80,8 +84,8 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
     if not cuda:
-        print("No CUDA: timing the PyTorch path of the ops on the CPU. CPU numbers say nothing "
-              "about GPU speed or memory; they check that the harness runs.", flush=True)
+        print("No CUDA: timing the PyTorch path of the ops on the CPU.\n"
+              "CPU numbers say nothing about GPU speed or memory; they check that the harness runs.", flush=True)
     fused_err = check_correctness(device)
     print(f"fused vs float64 reference on a small case: max rel err {fused_err:.1e}", flush=True)
     ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device), "gemm_tflops": harness.gemm_tflops(device)}
@@ -107,15 +111,73 @@ def main(argv=None):
     providers = {s: [p for n, p in PROVIDERS[s].items()
                      if n.startswith("fused") or not args.providers or n in args.providers]
                  for s in SUITES}
-    total = sum(len(providers[suite]) for suite, _, _ in plan)
-    done, results = 0, []
+    print(announce(plan, providers, device), flush=True)
+    results, elapsed = run(plan, providers, device, args.repeats, ceilings, stem, meta)
+    wrote_plot = report.plot(stem + ".png", meta, results)
+    measured = sum(not r["status"].startswith("skipped") for r in results)
+    print(f"measured {measured} rows in {report.clock(elapsed)}")
+    print(report.table(results, args.repeats, harness.WARMUP))
+    note = report.left_out(left_out(plan, providers, device))
+    if note:
+        print(note)
+    print(f"wrote {stem}.json")
+    if wrote_plot:
+        print(f"wrote {stem}.png")
+
+
+def runnable(plan, providers, device):
+    """The (suite, mode, case, provider) of the plan that will be measured: the rest are skipped
+    rows (a provider that cannot run here, or has no entry point for the mode)."""
+    return [(suite, mode, case, p) for suite, mode, case in plan for p in providers[suite]
+            if not p.unavailable(device, mode)]
+
+
+def announce(plan, providers, device):
+    """What the run will do, said before it starts: the rows to measure and, on the CPU, a rough
+    duration (CPU_SECONDS_PER_ROW and _PER_MLOGIT), worded without a figure that would claim
+    precision."""
+    rows = runnable(plan, providers, device)
+    planned = sum(len(providers[suite]) for suite, _, _ in plan)
+    said = f"{len(rows)} rows to measure ({planned} planned, the others skipped)"
+    if device.type == "cuda":
+        return said
+    seconds = sum(CPU_SECONDS_PER_ROW + CPU_SECONDS_PER_MLOGIT * case.tokens * case.V / 1e6
+                  for _, _, case, _ in rows)
+    return f"{said}: {rough(seconds)} on a CPU"
+
+
+def rough(seconds):
+    """A duration as an order of magnitude: 'under a minute' ... 'ten minutes or more'."""
+    for limit, words in ((60, "under a minute"), (150, "a minute or two"), (600, "a few minutes")):
+        if seconds < limit:
+            return words
+    return "ten minutes or more"
+
+
+def left_out(plan, providers, device):
+    """``{name: reason}`` for each provider of the plan that cannot run on ``device`` at all (a
+    package not importable, CUDA only), asked of its training step, a mode every provider has."""
+    reasons = {}
+    for suite in dict.fromkeys(suite for suite, _, _ in plan):
+        for p in providers[suite]:
+            reason = p.unavailable(device, "fwd_bwd")
+            if reason:
+                reasons.setdefault(p.name, reason)
+    return reasons
+
+
+def run(plan, providers, device, repeats, ceilings, stem, meta):
+    """Every row of the plan, the JSON rewritten after each case (a run cut short keeps what it
+    measured), the progress on stderr. Returns the rows and the seconds they took."""
+    progress = report.Progress(len(runnable(plan, providers, device)))
+    results = []
     for suite, mode, case in plan:
         inputs = make_inputs(case, device)
         fused_values = {}  # per objective: what the fused op gave, for the baselines' agreement
         for provider in providers[suite]:
-            done += 1
-            print(f"[{done}/{total}] {suite} {provider.name} {mode} {case.id}", file=sys.stderr, flush=True)
-            row, value = measure(provider, case, mode, inputs, device, args.repeats,
+            if not provider.unavailable(device, mode):
+                progress.step(f"{suite} {mode} {case.id} {provider.name}")
+            row, value = measure(provider, case, mode, inputs, device, repeats,
                                  fused_values.get(provider.computes), ceilings)
             if provider.name in ("fused", "fused-grpo"):
                 fused_values[provider.computes] = value
@@ -124,9 +186,8 @@ def main(argv=None):
         gc.collect()
         report.add_speedups(results)
         report.write_json(stem + ".json", meta, results)
-    wrote_plot = report.plot(stem + ".png", meta, results)
-    print(report.table(results))
-    print(f"wrote {stem}.json" + (f" and {stem}.png" if wrote_plot else ""))
+    progress.close()
+    return results, progress.elapsed()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Timing and memory measurement, the same for every provider."""
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -13,6 +16,8 @@ from .workloads import bytes_moved, gemm_flops
 # The agreement asked of an MHPO provider's result with the fused op's at each benchmarked case:
 # the eager reference rounds every step in the logits' dtype, so bf16/fp16 get bf16-sized room.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+# Untimed calls before a row's timed ones, after its first (compiling) call.
+WARMUP = 2
 
 
 def sync(device):
@@ -97,7 +102,7 @@ def cpu_allocated_peak(fn):
     order they happened. Memory that never passes through torch's allocator (a BLAS library's own
     scratch) is not seen, nor is the free of a block allocated before the call (the profiler does
     not know its size), so a call that frees its caller's tensors reads high, never low."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _memory_profile() as prof:
         fn()
     records = [e for e in prof.profiler.kineto_results.events()
                if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
@@ -106,6 +111,37 @@ def cpu_allocated_peak(fn):
         live += record.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _memory_profile():
+    """``with profile(activities=[ProfilerActivity.CPU], profile_memory=True)``, its start and
+    stop quiet: Kineto writes a line for each (``profiler_start``, ``profiler_stop``) from C++ to
+    file descriptor 2, which neither ``sys.stderr`` nor ``KINETO_LOG_LEVEL`` silences. Only those
+    two calls run with descriptor 2 on the null device; what runs inside keeps its stderr."""
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_to_null():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_to_null():
+            prof.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _stderr_to_null():
+    """File descriptor 2 on the null device for the block, restored after it (even on an error)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def cpu_tensor_bytes():
@@ -188,7 +224,7 @@ def measure(provider, case, mode, inputs, device, repeats, fused_value, ceilings
             row["agreement_with_fused"] = _agreement(value, fused_value)  # the fused op of the same objective
         getattr(fn, "release", lambda: None)()
         row["peak_bytes"], row["extra_bytes"] = peak_memory(fn, device)
-        row["median_ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, device, warmup=2, repeats=repeats,
+        row["median_ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, device, warmup=WARMUP, repeats=repeats,
                                                                      flush_l2=flush_l2)
         seconds = row["median_ms"] * 1e-3
         if row["bytes_model"]:

@@ -1,11 +1,21 @@
-"""Turning results into a table, a JSON file, the README's tables and a plot."""
+"""Turning results into a table, a JSON file, the README's tables and a plot; the run's progress."""
 
 import json
+import math
+import re
+import shutil
+import sys
+import textwrap
+import time
 from collections import Counter
 
 from .workloads import MODE_LABELS
 
 MIB = 1 << 20
+# The widest line the console gets: the table, the progress line and the closing notes.
+WIDTH = 120
+# What installs a baseline's package, for the line that names the providers left out.
+INSTALL = {"trl": "pip install '.[trl]'", "liger_kernel": "pip install liger-kernel"}
 
 
 def add_speedups(results):
@@ -45,25 +55,145 @@ def _mib(x):
     return _fmt(x and x / MIB, ".0f")
 
 
-def table(results):
-    header = ["suite", "provider", "computes", "mode", "case", "median ms", "rate", "of ceiling",
-              "peak MiB", "extra MiB", "x eager", "x compile", "x trl"]
-    rows = [header]
-    for r in results:
-        if r["status"] != "ok":
-            rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], r["status"]] + [""] * 7)
-            continue
-        rows.append([r["suite"], r["provider"], _computes(r), r["mode"], r["case"], _fmt(r["median_ms"], ".3f"),
-                     *_columns(r), _mib(r["peak_bytes"]), _mib(r["extra_bytes"]),
-                     _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
-                     _fmt(r["speedup_vs_trl"], ".2f")])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def _ms(r):
+    """'12.3 ms ±0.4': the median to 3 significant digits (3 decimals at most) and half the
+    spread from the 20th to the 80th percentile, to the same decimals."""
+    median, spread = r["median_ms"], (r["p80_ms"] - r["p20_ms"]) / 2
+    decimals = min(3, max(0, 2 - math.floor(math.log10(median)))) if median > 0 else 3
+    return f"{median:.{decimals}f} ms ±{spread:.{decimals}f}"
+
+
+def _num(x):
+    """3 significant digits, without an exponent from 100 up; "-" for None."""
+    return "-" if x is None else f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _label(r):
+    """The provider, with what its loss computes where that is not MHPO (GRPO's clipped objective)."""
+    loss = r["mode"] in ("fwd", "fwd_bwd") and not r["computes"].startswith("MHPO")
+    return f"{r['provider']} ({r['computes'].split(' ')[0]})" if loss else r["provider"]
+
+
+def _cells(r, share):
+    """A shown row's cells; a row that did not run (an error, out of memory, disagreeing with the
+    fused op) has its status in place of the figures."""
+    if r["status"] != "ok":
+        return [r["case"], _label(r), r["status"]]
+    rate, frac = (r["tflops"], r["frac_gemm"]) if r["suite"] == "linear" else (r["gbps"], r["frac_copy_bw"])
+    cells = [r["case"], _label(r), _ms(r), _num(rate)]
+    if share:
+        cells.append(_fmt(frac and 100 * frac, ".0f"))
+    return cells + [_num(r["extra_bytes"] and r["extra_bytes"] / MIB), _fmt(r["speedup_vs_eager"], ".2f")]
+
+
+def _header(suite, share):
+    rate, of = ("TFLOP/s", "% gemm") if suite == "linear" else ("GB/s", "% copy")
+    return ["case", "provider", "median", rate] + ([of] if share else []) + ["extra MiB", "x eager"]
+
+
+def table(results, repeats, warmup):
+    """The console's table, no line wider than WIDTH: per suite and mode a heading and the rows
+    that ran or failed (a skipped row is left to the JSON and to ``left_out``), each time as its
+    median ± half the 20th-80th percentile spread of ``repeats`` calls (after ``warmup``), the rate under the work
+    model (with its share of the measured ceiling, on CUDA), the memory beyond the inputs and the
+    speed-up against eager."""
+    shown = [r for r in results if not r["status"].startswith("skipped")]
+    if not shown:
+        return "no row ran: the JSON has each row's reason"
+    share = any(r["frac_copy_bw"] or r["frac_gemm"] for r in shown)
+    sections = {}
+    for r in shown:
+        sections.setdefault((r["suite"], r["mode"]), []).append(_cells(r, share))
+    widths = _widths([_header(s, share) for s, _ in sections] + [c for rows in sections.values() for c in rows])
+    lines = [f"times: median of {repeats} timed call{'s' * (repeats != 1)} after {warmup} warm-up calls, "
+             "± half the spread from the 20th to the 80th percentile"]
+    for (suite, mode), rows in sections.items():
+        lines += ["", f"{suite}: {MODE_LABELS[mode]}"]
+        lines += [_row(c, widths) for c in [_header(suite, share), ["-" * w for w in widths]] + rows]
+    return "\n".join(_clip(line) for line in lines)
+
+
+def _widths(rows):
+    """Each column's width over the rows that fill it: a status row fills only case and provider."""
+    n = max(len(row) for row in rows)
+    return [max(len(row[i]) for row in rows if len(row) == n or i < 2) for i in range(n)]
+
+
+def _row(cells, widths):
+    """Case and provider to the left, figures to the right; a status runs on to the line's end."""
+    if len(cells) == 3:
+        head = "  ".join(c.ljust(w) for c, w in zip(cells[:2], widths))
+        return f"{head}  {cells[2]}"
+    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def _clip(line):
+    return line if len(line) <= WIDTH else line[:WIDTH - 3] + "..."
+
+
+def left_out(reasons):
+    """The closing note: each provider that could not run (``{name: reason}``, the reason from
+    ``Provider.unavailable``) once, a missing package named with what installs it; "" for none."""
+    if not reasons:
+        return ""
+    said = "; ".join(f"{name}: {_install_hint(reason)}" for name, reason in reasons.items())
+    return "\n".join(textwrap.wrap(f"left out (their rows are in the JSON as skipped): {said}", WIDTH,
+                                    subsequent_indent="  ", break_on_hyphens=False))
+
+
+def _install_hint(reason):
+    """A reason as the closing note says it: "trl not importable" as "not installed (pip install
+    '.[trl]')", a module missing inside an installed package and any other reason as they are."""
+    found = re.fullmatch(r"(\S+) not importable", reason)
+    if not found:
+        return reason
+    module = found.group(1)
+    top = module.split(".")[0]
+    said = "not installed" if module == top else reason
+    return f"{said} ({INSTALL[top]})" if top in INSTALL else said
+
+
+class Progress:
+    """The run's progress on ``stream`` (stderr): on a terminal one line, rewritten in place
+    (carriage return) before each row; elsewhere (a log, a pipe) a line for the first row and
+    then one each time another tenth of the rows is done, so ten or so in all."""
+
+    def __init__(self, total, stream=None):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self._next_tenth = 0
+        self._shown = 0
+
+    def step(self, label):
+        """Row ``label`` is about to be measured."""
+        tenth = 10 * self.done // self.total
+        self.done += 1
+        line = _clip(f"[{self.done}/{self.total}] {clock(self.elapsed())} {label}")
+        if self.tty:  # one column short of the terminal's width, so that the cursor never wraps
+            line = line[:min(WIDTH, shutil.get_terminal_size().columns) - 1]
+            self.stream.write("\r" + line.ljust(self._shown))
+            self._shown = len(line)
+        elif tenth >= self._next_tenth:
+            self.stream.write(line + "\n")
+            self._next_tenth = tenth + 1
+        self.stream.flush()
+
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    def close(self):
+        """Clears the terminal's line, so that what follows starts on a clean one."""
+        if self.tty and self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+
+
+def clock(seconds):
+    """'47 s', '5 min 47 s'."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def markdown_table(results, suite, mode="fwd_bwd"):

@@ -8,7 +8,7 @@ import torch
 from bench.__main__ import main
 
 
-def test_cli_writes_json_and_plot(tmp_path, capsys):
+def test_cli_writes_json_and_plot(tmp_path, capfd):
     # As `make bench` runs on a CPU: the PyTorch path (the interpreter would time Python, slowly).
     import mhpo_kernels
 
@@ -28,7 +28,53 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
             assert r["peak_bytes"] > r["extra_bytes"] > 0  # the CPU allocator's reading, the inputs beside it
         if r["agreement_with_fused"] is not None:
             assert not r["status"].startswith("disagrees"), r
-    assert "provider" in capsys.readouterr().out
+    # capfd: what C++ writes to the file descriptors too (the profiler's start and stop lines)
+    out, err = capfd.readouterr()
+    assert "provider" in out and "ms ±" in out
+    printed = (out + err).splitlines()
+    assert max(map(len, printed)) <= 120, max(printed, key=len)
+    assert "profiler_start" not in out + err and "USDT" not in out + err
+
+
+def _row(**fields):
+    row = dict(suite="logits", provider="fused", computes="MHPO", mode="fwd_bwd", case="1x8x1000-fp32",
+               status="ok", median_ms=12.34, p20_ms=12.0, p80_ms=12.8, gbps=1.0, frac_copy_bw=None, tflops=None,
+               frac_gemm=None, peak_bytes=3 << 20, extra_bytes=1 << 20, speedup_vs_eager=1.0)
+    return {**row, **fields}
+
+
+def test_console_table_fits_and_names_what_was_left_out():
+    """The printed table stays within 120 columns at the widest case ids and a long error, each
+    time with its spread; a skipped row is left to the JSON, and a provider that cannot run is
+    named once, with what installs it."""
+    from bench import report
+
+    case = "32x1024x151936xH4096-bf16"
+    rows = [_row(), _row(provider="fused-grpo", computes="GRPO"),
+            _row(suite="linear", provider="liger", computes="GRPO (not MHPO)", case=case, tflops=512.3,
+                 frac_gemm=0.61, status="error: RuntimeError: " + "x" * 200),
+            _row(suite="linear", provider="trl", case=case, status="skipped: trl not importable")]
+    text = report.table(rows, repeats=3, warmup=2)
+    assert max(map(len, text.splitlines())) <= 120
+    assert "12.3 ms ±0.4" in text and "fused-grpo (GRPO)" in text and "median of 3 timed calls" in text
+    assert "trl" not in text and "skipped" not in text
+    note = report.left_out({"trl": "trl not importable", "liger": "runs on CUDA only"})
+    assert "trl: not installed (pip install '.[trl]')" in note and note.count("liger") == 1
+    assert max(map(len, note.splitlines())) <= 120
+
+
+def test_progress_off_a_terminal_prints_a_line_a_tenth():
+    import io
+
+    from bench import report
+
+    stream = io.StringIO()
+    progress = report.Progress(87, stream)
+    for i in range(87):
+        progress.step(f"row {i}")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert 9 <= len(lines) <= 11 and lines[0].startswith("[1/87]")
 
 
 def test_local_run_writes_to_an_ignored_folder():
