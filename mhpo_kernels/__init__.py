@@ -2,18 +2,19 @@
 
     loss = mhpo_kernels.mhpo_loss(logits, input_ids, old_logprobs, advantages, mask)
 
-See ``mhpo_loss`` for the formula and shapes, and the README for where each path runs.
+See ``mhpo_loss`` for the formula and shapes, and docs/where-it-runs.md for where each path runs.
 """
 
 from . import objectives
 from ._dispatch import use_backend
 from .fused_linear import fused_linear_mhpo_loss, fused_linear_policy_loss, fused_linear_token_logprobs
-from .loss import MHPOLoss, mhpo_loss, policy_loss, token_logprobs
+from .loss import MHPOLoss, PolicyLoss, mhpo_loss, policy_loss, token_logprobs
 from .token_loss import mhpo_token_loss
 
 __version__ = "0.1.0"
 __all__ = [
     "MHPOLoss",
+    "PolicyLoss",
     "fused_linear_mhpo_loss",
     "fused_linear_policy_loss",
     "fused_linear_token_logprobs",

@@ -18,7 +18,8 @@ import torch
 
 from ._sweep_types import (
     ADV_NONE, ADV_PER_SEQ, ADV_PER_TOKEN, ADV_SCALAR, AGG_MODES, STATUS_ADV_VARIES, STATUS_BAD_IDS, STATUS_CU,
-    STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_TAU,
+    STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE,
+    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU,
 )
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -217,10 +218,14 @@ def _check_ids(input_ids, token_shape, device, source):
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape != token_shape:
-        shifted = " or one position less along T (next-token shift)" if len(token_shape) == 2 and source.startswith("logits") else ""
-        raise ValueError(
-            f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, got {tuple(input_ids.shape)}"
-        )
+        shifted = ""
+        if len(token_shape) == 2 and source.startswith("logits"):
+            B, T = token_shape
+            shifted = (f" or ({B}, {T - 1}): the ids each position predicts. Logits (B, T + 1, V), a model's output "
+                       f"on seqs, go whole with ids (B, T) = seqs[:, 1:] (the next-token shift); logits (B, T, V) "
+                       f"with ids (B, T) are read as already aligned, position t predicting ids[:, t]")
+        raise ValueError(f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, "
+                         f"got {tuple(input_ids.shape)}")
     return input_ids.detach().reshape(-1).contiguous()
 
 
@@ -316,7 +321,13 @@ def _messages(N):
             (STATUS_TAU, _BAD_TEMPERATURE),
             (STATUS_NOT_ONE_EACH, f"advantages of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} sequences "
                                   f"but not one token each: pass per-sequence advantages as (S, 1)"),
-            (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE))
+            (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
+            (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")))
+
+
+def _positive_logp(name):
+    return (f"{name} holds finite values above 0 at valid tokens: log-probs are ≤ 0 (a negative "
+            f"log-likelihood passed by mistake? pass log-probs, e.g. -nll)")
 
 
 def _raise_on_status(status, ids, V, normalizer):
@@ -342,7 +353,8 @@ def _raise_on_status(status, ids, V, normalizer):
 
 
 def _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-             advantages=None, loss_agg_mode=None, normalizer=None, seq_valid_tokens=None, sequence_level=False):
+             advantages=None, loss_agg_mode=None, normalizer=None, seq_valid_tokens=None, sequence_level=False,
+             old=None, ref=None):
     """Every check of the per-token arguments, then the prepare launch and its status read: the
     Batch (old and ref are the caller's). ``advantages`` None: log-probs alone, no weights."""
     from . import _dispatch
@@ -373,7 +385,7 @@ def _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_s
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
-        same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each)
+        same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
     return Batch(token_shape, cu, n_seqs, T, target, adv=adv_t, weight=weight, tau=tau, n_valid=n_valid)
 
@@ -399,6 +411,6 @@ def prepare_mhpo(
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
     batch = _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                     advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level)
+                     advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref)
     batch.old, batch.ref = old, ref
     return batch

@@ -15,8 +15,11 @@ ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # tokens, then each value check's count of offending tokens or sequences (the first bad id's flat
 # position in its own slot), 0 where the check passed or does not apply.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
- STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH) = range(10)
-STATUS_SLOTS = 10
+ STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE) = range(12)
+STATUS_SLOTS = 12
+# A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
+# negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
+LOGP_ABOVE_ZERO = 1e-2
 
 # The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
 METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl")

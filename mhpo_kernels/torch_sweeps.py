@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
-    STATUS_ADV_VARIES, RowStats,
+    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, LOGP_ABOVE_ZERO, RowStats,
 )
 from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
 
@@ -57,7 +57,7 @@ def boundaries(cu, n_seqs, T, device):
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False):
+            same_adv=False, one_token_each=False, old=None, ref=None):
     """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
     N, device = ids.numel(), ids.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -74,6 +74,9 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
     status[STATUS_FIRST_BAD] = torch.where(bad, positions, N).amin() if N else zero
     if tau is not None:  # τ_t is data like a logit (NaN propagates); ≤ 0 or +inf is a misuse
         status[STATUS_TAU] = (valid & ((tau <= 0) | tau.isinf())).sum()
+    for slot, logp in ((STATUS_OLD_POSITIVE, old), (STATUS_REF_POSITIVE, ref)):
+        if logp is not None:  # finite and above 0 beyond rounding: no log-prob (non-finite ones are data)
+            status[slot] = (valid & (logp > LOGP_ABOVE_ZERO) & (logp < math.inf)).sum()
     bounds = boundaries(cu, n_seqs, T, device)
     if cu is not None:
         status[STATUS_CU] = ((cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any()).to(torch.int64)

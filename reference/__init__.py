@@ -9,6 +9,8 @@ Tests and benchmarks import this module; nothing else re-implements it. It is no
 the package.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +190,12 @@ def mhpo_loss_from_logprobs(
     if given, is averaged into the metrics, and with ``entropy_coef`` > 0 (then it must carry its
     gradient) each token's loss is loss_t − entropy_coef · H_t."""
     valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+    for name, given in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        # A log-prob is ≤ 0; a finite one above 0 beyond rounding is a negative log-likelihood
+        # passed by mistake (SPEC.md, section 4); non-finite values are data (section 5).
+        if given is not None and not torch.compiler.is_compiling() and bool(
+                (valid & (given > 1e-2) & (given < math.inf)).any()):
+            raise ValueError(f"{name} holds finite values above 0 at valid tokens: log-probs are ≤ 0")
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
     adv = advantages.reshape(logp.shape[0], -1).expand(valid.shape)

@@ -90,7 +90,9 @@ def make_inputs(shape, regime, seed=0, device="cpu"):
         logits.to(regime.dtype).double(), ids.clamp(min=0), regime.temperature
     ).float()
     noise = torch.randn(B, T, generator=g)
-    old = {"on-policy": None, "near": true_logp + 0.05 * noise, "far": true_logp + 12.0 * noise}[regime.ratio]
+    # Log-probs stay ≤ 0 (above it they are refused): "far" is up to 12 nats either way, within that.
+    old = {"on-policy": None, "near": (true_logp + 0.05 * noise).clamp(max=0.0),
+           "far": (true_logp + 12.0 * noise).clamp(max=0.0)}[regime.ratio]
     if regime.adv == "per-token":
         adv = torch.randn(B, T, generator=g)
     else:
@@ -99,7 +101,7 @@ def make_inputs(shape, regime, seed=0, device="cpu"):
             adv = -adv
         elif regime.adv == "mixed":
             adv[::2] = -adv[::2]
-    ref = true_logp + 0.3 * torch.randn(B, T, generator=g) if regime.kl else None
+    ref = (true_logp + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0.0) if regime.kl else None
     if regime.garbage:
         invalid = ~valid
         logits[invalid] = float("nan")

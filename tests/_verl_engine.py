@@ -350,7 +350,7 @@ COUNTED = ("logprobs_from_logits", "entropy_from_logits", "FusedLinearForPPO")
 
 # Per micro-batch of the update step on the logits path (verl 0.9.1, fp32, the entropy on):
 # (logits-sized buffers alive at peak, ops reading or writing one, logits-sized buffers allocated),
-# verl's own path by use_remove_padding, and impl_backend: mhpo's either way. The README's table:
+# verl's own path by use_remove_padding, and impl_backend: mhpo's either way. docs/verl.md's table:
 # tests/test_verl_engine.py counts them, the GPU check's verl-mem step measures the first in bytes.
 VERL_COUNTS = {True: (7, 20, 18), False: (7, 22, 21)}
 MHPO_COUNTS = (1, 4, 1)

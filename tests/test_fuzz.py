@@ -79,10 +79,10 @@ def problems(draw):
     true_logp = reference.token_logprobs(logits.double(), ids.clamp(min=0), temperature).float()
     ratio = draw(st.sampled_from(["on-policy", "near", "far", "extreme"]))
     spread = {"near": 0.05, "far": 8.0, "extreme": 1e3}.get(ratio)
-    old = None if spread is None else true_logp + spread * torch.randn(B, T, generator=g)
+    old = None if spread is None else (true_logp + spread * torch.randn(B, T, generator=g)).clamp(max=0.0)
     adv = torch.randn(B, T, generator=g) * 3 if draw(st.booleans()) else torch.randn(B, generator=g) * 3
     beta = draw(st.sampled_from([0.0, 0.0, 0.3]))
-    ref = true_logp + draw(st.sampled_from([0.01, 1.0])) * torch.randn(B, T, generator=g) if beta else None
+    ref = (true_logp + draw(st.sampled_from([0.01, 1.0])) * torch.randn(B, T, generator=g)).clamp(max=0.0) if beta else None
     hp = dict(
         c=draw(st.floats(0.1, 5.0)), k_pos=draw(st.floats(0.5, 3.0)), lam_pos=draw(st.floats(0.3, 2.0)),
         k_neg=draw(st.floats(0.5, 3.0)), lam_neg=draw(st.floats(0.3, 2.0)),
@@ -220,7 +220,7 @@ REGRESSIONS = {
                          k_pos=2.125, lam_pos=0.375),
     # The KL coefficient 1 − e^d near d = 0 with logp's rounding, beside a saturated ratio.
     "kl-beside-saturation": _case(torch.tensor([[[0.1541, -0.0293]]]), input_ids=torch.tensor([[1]]),
-                                  old_logprobs=torch.tensor([[4.0393]]), advantages=torch.tensor([2.4329]),
+                                  old_logprobs=torch.tensor([[-4.0393]]), advantages=torch.tensor([2.4329]),
                                   ref_logprobs=torch.tensor([[-0.7895]]), beta=0.3),
     # fp16 gradient in the subnormal range (|grad| ~ 1e-6 < 6.1e-5).
     "fp16-subnormal-gradient": _case(torch.tensor([[[0.1541, -0.0293]]], dtype=torch.float16),
@@ -254,7 +254,7 @@ def linear_problems(draw):
     bias = torch.randn(V, generator=g) if draw(st.booleans()) else None
     ids = torch.randint(0, V, (N,), generator=g)
     mask = torch.rand(N, generator=g) < 0.7 if draw(st.booleans()) else None
-    old = torch.randn(N, generator=g) * draw(st.sampled_from([0.1, 5.0])) - 4
+    old = (torch.randn(N, generator=g) * draw(st.sampled_from([0.1, 5.0])) - 4).clamp(max=0.0)
     kwargs = dict(
         input_ids=ids, old_logprobs=old, advantages=torch.randn(N, generator=g), mask=mask,
         logit_scale=draw(st.floats(0.5, 2.0)), final_logit_softcap=draw(st.sampled_from([None, 2.0, 30.0])),

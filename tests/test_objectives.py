@@ -178,3 +178,39 @@ def test_sapo_gradient_finite_at_an_overflowing_ratio(backend):
     with mhpo_kernels.use_backend(backend):
         loss, grad = loss_and_grad(lambda x, **kw: _call(mhpo_kernels.policy_loss, SAPO(), x, kw), logits, kwargs)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_policy_loss_module_is_policy_loss(name, backend):
+    """``PolicyLoss(objective=...)`` holds the objective and settings and gives ``policy_loss``'s
+    loss and gradient, the same bits, for every objective; against float64 as above."""
+    objective = OBJECTIVES[name]
+    logits, kwargs = make_inputs(SMALL, Regime("module", ratio="near", kl=True, agg="token-mean"), seed=3,
+                                 device=TRITON_DEVICE)
+    settings = dict(temperature=kwargs.pop("temperature", 1.0), loss_agg_mode=kwargs.pop("loss_agg_mode"),
+                    beta=kwargs.pop("beta", 0.0))
+    module = mhpo_kernels.PolicyLoss(objective=objective, **settings)
+    with mhpo_kernels.use_backend(backend):
+        loss, grad = loss_and_grad(lambda x, **kw: module(x, kw.pop("input_ids"), kw.pop("old_logprobs"),
+                                                          kw.pop("advantages"), kw.pop("mask"), **kw),
+                                   logits, kwargs, upstream=0.6)
+        want, want_grad = loss_and_grad(lambda x, **kw: _call(mhpo_kernels.policy_loss, objective, x, {**kw, **settings}),
+                                        logits, kwargs, upstream=0.6)
+    assert torch.equal(loss, want) and torch.equal(grad, want_grad)
+    kw64 = as_float64({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in {**kwargs, **settings}.items()})
+    loss64, _ = loss_and_grad(lambda x, **kw: _call(reference.policy_loss, objective, x, kw),
+                              logits.cpu().double(), kw64, upstream=0.6)
+    assert abs(loss.item() - loss64.item()) <= FP32_RTOL * abs(loss64.item()) + 1e-12
+    assert "objective=" in repr(module)
+
+
+def test_policy_loss_module_checks_at_construction():
+    with pytest.raises(TypeError, match="objective must be an instance"):
+        mhpo_kernels.PolicyLoss(objective=PPOClip)
+    with pytest.raises(ValueError, match="temperature"):
+        mhpo_kernels.PolicyLoss(objective=PPOClip(), temperature=0.0)
+    with pytest.raises(ValueError, match="grad_in_forward=True is not supported with a sequence-level"):
+        mhpo_kernels.PolicyLoss(objective=GSPO(), grad_in_forward=True)
+    with pytest.raises(TypeError):
+        mhpo_kernels.PolicyLoss(PPOClip())   # keyword only

@@ -52,7 +52,8 @@ def test_gradient_bound_theorem_1(device):
     logits = (torch.randn(B, T, V, generator=g) * 4).to(device)
     ids = torch.randint(0, V, (B, T), generator=g).to(device)
     true_logp = mhpo_kernels.token_logprobs(logits, ids)
-    log_ratio = torch.empty(B, T).uniform_(-60, 60, generator=g).to(device)
+    # log r ≥ logp, since old ≤ 0 (a log-prob): as far below 0 as the current log-prob allows
+    log_ratio = torch.maximum(torch.empty(B, T).uniform_(-60, 60, generator=g).to(device), true_logp)
     kwargs = dict(input_ids=ids, old_logprobs=true_logp - log_ratio,
                   advantages=(torch.randn(B, T, generator=g) * 5).to(device))
     for c in (0.3, 1.5, 4.0):
@@ -71,8 +72,12 @@ def test_saturated_tokens_keep_their_true_gradient(device):
     c = 1.5
     u = torch.tensor([-40.0, -25.0, -9.0, -3.0, 0.0, 1e-4, 3.0, 9.0, 25.0, 40.0])
     V, T = 64, u.numel()
-    logits = torch.randn(1, T, V).to(device)
-    ids = torch.randint(0, V, (1, T)).to(device)
+    logits = torch.randn(1, T, V)
+    ids = torch.randint(0, V, (1, T))
+    # log r = logp − old ≥ logp (old ≤ 0 is a log-prob): the targets of the negative ratios are
+    # made unlikely enough (logp ≈ −100) for log r down to −60
+    logits[0, u < 0, ids[0, u < 0]] = -100.0
+    logits, ids = logits.to(device), ids.to(device)
     logp = mhpo_kernels.token_logprobs(logits, ids)
     old = logp - (u.to(device) * c).reshape(1, T)
     kwargs = dict(input_ids=ids, old_logprobs=old, advantages=torch.ones(1, T, device=device))

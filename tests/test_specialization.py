@@ -77,7 +77,7 @@ class Batch:
         self.logits = _Head.apply(self.w, shape, strides)
         token_shape = (B * T,) if layout == "flat" else (B, T)
         self.ids = torch.randint(0, V, token_shape, generator=rng)
-        self.old = torch.randn(token_shape, generator=rng)
+        self.old = -torch.rand(token_shape, generator=rng) - 0.5
         self.adv = torch.randn(token_shape, generator=rng)
         self.tau = torch.rand(token_shape, generator=rng) + 0.5
 
@@ -130,7 +130,7 @@ def _linear_logprobs(B, T, rng):
 
 def _linear_loss(B, T, rng):
     hidden, weight, ids, kw = _linear(B, T, rng)
-    old, adv = torch.randn(B, T, generator=rng), torch.randn(B, T, generator=rng)
+    old, adv = -torch.rand(B, T, generator=rng) - 0.5, torch.randn(B, T, generator=rng)
     _backward(mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, old, adv, **kw))
 
 

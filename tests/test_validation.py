@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mhpo_kernels
+import reference
 
 B, T, V = 2, 3, 64
 
@@ -13,7 +14,7 @@ B, T, V = 2, 3, 64
 def good_args():
     return dict(
         logits=torch.randn(B, T, V), input_ids=torch.randint(0, V, (B, T)),
-        old_logprobs=torch.randn(B, T), advantages=torch.randn(B),
+        old_logprobs=-torch.rand(B, T) - 0.5, advantages=torch.randn(B),
         mask=torch.ones(B, T, dtype=torch.bool),
     )
 
@@ -329,3 +330,53 @@ def test_likely_mistakes_are_named(backend):
         mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(5))
     loss, _, _ = mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(2, 1))   # per sequence: fine
     assert loss.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_misaligned_ids_name_the_next_token_convention(backend):
+    """The nearest detectable misuse of the next-token shift (logits two positions longer than
+    the ids, or ids longer than the logits) says which shapes go together and how (B, T, V)
+    logits are read."""
+    logits = torch.randn(2, 7, 11)
+    with mhpo_kernels.use_backend(backend):
+        for ids in (torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)):
+            with pytest.raises(ValueError, match=r"seqs\[:, 1:\].*read as already aligned"):
+                mhpo_kernels.mhpo_loss(logits, ids, None, torch.ones(2))
+            with pytest.raises(ValueError, match=r"seqs\[:, 1:\]"):
+                mhpo_kernels.token_logprobs(logits, ids)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs"])
+def test_positive_logprobs_are_refused(path, name):
+    """A negative log-likelihood passed where log-probs go (finite values above 0 beyond
+    rounding at valid tokens) is refused on every path; values within rounding of 0, values at
+    invalid tokens and non-finite values (data, SPEC section 5) are not."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 4, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    logp = -torch.rand(2, 4, generator=g) - 0.5
+
+    def call(value):
+        kw = dict(old_logprobs=logp, ref_logprobs=logp - 0.1, beta=0.1)
+        kw[name] = value
+        old = kw.pop("old_logprobs")
+        if path == "reference":
+            return reference.mhpo_loss(logits.double(), ids, old.double(), torch.ones(2, dtype=torch.float64),
+                                       mask, **{k: v.double() if isinstance(v, torch.Tensor) else v
+                                                for k, v in kw.items()})
+        with mhpo_kernels.use_backend(path):
+            return mhpo_kernels.mhpo_loss(logits, ids, old, torch.ones(2), mask, **kw)
+
+    with pytest.raises(ValueError, match=f"{name} holds finite values above 0 at valid tokens"):
+        call(-logp)                                     # an NLL
+    rounding = logp.clone()
+    rounding[0, 0] = 1e-3
+    invalid = logp.clone()
+    invalid[1, 3] = 5.0                                 # a masked token
+    non_finite = logp.clone()
+    non_finite[0, 1] = float("nan")
+    assert torch.isfinite(call(rounding)) and torch.isfinite(call(invalid))
+    assert torch.isnan(call(non_finite))

@@ -96,7 +96,7 @@ def per_micro_batch(counts):
 
 def test_logits_path_counted(model_path):
     """Per micro-batch of the update step on the logits path: the logits-sized buffers alive at
-    once, the ops reading or writing one, and the buffers allocated (the README's table). With the
+    once, the ops reading or writing one, and the buffers allocated (docs/verl.md's table). With the
     switch: the logits alone, touched by the forward sweep, the backward sweep (which writes the
     gradient over them) and the LM head's two backward GEMMs.
 
@@ -113,7 +113,7 @@ def test_logits_path_counted(model_path):
         assert run.update_ops.allocated == {"mm": 2}                            # the logits
         mhpo = (run.update_ops.peak, per_micro_batch(run.update_ops.passes), per_micro_batch(run.update_ops.allocated))
         assert mhpo == ve.MHPO_COUNTS
-        # verl 0.9.1's own; a verl release that changes them changes ve.VERL_COUNTS and the README together
+        # verl 0.9.1's own; a verl release that changes them changes ve.VERL_COUNTS and docs/verl.md together
         verl = (ref.update_ops.peak, per_micro_batch(ref.update_ops.passes), per_micro_batch(ref.update_ops.allocated))
         assert verl == ve.VERL_COUNTS[rmpad], (ref.update_ops.peak_ops, ref.update_ops.passes, ref.update_ops.allocated)
 
