@@ -380,3 +380,7 @@ def test_positive_logprobs_are_refused(path, name):
     non_finite[0, 1] = float("nan")
     assert torch.isfinite(call(rounding)) and torch.isfinite(call(invalid))
     assert torch.isnan(call(non_finite))
+    for value in (float("inf"), float("-inf")):        # not refused: the loss says what they make of it
+        infinite = logp.clone()
+        infinite[0, 2] = value
+        call(infinite)
