@@ -179,9 +179,9 @@ def _inputs(seed, V, objective):
     adv = torch.randn(B, generator=g) if objective.sequence_level else torch.randn(B, T, generator=g)
     return dict(
         logits=logits, input_ids=ids, mask=mask,
-        old_logprobs=logp + 0.3 * torch.randn(B, T, generator=g),
+        old_logprobs=(logp + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0.0),   # log-probs: ≤ 0
         advantages=adv,
-        ref_logprobs=logp + 0.3 * torch.randn(B, T, generator=g),
+        ref_logprobs=(logp + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0.0),
         temperature=torch.rand(B, T, generator=g) + 0.5,
     )
 
@@ -401,8 +401,9 @@ def test_fused_linear_non_finite():
     mask = VALID.reshape(-1) | (ids == IGNORE_INDEX)
     z = hidden.double() @ weight.double().T
     logp = reference.token_logprobs(z if cap is None else cap * torch.tanh(z / cap), ids.clamp(min=0)).float()
-    inputs = dict(hidden=hidden, old_logprobs=logp + 0.3 * torch.randn(N, generator=g),
-                  advantages=torch.randn(N, generator=g), ref_logprobs=logp + 0.3 * torch.randn(N, generator=g))
+    inputs = dict(hidden=hidden, old_logprobs=(logp + 0.3 * torch.randn(N, generator=g)).clamp(max=0.0),
+                  advantages=torch.randn(N, generator=g),
+                  ref_logprobs=(logp + 0.3 * torch.randn(N, generator=g)).clamp(max=0.0))
     valid = VALID.reshape(-1)
 
     def call(path, inp):
