@@ -181,8 +181,16 @@ def check_logits(logits, input_ids):
     """logits (B, T, V), (B, T + 1, V) or (N, V) → (a (B, T', V) view with unit stride along V,
     the token shape, shifted). ``shifted``: the logits have one more position than input_ids
     along T, the usual next-token shift (position t predicts input_ids[:, t], the last position
-    predicts nothing and gets a zero gradient row)."""
-    check_float_tensor("logits", logits)
+    predicts nothing and gets a zero gradient row). float64 logits run on the PyTorch path only."""
+    if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64:
+        from . import _dispatch
+
+        if _dispatch.backend_for(logits.device) == "triton":
+            raise TypeError("logits are float64, which only the PyTorch path computes (for gradcheck and debugging): "
+                            "the Triton kernels read float32, bfloat16 and float16; use CPU tensors without "
+                            "TRITON_INTERPRET, or mhpo_kernels.use_backend('torch')")
+    else:
+        check_float_tensor("logits", logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be (B, T, V), (B, T + 1, V) or (N, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:

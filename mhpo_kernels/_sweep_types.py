@@ -113,9 +113,9 @@ class RowStats(NamedTuple):
     coef: Optional[torch.Tensor]      # g_t · d loss_t / d logp_t
 
     @staticmethod
-    def empty(n, device, *, with_entropy, with_loss):
+    def empty(n, device, *, with_entropy, with_loss, dtype=torch.float32):
         def new():
-            return torch.empty(n, device=device, dtype=torch.float32)
+            return torch.empty(n, device=device, dtype=dtype)
 
         return RowStats(
             lse2_base=new(),

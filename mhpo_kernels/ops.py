@@ -120,7 +120,8 @@ def once_differentiable(backward):
 
 
 def _fp32(like, n):
-    return torch.empty(n, dtype=torch.float32, device=like.device)
+    """(n,) for per-token results: fp32, float64 for float64 input (the PyTorch path's own)."""
+    return torch.empty(n, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
 
 
 # Out of place, the gradient takes the logits' strides where they are a view with small gaps (a
@@ -216,7 +217,7 @@ def _fake_outputs(a, grad):
     n = B * (T - 1 if a.shifted else T)
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
-    total = torch.empty((), dtype=torch.float32, device=a.logits.device) if a.totals else _fp32(a.logits, 0)
+    total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
     return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0))
 
 
@@ -424,8 +425,8 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         d_entropy = _add(d_entropy, weight * (d_total * -params[ENTROPY_COEF].float()))
     if dlogp is None and d_entropy is None:
         return nothing
-    dlogp = torch.zeros_like(lse2_rest) if dlogp is None else dlogp.float().contiguous()
-    dent = None if d_entropy is None else d_entropy.float().contiguous()
+    dlogp = torch.zeros_like(lse2_rest) if dlogp is None else dlogp.to(lse2_rest.dtype).contiguous()
+    dent = None if d_entropy is None else d_entropy.to(lse2_rest.dtype).contiguous()
     args = (target, base, lse2_rest, dlogp, entropy if dent is not None else None, dent, tau, params, ctx.softcap,
             ctx.shifted)
     if ctx.inplace:

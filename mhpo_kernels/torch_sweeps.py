@@ -128,17 +128,23 @@ def _chunks(logits):
             yield b, t0, t1, b * T + t0
 
 
+def compute_dtype(logits):
+    """What the PyTorch path computes in: float64 for float64 logits (its own path only, for
+    ``gradcheck`` and debugging), fp32 for the kernels' dtypes."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _sech2(u):
     """sech²(u) = 4e/(1 + e)², e = exp(−2|u|): never 1 − tanh² (see SPEC.md, section 2)."""
     e = torch.exp(-2.0 * u.abs())
     return 4.0 * e / (1.0 + e) ** 2
 
 
-def _row_scale(value, lmap, valid, r0):
+def _row_scale(value, lmap, valid, r0, dtype=torch.float32):
     """A scale of the logit map (``log2_scale`` or ``slope``) for the chunk's rows, as the kernels
     form it: the fp32 scalar, divided by each row's τ_t in fp32 with a per-token temperature
     ((rows,) tensor; 1 at invalid rows, which may hold anything)."""
-    scale = torch.tensor(value, dtype=torch.float32)
+    scale = torch.tensor(value, dtype=dtype)
     if lmap.tau is None:
         return scale.item()
     return scale / torch.where(valid, lmap.tau[r0:r0 + valid.numel()], 1.0)
@@ -153,10 +159,10 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     rows are zeroed first (they may hold NaN). Returns (d, valid, b, u) with u the softcapped
     logits (None without softcap)."""
     valid = target[r0:r0 + t1 - t0] >= 0
-    x = logits[b, t0:t1].to(torch.float32, copy=True)
+    x = logits[b, t0:t1].to(compute_dtype(logits), copy=True)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
     u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
-    k = _row_scale(lmap.log2_scale, lmap, valid, r0)  # the fp32 the kernels get
+    k = _row_scale(lmap.log2_scale, lmap, valid, r0, x.dtype)  # the fp32 the kernels get
     m = u.amax(-1)
     finite = torch.isfinite(m)
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
@@ -165,7 +171,7 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     base = torch.where(m == -math.inf, -3.0e38, m * k) if base is None else base[r0:r0 + t1 - t0]
     m = torch.where(finite, m, 0.0)
     k64 = k.double() if isinstance(k, torch.Tensor) else k
-    offset = (m.double() * k64 - base.double()).float().unsqueeze(-1)
+    offset = (m.double() * k64 - base.double()).to(x.dtype).unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
     k = k.unsqueeze(-1) if isinstance(k, torch.Tensor) else k
     return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
@@ -216,8 +222,9 @@ def _objective_terms(logp, log_ratio, adv, hp):
 
 
 def _token_terms(logp, valid, old, adv, g, ref, hp):
-    """The per-token epilogue (ψ, ζ, g·loss_t, g·d loss_t/d logp), in float64 on (N,) vectors."""
-    f64 = torch.float64
+    """The per-token epilogue (ψ, ζ, g·loss_t, g·d loss_t/d logp), in float64 on (N,) vectors,
+    returned in fp32 (float64 for float64 log-probs)."""
+    f64, out_dtype = torch.float64, logp.dtype if logp.dtype == torch.float64 else torch.float32
     logp = logp.to(f64)
     log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
     adv = adv.to(f64)
@@ -230,7 +237,7 @@ def _token_terms(logp, valid, old, adv, g, ref, hp):
     g = g.to(f64)
 
     def out(x):
-        return torch.where(valid, x, torch.zeros_like(x)).float()
+        return torch.where(valid, x, torch.zeros_like(x)).to(out_dtype)
 
     return out(psi), out(zeta), out(g * loss), out(g * coef)
 
@@ -245,7 +252,7 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
     the sequence's log-probs through the mean, d loss_i / d logp_u = (d loss_i / d log s_i) / n_i,
     the "share" returned for each valid token u: the backward multiplies it by Σ_t g_t · ∂L/∂loss_t
     over the sequence."""
-    f64 = torch.float64
+    f64, out_dtype = torch.float64, logp.dtype if logp.dtype == torch.float64 else torch.float32
     v = valid.to(f64)
     logp = logp.to(f64)
     log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
@@ -270,7 +277,7 @@ def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
     g = g.to(f64)
 
     def out(x):
-        return torch.where(valid, x, torch.zeros_like(x)).float()
+        return torch.where(valid, x, torch.zeros_like(x)).to(out_dtype)
 
     return out(log_s[seq_id]), out(share), out(g * loss), out(g * kl_coef)
 
@@ -287,7 +294,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
     upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
@@ -334,7 +341,7 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
                                        torch.where(has_y, dlogp_c, 0.0))
         if dentropy is not None:
             dz.sub_(ent_term)
-        slope = _row_scale(lmap.slope, lmap, valid, r0)
+        slope = _row_scale(lmap.slope, lmap, valid, r0, q.dtype)
         dz.mul_(slope.unsqueeze(-1) if isinstance(slope, torch.Tensor) else slope)
         if lmap.softcap:
             dz.mul_(1.0 - u * u)                        # dz/dx from tanh's result, as eager does
@@ -355,7 +362,7 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
     """(the 0-d fp32 loss Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t, 0 without ``loss``; the
     (len(METRICS),) fp32 metrics when ``metrics``, means over valid tokens, 0 when there are none,
     slots a call does not have 0; else empty), as ``kernels.finalize``."""
-    total = torch.zeros((), dtype=torch.float32, device=target.device)
+    total = torch.zeros((), dtype=logp.dtype, device=target.device)
     if loss is not None:
         total = loss.sum()
         if entropy_coef != 0:
