@@ -62,7 +62,7 @@ def test_wheel_holds_the_package_and_its_kernels(installed_wheel):
     assert not (site / "reference").exists() and not (site / "tests").exists()
 
 
-@pytest.mark.parametrize("example", ["grpo_padded.py", "packed.py"])
+@pytest.mark.parametrize("example", EXAMPLES)
 def test_examples_run_from_the_installed_wheel(installed_wheel, example, tmp_path):
     """Outside the checkout, with the wheel's folder first on the path: the package imported is
     the installed one."""
