@@ -509,12 +509,35 @@ def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chun
     )
 
 
+class LinearArgs(NamedTuple):
+    """``fused_linear_forward``'s inputs by name (autograd's setup receives them as a tuple)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    target: Tensor
+    old: Optional[Tensor]
+    adv: Tensor
+    g: Tensor
+    ref: Optional[Tensor]
+    tau: Optional[Tensor]
+    params: Tensor
+    softcap: bool
+    chunk_rows: int
+    with_entropy: bool
+    need_dh: bool
+    need_dw: bool
+    need_db: bool
+    entropy_coef: float = 0.0
+    n_valid: Optional[int] = None
+
+
 def _linear_setup(ctx, inputs, output):
-    hidden, weight = inputs[0], inputs[1]
+    a = LinearArgs(*inputs)
     _, logp, entropy, psi, zeta, dh, dw, db = output
     ctx.save_for_backward(dh, dw, db)
-    ctx.needs = inputs[13:16]
-    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.needs = (a.need_dh, a.need_dw, a.need_db)
+    ctx.dtypes = (a.hidden.dtype, a.weight.dtype)
     ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db)
     ctx.set_materialize_grads(False)
 
