@@ -219,7 +219,7 @@ BAD_TP_CALLS = [
     ("id-out-of-range", "outside \\[0, 1001\\)"),
     ("tokens-disagree", "input_ids must have shape|disagree on the number of tokens|failed validation"),
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
-    ("one-rank-bad-dtype", "logits must be float32|failed validation"),
+    ("one-rank-bad-dtype", "logits are float64, which only the PyTorch path|failed validation"),
     ("ids-differ", "differ across ranks"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
