@@ -8,7 +8,8 @@ See ``mhpo_loss`` for the formula and shapes, and docs/where-it-runs.md for wher
 from . import objectives
 from ._dispatch import use_backend
 from .fused_linear import fused_linear_mhpo_loss, fused_linear_policy_loss, fused_linear_token_logprobs
-from .loss import MHPOLoss, PolicyLoss, mhpo_loss, policy_loss, token_logprobs
+from .loss import mhpo_loss, policy_loss, token_logprobs
+from .modules import MHPOLoss, PolicyLoss
 from .token_loss import mhpo_token_loss
 
 __version__ = "0.1.0"

@@ -100,17 +100,10 @@ def _check_triton_runs(device):
             f"use_backend('torch')")
 
 
-# Each kernel's launcher: (module of ``kernels``, function) on the Triton path, and the function
-# of ``torch_sweeps`` with the same contract on the PyTorch path.
-KERNELS = {
-    "prepare": ("prepare", "prepare"),
-    "forward": ("forward", "mhpo_fwd"),
-    "backward": ("backward", "mhpo_bwd"),
-    "scale_rows": ("backward", "scale_rows_"),
-    "finalize": ("finalize", "finalize"),
-}
-TORCH_KERNELS = {"prepare": "prepare", "forward": "mhpo_fwd", "backward": "mhpo_bwd", "scale_rows": "scale_rows_",
-                 "finalize": "finalize"}
+# Each kernel's launcher: the module of ``kernels`` and its function on the Triton path; the
+# function of ``torch_sweeps`` with the same name has the same contract on the PyTorch path.
+KERNELS = {"prepare": ("prepare", "prepare"), "forward": ("forward", "mhpo_fwd"), "backward": ("backward", "mhpo_bwd"),
+           "scale_rows": ("backward", "scale_rows_"), "finalize": ("finalize", "finalize")}
 
 
 def kernel(name, device):
@@ -119,14 +112,12 @@ def kernel(name, device):
     every device (the graph fuses their ops; the checks become asserts of the graph)."""
     import torch
 
-    if name in ("prepare", "finalize") and torch.compiler.is_compiling():
-        return getattr(torch_sweeps, TORCH_KERNELS[name])
-    if backend_for(device) == "triton":
-        _check_triton_runs(device)
-        module, function = KERNELS[name]
-        run = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)
-        return _quiet(run) if _kernels_interpreted() else run
-    return getattr(torch_sweeps, TORCH_KERNELS[name])
+    module, function = KERNELS[name]
+    if (name in ("prepare", "finalize") and torch.compiler.is_compiling()) or backend_for(device) != "triton":
+        return getattr(torch_sweeps, function)
+    _check_triton_runs(device)
+    run = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)
+    return _quiet(run) if _kernels_interpreted() else run
 
 
 def sweeps(device):

@@ -1,13 +1,8 @@
-"""Validation and normalization of the public arguments, before any kernel runs.
-
-Here, what the host knows without reading a tensor: types, dtypes, shapes, devices and numbers.
-Every check raises TypeError (wrong kind or dtype) or ValueError (wrong shape or value) with a
-message that starts with the argument's name. Then one prepare launch (``kernels/prepare.py``, or
-``torch_sweeps.prepare`` on the PyTorch path and inside torch.compile) computes the flat (N,)
-per-token inputs the sweeps read (an int32 target, −1 at invalid tokens; fp32 weights g_t and
-advantages) and the value checks' flags, which the host reads in the call's one sync (inside
-torch.compile: asserts in the graph).
-"""
+"""Validation of the public arguments: first what the host knows without reading a tensor (types,
+dtypes, shapes, devices, numbers), each error naming its argument (TypeError for a kind or dtype,
+ValueError for a shape or value); then one prepare launch computes the flat per-token inputs of
+the sweeps and the value checks' flags, read in the call's one host sync (asserts of the graph
+inside torch.compile)."""
 
 import math
 import numbers
@@ -55,9 +50,8 @@ class Batch:
 
 
 def _check_real(name, value, low_ok):
-    """A finite real number (not a bool, not a tensor) > 0, or ≥ 0 with ``low_ok``. Inside
-    torch.compile a number that changed between calls is a symbolic graph input (so a new value
-    does not recompile): its check is then a runtime assertion of the graph, not a Python branch."""
+    """A finite real number (not a bool, not a tensor) > 0, or ≥ 0 with ``low_ok``; inside
+    torch.compile, where it may be a symbolic input, an assertion of the graph."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     relation = ">=" if low_ok else ">"
@@ -82,9 +76,8 @@ def check_nonnegative(name, value):
 
 
 def check_temperature(temperature):
-    """(τ for the logit map, the per-token tensor or None): a number τ is checked here, finite and
-    > 0; a tensor only for its kind (its shape and values are checked with the other per-token
-    inputs, ``prepare_tokens``), and the map then takes τ = 1 and the tensor per row."""
+    """(τ for the logit map, the per-token tensor or None); a tensor's shape and values are
+    checked with the other per-token inputs, and the map then takes τ = 1."""
     if not isinstance(temperature, torch.Tensor):
         return check_positive("temperature", temperature), None
     if not temperature.is_floating_point():
@@ -131,9 +124,8 @@ def check_tp_group(tp_group):
 
 
 def has_internal_overlap(x):
-    """True unless ``x``'s elements provably occupy distinct memory: with the dims of size > 1
-    sorted by stride, each stride exceeds the span of the smaller ones (a stride-0 expand, or a
-    strided view that revisits elements, fails)."""
+    """True unless ``x``'s elements provably occupy distinct memory (each stride, smallest first,
+    exceeds the span of the dims below it)."""
     span = 0
     for stride, size in sorted((abs(st), s) for s, st in zip(x.shape, x.stride()) if s > 1):
         if stride <= span:
@@ -142,17 +134,57 @@ def has_internal_overlap(x):
     return False
 
 
+def check_inplace(logits, logits3, inplace_backward):
+    """``inplace_backward``, refused for a leaf that requires grad (its values would be lost) and
+    for logits whose elements share memory (the rows' gradients would overwrite each other)."""
+    if not check_flag("inplace_backward", inplace_backward):
+        return False
+    if logits.is_leaf and logits.requires_grad:
+        raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires "
+                         "grad; use it on logits computed by the model (e.g. an LM head's output)")
+    if has_internal_overlap(logits3):
+        raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got a "
+                         f"view with shape {tuple(logits.shape)} and strides {logits.stride()} (e.g. an "
+                         f"expand); pass inplace_backward=False or a contiguous copy")
+    return True
+
+
+def check_grad_in_forward(grad_in_forward, objective=None, tp_group=None, entropy_coef=0.0):
+    """``grad_in_forward``, only where the forward knows the whole gradient."""
+    if not check_flag("grad_in_forward", grad_in_forward):
+        return False
+    if tp_group is not None:
+        raise ValueError("grad_in_forward=True is not supported with tp_group: the gradient needs the "
+                         "statistics of every rank's slice, combined after the forward sweep")
+    if objective is not None and objective.sequence_level:
+        raise ValueError("grad_in_forward=True is not supported with a sequence-level objective (GSPO): its "
+                         "sequence ratios are formed after the sweep over the logits")
+    if entropy_coef > 0:
+        raise ValueError("grad_in_forward=True is not supported with entropy_coef > 0: it computes the "
+                         "gradient of the loss alone, with no entropy term")
+    return True
+
+
 def check_ignore_index(ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return int(ignore_index)
 
 
-def _check_tensor(name, x, device):
+def _is_integer(x):
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def _check_tensor(name, x, device, kind=None):
+    """A tensor on ``device``; ``kind`` "float" or "int": of that kind of dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, but logits are on {device}")
+    if kind == "float" and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if kind == "int" and not _is_integer(x):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
     return x
 
 
@@ -160,9 +192,7 @@ def _check_float_per_token(name, x, token_shape, device):
     """An optional floating (B, T) tensor, returned flat in fp32 (a copy only if needed)."""
     if x is None:
         return None
-    _check_tensor(name, x, device)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    _check_tensor(name, x, device, "float")
     if x.shape != token_shape:
         raise ValueError(f"{name} must have shape {tuple(token_shape)} like input_ids, got {tuple(x.shape)}")
     return x.detach().reshape(-1).to(torch.float32).contiguous()
@@ -178,10 +208,8 @@ def check_float_tensor(name, x):
 
 
 def check_logits(logits, input_ids):
-    """logits (B, T, V), (B, T + 1, V) or (N, V) → (a (B, T', V) view with unit stride along V,
-    the token shape, shifted). ``shifted``: the logits have one more position than input_ids
-    along T, the usual next-token shift (position t predicts input_ids[:, t], the last position
-    predicts nothing and gets a zero gradient row). float64 logits run on the PyTorch path only."""
+    """(a (B, T', V) view of the logits with unit stride along V, the token shape, shifted):
+    ``shifted``, logits one position longer than input_ids along T (the next-token shift)."""
     if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64:
         from . import _dispatch
 
@@ -207,8 +235,8 @@ def check_logits(logits, input_ids):
 
 
 def check_normalizer(normalizer, device):
-    """None, a finite number > 0 (checked here), or a 0-d real tensor on ``device`` or the CPU,
-    moved to ``device`` (its value is checked in the prepare launch)."""
+    """None, a finite number > 0, or a 0-d real tensor on ``device`` or the CPU (its value is
+    checked in the prepare launch)."""
     if normalizer is None:
         return None
     if not isinstance(normalizer, torch.Tensor):
@@ -222,9 +250,7 @@ def check_normalizer(normalizer, device):
 
 
 def _check_ids(input_ids, token_shape, device, source):
-    _check_tensor("input_ids", input_ids, device)
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    _check_tensor("input_ids", input_ids, device, "int")
     if input_ids.shape != token_shape:
         shifted = ""
         if len(token_shape) == 2 and source.startswith("logits"):
@@ -250,13 +276,9 @@ def _check_mask(mask, token_shape, device):
 
 
 def _advantage_layout(advantages, token_shape, device, n_seqs=None):
-    """How the advantages are laid out, one of ADV_PER_TOKEN, ADV_SCALAR, ADV_PER_SEQ, whatever
-    the logits' rank: input_ids' shape, per token; () or (1,), the same advantage at every token;
-    per sequence (B,) or (B, 1) with (B, T) ids, (S,) or (S, 1) with cu_seqlens (``n_seqs`` = S;
-    1-D ids without it are one sequence)."""
-    _check_tensor("advantages", advantages, device)
-    if not advantages.is_floating_point():
-        raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+    """ADV_PER_TOKEN (input_ids' shape), ADV_SCALAR (() or (1,)) or ADV_PER_SEQ ((B,) or (B, 1)
+    with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S)."""
+    _check_tensor("advantages", advantages, device, "float")
     if advantages.shape == token_shape:
         return ADV_PER_TOKEN
     if advantages.dim() <= 1 and advantages.numel() == 1:
@@ -277,15 +299,14 @@ def _advantage_layout(advantages, token_shape, device, n_seqs=None):
 
 
 def _check_cu_seqlens(cu_seqlens, token_shape, device):
-    """The (S + 1,) boundaries of packed sequences, as int64; None for the unpacked layouts. Its
-    values (cu[0] = 0, non-decreasing, cu[-1] = N) are checked with the other value checks."""
+    """The (S + 1,) boundaries of packed sequences as int64 (their values: the prepare launch)."""
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but the inputs are on {device}")
-    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+    if not _is_integer(cu_seqlens):
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     if len(token_shape) != 1:
         raise ValueError(f"cu_seqlens describes a packed stream: flat input_ids (N,) with logits (N, V) or hidden "
@@ -297,19 +318,14 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
 
 
 def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):
-    """Each sequence's valid tokens over every rank that holds a part of it (context
-    parallelism), (S,) integers; its values are checked against the local counts later."""
+    """Each sequence's valid tokens over every rank (context parallelism), (S,) integers."""
     if seq_valid_tokens is None:
         return None
-    _check_tensor("seq_valid_tokens", seq_valid_tokens, device)
-    if (seq_valid_tokens.is_floating_point() or seq_valid_tokens.is_complex()
-            or seq_valid_tokens.dtype == torch.bool):
-        raise TypeError(f"seq_valid_tokens must be an integer tensor, got {seq_valid_tokens.dtype}")
+    _check_tensor("seq_valid_tokens", seq_valid_tokens, device, "int")
     if seq_valid_tokens.shape != (n_seqs,):
         raise ValueError(f"seq_valid_tokens must have shape (S,) = ({n_seqs},), one count per sequence, "
                          f"got {tuple(seq_valid_tokens.shape)}")
     return seq_valid_tokens.detach().to(torch.float32).contiguous()
-
 
 
 _BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"
@@ -339,9 +355,8 @@ def _positive_logp(name):
 
 
 def _raise_on_status(status, ids, V, normalizer):
-    """Validation's one host sync: read the prepare launch's flags, raise the first that is set;
-    return the number of valid tokens. Inside torch.compile, which cannot branch on data, each
-    flag is an asynchronous assert of the graph (an error at the next sync), and None returns."""
+    """The call's one host sync: raise the first flag of the prepare launch that is set; return
+    the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
     if torch.compiler.is_compiling():
         for slot, message in _messages(ids.numel()):
             torch._assert_async(status[slot] == 0, message)
@@ -360,11 +375,12 @@ def _raise_on_status(status, ids, V, normalizer):
     return flags[STATUS_N_VALID]
 
 
-def _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-             advantages=None, loss_agg_mode=None, normalizer=None, seq_valid_tokens=None, sequence_level=False,
-             old=None, ref=None):
-    """Every check of the per-token arguments, then the prepare launch and its status read: the
-    Batch (old and ref are the caller's). ``advantages`` None: log-probs alone, no weights."""
+def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
+                   cu_seqlens=None, temperature=None, advantages=None, loss_agg_mode=None, normalizer=None,
+                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None):
+    """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
+    (None: split over ranks), then the prepare launch and its status read: the Batch. Without
+    ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign."""
     from . import _dispatch
 
     ids = _check_ids(input_ids, token_shape, device, source)
@@ -373,12 +389,7 @@ def _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_s
     cu = _check_cu_seqlens(cu_seqlens, token_shape, device)
     tau = _check_temperature_tensor(temperature, token_shape, device)
     N = ids.numel()
-    if cu is not None:
-        n_seqs, T = cu.numel() - 1, 0
-    elif len(token_shape) == 2:
-        n_seqs, T = token_shape
-    else:
-        n_seqs, T = 1, N
+    n_seqs, T = (cu.numel() - 1, 0) if cu is not None else tuple(token_shape) if len(token_shape) == 2 else (1, N)
     adv_mode, adv, one_token_each, seq_counts = ADV_NONE, None, False, None
     with_weight = advantages is not None
     if with_weight:
@@ -395,14 +406,7 @@ def _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_s
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
-    return Batch(token_shape, cu, n_seqs, T, target, adv=adv_t, weight=weight, tau=tau, n_valid=n_valid)
-
-
-def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
-                   cu_seqlens=None, temperature=None):
-    """Check ids and mask (and a per-token ``temperature`` tensor) for ``token_shape`` tokens over
-    a vocabulary of V (None: split over ranks); return the Batch with its target and τ."""
-    return _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature)
+    return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid)
 
 
 def prepare_mhpo(
@@ -418,7 +422,5 @@ def prepare_mhpo(
     old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
-    batch = _prepare(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                     advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref)
-    batch.old, batch.ref = old, ref
-    return batch
+    return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
+                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref)

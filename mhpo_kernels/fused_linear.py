@@ -9,15 +9,15 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
     check_float_tensor, check_nonnegative, check_positive, check_temperature, check_tp_group, prepare_mhpo,
     prepare_tokens,
 )
 from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
-from .loss import (agreed_settings, check_entropy_coef, dtype_name, metrics_of, mhpo_objective,
-                   normalizer_setting, resolve_objective)
+from .loss import metrics_of, mhpo_objective, resolve_objective
+from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
 
 def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
@@ -149,7 +149,7 @@ def fused_linear_policy_loss(
         chosen = resolve_objective(objective)
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
-        check_entropy_coef(entropy_coef)
+        check_nonnegative("entropy_coef", entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         tau_value, tau = check_temperature(temperature)
@@ -174,16 +174,14 @@ def fused_linear_policy_loss(
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     if tp_group is not None:
-        from . import vocab_parallel
-
-        loss, logp, entropy, psi, zeta = vocab_parallel.fused_linear(
+        loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
             entropy_coef)
         if not return_metrics:
             return loss
         return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
     grad_on = torch.is_grad_enabled()
-    loss, logp, entropy, psi, zeta, *_ = ops.fused_linear_forward(
+    loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         lmap.tau, ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
@@ -235,13 +233,11 @@ def fused_linear_token_logprobs(
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:
-        from . import vocab_parallel
-
-        logp, entropy = vocab_parallel.fused_linear_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
-                                                             bool(return_entropy), bool(reduce_dhidden))
+        logp, entropy = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                           bool(return_entropy), bool(reduce_dhidden))
     else:
-        logp, entropy, _, _ = ops.fused_linear_logprobs(hidden2d, weight, bias, batch.target, lmap.tau,
-                                                        ops.pack_params(TokenParams(), lmap), lmap.softcap,
-                                                        chunk_rows, bool(return_entropy), batch.n_valid)
+        logp, entropy, _, _ = linear_ops.fused_linear_logprobs(
+            hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
+            chunk_rows, bool(return_entropy), batch.n_valid)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

@@ -1,4 +1,4 @@
-"""The sweeps and the fused linear path as PyTorch custom ops (namespace ``mhpo_kernels::``).
+"""The sweeps as PyTorch custom ops (namespace ``mhpo_kernels::``).
 
 Each op has a fake (shape-only) implementation and an autograd formula, so ``torch.compile``
 traces a training step into one graph: the ops are opaque nodes in it, and the Triton (or
@@ -23,105 +23,26 @@ loss or log-probs on logits        ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``
 ``grad_in_forward`` and in place   ``OneSweepInplace``:                       ``scale_rows_``
                                    ``sweeps_forward_grad_``
 GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``sweeps_backward``
-                                   epilogue, ``torch_sweeps._sequence_terms``
+                                   epilogue, ``epilogue.sequence_terms``
                                    (O(N)), ``_finalize_kernel``
 ``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
                                    the slice, one all-gather, the epilogue    ``_``), no collective
-``fused_linear_*_loss``            ``fused_linear_forward``: per chunk a      the saved gradients,
-                                   GEMM, both sweeps, two GEMMs               scaled
-``fused_linear_token_logprobs``    ``fused_linear_logprobs``: per chunk a     ``fused_linear_logprobs_``
-                                   GEMM and sweep 1                           ``backward``: GEMM, sweep
-                                                                              2, two GEMMs
 =================================  =========================================  ===========================
+
+The fused linear path's ops are in ``linear_ops``.
 """
 
-import functools
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._sweep_types import METRICS, LogitMap, RowStats, TokenParams
+from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable, pack_params
+from ._sweep_types import METRICS, RowStats
 from ._inputs import has_internal_overlap
 from .objectives import GSPO_KIND, MHPO_KIND
-from .torch_sweeps import _sequence_terms, per_sequence_sum, segment_ids
-from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
-
-
-# The runtime scalars of a call, in one float64 host (CPU) tensor: reading them is no device sync,
-# and inside torch.compile they are a graph input, so a new value (β, τ, the entropy bonus) reuses
-# the compiled graph. Slots: the objective's five values, β, the logit map's two scales, the
-# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus, and the
-# upstream gradient the one-sweep kernel computes the logits' gradient for (``grad_in_forward``).
-BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF, GRAD_SCALE = range(5, 13)
-
-
-def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
-    """The ``params`` host tensor of the ops (slots above)."""
-    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef, grad_scale]
-    if torch.compiler.is_compiling():
-        # A number that changed between calls is symbolic here; torch.tensor of it would specialize
-        # the graph on its value (a recompile per value), arithmetic on a tensor keeps it an input.
-        zero = torch.zeros((), dtype=torch.float64)
-        return torch.stack([zero + v for v in values])
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def _unpack(params, softcap, tau=None):
-    """(TokenParams, LogitMap, every value by its slot) from ``params``: read on the host."""
-    v = params.detach().numpy().tolist()
-    hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
-    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau), v
-
-
-def _without_autocast(device):
-    """The ops choose their own precisions: an enclosing autocast must not recast their GEMMs."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-DOUBLE_BACKWARD = ("mhpo_kernels: double backward is not supported: the gradients of mhpo_kernels' losses "
-                   "and log-probs are not themselves differentiable (backward with create_graph=True "
-                   "gives them, differentiating them again raises this)")
-
-
-class _NotDifferentiable(torch.autograd.Function):
-    """The identity on a backward's gradients, whose own backward raises ``DOUBLE_BACKWARD``."""
-
-    @staticmethod
-    def forward(ctx, *grads):
-        return tuple(g.view_as(g) for g in grads)
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(DOUBLE_BACKWARD)
-
-
-def once_differentiable(backward):
-    """``backward`` run without recording a graph; under ``create_graph=True`` its gradients pass
-    through ``_NotDifferentiable``, so that differentiating them raises the package's own error
-    (``torch.autograd.function.once_differentiable`` raises one that names no package)."""
-    @functools.wraps(backward)
-    def run(ctx, *grads):
-        with torch.no_grad():
-            out = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return out
-        present = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
-        if not present:
-            return out
-        wrapped = _NotDifferentiable.apply(*[out[i].detach().requires_grad_() for i in present])
-        out = list(out)
-        for i, g in zip(present, wrapped):
-            out[i] = g
-        return tuple(out)
-
-    return run
-
-
-def _fp32(like, n):
-    """(n,) for per-token results: fp32, float64 for float64 input (the PyTorch path's own)."""
-    return torch.empty(n, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
+from .epilogue import per_sequence_sum, segment_ids, sequence_terms
 
 
 # Out of place, the gradient takes the logits' strides where they are a view with small gaps (a
@@ -205,7 +126,7 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not sequence_level, **extra)
     if sequence_level:  # O(N) between the sweeps: the sequence ratios from the log-probs
         n = stats.logp.numel()
-        psi, seq_coef, loss, coef = _sequence_terms(stats.logp, a.target >= 0, a.old, a.adv, a.weight, ref, hp,
+        psi, seq_coef, loss, coef = sequence_terms(stats.logp, a.target >= 0, a.old, a.adv, a.weight, ref, hp,
                                                     segment_ids(a.cu, n), a.cu.numel() - 1)
         stats = stats._replace(psi=psi, zeta=seq_coef, loss=loss, coef=coef)
     totals = _totals(a.logits, stats, a.target, a.weight, a.old, a.ref, hp, entropy_coef, a.totals)
@@ -320,12 +241,6 @@ class OneSweepInplace(torch.autograd.Function):
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + (None,) * 11
 
 
-def _loss_gradient(d_loss, d_total):
-    """The loss's upstream gradient: the 0-d total's, plus per token (N,) where a caller
-    differentiated the per-token losses themselves."""
-    return _add(d_total, d_loss)
-
-
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
                     shifted):
     _, backward_sweep = _dispatch.sweeps(logits.device)
@@ -368,6 +283,14 @@ def sweeps_backward_(
 @sweeps_backward_.register_fake
 def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted):
     return None
+
+
+def backward_sweep(logits, inplace, **args):
+    """Sweep 2 by name: the gradient in a new buffer, or with ``inplace`` written into ``logits``."""
+    if not inplace:
+        return sweeps_backward(logits, **args)
+    sweeps_backward_(logits, **args)
+    return logits
 
 
 def _sweeps_setup(ctx, inputs, output):
@@ -414,7 +337,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     d_entropy = d_entropy if ctx.with_entropy else None
     # The loss is Σ_t g_t·loss_t (− entropy_coef · Σ_t g_t·H_t): ∂L/∂logp_t = ∂L/∂loss · coef_t,
     # coef_t = g_t · d loss_t / d logp_t, and the bonus adds ∂L/∂H_t = −entropy_coef · g_t · ∂L/∂loss.
-    d_loss = _loss_gradient(d_loss, d_total)
+    d_loss = _add(d_total, d_loss)  # the 0-d total's, or (N,) where the per-token losses were differentiated
     dlogp = None if d_loss is None else coef * d_loss
     if d_loss is not None and ctx.sequence_level:  # loss_t = g_t · loss_i(every logp of sequence i)
         seq_id = segment_ids(cu, coef.numel())
@@ -427,13 +350,9 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
         return nothing
     dlogp = torch.zeros_like(lse2_rest) if dlogp is None else dlogp.to(lse2_rest.dtype).contiguous()
     dent = None if d_entropy is None else d_entropy.to(lse2_rest.dtype).contiguous()
-    args = (target, base, lse2_rest, dlogp, entropy if dent is not None else None, dent, tau, params, ctx.softcap,
-            ctx.shifted)
-    if ctx.inplace:
-        sweeps_backward_(logits, *args)
-        grad = logits
-    else:
-        grad = sweeps_backward(logits, *args)
+    grad = backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest, dlogp=dlogp,
+                          entropy=entropy if dent is not None else None, dentropy=dent, tau=tau, params=params,
+                          softcap=ctx.softcap, shifted=ctx.shifted)
     return (grad,) + nothing[1:]
 
 
@@ -442,203 +361,24 @@ torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward
 
 def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
               totals=NO_TOTALS, entropy_coef=0.0, grad_scale=1.0):
-    """Sweep 1 on (B, T, V) logits (or (B, T + 1, V) when ``shifted``) and a prepared batch:
-    (``RowStats`` with absent fields None, whose logp, entropy and loss carry gradient to the
-    logits; with ``totals`` the 0-d loss, differentiable, else None; with LOSS_AND_METRICS the
-    detached metrics vector (``_sweep_types.METRICS``), else None).
-    The KL term runs only for β > 0 (the reference log-probs then only give the kl metric).
-    ``grad_in_forward`` (a token-level loss only): the logits' gradient is computed in the same
-    launch, into the logits themselves with ``inplace_backward``; only the loss is differentiable.
-    ``entropy_coef``: the bonus the loss total subtracts (with ``totals``). ``grad_scale``: the
-    upstream gradient ``grad_in_forward`` computes the logits' gradient for."""
+    """Sweep 1 on (B, T, V) logits ((B, T + 1, V) when ``shifted``) and a prepared batch:
+    (``RowStats``, absent fields None; with ``totals`` the differentiable 0-d loss, and with
+    LOSS_AND_METRICS the detached metrics vector; else None). The reference log-probs are read
+    for β > 0 or the metrics. ``grad_in_forward``: the logits' gradient for the upstream gradient
+    ``grad_scale`` comes from the same launch (into the logits with ``inplace_backward``)."""
     with_loss = batch.adv is not None
     ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None
-    params = pack_params(hp, lmap, entropy_coef, grad_scale)
+    inputs = dict(target=batch.target, old=batch.old, adv=batch.adv, weight=batch.weight, ref=ref, tau=lmap.tau,
+                  params=pack_params(hp, lmap, entropy_coef, grad_scale), softcap=lmap.softcap,
+                  with_entropy=bool(with_entropy), shifted=bool(shifted), totals=totals)
     if grad_in_forward and inplace_backward:
-        out = OneSweepInplace.apply(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau,
-                                    params, lmap.softcap, bool(with_entropy), bool(shifted), totals)
+        out = OneSweepInplace.apply(logits, *inputs.values())
         out = out[:8] + (None,) + out[8:]
     else:
-        out = sweeps_forward(logits, batch.target, batch.old, batch.adv, batch.weight, ref, lmap.tau, params,
-                             lmap.softcap, bool(with_entropy), with_loss, bool(shifted), bool(inplace_backward),
-                             batch.boundaries() if hp.kind == GSPO_KIND else None, bool(grad_in_forward), totals,
-                             totals != NO_TOTALS and with_loss and bool(with_entropy) and _nonzero(entropy_coef))
+        out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
+                             cu=batch.boundaries() if hp.kind == GSPO_KIND else None,
+                             grad_in_forward=bool(grad_in_forward),
+                             entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)
-
-
-def _nonzero(value):
-    """``value != 0`` for a number; inside torch.compile a guard on it (the value itself stays a
-    graph input, so a new nonzero value does not recompile)."""
-    return value != 0
-
-
-# ---- hidden states and LM head ------------------------------------------------------------------
-
-@torch.library.custom_op("mhpo_kernels::fused_linear_forward", mutates_args=())
-def fused_linear_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
-    adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
-    entropy_coef: float = 0.0, n_valid: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
-    for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
-    validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``)."""
-    hp, lmap, _ = _unpack(params, softcap, tau)
-    with _without_autocast(hidden.device):
-        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
-            hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
-            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=entropy_coef)
-    return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
-            hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
-            _fp32(hidden, 0) if db is None else db)
-
-
-@fused_linear_forward.register_fake
-def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chunk_rows, with_entropy,
-      need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None):
-    n = hidden.shape[0]
-    return (
-        torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
-        _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
-        torch.empty(hidden.shape if need_dh else (0,), dtype=hidden.dtype, device=hidden.device),
-        torch.empty(weight.shape if need_dw else (0,), dtype=torch.float32, device=hidden.device),
-        _fp32(hidden, weight.shape[0] if need_db else 0),
-    )
-
-
-class LinearArgs(NamedTuple):
-    """``fused_linear_forward``'s inputs by name (autograd's setup receives them as a tuple)."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Optional[Tensor]
-    target: Tensor
-    old: Optional[Tensor]
-    adv: Tensor
-    g: Tensor
-    ref: Optional[Tensor]
-    tau: Optional[Tensor]
-    params: Tensor
-    softcap: bool
-    chunk_rows: int
-    with_entropy: bool
-    need_dh: bool
-    need_dw: bool
-    need_db: bool
-    entropy_coef: float = 0.0
-    n_valid: Optional[int] = None
-
-
-def _linear_setup(ctx, inputs, output):
-    a = LinearArgs(*inputs)
-    _, logp, entropy, psi, zeta, dh, dw, db = output
-    ctx.save_for_backward(dh, dw, db)
-    ctx.needs = (a.need_dh, a.need_dw, a.need_db)
-    ctx.dtypes = (a.hidden.dtype, a.weight.dtype)
-    ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db)
-    ctx.set_materialize_grads(False)
-
-
-def scaled_linear_grads(saved, needs, dtypes, d_loss):
-    """(dhidden, dweight, dbias) for the upstream gradient ``d_loss`` from the ones the forward
-    computed for 1 (None where not needed): the fp32 accumulators round once, here."""
-    h_dtype, w_dtype = dtypes
-
-    def scaled(x, need, dtype):
-        if not need:
-            return None
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        return torch.mul(x, d_loss, out=out)
-
-    return tuple(scaled(x, need, dtype) for x, need, dtype in zip(saved, needs, (h_dtype, w_dtype, w_dtype)))
-
-
-@once_differentiable
-def _linear_backward(ctx, d_loss, *_):
-    if d_loss is None:
-        return (None,) * 18
-    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 15
-
-
-torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)
-
-
-# ---- differentiable log-probs and entropy of an LM head ------------------------------------------
-
-@torch.library.custom_op("mhpo_kernels::fused_linear_logprobs", mutates_args=())
-def fused_linear_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
-    params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logp, entropy (empty unless asked), base, lse2_rest), each (N,) fp32; 1 GEMM per chunk. The
-    last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``."""
-    _, lmap, _ = _unpack(params, softcap, tau)
-    with _without_autocast(hidden.device):
-        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
-                                                              with_entropy, n_valid=n_valid)
-    return logp, _fp32(hidden, 0) if entropy is None else entropy, base, lse2_rest
-
-
-@fused_linear_logprobs.register_fake
-def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None):
-    n = hidden.shape[0]
-    return _fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n)
-
-
-@torch.library.custom_op("mhpo_kernels::fused_linear_logprobs_backward", mutates_args=())
-def fused_linear_logprobs_backward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
-    base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
-    params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
-    n_valid: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
-    tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
-    _, lmap, _ = _unpack(params, softcap, tau)
-    with _without_autocast(hidden.device):
-        dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
-                                          entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
-    return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype),
-            weight.new_empty(0) if db is None else db.to(weight.dtype))
-
-
-@fused_linear_logprobs_backward.register_fake
-def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
-      chunk_rows, need_dh, need_dw, need_db, n_valid=None):
-    return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
-            weight.new_empty(weight.shape[0] if need_db else 0))
-
-
-def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, *n_valid = inputs
-    logp, entropy, base, lse2_rest = output
-    ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None)
-    ctx.params, ctx.softcap, ctx.chunk_rows = params, softcap, chunk_rows
-    ctx.n_valid = n_valid[0] if n_valid else None
-    ctx.mark_non_differentiable(base, lse2_rest)
-    ctx.set_materialize_grads(False)
-
-
-@once_differentiable
-def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
-    hidden, weight, bias, target, tau, base, lse2_rest, entropy = ctx.saved_tensors
-    need_dh, need_dw = ctx.needs_input_grad[:2]
-    need_db = bias is not None and ctx.needs_input_grad[2]
-    if entropy is None:
-        d_entropy = None
-    if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 10
-    dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
-    dent = None if d_entropy is None else d_entropy.float().contiguous()
-    dh, dw, db = fused_linear_logprobs_backward(
-        hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid)
-    grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
-    return grads + (None,) * 7
-
-
-torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,
-                                setup_context=_logprobs_setup)

@@ -4,7 +4,7 @@ logits (verl's policy-loss registry): O(N) work, so plain PyTorch, with the exac
 import torch
 
 from .loss import mhpo_params
-from .torch_sweeps import _token_terms
+from .epilogue import token_terms
 
 
 class _MHPOTokenLoss(torch.autograd.Function):
@@ -14,7 +14,7 @@ class _MHPOTokenLoss(torch.autograd.Function):
         valid = torch.ones_like(flat, dtype=torch.bool)
         ones = torch.ones_like(flat, dtype=torch.float32)
         old_flat = None if old is None else old.detach().reshape(-1)
-        psi, zeta, loss, coef = _token_terms(flat, valid, old_flat, adv.detach().reshape(-1), ones, None, hp)
+        psi, zeta, loss, coef = token_terms(flat, valid, old_flat, adv.detach().reshape(-1), ones, None, hp)
         ctx.save_for_backward(coef)
         loss, psi, zeta = (x.reshape(logp.shape) for x in (loss, psi, zeta))
         ctx.mark_non_differentiable(psi, zeta)

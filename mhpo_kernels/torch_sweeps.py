@@ -4,51 +4,25 @@ any device Triton does not serve), and inside torch.compile the prepare step.
 Same inputs and outputs as ``kernels.prepare.prepare``, ``kernels.forward.mhpo_fwd``,
 ``kernels.backward.mhpo_bwd``, ``scale_rows_`` and ``kernels.finalize.finalize``. The sweeps are
 chunked over rows: working memory is bounded by ``CHUNK_BYTES`` whatever N (see ``_chunks``),
-never N × V. The per-token epilogue runs on (N,) vectors in float64, where the textbook formulas
-are accurate, then rounds to fp32; vocabulary parallelism and ``mhpo_token_loss`` share it.
+never N × V. The per-token epilogue is ``epilogue``'s.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
     STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, LOGP_ABOVE_ZERO, RowStats,
 )
-from .objectives import CISPO_KIND, GPG_KIND, MHPO_KIND, PPO_CLIP_KIND, SAPO_KIND
+from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
 
 CHUNK_BYTES = 64 << 20  # the sweeps' working memory beyond their inputs and outputs
 # Chunk-sized fp32 temporaries a sweep holds at once, at most: measured 3 in either sweep without
 # the entropy, 3.3 in sweep 1 and 5.3 in sweep 2 with it, 6.7 with the entropy and a softcap, the
 # same at every N (tests/test_torch_path_memory.py).
 CHUNK_COPIES = 7
-LN2 = math.log(2.0)
-
-
-def segment_ids(cu, n):
-    """The sequence index of each of n tokens from the boundaries cu (an empty sequence holds none)."""
-    positions = torch.arange(n, device=cu.device, dtype=torch.int64)
-    # The clamp keeps malformed boundaries (refused by the value checks) from indexing out of range.
-    return (torch.bucketize(positions, cu, right=True) - 1).clamp_(min=0).clamp_(max=cu.numel() - 2)
-
-
-def per_sequence_sum(x, seq_id, n_seqs):
-    """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype, 0 for an empty sequence.
-    ``seq_id`` (N,) is non-decreasing: tokens in sequence order, as ``segment_ids`` gives them.
-
-    Bitwise reproducible on every device, with no atomics and no host sync: a segmented reduction
-    over the boundaries, each sequence summed in an order fixed by the boundaries alone (on CUDA a
-    ``cub::DeviceSegmentedReduce``, run-to-run deterministic; on CPU left to right). Not
-    ``index_add_``, whose CUDA kernel adds with atomics in whatever order the threads arrive, nor
-    a difference of a running sum (``cumsum`` of a floating CUDA tensor is nondeterministic)."""
-    starts = torch.arange(n_seqs + 1, device=seq_id.device, dtype=seq_id.dtype)
-    # Where each sequence starts: cu itself for well-formed boundaries; the cummax keeps malformed
-    # ones (refused, maybe after this runs) non-decreasing within [0, N]. ``unsafe``: no host read.
-    bounds = torch.searchsorted(seq_id, starts).cummax(0).values
-    return torch.segment_reduce(x, "sum", offsets=bounds, unsafe=True)
 
 
 def boundaries(cu, n_seqs, T, device):
@@ -134,12 +108,6 @@ def compute_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _sech2(u):
-    """sech²(u) = 4e/(1 + e)², e = exp(−2|u|): never 1 − tanh² (see SPEC.md, section 2)."""
-    e = torch.exp(-2.0 * u.abs())
-    return 4.0 * e / (1.0 + e) ** 2
-
-
 def _row_scale(value, lmap, valid, r0, dtype=torch.float32):
     """A scale of the logit map (``log2_scale`` or ``slope``) for the chunk's rows, as the kernels
     form it: the fp32 scalar, divided by each row's τ_t in fp32 with a per-token temperature
@@ -177,111 +145,6 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
 
 
-def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):
-    """See ``kernels.token_math._ppo_clip``: (loss, d loss / d log r)."""
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(unclipped, clipped)
-    coef = torch.where(unclipped >= clipped, unclipped, 0.0)
-    if dual_clip > 0:
-        capped = (adv < 0) & (loss > -adv * dual_clip)
-        loss, coef = torch.where(capped, -adv * dual_clip, loss), torch.where(capped, 0.0, coef)
-    return loss, coef
-
-
-def _objective_terms(logp, log_ratio, adv, hp):
-    """(loss_t, d loss_t / d logp_t, ψ, ζ) of a token-level objective; ``token_math._token_loss``
-    line for line, in float64."""
-    zero = torch.zeros_like(log_ratio)
-    if hp.kind == MHPO_KIND:
-        c, k_pos, lam_pos, k_neg, lam_neg = hp.values
-        if hp.lfm:
-            psi, dpsi = c * torch.tanh(log_ratio / c), _sech2(log_ratio / c)
-        else:
-            psi, dpsi = log_ratio, zero + 1.0
-        zeta = (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg if hp.dhp else zero
-        w = torch.exp(psi - zeta)
-        return -w * adv, -adv * w * dpsi, psi, zeta
-    if hp.kind == PPO_CLIP_KIND:
-        eps_low, eps_high, dual_clip = hp.values[:3]
-        return (*_ppo_clip(log_ratio.exp(), adv, eps_low, eps_high, dual_clip), log_ratio, zero)
-    if hp.kind == CISPO_KIND:
-        max_ratio, min_ratio = hp.values[:2]
-        w = log_ratio.exp().clamp(min_ratio, max_ratio)
-        return -w * adv * logp, -w * adv, log_ratio, zero
-    if hp.kind == SAPO_KIND:
-        tau_pos, tau_neg = hp.values[:2]
-        ratio = log_ratio.exp()
-        tau = torch.where(adv > 0, tau_pos, tau_neg)
-        gate = torch.sigmoid(tau * (ratio - 1.0))
-        slope = gate * (1.0 - gate)
-        return -gate * (4.0 / tau) * adv, torch.where(slope > 0, -adv * 4.0 * slope * ratio, 0.0), log_ratio, zero
-    if hp.kind == GPG_KIND:
-        return -adv * logp, -adv + zero, log_ratio, zero
-    raise ValueError(f"no token-level epilogue for objective kind {hp.kind}")
-
-
-def _token_terms(logp, valid, old, adv, g, ref, hp):
-    """The per-token epilogue (ψ, ζ, g·loss_t, g·d loss_t/d logp), in float64 on (N,) vectors,
-    returned in fp32 (float64 for float64 log-probs)."""
-    f64, out_dtype = torch.float64, logp.dtype if logp.dtype == torch.float64 else torch.float32
-    logp = logp.to(f64)
-    log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
-    adv = adv.to(f64)
-    loss, coef, psi, zeta = _objective_terms(logp, log_ratio, adv, hp)
-    if ref is not None:
-        d = ref.to(f64) - logp
-        loss = loss + hp.beta * (torch.expm1(d) - d)
-        coef = coef - hp.beta * torch.expm1(d)
-    coef = torch.where(loss.isnan(), loss, coef)   # as the kernels: a NaN term, a NaN row
-    g = g.to(f64)
-
-    def out(x):
-        return torch.where(valid, x, torch.zeros_like(x)).to(out_dtype)
-
-    return out(psi), out(zeta), out(g * loss), out(g * coef)
-
-
-def _sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
-    """GSPO's sequence-level epilogue on (N,) vectors of tokens in ``n_seqs`` sequences (``seq_id``
-    the sequence of each token), in float64: (log s_i per token, the sequence term's derivative
-    share, g·loss_t, g·d(KL term)/d logp).
-
-    s_i = exp(mean over the valid tokens of sequence i of log r), loss_i = PPO-clip of s_i with
-    the sequence's advantage. Every valid token carries loss_i; since loss_i depends on each of
-    the sequence's log-probs through the mean, d loss_i / d logp_u = (d loss_i / d log s_i) / n_i,
-    the "share" returned for each valid token u: the backward multiplies it by Σ_t g_t · ∂L/∂loss_t
-    over the sequence."""
-    f64, out_dtype = torch.float64, logp.dtype if logp.dtype == torch.float64 else torch.float32
-    v = valid.to(f64)
-    logp = logp.to(f64)
-    log_ratio = logp - old.to(f64) if old is not None else torch.zeros_like(logp)
-    log_ratio = torch.where(valid, log_ratio, 0.0)
-
-    def per_seq(x):
-        return per_sequence_sum(x, seq_id, n_seqs)
-
-    n = per_seq(v).clamp(min=1.0)
-    log_s = per_seq(log_ratio) / n
-    adv_seq = per_seq(torch.where(valid, adv.to(f64), 0.0)) / n
-    eps_low, eps_high = hp.values[:2]
-    loss_seq, dlog_s = _ppo_clip(log_s.exp(), adv_seq, eps_low, eps_high, 0.0)
-    dlog_s = torch.where(loss_seq.isnan(), loss_seq, dlog_s)  # a NaN sequence term: NaN rows, all of them
-    loss = loss_seq[seq_id]
-    share = (dlog_s / n)[seq_id]
-    kl_coef = torch.zeros_like(logp)
-    if ref is not None:
-        d = ref.to(f64) - logp
-        loss = loss + hp.beta * (torch.expm1(d) - d)
-        kl_coef = -hp.beta * torch.expm1(d)
-    g = g.to(f64)
-
-    def out(x):
-        return torch.where(valid, x, torch.zeros_like(x)).to(out_dtype)
-
-    return out(log_s[seq_id]), out(share), out(g * loss), out(g * kl_coef)
-
-
 def _zero_tail(grad):
     """Position T of each sequence of the (B, T + 1, V) tensor whose first T positions ``grad`` is:
     zeros (the next-token shift's last position predicts nothing)."""
@@ -313,7 +176,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             out.entropy[r0:r1] = torch.where(valid, (lse2_rest - e_d / sum_e) * LN2, 0.0)
     if with_loss and N > 0:
         valid = target >= 0
-        out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = _token_terms(
+        out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = token_terms(
             out.logp, valid, old, adv, g, ref, hp
         )
     if grad is not None:

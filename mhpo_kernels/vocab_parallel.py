@@ -1,24 +1,18 @@
 """The vocabulary split over a ``torch.distributed`` group (tensor parallelism, Megatron layout).
 
 Each rank holds a contiguous slice of the vocabulary, in rank order: logits (…, V_r), or LM-head
-rows (V_r, H). The sweeps run on the local slice unchanged; what crosses ranks is O(N):
+rows (V_r, H). The sweeps run on the slice unchanged; what crosses ranks is O(N):
 
-1. ``VocabSlice.agree``: one all-gather of 8 + ``SETTING_SLOTS`` = 24 int64 per rank, read on the
-   host once: V_r (so the slice offsets), the token count, fingerprints of input_ids (which carry
-   the mask) and of the sequence boundaries with a per-token temperature, whether the rank's
-   inputs passed their local checks, its largest target id, and a hash of each setting that decides what the later collectives do or what they return
-   (hyperparameters, objective, aggregation, dtypes, flags, chunk size, the normalizer's value:
-   ``settings``). Every rank then validates the same table the same way, so a bad call, or ranks
-   that disagree, raise on every rank instead of leaving the others waiting in a collective or
-   returning different losses.
-2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's base and
-   log2 sum of its log-sum-exp, its entropy, the target's log-prob within the slice, nonzero only
-   on the rank that holds the target), combined locally in float64 into the global log-sum-exp,
-   log-prob and entropy. The per-token MHPO epilogue then runs on O(N) vectors, identically on
-   every rank.
+1. ``VocabSlice.agree``: one all-gather of a small int64 row per rank, read on the host once:
+   the slice size, the token count, fingerprints of the ids and per-token settings, whether the
+   rank's local checks passed, its largest id, and a hash of every setting the ranks must share.
+   Every rank judges the same table alike, so a bad call raises on every rank.
+2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's log-sum-exp
+   in two parts, its entropy, the target's log-prob within it), combined in float64 into the
+   global statistics; the per-token epilogue then runs on O(N) vectors, alike on every rank.
 
-The backward needs no collective: with the global log-sum-exp, each rank's logits gradient is its
-slice of the full gradient (the one-hot term only on the rank that holds the target).
+The backward needs no collective: with the global log-sum-exp, each rank's gradient is its slice
+of the full gradient.
 """
 
 import hashlib
@@ -27,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import ops
+from ._op_support import once_differentiable
 from ._sweep_types import RowStats
-from .torch_sweeps import LN2, _token_terms
+from .epilogue import merge_slices, token_terms
 
 SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the same order
 
@@ -44,15 +40,10 @@ def _fingerprint(x):
 
 
 def _setting_hashes(settings):
-    """``SETTING_SLOTS`` int64 hashes of the settings' values, in order, 0 for unused slots (the
-    row has one length on every rank, whatever the call). Hashes of ``repr``: equal on every rank
-    for equal values, unlike Python's ``hash`` of a str, which is seeded per process.
-
-    A 0-d tensor (the normalizer: a number's on the CPU, or a tensor on the inputs' device) is not
-    read here: it enters as the bits of its fp32 value, returned as {slot: 0-d int64 tensor, where
-    the value is} for ``agree`` to write into the row on the collective's device, so that a value
-    on the GPU rides the all-gather without a host sync of its own, and a number and a tensor of
-    the same value agree. Returns (hashes, that dict)."""
+    """(``SETTING_SLOTS`` int64 hashes of the settings' ``repr``s, in order, 0 for unused slots;
+    {slot: the bits of a 0-d tensor setting's fp32 value, as a 0-d int64 tensor where it is}):
+    ``agree`` writes those bits into the row on the device, so a normalizer on the GPU needs no
+    host sync of its own, and a number and a tensor of the same value agree."""
     if settings is None:
         return [0] * SETTING_SLOTS, {}
     values = list(settings.values())
@@ -75,10 +66,8 @@ def _shown(value):
 
 
 def collective_device(group, device):
-    """The device of the agreement's all-gather, and why ``device`` is wrong for ``group`` (or
-    None). An NCCL group communicates CUDA tensors only: inputs on another device are an error,
-    detected locally by the same rule on every rank, and reported through a CUDA tensor, so that
-    a rank with CPU inputs still tells the others before any of them waits."""
+    """(the device of the agreement's all-gather, why ``device`` is wrong for ``group`` or None):
+    an NCCL group's error for CPU inputs still travels on a CUDA tensor, so every rank hears it."""
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend and device.type != "cuda" and not any(
             b in backend for b in ("gloo", "mpi", "ucc")):
@@ -116,12 +105,8 @@ class VocabSlice:
 
     @staticmethod
     def agree(group, local_size, device, batch=None, local_error=None, settings=None):
-        """The agreement: one all-gather of 8 + ``SETTING_SLOTS`` int64 per rank, read on the host once, and
-        the same verdict raised on every rank. A rank's row: V_r, the token count, fingerprints of
-        the ids (which carry the mask) and of the per-token settings, whether its local checks
-        failed, its largest target id, and a hash of each setting (``settings``: name → value of
-        what every rank must pass alike). Everything but the host's own numbers is written on the
-        device, so the one read of the gathered table is the only sync."""
+        """The agreement (module docstring): one all-gather of 8 + ``SETTING_SLOTS`` int64 per rank,
+        written on the device, read on the host once; the same verdict raised on every rank."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("tp_group needs an initialized torch.distributed process group")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -195,37 +180,13 @@ class VocabSlice:
         return torch.where(target >= 0, rank, -1)
 
     def combine(self, local, target, with_entropy):
-        """Collective 2: every slice's (base, log2 sum, entropy, logp within the slice) per token →
-        the global (base, log2 sum, logp, entropy), fp32, 0 at invalid tokens.
-
-        With rel_r = (b_r − b) + log2 s_r (b the largest base), S = Σ_r 2^rel_r and the slice's
-        probability P_r = 2^rel_r / S: log2 S is the global log-sum-exp relative to b, the target's
-        log-prob is its log-prob within the owner's slice plus ln P_owner, and the entropy is the
-        mixture's, Σ_r P_r (H_r − ln P_r)."""
-        valid = target >= 0
-        n = target.numel()
+        """Collective 2: every slice's (base, log2 sum, entropy, logp within the slice) per token,
+        gathered and merged (``epilogue.merge_slices``) into the global ones, fp32."""
         mine = torch.stack([local.lse2_base, local.lse2_rest,
                             local.entropy if with_entropy else torch.zeros_like(local.lse2_base), local.logp], 1)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine.contiguous(), group=self.group)
-        base_r, log2_r, ent_r, logp_r = torch.stack(gathered).double().unbind(-1)   # each (world, N)
-        base = base_r.max(0).values
-        rel = (base_r - base) + log2_r
-        lse2_rest = torch.log2(torch.exp2(rel).sum(0))
-        log_share = LN2 * (rel - lse2_rest)                         # ln P_r, −inf for an empty slice
-        owner = self.owner_of(target)
-        cols = torch.arange(n, device=target.device)
-        logp = logp_r[owner.clamp(min=0), cols] + log_share[owner.clamp(min=0), cols]
-        entropy = None
-        if with_entropy:
-            share = torch.exp(log_share)
-            terms = torch.where(share > 0, share * (ent_r - log_share), 0.0)
-            entropy = torch.where(valid, terms.sum(0), 0.0).float()
-
-        def out(x):
-            return torch.where(valid, x, 0.0).float()
-
-        return out(base), out(lse2_rest), out(logp), entropy
+        return merge_slices(torch.stack(gathered), self.owner_of(target), target >= 0, with_entropy)
 
     def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
@@ -233,8 +194,30 @@ class VocabSlice:
         base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
         psi = zeta = loss = coef = None
         if with_loss:
-            psi, zeta, loss, coef = _token_terms(logp, target >= 0, old, adv, g, ref, hp)
+            psi, zeta, loss, coef = token_terms(logp, target >= 0, old, adv, g, ref, hp)
         return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef)
+
+
+def dtype_name(x):
+    return None if not isinstance(x, torch.Tensor) else str(x.dtype)
+
+def agreed_settings(call, hp, lmap, **flags):
+    """What every rank of a tp_group must pass alike, by name (``vocab_parallel.agree``): the
+    call, the objective with its values and switches, β, the logit map (temperature, scale,
+    softcap), then the call's own flags and dtypes."""
+    return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
+                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap, lmap.tau is not None),
+                **flags)
+
+def normalizer_setting(normalizer):
+    """``normalizer`` as the ranks of a tp_group must agree on it: None, or the value the loss
+    divides by as a 0-d fp32 tensor (a number's on the CPU, a tensor's where it is), whose bits
+    the agreement gathers without reading it on the host (``vocab_parallel.agree``)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(torch.float32)
+    return torch.tensor(float(normalizer), dtype=torch.float32)
 
 
 def _per_token_settings(batch):
@@ -273,12 +256,12 @@ class _VocabParallelSweeps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tp, batch, hp, lmap, with_entropy, with_loss, shifted, inplace):
-        from . import ops
-
         target = tp.local_target(batch.target)
         params = ops.pack_params(hp, lmap)
-        local = RowStats(*ops.sweeps_forward(logits, target, None, None, None, None, lmap.tau, params,
-                                             lmap.softcap, bool(with_entropy), False, bool(shifted), False)[:8])
+        local = RowStats(*ops.sweeps_forward(
+            logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
+            softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
+            inplace_backward=False)[:8])
         ref = batch.ref if hp.beta > 0 else None
         stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                with_entropy, with_loss)
@@ -290,28 +273,17 @@ class _VocabParallelSweeps(torch.autograd.Function):
                 stats.psi if with_loss else empty, stats.zeta if with_loss else empty)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta):
-        from . import ops
-
-        return ops.once_differentiable(_VocabParallelSweeps._backward)(ctx, d_logp, d_entropy, d_loss)
-
-    @staticmethod
-    def _backward(ctx, d_logp, d_entropy, d_loss):
-        from . import ops
-
         logits, target, base, lse2_rest, coef, entropy, tau = ctx.saved_tensors
         dlogp = d_logp.float()
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
         dent = d_entropy.float().contiguous() if ctx.with_entropy else None
-        args = (target, base, lse2_rest, dlogp.contiguous(), entropy if dent is not None else None, dent,
-                tau, ctx.params, ctx.softcap, ctx.shifted)
-        if ctx.inplace:
-            ops.sweeps_backward_(logits, *args)
-            grad = logits
-        else:
-            grad = ops.sweeps_backward(logits, *args)
-        return (grad,) + (None,) * 8
+        return (ops.backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest,
+                                   dlogp=dlogp.contiguous(), entropy=entropy if dent is not None else None,
+                                   dentropy=dent, tau=tau, params=ctx.params, softcap=ctx.softcap,
+                                   shifted=ctx.shifted),) + (None,) * 8
 
 
 def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward):
@@ -323,93 +295,3 @@ def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backwa
     with_loss = batch.adv is not None
     return RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
                     zeta if with_loss else None, loss if with_loss else None, None)
-
-
-class _VocabParallelLinear(torch.autograd.Function):
-    """The fused linear path on this rank's rows of the LM head (``linear_sweeps`` with ``tp``):
-    the forward computes the loss and the gradients for an upstream gradient of 1, the backward
-    scales them; no collective in the backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden,
-                entropy_coef):
-        from .linear_sweeps import fused_linear_sweeps
-
-        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
-            hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
-            batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
-            tp=batch.tp, reduce_dhidden=reduce_dhidden, n_valid=batch.n_valid, entropy_coef=entropy_coef)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
-        empty = logp.new_empty(0)
-        outputs = (logp, empty if entropy is None else entropy, psi, zeta)
-        ctx.mark_non_differentiable(*outputs)
-        return (loss,) + outputs
-
-    @staticmethod
-    def backward(ctx, d_loss, *_):
-        from .ops import once_differentiable
-
-        return once_differentiable(_VocabParallelLinear._backward)(ctx, d_loss)
-
-    @staticmethod
-    def _backward(ctx, d_loss):
-        from .ops import scaled_linear_grads
-
-        return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 8
-
-
-def fused_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, reduce_dhidden, entropy_coef=0.0):
-    """(loss, logp, entropy, psi, zeta) of the fused linear path over a vocabulary slice."""
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    return _VocabParallelLinear.apply(hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs,
-                                      reduce_dhidden, entropy_coef)
-
-
-class _VocabParallelLogprobs(torch.autograd.Function):
-    """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group:
-    the forward is ``linear_sweeps.token_logprobs_sweeps`` with ``tp`` (its combine makes the
-    global statistics), the backward ``token_logprobs_grads`` with those statistics, whose only
-    collective is dhidden's all-reduce."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
-        from .linear_sweeps import token_logprobs_sweeps
-
-        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
-                                                              chunk_rows, with_entropy, tp=batch.tp,
-                                                              n_valid=batch.n_valid)
-        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy)
-        ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
-        ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
-        return logp, logp.new_empty(0) if entropy is None else entropy
-
-    @staticmethod
-    def backward(ctx, d_logp, d_entropy):
-        from .ops import once_differentiable
-
-        return once_differentiable(_VocabParallelLogprobs._backward)(ctx, d_logp, d_entropy)
-
-    @staticmethod
-    def _backward(ctx, d_logp, d_entropy):
-        from .linear_sweeps import token_logprobs_grads
-
-        hidden, weight, bias, base, lse2_rest, entropy = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
-        dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
-        # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
-        dh, dw, db = token_logprobs_grads(
-            hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, lse2_rest, entropy,
-            dlogp, dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
-            reduce_dhidden=ctx.reduce_dhidden, n_valid=ctx.batch.n_valid)
-        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))
-        return grads + (None,) * 5
-
-
-def fused_linear_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
-    """(logp, entropy or an empty tensor) of the fused linear path over a vocabulary slice."""
-    return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
-                                        reduce_dhidden)

@@ -162,7 +162,7 @@ def test_custom_ops_registered():
 def test_opcheck(config):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree
     with what the ops really do, in the configurations the public functions use."""
-    from mhpo_kernels import ops
+    from mhpo_kernels import linear_ops, ops
 
     g = torch.Generator().manual_seed(5)
     from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
@@ -204,11 +204,11 @@ def test_opcheck(config):
         ids[2] = -1
         tau = torch.rand(6, generator=g) + 0.5
         args = (h, w, b, ids, tau, params, True, 4, True)
-        torch.library.opcheck(ops.fused_linear_logprobs, args)
-        _, ent, base, lse2_rest = (s.detach() for s in ops.fused_linear_logprobs(*args))
+        torch.library.opcheck(linear_ops.fused_linear_logprobs, args)
+        _, ent, base, lse2_rest = (s.detach() for s in linear_ops.fused_linear_logprobs(*args))
         bwd_args = (h.detach(), w.detach(), b.detach(), ids, tau, base, lse2_rest, ent, torch.randn(6, generator=g),
                     torch.randn(6, generator=g), params, True, 4, True, True, True)
-        torch.library.opcheck(ops.fused_linear_logprobs_backward, bwd_args)
+        torch.library.opcheck(linear_ops.fused_linear_logprobs_backward, bwd_args)
     else:
         dtype = torch.float32 if config == "linear-all" else torch.bfloat16
         h = torch.randn(6, 16, generator=g).to(dtype)
@@ -218,7 +218,7 @@ def test_opcheck(config):
         ids = torch.randint(0, 50, (6,), generator=g, dtype=torch.int32)
         args = (h, w, None, ids, None, torch.randn(6, generator=g), torch.full((6,), 1 / 6), None, None, params,
                 True, 4, True, need_dh, True, False)
-        torch.library.opcheck(ops.fused_linear_forward, args)
+        torch.library.opcheck(linear_ops.fused_linear_forward, args)
 
 
 def test_new_temperature_tensor_does_not_recompile():

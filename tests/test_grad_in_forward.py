@@ -9,7 +9,7 @@ import torch
 import mhpo_kernels
 from mhpo_kernels import MHPOLoss, mhpo_loss, policy_loss, token_logprobs
 from mhpo_kernels._config import one_sweep_programs, persistent_programs
-from mhpo_kernels.loss import check_grad_in_forward
+from mhpo_kernels._inputs import check_grad_in_forward
 from mhpo_kernels.objectives import CISPO, GPG, GSPO, MHPO, SAPO, PPOClip
 
 from _cases import STORE_FLOOR, store_error

@@ -149,7 +149,7 @@ def test_per_sequence_sum_is_deterministic(device):
     summed alone gives (an atomic sum's order depends on what the other sequences' threads do; a
     segment's order on its own boundaries only), empty sequences (0) first, between and last. Then
     GSPO on a packed stream with empty sequences: loss and gradient bitwise the same over calls."""
-    from mhpo_kernels.torch_sweeps import per_sequence_sum, segment_ids
+    from mhpo_kernels.epilogue import per_sequence_sum, segment_ids
     from mhpo_kernels.objectives import GSPO
 
     g = torch.Generator().manual_seed(5)
