@@ -25,6 +25,9 @@ BETA = 0.04
 TRL_VOCAB_CHUNK = 8192  # vocabulary columns per tile in TRL's ChunkedLogProbFunction
 
 
+MIN_P = 0.05  # the truncated log-probs' min_p (a typical sampler setting)
+
+
 def _loss_kwargs(inputs):
     return dict(temperature=TEMPERATURE, ref_logprobs=inputs["ref_logprobs"], beta=BETA)
 
@@ -253,6 +256,13 @@ PROVIDERS = {
                             lambda i: _compiled("token_logprobs")(i["full_logits"][:, :-1], i["input_ids"],
                                                                   TEMPERATURE)),
         "fused-grpo": Provider("fused-grpo", "GRPO", _fused_ppo, None, modes=("fwd_bwd", "fwd")),
+        # the sampler's truncated softmax beside the untruncated log-probs: two reads of each row
+        "fused-min-p": Provider("fused-min-p", f"log-probs, min_p = {MIN_P}", None,
+                                lambda i: mhpo_kernels.token_logprobs(i["full_logits"], i["input_ids"], TEMPERATURE,
+                                                                      min_p=MIN_P), modes=("logprobs",)),
+        "eager-min-p": Provider("eager-min-p", f"log-probs, min_p = {MIN_P}", None,
+                                lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"],
+                                                                   TEMPERATURE, min_p=MIN_P), modes=("logprobs",)),
         "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
                           needs=_needs_import(_liger, cuda_only=True)),

@@ -75,8 +75,8 @@ def register_limit(name, version=triton.__version__):
     return REGISTER_EXCEPTIONS.get(".".join(version.split(".")[:2]), {}).get(name, REGISTER_LIMIT)
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                HAS_TAU=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False, DX_IN_PHASE=False,
-                SPLIT=0)
+                HAS_TAU=False, MIN_P=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False,
+                DX_IN_PHASE=False, SPLIT=0)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
@@ -99,6 +99,10 @@ FWD_FLAGS = {
     "tau-loss-entropy-old-ref": dict(HAS_TAU=True, WITH_LOSS=True, HAS_OLD=True, HAS_REF=True,
                                      WITH_ENTROPY=True),
     "softcap-tau-logprobs": dict(SOFTCAP=True, HAS_TAU=True),
+    # the sampler's truncated softmax (token_logprobs(min_p=...)): pass 1 the statistics, pass 2
+    # the kept tokens' sums (``pass2``), one compare and select per logit more
+    "minp-logprobs": dict(MIN_P=True),
+    "minp-entropy": dict(MIN_P=True, WITH_ENTROPY=True),
 }
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.
@@ -109,6 +113,8 @@ BWD_FLAGS = {
     "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
     "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
     "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
+    "minp": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, MIN_P=True, DX_IN_PHASE=True, SPLIT=False),
+    "minp-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, MIN_P=True, DX_IN_PHASE=True, SPLIT=False),
 }
 
 # grad_in_forward's one-sweep kernel (the forward kernel with GRAD_IN_FORWARD): two loops per
@@ -203,7 +209,8 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
         return torch.empty(N, device="meta") if present else None
 
     def logit_map():
-        return LogitMap.make(1.0, softcap=30.0 if f["SOFTCAP"] else None, tau=per_token(f["HAS_TAU"]))
+        return LogitMap.make(1.0, softcap=30.0 if f["SOFTCAP"] else None, tau=per_token(f["HAS_TAU"]),
+                             min_p=per_token(f.get("MIN_P", False)))
 
     # The autograd ops' gradient buffer: the logits' layout (in phase), or the logits themselves.
     grad = torch.empty_like(logits)
@@ -288,6 +295,15 @@ def steady_loop(instrs):
     return best
 
 
+def cut_loops(instrs):
+    """The truncated forward's two loops, (pass 1, pass 2): the innermost loops with a global load,
+    in address order, neither storing. None unless there are exactly two."""
+    inner = [(loaded, body) for loaded, body, innermost in _loops(instrs) if innermost]
+    if len(inner) != 2 or any(re.search(r"(^|\s)STG", t) for _, body in inner for t in body):
+        return None
+    return tuple(inner)
+
+
 def steady_loops(instrs):
     """The one-sweep kernel's two steady-state loops, (pass 1, pass 2): the innermost loops with a
     global load (the persistent loop over rows holds both), pass 2 the one that stores. None
@@ -318,10 +334,10 @@ def _loop_report(loop, dtype):
     }
 
 
-def analyze(cubin_path, dtype, two_passes=False):
+def analyze(cubin_path, dtype, two_passes=False, cut=False):
     """The loop report of one cubin: registers, spills, elements and instructions per element.
-    ``two_passes`` (the one-sweep kernel): the fields are pass 1's, and ``pass2`` holds pass 2's
-    (None for either if the two loops are not found)."""
+    ``two_passes`` (the one-sweep kernel) or ``cut`` (the truncated forward): the fields are pass
+    1's, and ``pass2`` holds pass 2's (None for either if the two loops are not found)."""
     sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
                           capture_output=True, text=True, check=True).stdout
     usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
@@ -330,9 +346,9 @@ def analyze(cubin_path, dtype, two_passes=False):
     local = re.search(r"LOCAL:(\d+)", usage)
     report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
     instrs = parse_sass(sass)
-    if not two_passes:
+    if not (two_passes or cut):
         return {**report, **_loop_report(steady_loop(instrs), dtype)}
-    loops = steady_loops(instrs)
+    loops = steady_loops(instrs) if two_passes else cut_loops(instrs)
     pass1, pass2 = loops if loops is not None else (None, None)
     return {**report, **_loop_report(pass1, dtype), "pass2": _loop_report(pass2, dtype)}
 
@@ -379,7 +395,8 @@ def measure(names, cubin_dir, processes=None):
         with open(path, "wb") as f:
             f.write(cubin)
         if key not in done:
-            done[key] = analyze(path, var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False))
+            done[key] = analyze(path, var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
+                                var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False))
         report = done[key]
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}
@@ -397,7 +414,7 @@ def print_table(rows, file=sys.stdout):
               f"{r['registers']:>4} {r['spill_bytes']:>5}", file=file)
         if "pass2" in r:
             p = r["pass2"]
-            print(f"{'  pass 2 (gradient)':<46} {p['elements_per_thread_per_iteration']!s:>11} "
+            print(f"{'  pass 2':<46} {p['elements_per_thread_per_iteration']!s:>11} "
                   f"{p['instructions_per_element']!s:>10} {p['budget']:>6} {p['mufu_per_element']!s:>9}", file=file)
 
 

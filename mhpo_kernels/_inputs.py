@@ -14,7 +14,7 @@ import torch
 from ._sweep_types import (
     ADV_NONE, ADV_PER_SEQ, ADV_PER_TOKEN, ADV_SCALAR, AGG_MODES, STATUS_ADV_VARIES, STATUS_BAD_IDS, STATUS_CU,
     STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE,
-    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU,
+    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P,
 )
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,6 +37,7 @@ class Batch:
     tau: Optional[torch.Tensor] = None     # (N,) fp32 per-token temperature (read at valid tokens only)
     n_valid: Optional[int] = None   # valid tokens, read in validation's one host sync; None inside torch.compile
     tp: Optional[object] = None     # vocab_parallel.VocabSlice when the vocabulary is split over ranks
+    min_p: Optional[torch.Tensor] = None   # (N,) fp32 min_p per token (SPEC.md, section 9), None: off
 
     @property
     def valid(self):
@@ -97,6 +98,40 @@ def _check_temperature_tensor(tau, token_shape, device):
         raise ValueError(f"temperature must be a number, a 0-d tensor or a tensor of shape {tuple(token_shape)} "
                          f"like input_ids (or ({n},)), got shape {tuple(tau.shape)}")
     return tau.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def check_min_p(min_p):
+    """None (off), a number in [0, 1] (≤ 0 is off: None), or a floating tensor (its shape and
+    values are checked with the other per-token inputs). Inside torch.compile a number stays a
+    graph input: whether it is on is a guard, its bound an assert."""
+    if min_p is None or isinstance(min_p, torch.Tensor):
+        if min_p is not None and not min_p.is_floating_point():
+            raise TypeError(f"min_p must be a number or a floating tensor, got a {min_p.dtype} tensor")
+        return min_p
+    if isinstance(min_p, bool) or not isinstance(min_p, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"min_p must be None, a number or a floating tensor, got {type(min_p).__name__}")
+    if min_p <= 0:
+        return None
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.zeros((), dtype=torch.float64) + min_p <= 1, "min_p must lie in [0, 1]")
+        return min_p
+    if not min_p <= 1:  # NaN too
+        raise ValueError(f"min_p must lie in [0, 1] (≤ 0 is off), got {min_p}")
+    return float(min_p)
+
+
+def _check_min_p_tensor(min_p, token_shape, device):
+    """``check_min_p``'s value as (N,) fp32 on ``device`` (a number filled in), or None."""
+    if min_p is None:
+        return None
+    n = math.prod(token_shape)
+    if not isinstance(min_p, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
+        return torch.zeros(n, dtype=torch.float32, device=device) + min_p
+    _check_tensor("min_p", min_p, device)
+    if min_p.shape != token_shape and tuple(min_p.shape) != (n,):
+        raise ValueError(f"min_p must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
+                         f"(or ({n},)), got shape {tuple(min_p.shape)}")
+    return min_p.detach().reshape(-1).to(torch.float32).contiguous()
 
 
 def check_agg_mode(loss_agg_mode):
@@ -346,7 +381,8 @@ def _messages(N):
             (STATUS_NOT_ONE_EACH, f"advantages of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} sequences "
                                   f"but not one token each: pass per-sequence advantages as (S, 1)"),
             (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
-            (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")))
+            (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
+            (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"))
 
 
 def _positive_logp(name):
@@ -377,7 +413,7 @@ def _raise_on_status(status, ids, V, normalizer):
 
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
                    cu_seqlens=None, temperature=None, advantages=None, loss_agg_mode=None, normalizer=None,
-                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None):
+                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None, min_p=None):
     """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
     (None: split over ranks), then the prepare launch and its status read: the Batch. Without
     ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign."""
@@ -388,6 +424,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     mask = _check_mask(mask, token_shape, device)
     cu = _check_cu_seqlens(cu_seqlens, token_shape, device)
     tau = _check_temperature_tensor(temperature, token_shape, device)
+    min_p = _check_min_p_tensor(min_p, token_shape, device)
     N = ids.numel()
     n_seqs, T = (cu.numel() - 1, 0) if cu is not None else tuple(token_shape) if len(token_shape) == 2 else (1, N)
     adv_mode, adv, one_token_each, seq_counts = ADV_NONE, None, False, None
@@ -404,9 +441,10 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
-        same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref)
+        same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
+        min_p=min_p)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
-    return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid)
+    return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p)
 
 
 def prepare_mhpo(

@@ -15,8 +15,9 @@ ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # tokens, then each value check's count of offending tokens or sequences (the first bad id's flat
 # position in its own slot), 0 where the check passed or does not apply.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
- STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE) = range(12)
-STATUS_SLOTS = 12
+ STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
+ STATUS_MIN_P) = range(13)
+STATUS_SLOTS = 13
 # A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
 LOGP_ABOVE_ZERO = 1e-2
@@ -59,13 +60,15 @@ class LogitMap:
     sweeps take the derived constants below (``kernels/logit_map.py`` says how they are used).
     With a per-token temperature, ``tau`` holds τ_t per row ((N,) fp32, 1 at invalid rows) and the
     scalars are those of τ = 1: τ_t divides ``log2_scale`` and ``slope`` row by row (it never
-    enters ``tanh_scale``), once per row, in each sweep.
+    enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32 per row, ≤ 0 off)
+    truncates the softmax to the tokens with p_v ≥ min_p · max p (SPEC.md, section 9).
     """
 
     in_scale: float
     out_scale: float
     softcap: bool
     tau: Optional[torch.Tensor] = None
+    min_p: Optional[torch.Tensor] = None
 
     @property
     def log2_scale(self):
@@ -83,15 +86,18 @@ class LogitMap:
         return self.in_scale * self.out_scale
 
     def rows(self, index):
-        """The map of a subset of the rows (a slice or an index tensor of ``tau``'s rows)."""
-        return self if self.tau is None else replace(self, tau=self.tau[index])
+        """The map of a subset of the rows (a slice or an index tensor of the per-row tensors)."""
+        def rows(x):
+            return None if x is None else x[index]
+
+        return replace(self, tau=rows(self.tau), min_p=rows(self.min_p))
 
     @staticmethod
-    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None):
+    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None):
         """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
         if softcap is None:
-            return LogitMap(logit_scale / temperature, 1.0, False, tau)
-        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau)
+            return LogitMap(logit_scale / temperature, 1.0, False, tau, min_p)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau, min_p)
 
 
 class RowStats(NamedTuple):

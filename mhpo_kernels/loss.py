@@ -7,7 +7,7 @@ import torch
 
 from . import _dispatch
 from ._inputs import (
-    check_grad_in_forward, check_inplace, check_logits, check_nonnegative, check_positive, check_temperature,
+    check_grad_in_forward, check_inplace, check_logits, check_min_p, check_nonnegative, check_positive, check_temperature,
     check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
@@ -243,7 +243,7 @@ def policy_loss(
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, tp_group=None, mask=None):
+                   inplace_backward=False, tp_group=None, mask=None, *, min_p=None):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
@@ -254,13 +254,22 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     ``mhpo_loss``) or (N, V) in float32/bfloat16/float16; input_ids (B, T) or (N,); results have
     input_ids' shape, dtype float32. ``temperature`` (a number or one τ per token),
     ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``. Runs where ``mhpo_loss`` runs.
+
+    ``min_p`` (a number in [0, 1] or one per token, like ``temperature``; None or ≤ 0 is off):
+    the log-probs and entropy of the sampler's truncated softmax, renormalized over the tokens
+    with p ≥ min_p · max p (SPEC.md, section 9). A target outside that set gets −inf and no
+    log-prob gradient. Not with ``tp_group``.
     """
     def prepare():
         tau_value, tau = check_temperature(temperature)
+        cut = check_min_p(min_p)
+        if cut is not None and tp_group is not None:
+            raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
+                                      "logit of every rank's slice before the second pass")
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask, temperature=tau)
-        lmap = LogitMap.make(tau_value, tau=batch.tau)
+                               logits.device, ignore_index, mask, temperature=tau, min_p=cut)
+        lmap = LogitMap.make(tau_value, tau=batch.tau, min_p=batch.min_p)
         return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 

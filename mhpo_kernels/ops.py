@@ -90,6 +90,7 @@ class SweepsArgs(NamedTuple):
     grad_in_forward: bool = False
     totals: int = 0
     entropy_bonus: bool = False
+    min_p: Optional[Tensor] = None
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
@@ -112,7 +113,7 @@ def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
 def _forward_sweep(a, grad=None):
     """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
     then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient."""
-    hp, lmap, values = _unpack(a.params, a.softcap, a.tau)
+    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, a.min_p)
     entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
     sequence_level = a.with_loss and a.cu is not None
@@ -148,6 +149,7 @@ def sweeps_forward(
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
     cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
+    min_p: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
@@ -158,7 +160,7 @@ def sweeps_forward(
     changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
     sequence boundaries over the tokens, for a sequence-level objective (GSPO) only."""
     a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus)
+                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p)
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
@@ -242,9 +244,9 @@ class OneSweepInplace(torch.autograd.Function):
 
 
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
-                    shifted):
+                    shifted, min_p):
     _, backward_sweep = _dispatch.sweeps(logits.device)
-    _, lmap, _ = _unpack(params, softcap, tau)
+    _, lmap, _ = _unpack(params, softcap, tau, min_p)
     with _without_autocast(logits.device):
         backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, lse2_rest, dlogp,
                        entropy, dentropy, lmap, zero_tail=shifted)
@@ -255,16 +257,16 @@ def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentr
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool,
+    softcap: bool, shifted: bool, min_p: Optional[Tensor] = None,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
     grad = _grad_buffer(logits)
     return _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                           softcap, shifted)
+                           softcap, shifted, min_p)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, min_p=None):
     return _grad_buffer(logits)
 
 
@@ -272,16 +274,16 @@ def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, so
 def sweeps_backward_(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool,
+    softcap: bool, shifted: bool, min_p: Optional[Tensor] = None,
 ) -> None:
     """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
     same lane writes it)."""
     _backward_sweep(logits, logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                    softcap, shifted)
+                    softcap, shifted, min_p)
 
 
 @sweeps_backward_.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, min_p=None):
     return None
 
 
@@ -310,7 +312,8 @@ def _sweeps_setup(ctx, inputs, output):
     seq = a.with_loss and a.cu is not None
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
-                          a.weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params)
+                          a.weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
+                          a.min_p)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
     ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics)
@@ -323,7 +326,7 @@ def _add(x, y):
 
 @once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics):
-    nothing = (None,) * 17
+    nothing = (None,) * len(SweepsArgs._fields)
     if ctx.totals:
         d_loss = None   # the per-token losses are not differentiable then: the 0-d total is
     else:
@@ -331,7 +334,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     if ctx.grad_in_forward:
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
-    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params = ctx.saved_tensors
+    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, min_p = ctx.saved_tensors
     if not ctx.with_loss:
         d_loss = d_total = None
     d_entropy = d_entropy if ctx.with_entropy else None
@@ -352,7 +355,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     dent = None if d_entropy is None else d_entropy.to(lse2_rest.dtype).contiguous()
     grad = backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest, dlogp=dlogp,
                           entropy=entropy if dent is not None else None, dentropy=dent, tau=tau, params=params,
-                          softcap=ctx.softcap, shifted=ctx.shifted)
+                          softcap=ctx.softcap, shifted=ctx.shifted, min_p=min_p)
     return (grad,) + nothing[1:]
 
 
@@ -378,7 +381,8 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
         out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
                              cu=batch.boundaries() if hp.kind == GSPO_KIND else None,
                              grad_in_forward=bool(grad_in_forward),
-                             entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0)
+                             entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
+                             min_p=lmap.min_p)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)

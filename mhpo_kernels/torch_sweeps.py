@@ -14,7 +14,7 @@ import torch
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
-    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, LOGP_ABOVE_ZERO, RowStats,
+    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, LOGP_ABOVE_ZERO, RowStats,
 )
 from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
 
@@ -31,7 +31,7 @@ def boundaries(cu, n_seqs, T, device):
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None):
     """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
     N, device = ids.numel(), ids.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -48,6 +48,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
     status[STATUS_FIRST_BAD] = torch.where(bad, positions, N).amin() if N else zero
     if tau is not None:  # τ_t is data like a logit (NaN propagates); ≤ 0 or +inf is a misuse
         status[STATUS_TAU] = (valid & ((tau <= 0) | tau.isinf())).sum()
+    if min_p is not None:  # a share of the largest probability: NaN or above 1 is a misuse (≤ 0 is off)
+        status[STATUS_MIN_P] = (valid & (min_p.isnan() | (min_p > 1))).sum()
     for slot, logp in ((STATUS_OLD_POSITIVE, old), (STATUS_REF_POSITIVE, ref)):
         if logp is not None:  # finite and above 0 beyond rounding: no log-prob (non-finite ones are data)
             status[slot] = (valid & (logp > LOGP_ABOVE_ZERO) & (logp < math.inf)).sum()
@@ -152,16 +154,29 @@ def _zero_tail(grad):
     grad.as_strided((B, 1, V), grad.stride(), grad.storage_offset() + T * grad.stride(1)).zero_()
 
 
+def _cut(lmap, valid, r0, dtype):
+    """The kept set's threshold on the exponents d of the chunk's rows, (rows, 1): log2(min_p),
+    −inf where min_p ≤ 0 (SPEC.md, section 9); None without truncation."""
+    if lmap.min_p is None:
+        return None
+    min_p = torch.where(valid, lmap.min_p[r0:r0 + valid.numel()], 0.0).to(dtype)
+    return torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf).unsqueeze(-1)
+
+
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
              grad_scale=1.0):
     """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
     upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
+    assert lmap.min_p is None or not (with_loss or grad is not None), "a truncated softmax gives log-probs only"
     out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
+        cut = _cut(lmap, valid, r0, d.dtype)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
+        if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
+            e.masked_fill_(d < cut, 0.0)
         sum_e = e.sum(-1)
         lse2_rest = sum_e.log2()
         y = target[r0:r1].long()
@@ -169,7 +184,10 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         d_y = d.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         out.lse2_base[r0:r1] = torch.where(valid, base, 0.0)
         out.lse2_rest[r0:r1] = torch.where(valid, lse2_rest, 0.0)
-        out.logp[r0:r1] = torch.where(has_y, (d_y - lse2_rest) * LN2, 0.0)
+        logp = (d_y - lse2_rest) * LN2
+        if cut is not None:
+            logp = torch.where((d_y < cut[:, 0]) & ~lse2_rest.isnan(), -math.inf, logp)
+        out.logp[r0:r1] = torch.where(has_y, logp, 0.0)
         if with_entropy:
             # H = ln 2 · (log2 s − Σ e·d / s); e·d is 0, not NaN, where d = −inf.
             e_d = torch.where(e > 0, e.mul_(d), 0.0).sum(-1)
@@ -191,14 +209,20 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         q, valid, _, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
+        y = target[r0:r1].long()
+        cut = _cut(lmap, valid, r0, q.dtype)
+        dropped = None if cut is None else q < cut      # outside the kept set, before q becomes log2 p
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
+        if dropped is not None:  # a target outside the kept set: no log-prob gradient
+            dlogp_c = torch.where(dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1)), 0.0, dlogp_c)
         dz = q.exp2()                                   # p, then overwritten with ∂L/∂z
+        if dropped is not None:
+            dz.masked_fill_(dropped, 0.0)
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
             ent_term = torch.where(dz > 0, dz * (q * LN2 + h), 0.0).mul_(dent)
-        y = target[r0:r1].long()
         has_y = (valid & (y < dz.shape[-1])).unsqueeze(-1)
         dz.mul_(-dlogp_c).scatter_add_(-1, y.clamp(0, dz.shape[-1] - 1).unsqueeze(-1),
                                        torch.where(has_y, dlogp_c, 0.0))

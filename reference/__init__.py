@@ -31,22 +31,77 @@ def _valid_tokens(input_ids, mask, ignore_index):
     return valid
 
 
-def _selected_logprobs(logits, input_ids, valid, temperature):
-    """log softmax(x/τ)[y] and softmax(x/τ) over the vocabulary, for valid tokens only.
+def _selected_logprobs(logits, input_ids, valid, temperature, filters=None):
+    """log softmax(x/τ)[y] and log softmax(x/τ) over the vocabulary, for valid tokens only, and
+    the (B, T) bool of the targets outside the kept set (all False without ``filters``).
 
     Invalid rows are replaced by zeros first, so whatever they hold (NaN, garbage ids) reaches
     neither the result nor the gradient. ``temperature`` is a number or a tensor of one τ_t per
     token (shaped like input_ids, or flat): each row is divided by its own τ_t (1 at invalid
-    tokens, whose τ may be anything).
+    tokens, whose τ may be anything). ``filters``: {top_k, top_p, min_p} (SPEC.md, section 9):
+    the softmax is then the truncated one, and a target outside its kept set gets −inf and no
+    gradient; a row holding a NaN or +inf logit keeps every token (its results are NaN).
     """
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
     ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
     if isinstance(temperature, torch.Tensor):  # one τ_t per token; a 0-d tensor is one τ for all
         temperature = torch.where(valid, temperature.expand(valid.numel()).reshape(valid.shape)
                                   if temperature.dim() == 0 else temperature.reshape(valid.shape), 1.0).unsqueeze(-1)
-    logprobs = F.log_softmax(logits / temperature, dim=-1)
+    z = logits / temperature
+    outside = torch.zeros_like(valid)
+    if filters:
+        per_token = {name: torch.where(valid, v.reshape(valid.shape), 0) if isinstance(v, torch.Tensor) and v.dim()
+                     else v for name, v in filters.items()}
+        # A row whose softmax is NaN (a NaN or +inf logit, section 5) stays NaN: nothing is cut.
+        nan_row = (z.detach().isnan() | (z.detach() == math.inf)).any(-1, keepdim=True)
+        keep = kept_set(z.detach(), **per_token) | nan_row
+        z = truncated(z, keep)
+        outside = valid & ~keep.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = F.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return logp, logprobs
+    logp = torch.where(outside, torch.full_like(logp, -math.inf), logp)
+    return logp, logprobs, outside
+
+
+def _per_row(value, shape, dtype):
+    """A filter's value per row of ``shape`` (..., V) rows: a number, or one value per token."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full(shape[:-1], float(value), dtype=dtype)
+    return value.to(dtype).reshape(shape[:-1]) if value.dim() else value.to(dtype).expand(shape[:-1])
+
+
+def kept_set(z, top_k=None, top_p=None, min_p=None):
+    """The sampler's kept set (SPEC.md, section 9) of each row of ``z`` (..., V), the logits
+    after the temperature, as a bool (..., V): min_p, then top_k, then top_p, each by sorting.
+    A value that is None, or off (top_k ≤ 0, top_p ≥ 1, min_p ≤ 0), keeps every token."""
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if min_p is not None:
+        mp = _per_row(min_p, z.shape, z.dtype).unsqueeze(-1)
+        cut = z.amax(-1, keepdim=True) + mp.clamp(min=1e-300).log()
+        keep &= (mp <= 0) | (z >= cut)
+    if top_k is not None:
+        k = _per_row(top_k, z.shape, torch.float64).round().long().unsqueeze(-1)
+        ranked = torch.where(keep, z, -math.inf).sort(-1, descending=True).values
+        kth = ranked.gather(-1, (k - 1).clamp(0, z.shape[-1] - 1))
+        keep &= (k <= 0) | (z >= kth)
+    if top_p is not None:
+        p = _per_row(top_p, z.shape, z.dtype).unsqueeze(-1)
+        masked = torch.where(keep, z, -math.inf)
+        probs = F.log_softmax(masked, -1).exp()
+        ascending, order = masked.sort(-1)
+        cumulative = probs.gather(-1, order).cumsum(-1)
+        # Ties share their group's cumulative probability: the last one of the group, counted
+        # from the smallest, so that equal values are kept or dropped together.
+        last_of_group = torch.searchsorted(ascending.contiguous(), masked.contiguous(), right=True) - 1
+        at_or_below = cumulative.gather(-1, last_of_group)
+        top = z == torch.where(keep, z, -math.inf).amax(-1, keepdim=True)
+        keep &= (p >= 1) | (at_or_below > 1 - p) | top
+    return keep
+
+
+def truncated(z, keep):
+    """The logits of the truncated distribution: −inf outside the kept set (no gradient there)."""
+    return torch.where(keep, z, torch.full_like(z, -math.inf))
 
 
 def _entropy(logprobs):
@@ -79,13 +134,16 @@ def _unpack(cu_seqlens, *flat):
     return held, tuple(None if x is None else x[index] for x in flat)
 
 
-def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False, mask=None):
+def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False, mask=None,
+                   top_k=None, top_p=None, min_p=None):
     """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored
-    or where ``mask`` is false."""
+    or where ``mask`` is false. With ``top_k``/``top_p``/``min_p`` the softmax is the sampler's
+    truncated one (SPEC.md, section 9): −inf for a target outside its kept set."""
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, mask3 = _as_batch(logits, input_ids, mask)
     valid = _valid_tokens(ids, mask3, ignore_index)
-    logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
+    filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
+    logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters)
     logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
     if not return_entropy:
         return logp
@@ -255,34 +313,48 @@ def mhpo_loss(
     cu_seqlens=None,
     seq_valid_tokens=None,
     entropy_coef=0.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
 ):
     """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
     (and ``objective``, as in ``mhpo_kernels.policy_loss``: None is MHPO with c, k, λ above)
     (less ``inplace_backward``). Logits with one more position than input_ids are sliced:
     position t predicts input_ids[:, t]. A packed stream (``cu_seqlens``) is the padded batch of
-    its sequences: it is unpacked and computed as that batch."""
+    its sequences: it is unpacked and computed as that batch. With ``top_k``/``top_p``/``min_p``
+    the log-probs are the sampler's truncated ones (section 9): a target outside the kept set is
+    left out like an invalid token, and ``outside_support`` (its share of the valid tokens) joins
+    the metrics."""
+    filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
         tau_tokens = torch.is_tensor(temperature) and temperature.shape == input_ids.shape
-        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau) = _unpack(
+        names = [k for k, v in filters.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, *filter_values) = _unpack(
             cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
-            temperature if tau_tokens else None)
+            temperature if tau_tokens else None, *(filters[k] for k in names))
+        filters.update(zip(names, filter_values))
         advantages = adv_tokens if per_token else advantages
         temperature = tau if tau_tokens else temperature
         mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
-    logp, logprobs = _selected_logprobs(logits3, ids, valid, temperature)
+    logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters)
+    share = (outside.sum() / valid.sum().clamp(min=1)).to(logp.dtype)
+    valid = valid & ~outside
     if advantages.numel() == 1:                            # () or (1,): one advantage for every token
         advantages = advantages.reshape(1, 1).expand(logits3.shape[0], 1)
-    return mhpo_loss_from_logprobs(
+    out = mhpo_loss_from_logprobs(
         logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
         entropy=_entropy(logprobs) if return_metrics or entropy_coef > 0 else None, normalizer=normalizer,
         objective=objective, entropy_coef=entropy_coef, seq_valid_tokens=seq_valid_tokens,
     )
+    if return_metrics and filters:
+        out[1]["outside_support"] = share.detach()
+    return out
 
 
 def policy_loss(logits, input_ids, old_logprobs, advantages, mask=None, *, objective, **kwargs):

@@ -268,12 +268,16 @@ def _hyper_calls():
         logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True)
         return logp.sum() + entropy.sum()
 
+    def logprobs_min_p(x, i, tau, beta, *_):
+        logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True, min_p=beta)
+        return torch.where(logp.isinf(), 0.0, logp).sum() + entropy.sum()
+
     module = mhpo_kernels.MHPOLoss(beta=0.1)
 
     def module_forward(x, i, tau, *_):
         return module(x, i["ids"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], temperature=tau)
 
-    return [mhpo, policy, logprobs, module_forward]
+    return [mhpo, policy, logprobs, logprobs_min_p, module_forward]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

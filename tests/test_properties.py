@@ -153,9 +153,10 @@ def test_hyperparameters_are_runtime_arguments():
     # the batch (test_specialization.py counts the compiled variants over batch shapes)
     block = {"R", "LANES", "VEC", "ROWS_ALIGNED"}
     assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF",
-                                              "HAS_TAU", "OBJECTIVE", "LFM", "DHP", "GRAD_IN_FORWARD",
+                                              "HAS_TAU", "MIN_P", "OBJECTIVE", "LFM", "DHP", "GRAD_IN_FORWARD",
                                               "DX_IN_PHASE", "SPLIT"} | block
-    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "DX_IN_PHASE", "SPLIT"} | block
+    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "MIN_P", "DX_IN_PHASE",
+                                              "SPLIT"} | block
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values
     assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)

@@ -79,6 +79,23 @@ def test_one_sweep_kernel_has_both_passes(report):
         assert r["vector_stores"] == 0 and r["pass2"]["vector_stores"] > 0, r
 
 
+def test_truncation_passes(report):
+    """min_p's forward: pass 1 is the statistics loop, pass 2 the kept tokens' sums, neither
+    storing, both within the forward's budget (pass 2 keeps no max: a compare and a select per
+    logit in its place); its backward is the backward's loop with a compare and a select."""
+    by_name = {r["name"]: r for r in report}
+    for dtype in ("bf16", "fp16", "fp32"):
+        for suffix in ("logprobs", "entropy"):
+            r = by_name[f"fwd-{dtype}-minp-{suffix}"]
+            assert r["pass2"]["loop_instructions"] and r["pass2"]["vector_stores"] == 0, r
+            assert r["pass2"]["budget"] == BUDGET["fwd"]
+            plain = by_name[f"fwd-{dtype}-{suffix}"]
+            assert abs(r["loop_instructions"] - plain["loop_instructions"]) <= 2, (r, plain)
+        for suffix in ("", "-entropy"):
+            r, plain = by_name[f"bwd-{dtype}-minp{suffix}"], by_name[f"bwd-{dtype}{suffix}"]
+            assert r["mufu_per_element"] == plain["mufu_per_element"], (r, plain)
+
+
 def test_per_token_temperature_leaves_the_loop_alone(report):
     """τ_t is loaded and divided into k (and the slope) once per row: each per-token-temperature
     variant's loop has the MUFU ops of the same variant with a scalar τ and at most one
@@ -112,7 +129,8 @@ def test_no_spills_and_16_byte_vectors(report):
         # Each lane moves whole 16-byte vectors: one per VEC elements it owns per iteration.
         vectors = r["elements_per_thread_per_iteration"] * {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]] // 16
         assert r["vector_loads"] == vectors, r
-        if r["name"].startswith(("bwd", "scale")) or r["name"].endswith("-pass2"):
+        if r["name"].startswith(("bwd", "scale", "onesweep")) and not (r["name"].startswith("onesweep")
+                                                                    and not r["name"].endswith("-pass2")):
             assert r["vector_stores"] == vectors, r
 
 

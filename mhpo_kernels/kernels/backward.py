@@ -25,16 +25,25 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 # 1 − u_v² with softcap. The loop writes the first term for every v; the one-hot term is added at
 # v = y once, after the loop, so the loop compares no indices. A zero-probability entry (q = −inf)
 # adds nothing to the entropy term (p log p → 0): q is clamped to a finite floor first.
+#
+# A softmax truncated to a kept set K (min_p: d_v = k·u_v − b ≥ cut) is the same softmax over K:
+# p_v is 0 outside K, where the loop writes 0, and a target outside K has no log-prob gradient
+# (its dlogp is taken as 0; its entropy's gradient is still the row's).
 
 Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
 
 
 @triton.jit
-def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr):
-    """The loop's term p · (a0 + a1 · q) · σ for a block (or one element) of raw logits."""
+def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, cut,
+                SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, CUT: tl.constexpr):
+    """The loop's term p · (a0 + a1 · q) · σ for a block (or one element) of raw logits; with
+    ``CUT``, 0 where d < ``cut`` (outside the kept set; NaN stays)."""
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
-    b_q = tl.fma(b_u, k, -base) - log2_s
+    b_d = tl.fma(b_u, k, -base)
+    b_q = b_d - log2_s
     b_p = tl.exp2(b_q)
+    if CUT:
+        b_p = tl.where(b_d < cut, 0.0, b_p)
     if HAS_DENT:
         b_q = tl.maximum(b_q, Q_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         b_g = b_p * (a0 + a1 * b_q)
@@ -44,8 +53,9 @@ def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP: tl.constexpr,
 
 
 @triton.jit
-def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_scale,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr):
+def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_scale, cut,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr,
+               CUT: tl.constexpr):
     """One block of the loop's term, read from the logits and written to the gradient at the same
     offsets from their block bases (rows.py), where the row is [lo, hi): each element is read and
     then written by the same lane, so the gradient may be the logits themselves. ``EVICT``: the
@@ -57,7 +67,7 @@ def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_s
         b_x = tl.load(p_blk + o_v, mask=m_v, other=0.0, eviction_policy=EVICT).to(tl.float32)
     else:
         b_x = tl.load(p_blk + o_v, eviction_policy=EVICT).to(tl.float32)
-    b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+    b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, cut, SOFTCAP, HAS_DENT, CUT)
     if MASKED:
         tl.store(p_dblk + o_v, b_g.to(p_dblk.dtype.element_ty), mask=m_v)
     else:
@@ -66,16 +76,18 @@ def _grad_step(p_blk, p_dblk, v0, o_blk, lo, hi, k, base, log2_s, a0, a1, tanh_s
 
 @triton.jit
 def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base, log2_s,
-              dlogp, ent, dent, tanh_scale,
-              SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr,
+              dlogp, ent, dent, tanh_scale, cut,
+              SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, EVICT: tl.constexpr, CUT: tl.constexpr,
               R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """The gradient of a valid token's row, [lead, n_end) from the block bases, over its blocks
     [b0, b1) (the whole row, or one split: b0 a multiple of BLOCK_V), from the row's statistics
     (the row constants k and slope are the row's own, τ_t applied): the loop's term, then the
     one-hot term at y where ``has_y`` (y in these blocks). ``x_y``: the target logit, read before
-    any of the row was written."""
+    any of the row was written. ``CUT``: the softmax truncated to d ≥ ``cut``."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
+    if CUT:  # a target outside the kept set: no log-prob gradient (SPEC.md, section 9)
+        dlogp = tl.where(tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) < cut, 0.0, dlogp)
     if HAS_DENT:
         a0 = -(dlogp + dent * ent) * slope
         a1 = -dent * LN2 * slope
@@ -85,17 +97,17 @@ def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, 
     # With p_dx = p_x (gradient in place) the loop overwrites the row, and the lane that writes y
     # may be in another warp: every lane waits until every lane has read x_y.
     tl.debug_barrier()
-    _grad_step(p_blk, p_dblk, b0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-               True, SOFTCAP, HAS_DENT, EVICT)
+    _grad_step(p_blk, p_dblk, b0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale, cut,
+               True, SOFTCAP, HAS_DENT, EVICT, CUT)
     for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
-        _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-                   False, SOFTCAP, HAS_DENT, EVICT)
+        _grad_step(p_blk, p_dblk, v0, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale, cut,
+                   False, SOFTCAP, HAS_DENT, EVICT, CUT)
     if (n_full > b0) & (n_full < b1):
-        _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale,
-                   True, SOFTCAP, HAS_DENT, EVICT)
+        _grad_step(p_blk, p_dblk, n_full, o_blk, lead, n_end, k, base, log2_s, a0, a1, tanh_scale, cut,
+                   True, SOFTCAP, HAS_DENT, EVICT, CUT)
     # The one-hot term at v = y, over the value the loop wrote there: every lane's store
     # must land first.
-    g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, SOFTCAP, HAS_DENT)
+    g_y = _grad_block(x_y, k, base, log2_s, a0, a1, tanh_scale, cut, SOFTCAP, HAS_DENT, CUT)
     g_y += _logit_slope(_logit_u(x_y, tanh_scale, SOFTCAP), dlogp * slope, SOFTCAP)
     tl.debug_barrier()
     tl.store(p_drow + y, g_y.to(p_drow.dtype.element_ty), mask=has_y)
@@ -124,12 +136,14 @@ def _mhpo_bwd_kernel(
     p_y, p_lse2_base, p_lse2_rest,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
+    p_min_p,                                     # (N,) fp32 per-token min_p, ≤ 0 off (MIN_P)
     split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
     N, T, V,                                     # rows ≥ N: the zero rows after each sequence (rows._tail_offset)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_TAU: tl.constexpr,
+    MIN_P: tl.constexpr,                         # the softmax truncated by min_p (forward.py)
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     SPLIT: tl.constexpr,                         # grid (N, splits): program (r, j) writes split j of row r
     ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
@@ -172,8 +186,13 @@ def _mhpo_bwd_kernel(
             dent = 0.0
             ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
+        if MIN_P:
+            min_p = tl.load(p_min_p + row)
+            cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
+        else:
+            cut = float("-inf")
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,
-                  log2_s, dlogp, ent, dent, tanh_scale, SOFTCAP, HAS_DENT, "", R, LANES, VEC)
+                  log2_s, dlogp, ent, dent, tanh_scale, cut, SOFTCAP, HAS_DENT, "", MIN_P, R, LANES, VEC)
     else:
         if row >= N:  # past the N tokens: the shift's zero rows, at their own offsets (rows._tail_offset)
             lead = _row_lead(_tail_offset(row, N, T, stride_xb, stride_xt), VEC)
@@ -258,12 +277,14 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     tail = B if zero_tail else 0
     if N + tail == 0:
         return grad
-    per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau)
+    per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau, lmap.min_p)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
-    splits = launch_splits(N, V, logits.element_size(), logits.device)
+    # A truncated row is never split: each program decides from the target logit, read before any
+    # write, whether the target is kept (another split may overwrite it when in place).
+    splits = 1 if lmap.min_p is not None else launch_splits(N, V, logits.element_size(), logits.device)
     grid = (N + tail,) if splits == 1 else (N + tail, splits)
     with on_device(logits.device):
         _mhpo_bwd_kernel[grid](
@@ -272,12 +293,14 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             target, base, lse2_rest, dlogp,
             entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
             dlogp if lmap.tau is None else lmap.tau,
+            dlogp if lmap.min_p is None else lmap.min_p,
             split_length(V, cfg, splits),
             N, T, V,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             SOFTCAP=lmap.softcap,
             HAS_DENT=has_dent,
             HAS_TAU=lmap.tau is not None,
+            MIN_P=lmap.min_p is not None,
             DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
             SPLIT=splits > 1,
             ROWS_ALIGNED=rows_aligned(logits, cfg.vec),

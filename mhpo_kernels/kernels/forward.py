@@ -26,9 +26,9 @@ MAX_SPLITS = tl.constexpr(MAX_ROW_SPLITS)
 
 
 @triton.jit
-def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
+def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr,
-              R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+              CUT: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One block of the online log-sum-exp, with per-lane state (c, s, a), each [LANES]:
 
         c = fp32(k · max u) over what the lane has read,  s = Σ 2^d,  a = Σ 2^d · d,  d = fma(u, k, −c)
@@ -36,6 +36,9 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
     Offsets are from the row's block base (rows.py), where the row is [lo, hi). Only full blocks
     run unmasked; the first block and the tail of the row take the masked path. ``EVICT``: the
     loads' eviction policy ("evict_last" where pass 2 re-reads the row from L2, else default).
+    ``CUT``: pass 2 of a truncated row. c is the row's base already (no max, no rescale) and only
+    the tokens with d ≥ ``cut`` count: the others, −inf logits among them, take d = D_FLOOR, whose
+    2^d is 0 and whose d·2^d is 0; a NaN stays NaN.
     """
     o_v = v0 + o_blk
     if MASKED:
@@ -47,6 +50,13 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
     b_u = _lanes(b_u, R, LANES, VEC)
+    if CUT:
+        b_d = tl.fma(b_u, k, -c[None, :, None])
+        b_d = tl.where(b_d < cut, D_FLOOR, b_d)
+        b_e = tl.exp2(b_d)
+        if WITH_ENTROPY:
+            a += _lane_reduce_sum(b_e * b_d)
+        return c, s + _lane_reduce_sum(b_e), a
     # A NaN logit reaches the lane's sum s through its 2^d; the compiled max may drop it (the
     # interpreter's keeps it), so s, not c, carries it: no rescale below (alpha = 0, or the
     # combine's lane_kept) may drop a NaN sum (SPEC.md, section 5).
@@ -67,27 +77,31 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale,
 
 
 @triton.jit
-def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale,
-                SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr,
+def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
+                SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr, CUT: tl.constexpr,
                 R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Per-lane (c, s, a) of the online log-sum-exp over the blocks [b0, b1) of a row that is
     [lead, n_end) from its block base (b0 a multiple of BLOCK_V): the first block masked, full
     blocks after it (16-byte vectors at any V and stride), a masked tail. The whole row is
-    [0, n_end); a split of it (``_config.launch_splits``) is a run of whole blocks."""
+    [0, n_end); a split of it (``_config.launch_splits``) is a run of whole blocks. ``CUT``: the
+    second pass of a truncated row, every lane at the row's ``base``, counting d ≥ ``cut`` only."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
-    lane_c = tl.full([LANES], FLOOR, tl.float32)
+    if CUT:
+        lane_c = tl.zeros([LANES], tl.float32) + base
+    else:
+        lane_c = tl.full([LANES], FLOOR, tl.float32)
     lane_s = tl.zeros([LANES], tl.float32)
     lane_a = tl.zeros([LANES], tl.float32)
     if b0 < b1:                                  # no steps at all for an invalid row
         lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, True, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
+                                           tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
     for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
         lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, False, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
+                                           tanh_scale, cut, False, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
     if (n_full > b0) & (n_full < b1):
         lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
-                                           k, tanh_scale, True, SOFTCAP, WITH_ENTROPY, EVICT, R, LANES, VEC)
+                                           k, tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
     return lane_c, lane_s, lane_a
 
 
@@ -111,19 +125,20 @@ def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
 
 @triton.jit
 def _fwd_row(
-    row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+    row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
     p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
     N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr, MIN_P: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
     (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
-    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits."""
+    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits. With
+    MIN_P (never split) a second pass sums the kept tokens only (SPEC.md, section 9)."""
     off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
     p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)  # invalid rows read nothing, write zeros
@@ -154,12 +169,23 @@ def _fwd_row(
             b0 = 0
             b1 = n_end
         if GRAD_IN_FORWARD:  # pass 2 re-reads the row: keep it in L2 until then
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, SOFTCAP,
-                                                 WITH_ENTROPY, "evict_last", R, LANES, VEC)
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, 0.0, 0.0,
+                                                 SOFTCAP, WITH_ENTROPY, "evict_last", False, R, LANES, VEC)
         else:
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, SOFTCAP,
-                                                 WITH_ENTROPY, "", R, LANES, VEC)
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, 0.0, 0.0,
+                                                 SOFTCAP, WITH_ENTROPY, "evict_last" if MIN_P else "", False,
+                                                 R, LANES, VEC)
         base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
+    cut = float("-inf")
+    if MIN_P:
+        # p_v ≥ min_p · max p  ⇔  d_v = k·u_v − b ≥ log2(min_p): the kept set's threshold, in the
+        # exponents of the statistics pass. A row with a cut reads its logits once more.
+        min_p = tl.load(p_min_p + row, mask=valid, other=0.0)
+        cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
+        if cut > float("-inf"):
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
+                                                 SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
+            base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
 
     if SPLIT == 1:
         # One split's (c, s, a) at its own reference; the combine launch finishes the row.
@@ -168,32 +194,36 @@ def _fwd_row(
         tl.store(p_j + n_splits, s)
         tl.store(p_j + 2 * n_splits, a)
     else:
-        _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
+        _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a, cut,
                       p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
                       p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                       grad_scale,
                       SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
-                      GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, R, LANES, VEC)
+                      GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, MIN_P, R, LANES, VEC)
 
 
 @triton.jit
 def _fwd_epilogue(
-    row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a,
+    row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a, cut,
     p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
     p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
-    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, ROWS_ALIGNED: tl.constexpr, MIN_P: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """A row's outputs from its statistics (b, s = Σ 2^d, a = Σ 2^d·d at b): log-prob, entropy,
-    the per-token epilogue, and with GRAD_IN_FORWARD pass 2."""
+    the per-token epilogue, and with GRAD_IN_FORWARD pass 2. With MIN_P the sums are over the
+    kept tokens (d ≥ ``cut``), and a target outside them has log-prob −inf."""
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)
     log2_s = tl.log2(tl.where(valid, s, 1.0))
     x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
-    logp = (tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) - log2_s) * LN2
+    d_y = tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base)
+    logp = (d_y - log2_s) * LN2
+    if MIN_P:  # outside the kept set; a NaN row (a NaN or +inf logit) stays NaN (SPEC.md, section 9)
+        logp = tl.where((d_y < cut) & (log2_s == log2_s), float("-inf"), logp)
     tl.store(p_lse2_base + row, base)
     tl.store(p_lse2_rest + row, log2_s)
     tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
@@ -229,8 +259,8 @@ def _fwd_epilogue(
             p_dblk = _block_base(p_dx, d_off, lead, DX_IN_PHASE, VEC)
             if valid:
                 _grad_row(p_row, p_blk, p_dx + d_off, p_dblk, o_blk, lead, lead + V, 0, lead + V, x_y, y, has_y,
-                          k, slope, base, log2_s, g_coef * grad_scale, 0.0, 0.0, tanh_scale, SOFTCAP, False,
-                          "evict_first", R, LANES, VEC)
+                          k, slope, base, log2_s, g_coef * grad_scale, 0.0, 0.0, tanh_scale, cut, SOFTCAP, False,
+                          "evict_first", False, R, LANES, VEC)
             else:
                 _zero_row(p_dblk, o_blk, lead, lead + V, 0, lead + V, R, LANES, VEC)
 
@@ -241,6 +271,7 @@ def _mhpo_fwd_kernel(
     p_y,                                         # (N,) int32 target ids, < 0 invalid, ≥ V elsewhere
     p_old, p_adv, p_g, p_ref,                    # (N,) fp32 old logp, advantage, agg weight, ref logp
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
+    p_min_p,                                     # (N,) fp32 per-token min_p, ≤ 0 off (MIN_P)
     p_lse2_base, p_lse2_rest, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
@@ -255,6 +286,7 @@ def _mhpo_fwd_kernel(
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_TAU: tl.constexpr,
+    MIN_P: tl.constexpr,                         # the softmax truncated by min_p: a second pass (log-probs only)
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
@@ -267,18 +299,18 @@ def _mhpo_fwd_kernel(
         # A grid of a few programs per SM, each taking rows in turn: at most that many rows are in
         # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
-            _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+            _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
                      p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
                      p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
-                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, OBJECTIVE, LFM, DHP,
                      True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
-        _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau,
+        _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
                  p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
                  p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
-                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, OBJECTIVE, LFM, DHP,
+                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, OBJECTIVE, LFM, DHP,
                  False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
 
 
@@ -300,7 +332,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         if tail:
             _zero_tail(grad)
         return out
-    per_token = (target, old, adv, g, ref, lmap.tau)
+    per_token = (target, old, adv, g, ref, lmap.tau, lmap.min_p)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
@@ -309,7 +341,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
     dx = grad if one_sweep else logits
-    splits = 1 if one_sweep else launch_splits(N, V, logits.element_size(), logits.device)
+    truncated = lmap.min_p is not None
+    assert not (truncated and (with_loss or one_sweep)), "a truncated softmax gives log-probs and entropy only"
+    splits = 1 if one_sweep or truncated else launch_splits(N, V, logits.element_size(), logits.device)
     split_len = split_length(V, cfg, splits)
     part = torch.empty(N * 3 * splits, device=logits.device, dtype=torch.float32) if splits > 1 else dummy
 
@@ -320,6 +354,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if old is None else old, dummy if adv is None else adv,
             dummy if g is None else g, dummy if ref is None else ref,
             dummy if lmap.tau is None else lmap.tau,
+            dummy if lmap.min_p is None else lmap.min_p,
             out.lse2_base, out.lse2_rest, out.logp,
             dummy if out.entropy is None else out.entropy,
             dummy if out.psi is None else out.psi,
@@ -337,6 +372,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             HAS_OLD=old is not None,
             HAS_REF=ref is not None,
             HAS_TAU=lmap.tau is not None,
+            MIN_P=truncated,
             OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
             GRAD_IN_FORWARD=one_sweep,
             DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
