@@ -450,7 +450,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None, sequence_level=False,
+    seq_valid_tokens=None, temperature=None, sequence_level=False, min_p=None,
 ):
     """Check every per-token argument of a policy loss; return the Batch for the sweeps.
     ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
@@ -461,4 +461,4 @@ def prepare_mhpo(
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
     return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref)
+                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, min_p)

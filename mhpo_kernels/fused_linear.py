@@ -12,8 +12,8 @@ import torch
 from . import linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    check_float_tensor, check_nonnegative, check_positive, check_temperature, check_tp_group, prepare_mhpo,
-    prepare_tokens,
+    check_float_tensor, check_min_p, check_nonnegative, check_positive, check_temperature, check_tp_group,
+    prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
 from .loss import metrics_of, mhpo_objective, resolve_objective
@@ -196,7 +196,7 @@ def fused_linear_policy_loss(
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
-    reduce_dhidden=True, mask=None,
+    reduce_dhidden=True, mask=None, min_p=None,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
     ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
@@ -205,7 +205,8 @@ def fused_linear_token_logprobs(
 
     Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
     drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
-    is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``.
+    is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
+    ``min_p`` as in ``token_logprobs`` (the sampler's truncated softmax; not with ``tp_group``).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -221,9 +222,14 @@ def fused_linear_token_logprobs(
     def prepare():
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         tau_value, tau = check_temperature(temperature)
+        cut = check_min_p(min_p)
+        if cut is not None and tp_group is not None:
+            raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
+                                      "logit of every rank's slice before the second pass")
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
-                               hidden.device, ignore_index, mask, source="hidden without H", temperature=tau)
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
+                               hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
+                               min_p=cut)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, batch.min_p)
         return _Prepared(mhpo_token_params(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -238,6 +244,6 @@ def fused_linear_token_logprobs(
     else:
         logp, entropy, _, _ = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-            chunk_rows, bool(return_entropy), batch.n_valid)
+            chunk_rows, bool(return_entropy), batch.n_valid, lmap.min_p)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

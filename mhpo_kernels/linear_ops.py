@@ -120,10 +120,12 @@ torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_ba
 def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
+    min_p: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp, entropy (empty unless asked), base, lse2_rest), each (N,) fp32; 1 GEMM per chunk. The
-    last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``."""
-    _, lmap, _ = _unpack(params, softcap, tau)
+    last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``;
+    ``min_p`` (N,) fp32: the truncated softmax (SPEC.md, section 9)."""
+    _, lmap, _ = _unpack(params, softcap, tau, min_p)
     with _without_autocast(hidden.device):
         logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
                                                               with_entropy, n_valid=n_valid)
@@ -131,7 +133,7 @@ def fused_linear_logprobs(
 
 
 @fused_linear_logprobs.register_fake
-def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None):
+def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None):
     n = hidden.shape[0]
     return _fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n)
 
@@ -141,11 +143,11 @@ def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
-    n_valid: Optional[int] = None,
+    n_valid: Optional[int] = None, min_p: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
-    _, lmap, _ = _unpack(params, softcap, tau)
+    _, lmap, _ = _unpack(params, softcap, tau, min_p)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
@@ -155,37 +157,38 @@ def fused_linear_logprobs_backward(
 
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
-      chunk_rows, need_dh, need_dw, need_db, n_valid=None):
+      chunk_rows, need_dh, need_dw, need_db, n_valid=None, min_p=None):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, *n_valid = inputs
+    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid, min_p = (
+        tuple(inputs) + (None, None))[:11]
     logp, entropy, base, lse2_rest = output
-    ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None)
-    ctx.params, ctx.softcap, ctx.chunk_rows = params, softcap, chunk_rows
-    ctx.n_valid = n_valid[0] if n_valid else None
+    ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None,
+                          min_p)
+    ctx.params, ctx.softcap, ctx.chunk_rows, ctx.n_valid = params, softcap, chunk_rows, n_valid
     ctx.mark_non_differentiable(base, lse2_rest)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
 def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
-    hidden, weight, bias, target, tau, base, lse2_rest, entropy = ctx.saved_tensors
+    hidden, weight, bias, target, tau, base, lse2_rest, entropy, min_p = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
         d_entropy = None
     if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 10
+        return (None,) * 11
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid)
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, min_p)
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
-    return grads + (None,) * 7
+    return grads + (None,) * 8
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,

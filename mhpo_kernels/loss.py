@@ -1,16 +1,17 @@
 """The public ``mhpo_loss``, ``policy_loss`` and ``token_logprobs``: validate, run the sweeps (the
 ``ops`` custom ops, which carry the autograd formula), reduce."""
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from . import _dispatch
 from ._inputs import (
-    check_grad_in_forward, check_inplace, check_logits, check_min_p, check_nonnegative, check_positive, check_temperature,
-    check_tp_group, prepare_mhpo, prepare_tokens,
+    check_grad_in_forward, check_inplace, check_logits, check_min_p, check_nonnegative, check_positive,
+    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
-from ._sweep_types import METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
+from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
 from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
 from . import vocab_parallel
@@ -107,7 +108,7 @@ def mhpo_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0,
     lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None,
-    seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0,
+    seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0, min_p=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -155,6 +156,8 @@ def mhpo_loss(
         entropy_coef: ≥ 0, subtracts entropy_coef · Σ_t g_t H_t.
         grad_in_forward, grad_scale: the logits' gradient computed in the forward
             (docs/one-sweep.md).
+        min_p: the sampler's truncated softmax (SPEC.md, section 9): a target outside its kept
+            set leaves the aggregation like an invalid token (metric ``outside_support``).
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them. CUDA tensors
     run the Triton kernels; CPU tensors run them under Triton's interpreter with
@@ -166,14 +169,15 @@ def mhpo_loss(
                        loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta, ignore_index=ignore_index,
                        return_metrics=return_metrics, normalizer=normalizer, inplace_backward=inplace_backward,
                        tp_group=tp_group, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
-                       entropy_coef=entropy_coef, grad_in_forward=grad_in_forward, grad_scale=grad_scale)
+                       entropy_coef=entropy_coef, grad_in_forward=grad_in_forward, grad_scale=grad_scale,
+                       min_p=min_p)
 
 
 def policy_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, objective=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False,
     normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
-    grad_in_forward=False, grad_scale=1.0,
+    grad_in_forward=False, grad_scale=1.0, min_p=None,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -199,6 +203,9 @@ def policy_loss(
                                       "supported: its sequence ratio needs the log-probs of every rank")
         check_nonnegative("entropy_coef", entropy_coef)
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
+        cut = check_min_p(min_p)
+        if cut is not None:
+            _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
@@ -207,9 +214,9 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level,
+            sequence_level=chosen.sequence_level, min_p=cut,
         )
-        lmap = LogitMap.make(tau_value, tau=batch.tau)
+        lmap = LogitMap.make(tau_value, tau=batch.tau, min_p=batch.min_p)
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):
@@ -234,12 +241,42 @@ def policy_loss(
             return loss
         return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, resolve_objective(objective))
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
-    _, loss, metrics = row_stats(logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace,
-                                 grad_in_forward=one_sweep, totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL,
-                                 entropy_coef=entropy_coef, grad_scale=grad_scale)
+    stats, loss, metrics = row_stats(
+        logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
+        totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL, entropy_coef=entropy_coef, grad_scale=grad_scale,
+        agg=AGG_MODES.index(loss_agg_mode), normalizer=_normalizer_tensor(normalizer, logits.device, batch.min_p))
     if not return_metrics:
         return loss
-    return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
+    metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
+    if batch.min_p is not None:  # the share of the valid tokens whose target is outside the kept set
+        valid = batch.target >= 0
+        outside = (stats.logp.detach() == -math.inf) & valid & (batch.min_p > 0)
+        metrics["outside_support"] = outside.sum().float() / valid.sum().clamp(min=1)
+    return loss, metrics
+
+
+def _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
+    """A loss over a truncated softmax forms its weights after the sweep, from every token's
+    kept set: refused where that cannot be done on this rank, or in the forward's one launch."""
+    if tp_group is not None:
+        raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
+                                  "logit of every rank's slice before the second pass")
+    if seq_valid_tokens is not None:
+        raise NotImplementedError("min_p with seq_valid_tokens is not supported: the other ranks' counts cannot "
+                                  "leave out this rank's targets outside the kept set")
+    if grad_in_forward:
+        raise ValueError("grad_in_forward=True is not supported with min_p: the loss's weights need the kept set "
+                         "of every token, known only after the sweep")
+
+
+def _normalizer_tensor(normalizer, device, min_p):
+    """The normalizer as the truncated loss's second prepare launch reads it: None, or 0-d fp32
+    on ``device`` (a number by arithmetic, so a new value is no recompile). None without min_p."""
+    if normalizer is None or min_p is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(device=device, dtype=torch.float32)
+    return torch.zeros((), dtype=torch.float32, device=device) + normalizer
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,

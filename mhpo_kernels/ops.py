@@ -25,6 +25,11 @@ loss or log-probs on logits        ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``
 GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``sweeps_backward``
                                    epilogue, ``epilogue.sequence_terms``
                                    (O(N)), ``_finalize_kernel``
+``min_p`` (log-probs)              ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``sweeps_backward``: the
+                                   with MIN_P (a second pass per row)         kernel with MIN_P
+``min_p`` (a loss)                 the same, then ``_prepare_kernel`` for     the same
+                                   the kept tokens' weights, the epilogue
+                                   (``epilogue``, O(N)), ``_finalize_kernel``
 ``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
                                    the slice, one all-gather, the epilogue    ``_``), no collective
 =================================  =========================================  ===========================
@@ -34,15 +39,18 @@ The fused linear path's ops are in ``linear_ops``.
 
 from typing import NamedTuple, Optional, Tuple
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import _dispatch
 from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable, pack_params
 from ._sweep_types import METRICS, RowStats
-from ._inputs import has_internal_overlap
+from ._inputs import INT32_MAX, has_internal_overlap
 from .objectives import GSPO_KIND, MHPO_KIND
-from .epilogue import per_sequence_sum, segment_ids, sequence_terms
+from ._sweep_types import ADV_PER_TOKEN
+from .epilogue import per_sequence_sum, segment_ids, sequence_terms, token_terms
 
 
 # Out of place, the gradient takes the logits' strides where they are a view with small gaps (a
@@ -91,6 +99,9 @@ class SweepsArgs(NamedTuple):
     totals: int = 0
     entropy_bonus: bool = False
     min_p: Optional[Tensor] = None
+    agg: int = -1
+    normalizer: Optional[Tensor] = None
+    sequence_level: bool = False
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
@@ -110,13 +121,27 @@ def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
                     entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS)
 
 
+def _kept_weights(a, target):
+    """The aggregation weights g_t of the tokens ``target`` marks valid (those inside the kept
+    set): the prepare launch once more, over the sequences ``a.cu``, its checks not read."""
+    prepare = _dispatch.kernel("prepare", target.device)
+    return prepare(target, None, a.cu, a.adv, ADV_PER_TOKEN, None, a.normalizer, None, a.cu.numel() - 1, 0,
+                   INT32_MAX, -1, a.agg, True)[1]
+
+
 def _forward_sweep(a, grad=None):
     """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
-    then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient."""
+    then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient.
+
+    GSPO's sequence ratios, and a loss over a truncated softmax (``min_p``), take the epilogue
+    after the sweep, on (N,) vectors: with truncation, a target outside the kept set (log-prob
+    −inf) leaves the aggregation as an invalid token does, and the weights are formed again
+    (SPEC.md, section 9)."""
     hp, lmap, values = _unpack(a.params, a.softcap, a.tau, a.min_p)
     entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
-    sequence_level = a.with_loss and a.cu is not None
+    truncated = a.with_loss and a.min_p is not None
+    after = a.with_loss and (a.sequence_level or truncated)
     extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted,
                                      "grad_scale": values[GRAD_SCALE]}
     with _without_autocast(a.logits.device):
@@ -124,14 +149,22 @@ def _forward_sweep(a, grad=None):
         # give the kl metric).
         ref = a.ref if hp.beta > 0 else None
         stats = forward_sweep(_token_rows(a.logits, a.shifted), a.target, a.old, a.adv, a.weight, ref, hp, lmap,
-                              with_entropy=a.with_entropy, with_loss=a.with_loss and not sequence_level, **extra)
-    if sequence_level:  # O(N) between the sweeps: the sequence ratios from the log-probs
-        n = stats.logp.numel()
-        psi, seq_coef, loss, coef = sequence_terms(stats.logp, a.target >= 0, a.old, a.adv, a.weight, ref, hp,
-                                                    segment_ids(a.cu, n), a.cu.numel() - 1)
-        stats = stats._replace(psi=psi, zeta=seq_coef, loss=loss, coef=coef)
-    totals = _totals(a.logits, stats, a.target, a.weight, a.old, a.ref, hp, entropy_coef, a.totals)
-    return tuple(_fp32(a.logits, 0) if x is None else x for x in stats) + totals
+                              with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
+    target, weight = a.target, a.weight
+    if truncated:
+        target = torch.where((stats.logp == -math.inf) & (a.min_p > 0), -1, a.target)
+        weight = _kept_weights(a, target)
+    if after:  # O(N) between the sweeps
+        valid = target >= 0
+        if a.sequence_level:  # GSPO; zeta: each token's share of its sequence term's derivative
+            psi, zeta, loss, coef = sequence_terms(stats.logp, valid, a.old, a.adv, weight, ref, hp,
+                                                   segment_ids(a.cu, valid.numel()), a.cu.numel() - 1)
+        else:
+            psi, zeta, loss, coef = token_terms(stats.logp, valid, a.old, a.adv, weight, ref, hp)
+        stats = stats._replace(psi=psi, zeta=zeta, loss=loss, coef=coef)
+    totals = _totals(a.logits, stats, target, weight, a.old, a.ref, hp, entropy_coef, a.totals)
+    return (tuple(_fp32(a.logits, 0) if x is None else x for x in stats) + totals
+            + (weight if truncated else _fp32(a.logits, 0),))
 
 
 def _fake_outputs(a, grad):
@@ -140,7 +173,8 @@ def _fake_outputs(a, grad):
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
-    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0))
+    weight = _fp32(a.logits, n if a.with_loss and a.min_p is not None else 0)
+    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight)
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
@@ -149,18 +183,22 @@ def sweeps_forward(
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
     cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
-    min_p: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    min_p: Optional[Tensor] = None, agg: int = -1, normalizer: Optional[Tensor] = None, sequence_level: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
     buffer of the logits' shape and dtype (else empty), whose backward rescales it; then with
     ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
-    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty).
+    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); last,
+    with a loss and ``min_p``, the weights of the tokens inside the kept set (else empty).
     ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
     changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
-    sequence boundaries over the tokens, for a sequence-level objective (GSPO) only."""
+    sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a loss with
+    ``min_p``, which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
+    ``normalizer``."""
     a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p)
+                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, agg, normalizer,
+                   sequence_level)
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
@@ -177,7 +215,7 @@ def sweeps_forward_grad_(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, shifted: bool, totals: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1 with the loss, and in the same launch ``logits`` overwritten with ∂L/∂logits for an
     upstream gradient of 1 (each row is read whole before the same program writes it); the
     ``RowStats`` fields and the totals as in ``sweeps_forward``. No autograd formula of its own:
@@ -232,13 +270,13 @@ class OneSweepInplace(torch.autograd.Function):
                                    shifted, totals)
         ctx.save_for_backward(logits, target, params)  # after the overwrite: it is the gradient now
         ctx.shifted = shifted
-        ctx.mark_non_differentiable(*out[:8], out[9])  # only the 0-d loss
+        ctx.mark_non_differentiable(*out[:8], *out[9:])  # only the 0-d loss
         ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics):
+    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight):
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + (None,) * 11
 
@@ -297,7 +335,7 @@ def backward_sweep(logits, inplace, **args):
 
 def _sweeps_setup(ctx, inputs, output):
     a = SweepsArgs(*inputs)
-    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics = output
+    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics, kept_weight = output
     ctx.totals = a.totals
     ctx.grad_in_forward = a.grad_in_forward
     if a.totals:  # the 0-d loss is the loss's one differentiable output
@@ -305,18 +343,19 @@ def _sweeps_setup(ctx, inputs, output):
     if a.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
         ctx.save_for_backward(grad, a.target, a.params)
         ctx.shifted = a.shifted
-        ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics)
+        ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics, kept_weight)
         ctx.set_materialize_grads(False)
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
-    seq = a.with_loss and a.cu is not None
+    seq = a.with_loss and a.sequence_level
+    weight = kept_weight if a.with_loss and a.min_p is not None else a.weight
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
-                          a.weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
+                          weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
                           a.min_p)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
-    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics)
+    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight)
     ctx.set_materialize_grads(False)
 
 
@@ -325,7 +364,8 @@ def _add(x, y):
 
 
 @once_differentiable
-def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics):
+def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics,
+                     _weight):
     nothing = (None,) * len(SweepsArgs._fields)
     if ctx.totals:
         d_loss = None   # the per-token losses are not differentiable then: the 0-d total is
@@ -363,13 +403,16 @@ torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward
 
 
 def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
-              totals=NO_TOTALS, entropy_coef=0.0, grad_scale=1.0):
+              totals=NO_TOTALS, entropy_coef=0.0, grad_scale=1.0, agg=-1, normalizer=None):
     """Sweep 1 on (B, T, V) logits ((B, T + 1, V) when ``shifted``) and a prepared batch:
     (``RowStats``, absent fields None; with ``totals`` the differentiable 0-d loss, and with
     LOSS_AND_METRICS the detached metrics vector; else None). The reference log-probs are read
     for β > 0 or the metrics. ``grad_in_forward``: the logits' gradient for the upstream gradient
-    ``grad_scale`` comes from the same launch (into the logits with ``inplace_backward``)."""
+    ``grad_scale`` comes from the same launch (into the logits with ``inplace_backward``). A
+    loss with ``lmap.min_p`` forms its weights again without the tokens outside the kept set:
+    ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or a 0-d tensor) say how."""
     with_loss = batch.adv is not None
+    truncated = with_loss and lmap.min_p is not None
     ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None
     inputs = dict(target=batch.target, old=batch.old, adv=batch.adv, weight=batch.weight, ref=ref, tau=lmap.tau,
                   params=pack_params(hp, lmap, entropy_coef, grad_scale), softcap=lmap.softcap,
@@ -379,10 +422,11 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
         out = out[:8] + (None,) + out[8:]
     else:
         out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
-                             cu=batch.boundaries() if hp.kind == GSPO_KIND else None,
+                             cu=batch.boundaries() if hp.kind == GSPO_KIND or truncated else None,
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
-                             min_p=lmap.min_p)
+                             min_p=lmap.min_p, agg=agg if truncated else -1,
+                             normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)

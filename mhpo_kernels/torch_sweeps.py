@@ -154,13 +154,15 @@ def _zero_tail(grad):
     grad.as_strided((B, 1, V), grad.stride(), grad.storage_offset() + T * grad.stride(1)).zero_()
 
 
-def _cut(lmap, valid, r0, dtype):
+def _cut(lmap, valid, r0, base, dtype):
     """The kept set's threshold on the exponents d of the chunk's rows, (rows, 1): log2(min_p),
-    −inf where min_p ≤ 0 (SPEC.md, section 9); None without truncation."""
+    −inf where min_p ≤ 0 (SPEC.md, section 9), never above the largest logit's own d (see
+    ``kernels.backward._cut``); None without truncation."""
     if lmap.min_p is None:
         return None
     min_p = torch.where(valid, lmap.min_p[r0:r0 + valid.numel()], 0.0).to(dtype)
-    return torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf).unsqueeze(-1)
+    cut = torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf)
+    return torch.minimum(cut, -(base.abs().to(dtype) * 2.0**-23 + 2.0**-126)).unsqueeze(-1)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
@@ -173,7 +175,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
-        cut = _cut(lmap, valid, r0, d.dtype)
+        cut = _cut(lmap, valid, r0, base, d.dtype)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
             e.masked_fill_(d < cut, 0.0)
@@ -208,9 +210,9 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         _zero_tail(grad)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        q, valid, _, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
+        q, valid, row_base, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         y = target[r0:r1].long()
-        cut = _cut(lmap, valid, r0, q.dtype)
+        cut = _cut(lmap, valid, r0, row_base, q.dtype)
         dropped = None if cut is None else q < cut      # outside the kept set, before q becomes log2 p
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)

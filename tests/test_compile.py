@@ -157,6 +157,7 @@ def test_custom_ops_registered():
 
 
 @pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "logits-shifted-tau",
+                                    "logits-min-p-loss", "logits-shifted-min-p",
                                     "logits-grad-in-forward", "logits-shifted-grad-in-forward",
                                     "linear-all", "linear-head-only-bf16", "linear-logprobs-tau"])
 def test_opcheck(config):
@@ -189,11 +190,17 @@ def test_opcheck(config):
             torch.library.opcheck(ops.sweeps_forward_grad_, fwd_args)
             torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), ids, torch.tensor(2.5), params, shifted))
             return
+        min_p = torch.tensor([0.05, 0.0, 0.2, 0.05, 0.1, 1.0]) if "min-p" in config else None
+        if config == "logits-min-p-loss":  # the loss's second prepare launch: its sequences and aggregation
+            args = args + (torch.tensor([0, 2, 6]), False, 1, False, min_p, 0, torch.tensor(3.0), False)
+        elif min_p is not None:
+            args = (x, ids, None, None, None, None, tau, params, False, True, False, shifted, False, None, False, 0,
+                    False, min_p)
         torch.library.opcheck(ops.sweeps_forward, args)
         if shifted:  # the backward ops themselves, out of place and in place
             stats = [s.detach() for s in ops.sweeps_forward(*args)]
             bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
-                        torch.randn(6, generator=g), tau, params, False, True)
+                        torch.randn(6, generator=g), tau, params, False, True, min_p)
             torch.library.opcheck(ops.sweeps_backward, bwd_args)
             torch.library.opcheck(ops.sweeps_backward_, bwd_args)
     elif config == "linear-logprobs-tau":
@@ -268,6 +275,10 @@ def _hyper_calls():
         logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True)
         return logp.sum() + entropy.sum()
 
+    def mhpo_min_p(x, i, tau, beta, ec, norm):
+        return mhpo_kernels.mhpo_loss(x, i["ids"], i["old"], i["adv"], i["mask"], temperature=tau, min_p=beta / 10,
+                                      entropy_coef=ec, normalizer=norm, return_metrics=True)[0]
+
     def logprobs_min_p(x, i, tau, beta, *_):
         logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True, min_p=beta)
         return torch.where(logp.isinf(), 0.0, logp).sum() + entropy.sum()
@@ -277,7 +288,7 @@ def _hyper_calls():
     def module_forward(x, i, tau, *_):
         return module(x, i["ids"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], temperature=tau)
 
-    return [mhpo, policy, logprobs, logprobs_min_p, module_forward]
+    return [mhpo, policy, logprobs, logprobs_min_p, mhpo_min_p, module_forward]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

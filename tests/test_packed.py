@@ -289,7 +289,8 @@ def test_opcheck_sequence_level_with_boundaries():
     params = ops.pack_params(TokenParams.of(GSPO(eps_low=0.2, eps_high=0.3), 0.0), LogitMap.make(1.0))
     with mhpo_kernels.use_backend("torch"):
         torch.library.opcheck(ops.sweeps_forward, (x, ids, old, adv, torch.full((7,), 0.25), None, None, params, False,
-                                                   True, True, False, False, cu))
+                                                   True, True, False, False, cu),
+                              {"sequence_level": True})
 
 
 # ---- two ranks: the vocabulary split (tp_group) and context parallelism ------------------------

@@ -198,3 +198,124 @@ def test_min_p_values_are_checked(backend):
                 mhpo_kernels.token_logprobs(x, ids, min_p=bad)
         # an invalid token's value is never read
         mhpo_kernels.token_logprobs(x, ids, min_p=torch.tensor([[0.1, 0.1, float("nan")]]))
+
+
+def _loss_inputs(seed, B=3, T=5, V=200):
+    """Grid logits; targets among each row's three largest logits (inside the kept set), and on a
+    few rows the smallest (outside)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _grid_logits(B, T, V, seed)
+    top3 = x.topk(3, -1).indices
+    ids = top3.gather(-1, torch.randint(0, 3, (B, T, 1), generator=g)).squeeze(-1)
+    ids[0, ::2] = x[0, ::2].argmin(-1)
+    ids[2, 3] = x[2, 3].argmin(-1)
+    return dict(x=x, ids=ids, old=-torch.rand(B, T, generator=g) * 3 - 0.05, adv=torch.randn(B, generator=g),
+                mask=torch.rand(B, T, generator=g) > 0.15, ref=-torch.rand(B, T, generator=g) * 3 - 0.05)
+
+
+def _loss_and_grad(fn, x, *args, **kw):
+    x = x.clone().requires_grad_()
+    loss, metrics = fn(x, *args, return_metrics=True, **kw)
+    loss.backward()
+    return loss.detach(), metrics, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", ["mhpo", "ppo-clip", "gspo"])
+def test_losses_leave_out_targets_outside_the_kept_set(backend, objective):
+    """Every aggregation mode, a reference KL term and an entropy bonus: the loss, its gradient and
+    the metrics (outside_support among them) equal the float64 reference, in which a target
+    outside the kept set is an invalid token."""
+    from mhpo_kernels.objectives import GSPO, MHPO, PPOClip
+
+    chosen = {"mhpo": MHPO(), "ppo-clip": PPOClip(0.2, 0.28), "gspo": GSPO()}[objective]
+    c = _loss_inputs(seed=11)
+    for mode in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"):
+        kw = dict(objective=chosen, loss_agg_mode=mode, ref_logprobs=c["ref"], beta=0.05, entropy_coef=0.01,
+                  min_p=MIN_P, normalizer=4.0 if mode == "seq-mean-token-sum" else None)
+        with mhpo_kernels.use_backend(backend):
+            loss, metrics, grad = _loss_and_grad(mhpo_kernels.policy_loss, c["x"], c["ids"], c["old"], c["adv"],
+                                                 c["mask"], **kw)
+        kw["ref_logprobs"] = c["ref"].double()
+        want, want_metrics, want_grad = _loss_and_grad(reference.policy_loss, c["x"].double(), c["ids"],
+                                                       c["old"].double(), c["adv"].double(), c["mask"], **kw)
+        assert 0 < want_metrics["outside_support"] < 0.5
+        assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+        _close(grad, want_grad)
+        assert "outside_support" in metrics and set(metrics) <= set(want_metrics), mode  # ψ, ζ: MHPO's only
+        for name, value in metrics.items():
+            assert value.item() == pytest.approx(want_metrics[name].item(), rel=FP32_RTOL, abs=FP32_RTOL), (mode, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_per_token_min_p_and_the_module(backend):
+    """A packed stream with one min_p per token, through MHPOLoss.forward, equals the reference
+    of the same stream."""
+    c = _loss_inputs(seed=12)
+    keep = c["mask"].reshape(-1)
+    x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep], c["ids"].reshape(-1)[keep]
+    old = c["old"].reshape(-1)[keep]
+    lengths = c["mask"].sum(-1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    min_p = torch.where(torch.arange(ids.numel()) % 4 == 0, 0.0, MIN_P)   # a quarter of the tokens untruncated
+    module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
+    with mhpo_kernels.use_backend(backend):
+        loss, metrics, grad = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, min_p=min_p)
+    want, want_metrics, want_grad = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(),
+                                                   c["adv"].double(), cu_seqlens=cu, min_p=min_p,
+                                                   loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+    _close(grad, want_grad)
+    assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+
+
+def test_truncated_loss_refusals():
+    c = _loss_inputs(seed=13)
+    args = (c["x"], c["ids"], c["old"], c["adv"], c["mask"])
+    with pytest.raises(NotImplementedError, match="seq_valid_tokens"):
+        mhpo_kernels.mhpo_loss(*args, min_p=MIN_P, seq_valid_tokens=torch.full((3,), 5))
+    with pytest.raises(ValueError, match="grad_in_forward=True is not supported with min_p"):
+        mhpo_kernels.mhpo_loss(c["x"].clone().requires_grad_(), *args[1:], min_p=MIN_P, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 8.0])
+def test_fused_linear_token_logprobs(backend, softcap):
+    """From hidden states and the head, chunked: the log-probs, entropy and the gradients of
+    hidden, weight and bias equal the float64 reference of the logits they make (no logit within
+    1e-4 of its row's cut, checked)."""
+    g = torch.Generator().manual_seed(14)
+    N, H, V = 7, 8, 120
+    hidden = torch.eye(H)[torch.randint(0, H, (N,), generator=g)] * 2.0
+    weight = torch.randint(-24, 24, (V, H), generator=g) / 16.0
+    bias = torch.randint(-8, 8, (V,), generator=g) / 16.0
+    ids = (hidden @ weight.T + bias).topk(2, -1).indices[:, 1]
+    ids[::3] = (hidden @ weight.T + bias)[::3].argmin(-1)
+    upstream = torch.linspace(-1.0, 1.0, N)
+    min_p = math.exp(-1.03125)
+    z = (hidden @ weight.T + bias).double()
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    assert (z - (z.amax(-1, keepdim=True) + math.log(min_p))).abs().min() > 1e-4
+
+    def run(fn, h, w, b):
+        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+        logp, ent = fn(h, w, b)
+        (torch.where(logp.isinf(), 0.0, logp * upstream.to(logp.dtype)).sum() + ent.sum()).backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+
+    def fused(h, w, b):
+        return mhpo_kernels.fused_linear_token_logprobs(h, w, ids, bias=b, final_logit_softcap=softcap,
+                                                        return_entropy=True, chunk_size=3, min_p=min_p)
+
+    def eager(h, w, b):
+        z = h @ w.T + b
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return reference.token_logprobs(z, ids, return_entropy=True, min_p=min_p)
+
+    with mhpo_kernels.use_backend(backend):
+        got = run(fused, hidden, weight, bias)
+    want = run(eager, hidden.double(), weight.double(), bias.double())
+    assert got[0].isinf().any() and not got[0].isinf().all()
+    for a, b in zip(got, want):
+        _close(a, b)

@@ -34,6 +34,15 @@ Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
 
 
 @triton.jit
+def _cut(min_p, base):
+    """A truncated row's threshold on d = k·u − b (``forward.py``): log2(min_p), −inf for min_p ≤ 0,
+    and never above what the largest logit's own d can be (b is k·max u rounded to fp32: that
+    d is within half an ulp of b of 0), so that the largest token is kept even at min_p = 1."""
+    cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
+    return tl.minimum(cut, -(tl.abs(base) * 1.1920928955078125e-07 + 1.1754943508222875e-38))
+
+
+@triton.jit
 def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, cut,
                 SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, CUT: tl.constexpr):
     """The loop's term p · (a0 + a1 · q) · σ for a block (or one element) of raw logits; with
@@ -187,8 +196,7 @@ def _mhpo_bwd_kernel(
             ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
         if MIN_P:
-            min_p = tl.load(p_min_p + row)
-            cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
+            cut = _cut(tl.load(p_min_p + row), base)
         else:
             cut = float("-inf")
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,

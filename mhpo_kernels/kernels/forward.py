@@ -9,7 +9,7 @@ from .._config import (FP_FUSION, MAX_ROW_SPLITS, launch_splits, on_device, pers
                        sweep_config)
 from .._sweep_types import RowStats
 from ..torch_sweeps import _zero_tail
-from .backward import _grad_row, _in_phase, _zero_row
+from .backward import _cut, _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
 from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _lane_reduce_max,
                    _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
@@ -180,8 +180,7 @@ def _fwd_row(
     if MIN_P:
         # p_v ≥ min_p · max p  ⇔  d_v = k·u_v − b ≥ log2(min_p): the kept set's threshold, in the
         # exponents of the statistics pass. A row with a cut reads its logits once more.
-        min_p = tl.load(p_min_p + row, mask=valid, other=0.0)
-        cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
+        cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
         if cut > float("-inf"):
             lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
                                                  SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
