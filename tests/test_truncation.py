@@ -157,8 +157,14 @@ def test_non_finite_rows(backend):
     ids = x.argmax(-1)          # inside the kept set of every finite row
     x[0, 1, 7] = float("nan")
     x[0, 2, 9] = float("inf")
+    x[0, 3] = float("nan")      # an invalid token's row: never read
+    ids[0, 3] = -100
     with mhpo_kernels.use_backend(backend):
-        logp, ent = mhpo_kernels.token_logprobs(x, ids, min_p=MIN_P, return_entropy=True)
+        xx = x.clone().requires_grad_()
+        logp, ent = mhpo_kernels.token_logprobs(xx, ids, min_p=MIN_P, return_entropy=True)
+        (logp + ent).sum().backward()
+    assert logp[0, 3] == 0 and ent[0, 3] == 0 and torch.equal(xx.grad[0, 3], torch.zeros(300))
+    assert torch.isfinite(xx.grad[0, 0]).all()
     want_logp, want_ent = reference.token_logprobs(x.double(), ids, min_p=MIN_P, return_entropy=True)
     assert torch.equal(logp.isnan(), want_logp.isnan()) and logp[0, 1:3].isnan().all()
     assert torch.equal(ent.isnan(), want_ent.isnan()) and ent[0, 1:3].isnan().all()
@@ -202,15 +208,18 @@ def test_min_p_values_are_checked(backend):
 
 def _loss_inputs(seed, B=3, T=5, V=200):
     """Grid logits; targets among each row's three largest logits (inside the kept set), and on a
-    few rows the smallest (outside)."""
+    few rows the smallest (outside); NaN logits and old log-probs at the masked tokens."""
     g = torch.Generator().manual_seed(seed)
     x = _grid_logits(B, T, V, seed)
     top3 = x.topk(3, -1).indices
     ids = top3.gather(-1, torch.randint(0, 3, (B, T, 1), generator=g)).squeeze(-1)
     ids[0, ::2] = x[0, ::2].argmin(-1)
     ids[2, 3] = x[2, 3].argmin(-1)
-    return dict(x=x, ids=ids, old=-torch.rand(B, T, generator=g) * 3 - 0.05, adv=torch.randn(B, generator=g),
-                mask=torch.rand(B, T, generator=g) > 0.15, ref=-torch.rand(B, T, generator=g) * 3 - 0.05)
+    mask = torch.rand(B, T, generator=g) > 0.15
+    old = -torch.rand(B, T, generator=g) * 3 - 0.05
+    x[~mask], old[~mask] = float("nan"), float("nan")     # garbage at invalid tokens: never read
+    return dict(x=x, ids=ids, old=old, adv=torch.randn(B, generator=g), mask=mask,
+                ref=-torch.rand(B, T, generator=g) * 3 - 0.05)
 
 
 def _loss_and_grad(fn, x, *args, **kw):
