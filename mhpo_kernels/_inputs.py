@@ -128,6 +128,8 @@ def _check_min_p_tensor(min_p, token_shape, device):
     if not isinstance(min_p, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
         return torch.zeros(n, dtype=torch.float32, device=device) + min_p
     _check_tensor("min_p", min_p, device)
+    if min_p.dim() == 0:  # one value for every token, as a 0-d temperature
+        min_p = min_p.expand(n)
     if min_p.shape != token_shape and tuple(min_p.shape) != (n,):
         raise ValueError(f"min_p must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
                          f"(or ({n},)), got shape {tuple(min_p.shape)}")

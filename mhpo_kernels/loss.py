@@ -248,9 +248,10 @@ def policy_loss(
     if not return_metrics:
         return loss
     metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if batch.min_p is not None:  # the share of the valid tokens whose target is outside the kept set
+    if min_p is not None:  # the share of the valid tokens whose target is outside the kept set (0 when off)
         valid = batch.target >= 0
-        outside = (stats.logp.detach() == -math.inf) & valid & (batch.min_p > 0)
+        outside = torch.zeros_like(valid) if batch.min_p is None else (
+            (stats.logp.detach() == -math.inf) & valid & (batch.min_p > 0))
         metrics["outside_support"] = outside.sum().float() / valid.sum().clamp(min=1)
     return loss, metrics
 

@@ -188,7 +188,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         out.lse2_rest[r0:r1] = torch.where(valid, lse2_rest, 0.0)
         logp = (d_y - lse2_rest) * LN2
         if cut is not None:
-            logp = torch.where((d_y < cut[:, 0]) & ~lse2_rest.isnan(), -math.inf, logp)
+            logp = torch.where((d_y < cut[:, 0]) & (lse2_rest > -math.inf), -math.inf, logp)
         out.logp[r0:r1] = torch.where(has_y, logp, 0.0)
         if with_entropy:
             # H = ln 2 · (log2 s − Σ e·d / s); e·d is 0, not NaN, where d = −inf.
@@ -213,6 +213,8 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         q, valid, row_base, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         y = target[r0:r1].long()
         cut = _cut(lmap, valid, r0, row_base, q.dtype)
+        if cut is not None:  # a row of −inf logits only is not truncated (its gradient is NaN, as untruncated)
+            cut = torch.where(lse2_rest[r0:r1].unsqueeze(-1) > -math.inf, cut, -math.inf)
         dropped = None if cut is None else q < cut      # outside the kept set, before q becomes log2 p
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)

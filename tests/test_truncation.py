@@ -149,16 +149,21 @@ def test_off_is_the_untruncated_call(backend):
         # a tensor whose every value is off: a second pass on no row, the same values
         got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=torch.zeros(2, 3))
         assert all(torch.allclose(a, b, rtol=FP32_RTOL, atol=0) for a, b in zip(base, got))
+        # a 0-d tensor is one value for every token, as a number is
+        one = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=0.2)
+        got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=torch.tensor(0.2))
+        assert all(torch.equal(a, b) for a, b in zip(one, got))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_rows(backend):
-    x = _grid_logits(1, 4, 300, seed=8)
+    x = _grid_logits(1, 5, 300, seed=8)
     ids = x.argmax(-1)          # inside the kept set of every finite row
     x[0, 1, 7] = float("nan")
     x[0, 2, 9] = float("inf")
     x[0, 3] = float("nan")      # an invalid token's row: never read
     ids[0, 3] = -100
+    x[0, 4] = float("-inf")     # only −inf: NaN, as without truncation
     with mhpo_kernels.use_backend(backend):
         xx = x.clone().requires_grad_()
         logp, ent = mhpo_kernels.token_logprobs(xx, ids, min_p=MIN_P, return_entropy=True)
@@ -166,8 +171,9 @@ def test_non_finite_rows(backend):
     assert logp[0, 3] == 0 and ent[0, 3] == 0 and torch.equal(xx.grad[0, 3], torch.zeros(300))
     assert torch.isfinite(xx.grad[0, 0]).all()
     want_logp, want_ent = reference.token_logprobs(x.double(), ids, min_p=MIN_P, return_entropy=True)
-    assert torch.equal(logp.isnan(), want_logp.isnan()) and logp[0, 1:3].isnan().all()
-    assert torch.equal(ent.isnan(), want_ent.isnan()) and ent[0, 1:3].isnan().all()
+    assert torch.equal(logp.isnan(), want_logp.isnan()) and logp[0, [1, 2, 4]].isnan().all()
+    assert torch.equal(ent.isnan(), want_ent.isnan()) and ent[0, [1, 2, 4]].isnan().all()
+    assert xx.grad[0, 4].isnan().all()
     finite = ~want_logp.isnan()
     assert finite.sum() == 2
     _close(logp[finite], want_logp[finite])
@@ -276,6 +282,17 @@ def test_packed_per_token_min_p_and_the_module(backend):
     assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
     _close(grad, want_grad)
     assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outside_support_is_reported_when_min_p_is_off(backend):
+    c = _loss_inputs(seed=15)
+    with mhpo_kernels.use_backend(backend):
+        _, metrics = mhpo_kernels.mhpo_loss(c["x"], c["ids"], c["old"], c["adv"], c["mask"], min_p=0.0,
+                                            return_metrics=True)
+    _, want = reference.mhpo_loss(c["x"].double(), c["ids"], c["old"].double(), c["adv"].double(), c["mask"],
+                                  min_p=0.0, return_metrics=True)
+    assert metrics["outside_support"].item() == want["outside_support"].item() == 0.0
 
 
 def test_truncated_loss_refusals():

@@ -195,8 +195,8 @@ def _mhpo_bwd_kernel(
             dent = 0.0
             ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
-        if MIN_P:
-            cut = _cut(tl.load(p_min_p + row), base)
+        if MIN_P:  # a row of −inf logits only (s = 0) is not truncated: its gradient is NaN, as untruncated
+            cut = tl.where(log2_s > float("-inf"), _cut(tl.load(p_min_p + row), base), float("-inf"))
         else:
             cut = float("-inf")
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,

@@ -221,8 +221,8 @@ def _fwd_epilogue(
     x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
     d_y = tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base)
     logp = (d_y - log2_s) * LN2
-    if MIN_P:  # outside the kept set; a NaN row (a NaN or +inf logit) stays NaN (SPEC.md, section 9)
-        logp = tl.where((d_y < cut) & (log2_s == log2_s), float("-inf"), logp)
+    if MIN_P:  # outside the kept set; a NaN row (a NaN, +inf or only −inf logits) stays NaN (SPEC.md, 9)
+        logp = tl.where((d_y < cut) & (log2_s > float("-inf")), float("-inf"), logp)
     tl.store(p_lse2_base + row, base)
     tl.store(p_lse2_rest + row, log2_s)
     tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
