@@ -41,6 +41,7 @@ from mhpo_kernels import _config
 from mhpo_kernels._sweep_types import LogitMap, TokenParams
 from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, _scale_rows_kernel, mhpo_bwd, scale_rows_
 from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel, mhpo_fwd
+from mhpo_kernels.kernels.select import _select_kernel
 
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
 # Qwen's less one and GPT-2's: no stride or V divisible by anything, so rows start at every
@@ -58,6 +59,11 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 # The rescale of grad_in_forward's gradient reads and writes each element, as the backward does.
 BUDGET = {"fwd": 10.0, "fwd-softcap": 20.0, "bwd": 12.0, "bwd-softcap": 24.0, "scale": 12.0}
 MUFU_BUDGET = 1.25  # outside softcap
+# A selection pass of top-k or top-p (kernels/select.py) does more per logit than the statistics
+# pass: a key, a bin, a warp-level histogram (tl.histogram: a ballot per bit of the bin, then
+# shared-memory atomics), and for top-p two masked sums. Its own budget, from the measured loops
+# (bench/NOTES.md).
+BUDGET["select"] = 28.0
 # Registers per thread: at most 64 lets 4 programs of 8 warps share an SM, 32–64 KiB of loads in
 # flight (bench/NOTES.md). The budgets above are the hardware's and hold for every compiler; the
 # code a Triton version generates for a variant may need more registers, and where it was
@@ -70,12 +76,19 @@ REGISTER_LIMIT = 64
 REGISTER_EXCEPTIONS = {"3.6": {"bwd-bf16-split-softcap-entropy": 96}}
 
 
+# The selection launch (top-k, top-p) keeps a 2048-bin histogram and its per-bin bounds per
+# program, and is bound by its instructions, not by the loads in flight: up to 128 registers
+# (2 programs of 8 warps per SM). Its own kernel, so the sweeps keep theirs.
+SELECT_REGISTER_LIMIT = 128
+
+
 def register_limit(name, version=triton.__version__):
     """The registers a variant may take under Triton ``version``."""
-    return REGISTER_EXCEPTIONS.get(".".join(version.split(".")[:2]), {}).get(name, REGISTER_LIMIT)
+    limit = SELECT_REGISTER_LIMIT if name.startswith("select-") else REGISTER_LIMIT
+    return REGISTER_EXCEPTIONS.get(".".join(version.split(".")[:2]), {}).get(name, limit)
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                HAS_TAU=False, MIN_P=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False,
+                HAS_TAU=False, MIN_P=False, SELECTED=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False,
                 DX_IN_PHASE=False, SPLIT=0)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
@@ -103,6 +116,17 @@ FWD_FLAGS = {
     # the kept tokens' sums (``pass2``), one compare and select per logit more
     "minp-logprobs": dict(MIN_P=True),
     "minp-entropy": dict(MIN_P=True, WITH_ENTROPY=True),
+    # top_k / top_p: after the statistics launch (the split forward's loop, one split) and the
+    # selection launch (``select-*`` below), the finish: its one loop is the kept tokens' sums
+    "selected-logprobs": dict(SELECTED=True, SPLIT=2),
+    "selected-entropy": dict(SELECTED=True, WITH_ENTROPY=True, SPLIT=2),
+}
+# The selection launch (kernels/select.py): top-k's and top-p's counting loops, each its own
+# budget (``BUDGET["select"]``); with both filters, two loops, top-k's first.
+SELECT_FLAGS = {
+    "topk": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=False, TOP_K=True, TOP_P=False),
+    "topp": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=False, TOP_K=False, TOP_P=True),
+    "minp-topk-topp": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=True, TOP_K=True, TOP_P=True),
 }
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.
@@ -113,8 +137,9 @@ BWD_FLAGS = {
     "softcap-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=False, DX_IN_PHASE=True, SPLIT=False),
     "tau-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
     "softcap-tau-entropy": dict(SOFTCAP=True, HAS_DENT=True, HAS_TAU=True, DX_IN_PHASE=True, SPLIT=False),
-    "minp": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, MIN_P=True, DX_IN_PHASE=True, SPLIT=False),
-    "minp-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, MIN_P=True, DX_IN_PHASE=True, SPLIT=False),
+    # a truncated softmax: the forward's threshold per row, a compare and select per logit
+    "cut": dict(SOFTCAP=False, HAS_DENT=False, HAS_TAU=False, CUT=True, DX_IN_PHASE=True, SPLIT=False),
+    "cut-entropy": dict(SOFTCAP=False, HAS_DENT=True, HAS_TAU=False, CUT=True, DX_IN_PHASE=True, SPLIT=False),
 }
 
 # grad_in_forward's one-sweep kernel (the forward kernel with GRAD_IN_FORWARD): two loops per
@@ -162,6 +187,8 @@ def variants():
         for suffix, flags in BWD_FLAGS.items():
             out[f"bwd-{dtype}" + (f"-{suffix}" if suffix else "")] = Variant(
                 _mhpo_bwd_kernel, dtype, flags, V, True)
+        for suffix, flags in SELECT_FLAGS.items():
+            out[f"select-{dtype}-{suffix}"] = Variant(_select_kernel, dtype, flags, V, True)
     for dtype in ONE_SWEEP_DTYPES:
         for suffix, flags in ONE_SWEEP_FLAGS.items():
             out[f"onesweep-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
@@ -210,17 +237,22 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
 
     def logit_map():
         return LogitMap.make(1.0, softcap=30.0 if f["SOFTCAP"] else None, tau=per_token(f["HAS_TAU"]),
-                             min_p=per_token(f.get("MIN_P", False)))
+                             min_p=per_token(f.get("MIN_P", False)),
+                             top_k=torch.empty(N, dtype=torch.int32, device="meta") if f.get("TOP_K") else None,
+                             top_p=per_token(f.get("TOP_P", False) or f.get("SELECTED", False)),
+                             cut=per_token(f.get("CUT", False)))
 
     # The autograd ops' gradient buffer: the logits' layout (in phase), or the logits themselves.
     grad = torch.empty_like(logits)
-    with recorded_launches(var.kernel) as launches, _config.overridden(row_splits=splits if f.get("SPLIT") else None):
-        if var.kernel is _mhpo_fwd_kernel:
+    with recorded_launches(_mhpo_fwd_kernel, _select_kernel, var.kernel) as launches, _config.overridden(row_splits=splits if f.get("SPLIT") else None):
+        if var.kernel in (_mhpo_fwd_kernel, _select_kernel):  # the forward launches the selection
+            f = {**_FWD_OFF, **f}
             loss = f["WITH_LOSS"]
             hp = TokenParams(f["OBJECTIVE"], (1.5, 1.5, 1.0, 2.0, 0.8), 0.1, f["LFM"], f["DHP"])
             mhpo_fwd(logits, target, per_token(f["HAS_OLD"]), per_token(loss), per_token(loss),
                      per_token(f["HAS_REF"]), hp, logit_map(), with_entropy=f["WITH_ENTROPY"], with_loss=loss,
                      grad=grad if f["GRAD_IN_FORWARD"] else None)
+            f = var.constexprs
         elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
@@ -228,6 +260,8 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
         else:
             scale_rows_(grad, target, torch.empty((), device="meta"), 0.5)
     for launch in launches:
+        if launch.kernel is not var.kernel:
+            continue
         values = constexpr_values(launch)
         if all(values.get(k) == v for k, v in f.items()):
             assert values["ROWS_ALIGNED"] == var.aligned, (var, values)
@@ -334,10 +368,12 @@ def _loop_report(loop, dtype):
     }
 
 
-def analyze(cubin_path, dtype, two_passes=False, cut=False):
+def analyze(cubin_path, dtype, two_passes=False, cut=False, select=False):
     """The loop report of one cubin: registers, spills, elements and instructions per element.
-    ``two_passes`` (the one-sweep kernel) or ``cut`` (the truncated forward): the fields are pass
-    1's, and ``pass2`` holds pass 2's (None for either if the two loops are not found)."""
+    ``two_passes`` (the one-sweep kernel) or ``cut`` (min_p's forward): the fields are pass 1's,
+    and ``pass2`` holds pass 2's (None for either if the two loops are not found). ``select``
+    (the selection launch): the fields are its first counting loop's, and ``select`` lists them
+    all (top-k's, then top-p's)."""
     sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
                           capture_output=True, text=True, check=True).stdout
     usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
@@ -346,6 +382,9 @@ def analyze(cubin_path, dtype, two_passes=False, cut=False):
     local = re.search(r"LOCAL:(\d+)", usage)
     report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
     instrs = parse_sass(sass)
+    if select:
+        loops = [_loop_report((loaded, body), dtype) for loaded, body, innermost in _loops(instrs) if innermost]
+        return {**report, **(loops[0] if loops else _loop_report(None, dtype)), "select": loops}
     if not (two_passes or cut):
         return {**report, **_loop_report(steady_loop(instrs), dtype)}
     loops = steady_loops(instrs) if two_passes else cut_loops(instrs)
@@ -396,10 +435,13 @@ def measure(names, cubin_dir, processes=None):
             f.write(cubin)
         if key not in done:
             done[key] = analyze(path, var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
-                                var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False))
+                                var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False),
+                                var.kernel is _select_kernel)
         report = done[key]
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}
+        if "select" in report:
+            report = {**report, "select": [{**loop, "budget": BUDGET["select"]} for loop in report["select"]]}
         rows.append({"name": name, "dtype": var.dtype, "V": var.V, "aligned": var.aligned, **report,
                      "budget": budget_for(name)})
     return rows
@@ -415,6 +457,9 @@ def print_table(rows, file=sys.stdout):
         if "pass2" in r:
             p = r["pass2"]
             print(f"{'  pass 2':<46} {p['elements_per_thread_per_iteration']!s:>11} "
+                  f"{p['instructions_per_element']!s:>10} {p['budget']:>6} {p['mufu_per_element']!s:>9}", file=file)
+        for p in r.get("select", []):
+            print(f"{'  selection pass':<46} {p['elements_per_thread_per_iteration']!s:>11} "
                   f"{p['instructions_per_element']!s:>10} {p['budget']:>6} {p['mufu_per_element']!s:>9}", file=file)
 
 

@@ -7,14 +7,14 @@ inside torch.compile)."""
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._sweep_types import (
     ADV_NONE, ADV_PER_SEQ, ADV_PER_TOKEN, ADV_SCALAR, AGG_MODES, STATUS_ADV_VARIES, STATUS_BAD_IDS, STATUS_CU,
     STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE,
-    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P,
+    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P, STATUS_TOP_P,
 )
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,10 +38,16 @@ class Batch:
     n_valid: Optional[int] = None   # valid tokens, read in validation's one host sync; None inside torch.compile
     tp: Optional[object] = None     # vocab_parallel.VocabSlice when the vocabulary is split over ranks
     min_p: Optional[torch.Tensor] = None   # (N,) fp32 min_p per token (SPEC.md, section 9), None: off
+    top_k: Optional[torch.Tensor] = None   # (N,) int32 top_k per token, None: off
+    top_p: Optional[torch.Tensor] = None   # (N,) fp32 top_p per token, None: off
 
     @property
     def valid(self):
         return self.target >= 0
+
+    def filters(self):
+        """The sampler's filters per token, by ``LogitMap``'s names."""
+        return dict(min_p=self.min_p, top_k=self.top_k, top_p=self.top_p)
 
     def boundaries(self):
         """The (S + 1,) sequence boundaries of every layout (made on the device when not packed)."""
@@ -100,40 +106,80 @@ def _check_temperature_tensor(tau, token_shape, device):
     return tau.detach().reshape(-1).to(torch.float32).contiguous()
 
 
-def check_min_p(min_p):
-    """None (off), a number in [0, 1] (≤ 0 is off: None), or a floating tensor (its shape and
-    values are checked with the other per-token inputs). Inside torch.compile a number stays a
-    graph input: whether it is on is a guard, its bound an assert."""
-    if min_p is None or isinstance(min_p, torch.Tensor):
-        if min_p is not None and not min_p.is_floating_point():
-            raise TypeError(f"min_p must be a number or a floating tensor, got a {min_p.dtype} tensor")
-        return min_p
-    if isinstance(min_p, bool) or not isinstance(min_p, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"min_p must be None, a number or a floating tensor, got {type(min_p).__name__}")
-    if min_p <= 0:
+class Sampling(NamedTuple):
+    """The sampler's filters (SPEC.md, section 9) as ``check_sampling`` leaves them: each None
+    (off), a number, or a tensor of one value per token (its values checked in the prepare launch)."""
+
+    min_p: object = None
+    top_k: object = None
+    top_p: object = None
+
+    @property
+    def on(self):
+        return any(v is not None for v in self)
+
+
+TRUNCATED_TP = ("min_p, top_k and top_p with tp_group are not supported yet: the kept set of a row needs every "
+                "rank's slice of it (its largest logit, and top_k's and top_p's selection)")
+
+# Per filter: whether its numbers are integers, when a number is off, the numbers that are refused
+# (NaN among them), and the range the message states.
+_FILTERS = dict(
+    min_p=(False, lambda v: v <= 0, lambda v: not v <= 1, "lie in [0, 1] (≤ 0 is off)"),
+    top_k=(True, lambda v: v <= 0, lambda v: False, "be an integer (≤ 0 is off)"),
+    top_p=(False, lambda v: v >= 1, lambda v: not v > 0, "be > 0 (≥ 1 is off)"),
+)
+
+
+def _check_filter(name, value):
+    integer, off, bad, allowed = _FILTERS[name]
+    if value is None or isinstance(value, torch.Tensor):
+        if value is not None and not (_is_integer(value) if integer else value.is_floating_point()):
+            raise TypeError(f"{name} must be a number or {'an integer' if integer else 'a floating'} tensor, "
+                            f"got a {value.dtype} tensor")
+        return value
+    kinds = (numbers.Integral, torch.SymInt) if integer else (numbers.Real, torch.SymFloat, torch.SymInt)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be None, {'an int' if integer else 'a number'} or a tensor, "
+                        f"got {type(value).__name__}")
+    if not integer and value != value:
+        raise ValueError(f"{name} must {allowed}, got {value}")
+    if off(value):
         return None
-    if torch.compiler.is_compiling():
-        torch._assert_async(torch.zeros((), dtype=torch.float64) + min_p <= 1, "min_p must lie in [0, 1]")
-        return min_p
-    if not min_p <= 1:  # NaN too
-        raise ValueError(f"min_p must lie in [0, 1] (≤ 0 is off), got {min_p}")
-    return float(min_p)
+    if torch.compiler.is_compiling():  # the bound as an assert: a guard on it would specialize the graph
+        if name == "min_p":
+            torch._assert_async(torch.zeros((), dtype=torch.float64) + value <= 1, f"{name} must {allowed}")
+        return value
+    if bad(value):
+        raise ValueError(f"{name} must {allowed}, got {value}")
+    return int(value) if integer else float(value)
 
 
-def _check_min_p_tensor(min_p, token_shape, device):
-    """``check_min_p``'s value as (N,) fp32 on ``device`` (a number filled in), or None."""
-    if min_p is None:
+def check_sampling(min_p=None, top_k=None, top_p=None):
+    """The sampler's filters: None, a number (off as SPEC.md, section 9 says: None then), or a
+    tensor shaped like input_ids (its shape and values checked with the other per-token inputs).
+    Inside torch.compile a number stays a graph input: whether it is on is a guard."""
+    return Sampling(_check_filter("min_p", min_p), _check_filter("top_k", top_k), _check_filter("top_p", top_p))
+
+
+def _filter_tensor(name, value, token_shape, device):
+    """A filter's value (``check_sampling``) as (N,) on ``device``, fp32 (top_k int32), or None."""
+    if value is None:
         return None
     n = math.prod(token_shape)
-    if not isinstance(min_p, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
-        return torch.zeros(n, dtype=torch.float32, device=device) + min_p
-    _check_tensor("min_p", min_p, device)
-    if min_p.dim() == 0:  # one value for every token, as a 0-d temperature
-        min_p = min_p.expand(n)
-    if min_p.shape != token_shape and tuple(min_p.shape) != (n,):
-        raise ValueError(f"min_p must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
-                         f"(or ({n},)), got shape {tuple(min_p.shape)}")
-    return min_p.detach().reshape(-1).to(torch.float32).contiguous()
+    dtype = torch.int32 if name == "top_k" else torch.float32
+    if not isinstance(value, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
+        return torch.zeros(n, dtype=dtype, device=device) + (min(value, INT32_MAX) if name == "top_k" else value)
+    _check_tensor(name, value, device)
+    if value.dim() == 0:  # one value for every token, as a 0-d temperature
+        value = value.expand(n)
+    if value.shape != token_shape and tuple(value.shape) != (n,):
+        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
+                         f"(or ({n},)), got shape {tuple(value.shape)}")
+    value = value.detach().reshape(-1)
+    if name == "top_k":  # any k beyond the vocabulary keeps every token
+        value = value.clamp(max=INT32_MAX)
+    return value.to(dtype).contiguous()
 
 
 def check_agg_mode(loss_agg_mode):
@@ -384,7 +430,8 @@ def _messages(N):
                                   f"but not one token each: pass per-sequence advantages as (S, 1)"),
             (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
             (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
-            (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"))
+            (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
+            (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"))
 
 
 def _positive_logp(name):
@@ -415,10 +462,11 @@ def _raise_on_status(status, ids, V, normalizer):
 
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
                    cu_seqlens=None, temperature=None, advantages=None, loss_agg_mode=None, normalizer=None,
-                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None, min_p=None):
+                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None, sampling=Sampling()):
     """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
     (None: split over ranks), then the prepare launch and its status read: the Batch. Without
-    ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign."""
+    ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign;
+    ``sampling``: the sampler's filters (``check_sampling``)."""
     from . import _dispatch
 
     ids = _check_ids(input_ids, token_shape, device, source)
@@ -426,7 +474,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     mask = _check_mask(mask, token_shape, device)
     cu = _check_cu_seqlens(cu_seqlens, token_shape, device)
     tau = _check_temperature_tensor(temperature, token_shape, device)
-    min_p = _check_min_p_tensor(min_p, token_shape, device)
+    min_p, top_k, top_p = (_filter_tensor(name, v, token_shape, device) for name, v in sampling._asdict().items())
     N = ids.numel()
     n_seqs, T = (cu.numel() - 1, 0) if cu is not None else tuple(token_shape) if len(token_shape) == 2 else (1, N)
     adv_mode, adv, one_token_each, seq_counts = ADV_NONE, None, False, None
@@ -444,15 +492,16 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
-        min_p=min_p)
+        min_p=min_p, top_p=top_p)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
-    return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p)
+    return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
+                 top_p=top_p)
 
 
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None, sequence_level=False, min_p=None,
+    seq_valid_tokens=None, temperature=None, sequence_level=False, sampling=Sampling(),
 ):
     """Check every per-token argument of a policy loss; return the Batch for the sweeps.
     ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
@@ -463,4 +512,4 @@ def prepare_mhpo(
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
     return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, min_p)
+                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, sampling)

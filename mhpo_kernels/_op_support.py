@@ -28,11 +28,12 @@ def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _unpack(params, softcap, tau=None, min_p=None):
-    """(TokenParams, LogitMap, every value by its slot) from ``params``: read on the host."""
+def _unpack(params, softcap, tau=None, **per_row):
+    """(TokenParams, LogitMap, every value by its slot) from ``params``: read on the host.
+    ``per_row``: the map's truncation tensors by name (``LogitMap``)."""
     v = params.detach().numpy().tolist()
     hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
-    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, min_p), v
+    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, **per_row), v
 
 
 def _without_autocast(device):

@@ -16,8 +16,8 @@ ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # position in its own slot), 0 where the check passed or does not apply.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P) = range(13)
-STATUS_SLOTS = 13
+ STATUS_MIN_P, STATUS_TOP_P) = range(14)
+STATUS_SLOTS = 14
 # A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
 LOGP_ABOVE_ZERO = 1e-2
@@ -60,8 +60,10 @@ class LogitMap:
     sweeps take the derived constants below (``kernels/logit_map.py`` says how they are used).
     With a per-token temperature, ``tau`` holds τ_t per row ((N,) fp32, 1 at invalid rows) and the
     scalars are those of τ = 1: τ_t divides ``log2_scale`` and ``slope`` row by row (it never
-    enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32 per row, ≤ 0 off)
-    truncates the softmax to the tokens with p_v ≥ min_p · max p (SPEC.md, section 9).
+    enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32, ≤ 0 off), ``top_k``
+    ((N,) int32, ≤ 0 off) and ``top_p`` ((N,) fp32, ≥ 1 off) truncate the softmax to the
+    sampler's kept set (SPEC.md, section 9), which the forward finds; ``cut``, the backward's,
+    is the forward's threshold per row (``RowStats.cut``).
     """
 
     in_scale: float
@@ -69,6 +71,14 @@ class LogitMap:
     softcap: bool
     tau: Optional[torch.Tensor] = None
     min_p: Optional[torch.Tensor] = None
+    top_k: Optional[torch.Tensor] = None
+    top_p: Optional[torch.Tensor] = None
+    cut: Optional[torch.Tensor] = None
+
+    @property
+    def truncated(self):
+        """Whether the forward truncates the softmax (a filter is given)."""
+        return self.min_p is not None or self.top_k is not None or self.top_p is not None
 
     @property
     def log2_scale(self):
@@ -90,14 +100,16 @@ class LogitMap:
         def rows(x):
             return None if x is None else x[index]
 
-        return replace(self, tau=rows(self.tau), min_p=rows(self.min_p))
+        return replace(self, tau=rows(self.tau), min_p=rows(self.min_p), top_k=rows(self.top_k),
+                       top_p=rows(self.top_p), cut=rows(self.cut))
 
     @staticmethod
-    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None):
+    def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None,
+             top_k=None, top_p=None, cut=None):
         """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
         if softcap is None:
-            return LogitMap(logit_scale / temperature, 1.0, False, tau, min_p)
-        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau, min_p)
+            return LogitMap(logit_scale / temperature, 1.0, False, tau, min_p, top_k, top_p, cut)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau, min_p, top_k, top_p, cut)
 
 
 class RowStats(NamedTuple):
@@ -117,9 +129,10 @@ class RowStats(NamedTuple):
     zeta: Optional[torch.Tensor]      # ζ
     loss: Optional[torch.Tensor]      # g_t · loss_t
     coef: Optional[torch.Tensor]      # g_t · d loss_t / d logp_t
+    cut: Optional[torch.Tensor] = None  # truncated: the kept set is d_v = k·u(x_v) − b ≥ cut (−inf: all)
 
     @staticmethod
-    def empty(n, device, *, with_entropy, with_loss, dtype=torch.float32):
+    def empty(n, device, *, with_entropy, with_loss, truncated=False, dtype=torch.float32):
         def new():
             return torch.empty(n, device=device, dtype=dtype)
 
@@ -132,4 +145,5 @@ class RowStats(NamedTuple):
             zeta=new() if with_loss else None,
             loss=new() if with_loss else None,
             coef=new() if with_loss else None,
+            cut=new() if truncated else None,
         )

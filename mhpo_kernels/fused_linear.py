@@ -12,8 +12,8 @@ import torch
 from . import linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    check_float_tensor, check_min_p, check_nonnegative, check_positive, check_temperature, check_tp_group,
-    prepare_mhpo, prepare_tokens,
+    TRUNCATED_TP, check_float_tensor, check_nonnegative, check_positive, check_sampling, check_temperature,
+    check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
 from .loss import metrics_of, mhpo_objective, resolve_objective
@@ -85,7 +85,8 @@ def fused_linear_mhpo_loss(
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, c=1.5, k_pos=1.5, lam_pos=1.0,
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
-    tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
+    tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0, min_p=None,
+    top_k=None, top_p=None,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
@@ -128,7 +129,7 @@ def fused_linear_mhpo_loss(
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
         reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
-        entropy_coef=entropy_coef)
+        entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p)
 
 
 def fused_linear_policy_loss(
@@ -136,11 +137,13 @@ def fused_linear_policy_loss(
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
-    seq_valid_tokens=None, entropy_coef=0.0,
+    seq_valid_tokens=None, entropy_coef=0.0, min_p=None, top_k=None, top_p=None,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
-    sequence ratios need every chunk's log-probs before any chunk's gradient. With
+    sequence ratios need every chunk's log-probs before any chunk's gradient; nor are the
+    sampler's filters (``min_p``, ``top_k``, ``top_p``, refused when on), for the same reason: a
+    target outside the kept set changes the aggregation weights of its sequence. With
     ``entropy_coef`` > 0 each chunk's gradient tile takes the entropy's part in the same backward
     sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
@@ -149,6 +152,12 @@ def fused_linear_policy_loss(
         chosen = resolve_objective(objective)
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
+        if check_sampling(min_p, top_k, top_p).on:
+            raise NotImplementedError(
+                "min_p, top_k and top_p on the fused linear losses are not supported yet: a target outside the kept set "
+                "changes its sequence's aggregation weights, known only after every chunk's forward, while each "
+                "chunk's gradient is formed in the forward; use policy_loss on logits, or "
+                "fused_linear_token_logprobs(..., top_p=...) and a loss on its log-probs")
         check_nonnegative("entropy_coef", entropy_coef)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
@@ -196,7 +205,7 @@ def fused_linear_policy_loss(
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
-    reduce_dhidden=True, mask=None, min_p=None,
+    reduce_dhidden=True, mask=None, min_p=None, top_k=None, top_p=None,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
     ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
@@ -206,7 +215,8 @@ def fused_linear_token_logprobs(
     Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
     drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
     is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
-    ``min_p`` as in ``token_logprobs`` (the sampler's truncated softmax; not with ``tp_group``).
+    ``min_p``, ``top_k``, ``top_p`` as in ``token_logprobs`` (the sampler's truncated softmax;
+    not with ``tp_group``).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -222,14 +232,13 @@ def fused_linear_token_logprobs(
     def prepare():
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
         tau_value, tau = check_temperature(temperature)
-        cut = check_min_p(min_p)
-        if cut is not None and tp_group is not None:
-            raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
-                                      "logit of every rank's slice before the second pass")
+        sampling = check_sampling(min_p, top_k, top_p)
+        if sampling.on and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
-                               min_p=cut)
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, batch.min_p)
+                               sampling=sampling)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.filters())
         return _Prepared(mhpo_token_params(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -242,8 +251,8 @@ def fused_linear_token_logprobs(
         logp, entropy = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
                                                            bool(return_entropy), bool(reduce_dhidden))
     else:
-        logp, entropy, _, _ = linear_ops.fused_linear_logprobs(
+        logp, entropy, _, _, _ = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-            chunk_rows, bool(return_entropy), batch.n_valid, lmap.min_p)
+            chunk_rows, bool(return_entropy), batch.n_valid, **batch.filters())
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

@@ -120,22 +120,27 @@ torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_ba
 def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
-    min_p: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logp, entropy (empty unless asked), base, lse2_rest), each (N,) fp32; 1 GEMM per chunk. The
-    last two are the row statistics the backward needs. ``n_valid`` as in ``fused_linear_forward``;
-    ``min_p`` (N,) fp32: the truncated softmax (SPEC.md, section 9)."""
-    _, lmap, _ = _unpack(params, softcap, tau, min_p)
+    min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, entropy (empty unless asked), base, lse2_rest, cut (empty untruncated)), each (N,)
+    fp32; 1 GEMM per chunk. The last three are the row statistics the backward needs. ``n_valid``
+    as in ``fused_linear_forward``; ``min_p``, ``top_k``, ``top_p`` (N,): the sampler's truncated
+    softmax (SPEC.md, section 9), whose kept sets ``cut`` holds."""
+    _, lmap, _ = _unpack(params, softcap, tau, min_p=min_p, top_k=top_k, top_p=top_p)
     with _without_autocast(hidden.device):
-        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
-                                                              with_entropy, n_valid=n_valid)
-    return logp, _fp32(hidden, 0) if entropy is None else entropy, base, lse2_rest
+        logp, entropy, base, lse2_rest, cut = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
+                                                                   with_entropy, n_valid=n_valid)
+    return (logp, _fp32(hidden, 0) if entropy is None else entropy, base, lse2_rest,
+            _fp32(hidden, 0) if cut is None else cut)
 
 
 @fused_linear_logprobs.register_fake
-def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None):
+def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None,
+      top_k=None, top_p=None):
     n = hidden.shape[0]
-    return _fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n)
+    truncated = min_p is not None or top_k is not None or top_p is not None
+    return (_fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
+            _fp32(hidden, n if truncated else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::fused_linear_logprobs_backward", mutates_args=())
@@ -143,11 +148,12 @@ def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
-    n_valid: Optional[int] = None, min_p: Optional[Tensor] = None,
+    n_valid: Optional[int] = None, cut: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
-    tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs)."""
-    _, lmap, _ = _unpack(params, softcap, tau, min_p)
+    tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs). ``cut``: the
+    forward's kept-set thresholds of a truncated softmax."""
+    _, lmap, _ = _unpack(params, softcap, tau, cut=cut)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
@@ -157,38 +163,39 @@ def fused_linear_logprobs_backward(
 
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
-      chunk_rows, need_dh, need_dw, need_db, n_valid=None, min_p=None):
+      chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid, min_p = (
-        tuple(inputs) + (None, None))[:11]
-    logp, entropy, base, lse2_rest = output
+    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy = inputs[:9]
+    n_valid = inputs[9] if len(inputs) > 9 else None
+    truncated = any(x is not None for x in inputs[10:])
+    logp, entropy, base, lse2_rest, cut = output
     ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None,
-                          min_p)
+                          cut if truncated else None)
     ctx.params, ctx.softcap, ctx.chunk_rows, ctx.n_valid = params, softcap, chunk_rows, n_valid
-    ctx.mark_non_differentiable(base, lse2_rest)
+    ctx.mark_non_differentiable(base, lse2_rest, cut)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
-def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum):
-    hidden, weight, bias, target, tau, base, lse2_rest, entropy, min_p = ctx.saved_tensors
+def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
+    hidden, weight, bias, target, tau, base, lse2_rest, entropy, cut = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
         d_entropy = None
     if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 11
+        return (None,) * 13
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, min_p)
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut)
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
-    return grads + (None,) * 8
+    return grads + (None,) * 10
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,
@@ -240,7 +247,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
-        logp, entropy, base, lse2_rest = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
+        logp, entropy, base, lse2_rest, _ = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
                                                               chunk_rows, with_entropy, tp=batch.tp,
                                                               n_valid=batch.n_valid)
         ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy)

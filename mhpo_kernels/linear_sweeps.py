@@ -206,9 +206,10 @@ def _fold_tile_grad(grad, h_c, weight, dh_rows, dw, db):
 
 
 def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None):
-    """(logp, entropy or None, base, lse2_rest), each (N,) fp32, chunk by chunk (1 GEMM each): the
-    last two are the rows' log-sum-exp statistics (global ones with ``tp``), which is all that
-    ``token_logprobs_grads`` needs besides the inputs. ``n_valid`` as in ``fused_linear_sweeps``."""
+    """(logp, entropy or None, base, lse2_rest, cut or None), each (N,) fp32, chunk by chunk (1 GEMM
+    each): the last three are the rows' log-sum-exp statistics (global ones with ``tp``) and, for
+    a truncated softmax, the kept set's thresholds, which is all that ``token_logprobs_grads``
+    needs besides the inputs. ``n_valid`` as in ``fused_linear_sweeps``."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
@@ -217,13 +218,16 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     logp, base, lse2_rest = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
                             for _ in range(3))
     entropy = torch.empty_like(logp) if with_entropy else None
+    cut = torch.empty_like(logp) if lmap.truncated else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, mhpo_token_params(),
                              lmap.rows(slice(r0, r1)), with_entropy, False, tp)
         logp[r0:r1], base[r0:r1], lse2_rest[r0:r1] = stats.logp, stats.lse2_base, stats.lse2_rest
         if with_entropy:
             entropy[r0:r1] = stats.entropy
-    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, lse2_rest))
+        if cut is not None:
+            cut[r0:r1] = stats.cut
+    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, lse2_rest, cut))
 
 
 def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest, entropy, dlogp,

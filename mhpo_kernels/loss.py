@@ -8,7 +8,8 @@ import torch
 
 from . import _dispatch
 from ._inputs import (
-    check_grad_in_forward, check_inplace, check_logits, check_min_p, check_nonnegative, check_positive,
+    TRUNCATED_TP, check_grad_in_forward, check_inplace, check_logits, check_nonnegative, check_positive,
+    check_sampling,
     check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
@@ -108,7 +109,8 @@ def mhpo_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0,
     lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None,
-    seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0, min_p=None,
+    seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None,
+    top_p=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -156,8 +158,9 @@ def mhpo_loss(
         entropy_coef: ≥ 0, subtracts entropy_coef · Σ_t g_t H_t.
         grad_in_forward, grad_scale: the logits' gradient computed in the forward
             (docs/one-sweep.md).
-        min_p: the sampler's truncated softmax (SPEC.md, section 9): a target outside its kept
-            set leaves the aggregation like an invalid token (metric ``outside_support``).
+        min_p, top_k, top_p: the sampler's truncated softmax (SPEC.md, section 9; as in
+            ``token_logprobs``): a target outside its kept set leaves the aggregation like an
+            invalid token (metric ``outside_support``).
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them. CUDA tensors
     run the Triton kernels; CPU tensors run them under Triton's interpreter with
@@ -170,14 +173,14 @@ def mhpo_loss(
                        return_metrics=return_metrics, normalizer=normalizer, inplace_backward=inplace_backward,
                        tp_group=tp_group, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
                        entropy_coef=entropy_coef, grad_in_forward=grad_in_forward, grad_scale=grad_scale,
-                       min_p=min_p)
+                       min_p=min_p, top_k=top_k, top_p=top_p)
 
 
 def policy_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, objective=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False,
     normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
-    grad_in_forward=False, grad_scale=1.0, min_p=None,
+    grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None, top_p=None,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -203,8 +206,8 @@ def policy_loss(
                                       "supported: its sequence ratio needs the log-probs of every rank")
         check_nonnegative("entropy_coef", entropy_coef)
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
-        cut = check_min_p(min_p)
-        if cut is not None:
+        sampling = check_sampling(min_p, top_k, top_p)
+        if sampling.on:
             _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
@@ -214,9 +217,9 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level, min_p=cut,
+            sequence_level=chosen.sequence_level, sampling=sampling,
         )
-        lmap = LogitMap.make(tau_value, tau=batch.tau, min_p=batch.min_p)
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.filters())
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):
@@ -244,14 +247,14 @@ def policy_loss(
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
         totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL, entropy_coef=entropy_coef, grad_scale=grad_scale,
-        agg=AGG_MODES.index(loss_agg_mode), normalizer=_normalizer_tensor(normalizer, logits.device, batch.min_p))
+        agg=AGG_MODES.index(loss_agg_mode), normalizer=_normalizer_tensor(normalizer, logits.device, lmap))
     if not return_metrics:
         return loss
     metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if min_p is not None:  # the share of the valid tokens whose target is outside the kept set (0 when off)
-        valid = batch.target >= 0
-        outside = torch.zeros_like(valid) if batch.min_p is None else (
-            (stats.logp.detach() == -math.inf) & valid & (batch.min_p > 0))
+    if any(v is not None for v in (min_p, top_k, top_p)):  # the share of the valid tokens whose target is
+        valid = batch.target >= 0                            # outside the kept set (0 when off)
+        outside = torch.zeros_like(valid) if stats.cut is None else (
+            (stats.logp.detach() == -math.inf) & valid & (stats.cut > -math.inf))
         metrics["outside_support"] = outside.sum().float() / valid.sum().clamp(min=1)
     return loss, metrics
 
@@ -260,20 +263,19 @@ def _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
     """A loss over a truncated softmax forms its weights after the sweep, from every token's
     kept set: refused where that cannot be done on this rank, or in the forward's one launch."""
     if tp_group is not None:
-        raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
-                                  "logit of every rank's slice before the second pass")
+        raise NotImplementedError(TRUNCATED_TP)
     if seq_valid_tokens is not None:
-        raise NotImplementedError("min_p with seq_valid_tokens is not supported: the other ranks' counts cannot "
-                                  "leave out this rank's targets outside the kept set")
+        raise NotImplementedError("min_p, top_k and top_p with seq_valid_tokens are not supported: the other ranks' "
+                                  "counts cannot leave out this rank's targets outside the kept set")
     if grad_in_forward:
-        raise ValueError("grad_in_forward=True is not supported with min_p: the loss's weights need the kept set "
-                         "of every token, known only after the sweep")
+        raise ValueError("grad_in_forward=True is not supported with min_p, top_k or top_p: the loss's weights "
+                         "need the kept set of every token, known only after the sweep")
 
 
-def _normalizer_tensor(normalizer, device, min_p):
+def _normalizer_tensor(normalizer, device, lmap):
     """The normalizer as the truncated loss's second prepare launch reads it: None, or 0-d fp32
-    on ``device`` (a number by arithmetic, so a new value is no recompile). None without min_p."""
-    if normalizer is None or min_p is None:
+    on ``device`` (a number by arithmetic, so a new value is no recompile). None untruncated."""
+    if normalizer is None or not lmap.truncated:
         return None
     if isinstance(normalizer, torch.Tensor):
         return normalizer.detach().to(device=device, dtype=torch.float32)
@@ -281,7 +283,7 @@ def _normalizer_tensor(normalizer, device, min_p):
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, tp_group=None, mask=None, *, min_p=None):
+                   inplace_backward=False, tp_group=None, mask=None, *, min_p=None, top_k=None, top_p=None):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
@@ -293,21 +295,22 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     input_ids' shape, dtype float32. ``temperature`` (a number or one τ per token),
     ``inplace_backward`` and ``tp_group`` as in ``mhpo_loss``. Runs where ``mhpo_loss`` runs.
 
-    ``min_p`` (a number in [0, 1] or one per token, like ``temperature``; None or ≤ 0 is off):
+    ``min_p``, ``top_k``, ``top_p`` (each a number or one per token, like ``temperature``):
     the log-probs and entropy of the sampler's truncated softmax, renormalized over the tokens
-    with p ≥ min_p · max p (SPEC.md, section 9). A target outside that set gets −inf and no
-    log-prob gradient. Not with ``tp_group``.
+    it keeps: p ≥ min_p · max p, then the k largest (with ties), then the smallest set of the
+    largest whose mass reaches top_p (SPEC.md, section 9). Off: None, min_p ≤ 0, top_k ≤ 0,
+    top_p = 1. A target outside the kept set gets −inf and no log-prob gradient. Not with
+    ``tp_group``.
     """
     def prepare():
         tau_value, tau = check_temperature(temperature)
-        cut = check_min_p(min_p)
-        if cut is not None and tp_group is not None:
-            raise NotImplementedError("min_p with tp_group is not supported yet: the kept set needs the largest "
-                                      "logit of every rank's slice before the second pass")
+        sampling = check_sampling(min_p, top_k, top_p)
+        if sampling.on and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask, temperature=tau, min_p=cut)
-        lmap = LogitMap.make(tau_value, tau=batch.tau, min_p=batch.min_p)
+                               logits.device, ignore_index, mask, temperature=tau, sampling=sampling)
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.filters())
         return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 

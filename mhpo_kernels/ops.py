@@ -99,6 +99,8 @@ class SweepsArgs(NamedTuple):
     totals: int = 0
     entropy_bonus: bool = False
     min_p: Optional[Tensor] = None
+    top_k: Optional[Tensor] = None
+    top_p: Optional[Tensor] = None
     agg: int = -1
     normalizer: Optional[Tensor] = None
     sequence_level: bool = False
@@ -133,14 +135,14 @@ def _forward_sweep(a, grad=None):
     """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
     then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient.
 
-    GSPO's sequence ratios, and a loss over a truncated softmax (``min_p``), take the epilogue
-    after the sweep, on (N,) vectors: with truncation, a target outside the kept set (log-prob
-    −inf) leaves the aggregation as an invalid token does, and the weights are formed again
-    (SPEC.md, section 9)."""
-    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, a.min_p)
+    GSPO's sequence ratios, and a loss over a truncated softmax (``min_p``, ``top_k``,
+    ``top_p``), take the epilogue after the sweep, on (N,) vectors: with truncation, a target
+    outside the kept set (log-prob −inf) leaves the aggregation as an invalid token does, and the
+    weights are formed again (SPEC.md, section 9)."""
+    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p)
     entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
-    truncated = a.with_loss and a.min_p is not None
+    truncated = a.with_loss and lmap.truncated
     after = a.with_loss and (a.sequence_level or truncated)
     extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted,
                                      "grad_scale": values[GRAD_SCALE]}
@@ -152,7 +154,7 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
     target, weight = a.target, a.weight
     if truncated:
-        target = torch.where((stats.logp == -math.inf) & (a.min_p > 0), -1, a.target)
+        target = torch.where((stats.logp == -math.inf) & (stats.cut > -math.inf), -1, a.target)
         weight = _kept_weights(a, target)
     if after:  # O(N) between the sweeps
         valid = target >= 0
@@ -163,8 +165,10 @@ def _forward_sweep(a, grad=None):
             psi, zeta, loss, coef = token_terms(stats.logp, valid, a.old, a.adv, weight, ref, hp)
         stats = stats._replace(psi=psi, zeta=zeta, loss=loss, coef=coef)
     totals = _totals(a.logits, stats, target, weight, a.old, a.ref, hp, entropy_coef, a.totals)
-    return (tuple(_fp32(a.logits, 0) if x is None else x for x in stats) + totals
-            + (weight if truncated else _fp32(a.logits, 0),))
+    def present(x):  # absent outputs as empty tensors, each its own
+        return _fp32(a.logits, 0) if x is None else x
+
+    return tuple(map(present, stats[:8])) + totals + (weight if truncated else present(None), present(stats.cut))
 
 
 def _fake_outputs(a, grad):
@@ -173,8 +177,10 @@ def _fake_outputs(a, grad):
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
-    weight = _fp32(a.logits, n if a.with_loss and a.min_p is not None else 0)
-    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight)
+    truncated = a.min_p is not None or a.top_k is not None or a.top_p is not None
+    weight = _fp32(a.logits, n if a.with_loss and truncated else 0)
+    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight,
+                    _fp32(a.logits, n if truncated else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
@@ -183,21 +189,24 @@ def sweeps_forward(
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
     cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
-    min_p: Optional[Tensor] = None, agg: int = -1, normalizer: Optional[Tensor] = None, sequence_level: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None, agg: int = -1,
+    normalizer: Optional[Tensor] = None, sequence_level: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
     buffer of the logits' shape and dtype (else empty), whose backward rescales it; then with
     ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
-    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); last,
-    with a loss and ``min_p``, the weights of the tokens inside the kept set (else empty).
+    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); then,
+    with a loss and truncation (``min_p``, ``top_k``, ``top_p``: (N,) per token), the weights of
+    the tokens inside the kept set (else empty); last, truncated, each row's threshold
+    (``RowStats.cut``, else empty).
     ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
     changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
-    sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a loss with
-    ``min_p``, which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
+    sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
+    which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
     ``normalizer``."""
     a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, agg, normalizer,
+                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, top_k, top_p, agg, normalizer,
                    sequence_level)
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
@@ -215,7 +224,7 @@ def sweeps_forward_grad_(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, shifted: bool, totals: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1 with the loss, and in the same launch ``logits`` overwritten with ∂L/∂logits for an
     upstream gradient of 1 (each row is read whole before the same program writes it); the
     ``RowStats`` fields and the totals as in ``sweeps_forward``. No autograd formula of its own:
@@ -276,15 +285,15 @@ class OneSweepInplace(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight):
+    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight, _cut):
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + (None,) * 11
 
 
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
-                    shifted, min_p):
+                    shifted, cut):
     _, backward_sweep = _dispatch.sweeps(logits.device)
-    _, lmap, _ = _unpack(params, softcap, tau, min_p)
+    _, lmap, _ = _unpack(params, softcap, tau, cut=cut)
     with _without_autocast(logits.device):
         backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, lse2_rest, dlogp,
                        entropy, dentropy, lmap, zero_tail=shifted)
@@ -295,16 +304,17 @@ def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentr
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool, min_p: Optional[Tensor] = None,
+    softcap: bool, shifted: bool, cut: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token."""
+    """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token;
+    ``cut``: the forward's kept-set thresholds of a truncated softmax."""
     grad = _grad_buffer(logits)
     return _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                           softcap, shifted, min_p)
+                           softcap, shifted, cut)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, min_p=None):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None):
     return _grad_buffer(logits)
 
 
@@ -312,16 +322,16 @@ def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, so
 def sweeps_backward_(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool, min_p: Optional[Tensor] = None,
+    softcap: bool, shifted: bool, cut: Optional[Tensor] = None,
 ) -> None:
     """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
     same lane writes it)."""
     _backward_sweep(logits, logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                    softcap, shifted, min_p)
+                    softcap, shifted, cut)
 
 
 @sweeps_backward_.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, min_p=None):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None):
     return None
 
 
@@ -335,7 +345,7 @@ def backward_sweep(logits, inplace, **args):
 
 def _sweeps_setup(ctx, inputs, output):
     a = SweepsArgs(*inputs)
-    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics, kept_weight = output
+    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics, kept_weight, cut = output
     ctx.totals = a.totals
     ctx.grad_in_forward = a.grad_in_forward
     if a.totals:  # the 0-d loss is the loss's one differentiable output
@@ -343,19 +353,21 @@ def _sweeps_setup(ctx, inputs, output):
     if a.grad_in_forward:  # the backward needs only the gradient and which rows are tokens
         ctx.save_for_backward(grad, a.target, a.params)
         ctx.shifted = a.shifted
-        ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics, kept_weight)
+        ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics, kept_weight,
+                                    cut)
         ctx.set_materialize_grads(False)
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
     seq = a.with_loss and a.sequence_level
-    weight = kept_weight if a.with_loss and a.min_p is not None else a.weight
+    truncated = a.min_p is not None or a.top_k is not None or a.top_p is not None
+    weight = kept_weight if a.with_loss and truncated else a.weight
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
-                          a.min_p)
+                          cut if truncated else None)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
-    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight)
+    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, cut)
     ctx.set_materialize_grads(False)
 
 
@@ -365,7 +377,7 @@ def _add(x, y):
 
 @once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics,
-                     _weight):
+                     _weight, _cut):
     nothing = (None,) * len(SweepsArgs._fields)
     if ctx.totals:
         d_loss = None   # the per-token losses are not differentiable then: the 0-d total is
@@ -374,7 +386,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     if ctx.grad_in_forward:
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
-    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, min_p = ctx.saved_tensors
+    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, cut = ctx.saved_tensors
     if not ctx.with_loss:
         d_loss = d_total = None
     d_entropy = d_entropy if ctx.with_entropy else None
@@ -395,7 +407,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     dent = None if d_entropy is None else d_entropy.to(lse2_rest.dtype).contiguous()
     grad = backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest, dlogp=dlogp,
                           entropy=entropy if dent is not None else None, dentropy=dent, tau=tau, params=params,
-                          softcap=ctx.softcap, shifted=ctx.shifted, min_p=min_p)
+                          softcap=ctx.softcap, shifted=ctx.shifted, cut=cut)
     return (grad,) + nothing[1:]
 
 
@@ -409,10 +421,11 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     LOSS_AND_METRICS the detached metrics vector; else None). The reference log-probs are read
     for β > 0 or the metrics. ``grad_in_forward``: the logits' gradient for the upstream gradient
     ``grad_scale`` comes from the same launch (into the logits with ``inplace_backward``). A
-    loss with ``lmap.min_p`` forms its weights again without the tokens outside the kept set:
-    ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or a 0-d tensor) say how."""
+    loss over a truncated softmax (``lmap.truncated``) forms its weights again without the tokens
+    outside the kept set: ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or a 0-d
+    tensor) say how. The rows' thresholds come back as ``RowStats.cut``."""
     with_loss = batch.adv is not None
-    truncated = with_loss and lmap.min_p is not None
+    truncated = with_loss and lmap.truncated
     ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None
     inputs = dict(target=batch.target, old=batch.old, adv=batch.adv, weight=batch.weight, ref=ref, tau=lmap.tau,
                   params=pack_params(hp, lmap, entropy_coef, grad_scale), softcap=lmap.softcap,
@@ -425,8 +438,8 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
                              cu=batch.boundaries() if hp.kind == GSPO_KIND or truncated else None,
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
-                             min_p=lmap.min_p, agg=agg if truncated else -1,
+                             min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,
                              normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)))
+    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out[12] if lmap.truncated else None)
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)

@@ -14,7 +14,7 @@ import torch
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
-    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, LOGP_ABOVE_ZERO, RowStats,
+    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, LOGP_ABOVE_ZERO, RowStats,
 )
 from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
 
@@ -31,7 +31,7 @@ def boundaries(cu, n_seqs, T, device):
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None):
     """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
     N, device = ids.numel(), ids.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -50,6 +50,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         status[STATUS_TAU] = (valid & ((tau <= 0) | tau.isinf())).sum()
     if min_p is not None:  # a share of the largest probability: NaN or above 1 is a misuse (≤ 0 is off)
         status[STATUS_MIN_P] = (valid & (min_p.isnan() | (min_p > 1))).sum()
+    if top_p is not None:  # a share of the mass: NaN or ≤ 0 is a misuse (≥ 1 is off)
+        status[STATUS_TOP_P] = (valid & ~(top_p > 0)).sum()
     for slot, logp in ((STATUS_OLD_POSITIVE, old), (STATUS_REF_POSITIVE, ref)):
         if logp is not None:  # finite and above 0 beyond rounding: no log-prob (non-finite ones are data)
             status[slot] = (valid & (logp > LOGP_ABOVE_ZERO) & (logp < math.inf)).sum()
@@ -154,15 +156,42 @@ def _zero_tail(grad):
     grad.as_strided((B, 1, V), grad.stride(), grad.storage_offset() + T * grad.stride(1)).zero_()
 
 
-def _cut(lmap, valid, r0, base, dtype):
-    """The kept set's threshold on the exponents d of the chunk's rows, (rows, 1): log2(min_p),
-    −inf where min_p ≤ 0 (SPEC.md, section 9), never above the largest logit's own d (see
-    ``kernels.backward._cut``); None without truncation."""
-    if lmap.min_p is None:
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _cut(lmap, d, valid, r0, base):
+    """The kept set's threshold on the exponents d (rows, V) of the chunk's rows, (rows, 1), or
+    None without truncation (SPEC.md, section 9; the kernels' ``select.py``): min_p's closed form
+    log2(min_p), never above the largest logit's own d (``select._cut``); then, at rows whose
+    softmax is finite, the k-th largest d left, and the smallest d left whose mass strictly above
+    is below top_p of what is left, each by a sort of the row. −inf: not truncated."""
+    if not lmap.truncated:
         return None
-    min_p = torch.where(valid, lmap.min_p[r0:r0 + valid.numel()], 0.0).to(dtype)
-    cut = torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf)
-    return torch.minimum(cut, -(base.abs().to(dtype) * 2.0**-23 + 2.0**-126)).unsqueeze(-1)
+    r1 = r0 + valid.numel()
+    cut = torch.full_like(base, -math.inf, dtype=d.dtype)
+    if lmap.min_p is not None:
+        min_p = torch.where(valid, lmap.min_p[r0:r1], 0.0).to(d.dtype)
+        cut = torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf)
+        cut = torch.minimum(cut, -(base.abs().to(d.dtype) * 2.0**-23 + 2.0**-126))
+    s = d.exp2().sum(-1)
+    finite = valid & (s > 0) & (s < math.inf)
+
+    def left(cut):  # what the filters so far keep, in decreasing order; −inf past it
+        return torch.where(d >= cut.clamp(min=-FLT_MAX).unsqueeze(-1), d, -math.inf).sort(-1, descending=True).values
+
+    if lmap.top_k is not None:
+        top_k = torch.where(finite, lmap.top_k[r0:r1], 0).long()
+        ordered = left(cut)
+        k = top_k.clamp(min=1).minimum((ordered > -math.inf).sum(-1).clamp(min=1))
+        cut = torch.where(top_k > 0, ordered.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1), cut)
+    if lmap.top_p is not None:
+        top_p = torch.where(finite, lmap.top_p[r0:r1], 1.0).to(d.dtype)
+        ordered = left(cut)
+        mass = ordered.exp2()
+        above = mass.cumsum(-1) - mass                  # the mass strictly before each in the order
+        n = (above < (top_p * mass.sum(-1)).unsqueeze(-1)).sum(-1).clamp(min=1)
+        cut = torch.where(top_p < 1, ordered.gather(-1, (n - 1).unsqueeze(-1)).squeeze(-1), cut)
+    return cut.unsqueeze(-1)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
@@ -170,12 +199,13 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     """Sweep 1 in PyTorch; see ``kernels.forward.mhpo_fwd``. With ``grad``, then sweep 2 for an
     upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
-    assert lmap.min_p is None or not (with_loss or grad is not None), "a truncated softmax gives log-probs only"
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, dtype=compute_dtype(logits))
+    assert not lmap.truncated or not (with_loss or grad is not None), "a truncated softmax gives log-probs only"
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.truncated,
+                         dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
-        cut = _cut(lmap, valid, r0, base, d.dtype)
+        cut = _cut(lmap, d, valid, r0, base)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
             e.masked_fill_(d < cut, 0.0)
@@ -188,7 +218,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         out.lse2_rest[r0:r1] = torch.where(valid, lse2_rest, 0.0)
         logp = (d_y - lse2_rest) * LN2
         if cut is not None:
-            logp = torch.where((d_y < cut[:, 0]) & (lse2_rest > -math.inf), -math.inf, logp)
+            truncated = valid & (lse2_rest > -math.inf)
+            logp = torch.where((d_y < cut[:, 0]) & truncated, -math.inf, logp)
+            out.cut[r0:r1] = torch.where(truncated, cut[:, 0], -math.inf)
         out.logp[r0:r1] = torch.where(has_y, logp, 0.0)
         if with_entropy:
             # H = ln 2 · (log2 s − Σ e·d / s); e·d is 0, not NaN, where d = −inf.
@@ -212,9 +244,7 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         r1 = r0 + t1 - t0
         q, valid, row_base, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         y = target[r0:r1].long()
-        cut = _cut(lmap, valid, r0, row_base, q.dtype)
-        if cut is not None:  # a row of −inf logits only is not truncated (its gradient is NaN, as untruncated)
-            cut = torch.where(lse2_rest[r0:r1].unsqueeze(-1) > -math.inf, cut, -math.inf)
+        cut = None if lmap.cut is None else torch.where(valid, lmap.cut[r0:r1], -math.inf).to(q.dtype).unsqueeze(-1)
         dropped = None if cut is None else q < cut      # outside the kept set, before q becomes log2 p
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)

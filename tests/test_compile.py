@@ -157,7 +157,7 @@ def test_custom_ops_registered():
 
 
 @pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "logits-shifted-tau",
-                                    "logits-min-p-loss", "logits-shifted-min-p",
+                                    "logits-truncated-loss", "logits-shifted-truncated",
                                     "logits-grad-in-forward", "logits-shifted-grad-in-forward",
                                     "linear-all", "linear-head-only-bf16", "linear-logprobs-tau"])
 def test_opcheck(config):
@@ -190,17 +190,18 @@ def test_opcheck(config):
             torch.library.opcheck(ops.sweeps_forward_grad_, fwd_args)
             torch.library.opcheck(ops.scale_rows_, (x.detach().clone(), ids, torch.tensor(2.5), params, shifted))
             return
-        min_p = torch.tensor([0.05, 0.0, 0.2, 0.05, 0.1, 1.0]) if "min-p" in config else None
-        if config == "logits-min-p-loss":  # the loss's second prepare launch: its sequences and aggregation
-            args = args + (torch.tensor([0, 2, 6]), False, 1, False, min_p, 0, torch.tensor(3.0), False)
-        elif min_p is not None:
-            args = (x, ids, None, None, None, None, tau, params, False, True, False, shifted, False, None, False, 0,
-                    False, min_p)
-        torch.library.opcheck(ops.sweeps_forward, args)
+        truncated = "truncated" in config
+        kwargs = dict(min_p=torch.tensor([0.05, 0.0, 0.2, 0.05, 0.1, 1.0]), top_k=torch.tensor([5, 0, 1, 300, 9, 3], dtype=torch.int32),
+                      top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0, 0.05])) if truncated else {}
+        if config == "logits-truncated-loss":  # the loss's second prepare launch: its sequences and aggregation
+            kwargs.update(cu=torch.tensor([0, 2, 6]), totals=1, agg=0, normalizer=torch.tensor(3.0))
+        elif truncated:
+            args = (x, ids, None, None, None, None, tau, params, False, True, False, shifted, False)
+        torch.library.opcheck(ops.sweeps_forward, args, kwargs)
         if shifted:  # the backward ops themselves, out of place and in place
-            stats = [s.detach() for s in ops.sweeps_forward(*args)]
+            stats = [s.detach() for s in ops.sweeps_forward(*args, **kwargs)]
             bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
-                        torch.randn(6, generator=g), tau, params, False, True, min_p)
+                        torch.randn(6, generator=g), tau, params, False, True, stats[12] if truncated else None)
             torch.library.opcheck(ops.sweeps_backward, bwd_args)
             torch.library.opcheck(ops.sweeps_backward_, bwd_args)
     elif config == "linear-logprobs-tau":
@@ -212,7 +213,7 @@ def test_opcheck(config):
         tau = torch.rand(6, generator=g) + 0.5
         args = (h, w, b, ids, tau, params, True, 4, True)
         torch.library.opcheck(linear_ops.fused_linear_logprobs, args)
-        _, ent, base, lse2_rest = (s.detach() for s in linear_ops.fused_linear_logprobs(*args))
+        _, ent, base, lse2_rest, _ = (s.detach() for s in linear_ops.fused_linear_logprobs(*args))
         bwd_args = (h.detach(), w.detach(), b.detach(), ids, tau, base, lse2_rest, ent, torch.randn(6, generator=g),
                     torch.randn(6, generator=g), params, True, 4, True, True, True)
         torch.library.opcheck(linear_ops.fused_linear_logprobs_backward, bwd_args)
@@ -259,7 +260,8 @@ VALUES = [(1.0, 0.1, 0.01, 3.0), (0.7, 0.2, 0.02, 4.0), (1.3, 0.05, 0.03, 5.0), 
 
 def _hyper_calls():
     """Each public form with every hyperparameter that may change between calls as an argument:
-    temperature τ, β, entropy_coef, a float normalizer (token_logprobs and the module: τ)."""
+    temperature τ, β, entropy_coef, a float normalizer, the sampler's filters (token_logprobs and
+    the module: τ)."""
     from mhpo_kernels.objectives import PPOClip
 
     def mhpo(x, i, tau, beta, ec, norm):
@@ -275,12 +277,13 @@ def _hyper_calls():
         logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True)
         return logp.sum() + entropy.sum()
 
-    def mhpo_min_p(x, i, tau, beta, ec, norm):
+    def mhpo_truncated(x, i, tau, beta, ec, norm):
         return mhpo_kernels.mhpo_loss(x, i["ids"], i["old"], i["adv"], i["mask"], temperature=tau, min_p=beta / 10,
-                                      entropy_coef=ec, normalizer=norm, return_metrics=True)[0]
+                                      top_p=0.6 + beta, entropy_coef=ec, normalizer=norm, return_metrics=True)[0]
 
-    def logprobs_min_p(x, i, tau, beta, *_):
-        logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True, min_p=beta)
+    def logprobs_truncated(x, i, tau, beta, *_):
+        logp, entropy = mhpo_kernels.token_logprobs(x, i["ids"], temperature=tau, return_entropy=True, min_p=beta,
+                                                    top_k=10, top_p=0.6 + beta)
         return torch.where(logp.isinf(), 0.0, logp).sum() + entropy.sum()
 
     module = mhpo_kernels.MHPOLoss(beta=0.1)
@@ -288,7 +291,7 @@ def _hyper_calls():
     def module_forward(x, i, tau, *_):
         return module(x, i["ids"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], temperature=tau)
 
-    return [mhpo, policy, logprobs, logprobs_min_p, mhpo_min_p, module_forward]
+    return [mhpo, policy, logprobs, logprobs_truncated, mhpo_truncated, module_forward]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

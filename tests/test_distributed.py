@@ -202,7 +202,9 @@ def _tp_bad_call(rank, world_size, case):
         kw["c"] = 1.5 + rank
     elif case == "objective-not-a-record-one-rank" and rank == 0:
         kw["objective"] = "grpo"
-    elif case == "min-p" or (case == "min-p-one-rank" and rank == 0):
+    elif case == "top-p":
+        kw["top_p"] = 0.9
+    elif case == "min-p-one-rank" and rank == 0:
         kw["min_p"] = 0.1
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
@@ -223,8 +225,8 @@ BAD_TP_CALLS = [
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
     ("one-rank-bad-dtype", "logits are float64, which only the PyTorch path|failed validation"),
     ("ids-differ", "differ across ranks"),
-    ("min-p", "min_p with tp_group is not supported"),
-    ("min-p-one-rank", "min_p with tp_group is not supported|failed validation"),
+    ("top-p", "min_p, top_k and top_p with tp_group are not supported"),
+    ("min-p-one-rank", "min_p, top_k and top_p with tp_group are not supported|failed validation"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
     ("dual-clip-differs", "disagree on objective"),

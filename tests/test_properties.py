@@ -144,6 +144,7 @@ def test_hyperparameters_are_runtime_arguments():
     new value reuses the compiled kernel."""
     from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel
     from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel
+    from mhpo_kernels.kernels.select import _select_kernel
 
     def params(kernel, constexpr):
         signature = inspect.signature(kernel.fn)  # the Python function, compiled or interpreted
@@ -153,10 +154,13 @@ def test_hyperparameters_are_runtime_arguments():
     # the batch (test_specialization.py counts the compiled variants over batch shapes)
     block = {"R", "LANES", "VEC", "ROWS_ALIGNED"}
     assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF",
-                                              "HAS_TAU", "MIN_P", "OBJECTIVE", "LFM", "DHP", "GRAD_IN_FORWARD",
-                                              "DX_IN_PHASE", "SPLIT"} | block
-    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "MIN_P", "DX_IN_PHASE",
+                                              "HAS_TAU", "MIN_P", "SELECTED", "OBJECTIVE", "LFM", "DHP",
+                                              "GRAD_IN_FORWARD", "DX_IN_PHASE", "SPLIT"} | block
+    assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "CUT", "DX_IN_PHASE",
                                               "SPLIT"} | block
+    # the sampler's filters: which are on is compiled in, their values are per-token data
+    assert params(_select_kernel, True) == {"SOFTCAP", "HAS_TAU", "MIN_P", "TOP_K", "TOP_P"} | block
+    assert {"k", "tanh_scale", "N", "T", "V"} <= params(_select_kernel, False)
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values
     assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)

@@ -51,11 +51,14 @@ def report(tmp_path_factory):
 
 
 def _loops(report):
-    """(name, loop report) of every loop: each sweep's, and both passes of the one-sweep kernel."""
+    """(name, loop report) of every loop: each sweep's, both passes of the one-sweep kernel and of
+    min_p's forward, and each counting loop of the selection launch."""
     for r in report:
         yield r["name"], r
         if "pass2" in r:
             yield r["name"] + " pass 2", {**r["pass2"], "dtype": r["dtype"], "name": r["name"] + "-pass2"}
+        for i, loop in enumerate(r.get("select", [])):
+            yield f"{r['name']} selection {i}", {**loop, "dtype": r["dtype"], "name": f"{r['name']}-select{i}"}
 
 
 def test_every_variant_within_the_instruction_budget(report):
@@ -65,6 +68,7 @@ def test_every_variant_within_the_instruction_budget(report):
         sweep = r["name"].split("-")[0]
         softcap = "-softcap" if "softcap" in r["name"] else ""
         assert r["budget"] == BUDGET[("fwd" if sweep == "onesweep" else sweep) + softcap]
+        assert all(loop["budget"] == BUDGET["select"] for loop in r.get("select", []))
         if sweep == "onesweep":
             assert r["pass2"]["budget"] == BUDGET["bwd" + softcap]
 
@@ -82,7 +86,10 @@ def test_one_sweep_kernel_has_both_passes(report):
 def test_truncation_passes(report):
     """min_p's forward: pass 1 is the statistics loop, pass 2 the kept tokens' sums, neither
     storing, both within the forward's budget (pass 2 keeps no max: a compare and a select per
-    logit in its place); its backward is the backward's loop with a compare and a select."""
+    logit in its place). top-k and top-p: the finish launch's one loop is that same pass 2, and
+    the selection launch has one counting loop per filter (top-k's, then top-p's), storing
+    nothing, within the selection budget and its register limit; top-k's sums no mass (no MUFU).
+    The backward of every truncation is the backward's loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -91,8 +98,14 @@ def test_truncation_passes(report):
             assert r["pass2"]["budget"] == BUDGET["fwd"]
             plain = by_name[f"fwd-{dtype}-{suffix}"]
             assert abs(r["loop_instructions"] - plain["loop_instructions"]) <= 2, (r, plain)
+            finish = by_name[f"fwd-{dtype}-selected-{suffix}"]  # the same loop, its max or a cut never read
+            assert finish["loop_instructions"] <= r["pass2"]["loop_instructions"] + 2, (finish, r)
+        for suffix, n_loops in (("topk", 1), ("topp", 1), ("minp-topk-topp", 2)):
+            loops = by_name[f"select-{dtype}-{suffix}"]["select"]
+            assert len(loops) == n_loops and all(loop["vector_stores"] == 0 for loop in loops), (suffix, loops)
+        assert by_name[f"select-{dtype}-topk"]["select"][0]["mufu_per_element"] == 0
         for suffix in ("", "-entropy"):
-            r, plain = by_name[f"bwd-{dtype}-minp{suffix}"], by_name[f"bwd-{dtype}{suffix}"]
+            r, plain = by_name[f"bwd-{dtype}-cut{suffix}"], by_name[f"bwd-{dtype}{suffix}"]
             assert r["mufu_per_element"] == plain["mufu_per_element"], (r, plain)
 
 

@@ -1,10 +1,12 @@
 """The sampler's truncated distribution (SPEC.md, section 9): the float64 oracle against a
-brute-force one, and ``token_logprobs(min_p=...)`` on the Triton kernels and the PyTorch path
-against the oracle.
+brute-force one, and the log-probs, entropy, gradients and losses with ``min_p``, ``top_k`` and
+``top_p`` on the Triton kernels and the PyTorch path against the oracle.
 
-Inputs keep every value away from the kept set's cutoff: logits on a grid of 1/8 and a min_p
-whose log sits an odd multiple of 1/16 below the maximum (never within 1/16 of a logit, far
-beyond fp32 rounding), so the kept set is the same in fp32 and float64."""
+Inputs keep every value away from the kept set's cutoff, so the kept set is the same in fp32 and
+float64: logits on a grid of 1/8, a min_p whose log sits an odd multiple of 1/16 below the
+maximum (never within 1/16 of a logit), top_k's ties kept together by definition, and a top_p
+whose kept set does not change when it moves by 1e-4 (``_assert_unambiguous``: an fp32 sum of
+n terms is good to n · 2⁻²⁴ of its size, 2e-5 at the 300 tokens of most rows here)."""
 
 import math
 
@@ -17,6 +19,8 @@ from _cases import FP32_RTOL
 
 BACKENDS = ["triton", "torch"]
 MIN_P = math.exp(-2.5625)   # ln min_p = −41/16: an odd multiple of 1/16
+FILTERS = {"min_p": dict(min_p=MIN_P), "top_k": dict(top_k=7), "top_p": dict(top_p=0.8),
+           "all": dict(min_p=MIN_P, top_k=40, top_p=0.9)}
 
 
 def _brute_force(z, top_k=None, top_p=None, min_p=None):
@@ -64,7 +68,17 @@ def _grid_logits(B, T, V, seed, dtype=torch.float32):
     return (torch.randint(-48, 48, (B, T, V), generator=g) / 8.0).to(dtype)
 
 
-def _ids_with_some_outside(x, min_p, seed):
+def _assert_unambiguous(z, top_p=None, **filters):
+    """top_p's kept set of every row of ``z`` (float64 logits after τ) stays put when top_p moves
+    by 1e-4 either way: no cumulative mass lies within fp32's reach of the cutoff."""
+    if top_p is None or not isinstance(top_p, float):
+        return
+    keep = reference.kept_set(z, top_p=top_p, **filters)
+    for moved in (top_p * (1 - 1e-4), min(top_p * (1 + 1e-4), 1.0)):
+        assert torch.equal(reference.kept_set(z, top_p=moved, **filters), keep), moved
+
+
+def _ids_with_some_outside(x, seed):
     """Targets: random, and on every third row the row's smallest logit (outside any cut)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, x.shape[-1], x.shape[:-1], generator=g)
@@ -88,19 +102,34 @@ def _close(got, want, rtol=FP32_RTOL):
     assert err.max().item() <= rtol * max([1.0] + want[~both_inf].abs().tolist())
 
 
+# Per-token values of each filter: on, off, and extremes (min_p 1 and top_k 1: the largest only;
+# top_k beyond V: every token; top_p 0.05: the largest only).
+PER_TOKEN = dict(min_p=[[MIN_P, 0.0, 1.0], [-1.0, MIN_P, MIN_P / 4]], top_k=[[7, 0, 1], [-1, 7, 1000]],
+                 top_p=[[0.8, 1.0, 0.05], [1.0, 0.8, 0.3]])
+
+
+# Every layout with the three filters together; each filter alone on the padded layout.
+LAYOUTS = ([("all", layout) for layout in ("padded", "shifted", "flat", "per-token", "temperature")]
+           + [(name, "padded") for name in ("min_p", "top_k", "top_p")])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["padded", "shifted", "flat", "per-token", "temperature"])
-def test_min_p_logprobs_entropy_and_gradient(backend, layout):
+@pytest.mark.parametrize("filters, layout", LAYOUTS)
+def test_logprobs_entropy_and_gradient(backend, filters, layout):
     B, T, V = 2, 3, 300
     x = _grid_logits(B, T + (layout == "shifted"), V, seed=1)
-    ids = _ids_with_some_outside(x[:, :T], MIN_P, seed=2)
-    kw = dict(min_p=MIN_P)
+    ids = _ids_with_some_outside(x[:, :T], seed=2)
+    kw = dict(FILTERS[filters])
+    z = x[:, :T].double()
     if layout == "flat":
         x, ids = x.reshape(B * T, V), ids.reshape(-1)
-    if layout == "per-token":  # per-token values: on, off (0 and below) and 1 (the largest only)
-        kw["min_p"] = torch.tensor([[MIN_P, 0.0, 1.0], [-1.0, MIN_P, MIN_P / 4]])
-    if layout == "temperature":  # τ = 2 keeps z on a grid of 1/16, the cut at an odd multiple of 1/32 below
-        kw = dict(min_p=math.exp(-2.53125), temperature=torch.full((B, T), 2.0))
+    if layout == "per-token":
+        kw = {name: torch.tensor(PER_TOKEN[name]) for name in kw}
+    if layout == "temperature":  # τ = 2 keeps z on a grid of 1/16, min_p's cut at an odd multiple of 1/32 below
+        kw.update(temperature=torch.full((B, T), 2.0), min_p=math.exp(-2.53125)) if "min_p" in kw else \
+            kw.update(temperature=torch.full((B, T), 2.0))
+        z = z / 2
+    _assert_unambiguous(z, **{k: v for k, v in kw.items() if k != "temperature"})
     upstream = torch.linspace(-1.0, 2.0, ids.numel()).reshape(ids.shape)
     with mhpo_kernels.use_backend(backend):
         logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, **kw)
@@ -112,25 +141,45 @@ def test_min_p_logprobs_entropy_and_gradient(backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_target_outside_has_no_logprob_gradient(backend):
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_over_many_near_equal_tokens(backend, top_p):
+    """A flat row (logits ~ N(0, 1/4), on a grid of 1/256) puts many tokens' mass near the cutoff:
+    the selection takes several passes (select.py) and still finds the sorted oracle's set."""
+    x = torch.round(torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(18)) * 128) / 256
+    ids = _ids_with_some_outside(x, seed=17)
+    _assert_unambiguous(x.double(), top_p=top_p, top_k=2500)
+    upstream = torch.ones(ids.shape)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, top_p=top_p, top_k=2500)
+    want = _run(reference.token_logprobs, x.double(), ids, upstream.double(), top_p=top_p, top_k=2500)
+    for a, b in zip((logp, ent, grad), want):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filters", FILTERS)
+def test_target_outside_has_no_logprob_gradient(backend, filters):
     x = _grid_logits(1, 4, 200, seed=3)
     ids = x[0].argmin(-1).unsqueeze(0)              # every target outside the kept set
     with mhpo_kernels.use_backend(backend):
         xx = x.clone().requires_grad_()
-        logp = mhpo_kernels.token_logprobs(xx, ids, min_p=MIN_P)
+        logp = mhpo_kernels.token_logprobs(xx, ids, **FILTERS[filters])
         assert torch.all(logp == -math.inf)
         logp.sum().backward()                          # −inf, differentiated anyway
     assert torch.equal(xx.grad, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_logits(backend):
+@pytest.mark.parametrize("filters", ["min_p", "all"])
+def test_bf16_logits(backend, filters):
     x = _grid_logits(2, 2, 1000, seed=4, dtype=torch.bfloat16)   # the grid is exact in bf16
-    ids = _ids_with_some_outside(x, MIN_P, seed=5)
+    ids = _ids_with_some_outside(x, seed=5)
+    _assert_unambiguous(x.double(), **FILTERS[filters])
     upstream = torch.ones(ids.shape)
     with mhpo_kernels.use_backend(backend):
-        logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, min_p=MIN_P)
-    want_logp, want_ent, want_grad = _run(reference.token_logprobs, x.double(), ids, upstream.double(), min_p=MIN_P)
+        logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, **FILTERS[filters])
+    want_logp, want_ent, want_grad = _run(reference.token_logprobs, x.double(), ids, upstream.double(),
+                                          **FILTERS[filters])
     _close(logp, want_logp)
     _close(ent, want_ent)
     # the gradient is stored in bf16: one rounding of each element (2⁻⁷ under the interpreter's truncation)
@@ -143,20 +192,25 @@ def test_off_is_the_untruncated_call(backend):
     ids = torch.randint(0, 500, (2, 3), generator=torch.Generator().manual_seed(7))
     with mhpo_kernels.use_backend(backend):
         base = mhpo_kernels.token_logprobs(x, ids, return_entropy=True)
-        for off in (None, 0.0, -1.0):
-            got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=off)
+        for off in (dict(min_p=None), dict(min_p=0.0), dict(min_p=-1.0), dict(top_k=None), dict(top_k=0),
+                    dict(top_k=-1), dict(top_p=None), dict(top_p=1.0), dict(top_p=1), dict(top_p=1.5)):
+            got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, **off)
             assert all(torch.equal(a, b) for a, b in zip(base, got)), off
-        # a tensor whose every value is off: a second pass on no row, the same values
-        got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=torch.zeros(2, 3))
-        assert all(torch.allclose(a, b, rtol=FP32_RTOL, atol=0) for a, b in zip(base, got))
+        # tensors whose every value is off: the selection runs on no row, the same values
+        for off in (dict(min_p=torch.zeros(2, 3)), dict(top_k=torch.zeros(2, 3, dtype=torch.int64)),
+                    dict(top_p=torch.ones(2, 3) * 1.5), dict(top_k=torch.full((2, 3), 500))):
+            got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, **off)
+            assert all(torch.allclose(a, b, rtol=FP32_RTOL, atol=0) for a, b in zip(base, got)), off
         # a 0-d tensor is one value for every token, as a number is
-        one = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=0.2)
-        got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, min_p=torch.tensor(0.2))
-        assert all(torch.equal(a, b) for a, b in zip(one, got))
+        for name, value in (("min_p", 0.2), ("top_k", 5), ("top_p", 0.5)):
+            one = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, **{name: value})
+            got = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, **{name: torch.tensor(value)})
+            assert all(torch.equal(a, b) for a, b in zip(one, got)), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_rows(backend):
+@pytest.mark.parametrize("filters", ["min_p", "all"])   # min_p's closed form; the selection launch
+def test_non_finite_rows(backend, filters):
     x = _grid_logits(1, 5, 300, seed=8)
     ids = x.argmax(-1)          # inside the kept set of every finite row
     x[0, 1, 7] = float("nan")
@@ -164,13 +218,15 @@ def test_non_finite_rows(backend):
     x[0, 3] = float("nan")      # an invalid token's row: never read
     ids[0, 3] = -100
     x[0, 4] = float("-inf")     # only −inf: NaN, as without truncation
+    x[0, 0, :50] = float("-inf")  # −inf logits in a finite row: probability 0, outside every kept set
+    kw = FILTERS[filters]
     with mhpo_kernels.use_backend(backend):
         xx = x.clone().requires_grad_()
-        logp, ent = mhpo_kernels.token_logprobs(xx, ids, min_p=MIN_P, return_entropy=True)
+        logp, ent = mhpo_kernels.token_logprobs(xx, ids, return_entropy=True, **kw)
         (logp + ent).sum().backward()
     assert logp[0, 3] == 0 and ent[0, 3] == 0 and torch.equal(xx.grad[0, 3], torch.zeros(300))
     assert torch.isfinite(xx.grad[0, 0]).all()
-    want_logp, want_ent = reference.token_logprobs(x.double(), ids, min_p=MIN_P, return_entropy=True)
+    want_logp, want_ent = reference.token_logprobs(x.double(), ids, return_entropy=True, **kw)
     assert torch.equal(logp.isnan(), want_logp.isnan()) and logp[0, [1, 2, 4]].isnan().all()
     assert torch.equal(ent.isnan(), want_ent.isnan()) and ent[0, [1, 2, 4]].isnan().all()
     assert xx.grad[0, 4].isnan().all()
@@ -181,35 +237,47 @@ def test_non_finite_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_backward(backend):
+@pytest.mark.parametrize("filters", ["min_p", "all"])
+def test_inplace_backward(backend, filters):
     x = _grid_logits(2, 3, 300, seed=9)
-    ids = _ids_with_some_outside(x, MIN_P, seed=10)
+    ids = _ids_with_some_outside(x, seed=10)
     with mhpo_kernels.use_backend(backend):
         grads = []
         for inplace in (False, True):
             leaf = x.clone().requires_grad_()
             logits = leaf * 1.0
             logits.retain_grad()
-            logp, ent = mhpo_kernels.token_logprobs(logits, ids, min_p=MIN_P, return_entropy=True,
-                                                    inplace_backward=inplace)
+            logp, ent = mhpo_kernels.token_logprobs(logits, ids, return_entropy=True, inplace_backward=inplace,
+                                                    **FILTERS[filters])
             (torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
             grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
 
 
+BAD_VALUES = dict(
+    min_p=((1.5, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.1", TypeError),
+           (torch.tensor([[0.1, 2.0, 0.1]]), ValueError), (torch.tensor([[float("nan"), 0.1, 0.1]]), ValueError),
+           (torch.tensor([[1, 0, 0]]), TypeError), (torch.full((1, 2), 0.1), ValueError)),
+    top_k=((2.0, TypeError), (True, TypeError), (torch.tensor([[1.0, 2.0, 3.0]]), TypeError),
+           (torch.full((1, 2), 3), ValueError)),
+    top_p=((0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), (False, TypeError),
+           (torch.tensor([[0.5, 0.0, 0.5]]), ValueError), (torch.tensor([[0.5, -1.0, 0.5]]), ValueError),
+           (torch.tensor([[float("nan"), 0.5, 0.5]]), ValueError), (torch.tensor([[1, 1, 1]]), TypeError)),
+)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_min_p_values_are_checked(backend):
+@pytest.mark.parametrize("name", BAD_VALUES)
+def test_values_are_checked(backend, name):
     x = torch.randn(1, 3, 50)
     ids = torch.tensor([[1, 2, -100]])
     with mhpo_kernels.use_backend(backend):
-        for bad, error in ((1.5, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.1", TypeError),
-                           (torch.tensor([[0.1, 2.0, 0.1]]), ValueError),
-                           (torch.tensor([[float("nan"), 0.1, 0.1]]), ValueError),
-                           (torch.tensor([[1, 0, 0]]), TypeError), (torch.full((1, 2), 0.1), ValueError)):
-            with pytest.raises(error, match="min_p"):
-                mhpo_kernels.token_logprobs(x, ids, min_p=bad)
+        for bad, error in BAD_VALUES[name]:
+            with pytest.raises(error, match=name):
+                mhpo_kernels.token_logprobs(x, ids, **{name: bad})
         # an invalid token's value is never read
-        mhpo_kernels.token_logprobs(x, ids, min_p=torch.tensor([[0.1, 0.1, float("nan")]]))
+        garbage = torch.tensor([[3, 3, -(2**40)]]) if name == "top_k" else torch.tensor([[0.1, 0.1, float("nan")]])
+        mhpo_kernels.token_logprobs(x, ids, **{name: garbage})
 
 
 def _loss_inputs(seed, B=3, T=5, V=200):
@@ -236,8 +304,9 @@ def _loss_and_grad(fn, x, *args, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("objective", ["mhpo", "ppo-clip", "gspo"])
-def test_losses_leave_out_targets_outside_the_kept_set(backend, objective):
+@pytest.mark.parametrize("objective, filters", [("mhpo", f) for f in FILTERS] + [("ppo-clip", "min_p"),
+                                                                                  ("gspo", "top_p")])
+def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, filters):
     """Every aggregation mode, a reference KL term and an entropy bonus: the loss, its gradient and
     the metrics (outside_support among them) equal the float64 reference, in which a target
     outside the kept set is an invalid token."""
@@ -245,9 +314,10 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective):
 
     chosen = {"mhpo": MHPO(), "ppo-clip": PPOClip(0.2, 0.28), "gspo": GSPO()}[objective]
     c = _loss_inputs(seed=11)
+    _assert_unambiguous(torch.where(c["mask"].unsqueeze(-1), c["x"], 0.0).double(), **FILTERS[filters])
     for mode in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"):
         kw = dict(objective=chosen, loss_agg_mode=mode, ref_logprobs=c["ref"], beta=0.05, entropy_coef=0.01,
-                  min_p=MIN_P, normalizer=4.0 if mode == "seq-mean-token-sum" else None)
+                  normalizer=4.0 if mode == "seq-mean-token-sum" else None, **FILTERS[filters])
         with mhpo_kernels.use_backend(backend):
             loss, metrics, grad = _loss_and_grad(mhpo_kernels.policy_loss, c["x"], c["ids"], c["old"], c["adv"],
                                                  c["mask"], **kw)
@@ -263,53 +333,63 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_per_token_min_p_and_the_module(backend):
-    """A packed stream with one min_p per token, through MHPOLoss.forward, equals the reference
-    of the same stream."""
+def test_packed_per_token_filters_and_the_module(backend):
+    """A packed stream with per-token values of each filter, through MHPOLoss.forward, equals the
+    reference of the same stream."""
     c = _loss_inputs(seed=12)
     keep = c["mask"].reshape(-1)
     x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep], c["ids"].reshape(-1)[keep]
     old = c["old"].reshape(-1)[keep]
     lengths = c["mask"].sum(-1)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    min_p = torch.where(torch.arange(ids.numel()) % 4 == 0, 0.0, MIN_P)   # a quarter of the tokens untruncated
+    quarter = torch.arange(ids.numel()) % 4 == 0                        # a quarter of the tokens untruncated
+    filters = dict(min_p=torch.where(quarter, 0.0, MIN_P), top_k=torch.where(quarter, 0, 9),
+                   top_p=torch.where(quarter, 1.0, 0.8))
+    _assert_unambiguous(x.double(), top_p=0.8, min_p=MIN_P, top_k=9)
     module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
     with mhpo_kernels.use_backend(backend):
-        loss, metrics, grad = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, min_p=min_p)
+        loss, metrics, grad = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, **filters)
     want, want_metrics, want_grad = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(),
-                                                   c["adv"].double(), cu_seqlens=cu, min_p=min_p,
-                                                   loss_agg_mode="token-mean")
+                                                   c["adv"].double(), cu_seqlens=cu, loss_agg_mode="token-mean",
+                                                   **filters)
     assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
     _close(grad, want_grad)
     assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_outside_support_is_reported_when_min_p_is_off(backend):
+def test_outside_support_is_reported_when_filters_are_off(backend):
     c = _loss_inputs(seed=15)
-    with mhpo_kernels.use_backend(backend):
-        _, metrics = mhpo_kernels.mhpo_loss(c["x"], c["ids"], c["old"], c["adv"], c["mask"], min_p=0.0,
-                                            return_metrics=True)
-    _, want = reference.mhpo_loss(c["x"].double(), c["ids"], c["old"].double(), c["adv"].double(), c["mask"],
-                                  min_p=0.0, return_metrics=True)
-    assert metrics["outside_support"].item() == want["outside_support"].item() == 0.0
+    for off in (dict(min_p=0.0), dict(top_k=-1), dict(top_p=1.0)):
+        with mhpo_kernels.use_backend(backend):
+            _, metrics = mhpo_kernels.mhpo_loss(c["x"], c["ids"], c["old"], c["adv"], c["mask"], return_metrics=True,
+                                                **off)
+        _, want = reference.mhpo_loss(c["x"].double(), c["ids"], c["old"].double(), c["adv"].double(), c["mask"],
+                                      return_metrics=True, **off)
+        assert metrics["outside_support"].item() == want["outside_support"].item() == 0.0, off
 
 
 def test_truncated_loss_refusals():
     c = _loss_inputs(seed=13)
     args = (c["x"], c["ids"], c["old"], c["adv"], c["mask"])
-    with pytest.raises(NotImplementedError, match="seq_valid_tokens"):
-        mhpo_kernels.mhpo_loss(*args, min_p=MIN_P, seq_valid_tokens=torch.full((3,), 5))
-    with pytest.raises(ValueError, match="grad_in_forward=True is not supported with min_p"):
-        mhpo_kernels.mhpo_loss(c["x"].clone().requires_grad_(), *args[1:], min_p=MIN_P, grad_in_forward=True)
+    for filters in FILTERS.values():
+        with pytest.raises(NotImplementedError, match="seq_valid_tokens"):
+            mhpo_kernels.mhpo_loss(*args, seq_valid_tokens=torch.full((3,), 5), **filters)
+        with pytest.raises(ValueError, match="grad_in_forward=True is not supported with min_p, top_k or top_p"):
+            mhpo_kernels.mhpo_loss(c["x"].clone().requires_grad_(), *args[1:], grad_in_forward=True, **filters)
+        with pytest.raises(NotImplementedError, match="on the fused linear losses are not supported"):
+            mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:], **filters)
+    with pytest.raises(ValueError, match="top_p must be > 0"):  # a bad value is named before the refusal
+        mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:], top_p=0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("softcap", [None, 8.0])
-def test_fused_linear_token_logprobs(backend, softcap):
+@pytest.mark.parametrize("filters", ["min_p", "top_k-top_p"])
+def test_fused_linear_token_logprobs(backend, softcap, filters):
     """From hidden states and the head, chunked: the log-probs, entropy and the gradients of
     hidden, weight and bias equal the float64 reference of the logits they make (no logit within
-    1e-4 of its row's cut, checked)."""
+    1e-4 of its row's min_p cut, and top_p's set unambiguous, checked)."""
     g = torch.Generator().manual_seed(14)
     N, H, V = 7, 8, 120
     hidden = torch.eye(H)[torch.randint(0, H, (N,), generator=g)] * 2.0
@@ -318,10 +398,12 @@ def test_fused_linear_token_logprobs(backend, softcap):
     ids = (hidden @ weight.T + bias).topk(2, -1).indices[:, 1]
     ids[::3] = (hidden @ weight.T + bias)[::3].argmin(-1)
     upstream = torch.linspace(-1.0, 1.0, N)
-    min_p = math.exp(-1.03125)
+    kw = dict(min_p=math.exp(-1.03125)) if filters == "min_p" else dict(top_k=30, top_p=0.7)
     z = (hidden @ weight.T + bias).double()
     z = z if softcap is None else softcap * torch.tanh(z / softcap)
-    assert (z - (z.amax(-1, keepdim=True) + math.log(min_p))).abs().min() > 1e-4
+    if filters == "min_p":
+        assert (z - (z.amax(-1, keepdim=True) + math.log(kw["min_p"]))).abs().min() > 1e-4
+    _assert_unambiguous(z, **kw)
 
     def run(fn, h, w, b):
         h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
@@ -331,13 +413,13 @@ def test_fused_linear_token_logprobs(backend, softcap):
 
     def fused(h, w, b):
         return mhpo_kernels.fused_linear_token_logprobs(h, w, ids, bias=b, final_logit_softcap=softcap,
-                                                        return_entropy=True, chunk_size=3, min_p=min_p)
+                                                        return_entropy=True, chunk_size=3, **kw)
 
     def eager(h, w, b):
         z = h @ w.T + b
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        return reference.token_logprobs(z, ids, return_entropy=True, min_p=min_p)
+        return reference.token_logprobs(z, ids, return_entropy=True, **kw)
 
     with mhpo_kernels.use_backend(backend):
         got = run(fused, hidden, weight, bias)

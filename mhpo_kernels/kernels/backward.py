@@ -26,20 +26,12 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 # v = y once, after the loop, so the loop compares no indices. A zero-probability entry (q = −inf)
 # adds nothing to the entropy term (p log p → 0): q is clamped to a finite floor first.
 #
-# A softmax truncated to a kept set K (min_p: d_v = k·u_v − b ≥ cut) is the same softmax over K:
-# p_v is 0 outside K, where the loop writes 0, and a target outside K has no log-prob gradient
-# (its dlogp is taken as 0; its entropy's gradient is still the row's).
+# A softmax truncated to a kept set K (d_v = k·u_v − b ≥ cut, the threshold the forward found and
+# stored per row) is the same softmax over K: p_v is 0 outside K, where the loop writes 0, and a
+# target outside K has no log-prob gradient (its dlogp is taken as 0; its entropy's gradient is
+# still the row's).
 
 Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
-
-
-@triton.jit
-def _cut(min_p, base):
-    """A truncated row's threshold on d = k·u − b (``forward.py``): log2(min_p), −inf for min_p ≤ 0,
-    and never above what the largest logit's own d can be (b is k·max u rounded to fp32: that
-    d is within half an ulp of b of 0), so that the largest token is kept even at min_p = 1."""
-    cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
-    return tl.minimum(cut, -(tl.abs(base) * 1.1920928955078125e-07 + 1.1754943508222875e-38))
 
 
 @triton.jit
@@ -145,14 +137,14 @@ def _mhpo_bwd_kernel(
     p_y, p_lse2_base, p_lse2_rest,                         # (N,) int32 ids (< 0 invalid, ≥ V elsewhere), b, log2 s
     p_dlogp, p_ent, p_dent,                      # (N,) fp32 ∂L/∂logp, H, ∂L/∂H
     p_tau,                                       # (N,) fp32 per-token temperature τ_t (HAS_TAU)
-    p_min_p,                                     # (N,) fp32 per-token min_p, ≤ 0 off (MIN_P)
+    p_cut,                                       # (N,) fp32 the forward's kept-set threshold, −inf none (CUT)
     split_len,                                   # elements (whole blocks) per program of a row (SPLIT)
     N, T, V,                                     # rows ≥ N: the zero rows after each sequence (rows._tail_offset)
     k, tanh_scale, slope,                        # logit map, see logit_map.py (τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_TAU: tl.constexpr,
-    MIN_P: tl.constexpr,                         # the softmax truncated by min_p (forward.py)
+    CUT: tl.constexpr,                           # the softmax truncated to d ≥ cut (forward.py)
     DX_IN_PHASE: tl.constexpr,                   # every gradient row starts where its logits row does, mod VEC
     SPLIT: tl.constexpr,                         # grid (N, splits): program (r, j) writes split j of row r
     ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
@@ -195,12 +187,9 @@ def _mhpo_bwd_kernel(
             dent = 0.0
             ent = 0.0
         x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
-        if MIN_P:  # a row of −inf logits only (s = 0) is not truncated: its gradient is NaN, as untruncated
-            cut = tl.where(log2_s > float("-inf"), _cut(tl.load(p_min_p + row), base), float("-inf"))
-        else:
-            cut = float("-inf")
+        cut = tl.load(p_cut + row) if CUT else float("-inf")
         _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, has_y, k, slope, base,
-                  log2_s, dlogp, ent, dent, tanh_scale, cut, SOFTCAP, HAS_DENT, "", MIN_P, R, LANES, VEC)
+                  log2_s, dlogp, ent, dent, tanh_scale, cut, SOFTCAP, HAS_DENT, "", CUT, R, LANES, VEC)
     else:
         if row >= N:  # past the N tokens: the shift's zero rows, at their own offsets (rows._tail_offset)
             lead = _row_lead(_tail_offset(row, N, T, stride_xb, stride_xt), VEC)
@@ -285,14 +274,14 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     tail = B if zero_tail else 0
     if N + tail == 0:
         return grad
-    per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau, lmap.min_p)
+    per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau, lmap.cut)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
     # A truncated row is never split: each program decides from the target logit, read before any
     # write, whether the target is kept (another split may overwrite it when in place).
-    splits = 1 if lmap.min_p is not None else launch_splits(N, V, logits.element_size(), logits.device)
+    splits = 1 if lmap.cut is not None else launch_splits(N, V, logits.element_size(), logits.device)
     grid = (N + tail,) if splits == 1 else (N + tail, splits)
     with on_device(logits.device):
         _mhpo_bwd_kernel[grid](
@@ -301,14 +290,14 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             target, base, lse2_rest, dlogp,
             entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
             dlogp if lmap.tau is None else lmap.tau,
-            dlogp if lmap.min_p is None else lmap.min_p,
+            dlogp if lmap.cut is None else lmap.cut,
             split_length(V, cfg, splits),
             N, T, V,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             SOFTCAP=lmap.softcap,
             HAS_DENT=has_dent,
             HAS_TAU=lmap.tau is not None,
-            MIN_P=lmap.min_p is not None,
+            CUT=lmap.cut is not None,
             DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
             SPLIT=splits > 1,
             ROWS_ALIGNED=rows_aligned(logits, cfg.vec),

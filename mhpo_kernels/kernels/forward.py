@@ -9,8 +9,9 @@ from .._config import (FP_FUSION, MAX_ROW_SPLITS, launch_splits, on_device, pers
                        sweep_config)
 from .._sweep_types import RowStats
 from ..torch_sweeps import _zero_tail
-from .backward import _cut, _grad_row, _in_phase, _zero_row
+from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
+from .select import _cut, select_cuts
 from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _lane_reduce_max,
                    _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
                    rows_aligned)
@@ -126,19 +127,23 @@ def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
 @triton.jit
 def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-    p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut,
     p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
     N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr, MIN_P: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
+    MIN_P: tl.constexpr, SELECTED: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
     (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
-    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits. With
-    MIN_P (never split) a second pass sums the kept tokens only (SPEC.md, section 9)."""
+    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits. A
+    truncated row (never split) sums the kept tokens only, in one more pass (SPEC.md, section 9):
+    with MIN_P above min_p's threshold, with SELECTED above the one the selection launch stored
+    (select.py: top-k's and top-p's, min_p's included)."""
+    TRUNC: tl.constexpr = MIN_P or SELECTED
     off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
     p_row = p_x + off
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)  # invalid rows read nothing, write zeros
@@ -173,14 +178,17 @@ def _fwd_row(
                                                  SOFTCAP, WITH_ENTROPY, "evict_last", False, R, LANES, VEC)
         else:
             lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, 0.0, 0.0,
-                                                 SOFTCAP, WITH_ENTROPY, "evict_last" if MIN_P else "", False,
+                                                 SOFTCAP, WITH_ENTROPY, "evict_last" if TRUNC else "", False,
                                                  R, LANES, VEC)
         base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
     cut = float("-inf")
-    if MIN_P:
-        # p_v ≥ min_p · max p  ⇔  d_v = k·u_v − b ≥ log2(min_p): the kept set's threshold, in the
-        # exponents of the statistics pass. A row with a cut reads its logits once more.
-        cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
+    if TRUNC:
+        # The kept set is d_v = k·u_v − b ≥ cut, in the exponents of the statistics pass: min_p's
+        # closed form (p_v ≥ min_p · max p ⇔ d_v ≥ log2 min_p), or the selection's.
+        if SELECTED:
+            cut = tl.load(p_cut + row, mask=valid, other=float("-inf"))
+        else:
+            cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
         if cut > float("-inf"):
             lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
                                                  SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
@@ -195,34 +203,38 @@ def _fwd_row(
     else:
         _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a, cut,
                       p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+                      p_cut,
                       p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                       grad_scale,
                       SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP,
-                      GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, MIN_P, R, LANES, VEC)
+                      GRAD_IN_FORWARD, DX_IN_PHASE, ROWS_ALIGNED, TRUNC, R, LANES, VEC)
 
 
 @triton.jit
 def _fwd_epilogue(
     row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a, cut,
-    p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
+    p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut,
     p_dx, stride_db, stride_dt, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
-    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, ROWS_ALIGNED: tl.constexpr, MIN_P: tl.constexpr,
+    GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, ROWS_ALIGNED: tl.constexpr, CUT: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """A row's outputs from its statistics (b, s = Σ 2^d, a = Σ 2^d·d at b): log-prob, entropy,
-    the per-token epilogue, and with GRAD_IN_FORWARD pass 2. With MIN_P the sums are over the
-    kept tokens (d ≥ ``cut``), and a target outside them has log-prob −inf."""
+    the per-token epilogue, and with GRAD_IN_FORWARD pass 2. With CUT the sums are over the
+    kept tokens (d ≥ ``cut``), a target outside them has log-prob −inf, and the threshold is
+    stored for the backward (−inf where the row is not truncated)."""
     # Rows with nothing read (invalid) have s = 0: write zeros, not NaN.
     base = tl.where(valid, base, 0.0)
     log2_s = tl.log2(tl.where(valid, s, 1.0))
     x_y = tl.load(p_row + y, mask=has_y, other=0.0).to(tl.float32)
     d_y = tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base)
     logp = (d_y - log2_s) * LN2
-    if MIN_P:  # outside the kept set; a NaN row (a NaN, +inf or only −inf logits) stays NaN (SPEC.md, 9)
-        logp = tl.where((d_y < cut) & (log2_s > float("-inf")), float("-inf"), logp)
+    if CUT:  # outside the kept set; a NaN row (a NaN, +inf or only −inf logits) stays NaN (SPEC.md, 9)
+        truncated = valid & (log2_s > float("-inf"))
+        logp = tl.where((d_y < cut) & truncated, float("-inf"), logp)
+        tl.store(p_cut + row, tl.where(truncated, cut, float("-inf")))
     tl.store(p_lse2_base + row, base)
     tl.store(p_lse2_rest + row, log2_s)
     tl.store(p_logp + row, tl.where(has_y, logp, 0.0))  # log-prob within this slice
@@ -273,6 +285,8 @@ def _mhpo_fwd_kernel(
     p_min_p,                                     # (N,) fp32 per-token min_p, ≤ 0 off (MIN_P)
     p_lse2_base, p_lse2_rest, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
+    p_cut,                                       # (N,) fp32 the kept set's threshold on d: written (truncated),
+                                                 # first read (SELECTED)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
     N, T, V,
@@ -285,7 +299,8 @@ def _mhpo_fwd_kernel(
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_TAU: tl.constexpr,
-    MIN_P: tl.constexpr,                         # the softmax truncated by min_p: a second pass (log-probs only)
+    MIN_P: tl.constexpr,                         # the softmax truncated by min_p (its closed form), or
+    SELECTED: tl.constexpr,                      # by the selection launch's thresholds: one more pass
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
@@ -299,17 +314,19 @@ def _mhpo_fwd_kernel(
         # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-                     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
+                     stride_db, stride_dt,
                      p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
-                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, OBJECTIVE, LFM, DHP,
+                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
                      True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-                 p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_dx, stride_db, stride_dt,
+                 p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
+                 stride_db, stride_dt,
                  p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
-                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, OBJECTIVE, LFM, DHP,
+                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
                  False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
 
 
@@ -325,28 +342,31 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     (B, T + 1, V) tensors, and position T of each sequence gets a zero gradient row."""
     B, T, V = logits.shape
     N = B * T
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss)
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.truncated)
     tail = B if zero_tail and grad is not None else 0
     if N == 0:
         if tail:
             _zero_tail(grad)
         return out
-    per_token = (target, old, adv, g, ref, lmap.tau, lmap.min_p)
+    per_token = (target, old, adv, g, ref, lmap.tau, lmap.min_p, lmap.top_k, lmap.top_p)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
-    assert target.dtype == torch.int32
+    assert target.dtype == torch.int32 and (lmap.top_k is None or lmap.top_k.dtype == torch.int32)
     cfg = sweep_config(V, logits.element_size())
     dummy = out.lse2_base  # stands in for absent optional inputs/outputs; never dereferenced
     one_sweep = grad is not None
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
     dx = grad if one_sweep else logits
-    truncated = lmap.min_p is not None
+    truncated = lmap.truncated
     assert not (truncated and (with_loss or one_sweep)), "a truncated softmax gives log-probs and entropy only"
+    # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
+    # (SPLIT 2: the kept tokens' sums and the epilogue).
+    selected = lmap.top_k is not None or lmap.top_p is not None
     splits = 1 if one_sweep or truncated else launch_splits(N, V, logits.element_size(), logits.device)
     split_len = split_length(V, cfg, splits)
-    part = torch.empty(N * 3 * splits, device=logits.device, dtype=torch.float32) if splits > 1 else dummy
+    part = torch.empty(N * 3 * splits, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
 
-    def launch(grid, split, num_warps):
+    def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False):
         _mhpo_fwd_kernel[grid](
             logits, logits.stride(0), logits.stride(1),
             target,
@@ -360,6 +380,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if out.zeta is None else out.zeta,
             dummy if out.loss is None else out.loss,
             dummy if out.coef is None else out.coef,
+            dummy if out.cut is None else out.cut,
             dx, dx.stride(0), dx.stride(1),
             part, splits, split_len,
             N, T, V,
@@ -371,7 +392,8 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             HAS_OLD=old is not None,
             HAS_REF=ref is not None,
             HAS_TAU=lmap.tau is not None,
-            MIN_P=truncated,
+            MIN_P=min_p,
+            SELECTED=selected,
             OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
             GRAD_IN_FORWARD=one_sweep,
             DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
@@ -388,6 +410,10 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
                 # the fp32 kernels 30 to 60 registers)
                 _zero_tail(grad)
             launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
+        elif selected:
+            launch((N, 1), 1, cfg.num_warps, min_p=False)
+            select_cuts(logits, target, part, lmap, out.cut, cfg)
+            launch((N,), 2, cfg.num_warps, min_p=False, selected=True)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)
         else:

@@ -32,11 +32,11 @@ STATUS_SLOTS = _types.STATUS_SLOTS
 # The host's names (``_sweep_types``) as the kernel's compile-time constants.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P) = (
+ STATUS_MIN_P, STATUS_TOP_P) = (
     tl.constexpr(getattr(_types, name)) for name in (
         "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM",
         "STATUS_SEQ_COUNTS", "STATUS_ADV_VARIES", "STATUS_NOT_ONE_EACH", "STATUS_OLD_POSITIVE", "STATUS_REF_POSITIVE",
-        "STATUS_MIN_P"))
+        "STATUS_MIN_P", "STATUS_TOP_P"))
 LOGP_ABOVE_ZERO = tl.constexpr(_types.LOGP_ABOVE_ZERO)
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_types, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
 
@@ -80,13 +80,13 @@ def _prepare_kernel(
     p_ids, p_mask, p_cu, p_adv, p_tau, p_norm,   # inputs: (N,) ids, mask, (S + 1,) cu, adv, (N,) τ, 0-d normalizer
     p_seq_counts,                                # (S,) fp32 valid tokens of each sequence over every rank
     p_old, p_ref,                                # (N,) fp32 old and reference log-probs
-    p_min_p,                                     # (N,) fp32 min_p per token (HAS_MIN_P)
+    p_min_p, p_top_p,                            # (N,) fp32 min_p, top_p per token (HAS_MIN_P, HAS_TOP_P)
     p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage
     p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
     p_vadv, p_vseq,                              # scratch (N,) fp32 and int32: the valid tokens' advantage, sequence
     N, S, T, V, ignore_index, normalizer, n_steps,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_TAU: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_MIN_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr, HAS_TOP_P: tl.constexpr,
     WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr,
     NORM: tl.constexpr,                          # 0 the count, 1 the value ``normalizer``, 2 the tensor
     SEQ_COUNTS: tl.constexpr, SAME_ADV: tl.constexpr, ONE_TOKEN_EACH: tl.constexpr,
@@ -99,6 +99,7 @@ def _prepare_kernel(
     bad_mask = tl.zeros([BLOCK], tl.int32)
     bad_tau = tl.zeros([BLOCK], tl.int32)
     bad_min_p = tl.zeros([BLOCK], tl.int32)
+    bad_top_p = tl.zeros([BLOCK], tl.int32)
     old_positive = tl.zeros([BLOCK], tl.int32)
     ref_positive = tl.zeros([BLOCK], tl.int32)
     carry = tl.full([], 0, tl.int32)
@@ -123,6 +124,9 @@ def _prepare_kernel(
         if HAS_MIN_P:  # a share of the largest probability: NaN or above 1 is a misuse (≤ 0 is off)
             min_p = tl.load(p_min_p + o, mask=m, other=0.0)
             bad_min_p += (valid & ((min_p != min_p) | (min_p > 1.0))).to(tl.int32)
+        if HAS_TOP_P:  # a share of the mass: NaN or ≤ 0 is a misuse (≥ 1 is off)
+            top_p = tl.load(p_top_p + o, mask=m, other=1.0)
+            bad_top_p += (valid & ~(top_p > 0.0)).to(tl.int32)
         if HAS_OLD:  # finite and above 0 beyond rounding: no log-prob (non-finite ones are data)
             old = tl.load(p_old + o, mask=m, other=0.0)
             old_positive += (valid & (old > LOGP_ABOVE_ZERO) & (old < float("inf"))).to(tl.int32)
@@ -141,6 +145,7 @@ def _prepare_kernel(
     tl.store(p_status + STATUS_MASK, tl.sum(bad_mask, 0).to(tl.int64))
     tl.store(p_status + STATUS_TAU, tl.sum(bad_tau, 0).to(tl.int64))
     tl.store(p_status + STATUS_MIN_P, tl.sum(bad_min_p, 0).to(tl.int64))
+    tl.store(p_status + STATUS_TOP_P, tl.sum(bad_top_p, 0).to(tl.int64))
     tl.store(p_status + STATUS_OLD_POSITIVE, tl.sum(old_positive, 0).to(tl.int64))
     tl.store(p_status + STATUS_REF_POSITIVE, tl.sum(ref_positive, 0).to(tl.int64))
 
@@ -235,13 +240,14 @@ def _prepare_kernel(
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None):
     """Launch the prepare program. ``ids`` (N,) integer; ``mask`` (N,) or None; ``cu`` (S + 1,)
     int64 for a packed stream, else None (S = n_seqs rows of T tokens); ``adv`` the advantages as
     ``adv_mode`` reads them; ``tau`` (N,) fp32 or None; ``normalizer`` None, a float, or a 0-d
     tensor; ``seq_counts`` (S,) fp32 or None; ``same_adv``, ``one_token_each``: the checks named
     in the module's docstring; ``old``, ``ref`` (N,) fp32 or None, checked ≤ 0 at valid tokens;
-    ``min_p`` (N,) fp32 or None, checked ≤ 1 and not NaN. Returns (target int32, weight fp32 or
+    ``min_p`` (N,) fp32 or None, checked ≤ 1 and not NaN; ``top_p`` (N,) fp32 or None, checked
+    > 0 and not NaN. Returns (target int32, weight fp32 or
     None, adv fp32 or None, status int64: ``_sweep_types.STATUS_*``)."""
     N = ids.numel()
     device = ids.device
@@ -262,12 +268,14 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             dummy if adv is None else adv, dummy if tau is None else tau,
             normalizer if norm_mode == 2 else dummy, dummy if seq_counts is None else seq_counts,
             dummy if old is None else old, dummy if ref is None else ref, dummy if min_p is None else min_p,
+            dummy if top_p is None else top_p,
             target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
             prefix, seq_n, status, vadv, vseq,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
             max(1, (n_seqs - 1).bit_length()),
             HAS_MASK=mask is not None, PACKED=cu is not None, HAS_TAU=tau is not None,
             HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_MIN_P=min_p is not None,
+            HAS_TOP_P=top_p is not None,
             WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _types.ADV_NONE, NORM=norm_mode,
             SEQ_COUNTS=seq_counts is not None and with_weight, SAME_ADV=same_adv,
             ONE_TOKEN_EACH=one_token_each and with_weight, BLOCK=BLOCK, num_warps=4,

@@ -30,8 +30,9 @@ import triton.language as tl
 # Arguments of the sweeps' kernels left out of Triton's specialization key (see above); each
 # kernel names a subset of them.
 BATCH_INTS = ("N", "T", "stride_xb", "stride_xt", "stride_db", "stride_dt", "n_splits", "split_len")
-PER_TOKEN_POINTERS = ("p_y", "p_old", "p_adv", "p_g", "p_ref", "p_tau", "p_min_p", "p_lse2_base", "p_lse2_rest",
-                      "p_logp", "p_ent", "p_psi", "p_zeta", "p_loss", "p_coef", "p_dlogp", "p_dent", "p_upstream")
+PER_TOKEN_POINTERS = ("p_y", "p_old", "p_adv", "p_g", "p_ref", "p_tau", "p_min_p", "p_top_k", "p_top_p", "p_cut",
+                      "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent", "p_psi", "p_zeta", "p_loss", "p_coef", "p_dlogp",
+                      "p_dent", "p_upstream")
 
 
 @triton.jit
