@@ -32,6 +32,17 @@ class ReferenceTrainer(MHPOTrainer):
                                    return_metrics=True, normalizer=normalizer, **kwargs)
 
 
+class SamplerReferenceTrainer(ReferenceTrainer):
+    """The reference trainer with the generation's filters on its loss and on its old and
+    reference log-probs (the plain-PyTorch truncated log-softmax)."""
+
+    def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
+                         loss_agg_mode=None):
+        kwargs = {**self.mhpo_kwargs(), **({"loss_agg_mode": loss_agg_mode} if loss_agg_mode else {})}
+        return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
+                                   return_metrics=True, normalizer=normalizer, **kwargs, **self.sampling())
+
+
 class RecordGradients(TrainerCallback):
     def __init__(self):
         self.steps = []
@@ -118,17 +129,13 @@ def _inputs(tokenizer, B=4, P=5, T=6, seed=0):
     }
 
 
-@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
-def test_compute_loss_tool_mask_and_accumulation(tiny_model, tmp_path, fused_linear):
-    """One _compute_loss on a crafted batch: tool-written tokens are excluded, the loss is divided
-    by the gradient-accumulation steps, and it equals the reference trainer's."""
-    trainer = make_trainer(tiny_model, tmp_path / "op", use_fused_linear=fused_linear)
-    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=ReferenceTrainer)
-    inputs = _inputs(tiny_model[1])
+def _same_step(trainer, ref_trainer, inputs, accumulation):
+    """One _compute_loss and backward of each trainer on ``inputs``: the loss and every gradient
+    agree; returns the reference's loss."""
     results = []
     for t in (trainer, ref_trainer):
         t.model.train()
-        t.current_gradient_accumulation_steps = 3
+        t.current_gradient_accumulation_steps = accumulation
         t.model.zero_grad()
         loss = t._compute_loss(t.model, inputs)
         loss.backward()
@@ -137,6 +144,17 @@ def test_compute_loss_tool_mask_and_accumulation(tiny_model, tmp_path, fused_lin
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
     for name, g in grads.items():
         assert max_rel_err(g, ref_grads[name]) <= GRAD_RTOL, name
+    return ref_loss
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_compute_loss_tool_mask_and_accumulation(tiny_model, tmp_path, fused_linear):
+    """One _compute_loss on a crafted batch: tool-written tokens are excluded, the loss is divided
+    by the gradient-accumulation steps, and it equals the reference trainer's."""
+    trainer = make_trainer(tiny_model, tmp_path / "op", use_fused_linear=fused_linear)
+    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=ReferenceTrainer)
+    inputs = _inputs(tiny_model[1])
+    ref_loss = _same_step(trainer, ref_trainer, inputs, accumulation=3)
     # Without the tool mask and without accumulation: a different loss, 3× the scaled one's size.
     no_tool = {k: v for k, v in inputs.items() if k != "tool_mask"}
     ref_trainer.current_gradient_accumulation_steps = 1
@@ -367,3 +385,35 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
 def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, config, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tiny_model, tmp_path, objective="trl", **config)
+
+
+SAMPLER = dict(top_k=40, top_p=0.9, min_p=0.02)
+
+
+def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path):
+    """sampler_logprobs: the old and reference log-probs (TRL's _get_per_token_logps_and_entropies)
+    and the loss are those of the softmax truncated by the generation's top_k, top_p and min_p:
+    equal to the float64 truncated log-softmax of the model's logits, and the loss and gradients
+    to the reference trainer's with the same filters."""
+    trainer = make_trainer(tiny_model, tmp_path / "op", sampler_logprobs=True, **SAMPLER)
+    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=SamplerReferenceTrainer, sampler_logprobs=True,
+                               **SAMPLER)
+    inputs = _inputs(tiny_model[1])
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logps, entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, T,
+                                                                       batch_size=3, compute_entropy=True)
+        logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -T - 1:-1].double()
+    want, want_entropy = reference.token_logprobs(logits, inputs["completion_ids"], temperature=0.9,
+                                                  return_entropy=True, mask=inputs["completion_mask"].bool(), **SAMPLER)
+    assert torch.isinf(want).any() and torch.equal(logps.isinf(), want.isinf())   # some sampled tokens left out
+    finite = want.isfinite()
+    assert max_rel_err(logps[finite], want[finite]) <= 1e-5 and max_rel_err(entropy, want_entropy) <= 1e-5
+    # the loss on a crafted batch, whose completions the truncation keeps or leaves out
+    inputs["old_per_token_logps"] = torch.where(finite, want.float(), -5.0)
+    _same_step(trainer, ref_trainer, inputs, accumulation=1)
+    assert 0 < trainer._metrics["train"]["mhpo/outside_support"][-1] < 1
+    with pytest.raises(ValueError, match="sampler_logprobs with use_fused_linear"):
+        make_trainer(tiny_model, tmp_path / "fl", sampler_logprobs=True, use_fused_linear=True, **SAMPLER)

@@ -103,6 +103,12 @@ class MHPOConfig(GRPOConfig):
                           f"loss_type in {TRL_LOSS_TYPES} at importance_sampling_level token or sequence, with "
                           "TRL's epsilon, delta, SAPO temperatures and normalization, through the fused op."},
     )
+    sampler_logprobs: bool = field(
+        default=False,
+        metadata={"help": "MHPO: score the old, reference and current log-probs under the distribution the "
+                          "generation sampled from: the softmax truncated by top_k, top_p and min_p (SPEC.md, "
+                          "section 9). Text-only models, logits path."},
+    )
     inplace_backward: bool = field(
         default=True,
         metadata={"help": "MHPO, logits path: write the logits' gradient into the logits (no logits-sized "
@@ -171,6 +177,8 @@ class MHPOTrainer(GRPOTrainer):
         }
         unsupported["cast_lm_head_to_fp32 on the logits path (use_fused_linear=True honours it)"] = (
             getattr(args, "cast_lm_head_to_fp32", False) and not args.use_fused_linear)
+        unsupported["sampler_logprobs with use_fused_linear (the fused linear losses take no top_k, top_p, "
+                    "min_p)"] = args.sampler_logprobs and args.use_fused_linear
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
@@ -230,6 +238,37 @@ class MHPOTrainer(GRPOTrainer):
         return dict(c=a.c, k_pos=a.k_pos, lam_pos=a.lam_pos, k_neg=a.k_neg, lam_neg=a.lam_neg,
                     temperature=self.temperature, loss_agg_mode=a.loss_agg_mode, beta=self.beta)
 
+    def sampling(self):
+        """The generation's filters, with ``sampler_logprobs``: TRL's off values (top_k 0, top_p 1,
+        min_p None) are the op's off values too."""
+        if not self.args.sampler_logprobs:
+            return {}
+        return dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's old- and reference-policy log-probs, or with ``sampler_logprobs`` those of the
+        sampled (truncated) distribution: the model's logits for the completion, whole with the
+        next-token shift, through ``token_logprobs`` with TRL's temperature and the filters."""
+        if not self.sampling() or compute_aux_loss or any(v is not None for v in multimodal.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1,
+                               use_cache=False).logits[:, -logits_to_keep - 1:]
+            out = mhpo_kernels.token_logprobs(logits, ids[:, -logits_to_keep:], temperature=self.temperature,
+                                              return_entropy=compute_entropy, mask=mask[:, -logits_to_keep:],
+                                              **self.sampling())
+            logps.append(out[0] if compute_entropy else out)
+            if compute_entropy:
+                entropies.append(out[1])
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
     def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
                          loss_agg_mode=None):
         """The loss and metrics from the logits (B, C + 1, V) that predict the completion."""
@@ -237,7 +276,8 @@ class MHPOTrainer(GRPOTrainer):
         if loss_agg_mode is not None:
             kwargs["loss_agg_mode"] = loss_agg_mode
         common = dict(ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
-                      inplace_backward=self.args.inplace_backward, entropy_coef=self.entropy_bonus_coef())
+                      inplace_backward=self.args.inplace_backward, entropy_coef=self.entropy_bonus_coef(),
+                      **self.sampling())
         if self.objective is None:
             return mhpo_kernels.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, **common, **kwargs)
         return mhpo_kernels.policy_loss(logits, completion_ids, old_logps, advantages, mask, objective=self.objective,
