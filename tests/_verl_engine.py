@@ -257,7 +257,7 @@ def tiny_llama(path, vocab=96, hidden=16, layers=1, seed=0, max_positions=64):
 
 def actor_config(model_path, *, strategy="fsdp2", use_remove_padding=True, use_fused_kernels=False,
                  impl_backend="torch", batch_size=4, micro_batch_size=2, entropy_coeff=0.0,
-                 policy_loss=None):
+                 policy_loss=None, fused_options=None):
     """verl's generated PPO trainer config, actor_rollout_ref part, set for this process."""
     root = os.path.dirname(verl.__file__)
     full = OmegaConf.load(os.path.join(root, "trainer", "config", "_generated_ppo_trainer.yaml"))
@@ -265,7 +265,8 @@ def actor_config(model_path, *, strategy="fsdp2", use_remove_padding=True, use_f
                             "data": {"max_prompt_length": 16, "max_response_length": 16}})
     over = {
         "model": {"path": str(model_path), "load_tokenizer": False, "use_remove_padding": use_remove_padding,
-                  "use_fused_kernels": use_fused_kernels, "fused_kernel_options": {"impl_backend": impl_backend},
+                  "use_fused_kernels": use_fused_kernels,
+                  "fused_kernel_options": {"impl_backend": impl_backend, **(fused_options or {})},
                   "enable_gradient_checkpointing": False,
                   "override_config": {"attn_implementation": "sdpa"}},
         "actor": {"strategy": strategy, "ppo_mini_batch_size": batch_size,

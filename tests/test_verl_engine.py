@@ -20,6 +20,7 @@ import _verl_engine as ve  # noqa: E402
 from _cases import FP32_RTOL, max_rel_err  # noqa: E402
 
 import mhpo_kernels  # noqa: E402
+import reference  # noqa: E402
 import mhpo_kernels.integrations.verl as plugin  # noqa: E402
 from mhpo_kernels.integrations import verl_engine  # noqa: E402
 
@@ -271,3 +272,35 @@ def test_vocab_sharded_logits_keep_their_shard(tmp_path):
         whole = verl_engine._token_logprobs(logits, ids, TAU, True, None)
         for a, b in zip(sharded, whole):
             torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=1e-6)
+
+
+def test_rollout_filters_reach_the_fused_call(model_path, monkeypatch):
+    """top_k, top_p and min_p under fused_kernel_options: compute_log_prob's log-probs are the
+    float64 truncated log-softmax of the logits the engine hands the fused call (−inf for a
+    sampled token outside the kept set), at verl's temperature; the hidden-states path
+    (use_fused_kernels) gives the same."""
+    seen = []
+
+    def recording(logits, labels, **kw):
+        out = mhpo_kernels.token_logprobs(logits, labels, **kw)
+        seen.append((logits.detach().clone(), labels.clone(), kw, out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(verl_engine, "token_logprobs", recording)
+    filters = dict(top_k=20, top_p=0.8, min_p=0.02)
+    config = ve.actor_config(model_path, impl_backend="mhpo", fused_options=filters)
+    assert verl_engine.sampling(config.model) == filters
+    run = ve.run_actor(config, ve.rollout_batch(V, temperature=TAU), update=False)
+    assert seen and torch.isinf(run.log_probs).any()
+    for logits, labels, kw, logp in seen:
+        assert {k: kw[k] for k in filters} == filters
+        want = reference.token_logprobs(logits.double(), labels, temperature=kw["temperature"], ignore_index=-100,
+                                        **filters)
+        assert torch.equal(logp.isinf(), want.isinf())
+        finite = want.isfinite()
+        assert max_rel_err(logp[finite], want[finite]) <= FP32_RTOL
+    fused = ve.run_actor(ve.actor_config(model_path, impl_backend="mhpo", use_fused_kernels=True, fused_options=filters),
+                         ve.rollout_batch(V, temperature=TAU), update=False)
+    assert torch.equal(fused.log_probs.isinf(), run.log_probs.isinf())
+    finite = run.log_probs.isfinite()
+    assert (fused.log_probs[finite] - run.log_probs[finite]).abs().max().item() <= 1e-5

@@ -25,6 +25,12 @@ each engine built for that model config runs
   engines) is gathered, its gradient averaged as FSDP2 averages the rest. verl's own unpacking of
   fused outputs is kept.
 
+With ``top_k``, ``top_p`` or ``min_p`` beside ``impl_backend`` (the rollout's, e.g.
+``top_p: ${actor_rollout_ref.rollout.top_p}``), both paths score the distribution the rollout
+sampled from: the softmax truncated by those filters (SPEC.md, section 9; verl's −1 and 1.0 are
+off), for the actor's and the reference's log-probs alike. A sampled token outside the kept set
+gets −inf (the engine's log-probs feed verl's own losses, which do not leave such a token out).
+
 The hook is ``EngineRegistry.new``, wrapped at import: for a model config without the switch it
 returns verl's engine untouched. With it, the engine instance (never its class) gets this module's
 ``prepare_model_outputs`` and, on the hidden-states path, its module gets this module's forward.
@@ -60,6 +66,13 @@ def _get(obj, key, default):
     return obj.get(key, default) if hasattr(obj, "get") else getattr(obj, key, default)
 
 
+def sampling(model_config):
+    """The rollout's filters that the switch scores under: ``top_k``, ``top_p``, ``min_p`` under
+    ``fused_kernel_options`` (absent or None: off)."""
+    options = _get(model_config, "fused_kernel_options", None) or {}
+    return {k: _get(options, k, None) for k in ("top_k", "top_p", "min_p") if _get(options, k, None) is not None}
+
+
 _verl_new = EngineRegistry.__dict__["new"]
 
 
@@ -92,6 +105,7 @@ def attach(engine):
             f"fsdp2) and its subclasses that keep its prepare_model_outputs; {type(engine).__name__} is not "
             f"supported")
     engine.prepare_model_outputs = types.MethodType(prepare_model_outputs, engine)
+    engine.mhpo_sampling = sampling(engine.model_config)
     build_module = engine._build_module
 
     def _build_module():
@@ -102,6 +116,7 @@ def attach(engine):
                 raise NotImplementedError(f"impl_backend={BACKEND!r} with use_fused_kernels supports text models; "
                                           f"got model_type {model_type!r}")
             module.forward = types.MethodType(forward_with_mhpo_backend, module)
+            module.mhpo_sampling = engine.mhpo_sampling
         return module
 
     engine._build_module = _build_module
@@ -130,7 +145,8 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     if _flag(micro_batch, "use_remove_padding", True):
         if isinstance(temperature, torch.Tensor):
             temperature = output_args["temperature_rmpad"]            # one τ per packed token
-        logp, entropy = _token_logprobs(logits.squeeze(0), labels, temperature, calculate_entropy, tp_group)
+        logp, entropy = _token_logprobs(logits.squeeze(0), labels, temperature, calculate_entropy, tp_group,
+                                        self.mhpo_sampling)
         pad_size = output_args["pad_size"]
         logp = self._gather_and_unpad_packed(logp, pad_size)
         entropy = None if entropy is None else self._gather_and_unpad_packed(entropy, pad_size)
@@ -142,7 +158,7 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
         padded = labels.new_full((batch_size, seq_len), IGNORE).masked_scatter_(valid, labels)
         if isinstance(temperature, torch.Tensor):
             temperature = output_args["temperature"].unsqueeze(1).expand(batch_size, seq_len).contiguous()
-        logp, entropy = _token_logprobs(logits, padded, temperature, calculate_entropy, tp_group)
+        logp, entropy = _token_logprobs(logits, padded, temperature, calculate_entropy, tp_group, self.mhpo_sampling)
         logp = logp[valid]
         entropy = None if entropy is None else entropy[valid]
 
@@ -165,12 +181,12 @@ def _local_logits(logits):
     return logits.full_tensor(), None
 
 
-def _token_logprobs(logits, labels, temperature, calculate_entropy, tp_group):
+def _token_logprobs(logits, labels, temperature, calculate_entropy, tp_group, filters):
     """One fused read of the logits; the backward overwrites them with their gradient (the model's
     output logits are read by nothing else: verl's own path only reads them to divide by τ)."""
     inplace = logits.requires_grad and not logits.is_leaf
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE,
-                         return_entropy=calculate_entropy, inplace_backward=inplace, tp_group=tp_group)
+                         return_entropy=calculate_entropy, inplace_backward=inplace, tp_group=tp_group, **filters)
     return out if calculate_entropy else (out, None)
 
 
@@ -205,7 +221,7 @@ def forward_with_mhpo_backend(
     log_probs, entropy = fused_linear_token_logprobs(
         hidden, weight, rolled, bias=bias, logit_scale=head_logit_scale(text_config),
         final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-        temperature=float(temperature), return_entropy=True,
+        temperature=float(temperature), return_entropy=True, **getattr(self, "mhpo_sampling", {}),
     )
     return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
