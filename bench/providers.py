@@ -26,6 +26,7 @@ TRL_VOCAB_CHUNK = 8192  # vocabulary columns per tile in TRL's ChunkedLogProbFun
 
 
 MIN_P = 0.05  # the truncated log-probs' min_p (a typical sampler setting)
+TOP_P = 0.9   # and top_p: the selection launch's counting passes
 
 
 def _loss_kwargs(inputs):
@@ -263,6 +264,12 @@ PROVIDERS = {
         "eager-min-p": Provider("eager-min-p", f"log-probs, min_p = {MIN_P}", None,
                                 lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"],
                                                                    TEMPERATURE, min_p=MIN_P), modes=("logprobs",)),
+        "fused-top-p": Provider("fused-top-p", f"log-probs, top_p = {TOP_P}", None,
+                                lambda i: mhpo_kernels.token_logprobs(i["full_logits"], i["input_ids"], TEMPERATURE,
+                                                                      top_p=TOP_P), modes=("logprobs",)),
+        "eager-top-p": Provider("eager-top-p", f"log-probs, top_p = {TOP_P}", None,
+                                lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"],
+                                                                   TEMPERATURE, top_p=TOP_P), modes=("logprobs",)),
         "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
                           needs=_needs_import(_liger, cuda_only=True)),
