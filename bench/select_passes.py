@@ -53,6 +53,10 @@ def threshold(d, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
             w_lo = w_hi = cnt
         above_lo = above + np.cumsum(w_lo[::-1])[::-1] - w_lo
         above_hi = above + np.cumsum(w_hi[::-1])[::-1] - w_hi
+        if by_mass:  # and from below: the range's exact mass less what the bins up to each hold
+            s_in = mass[inside].sum()
+            above_lo = np.maximum(above_lo, above + s_in - np.cumsum(w_hi))
+            above_hi = np.minimum(above_hi, above + s_in - np.cumsum(w_lo))
         others = w_hi - w_hi / np.maximum(cnt, 1.0) if shift > 0 else 0.0
         last = i == MAX_PASSES - 1
         kept = (cnt > 0) & ((0.5 * (above_lo + above_hi + others) if last else above_hi + others) < goal)

@@ -177,8 +177,8 @@ def _filter_tensor(name, value, token_shape, device):
         raise ValueError(f"{name} must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
                          f"(or ({n},)), got shape {tuple(value.shape)}")
     value = value.detach().reshape(-1)
-    if name == "top_k":  # any k beyond the vocabulary keeps every token
-        value = value.clamp(max=INT32_MAX)
+    if name == "top_k":  # any k beyond the vocabulary keeps every token; any k ≤ 0 is off
+        value = value.to(torch.int64).clamp(-1, INT32_MAX)
     return value.to(dtype).contiguous()
 
 

@@ -83,7 +83,9 @@ def kept_set(z, top_k=None, top_p=None, min_p=None):
         k = _per_row(top_k, z.shape, torch.float64).round().long().unsqueeze(-1)
         ranked = torch.where(keep, z, -math.inf).sort(-1, descending=True).values
         kth = ranked.gather(-1, (k - 1).clamp(0, z.shape[-1] - 1))
-        keep &= (k <= 0) | (z >= kth)
+        # −inf logits are outside every kept set, but a row of −inf only is not truncated (NaN)
+        some_finite = (z > -math.inf).any(-1, keepdim=True)
+        keep &= (k <= 0) | ((z >= kth) & ((z > -math.inf) | ~some_finite))
     if top_p is not None:
         p = _per_row(top_p, z.shape, z.dtype).unsqueeze(-1)
         masked = torch.where(keep, z, -math.inf)

@@ -428,3 +428,31 @@ def test_fused_linear_token_logprobs(backend, softcap, filters):
     assert got[0].isinf().any() and not got[0].isinf().all()
     for a, b in zip(got, want):
         _close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_smallest_kept_group_on_a_long_bf16_row(backend):
+    """A bf16 row of V 151,936 (σ 3, a few large logits, τ 1.2, top_p 0.999): the selection once
+    dropped the smallest kept tie group here, its bounds too loose from above alone (now also
+    bounded from below by the range's exact mass). The smallest kept token has its log-prob, the
+    largest dropped one −inf, as in the float64 oracle."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(14):  # the 14th row of this generator is one such row
+        sigma = rng.choice([0.5, 1, 2, 3, 4])
+        z = rng.standard_normal(151936) * sigma
+        head = rng.integers(0, 20)
+        z[:head] += rng.uniform(3, 15, head)
+        tau = rng.choice([0.6, 1.0, 1.2])
+    assert (sigma, tau) == (3.0, 1.2)
+    x = torch.from_numpy(z).to(torch.bfloat16).reshape(1, 1, -1)
+    zz = x.double().flatten() / 1.2
+    keep = reference.kept_set(zz.unsqueeze(0), top_p=0.999)[0]
+    ids = torch.stack([torch.where(keep, zz, math.inf).argmin(), torch.where(keep, -math.inf, zz).argmax()])
+    x2 = x.expand(1, 2, -1).contiguous()
+    with mhpo_kernels.use_backend(backend):
+        logp = mhpo_kernels.token_logprobs(x2, ids.reshape(1, 2), temperature=1.2, top_p=0.999)
+    want = reference.token_logprobs(x2.double(), ids.reshape(1, 2), temperature=1.2, top_p=0.999)
+    assert want[0, 0].isfinite() and want[0, 1] == -math.inf
+    _close(logp, want)

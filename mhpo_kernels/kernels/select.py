@@ -150,6 +150,9 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
                 w_hi = cnt
             above_lo = above + (tl.cumsum(w_lo, 0, reverse=True) - w_lo)   # the bins above each bin
             above_hi = above + (tl.cumsum(w_hi, 0, reverse=True) - w_hi)
+            if BY_MASS:  # and from below: the range's exact mass less what the bins up to each hold
+                above_lo = tl.maximum(above_lo, s_hi + s_in - tl.cumsum(w_hi, 0))
+                above_hi = tl.minimum(above_hi, s_hi + s_in - tl.cumsum(w_lo, 0))
             # With shift > 0 a bin's other tokens may lie above a token of it.
             others = tl.where(shift > 0, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
             full = cnt > 0
