@@ -1,7 +1,6 @@
 """The public ``mhpo_loss``, ``policy_loss`` and ``token_logprobs``: validate, run the sweeps (the
 ``ops`` custom ops, which carry the autograd formula), reduce."""
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -14,7 +13,7 @@ from ._inputs import (
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
-from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
+from .ops import LOSS_AND_METRICS, LOSS_TOTAL, outside_support, row_stats
 from . import vocab_parallel
 from .vocab_parallel import agree_on_inputs, agreed_settings, dtype_name, normalizer_setting
 
@@ -251,10 +250,10 @@ def policy_loss(
     if not return_metrics:
         return loss
     metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if any(v is not None for v in (min_p, top_k, top_p)):  # the share of the valid tokens whose target is
+    if any(v is not None for v in (min_p, top_k, top_p)):  # the share of the valid tokens left out as
         valid = batch.target >= 0                            # outside the kept set (0 when off)
-        outside = torch.zeros_like(valid) if stats.cut is None else (
-            (stats.logp.detach() == -math.inf) & valid & (stats.cut > -math.inf))
+        outside = torch.zeros_like(valid) if stats.cut is None else valid & outside_support(
+            stats.logp.detach(), stats.cut, batch.old, hp.kind)
         metrics["outside_support"] = outside.sum().float() / valid.sum().clamp(min=1)
     return loss, metrics
 

@@ -48,7 +48,7 @@ from . import _dispatch
 from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable, pack_params
 from ._sweep_types import METRICS, RowStats
 from ._inputs import INT32_MAX, has_internal_overlap
-from .objectives import GSPO_KIND, MHPO_KIND
+from .objectives import GPG_KIND, GSPO_KIND, MHPO_KIND
 from ._sweep_types import ADV_PER_TOKEN
 from .epilogue import per_sequence_sum, segment_ids, sequence_terms, token_terms
 
@@ -131,6 +131,16 @@ def _kept_weights(a, target):
                    INT32_MAX, -1, a.agg, True)[1]
 
 
+def outside_support(logp, cut, old, kind):
+    """The tokens a truncated loss leaves out (SPEC.md, section 9): a target outside the kept set
+    of its truncated row (log-prob −inf, threshold above −inf), or an old log-prob of −inf (the
+    old policy's kept set left the target out: no ratio exists) for an objective that reads it."""
+    outside = (logp == -math.inf) & (cut > -math.inf)
+    if old is not None and kind != GPG_KIND:
+        outside = outside | (old == -math.inf)
+    return outside
+
+
 def _forward_sweep(a, grad=None):
     """Sweep 1 (and with ``grad``, the gradient for an upstream gradient of 1 in the same launch),
     then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient.
@@ -154,7 +164,7 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
     target, weight = a.target, a.weight
     if truncated:
-        target = torch.where((stats.logp == -math.inf) & (stats.cut > -math.inf), -1, a.target)
+        target = torch.where(outside_support(stats.logp, stats.cut, a.old, hp.kind), -1, a.target)
         weight = _kept_weights(a, target)
     if after:  # O(N) between the sweeps
         valid = target >= 0

@@ -63,6 +63,12 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None):
     return logp, logprobs, outside
 
 
+def _any_on(filters):
+    """Whether a loss truncates: a filter given as a tensor, or a number that is on (section 9)."""
+    off = dict(top_k=lambda v: v <= 0, top_p=lambda v: v >= 1, min_p=lambda v: v <= 0)
+    return any(torch.is_tensor(v) or not off[name](v) for name, v in (filters or {}).items())
+
+
 def _per_row(value, shape, dtype):
     """A filter's value per row of ``shape`` (..., V) rows: a number, or one value per token."""
     if not isinstance(value, torch.Tensor):
@@ -325,8 +331,9 @@ def mhpo_loss(
     position t predicts input_ids[:, t]. A packed stream (``cu_seqlens``) is the padded batch of
     its sequences: it is unpacked and computed as that batch. With ``top_k``/``top_p``/``min_p``
     the log-probs are the sampler's truncated ones (section 9): a target outside the kept set is
-    left out like an invalid token, and ``outside_support`` (its share of the valid tokens) joins
-    the metrics."""
+    left out like an invalid token, and so is one whose old log-prob is −inf (every objective but
+    GPG, which reads none); ``outside_support`` (their share of the valid tokens) joins the
+    metrics."""
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
@@ -343,6 +350,8 @@ def mhpo_loss(
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
     valid = _valid_tokens(ids, mask, ignore_index)
     logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters)
+    if _any_on(filters) and old is not None and type(objective).__name__ != "GPG":
+        outside = outside | (valid & (old == -math.inf))   # no ratio: the old policy's kept set left it out
     share = (outside.sum() / valid.sum().clamp(min=1)).to(logp.dtype)
     valid = valid & ~outside
     if advantages.numel() == 1:                            # () or (1,): one advantage for every token

@@ -445,10 +445,11 @@ def run_actor(config, data, *, plain=False, count_ops=None, update=True, log_pro
         return ActorRun(log_probs, entropy, metrics, grad, dict(calls), counter if count_ops is not None else None)
 
 
-def rollout_batch(vocab, batch_size=4, prompt_len=5, response_len=6, seed=0, temperature=1.0):
+def rollout_batch(vocab, batch_size=4, prompt_len=5, response_len=6, seed=0, temperature=1.0, old_log_probs=None):
     """A left-padded prompt + right-padded response batch as verl's trainer hands it to the actor,
     already in verl's no-padding layout (nested input_ids and position_ids). Sequence lengths 11,
-    8, 9, 9. ``temperature``: a float, or a (batch_size,) tensor (verl's per-sample τ)."""
+    8, 9, 9. ``temperature``: a float, or a (batch_size,) tensor (verl's per-sample τ).
+    ``old_log_probs``: (batch_size, response_len), else random."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding
@@ -468,7 +469,8 @@ def rollout_batch(vocab, batch_size=4, prompt_len=5, response_len=6, seed=0, tem
     data = TensorDict({
         "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
         "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask,
-        "old_log_probs": -3.0 - torch.rand(batch_size, response_len, generator=g),
+        "old_log_probs": -3.0 - torch.rand(batch_size, response_len, generator=g) if old_log_probs is None
+                         else old_log_probs,
         "advantages": torch.randn(batch_size, response_len, generator=g),
     }, batch_size=[batch_size])
     data = left_right_2_no_padding(data)

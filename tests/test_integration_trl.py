@@ -391,10 +391,12 @@ SAMPLER = dict(top_k=40, top_p=0.9, min_p=0.02)
 
 
 def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path):
-    """sampler_logprobs: the old and reference log-probs (TRL's _get_per_token_logps_and_entropies)
-    and the loss are those of the softmax truncated by the generation's top_k, top_p and min_p:
-    equal to the float64 truncated log-softmax of the model's logits, and the loss and gradients
-    to the reference trainer's with the same filters."""
+    """sampler_logprobs: the old log-probs (TRL's _get_per_token_logps_and_entropies) and the loss
+    are those of the softmax truncated by the generation's top_k, top_p and min_p: equal to the
+    float64 truncated log-softmax of the model's logits, and the loss and gradients to the
+    reference trainer's with the same filters. The reference model's log-probs are its full
+    softmax's, so the KL term stays finite; old log-probs of −inf (sampled tokens outside the old
+    policy's kept set) leave their tokens out of a finite loss."""
     trainer = make_trainer(tiny_model, tmp_path / "op", sampler_logprobs=True, **SAMPLER)
     ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=SamplerReferenceTrainer, sampler_logprobs=True,
                                **SAMPLER)
@@ -411,9 +413,19 @@ def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path)
     assert torch.isinf(want).any() and torch.equal(logps.isinf(), want.isinf())   # some sampled tokens left out
     finite = want.isfinite()
     assert max_rel_err(logps[finite], want[finite]) <= 1e-5 and max_rel_err(entropy, want_entropy) <= 1e-5
-    # the loss on a crafted batch, whose completions the truncation keeps or leaves out
-    inputs["old_per_token_logps"] = torch.where(finite, want.float(), -5.0)
-    _same_step(trainer, ref_trainer, inputs, accumulation=1)
+    with torch.no_grad():
+        ref_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, attention, T)
+        ref_logits = trainer.ref_model(input_ids=ids, attention_mask=attention).logits[:, -T - 1:-1].double()
+    want_ref = reference.token_logprobs(ref_logits, inputs["completion_ids"], temperature=0.9)
+    valid = inputs["completion_mask"].bool()
+    assert max_rel_err(ref_logps[valid], want_ref[valid]) <= 1e-5   # the full softmax: finite everywhere
+    # the loss on a crafted batch, whose completions the truncation keeps or leaves out, and one
+    # token kept now but outside the old policy's kept set
+    old = want.float().clone()
+    old[finite.nonzero()[0].unbind()] = float("-inf")
+    inputs["old_per_token_logps"], inputs["ref_per_token_logps"] = old, ref_logps
+    loss = _same_step(trainer, ref_trainer, inputs, accumulation=1)
+    assert loss.isfinite() and trainer.beta > 0
     assert 0 < trainer._metrics["train"]["mhpo/outside_support"][-1] < 1
     with pytest.raises(ValueError, match="sampler_logprobs with use_fused_linear"):
         make_trainer(tiny_model, tmp_path / "fl", sampler_logprobs=True, use_fused_linear=True, **SAMPLER)

@@ -282,7 +282,8 @@ def test_values_are_checked(backend, name):
 
 def _loss_inputs(seed, B=3, T=5, V=200):
     """Grid logits; targets among each row's three largest logits (inside the kept set), and on a
-    few rows the smallest (outside); NaN logits and old log-probs at the masked tokens."""
+    few rows the smallest (outside); one old log-prob −inf at an inside target (the old policy's
+    kept set left it out); NaN logits and old log-probs at the masked tokens."""
     g = torch.Generator().manual_seed(seed)
     x = _grid_logits(B, T, V, seed)
     top3 = x.topk(3, -1).indices
@@ -291,6 +292,7 @@ def _loss_inputs(seed, B=3, T=5, V=200):
     ids[2, 3] = x[2, 3].argmin(-1)
     mask = torch.rand(B, T, generator=g) > 0.15
     old = -torch.rand(B, T, generator=g) * 3 - 0.05
+    mask[1, 2], old[1, 2] = True, float("-inf")            # a target the old policy's kept set left out
     x[~mask], old[~mask] = float("nan"), float("nan")     # garbage at invalid tokens: never read
     return dict(x=x, ids=ids, old=old, adv=torch.randn(B, generator=g), mask=mask,
                 ref=-torch.rand(B, T, generator=g) * 3 - 0.05)
@@ -309,7 +311,8 @@ def _loss_and_grad(fn, x, *args, **kw):
 def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, filters):
     """Every aggregation mode (with all three filters; one mode for each alone), a reference KL
     term and an entropy bonus: the loss, its gradient and the metrics (outside_support among
-    them) equal the float64 reference, in which a target outside the kept set is an invalid token."""
+    them) equal the float64 reference, in which a target outside the kept set, or one whose old
+    log-prob is −inf, is an invalid token."""
     from mhpo_kernels.objectives import GSPO, MHPO, PPOClip
 
     chosen = {"mhpo": MHPO(), "ppo-clip": PPOClip(0.2, 0.28), "gspo": GSPO()}[objective]

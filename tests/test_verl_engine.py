@@ -10,6 +10,8 @@ hold everything it takes to run verl's actor on CPU.
 """
 
 import functools
+import math
+import types
 
 import pytest
 import torch
@@ -304,3 +306,37 @@ def test_rollout_filters_reach_the_fused_call(model_path, monkeypatch):
     assert torch.equal(fused.log_probs.isinf(), run.log_probs.isinf())
     finite = run.log_probs.isfinite()
     assert (fused.log_probs[finite] - run.log_probs[finite]).abs().max().item() <= 1e-5
+
+
+def test_rollout_filters_leave_out_tokens_outside_the_kept_set(model_path):
+    """With the filters on, an update whose old log-probs are compute_log_prob's (−inf at sampled
+    tokens outside the kept set, as the current ones are) has a finite loss and gradient, equal to the
+    same update with those tokens taken out of the response mask beforehand (verl's token-mean
+    would differ by its global token count, which still counts them); verl's reference engine
+    (forward_only) scores its full softmax."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    filters = dict(top_k=20, top_p=0.8, min_p=0.02)
+    config = ve.actor_config(model_path, impl_backend="mhpo", fused_options=filters)
+    config.actor.loss_agg_mode = "seq-mean-token-sum"   # normalized by sequences, which a left-out token leaves alone
+    data = ve.rollout_batch(V, temperature=TAU)
+    first = ve.run_actor(config, data, update=False)
+    old = no_padding_2_padding(torch.nested.nested_tensor_from_jagged(first.log_probs, data["input_ids"].offsets()),
+                               data)
+    response = data["response_mask"].bool()                 # (B, R), as verl's trainer hands it
+    assert (old.isinf() & response).any() and (old.isfinite() & response).any()
+    run = ve.run_actor(config, ve.rollout_batch(V, temperature=TAU, old_log_probs=old), log_prob=False)
+    assert run.lm_head_grad.isfinite().all() and run.lm_head_grad.abs().sum() > 0
+    losses = ("loss", "actor/pg_loss", "actor/ppo_kl")        # verl's, NaN were −inf − −inf computed
+    assert all(math.isfinite(run.metrics[k][0]) for k in losses), run.metrics
+    masked = ve.rollout_batch(V, temperature=TAU, old_log_probs=torch.where(old.isinf(), 0.0, old))
+    masked["response_mask"] = torch.where(old.isinf(), 0, masked["response_mask"])
+    want = ve.run_actor(config, masked, log_prob=False)
+    assert torch.equal(run.lm_head_grad, want.lm_head_grad)
+    assert all(run.metrics[k] == want.metrics[k] for k in losses)
+
+    reference_engine = verl_engine.FSDPEngineWithLMHead.__new__(verl_engine.FSDPEngineWithLMHead)
+    reference_engine.engine_config = types.SimpleNamespace(forward_only=True)
+    reference_engine.model_config = config.model
+    verl_engine.attach(reference_engine)
+    assert reference_engine.mhpo_sampling == {}

@@ -105,9 +105,10 @@ class MHPOConfig(GRPOConfig):
     )
     sampler_logprobs: bool = field(
         default=False,
-        metadata={"help": "MHPO: score the old, reference and current log-probs under the distribution the "
-                          "generation sampled from: the softmax truncated by top_k, top_p and min_p (SPEC.md, "
-                          "section 9). Text-only models, logits path."},
+        metadata={"help": "MHPO: score the old and current log-probs under the distribution the generation "
+                          "sampled from: the softmax truncated by top_k, top_p and min_p (SPEC.md, section 9); "
+                          "the reference model's over its full softmax. Text-only models, logits path; with "
+                          "beta > 0 a separate reference model (not PEFT's)."},
     )
     inplace_backward: bool = field(
         default=True,
@@ -179,6 +180,11 @@ class MHPOTrainer(GRPOTrainer):
             getattr(args, "cast_lm_head_to_fp32", False) and not args.use_fused_linear)
         unsupported["sampler_logprobs with use_fused_linear (the fused linear losses take no top_k, top_p, "
                     "min_p)"] = args.sampler_logprobs and args.use_fused_linear
+        # The reference is scored over its full softmax (SPEC.md, section 9), told apart by its model;
+        # a PEFT reference is the policy's own model with the adapter off, which this cannot tell apart.
+        unsupported["sampler_logprobs with beta > 0 and a PEFT model (the reference, the same model with its "
+                    "adapter off, would be scored under the filters)"] = (
+            args.sampler_logprobs and self.beta != 0.0 and getattr(self, "ref_model", None) is None)
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
@@ -238,19 +244,22 @@ class MHPOTrainer(GRPOTrainer):
         return dict(c=a.c, k_pos=a.k_pos, lam_pos=a.lam_pos, k_neg=a.k_neg, lam_neg=a.lam_neg,
                     temperature=self.temperature, loss_agg_mode=a.loss_agg_mode, beta=self.beta)
 
-    def sampling(self):
+    def sampling(self, model=None):
         """The generation's filters, with ``sampler_logprobs``: TRL's off values (top_k 0, top_p 1,
-        min_p None) are the op's off values too."""
-        if not self.args.sampler_logprobs:
+        min_p None) are the op's off values too. None for the reference model, scored over its full
+        softmax: a sampled token outside its own kept set would make the KL term infinite."""
+        if not self.args.sampler_logprobs or (model is not None and model is getattr(self, "ref_model", None)):
             return {}
         return dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
-        """TRL's old- and reference-policy log-probs, or with ``sampler_logprobs`` those of the
-        sampled (truncated) distribution: the model's logits for the completion, whole with the
-        next-token shift, through ``token_logprobs`` with TRL's temperature and the filters."""
-        if not self.sampling() or compute_aux_loss or any(v is not None for v in multimodal.values()):
+        """TRL's old- and reference-policy log-probs, or with ``sampler_logprobs`` the old policy's
+        of the sampled (truncated) distribution: the model's logits for the completion, whole with
+        the next-token shift, through ``token_logprobs`` with TRL's temperature and the filters. A
+        sampled token outside the old policy's kept set gets −inf, and the loss leaves it out."""
+        filters = self.sampling(model)
+        if not filters or compute_aux_loss or any(v is not None for v in multimodal.values()):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
@@ -263,7 +272,7 @@ class MHPOTrainer(GRPOTrainer):
                                use_cache=False).logits[:, -logits_to_keep - 1:]
             out = mhpo_kernels.token_logprobs(logits, ids[:, -logits_to_keep:], temperature=self.temperature,
                                               return_entropy=compute_entropy, mask=mask[:, -logits_to_keep:],
-                                              **self.sampling())
+                                              **filters)
             logps.append(out[0] if compute_entropy else out)
             if compute_entropy:
                 entropies.append(out[1])

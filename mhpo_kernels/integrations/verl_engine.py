@@ -28,8 +28,10 @@ each engine built for that model config runs
 With ``top_k``, ``top_p`` or ``min_p`` beside ``impl_backend`` (the rollout's, e.g.
 ``top_p: ${actor_rollout_ref.rollout.top_p}``), both paths score the distribution the rollout
 sampled from: the softmax truncated by those filters (SPEC.md, section 9; verl's −1 and 1.0 are
-off), for the actor's and the reference's log-probs alike. A sampled token outside the kept set
-gets −inf (the engine's log-probs feed verl's own losses, which do not leave such a token out).
+off), for the actor's log-probs; the reference engine (verl's ``forward_only`` one) scores its
+full softmax, so that verl's KL loss stays finite. A sampled token outside the kept set gets −inf,
+and the actor's loss leaves it out: where the current or the old log-prob is −inf, the switch
+zeroes the response mask and both log-probs before verl's loss function runs (``_leaving_out``).
 
 The hook is ``EngineRegistry.new``, wrapped at import: for a model config without the switch it
 returns verl's engine untouched. With it, the engine instance (never its class) gets this module's
@@ -37,6 +39,7 @@ returns verl's engine untouched. With it, the engine instance (never its class) 
 ``uninstall()`` restores ``EngineRegistry.new``.
 """
 
+import math
 import types
 
 import torch
@@ -45,6 +48,7 @@ from verl.models.transformers.dense_common import CausalLMOutputForPPO
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+from verl.workers.utils.padding import no_padding_2_padding
 
 from ..fused_linear import fused_linear_token_logprobs
 from ..loss import token_logprobs
@@ -105,7 +109,16 @@ def attach(engine):
             f"fsdp2) and its subclasses that keep its prepare_model_outputs; {type(engine).__name__} is not "
             f"supported")
     engine.prepare_model_outputs = types.MethodType(prepare_model_outputs, engine)
-    engine.mhpo_sampling = sampling(engine.model_config)
+    # verl's reference engine (forward only) scores its full softmax: a sampled token outside the
+    # reference's own kept set would make verl's KL loss infinite (SPEC.md, section 9).
+    engine.mhpo_sampling = {} if engine.engine_config.forward_only else sampling(engine.model_config)
+    if engine.mhpo_sampling:
+        forward_step = engine.forward_step
+
+        def forward_step_leaving_out(micro_batch, loss_function, forward_only):
+            return forward_step(micro_batch, loss_function=_leaving_out(loss_function), forward_only=forward_only)
+
+        engine.forward_step = forward_step_leaving_out
     build_module = engine._build_module
 
     def _build_module():
@@ -166,6 +179,48 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     if calculate_entropy:
         model_output["entropy"] = torch.nested.nested_tensor_from_jagged(entropy, cu_seqlens)
     return model_output
+
+
+def _leaving_out(loss_function):
+    """verl's loss function with the tokens outside the kept set left out (SPEC.md, section 9): where
+    the current or the old log-prob is −inf, the response mask is 0 and both log-probs 0, so that
+    verl's loss, which multiplies by the mask, stays finite (−inf − −inf would be NaN). verl's
+    normalizers (its global token and sequence counts) still count those tokens."""
+    if loss_function is None:
+        return None
+
+    def run(*args, model_output=None, data=None, **kwargs):
+        if model_output is None or "log_probs" not in model_output or "response_mask" not in data.keys():
+            return loss_function(*args, model_output=model_output, data=data, **kwargs)
+        log_probs = model_output["log_probs"]
+        outside = no_padding_2_padding(log_probs, data).detach() == -math.inf      # (B, R)
+        data = data.copy()
+        if "old_log_probs" in data.keys():
+            old = data["old_log_probs"]
+            outside = outside | (_padded(old) == -math.inf)
+            data["old_log_probs"] = _where_padded(outside, 0.0, old)
+        data["response_mask"] = _where_padded(outside, 0, data["response_mask"])
+        values = log_probs.values()
+        values = torch.where(values == -math.inf, 0.0, values)
+        model_output = {**model_output, "log_probs": torch.nested.nested_tensor_from_jagged(values, log_probs.offsets())}
+        return loss_function(*args, model_output=model_output, data=data, **kwargs)
+
+    return run
+
+
+def _padded(x):
+    """A response-level field (B, R): jagged nested tensors padded with 0."""
+    return x.to_padded_tensor(0.0) if x.is_nested else x
+
+
+def _where_padded(where, value, x):
+    """``x`` (nested jagged or (B, R)) with ``value`` where the (B, R) ``where`` is true."""
+    if not x.is_nested:
+        return torch.where(where[:, :x.shape[1]], torch.as_tensor(value, dtype=x.dtype), x)
+    lengths = x.offsets().diff()
+    inside = torch.arange(where.shape[1], device=where.device) < lengths.unsqueeze(1)
+    values = torch.where(where[inside], torch.as_tensor(value, dtype=x.dtype), x.values())
+    return torch.nested.nested_tensor_from_jagged(values, x.offsets())
 
 
 def _local_logits(logits):
