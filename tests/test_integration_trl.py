@@ -10,6 +10,7 @@ import torch
 
 trl = pytest.importorskip("trl", reason="the trl extra is not installed (pip install mhpo-kernels[trl])")
 
+import mhpo_kernels  # noqa: E402
 import reference  # noqa: E402
 from _cases import max_rel_err  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -107,6 +108,7 @@ def test_two_steps_equal_reference(tiny_model, tmp_path, fused_linear):
     assert {"mhpo/psi", "mhpo/zeta", "mhpo/survival", "mhpo/saturated_frac", "kl", "entropy"} <= logged
 
 
+@mhpo_kernels.use_backend("torch")  # TRL's skipped old log-probs, not the kernels: the PyTorch path
 def test_on_policy_step_without_old_logprobs(tiny_model, tmp_path):
     """num_iterations = 1: TRL skips the old log-probs and the ratio is 1, so ψ = 0 exactly."""
     losses, grads, history = train(tiny_model, tmp_path, num_iterations=1, beta=0.0)
@@ -348,8 +350,11 @@ def _trl_run(tiny_model, tmp_path, cls, **config):
                   gradient_accumulation_steps=2, num_iterations=2, use_bias_correction_kl=False, **config)
     args = MHPOConfig(objective="trl", **common) if cls is MHPOTrainer else GRPOConfig(**common)
     log = LossLog()
-    cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer, callbacks=[log]).train()
+    # TRL's loss semantics, not the kernels: the PyTorch path, whose sweeps every kernel test holds
+    # the Triton kernels to (under the interpreter these runs took 10 s each).
+    with mhpo_kernels.use_backend("torch"):
+        cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer, callbacks=[log]).train()
     return log.losses
 
 

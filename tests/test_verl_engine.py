@@ -308,6 +308,7 @@ def test_rollout_filters_reach_the_fused_call(model_path, monkeypatch):
     assert (fused.log_probs[finite] - run.log_probs[finite]).abs().max().item() <= 1e-5
 
 
+@mhpo_kernels.use_backend("torch")  # the switch's masking, not the kernels (the test above holds them to the oracle)
 def test_rollout_filters_leave_out_tokens_outside_the_kept_set(model_path):
     """With the filters on, an update whose old log-probs are compute_log_prob's (−inf at sampled
     tokens outside the kept set, as the current ones are) has a finite loss and gradient, equal to the

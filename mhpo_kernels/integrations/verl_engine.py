@@ -216,10 +216,10 @@ def _padded(x):
 def _where_padded(where, value, x):
     """``x`` (nested jagged or (B, R)) with ``value`` where the (B, R) ``where`` is true."""
     if not x.is_nested:
-        return torch.where(where[:, :x.shape[1]], torch.as_tensor(value, dtype=x.dtype), x)
+        return torch.where(where[:, :x.shape[1]], value, x).to(x.dtype)
     lengths = x.offsets().diff()
     inside = torch.arange(where.shape[1], device=where.device) < lengths.unsqueeze(1)
-    values = torch.where(where[inside], torch.as_tensor(value, dtype=x.dtype), x.values())
+    values = torch.where(where[inside], value, x.values()).to(x.dtype)
     return torch.nested.nested_tensor_from_jagged(values, x.offsets())
 
 
