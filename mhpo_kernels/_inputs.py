@@ -14,7 +14,7 @@ import torch
 from ._sweep_types import (
     ADV_NONE, ADV_PER_SEQ, ADV_PER_TOKEN, ADV_SCALAR, AGG_MODES, STATUS_ADV_VARIES, STATUS_BAD_IDS, STATUS_CU,
     STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE,
-    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P, STATUS_TOP_P,
+    STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W,
 )
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -358,10 +358,11 @@ def _check_mask(mask, token_shape, device):
     return mask.detach().reshape(-1).contiguous()
 
 
-def _advantage_layout(advantages, token_shape, device, n_seqs=None):
+def _advantage_layout(advantages, token_shape, device, n_seqs=None, name="advantages"):
     """ADV_PER_TOKEN (input_ids' shape), ADV_SCALAR (() or (1,)) or ADV_PER_SEQ ((B,) or (B, 1)
-    with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S)."""
-    _check_tensor("advantages", advantages, device, "float")
+    with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S): of the advantages, or of
+    another per-token input laid out as they may be (``name``)."""
+    _check_tensor(name, advantages, device, "float")
     if advantages.shape == token_shape:
         return ADV_PER_TOKEN
     if advantages.dim() <= 1 and advantages.numel() == 1:
@@ -378,7 +379,7 @@ def _advantage_layout(advantages, token_shape, device, n_seqs=None):
         expected = f"(B,) = ({B},), (B, 1) = ({B}, 1), (B, T) = ({B}, {T}), (1,) or ()"
     else:
         expected = f"(N,) = ({token_shape[0]},), (1,) or ()"
-    raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
+    raise ValueError(f"{name} must have shape {expected}, got {tuple(advantages.shape)}")
 
 
 def _check_cu_seqlens(cu_seqlens, token_shape, device):
@@ -431,7 +432,8 @@ def _messages(N):
             (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
             (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
             (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
-            (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"))
+            (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"),
+            (STATUS_TOKEN_W, "token_weights must be ≥ 0 at valid tokens: it holds a negative value"))
 
 
 def _positive_logp(name):
@@ -462,11 +464,13 @@ def _raise_on_status(status, ids, V, normalizer):
 
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
                    cu_seqlens=None, temperature=None, advantages=None, loss_agg_mode=None, normalizer=None,
-                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None, sampling=Sampling()):
+                   seq_valid_tokens=None, sequence_level=False, old=None, ref=None, sampling=Sampling(),
+                   token_weights=None):
     """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
     (None: split over ranks), then the prepare launch and its status read: the Batch. Without
     ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign;
-    ``sampling``: the sampler's filters (``check_sampling``)."""
+    ``sampling``: the sampler's filters (``check_sampling``); ``token_weights``: w_t, laid out
+    as the advantages may be, multiplied into each token's advantage by the prepare launch."""
     from . import _dispatch
 
     ids = _check_ids(input_ids, token_shape, device, source)
@@ -477,7 +481,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     min_p, top_k, top_p = (_filter_tensor(name, v, token_shape, device) for name, v in sampling._asdict().items())
     N = ids.numel()
     n_seqs, T = (cu.numel() - 1, 0) if cu is not None else tuple(token_shape) if len(token_shape) == 2 else (1, N)
-    adv_mode, adv, one_token_each, seq_counts = ADV_NONE, None, False, None
+    adv_mode, adv, one_token_each, seq_counts, tw_mode, tw = ADV_NONE, None, False, None, ADV_NONE, None
     with_weight = advantages is not None
     if with_weight:
         adv_mode = _advantage_layout(advantages, token_shape, device, n_seqs if cu is not None else None)
@@ -486,13 +490,18 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
         # (N,) and (S,) coincide: read per token, which is the same only if every sequence has one token
         one_token_each = cu is not None and adv_mode == ADV_PER_TOKEN and n_seqs == N and advantages.dim() == 1 and N > 1
         seq_counts = _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device)
+        if token_weights is not None:
+            tw_mode = _advantage_layout(token_weights, token_shape, device, n_seqs if cu is not None else None,
+                                        "token_weights")
+            tw = token_weights.detach().reshape(-1)
+            tw = tw if tw_mode == ADV_SCALAR else tw.contiguous()
         normalizer = check_normalizer(normalizer, device)
     bound = V if V is not None else INT32_MAX  # a split vocabulary: checked once the ranks agree on V
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
-        min_p=min_p, top_p=top_p)
+        min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
     return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
                  top_p=top_p)
@@ -501,7 +510,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None, sequence_level=False, sampling=Sampling(),
+    seq_valid_tokens=None, temperature=None, sequence_level=False, sampling=Sampling(), token_weights=None,
 ):
     """Check every per-token argument of a policy loss; return the Batch for the sweeps.
     ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
@@ -512,4 +521,5 @@ def prepare_mhpo(
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
     return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, sampling)
+                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, sampling,
+                          token_weights)

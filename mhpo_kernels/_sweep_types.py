@@ -16,8 +16,8 @@ ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # position in its own slot), 0 where the check passed or does not apply.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P, STATUS_TOP_P) = range(14)
-STATUS_SLOTS = 14
+ STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W) = range(15)
+STATUS_SLOTS = 15
 # A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
 LOGP_ABOVE_ZERO = 1e-2

@@ -86,12 +86,13 @@ def fused_linear_mhpo_loss(
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
     tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0, min_p=None,
-    top_k=None, top_p=None,
+    top_k=None, top_p=None, token_weights=None,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
     Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``,
-    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens`` and ``entropy_coef`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
+    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens``, ``entropy_coef`` and
+    ``token_weights`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
     gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
@@ -129,7 +130,7 @@ def fused_linear_mhpo_loss(
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
         reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
-        entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p)
+        entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights)
 
 
 def fused_linear_policy_loss(
@@ -137,7 +138,7 @@ def fused_linear_policy_loss(
     logit_scale=1.0, final_logit_softcap=None, chunk_size=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
-    seq_valid_tokens=None, entropy_coef=0.0, min_p=None, top_k=None, top_p=None,
+    seq_valid_tokens=None, entropy_coef=0.0, min_p=None, top_k=None, top_p=None, token_weights=None,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
@@ -166,7 +167,7 @@ def fused_linear_policy_loss(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
-            seq_valid_tokens=seq_valid_tokens, temperature=tau,
+            seq_valid_tokens=seq_valid_tokens, temperature=tau, token_weights=token_weights,
         )
         lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
@@ -178,7 +179,8 @@ def fused_linear_policy_loss(
             ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
-            dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs))))
+            dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs,
+                                          token_weights))))
 
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()

@@ -109,7 +109,7 @@ def mhpo_loss(
     lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None,
     seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None,
-    top_p=None,
+    top_p=None, token_weights=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -160,6 +160,9 @@ def mhpo_loss(
         min_p, top_k, top_p: the sampler's truncated softmax (SPEC.md, section 9; as in
             ``token_logprobs``): a target outside its kept set leaves the aggregation like an
             invalid token (metric ``outside_support``).
+        token_weights: w_t ≥ 0 (no gradient), laid out as the advantages may be: multiplies each
+            token's policy term, not its KL or entropy term (a rollout correction's weights:
+            verl's ``rollout_is_weights``, TRL's vLLM importance-sampling ratio).
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them. CUDA tensors
     run the Triton kernels; CPU tensors run them under Triton's interpreter with
@@ -172,14 +175,14 @@ def mhpo_loss(
                        return_metrics=return_metrics, normalizer=normalizer, inplace_backward=inplace_backward,
                        tp_group=tp_group, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
                        entropy_coef=entropy_coef, grad_in_forward=grad_in_forward, grad_scale=grad_scale,
-                       min_p=min_p, top_k=top_k, top_p=top_p)
+                       min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights)
 
 
 def policy_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, objective=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False,
     normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
-    grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None, top_p=None,
+    grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None, top_p=None, token_weights=None,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -193,7 +196,9 @@ def policy_loss(
     sequence, (B,) or (B, T) constant over each sequence's valid tokens. ``return_metrics`` gives
     abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
     survival and saturated_frac. GSPO is not available with ``tp_group`` or ``seq_valid_tokens``,
-    nor with ``grad_in_forward``.
+    nor with ``grad_in_forward``. ``token_weights`` multiply each token's policy term, under GSPO
+    each token's copy of its sequence's term (they may vary within a sequence, as TRL's per-token
+    vLLM ratio does).
     """
     def prepare():  # with a tp_group, every rank hears of any error raised in here
         chosen = resolve_objective(objective)
@@ -216,7 +221,7 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level, sampling=sampling,
+            sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.filters())
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
@@ -227,7 +232,7 @@ def policy_loss(
             old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,
-            dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs))))
+            dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs, token_weights))))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()

@@ -14,7 +14,7 @@ import torch
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
-    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, LOGP_ABOVE_ZERO, RowStats,
+    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
 )
 from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
 
@@ -31,7 +31,7 @@ def boundaries(cu, n_seqs, T, device):
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0):
     """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
     N, device = ids.numel(), ids.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -91,6 +91,11 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         # "<" or ">", not "!=": a NaN advantage is no shape error (it makes the loss NaN)
         differs = (adv_t < adv_t[prev]) | (adv_t > adv_t[prev])
         status[STATUS_ADV_VARIES] = (valid & (before >= 0) & (seq_id[prev] == seq_id) & differs).sum()
+    if tw is not None:  # data like the advantage (NaN propagates); below 0 is a misuse
+        tw = tw.to(torch.float32)
+        tw_t = tw.reshape(1).expand(N) if tw_mode == ADV_SCALAR else tw[seq_id] if tw_mode == ADV_PER_SEQ else tw
+        status[STATUS_TOKEN_W] = (valid & (tw_t < 0)).sum()
+        adv_t = adv_t * tw_t  # see kernels/prepare.py: the policy term is linear in A for w ≥ 0
     return target, weight, adv_t.contiguous(), torch.stack(status)
 
 

@@ -250,11 +250,13 @@ def mhpo_loss_from_logprobs(
     objective=None,
     entropy_coef=0.0,
     seq_valid_tokens=None,
+    token_weights=None,
 ):
     """The MHPO loss of SPEC.md from the current policy's per-token log-probs ``logp`` (B, T),
     which carry the gradient; ``mask`` (B, T) marks valid tokens (None: all). ``entropy`` (B, T),
     if given, is averaged into the metrics, and with ``entropy_coef`` > 0 (then it must carry its
-    gradient) each token's loss is loss_t − entropy_coef · H_t."""
+    gradient) each token's loss is loss_t − entropy_coef · H_t. ``token_weights`` (laid out as
+    ``advantages``) multiply each token's policy term, not its KL or entropy term."""
     valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
     for name, given in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         # A log-prob is ≤ 0; a finite one above 0 beyond rounding is a negative log-likelihood
@@ -267,6 +269,9 @@ def mhpo_loss_from_logprobs(
     adv = advantages.reshape(logp.shape[0], -1).expand(valid.shape)
     log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
     loss_tok = -weight * adv if objective is None else objective_loss(logp, old, adv, valid, objective)
+    if token_weights is not None:   # 0 at invalid tokens, whatever they hold
+        w = token_weights.reshape(logp.shape[0], -1).expand(valid.shape)
+        loss_tok = loss_tok * torch.where(valid, w, torch.zeros_like(w))
     if ref_logprobs is not None:
         delta = ref_logprobs - logp
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
@@ -324,6 +329,7 @@ def mhpo_loss(
     top_k=None,
     top_p=None,
     min_p=None,
+    token_weights=None,
 ):
     """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
     (and ``objective``, as in ``mhpo_kernels.policy_loss``: None is MHPO with c, k, λ above)
@@ -338,12 +344,14 @@ def mhpo_loss(
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
         tau_tokens = torch.is_tensor(temperature) and temperature.shape == input_ids.shape
+        w_tokens = token_weights is not None and token_weights.shape == input_ids.shape
         names = [k for k, v in filters.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
-        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, *filter_values) = _unpack(
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, w, *filter_values) = _unpack(
             cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
-            temperature if tau_tokens else None, *(filters[k] for k in names))
+            temperature if tau_tokens else None, token_weights if w_tokens else None, *(filters[k] for k in names))
         filters.update(zip(names, filter_values))
         advantages = adv_tokens if per_token else advantages
+        token_weights = w if w_tokens else token_weights
         temperature = tau if tau_tokens else temperature
         mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
@@ -356,12 +364,16 @@ def mhpo_loss(
     valid = valid & ~outside
     if advantages.numel() == 1:                            # () or (1,): one advantage for every token
         advantages = advantages.reshape(1, 1).expand(logits3.shape[0], 1)
+    if token_weights is not None:                         # laid out as the advantages
+        token_weights = token_weights.reshape(1, 1).expand(logits3.shape[0], 1) if token_weights.numel() == 1 \
+            else token_weights.reshape(logits3.shape[0], -1)
     out = mhpo_loss_from_logprobs(
         logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
         entropy=_entropy(logprobs) if return_metrics or entropy_coef > 0 else None, normalizer=normalizer,
         objective=objective, entropy_coef=entropy_coef, seq_valid_tokens=seq_valid_tokens,
+        token_weights=token_weights,
     )
     if return_metrics and filters:
         out[1]["outside_support"] = share.detach()

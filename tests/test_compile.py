@@ -21,8 +21,9 @@ def fresh_compile_state(tmp_path, monkeypatch):
 
 
 def logits_step(logits, ids, old, adv, mask, ref):
+    """With per-token weights of the policy term (a rollout correction's), made in the graph."""
     loss, metrics = mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.1,
-                                           temperature=0.8, return_metrics=True)
+                                           temperature=0.8, return_metrics=True, token_weights=torch.sigmoid(old))
     return loss, metrics["entropy"], metrics["kl"]
 
 

@@ -27,10 +27,10 @@ class ReferenceTrainer(MHPOTrainer):
     """The same trainer, its loss from the plain-PyTorch reference on the model's logits."""
 
     def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
-                         loss_agg_mode=None):
+                         loss_agg_mode=None, token_weights=None):
         kwargs = {**self.mhpo_kwargs(), **({"loss_agg_mode": loss_agg_mode} if loss_agg_mode else {})}
         return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
-                                   return_metrics=True, normalizer=normalizer, **kwargs)
+                                   return_metrics=True, normalizer=normalizer, token_weights=token_weights, **kwargs)
 
 
 class SamplerReferenceTrainer(ReferenceTrainer):
@@ -38,10 +38,11 @@ class SamplerReferenceTrainer(ReferenceTrainer):
     reference log-probs (the plain-PyTorch truncated log-softmax)."""
 
     def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
-                         loss_agg_mode=None):
+                         loss_agg_mode=None, token_weights=None):
         kwargs = {**self.mhpo_kwargs(), **({"loss_agg_mode": loss_agg_mode} if loss_agg_mode else {})}
         return reference.mhpo_loss(logits, completion_ids, old_logps, advantages, mask, ref_logprobs=ref_logps,
-                                   return_metrics=True, normalizer=normalizer, **kwargs, **self.sampling())
+                                   return_metrics=True, normalizer=normalizer, token_weights=token_weights, **kwargs,
+                                   **self.sampling())
 
 
 class RecordGradients(TrainerCallback):
@@ -175,25 +176,41 @@ def test_unsupported_options_fail_clearly(tiny_model, tmp_path, option):
         make_trainer(tiny_model, tmp_path, **option)
 
 
+def _vllm_ratio(inputs, ratio_shape, seed=3):
+    B, T = inputs["completion_ids"].shape
+    g = torch.Generator().manual_seed(seed)
+    ratio = torch.rand(B, T if ratio_shape == "token" else 1, generator=g) + 0.5
+    ratio[0, 0] = 0.0                               # a token TRL's token_mask mode masked
+    return {**inputs, "importance_sampling_ratio": ratio}
+
+
 @pytest.mark.parametrize("ratio_shape", ["token", "sequence"])
 def test_vllm_importance_sampling_ratio(tiny_model, tmp_path, ratio_shape):
-    """TRL's vLLM correction multiplies the policy term by a per-token (B, T) or per-sequence
-    (B, 1) ratio; MHPOTrainer folds it into the advantage, which gives the same loss as the
-    reference trainer given the same folded advantage."""
+    """TRL's vLLM correction multiplies each token's policy term, not its KL term (β > 0 here), by a
+    per-token (B, T) or per-sequence (B, 1) ratio: the op's token_weights. The loss and every
+    gradient equal the reference trainer's given the same ratio."""
     trainer = make_trainer(tiny_model, tmp_path / "op")
-    inputs = _inputs(tiny_model[1])
-    B, T = inputs["completion_ids"].shape
-    g = torch.Generator().manual_seed(3)
-    ratio = torch.rand(B, T if ratio_shape == "token" else 1, generator=g) + 0.5
-    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
-    trainer.current_gradient_accumulation_steps = 1
-    trainer.model.train()
-    with torch.no_grad():
-        loss = trainer._compute_loss(trainer.model, {**inputs, "importance_sampling_ratio": ratio})
-        trainer.use_vllm = False
-        folded = (inputs["advantages"][:, None] * ratio).expand(B, T)
-        expected = trainer._compute_loss(trainer.model, {**inputs, "advantages": folded})
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    ref_trainer = make_trainer(tiny_model, tmp_path / "ref", cls=ReferenceTrainer)
+    for t in (trainer, ref_trainer):
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True
+    inputs = _vllm_ratio(_inputs(tiny_model[1]), ratio_shape)
+    loss = _same_step(trainer, ref_trainer, inputs, accumulation=1)
+    ref_trainer.use_vllm = False
+    assert ref_trainer._compute_loss(ref_trainer.model, inputs).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_trl_gspo_with_the_vllm_ratio_equals_trl(tiny_model, tmp_path, mode):
+    """objective='trl' at sequence level (GSPO) with TRL's vLLM ratio, per token or per sequence:
+    the loss and every gradient equal TRL's own GRPOTrainer's on the same inputs."""
+    config = dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4)
+    ours, theirs = (_trl_trainer(tiny_model, tmp_path / name, cls, **config)
+                    for name, cls in (("ours", MHPOTrainer), ("trl", trl.GRPOTrainer)))
+    for t in (ours, theirs):
+        t.use_vllm, t.vllm_importance_sampling_correction, t.vllm_importance_sampling_mode = True, True, mode
+    inputs = _vllm_ratio(_inputs(tiny_model[1]), "token" if mode.startswith("token") else "sequence")
+    with mhpo_kernels.use_backend("torch"):  # TRL's GSPO, not the kernels
+        _same_step(ours, theirs, inputs, accumulation=1)
 
 
 def test_head_logit_scale_follows_trl():
@@ -339,7 +356,8 @@ class LossLog(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
-def _trl_run(tiny_model, tmp_path, cls, **config):
+def _trl_trainer(tiny_model, tmp_path, cls, callbacks=(), **config):
+    """MHPOTrainer with objective='trl', or TRL's own GRPOTrainer, on the same configuration."""
     from trl import GRPOConfig
 
     path, tokenizer = tiny_model
@@ -349,12 +367,16 @@ def _trl_run(tiny_model, tmp_path, cls, **config):
                   disable_tqdm=True, bf16=False, max_steps=2, temperature=0.9, beta=0.04,
                   gradient_accumulation_steps=2, num_iterations=2, use_bias_correction_kl=False, **config)
     args = MHPOConfig(objective="trl", **common) if cls is MHPOTrainer else GRPOConfig(**common)
+    return cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+               processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def _trl_run(tiny_model, tmp_path, cls, **config):
     log = LossLog()
     # TRL's loss semantics, not the kernels: the PyTorch path, whose sweeps every kernel test holds
     # the Triton kernels to (under the interpreter these runs took 10 s each).
     with mhpo_kernels.use_backend("torch"):
-        cls(model=path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-            processing_class=tokenizer, callbacks=[log]).train()
+        _trl_trainer(tiny_model, tmp_path, cls, callbacks=[log], **config).train()
     return log.losses
 
 
@@ -380,10 +402,6 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(loss_type="grpo", use_fused_linear=True), "use_fused_linear"),
     (dict(loss_type="dapo", delta=1.1, epsilon_high=0.28), "delta=1.1"),
-    # before TRL sets up vLLM: the refusal needs no vLLM installed
-    (dict(loss_type="grpo", importance_sampling_level="sequence", use_vllm=True,
-          vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate"),
-     "vllm_importance_sampling_mode='token_truncate'"),
     (dict(loss_type="grpo", entropy_coef=0.1), "entropy_coef"),
     (dict(loss_type="bnpo", entropy_coef=0.1, use_adaptive_entropy=True), "use_adaptive_entropy"),
 ])

@@ -3,8 +3,8 @@
 Everything but the loss is TRL's: generation, rewards, advantages, the reference model, the
 old-policy log-probs (absent when TRL skips them: the step is then on-policy), logging. The loss
 replaces ``GRPOTrainer._compute_loss`` (TRL 1.14–1.16) and honours TRL's temperature, β with
-``ref_per_token_logps``, ``tool_mask``, vLLM importance-sampling correction (as a per-token factor
-on the advantage, which is where TRL applies it: to the policy term, not the KL term) and
+``ref_per_token_logps``, ``tool_mask``, vLLM importance-sampling correction (the op's
+``token_weights``: a factor on each token's policy term, not its KL term, as TRL applies it) and
 gradient-accumulation scaling. It logs the MHPO metrics as ``mhpo/<name>`` beside TRL's ``kl`` and
 ``entropy``.
 
@@ -118,15 +118,6 @@ class MHPOConfig(GRPOConfig):
     )
 
 
-def _gspo_with_token_ratio(config):
-    """objective='trl' at sequence level (GSPO) with vLLM's per-token importance-sampling ratio
-    (TRL's token_* modes give a (B, T) ratio; sequence_* modes a (B, 1) one)."""
-    return (getattr(config, "objective", None) == "trl"
-            and getattr(config, "importance_sampling_level", "token") == "sequence"
-            and getattr(config, "use_vllm", False) and getattr(config, "vllm_importance_sampling_correction", False)
-            and str(getattr(config, "vllm_importance_sampling_mode", "")).startswith("token"))
-
-
 class MHPOTrainer(GRPOTrainer):
     """GRPOTrainer with the MHPO loss; see the module docstring."""
 
@@ -135,12 +126,6 @@ class MHPOTrainer(GRPOTrainer):
         if getattr(config, "use_liger_kernel", False):  # before TRL acts on it
             raise ValueError("MHPOTrainer does not support: use_liger_kernel (TRL's Liger GRPO loss "
                              "replaces the MHPO loss)")
-        if _gspo_with_token_ratio(config):  # TRL's own checks run first on the rest
-            raise ValueError("MHPOTrainer does not support: objective='trl' with importance_sampling_level="
-                             f"'sequence' (GSPO) and vllm_importance_sampling_mode="
-                             f"{config.vllm_importance_sampling_mode!r}: TRL then scales GSPO's sequence "
-                             "term per token, which the fused GSPO (one advantage per sequence) does not "
-                             "compute; use a sequence_* mode")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MHPOConfig):
             raise TypeError(f"MHPOTrainer needs an MHPOConfig, got {type(self.args).__name__}")
@@ -279,12 +264,14 @@ class MHPOTrainer(GRPOTrainer):
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def loss_from_logits(self, logits, completion_ids, old_logps, advantages, mask, ref_logps, normalizer=None,
-                         loss_agg_mode=None):
-        """The loss and metrics from the logits (B, C + 1, V) that predict the completion."""
+                         loss_agg_mode=None, token_weights=None):
+        """The loss and metrics from the logits (B, C + 1, V) that predict the completion;
+        ``token_weights``: TRL's vLLM importance-sampling ratio, (B, C) or (B, 1), or None."""
         kwargs = self.mhpo_kwargs()
         if loss_agg_mode is not None:
             kwargs["loss_agg_mode"] = loss_agg_mode
         common = dict(ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
+                      token_weights=token_weights,
                       inplace_backward=self.args.inplace_backward, entropy_coef=self.entropy_bonus_coef(),
                       **self.sampling())
         if self.objective is None:
@@ -317,7 +304,7 @@ class MHPOTrainer(GRPOTrainer):
         hidden = hidden[:, -logits_to_keep - 1:-1]            # the states that predict the completion
         head = model.get_output_embeddings()
         text_config = model.config.get_text_config()
-        completion_ids, old_logps, advantages, mask, ref_logps, normalizer = loss_args
+        completion_ids, old_logps, advantages, mask, ref_logps, normalizer, token_weights = loss_args
         fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)  # as TRL's head computed the old log-probs
         # Under ZeRO-3 the head is a 0-element shard outside its gather; under FSDP2 a DTensor.
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
@@ -330,7 +317,7 @@ class MHPOTrainer(GRPOTrainer):
                     hidden, weight, completion_ids, old_logps, advantages, mask, bias=bias,
                     logit_scale=head_logit_scale(text_config),
                     final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-                    ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer,
+                    ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer, token_weights=token_weights,
                     **self.mhpo_kwargs(),
                 )
 
@@ -345,15 +332,13 @@ class MHPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
         advantages = inputs["advantages"]
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL scales the policy term per token (or per sequence: a (B, 1) ratio); MHPO's policy
-            # term is linear in A.
-            ratio = inputs["importance_sampling_ratio"]
-            advantages = (advantages.reshape(advantages.shape[0], -1) * ratio).expand_as(completion_ids)
+        # TRL scales each token's policy term by the ratio, per token (B, C) or per sequence (B, 1)
+        ratio = inputs["importance_sampling_ratio"] if self.use_vllm and self.vllm_importance_sampling_correction \
+            else None
         old_logps = inputs.get("old_per_token_logps")          # None: on-policy (ratio 1)
         ref_logps = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         agg_mode, normalizer, per_accumulation = self.aggregation(inputs, completion_ids)
-        loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps, normalizer)
+        loss_args = (completion_ids, old_logps, advantages, mask.bool(), ref_logps, normalizer, ratio)
 
         with self.accelerator.autocast():
             if self.args.use_fused_linear:
@@ -369,7 +354,8 @@ class MHPOTrainer(GRPOTrainer):
                 # and returns every position needs a slice here.
                 if logits.shape[1] != logits_to_keep + 1:
                     logits = logits[:, -logits_to_keep - 1:]
-                loss, metrics = self.loss_from_logits(logits, *loss_args, loss_agg_mode=agg_mode)
+                *args, ratio = loss_args
+                loss, metrics = self.loss_from_logits(logits, *args, loss_agg_mode=agg_mode, token_weights=ratio)
 
         mode = "train" if self.model.training else "eval"
         if mode == "train" and per_accumulation:

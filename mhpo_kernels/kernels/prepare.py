@@ -14,7 +14,9 @@ One program walks the N tokens three times, in blocks of BLOCK:
    boundaries' own checks (cu[0] = 0, non-decreasing, cu[S] = N; with ``ONE_TOKEN_EACH``, one
    token per sequence);
 3. per token: its sequence (t // T for a padded batch, a binary search of cu for a packed one),
-   the weight g_t and the advantage; with ``SAME_ADV`` (a sequence-level objective), the
+   the weight g_t and the advantage, times the token weight w_t with ``TW`` (checked ≥ 0: every
+   objective's policy term is linear in A for w ≥ 0; under GSPO, whose g_t is the sequence's,
+   Σ_t g_t · w_t · loss_i(A) = Σ_t g_t · loss_i(mean_i(w · A))); with ``SAME_ADV`` (a sequence-level objective), the
    advantage and sequence of each valid token stored at its rank among the valid tokens, and a
    fourth walk compares each with the valid token before it.
 
@@ -32,11 +34,11 @@ STATUS_SLOTS = _types.STATUS_SLOTS
 # The host's names (``_sweep_types``) as the kernel's compile-time constants.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P, STATUS_TOP_P) = (
+ STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W) = (
     tl.constexpr(getattr(_types, name)) for name in (
         "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM",
         "STATUS_SEQ_COUNTS", "STATUS_ADV_VARIES", "STATUS_NOT_ONE_EACH", "STATUS_OLD_POSITIVE", "STATUS_REF_POSITIVE",
-        "STATUS_MIN_P", "STATUS_TOP_P"))
+        "STATUS_MIN_P", "STATUS_TOP_P", "STATUS_TOKEN_W"))
 LOGP_ABOVE_ZERO = tl.constexpr(_types.LOGP_ABOVE_ZERO)
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_types, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
 
@@ -81,13 +83,14 @@ def _prepare_kernel(
     p_seq_counts,                                # (S,) fp32 valid tokens of each sequence over every rank
     p_old, p_ref,                                # (N,) fp32 old and reference log-probs
     p_min_p, p_top_p,                            # (N,) fp32 min_p, top_p per token (HAS_MIN_P, HAS_TOP_P)
-    p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage
+    p_tw,                                        # token weights, laid out as TW says (as advantages are)
+    p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage (times w_t)
     p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
     p_vadv, p_vseq,                              # scratch (N,) fp32 and int32: the valid tokens' advantage, sequence
     N, S, T, V, ignore_index, normalizer, n_steps,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_TAU: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_MIN_P: tl.constexpr, HAS_TOP_P: tl.constexpr,
-    WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr,
+    WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr, TW: tl.constexpr,
     NORM: tl.constexpr,                          # 0 the count, 1 the value ``normalizer``, 2 the tensor
     SEQ_COUNTS: tl.constexpr, SAME_ADV: tl.constexpr, ONE_TOKEN_EACH: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -164,6 +167,7 @@ def _prepare_kernel(
     bad_counts = tl.zeros([BLOCK], tl.int32)
     not_one = tl.zeros([BLOCK], tl.int32)
     varies = tl.zeros([BLOCK], tl.int32)
+    bad_tw = tl.zeros([BLOCK], tl.int32)
     if WITH_WEIGHT:
         tl.debug_barrier()
         n_seqs = tl.zeros([BLOCK], tl.int32)
@@ -211,11 +215,21 @@ def _prepare_kernel(
                 adv = tl.load(p_adv + seq, mask=m, other=0.0)
             else:
                 adv = tl.load(p_adv + o, mask=m, other=0.0)
-            if ADV != ADV_NONE:
-                tl.store(p_adv_t + o, adv.to(tl.float32), mask=m)
-            if SAME_ADV:  # each valid token's advantage and sequence at its rank among the valid ones
+            adv = adv.to(tl.float32)
+            if TW != ADV_NONE:  # data like the advantage (NaN propagates); below 0 is a misuse
+                if TW == ADV_SCALAR:
+                    w = tl.load(p_tw + o * 0, mask=m, other=1.0).to(tl.float32)
+                elif TW == ADV_PER_SEQ:
+                    w = tl.load(p_tw + seq, mask=m, other=1.0).to(tl.float32)
+                else:
+                    w = tl.load(p_tw + o, mask=m, other=1.0).to(tl.float32)
+                bad_tw += (valid & (w < 0.0)).to(tl.int32)
+                tl.store(p_adv_t + o, adv * w, mask=m)
+            elif ADV != ADV_NONE:
+                tl.store(p_adv_t + o, adv, mask=m)
+            if SAME_ADV:  # each valid token's advantage (before w_t) and sequence, at its rank among the valid
                 rank = tl.load(p_prefix + o, mask=m, other=0)
-                tl.store(p_vadv + rank, adv.to(tl.float32), mask=m & valid)
+                tl.store(p_vadv + rank, adv, mask=m & valid)
                 tl.store(p_vseq + rank, seq.to(tl.int32), mask=m & valid)
         if SAME_ADV:
             tl.debug_barrier()
@@ -237,18 +251,20 @@ def _prepare_kernel(
     tl.store(p_status + STATUS_SEQ_COUNTS, tl.sum(bad_counts, 0).to(tl.int64))
     tl.store(p_status + STATUS_NOT_ONE_EACH, tl.sum(not_one, 0).to(tl.int64))
     tl.store(p_status + STATUS_ADV_VARIES, tl.sum(varies, 0).to(tl.int64))
+    tl.store(p_status + STATUS_TOKEN_W, tl.sum(bad_tw, 0).to(tl.int64))
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0):
     """Launch the prepare program. ``ids`` (N,) integer; ``mask`` (N,) or None; ``cu`` (S + 1,)
     int64 for a packed stream, else None (S = n_seqs rows of T tokens); ``adv`` the advantages as
     ``adv_mode`` reads them; ``tau`` (N,) fp32 or None; ``normalizer`` None, a float, or a 0-d
     tensor; ``seq_counts`` (S,) fp32 or None; ``same_adv``, ``one_token_each``: the checks named
     in the module's docstring; ``old``, ``ref`` (N,) fp32 or None, checked ≤ 0 at valid tokens;
     ``min_p`` (N,) fp32 or None, checked ≤ 1 and not NaN; ``top_p`` (N,) fp32 or None, checked
-    > 0 and not NaN. Returns (target int32, weight fp32 or
-    None, adv fp32 or None, status int64: ``_sweep_types.STATUS_*``)."""
+    > 0 and not NaN; ``tw`` the token weights as ``tw_mode`` reads them (an advantage layout),
+    checked ≥ 0, multiplied into the advantage. Returns (target int32, weight fp32 or None, adv
+    fp32 or None, status int64: ``_sweep_types.STATUS_*``)."""
     N = ids.numel()
     device = ids.device
     status = torch.empty(STATUS_SLOTS, dtype=torch.int64, device=device)
@@ -258,6 +274,7 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
     prefix = torch.empty(N + 1 if with_weight else 1, dtype=torch.int32, device=device)
     seq_n = torch.empty(max(n_seqs, 1) if with_weight else 1, dtype=torch.float32, device=device)
     same_adv = same_adv and with_weight
+    tw_mode = tw_mode if tw is not None and with_weight else _types.ADV_NONE
     vadv = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.float32, device=device)
     vseq = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.int32, device=device)
     norm_mode = 0 if normalizer is None else 2 if isinstance(normalizer, torch.Tensor) else 1
@@ -268,7 +285,7 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             dummy if adv is None else adv, dummy if tau is None else tau,
             normalizer if norm_mode == 2 else dummy, dummy if seq_counts is None else seq_counts,
             dummy if old is None else old, dummy if ref is None else ref, dummy if min_p is None else min_p,
-            dummy if top_p is None else top_p,
+            dummy if top_p is None else top_p, dummy if tw is None else tw,
             target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
             prefix, seq_n, status, vadv, vseq,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
@@ -277,6 +294,7 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_MIN_P=min_p is not None,
             HAS_TOP_P=top_p is not None,
             WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _types.ADV_NONE, NORM=norm_mode,
+            TW=tw_mode,
             SEQ_COUNTS=seq_counts is not None and with_weight, SAME_ADV=same_adv,
             ONE_TOKEN_EACH=one_token_each and with_weight, BLOCK=BLOCK, num_warps=4,
         )
