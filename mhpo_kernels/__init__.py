@@ -5,7 +5,7 @@
 See ``mhpo_loss`` for the formula and shapes, and docs/where-it-runs.md for where each path runs.
 """
 
-from . import objectives
+from . import objectives, rollout_correction
 from ._dispatch import use_backend
 from .fused_linear import fused_linear_mhpo_loss, fused_linear_policy_loss, fused_linear_token_logprobs
 from .loss import mhpo_loss, policy_loss, token_logprobs
@@ -23,6 +23,7 @@ __all__ = [
     "mhpo_token_loss",
     "objectives",
     "policy_loss",
+    "rollout_correction",
     "token_logprobs",
     "use_backend",
 ]

@@ -5,6 +5,8 @@ its loss with the reference (fp32 throughout: the op's logits gradient agrees wi
 ~1e-6, and backpropagating it through two fp32 transformer layers adds rounding of the same order,
 measured ≤ 5e-6; 3e-5 leaves room)."""
 
+import math
+
 import pytest
 import torch
 
@@ -452,3 +454,38 @@ def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path)
     assert 0 < trainer._metrics["train"]["mhpo/outside_support"][-1] < 1
     with pytest.raises(ValueError, match="sampler_logprobs with use_fused_linear"):
         make_trainer(tiny_model, tmp_path / "fl", sampler_logprobs=True, use_fused_linear=True, **SAMPLER)
+
+
+@pytest.mark.parametrize("mode, clip_min, clip_max", [("token_truncate", None, 3.0), ("token_mask", 0.5, 2.0),
+                                                      ("sequence_truncate", 0.2, 1.5), ("sequence_mask", None, 3.0)])
+def test_trl_importance_weights_are_trls(tiny_model, tmp_path, mode, clip_min, clip_max):
+    """rollout_correction.trl_importance_weights equals the ratio and the sampling/ metrics TRL's
+    own GRPOTrainer forms from the same old and engine log-probs (its generation replaced by fixed
+    completions and engine log-probs, one of them NaN, as vLLM reports an unscored token)."""
+    from mhpo_kernels.rollout_correction import trl_importance_weights
+
+    trainer = _trl_trainer(tiny_model, tmp_path, trl.GRPOTrainer, loss_type="grpo", vllm_importance_sampling_mode=mode,
+                           vllm_importance_sampling_clip_min=clip_min, vllm_importance_sampling_clip_max=clip_max)
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    g = torch.Generator().manual_seed(7)
+    completions = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 5, 6)]
+    engine = [(-torch.rand(len(c), generator=g) * 3 - 0.2).tolist() for c in completions]
+    engine[1][2] = None                               # vLLM's unscored token
+
+    def generate(prompts):
+        ids = [tiny_model[1](p)["input_ids"] for p in prompts]
+        return ids, completions, None, ["x"] * len(prompts), engine, {}, None, None
+
+    trainer._generate = generate
+    trainer.model.train()
+    with mhpo_kernels.use_backend("torch"):
+        out = trainer._generate_and_score_completions([{"prompt": "w1 w2 w3"}, {"prompt": "w4 w5"},
+                                                       {"prompt": "w6 w7 w8"}, {"prompt": "w9 w10"}])
+    mask = out["completion_mask"].bool()
+    rollout = torch.full(mask.shape, 0.0)
+    for b, logps in enumerate(engine):
+        rollout[b, :len(logps)] = torch.tensor([math.nan if v is None else v for v in logps])
+    weights, metrics = trl_importance_weights(out["old_per_token_logps"], rollout, mask, mode, clip_min, clip_max)
+    assert torch.allclose(weights, out["importance_sampling_ratio"], rtol=1e-6, atol=0) and weights.ne(1).any()
+    for name, value in metrics.items():
+        assert value.item() == pytest.approx(trainer._metrics["train"][name][-1], rel=1e-6), name
