@@ -311,7 +311,8 @@ def _two_process_worker(rank, world_size, model_path, out_dir):
     trainer = make_trainer((model_path, tokenizer), f"{out_dir}/rank{rank}", RecordingTrainer, callbacks=[grads],
                            **TWO_PROCESS_CONFIG)
     assert trainer.accelerator.num_processes == world_size
-    trainer.train()
+    with mhpo_kernels.use_backend("torch"):  # DDP's reductions, not the kernels (tested on their own)
+        trainer.train()
     logged = [h for h in trainer.state.log_history if "mhpo/psi" in h]
     torch.save(dict(seen=trainer.seen, grads=grads.steps[0], logged=logged[0]), f"{out_dir}/trl-{rank}.pt")
 
@@ -320,6 +321,7 @@ TWO_PROCESS_CONFIG = dict(use_fused_linear=True, max_steps=1, gradient_accumulat
                           beta=0.0)
 
 
+@mhpo_kernels.use_backend("torch")  # as the workers run
 def test_two_processes_give_the_head_the_one_process_gradient(tiny_model, tmp_path):
     """MHPOTrainer in two processes (DDP on CPU, gloo), fused linear path: the metrics it logs are
     reduced across processes (the same on both, the token-weighted mean of each rank's), and the
