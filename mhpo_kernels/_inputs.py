@@ -427,8 +427,8 @@ def _messages(N):
     return ((STATUS_BAD_IDS, _BAD_IDS), (STATUS_MASK, _BAD_MASK), (STATUS_NORM, _BAD_NORMALIZER),
             (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)"),
             (STATUS_TAU, _BAD_TEMPERATURE),
-            (STATUS_NOT_ONE_EACH, f"advantages of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} sequences "
-                                  f"but not one token each: pass per-sequence advantages as (S, 1)"),
+            (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({N},) are ambiguous: cu_seqlens has S = N "
+                                  f"= {N} sequences but not one token each: pass per-sequence values as (S, 1)"),
             (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
             (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
             (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
@@ -495,6 +495,8 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
                                         "token_weights")
             tw = token_weights.detach().reshape(-1)
             tw = tw if tw_mode == ADV_SCALAR else tw.contiguous()
+            one_token_each = one_token_each or (
+                cu is not None and tw_mode == ADV_PER_TOKEN and n_seqs == N and token_weights.dim() == 1 and N > 1)
         normalizer = check_normalizer(normalizer, device)
     bound = V if V is not None else INT32_MAX  # a split vocabulary: checked once the ranks agree on V
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(

@@ -146,7 +146,7 @@ def verl_rollout_correction(old_logprobs, rollout_logprobs, response_mask, *, ro
     bounded = log_ratio.clamp(-VERL_LOG_BOUND, VERL_LOG_BOUND)
     metrics = {}
     weights = None
-    if rollout_is is not None:
+    if rollout_is is not None and rollout_is_threshold is not None:  # either None: off, as in verl
         if rollout_is not in ("token", "sequence"):
             raise ValueError(f"rollout_is must be 'token' or 'sequence', got {rollout_is!r}")
         lower, upper = _bounds(rollout_is_threshold, "rollout_is_threshold")
@@ -161,6 +161,8 @@ def verl_rollout_correction(old_logprobs, rollout_logprobs, response_mask, *, ro
         else:
             weights = torch.where((raw >= lower) & (raw <= upper), raw, 0.0)
         metrics.update(_is_metrics(weights, raw, raw_log, mask, rollout_is, lower, upper))
+        if lower is not None:  # IcePop: the share of tokens whose raw weight left the band
+            metrics["rollout_is_oob_ratio"] = _masked_mean(((raw < lower) | (raw > upper)).to(raw.dtype), mask)
         weights = weights.detach()
         if rollout_is_batch_normalize:
             mean = _masked_mean(weights, mask) if rollout_is == "token" else _masked_mean(

@@ -36,17 +36,20 @@ def _inputs(seed=0, B=6, T=9):
     dict(rollout_rs="seq_sum_k1,seq_mean_k2,seq_max_k2", rollout_rs_threshold="2.0,0.1,0.5"),
     dict(rollout_is="token", rollout_is_threshold=1.5, rollout_rs="seq_mean_k3,seq_sum_k3,seq_mean_k1",
          rollout_rs_threshold="0.05,0.8,1.3"),
+    dict(rollout_is="token", rollout_is_threshold=None, rollout_rs="token_k3", rollout_rs_threshold=0.2),
 ], ids=["tis", "icepop-normalized", "seq-tis", "seq-icepop-normalized", "rs-token-k1", "rs-k2-k3-max",
-        "rs-seq", "tis-and-rs"])
+        "rs-seq", "tis-and-rs", "is-off"])
 def test_equals_verl(config):
     old, rollout, mask = _inputs()
     weights, kept, metrics = verl_rollout_correction(old, rollout, mask, **config)
     want_proto, want_kept, want_metrics = compute_rollout_correction_and_rejection_mask(old, rollout, mask, **config)
-    if "rollout_is" in config:
+    if want_proto is not None:
         want = want_proto.batch["rollout_is_weights"]
         assert torch.allclose(weights, want, rtol=1e-9, atol=0), (weights, want)
     else:
-        assert weights is None and want_proto is None
+        assert weights is None
+    if "_" in str(config.get("rollout_is_threshold")):
+        assert "rollout_corr/rollout_is_oob_ratio" in metrics
     assert torch.equal(kept, want_kept) and kept.dtype == mask.dtype
     if "rollout_rs" in config:
         assert not torch.equal(kept, mask), "the thresholds must reject something"

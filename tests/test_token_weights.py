@@ -118,6 +118,9 @@ def test_values_are_checked_and_nan_is_data(backend):
             mhpo_kernels.mhpo_loss(*args, token_weights=torch.ones(4))
         with pytest.raises(TypeError, match="token_weights must be a floating tensor"):
             mhpo_kernels.mhpo_loss(*args, token_weights=torch.ones(c["ids"].shape, dtype=torch.int64))
+        x3, ids3, cu = c["x"][0, :3], c["ids"][0, :3], torch.tensor([0, 0, 2, 3])  # S = N = 3, not one each
+        with pytest.raises(ValueError, match="token_weights of shape \\(3,\\) are ambiguous"):
+            mhpo_kernels.mhpo_loss(x3, ids3, c["old"][0, :3], torch.ones(1), cu_seqlens=cu, token_weights=torch.ones(3))
         nan = torch.where(c["mask"], 1.0, 0.0)
         nan[0, 0] = math.nan
         for objective in (MHPO(), GSPO()):

@@ -9,6 +9,7 @@ metrics and the LM head's gradient within the fp32 relative tolerance. The helpe
 hold everything it takes to run verl's actor on CPU.
 """
 
+import contextlib
 import functools
 import math
 import types
@@ -341,3 +342,21 @@ def test_rollout_filters_leave_out_tokens_outside_the_kept_set(model_path):
     reference_engine.model_config = config.model
     verl_engine.attach(reference_engine)
     assert reference_engine.mhpo_sampling == {}
+    # with LoRA verl's reference is the actor's engine with its adapter off: no filters inside that
+    actor = verl_engine.FSDPEngineWithLMHead.__new__(verl_engine.FSDPEngineWithLMHead)
+    actor.engine_config = types.SimpleNamespace(forward_only=False)
+    actor.model_config = config.model
+    adapter = []
+    actor.module = types.SimpleNamespace(disable_adapter=lambda: _recording(adapter))
+    verl_engine.attach(actor)
+    assert actor.mhpo_sampling == filters
+    with actor.disable_adapter():
+        assert actor.mhpo_sampling == {} and adapter == ["off"]
+    assert actor.mhpo_sampling == filters and adapter == ["off", "on"]
+
+
+@contextlib.contextmanager
+def _recording(events):
+    events.append("off")
+    yield
+    events.append("on")

@@ -39,6 +39,7 @@ returns verl's engine untouched. With it, the engine instance (never its class) 
 ``uninstall()`` restores ``EngineRegistry.new``.
 """
 
+import contextlib
 import math
 import types
 
@@ -119,6 +120,23 @@ def attach(engine):
             return forward_step(micro_batch, loss_function=_leaving_out(loss_function), forward_only=forward_only)
 
         engine.forward_step = forward_step_leaving_out
+        # With LoRA verl's reference is this engine with the adapter off (``no_lora_adapter``): its
+        # full softmax too. The filters dict is shared with the module's fused forward: emptied
+        # for the block, refilled after.
+        disable_adapter = engine.disable_adapter
+
+        @contextlib.contextmanager
+        def reference_without_filters():
+            filters = engine.mhpo_sampling
+            saved = dict(filters)
+            with disable_adapter():
+                filters.clear()
+                try:
+                    yield
+                finally:
+                    filters.update(saved)
+
+        engine.disable_adapter = reference_without_filters
     build_module = engine._build_module
 
     def _build_module():
@@ -183,9 +201,9 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
 
 def _leaving_out(loss_function):
     """verl's loss function with the tokens outside the kept set left out (SPEC.md, section 9): where
-    the current or the old log-prob is −inf, the response mask is 0 and both log-probs 0, so that
-    verl's loss, which multiplies by the mask, stays finite (−inf − −inf would be NaN). verl's
-    normalizers (its global token and sequence counts) still count those tokens."""
+    the current or the old log-prob is −inf, the response mask is 0, and each −inf log-prob is 0,
+    so that verl's loss, which multiplies by the mask, stays finite (−inf − −inf would be NaN).
+    verl's normalizers (its global token and sequence counts) still count those tokens."""
     if loss_function is None:
         return None
 
@@ -195,9 +213,11 @@ def _leaving_out(loss_function):
         log_probs = model_output["log_probs"]
         outside = no_padding_2_padding(log_probs, data).detach() == -math.inf      # (B, R)
         data = data.copy()
-        if "old_log_probs" in data.keys():
+        if "old_log_probs" in data.keys():  # a nested field pads to its own longest response only
             old = data["old_log_probs"]
-            outside = outside | (_padded(old) == -math.inf)
+            old_outside = _padded(old) == -math.inf
+            outside = outside.clone()
+            outside[:, :old_outside.shape[1]] |= old_outside
             data["old_log_probs"] = _where_padded(outside, 0.0, old)
         data["response_mask"] = _where_padded(outside, 0, data["response_mask"])
         values = log_probs.values()
