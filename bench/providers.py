@@ -76,9 +76,9 @@ def _trl_logprobs(hidden, weight, ids, with_entropy=False):
 # Differentiable (log-prob, entropy) steps, the hook verl, prime-rl and NeMo-RL call: take
 # (inputs, hidden, weight), return both per token.
 
-def _fused_linear_logprobs_grad(inputs, h, w):
+def _fused_linear_logprobs_grad(inputs, h, w, batch_invariant=False):
     return mhpo_kernels.fused_linear_token_logprobs(h, w, inputs["input_ids"], temperature=TEMPERATURE,
-                                                    return_entropy=True)
+                                                    return_entropy=True, batch_invariant=batch_invariant)
 
 
 def _eager_linear_logprobs_grad(inputs, h, w):
@@ -129,8 +129,9 @@ def _liger_logits(inputs, x):
         inplace=False, loss_type="grpo", reduce=True))
 
 
-def _fused_linear(inputs, h, w):
-    return mhpo_kernels.fused_linear_mhpo_loss(h, w, *_mhpo_args(inputs), **_loss_kwargs(inputs))
+def _fused_linear(inputs, h, w, batch_invariant=False):
+    return mhpo_kernels.fused_linear_mhpo_loss(h, w, *_mhpo_args(inputs), **_loss_kwargs(inputs),
+                                               batch_invariant=batch_invariant)
 
 
 def _eager_linear(inputs, h, w):
@@ -279,6 +280,13 @@ PROVIDERS = {
                           lambda i: mhpo_kernels.fused_linear_token_logprobs(
                               i["hidden"], i["weight"], i["input_ids"], temperature=TEMPERATURE),
                           leaves=("hidden", "weight"), logprobs_grad=_fused_linear_logprobs_grad),
+        # every chunk padded to the chunk size: a row's bits independent of the batch (the cost: the padding)
+        "fused-batch-invariant": Provider(
+            "fused-batch-invariant", "MHPO", functools.partial(_fused_linear, batch_invariant=True),
+            lambda i: mhpo_kernels.fused_linear_token_logprobs(i["hidden"], i["weight"], i["input_ids"],
+                                                               temperature=TEMPERATURE, batch_invariant=True),
+            leaves=("hidden", "weight"),
+            logprobs_grad=functools.partial(_fused_linear_logprobs_grad, batch_invariant=True)),
         "eager": Provider("eager", "MHPO", _eager_linear,
                           lambda i: reference.token_logprobs(i["hidden"] @ i["weight"].T, i["input_ids"], TEMPERATURE),
                           leaves=("hidden", "weight"), logprobs_grad=_eager_linear_logprobs_grad),

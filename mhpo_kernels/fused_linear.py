@@ -12,7 +12,7 @@ import torch
 from . import linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    TRUNCATED_TP, check_float_tensor, check_nonnegative, check_positive, check_sampling, check_temperature,
+    TRUNCATED_TP, check_flag, check_float_tensor, check_nonnegative, check_positive, check_sampling, check_temperature,
     check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
@@ -20,7 +20,13 @@ from .loss import metrics_of, mhpo_objective, resolve_objective
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
 
-def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size):
+# batch_invariant's chunk when none is given: every call computes whole chunks, so the default
+# tile (up to 1 GiB of logits, 268k rows at V 1000) would be mostly padding for a short batch;
+# 256 rows keep each GEMM large (256 × V × H) and the padding below 256 rows.
+BATCH_INVARIANT_CHUNK = 256
+
+
+def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size, batch_invariant=False):
     """Validate the projection's arguments; returns hidden as (N, H) and the chunk rows."""
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if x is not None or name != "bias":
@@ -43,6 +49,8 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
         check_positive("final_logit_softcap", final_logit_softcap)
     if chunk_size is None:
         chunk_size = fused_linear_chunk_rows(weight.shape[0], hidden.element_size())
+        if batch_invariant:
+            chunk_size = min(chunk_size, BATCH_INVARIANT_CHUNK)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
     return hidden.reshape(-1, hidden.shape[-1]), chunk_size
@@ -86,7 +94,7 @@ def fused_linear_mhpo_loss(
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
     tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0, min_p=None,
-    top_k=None, top_p=None, token_weights=None,
+    top_k=None, top_p=None, token_weights=None, batch_invariant=False,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
@@ -130,7 +138,8 @@ def fused_linear_mhpo_loss(
         temperature=temperature, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
         reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
-        entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights)
+        entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights,
+        batch_invariant=batch_invariant)
 
 
 def fused_linear_policy_loss(
@@ -139,6 +148,7 @@ def fused_linear_policy_loss(
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
     seq_valid_tokens=None, entropy_coef=0.0, min_p=None, top_k=None, top_p=None, token_weights=None,
+    batch_invariant=False,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
@@ -160,8 +170,10 @@ def fused_linear_policy_loss(
                 "chunk's gradient is formed in the forward; use policy_loss on logits, or "
                 "fused_linear_token_logprobs(..., top_p=...) and a loss on its log-probs")
         check_nonnegative("entropy_coef", entropy_coef)
+        _check_batch_invariant(batch_invariant, tp_group)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
-        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
+        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,
+                                             batch_invariant)
         tau_value, tau = check_temperature(temperature)
         batch = prepare_mhpo(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
@@ -197,17 +209,25 @@ def fused_linear_policy_loss(
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
         lmap.tau, ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, entropy_coef, batch.n_valid,
+        grad_on and bias is not None and bias.requires_grad, entropy_coef, batch.n_valid, batch_invariant,
     )
     if not return_metrics:
         return loss
     return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
 
 
+def _check_batch_invariant(batch_invariant, tp_group):
+    """``batch_invariant``, a bool; not with ``tp_group`` yet."""
+    if check_flag("batch_invariant", batch_invariant) and tp_group is not None:
+        raise NotImplementedError("batch_invariant=True with tp_group is not supported yet: pass tp_group=None, "
+                                  "or batch_invariant=False")
+    return batch_invariant
+
+
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
-    reduce_dhidden=True, mask=None, min_p=None, top_k=None, top_p=None,
+    reduce_dhidden=True, mask=None, min_p=None, top_k=None, top_p=None, batch_invariant=False,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
     ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
@@ -228,11 +248,20 @@ def fused_linear_token_logprobs(
     Under ``torch.no_grad()``, or when none of hidden, weight, bias requires grad, nothing is
     saved: the old- and reference-policy passes cost the forward alone. With ``tp_group`` the
     forward makes the loss path's collectives and the backward only dhidden's all-reduce.
+
+    ``batch_invariant=True`` (here and on the fused linear losses): every chunk's GEMMs and sweeps
+    run on exactly ``chunk_size`` rows (default 256), the last chunk padded with rows of no token, so a token's
+    log-prob, entropy, loss term and dhidden row have the same bits alone, among any number of
+    other rows and at any position (on one device, for one chunk size). The cost is the padding:
+    up to chunk_size − 1 rows of GEMM and sweep per call, most of the work for a short batch
+    (docs/fused-linear.md). Not with ``tp_group`` yet.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():
-        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size)
+        _check_batch_invariant(batch_invariant, tp_group)
+        hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,
+                                             batch_invariant)
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         if sampling.on and tp_group is not None:
@@ -255,6 +284,6 @@ def fused_linear_token_logprobs(
     else:
         logp, entropy, _, _, _ = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-            chunk_rows, bool(return_entropy), batch.n_valid, **batch.filters())
+            chunk_rows, bool(return_entropy), batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

@@ -29,16 +29,17 @@ def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
     adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
-    entropy_coef: float = 0.0, n_valid: Optional[int] = None,
+    entropy_coef: float = 0.0, n_valid: Optional[int] = None, batch_invariant: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
     for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
-    validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``)."""
+    validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``).
+    ``batch_invariant``: every chunk ``chunk_rows`` rows (``linear_sweeps._whole_chunks``)."""
     hp, lmap, _ = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
-            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=entropy_coef)
+            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=entropy_coef, batch_invariant=batch_invariant)
     return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
             hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
             _fp32(hidden, 0) if db is None else db)
@@ -46,7 +47,7 @@ def fused_linear_forward(
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chunk_rows, with_entropy,
-      need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None):
+      need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None, batch_invariant=False):
     n = hidden.shape[0]
     return (
         torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
@@ -78,6 +79,7 @@ class LinearArgs(NamedTuple):
     need_db: bool
     entropy_coef: float = 0.0
     n_valid: Optional[int] = None
+    batch_invariant: bool = False
 
 
 def _linear_setup(ctx, inputs, output):
@@ -107,8 +109,9 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
 @once_differentiable
 def _linear_backward(ctx, d_loss, *_):
     if d_loss is None:
-        return (None,) * 18
-    return scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss) + (None,) * 15
+        return (None,) * len(LinearArgs._fields)
+    grads = scaled_linear_grads(ctx.saved_tensors, ctx.needs, ctx.dtypes, d_loss)
+    return grads + (None,) * (len(LinearArgs._fields) - 3)
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_forward", _linear_backward, setup_context=_linear_setup)
@@ -121,6 +124,7 @@ def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None,
+    batch_invariant: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logp, entropy (empty unless asked), base, lse2_rest, cut (empty untruncated)), each (N,)
     fp32; 1 GEMM per chunk. The last three are the row statistics the backward needs. ``n_valid``
@@ -129,14 +133,15 @@ def fused_linear_logprobs(
     _, lmap, _ = _unpack(params, softcap, tau, min_p=min_p, top_k=top_k, top_p=top_p)
     with _without_autocast(hidden.device):
         logp, entropy, base, lse2_rest, cut = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
-                                                                   with_entropy, n_valid=n_valid)
+                                                                   with_entropy, n_valid=n_valid,
+                                                                   batch_invariant=batch_invariant)
     return (logp, _fp32(hidden, 0) if entropy is None else entropy, base, lse2_rest,
             _fp32(hidden, 0) if cut is None else cut)
 
 
 @fused_linear_logprobs.register_fake
 def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None,
-      top_k=None, top_p=None):
+      top_k=None, top_p=None, batch_invariant=False):
     n = hidden.shape[0]
     truncated = min_p is not None or top_k is not None or top_p is not None
     return (_fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
@@ -148,7 +153,7 @@ def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
-    n_valid: Optional[int] = None, cut: Optional[Tensor] = None,
+    n_valid: Optional[int] = None, cut: Optional[Tensor] = None, batch_invariant: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs). ``cut``: the
@@ -156,14 +161,15 @@ def fused_linear_logprobs_backward(
     _, lmap, _ = _unpack(params, softcap, tau, cut=cut)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
-                                          entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid)
+                                          entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid,
+                                          batch_invariant=batch_invariant)
     return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype),
             weight.new_empty(0) if db is None else db.to(weight.dtype))
 
 
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
-      chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None):
+      chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None, batch_invariant=False):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
 
@@ -171,7 +177,8 @@ def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentro
 def _logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy = inputs[:9]
     n_valid = inputs[9] if len(inputs) > 9 else None
-    truncated = any(x is not None for x in inputs[10:])
+    truncated = any(x is not None for x in inputs[10:13])
+    ctx.batch_invariant = bool(inputs[13]) if len(inputs) > 13 else False
     logp, entropy, base, lse2_rest, cut = output
     ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None,
                           cut if truncated else None)
@@ -188,14 +195,14 @@ def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
     if entropy is None:
         d_entropy = None
     if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 13
+        return (None,) * 14
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut)
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut, ctx.batch_invariant)
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
-    return grads + (None,) * 10
+    return grads + (None,) * 11
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,

@@ -9,7 +9,9 @@ fold the gradient in the forward: the upstream gradients of both outputs arrive 
 backward. Their forward makes 1 GEMM per chunk and keeps O(N) row statistics; their backward
 recomputes each tile (1 GEMM) and folds its gradient (2 GEMMs): 4 per chunk in all."""
 
+import dataclasses
 import functools
+import math
 import re
 
 import torch
@@ -41,6 +43,27 @@ def _without_padding(hidden, target, n_valid):
     whatever a padded position holds (NaN, say) must add nothing to dweight, and its zero
     gradient row times a NaN would not be zero."""
     return hidden if n_valid is not None else hidden.masked_fill(target.unsqueeze(-1) < 0, 0)
+
+
+def _pad_rows(x, total, value=0):
+    """x with rows of ``value`` appended up to ``total`` rows (None stays None)."""
+    if x is None or x.shape[0] == total:
+        return x
+    return torch.cat([x, x.new_full((total - x.shape[0],) + tuple(x.shape[1:]), value)])
+
+
+def _whole_chunks(chunk_rows, rows, lmap):
+    """``batch_invariant``: (the rows padded to a multiple of ``chunk_rows``, the map padded alike),
+    so that every GEMM and every sweep has the same shape (chunk_rows rows) wherever a token falls
+    and however many there are: a row's bits depend on no other row. ``rows``: name → (tensor or
+    None, the value of a padding row); targets pad with −1 (no token: a zero loss and a zero
+    gradient row), the map's per-row values with the filters off and τ = 1."""
+    n = next(x for x, _ in rows.values() if x is not None).shape[0]
+    total = max(1, math.ceil(n / chunk_rows)) * chunk_rows
+    padded = {name: _pad_rows(x, total, value) for name, (x, value) in rows.items()}
+    per_row = dict(tau=1.0, min_p=0.0, top_k=0, top_p=1.0, cut=-math.inf)
+    lmap = dataclasses.replace(lmap, **{k: _pad_rows(getattr(lmap, k), total, v) for k, v in per_row.items()})
+    return padded, lmap
 
 
 def _logits_tiles(hidden, weight, bias, chunk_rows):
@@ -118,7 +141,7 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
                         with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None,
-                        entropy_coef=0.0):
+                        entropy_coef=0.0, batch_invariant=False):
     """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias) from hidden (N, H), weight (V, H):
     the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32 (entropy None unless
     asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
@@ -133,7 +156,8 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     sweep takes ∂L/∂H_t = −entropy_coef · g_t with ∂L/∂logp_t (HAS_DENT), in the same pass.
 
     Without ``tp`` and the entropy bonus each tile takes one launch, the forward sweep that also
-    writes the tile's gradient (``grad_in_forward``'s kernel); otherwise the two sweeps."""
+    writes the tile's gradient (``grad_in_forward``'s kernel); otherwise the two sweeps.
+    ``batch_invariant``: every chunk is ``chunk_rows`` rows (``_whole_chunks``)."""
     forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
     bonus = entropy_coef > 0
     # One sweep per tile where the forward knows the whole gradient: with tp the slice's statistics
@@ -145,6 +169,11 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     hidden = _without_padding(hidden, target, n_valid)
     hidden, target, old, adv, g, ref = _gather_rows(kept, hidden, target, old, adv, g, ref)
     lmap = lmap if kept is None else lmap.rows(kept)
+    m = hidden.shape[0]
+    if batch_invariant:
+        rows, lmap = _whole_chunks(chunk_rows, dict(hidden=(hidden, 0), target=(target, -1), old=(old, 0),
+                                                    adv=(adv, 0), g=(g, 0), ref=(ref, 0)), lmap)
+        hidden, target, old, adv, g, ref = rows.values()
     dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
     parts = []
     for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
@@ -175,13 +204,14 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
                        stats.entropy if bonus else None, dentropy if bonus else None, lmap_c)
         _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if parts:
-        stats = RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
+        stats = RowStats(*(None if f[0] is None else torch.cat(f)[:m] for f in zip(*parts)))
     else:  # no tokens
         stats = RowStats.empty(0, hidden.device, with_entropy=sweep_entropy, with_loss=True)
     if not with_entropy:
         stats = stats._replace(entropy=None)
     if tp is not None and need_dh and reduce_dhidden:
         torch.distributed.all_reduce(dh, group=tp.group)
+    dh = None if dh is None else dh[:m]
     logp, entropy, psi, zeta, dh = (_scatter_rows(x, kept, n) for x in
                                     (stats.logp, stats.entropy, stats.psi, stats.zeta, dh))
     return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
@@ -205,16 +235,21 @@ def _fold_tile_grad(grad, h_c, weight, dh_rows, dw, db):
         db += grad.sum(0, dtype=torch.float32)
 
 
-def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None):
+def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_entropy, tp=None, n_valid=None,
+                          batch_invariant=False):
     """(logp, entropy or None, base, lse2_rest, cut or None), each (N,) fp32, chunk by chunk (1 GEMM
     each): the last three are the rows' log-sum-exp statistics (global ones with ``tp``) and, for
     a truncated softmax, the kept set's thresholds, which is all that ``token_logprobs_grads``
-    needs besides the inputs. ``n_valid`` as in ``fused_linear_sweeps``."""
+    needs besides the inputs. ``n_valid`` and ``batch_invariant`` as in ``fused_linear_sweeps``."""
     forward_sweep, _ = _dispatch.sweeps(hidden.device)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden, target = _gather_rows(kept, _without_padding(hidden, target, n_valid), target)
     lmap = lmap if kept is None else lmap.rows(kept)
+    m = hidden.shape[0]
+    if batch_invariant:
+        rows, lmap = _whole_chunks(chunk_rows, dict(hidden=(hidden, 0), target=(target, -1)), lmap)
+        hidden, target = rows.values()
     logp, base, lse2_rest = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
                             for _ in range(3))
     entropy = torch.empty_like(logp) if with_entropy else None
@@ -227,11 +262,12 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
             entropy[r0:r1] = stats.entropy
         if cut is not None:
             cut[r0:r1] = stats.cut
-    return tuple(_scatter_rows(x, kept, n) for x in (logp, entropy, base, lse2_rest, cut))
+    return tuple(_scatter_rows(None if x is None else x[:m], kept, n) for x in (logp, entropy, base, lse2_rest, cut))
 
 
 def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest, entropy, dlogp,
-                         dentropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None):
+                         dentropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None,
+                         batch_invariant=False):
     """The backward of ``token_logprobs_sweeps``: (dhidden, dweight, dbias) (fp32 accumulators for
     the last two; None where not needed) for the upstream gradients ``dlogp`` and ``dentropy``
     ((N,) fp32; ``dentropy`` None when the entropy got none). Per chunk of valid tokens the tile
@@ -245,6 +281,12 @@ def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, l
     hidden, target, base, lse2_rest, entropy, dlogp, dentropy = _gather_rows(
         kept, _without_padding(hidden, target, n_valid), target, base, lse2_rest, entropy, dlogp, dentropy)
     lmap = lmap if kept is None else lmap.rows(kept)
+    m = hidden.shape[0]
+    if batch_invariant:
+        padded, lmap = _whole_chunks(chunk_rows, dict(
+            hidden=(hidden, 0), target=(target, -1), base=(base, 0), lse2_rest=(lse2_rest, 0), entropy=(entropy, 0),
+            dlogp=(dlogp, 0), dentropy=(dentropy, 0)), lmap)
+        hidden, target, base, lse2_rest, entropy, dlogp, dentropy = padded.values()
     dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
     for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         def rows(x):
@@ -256,4 +298,4 @@ def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, l
         _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if tp is not None and need_dh and reduce_dhidden:
         torch.distributed.all_reduce(dh, group=tp.group)
-    return _scatter_rows(dh, kept, n), dw, db
+    return _scatter_rows(None if dh is None else dh[:m], kept, n), dw, db
