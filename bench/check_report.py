@@ -138,7 +138,8 @@ def _headline(step, e):
             return "; ".join(f"V {p['unaligned']['V']}/{p['aligned']['V']}: fwd x{p['fwd_ratio']:.2f}, "
                              f"bwd x{p['bwd_ratio']:.2f}" for p in e["pairs"])
         if step == "inplace" and "bitwise_equal" in e:
-            return f"bitwise equal over {e['repeats']} repeats: {e['bitwise_equal']} {e['grad_mismatches']}"
+            return (f"bitwise equal over {e['repeats']} repeats: {e['bitwise_equal']} {e['grad_mismatches']}; "
+                    f"fused linear rows in any batch: {e.get('linear_batch_invariant', '-')}")
         if step == "compile":
             return "; ".join(f"{k}: {v.get('sync_debug_error_mode', v.get('error', '?'))}, graph "
                              f"{v.get('cuda_graph', '-')}, no logits copy {v.get('no_logits_copy', '-')}, "

@@ -371,7 +371,37 @@ def step_inplace(args):
             mismatches[key] += int(not torch.equal(grad, reference_grad))
             loss_mismatches += int(not torch.equal(loss.detach(), first_loss))
     return {"shape": list(shape), "repeats": repeats, "grad_mismatches": mismatches,
-            "loss_mismatches": loss_mismatches, "bitwise_equal": not any(mismatches.values()) and not loss_mismatches}
+            "loss_mismatches": loss_mismatches, "bitwise_equal": not any(mismatches.values()) and not loss_mismatches,
+            "linear_batch_invariant": _linear_batch_invariance(device, args.dry_run)}
+
+
+def _linear_batch_invariance(device, dry):
+    """fused_linear_token_logprobs with batch_invariant=True on this device's GEMMs: a row's
+    log-prob, entropy and dhidden row alone, among 700 rows and shifted by 37, compared bitwise
+    (and without the flag, for the record)."""
+    H, V = (16, DRY["V"]) if dry else (1024, HEADLINE[1])
+    dtype = torch.float32 if dry else torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(3)
+    hidden = torch.randn(737, H, generator=g).to(device, dtype)
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device, dtype)
+    ids = torch.randint(0, V, (737,), generator=g).to(device)
+
+    def run(rows, flag):
+        h = hidden[rows].clone().requires_grad_()
+        logp, entropy = mhpo_kernels.fused_linear_token_logprobs(h, weight, ids[rows], return_entropy=True,
+                                                               batch_invariant=flag)
+        (logp.sum() + 0.3 * entropy.sum()).backward()
+        return logp.detach(), entropy.detach(), h.grad
+
+    out = {}
+    for flag in (True, False):
+        among, shifted = run(slice(37, None), flag), run(slice(None), flag)
+        equal = all(torch.equal(s[37:], a) for s, a in zip(shifted, among))
+        for r in (0, 350, 699):
+            alone = run(slice(37 + r, 38 + r), flag)
+            equal = equal and all(torch.equal(x[0], a[r]) for x, a in zip(alone, among))
+        out["batch_invariant" if flag else "default"] = equal
+    return out
 
 
 def _logits_allocations(code, shape):

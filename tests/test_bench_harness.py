@@ -178,6 +178,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert smoke["addmm_fp32_out"]["max_rel_err"] < 1e-5 and smoke["nonzero_static"]["equal"]
     assert all(smoke["rescale"].values()), smoke["rescale"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
+    assert steps["inplace"]["linear_batch_invariant"]["batch_invariant"] is True
     assert len(steps["sweeps"]["rows"]) == 2 and all(r["fwd_gbps"] > 0 for r in steps["sweeps"]["rows"])
     assert all(r["row_splits"] == 1 and r["fwd_unsplit_gbps"] > 0 for r in steps["sweeps"]["rows"])
     # the one-sweep kernel (grad_in_forward), timed at each programs-per-SM setting
