@@ -417,6 +417,7 @@ def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, co
 SAMPLER = dict(top_k=40, top_p=0.9, min_p=0.02)
 
 
+@mhpo_kernels.use_backend("torch")  # TRL's calls and semantics; test_truncation.py holds the kernels to the oracle
 def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path):
     """sampler_logprobs: the old log-probs (TRL's _get_per_token_logps_and_entropies) and the loss
     are those of the softmax truncated by the generation's top_k, top_p and min_p: equal to the

@@ -277,6 +277,7 @@ def test_vocab_sharded_logits_keep_their_shard(tmp_path):
             torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=1e-6)
 
 
+@mhpo_kernels.use_backend("torch")  # verl's calls; test_truncation.py holds the kernels to the oracle
 def test_rollout_filters_reach_the_fused_call(model_path, monkeypatch):
     """top_k, top_p and min_p under fused_kernel_options: compute_log_prob's log-probs are the
     float64 truncated log-softmax of the logits the engine hands the fused call (−inf for a
