@@ -125,8 +125,14 @@ def test_values_are_checked_and_nan_is_data(backend):
         nan[0, 0] = math.nan
         for objective in (MHPO(), GSPO()):
             assert torch.isnan(mhpo_kernels.policy_loss(*args, objective=objective, token_weights=nan))
+        inf = torch.where(c["mask"], 1.0, math.nan)      # +inf at a valid token: an infinite term
+        inf[0, 0] = math.inf
+        got = mhpo_kernels.mhpo_loss(*args, token_weights=inf)
     assert torch.isnan(reference.mhpo_loss(c["x"].double(), c["ids"], c["old"].double(), c["adv"].double(),
                                            c["mask"], token_weights=nan.double()))
+    want = reference.mhpo_loss(c["x"].double(), c["ids"], c["old"].double(), c["adv"].double(), c["mask"],
+                               token_weights=inf.double())
+    assert torch.isinf(want) and got.item() == want.item()   # the same infinity, NaN weights elsewhere unread
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,8 +16,8 @@ One program walks the N tokens three times, in blocks of BLOCK:
 3. per token: its sequence (t // T for a padded batch, a binary search of cu for a packed one),
    the weight g_t and the advantage, times the token weight w_t with ``TW`` (checked ≥ 0: every
    objective's policy term is linear in A for w ≥ 0; under GSPO, whose g_t is the sequence's,
-   Σ_t g_t · w_t · loss_i(A) = Σ_t g_t · loss_i(mean_i(w · A))); with ``SAME_ADV`` (a sequence-level objective), the
-   advantage and sequence of each valid token stored at its rank among the valid tokens, and a
+   Σ_t g_t · w_t · loss_i(A) = Σ_t g_t · loss_i(mean_i(w · A))); with ``SAME_ADV`` (a
+   sequence-level objective), the advantage and sequence of each valid token stored at its rank among the valid tokens, and a
    fourth walk compares each with the valid token before it.
 
 A thread reads in a pass what other threads wrote in the one before, hence the barriers.
