@@ -319,20 +319,27 @@ def _loops(instrs):
     return loops
 
 
+def _block_loops(instrs):
+    """[(bytes loaded per thread per iteration, body)] of the innermost loops that load a block of
+    logits: those that load the most bytes per iteration, in address order. The loop over a row's
+    segments holds a block loop (it is not innermost), and the combine's fold over a row's stored
+    segments loads a few scalars (it loads less)."""
+    inner = [(loaded, body) for loaded, body, innermost in _loops(instrs) if innermost]
+    most = max((loaded for loaded, _ in inner), default=0)
+    return [(loaded, body) for loaded, body in inner if loaded == most]
+
+
 def steady_loop(instrs):
-    """The instructions of the loop that loads the most bytes per iteration: the body of a
-    backward branch ``[target, branch]``. None if the code has no loop with a global load."""
-    best = None
-    for loaded, body, _ in _loops(instrs):
-        if best is None or loaded > best[0]:
-            best = (loaded, body)
-    return best
+    """The instructions of the innermost loop that loads the most bytes per iteration: the body
+    of a backward branch ``[target, branch]``. None if the code has no loop with a global load."""
+    loops = _block_loops(instrs)
+    return loops[0] if loops else None
 
 
 def cut_loops(instrs):
     """The truncated forward's two loops, (pass 1, pass 2): the innermost loops with a global load,
     in address order, neither storing. None unless there are exactly two."""
-    inner = [(loaded, body) for loaded, body, innermost in _loops(instrs) if innermost]
+    inner = _block_loops(instrs)
     if len(inner) != 2 or any(re.search(r"(^|\s)STG", t) for _, body in inner for t in body):
         return None
     return tuple(inner)
@@ -383,7 +390,7 @@ def analyze(cubin_path, dtype, two_passes=False, cut=False, select=False):
     report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
     instrs = parse_sass(sass)
     if select:
-        loops = [_loop_report((loaded, body), dtype) for loaded, body, innermost in _loops(instrs) if innermost]
+        loops = [_loop_report(loop, dtype) for loop in _block_loops(instrs)]
         return {**report, **(loops[0] if loops else _loop_report(None, dtype)), "select": loops}
     if not (two_passes or cut):
         return {**report, **_loop_report(steady_loop(instrs), dtype)}

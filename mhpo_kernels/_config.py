@@ -82,7 +82,7 @@ def fused_linear_chunk_rows(V, itemsize):
     return max(CHUNK_ROWS_MULTIPLE, min(CHUNK_ROWS_MAX, rows))
 
 
-# ---- small N: row splits -------------------------------------------------------------------------
+# ---- small N: row splits, and the segments that make them invisible ----------------------------
 #
 # One program per row keeps one BLOCK_V block of loads in flight, so a batch of few rows leaves
 # the memory system short of bytes in flight. The rule, with its one lead (bench/NOTES.md, "Small
@@ -94,12 +94,18 @@ def fused_linear_chunk_rows(V, itemsize):
 #     rows_to_fill = ceil(SMs × IN_FLIGHT_PER_SM / (BLOCK_V × itemsize))
 #
 # rows: 586 in bf16 and 293 in fp32 on 132 SMs (an H100 and an H200 alike until measured). Below
-# it each row is split over ``row_splits`` programs, each a run of whole BLOCK_V blocks from the
-# row's block base (the unsplit loop: ``bench.sass`` holds them to the same budget): sweep 1 as a
-# grid (N, splits) and a combine launch, sweep 2 as a grid (N, splits). A split is at least
-# MIN_SPLIT_BLOCKS blocks long (a shorter one spends more on its launch and combine than it
-# saves), and at most MAX_ROW_SPLITS are combined (one vector). The one-sweep kernel does not
-# split. Off CUDA (the interpreter) nothing is split unless ``overridden(row_splits=...)`` says so.
+# it each row is split over ``row_splits`` programs: sweep 1 as a grid (N, splits) and a combine
+# launch, sweep 2 as a grid (N, splits). The one-sweep kernel does not split. Off CUDA (the
+# interpreter) nothing is split unless ``overridden(row_splits=...)`` says so.
+#
+# Batch invariance: sweep 1 reduces every row in the same ``row_segments`` segments, runs of
+# whole blocks from the row's block base that depend on V and the block shape alone, one segment
+# at a time, and folds the segments' sums left to right (forward.py). A split is a run of whole
+# segments, and the combine launch folds the segments it stored in the same order, so a row has
+# the same bits whether one program or several read it, whatever N chose (SPEC.md, section 4).
+# A segment is at least MIN_SPLIT_BLOCKS blocks long (a shorter split spends more on its launch
+# and combine than it saves, and each segment costs its program one combine across lanes), and
+# a row has at most MAX_ROW_SPLITS of them.
 IN_FLIGHT_PER_SM = 4.8e12 * 1.0e-6 / 132   # bytes; a lead until measured
 MIN_SPLIT_BLOCKS = 8
 MAX_ROW_SPLITS = 16
@@ -110,18 +116,29 @@ def rows_to_fill(sms, V, itemsize):
     return -(-int(sms * IN_FLIGHT_PER_SM) // (sweep_config(V, itemsize).block_v * itemsize))
 
 
+def row_segments(V, width):
+    """The segments sweep 1 reduces a row of V in, with blocks ``width`` wide: as many runs of at
+    least MIN_SPLIT_BLOCKS blocks as the row holds, at most MAX_ROW_SPLITS, at least 1."""
+    return max(1, min(V // (MIN_SPLIT_BLOCKS * width), MAX_ROW_SPLITS))
+
+
+def segment_length(V, cfg):
+    """Elements (whole blocks) per segment of a row walked from its block base (any lead)."""
+    return split_length(V, cfg, row_segments(V, cfg.block_v))
+
+
 def row_splits(n_rows, V, fill_rows):
-    """Programs per row that would bring ``n_rows`` up to ``fill_rows`` programs, each split at
-    least MIN_SPLIT_BLOCKS blocks long: 1 when the rows alone fill the GPU."""
+    """Programs per row that would bring ``n_rows`` up to ``fill_rows`` programs, at most one per
+    segment of the row: 1 when the rows alone fill the GPU."""
     if n_rows == 0 or n_rows >= fill_rows:
         return 1
-    return max(1, min(-(-fill_rows // n_rows), V // (MIN_SPLIT_BLOCKS * block_v()), MAX_ROW_SPLITS))
+    return max(1, min(-(-fill_rows // n_rows), row_segments(V, block_v())))
 
 
 def launch_splits(n_rows, V, itemsize, device):
     """Programs per row the sweeps launch for ``n_rows`` rows of V ``itemsize``-byte logits on
     ``device``: ``row_splits`` against ``rows_to_fill`` on CUDA, 1 elsewhere, at most one per
-    block of the row; ``overridden(row_splits=...)`` forces it (tests, the benchmark)."""
+    segment of the row; ``overridden(row_splits=...)`` forces it (tests, the benchmark)."""
     if _overrides.get().row_splits is not None:
         splits = _overrides.get().row_splits
     elif device.type == "cuda":
@@ -131,7 +148,7 @@ def launch_splits(n_rows, V, itemsize, device):
         splits = row_splits(n_rows, V, rows_to_fill(sms, V, itemsize))
     else:
         return 1
-    return max(1, min(splits, _row_blocks(V, sweep_config(V, itemsize)), MAX_ROW_SPLITS))
+    return max(1, min(splits, row_segments(V, sweep_config(V, itemsize).block_v)))
 
 
 def _row_blocks(V, cfg):

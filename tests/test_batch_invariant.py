@@ -1,15 +1,28 @@
-"""``batch_invariant=True`` on the fused linear path: a row's log-prob, entropy and dhidden row,
+"""A row's bits do not depend on the batch it is computed in (SPEC.md, section 4). Bitwise:
+equality, no tolerance.
+
+The logits path, by default, where V × itemsize is a multiple of 16: every row is reduced in the
+same segments folded in the same order (``_config.row_segments``), whether one program reads it
+or a launcher splits it over several (small N on a GPU, forced here under the interpreter with
+blocks of 16: V = 384 is 24 blocks, 3 segments). A row alone at 3 splits equals the same row in
+batches read at 1 and 2 splits (2 segments and 1), at other positions; padded equals packed;
+``grad_in_forward`` (never split) equals the split two sweeps.
+
+The fused linear path with ``batch_invariant=True``: a row's log-prob, entropy and dhidden row,
 and under a loss whose weights are its own (token-mean with a fixed normalizer) its dhidden row,
-have the same bits alone, among 700 rows and shifted by 37 rows (SPEC.md, section 4), on the
-PyTorch path (chunks of 64); the Triton kernels (under the interpreter, which costs milliseconds
-per row) among 40, in chunks of 16. Bitwise: equality, no tolerance."""
+have the same bits alone, among 700 rows and shifted by 37 rows, on the PyTorch path (chunks of
+64); the Triton kernels (under the interpreter, which costs milliseconds per row) among 40, in
+chunks of 16."""
 
 import functools
+import math
 
 import pytest
 import torch
 
 import mhpo_kernels
+from conftest import TRITON_DEVICE
+from mhpo_kernels import _config
 
 H, V, SHIFT = 16, 96, 37
 
@@ -67,3 +80,126 @@ def test_the_flag_is_checked():
     assert all(torch.allclose(a[0], x[0], rtol=1e-5, atol=1e-6) for a, x in zip(alone, among))
     with pytest.raises(TypeError, match="batch_invariant must be a bool"):
         mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, batch_invariant=1)
+
+
+# ---- the logits path ----------------------------------------------------------------------------
+
+LOGITS_V, BLOCK, ROWS = 384, 16, 6
+
+
+def _row_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, LOGITS_V, generator=g) * 3
+    ids = torch.randint(0, LOGITS_V, (ROWS,), generator=g)
+    old = -torch.rand(ROWS, generator=g) * 3 - 0.1
+    adv = torch.randn(ROWS, generator=g)
+    return x, ids, old, adv
+
+
+def _token_rows(backend, x, ids, dtype, splits=None):
+    """(logp, entropy, ∂(Σ logp + 0.3 Σ H)/∂x) of the rows of ``x``, row splits forced."""
+    x = x.to(dtype).to(TRITON_DEVICE, copy=True).requires_grad_()
+    with mhpo_kernels.use_backend(backend), _config.overridden(block_v=BLOCK, row_splits=splits):
+        logp, entropy = mhpo_kernels.token_logprobs(x, ids.to(TRITON_DEVICE), return_entropy=True)
+        (logp.sum() + 0.3 * entropy.sum()).backward()
+    return logp.detach().cpu(), entropy.detach().cpu(), x.grad.cpu()
+
+
+def _loss_rows(backend, x, ids, old, adv, splits=None, grad_in_forward=False):
+    """The gradient rows of a token-mean loss with a fixed normalizer: each row's weight is its own."""
+    x = x.to(TRITON_DEVICE, copy=True).requires_grad_()
+    with mhpo_kernels.use_backend(backend), _config.overridden(block_v=BLOCK, row_splits=splits):
+        loss = mhpo_kernels.mhpo_loss(x, ids.to(TRITON_DEVICE), old.to(TRITON_DEVICE), adv.to(TRITON_DEVICE),
+                                      loss_agg_mode="token-mean", normalizer=1.0, grad_in_forward=grad_in_forward)
+        loss.backward()
+    return (x.grad.cpu(),)
+
+
+@pytest.mark.parametrize("backend, dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                            ("torch", torch.float32)])
+def test_a_logits_row_has_the_same_bits_in_any_batch(backend, dtype):
+    """Log-prob, entropy and gradient rows, and (fp32) a loss's gradient rows."""
+    assert _config.row_segments(LOGITS_V, BLOCK) == 3
+    x, ids, old, adv = _row_inputs()
+    shift = 2
+    cases = [(functools.partial(_token_rows, dtype=dtype), ())]
+    if dtype == torch.float32:
+        cases.append((_loss_rows, (old, adv)))
+    for fn, extra in cases:
+        batches = {splits: fn(backend, x, ids, *extra, splits=splits) for splits in (1, 2)}
+        later = fn(backend, x[shift:], ids[shift:], *(e[shift:] for e in extra), splits=1)
+        for r in (0, ROWS - 1):
+            alone = fn(backend, x[r:r + 1], ids[r:r + 1], *(e[r:r + 1] for e in extra), splits=3)
+            for splits, batch in batches.items():
+                for a, b in zip(alone, batch):
+                    assert torch.equal(a[0], b[r]), (fn, r, splits)
+            if r >= shift:
+                for a, b in zip(alone, later):
+                    assert torch.equal(a[0], b[r - shift]), (fn, r, "shifted")
+
+
+def test_a_truncated_row_has_the_same_bits_in_any_batch():
+    """min_p, top_k and top_p (SPEC.md, section 9): a truncated row is read by one program, its
+    statistics in the same segments, its threshold from them; alone or among others, the same bits."""
+    x, ids, _, _ = _row_inputs(4)
+    filters = dict(min_p=0.01, top_k=40, top_p=0.9)
+
+    def rows(xs, ys):
+        leaf = xs.to(TRITON_DEVICE, copy=True).requires_grad_()
+        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK):
+            logp, ent = mhpo_kernels.token_logprobs(leaf, ys.to(TRITON_DEVICE), return_entropy=True, **filters)
+            (torch.where(logp > -math.inf, logp, 0.0).sum() + 0.3 * ent.sum()).backward()
+        return logp.detach().cpu(), ent.detach().cpu(), leaf.grad.cpu()
+
+    batch = rows(x, ids)
+    assert (batch[0] == -math.inf).any() and (batch[0] > -math.inf).any()  # targets inside and outside
+    for r in (0, ROWS - 1):
+        for a, b in zip(rows(x[r:r + 1], ids[r:r + 1]), batch):
+            assert torch.equal(a[0], b[r]), r
+
+
+def test_padded_equals_packed_and_one_sweep_equals_split_sweeps():
+    """(B, T + 1, V) logits with a mask and the same rows packed (N, V) with cu_seqlens give the
+    same log-prob, entropy and gradient rows, and the loss in every aggregation mode the same
+    gradient rows (the default mode, whose weights are each sequence's); ``grad_in_forward`` (one
+    program per row) equals the two sweeps split in 3."""
+    x, ids, old, adv = _row_inputs(2)
+    B, T = 2, 3
+    lengths = (3, 2)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = True
+    padded = torch.randn(B, T + 1, LOGITS_V, generator=torch.Generator().manual_seed(3))
+    padded[:, :T][mask] = x[:sum(lengths)]
+    ids_p = torch.zeros(B, T, dtype=torch.long)
+    ids_p[mask] = ids[:sum(lengths)]
+    old_p, adv_p = torch.zeros(B, T), torch.zeros(B, T)
+    old_p[mask], adv_p[mask] = old[:sum(lengths)], adv[:sum(lengths)]
+    cu = torch.tensor([0, lengths[0], sum(lengths)])
+    packed = x[:sum(lengths)]
+
+    def rows(logits, input_ids, splits, **kw):
+        leaf = logits.clone().to(TRITON_DEVICE).requires_grad_()
+        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+            mask_kw = {"mask": kw.pop("mask").to(TRITON_DEVICE)} if "mask" in kw else {}
+            logp, ent = mhpo_kernels.token_logprobs(leaf, input_ids.to(TRITON_DEVICE), return_entropy=True, **mask_kw)
+            (logp.sum() + 0.3 * ent.sum()).backward()
+        out = [logp.detach().cpu(), ent.detach().cpu(), leaf.grad.cpu()]
+        leaf.grad = None
+        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+            kw_t = {k: v.to(TRITON_DEVICE) for k, v in kw.items()}
+            mhpo_kernels.mhpo_loss(leaf, input_ids.to(TRITON_DEVICE), **mask_kw, **kw_t).backward()
+        out.append(leaf.grad.cpu())
+        return out
+
+    got_p = rows(padded, ids_p, 3, mask=mask, old_logprobs=old_p, advantages=adv_p)
+    got_k = rows(packed, ids[:sum(lengths)], 1, old_logprobs=old[:sum(lengths)], advantages=adv[:sum(lengths)],
+                 cu_seqlens=cu)
+    for a, b in zip(got_p, got_k):
+        a = a[:, :T] if a.dim() == 3 else a
+        assert torch.equal(a[mask], b)
+    assert not got_p[2][:, T:].any()
+
+    split = _loss_rows("triton", x, ids, old, adv, splits=3)
+    one_sweep = _loss_rows("triton", x, ids, old, adv, grad_in_forward=True)
+    assert torch.equal(split[0], one_sweep[0])

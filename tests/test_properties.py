@@ -165,8 +165,8 @@ def test_hyperparameters_are_runtime_arguments():
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values
     assert {"k", "tanh_scale", "slope"} <= params(_mhpo_bwd_kernel, False)
     assert {"N", "slope"} <= runtime  # the persistent grid's row count, the one-sweep pass's slope
-    # a row's split count and length (small N) never recompile the splits' kernel
-    assert {"n_splits", "split_len"} <= runtime and "split_len" in params(_mhpo_bwd_kernel, False)
+    # a row's segments and its split over programs (small N) never recompile the splits' kernel
+    assert {"n_segs", "seg_len", "split_segs"} <= runtime and "split_len" in params(_mhpo_bwd_kernel, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

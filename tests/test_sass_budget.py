@@ -171,7 +171,7 @@ def test_compiled_as_launched():
         divisible = {names[i] for (i,), attrs in spec.attrs.items() if attrs}
         assert divisible == {"p_x", "p_dx", "p_part"} & set(names) | ({"V"} if var.aligned else set()), name
         assert all(spec.signature[n] == "i64" for n in names if n.startswith("stride")), name
-        assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_splits", "split_len") if n in names), name
+        assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_segs", "seg_len", "split_segs", "split_len") if n in names), name
 
 
 def test_split_rows_keep_the_loop(report):

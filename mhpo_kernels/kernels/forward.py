@@ -5,25 +5,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import (FP_FUSION, MAX_ROW_SPLITS, launch_splits, on_device, persistent_programs, split_length,
+from .._config import (FP_FUSION, launch_splits, on_device, persistent_programs, row_segments, segment_length,
                        sweep_config)
 from .._sweep_types import RowStats
 from ..torch_sweeps import _zero_tail
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
 from .select import _cut, select_cuts
-from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _lane_reduce_max,
-                   _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
+from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _fold, _fold_parts,
+                   _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
                    rows_aligned)
 from .token_math import _expm1, _k3, _token_loss
 
-# The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
-# −inf (not NaN) for u = −inf, and so far below any real k·u that 2^(c − c_new) is 0.
-FLOOR = tl.constexpr(-3.0e38)
 # Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
 # entropy product turns 0 · (−inf) into 0 · (−256) = 0 for −inf logits. NaN still propagates.
 D_FLOOR = tl.constexpr(-256.0)
-MAX_SPLITS = tl.constexpr(MAX_ROW_SPLITS)
+# Registers per thread of the one-sweep kernel at most (bench/NOTES.md): its loop over a row's
+# segments inside the loop over rows keeps more alive, and left alone the compiler took 76 at an
+# odd V; held to 64 it spills nothing, and a persistent grid of at most 2 programs per SM loses no
+# occupancy to it. The two sweeps' forward stays within 64 unasked.
+MAX_REGISTERS = 64
 
 
 @triton.jit
@@ -82,9 +83,9 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
                 SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr, CUT: tl.constexpr,
                 R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Per-lane (c, s, a) of the online log-sum-exp over the blocks [b0, b1) of a row that is
-    [lead, n_end) from its block base (b0 a multiple of BLOCK_V): the first block masked, full
+    [lead, n_end) from its block base (b0 < b1, b0 a multiple of BLOCK_V): the first block masked, full
     blocks after it (16-byte vectors at any V and stride), a masked tail. The whole row is
-    [0, n_end); a split of it (``_config.launch_splits``) is a run of whole blocks. ``CUT``: the
+    [0, n_end); a segment of it (``_config.row_segments``) is a run of whole blocks. ``CUT``: the
     second pass of a truncated row, every lane at the row's ``base``, counting d ≥ ``cut`` only."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
@@ -94,9 +95,9 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
         lane_c = tl.full([LANES], FLOOR, tl.float32)
     lane_s = tl.zeros([LANES], tl.float32)
     lane_a = tl.zeros([LANES], tl.float32)
-    if b0 < b1:                                  # no steps at all for an invalid row
-        lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
+    # Unconditional (b0 < b1): its load's L2 policy then dominates the loop's, which share it.
+    lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
+                                       tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
     for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
         lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
                                            tanh_scale, cut, False, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
@@ -108,9 +109,9 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
 
 @triton.jit
 def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
-    """(b, s, a) of a row from the (c, s, a) of its parts (lanes, or a split row's splits), each
-    at its own reference c: rebased to b = max c, every part's c − b ≤ 0, so nothing overflows,
-    and a part that read no finite logit (c = FLOOR, s = 0) adds exactly 0."""
+    """(b, s, a) of a segment from the (c, s, a) of its lanes, each at its own reference c:
+    rebased to b = max c, every lane's c − b ≤ 0, so nothing overflows, and a lane that read no
+    finite logit (c = FLOOR, s = 0) adds exactly 0."""
     base = tl.max(c, 0)
     shift = c - base
     scale = tl.exp2(shift)
@@ -128,7 +129,7 @@ def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
 def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut,
-    p_dx, stride_db, stride_dt, p_part, n_splits, split_len,
+    p_dx, stride_db, stride_dt, p_part, n_segs, seg_len, split_segs,
     N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
@@ -139,8 +140,10 @@ def _fwd_row(
 ):
     """One row of sweep 1; with GRAD_IN_FORWARD, then its gradient for an upstream gradient of 1
     (``backward._grad_row``, the backward sweep's own row), re-read while the row is likely still
-    in L2. With SPLIT (see the kernel) one split of the row, or the combine of its splits. A
-    truncated row (never split) sums the kept tokens only, in one more pass (SPEC.md, section 9):
+    in L2. The row is read in its segments (``_config.row_segments``), each summed across lanes
+    and folded into the row's sums in order; with SPLIT (see the kernel) a run of them is read and
+    stored, or the stored ones folded. A truncated row (never split) sums the kept tokens only,
+    in one more pass (SPEC.md, section 9):
     with MIN_P above min_p's threshold, with SELECTED above the one the selection launch stored
     (select.py: top-k's and top-p's, min_p's included)."""
     TRUNC: tl.constexpr = MIN_P or SELECTED
@@ -157,30 +160,34 @@ def _fwd_row(
     p_blk = _block_base(p_x, off, lead, True, VEC)
     n_end = tl.where(n_read > 0, lead + n_read, 0)
 
-    # Per-lane online softmax in base 2 (see _lse_step), one cross-lane combine after the loop.
+    # Per-lane online softmax in base 2 (see _lse_step) over each segment, one cross-lane combine
+    # after it, the segments folded in order: the same bits however many programs read the row.
     if SPLIT == 2:
-        # A split row's statistics from its splits' (c, s, a), one [MAX_ROW_SPLITS] vector each.
-        o_j = tl.arange(0, MAX_SPLITS)
-        m_j = o_j < n_splits
-        p_j = p_part + row.to(tl.int64) * (3 * n_splits) + o_j
-        base, s, a = _combine(tl.load(p_j, mask=m_j, other=FLOOR), tl.load(p_j + n_splits, mask=m_j, other=0.0),
-                              tl.load(p_j + 2 * n_splits, mask=m_j, other=0.0), WITH_ENTROPY)
+        base, s, a = _fold_parts(p_part, row, n_segs, tl.cdiv(n_end, seg_len), WITH_ENTROPY)
     else:
-        if SPLIT == 1:
-            i_split = tl.program_id(1)
-            b0 = tl.multiple_of(i_split * split_len, R * LANES * VEC)
-            b1 = tl.minimum(b0 + split_len, n_end)
-        else:
-            b0 = 0
-            b1 = n_end
-        if GRAD_IN_FORWARD:  # pass 2 re-reads the row: keep it in L2 until then
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, 0.0, 0.0,
-                                                 SOFTCAP, WITH_ENTROPY, "evict_last", False, R, LANES, VEC)
-        else:
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, 0.0, 0.0,
-                                                 SOFTCAP, WITH_ENTROPY, "evict_last" if TRUNC else "", False,
+        g0 = 0
+        g1 = tl.cdiv(n_end, seg_len)
+        if SPLIT == 1:  # a run of split_segs segments, each stored (c, s, a) for the combine launch
+            g0 = tl.program_id(1) * split_segs
+            g1 = tl.minimum(g0 + split_segs, g1)
+        base = tl.full([], FLOOR, tl.float32)
+        s = tl.zeros([], tl.float32)
+        a = tl.zeros([], tl.float32)
+        for g in range(g0, g1):
+            b0 = tl.multiple_of(g * seg_len, R * LANES * VEC)
+            # Pass 2 re-reads the row (the one sweep, a truncated row): keep it in L2 until then.
+            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, tl.minimum(b0 + seg_len, n_end), k,
+                                                 tanh_scale, 0.0, 0.0, SOFTCAP, WITH_ENTROPY,
+                                                 "evict_last" if GRAD_IN_FORWARD or TRUNC else "", False,
                                                  R, LANES, VEC)
-        base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
+            c_g, s_g, a_g = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
+            if SPLIT == 1:
+                p_j = p_part + row.to(tl.int64) * (3 * n_segs) + g
+                tl.store(p_j, c_g)
+                tl.store(p_j + n_segs, s_g)
+                tl.store(p_j + 2 * n_segs, a_g)
+            else:
+                base, s, a = _fold(base, s, a, c_g, s_g, a_g, WITH_ENTROPY)
     cut = float("-inf")
     if TRUNC:
         # The kept set is d_v = k·u_v − b ≥ cut, in the exponents of the statistics pass: min_p's
@@ -194,13 +201,7 @@ def _fwd_row(
                                                  SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
             base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
 
-    if SPLIT == 1:
-        # One split's (c, s, a) at its own reference; the combine launch finishes the row.
-        p_j = p_part + row.to(tl.int64) * (3 * n_splits) + i_split
-        tl.store(p_j, base)
-        tl.store(p_j + n_splits, s)
-        tl.store(p_j + 2 * n_splits, a)
-    else:
+    if SPLIT != 1:
         _fwd_epilogue(row, p_row, p_blk, o_blk, lead, y, valid, has_y, base, s, a, cut,
                       p_old, p_adv, p_g, p_ref, p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef,
                       p_cut,
@@ -288,7 +289,8 @@ def _mhpo_fwd_kernel(
     p_cut,                                       # (N,) fp32 the kept set's threshold on d: written (truncated),
                                                  # first read (SELECTED)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
-    p_part, n_splits, split_len,                 # (N, 3, n_splits) fp32 (c, s, a) of each split (SPLIT)
+    p_part, n_segs, seg_len, split_segs,         # (N, 3, n_segs) fp32 (c, s, a) of each segment (SPLIT);
+                                                 # segments per row and their length; segments per split
     N, T, V,
     k, tanh_scale, slope,                        # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     v0, v1, v2, v3, v4, beta,                    # the objective's values (token_math._token_loss), β
@@ -304,8 +306,8 @@ def _mhpo_fwd_kernel(
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
-    SPLIT: tl.constexpr,                         # 0 a row per program; 1 grid (N, n_splits): the
-                                                 # splits' (c, s, a); 2 grid (N,): their combine
+    SPLIT: tl.constexpr,                         # 0 a row per program; 1 grid (N, splits): each
+                                                 # split's segments' (c, s, a); 2 grid (N,): their fold
     ROWS_ALIGNED: tl.constexpr,                  # both logits strides multiples of VEC (rows.rows_aligned)
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
@@ -316,7 +318,7 @@ def _mhpo_fwd_kernel(
             _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
                      p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
                      stride_db, stride_dt,
-                     p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
+                     p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
                      SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
                      True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
@@ -324,7 +326,7 @@ def _mhpo_fwd_kernel(
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
                  p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
                  stride_db, stride_dt,
-                 p_part, n_splits, split_len, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
+                 p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
                  SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
                  False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
@@ -362,9 +364,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
     # (SPLIT 2: the kept tokens' sums and the epilogue).
     selected = lmap.top_k is not None or lmap.top_p is not None
+    n_segs, seg_len = row_segments(V, cfg.block_v), segment_length(V, cfg)
     splits = 1 if one_sweep or truncated else launch_splits(N, V, logits.element_size(), logits.device)
-    split_len = split_length(V, cfg, splits)
-    part = torch.empty(N * 3 * splits, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
+    split_segs = -(-n_segs // splits)
+    splits = -(-n_segs // split_segs)  # none of them without a segment
+    part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
 
     def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False):
         _mhpo_fwd_kernel[grid](
@@ -382,7 +386,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if out.coef is None else out.coef,
             dummy if out.cut is None else out.cut,
             dx, dx.stride(0), dx.stride(1),
-            part, splits, split_len,
+            part, n_segs, seg_len, split_segs,
             N, T, V,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             *hp.values, hp.beta, grad_scale,
@@ -402,6 +406,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
             num_warps=num_warps,
             enable_fp_fusion=FP_FUSION,
+            maxnreg=MAX_REGISTERS if one_sweep else None,
         )
 
     with on_device(logits.device):
@@ -412,7 +417,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif selected:
             launch((N, 1), 1, cfg.num_warps, min_p=False)
-            select_cuts(logits, target, part, lmap, out.cut, cfg)
+            select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, cfg)
             launch((N,), 2, cfg.num_warps, min_p=False, selected=True)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)

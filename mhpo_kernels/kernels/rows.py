@@ -27,9 +27,12 @@ tests/test_specialization.py counts the keys over batch shapes.
 import triton
 import triton.language as tl
 
+from .._config import MAX_ROW_SPLITS
+
 # Arguments of the sweeps' kernels left out of Triton's specialization key (see above); each
 # kernel names a subset of them.
-BATCH_INTS = ("N", "T", "stride_xb", "stride_xt", "stride_db", "stride_dt", "n_splits", "split_len")
+BATCH_INTS = ("N", "T", "stride_xb", "stride_xt", "stride_db", "stride_dt", "n_segs", "seg_len", "split_segs",
+              "split_len")
 PER_TOKEN_POINTERS = ("p_y", "p_old", "p_adv", "p_g", "p_ref", "p_tau", "p_min_p", "p_top_k", "p_top_p", "p_cut",
                       "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent", "p_psi", "p_zeta", "p_loss", "p_coef", "p_dlogp",
                       "p_dent", "p_upstream")
@@ -125,6 +128,51 @@ def _lane_reduce_max(b):
 def _lane_reduce_sum(b):
     """Per-lane sum of an [R, LANES, VEC] block: [LANES]."""
     return tl.sum(tl.sum(b, 2), 0)
+
+
+# The reference of a lane that has seen no finite logit yet: finite, so that fma(u, k, −c) stays
+# −inf (not NaN) for u = −inf, and so far below any real k·u that 2^(c − c_new) is 0.
+FLOOR = tl.constexpr(-3.0e38)
+MAX_SEGS = tl.constexpr(MAX_ROW_SPLITS)  # segments per row at most (_config.row_segments)
+
+
+@triton.jit
+def _fold(c, s, a, c_j, s_j, a_j, WITH_ENTROPY: tl.constexpr):
+    """The base-2 sums (c, s, a) of a row read so far, with the next segment's (c_j, s_j, a_j)
+    added (sweep 1, forward.py: s = Σ 2^d, a = Σ 2^d·d, d at reference c): both rebased to the
+    larger reference. A segment that read no finite logit (c = FLOOR, s = 0) adds exactly 0, and
+    the first segment folded into (FLOOR, 0, 0) keeps its bits. A negligible side adds 0, never
+    inf · 0, but a NaN sum is never negligible (SPEC.md, section 5)."""
+    c_new = _max_nan(c, c_j)
+    shift = c - c_new
+    shift_j = c_j - c_new
+    scale = tl.exp2(shift)
+    scale_j = tl.exp2(shift_j)
+    kept = (scale > 0.0) | (s != s)
+    kept_j = (scale_j > 0.0) | (s_j != s_j)
+    s_new = tl.where(kept, s * scale, 0.0) + tl.where(kept_j, s_j * scale_j, 0.0)
+    if WITH_ENTROPY:
+        a_new = tl.where(kept, scale * (a + s * shift), 0.0) + tl.where(kept_j, scale_j * (a_j + s_j * shift_j), 0.0)
+    else:
+        a_new = s_new
+    return c_new, s_new, a_new
+
+
+@triton.jit
+def _fold_parts(p_part, row, n_segs, n_row_segs, WITH_ENTROPY: tl.constexpr):
+    """A row's (b, s, a) from the (c, s, a) of its first ``n_row_segs`` segments, stored by the
+    programs that read them in the row's (3, n_segs) fp32 slot of ``p_part``, folded in segment
+    order (``_fold``), as one program folds them while it reads the row: the same bits."""
+    p_j = p_part + row.to(tl.int64) * (3 * n_segs)
+    c = tl.full([], FLOOR, tl.float32)
+    s = tl.zeros([], tl.float32)
+    a = tl.zeros([], tl.float32)
+    # Unrolled, a branch per segment: no loop that bench.sass could take for a sweep's.
+    for j in tl.static_range(MAX_SEGS):
+        if j < n_row_segs:
+            c, s, a = _fold(c, s, a, tl.load(p_j + j), tl.load(p_j + n_segs + j), tl.load(p_j + 2 * n_segs + j),
+                            WITH_ENTROPY)
+    return c, s, a
 
 
 def rows_aligned(x, vec):

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from .._config import FP_FUSION, on_device
 from .logit_map import _logit_u
-from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _lane_reduce_sum, _lanes, _row_lead,
-                   _row_offset, _row_target, rows_aligned)
+from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _fold_parts, _lane_reduce_sum, _lanes,
+                   _row_lead, _row_offset, _row_target, rows_aligned)
 
 NB_BITS = tl.constexpr(11)
 NB = tl.constexpr(2048)            # bins per pass
@@ -180,7 +180,8 @@ def _select_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
     p_y,                                         # (N,) int32 target ids, < 0 invalid
     p_tau, p_min_p, p_top_k, p_top_p,            # (N,) per token: τ_t, min_p, top_k (int32), top_p
-    p_part,                                      # (N, 3) fp32 each row's (b, s, a): the statistics launch's
+    p_part, n_segs, seg_len,                     # (N, 3, n_segs) fp32 each row's segments' (c, s, a), their
+                                                 # count and length: the statistics launch's
     p_cut,                                       # (N,) fp32 output: the kept set's threshold on d
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
@@ -201,8 +202,7 @@ def _select_kernel(
     p_blk = _block_base(p_x, off, lead, True, VEC)
     o_blk = _block_offsets(R, LANES, VEC)
     n_end = lead + n_read
-    base = tl.load(p_part + row.to(tl.int64) * 3, mask=valid, other=0.0)
-    s = tl.load(p_part + row.to(tl.int64) * 3 + 1, mask=valid, other=0.0)
+    base, s, _ = _fold_parts(p_part, row, n_segs, tl.cdiv(tl.where(valid, n_end, 0), seg_len), False)
     cut = float("-inf")
     if MIN_P:
         cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
@@ -220,9 +220,9 @@ def _select_kernel(
     tl.store(p_cut + row, cut)
 
 
-def select_cuts(logits, target, part, lmap, cut, cfg):
+def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, cfg):
     """Launch the selection over the rows of ``logits`` (B, T, V): each valid row's threshold into
-    ``cut`` (N,), from its statistics ``part`` (N, 3) and ``lmap``'s filters (top_k or top_p
+    ``cut`` (N,), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters (top_k or top_p
     given; min_p's folded in)."""
     B, T, V = logits.shape
     dummy = cut
@@ -231,7 +231,7 @@ def select_cuts(logits, target, part, lmap, cut, cfg):
             logits, logits.stride(0), logits.stride(1), target,
             dummy if lmap.tau is None else lmap.tau, dummy if lmap.min_p is None else lmap.min_p,
             target if lmap.top_k is None else lmap.top_k, dummy if lmap.top_p is None else lmap.top_p,
-            part, cut, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
+            part, n_segs, seg_len, cut, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, MIN_P=lmap.min_p is not None,
             TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
