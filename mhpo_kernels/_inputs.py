@@ -92,18 +92,24 @@ def check_temperature(temperature):
     return 1.0, temperature  # a 0-d tensor is one τ for every token (``_check_temperature_tensor``)
 
 
+def _per_token_tensor(name, x, token_shape, device):
+    """A tensor of one value per token, shaped like input_ids or flat (N,), or 0-d (one value for
+    every token, kept on the device as a 0-d normalizer is), on ``device``: flat (N,), detached."""
+    _check_tensor(name, x, device)
+    n = math.prod(token_shape)
+    if x.dim() == 0:
+        x = x.expand(n)
+    if x.shape != token_shape and tuple(x.shape) != (n,):
+        raise ValueError(f"{name} must be a number, a 0-d tensor or a tensor of shape {tuple(token_shape)} "
+                         f"like input_ids (or ({n},)), got shape {tuple(x.shape)}")
+    return x.detach().reshape(-1)
+
+
 def _check_temperature_tensor(tau, token_shape, device):
-    """A floating tensor shaped like input_ids, or flat (N,), on ``device``: flat fp32."""
+    """A floating tensor of one τ per token (``_per_token_tensor``): flat fp32."""
     if tau is None:
         return None
-    _check_tensor("temperature", tau, device)
-    n = math.prod(token_shape)
-    if tau.dim() == 0:  # one τ for every token, kept on the device (as a 0-d normalizer is)
-        tau = tau.expand(n)
-    if tau.shape != token_shape and tuple(tau.shape) != (n,):
-        raise ValueError(f"temperature must be a number, a 0-d tensor or a tensor of shape {tuple(token_shape)} "
-                         f"like input_ids (or ({n},)), got shape {tuple(tau.shape)}")
-    return tau.detach().reshape(-1).to(torch.float32).contiguous()
+    return _per_token_tensor("temperature", tau, token_shape, device).to(torch.float32).contiguous()
 
 
 class Sampling(NamedTuple):
@@ -170,13 +176,7 @@ def _filter_tensor(name, value, token_shape, device):
     dtype = torch.int32 if name == "top_k" else torch.float32
     if not isinstance(value, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
         return torch.zeros(n, dtype=dtype, device=device) + (min(value, INT32_MAX) if name == "top_k" else value)
-    _check_tensor(name, value, device)
-    if value.dim() == 0:  # one value for every token, as a 0-d temperature
-        value = value.expand(n)
-    if value.shape != token_shape and tuple(value.shape) != (n,):
-        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(token_shape)} like input_ids "
-                         f"(or ({n},)), got shape {tuple(value.shape)}")
-    value = value.detach().reshape(-1)
+    value = _per_token_tensor(name, value, token_shape, device)
     if name == "top_k":  # any k beyond the vocabulary keeps every token; any k ≤ 0 is off
         value = value.to(torch.int64).clamp(-1, INT32_MAX)
     return value.to(dtype).contiguous()
@@ -382,6 +382,17 @@ def _advantage_layout(advantages, token_shape, device, n_seqs=None, name="advant
     raise ValueError(f"{name} must have shape {expected}, got {tuple(advantages.shape)}")
 
 
+def _laid_out(name, x, token_shape, device, cu, n_seqs):
+    """(layout, values, ambiguous) of the advantages or another input laid out as they may be
+    (``_advantage_layout``): flat, contiguous but for one value for all; ambiguous: (N,) with as
+    many sequences of cu_seqlens as tokens, read per token, which is the same only if every
+    sequence has one token (the prepare launch checks it)."""
+    layout = _advantage_layout(x, token_shape, device, n_seqs if cu is not None else None, name)
+    flat = x.detach().reshape(-1)
+    ambiguous = cu is not None and layout == ADV_PER_TOKEN and x.dim() == 1 and n_seqs == flat.numel() > 1
+    return layout, flat if layout == ADV_SCALAR else flat.contiguous(), ambiguous
+
+
 def _check_cu_seqlens(cu_seqlens, token_shape, device):
     """The (S + 1,) boundaries of packed sequences as int64 (their values: the prepare launch)."""
     if cu_seqlens is None:
@@ -484,19 +495,11 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     adv_mode, adv, one_token_each, seq_counts, tw_mode, tw = ADV_NONE, None, False, None, ADV_NONE, None
     with_weight = advantages is not None
     if with_weight:
-        adv_mode = _advantage_layout(advantages, token_shape, device, n_seqs if cu is not None else None)
-        adv = advantages.detach().reshape(-1)
-        adv = adv if adv_mode == ADV_SCALAR else adv.contiguous()
-        # (N,) and (S,) coincide: read per token, which is the same only if every sequence has one token
-        one_token_each = cu is not None and adv_mode == ADV_PER_TOKEN and n_seqs == N and advantages.dim() == 1 and N > 1
+        adv_mode, adv, one_token_each = _laid_out("advantages", advantages, token_shape, device, cu, n_seqs)
         seq_counts = _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device)
         if token_weights is not None:
-            tw_mode = _advantage_layout(token_weights, token_shape, device, n_seqs if cu is not None else None,
-                                        "token_weights")
-            tw = token_weights.detach().reshape(-1)
-            tw = tw if tw_mode == ADV_SCALAR else tw.contiguous()
-            one_token_each = one_token_each or (
-                cu is not None and tw_mode == ADV_PER_TOKEN and n_seqs == N and token_weights.dim() == 1 and N > 1)
+            tw_mode, tw, ambiguous = _laid_out("token_weights", token_weights, token_shape, device, cu, n_seqs)
+            one_token_each = one_token_each or ambiguous
         normalizer = check_normalizer(normalizer, device)
     bound = V if V is not None else INT32_MAX  # a split vocabulary: checked once the ranks agree on V
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(

@@ -9,14 +9,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import linear_ops, ops
+from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
     TRUNCATED_TP, check_flag, check_float_tensor, check_nonnegative, check_positive, check_sampling, check_temperature,
     check_tp_group, prepare_mhpo, prepare_tokens,
 )
-from ._sweep_types import LogitMap, mhpo_token_params, TokenParams
-from .loss import metrics_of, mhpo_objective, resolve_objective
+from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
+from .epilogue import token_terms
+from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_objective, normalizer_tensor,
+                   outside_support_share, resolve_objective)
+from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
 
@@ -152,23 +155,24 @@ def fused_linear_policy_loss(
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
-    sequence ratios need every chunk's log-probs before any chunk's gradient; nor are the
-    sampler's filters (``min_p``, ``top_k``, ``top_p``, refused when on), for the same reason: a
-    target outside the kept set changes the aggregation weights of its sequence. With
+    sequence ratios need every chunk's log-probs before any chunk's gradient. With
     ``entropy_coef`` > 0 each chunk's gradient tile takes the entropy's part in the same backward
-    sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM."""
+    sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM.
+
+    The sampler's filters (``min_p``, ``top_k``, ``top_p``, SPEC.md, section 9): a target outside
+    its kept set leaves the aggregation, which changes its sequence's weights, known only once
+    every chunk's forward ran. The loss is then the differentiable ``fused_linear_token_logprobs``
+    (1 GEMM per chunk forward, 3 backward: one GEMM per chunk more than untruncated) and the
+    per-token epilogue on (N,) vectors, as the logits path's truncated loss."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():  # with a tp_group, every rank hears of any error raised in here
         chosen = resolve_objective(objective)
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
-        if check_sampling(min_p, top_k, top_p).on:
-            raise NotImplementedError(
-                "min_p, top_k and top_p on the fused linear losses are not supported yet: a target outside the kept set "
-                "changes its sequence's aggregation weights, known only after every chunk's forward, while each "
-                "chunk's gradient is formed in the forward; use policy_loss on logits, or "
-                "fused_linear_token_logprobs(..., top_p=...) and a loss on its log-probs")
+        sampling = check_sampling(min_p, top_k, top_p)
+        if sampling.on:
+            check_truncated_loss(tp_group, seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
         _check_batch_invariant(batch_invariant, tp_group)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
@@ -179,9 +183,9 @@ def fused_linear_policy_loss(
             input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None, hidden.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
-            seq_valid_tokens=seq_valid_tokens, temperature=tau, token_weights=token_weights,
+            seq_valid_tokens=seq_valid_tokens, temperature=tau, token_weights=token_weights, sampling=sampling,
         )
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.filters())
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -203,6 +207,14 @@ def fused_linear_policy_loss(
         if not return_metrics:
             return loss
         return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
+    if lmap.truncated:
+        loss, metrics, logp, cut = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
+                                                   bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
+                                                   normalizer, batch_invariant)
+        if not return_metrics:
+            return loss
+        return loss, {**metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None),
+                      "outside_support": outside_support_share(logp, cut, batch, hp.kind)}
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -214,6 +226,36 @@ def fused_linear_policy_loss(
     if not return_metrics:
         return loss
     return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
+
+
+def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
+                    normalizer, batch_invariant):
+    """A policy loss over the sampler's truncated softmax from the hidden states: (the 0-d loss,
+    the metrics vector (empty without ``return_metrics``), the log-probs, the kept sets' cuts).
+
+    The differentiable fused log-probs first; then, on (N,) vectors as ``ops`` does for logits, a
+    target outside its kept set (or with an old log-prob of −inf) leaves the aggregation, the
+    weights are formed again, the per-token epilogue gives each term and its derivative, and the
+    finalize reduction the loss. Its gradient reaches the log-probs (∂L/∂logp_t = g_t · d loss_t
+    / d logp_t) and the entropy (−entropy_coef · g_t) through a zero-valued term, and from them
+    the fused log-probs' backward takes it to hidden, weight and bias."""
+    with_entropy = return_metrics or entropy_coef > 0
+    logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
+        hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
+        chunk_rows, with_entropy, batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
+    target = torch.where(ops.outside_support(logp.detach(), cut, batch.old, hp.kind), -1, batch.target)
+    g = ops.kept_weights(target, batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
+    valid = target >= 0
+    entropy = entropy if with_entropy else None
+    ref = batch.ref if hp.beta > 0 else None
+    psi, zeta, terms, coef = token_terms(logp.detach(), valid, batch.old, batch.adv, g, ref, hp)
+    total, metrics = _dispatch.kernel("finalize", logp.device)(
+        target, terms, g, None if entropy is None else entropy.detach(), logp.detach(), psi, zeta, batch.old,
+        batch.ref, entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=return_metrics)
+    slope = (coef * torch.where(valid, logp, 0.0)).sum()
+    if entropy_coef > 0:
+        slope = slope - entropy_coef * (g * torch.where(valid, entropy, 0.0)).sum()
+    return total + (slope - slope.detach()), metrics, logp, cut
 
 
 def _check_batch_invariant(batch_invariant, tp_group):

@@ -212,7 +212,7 @@ def policy_loss(
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         sampling = check_sampling(min_p, top_k, top_p)
         if sampling.on:
-            _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
+            check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
@@ -251,19 +251,24 @@ def policy_loss(
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
         totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL, entropy_coef=entropy_coef, grad_scale=grad_scale,
-        agg=AGG_MODES.index(loss_agg_mode), normalizer=_normalizer_tensor(normalizer, logits.device, lmap))
+        agg=AGG_MODES.index(loss_agg_mode), normalizer=normalizer_tensor(normalizer, logits.device, lmap))
     if not return_metrics:
         return loss
     metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if any(v is not None for v in (min_p, top_k, top_p)):  # the share of the valid tokens left out as
-        valid = batch.target >= 0                            # outside the kept set (0 when off)
-        outside = torch.zeros_like(valid) if stats.cut is None else valid & outside_support(
-            stats.logp.detach(), stats.cut, batch.old, hp.kind)
-        metrics["outside_support"] = outside.sum().float() / valid.sum().clamp(min=1)
+    if any(v is not None for v in (min_p, top_k, top_p)):
+        metrics["outside_support"] = outside_support_share(stats.logp, stats.cut, batch, hp.kind)
     return loss, metrics
 
 
-def _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
+def outside_support_share(logp, cut, batch, kind):
+    """The share of the valid tokens a truncated loss leaves out (``ops.outside_support``), a 0-d
+    fp32 tensor: 0 when every filter is off (``cut`` None)."""
+    valid = batch.target >= 0
+    outside = torch.zeros_like(valid) if cut is None else valid & outside_support(logp.detach(), cut, batch.old, kind)
+    return outside.sum().float() / valid.sum().clamp(min=1)
+
+
+def check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
     """A loss over a truncated softmax forms its weights after the sweep, from every token's
     kept set: refused where that cannot be done on this rank, or in the forward's one launch."""
     if tp_group is not None:
@@ -276,7 +281,7 @@ def _check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
                          "need the kept set of every token, known only after the sweep")
 
 
-def _normalizer_tensor(normalizer, device, lmap):
+def normalizer_tensor(normalizer, device, lmap):
     """The normalizer as the truncated loss's second prepare launch reads it: None, or 0-d fp32
     on ``device`` (a number by arithmetic, so a new value is no recompile). None untruncated."""
     if normalizer is None or not lmap.truncated:

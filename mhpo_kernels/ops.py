@@ -123,12 +123,13 @@ def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
                     entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS)
 
 
-def _kept_weights(a, target):
+def kept_weights(target, cu, adv, agg, normalizer):
     """The aggregation weights g_t of the tokens ``target`` marks valid (those inside the kept
-    set): the prepare launch once more, over the sequences ``a.cu``, its checks not read."""
+    set): the prepare launch once more, over the sequences ``cu`` with the aggregation ``agg``
+    (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d), its checks not read."""
     prepare = _dispatch.kernel("prepare", target.device)
-    return prepare(target, None, a.cu, a.adv, ADV_PER_TOKEN, None, a.normalizer, None, a.cu.numel() - 1, 0,
-                   INT32_MAX, -1, a.agg, True)[1]
+    return prepare(target, None, cu, adv, ADV_PER_TOKEN, None, normalizer, None, cu.numel() - 1, 0, INT32_MAX, -1,
+                   agg, True)[1]
 
 
 def outside_support(logp, cut, old, kind):
@@ -165,7 +166,7 @@ def _forward_sweep(a, grad=None):
     target, weight = a.target, a.weight
     if truncated:
         target = torch.where(outside_support(stats.logp, stats.cut, a.old, hp.kind), -1, a.target)
-        weight = _kept_weights(a, target)
+        weight = kept_weights(target, a.cu, a.adv, a.agg, a.normalizer)
     if after:  # O(N) between the sweeps
         valid = target >= 0
         if a.sequence_level:  # GSPO; zeta: each token's share of its sequence term's derivative

@@ -6,13 +6,14 @@ same segments folded in the same order (``_config.row_segments``), whether one p
 or a launcher splits it over several (small N on a GPU, forced here under the interpreter with
 blocks of 16: V = 384 is 24 blocks, 3 segments). A row alone at 3 splits equals the same row in
 batches read at 1 and 2 splits (2 segments and 1), at other positions; padded equals packed;
-``grad_in_forward`` (never split) equals the split two sweeps.
+``grad_in_forward`` (never split) equals the split two sweeps. The PyTorch path and ``reference/``
+reduce each row alone: the same holds there.
 
 The fused linear path with ``batch_invariant=True``: a row's log-prob, entropy and dhidden row,
 and under a loss whose weights are its own (token-mean with a fixed normalizer) its dhidden row,
 have the same bits alone, among 700 rows and shifted by 37 rows, on the PyTorch path (chunks of
-64); the Triton kernels (under the interpreter, which costs milliseconds per row) among 40, in
-chunks of 16."""
+64); the Triton kernels (under the interpreter, which costs milliseconds per row) among 40,
+shifted by 5, in chunks of 16."""
 
 import functools
 import math
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import mhpo_kernels
+import reference
 from conftest import TRITON_DEVICE
 from mhpo_kernels import _config
 
@@ -53,19 +55,20 @@ def _loss_grad(hidden, weight, ids, old, adv, chunk=64):
     return (h.grad,)
 
 
-@pytest.mark.parametrize("backend, n, chunk", [("triton", 40, 16), ("torch", 700, 64)])
-def test_a_row_has_the_same_bits_in_any_batch(backend, n, chunk):
+@pytest.mark.parametrize("backend, n, chunk, shift", [("triton", 40, 16, 5), ("torch", 700, 64, SHIFT)])
+def test_a_row_has_the_same_bits_in_any_batch(backend, n, chunk, shift):
     hidden, weight, ids, old, adv = _inputs(n)
+    hidden, ids, old, adv = (x[SHIFT - shift:] for x in (hidden, ids, old, adv))
     with mhpo_kernels.use_backend(backend):
         for base, extra in ((_logprobs, ()), (_loss_grad, (old, adv))):
             fn = functools.partial(base, chunk=chunk)
-            among = fn(hidden[SHIFT:], weight, ids[SHIFT:], *(x[SHIFT:] for x in extra))
+            among = fn(hidden[shift:], weight, ids[shift:], *(x[shift:] for x in extra))
             shifted = fn(hidden, weight, ids, *extra)
             for a, s in zip(among, shifted):
-                assert torch.equal(s[SHIFT:], a), base.__name__
+                assert torch.equal(s[shift:], a), base.__name__
             for r in (0, n // 2 + 1, n - 1):
-                alone = fn(hidden[SHIFT + r:SHIFT + r + 1], weight, ids[SHIFT + r:SHIFT + r + 1],
-                           *(x[SHIFT + r:SHIFT + r + 1] for x in extra))
+                alone = fn(hidden[shift + r:shift + r + 1], weight, ids[shift + r:shift + r + 1],
+                           *(x[shift + r:shift + r + 1] for x in extra))
                 for a, x in zip(alone, among):
                     assert torch.equal(a[0], x[r]), (base.__name__, r)
 
@@ -115,18 +118,20 @@ def _loss_rows(backend, x, ids, old, adv, splits=None, grad_in_forward=False):
     return (x.grad.cpu(),)
 
 
-@pytest.mark.parametrize("backend, dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
-                                            ("torch", torch.float32)])
-def test_a_logits_row_has_the_same_bits_in_any_batch(backend, dtype):
-    """Log-prob, entropy and gradient rows, and (fp32) a loss's gradient rows."""
+@pytest.mark.parametrize("backend, dtype, batch_splits", [("triton", torch.float32, (1, 2)),
+                                                          ("triton", torch.bfloat16, (2,)),
+                                                          ("torch", torch.float32, (1,))])
+def test_a_logits_row_has_the_same_bits_in_any_batch(backend, dtype, batch_splits):
+    """Log-prob, entropy and gradient rows, and (fp32) a loss's gradient rows; the batch read
+    whole or in 2 splits (of 2 segments and 1), the row alone in 3."""
     assert _config.row_segments(LOGITS_V, BLOCK) == 3
     x, ids, old, adv = _row_inputs()
     shift = 2
-    cases = [(functools.partial(_token_rows, dtype=dtype), ())]
+    cases = [(functools.partial(_token_rows, dtype=dtype), (), batch_splits)]
     if dtype == torch.float32:
-        cases.append((_loss_rows, (old, adv)))
-    for fn, extra in cases:
-        batches = {splits: fn(backend, x, ids, *extra, splits=splits) for splits in (1, 2)}
+        cases.append((_loss_rows, (old, adv), batch_splits[:1]))
+    for fn, extra, splits_of_batches in cases:
+        batches = {splits: fn(backend, x, ids, *extra, splits=splits) for splits in splits_of_batches}
         later = fn(backend, x[shift:], ids[shift:], *(e[shift:] for e in extra), splits=1)
         for r in (0, ROWS - 1):
             alone = fn(backend, x[r:r + 1], ids[r:r + 1], *(e[r:r + 1] for e in extra), splits=3)
@@ -138,10 +143,34 @@ def test_a_logits_row_has_the_same_bits_in_any_batch(backend, dtype):
                     assert torch.equal(a[0], b[r - shift]), (fn, r, "shifted")
 
 
+def test_the_reference_gives_a_row_the_same_bits_in_any_batch():
+    """``reference/`` (float64 eager) reduces each row alone too: log-prob, entropy and gradient
+    rows, plain and truncated, and a loss's gradient rows given their weights."""
+    x, ids, old, adv = _row_inputs(5)
+    x = x.double()
+
+    def rows(r):
+        xs = x[r].clone().requires_grad_()
+        out = []
+        for filters in ({}, dict(min_p=0.01, top_k=40, top_p=0.9)):
+            logp, ent = reference.token_logprobs(xs, ids[r], return_entropy=True, **filters)
+            (grad,) = torch.autograd.grad(torch.where(logp > -math.inf, logp, 0.0).sum() + 0.3 * ent.sum(), xs)
+            out += [logp.detach(), ent.detach(), grad]
+        loss = reference.mhpo_loss(xs, ids[r], old[r].double(), adv[r].double(), loss_agg_mode="token-mean",
+                                   normalizer=1.0)
+        return out + list(torch.autograd.grad(loss, xs))
+
+    batch = rows(slice(None))
+    for r in (0, ROWS - 1):
+        for a, b in zip(rows(slice(r, r + 1)), batch):
+            assert torch.equal(a[0], b[r]), r
+
+
 def test_a_truncated_row_has_the_same_bits_in_any_batch():
     """min_p, top_k and top_p (SPEC.md, section 9): a truncated row is read by one program, its
     statistics in the same segments, its threshold from them; alone or among others, the same bits."""
     x, ids, _, _ = _row_inputs(4)
+    x, ids = x[:4], ids[:4]
     filters = dict(min_p=0.01, top_k=40, top_p=0.9)
 
     def rows(xs, ys):
@@ -153,16 +182,16 @@ def test_a_truncated_row_has_the_same_bits_in_any_batch():
 
     batch = rows(x, ids)
     assert (batch[0] == -math.inf).any() and (batch[0] > -math.inf).any()  # targets inside and outside
-    for r in (0, ROWS - 1):
+    for r in (0, 3):
         for a, b in zip(rows(x[r:r + 1], ids[r:r + 1]), batch):
             assert torch.equal(a[0], b[r]), r
 
 
 def test_padded_equals_packed_and_one_sweep_equals_split_sweeps():
-    """(B, T + 1, V) logits with a mask and the same rows packed (N, V) with cu_seqlens give the
-    same log-prob, entropy and gradient rows, and the loss in every aggregation mode the same
-    gradient rows (the default mode, whose weights are each sequence's); ``grad_in_forward`` (one
-    program per row) equals the two sweeps split in 3."""
+    """(B, T + 1, V) logits with a mask, read in 3 splits, and the same rows packed (N, V) with
+    cu_seqlens, read whole, give the same log-prob, entropy and gradient rows, and the loss (the
+    default mode, whose weights are each sequence's) the same gradient rows, the packed one from
+    ``grad_in_forward`` (one program per row, both passes) and the padded one from the two sweeps."""
     x, ids, old, adv = _row_inputs(2)
     B, T = 2, 3
     lengths = (3, 2)
@@ -178,28 +207,23 @@ def test_padded_equals_packed_and_one_sweep_equals_split_sweeps():
     cu = torch.tensor([0, lengths[0], sum(lengths)])
     packed = x[:sum(lengths)]
 
-    def rows(logits, input_ids, splits, **kw):
+    def rows(logits, input_ids, splits, grad_in_forward=False, **kw):
         leaf = logits.clone().to(TRITON_DEVICE).requires_grad_()
         with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
             mask_kw = {"mask": kw.pop("mask").to(TRITON_DEVICE)} if "mask" in kw else {}
             logp, ent = mhpo_kernels.token_logprobs(leaf, input_ids.to(TRITON_DEVICE), return_entropy=True, **mask_kw)
             (logp.sum() + 0.3 * ent.sum()).backward()
-        out = [logp.detach().cpu(), ent.detach().cpu(), leaf.grad.cpu()]
-        leaf.grad = None
-        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+            out = [logp.detach().cpu(), ent.detach().cpu(), leaf.grad.cpu()]
+            leaf.grad = None
             kw_t = {k: v.to(TRITON_DEVICE) for k, v in kw.items()}
-            mhpo_kernels.mhpo_loss(leaf, input_ids.to(TRITON_DEVICE), **mask_kw, **kw_t).backward()
-        out.append(leaf.grad.cpu())
-        return out
+            mhpo_kernels.mhpo_loss(leaf, input_ids.to(TRITON_DEVICE), grad_in_forward=grad_in_forward, **mask_kw,
+                                   **kw_t).backward()
+        return out + [leaf.grad.cpu()]
 
     got_p = rows(padded, ids_p, 3, mask=mask, old_logprobs=old_p, advantages=adv_p)
-    got_k = rows(packed, ids[:sum(lengths)], 1, old_logprobs=old[:sum(lengths)], advantages=adv[:sum(lengths)],
-                 cu_seqlens=cu)
+    got_k = rows(packed, ids[:sum(lengths)], 1, grad_in_forward=True, old_logprobs=old[:sum(lengths)],
+                 advantages=adv[:sum(lengths)], cu_seqlens=cu)
     for a, b in zip(got_p, got_k):
         a = a[:, :T] if a.dim() == 3 else a
         assert torch.equal(a[mask], b)
-    assert not got_p[2][:, T:].any()
-
-    split = _loss_rows("triton", x, ids, old, adv, splits=3)
-    one_sweep = _loss_rows("triton", x, ids, old, adv, grad_in_forward=True)
-    assert torch.equal(split[0], one_sweep[0])
+    assert not got_p[2][:, T:].any() and not got_p[3][:, T:].any()

@@ -84,8 +84,9 @@ def test_one_sweep_kernel_has_both_passes(report):
 
 
 def test_truncation_passes(report):
-    """min_p's forward: pass 1 is the statistics loop, pass 2 the kept tokens' sums, neither
-    storing, both within the forward's budget (pass 2 keeps no max: a compare and a select per
+    """min_p's forward: pass 1 is the statistics loop (at most 2 instructions longer than the
+    plain one; with its loads' L2 policy the compiler schedules it apart, under triton 3.9 the
+    fp32 one 3 shorter), pass 2 the kept tokens' sums, neither storing, both within the forward's budget (pass 2 keeps no max: a compare and a select per
     logit in its place). top-k and top-p: the finish launch's one loop is that same pass 2, and
     the selection launch has one counting loop per filter (top-k's, then top-p's), storing
     nothing, within the selection budget and its register limit; top-k's sums no mass (no MUFU).
@@ -97,7 +98,7 @@ def test_truncation_passes(report):
             assert r["pass2"]["loop_instructions"] and r["pass2"]["vector_stores"] == 0, r
             assert r["pass2"]["budget"] == BUDGET["fwd"]
             plain = by_name[f"fwd-{dtype}-{suffix}"]
-            assert abs(r["loop_instructions"] - plain["loop_instructions"]) <= 2, (r, plain)
+            assert r["loop_instructions"] - plain["loop_instructions"] <= 2, (r, plain)
             finish = by_name[f"fwd-{dtype}-selected-{suffix}"]  # the same loop, its max or a cut never read
             assert finish["loop_instructions"] <= r["pass2"]["loop_instructions"] + 2, (finish, r)
         for suffix, n_loops in (("topk", 1), ("topp", 1), ("minp-topk-topp", 2)):

@@ -381,10 +381,67 @@ def test_truncated_loss_refusals():
             mhpo_kernels.mhpo_loss(*args, seq_valid_tokens=torch.full((3,), 5), **filters)
         with pytest.raises(ValueError, match="grad_in_forward=True is not supported with min_p, top_k or top_p"):
             mhpo_kernels.mhpo_loss(c["x"].clone().requires_grad_(), *args[1:], grad_in_forward=True, **filters)
-        with pytest.raises(NotImplementedError, match="on the fused linear losses are not supported"):
-            mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:], **filters)
+        with pytest.raises(NotImplementedError, match="seq_valid_tokens"):
+            mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:],
+                                                seq_valid_tokens=torch.full((3,), 5), **filters)
     with pytest.raises(ValueError, match="top_p must be > 0"):  # a bad value is named before the refusal
-        mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:], top_p=0.0)
+        mhpo_kernels.fused_linear_mhpo_loss(torch.randn(3, 5, 8), torch.randn(200, 8), *args[1:], top_p=0.0,
+                                            seq_valid_tokens=torch.full((3,), 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_losses(backend):
+    """From hidden states and the head (with a bias and a softcap), chunked: a truncated loss with
+    a reference KL term and an entropy bonus, in every aggregation mode (one under the
+    interpreter), PPO-clip too: the loss, the metrics (outside_support among them) and the
+    gradients of hidden, weight and bias equal the float64 reference of the logits they make."""
+    from mhpo_kernels.objectives import MHPO, PPOClip
+
+    g = torch.Generator().manual_seed(16)
+    B, T, H, V, softcap = 3, 4, 8, 120, 8.0
+    hidden = torch.eye(H)[torch.randint(0, H, (B, T), generator=g)] * 2.0
+    weight = torch.randint(-24, 24, (V, H), generator=g) / 16.0
+    bias = torch.randint(-8, 8, (V,), generator=g) / 16.0
+    z = softcap * torch.tanh((hidden @ weight.T + bias).double() / softcap)
+    ids = z.topk(2, -1).indices[..., 1]
+    ids[0, ::2] = z[0, ::2].argmin(-1)
+    filters = dict(top_k=30, top_p=0.7)
+    _assert_unambiguous(z, **filters)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 3] = False
+    old = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old[1, 1] = float("-inf")                                   # the old policy's kept set left it out
+    adv, ref = torch.randn(B, generator=g), -torch.rand(B, T, generator=g) * 3 - 0.05
+    modes = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+    cases = [(MHPO(), m) for m in (modes if backend == "torch" else modes[:1])] + [(PPOClip(0.2, 0.28), modes[1])]
+
+    def run(loss_fn, h, w, b, **kw):
+        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+        loss, metrics = loss_fn(h, w, b, return_metrics=True, ref_logprobs=ref.to(h.dtype), beta=0.05,
+                                entropy_coef=0.01, **filters, **kw)
+        loss.backward()
+        return loss.detach(), metrics, (h.grad, w.grad, b.grad)
+
+    def fused(h, w, b, **kw):
+        return mhpo_kernels.fused_linear_policy_loss(h, w, ids, old, adv, mask, bias=b, final_logit_softcap=softcap,
+                                                     chunk_size=5, **kw)
+
+    def eager(h, w, b, **kw):
+        logits = softcap * torch.tanh((h @ w.T + b) / softcap)
+        return reference.policy_loss(logits, ids, old.double(), adv.double(), mask, **kw)
+
+    for objective, mode in cases:
+        with mhpo_kernels.use_backend(backend):
+            loss, metrics, grads = run(fused, hidden, weight, bias, objective=objective, loss_agg_mode=mode)
+        want, want_metrics, want_grads = run(eager, hidden.double(), weight.double(), bias.double(),
+                                             objective=objective, loss_agg_mode=mode)
+        assert 0 < want_metrics["outside_support"] < 0.5
+        assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL), mode
+        for a, b in zip(grads, want_grads):
+            _close(a, b)
+        assert "outside_support" in metrics and set(metrics) <= set(want_metrics)
+        for name, value in metrics.items():
+            assert value.item() == pytest.approx(want_metrics[name].item(), rel=FP32_RTOL, abs=FP32_RTOL), (mode, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -107,7 +107,7 @@ class MHPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "MHPO: score the old and current log-probs under the distribution the generation "
                           "sampled from: the softmax truncated by top_k, top_p and min_p (SPEC.md, section 9); "
-                          "the reference model's over its full softmax. Text-only models, logits path; with "
+                          "the reference model's over its full softmax. Text-only models; with "
                           "beta > 0 a separate reference model (not PEFT's)."},
     )
     inplace_backward: bool = field(
@@ -163,8 +163,6 @@ class MHPOTrainer(GRPOTrainer):
         }
         unsupported["cast_lm_head_to_fp32 on the logits path (use_fused_linear=True honours it)"] = (
             getattr(args, "cast_lm_head_to_fp32", False) and not args.use_fused_linear)
-        unsupported["sampler_logprobs with use_fused_linear (the fused linear losses take no top_k, top_p, "
-                    "min_p)"] = args.sampler_logprobs and args.use_fused_linear
         # The reference is scored over its full softmax (SPEC.md, section 9), told apart by its model;
         # a PEFT reference is the policy's own model with the adapter off, which this cannot tell apart.
         unsupported["sampler_logprobs with beta > 0 and a PEFT model (the reference, the same model with its "
@@ -318,7 +316,7 @@ class MHPOTrainer(GRPOTrainer):
                     logit_scale=head_logit_scale(text_config),
                     final_logit_softcap=getattr(text_config, "final_logit_softcapping", None),
                     ref_logprobs=ref_logps, return_metrics=True, normalizer=normalizer, token_weights=token_weights,
-                    **self.mhpo_kwargs(),
+                    **self.mhpo_kwargs(), **self.sampling(),
                 )
 
     def _compute_loss(self, model, inputs):
