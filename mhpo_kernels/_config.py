@@ -33,6 +33,7 @@ class Overrides(NamedTuple):
     block_v: Optional[int] = None
     num_warps: Optional[int] = None
     row_splits: Optional[int] = None
+    min_split_blocks: Optional[int] = None
 
 
 # Per thread and per asyncio task (a context variable, not a module global): a benchmark or a test
@@ -118,8 +119,10 @@ def rows_to_fill(sms, V, itemsize):
 
 def row_segments(V, width):
     """The segments sweep 1 reduces a row of V in, with blocks ``width`` wide: as many runs of at
-    least MIN_SPLIT_BLOCKS blocks as the row holds, at most MAX_ROW_SPLITS, at least 1."""
-    return max(1, min(V // (MIN_SPLIT_BLOCKS * width), MAX_ROW_SPLITS))
+    least MIN_SPLIT_BLOCKS blocks (or an ``overridden`` length) as the row holds, at most
+    MAX_ROW_SPLITS, at least 1."""
+    blocks = _overrides.get().min_split_blocks or MIN_SPLIT_BLOCKS
+    return max(1, min(V // (blocks * width), MAX_ROW_SPLITS))
 
 
 def segment_length(V, cfg):
@@ -213,14 +216,15 @@ def on_device(device):
 
 
 @contextlib.contextmanager
-def overridden(block_v=None, num_warps=None, row_splits=None):
+def overridden(block_v=None, num_warps=None, row_splits=None, min_split_blocks=None):
     """For the tests and the benchmark only: the launches inside the block, in this thread (or
-    task), use these instead of BLOCK_V, NUM_WARPS and ``launch_splits``'s choice (a row shorter
-    than block_v still gets its power of two, and no row more splits than blocks; Triton compiles
-    each new shape once). Nested blocks keep what they do not set."""
+    task), use these instead of BLOCK_V, NUM_WARPS, ``launch_splits``'s choice and
+    MIN_SPLIT_BLOCKS (a row shorter than block_v still gets its power of two, and no row more
+    splits than segments; Triton compiles each new shape once). Nested blocks keep what they do
+    not set."""
     outer = _overrides.get()
     token = _overrides.set(Overrides(block_v or outer.block_v, num_warps or outer.num_warps,
-                                     row_splits or outer.row_splits))
+                                     row_splits or outer.row_splits, min_split_blocks or outer.min_split_blocks))
     try:
         yield sweep_config
     finally:

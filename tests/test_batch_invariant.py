@@ -4,7 +4,7 @@ equality, no tolerance.
 The logits path, by default, where V × itemsize is a multiple of 16: every row is reduced in the
 same segments folded in the same order (``_config.row_segments``), whether one program reads it
 or a launcher splits it over several (small N on a GPU, forced here under the interpreter with
-blocks of 16: V = 384 is 24 blocks, 3 segments). A row alone at 3 splits equals the same row in
+blocks of 16 and segments of at least 2: V = 112 is 7 blocks, 3 segments). A row alone at 3 splits equals the same row in
 batches read at 1 and 2 splits (2 segments and 1), at other positions; padded equals packed;
 ``grad_in_forward`` (never split) equals the split two sweeps. The PyTorch path and ``reference/``
 reduce each row alone: the same holds there.
@@ -87,7 +87,13 @@ def test_the_flag_is_checked():
 
 # ---- the logits path ----------------------------------------------------------------------------
 
-LOGITS_V, BLOCK, ROWS = 384, 16, 6
+LOGITS_V, BLOCK, SEGMENT_BLOCKS, ROWS = 112, 16, 2, 6
+
+
+def _launch(splits=None):
+    """The launch configuration of the tests: blocks of 16, segments of at least 2 blocks, and
+    ``splits`` programs per row where given."""
+    return _config.overridden(block_v=BLOCK, min_split_blocks=SEGMENT_BLOCKS, row_splits=splits)
 
 
 def _row_inputs(seed=1):
@@ -102,7 +108,7 @@ def _row_inputs(seed=1):
 def _token_rows(backend, x, ids, dtype, splits=None):
     """(logp, entropy, ∂(Σ logp + 0.3 Σ H)/∂x) of the rows of ``x``, row splits forced."""
     x = x.to(dtype).to(TRITON_DEVICE, copy=True).requires_grad_()
-    with mhpo_kernels.use_backend(backend), _config.overridden(block_v=BLOCK, row_splits=splits):
+    with mhpo_kernels.use_backend(backend), _launch(splits):
         logp, entropy = mhpo_kernels.token_logprobs(x, ids.to(TRITON_DEVICE), return_entropy=True)
         (logp.sum() + 0.3 * entropy.sum()).backward()
     return logp.detach().cpu(), entropy.detach().cpu(), x.grad.cpu()
@@ -111,7 +117,7 @@ def _token_rows(backend, x, ids, dtype, splits=None):
 def _loss_rows(backend, x, ids, old, adv, splits=None, grad_in_forward=False):
     """The gradient rows of a token-mean loss with a fixed normalizer: each row's weight is its own."""
     x = x.to(TRITON_DEVICE, copy=True).requires_grad_()
-    with mhpo_kernels.use_backend(backend), _config.overridden(block_v=BLOCK, row_splits=splits):
+    with mhpo_kernels.use_backend(backend), _launch(splits):
         loss = mhpo_kernels.mhpo_loss(x, ids.to(TRITON_DEVICE), old.to(TRITON_DEVICE), adv.to(TRITON_DEVICE),
                                       loss_agg_mode="token-mean", normalizer=1.0, grad_in_forward=grad_in_forward)
         loss.backward()
@@ -124,7 +130,8 @@ def _loss_rows(backend, x, ids, old, adv, splits=None, grad_in_forward=False):
 def test_a_logits_row_has_the_same_bits_in_any_batch(backend, dtype, batch_splits):
     """Log-prob, entropy and gradient rows, and (fp32) a loss's gradient rows; the batch read
     whole or in 2 splits (of 2 segments and 1), the row alone in 3."""
-    assert _config.row_segments(LOGITS_V, BLOCK) == 3
+    with _config.overridden(min_split_blocks=SEGMENT_BLOCKS):
+        assert _config.row_segments(LOGITS_V, BLOCK) == 3
     x, ids, old, adv = _row_inputs()
     shift = 2
     cases = [(functools.partial(_token_rows, dtype=dtype), (), batch_splits)]
@@ -175,7 +182,7 @@ def test_a_truncated_row_has_the_same_bits_in_any_batch():
 
     def rows(xs, ys):
         leaf = xs.to(TRITON_DEVICE, copy=True).requires_grad_()
-        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK):
+        with mhpo_kernels.use_backend("triton"), _launch():
             logp, ent = mhpo_kernels.token_logprobs(leaf, ys.to(TRITON_DEVICE), return_entropy=True, **filters)
             (torch.where(logp > -math.inf, logp, 0.0).sum() + 0.3 * ent.sum()).backward()
         return logp.detach().cpu(), ent.detach().cpu(), leaf.grad.cpu()
@@ -209,7 +216,7 @@ def test_padded_equals_packed_and_one_sweep_equals_split_sweeps():
 
     def rows(logits, input_ids, splits, grad_in_forward=False, **kw):
         leaf = logits.clone().to(TRITON_DEVICE).requires_grad_()
-        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+        with mhpo_kernels.use_backend("triton"), _launch(splits):
             mask_kw = {"mask": kw.pop("mask").to(TRITON_DEVICE)} if "mask" in kw else {}
             logp, ent = mhpo_kernels.token_logprobs(leaf, input_ids.to(TRITON_DEVICE), return_entropy=True, **mask_kw)
             (logp.sum() + 0.3 * ent.sum()).backward()

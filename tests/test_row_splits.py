@@ -5,10 +5,10 @@ follows the contract (SPEC.md, section 5) as with one program per row; and the l
 picks splits only where the rows are too few to fill the GPU.
 
 Under the interpreter nothing is split unless forced: ``_config.overridden(block_v=16,
-row_splits=k)`` makes a row of V = 388 three segments of 9 blocks (the last shorter; 25 blocks
-with a lead), so that k splits of whole segments each hold a first, middle or last part of the
-row and the target in one of them. A split row has the bits of the same row read whole (its
-segments folded in the same order, ``_config.row_segments``).
+min_split_blocks=2, row_splits=k)`` makes a row of V = 100 three segments of 3 blocks (the last
+shorter; 7 blocks with a lead), so that k splits of whole segments each hold a first, middle or
+last part of the row and the target in one of them. A split row has the bits of the same row
+read whole (its segments folded in the same order, ``_config.row_segments``).
 """
 
 import math
@@ -25,8 +25,15 @@ from mhpo_kernels import _config, _dispatch
 from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 from mhpo_kernels.objectives import MHPO, PPOClip
 
-V = 388
+V = 100
 BLOCK = 16
+SEGMENT_BLOCKS = 2  # a segment at least 2 blocks long (MIN_SPLIT_BLOCKS, 8 on a GPU): 3 per row
+
+
+def _launch(splits=None):
+    """The launch configuration of the tests: blocks of 16, segments of at least 2 blocks, and
+    ``splits`` programs per row where given."""
+    return _config.overridden(block_v=BLOCK, min_split_blocks=SEGMENT_BLOCKS, row_splits=splits)
 B, T = 2, 4
 INVALID = (1, 2)
 
@@ -38,7 +45,7 @@ def _grad_tol(dtype):
 
 def _logits(dtype, shifted, seed=0):
     """(leaf, view): (B, T, V), or the first T positions of (B, T + 1, V), whose rows start at
-    every residue mod the vector width (V = 388 is 4 mod 8)."""
+    every residue mod the vector width (V = 100 is 4 mod 8)."""
     g = torch.Generator().manual_seed(seed)
     leaf = (torch.randn(B, T + shifted, V, generator=g) * 3).to(dtype)
     return leaf, (lambda x: x[:, :T]) if shifted else (lambda x: x)
@@ -56,7 +63,7 @@ def _logprobs(leaf, view, ids, tau, up, inplace, splits=None):
     """(logp, entropy, ∂(Σ up₀·logp + Σ up₁·H)/∂leaf) from the Triton kernels, ``splits`` forced."""
     x = leaf.detach().clone().to(TRITON_DEVICE).requires_grad_()
     storage = x.clone() if inplace else x
-    with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+    with mhpo_kernels.use_backend("triton"), _launch(splits):
         logp, ent = mhpo_kernels.token_logprobs(view(storage), ids.to(TRITON_DEVICE), temperature=tau.to(TRITON_DEVICE),
                                                 return_entropy=True, inplace_backward=inplace)
         (grad,) = torch.autograd.grad((logp * up[0].to(logp)).sum() + (ent * up[1].to(ent)).sum(), x)
@@ -105,7 +112,7 @@ def test_policy_loss_split(objective):
 
     def run(splits):
         x = leaf.detach().clone().to(TRITON_DEVICE).requires_grad_()
-        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=BLOCK, row_splits=splits):
+        with mhpo_kernels.use_backend("triton"), _launch(splits):
             loss = mhpo_kernels.policy_loss(x, ids.to(TRITON_DEVICE),
                                             **{k: v.to(TRITON_DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()})
             (grad,) = torch.autograd.grad(loss, x)
@@ -122,7 +129,7 @@ def test_policy_loss_split(objective):
 
 def _sweep_stats(x, ids, splits):
     fwd, _ = _dispatch.sweeps(x.device)
-    with _config.overridden(block_v=BLOCK, row_splits=splits):
+    with _launch(splits):
         return fwd(x, ids, None, None, None, None, mhpo_token_params(), LogitMap.make(1.0), with_entropy=True,
                    with_loss=False)
 
