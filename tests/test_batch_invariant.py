@@ -1,19 +1,19 @@
-"""A row's bits do not depend on the batch it is computed in (SPEC.md, section 4). Bitwise:
-equality, no tolerance.
+"""A row's bits do not depend on the batch it is computed in (SPEC.md, section 4). Bitwise: equality,
+no tolerance.
 
 The logits path, by default, where V × itemsize is a multiple of 16: every row is reduced in the
-same segments folded in the same order (``_config.row_segments``), whether one program reads it
-or a launcher splits it over several (small N on a GPU, forced here under the interpreter with
-blocks of 16 and segments of at least 2: V = 112 is 7 blocks, 3 segments). A row alone at 3 splits equals the same row in
-batches read at 1 and 2 splits (2 segments and 1), at other positions; padded equals packed;
-``grad_in_forward`` (never split) equals the split two sweeps. The PyTorch path and ``reference/``
-reduce each row alone: the same holds there.
+same segments folded in the same order (``_config.row_segments``), whether one program reads it or a
+launcher splits it over several (small N on a GPU, forced here under the interpreter with blocks of
+16 and segments of at least 2: V = 112 is 7 blocks, 3 segments). A row alone at 3 splits equals the
+same row in batches read at 1 and 2 splits (2 segments and 1), at other positions; padded equals
+packed; ``grad_in_forward`` (never split) equals the split two sweeps. The PyTorch path and
+``reference/`` reduce each row alone: the same holds there.
 
-The fused linear path with ``batch_invariant=True``: a row's log-prob, entropy and dhidden row,
-and under a loss whose weights are its own (token-mean with a fixed normalizer) its dhidden row,
-have the same bits alone, among 700 rows and shifted by 37 rows, on the PyTorch path (chunks of
-64); the Triton kernels (under the interpreter, which costs milliseconds per row) among 24,
-shifted by 5, in chunks of 8."""
+The fused linear path with ``batch_invariant=True``: a row's log-prob, entropy and dhidden row, and
+under a loss whose weights are its own (token-mean with a fixed normalizer) its dhidden row, have
+the same bits alone, among 700 rows and shifted by 37 rows, on the PyTorch path (chunks of 64); the
+Triton kernels (under the interpreter, which costs milliseconds per row) among 24, shifted by 5, in
+chunks of 8."""
 
 import functools
 import math

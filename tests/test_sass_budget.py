@@ -86,8 +86,8 @@ def test_one_sweep_kernel_has_both_passes(report):
 def test_truncation_passes(report):
     """min_p's forward: pass 1 is the statistics loop (at most 2 instructions longer than the
     plain one; with its loads' L2 policy the compiler schedules it apart, under triton 3.9 the
-    fp32 one 3 shorter), pass 2 the kept tokens' sums, neither storing, both within the forward's budget (pass 2 keeps no max: a compare and a select per
-    logit in its place). top-k and top-p: the finish launch's one loop is that same pass 2, and
+    fp32 one 3 shorter), pass 2 the kept tokens' sums, neither storing, both within the
+    forward's budget (pass 2 keeps no max: a compare and a select per logit in its place). top-k and top-p: the finish launch's one loop is that same pass 2, and
     the selection launch has one counting loop per filter (top-k's, then top-p's), storing
     nothing, within the selection budget and its register limit; top-k's sums no mass (no MUFU).
     The backward of every truncation is the backward's loop with a compare and a select."""
