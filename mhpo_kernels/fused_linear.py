@@ -243,8 +243,8 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
         hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
         chunk_rows, with_entropy, batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
-    target = torch.where(ops.outside_support(logp.detach(), cut, batch.old, hp.kind), -1, batch.target)
-    g = ops.kept_weights(target, batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
+    target, g = ops.kept_tokens(logp.detach(), cut, batch.target, batch.old, hp.kind, batch.boundaries(), batch.adv,
+                                agg, normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
     entropy = entropy if with_entropy else None
     ref = batch.ref if hp.beta > 0 else None

@@ -132,6 +132,14 @@ def kept_weights(target, cu, adv, agg, normalizer):
                    agg, True)[1]
 
 
+def kept_tokens(logp, cut, target, old, kind, cu, adv, agg, normalizer):
+    """(target, g) of a loss over a truncated softmax (SPEC.md, section 9): the tokens
+    ``outside_support`` marked invalid (−1), and the aggregation weights formed again without
+    them (``kept_weights``)."""
+    target = torch.where(outside_support(logp, cut, old, kind), -1, target)
+    return target, kept_weights(target, cu, adv, agg, normalizer)
+
+
 def outside_support(logp, cut, old, kind):
     """The tokens a truncated loss leaves out (SPEC.md, section 9): a target outside the kept set
     of its truncated row (log-prob −inf, threshold above −inf), or an old log-prob of −inf (the
@@ -165,8 +173,8 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
     target, weight = a.target, a.weight
     if truncated:
-        target = torch.where(outside_support(stats.logp, stats.cut, a.old, hp.kind), -1, a.target)
-        weight = kept_weights(target, a.cu, a.adv, a.agg, a.normalizer)
+        target, weight = kept_tokens(stats.logp, stats.cut, a.target, a.old, hp.kind, a.cu, a.adv, a.agg,
+                                     a.normalizer)
     if after:  # O(N) between the sweeps
         valid = target >= 0
         if a.sequence_level:  # GSPO; zeta: each token's share of its sequence term's derivative

@@ -393,8 +393,10 @@ def test_truncated_loss_refusals():
 def test_fused_linear_losses(backend):
     """From hidden states and the head (with a bias and a softcap), chunked: a truncated loss with
     a reference KL term and an entropy bonus, in every aggregation mode and with PPO-clip too
-    (MHPO in one mode under the interpreter): the loss, the metrics (outside_support among them) and the
-    gradients of hidden, weight and bias equal the float64 reference of the logits they make."""
+    (MHPO in one mode under the interpreter), NaN and inf at an invalid token: the loss, the
+    metrics (outside_support among them) and the gradients of hidden, weight and bias equal the
+    float64 reference of the logits they make; a NaN old log-prob at a valid token makes both
+    NaN."""
     from mhpo_kernels.objectives import MHPO, PPOClip
 
     g = torch.Generator().manual_seed(16)
@@ -412,6 +414,7 @@ def test_fused_linear_losses(backend):
     old = -torch.rand(B, T, generator=g) * 3 - 0.05
     old[1, 1] = float("-inf")                                   # the old policy's kept set left it out
     adv, ref = torch.randn(B, generator=g), -torch.rand(B, T, generator=g) * 3 - 0.05
+    hidden[2, 3], old[2, 3], ref[2, 3] = float("nan"), float("nan"), float("inf")  # garbage, never read
     modes = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
     cases = [(MHPO(), m) for m in (modes if backend == "torch" else modes[:1])]
     cases += [(PPOClip(0.2, 0.28), modes[1])] if backend == "torch" else []
@@ -428,6 +431,7 @@ def test_fused_linear_losses(backend):
                                                      chunk_size=5, **kw)
 
     def eager(h, w, b, **kw):
+        h = torch.where(mask.unsqueeze(-1), h, 0.0)  # an invalid token's state takes no part (SPEC.md, 4)
         logits = softcap * torch.tanh((h @ w.T + b) / softcap)
         return reference.policy_loss(logits, ids, old.double(), adv.double(), mask, **kw)
 
@@ -443,6 +447,13 @@ def test_fused_linear_losses(backend):
         assert "outside_support" in metrics and set(metrics) <= set(want_metrics)
         for name, value in metrics.items():
             assert value.item() == pytest.approx(want_metrics[name].item(), rel=FP32_RTOL, abs=FP32_RTOL), (mode, name)
+    # A NaN old log-prob at a valid token is data: the loss and that token's gradient row are NaN
+    # (SPEC.md, section 5), on both sides.
+    old[0, 1] = float("nan")
+    with mhpo_kernels.use_backend(backend):
+        loss, _, (dh, _, _) = run(fused, hidden, weight, bias, objective=MHPO())
+    want, _, (want_dh, _, _) = run(eager, hidden.double(), weight.double(), bias.double(), objective=MHPO())
+    assert loss.isnan() and want.isnan() and dh[0, 1].isnan().all() and want_dh[0, 1].isnan().all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

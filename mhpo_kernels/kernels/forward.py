@@ -12,9 +12,9 @@ from ..torch_sweeps import _zero_tail
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
 from .select import _cut, select_cuts
-from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _fold, _fold_parts,
-                   _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _row_lead, _row_offset, _row_target,
-                   rows_aligned)
+from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _combine, _fold, _fold_parts,
+                   _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _rebased, _row_lead, _row_offset,
+                   _row_target, rows_aligned)
 from .token_math import _expm1, _k3, _token_loss
 
 # Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
@@ -63,18 +63,16 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
     # interpreter's keeps it), so s, not c, carries it: no rescale below (alpha = 0, or the
     # combine's lane_kept) may drop a NaN sum (SPEC.md, section 5).
     c_new = _max_nan(c, _lane_reduce_max(b_u) * k)
-    shift = c - c_new                                    # ≤ 0: rebase the lane's sums to c_new
-    alpha = tl.exp2(shift)
-    # alpha = 0: what the lane summed is below 2^−149 of what comes now, and may be inf (logits
-    # masked with −1e10 round to a base whose residuals exceed 2^128): drop it, never inf · 0.
-    kept = (alpha > 0.0) | (s != s)
+    # The lane's sums rebased to c_new. What the lane summed may be below 2^−149 of what comes
+    # now, and inf (logits masked with −1e10 round to a base whose residuals exceed 2^128): then
+    # dropped, never inf · 0 (``_rebased``).
+    s_b, a_b = _rebased(c, s, a, c_new, WITH_ENTROPY)
     b_d = tl.fma(b_u, k, -c_new[None, :, None])           # one rounding, see logit_map.py
     b_e = tl.exp2(b_d)
     if WITH_ENTROPY:
-        # Σ 2^(d + shift)·(d + shift) = alpha · (a + s · shift)
         b_d = tl.maximum(b_d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-        a = tl.where(kept, alpha * (a + s * shift), 0.0) + _lane_reduce_sum(b_e * b_d)
-    s = tl.where(kept, s * alpha, 0.0) + _lane_reduce_sum(b_e)
+        a = a_b + _lane_reduce_sum(b_e * b_d)
+    s = s_b + _lane_reduce_sum(b_e)
     return c_new, s, a
 
 
@@ -105,24 +103,6 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
         lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
                                            k, tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
     return lane_c, lane_s, lane_a
-
-
-@triton.jit
-def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
-    """(b, s, a) of a segment from the (c, s, a) of its lanes, each at its own reference c:
-    rebased to b = max c, every lane's c − b ≤ 0, so nothing overflows, and a lane that read no
-    finite logit (c = FLOOR, s = 0) adds exactly 0."""
-    base = tl.max(c, 0)
-    shift = c - base
-    scale = tl.exp2(shift)
-    # As in _lse_step: a negligible part adds 0, not inf · 0, but a NaN sum is never negligible.
-    kept = (scale > 0.0) | (s != s)
-    s_row = tl.sum(tl.where(kept, s * scale, 0.0), 0)
-    if WITH_ENTROPY:
-        a_row = tl.sum(tl.where(kept, scale * (a + s * shift), 0.0), 0)
-    else:
-        a_row = s_row
-    return base, s_row, a_row
 
 
 @triton.jit

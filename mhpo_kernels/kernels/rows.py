@@ -137,25 +137,45 @@ MAX_SEGS = tl.constexpr(MAX_ROW_SPLITS)  # segments per row at most (_config.row
 
 
 @triton.jit
+def _rebased(c, s, a, base, WITH_ENTROPY: tl.constexpr):
+    """Base-2 sums (s = Σ 2^d, a = Σ 2^d·d, d at reference c) at the reference ``base`` ≥ c:
+    (s·2^(c − base), 2^(c − base)·(a + s·(c − base))). Nothing overflows, and a part that read no
+    finite logit (c = FLOOR, s = 0) gives exactly 0. A negligible part gives 0, never inf · 0, but
+    a NaN sum is never negligible (SPEC.md, section 5)."""
+    shift = c - base
+    scale = tl.exp2(shift)
+    kept = (scale > 0.0) | (s != s)
+    s_b = tl.where(kept, s * scale, 0.0)
+    if WITH_ENTROPY:
+        a_b = tl.where(kept, scale * (a + s * shift), 0.0)
+    else:
+        a_b = s_b
+    return s_b, a_b
+
+
+@triton.jit
+def _combine(c, s, a, WITH_ENTROPY: tl.constexpr):
+    """(b, s, a) of a segment from the (c, s, a) of its lanes ([LANES] each), rebased to the
+    largest reference b (``_rebased``) and summed."""
+    base = tl.max(c, 0)
+    s_b, a_b = _rebased(c, s, a, base, WITH_ENTROPY)
+    s_row = tl.sum(s_b, 0)
+    if WITH_ENTROPY:
+        a_row = tl.sum(a_b, 0)
+    else:
+        a_row = s_row
+    return base, s_row, a_row
+
+
+@triton.jit
 def _fold(c, s, a, c_j, s_j, a_j, WITH_ENTROPY: tl.constexpr):
     """The base-2 sums (c, s, a) of a row read so far, with the next segment's (c_j, s_j, a_j)
-    added (sweep 1, forward.py: s = Σ 2^d, a = Σ 2^d·d, d at reference c): both rebased to the
-    larger reference. A segment that read no finite logit (c = FLOOR, s = 0) adds exactly 0, and
-    the first segment folded into (FLOOR, 0, 0) keeps its bits. A negligible side adds 0, never
-    inf · 0, but a NaN sum is never negligible (SPEC.md, section 5)."""
+    added, both rebased to the larger reference (``_rebased``): a segment that read no finite
+    logit adds exactly 0, and the first segment folded into (FLOOR, 0, 0) keeps its bits."""
     c_new = _max_nan(c, c_j)
-    shift = c - c_new
-    shift_j = c_j - c_new
-    scale = tl.exp2(shift)
-    scale_j = tl.exp2(shift_j)
-    kept = (scale > 0.0) | (s != s)
-    kept_j = (scale_j > 0.0) | (s_j != s_j)
-    s_new = tl.where(kept, s * scale, 0.0) + tl.where(kept_j, s_j * scale_j, 0.0)
-    if WITH_ENTROPY:
-        a_new = tl.where(kept, scale * (a + s * shift), 0.0) + tl.where(kept_j, scale_j * (a_j + s_j * shift_j), 0.0)
-    else:
-        a_new = s_new
-    return c_new, s_new, a_new
+    s_old, a_old = _rebased(c, s, a, c_new, WITH_ENTROPY)
+    s_new, a_new = _rebased(c_j, s_j, a_j, c_new, WITH_ENTROPY)
+    return c_new, s_old + s_new, a_old + a_new
 
 
 @triton.jit
