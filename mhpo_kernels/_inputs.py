@@ -15,6 +15,7 @@ from ._sweep_types import (
     ADV_NONE, ADV_PER_SEQ, ADV_PER_TOKEN, ADV_SCALAR, AGG_MODES, STATUS_ADV_VARIES, STATUS_BAD_IDS, STATUS_CU,
     STATUS_FIRST_BAD, STATUS_MASK, STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE,
     STATUS_REF_POSITIVE, STATUS_SEQ_COUNTS, STATUS_TAU, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W,
+    STATUS_KEPT_OFFSETS, STATUS_KEPT_IDS, STATUS_KEPT_TWICE,
 )
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,6 +41,8 @@ class Batch:
     min_p: Optional[torch.Tensor] = None   # (N,) fp32 min_p per token (SPEC.md, section 9), None: off
     top_k: Optional[torch.Tensor] = None   # (N,) int32 top_k per token, None: off
     top_p: Optional[torch.Tensor] = None   # (N,) fp32 top_p per token, None: off
+    kept_offsets: Optional[torch.Tensor] = None  # (N + 1,) int64: a replayed kept set (``check_kept_ids``)
+    kept_ids: Optional[torch.Tensor] = None      # (K,) int32
 
     @property
     def valid(self):
@@ -48,6 +51,10 @@ class Batch:
     def filters(self):
         """The sampler's filters per token, by ``LogitMap``'s names."""
         return dict(min_p=self.min_p, top_k=self.top_k, top_p=self.top_p)
+
+    def truncation(self):
+        """The filters and the replayed kept set, by ``LogitMap``'s names."""
+        return dict(self.filters(), kept_offsets=self.kept_offsets, kept_ids=self.kept_ids)
 
     def boundaries(self):
         """The (S + 1,) sequence boundaries of every layout (made on the device when not packed)."""
@@ -166,6 +173,47 @@ def check_sampling(min_p=None, top_k=None, top_p=None):
     tensor shaped like input_ids (its shape and values checked with the other per-token inputs).
     Inside torch.compile a number stays a graph input: whether it is on is a guard."""
     return Sampling(_check_filter("min_p", min_p), _check_filter("top_k", top_k), _check_filter("top_p", top_p))
+
+
+def check_kept_ids(kept_ids, sampling, tp_group=None):
+    """``kept_ids``: None, or the sampler's kept set per token row as CSR, a pair (offsets, ids)
+    (SPEC.md, section 9); its shapes and values are checked with the other per-token inputs."""
+    if kept_ids is None:
+        return None
+    if not (isinstance(kept_ids, (tuple, list)) and len(kept_ids) == 2):
+        raise TypeError(f"kept_ids must be None or a pair (offsets, ids) of integer tensors, got "
+                        f"{type(kept_ids).__name__}")
+    if sampling.on:
+        raise ValueError("kept_ids replays the sampler's kept set, which its filters already made: min_p, top_k "
+                         "and top_p must be off with it")
+    if tp_group is not None:
+        raise NotImplementedError("kept_ids with tp_group is not supported yet: each rank would need the kept ids "
+                                  "of its own vocabulary slice")
+    return tuple(kept_ids)
+
+
+def _kept_tensors(kept_ids, token_shape, device, V):
+    """The replayed kept set as (int64 offsets (N + 1,), int32 ids (K,)) and its value checks as
+    an int64 status (``STATUS_KEPT_*``: offsets 0 ... K non-decreasing, ids in [0, V), no id twice
+    in a row: a sort of the K ids), or Nones."""
+    if kept_ids is None:
+        return None, None, None
+    offsets, ids = kept_ids
+    n = math.prod(token_shape)
+    for name, x in (("offsets", offsets), ("ids", ids)):
+        _check_tensor(f"kept_ids' {name}", x, device, "int")
+        if x.dim() != 1:
+            raise ValueError(f"kept_ids' {name} must be 1-D, got shape {tuple(x.shape)}")
+    if offsets.numel() != n + 1:
+        raise ValueError(f"kept_ids' offsets must have shape ({n + 1},): one more than the {n} tokens of input_ids "
+                         f"(row r keeps ids[offsets[r]:offsets[r + 1]]), got ({offsets.numel()},)")
+    offsets, ids = offsets.detach().to(torch.int64), ids.detach().to(torch.int64)
+    bad_offsets = (offsets[0] != 0) | (offsets[-1] != ids.numel()) | (offsets[1:] < offsets[:-1]).any()
+    row_of = torch.searchsorted(offsets, torch.arange(ids.numel(), device=device), right=True) - 1
+    key = (row_of * V + ids).sort().values   # one key per (row, id) for ids in [0, V)
+    twice = (key[1:] == key[:-1]).any()
+    outside = ((ids < 0) | (ids >= V)).any()
+    return offsets.contiguous(), ids.to(torch.int32), torch.stack((bad_offsets, outside, twice)).long()
 
 
 def _filter_tensor(name, value, token_shape, device):
@@ -444,7 +492,11 @@ def _messages(N):
             (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
             (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
             (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"),
-            (STATUS_TOKEN_W, "token_weights must be ≥ 0 at valid tokens: it holds a negative value"))
+            (STATUS_TOKEN_W, "token_weights must be ≥ 0 at valid tokens: it holds a negative value"),
+            (STATUS_KEPT_OFFSETS, "kept_ids' offsets must start at 0, be non-decreasing and end at the number of "
+                                  "ids"),
+            (STATUS_KEPT_IDS, "kept_ids holds ids outside [0, V) (V: the logits' last dimension)"),
+            (STATUS_KEPT_TWICE, "kept_ids holds an id twice in one row's kept set"))
 
 
 def _positive_logp(name):
@@ -455,12 +507,13 @@ def _positive_logp(name):
 def _raise_on_status(status, ids, V, normalizer):
     """The call's one host sync: raise the first flag of the prepare launch that is set; return
     the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
+    messages = [(slot, m) for slot, m in _messages(ids.numel()) if slot < status.numel()]
     if torch.compiler.is_compiling():
-        for slot, message in _messages(ids.numel()):
+        for slot, message in messages:
             torch._assert_async(status[slot] == 0, message)
         return None
     flags = status.tolist()
-    for slot, message in _messages(ids.numel()):
+    for slot, message in messages:
         if not flags[slot]:
             continue
         if slot == STATUS_BAD_IDS:
@@ -476,12 +529,13 @@ def _raise_on_status(status, ids, V, normalizer):
 def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, source="logits without V",
                    cu_seqlens=None, temperature=None, advantages=None, loss_agg_mode=None, normalizer=None,
                    seq_valid_tokens=None, sequence_level=False, old=None, ref=None, sampling=Sampling(),
-                   token_weights=None):
+                   token_weights=None, kept_ids=None):
     """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
     (None: split over ranks), then the prepare launch and its status read: the Batch. Without
     ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign;
     ``sampling``: the sampler's filters (``check_sampling``); ``token_weights``: w_t, laid out
-    as the advantages may be, multiplied into each token's advantage by the prepare launch."""
+    as the advantages may be, multiplied into each token's advantage by the prepare launch;
+    ``kept_ids``: a replayed kept set (``check_kept_ids``)."""
     from . import _dispatch
 
     ids = _check_ids(input_ids, token_shape, device, source)
@@ -502,20 +556,24 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
             one_token_each = one_token_each or ambiguous
         normalizer = check_normalizer(normalizer, device)
     bound = V if V is not None else INT32_MAX  # a split vocabulary: checked once the ranks agree on V
+    kept_offsets, kept_ids, kept_status = _kept_tensors(kept_ids, token_shape, device, bound)
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
         min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode)
+    if kept_status is not None:  # its checks join the one sync
+        status = torch.cat((status, kept_status))
     n_valid = _raise_on_status(status, ids, bound, normalizer)
     return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
-                 top_p=top_p)
+                 top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids)
 
 
 def prepare_mhpo(
     input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
     loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
     seq_valid_tokens=None, temperature=None, sequence_level=False, sampling=Sampling(), token_weights=None,
+    kept_ids=None,
 ):
     """Check every per-token argument of a policy loss; return the Batch for the sweeps.
     ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
@@ -527,4 +585,4 @@ def prepare_mhpo(
     _check_tensor("advantages", advantages, device)
     return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
                           advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, sampling,
-                          token_weights)
+                          token_weights, kept_ids)

@@ -13,10 +13,11 @@ AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # The prepare launch's status vector (int64), read by the host in validation's one sync: the valid
 # tokens, then each value check's count of offending tokens or sequences (the first bad id's flat
-# position in its own slot), 0 where the check passed or does not apply.
+# position in its own slot), 0 where the check passed or does not apply. A replayed kept set's
+# three checks follow the launch's slots (``_inputs._kept_tensors``).
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W) = range(15)
+ STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, STATUS_KEPT_OFFSETS, STATUS_KEPT_IDS, STATUS_KEPT_TWICE) = range(18)
 STATUS_SLOTS = 15
 # A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
@@ -63,7 +64,9 @@ class LogitMap:
     enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32, ≤ 0 off), ``top_k``
     ((N,) int32, ≤ 0 off) and ``top_p`` ((N,) fp32, ≥ 1 off) truncate the softmax to the
     sampler's kept set (SPEC.md, section 9), which the forward finds; ``cut``, the backward's,
-    is the forward's threshold per row (``RowStats.cut``).
+    is the forward's threshold per row (``RowStats.cut``). ``kept_offsets`` ((N + 1,) int64) and
+    ``kept_ids`` ((K,) int32) replay a kept set instead: row r keeps ids[offsets[r]:offsets[r + 1]]
+    (none given: not truncated).
     """
 
     in_scale: float
@@ -74,11 +77,30 @@ class LogitMap:
     top_k: Optional[torch.Tensor] = None
     top_p: Optional[torch.Tensor] = None
     cut: Optional[torch.Tensor] = None
+    kept_offsets: Optional[torch.Tensor] = None
+    kept_ids: Optional[torch.Tensor] = None
+
+    @property
+    def filtered(self):
+        """Whether the forward finds a kept set (a filter is given)."""
+        return self.min_p is not None or self.top_k is not None or self.top_p is not None
+
+    @property
+    def replayed(self):
+        """Whether a kept set is given (replay)."""
+        return self.kept_offsets is not None
 
     @property
     def truncated(self):
-        """Whether the forward truncates the softmax (a filter is given)."""
-        return self.min_p is not None or self.top_k is not None or self.top_p is not None
+        """Whether the softmax is truncated to a kept set, found or given."""
+        return self.filtered or self.replayed
+
+    def truncated_rows(self, cut):
+        """(N,) bool: the rows truncated to a kept set, given the forward's thresholds ``cut``
+        (filters: a finite threshold; replay: a kept set given)."""
+        if self.replayed:
+            return self.kept_offsets[1:] > self.kept_offsets[:-1]
+        return cut > -float("inf")
 
     @property
     def log2_scale(self):
@@ -97,6 +119,8 @@ class LogitMap:
 
     def rows(self, index):
         """The map of a subset of the rows (a slice or an index tensor of the per-row tensors)."""
+        assert not self.replayed, "a replayed kept set is over every row"
+
         def rows(x):
             return None if x is None else x[index]
 
@@ -105,11 +129,12 @@ class LogitMap:
 
     @staticmethod
     def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None,
-             top_k=None, top_p=None, cut=None):
+             top_k=None, top_p=None, cut=None, kept_offsets=None, kept_ids=None):
         """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
+        rest = (tau, min_p, top_k, top_p, cut, kept_offsets, kept_ids)
         if softcap is None:
-            return LogitMap(logit_scale / temperature, 1.0, False, tau, min_p, top_k, top_p, cut)
-        return LogitMap(logit_scale / softcap, softcap / temperature, True, tau, min_p, top_k, top_p, cut)
+            return LogitMap(logit_scale / temperature, 1.0, False, *rest)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True, *rest)
 
 
 class RowStats(NamedTuple):

@@ -214,7 +214,7 @@ def fused_linear_policy_loss(
         if not return_metrics:
             return loss
         return loss, {**metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None),
-                      "outside_support": outside_support_share(logp, cut, batch, hp.kind)}
+                      "outside_support": outside_support_share(logp, lmap.truncated_rows(cut), batch, hp.kind)}
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -243,8 +243,8 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
         hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
         chunk_rows, with_entropy, batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
-    target, g = ops.kept_tokens(logp.detach(), cut, batch.target, batch.old, hp.kind, batch.boundaries(), batch.adv,
-                                agg, normalizer_tensor(normalizer, logp.device, lmap))
+    target, g = ops.kept_tokens(logp.detach(), lmap.truncated_rows(cut), batch.target, batch.old, hp.kind,
+                                batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
     entropy = entropy if with_entropy else None
     ref = batch.ref if hp.beta > 0 else None

@@ -7,9 +7,8 @@ import torch
 
 from . import _dispatch
 from ._inputs import (
-    TRUNCATED_TP, check_grad_in_forward, check_inplace, check_logits, check_nonnegative, check_positive,
-    check_sampling,
-    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
+    TRUNCATED_TP, check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative,
+    check_positive, check_sampling, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -109,7 +108,7 @@ def mhpo_loss(
     lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None,
     seq_valid_tokens=None, entropy_coef=0.0, grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None,
-    top_p=None, token_weights=None,
+    top_p=None, token_weights=None, kept_ids=None,
 ):
     """The MHPO policy loss, fused: a scalar fp32 tensor whose gradient flows to ``logits``.
     (``policy_loss`` with ``objective=MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.)
@@ -160,6 +159,7 @@ def mhpo_loss(
         min_p, top_k, top_p: the sampler's truncated softmax (SPEC.md, section 9; as in
             ``token_logprobs``): a target outside its kept set leaves the aggregation like an
             invalid token (metric ``outside_support``).
+        kept_ids: the sampler's kept set replayed, (offsets, ids) as in ``token_logprobs``.
         token_weights: w_t ≥ 0 (no gradient), laid out as the advantages may be: multiplies each
             token's policy term, not its KL or entropy term (a rollout correction's weights:
             verl's ``rollout_is_weights``, TRL's vLLM importance-sampling ratio).
@@ -175,14 +175,14 @@ def mhpo_loss(
                        return_metrics=return_metrics, normalizer=normalizer, inplace_backward=inplace_backward,
                        tp_group=tp_group, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
                        entropy_coef=entropy_coef, grad_in_forward=grad_in_forward, grad_scale=grad_scale,
-                       min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights)
+                       min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights, kept_ids=kept_ids)
 
 
 def policy_loss(
     logits, input_ids, old_logprobs, advantages, mask=None, *, objective=None, temperature=1.0,
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False,
     normalizer=None, inplace_backward=False, tp_group=None, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0,
-    grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None, top_p=None, token_weights=None,
+    grad_in_forward=False, grad_scale=1.0, min_p=None, top_k=None, top_p=None, token_weights=None, kept_ids=None,
 ):
     """A policy loss of the GRPO family, fused: MHPO (the default), its ablations, PPO-clip (GRPO,
     DAPO, BNPO, Dr. GRPO), CISPO, SAPO, GPG or GSPO, chosen by ``objective`` (a record from
@@ -211,7 +211,8 @@ def policy_loss(
         check_nonnegative("entropy_coef", entropy_coef)
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         sampling = check_sampling(min_p, top_k, top_p)
-        if sampling.on:
+        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        if sampling.on or kept is not None:
             check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
@@ -221,9 +222,9 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights,
+            sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
         )
-        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.filters())
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation())
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):
@@ -255,16 +256,17 @@ def policy_loss(
     if not return_metrics:
         return loss
     metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if any(v is not None for v in (min_p, top_k, top_p)):
-        metrics["outside_support"] = outside_support_share(stats.logp, stats.cut, batch, hp.kind)
+    if any(v is not None for v in (min_p, top_k, top_p, kept_ids)):
+        truncated = lmap.truncated_rows(stats.cut)
+        metrics["outside_support"] = outside_support_share(stats.logp, truncated, batch, hp.kind)
     return loss, metrics
 
 
-def outside_support_share(logp, cut, batch, kind):
+def outside_support_share(logp, truncated, batch, kind):
     """The share of the valid tokens a truncated loss leaves out (``ops.outside_support``), a 0-d
-    fp32 tensor: 0 when every filter is off (``cut`` None)."""
+    fp32 tensor; ``truncated``: the truncated rows (``LogitMap.truncated_rows``)."""
     valid = batch.target >= 0
-    outside = torch.zeros_like(valid) if cut is None else valid & outside_support(logp.detach(), cut, batch.old, kind)
+    outside = valid & outside_support(logp.detach(), truncated, batch.old, kind)
     return outside.sum().float() / valid.sum().clamp(min=1)
 
 
@@ -274,11 +276,11 @@ def check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
     if tp_group is not None:
         raise NotImplementedError(TRUNCATED_TP)
     if seq_valid_tokens is not None:
-        raise NotImplementedError("min_p, top_k and top_p with seq_valid_tokens are not supported: the other ranks' "
-                                  "counts cannot leave out this rank's targets outside the kept set")
+        raise NotImplementedError("min_p, top_k, top_p and kept_ids with seq_valid_tokens are not supported: the "
+                                  "other ranks' counts cannot leave out this rank's targets outside the kept set")
     if grad_in_forward:
-        raise ValueError("grad_in_forward=True is not supported with min_p, top_k or top_p: the loss's weights "
-                         "need the kept set of every token, known only after the sweep")
+        raise ValueError("grad_in_forward=True is not supported with min_p, top_k or top_p, nor kept_ids: the "
+                         "loss's weights need the kept set of every token, known only after the sweep")
 
 
 def normalizer_tensor(normalizer, device, lmap):
@@ -292,7 +294,8 @@ def normalizer_tensor(normalizer, device, lmap):
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, tp_group=None, mask=None, *, min_p=None, top_k=None, top_p=None):
+                   inplace_backward=False, tp_group=None, mask=None, *, min_p=None, top_k=None, top_p=None,
+                   kept_ids=None):
     """log softmax(logits / τ)[input_ids] in fp32, fused and differentiable.
 
     Equals ``log_softmax(logits.float() / τ, -1).gather(-1, input_ids[..., None])[..., 0]``
@@ -310,16 +313,23 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     largest whose mass reaches top_p (SPEC.md, section 9). Off: None, min_p ≤ 0, top_k ≤ 0,
     top_p = 1. A target outside the kept set gets −inf and no log-prob gradient. Not with
     ``tp_group``.
+
+    ``kept_ids``: the kept set replayed instead, as the sampler drew it: a pair (offsets, ids) of
+    integer tensors, CSR over the N tokens in input_ids' flat order (row r keeps
+    ``ids[offsets[r]:offsets[r + 1]]``, each id once, in [0, V); an empty row is not truncated).
+    The forward reads only the kept logits of such a row, the backward writes its gradient row
+    without reading it. Not with the filters above, nor ``tp_group``.
     """
     def prepare():
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         if sampling.on and tp_group is not None:
             raise NotImplementedError(TRUNCATED_TP)
+        kept = check_kept_ids(kept_ids, sampling, tp_group)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
-                               logits.device, ignore_index, mask, temperature=tau, sampling=sampling)
-        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.filters())
+                               logits.device, ignore_index, mask, temperature=tau, sampling=sampling, kept_ids=kept)
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation())
         return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 

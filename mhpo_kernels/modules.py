@@ -40,7 +40,8 @@ class PolicyLoss(torch.nn.Module):
 
     def forward(self, logits, input_ids, old_logprobs, advantages, mask=None, *,
                 ref_logprobs=None, return_metrics=False, normalizer=None, cu_seqlens=None,
-                seq_valid_tokens=None, temperature=None, min_p=None, top_k=None, top_p=None, token_weights=None):
+                seq_valid_tokens=None, temperature=None, min_p=None, top_k=None, top_p=None, token_weights=None,
+                kept_ids=None):
         return policy_loss(
             logits, input_ids, old_logprobs, advantages, mask, objective=self.objective,
             temperature=self.temperature if temperature is None else temperature,
@@ -49,7 +50,7 @@ class PolicyLoss(torch.nn.Module):
             inplace_backward=self.inplace_backward, tp_group=self.tp_group, cu_seqlens=cu_seqlens,
             seq_valid_tokens=seq_valid_tokens, entropy_coef=self.entropy_coef,
             grad_in_forward=self.grad_in_forward, grad_scale=self.grad_scale, min_p=min_p, top_k=top_k,
-            top_p=top_p, token_weights=token_weights,
+            top_p=top_p, token_weights=token_weights, kept_ids=kept_ids,
         )
 
     def extra_repr(self):

@@ -104,6 +104,8 @@ class SweepsArgs(NamedTuple):
     agg: int = -1
     normalizer: Optional[Tensor] = None
     sequence_level: bool = False
+    kept_offsets: Optional[Tensor] = None
+    kept_ids: Optional[Tensor] = None
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
@@ -132,19 +134,20 @@ def kept_weights(target, cu, adv, agg, normalizer):
                    agg, True)[1]
 
 
-def kept_tokens(logp, cut, target, old, kind, cu, adv, agg, normalizer):
+def kept_tokens(logp, truncated, target, old, kind, cu, adv, agg, normalizer):
     """(target, g) of a loss over a truncated softmax (SPEC.md, section 9): the tokens
     ``outside_support`` marked invalid (−1), and the aggregation weights formed again without
     them (``kept_weights``)."""
-    target = torch.where(outside_support(logp, cut, old, kind), -1, target)
+    target = torch.where(outside_support(logp, truncated, old, kind), -1, target)
     return target, kept_weights(target, cu, adv, agg, normalizer)
 
 
-def outside_support(logp, cut, old, kind):
+def outside_support(logp, truncated, old, kind):
     """The tokens a truncated loss leaves out (SPEC.md, section 9): a target outside the kept set
-    of its truncated row (log-prob −inf, threshold above −inf), or an old log-prob of −inf (the
-    old policy's kept set left the target out: no ratio exists) for an objective that reads it."""
-    outside = (logp == -math.inf) & (cut > -math.inf)
+    of its truncated row (log-prob −inf where ``truncated``, ``LogitMap.truncated_rows``), or an
+    old log-prob of −inf (the old policy's kept set left the target out: no ratio exists) for an
+    objective that reads it."""
+    outside = (logp == -math.inf) & truncated
     if old is not None and kind != GPG_KIND:
         outside = outside | (old == -math.inf)
     return outside
@@ -158,7 +161,8 @@ def _forward_sweep(a, grad=None):
     ``top_p``), take the epilogue after the sweep, on (N,) vectors: with truncation, a target
     outside the kept set (log-prob −inf) leaves the aggregation as an invalid token does, and the
     weights are formed again (SPEC.md, section 9)."""
-    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p)
+    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p,
+                               kept_offsets=a.kept_offsets, kept_ids=a.kept_ids)
     entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
     truncated = a.with_loss and lmap.truncated
@@ -173,8 +177,8 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
     target, weight = a.target, a.weight
     if truncated:
-        target, weight = kept_tokens(stats.logp, stats.cut, a.target, a.old, hp.kind, a.cu, a.adv, a.agg,
-                                     a.normalizer)
+        target, weight = kept_tokens(stats.logp, lmap.truncated_rows(stats.cut), a.target, a.old, hp.kind, a.cu,
+                                     a.adv, a.agg, a.normalizer)
     if after:  # O(N) between the sweeps
         valid = target >= 0
         if a.sequence_level:  # GSPO; zeta: each token's share of its sequence term's derivative
@@ -196,10 +200,10 @@ def _fake_outputs(a, grad):
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
-    truncated = a.min_p is not None or a.top_k is not None or a.top_p is not None
-    weight = _fp32(a.logits, n if a.with_loss and truncated else 0)
+    filtered = a.min_p is not None or a.top_k is not None or a.top_p is not None
+    weight = _fp32(a.logits, n if a.with_loss and (filtered or a.kept_offsets is not None) else 0)
     return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight,
-                    _fp32(a.logits, n if truncated else 0))
+                    _fp32(a.logits, n if filtered else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
@@ -209,7 +213,8 @@ def sweeps_forward(
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
     cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None, agg: int = -1,
-    normalizer: Optional[Tensor] = None, sequence_level: bool = False,
+    normalizer: Optional[Tensor] = None, sequence_level: bool = False, kept_offsets: Optional[Tensor] = None,
+    kept_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
@@ -217,8 +222,9 @@ def sweeps_forward(
     ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
     ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); then,
     with a loss and truncation (``min_p``, ``top_k``, ``top_p``: (N,) per token), the weights of
-    the tokens inside the kept set (else empty); last, truncated, each row's threshold
-    (``RowStats.cut``, else empty).
+    the tokens inside the kept set (else empty); last, with a filter, each row's threshold
+    (``RowStats.cut``, else empty). ``kept_offsets`` and ``kept_ids``: a replayed kept set
+    (``LogitMap``), exclusive with the filters.
     ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
     changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
     sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
@@ -226,7 +232,7 @@ def sweeps_forward(
     ``normalizer``."""
     a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
                    inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, top_k, top_p, agg, normalizer,
-                   sequence_level)
+                   sequence_level, kept_offsets, kept_ids)
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
@@ -310,9 +316,9 @@ class OneSweepInplace(torch.autograd.Function):
 
 
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
-                    shifted, cut):
+                    shifted, cut, kept_offsets, kept_ids):
     _, backward_sweep = _dispatch.sweeps(logits.device)
-    _, lmap, _ = _unpack(params, softcap, tau, cut=cut)
+    _, lmap, _ = _unpack(params, softcap, tau, cut=cut, kept_offsets=kept_offsets, kept_ids=kept_ids)
     with _without_autocast(logits.device):
         backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, lse2_rest, dlogp,
                        entropy, dentropy, lmap, zero_tail=shifted)
@@ -323,17 +329,20 @@ def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentr
 def sweeps_backward(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool, cut: Optional[Tensor] = None,
+    softcap: bool, shifted: bool, cut: Optional[Tensor] = None, kept_offsets: Optional[Tensor] = None,
+    kept_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """Sweep 2: ∂L/∂logits in the logits' dtype and shape, from ∂L/∂logp and ∂L/∂H per token;
-    ``cut``: the forward's kept-set thresholds of a truncated softmax."""
+    ``cut``: the forward's kept-set thresholds of a filtered softmax; ``kept_offsets`` and
+    ``kept_ids``: a replayed kept set."""
     grad = _grad_buffer(logits)
     return _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                           softcap, shifted, cut)
+                           softcap, shifted, cut, kept_offsets, kept_ids)
 
 
 @sweeps_backward.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None,
+      kept_offsets=None, kept_ids=None):
     return _grad_buffer(logits)
 
 
@@ -341,16 +350,18 @@ def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, so
 def sweeps_backward_(
     logits: Tensor, target: Tensor, base: Tensor, lse2_rest: Tensor, dlogp: Tensor,
     entropy: Optional[Tensor], dentropy: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
-    softcap: bool, shifted: bool, cut: Optional[Tensor] = None,
+    softcap: bool, shifted: bool, cut: Optional[Tensor] = None, kept_offsets: Optional[Tensor] = None,
+    kept_ids: Optional[Tensor] = None,
 ) -> None:
-    """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before the
-    same lane writes it)."""
+    """Sweep 2 in place: overwrite ``logits`` with ∂L/∂logits (each element is read before it is
+    written)."""
     _backward_sweep(logits, logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params,
-                    softcap, shifted, cut)
+                    softcap, shifted, cut, kept_offsets, kept_ids)
 
 
 @sweeps_backward_.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None):
+def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None,
+      kept_offsets=None, kept_ids=None):
     return None
 
 
@@ -378,12 +389,12 @@ def _sweeps_setup(ctx, inputs, output):
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
     seq = a.with_loss and a.sequence_level
-    truncated = a.min_p is not None or a.top_k is not None or a.top_p is not None
-    weight = kept_weight if a.with_loss and truncated else a.weight
+    filtered = a.min_p is not None or a.top_k is not None or a.top_p is not None
+    weight = kept_weight if a.with_loss and (filtered or a.kept_offsets is not None) else a.weight
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
-                          cut if truncated else None)
+                          cut if filtered else None, a.kept_offsets, a.kept_ids)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
     ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, cut)
@@ -405,7 +416,8 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     if ctx.grad_in_forward:
         grad, target, params = ctx.saved_tensors
         return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
-    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, cut = ctx.saved_tensors
+    logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, cut, kept_offsets, kept_ids = \
+        ctx.saved_tensors
     if not ctx.with_loss:
         d_loss = d_total = None
     d_entropy = d_entropy if ctx.with_entropy else None
@@ -426,7 +438,8 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     dent = None if d_entropy is None else d_entropy.to(lse2_rest.dtype).contiguous()
     grad = backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest, dlogp=dlogp,
                           entropy=entropy if dent is not None else None, dentropy=dent, tau=tau, params=params,
-                          softcap=ctx.softcap, shifted=ctx.shifted, cut=cut)
+                          softcap=ctx.softcap, shifted=ctx.shifted, cut=cut, kept_offsets=kept_offsets,
+                          kept_ids=kept_ids)
     return (grad,) + nothing[1:]
 
 
@@ -458,7 +471,8 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
                              min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,
-                             normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND)
+                             normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND,
+                             kept_offsets=lmap.kept_offsets, kept_ids=lmap.kept_ids)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out[12] if lmap.truncated else None)
+    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out[12] if lmap.filtered else None)
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)

@@ -133,14 +133,16 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     1), else the saved one (sweep 2). d = (u − m)·k + (m·k − b) with m the chunk row's max: u − m
     is exact near the max and the row's offset m·k − b is formed in float64, so d carries one or
     two fp32 roundings relative to itself, as the kernels' FMA does, in one fp32 buffer. Invalid
-    rows are zeroed first (they may hold NaN). Returns (d, valid, b, u) with u the softcapped
-    logits (None without softcap)."""
+    rows are zeroed first (they may hold NaN). Replayed rows (``_dropped``) take b from their kept
+    logits, and d = −inf outside them. Returns (d, valid, b, u, dropped) with u the softcapped
+    logits (None without softcap) and dropped the mask of ``_dropped`` (None without replay)."""
     valid = target[r0:r0 + t1 - t0] >= 0
     x = logits[b, t0:t1].to(compute_dtype(logits), copy=True)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
     u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
     k = _row_scale(lmap.log2_scale, lmap, valid, r0, x.dtype)  # the fp32 the kernels get
-    m = u.amax(-1)
+    dropped = _dropped(lmap, r0, t1 - t0, x.shape[-1], x.device)
+    m = (u if dropped is None else u.masked_fill(dropped, -math.inf)).amax(-1)
     finite = torch.isfinite(m)
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
     # that d = −inf, never −inf − (−inf). A +inf or NaN max stays the base, as in the kernels:
@@ -151,7 +153,24 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     offset = (m.double() * k64 - base.double()).to(x.dtype).unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
     k = k.unsqueeze(-1) if isinstance(k, torch.Tensor) else k
-    return d.mul_(k).add_(offset), valid, base, (u if lmap.softcap else None)
+    d = d.mul_(k).add_(offset)
+    if dropped is not None:  # never read, as the kernels read only the kept logits: a NaN there stays out
+        d.masked_fill_(dropped, -math.inf)
+    return d, valid, base, (u if lmap.softcap else None), dropped
+
+
+def _dropped(lmap, r0, rows, V, device):
+    """(rows, V) bool: the elements outside the replayed kept sets of rows [r0, r0 + rows) (none
+    in a row with an empty set), or None without replay."""
+    if not lmap.replayed:
+        return None
+    offsets, ids = lmap.kept_offsets, lmap.kept_ids.long()
+    counts = offsets[1:] - offsets[:-1]
+    row_of = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=ids.numel())
+    inside = ((row_of >= r0) & (row_of < r0 + rows)).int()
+    kept = torch.zeros(rows, V, dtype=torch.int32, device=device)
+    kept.index_put_(((row_of - r0).clamp(0, max(rows - 1, 0)), ids), inside, accumulate=True)
+    return (kept == 0) & (counts[r0:r0 + rows] > 0).unsqueeze(-1)
 
 
 def _zero_tail(grad):
@@ -170,7 +189,7 @@ def _cut(lmap, d, valid, r0, base):
     log2(min_p), never above the largest logit's own d (``select._cut``); then, at rows whose
     softmax is finite, the k-th largest d left, and the smallest d left whose mass strictly above
     is below top_p of what is left, each by a sort of the row. −inf: not truncated."""
-    if not lmap.truncated:
+    if not lmap.filtered:
         return None
     r1 = r0 + valid.numel()
     cut = torch.full_like(base, -math.inf, dtype=d.dtype)
@@ -205,11 +224,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
     assert not lmap.truncated or not (with_loss or grad is not None), "a truncated softmax gives log-probs only"
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.truncated,
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.filtered,
                          dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        d, valid, base, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
+        d, valid, base, _, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
         cut = _cut(lmap, d, valid, r0, base)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
@@ -247,17 +266,15 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         _zero_tail(grad)
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        q, valid, row_base, u = _exponents(logits, target, b, t0, t1, r0, base, lmap)
+        q, valid, row_base, u, dropped = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         y = target[r0:r1].long()
-        cut = None if lmap.cut is None else torch.where(valid, lmap.cut[r0:r1], -math.inf).to(q.dtype).unsqueeze(-1)
-        dropped = None if cut is None else q < cut      # outside the kept set, before q becomes log2 p
+        if lmap.cut is not None:                        # outside the kept set, before q becomes log2 p
+            dropped = q < torch.where(valid, lmap.cut[r0:r1], -math.inf).to(q.dtype).unsqueeze(-1)
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
         if dropped is not None:  # a target outside the kept set: no log-prob gradient
             dlogp_c = torch.where(dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1)), 0.0, dlogp_c)
         dz = q.exp2()                                   # p, then overwritten with ∂L/∂z
-        if dropped is not None:
-            dz.masked_fill_(dropped, 0.0)
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
@@ -271,6 +288,8 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         dz.mul_(slope.unsqueeze(-1) if isinstance(slope, torch.Tensor) else slope)
         if lmap.softcap:
             dz.mul_(1.0 - u * u)                        # dz/dx from tanh's result, as eager does
+        if dropped is not None:                         # p = 0 outside the kept set (a NaN there stays out)
+            dz.masked_fill_(dropped, 0.0)
         dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
         grad[b, t0:t1] = dz
     return grad

@@ -31,7 +31,7 @@ def _valid_tokens(input_ids, mask, ignore_index):
     return valid
 
 
-def _selected_logprobs(logits, input_ids, valid, temperature, filters=None):
+def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept=None):
     """log softmax(x/τ)[y] and log softmax(x/τ) over the vocabulary, for valid tokens only, and
     the (B, T) bool of the targets outside the kept set (all False without ``filters``).
 
@@ -40,8 +40,12 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None):
     token (shaped like input_ids, or flat): each row is divided by its own τ_t (1 at invalid
     tokens, whose τ may be anything). ``filters``: {top_k, top_p, min_p} (SPEC.md, section 9):
     the softmax is then the truncated one, and a target outside its kept set gets −inf and no
-    gradient; a row holding a NaN or +inf logit keeps every token (its results are NaN).
+    gradient; a row holding a NaN or +inf logit keeps every token (its results are NaN). ``kept``:
+    a replayed kept set instead, as a bool shaped like ``logits`` (``replayed_set``): the logits
+    outside it are never read, so whatever they hold reaches nothing.
     """
+    if kept is not None:
+        logits = torch.where(kept, logits, torch.zeros_like(logits))
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
     ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
     if isinstance(temperature, torch.Tensor):  # one τ_t per token; a 0-d tensor is one τ for all
@@ -57,6 +61,9 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None):
         keep = kept_set(z.detach(), **per_token) | nan_row
         z = truncated(z, keep)
         outside = valid & ~keep.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if kept is not None:
+        z = truncated(z, kept)
+        outside = valid & ~kept.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logprobs = F.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(outside, torch.full_like(logp, -math.inf), logp)
@@ -107,6 +114,21 @@ def kept_set(z, top_k=None, top_p=None, min_p=None):
     return keep
 
 
+def replayed_set(kept_ids, shape):
+    """A replayed kept set (offsets, ids), CSR over the tokens in flat order (SPEC.md, section 9),
+    as a bool of ``shape`` (..., V): row r keeps ids[offsets[r]:offsets[r + 1]], an empty row
+    every token."""
+    offsets, ids = (x.tolist() for x in kept_ids)
+    rows = len(offsets) - 1
+    kept = torch.zeros(rows, shape[-1], dtype=torch.bool)
+    for r in range(rows):
+        if offsets[r + 1] > offsets[r]:
+            kept[r, ids[offsets[r]:offsets[r + 1]]] = True
+        else:
+            kept[r] = True
+    return kept.reshape(shape)
+
+
 def truncated(z, keep):
     """The logits of the truncated distribution: −inf outside the kept set (no gradient there)."""
     return torch.where(keep, z, torch.full_like(z, -math.inf))
@@ -143,15 +165,17 @@ def _unpack(cu_seqlens, *flat):
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False, mask=None,
-                   top_k=None, top_p=None, min_p=None):
+                   top_k=None, top_p=None, min_p=None, kept_ids=None):
     """log softmax(logits/τ)[input_ids] (and the entropy of softmax(logits/τ)); 0 where ignored
     or where ``mask`` is false. With ``top_k``/``top_p``/``min_p`` the softmax is the sampler's
-    truncated one (SPEC.md, section 9): −inf for a target outside its kept set."""
+    truncated one (SPEC.md, section 9): −inf for a target outside its kept set; with
+    ``kept_ids`` (offsets, ids) the kept set is the one given (``replayed_set``)."""
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, mask3 = _as_batch(logits, input_ids, mask)
     valid = _valid_tokens(ids, mask3, ignore_index)
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
-    logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters)
+    kept = None if kept_ids is None else replayed_set(kept_ids, logits3.shape).to(logits.device)
+    logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
     logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
     if not return_entropy:
         return logp
@@ -330,6 +354,7 @@ def mhpo_loss(
     top_p=None,
     min_p=None,
     token_weights=None,
+    kept_ids=None,
 ):
     """The MHPO policy loss of SPEC.md, with the same signature as ``mhpo_kernels.mhpo_loss``
     (and ``objective``, as in ``mhpo_kernels.policy_loss``: None is MHPO with c, k, λ above)
@@ -339,16 +364,19 @@ def mhpo_loss(
     the log-probs are the sampler's truncated ones (section 9): a target outside the kept set is
     left out like an invalid token, and so is one whose old log-prob is −inf (every objective but
     GPG, which reads none); ``outside_support`` (their share of the valid tokens) joins the
-    metrics."""
+    metrics. ``kept_ids`` (offsets, ids): the kept set replayed instead, the same way."""
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
+    n_tokens = input_ids.numel()
+    kept = None if kept_ids is None else replayed_set(kept_ids, (n_tokens, logits.shape[-1])).to(logits.device)
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
         tau_tokens = torch.is_tensor(temperature) and temperature.shape == input_ids.shape
         w_tokens = token_weights is not None and token_weights.shape == input_ids.shape
         names = [k for k, v in filters.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
-        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, w, *filter_values) = _unpack(
-            cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
-            temperature if tau_tokens else None, token_weights if w_tokens else None, *(filters[k] for k in names))
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, w, kept, *filter_values) = \
+            _unpack(cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
+                    temperature if tau_tokens else None, token_weights if w_tokens else None, kept,
+                    *(filters[k] for k in names))
         filters.update(zip(names, filter_values))
         advantages = adv_tokens if per_token else advantages
         token_weights = w if w_tokens else token_weights
@@ -356,9 +384,10 @@ def mhpo_loss(
         mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
+    kept = None if kept is None else kept.reshape(logits3.shape)
     valid = _valid_tokens(ids, mask, ignore_index)
-    logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters)
-    if _any_on(filters) and old is not None and type(objective).__name__ != "GPG":
+    logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
+    if (_any_on(filters) or kept is not None) and old is not None and type(objective).__name__ != "GPG":
         outside = outside | (valid & (old == -math.inf))   # no ratio: the old policy's kept set left it out
     share = (outside.sum() / valid.sum().clamp(min=1)).to(logp.dtype)
     valid = valid & ~outside
@@ -375,7 +404,7 @@ def mhpo_loss(
         objective=objective, entropy_coef=entropy_coef, seq_valid_tokens=seq_valid_tokens,
         token_weights=token_weights,
     )
-    if return_metrics and filters:
+    if return_metrics and (filters or kept is not None):
         out[1]["outside_support"] = share.detach()
     return out
 

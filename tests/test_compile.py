@@ -65,6 +65,24 @@ def linear_logprobs_step(hidden, weight, ids, old, adv, mask):
     return (logp * adv[:, None]).sum() + 0.1 * ent.sum(), ent.mean()
 
 
+def replayed_step(logits, ids, old, adv, mask, ref):
+    """A replayed kept set, made in the graph: on every other token its target and two more ids."""
+    flat = ids.reshape(-1).clamp(min=0)
+    kept = torch.stack([flat, (flat + 1) % logits.shape[-1], (flat + 7) % logits.shape[-1]], 1)[::2]
+    counts = (torch.arange(flat.numel()) % 2 == 0).long() * 3
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    loss, metrics = mhpo_kernels.mhpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.1, temperature=0.8,
+                                           return_metrics=True, entropy_coef=0.01, kept_ids=(offsets, kept.reshape(-1)))
+    return loss, metrics["entropy"], metrics["outside_support"]
+
+
+def linear_truncated_step(hidden, weight, ids, old, adv, mask):
+    """The fused linear loss over the sampler's filtered softmax."""
+    loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
+        hidden, weight, ids, old, adv, mask, chunk_size=5, min_p=0.01, top_p=0.9, return_metrics=True)
+    return loss, metrics["entropy"], metrics["outside_support"]
+
+
 def _logits_args():
     logits, kw = make_inputs(SMALL, Regime("compile", kl=True, garbage=False))
     return logits.requires_grad_(), kw["input_ids"], kw["old_logprobs"], kw["advantages"], kw["mask"], kw["ref_logprobs"]
@@ -95,9 +113,11 @@ def test_no_graph_breaks(step, make_args):
 
 @pytest.mark.parametrize("step, make_args", [(logits_step, _logits_args), (head_step, _linear_args),
                                              (linear_step, _linear_args), (linear_logprobs_step, _linear_args),
-                                             (one_sweep_step, _logits_args), (one_sweep_head_step, _linear_args)],
+                                             (one_sweep_step, _logits_args), (one_sweep_head_step, _linear_args),
+                                             (replayed_step, _logits_args), (linear_truncated_step, _linear_args)],
                          ids=["mhpo_loss", "full-logits-inplace", "fused_linear_mhpo_loss",
-                              "fused_linear_token_logprobs", "grad-in-forward", "grad-in-forward-inplace"])
+                              "fused_linear_token_logprobs", "grad-in-forward", "grad-in-forward-inplace",
+                              "kept-ids", "fused-linear-top-p"])
 def test_compiled_step_equals_eager(step, make_args):
     args = make_args()
     eager_args, compiled_args = _fresh(args), _fresh(args)
@@ -158,7 +178,7 @@ def test_custom_ops_registered():
 
 
 @pytest.mark.parametrize("config", ["logits-all", "logits-minimal", "logits-shifted-inplace", "logits-shifted-tau",
-                                    "logits-truncated-loss", "logits-shifted-truncated",
+                                    "logits-truncated-loss", "logits-shifted-truncated", "logits-shifted-replayed",
                                     "logits-grad-in-forward", "logits-shifted-grad-in-forward",
                                     "linear-all", "linear-head-only-bf16", "linear-logprobs-tau"])
 def test_opcheck(config):
@@ -196,15 +216,20 @@ def test_opcheck(config):
                       top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0, 0.05])) if truncated else {}
         if config == "logits-truncated-loss":  # the loss's second prepare launch: its sequences and aggregation
             kwargs.update(cu=torch.tensor([0, 2, 6]), totals=1, agg=0, normalizer=torch.tensor(3.0))
-        elif truncated:
+        elif truncated or config == "logits-shifted-replayed":
             args = (x, ids, None, None, None, None, tau, params, False, True, False, shifted, False)
+        replayed = dict(kept_offsets=torch.tensor([0, 3, 3, 4, 6, 6, 8]),
+                        kept_ids=torch.tensor([1, 7, 9, 4, 0, 199, 5, 6], dtype=torch.int32))
+        if config == "logits-shifted-replayed":  # rows 0, 2, 3 and 5 replayed (4 is no token)
+            kwargs = replayed
         torch.library.opcheck(ops.sweeps_forward, args, kwargs)
         if shifted:  # the backward ops themselves, out of place and in place
             stats = [s.detach() for s in ops.sweeps_forward(*args, **kwargs)]
             bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
                         torch.randn(6, generator=g), tau, params, False, True, stats[12] if truncated else None)
-            torch.library.opcheck(ops.sweeps_backward, bwd_args)
-            torch.library.opcheck(ops.sweeps_backward_, bwd_args)
+            bwd_kwargs = replayed if config == "logits-shifted-replayed" else {}
+            torch.library.opcheck(ops.sweeps_backward, bwd_args, bwd_kwargs)
+            torch.library.opcheck(ops.sweeps_backward_, bwd_args, bwd_kwargs)
     elif config == "linear-logprobs-tau":
         h = torch.randn(6, 16, generator=g).requires_grad_()
         w = (torch.randn(50, 16, generator=g) * 0.3).requires_grad_()

@@ -279,6 +279,15 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
     cfg = sweep_config(V, logits.element_size())
     has_dent = dentropy is not None
+    replayed = {}
+    if lmap.replayed:  # replay.py: the kept elements' gradients first (in place, the sweep zeroes the rows)
+        from .replay import replay_bwd, unreplayed  # it builds on this module's _grad_block
+
+        replayed = dict(target=target, base=base, lse2_rest=lse2_rest, dlogp=dlogp, entropy=entropy,
+                        dentropy=dentropy, lmap=lmap, kept_grad=torch.empty(lmap.kept_ids.numel(),
+                                                                            dtype=torch.float32, device=grad.device))
+        replay_bwd(logits, grad, gather=True, **replayed)
+        target = unreplayed(target, lmap)
     # A truncated row is never split: each program decides from the target logit, read before any
     # write, whether the target is kept (another split may overwrite it when in place).
     splits = 1 if lmap.cut is not None else launch_splits(N, V, logits.element_size(), logits.device)
@@ -305,4 +314,6 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             num_warps=cfg.num_warps,
             enable_fp_fusion=FP_FUSION,
         )
+    if replayed:
+        replay_bwd(logits, grad, gather=False, **replayed)
     return grad

@@ -11,6 +11,7 @@ from .._sweep_types import RowStats
 from ..torch_sweeps import _zero_tail
 from .backward import _grad_row, _in_phase, _zero_row
 from .logit_map import LN2, _logit_u
+from .replay import replay_fwd, unreplayed
 from .select import _cut, select_cuts
 from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _combine, _fold, _fold_parts,
                    _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _rebased, _row_lead, _row_offset,
@@ -324,7 +325,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     (B, T + 1, V) tensors, and position T of each sequence gets a zero gradient row."""
     B, T, V = logits.shape
     N = B * T
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.truncated)
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.filtered)
     tail = B if zero_tail and grad is not None else 0
     if N == 0:
         if tail:
@@ -339,13 +340,15 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
     dx = grad if one_sweep else logits
-    truncated = lmap.truncated
-    assert not (truncated and (with_loss or one_sweep)), "a truncated softmax gives log-probs and entropy only"
+    assert not (lmap.truncated and (with_loss or one_sweep)), "a truncated softmax gives log-probs and entropy only"
+    replayed_target = target
+    if lmap.replayed:  # the rows with a kept set are replay.py's; the launches below skip them
+        target = unreplayed(target, lmap)
     # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
     # (SPLIT 2: the kept tokens' sums and the epilogue).
     selected = lmap.top_k is not None or lmap.top_p is not None
     n_segs, seg_len = row_segments(V, cfg.block_v), segment_length(V, cfg)
-    splits = 1 if one_sweep or truncated else launch_splits(N, V, logits.element_size(), logits.device)
+    splits = 1 if one_sweep or lmap.filtered else launch_splits(N, V, logits.element_size(), logits.device)
     split_segs = -(-n_segs // splits)
     splits = -(-n_segs // split_segs)  # none of them without a segment
     part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
@@ -404,4 +407,6 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         else:
             launch((N, splits), 1, cfg.num_warps)
             launch((N,), 2, 1)   # per row: a few scalars, no logits but the target's
+    if lmap.replayed:
+        replay_fwd(logits, replayed_target, lmap, out, with_entropy)
     return out

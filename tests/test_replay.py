@@ -1,0 +1,170 @@
+"""Replay (SPEC.md, section 9): the sampler's kept set handed over as CSR ``kept_ids=(offsets,
+ids)``; log-probs, entropy, gradients and losses on the Triton kernels and the PyTorch path
+against the float64 reference, which builds the kept set as a mask.
+
+The kept set is given, so no value sits near a cutoff: random logits are enough, and fp32's error
+is that of a softmax over the kept logits (FP32_RTOL). The inputs hold what replay must get
+right: empty rows (not truncated), sets longer than the kernel's step of 128 ids, a target outside
+its set, NaN logits outside a set (never read) and a −inf logit inside one."""
+
+import pytest
+import torch
+
+import mhpo_kernels
+import reference
+from _cases import FP32_RTOL
+from test_truncation import _close, _loss_and_grad, _loss_inputs, _run
+
+BACKENDS = ["triton", "torch"]
+SIZES = (5, 0, 150, 1, 40, 0)  # kept ids per row, in turn: 0 is an untruncated row
+
+
+def _kept_sets(ids, V, seed, outside_every=4):
+    """CSR kept sets over the rows of ``ids`` (flat order): sizes from SIZES, the target inside
+    the set but on every ``outside_every``-th truncated row."""
+    g = torch.Generator().manual_seed(seed)
+    flat = ids.reshape(-1).tolist()
+    offsets, kept, truncated = [0], [], 0
+    for r, y in enumerate(flat):
+        n = SIZES[r % len(SIZES)]
+        if n:
+            row = [v for v in torch.randperm(V, generator=g).tolist() if v != y][:n]
+            truncated += 1
+            if truncated % outside_every:
+                row[-1] = y
+            kept += row
+        offsets.append(len(kept))
+    return torch.tensor(offsets), torch.tensor(kept)
+
+
+def _logits(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["padded", "shifted", "flat"])
+def test_logprobs_entropy_and_gradient(backend, layout):
+    B, T, V = 2, 6, 300
+    tokens = _logits((B, T, V), seed=1)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    offsets, kept = _kept_sets(ids, V, seed=3)
+    outside = torch.zeros(B * T, V, dtype=torch.bool)   # of a truncated row's set
+    for r in range(B * T):
+        if offsets[r + 1] > offsets[r]:
+            outside[r] = True
+            outside[r, kept[offsets[r]:offsets[r + 1]]] = False
+    outside = outside.reshape(B, T, V)
+    tokens.masked_fill_(outside & (torch.arange(V) % 7 == 0), float("nan"))   # never read
+    tokens.view(B * T, V)[2, kept[offsets[2]]] = float("-inf")                # inside a set: p = 0
+    x = torch.cat([tokens, _logits((B, 1, V), seed=5)], 1) if layout == "shifted" else tokens
+    kw = dict(kept_ids=(offsets, kept))
+    if layout == "padded":
+        kw["temperature"] = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) + 0.5
+    if layout == "flat":
+        x, ids = x.reshape(B * T, V), ids.reshape(-1)
+    upstream = torch.linspace(-1.0, 2.0, ids.numel()).reshape(ids.shape)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, **kw)
+    want_logp, want_ent, want_grad = _run(reference.token_logprobs, x.double(), ids, upstream.double(), **kw)
+    assert logp.isinf().any() and not logp.isnan().any(), "some target outside its set, and no NaN read"
+    _close(logp, want_logp)
+    _close(ent, want_ent)
+    _close(grad, want_grad)
+    grad_tokens = grad[:, :T] if layout == "shifted" else grad.reshape(B, T, V)
+    assert not grad_tokens[outside].any(), "zero outside the kept sets"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replaying_the_filters_kept_set_is_filtering(backend):
+    """The kept set top_k and top_p make, replayed, gives the filters' own results (to fp32), and
+    in place the same gradient bits as out of place."""
+    B, T, V = 2, 3, 300
+    x = (torch.randint(-48, 48, (B, T, V), generator=torch.Generator().manual_seed(5)) / 8.0)
+    ids = x.argmax(-1)
+    keep = reference.kept_set(x.double(), top_k=20, top_p=0.9).reshape(B * T, V)
+    kept = keep.nonzero()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)])
+    upstream = torch.linspace(-1.0, 2.0, ids.numel()).reshape(ids.shape)
+    with mhpo_kernels.use_backend(backend):
+        replayed = _run(mhpo_kernels.token_logprobs, x, ids, upstream, kept_ids=(offsets, kept[:, 1]))
+        filtered = _run(mhpo_kernels.token_logprobs, x, ids, upstream, top_k=20, top_p=0.9)
+        in_place = x.clone().requires_grad_()
+        logp, ent = mhpo_kernels.token_logprobs(in_place * 1, ids, return_entropy=True, inplace_backward=True,
+                                                kept_ids=(offsets, kept[:, 1]))
+        (logp * upstream + 0.5 * ent).sum().backward()
+    for got, want in zip(replayed, filtered):
+        _close(got, want.double())
+    assert torch.equal(in_place.grad, replayed[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective, agg", [("mhpo", "seq-mean-token-mean"), ("mhpo", "token-mean"),
+                                            ("mhpo", "seq-mean-token-sum"), ("ppo-clip", "token-mean"),
+                                            ("gspo", "seq-mean-token-mean")])
+def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, agg):
+    """Every aggregation mode, with β, the entropy bonus and an old log-prob of −inf at a target
+    inside its set: the loss, its gradient and ``outside_support`` equal the reference's."""
+    c = _loss_inputs(seed=21)
+    ids = c["ids"]
+    offsets, kept = _kept_sets(ids, c["x"].shape[-1], seed=22, outside_every=3)
+    objectives = dict(mhpo=None, gspo=mhpo_kernels.objectives.GSPO(),
+                      **{"ppo-clip": mhpo_kernels.objectives.PPOClip(eps_low=0.2, eps_high=0.28)})
+    adv = c["adv"] if objective == "gspo" else c["adv"][:, None] * torch.linspace(0.5, 1.5, ids.shape[1])
+    kw = dict(loss_agg_mode=agg, beta=0.05, entropy_coef=0.01, kept_ids=(offsets, kept))
+    args = (ids, c["old"], adv, c["mask"])
+    with mhpo_kernels.use_backend(backend):
+        loss, metrics, grad = _loss_and_grad(mhpo_kernels.policy_loss, c["x"], *args, ref_logprobs=c["ref"],
+                                             objective=objectives[objective] or mhpo_kernels.objectives.MHPO(), **kw)
+    want, want_metrics, want_grad = _loss_and_grad(
+        reference.mhpo_loss, c["x"].double(), ids, c["old"].double(), adv.double(), c["mask"],
+        ref_logprobs=c["ref"].double(), objective=objectives[objective], **kw)
+    assert 0 < want_metrics["outside_support"].item() < 0.5
+    assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+    _close(grad, want_grad)
+    assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_stream_through_the_module(backend):
+    c = _loss_inputs(seed=23)
+    keep = c["mask"].reshape(-1)
+    x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep], c["ids"].reshape(-1)[keep]
+    old = c["old"].reshape(-1)[keep]
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), c["mask"].sum(-1).cumsum(0)])
+    kept_ids = _kept_sets(ids, x.shape[-1], seed=24)
+    module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
+    with mhpo_kernels.use_backend(backend):
+        loss, _, grad = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, kept_ids=kept_ids)
+    want, _, want_grad = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(), c["adv"].double(),
+                                        cu_seqlens=cu, loss_agg_mode="token-mean", kept_ids=kept_ids)
+    assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+    _close(grad, want_grad)
+
+
+def test_bad_kept_sets_are_refused():
+    c = _loss_inputs(seed=25)
+    ids, N, V = c["ids"], c["ids"].numel(), c["x"].shape[-1]
+    offsets, kept = _kept_sets(ids, V, seed=26)
+    twice = kept.clone()
+    twice[1] = twice[0]
+    cases = [
+        (TypeError, "pair", kept),
+        (ValueError, rf"shape \({N + 1},\)", (offsets[:-1], kept)),
+        (ValueError, "start at 0, be non-decreasing", (offsets.flip(0), kept)),
+        (ValueError, "end at the number of ids", (offsets, kept[:-1])),
+        (ValueError, r"outside \[0, V\)", (offsets, kept + V)),
+        (ValueError, "an id twice", (offsets, twice)),
+        (TypeError, "integer tensor", (offsets.float(), kept)),
+        (ValueError, "must be off with it", (offsets, kept), dict(top_k=5)),
+        (ValueError, "nor kept_ids", (offsets, kept), dict(grad_in_forward=True)),
+        (NotImplementedError, "seq_valid_tokens", (offsets, kept), dict(seq_valid_tokens=torch.full((3,), 5))),
+    ]
+    x = c["x"].clone().requires_grad_()
+    with mhpo_kernels.use_backend("torch"):
+        for error, match, kept_ids, *extra in cases:
+            with pytest.raises(error, match=match):
+                mhpo_kernels.mhpo_loss(x, ids, c["old"], c["adv"], c["mask"], kept_ids=kept_ids,
+                                       **(extra[0] if extra else {}))
+        with pytest.raises(ValueError, match="an id twice"):
+            mhpo_kernels.token_logprobs(x, ids, kept_ids=(offsets, twice))
