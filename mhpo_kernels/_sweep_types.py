@@ -97,10 +97,10 @@ class LogitMap:
 
     def truncated_rows(self, cut):
         """(N,) bool: the rows truncated to a kept set, given the forward's thresholds ``cut``
-        (filters: a finite threshold; replay: a kept set given)."""
+        (filters: a finite threshold; replay: a kept set given); None when neither is on."""
         if self.replayed:
             return self.kept_offsets[1:] > self.kept_offsets[:-1]
-        return cut > -float("inf")
+        return None if cut is None else cut > -float("inf")
 
     @property
     def log2_scale(self):

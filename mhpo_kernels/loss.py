@@ -264,9 +264,11 @@ def policy_loss(
 
 def outside_support_share(logp, truncated, batch, kind):
     """The share of the valid tokens a truncated loss leaves out (``ops.outside_support``), a 0-d
-    fp32 tensor; ``truncated``: the truncated rows (``LogitMap.truncated_rows``)."""
+    fp32 tensor; ``truncated``: the truncated rows (``LogitMap.truncated_rows``), None for none:
+    0 then."""
     valid = batch.target >= 0
-    outside = valid & outside_support(logp.detach(), truncated, batch.old, kind)
+    outside = torch.zeros_like(valid) if truncated is None else \
+        valid & outside_support(logp.detach(), truncated, batch.old, kind)
     return outside.sum().float() / valid.sum().clamp(min=1)
 
 
