@@ -20,6 +20,8 @@ import mhpo_kernels
 import reference
 from mhpo_kernels.objectives import PPOClip
 
+from .workloads import KEPT
+
 TEMPERATURE = 0.9
 BETA = 0.04
 TRL_VOCAB_CHUNK = 8192  # vocabulary columns per tile in TRL's ChunkedLogProbFunction
@@ -271,6 +273,11 @@ PROVIDERS = {
         "eager-top-p": Provider("eager-top-p", f"log-probs, top_p = {TOP_P}", None,
                                 lambda i: reference.token_logprobs(i["full_logits"][:, :-1], i["input_ids"],
                                                                    TEMPERATURE, top_p=TOP_P), modes=("logprobs",)),
+        # a replayed kept set (workloads.KEPT ids per row): the kept logits gathered, no pass over the
+        # row. Its GB/s counts every logit as the others' do (bytes_moved), though it reads KEPT of V.
+        "fused-kept-ids": Provider("fused-kept-ids", f"log-probs, {KEPT} kept ids replayed", None,
+                                   lambda i: mhpo_kernels.token_logprobs(i["full_logits"], i["input_ids"], TEMPERATURE,
+                                                                         kept_ids=i["kept_ids"]), modes=("logprobs",)),
         "liger": Provider("liger", "GRPO", _liger_logits,
                           lambda i: _liger()[1](i["full_logits"], i["input_ids"], TEMPERATURE),
                           needs=_needs_import(_liger, cuda_only=True)),

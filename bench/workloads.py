@@ -108,11 +108,15 @@ def _randn(shape, scale, dtype, device, generator):
     return out
 
 
+KEPT = 50  # the replayed kept set per token: the sampler's top-50, as a top_k = 50 sampler keeps
+
+
 def make_inputs(case, device, seed=0):
     """Trainer-shaped inputs. Logits suite: ``full_logits`` (B, T+1, V) as a model returns them,
     and ``logits``, the view [:, :-1] that predicts the ids. Linear suite: hidden (B, T, H) and an LM head (V, H) scaled so the logits
     have unit-ish spread. Both: sampled ids, old and reference log-probs near the current policy,
-    a mask with ragged completion lengths, per-sequence advantages."""
+    a mask with ragged completion lengths, per-sequence advantages. Logits suite: also
+    ``kept_ids``, each row's KEPT largest logits as a replayed kept set (CSR), made untimed."""
     import mhpo_kernels
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -142,6 +146,10 @@ def make_inputs(case, device, seed=0):
     )
     if case.suite == "logits":
         inputs.update(_packed(inputs))
+        with torch.no_grad():
+            kept = inputs["logits"].topk(min(KEPT, V), -1).indices.reshape(-1).to(torch.int32)
+        offsets = torch.arange(B * T + 1, device=device) * min(KEPT, V)
+        inputs["kept_ids"] = (offsets, kept)
     return inputs
 
 

@@ -5,7 +5,7 @@ argument's type, and, unless the parameter is ``do_not_specialize``d, whether an
 divisible by 16 and whether a data pointer is 16-byte aligned. The integers that move with the
 batch (N, T, the row strides T·V or (T + 1)·V, the split count and length) must not be in it.
 
-Each case below is a public call with its backward, made over 50 batch shapes (B and T in
+Each case below is a public call with its backward, made over 30 batch shapes (B and T in
 1..64, the four logits layouts the entry points take; the fused linear path's chunks of a few
 rows) at a fixed V and dtype, with the launches recorded instead of run
 (``bench.specialization``): the keys are those Triton's launcher would compute for an sm_90 GPU.
@@ -35,13 +35,13 @@ DTYPE = torch.bfloat16
 # past one block, so the same block shape, at a 37th of the cost; and a small hidden size.
 V_LINEAR = 4099
 H = 8
-N_SHAPES = 50
+N_SHAPES = 30  # an integer is keyed on = 1, % 16 == 0 or neither: the 10 fixed shapes give each
 KERNELS = (forward._mhpo_fwd_kernel, backward._mhpo_bwd_kernel, backward._scale_rows_kernel)
 LAYOUTS = ("contiguous", "shifted", "sliced", "flat")
 
 
 def _shapes():
-    """50 (B, T, layout, splits): the shapes where an integer is 1 or 16 first, then random ones.
+    """N_SHAPES (B, T, layout, splits): the shapes where an integer is 1 or 16 first, then random ones.
     ``splits`` is what ``launch_splits`` would give a small N on the GPU (forced here)."""
     rng = random.Random(0)
     fixed = [(1, 1, "contiguous"), (1, 1, "shifted"), (1, 1, "flat"), (1, 16, "contiguous"), (16, 1, "sliced"),

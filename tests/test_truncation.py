@@ -305,6 +305,15 @@ def _loss_and_grad(fn, x, *args, **kw):
     return loss.detach(), metrics, x.grad
 
 
+def _same_loss(got, want):
+    """``_loss_and_grad``'s (loss, metrics, gradient) against the reference's: the loss and the
+    gradient to fp32, ``outside_support`` to its fp32 rounding."""
+    (loss, metrics, grad), (want_loss, want_metrics, want_grad) = got, want
+    assert loss.item() == pytest.approx(want_loss.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+    _close(grad, want_grad)
+    assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("objective, filters", [("mhpo", f) for f in FILTERS] + [("ppo-clip", "min_p"),
                                                                                   ("gspo", "top_p")])
@@ -352,13 +361,9 @@ def test_packed_per_token_filters_and_the_module(backend):
     _assert_unambiguous(x.double(), top_p=0.8, min_p=MIN_P, top_k=9)
     module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
     with mhpo_kernels.use_backend(backend):
-        loss, metrics, grad = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, **filters)
-    want, want_metrics, want_grad = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(),
-                                                   c["adv"].double(), cu_seqlens=cu, loss_agg_mode="token-mean",
-                                                   **filters)
-    assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
-    _close(grad, want_grad)
-    assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+        got = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, **filters)
+    _same_loss(got, _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(), c["adv"].double(),
+                                   cu_seqlens=cu, loss_agg_mode="token-mean", **filters))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
