@@ -7,8 +7,9 @@ divisibility attributes Triton's binder derives from it are what is compiled. V 
 on 16-byte boundaries), and a representative subset again for rows that start anywhere (V =
 151,935 and 50,257, contiguous: only the data pointers 16-byte aligned); the batch's own integers
 (N, T, strides, splits) are never specialized (tests/test_specialization.py), so any batch gives
-the same code. Disassembles the cubin with the ``cuobjdump``
-that ships in Triton's wheel, finds the steady-state loop (the backward branch whose body holds
+the same code. Disassembles the cubins with the ``nvdisasm``
+that ships in Triton's wheel (every kernel's code in one call: the tool's start-up, half a second,
+is most of its time), reads registers and spills with its ``cuobjdump``, finds the steady-state loop (the backward branch whose body holds
 the logits loads) and counts its instructions. The one-sweep kernel (``grad_in_forward``) has two
 such loops inside its persistent loop over rows: both are counted, pass 1 against the forward's
 budget and pass 2 (the loop that stores) against the backward's. Elements per thread per iteration come from the
@@ -27,8 +28,10 @@ import argparse
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import tempfile
 
 from typing import NamedTuple
 
@@ -296,8 +299,35 @@ def _ldg_bytes(text):
 
 
 def parse_sass(sass):
-    """[(address, instruction text)] of the only kernel in a ``cuobjdump -sass`` listing."""
+    """[(address, instruction text)] of a SASS listing (``nvdisasm`` or ``cuobjdump -sass``)."""
     return [(int(a, 16), t.strip()) for a, t in _INSTR.findall(sass)]
+
+
+def _kernel_code(cubin):
+    """The machine code of the one kernel in a cubin (an ELF64 file): its ``.text.<name>`` section."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strtab = sections[names][4]
+    code = [cubin[off:off + size] for name, _, _, _, off, size in sections
+            if cubin[strtab + name:cubin.index(b"\0", strtab + name)].startswith(b".text.")]
+    assert len(code) == 1, f"{len(code)} kernels in a cubin"
+    return code[0]
+
+
+def disassemble(cubins):
+    """[[(address, instruction text)]] of each cubin's kernel, in order: their code laid end to end
+    and disassembled by one ``nvdisasm`` call, then cut at each kernel's bounds (addresses, branch
+    targets among them, count from the start of the first)."""
+    code = [_kernel_code(c) for c in cubins]
+    bounds = [sum(map(len, code[:i])) for i in range(len(code) + 1)]
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(code))
+        f.flush()
+        out = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "--binary", "SM90", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    instrs = parse_sass(out)
+    return [[(a, t) for a, t in instrs if lo <= a < hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _loops(instrs):
@@ -375,20 +405,18 @@ def _loop_report(loop, dtype):
     }
 
 
-def analyze(cubin_path, dtype, two_passes=False, cut=False, select=False):
-    """The loop report of one cubin: registers, spills, elements and instructions per element.
+def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False):
+    """The loop report of one cubin and its disassembly ``instrs`` (``disassemble``): registers,
+    spills, elements and instructions per element.
     ``two_passes`` (the one-sweep kernel) or ``cut`` (min_p's forward): the fields are pass 1's,
     and ``pass2`` holds pass 2's (None for either if the two loops are not found). ``select``
     (the selection launch): the fields are its first counting loop's, and ``select`` lists them
     all (top-k's, then top-p's)."""
-    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin_path],
-                          capture_output=True, text=True, check=True).stdout
     usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin_path],
                            capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
     report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
-    instrs = parse_sass(sass)
     if select:
         loops = [_loop_report(loop, dtype) for loop in _block_loops(instrs)]
         return {**report, **(loops[0] if loops else _loop_report(None, dtype)), "select": loops}
@@ -432,6 +460,7 @@ def measure(names, cubin_dir, processes=None):
     for name, key in keys.items():
         first.setdefault(key, name)
     cubins = _compile_all(list(first.values()), processes or os.cpu_count() or 1)
+    sass = dict(zip(cubins, disassemble(list(cubins.values()))))
     rows = []
     done = {}
     for name in names:
@@ -441,7 +470,7 @@ def measure(names, cubin_dir, processes=None):
         with open(path, "wb") as f:
             f.write(cubin)
         if key not in done:
-            done[key] = analyze(path, var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
+            done[key] = analyze(path, sass[first[key]], var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
                                 var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False),
                                 var.kernel is _select_kernel)
         report = done[key]
