@@ -41,9 +41,11 @@ from triton.compiler import ASTSource
 
 from bench.specialization import TARGET, constexpr_values, recorded_launches, specialize
 from mhpo_kernels import _config
-from mhpo_kernels._sweep_types import LogitMap, TokenParams
+from mhpo_kernels._sweep_types import LogitMap, RowStats, TokenParams
 from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, _scale_rows_kernel, mhpo_bwd, scale_rows_
 from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel, mhpo_fwd
+from mhpo_kernels.kernels.replay import BLOCK_K, NUM_WARPS as REPLAY_WARPS, _replay_bwd_kernel, _replay_fwd_kernel
+from mhpo_kernels.kernels.replay import replay_bwd, replay_fwd
 from mhpo_kernels.kernels.select import _select_kernel
 
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
@@ -67,6 +69,12 @@ MUFU_BUDGET = 1.25  # outside softcap
 # shared-memory atomics), and for top-p two masked sums. Its own budget, from the measured loops
 # (bench/NOTES.md).
 BUDGET["select"] = 28.0
+# Replay's loops (kernels/replay.py) gather one kept id per thread per step: an id load, a
+# scattered logit load, the lane's online log-sum-exp with a rebase per id (two MUFU), or the
+# gradient element. More work per logit than a sweep, on K of V logits: their own budget, from
+# the measured loops (bench/NOTES.md).
+BUDGET["replay"] = 40.0
+REPLAY_MUFU_BUDGET = 2.0
 # Registers per thread: at most 64 lets 4 programs of 8 warps share an SM, 32–64 KiB of loads in
 # flight (bench/NOTES.md). The budgets above are the hardware's and hold for every compiler; the
 # code a Triton version generates for a variant may need more registers, and where it was
@@ -161,6 +169,18 @@ SPLIT_FWD = {"bf16": ("logprobs", "entropy", "softcap-logprobs"), "fp32": ("logp
 SPLIT_BWD = {"bf16": ("", "entropy", "softcap-entropy"), "fp32": ("entropy",)}
 SPLIT_UNALIGNED = ("bf16", "logprobs", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
 
+# Replay: the forward's gather loop; the backward's, GATHER (the gradient elements into the (K,)
+# buffer) and the scatter of that buffer, bf16 and fp32.
+REPLAY_DTYPES = ("bf16", "fp32")
+REPLAY_FLAGS = {
+    "fwd-logprobs": (_replay_fwd_kernel, dict(SOFTCAP=False, WITH_ENTROPY=False, HAS_TAU=False)),
+    "fwd-entropy": (_replay_fwd_kernel, dict(SOFTCAP=False, WITH_ENTROPY=True, HAS_TAU=False)),
+    "bwd-gather": (_replay_bwd_kernel, dict(GATHER=True, SOFTCAP=False, HAS_DENT=False, HAS_TAU=False)),
+    "bwd-gather-entropy": (_replay_bwd_kernel, dict(GATHER=True, SOFTCAP=False, HAS_DENT=True, HAS_TAU=False)),
+    "bwd-scatter": (_replay_bwd_kernel, dict(GATHER=False, SOFTCAP=False, HAS_DENT=False, HAS_TAU=False)),
+}
+REPLAY_STEP = BLOCK_K // (32 * REPLAY_WARPS)  # kept ids per thread per step (the compiler unrolls steps)
+
 # The unaligned rows' subset: the loops differ only by dtype (vector width), entropy and softcap,
 # so one of each; the other epilogues sit after the same loop.
 UNALIGNED_DTYPES = ("bf16", "fp32")
@@ -221,7 +241,22 @@ def variants():
     for dtype in SCALE_DTYPES:
         out[f"scale-{dtype}"] = Variant(_scale_rows_kernel, dtype, {}, V, True)
         out[f"scale-{dtype}-v{UNALIGNED_V[0]}"] = Variant(_scale_rows_kernel, dtype, {}, UNALIGNED_V[0], False)
+    for dtype in REPLAY_DTYPES:
+        for suffix, (kernel, flags) in REPLAY_FLAGS.items():
+            out[f"replay-{dtype}-{suffix}"] = Variant(kernel, dtype, flags, V, True)
     return out
+
+
+def _replayed(var):
+    return var.kernel in (_replay_fwd_kernel, _replay_bwd_kernel)
+
+
+def _replay_bytes(var):
+    """Bytes a replay loop loads per kept id: the int32 id and the logit, or (the scatter) the id
+    and the fp32 gradient element; None for the sweeps."""
+    if not _replayed(var):
+        return None
+    return 4 + (4 if var.constexprs.get("GATHER") is False else ITEMSIZE[var.dtype])
 
 
 def launch_of(var, batch=BATCH, splits=SPLITS):
@@ -256,6 +291,16 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
                      per_token(f["HAS_REF"]), hp, logit_map(), with_entropy=f["WITH_ENTROPY"], with_loss=loss,
                      grad=grad if f["GRAD_IN_FORWARD"] else None)
             f = var.constexprs
+        elif _replayed(var):
+            lmap = LogitMap.make(1.0, kept_offsets=torch.empty(N + 1, dtype=torch.int64, device="meta"),
+                                 kept_ids=torch.empty(8 * N, dtype=torch.int32, device="meta"))
+            if var.kernel is _replay_fwd_kernel:
+                out = RowStats.empty(N, "meta", with_entropy=f["WITH_ENTROPY"], with_loss=False)
+                replay_fwd(logits, target, lmap, out, f["WITH_ENTROPY"])
+            else:
+                dent = f["HAS_DENT"]
+                replay_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent),
+                           per_token(dent), lmap, f["GATHER"], torch.empty(8 * N, device="meta"))
         elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
@@ -267,7 +312,7 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
             continue
         values = constexpr_values(launch)
         if all(values.get(k) == v for k, v in f.items()):
-            assert values["ROWS_ALIGNED"] == var.aligned, (var, values)
+            assert values.get("ROWS_ALIGNED", var.aligned) == var.aligned, (var, values)  # replay: none
             return launch
     raise ValueError(f"the launcher launches no {var.kernel.__name__} with {f}: "
                      f"{[constexpr_values(launch) for launch in launches]}")
@@ -386,14 +431,14 @@ def steady_loops(instrs):
     return tuple(sorted(inner, key=lambda loop: any(re.search(r"(^|\s)STG", t) for t in loop[1])))
 
 
-def _loop_report(loop, dtype):
+def _loop_report(loop, dtype, bytes_per_element=None):
     if loop is None:
         return {"elements_per_thread_per_iteration": None, "loop_instructions": None,
                 "instructions_per_element": None, "mufu_per_element": None, "vector_loads": 0,
                 "vector_stores": 0}
     loaded, body = loop
     body = [t for t in body if not t.endswith("NOP")]
-    elements = loaded // ITEMSIZE[dtype]
+    elements = loaded // (bytes_per_element or ITEMSIZE[dtype])
     mufu = sum(1 for t in body if "MUFU" in t)
     return {
         "elements_per_thread_per_iteration": elements,
@@ -405,9 +450,10 @@ def _loop_report(loop, dtype):
     }
 
 
-def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False):
+def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False, replay=None):
     """The loop report of one cubin and its disassembly ``instrs`` (``disassemble``): registers,
-    spills, elements and instructions per element.
+    spills, elements and instructions per element (``replay``: the bytes a replay loop loads per
+    kept id, its id with its logit or its fp32 gradient element).
     ``two_passes`` (the one-sweep kernel) or ``cut`` (min_p's forward): the fields are pass 1's,
     and ``pass2`` holds pass 2's (None for either if the two loops are not found). ``select``
     (the selection launch): the fields are its first counting loop's, and ``select`` lists them
@@ -421,7 +467,7 @@ def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False
         loops = [_loop_report(loop, dtype) for loop in _block_loops(instrs)]
         return {**report, **(loops[0] if loops else _loop_report(None, dtype)), "select": loops}
     if not (two_passes or cut):
-        return {**report, **_loop_report(steady_loop(instrs), dtype)}
+        return {**report, **_loop_report(steady_loop(instrs), dtype, replay)}
     loops = steady_loops(instrs) if two_passes else cut_loops(instrs)
     pass1, pass2 = loops if loops is not None else (None, None)
     return {**report, **_loop_report(pass1, dtype), "pass2": _loop_report(pass2, dtype)}
@@ -472,7 +518,7 @@ def measure(names, cubin_dir, processes=None):
         if key not in done:
             done[key] = analyze(path, sass[first[key]], var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
                                 var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False),
-                                var.kernel is _select_kernel)
+                                var.kernel is _select_kernel, _replay_bytes(var))
         report = done[key]
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}

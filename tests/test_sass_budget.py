@@ -25,7 +25,8 @@ import sys
 
 import pytest
 
-from bench.sass import BUDGET, MUFU_BUDGET, UNALIGNED_V, launched, register_limit, variants
+from bench.sass import (BUDGET, MUFU_BUDGET, REPLAY_MUFU_BUDGET, REPLAY_STEP, UNALIGNED_V, launched, register_limit,
+                        variants)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -128,9 +129,26 @@ def test_per_token_temperature_leaves_the_loop_alone(report):
 
 
 def test_one_exp2_per_element_outside_softcap(report):
+    """One exp2 per logit in the sweeps (their lanes rebase once per block); replay's forward
+    rebases its lane at every kept id: two (its backward, one)."""
     for r in report:
-        if "softcap" not in r["name"]:
+        if r["name"].startswith("replay-"):
+            assert r["mufu_per_element"] <= REPLAY_MUFU_BUDGET, r
+        elif "softcap" not in r["name"]:
             assert r["mufu_per_element"] <= MUFU_BUDGET, r
+
+
+def test_replay_loops(report):
+    """Replay gathers one kept id per thread per step (the compiler unrolls steps), in bf16 and
+    fp32: the forward's loop and the backward's two (GATHER: the gradient elements into a buffer;
+    the scatter), none with vectors; two exp2 per id in the forward, one in the gradient's."""
+    rows = {r["name"]: r for r in report if r["name"].startswith("replay-")}
+    assert {n.split("-", 2)[2] for n in rows} == {"fwd-logprobs", "fwd-entropy", "bwd-gather", "bwd-gather-entropy",
+                                                  "bwd-scatter"}
+    for name, r in rows.items():
+        assert r["loop_instructions"] and r["elements_per_thread_per_iteration"] % REPLAY_STEP == 0, r
+        assert r["vector_loads"] == r["vector_stores"] == 0, r
+        assert r["mufu_per_element"] == {"fwd": 2, "bwd": 0 if name.endswith("scatter") else 1}[name.split("-")[2]], r
 
 
 def test_no_spills_and_16_byte_vectors(report):
@@ -140,6 +158,8 @@ def test_no_spills_and_16_byte_vectors(report):
         # measured under an older Triton are named, by version, in bench.sass.REGISTER_EXCEPTIONS
         assert r["registers"] <= register_limit(r["name"]), r
     for _, r in _loops(report):
+        if r["name"].startswith("replay-"):  # gathers, one id at a time (test_replay_loops)
+            continue
         # Each lane moves whole 16-byte vectors: one per VEC elements it owns per iteration.
         vectors = r["elements_per_thread_per_iteration"] * {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]] // 16
         assert r["vector_loads"] == vectors, r
@@ -170,7 +190,8 @@ def test_compiled_as_launched():
         spec = launched(var)
         names = var.kernel.arg_names
         divisible = {names[i] for (i,), attrs in spec.attrs.items() if attrs}
-        assert divisible == {"p_x", "p_dx", "p_part"} & set(names) | ({"V"} if var.aligned else set()), name
+        aligned_v = {"V"} & set(names) if var.aligned else set()   # replay's kernels take no V
+        assert divisible == {"p_x", "p_dx", "p_part"} & set(names) | aligned_v, name
         assert all(spec.signature[n] == "i64" for n in names if n.startswith("stride")), name
         assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_segs", "seg_len", "split_segs", "split_len") if n in names), name
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from .._config import FP_FUSION, on_device
 from .backward import _grad_block
 from .logit_map import LN2, _logit_slope, _logit_u
-from .rows import FLOOR, _fold, _row_offset
+from .rows import FLOOR, _combine, _max_nan, _rebased, _row_offset
 
 BLOCK_K = 128   # kept ids per step: a top-k set in one or two, a top-p set of thousands in a loop
 NUM_WARPS = 4
@@ -51,16 +51,22 @@ def _replayed_row(p_y, p_offsets, row):
 
 @triton.jit
 def _has_target(p_ids, y, start, end, BLOCK: tl.constexpr):
-    """Whether id y is in the kept ids [start, end)."""
-    n = 0
+    """Whether id y is in the kept ids [start, end): per lane in the loop, across lanes once."""
+    seen = tl.zeros([BLOCK], tl.int32)
     for j in range(start, end, BLOCK):
         o_j = j + tl.arange(0, BLOCK)
-        b_v = tl.load(p_ids + o_j, mask=o_j < end, other=-1)
-        n += tl.sum((b_v == y).to(tl.int32), 0)
-    return n > 0
+        seen |= (tl.load(p_ids + o_j, mask=o_j < end, other=-1) == y).to(tl.int32)
+    return tl.max(seen, 0) > 0
 
 
-@triton.jit
+# As the sweeps (rows.py): nothing that moves with the batch, nor the alignment of a per-token
+# tensor, is in the specialization key.
+REPLAY_INTS = ("T", "stride_xb", "stride_xt", "stride_db", "stride_dt")
+REPLAY_POINTERS = ("p_y", "p_offsets", "p_ids", "p_tau", "p_g", "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent",
+                   "p_dlogp", "p_dent")
+
+
+@triton.jit(do_not_specialize=REPLAY_INTS, do_not_specialize_on_alignment=REPLAY_POINTERS)
 def _replay_fwd_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,   # logits (B, T, V), unit stride along V
     p_y, p_offsets, p_ids,                            # (N,) int32 targets; CSR kept sets over the rows
@@ -75,28 +81,30 @@ def _replay_fwd_kernel(
         if HAS_TAU:
             k = k / tl.load(p_tau + row)
         p_row = p_x + _row_offset(row, T, stride_xb, stride_xt, False, 1)
-        # The base-2 sums (c, s, a) of the kept logits read so far, each step's folded in
-        # (rows._fold): c = fp32(k · max u) of the step, s = Σ 2^d, a = Σ 2^d · d, d = k·u − c.
-        c = tl.full([], FLOOR, tl.float32)
-        s = tl.zeros([], tl.float32)
-        a = tl.zeros([], tl.float32)
+        # Per lane, one kept id per step: forward.py's online log-sum-exp, c = fp32(k · max u) of
+        # what the lane read, s = Σ 2^d, a = Σ 2^d · d, d = fma(u, k, −c); the lanes combined
+        # once, after the loop (rows._combine). A NaN reaches s (SPEC.md, section 5).
+        c = tl.full([BLOCK], FLOOR, tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        a = tl.zeros([BLOCK], tl.float32)
+        seen = tl.zeros([BLOCK], tl.int32)
         for j in range(start, end, BLOCK):
-            _, m_j, b_x = _kept_step(p_row, p_ids, j, end, BLOCK)
-            b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
-            u_max = tl.max(tl.where(m_j, b_u, float("-inf")), 0)
-            c_j = tl.where(u_max == float("-inf"), FLOOR, u_max * k)
-            b_d = tl.where(m_j, tl.fma(b_u, k, -c_j), float("-inf"))
+            b_v, m_j, b_x = _kept_step(p_row, p_ids, j, end, BLOCK)
+            b_u = tl.where(m_j, _logit_u(b_x, tanh_scale, SOFTCAP), float("-inf"))
+            c_new = _max_nan(c, b_u * k)
+            s, a = _rebased(c, s, a, c_new, WITH_ENTROPY)
+            b_d = tl.fma(b_u, k, -c_new)
             b_e = tl.exp2(b_d)
-            s_j = tl.sum(b_e, 0)
-            if WITH_ENTROPY:
-                a_j = tl.sum(tl.where(b_e > 0.0, b_e * b_d, b_e * 0.0), 0)
-            else:
-                a_j = s_j
-            c, s, a = _fold(c, s, a, c_j, s_j, a_j, WITH_ENTROPY)
+            if WITH_ENTROPY:  # 2^d · d is 0, not NaN, at d = −inf
+                a += tl.where(b_e > 0.0, b_e * b_d, b_e * 0.0)
+            s += b_e
+            c = c_new
+            seen |= (m_j & (b_v == y)).to(tl.int32)
+        c, s, a = _combine(c, s, a, WITH_ENTROPY)
         log2_s = tl.log2(s)
         u_y = _logit_u(tl.load(p_row + y).to(tl.float32), tanh_scale, SOFTCAP)
         logp = (tl.fma(u_y, k, -c) - log2_s) * LN2
-        logp = tl.where(_has_target(p_ids, y, start, end, BLOCK), logp, float("-inf"))
+        logp = tl.where(tl.max(seen, 0) > 0, logp, float("-inf"))
         tl.store(p_lse2_base + row, c)
         tl.store(p_lse2_rest + row, log2_s)
         tl.store(p_logp + row, logp)
@@ -104,7 +112,7 @@ def _replay_fwd_kernel(
             tl.store(p_ent + row, (log2_s - a / s) * LN2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=REPLAY_INTS, do_not_specialize_on_alignment=REPLAY_POINTERS)
 def _replay_bwd_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,   # logits (B, T, V) (GATHER)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (SCATTER)
