@@ -319,8 +319,8 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     ``kept_ids``: the kept set replayed instead, as the sampler drew it: a pair (offsets, ids) of
     integer tensors, CSR over the N tokens in input_ids' flat order (row r keeps
     ``ids[offsets[r]:offsets[r + 1]]``, each id once, in [0, V); an empty row is not truncated).
-    The forward reads only the kept logits of such a row, the backward writes its gradient row
-    without reading it. Not with the filters above, nor ``tp_group``.
+    The forward reads only the kept logits of such a row (and the target's), the backward
+    writes its gradient row without reading it. Not with the filters above, nor ``tp_group``.
     """
     def prepare():
         tau_value, tau = check_temperature(temperature)
