@@ -18,6 +18,10 @@ def _entry(rank, world_size, store_path, fn, args, result_dir):
     down in the usual way races with the other ranks' teardown now and then (an abort in a
     background thread at exit); nothing is left to clean up in a throwaway process."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # children re-import the kernels: same backend
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from _interpreter import patch_the_language_once_per_launch
+
+        patch_the_language_once_per_launch()
     code = 0
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,

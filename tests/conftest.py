@@ -20,55 +20,10 @@ if _workers > 1:
 
 
 
-def _patch_the_language_once_per_launch():
-    """Triton's interpreter patches ``triton.language`` when a kernel launch starts and undoes it
-    when the launch ends; it also patches it again at every call of a ``@triton.jit`` helper from
-    inside the kernel (``InterpretedFunction.__call__``). For a helper that reaches the language
-    through modules the launch has patched already (``tl``, ``tl.core``), that repeated patch
-    changes nothing, and it was about half of an interpreted call's time (``inspect.getmembers``
-    of five modules per call: ``mhpo_loss`` forward and backward at (3, 5, 64), 1,100 helper
-    calls, 0.96 of 1.79 s). Here such a call skips it; a helper that reaches a module not yet
-    patched in this launch (Triton's own ``tl.zeros`` reaches ``tl.core``) is patched as before,
-    and the launch's own patch and undo are untouched. Where the interpreter is built otherwise
-    (another Triton), nothing is changed."""
-    import inspect
-
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    executor = getattr(interpreter, "GridExecutor", None)
-    patch_lang, empty = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
-    if executor is None or patch_lang is None or empty is None:
-        return
-    state = {"launch": False, "patched": set()}
-    launch = executor.__call__
-
-    def languages(fn):  # the modules _patch_lang patches for fn
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
-
-    def launch_patching_once(self, *args, **kwargs):
-        state["launch"], state["patched"] = True, set()
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            state["launch"] = False
-
-    def patch_lang_once(fn):
-        if state["launch"]:
-            modules = languages(fn)
-            if state["patched"] and modules <= state["patched"]:  # a helper's call, nothing new
-                return empty()
-            state["patched"] |= modules
-        return patch_lang(fn)
-
-    executor.__call__ = launch_patching_once
-    interpreter._patch_lang = patch_lang_once
-
-
 if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
-    _patch_the_language_once_per_launch()
+    from _interpreter import patch_the_language_once_per_launch
+
+    patch_the_language_once_per_launch()
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Where the Triton kernels run in this session: compiled on CUDA, else interpreted on the CPU.
