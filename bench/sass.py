@@ -7,10 +7,10 @@ divisibility attributes Triton's binder derives from it are what is compiled. V 
 on 16-byte boundaries), and a representative subset again for rows that start anywhere (V =
 151,935 and 50,257, contiguous: only the data pointers 16-byte aligned); the batch's own integers
 (N, T, strides, splits) are never specialized (tests/test_specialization.py), so any batch gives
-the same code. Disassembles the cubins with the ``nvdisasm``
-that ships in Triton's wheel (every kernel's code in one call: the tool's start-up, half a second,
-is most of its time), reads registers and spills with its ``cuobjdump``, finds the steady-state loop (the backward branch whose body holds
-the logits loads) and counts its instructions. The one-sweep kernel (``grad_in_forward``) has two
+the same code. Disassembles the cubins with the ``nvdisasm`` that ships in Triton's wheel
+(every kernel's code in one call: the tool's start-up, half a second, is most of its time), reads
+registers and spills with its ``cuobjdump``, finds the steady-state loop (the backward branch
+whose body holds the logits loads) and counts its instructions. The one-sweep kernel (``grad_in_forward``) has two
 such loops inside its persistent loop over rows: both are counted, pass 1 against the forward's
 budget and pass 2 (the loop that stores) against the backward's. Elements per thread per iteration come from the
 loads themselves (bytes loaded per thread / element size), so the count per element is exact for
