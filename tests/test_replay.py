@@ -162,3 +162,27 @@ def test_bad_kept_sets_are_refused():
                                        **(extra[0] if extra else {}))
         with pytest.raises(ValueError, match="an id twice"):
             mhpo_kernels.token_logprobs(x, ids, kept_ids=(offsets, twice))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_logits_inside_a_kept_set(backend):
+    """A NaN or +inf logit inside a row's kept set makes that row's log-prob, entropy and gradient
+    NaN, as without truncation (SPEC.md, section 5), and leaves the other rows alone; the same at
+    an invalid token is never read."""
+    B, T, V = 1, 4, 40
+    x = _logits((B, T, V), seed=30)
+    ids = torch.tensor([[3, 5, 7, -100]])
+    offsets, kept = torch.tensor([0, 3, 6, 9, 12]), torch.tensor([3, 1, 2, 5, 8, 9, 7, 10, 11, 0, 1, 2])
+    x[0, 0, 1], x[0, 1, 9], x[0, 3, 1] = float("nan"), float("inf"), float("nan")   # rows 0, 1; row 3 invalid
+    upstream = torch.ones(B, T)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent, grad = _run(mhpo_kernels.token_logprobs, x, ids, upstream, kept_ids=(offsets, kept))
+    want_logp, want_ent, want_grad = _run(reference.token_logprobs, x.double(), ids, upstream.double(),
+                                          kept_ids=(offsets, kept))
+    for got, want in ((logp, want_logp), (ent, want_ent)):
+        assert got[0, :2].isnan().all() and want[0, :2].isnan().all()
+        assert got[0, 3] == want[0, 3] == 0
+        _close(got[0, 2:3], want[0, 2:3])
+    assert grad[0, :2].isnan().any(dim=-1).all() and want_grad[0, :2].isnan().any(dim=-1).all()
+    _close(grad[0, 2], want_grad[0, 2])
+    assert not grad[0, 3].any()
