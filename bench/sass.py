@@ -132,12 +132,17 @@ FWD_FLAGS = {
     "selected-logprobs": dict(SELECTED=True, SPLIT=2),
     "selected-entropy": dict(SELECTED=True, WITH_ENTROPY=True, SPLIT=2),
 }
-# The selection launch (kernels/select.py): top-k's and top-p's counting loops, each its own
-# budget (``BUDGET["select"]``); with both filters, two loops, top-k's first.
+# The selection launch (kernels/select.py): its counting loops, each held to its own budget
+# (``BUDGET["select"]``), in code order: top-k's over bins of several keys, then its pass of
+# single keys (which also sums the kept tokens); top-p's uniform first pass, its passes over
+# bins of several keys, its pass of single keys. With both filters, top-k's two, then top-p's three.
 SELECT_FLAGS = {
     "topk": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=False, TOP_K=True, TOP_P=False),
     "topp": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=False, TOP_K=False, TOP_P=True),
     "minp-topk-topp": dict(SOFTCAP=False, HAS_TAU=False, MIN_P=True, TOP_K=True, TOP_P=True),
+    # the pass of single keys also sums the kept tokens' Σ 2^d·d for the entropy
+    "topk-entropy": dict(SOFTCAP=False, HAS_TAU=False, WITH_ENTROPY=True, MIN_P=False, TOP_K=True, TOP_P=False),
+    "topp-entropy": dict(SOFTCAP=False, HAS_TAU=False, WITH_ENTROPY=True, MIN_P=False, TOP_K=False, TOP_P=True),
 }
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.

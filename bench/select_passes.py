@@ -1,11 +1,14 @@
-"""python -m bench.select_passes: how many counting passes top-k's and top-p's selection takes.
+"""python -m bench.select_passes: how many times top-k's and top-p's forward reads a row.
 
-The selection launch (mhpo_kernels/kernels/select.py) reads a row once per pass until its bins
-decide the threshold. How many passes that takes depends on the row, not on the hardware, so it
-is counted here by the same algorithm in NumPy (2048 bins, keys, bounds and goal as the kernel
-has them; float64 sums where the kernel's are fp32), on rows of V = 151,936 Gaussian logits of
-several spreads (peaked rows are the sampled LLM rows' kind; flat ones are the worst case), and
-checked against the sorted kept set. A model of the kernel's passes, not a measurement of it.
+The selection launch (mhpo_kernels/kernels/select.py) reads a row once per counting pass until
+its bins decide the threshold; the forward reads it once before (the statistics) and once after
+(the kept tokens' sums), unless the deciding pass had single-key bins and summed them itself.
+How many reads that takes depends on the row, not on the hardware, so it is counted here by the
+same algorithm in NumPy (2048 bins, top-p's first pass uniform in d, keys, bounds and goal as the
+kernel has them; float64 sums where the kernel's are fp32), on rows of V = 151,936 Gaussian
+logits of several spreads (peaked rows are the sampled LLM rows' kind; flat ones are the worst
+case), and checked against the sorted kept set. A model of the kernel's passes, not a
+measurement of it.
 
     python -m bench.select_passes [--rows N]
 """
@@ -15,8 +18,10 @@ import argparse
 import numpy as np
 
 NB_BITS, NB, MAX_PASSES = 11, 2048, 4
+UNIFORM_RANGE = 64.0
 KEY_INF = 0xFF800000
 V = 151936
+F32 = np.float32
 
 
 def key(d):
@@ -31,40 +36,80 @@ def value(k):
     return np.where(k >> 31, k & 0x7FFFFFFF, k ^ 0xFFFFFFFF).astype(np.uint32).view(np.float32)
 
 
-def threshold(d, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
-    """(the smallest kept d, passes) of select._threshold on one row of exponents d (fp32)."""
-    keys, klo, khi, above = key(d), int(key(floor)), KEY_INF, 0.0
-    mass = np.exp2(d.astype(np.float64))
+def uniform_bin(d, lo, scale):
+    """select._uniform_bin, in fp32."""
+    with np.errstate(all="ignore"):
+        t = (np.asarray(d, dtype=F32) - F32(lo)) * F32(scale)
+    return np.minimum(np.maximum(t, F32(0)), F32(NB - 1)).astype(np.int64)
+
+
+def bin_start(b, lo, scale):
+    """select._bin_start: the smallest key whose value falls in uniform bin b or above."""
+    a, z = int(key(lo)), KEY_INF + 1
+    while a < z:
+        m = (a + z) // 2
+        if uniform_bin(value(m), lo, scale) >= b:
+            z = m
+        else:
+            a = m + 1
+    return a
+
+
+def decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass):
+    """select._decide: (kept, ambiguous) bins."""
+    multi, more = shift > 0, i < MAX_PASSES - 1
+    above_lo = above + np.cumsum(w_lo[::-1])[::-1] - w_lo
+    above_hi = above + np.cumsum(w_hi[::-1])[::-1] - w_hi
+    if by_mass and multi:  # and from below: the range's exact mass less what the bins up to each hold
+        above_lo = np.maximum(above_lo, s_hi + s_in - np.cumsum(w_hi))
+        above_hi = np.minimum(above_hi, s_hi + s_in - np.cumsum(w_lo))
+    others = w_hi - w_hi / np.maximum(cnt, 1.0) if multi else 0.0
+    kept = (cnt > 0) & ((above_hi + others if more else 0.5 * (above_lo + above_hi + others)) < goal)
+    return kept, (cnt > 0) & ~kept & (above_lo < goal) & more & multi
+
+
+def threshold(d, base, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
+    """(the smallest kept d, counting passes, whether the last one summed the kept tokens) of
+    select._threshold on one row of exponents d = k·u − base (fp32)."""
+    keys, mass = key(d), np.exp2(d.astype(np.float64))
+    klo, khi, above, first = int(key(floor)), KEY_INF, 0.0, 0
+    if by_mass:  # pass 1, uniform in d
+        lo = F32(max(float(floor), -UNIFORM_RANGE))
+        hi = F32(abs(float(base)) * 1.1920928955078125e-07 + 7.888609052210118e-31)
+        scale = F32(NB / (float(hi) - float(lo)))
+        inside = d >= lo
+        cnt = np.bincount(uniform_bin(d[inside], lo, scale), minlength=NB).astype(np.float64)
+        s_in = mass[inside].sum()
+        goal = goal * s_in
+        width, margin = (float(hi) - float(lo)) / NB, (float(hi) - float(lo)) * 2.0**-20
+        edges = float(lo) + np.arange(NB + 1) * width
+        w_lo = np.where(cnt > 0, cnt * np.exp2(edges[:-1] - margin), 0.0)
+        w_hi = np.where(cnt > 0, cnt * np.exp2(edges[1:] + margin), 0.0)
+        kept, ambiguous = decide(cnt, w_lo, w_hi, 0.0, 0.0, s_in, goal, 1, 0, True)
+        if not ambiguous.any():
+            return value(bin_start(int(np.nonzero(kept)[0].min()), lo, scale)), 1, False
+        b = np.nonzero(ambiguous)[0]
+        klo, khi, first = bin_start(int(b.min()), lo, scale), bin_start(int(b.max()) + 1, lo, scale) - 1, 1
     bins = np.arange(NB, dtype=np.uint64)
-    for i in range(MAX_PASSES):
-        shift = max(int(khi - klo).bit_length() - NB_BITS, 0)
+    for i in range(first, MAX_PASSES):
+        shift = max(int(np.frexp(np.float32(khi - klo))[1]) - NB_BITS, 0)   # select._bits: the span's float
         inside = (keys >= klo) & (keys <= khi)
         cnt = np.bincount(((keys[inside] - klo) >> shift).astype(np.int64), minlength=NB)[:NB].astype(np.float64)
+        s_hi, s_in = mass[keys > khi].sum(), mass[inside].sum()
         if by_mass:
-            if i == 0:
-                goal = goal * (mass[inside].sum() + mass[keys > khi].sum())
-            above = mass[keys > khi].sum()
-            lo = klo + (bins << np.uint64(shift))
-            hi = np.minimum(lo + np.uint64((1 << shift) - 1), np.uint64(khi))
+            above = s_hi
+            lo_k = klo + (bins << np.uint64(shift))
+            hi_k = np.minimum(lo_k + np.uint64((1 << shift) - 1), np.uint64(khi))
             with np.errstate(all="ignore"):
-                w_lo = np.where(cnt > 0, cnt * np.exp2(value(lo).astype(np.float64)), 0.0)
-                w_hi = np.where(cnt > 0, cnt * np.exp2(value(hi).astype(np.float64)), 0.0)
+                w_lo = np.where(cnt > 0, cnt * np.exp2(value(lo_k).astype(np.float64)), 0.0)
+                w_hi = np.where(cnt > 0, cnt * np.exp2(value(hi_k).astype(np.float64)), 0.0)
         else:
             w_lo = w_hi = cnt
-        above_lo = above + np.cumsum(w_lo[::-1])[::-1] - w_lo
-        above_hi = above + np.cumsum(w_hi[::-1])[::-1] - w_hi
-        if by_mass:  # and from below: the range's exact mass less what the bins up to each hold
-            s_in = mass[inside].sum()
-            above_lo = np.maximum(above_lo, above + s_in - np.cumsum(w_hi))
-            above_hi = np.minimum(above_hi, above + s_in - np.cumsum(w_lo))
-        others = w_hi - w_hi / np.maximum(cnt, 1.0) if shift > 0 else 0.0
-        last = i == MAX_PASSES - 1
-        kept = (cnt > 0) & ((0.5 * (above_lo + above_hi + others) if last else above_hi + others) < goal)
-        ambiguous = (cnt > 0) & ~kept & (above_lo < goal) & (not last)
+        kept, ambiguous = decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass)
         if not ambiguous.any():
             b = np.nonzero(kept)[0]
             cut = klo + (int(b.min()) << shift) if b.size else min(khi + 1, KEY_INF)
-            return value(cut), i + 1
+            return value(cut), i + 1, shift == 0
         b = np.nonzero(ambiguous)[0]
         if not by_mass:
             above += cnt[b.max() + 1:].sum()
@@ -83,28 +128,61 @@ def sorted_cut(d, top_k=None, top_p=None):
     return ordered[(above < top_p * mass.sum()).sum() - 1]
 
 
+def _reads(d, base, filters):
+    """Reads of one row, checked against the sort."""
+    by_mass = filters[0] == "p"
+    cut, passes, summed = threshold(d, base, float(filters[1]), by_mass)
+    want = sorted_cut(d, **({"top_p": filters[1]} if by_mass else {"top_k": filters[1]}))
+    assert (d >= cut).sum() == (d >= want).sum(), filters
+    return 1 + passes + (0 if summed else 1)
+
+
+def _row(z):
+    """(d, base) of a row of logits z at τ = 1, as the kernels form them (fp32)."""
+    base = np.float32(z.max() * np.float32(1.4426950408889634))
+    return (z * np.float32(1.4426950408889634) - base).astype(np.float32), base
+
+
+def _other_rows(kind, rng):
+    """Rows of V logits unlike a Gaussian's: an LLM's kind (bf16, a few large logits), ties (a grid
+    of 1/64), or the largest few within 10⁻³ of each other."""
+    if kind == "bf16 + head":
+        z = rng.standard_normal(V) * rng.choice([0.5, 1, 2, 3, 4])
+        head = rng.integers(0, 20)
+        z[:head] += rng.uniform(3, 15, head)
+        return (z.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    if kind == "ties (grid)":
+        return (np.round(rng.standard_normal(V) * 128) / 64).astype(np.float32)
+    z = rng.standard_normal(V) * 2
+    top = rng.integers(2, 8)
+    z[:top] = z.max() + 1 + rng.uniform(0, 1e-3, top)
+    return z.astype(np.float32)
+
+
+FILTERS = (("k", 20), ("k", 1000), ("p", 0.5), ("p", 0.9), ("p", 0.95), ("p", 0.999))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"passes per row (of {args.rows}), V = {V}; a logit spread σ: z ~ N(0, σ²)")
-    print(f"{'σ':>4} " + " ".join(f"{name:>13}" for name in
-                                   ("top_k 20", "top_k 1000", "top_p 0.5", "top_p 0.9", "top_p 0.95", "top_p 0.999")))
-    for sigma in (1.0, 3.0, 6.0, 12.0):
+    print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
+          f"summed them), over {args.rows} rows, V = {V}")
+    print(f"{'rows':>18} " + " ".join(f"{f'top_{f[0]} {f[1]}':>11}" for f in FILTERS))
+    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "near-tied top"]
+    for kind in kinds:
         counts = []
-        for filters in (("k", 20), ("k", 1000), ("p", 0.5), ("p", 0.9), ("p", 0.95), ("p", 0.999)):
-            passes = []
+        for filters in FILTERS:
+            reads = []
             for _ in range(args.rows):
-                z = rng.standard_normal(V).astype(np.float32) * np.float32(sigma)
-                d = (z * np.float32(1.4426950408889634) - np.float32(z.max() * 1.4426950408889634)).astype(np.float32)
-                by_mass = filters[0] == "p"
-                cut, n = threshold(d, float(filters[1]), by_mass)
-                want = sorted_cut(d, **({"top_p": filters[1]} if by_mass else {"top_k": filters[1]}))
-                assert (d >= cut).sum() == (d >= want).sum(), (sigma, filters)
-                passes.append(n)
-            counts.append(f"{min(passes)}–{max(passes)}" if min(passes) != max(passes) else str(passes[0]))
-        print(f"{sigma:>4} " + " ".join(f"{c:>13}" for c in counts))
+                if kind.startswith("z ~"):
+                    z = rng.standard_normal(V).astype(np.float32) * np.float32(kind.split(", ")[1].split("²")[0])
+                else:
+                    z = _other_rows(kind, rng)
+                reads.append(_reads(*_row(z), filters))
+            counts.append(f"{min(reads)}–{max(reads)}" if min(reads) != max(reads) else str(reads[0]))
+        print(f"{kind:>18} " + " ".join(f"{c:>11}" for c in counts))
 
 
 if __name__ == "__main__":

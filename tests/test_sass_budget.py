@@ -88,10 +88,13 @@ def test_truncation_passes(report):
     """min_p's forward: pass 1 is the statistics loop (at most 2 instructions longer than the
     plain one; with its loads' L2 policy the compiler schedules it apart, under triton 3.9 the
     fp32 one 3 shorter), pass 2 the kept tokens' sums, neither storing, both within the
-    forward's budget (pass 2 keeps no max: a compare and a select per logit in its place). top-k and top-p: the finish launch's one loop is that same pass 2, and
-    the selection launch has one counting loop per filter (top-k's, then top-p's), storing
-    nothing, within the selection budget and its register limit; top-k's sums no mass (no MUFU).
-    The backward of every truncation is the backward's loop with a compare and a select."""
+    forward's budget (pass 2 keeps no max: a compare and a select per logit in its place). top-k
+    and top-p: the finish launch's one loop is that same pass 2, and the selection launch's
+    counting loops store nothing and stay within the selection budget and its register limit:
+    top-k's two (bins of several keys, summing no mass: no MUFU; single keys, summing the kept
+    tokens), top-p's three (uniform in d, several keys, single keys). The pass of single keys
+    with the entropy costs at most 3 instructions more (its Σ 2^d·d). The backward of every
+    truncation is the backward's loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -102,10 +105,15 @@ def test_truncation_passes(report):
             assert r["loop_instructions"] - plain["loop_instructions"] <= 2, (r, plain)
             finish = by_name[f"fwd-{dtype}-selected-{suffix}"]  # the same loop, its max or a cut never read
             assert finish["loop_instructions"] <= r["pass2"]["loop_instructions"] + 2, (finish, r)
-        for suffix, n_loops in (("topk", 1), ("topp", 1), ("minp-topk-topp", 2)):
+        for suffix, n_loops in (("topk", 2), ("topp", 3), ("minp-topk-topp", 5), ("topk-entropy", 2),
+                                ("topp-entropy", 3)):
             loops = by_name[f"select-{dtype}-{suffix}"]["select"]
             assert len(loops) == n_loops and all(loop["vector_stores"] == 0 for loop in loops), (suffix, loops)
         assert by_name[f"select-{dtype}-topk"]["select"][0]["mufu_per_element"] == 0
+        for suffix in ("topk", "topp"):
+            single, with_entropy = (by_name[f"select-{dtype}-{s}"]["select"][-1] for s in (suffix, suffix + "-entropy"))
+            assert 0 < with_entropy["instructions_per_element"] - single["instructions_per_element"] <= 3, \
+                (single, with_entropy)
         for suffix in ("", "-entropy"):
             r, plain = by_name[f"bwd-{dtype}-cut{suffix}"], by_name[f"bwd-{dtype}{suffix}"]
             assert r["mufu_per_element"] == plain["mufu_per_element"], (r, plain)

@@ -156,6 +156,57 @@ def test_top_p_over_many_near_equal_tokens(backend, top_p):
         _close(a, b)
 
 
+@pytest.mark.parametrize("filters", ["top_k", "top_p", "all"])
+def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypatch, filters):
+    """A selection pass over bins of one key each decides its row and sums the kept tokens itself
+    (select.py), so the forward's finish does not read the row again; a pass over wider bins
+    leaves the sums to the finish. Tied logits (a grid of 1/8) take the first way on some rows,
+    distinct ones (fp32 normal) the second; both give the float64 oracle's log-probs, entropy and
+    gradient."""
+    from mhpo_kernels.kernels import forward
+
+    select_cuts, summed = forward.select_cuts, []
+
+    def spy(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_entropy, cfg):
+        out = select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_entropy, cfg)
+        summed.append(sums.view(-1, 2)[:, 0] >= 0)
+        return out
+
+    monkeypatch.setattr(forward, "select_cuts", spy)
+    grid = _grid_logits(2, 3, 300, seed=21)
+    distinct = torch.randn(2, 3, 300, generator=torch.Generator().manual_seed(22)) * 2
+    for x in (grid, distinct):
+        ids = _ids_with_some_outside(x, seed=23)
+        _assert_unambiguous(x.double(), **FILTERS[filters])
+        upstream = torch.linspace(-1.0, 2.0, ids.numel()).reshape(ids.shape)
+        with mhpo_kernels.use_backend("triton"):
+            got = _run(mhpo_kernels.token_logprobs, x, ids, upstream, **FILTERS[filters])
+        want = _run(reference.token_logprobs, x.double(), ids, upstream.double(), **FILTERS[filters])
+        for a, b in zip(got, want):
+            _close(a, b)
+    assert len(summed) == 2 and summed[0].any() and not summed[1].all(), summed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filters", [dict(top_p=0.995), dict(top_k=290, top_p=0.995), dict(top_k=299)])
+def test_tokens_far_below_the_largest(backend, filters):
+    """Rows whose smallest logits lie 50 and 60 nats below the largest (d < −64, below top-p's
+    first, uniform pass; select.py): top_p 0.995 drops them, as the oracle does (their mass is
+    below 10⁻²¹ of the row's), and top_k 299 keeps all but the smallest."""
+    x = _grid_logits(1, 4, 300, seed=24)
+    x[..., :5] = x.amax(-1, keepdim=True) - 50.0
+    x[..., 5] = x[..., 6:].amax(-1) - 60.0
+    ids = torch.tensor([[0, 5, 10, 11]])
+    _assert_unambiguous(x.double(), **filters)
+    upstream = torch.ones(ids.shape)
+    with mhpo_kernels.use_backend(backend):
+        got = _run(mhpo_kernels.token_logprobs, x, ids, upstream, **filters)
+    want = _run(reference.token_logprobs, x.double(), ids, upstream.double(), **filters)
+    assert want[0][0, 0].isinf() == ("top_p" in filters) and want[0][0, 1].isinf()
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("filters", FILTERS)
 def test_target_outside_has_no_logprob_gradient(backend, filters):

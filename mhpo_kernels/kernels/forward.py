@@ -109,7 +109,7 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
 @triton.jit
 def _fwd_row(
     row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-    p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut,
+    p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_sums,
     p_dx, stride_db, stride_dt, p_part, n_segs, seg_len, split_segs,
     N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
@@ -172,12 +172,20 @@ def _fwd_row(
     cut = float("-inf")
     if TRUNC:
         # The kept set is d_v = k·u_v − b ≥ cut, in the exponents of the statistics pass: min_p's
-        # closed form (p_v ≥ min_p · max p ⇔ d_v ≥ log2 min_p), or the selection's.
+        # closed form (p_v ≥ min_p · max p ⇔ d_v ≥ log2 min_p), or the selection's, which may
+        # have summed the kept tokens already (s ≥ 0; select.py).
+        s_kept = -1.0
+        a_kept = 0.0
         if SELECTED:
             cut = tl.load(p_cut + row, mask=valid, other=float("-inf"))
+            s_kept = tl.load(p_sums + 2 * row, mask=valid, other=-1.0)
+            a_kept = tl.load(p_sums + 2 * row + 1, mask=valid, other=0.0)
         else:
             cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
-        if cut > float("-inf"):
+        if s_kept >= 0.0:
+            s = s_kept
+            a = a_kept
+        elif cut > float("-inf"):
             lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
                                                  SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
             base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
@@ -269,6 +277,7 @@ def _mhpo_fwd_kernel(
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_cut,                                       # (N,) fp32 the kept set's threshold on d: written (truncated),
                                                  # first read (SELECTED)
+    p_sums,                                      # (N, 2) fp32 the selection's kept sums, s < 0: none (SELECTED)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_segs, seg_len, split_segs,         # (N, 3, n_segs) fp32 (c, s, a) of each segment (SPLIT);
                                                  # segments per row and their length; segments per split
@@ -297,7 +306,7 @@ def _mhpo_fwd_kernel(
         # flight, so a row's second read finds it in L2 (bench/NOTES.md has the arithmetic).
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _fwd_row(row, p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-                     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
+                     p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_sums, p_dx,
                      stride_db, stride_dt,
                      p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
@@ -305,7 +314,7 @@ def _mhpo_fwd_kernel(
                      True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
-                 p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_dx,
+                 p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_sums, p_dx,
                  stride_db, stride_dt,
                  p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
@@ -345,13 +354,14 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     if lmap.replayed:  # the rows with a kept set are replay.py's; the launches below skip them
         target = unreplayed(target, lmap)
     # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
-    # (SPLIT 2: the kept tokens' sums and the epilogue).
+    # (SPLIT 2: the kept tokens' sums, unless the selection found them, and the epilogue).
     selected = lmap.top_k is not None or lmap.top_p is not None
     n_segs, seg_len = row_segments(V, cfg.block_v), segment_length(V, cfg)
     splits = 1 if one_sweep or lmap.filtered else launch_splits(N, V, logits.element_size(), logits.device)
     split_segs = -(-n_segs // splits)
     splits = -(-n_segs // split_segs)  # none of them without a segment
     part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
+    sums = torch.empty(N * 2, device=logits.device, dtype=torch.float32) if selected else None
 
     def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False):
         _mhpo_fwd_kernel[grid](
@@ -368,6 +378,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             dummy if out.loss is None else out.loss,
             dummy if out.coef is None else out.coef,
             dummy if out.cut is None else out.cut,
+            dummy if sums is None else sums,
             dx, dx.stride(0), dx.stride(1),
             part, n_segs, seg_len, split_segs,
             N, T, V,
@@ -400,7 +411,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif selected:
             launch((N, 1), 1, cfg.num_warps, min_p=False)
-            select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, cfg)
+            select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, sums, with_entropy, cfg)
             launch((N,), 2, cfg.num_warps, min_p=False, selected=True)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)

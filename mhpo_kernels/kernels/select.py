@@ -3,21 +3,26 @@ d = k·u − b (forward.py), found inside the forward sweep.
 
 min_p has a closed form (``_cut``). top-k and top-p keep a token when the weight strictly above
 it is below a goal: the count of tokens (goal k), or their probability mass (goal top_p times the
-mass of what the earlier filters kept). The threshold is the smallest kept d, found by a radix
-select over the bits of d: ``_key`` orders fp32 values as uint32 keys.
+mass of what the earlier filters kept). The threshold is the smallest kept d, found by counting
+the row's candidates in NB bins, one read of the row per pass (``_count_pass``, ``tl.histogram``),
+each pass narrowing the candidates to the bins it could not decide.
 
-One pass (``_count_pass``) reads the row once and counts the candidate keys [klo, khi] in NB
-bins of 2^shift consecutive keys (``tl.histogram``), and sums exactly the mass above khi and the
-mass within [klo, khi]. From the counts a bin's weight is exact (top-k) or bounded by the mass
-of its lowest and highest key (top-p), so every bin is surely kept (even its upper bound leaves
-the weight above below the goal), surely dropped (its lower bound reaches the goal), or
-ambiguous. The ambiguous bins are a contiguous run, and the next pass's candidates; with none
-left, the threshold is the lowest key of the lowest kept bin. A bin of one key (shift 0) holds
-equal values, kept or dropped together, with an exact weight: it is never ambiguous. So top-k
-ends within 3 passes (11 + 11 + 10 bits), top-p as soon as the bounds separate the bins: one
-pass on a peaked row, up to 4 where many tokens share the mass near the cutoff. After
-MAX_PASSES the ambiguous bins are decided by the middle of their bounds (never reached by top-k;
-bench/NOTES.md counts the passes).
+- The bins of a pass. top-p's first pass bins d uniformly over [max(floor, −UNIFORM_RANGE), 0]
+  (bins of equal probability ratio: a peaked row's mass falls in a few hundred of them). Every
+  other pass bins a run of keys [klo, khi] (``_key`` orders fp32 values as uint32 keys) in bins
+  of 2^shift consecutive keys, a radix select: 11 + 11 + 10 bits reach single keys in 3 passes.
+- Deciding a bin. From the counts a bin's weight is exact (top-k) or bounded by the mass of its
+  lowest and highest d (top-p; each pass also sums exactly the mass above its range and within
+  it). Every bin is surely kept (even its upper bound leaves the weight above below the goal),
+  surely dropped (its lower bound reaches the goal), or ambiguous; the ambiguous bins are a
+  contiguous run, the next pass's candidates. With none left, the threshold is the lowest d of
+  the lowest kept bin. A bin of one key holds equal values, kept or dropped together, with an
+  exact weight: it is never ambiguous, so top-k ends within 3 passes, top-p as soon as the bounds
+  separate the bins (bench/NOTES.md counts them). After MAX_PASSES the ambiguous bins are decided
+  by the middle of their bounds (never reached by top-k).
+- The kept tokens' sums. A pass of single-key bins that decides the row also sums the kept
+  tokens' Σ 2^d and Σ 2^d·d (the bins' exact values, and the mass above its range), so that the
+  forward's finish need not read the row again: the forward reads a top-k row at most 4 times.
 
 Every pass forms d exactly as the sums and the backward do, so "d ≥ threshold" is the same set
 in all of them.
@@ -34,6 +39,10 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 NB_BITS = tl.constexpr(11)
 NB = tl.constexpr(2048)            # bins per pass
 MAX_PASSES = tl.constexpr(4)
+# top-p's first pass bins d ≥ −64 (a token below carries < 2^−64 of the largest's mass, all of
+# them together < 2^−33 of the row's for V < 2^31: below the fp32 rounding of any goal top_p < 1,
+# so they are dropped, as the oracle drops them).
+UNIFORM_RANGE = tl.constexpr(64.0)
 KEY_INF = tl.constexpr(0xFF800000)  # _key(+inf): every finite or infinite d is at or below it
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # Two programs of 8 warps per SM: the counting loop is bound by its instructions, and the bins'
@@ -66,11 +75,34 @@ def _value(key):
 
 
 @triton.jit
-def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, hist, s_hi, s_in,
-                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+def _uniform_bin(d, lo, scale):
+    """The bin of d ≥ lo among NB of width 1 / scale from lo (the last one open above):
+    non-decreasing in d, so each bin is a run of keys (``_bin_start``)."""
+    return tl.minimum(tl.maximum((d - lo) * scale, 0.0), NB - 1).to(tl.int32)
+
+
+@triton.jit
+def _bin_start(b, lo, scale):
+    """The smallest key whose value falls in uniform bin b or above (KEY_INF + 1 for b ≥ NB): a
+    binary search over the keys from lo's, once per row."""
+    a = _key(lo)
+    z = a * 0 + KEY_INF + 1
+    for _ in range(32):
+        m = a + (z - a) // 2
+        up = _uniform_bin(_value(m), lo, scale) >= b
+        z = tl.where(up & (a < z), m, z)
+        a = tl.where(~up & (a < z), m + 1, a)
+    return a
+
+
+@triton.jit
+def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
+                MASKED: tl.constexpr, UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr,
+                ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
                 VEC: tl.constexpr):
     """One block of a pass, at offsets from the row's block base where the row is [lo, hi)
-    (rows.py): the bins of its candidates, the mass above khi and within [klo, khi]."""
+    (rows.py): the bins of its candidates; with HI the mass above the range (ENTROPY: and its
+    Σ 2^d·d), with IN the mass within it."""
     o_v = v0 + o_blk
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
@@ -81,35 +113,53 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
     b_d = tl.fma(b_u, k, -base)
-    b_key = _key(b_d)
-    b_in = (b_key >= klo) & (b_key <= khi)
-    b_bin = ((b_key - klo) >> shift).to(tl.int32)
+    if UNIFORM:
+        b_in = b_d >= lo_d
+        b_bin = _uniform_bin(b_d, lo_d, scale)
+        b_above = b_in & False
+    else:
+        b_key = _key(b_d)
+        b_in = (b_key >= klo) & (b_key <= khi)
+        b_bin = ((b_key - klo) >> shift).to(tl.int32)
+        b_above = b_key > khi
     hist += tl.histogram(tl.reshape(b_bin, [R * LANES * VEC]), NB, mask=tl.reshape(b_in, [R * LANES * VEC]))
-    b_e = tl.exp2(b_d)
-    s_hi += _lane_reduce_sum(_lanes(tl.where(b_key > khi, b_e, 0.0), R, LANES, VEC))
-    s_in += _lane_reduce_sum(_lanes(tl.where(b_in, b_e, 0.0), R, LANES, VEC))
-    return hist, s_hi, s_in
+    if HI or IN:
+        b_e = tl.exp2(b_d)
+        if HI:
+            b_e_hi = tl.where(b_above, b_e, 0.0)
+            s_hi += _lane_reduce_sum(_lanes(b_e_hi, R, LANES, VEC))
+            if ENTROPY:
+                a_hi += _lane_reduce_sum(_lanes(b_e_hi * tl.where(b_above, b_d, 0.0), R, LANES, VEC))
+        if IN:
+            s_in += _lane_reduce_sum(_lanes(tl.where(b_in, b_e, 0.0), R, LANES, VEC))
+    return hist, s_hi, s_in, a_hi
 
 
 @triton.jit
-def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale,
+                UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr, ENTROPY: tl.constexpr,
                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One read of a valid row [lead, n_end) (blocks as in forward._lse_blocks): the (NB,) counts
-    of the keys [klo, khi] by bin of 2^shift keys, the mass above khi, the mass within."""
+    of its candidates by bin, uniform in d from ``lo_d`` (UNIFORM) or of 2^shift keys from klo
+    over [klo, khi]; the mass above the range and its Σ 2^d·d, the mass within (``_count_step``)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
     hist = tl.zeros([NB], tl.int32)
     s_hi = tl.zeros([LANES], tl.float32)
     s_in = tl.zeros([LANES], tl.float32)
-    hist, s_hi, s_in = _count_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, hist,
-                                   s_hi, s_in, True, SOFTCAP, R, LANES, VEC)
+    a_hi = tl.zeros([LANES], tl.float32)
+    hist, s_hi, s_in, a_hi = _count_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
+                                         scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY, SOFTCAP, R,
+                                         LANES, VEC)
     for v0 in range(BLOCK, n_full, BLOCK):
-        hist, s_hi, s_in = _count_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, hist,
-                                       s_hi, s_in, False, SOFTCAP, R, LANES, VEC)
+        hist, s_hi, s_in, a_hi = _count_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                             lo_d, scale, hist, s_hi, s_in, a_hi, False, UNIFORM, HI, IN, ENTROPY,
+                                             SOFTCAP, R, LANES, VEC)
     if (n_full > 0) & (n_full < n_end):
-        hist, s_hi, s_in = _count_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
-                                       hist, s_hi, s_in, True, SOFTCAP, R, LANES, VEC)
-    return hist, tl.sum(s_hi, 0), tl.sum(s_in, 0)
+        hist, s_hi, s_in, a_hi = _count_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                             lo_d, scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY,
+                                             SOFTCAP, R, LANES, VEC)
+    return hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0)
 
 
 @triton.jit
@@ -120,59 +170,107 @@ def _bits(span):
 
 
 @triton.jit
+def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.constexpr):
+    """(kept, ambiguous) bins of a pass from their weights' bounds [w_lo, w_hi] (top-k: the
+    counts), the weight ``above`` the range, and for top-p the exact masses above the range
+    (``s_hi``) and within it (``s_in``), which bound each bin's weight above from below as well,
+    for pass ``i`` with bins of 2^``shift`` keys (a uniform pass: shift 1, bins of several
+    values). In the last pass the ambiguous ones are decided by the middle of their bounds."""
+    o_bin = tl.arange(0, NB)
+    multi = shift > 0
+    more = i < MAX_PASSES - 1
+    above_lo = above + (tl.cumsum(w_lo, 0, reverse=True) - w_lo)   # the bins above each bin
+    above_hi = above + (tl.cumsum(w_hi, 0, reverse=True) - w_hi)
+    if BY_MASS:  # and from below: the range's exact mass less what the bins up to each hold
+        above_lo = tl.where(multi, tl.maximum(above_lo, s_hi + s_in - tl.cumsum(w_hi, 0)), above_lo)
+        above_hi = tl.where(multi, tl.minimum(above_hi, s_hi + s_in - tl.cumsum(w_lo, 0)), above_hi)
+    # A bin of several values: its other tokens may lie above a token of it.
+    others = tl.where(multi, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
+    full = cnt > 0
+    kept = full & (tl.where(more, above_hi + others, 0.5 * (above_lo + above_hi + others)) < goal)
+    ambiguous = full & ~kept & (above_lo < goal) & more & multi
+    return kept, ambiguous, tl.max(tl.where(ambiguous, o_bin, -1), 0), tl.min(tl.where(ambiguous, o_bin, NB), 0)
+
+
+@triton.jit
 def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
-               BY_MASS: tl.constexpr, SOFTCAP: tl.constexpr,
+               BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr,
                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """The smallest kept d of one filter over the candidates d ≥ ``floor`` (> −inf): top-k (goal
-    k, counts), or with BY_MASS top-p (goal top_p, a share of the candidates' mass)."""
+    """(the smallest kept d, s, a) of one filter over the candidates d ≥ ``floor`` (> −inf): top-k
+    (goal k, counts), or with BY_MASS top-p (goal top_p, a share of the candidates' mass). s and
+    a: the kept tokens' Σ 2^d and Σ 2^d·d when the deciding pass had single-key bins, else s = −1
+    (the forward's finish sums them)."""
     o_bin = tl.arange(0, NB)
     klo = _key(floor)
     khi = klo * 0 + KEY_INF
     cut_key = klo
     above = floor * 0.0                      # the weight above khi (top-k: carried; top-p: summed)
     done = floor != floor                    # False, as a runtime flag
-    for i in range(MAX_PASSES):
+    s_kept = floor * 0.0 - 1.0
+    a_kept = floor * 0.0
+    if BY_MASS:
+        # Pass 1, uniform in d over [lo_d, hi_d]: hi_d above any d (the largest logit's d is
+        # within half an ulp of b of 0). Its goal: top_p of the mass from lo_d (see UNIFORM_RANGE).
+        lo_d = tl.maximum(floor, -UNIFORM_RANGE)
+        hi_d = tl.abs(base) * 1.1920928955078125e-07 + 7.888609052210118e-31
+        scale = NB / (hi_d - lo_d)
+        hist, _, s_in, _ = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, 0, lo_d, scale,
+                                       True, False, True, False, SOFTCAP, R, LANES, VEC)
+        goal = goal * s_in
+        cnt = hist.to(tl.float32)
+        # Each bin's d bounds, widened by far more than the rounding of (d − lo_d) · scale.
+        bin_d = (hi_d - lo_d) / NB
+        margin = (hi_d - lo_d) * 9.5367431640625e-07
+        w_lo = tl.where(cnt > 0, cnt * tl.exp2(lo_d + o_bin.to(tl.float32) * bin_d - margin), 0.0)
+        w_hi = tl.where(cnt > 0, cnt * tl.exp2(lo_d + (o_bin + 1).to(tl.float32) * bin_d + margin), 0.0)
+        kept, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, above, above, s_in, goal, 1, 0, True)
+        if b_hi < 0:
+            cut_key = _bin_start(tl.min(tl.where(kept, o_bin, NB), 0), lo_d, scale)
+            done = b_hi < 0
+        else:
+            klo = _bin_start(b_lo, lo_d, scale)
+            khi = _bin_start(b_hi + 1, lo_d, scale) - 1
+    for i in range(1 if BY_MASS else 0, MAX_PASSES):
         if not done:
             shift = tl.maximum(_bits(khi - klo) - NB_BITS, 0)
-            hist, s_hi, s_in = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
-                                           SOFTCAP, R, LANES, VEC)
+            multi = shift > 0
+            if multi:
+                hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                                     0.0, 0.0, False, BY_MASS, BY_MASS, False, SOFTCAP, R, LANES, VEC)
+            else:  # single keys: this pass decides, and sums the kept tokens
+                hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                                     0.0, 0.0, False, True, False, WITH_ENTROPY, SOFTCAP, R, LANES,
+                                                     VEC)
             cnt = hist.to(tl.float32)
             width = ((1 << shift) - 1).to(tl.uint32)
             lo_key = klo + (o_bin.to(tl.uint32) << shift)
+            e_lo = tl.where(cnt > 0, tl.exp2(_value(lo_key)), 0.0)   # empty bins past khi: never read
             if BY_MASS:
-                goal = tl.where(i == 0, goal * (s_in + s_hi), goal)
                 above = s_hi
-                hi_key = lo_key + tl.minimum(width, khi - lo_key)   # empty bins past khi: never read
-                w_lo = tl.where(cnt > 0, cnt * tl.exp2(_value(lo_key)), 0.0)
-                w_hi = tl.where(cnt > 0, cnt * tl.exp2(_value(hi_key)), 0.0)
+                w_lo = cnt * e_lo
+                w_hi = tl.where(cnt > 0, cnt * tl.exp2(_value(lo_key + tl.minimum(width, khi - lo_key))), 0.0)
             else:
                 w_lo = cnt
                 w_hi = cnt
-            above_lo = above + (tl.cumsum(w_lo, 0, reverse=True) - w_lo)   # the bins above each bin
-            above_hi = above + (tl.cumsum(w_hi, 0, reverse=True) - w_hi)
-            if BY_MASS:  # and from below: the range's exact mass less what the bins up to each hold
-                above_lo = tl.maximum(above_lo, s_hi + s_in - tl.cumsum(w_hi, 0))
-                above_hi = tl.minimum(above_hi, s_hi + s_in - tl.cumsum(w_lo, 0))
-            # With shift > 0 a bin's other tokens may lie above a token of it.
-            others = tl.where(shift > 0, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
-            full = cnt > 0
-            last = i == MAX_PASSES - 1   # then decided by the middle of the bounds (see above)
-            kept = full & (tl.where(last, 0.5 * (above_lo + above_hi + others), above_hi + others) < goal)
-            ambiguous = full & ~kept & (above_lo < goal) & ~last
-            b_hi = tl.max(tl.where(ambiguous, o_bin, -1), 0)
+            kept, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS)
             if b_hi < 0:
                 b_kept = tl.min(tl.where(kept, o_bin, NB), 0)
                 cut_key = tl.where(b_kept < NB, klo + (b_kept.to(tl.uint32) << shift),
                                    tl.minimum(khi + 1, KEY_INF))
                 done = b_hi < 0
+                if not multi:
+                    e_kept = tl.where(kept, cnt * e_lo, 0.0)
+                    s_kept = s_hi + tl.sum(e_kept, 0)
+                    if WITH_ENTROPY:
+                        a_kept = a_hi + tl.sum(tl.where(kept, e_kept * _value(lo_key), 0.0), 0)
             else:
-                b_lo = tl.min(tl.where(ambiguous, o_bin, NB), 0)
                 if not BY_MASS:
                     above += tl.sum(tl.where(o_bin > b_hi, cnt, 0.0), 0)
                 top = klo + (b_hi.to(tl.uint32) << shift)
                 khi = top + tl.minimum(width, khi - top)
                 klo = klo + (b_lo.to(tl.uint32) << shift)
-    return _value(cut_key)
+    return _value(cut_key), s_kept, a_kept
+
 
 
 @triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
@@ -183,16 +281,19 @@ def _select_kernel(
     p_part, n_segs, seg_len,                     # (N, 3, n_segs) fp32 each row's segments' (c, s, a), their
                                                  # count and length: the statistics launch's
     p_cut,                                       # (N,) fp32 output: the kept set's threshold on d
+    p_sums,                                      # (N, 2) fp32 output: the kept tokens' Σ 2^d, Σ 2^d·d, or −1
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
-    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     MIN_P: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
     ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One row's threshold, between the forward's statistics launch and its finish (forward.py):
     min_p's, then top-k's and top-p's selection among what is left. −inf: not truncated (an
-    invalid row, a filter off, a row whose softmax is NaN or has no finite logit)."""
+    invalid row, a filter off, a row whose softmax is NaN or has no finite logit). With it the
+    kept tokens' sums at the row's base where the last selection found them, else −1 (the finish
+    reads the row once more)."""
     row = tl.program_id(0)
     y, valid, _, n_read = _row_target(p_y, row, N, V)
     if HAS_TAU:
@@ -206,24 +307,31 @@ def _select_kernel(
     cut = float("-inf")
     if MIN_P:
         cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
+    s_kept = -1.0
+    a_kept = 0.0
     finite = valid & (s > 0.0) & (s < float("inf"))
     if TOP_K:
         top_k = tl.load(p_top_k + row, mask=valid, other=0)
         if finite & (top_k > 0):
-            cut = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                             top_k.to(tl.float32), False, SOFTCAP, R, LANES, VEC)
+            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                             tl.maximum(cut, -FLT_MAX), top_k.to(tl.float32), False, WITH_ENTROPY,
+                                             SOFTCAP, R, LANES, VEC)
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
         if finite & (top_p < 1.0):
-            cut = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                             top_p, True, SOFTCAP, R, LANES, VEC)
+            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                             tl.maximum(cut, -FLT_MAX), top_p, True, WITH_ENTROPY, SOFTCAP, R, LANES,
+                                             VEC)
     tl.store(p_cut + row, cut)
+    tl.store(p_sums + 2 * row, s_kept)
+    tl.store(p_sums + 2 * row + 1, a_kept)
 
 
-def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, cfg):
+def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_entropy, cfg):
     """Launch the selection over the rows of ``logits`` (B, T, V): each valid row's threshold into
-    ``cut`` (N,), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters (top_k or top_p
-    given; min_p's folded in)."""
+    ``cut`` (N,) and, where its last pass found them, the kept tokens' sums into ``sums`` (N, 2)
+    (else −1), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters
+    (top_k or top_p given; min_p's folded in)."""
     B, T, V = logits.shape
     dummy = cut
     with on_device(logits.device):
@@ -231,10 +339,10 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, cfg):
             logits, logits.stride(0), logits.stride(1), target,
             dummy if lmap.tau is None else lmap.tau, dummy if lmap.min_p is None else lmap.min_p,
             target if lmap.top_k is None else lmap.top_k, dummy if lmap.top_p is None else lmap.top_p,
-            part, n_segs, seg_len, cut, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
-            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, MIN_P=lmap.min_p is not None,
-            TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
-            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-            maxnreg=MAX_REGISTERS,
+            part, n_segs, seg_len, cut, sums, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
+            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
+            MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
+            ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
     return cut
