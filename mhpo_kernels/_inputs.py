@@ -48,13 +48,10 @@ class Batch:
     def valid(self):
         return self.target >= 0
 
-    def filters(self):
-        """The sampler's filters per token, by ``LogitMap``'s names."""
-        return dict(min_p=self.min_p, top_k=self.top_k, top_p=self.top_p)
-
     def truncation(self):
-        """The filters and the replayed kept set, by ``LogitMap``'s names."""
-        return dict(self.filters(), kept_offsets=self.kept_offsets, kept_ids=self.kept_ids)
+        """The sampler's filters per token and the replayed kept set, by ``LogitMap.make``'s names."""
+        return dict(min_p=self.min_p, top_k=self.top_k, top_p=self.top_p, kept_offsets=self.kept_offsets,
+                    kept_ids=self.kept_ids)
 
     def boundaries(self):
         """The (S + 1,) sequence boundaries of every layout (made on the device when not packed)."""

@@ -30,10 +30,12 @@ def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
 
 def _unpack(params, softcap, tau=None, **per_row):
     """(TokenParams, LogitMap, every value by its slot) from ``params``: read on the host.
-    ``per_row``: the map's truncation tensors by name (``LogitMap``)."""
+    ``per_row``: the map's truncation tensors by name (``LogitMap``; a replayed kept set as its
+    CSR ``kept_offsets`` and ``kept_ids``)."""
     v = params.detach().numpy().tolist()
     hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
-    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, **per_row), v
+    replay = LogitMap.replay_rows(per_row.pop("kept_offsets", None))
+    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, **per_row, **replay), v
 
 
 def _without_autocast(device):

@@ -53,6 +53,10 @@ def mhpo_token_params(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, bet
     return TokenParams(0, (c, k_pos, lam_pos, k_neg, lam_neg), beta)
 
 
+# LogitMap's tensors of one value per row: what a subset of the rows takes a subset of.
+PER_ROW = ("tau", "min_p", "top_k", "top_p", "cut", "kept_start", "kept_end")
+
+
 @dataclass(frozen=True, eq=False)
 class LogitMap:
     """x ↦ z, the logit the softmax sees: z = s·x/τ, or with softcap z = cap·tanh(s·x/cap)/τ.
@@ -64,9 +68,10 @@ class LogitMap:
     enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32, ≤ 0 off), ``top_k``
     ((N,) int32, ≤ 0 off) and ``top_p`` ((N,) fp32, ≥ 1 off) truncate the softmax to the
     sampler's kept set (SPEC.md, section 9), which the forward finds; ``cut``, the backward's,
-    is the forward's threshold per row (``RowStats.cut``). ``kept_offsets`` ((N + 1,) int64) and
-    ``kept_ids`` ((K,) int32) replay a kept set instead: row r keeps ids[offsets[r]:offsets[r + 1]]
-    (none given: not truncated).
+    is the forward's threshold per row (``RowStats.cut``). ``kept_start``, ``kept_end`` ((N,)
+    int64) and ``kept_ids`` ((K,) int32) replay a kept set instead: row r keeps
+    ids[kept_start[r]:kept_end[r]] (none given: not truncated). From CSR offsets they are views,
+    offsets[:-1] and offsets[1:] (``replay_rows``); a subset of the rows keeps the ids whole.
     """
 
     in_scale: float
@@ -77,7 +82,8 @@ class LogitMap:
     top_k: Optional[torch.Tensor] = None
     top_p: Optional[torch.Tensor] = None
     cut: Optional[torch.Tensor] = None
-    kept_offsets: Optional[torch.Tensor] = None
+    kept_start: Optional[torch.Tensor] = None
+    kept_end: Optional[torch.Tensor] = None
     kept_ids: Optional[torch.Tensor] = None
 
     @property
@@ -88,7 +94,7 @@ class LogitMap:
     @property
     def replayed(self):
         """Whether a kept set is given (replay)."""
-        return self.kept_offsets is not None
+        return self.kept_start is not None
 
     @property
     def truncated(self):
@@ -99,7 +105,7 @@ class LogitMap:
         """(N,) bool: the rows truncated to a kept set, given the forward's thresholds ``cut``
         (filters: a finite threshold; replay: a kept set given); None when neither is on."""
         if self.replayed:
-            return self.kept_offsets[1:] > self.kept_offsets[:-1]
+            return self.kept_end > self.kept_start
         return None if cut is None else cut > -float("inf")
 
     @property
@@ -119,22 +125,28 @@ class LogitMap:
 
     def rows(self, index):
         """The map of a subset of the rows (a slice or an index tensor of the per-row tensors)."""
-        assert not self.replayed, "a replayed kept set is over every row"
 
         def rows(x):
             return None if x is None else x[index]
 
-        return replace(self, tau=rows(self.tau), min_p=rows(self.min_p), top_k=rows(self.top_k),
-                       top_p=rows(self.top_p), cut=rows(self.cut))
+        return replace(self, **{name: rows(getattr(self, name)) for name in PER_ROW})
+
+    @staticmethod
+    def replay_rows(kept_offsets):
+        """``kept_start`` and ``kept_end`` of CSR offsets (N + 1,): views, no copy (None: none)."""
+        if kept_offsets is None:
+            return dict(kept_start=None, kept_end=None)
+        return dict(kept_start=kept_offsets[:-1], kept_end=kept_offsets[1:])
 
     @staticmethod
     def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None,
              top_k=None, top_p=None, cut=None, kept_offsets=None, kept_ids=None):
         """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
-        rest = (tau, min_p, top_k, top_p, cut, kept_offsets, kept_ids)
+        rest = dict(tau=tau, min_p=min_p, top_k=top_k, top_p=top_p, cut=cut, kept_ids=kept_ids,
+                    **LogitMap.replay_rows(kept_offsets))
         if softcap is None:
-            return LogitMap(logit_scale / temperature, 1.0, False, *rest)
-        return LogitMap(logit_scale / softcap, softcap / temperature, True, *rest)
+            return LogitMap(logit_scale / temperature, 1.0, False, **rest)
+        return LogitMap(logit_scale / softcap, softcap / temperature, True, **rest)
 
 
 class RowStats(NamedTuple):

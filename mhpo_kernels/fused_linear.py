@@ -12,8 +12,8 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    TRUNCATED_TP, check_flag, check_float_tensor, check_nonnegative, check_positive, check_sampling, check_temperature,
-    check_tp_group, prepare_mhpo, prepare_tokens,
+    TRUNCATED_TP, check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
+    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .epilogue import token_terms
@@ -97,13 +97,13 @@ def fused_linear_mhpo_loss(
     k_neg=2.0, lam_neg=0.8, temperature=1.0, loss_agg_mode="seq-mean-token-mean",
     ref_logprobs=None, beta=0.0, ignore_index=-100, return_metrics=False, normalizer=None,
     tp_group=None, reduce_dhidden=True, cu_seqlens=None, seq_valid_tokens=None, entropy_coef=0.0, min_p=None,
-    top_k=None, top_p=None, token_weights=None, batch_invariant=False,
+    top_k=None, top_p=None, token_weights=None, batch_invariant=False, kept_ids=None,
 ):
     """``mhpo_loss`` on the logits of an LM head, without ever allocating N × V.
 
     Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``,
-    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens``, ``entropy_coef`` and
-    ``token_weights`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
+    ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens``, ``entropy_coef``, ``token_weights``,
+    the sampler's filters and ``kept_ids`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
     gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
@@ -142,7 +142,7 @@ def fused_linear_mhpo_loss(
         ignore_index=ignore_index, return_metrics=return_metrics, normalizer=normalizer, tp_group=tp_group,
         reduce_dhidden=reduce_dhidden, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens,
         entropy_coef=entropy_coef, min_p=min_p, top_k=top_k, top_p=top_p, token_weights=token_weights,
-        batch_invariant=batch_invariant)
+        batch_invariant=batch_invariant, kept_ids=kept_ids)
 
 
 def fused_linear_policy_loss(
@@ -151,7 +151,7 @@ def fused_linear_policy_loss(
     loss_agg_mode="seq-mean-token-mean", ref_logprobs=None, beta=0.0, ignore_index=-100,
     return_metrics=False, normalizer=None, tp_group=None, reduce_dhidden=True, cu_seqlens=None,
     seq_valid_tokens=None, entropy_coef=0.0, min_p=None, top_k=None, top_p=None, token_weights=None,
-    batch_invariant=False,
+    batch_invariant=False, kept_ids=None,
 ):
     """``policy_loss`` on the logits of an LM head: ``fused_linear_mhpo_loss`` with any token-level
     objective of ``mhpo_kernels.objectives`` (MHPO by default). GSPO is not available here: its
@@ -159,8 +159,8 @@ def fused_linear_policy_loss(
     ``entropy_coef`` > 0 each chunk's gradient tile takes the entropy's part in the same backward
     sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM.
 
-    The sampler's filters (``min_p``, ``top_k``, ``top_p``, SPEC.md, section 9): a target outside
-    its kept set leaves the aggregation, which changes its sequence's weights, known only once
+    The sampler's filters (``min_p``, ``top_k``, ``top_p``, SPEC.md, section 9), or its kept set
+    replayed (``kept_ids``): a target outside its kept set leaves the aggregation, which changes its sequence's weights, known only once
     every chunk's forward ran. The loss is then the differentiable ``fused_linear_token_logprobs``
     (1 GEMM per chunk forward, 3 backward: one GEMM per chunk more than untruncated) and the
     per-token epilogue on (N,) vectors, as the logits path's truncated loss."""
@@ -171,7 +171,8 @@ def fused_linear_policy_loss(
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
-        if sampling.on:
+        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        if sampling.on or kept is not None:
             check_truncated_loss(tp_group, seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
         _check_batch_invariant(batch_invariant, tp_group)
@@ -184,8 +185,9 @@ def fused_linear_policy_loss(
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             source="hidden without H", normalizer=normalizer, cu_seqlens=cu_seqlens,
             seq_valid_tokens=seq_valid_tokens, temperature=tau, token_weights=token_weights, sampling=sampling,
+            kept_ids=kept,
         )
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.filters())
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation())
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -242,7 +244,7 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     with_entropy = return_metrics or entropy_coef > 0
     logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
         hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-        chunk_rows, with_entropy, batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
+        chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
     target, g = ops.kept_tokens(logp.detach(), lmap.truncated_rows(cut), batch.target, batch.old, hp.kind,
                                 batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
@@ -269,7 +271,7 @@ def _check_batch_invariant(batch_invariant, tp_group):
 def fused_linear_token_logprobs(
     hidden, weight, input_ids, *, bias=None, logit_scale=1.0, final_logit_softcap=None,
     chunk_size=None, temperature=1.0, ignore_index=-100, return_entropy=False, tp_group=None,
-    reduce_dhidden=True, mask=None, min_p=None, top_k=None, top_p=None, batch_invariant=False,
+    reduce_dhidden=True, mask=None, min_p=None, top_k=None, top_p=None, batch_invariant=False, kept_ids=None,
 ):
     """``token_logprobs`` of the LM head's logits (see ``fused_linear_mhpo_loss`` for z, and for
     ``tp_group`` and ``reduce_dhidden``), chunked, without ever allocating N × V. Returns fp32
@@ -279,8 +281,9 @@ def fused_linear_token_logprobs(
     Both outputs are differentiable with respect to ``hidden``, ``weight`` and ``bias``: the
     drop-in for a framework's fused (log-prob, entropy) of hidden states and head. ``temperature``
     is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
-    ``min_p``, ``top_k``, ``top_p`` as in ``token_logprobs`` (the sampler's truncated softmax;
-    not with ``tp_group``).
+    ``min_p``, ``top_k``, ``top_p`` and ``kept_ids`` as in ``token_logprobs`` (the sampler's
+    truncated softmax, or its kept set replayed: each chunk's tile is computed whole, the sweeps
+    read only its kept logits; not with ``tp_group``).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -308,10 +311,11 @@ def fused_linear_token_logprobs(
         sampling = check_sampling(min_p, top_k, top_p)
         if sampling.on and tp_group is not None:
             raise NotImplementedError(TRUNCATED_TP)
+        kept = check_kept_ids(kept_ids, sampling, tp_group)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
-                               sampling=sampling)
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.filters())
+                               sampling=sampling, kept_ids=kept)
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation())
         return _Prepared(mhpo_token_params(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -326,6 +330,6 @@ def fused_linear_token_logprobs(
     else:
         logp, entropy, _, _, _ = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-            chunk_rows, bool(return_entropy), batch.n_valid, **batch.filters(), batch_invariant=batch_invariant)
+            chunk_rows, bool(return_entropy), batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
     logp = logp.reshape(batch.token_shape)
     return (logp, entropy.reshape(batch.token_shape)) if return_entropy else logp

@@ -124,13 +124,15 @@ def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tau: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None,
-    batch_invariant: bool = False,
+    batch_invariant: bool = False, kept_offsets: Optional[Tensor] = None, kept_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logp, entropy (empty unless asked), base, lse2_rest, cut (empty untruncated)), each (N,)
-    fp32; 1 GEMM per chunk. The last three are the row statistics the backward needs. ``n_valid``
-    as in ``fused_linear_forward``; ``min_p``, ``top_k``, ``top_p`` (N,): the sampler's truncated
-    softmax (SPEC.md, section 9), whose kept sets ``cut`` holds."""
-    _, lmap, _ = _unpack(params, softcap, tau, min_p=min_p, top_k=top_k, top_p=top_p)
+    """(logp, entropy (empty unless asked), base, lse2_rest, cut (empty unless filtered)), each
+    (N,) fp32; 1 GEMM per chunk. The last three are the row statistics the backward needs.
+    ``n_valid`` as in ``fused_linear_forward``; ``min_p``, ``top_k``, ``top_p`` (N,): the
+    sampler's truncated softmax (SPEC.md, section 9), whose kept sets ``cut`` holds;
+    ``kept_offsets`` and ``kept_ids``: a replayed kept set (``LogitMap``)."""
+    _, lmap, _ = _unpack(params, softcap, tau, min_p=min_p, top_k=top_k, top_p=top_p, kept_offsets=kept_offsets,
+                         kept_ids=kept_ids)
     with _without_autocast(hidden.device):
         logp, entropy, base, lse2_rest, cut = token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows,
                                                                    with_entropy, n_valid=n_valid,
@@ -141,11 +143,11 @@ def fused_linear_logprobs(
 
 @fused_linear_logprobs.register_fake
 def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None,
-      top_k=None, top_p=None, batch_invariant=False):
+      top_k=None, top_p=None, batch_invariant=False, kept_offsets=None, kept_ids=None):
     n = hidden.shape[0]
-    truncated = min_p is not None or top_k is not None or top_p is not None
+    filtered = min_p is not None or top_k is not None or top_p is not None
     return (_fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
-            _fp32(hidden, n if truncated else 0))
+            _fp32(hidden, n if filtered else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::fused_linear_logprobs_backward", mutates_args=())
@@ -154,11 +156,13 @@ def fused_linear_logprobs_backward(
     base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
     n_valid: Optional[int] = None, cut: Optional[Tensor] = None, batch_invariant: bool = False,
+    kept_offsets: Optional[Tensor] = None, kept_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs). ``cut``: the
-    forward's kept-set thresholds of a truncated softmax."""
-    _, lmap, _ = _unpack(params, softcap, tau, cut=cut)
+    forward's kept-set thresholds of a filtered softmax; ``kept_offsets``, ``kept_ids``: a
+    replayed kept set."""
+    _, lmap, _ = _unpack(params, softcap, tau, cut=cut, kept_offsets=kept_offsets, kept_ids=kept_ids)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid,
@@ -169,40 +173,62 @@ def fused_linear_logprobs_backward(
 
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
-      chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None, batch_invariant=False):
+      chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None, batch_invariant=False, kept_offsets=None,
+      kept_ids=None):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
 
 
+class LogprobsArgs(NamedTuple):
+    """``fused_linear_logprobs``' inputs by name (autograd's setup receives them as a tuple)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    target: Tensor
+    tau: Optional[Tensor]
+    params: Tensor
+    softcap: bool
+    chunk_rows: int
+    with_entropy: bool
+    n_valid: Optional[int] = None
+    min_p: Optional[Tensor] = None
+    top_k: Optional[Tensor] = None
+    top_p: Optional[Tensor] = None
+    batch_invariant: bool = False
+    kept_offsets: Optional[Tensor] = None
+    kept_ids: Optional[Tensor] = None
+
+
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy = inputs[:9]
-    n_valid = inputs[9] if len(inputs) > 9 else None
-    truncated = any(x is not None for x in inputs[10:13])
-    ctx.batch_invariant = bool(inputs[13]) if len(inputs) > 13 else False
+    a = LogprobsArgs(*inputs)
+    filtered = any(x is not None for x in (a.min_p, a.top_k, a.top_p))
     logp, entropy, base, lse2_rest, cut = output
-    ctx.save_for_backward(hidden, weight, bias, target, tau, base, lse2_rest, entropy if with_entropy else None,
-                          cut if truncated else None)
-    ctx.params, ctx.softcap, ctx.chunk_rows, ctx.n_valid = params, softcap, chunk_rows, n_valid
+    ctx.save_for_backward(a.hidden, a.weight, a.bias, a.target, a.tau, base, lse2_rest,
+                          entropy if a.with_entropy else None, cut if filtered else None, a.kept_offsets, a.kept_ids)
+    ctx.params, ctx.softcap, ctx.chunk_rows, ctx.n_valid = a.params, a.softcap, a.chunk_rows, a.n_valid
+    ctx.batch_invariant = bool(a.batch_invariant)
     ctx.mark_non_differentiable(base, lse2_rest, cut)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
 def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
-    hidden, weight, bias, target, tau, base, lse2_rest, entropy, cut = ctx.saved_tensors
+    hidden, weight, bias, target, tau, base, lse2_rest, entropy, cut, kept_offsets, kept_ids = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
         d_entropy = None
     if (d_logp is None and d_entropy is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 14
+        return (None,) * len(LogprobsArgs._fields)
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
-        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut, ctx.batch_invariant)
+        ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut, ctx.batch_invariant,
+        kept_offsets, kept_ids)
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
-    return grads + (None,) * 11
+    return grads + (None,) * (len(LogprobsArgs._fields) - 3)
 
 
 torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs_backward,

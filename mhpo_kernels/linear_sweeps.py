@@ -57,11 +57,11 @@ def _whole_chunks(chunk_rows, rows, lmap):
     so that every GEMM and every sweep has the same shape (chunk_rows rows) wherever a token falls
     and however many there are: a row's bits depend on no other row. ``rows``: name → (tensor or
     None, the value of a padding row); targets pad with −1 (no token: a zero loss and a zero
-    gradient row), the map's per-row values with the filters off and τ = 1."""
+    gradient row), the map's per-row values with the filters off, no kept set replayed, τ = 1."""
     n = next(x for x, _ in rows.values() if x is not None).shape[0]
     total = max(1, math.ceil(n / chunk_rows)) * chunk_rows
     padded = {name: _pad_rows(x, total, value) for name, (x, value) in rows.items()}
-    per_row = dict(tau=1.0, min_p=0.0, top_k=0, top_p=1.0, cut=-math.inf)
+    per_row = dict(tau=1.0, min_p=0.0, top_k=0, top_p=1.0, cut=-math.inf, kept_start=0, kept_end=0)
     lmap = dataclasses.replace(lmap, **{k: _pad_rows(getattr(lmap, k), total, v) for k, v in per_row.items()})
     return padded, lmap
 
@@ -253,7 +253,7 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     logp, base, lse2_rest = (torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
                             for _ in range(3))
     entropy = torch.empty_like(logp) if with_entropy else None
-    cut = torch.empty_like(logp) if lmap.truncated else None
+    cut = torch.empty_like(logp) if lmap.filtered else None
     for r0, r1, _, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         stats = _chunk_stats(forward_sweep, tile, target[r0:r1], None, None, None, None, mhpo_token_params(),
                              lmap.rows(slice(r0, r1)), with_entropy, False, tp)

@@ -472,7 +472,7 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
                              min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,
                              normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND,
-                             kept_offsets=lmap.kept_offsets, kept_ids=lmap.kept_ids)
+                             kept_offsets=batch.kept_offsets, kept_ids=lmap.kept_ids)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out[12] if lmap.filtered else None)
     return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)

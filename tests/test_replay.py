@@ -12,6 +12,7 @@ import torch
 
 import mhpo_kernels
 import reference
+from _cases import FP32_RTOL
 from test_truncation import _close, _loss_and_grad, _loss_inputs, _run, _same_loss
 
 BACKENDS = ["triton", "torch"]
@@ -162,6 +163,15 @@ def test_bad_kept_sets_are_refused():
                                        **(extra[0] if extra else {}))
         with pytest.raises(ValueError, match="an id twice"):
             mhpo_kernels.token_logprobs(x, ids, kept_ids=(offsets, twice))
+        hidden, weight = torch.randn(*ids.shape, 8), torch.randn(V, 8)
+        with pytest.raises(ValueError, match="must be off with it"):
+            mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, kept_ids=(offsets, kept), top_p=0.9)
+        with pytest.raises(NotImplementedError, match="seq_valid_tokens"):
+            mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, c["old"], c["adv"], c["mask"],
+                                                kept_ids=(offsets, kept), seq_valid_tokens=torch.full((3,), 5))
+        with pytest.raises(ValueError, match="an id twice"):
+            mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, c["old"], c["adv"], c["mask"],
+                                                kept_ids=(offsets, twice))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,3 +196,86 @@ def test_non_finite_logits_inside_a_kept_set(backend):
     assert grad[0, :2].isnan().any(dim=-1).all() and want_grad[0, :2].isnan().any(dim=-1).all()
     _close(grad[0, 2], want_grad[0, 2])
     assert not grad[0, 3].any()
+
+
+def _head(N, H, V, seed):
+    """Hidden states and an LM head (weight, bias) on a grid: the logits they make are exact in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-16, 16, (N, H), generator=g) / 8.0
+    return hidden, torch.randint(-24, 24, (V, H), generator=g) / 16.0, torch.randint(-8, 8, (V,), generator=g) / 16.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_fused_linear_token_logprobs(backend, batch_invariant):
+    """From hidden states and the head, in chunks of 4 tokens (each chunk's rows a slice of the
+    kept sets; with ``batch_invariant`` the last chunk padded with rows of no kept set), two
+    ignored tokens (left out before the chunks): log-probs, entropy and the gradients of hidden,
+    weight and bias equal the float64 reference of the logits they make."""
+    N, H, V = 11, 8, 300   # 9 valid tokens: chunks of 4, 4 and 1 (with batch_invariant, 3 rows of padding)
+    hidden, weight, bias = _head(N, H, V, seed=30)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(31))
+    ids[[3, 8]] = -100
+    offsets, kept = _kept_sets(ids.clamp(min=0), V, seed=32)
+    upstream = torch.linspace(-1.0, 1.0, N)
+
+    def run(fn, h, w, b):
+        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+        logp, ent = fn(h, w, b)
+        (torch.where(logp.isinf(), 0.0, logp * upstream.to(logp.dtype)).sum() + ent.sum()).backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+
+    def fused(h, w, b):
+        return mhpo_kernels.fused_linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, chunk_size=4,
+                                                        kept_ids=(offsets, kept), batch_invariant=batch_invariant)
+
+    def eager(h, w, b):
+        return reference.token_logprobs(h @ w.T + b, ids, return_entropy=True, kept_ids=(offsets, kept))
+
+    with mhpo_kernels.use_backend(backend):
+        got = run(fused, hidden, weight, bias)
+    want = run(eager, hidden.double(), weight.double(), bias.double())
+    assert want[0].isinf().any() and not want[0].isinf().all()
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_loss(backend):
+    """The fused linear loss with a replayed kept set, a reference KL term and an entropy bonus:
+    the loss, ``outside_support`` and the gradients of hidden, weight and bias equal the float64
+    reference of the logits they make."""
+    from mhpo_kernels.objectives import MHPO
+
+    B, T, H, V = 2, 5, 8, 300
+    hidden, weight, bias = _head(B * T, H, V, seed=33)
+    hidden = hidden.reshape(B, T, H)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(34))
+    offsets, kept = _kept_sets(ids, V, seed=35, outside_every=3)
+    g = torch.Generator().manual_seed(36)
+    old, ref = -torch.rand(B, T, generator=g) * 3 - 0.05, -torch.rand(B, T, generator=g) * 3 - 0.05
+    adv, mask = torch.randn(B, generator=g), torch.ones(B, T, dtype=torch.bool)
+    kw = dict(objective=MHPO(), return_metrics=True, ref_logprobs=ref, beta=0.05, entropy_coef=0.01,
+              kept_ids=(offsets, kept))
+
+    def run(loss_fn, h, w, b):
+        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+        loss, metrics = loss_fn(h, w, b)
+        loss.backward()
+        return loss.detach(), metrics, (h.grad, w.grad, b.grad)
+
+    def fused(h, w, b):
+        return mhpo_kernels.fused_linear_policy_loss(h, w, ids, old, adv, mask, bias=b, chunk_size=3, **kw)
+
+    def eager(h, w, b):
+        return reference.policy_loss(h @ w.T + b, ids, old.double(), adv.double(), mask,
+                                     **{**kw, "ref_logprobs": ref.double()})
+
+    with mhpo_kernels.use_backend(backend):
+        loss, metrics, grads = run(fused, hidden, weight, bias)
+    want, want_metrics, want_grads = run(eager, hidden.double(), weight.double(), bias.double())
+    assert 0 < want_metrics["outside_support"] < 0.5
+    assert loss.item() == pytest.approx(want.item(), rel=FP32_RTOL, abs=FP32_RTOL)
+    assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
+    for a, b in zip(grads, want_grads):
+        _close(a, b)

@@ -1,6 +1,6 @@
 """Replay: the softmax truncated to a kept set that the sampler hands over (SPEC.md, section 9),
-as CSR over the N token rows: row r keeps ``ids[offsets[r]:offsets[r + 1]]``; an empty row is
-not truncated. The kept set is given, so nothing is selected: sweep 1 gathers the row's kept
+as CSR over the N token rows: row r keeps ``ids[start[r]:end[r]]`` (``LogitMap.kept_start``,
+``kept_end``: the offsets' two views, or a subset of the rows); an empty row is not truncated. The kept set is given, so nothing is selected: sweep 1 gathers the row's kept
 logits alone, and sweep 2 writes their gradient elements alone.
 
 Around the two sweeps of the other rows (forward.py, backward.py), which see the replayed rows as
@@ -41,11 +41,11 @@ def _kept_step(p_row, p_ids, j, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _replayed_row(p_y, p_offsets, row):
+def _replayed_row(p_y, p_start, p_end, row):
     """(y, start, end) of a row; ``replayed``: a valid token whose kept set is not empty."""
     y = tl.load(p_y + row)
-    start = tl.load(p_offsets + row).to(tl.int64)
-    end = tl.load(p_offsets + row + 1).to(tl.int64)
+    start = tl.load(p_start + row).to(tl.int64)
+    end = tl.load(p_end + row).to(tl.int64)
     return y, start, end, (y >= 0) & (end > start)
 
 
@@ -62,21 +62,21 @@ def _has_target(p_ids, y, start, end, BLOCK: tl.constexpr):
 # As the sweeps (rows.py): nothing that moves with the batch, nor the alignment of a per-token
 # tensor, is in the specialization key.
 REPLAY_INTS = ("T", "stride_xb", "stride_xt", "stride_db", "stride_dt")
-REPLAY_POINTERS = ("p_y", "p_offsets", "p_ids", "p_tau", "p_g", "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent",
+REPLAY_POINTERS = ("p_y", "p_start", "p_end", "p_ids", "p_tau", "p_g", "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent",
                    "p_dlogp", "p_dent")
 
 
 @triton.jit(do_not_specialize=REPLAY_INTS, do_not_specialize_on_alignment=REPLAY_POINTERS)
 def _replay_fwd_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,   # logits (B, T, V), unit stride along V
-    p_y, p_offsets, p_ids,                            # (N,) int32 targets; CSR kept sets over the rows
+    p_y, p_start, p_end, p_ids,                       # (N,) int32 targets; row r keeps ids[start[r]:end[r]]
     p_tau,                                            # (N,) fp32 τ_t (HAS_TAU)
     p_lse2_base, p_lse2_rest, p_logp, p_ent,          # (N,) fp32 outputs, written at replayed rows only
     T, k, tanh_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
-    y, start, end, replayed = _replayed_row(p_y, p_offsets, row)
+    y, start, end, replayed = _replayed_row(p_y, p_start, p_end, row)
     if replayed:
         if HAS_TAU:
             k = k / tl.load(p_tau + row)
@@ -116,7 +116,7 @@ def _replay_fwd_kernel(
 def _replay_bwd_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,   # logits (B, T, V) (GATHER)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (SCATTER)
-    p_y, p_offsets, p_ids,                            # as in the forward
+    p_y, p_start, p_end, p_ids,                       # as in the forward
     p_g,                                              # (K,) fp32: each kept element's gradient
     p_lse2_base, p_lse2_rest, p_dlogp, p_ent, p_dent, p_tau,
     T, k, tanh_scale, slope,
@@ -124,7 +124,7 @@ def _replay_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
-    y, start, end, replayed = _replayed_row(p_y, p_offsets, row)
+    y, start, end, replayed = _replayed_row(p_y, p_start, p_end, row)
     if replayed:
         if GATHER:  # backward.py's derivation, over the kept elements; the one-hot term at v = y
             if HAS_TAU:
@@ -162,8 +162,7 @@ def _replay_bwd_kernel(
 
 def unreplayed(target, lmap):
     """The targets the sweeps over whole rows get: −1 (no token) at the replayed rows."""
-    offsets = lmap.kept_offsets
-    return torch.where(offsets[1:] > offsets[:-1], -1, target)
+    return torch.where(lmap.kept_end > lmap.kept_start, -1, target)
 
 
 def replay_fwd(logits, target, lmap, out, with_entropy):
@@ -174,7 +173,7 @@ def replay_fwd(logits, target, lmap, out, with_entropy):
     with on_device(logits.device):
         _replay_fwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
-            target, lmap.kept_offsets, lmap.kept_ids,
+            target, lmap.kept_start, lmap.kept_end, lmap.kept_ids,
             target if lmap.tau is None else lmap.tau,
             out.lse2_base, out.lse2_rest, out.logp, out.entropy if with_entropy else out.logp,
             logits.shape[1], lmap.log2_scale, lmap.tanh_scale,
@@ -194,7 +193,7 @@ def replay_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, 
         _replay_bwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
             grad, grad.stride(0), grad.stride(1),
-            target, lmap.kept_offsets, lmap.kept_ids, kept_grad,
+            target, lmap.kept_start, lmap.kept_end, lmap.kept_ids, kept_grad,
             base, lse2_rest, dlogp, entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
             dlogp if lmap.tau is None else lmap.tau,
             logits.shape[1], lmap.log2_scale, lmap.tanh_scale, lmap.slope,
