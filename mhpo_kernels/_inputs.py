@@ -172,7 +172,7 @@ def check_sampling(min_p=None, top_k=None, top_p=None):
     return Sampling(_check_filter("min_p", min_p), _check_filter("top_k", top_k), _check_filter("top_p", top_p))
 
 
-def check_kept_ids(kept_ids, sampling, tp_group=None):
+def check_kept_ids(kept_ids, sampling):
     """``kept_ids``: None, or the sampler's kept set per token row as CSR, a pair (offsets, ids)
     (SPEC.md, section 9); its shapes and values are checked with the other per-token inputs."""
     if kept_ids is None:
@@ -183,9 +183,6 @@ def check_kept_ids(kept_ids, sampling, tp_group=None):
     if sampling.on:
         raise ValueError("kept_ids replays the sampler's kept set, which its filters already made: min_p, top_k "
                          "and top_p must be off with it")
-    if tp_group is not None:
-        raise NotImplementedError("kept_ids with tp_group is not supported yet: each rank would need the kept ids "
-                                  "of its own vocabulary slice")
     return tuple(kept_ids)
 
 

@@ -12,7 +12,7 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    TRUNCATED_TP, check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
+    check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
     check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
@@ -22,6 +22,10 @@ from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_o
 from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
+
+TRUNCATED_TP_LINEAR = ("min_p, top_k, top_p and kept_ids on the fused linear path with tp_group are not supported "
+                       "yet: its vocabulary-parallel chunks have no truncated path (on logits, kept_ids takes "
+                       "tp_group)")
 
 # batch_invariant's chunk when none is given: every call computes whole chunks, so the default
 # tile (up to 1 GiB of logits, 268k rows at V 1000) would be mostly padding for a short batch;
@@ -171,9 +175,11 @@ def fused_linear_policy_loss(
         if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
-        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        kept = check_kept_ids(kept_ids, sampling)
+        if (sampling.on or kept is not None) and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP_LINEAR)
         if sampling.on or kept is not None:
-            check_truncated_loss(tp_group, seq_valid_tokens, False)
+            check_truncated_loss(seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
         _check_batch_invariant(batch_invariant, tp_group)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
@@ -309,9 +315,9 @@ def fused_linear_token_logprobs(
                                              batch_invariant)
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
-        if sampling.on and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP)
-        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        kept = check_kept_ids(kept_ids, sampling)
+        if (sampling.on or kept is not None) and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP_LINEAR)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)

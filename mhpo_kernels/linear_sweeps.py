@@ -136,7 +136,7 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
                              with_loss=with_loss)
     local = forward_sweep(tile, tp.local_target(target), None, None, None, None, hp, lmap,
                           with_entropy=with_entropy, with_loss=False)
-    return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)
+    return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,

@@ -1,6 +1,7 @@
 """The public ``mhpo_loss``, ``policy_loss`` and ``token_logprobs``: validate, run the sweeps (the
 ``ops`` custom ops, which carry the autograd formula), reduce."""
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -67,12 +68,12 @@ def _prepared(prepare, tp_group, logits, settings=None):
     return agree_on_inputs(tp_group, device, prepare, settings=settings)
 
 
-def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group, grad_in_forward=False):
-    """(RowStats, None, None) of the sweeps; the tp_group's own path reduces nothing."""
+def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
+    """The RowStats of the sweeps (log-probs and entropy: no loss, nothing reduced)."""
     if tp_group is None:
         return row_stats(logits3, batch, hp, lmap, with_entropy=with_entropy, shifted=shifted,
-                         inplace_backward=inplace, grad_in_forward=grad_in_forward)[0]
-    return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)
+                         inplace_backward=inplace)[0]
+    return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)[0]
 
 
 def entropy_bonus(loss, entropy_coef, weight, entropy):
@@ -211,9 +212,11 @@ def policy_loss(
         check_nonnegative("entropy_coef", entropy_coef)
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         sampling = check_sampling(min_p, top_k, top_p)
-        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        kept = check_kept_ids(kept_ids, sampling)
+        if sampling.on and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP)
         if sampling.on or kept is not None:
-            check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward)
+            check_truncated_loss(seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
@@ -233,6 +236,7 @@ def policy_loss(
             old_logprobs_given=old_logprobs is not None, ref_logprobs_given=ref_logprobs is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), shifted=p.shifted, inplace_backward=p.inplace,
+            kept_ids_given=kept_ids is not None,
             dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs, token_weights))))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
@@ -243,11 +247,17 @@ def policy_loss(
     # would overwrite logits that no backward hands a gradient for).
     one_sweep = bool(grad_in_forward) and torch.is_grad_enabled() and logits.requires_grad
     if tp_group is not None:
-        stats = _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group)
-        loss = entropy_bonus(stats.loss.sum(), entropy_coef, batch.weight, stats.entropy)
+        stats, target, weight = vocab_parallel.row_stats(
+            logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace, agg=AGG_MODES.index(loss_agg_mode),
+            normalizer=normalizer_tensor(normalizer, logits.device, lmap))
+        loss = entropy_bonus(stats.loss.sum(), entropy_coef, weight, stats.entropy)
         if not return_metrics:
             return loss
-        return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta, batch, resolve_objective(objective))
+        metrics = metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta, replace(batch, target=target,
+                             weight=weight), resolve_objective(objective))
+        if lmap.replayed:
+            metrics["outside_support"] = outside_support_share(stats.logp, lmap.truncated_rows(None), batch, hp.kind)
+        return loss, metrics
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
@@ -272,11 +282,9 @@ def outside_support_share(logp, truncated, batch, kind):
     return outside.sum().float() / valid.sum().clamp(min=1)
 
 
-def check_truncated_loss(tp_group, seq_valid_tokens, grad_in_forward):
+def check_truncated_loss(seq_valid_tokens, grad_in_forward):
     """A loss over a truncated softmax forms its weights after the sweep, from every token's
     kept set: refused where that cannot be done on this rank, or in the forward's one launch."""
-    if tp_group is not None:
-        raise NotImplementedError(TRUNCATED_TP)
     if seq_valid_tokens is not None:
         raise NotImplementedError("min_p, top_k, top_p and kept_ids with seq_valid_tokens are not supported: the "
                                   "other ranks' counts cannot leave out this rank's targets outside the kept set")
@@ -320,14 +328,15 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     integer tensors, CSR over the N tokens in input_ids' flat order (row r keeps
     ``ids[offsets[r]:offsets[r + 1]]``, each id once, in [0, V); an empty row is not truncated).
     The forward reads only the kept logits of such a row (and the target's), the backward
-    writes its gradient row without reading it. Not with the filters above, nor ``tp_group``.
+    writes its gradient row without reading it. Not with the filters above. With ``tp_group``
+    every rank passes the same global kept set and reads its own slice's ids.
     """
     def prepare():
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         if sampling.on and tp_group is not None:
             raise NotImplementedError(TRUNCATED_TP)
-        kept = check_kept_ids(kept_ids, sampling, tp_group)
+        kept = check_kept_ids(kept_ids, sampling)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index, mask, temperature=tau, sampling=sampling, kept_ids=kept)
@@ -337,7 +346,8 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
 
     def settings(p):
         return agreed_settings("token_logprobs", p.hp, p.lmap, return_entropy=bool(return_entropy),
-                               shifted=p.shifted, inplace_backward=p.inplace, dtypes=(dtype_name(logits),))
+                               shifted=p.shifted, inplace_backward=p.inplace, kept_ids_given=kept_ids is not None,
+                               dtypes=(dtype_name(logits),))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     stats = _row_stats(logits3, batch, hp, lmap, return_entropy, shifted, inplace, tp_group)

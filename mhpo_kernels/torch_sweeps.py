@@ -162,7 +162,8 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
 def _dropped(lmap, r0, rows, V, device):
     """(rows, V) bool: the elements outside the replayed kept sets of rows [r0, r0 + rows) (none
     in a row with an empty set), or None without replay. Each id's row, from the rows' disjoint
-    ranges of ids: +(i + 1) at a range's start, −(i + 1) at its end, summed along the ids."""
+    ranges of ids: +(i + 1) at a range's start, −(i + 1) at its end, summed along the ids. An id
+    < 0 is another vocabulary slice's (vocab_parallel.py)."""
     if not lmap.replayed:
         return None
     start, end, ids = lmap.kept_start[r0:r0 + rows], lmap.kept_end[r0:r0 + rows], lmap.kept_ids.long()
@@ -171,7 +172,7 @@ def _dropped(lmap, r0, rows, V, device):
     delta.index_add_(0, start, mark).index_add_(0, end, -mark)
     row_of = delta.cumsum(0)[:-1] - 1                     # −1: an id of no row here
     kept = torch.zeros(rows, V, dtype=torch.int32, device=device)
-    kept.index_put_((row_of.clamp(min=0), ids), (row_of >= 0).int(), accumulate=True)
+    kept.index_put_((row_of.clamp(min=0), ids.clamp(min=0)), ((row_of >= 0) & (ids >= 0)).int(), accumulate=True)
     return (kept == 0) & (end > start).unsqueeze(-1)
 
 
@@ -274,14 +275,15 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             dropped = q < torch.where(valid, lmap.cut[r0:r1], -math.inf).to(q.dtype).unsqueeze(-1)
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
+        has_y = (valid & (y < q.shape[-1])).unsqueeze(-1)   # else another vocabulary slice's target
         if dropped is not None:  # a target outside the kept set: no log-prob gradient
-            dlogp_c = torch.where(dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1)), 0.0, dlogp_c)
+            outside = has_y & dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1))
+            dlogp_c = torch.where(outside, 0.0, dlogp_c)
         dz = q.exp2()                                   # p, then overwritten with ∂L/∂z
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
             ent_term = torch.where(dz > 0, dz * (q * LN2 + h), 0.0).mul_(dent)
-        has_y = (valid & (y < dz.shape[-1])).unsqueeze(-1)
         dz.mul_(-dlogp_c).scatter_add_(-1, y.clamp(0, dz.shape[-1] - 1).unsqueeze(-1),
                                        torch.where(has_y, dlogp_c, 0.0))
         if dentropy is not None:

@@ -12,10 +12,12 @@ rows (V_r, H). The sweeps run on the slice unchanged; what crosses ranks is O(N)
    global statistics; the per-token epilogue then runs on O(N) vectors, alike on every rank.
 
 The backward needs no collective: with the global log-sum-exp, each rank's gradient is its slice
-of the full gradient.
+of the full gradient. A replayed kept set (``kept_ids``) goes to every rank whole; each rank reads
+the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics combine as above.
 """
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +128,8 @@ class VocabSlice:
         if batch is not None and local_error is None:
             prints = _fingerprint(batch.target) + _fingerprint(_per_token_settings(batch))
             top = batch.target.amax() if n > 0 else batch.target.new_full((), -1)
+            if batch.kept_ids is not None and batch.kept_ids.numel() > 0:
+                top = torch.maximum(top, batch.kept_ids.amax().to(top.dtype))
             mine[2:6] = torch.stack(prints).to(comm_device)
             mine[7] = top.to(device=comm_device, dtype=torch.int64)
         for slot, value in bits.items():
@@ -161,6 +165,8 @@ class VocabSlice:
         tp = VocabSlice(group, rank, sizes)
         if table[rank][7] >= tp.total:  # the ids' upper bound, now that V is known (reads only to raise)
             bad = batch.target >= tp.total
+            if not bad.any():
+                raise ValueError(f"kept_ids holds ids outside [0, {tp.total}) (the vocabulary of all ranks)")
             where = bad.nonzero()[0, 0].item()
             raise ValueError(f"input_ids holds {int(bad.sum())} id(s) outside [0, {tp.total}) (the vocabulary "
                              f"of all ranks) at valid positions, e.g. {int(batch.target[where])} at flat position "
@@ -172,6 +178,14 @@ class VocabSlice:
         local = target.to(torch.int64) - self.start
         elsewhere = (local < 0) | (local >= self.size)
         return torch.where(target < 0, -1, torch.where(elsewhere, self.size, local)).to(torch.int32)
+
+    def local_kept_ids(self, kept_ids):
+        """A replayed kept set's global ids → ids in this slice, −1 where another rank's (the
+        replay kernels skip them), or None."""
+        if kept_ids is None:
+            return None
+        local = kept_ids.to(torch.int64) - self.start
+        return torch.where((local >= 0) & (local < self.size), local, -1).to(torch.int32)
 
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
@@ -188,14 +202,19 @@ class VocabSlice:
         dist.all_gather(gathered, mine.contiguous(), group=self.group)
         return merge_slices(torch.stack(gathered), self.owner_of(target), target >= 0, with_entropy)
 
-    def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss):
+    def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss, kept=None):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
-        ``combine``, then the per-token epilogue, the same on every rank."""
+        ``combine``, then the per-token epilogue, the same on every rank; and the (target, g) it
+        used. ``kept``: a loss over a replayed kept set, (truncated rows, cu, agg, normalizer) as
+        ``ops.kept_tokens`` takes them: the targets outside their kept set leave the aggregation."""
         base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
         psi = zeta = loss = coef = None
         if with_loss:
+            if kept is not None:
+                truncated, cu, agg, normalizer = kept
+                target, g = ops.kept_tokens(logp, truncated, target, old, hp.kind, cu, adv, agg, normalizer)
             psi, zeta, loss, coef = token_terms(logp, target >= 0, old, adv, g, ref, hp)
-        return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef)
+        return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef), target, g
 
 
 def dtype_name(x):
@@ -221,11 +240,13 @@ def normalizer_setting(normalizer):
 
 
 def _per_token_settings(batch):
-    """The sequence boundaries and the per-token temperature's bits at valid tokens, as one int64
-    tensor to fingerprint: ranks must pass both alike."""
+    """The sequence boundaries, the per-token temperature's bits at valid tokens and a replayed
+    kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
     parts = [batch.boundaries()]
     if batch.tau is not None:
         parts.append(torch.where(batch.valid, batch.tau, 1.0).view(torch.int32).to(torch.int64))
+    if batch.kept_offsets is not None:
+        parts += [batch.kept_offsets, batch.kept_ids.to(torch.int64)]
     return torch.cat(parts)
 
 
@@ -255,43 +276,57 @@ class _VocabParallelSweeps(torch.autograd.Function):
     slice of ∂L/∂logits with no collective."""
 
     @staticmethod
-    def forward(ctx, logits, tp, batch, hp, lmap, with_entropy, with_loss, shifted, inplace):
+    def forward(ctx, logits, tp, batch, hp, lmap, with_entropy, with_loss, shifted, inplace, agg, normalizer):
         target = tp.local_target(batch.target)
+        kept_ids = tp.local_kept_ids(batch.kept_ids)
         params = ops.pack_params(hp, lmap)
         local = RowStats(*ops.sweeps_forward(
             logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
             softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
-            inplace_backward=False)[:8])
+            inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids)[:8])
         ref = batch.ref if hp.beta > 0 else None
-        stats = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
-                               with_entropy, with_loss)
-        ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau)
+        kept = None
+        if lmap.replayed:
+            kept = (lmap.truncated_rows(None), batch.boundaries(), agg, normalizer)
+        stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
+                                               with_entropy, with_loss, kept)
+        # A target outside its replayed kept set (global log-prob −inf): no log-prob gradient on
+        # any rank (the replay kernels see only this slice's part of the set).
+        outside = None if not lmap.replayed else lmap.truncated_rows(None) & (stats.logp == -math.inf)
+        ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
+                              batch.kept_offsets, kept_ids, outside)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
-        return (stats.logp, stats.entropy if with_entropy else empty, stats.loss if with_loss else empty,
-                stats.psi if with_loss else empty, stats.zeta if with_loss else empty)
+        outputs = (stats.logp, stats.entropy if with_entropy else empty, stats.loss if with_loss else empty,
+                   stats.psi if with_loss else empty, stats.zeta if with_loss else empty)
+        kept_outputs = (kept_target, empty if g is None else g)
+        ctx.mark_non_differentiable(*kept_outputs)
+        return outputs + kept_outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta):
-        logits, target, base, lse2_rest, coef, entropy, tau = ctx.saved_tensors
-        dlogp = d_logp.float()
+    def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta, _target, _g):
+        logits, target, base, lse2_rest, coef, entropy, tau, kept_offsets, kept_ids, outside = ctx.saved_tensors
+        dlogp = d_logp.float() if outside is None else torch.where(outside, 0.0, d_logp.float())
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
         dent = d_entropy.float().contiguous() if ctx.with_entropy else None
         return (ops.backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest,
                                    dlogp=dlogp.contiguous(), entropy=entropy if dent is not None else None,
                                    dentropy=dent, tau=tau, params=ctx.params, softcap=ctx.softcap,
-                                   shifted=ctx.shifted),) + (None,) * 8
+                                   shifted=ctx.shifted, kept_offsets=kept_offsets, kept_ids=kept_ids),) + (None,) * 10
 
 
-def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward):
-    """``ops.row_stats`` for a vocabulary slice: RowStats of the global per-token values whose
-    logp, entropy and loss carry gradient to this rank's logits."""
-    logp, entropy, loss, psi, zeta = _VocabParallelSweeps.apply(
+def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward, agg=-1, normalizer=None):
+    """``ops.row_stats`` for a vocabulary slice: (RowStats of the global per-token values whose
+    logp, entropy and loss carry gradient to this rank's logits, the targets and the aggregation
+    weights of the loss: a replayed kept set's loss leaves out the targets outside it, with
+    ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d) as in ``ops.row_stats``)."""
+    logp, entropy, loss, psi, zeta, target, g = _VocabParallelSweeps.apply(
         logits, tp, batch, hp, lmap, bool(with_entropy), batch.adv is not None, bool(shifted),
-        bool(inplace_backward))
+        bool(inplace_backward), agg, normalizer)
     with_loss = batch.adv is not None
-    return RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
-                    zeta if with_loss else None, loss if with_loss else None, None)
+    stats = RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
+                     zeta if with_loss else None, loss if with_loss else None, None)
+    return stats, target, g if with_loss else None

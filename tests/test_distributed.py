@@ -206,6 +206,13 @@ def _tp_bad_call(rank, world_size, case):
         kw["top_p"] = 0.9
     elif case == "min-p-one-rank" and rank == 0:
         kw["min_p"] = 0.1
+    elif case.startswith("kept-ids"):
+        flat = ids.reshape(-1) % 1001                  # two ids per token, the same on every rank
+        kept = torch.stack([flat, (flat + 1) % 1001]).T.reshape(-1)
+        if case == "kept-ids-past-v":
+            kept[3] = 1001
+        if case != "kept-ids-one-rank" or rank == 0:
+            kw["kept_ids"] = (torch.arange(0, kept.numel() + 1, 2), kept)
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
@@ -240,6 +247,8 @@ BAD_TP_CALLS = [
     ("c-differs", "disagree on objective"),
     ("objective-not-a-record-one-rank", "objective must be one of|failed validation"),
     ("nccl-with-cpu-tensors", "NCCL backend.*on cpu"),
+    ("kept-ids-one-rank", "disagree on kept_ids_given"),
+    ("kept-ids-past-v", "kept_ids holds ids outside \\[0, 1001\\)"),
 ]
 
 
@@ -696,3 +705,87 @@ def test_vocab_parallel_per_token_temperature_and_differentiable_logprobs(tmp_pa
         assert "temperature" in got["differs"]
         assert torch.equal(got["masked"], got["loss"])
     assert max_rel_err(torch.cat([got["grad"] for got in ranks], -1), x64.grad) <= FP32_RTOL
+
+
+# ---- a replayed kept set over a vocabulary split ------------------------------------------------
+
+def _replay_inputs(V=1001, B=2, T=5):
+    """Logits (B, T, V), targets, and kept sets whose ids fall in every slice (sizes 0 to 150, the
+    target outside its set on some rows)."""
+    from test_replay import _kept_sets
+
+    full, ids, mask, old, adv, ref = _tp_inputs(V, B, T)
+    full = full[:, :-1].contiguous()
+    ids = ids.masked_fill(~mask, 0)
+    offsets, kept = _kept_sets(ids, V, seed=40, outside_every=3)
+    return full, ids, mask, old, adv, ref, (offsets, kept)
+
+
+def _tp_replay_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
+    start, size = _split(full.shape[-1], world_size)[rank]
+    out = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            x = full[..., start:start + size].clone().requires_grad_()
+            logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, mask=mask, kept_ids=kept_ids,
+                                                    tp_group=dist.group.WORLD)
+            (torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
+            y = full[..., start:start + size].clone().requires_grad_()
+            loss, metrics = mhpo_kernels.mhpo_loss(y, ids, old, adv, mask, kept_ids=kept_ids, ref_logprobs=ref,
+                                                   beta=0.1, entropy_coef=0.01, return_metrics=True,
+                                                   loss_agg_mode="seq-mean-token-mean", tp_group=dist.group.WORLD)
+            loss.backward()
+            finite, whole = (full[..., start:start + size].clone().requires_grad_() for _ in range(2))
+            for z, drop_inf in ((finite, True), (whole, False)):   # −inf log-probs: no gradient either way
+                lp = mhpo_kernels.token_logprobs(z, ids, mask=mask, kept_ids=kept_ids, tp_group=dist.group.WORLD)
+                (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dx=x.grad, loss=loss.detach(), dy=y.grad,
+                            metrics=metrics, outside=(finite.grad, whole.grad))
+    bad = (kept_ids[0], kept_ids[1] + (full.shape[-1] if rank == 1 else 0))   # an id past V on rank 1 only
+    try:
+        mhpo_kernels.token_logprobs(full[..., start:start + size], ids, kept_ids=bad, tp_group=dist.group.WORLD)
+        out["bad"] = None
+    except ValueError as e:
+        out["bad"] = str(e)
+    torch.save(out, f"{out_dir}/replay-{rank}.pt")
+
+
+def test_vocab_parallel_replay(tmp_path):
+    """A replayed kept set over 2 uneven vocabulary slices: each rank reads the kept ids of its
+    slice; the log-probs, entropy, loss and ``outside_support`` equal the float64 reference on
+    every rank, and the logits' gradients are the ranks' slices of the reference's, on both
+    paths; a target outside its set passes no log-prob gradient on any rank. Kept sets that
+    differ across ranks raise on every rank."""
+    import reference
+    from _cases import FP32_RTOL, max_rel_err
+
+    world_size = 2
+    _dist.run(_tp_replay_worker, world_size, tmp_path, str(tmp_path))
+    full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
+    x64 = full.double().requires_grad_()
+    logp64, ent64 = reference.token_logprobs(x64, ids, return_entropy=True, mask=mask, kept_ids=kept_ids)
+    (torch.where(logp64.isinf(), 0.0, logp64).sum() + ent64.sum()).backward()
+    y64 = full.double().requires_grad_()
+    loss64, metrics64 = reference.mhpo_loss(y64, ids, old.double(), adv.double(), mask, kept_ids=kept_ids,
+                                            ref_logprobs=ref.double(), beta=0.1, entropy_coef=0.01,
+                                            return_metrics=True)
+    loss64.backward()
+    assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 0.5
+    ranks = [torch.load(tmp_path / f"replay-{r}.pt") for r in range(world_size)]
+    for backend in ("triton", "torch"):
+        for got in (r[backend] for r in ranks):
+            assert torch.equal(got["logp"].isinf(), logp64.isinf())
+            fin = logp64.isfinite()
+            assert max_rel_err(got["logp"][fin], logp64[fin]) <= FP32_RTOL
+            assert max_rel_err(got["ent"], ent64) <= FP32_RTOL
+            assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+            assert abs(got["metrics"]["outside_support"].item() - metrics64["outside_support"].item()) <= 1e-7
+            assert torch.equal(*got["outside"])
+        for name, want in (("dx", x64.grad), ("dy", y64.grad)):
+            assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
+    for got in ranks:
+        assert got["bad"] is not None, got["bad"]

@@ -33,10 +33,11 @@ NUM_WARPS = 4
 
 @triton.jit
 def _kept_step(p_row, p_ids, j, end, BLOCK: tl.constexpr):
-    """A step of kept ids [j, j + BLOCK) ∩ [j, end): (the ids, which are in range, their logits)."""
+    """A step of kept ids [j, j + BLOCK) ∩ [j, end): (the ids, which are in range and this
+    slice's (an id < 0 is another slice's, vocab_parallel.py), their logits)."""
     o_j = j + tl.arange(0, BLOCK)
-    m_j = o_j < end
-    b_v = tl.load(p_ids + o_j, mask=m_j, other=0)
+    b_v = tl.load(p_ids + o_j, mask=o_j < end, other=-1)
+    m_j = b_v >= 0
     return b_v, m_j, tl.load(p_row + b_v, mask=m_j, other=0.0).to(tl.float32)
 
 
@@ -61,7 +62,7 @@ def _has_target(p_ids, y, start, end, BLOCK: tl.constexpr):
 
 # As the sweeps (rows.py): nothing that moves with the batch, nor the alignment of a per-token
 # tensor, is in the specialization key.
-REPLAY_INTS = ("T", "stride_xb", "stride_xt", "stride_db", "stride_dt")
+REPLAY_INTS = ("T", "V", "stride_xb", "stride_xt", "stride_db", "stride_dt")
 REPLAY_POINTERS = ("p_y", "p_start", "p_end", "p_ids", "p_tau", "p_g", "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent",
                    "p_dlogp", "p_dent")
 
@@ -72,7 +73,7 @@ def _replay_fwd_kernel(
     p_y, p_start, p_end, p_ids,                       # (N,) int32 targets; row r keeps ids[start[r]:end[r]]
     p_tau,                                            # (N,) fp32 τ_t (HAS_TAU)
     p_lse2_base, p_lse2_rest, p_logp, p_ent,          # (N,) fp32 outputs, written at replayed rows only
-    T, k, tanh_scale,
+    T, V, k, tanh_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -102,7 +103,8 @@ def _replay_fwd_kernel(
             seen |= (m_j & (b_v == y)).to(tl.int32)
         c, s, a = _combine(c, s, a, WITH_ENTROPY)
         log2_s = tl.log2(s)
-        u_y = _logit_u(tl.load(p_row + y).to(tl.float32), tanh_scale, SOFTCAP)
+        # y ≥ V: the target is another slice's (vocab_parallel.py), whose log-prob is used
+        u_y = _logit_u(tl.load(p_row + y, mask=y < V, other=0.0).to(tl.float32), tanh_scale, SOFTCAP)
         logp = (tl.fma(u_y, k, -c) - log2_s) * LN2
         logp = tl.where(tl.max(seen, 0) > 0, logp, float("-inf"))
         tl.store(p_lse2_base + row, c)
@@ -119,7 +121,7 @@ def _replay_bwd_kernel(
     p_y, p_start, p_end, p_ids,                       # as in the forward
     p_g,                                              # (K,) fp32: each kept element's gradient
     p_lse2_base, p_lse2_rest, p_dlogp, p_ent, p_dent, p_tau,
-    T, k, tanh_scale, slope,
+    T, V, k, tanh_scale, slope,
     GATHER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, HAS_TAU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -134,9 +136,10 @@ def _replay_bwd_kernel(
             p_row = p_x + _row_offset(row, T, stride_xb, stride_xt, False, 1)
             base = tl.load(p_lse2_base + row)
             log2_s = tl.load(p_lse2_rest + row)
-            # a target outside the kept set: no log-prob gradient (SPEC.md, section 9)
-            dlogp = tl.where(_has_target(p_ids, y, start, end, BLOCK), tl.load(p_dlogp + row), 0.0)
-            u_y = _logit_u(tl.load(p_row + y).to(tl.float32), tanh_scale, SOFTCAP)
+            # a target outside the kept set: no log-prob gradient (SPEC.md, section 9); another
+            # slice's target (y ≥ V): its rank decides, and the caller zeroed dlogp if outside
+            dlogp = tl.where((y >= V) | _has_target(p_ids, y, start, end, BLOCK), tl.load(p_dlogp + row), 0.0)
+            u_y = _logit_u(tl.load(p_row + y, mask=y < V, other=0.0).to(tl.float32), tanh_scale, SOFTCAP)
             g_y = _logit_slope(u_y, dlogp * slope, SOFTCAP)  # the one-hot term
             if HAS_DENT:
                 dent = tl.load(p_dent + row)
@@ -154,10 +157,9 @@ def _replay_bwd_kernel(
             p_drow = p_dx + _row_offset(row, T, stride_db, stride_dt, False, 1)
             for j in range(start, end, BLOCK):
                 o_j = j + tl.arange(0, BLOCK)
-                m_j = o_j < end
-                b_v = tl.load(p_ids + o_j, mask=m_j, other=0)
-                b_g = tl.load(p_g + o_j, mask=m_j, other=0.0)
-                tl.store(p_drow + b_v, b_g.to(p_drow.dtype.element_ty), mask=m_j)
+                b_v = tl.load(p_ids + o_j, mask=o_j < end, other=-1)
+                b_g = tl.load(p_g + o_j, mask=b_v >= 0, other=0.0)
+                tl.store(p_drow + b_v, b_g.to(p_drow.dtype.element_ty), mask=b_v >= 0)
 
 
 def unreplayed(target, lmap):
@@ -176,7 +178,7 @@ def replay_fwd(logits, target, lmap, out, with_entropy):
             target, lmap.kept_start, lmap.kept_end, lmap.kept_ids,
             target if lmap.tau is None else lmap.tau,
             out.lse2_base, out.lse2_rest, out.logp, out.entropy if with_entropy else out.logp,
-            logits.shape[1], lmap.log2_scale, lmap.tanh_scale,
+            logits.shape[1], logits.shape[2], lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, WITH_ENTROPY=with_entropy, HAS_TAU=lmap.tau is not None, BLOCK=BLOCK_K,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )
@@ -196,7 +198,7 @@ def replay_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, 
             target, lmap.kept_start, lmap.kept_end, lmap.kept_ids, kept_grad,
             base, lse2_rest, dlogp, entropy if has_dent else dlogp, dentropy if has_dent else dlogp,
             dlogp if lmap.tau is None else lmap.tau,
-            logits.shape[1], lmap.log2_scale, lmap.tanh_scale, lmap.slope,
+            logits.shape[1], logits.shape[2], lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             GATHER=gather, SOFTCAP=lmap.softcap, HAS_DENT=has_dent, HAS_TAU=lmap.tau is not None, BLOCK=BLOCK_K,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )
