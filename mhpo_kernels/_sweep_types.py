@@ -131,6 +131,15 @@ class LogitMap:
 
         return replace(self, **{name: rows(getattr(self, name)) for name in PER_ROW})
 
+    def kept_row_of(self):
+        """(K,) int64: the row of each kept id among this map's rows, −1 for an id of none. The
+        rows' ranges of ids are disjoint: +(i + 1) at row i's start, −(i + 1) at its end, summed
+        along the ids (no host sync)."""
+        mark = torch.arange(1, self.kept_start.numel() + 1, device=self.kept_start.device)
+        delta = torch.zeros(self.kept_ids.numel() + 1, dtype=torch.int64, device=mark.device)
+        delta.index_add_(0, self.kept_start, mark).index_add_(0, self.kept_end, -mark)
+        return delta.cumsum(0)[:-1] - 1
+
     @staticmethod
     def replay_rows(kept_offsets):
         """``kept_start`` and ``kept_end`` of CSR offsets (N + 1,): views, no copy (None: none)."""

@@ -161,16 +161,12 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
 
 def _dropped(lmap, r0, rows, V, device):
     """(rows, V) bool: the elements outside the replayed kept sets of rows [r0, r0 + rows) (none
-    in a row with an empty set), or None without replay. Each id's row, from the rows' disjoint
-    ranges of ids: +(i + 1) at a range's start, −(i + 1) at its end, summed along the ids. An id
-    < 0 is another vocabulary slice's (vocab_parallel.py)."""
+    in a row with an empty set), or None without replay. An id < 0 is another vocabulary slice's
+    (vocab_parallel.py)."""
     if not lmap.replayed:
         return None
-    start, end, ids = lmap.kept_start[r0:r0 + rows], lmap.kept_end[r0:r0 + rows], lmap.kept_ids.long()
-    mark = torch.arange(1, start.numel() + 1, device=device)
-    delta = torch.zeros(ids.numel() + 1, dtype=torch.int64, device=device)
-    delta.index_add_(0, start, mark).index_add_(0, end, -mark)
-    row_of = delta.cumsum(0)[:-1] - 1                     # −1: an id of no row here
+    chunk = lmap.rows(slice(r0, r0 + rows))
+    start, end, ids, row_of = chunk.kept_start, chunk.kept_end, lmap.kept_ids.long(), chunk.kept_row_of()
     kept = torch.zeros(rows, V, dtype=torch.int32, device=device)
     kept.index_put_((row_of.clamp(min=0), ids.clamp(min=0)), ((row_of >= 0) & (ids >= 0)).int(), accumulate=True)
     return (kept == 0) & (end > start).unsqueeze(-1)

@@ -17,7 +17,6 @@ the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics comb
 """
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -290,9 +289,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
             kept = (lmap.truncated_rows(None), batch.boundaries(), agg, normalizer)
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
-        # A target outside its replayed kept set (global log-prob −inf): no log-prob gradient on
-        # any rank (the replay kernels see only this slice's part of the set).
-        outside = None if not lmap.replayed else lmap.truncated_rows(None) & (stats.logp == -math.inf)
+        outside = _outside_kept_set(lmap, batch.target) if lmap.replayed else None
         ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
                               batch.kept_offsets, kept_ids, outside)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
@@ -316,6 +313,15 @@ class _VocabParallelSweeps(torch.autograd.Function):
                                    dlogp=dlogp.contiguous(), entropy=entropy if dent is not None else None,
                                    dentropy=dent, tau=tau, params=ctx.params, softcap=ctx.softcap,
                                    shifted=ctx.shifted, kept_offsets=kept_offsets, kept_ids=kept_ids),) + (None,) * 10
+
+
+def _outside_kept_set(lmap, target):
+    """(N,) bool: the valid targets outside their row's replayed kept set, which get no log-prob
+    gradient on any rank (each rank's replay kernel sees only its slice's part of the set)."""
+    row_of = lmap.kept_row_of()
+    hit = (row_of >= 0) & (lmap.kept_ids.long() == target.long()[row_of.clamp(min=0)])
+    inside = torch.zeros_like(target, dtype=torch.int32).index_add_(0, row_of.clamp(min=0), hit.int())
+    return lmap.truncated_rows(None) & (target >= 0) & (inside == 0)
 
 
 def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward, agg=-1, normalizer=None):
