@@ -227,7 +227,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
                          dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
-        d, valid, base, _, _ = _exponents(logits, target, b, t0, t1, r0, None, lmap)
+        d, valid, base, _, dropped = _exponents(logits, target, b, t0, t1, r0, None, lmap)
         cut = _cut(lmap, d, valid, r0, base)
         e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
@@ -240,6 +240,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         out.lse2_base[r0:r1] = torch.where(valid, base, 0.0)
         out.lse2_rest[r0:r1] = torch.where(valid, lse2_rest, 0.0)
         logp = (d_y - lse2_rest) * LN2
+        if dropped is not None:  # a target outside its kept set, also where this slice holds none of it
+            logp = torch.where(dropped.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1), -math.inf,
+                               logp)
         if cut is not None:
             truncated = valid & (lse2_rest > -math.inf)
             logp = torch.where((d_y < cut[:, 0]) & truncated, -math.inf, logp)

@@ -711,13 +711,17 @@ def test_vocab_parallel_per_token_temperature_and_differentiable_logprobs(tmp_pa
 
 def _replay_inputs(V=1001, B=2, T=5):
     """Logits (B, T, V), targets, and kept sets whose ids fall in every slice (sizes 0 to 150, the
-    target outside its set on some rows)."""
+    target outside its set on some rows; on token 3, a target in the first of 2 slices and its
+    one kept id in the second)."""
     from test_replay import _kept_sets
 
     full, ids, mask, old, adv, ref = _tp_inputs(V, B, T)
     full = full[:, :-1].contiguous()
     ids = ids.masked_fill(~mask, 0)
+    ids[0, 3], mask[0, 3] = 10, True
     offsets, kept = _kept_sets(ids, V, seed=40, outside_every=3)
+    assert offsets[4] - offsets[3] == 1
+    kept[offsets[3]] = 900
     return full, ids, mask, old, adv, ref, (offsets, kept)
 
 

@@ -158,11 +158,11 @@ def test_top_p_over_many_near_equal_tokens(backend, top_p):
 
 @pytest.mark.parametrize("filters", ["top_k", "top_p", "all"])
 def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypatch, filters):
-    """A selection pass over bins of one key each decides its row and sums the kept tokens itself
-    (select.py), so the forward's finish does not read the row again; a pass over wider bins
-    leaves the sums to the finish. Tied logits (a grid of 1/8) take the first way on some rows,
-    distinct ones (fp32 normal) the second; both give the float64 oracle's log-probs, entropy and
-    gradient."""
+    """A selection pass over bins of one key each decides its row and writes the kept tokens'
+    sums (select.py), which the forward's finish takes instead of its own pass; a pass over wider
+    bins leaves the sums to the finish (−1 written). Tied logits (a grid of 1/8) take the first
+    way on some rows, distinct ones (fp32 normal) the second on some; both give the float64
+    oracle's log-probs, entropy and gradient."""
     from mhpo_kernels.kernels import forward
 
     select_cuts, summed = forward.select_cuts, []
@@ -190,9 +190,10 @@ def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypa
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("filters", [dict(top_p=0.995), dict(top_k=290, top_p=0.995), dict(top_k=299)])
 def test_tokens_far_below_the_largest(backend, filters):
-    """Rows whose smallest logits lie 50 and 60 nats below the largest (d < −64, below top-p's
-    first, uniform pass; select.py): top_p 0.995 drops them, as the oracle does (their mass is
-    below 10⁻²¹ of the row's), and top_k 299 keeps all but the smallest."""
+    """Rows whose smallest logits lie 50 and 60 nats below the largest (d < −64): top_p 0.995
+    alone finds its threshold with them below its first, uniform pass (select.py) and drops them,
+    as the oracle does (their mass is below 10⁻²¹ of the row's); after top_k 290 they are not
+    candidates; top_k 299 alone (radix passes over every value) keeps all but the smallest."""
     x = _grid_logits(1, 4, 300, seed=24)
     x[..., :5] = x.amax(-1, keepdim=True) - 50.0
     x[..., 5] = x[..., 6:].amax(-1) - 60.0

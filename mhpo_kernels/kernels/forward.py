@@ -124,7 +124,7 @@ def _fwd_row(
     in L2. The row is read in its segments (``_config.row_segments``), each summed across lanes
     and folded into the row's sums in order; with SPLIT (see the kernel) a run of them is read and
     stored, or the stored ones folded. A truncated row (never split) sums the kept tokens only,
-    in one more pass (SPEC.md, section 9):
+    in one more pass (SPEC.md, section 9), unless the selection summed them (``p_sums``):
     with MIN_P above min_p's threshold, with SELECTED above the one the selection launch stored
     (select.py: top-k's and top-p's, min_p's included)."""
     TRUNC: tl.constexpr = MIN_P or SELECTED

@@ -103,7 +103,8 @@ def _replay_fwd_kernel(
             seen |= (m_j & (b_v == y)).to(tl.int32)
         c, s, a = _combine(c, s, a, WITH_ENTROPY)
         log2_s = tl.log2(s)
-        # y ≥ V: the target is another slice's (vocab_parallel.py), whose log-prob is used
+        # y ≥ V: the target is another slice's (vocab_parallel.py): its rank's log-prob is the one
+        # merged, this rank's is not read
         u_y = _logit_u(tl.load(p_row + y, mask=y < V, other=0.0).to(tl.float32), tanh_scale, SOFTCAP)
         logp = (tl.fma(u_y, k, -c) - log2_s) * LN2
         logp = tl.where(tl.max(seen, 0) > 0, logp, float("-inf"))

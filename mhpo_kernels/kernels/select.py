@@ -7,8 +7,9 @@ mass of what the earlier filters kept). The threshold is the smallest kept d, fo
 the row's candidates in NB bins, one read of the row per pass (``_count_pass``, ``tl.histogram``),
 each pass narrowing the candidates to the bins it could not decide.
 
-- The bins of a pass. top-p's first pass bins d uniformly over [max(floor, −UNIFORM_RANGE), 0]
-  (bins of equal probability ratio: a peaked row's mass falls in a few hundred of them). Every
+- The bins of a pass. top-p's first pass bins d uniformly over [max(floor, −UNIFORM_RANGE), hi]
+  (hi just above 0, above every d: bins of equal probability ratio, a peaked row's mass falls in a
+  few hundred of them). Every
   other pass bins a run of keys [klo, khi] (``_key`` orders fp32 values as uint32 keys) in bins
   of 2^shift consecutive keys, a radix select: 11 + 11 + 10 bits reach single keys in 3 passes.
 - Deciding a bin. From the counts a bin's weight is exact (top-k) or bounded by the mass of its
@@ -116,7 +117,6 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
     if UNIFORM:
         b_in = b_d >= lo_d
         b_bin = _uniform_bin(b_d, lo_d, scale)
-        b_above = b_in & False
     else:
         b_key = _key(b_d)
         b_in = (b_key >= klo) & (b_key <= khi)
@@ -171,11 +171,12 @@ def _bits(span):
 
 @triton.jit
 def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.constexpr):
-    """(kept, ambiguous) bins of a pass from their weights' bounds [w_lo, w_hi] (top-k: the
-    counts), the weight ``above`` the range, and for top-p the exact masses above the range
-    (``s_hi``) and within it (``s_in``), which bound each bin's weight above from below as well,
-    for pass ``i`` with bins of 2^``shift`` keys (a uniform pass: shift 1, bins of several
-    values). In the last pass the ambiguous ones are decided by the middle of their bounds."""
+    """(kept, ambiguous, the highest and the lowest ambiguous bin) of a pass from the bins' weight
+    bounds [w_lo, w_hi] (top-k: the counts), the weight ``above`` the range, and for top-p the
+    exact masses above the range (``s_hi``) and within it (``s_in``), which bound each bin's
+    weight above from below as well, for pass ``i`` with bins of 2^``shift`` keys (a uniform
+    pass: shift 1, bins of several values). In the last pass the ambiguous ones are decided by
+    the middle of their bounds."""
     o_bin = tl.arange(0, NB)
     multi = shift > 0
     more = i < MAX_PASSES - 1
@@ -225,7 +226,7 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
         w_hi = tl.where(cnt > 0, cnt * tl.exp2(lo_d + (o_bin + 1).to(tl.float32) * bin_d + margin), 0.0)
         kept, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, above, above, s_in, goal, 1, 0, True)
         if b_hi < 0:
-            cut_key = _bin_start(tl.min(tl.where(kept, o_bin, NB), 0), lo_d, scale)
+            cut_key = tl.minimum(_bin_start(tl.min(tl.where(kept, o_bin, NB), 0), lo_d, scale), KEY_INF)
             done = b_hi < 0
         else:
             klo = _bin_start(b_lo, lo_d, scale)
