@@ -12,7 +12,7 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
+    TRUNCATED_TP, check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
     check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
@@ -22,10 +22,6 @@ from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_o
 from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
-
-TRUNCATED_TP_LINEAR = ("min_p, top_k, top_p and kept_ids on the fused linear path with tp_group are not supported "
-                       "yet: its vocabulary-parallel chunks have no truncated path (on logits, kept_ids takes "
-                       "tp_group)")
 
 # batch_invariant's chunk when none is given: every call computes whole chunks, so the default
 # tile (up to 1 GiB of logits, 268k rows at V 1000) would be mostly padding for a short batch;
@@ -176,8 +172,8 @@ def fused_linear_policy_loss(
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        if (sampling.on or kept is not None) and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP_LINEAR)
+        if sampling.on and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
@@ -203,11 +199,20 @@ def fused_linear_policy_loss(
             ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
+            kept_ids_given=kept_ids is not None,
             dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs,
                                           token_weights))))
 
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
+    if lmap.truncated:
+        loss, metrics, logp, cut = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
+                                                   bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
+                                                   normalizer, batch_invariant, bool(reduce_dhidden))
+        if not return_metrics:
+            return loss
+        return loss, {**metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None),
+                      "outside_support": outside_support_share(logp, lmap.truncated_rows(cut), batch, hp.kind)}
     if tp_group is not None:
         loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
@@ -215,14 +220,6 @@ def fused_linear_policy_loss(
         if not return_metrics:
             return loss
         return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
-    if lmap.truncated:
-        loss, metrics, logp, cut = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
-                                                   bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
-                                                   normalizer, batch_invariant)
-        if not return_metrics:
-            return loss
-        return loss, {**metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None),
-                      "outside_support": outside_support_share(logp, lmap.truncated_rows(cut), batch, hp.kind)}
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -237,7 +234,7 @@ def fused_linear_policy_loss(
 
 
 def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
-                    normalizer, batch_invariant):
+                    normalizer, batch_invariant, reduce_dhidden=True):
     """A policy loss over the sampler's truncated softmax from the hidden states: (the 0-d loss,
     the metrics vector (empty without ``return_metrics``), the log-probs, the kept sets' cuts).
 
@@ -246,11 +243,17 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     weights are formed again, the per-token epilogue gives each term and its derivative, and the
     finalize reduction the loss. Its gradient reaches the log-probs (∂L/∂logp_t = g_t · d loss_t
     / d logp_t) and the entropy (−entropy_coef · g_t) through a zero-valued term, and from them
-    the fused log-probs' backward takes it to hidden, weight and bias."""
+    the fused log-probs' backward takes it to hidden, weight and bias. With a vocabulary split
+    (``batch.tp``; a replayed kept set only) the log-probs are the global ones on every rank."""
     with_entropy = return_metrics or entropy_coef > 0
-    logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
-        hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-        chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
+    if batch.tp is not None:
+        logp, entropy = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                           with_entropy, reduce_dhidden)
+        cut = None
+    else:
+        logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
+            hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
+            chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
     target, g = ops.kept_tokens(logp.detach(), lmap.truncated_rows(cut), batch.target, batch.old, hp.kind,
                                 batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
@@ -289,7 +292,7 @@ def fused_linear_token_logprobs(
     is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
     ``min_p``, ``top_k``, ``top_p`` and ``kept_ids`` as in ``token_logprobs`` (the sampler's
     truncated softmax, or its kept set replayed: each chunk's tile is computed whole, the sweeps
-    read only its kept logits; not with ``tp_group``).
+    read only its kept logits; the filters not with ``tp_group``).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -316,8 +319,8 @@ def fused_linear_token_logprobs(
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        if (sampling.on or kept is not None) and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP_LINEAR)
+        if sampling.on and tp_group is not None:
+            raise NotImplementedError(TRUNCATED_TP)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)
@@ -327,7 +330,8 @@ def fused_linear_token_logprobs(
     def settings(p):
         return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,
                                bias_given=bias is not None, return_entropy=bool(return_entropy),
-                               reduce_dhidden=bool(reduce_dhidden), dtypes=(dtype_name(hidden), dtype_name(weight)))
+                               reduce_dhidden=bool(reduce_dhidden), kept_ids_given=kept_ids is not None,
+                               dtypes=(dtype_name(hidden), dtype_name(weight)))
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:

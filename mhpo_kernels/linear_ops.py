@@ -13,6 +13,7 @@ call                               forward                                    ba
 =================================  =========================================  ===========================
 """
 
+import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 from ._op_support import _fp32, _unpack, _without_autocast, once_differentiable
+from .vocab_parallel import outside_kept_set
 
 
 # ---- hidden states and LM head ------------------------------------------------------------------
@@ -280,10 +282,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+        # A replayed kept set: this rank's ids (vocab_parallel.py); its targets outside their
+        # sets get no log-prob gradient on any rank.
+        outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
+        if lmap.replayed:
+            lmap = dataclasses.replace(lmap, kept_ids=batch.tp.local_kept_ids(lmap.kept_ids))
         logp, entropy, base, lse2_rest, _ = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
                                                               chunk_rows, with_entropy, tp=batch.tp,
                                                               n_valid=batch.n_valid)
-        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy)
+        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy, outside)
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
         ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
         return logp, logp.new_empty(0) if entropy is None else entropy
@@ -291,10 +298,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_logp, d_entropy):
-        hidden, weight, bias, base, lse2_rest, entropy = ctx.saved_tensors
+        hidden, weight, bias, base, lse2_rest, entropy, outside = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
         dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
+        if outside is not None:
+            dlogp = torch.where(outside, 0.0, dlogp)
         # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
         dh, dw, db = token_logprobs_grads(
             hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, lse2_rest, entropy,

@@ -289,7 +289,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
             kept = (lmap.truncated_rows(None), batch.boundaries(), agg, normalizer)
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
-        outside = _outside_kept_set(lmap, batch.target) if lmap.replayed else None
+        outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
         ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
                               batch.kept_offsets, kept_ids, outside)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
@@ -315,7 +315,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
                                    shifted=ctx.shifted, kept_offsets=kept_offsets, kept_ids=kept_ids),) + (None,) * 10
 
 
-def _outside_kept_set(lmap, target):
+def outside_kept_set(lmap, target):
     """(N,) bool: the valid targets outside their row's replayed kept set, which get no log-prob
     gradient on any rank (each rank's replay kernel sees only its slice's part of the set)."""
     row_of = lmap.kept_row_of()

@@ -793,3 +793,74 @@ def test_vocab_parallel_replay(tmp_path):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
     for got in ranks:
         assert got["bad"] is not None, got["bad"]
+
+
+def _tp_linear_replay_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+    from test_replay import _kept_sets
+
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    offsets, kept = _kept_sets(ids, weight.shape[0], seed=41, outside_every=3)
+    start, size = _split(weight.shape[0], world_size)[rank]
+    out = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            h, w = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
+            logp, ent = mhpo_kernels.fused_linear_token_logprobs(
+                h, w, ids, mask=mask, return_entropy=True, chunk_size=3, kept_ids=(offsets, kept),
+                tp_group=dist.group.WORLD)
+            (torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
+            h2, w2 = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
+            loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
+                h2, w2, ids, old, adv, mask, chunk_size=3, entropy_coef=0.01, return_metrics=True,
+                kept_ids=(offsets, kept), tp_group=dist.group.WORLD)
+            loss.backward()
+            grads = []
+            for drop_inf in (True, False):   # a −inf log-prob passes no gradient either way
+                h3 = hidden.clone().requires_grad_()
+                lp = mhpo_kernels.fused_linear_token_logprobs(h3, weight[start:start + size], ids, mask=mask,
+                                                              chunk_size=3, kept_ids=(offsets, kept),
+                                                              tp_group=dist.group.WORLD)
+                (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
+                grads.append(h3.grad)
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dh=h.grad, dw=w.grad, loss=loss.detach(),
+                            dh2=h2.grad, dw2=w2.grad, outside=metrics["outside_support"], inf_grads=grads)
+    torch.save(out, f"{out_dir}/linear-replay-{rank}.pt")
+
+
+def test_vocab_parallel_fused_linear_replay(tmp_path):
+    """The fused linear path over 2 slices of the head with a replayed kept set: log-probs,
+    entropy, the loss and ``outside_support`` equal the float64 reference of the logits on every
+    rank, dhidden is the full one on every rank and dweight each rank's rows, on both paths; a
+    −inf log-prob passes no gradient."""
+    import reference
+    from _cases import FP32_RTOL, max_rel_err
+    from test_replay import _kept_sets
+
+    world_size = 2
+    _dist.run(_tp_linear_replay_worker, world_size, tmp_path, str(tmp_path))
+    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
+    kept_ids = _kept_sets(ids, weight.shape[0], seed=41, outside_every=3)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp64, ent64 = reference.token_logprobs(h64 @ w64.T, ids, return_entropy=True, mask=mask, kept_ids=kept_ids)
+    (torch.where(logp64.isinf(), 0.0, logp64).sum() + ent64.sum()).backward()
+    h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    loss64, metrics64 = reference.mhpo_loss(torch.where(mask.unsqueeze(-1), h2, 0.0) @ w2.T, ids, old.double(),
+                                            adv.double(), mask, entropy_coef=0.01, return_metrics=True,
+                                            kept_ids=kept_ids)
+    loss64.backward()
+    assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 0.5
+    ranks = [torch.load(tmp_path / f"linear-replay-{r}.pt") for r in range(world_size)]
+    for backend in ("triton", "torch"):
+        for got in (r[backend] for r in ranks):
+            assert torch.equal(got["logp"].isinf(), logp64.isinf())
+            fin = logp64.isfinite()
+            assert max_rel_err(got["logp"][fin], logp64[fin]) <= FP32_RTOL
+            assert max_rel_err(got["ent"], ent64) <= FP32_RTOL
+            assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+            assert abs(got["outside"].item() - metrics64["outside_support"].item()) <= 1e-7
+            assert max_rel_err(got["dh"], h64.grad) <= FP32_RTOL and max_rel_err(got["dh2"], h2.grad) <= FP32_RTOL
+            assert torch.equal(*got["inf_grads"])
+        for name, want in (("dw", w64.grad), ("dw2", w2.grad)):
+            assert max_rel_err(torch.cat([r[backend][name] for r in ranks]), want) <= FP32_RTOL, (backend, name)
