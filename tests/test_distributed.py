@@ -758,6 +758,18 @@ def _tp_replay_worker(rank, world_size, out_dir):
     torch.save(out, f"{out_dir}/replay-{rank}.pt")
 
 
+def _same_as_one_process(got, logp64, ent64, loss64, outside64):
+    """One rank's replayed log-probs, entropy, loss and outside_support against float64."""
+    from _cases import FP32_RTOL, max_rel_err
+
+    assert torch.equal(got["logp"].isinf(), logp64.isinf())
+    fin = logp64.isfinite()
+    assert max_rel_err(got["logp"][fin], logp64[fin]) <= FP32_RTOL
+    assert max_rel_err(got["ent"], ent64) <= FP32_RTOL
+    assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+    assert abs(got["metrics"]["outside_support"].item() - outside64.item()) <= 1e-7
+
+
 def test_vocab_parallel_replay(tmp_path):
     """A replayed kept set over 2 uneven vocabulary slices: each rank reads the kept ids of its
     slice; the log-probs, entropy, loss and ``outside_support`` equal the float64 reference on
@@ -782,12 +794,7 @@ def test_vocab_parallel_replay(tmp_path):
     ranks = [torch.load(tmp_path / f"replay-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
-            assert torch.equal(got["logp"].isinf(), logp64.isinf())
-            fin = logp64.isfinite()
-            assert max_rel_err(got["logp"][fin], logp64[fin]) <= FP32_RTOL
-            assert max_rel_err(got["ent"], ent64) <= FP32_RTOL
-            assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
-            assert abs(got["metrics"]["outside_support"].item() - metrics64["outside_support"].item()) <= 1e-7
+            _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
             assert torch.equal(*got["outside"])
         for name, want in (("dx", x64.grad), ("dy", y64.grad)):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
@@ -825,7 +832,7 @@ def _tp_linear_replay_worker(rank, world_size, out_dir):
                 (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
                 grads.append(h3.grad)
         out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dh=h.grad, dw=w.grad, loss=loss.detach(),
-                            dh2=h2.grad, dw2=w2.grad, outside=metrics["outside_support"], inf_grads=grads)
+                            dh2=h2.grad, dw2=w2.grad, metrics=metrics, inf_grads=grads)
     torch.save(out, f"{out_dir}/linear-replay-{rank}.pt")
 
 
@@ -854,12 +861,7 @@ def test_vocab_parallel_fused_linear_replay(tmp_path):
     ranks = [torch.load(tmp_path / f"linear-replay-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
-            assert torch.equal(got["logp"].isinf(), logp64.isinf())
-            fin = logp64.isfinite()
-            assert max_rel_err(got["logp"][fin], logp64[fin]) <= FP32_RTOL
-            assert max_rel_err(got["ent"], ent64) <= FP32_RTOL
-            assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
-            assert abs(got["outside"].item() - metrics64["outside_support"].item()) <= 1e-7
+            _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
             assert max_rel_err(got["dh"], h64.grad) <= FP32_RTOL and max_rel_err(got["dh2"], h2.grad) <= FP32_RTOL
             assert torch.equal(*got["inf_grads"])
         for name, want in (("dw", w64.grad), ("dw2", w2.grad)):
