@@ -26,12 +26,21 @@ GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``
                                    epilogue, ``epilogue.sequence_terms``
                                    (O(N)), ``_finalize_kernel``
 ``min_p`` (log-probs)              ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``sweeps_backward``: the
-                                   with MIN_P (a second pass per row)         kernel with MIN_P
-``min_p`` (a loss)                 the same, then ``_prepare_kernel`` for     the same
+                                   with MIN_P (a second pass per row)         kernel with CUT
+``top_k``, ``top_p``               ``_mhpo_fwd_kernel`` (SPLIT 1, the         the kernel with CUT
+                                   statistics), ``_select_kernel`` (the
+                                   counting passes), ``_mhpo_fwd_kernel``
+                                   (SPLIT 2 with SELECTED: the finish)
+``kept_ids`` (replay)              ``_mhpo_fwd_kernel`` on the other rows,    ``_replay_bwd_kernel``
+                                   then ``_replay_fwd_kernel``                (GATHER), the kernel,
+                                                                              ``_replay_bwd_kernel``
+                                                                              (SCATTER)
+a loss with any of these           the same, then ``_prepare_kernel`` for     the same
                                    the kept tokens' weights, the epilogue
                                    (``epilogue``, O(N)), ``_finalize_kernel``
 ``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
-                                   the slice, one all-gather, the epilogue    ``_``), no collective
+                                   the slice (with ``kept_ids``, its ids),    ``_``), no collective
+                                   one all-gather, the epilogue
 =================================  =========================================  ===========================
 
 The fused linear path's ops are in ``linear_ops``.
