@@ -13,7 +13,7 @@ import torch
 import mhpo_kernels
 import reference
 from _cases import FP32_RTOL
-from test_truncation import _close, _loss_and_grad, _loss_inputs, _run, _same_loss
+from test_truncation import _close, _loss_and_grad, _loss_inputs, _run, _same_loss, head_grads
 
 BACKENDS = ["triton", "torch"]
 SIZES = (5, 0, 150, 1, 40, 0)  # kept ids per row, in turn: 0 is an untruncated row
@@ -210,26 +210,26 @@ def _head(N, H, V, seed):
 def test_fused_linear_token_logprobs(backend, batch_invariant):
     """From hidden states and the head, in chunks of 4 tokens (each chunk's rows a slice of the
     kept sets; with ``batch_invariant`` the last chunk padded with rows of no kept set), two
-    ignored tokens (left out before the chunks): log-probs, entropy and the gradients of hidden,
-    weight and bias equal the float64 reference of the logits they make."""
+    ignored tokens (left out before the chunks; one with NaN hidden states, never read):
+    log-probs, entropy and the gradients of hidden, weight and bias equal the float64 reference
+    of the logits they make."""
     N, H, V = 11, 8, 300   # 9 valid tokens: chunks of 4, 4 and 1 (with batch_invariant, 3 rows of padding)
     hidden, weight, bias = _head(N, H, V, seed=30)
     ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(31))
     ids[[3, 8]] = -100
+    hidden[3] = float("nan")
     offsets, kept = _kept_sets(ids.clamp(min=0), V, seed=32)
     upstream = torch.linspace(-1.0, 1.0, N)
 
     def run(fn, h, w, b):
-        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
-        logp, ent = fn(h, w, b)
-        (torch.where(logp.isinf(), 0.0, logp * upstream.to(logp.dtype)).sum() + ent.sum()).backward()
-        return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+        return head_grads(fn, upstream, h, w, b)
 
     def fused(h, w, b):
         return mhpo_kernels.fused_linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, chunk_size=4,
                                                         kept_ids=(offsets, kept), batch_invariant=batch_invariant)
 
     def eager(h, w, b):
+        h = torch.where((ids >= 0).unsqueeze(-1), h, 0.0)   # an ignored token's state takes no part
         return reference.token_logprobs(h @ w.T + b, ids, return_entropy=True, kept_ids=(offsets, kept))
 
     with mhpo_kernels.use_backend(backend):

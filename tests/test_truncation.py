@@ -95,6 +95,15 @@ def _run(fn, x, ids, upstream, **kw):
     return logp.detach(), ent.detach(), x.grad
 
 
+def head_grads(fn, upstream, h, w, b):
+    """(logp, entropy, ∂/∂hidden, ∂/∂weight, ∂/∂bias) of Σ u·logp where finite + Σ H, for
+    ``fn(hidden, weight, bias)`` → (logp, entropy)."""
+    h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+    logp, ent = fn(h, w, b)
+    (torch.where(logp.isinf(), 0.0, logp * upstream.to(logp.dtype)).sum() + ent.sum()).backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+
+
 def _close(got, want, rtol=FP32_RTOL):
     both_inf = got.isinf() & want.isinf() & (got.sign() == want.sign())
     assert torch.equal(got.isinf(), want.isinf())
@@ -536,10 +545,7 @@ def test_fused_linear_token_logprobs(backend, softcap, filters):
     _assert_unambiguous(z, **kw)
 
     def run(fn, h, w, b):
-        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
-        logp, ent = fn(h, w, b)
-        (torch.where(logp.isinf(), 0.0, logp * upstream.to(logp.dtype)).sum() + ent.sum()).backward()
-        return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+        return head_grads(fn, upstream, h, w, b)
 
     def fused(h, w, b):
         return mhpo_kernels.fused_linear_token_logprobs(h, w, ids, bias=b, final_logit_softcap=softcap,
