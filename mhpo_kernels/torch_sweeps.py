@@ -2,9 +2,9 @@
 any device Triton does not serve), and inside torch.compile the prepare step.
 
 Same inputs and outputs as ``kernels.prepare.prepare``, ``kernels.forward.mhpo_fwd``,
-``kernels.backward.mhpo_bwd``, ``scale_rows_`` and ``kernels.finalize.finalize``. The sweeps are
-chunked over rows: working memory is bounded by ``CHUNK_BYTES`` whatever N (see ``_chunks``),
-never N × V. The per-token epilogue is ``epilogue``'s.
+``kernels.backward.mhpo_bwd``, ``scale_rows_`` and ``kernels.finalize.finalize``. The sweeps take
+one row at a time (``_chunks``): working memory is a few rows' worth whatever N, never N × V, and
+a row's bits do not depend on the batch. The per-token epilogue is ``epilogue``'s.
 """
 
 import math
@@ -18,11 +18,9 @@ from ._sweep_types import (
 )
 from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
 
-CHUNK_BYTES = 64 << 20  # the sweeps' working memory beyond their inputs and outputs
-# Chunk-sized fp32 temporaries a sweep holds at once, at most: measured 3 in either sweep without
-# the entropy, 3.3 in sweep 1 and 5.3 in sweep 2 with it, 6.7 with the entropy and a softcap, the
-# same at every N (tests/test_torch_path_memory.py).
-CHUNK_COPIES = 7
+# Row-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its inputs
+# and outputs (measured by tests/test_torch_path_memory.py, at any N).
+ROW_COPIES = 7
 
 
 def boundaries(cu, n_seqs, T, device):
@@ -100,15 +98,15 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
 
 
 def _chunks(logits):
-    """(b, t0, t1, r0): row blocks as views of logits (B, T, V), of CHUNK_BYTES / CHUNK_COPIES in
-    fp32 each, so that the temporaries a sweep makes of a block stay within CHUNK_BYTES (one row
-    at least: beyond V = CHUNK_BYTES / (4 · CHUNK_COPIES), 2.8 million, one row's)."""
-    B, T, V = logits.shape
-    rows = max(1, CHUNK_BYTES // (CHUNK_COPIES * 4 * max(V, 1)))
+    """(b, t0, t1, r0): the rows of logits (B, T, V) one at a time. Every row then runs the same
+    ATen kernels on the same shapes, so its bits are the same in any batch (SPEC.md, section 3):
+    on a block of rows, a CPU's kernels would give a row's elements other code paths by its place
+    in the block (a transcendental's vector and scalar code differ in the last bit, a reduction
+    of one row splits over threads where one of several rows does not)."""
+    B, T, _ = logits.shape
     for b in range(B):
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
-            yield b, t0, t1, b * T + t0
+        for t in range(T):
+            yield b, t, t + 1, b * T + t
 
 
 def compute_dtype(logits):

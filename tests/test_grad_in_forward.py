@@ -1,5 +1,5 @@
 """grad_in_forward=True: the logits' gradient computed in the forward (one persistent launch on the
-Triton path, the two chunked sweeps back to back on the PyTorch path) against the two-sweep path,
+Triton path, the two sweeps back to back on the PyTorch path) against the two-sweep path,
 bit for bit at the upstream gradient the forward is told of (``grad_scale``, 1 by default),
 within the rescale's own rounding at any other."""
 

@@ -1,8 +1,7 @@
 """The PyTorch path's working memory: what the two sweeps allocate beyond their inputs and outputs
-stays within ``torch_sweeps.CHUNK_BYTES`` whatever the number of rows. Measured by the
-benchmark's CPU reading (``bench.harness.cpu_allocated_peak``: the peak of the running sum of every
-allocation and free the profiler records), with a small chunk budget so that a few hundred rows
-make several chunks."""
+stays within ``torch_sweeps.ROW_COPIES`` rows of fp32 whatever the number of rows (the sweeps take
+one row at a time). Measured by the benchmark's CPU reading (``bench.harness.cpu_allocated_peak``:
+the peak of the running sum of every allocation and free the profiler records)."""
 
 import pytest
 import torch
@@ -11,23 +10,18 @@ from bench.harness import cpu_allocated_peak
 from mhpo_kernels import torch_sweeps
 from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
-BUDGET = 1 << 20
-
 
 @pytest.mark.parametrize("with_entropy, softcap", [(False, None), (True, 30.0)], ids=["plain", "entropy-softcap"])
 @pytest.mark.parametrize("rows", [160, 480])
-def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap, rows):
-    """The variant with the most temporaries (entropy and softcap: 6.7 chunks in sweep 2) and the
-    one with the fewest, at two row counts."""
-    monkeypatch.setattr(torch_sweeps, "CHUNK_BYTES", BUDGET)
+def test_sweeps_stay_within_a_few_rows(with_entropy, softcap, rows):
+    """The variant with the most temporaries (entropy and softcap) and the one with the fewest, at
+    two row counts."""
     g = torch.Generator().manual_seed(0)
     V = 1000
     x = torch.randn(2, rows // 2, V, generator=g) * 3
     target = torch.randint(0, V, (rows,), generator=g, dtype=torch.int32)
     old, adv, weight = torch.randn(rows, generator=g) - 7, torch.randn(rows, generator=g), torch.full((rows,), 0.01)
     hp, lmap = mhpo_token_params(), LogitMap.make(0.9, 1.0, softcap)
-    chunk_rows = BUDGET // (torch_sweeps.CHUNK_COPIES * 4 * V)
-    assert rows // 2 > 2 * chunk_rows  # several chunks per sequence
 
     def forward():
         return torch_sweeps.mhpo_fwd(x, target, old, adv, weight, None, hp, lmap, with_entropy=with_entropy,
@@ -40,7 +34,7 @@ def test_sweeps_stay_within_the_chunk_budget(monkeypatch, with_entropy, softcap,
     def backward():
         torch_sweeps.mhpo_bwd(x, grad, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, dent, lmap)
 
-    outputs = 12 * 4 * rows  # the per-token vectors sweep 1 returns and the epilogue's float64 ones
+    outputs = (8 * 4 + 12 * 8) * rows  # the 8 fp32 vectors sweep 1 returns, the epilogue's float64 ones
     for sweep in (forward, backward):
         peak = cpu_allocated_peak(sweep)
-        assert chunk_rows * V * 4 <= peak <= BUDGET + outputs, (sweep.__name__, peak / BUDGET)
+        assert V * 4 <= peak <= torch_sweeps.ROW_COPIES * V * 4 + outputs, (sweep.__name__, peak / (V * 4))
