@@ -3,7 +3,7 @@
 - CUDA (and ROCm, which PyTorch also calls "cuda") tensors: the Triton kernels, compiled.
 - CPU tensors with ``TRITON_INTERPRET=1`` set before the kernels were first imported: the same
   Triton kernels, run by Triton's interpreter (slow; this is how the tests exercise them).
-- CPU tensors otherwise, or Triton not installed: ``torch_sweeps``, the chunked PyTorch version.
+- CPU tensors otherwise, or Triton not installed: ``torch_sweeps``, the PyTorch version, a row at a time.
 
 ``use_backend("torch" | "triton")`` overrides the choice inside a ``with`` block; the tests use it to
 compare the two paths in one process.
@@ -103,17 +103,19 @@ def _check_triton_runs(device):
 # Each kernel's launcher: the module of ``kernels`` and its function on the Triton path; the
 # function of ``torch_sweeps`` with the same name has the same contract on the PyTorch path.
 KERNELS = {"prepare": ("prepare", "prepare"), "forward": ("forward", "mhpo_fwd"), "backward": ("backward", "mhpo_bwd"),
-           "scale_rows": ("backward", "scale_rows_"), "finalize": ("finalize", "finalize")}
+           "scale_rows": ("backward", "scale_rows_"), "finalize": ("finalize", "finalize"),
+           "token_terms": ("finalize", "token_terms")}
 
 
 def kernel(name, device):
     """The launcher of kernel ``name`` (``KERNELS``) for tensors on ``device``. Inside
-    torch.compile, where prepare and finalize run outside any custom op, they are PyTorch's on
-    every device (the graph fuses their ops; the checks become asserts of the graph)."""
+    torch.compile, where all but the sweeps run outside any custom op, they are PyTorch's on every
+    device (the graph fuses their ops; the checks become asserts of the graph)."""
     import torch
 
     module, function = KERNELS[name]
-    if (name in ("prepare", "finalize") and torch.compiler.is_compiling()) or backend_for(device) != "triton":
+    if (name in ("prepare", "finalize", "token_terms") and torch.compiler.is_compiling()) or \
+            backend_for(device) != "triton":
         return getattr(torch_sweeps, function)
     _check_triton_runs(device)
     run = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)

@@ -53,6 +53,10 @@ class Batch:
         return dict(min_p=self.min_p, top_k=self.top_k, top_p=self.top_p, kept_offsets=self.kept_offsets,
                     kept_ids=self.kept_ids)
 
+    def layout(self):
+        """(cu, S, T) as the prepare launch reads the sequences."""
+        return self.cu, self.n_seqs, self.T
+
     def boundaries(self):
         """The (S + 1,) sequence boundaries of every layout (made on the device when not packed)."""
         from .torch_sweeps import boundaries
@@ -187,11 +191,11 @@ def check_kept_ids(kept_ids, sampling):
 
 
 def _kept_tensors(kept_ids, token_shape, device, V):
-    """The replayed kept set as (int64 offsets (N + 1,), int32 ids (K,)) and its value checks as
-    an int64 status (``STATUS_KEPT_*``: offsets 0 ... K non-decreasing, ids in [0, V), no id twice
-    in a row: a sort of the K ids), or Nones."""
+    """The replayed kept set as (int64 offsets (N + 1,), ids (K,) as given, their int64 keys
+    row · V + id sorted), whose values the prepare launch checks (``STATUS_KEPT_*``: offsets
+    0 ... K non-decreasing, ids in [0, V), no key twice), or None."""
     if kept_ids is None:
-        return None, None, None
+        return None
     offsets, ids = kept_ids
     n = math.prod(token_shape)
     for name, x in (("offsets", offsets), ("ids", ids)):
@@ -201,13 +205,9 @@ def _kept_tensors(kept_ids, token_shape, device, V):
     if offsets.numel() != n + 1:
         raise ValueError(f"kept_ids' offsets must have shape ({n + 1},): one more than the {n} tokens of input_ids "
                          f"(row r keeps ids[offsets[r]:offsets[r + 1]]), got ({offsets.numel()},)")
-    offsets, ids = offsets.detach().to(torch.int64), ids.detach().to(torch.int64)
-    bad_offsets = (offsets[0] != 0) | (offsets[-1] != ids.numel()) | (offsets[1:] < offsets[:-1]).any()
+    offsets, ids = offsets.detach().to(torch.int64).contiguous(), ids.detach().contiguous()
     row_of = torch.searchsorted(offsets, torch.arange(ids.numel(), device=device), right=True) - 1
-    key = (row_of * V + ids).sort().values   # one key per (row, id) for ids in [0, V)
-    twice = (key[1:] == key[:-1]).any()
-    outside = ((ids < 0) | (ids >= V)).any()
-    return offsets.contiguous(), ids.to(torch.int32), torch.stack((bad_offsets, outside, twice)).long()
+    return offsets, ids, (row_of * V + ids).sort().values   # one key per (row, id) for ids in [0, V)
 
 
 def _filter_tensor(name, value, token_shape, device):
@@ -216,8 +216,11 @@ def _filter_tensor(name, value, token_shape, device):
         return None
     n = math.prod(token_shape)
     dtype = torch.int32 if name == "top_k" else torch.float32
-    if not isinstance(value, torch.Tensor):  # arithmetic, not torch.full: a new value is no recompile
-        return torch.zeros(n, dtype=dtype, device=device) + (min(value, INT32_MAX) if name == "top_k" else value)
+    if not isinstance(value, torch.Tensor):
+        value = min(value, INT32_MAX) if name == "top_k" else value
+        if torch.compiler.is_compiling():  # arithmetic: a new value is a graph input, no recompile
+            return torch.zeros(n, dtype=dtype, device=device) + value
+        return torch.empty(n, dtype=dtype, device=device).fill_(value)  # one device op
     value = _per_token_tensor(name, value, token_shape, device)
     if name == "top_k":  # any k beyond the vocabulary keeps every token; any k ≤ 0 is off
         value = value.to(torch.int64).clamp(-1, INT32_MAX)
@@ -501,7 +504,7 @@ def _positive_logp(name):
 def _raise_on_status(status, ids, V, normalizer):
     """The call's one host sync: raise the first flag of the prepare launch that is set; return
     the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
-    messages = [(slot, m) for slot, m in _messages(ids.numel()) if slot < status.numel()]
+    messages = _messages(ids.numel())
     if torch.compiler.is_compiling():
         for slot, message in messages:
             torch._assert_async(status[slot] == 0, message)
@@ -550,15 +553,14 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
             one_token_each = one_token_each or ambiguous
         normalizer = check_normalizer(normalizer, device)
     bound = V if V is not None else INT32_MAX  # a split vocabulary: checked once the ranks agree on V
-    kept_offsets, kept_ids, kept_status = _kept_tensors(kept_ids, token_shape, device, bound)
+    kept_set = _kept_tensors(kept_ids, token_shape, device, bound)
     target, weight, adv_t, status = _dispatch.kernel("prepare", device)(
         ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, bound, ignore_index,
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
-        min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode)
-    if kept_status is not None:  # its checks join the one sync
-        status = torch.cat((status, kept_status))
+        min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode, kept_set=kept_set)
     n_valid = _raise_on_status(status, ids, bound, normalizer)
+    kept_offsets, kept_ids = (None, None) if kept_set is None else (kept_set[0], kept_set[1].to(torch.int32))
     return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
                  top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids)
 

@@ -13,18 +13,17 @@ AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # The prepare launch's status vector (int64), read by the host in validation's one sync: the valid
 # tokens, then each value check's count of offending tokens or sequences (the first bad id's flat
-# position in its own slot), 0 where the check passed or does not apply. A replayed kept set's
-# three checks follow the launch's slots (``_inputs._kept_tensors``).
+# position in its own slot), 0 where the check passed or does not apply.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
  STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, STATUS_KEPT_OFFSETS, STATUS_KEPT_IDS, STATUS_KEPT_TWICE) = range(18)
-STATUS_SLOTS = 15
+STATUS_SLOTS = 18
 # A log-prob more than this above 0 at a valid token is no rounding error of a log-prob (a
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
 LOGP_ABOVE_ZERO = 1e-2
 
 # The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
-METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl")
+METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl", "outside_support")
 # The metrics each call reports, by objective (``loss.metrics``): MHPO's own four only for MHPO.
 MHPO_METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp")
 OTHER_METRICS = ("abs_log_ratio", "entropy", "logp")

@@ -16,9 +16,8 @@ from ._inputs import (
     check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
-from .epilogue import token_terms
 from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_objective, normalizer_tensor,
-                   outside_support_share, resolve_objective)
+                   resolve_objective)
 from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
@@ -206,13 +205,12 @@ def fused_linear_policy_loss(
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     if lmap.truncated:
-        loss, metrics, logp, cut = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
+        loss, metrics = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
                                                    bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
                                                    normalizer, batch_invariant, bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, {**metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None),
-                      "outside_support": outside_support_share(logp, lmap.truncated_rows(cut), batch, hp.kind)}
+        return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None, truncated=True)
     if tp_group is not None:
         loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
@@ -254,19 +252,21 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
         logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
             chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
-    target, g = ops.kept_tokens(logp.detach(), lmap.truncated_rows(cut), batch.target, batch.old, hp.kind,
-                                batch.boundaries(), batch.adv, agg, normalizer_tensor(normalizer, logp.device, lmap))
+    target, g = ops.kept_tokens(logp.detach(), lmap, cut, batch.target, batch.old, hp.kind, batch.layout(), agg,
+                                normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
     entropy = entropy if with_entropy else None
     ref = batch.ref if hp.beta > 0 else None
-    psi, zeta, terms, coef = token_terms(logp.detach(), valid, batch.old, batch.adv, g, ref, hp)
+    psi, zeta, terms, coef = _dispatch.kernel("token_terms", logp.device)(logp.detach(), target, batch.old, batch.adv,
+                                                                          g, ref, hp)
     total, metrics = _dispatch.kernel("finalize", logp.device)(
         target, terms, g, None if entropy is None else entropy.detach(), logp.detach(), psi, zeta, batch.old,
-        batch.ref, entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=return_metrics)
+        batch.ref, entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=return_metrics,
+        target0=batch.target)
     slope = (coef * torch.where(valid, logp, 0.0)).sum()
     if entropy_coef > 0:
         slope = slope - entropy_coef * (g * torch.where(valid, entropy, 0.0)).sum()
-    return total + (slope - slope.detach()), metrics, logp, cut
+    return total + (slope - slope.detach()), metrics
 
 
 def _check_batch_invariant(batch_invariant, tp_group):

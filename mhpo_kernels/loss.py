@@ -13,7 +13,7 @@ from ._inputs import (
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
-from .ops import LOSS_AND_METRICS, LOSS_TOTAL, outside_support, row_stats
+from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
 from . import vocab_parallel
 from .vocab_parallel import agree_on_inputs, agreed_settings, dtype_name, normalizer_setting
 
@@ -84,24 +84,26 @@ def entropy_bonus(loss, entropy_coef, weight, entropy):
     return loss - entropy_coef * (weight * entropy).sum()
 
 
-def metrics_from_vector(vector, objective, has_ref):
+def metrics_from_vector(vector, objective, has_ref, truncated=False):
     """The metrics dict of the finalize reduction's vector, detached 0-d views: those SPEC.md
-    section 8 lists for the objective (ψ, ζ, survival, saturated share for MHPO only), and kl
-    with reference log-probs."""
-    names = (MHPO_METRICS if objective.kind == MHPO_KIND else OTHER_METRICS) + (("kl",) if has_ref else ())
+    section 8 lists for the objective (ψ, ζ, survival, saturated share for MHPO only), kl with
+    reference log-probs, and ``outside_support`` where the call names a truncation."""
+    names = (MHPO_METRICS if objective.kind == MHPO_KIND else OTHER_METRICS) + (("kl",) if has_ref else ()) + \
+        (("outside_support",) if truncated else ())
     return {name: vector.detach()[METRICS.index(name)] for name in names}
 
 
-def metrics_of(logp, entropy, psi, zeta, batch, objective):
+def metrics_of(logp, entropy, psi, zeta, batch, objective, target0=None):
     """The metrics dict of per-token statistics that no sweeps op reduced (vocabulary parallelism,
-    the fused linear path): the finalize reduction the op runs, on detached inputs."""
+    the fused linear path): the finalize reduction the op runs, on detached inputs; ``target0``:
+    a truncated loss's targets before those outside the kept set left."""
     def detached(x):
         return None if x is None else x.detach()
 
     _, vector = _dispatch.kernel("finalize", logp.device)(
         batch.target, None, batch.weight, detached(entropy), detached(logp), detached(psi), detached(zeta), batch.old,
-        batch.ref, 0.0, objective.values()[0], mhpo=objective.kind == MHPO_KIND, metrics=True)
-    return metrics_from_vector(vector, objective, batch.ref is not None)
+        batch.ref, 0.0, objective.values()[0], mhpo=objective.kind == MHPO_KIND, metrics=True, target0=target0)
+    return metrics_from_vector(vector, objective, batch.ref is not None, truncated=target0 is not None)
 
 
 def mhpo_loss(
@@ -167,7 +169,7 @@ def mhpo_loss(
 
     old_logprobs, advantages and ref_logprobs are data: no gradient reaches them. CUDA tensors
     run the Triton kernels; CPU tensors run them under Triton's interpreter with
-    ``TRITON_INTERPRET=1``, and otherwise a chunked PyTorch version of the same sweeps
+    ``TRITON_INTERPRET=1``, and otherwise a PyTorch version of the same sweeps
     (docs/where-it-runs.md).
     """
     objective = mhpo_objective(c, k_pos, lam_pos, k_neg, lam_neg, beta, tp_group)
@@ -253,11 +255,9 @@ def policy_loss(
         loss = entropy_bonus(stats.loss.sum(), entropy_coef, weight, stats.entropy)
         if not return_metrics:
             return loss
-        metrics = metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta, replace(batch, target=target,
-                             weight=weight), resolve_objective(objective))
-        if lmap.replayed:
-            metrics["outside_support"] = outside_support_share(stats.logp, lmap.truncated_rows(None), batch, hp.kind)
-        return loss, metrics
+        return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta,
+                                replace(batch, target=target, weight=weight), resolve_objective(objective),
+                                batch.target if lmap.replayed else None)
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
@@ -265,21 +265,8 @@ def policy_loss(
         agg=AGG_MODES.index(loss_agg_mode), normalizer=normalizer_tensor(normalizer, logits.device, lmap))
     if not return_metrics:
         return loss
-    metrics = metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None)
-    if any(v is not None for v in (min_p, top_k, top_p, kept_ids)):
-        truncated = lmap.truncated_rows(stats.cut)
-        metrics["outside_support"] = outside_support_share(stats.logp, truncated, batch, hp.kind)
-    return loss, metrics
-
-
-def outside_support_share(logp, truncated, batch, kind):
-    """The share of the valid tokens a truncated loss leaves out (``ops.outside_support``), a 0-d
-    fp32 tensor; ``truncated``: the truncated rows (``LogitMap.truncated_rows``), None for none:
-    0 then."""
-    valid = batch.target >= 0
-    outside = torch.zeros_like(valid) if truncated is None else \
-        valid & outside_support(logp.detach(), truncated, batch.old, kind)
-    return outside.sum().float() / valid.sum().clamp(min=1)
+    return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None,
+                                     truncated=any(v is not None for v in (min_p, top_k, top_p, kept_ids)))
 
 
 def check_truncated_loss(seq_valid_tokens, grad_in_forward):

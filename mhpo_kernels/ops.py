@@ -36,8 +36,9 @@ GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``
                                                                               ``_replay_bwd_kernel``
                                                                               (SCATTER)
 a loss with any of these           the same, then ``_prepare_kernel`` for     the same
-                                   the kept tokens' weights, the epilogue
-                                   (``epilogue``, O(N)), ``_finalize_kernel``
+                                   the kept tokens' weights,
+                                   ``_token_terms_kernel`` (the epilogue on
+                                   (N,) vectors), ``_finalize_kernel``
 ``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
                                    the slice (with ``kept_ids``, its ids),    ``_``), no collective
                                    one all-gather, the epilogue
@@ -58,8 +59,8 @@ from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_auto
 from ._sweep_types import METRICS, RowStats
 from ._inputs import INT32_MAX, has_internal_overlap
 from .objectives import GPG_KIND, GSPO_KIND, MHPO_KIND
-from ._sweep_types import ADV_PER_TOKEN
-from .epilogue import per_sequence_sum, segment_ids, sequence_terms, token_terms
+from ._sweep_types import ADV_NONE
+from .epilogue import per_sequence_sum, segment_ids, sequence_terms
 
 
 # Out of place, the gradient takes the logits' strides where they are a view with small gaps (a
@@ -125,41 +126,31 @@ def _token_rows(x, shifted):
     return x[:, :-1] if shifted else x
 
 
-def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals):
+def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals, target0=None):
     """The finalize reduction of sweep 1's rows: (0-d loss, metrics), or two empty tensors."""
     if totals == NO_TOTALS:
         return _fp32(logits, 0), _fp32(logits, 0)
     finalize = _dispatch.kernel("finalize", logits.device)
     return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, ref,
-                    entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS)
+                    entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS,
+                    target0=target0)
 
 
-def kept_weights(target, cu, adv, agg, normalizer):
-    """The aggregation weights g_t of the tokens ``target`` marks valid (those inside the kept
-    set): the prepare launch once more, over the sequences ``cu`` with the aggregation ``agg``
-    (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d), its checks not read."""
+def kept_tokens(logp, lmap, cut, target, old, kind, layout, agg, normalizer):
+    """(target, g) of a loss over a truncated softmax (SPEC.md, section 9): the prepare launch
+    once more, over the sequences ``layout`` = (cu, S, T) as ``Batch`` has them, with the
+    aggregation ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d), its checks
+    not read. A target outside the kept set of its
+    truncated row (log-prob −inf in a row with a threshold ``cut`` or a replayed set of
+    ``lmap``), or whose old log-prob is −inf (the old policy's kept set left it out: no ratio
+    exists) for an objective that reads it, becomes invalid (−1), and the weights g are formed
+    again without it."""
     prepare = _dispatch.kernel("prepare", target.device)
-    return prepare(target, None, cu, adv, ADV_PER_TOKEN, None, normalizer, None, cu.numel() - 1, 0, INT32_MAX, -1,
-                   agg, True)[1]
-
-
-def kept_tokens(logp, truncated, target, old, kind, cu, adv, agg, normalizer):
-    """(target, g) of a loss over a truncated softmax (SPEC.md, section 9): the tokens
-    ``outside_support`` marked invalid (−1), and the aggregation weights formed again without
-    them (``kept_weights``)."""
-    target = torch.where(outside_support(logp, truncated, old, kind), -1, target)
-    return target, kept_weights(target, cu, adv, agg, normalizer)
-
-
-def outside_support(logp, truncated, old, kind):
-    """The tokens a truncated loss leaves out (SPEC.md, section 9): a target outside the kept set
-    of its truncated row (log-prob −inf where ``truncated``, ``LogitMap.truncated_rows``), or an
-    old log-prob of −inf (the old policy's kept set left the target out: no ratio exists) for an
-    objective that reads it."""
-    outside = (logp == -math.inf) & truncated
-    if old is not None and kind != GPG_KIND:
-        outside = outside | (old == -math.inf)
-    return outside
+    rows = dict(kept=(lmap.kept_start, lmap.kept_end)) if lmap.replayed else dict(cut=cut)
+    cu, n_seqs, T = layout
+    target, g, _, _ = prepare(target, None, cu, None, ADV_NONE, None, normalizer, None, n_seqs, T, INT32_MAX, -1, agg,
+                              True, old=None if kind == GPG_KIND else old, logp=logp, **rows)
+    return target, g
 
 
 def _forward_sweep(a, grad=None):
@@ -167,9 +158,9 @@ def _forward_sweep(a, grad=None):
     then the finalize reduction: the outputs of ``sweeps_forward`` but the gradient.
 
     GSPO's sequence ratios, and a loss over a truncated softmax (``min_p``, ``top_k``,
-    ``top_p``), take the epilogue after the sweep, on (N,) vectors: with truncation, a target
-    outside the kept set (log-prob −inf) leaves the aggregation as an invalid token does, and the
-    weights are formed again (SPEC.md, section 9)."""
+    ``top_p``, a replayed kept set), take the epilogue after the sweep, on (N,) vectors: with
+    truncation, a target outside the kept set (log-prob −inf) leaves the aggregation as an
+    invalid token does, and the weights are formed again (``kept_tokens``, SPEC.md, section 9)."""
     hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p,
                                kept_offsets=a.kept_offsets, kept_ids=a.kept_ids)
     entropy_coef = values[ENTROPY_COEF]
@@ -186,17 +177,21 @@ def _forward_sweep(a, grad=None):
                               with_entropy=a.with_entropy, with_loss=a.with_loss and not after, **extra)
     target, weight = a.target, a.weight
     if truncated:
-        target, weight = kept_tokens(stats.logp, lmap.truncated_rows(stats.cut), a.target, a.old, hp.kind, a.cu,
-                                     a.adv, a.agg, a.normalizer)
+        B, T = _token_rows(a.logits, a.shifted).shape[:2]  # the sequences, unless cu says otherwise
+        layout = (None, B, T) if a.cu is None else (a.cu, a.cu.numel() - 1, 0)
+        target, weight = kept_tokens(stats.logp, lmap, stats.cut, a.target, a.old, hp.kind, layout, a.agg,
+                                     a.normalizer)
     if after:  # O(N) between the sweeps
-        valid = target >= 0
         if a.sequence_level:  # GSPO; zeta: each token's share of its sequence term's derivative
+            valid = target >= 0
             psi, zeta, loss, coef = sequence_terms(stats.logp, valid, a.old, a.adv, weight, ref, hp,
                                                    segment_ids(a.cu, valid.numel()), a.cu.numel() - 1)
         else:
-            psi, zeta, loss, coef = token_terms(stats.logp, valid, a.old, a.adv, weight, ref, hp)
+            psi, zeta, loss, coef = _dispatch.kernel("token_terms", a.logits.device)(
+                stats.logp, target, a.old, a.adv, weight, ref, hp)
         stats = stats._replace(psi=psi, zeta=zeta, loss=loss, coef=coef)
-    totals = _totals(a.logits, stats, target, weight, a.old, a.ref, hp, entropy_coef, a.totals)
+    totals = _totals(a.logits, stats, target, weight, a.old, a.ref, hp, entropy_coef, a.totals,
+                     a.target if truncated else None)
     def present(x):  # absent outputs as empty tensors, each its own
         return _fp32(a.logits, 0) if x is None else x
 
@@ -476,7 +471,7 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
         out = out[:8] + (None,) + out[8:]
     else:
         out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
-                             cu=batch.boundaries() if hp.kind == GSPO_KIND or truncated else None,
+                             cu=batch.boundaries() if hp.kind == GSPO_KIND else batch.cu if truncated else None,
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
                              min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,

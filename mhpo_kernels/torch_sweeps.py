@@ -2,9 +2,10 @@
 any device Triton does not serve), and inside torch.compile the prepare step.
 
 Same inputs and outputs as ``kernels.prepare.prepare``, ``kernels.forward.mhpo_fwd``,
-``kernels.backward.mhpo_bwd``, ``scale_rows_`` and ``kernels.finalize.finalize``. The sweeps take
-one row at a time (``_chunks``): working memory is a few rows' worth whatever N, never N × V, and
-a row's bits do not depend on the batch. The per-token epilogue is ``epilogue``'s.
+``kernels.backward.mhpo_bwd``, ``scale_rows_``, ``kernels.finalize.finalize`` and
+``token_terms``. The sweeps take one row at a time (``_chunks``): working memory is a few rows'
+worth whatever N, never N × V, and a row's bits do not depend on the batch. The per-token
+epilogue is ``epilogue``'s.
 """
 
 import math
@@ -14,9 +15,10 @@ import torch
 from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
-    STATUS_ADV_VARIES, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
+    STATUS_ADV_VARIES, STATUS_KEPT_IDS, STATUS_KEPT_OFFSETS, STATUS_KEPT_TWICE, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
 )
-from .epilogue import LN2, per_sequence_sum, segment_ids, token_terms
+from . import epilogue
+from .epilogue import LN2, per_sequence_sum, segment_ids
 
 # Row-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its inputs
 # and outputs (measured by tests/test_torch_path_memory.py, at any N).
@@ -29,7 +31,8 @@ def boundaries(cu, n_seqs, T, device):
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0,
+            logp=None, cut=None, kept=None, kept_set=None):
     """``kernels.prepare.prepare`` in PyTorch ops: the same outputs and status slots."""
     N, device = ids.numel(), ids.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -40,10 +43,22 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         if mask.dtype != torch.bool:
             status[STATUS_MASK] = ((mask != 0) & (mask != 1)).sum()
         valid = valid & (mask != 0)
+    if logp is not None:  # outside the kept set: a log-prob of −inf in a truncated row, or an old one of −inf
+        truncated = cut > -math.inf if cut is not None else kept[1] > kept[0]
+        outside = truncated & (logp == -math.inf)
+        if old is not None:
+            outside = outside | (old == -math.inf)
+        valid = valid & ~outside
     bad = valid & ((ids < 0) | (ids >= V))
     positions = torch.arange(N, device=device, dtype=torch.int64)
     status[STATUS_N_VALID], status[STATUS_BAD_IDS] = valid.sum(), bad.sum()
     status[STATUS_FIRST_BAD] = torch.where(bad, positions, N).amin() if N else zero
+    if kept_set is not None:  # offsets 0 ... K non-decreasing, ids in [0, V), no (row, id) key twice
+        offsets, kept_ids, keys = kept_set
+        status[STATUS_KEPT_OFFSETS] = ((offsets[0] != 0) | (offsets[-1] != kept_ids.numel())
+                                       | (offsets[1:] < offsets[:-1]).any()).to(torch.int64)
+        status[STATUS_KEPT_IDS] = ((kept_ids < 0) | (kept_ids >= V)).sum()
+        status[STATUS_KEPT_TWICE] = (keys[1:] == keys[:-1]).sum()
     if tau is not None:  # τ_t is data like a logit (NaN propagates); ≤ 0 or +inf is a misuse
         status[STATUS_TAU] = (valid & ((tau <= 0) | tau.isinf())).sum()
     if min_p is not None:  # a share of the largest probability: NaN or above 1 is a misuse (≤ 0 is off)
@@ -81,6 +96,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         weight = valid_f / (n_i.clamp(min=1)[seq_id] * normalizer)
     else:
         weight = valid_f / normalizer
+    if adv is None:  # the weights alone (``ADV_NONE``)
+        return target, weight, None, torch.stack(status)
     adv = adv.to(torch.float32)
     adv_t = adv.reshape(1).expand(N) if adv_mode == ADV_SCALAR else adv[seq_id] if adv_mode == ADV_PER_SEQ else adv
     if same_adv:  # each valid token against the valid token before it, in the same sequence
@@ -252,7 +269,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             out.entropy[r0:r1] = torch.where(valid, (lse2_rest - e_d / sum_e) * LN2, 0.0)
     if with_loss and N > 0:
         valid = target >= 0
-        out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = token_terms(
+        out.psi[:], out.zeta[:], out.loss[:], out.coef[:] = epilogue.token_terms(
             out.logp, valid, old, adv, g, ref, hp
         )
     if grad is not None:
@@ -296,6 +313,11 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     return grad
 
 
+def token_terms(logp, target, old, adv, g, ref, hp):
+    """``kernels.finalize.token_terms``: the per-token epilogue of the tokens ``target`` marks valid."""
+    return epilogue.token_terms(logp, target >= 0, old, adv, g, ref, hp)
+
+
 def scale_rows_(grad, target, upstream, expected=1.0):
     """grad (B, T, V) times the 0-d ``upstream`` / ``expected`` at the rows of valid tokens, in
     place (``kernels.backward.scale_rows_``)."""
@@ -304,7 +326,7 @@ def scale_rows_(grad, target, upstream, expected=1.0):
     return grad.mul_(torch.where(target.reshape(B, T, 1) >= 0, upstream / expected, 1.0))
 
 
-def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics):
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics, target0=None):
     """(the 0-d fp32 loss Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t, 0 without ``loss``; the
     (len(METRICS),) fp32 metrics when ``metrics``, means over valid tokens, 0 when there are none,
     slots a call does not have 0; else empty), as ``kernels.finalize``."""
@@ -330,6 +352,9 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
     if ref is not None:
         delta = ref - logp
         values["kl"] = mean(torch.expm1(delta) - delta)
+    if target0 is not None:
+        n0 = (target0 >= 0).sum()
+        values["outside_support"] = (n0 - valid.sum()) / n0.clamp(min=1)
     for name, value in values.items():
         out[METRICS.index(name)] = value
     return total, out

@@ -204,14 +204,14 @@ class VocabSlice:
     def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss, kept=None):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
         ``combine``, then the per-token epilogue, the same on every rank; and the (target, g) it
-        used. ``kept``: a loss over a replayed kept set, (truncated rows, cu, agg, normalizer) as
+        used. ``kept``: a loss over a replayed kept set, (its LogitMap, ``Batch.layout()``, agg, normalizer) as
         ``ops.kept_tokens`` takes them: the targets outside their kept set leave the aggregation."""
         base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
         psi = zeta = loss = coef = None
         if with_loss:
             if kept is not None:
-                truncated, cu, agg, normalizer = kept
-                target, g = ops.kept_tokens(logp, truncated, target, old, hp.kind, cu, adv, agg, normalizer)
+                lmap, layout, agg, normalizer = kept
+                target, g = ops.kept_tokens(logp, lmap, None, target, old, hp.kind, layout, agg, normalizer)
             psi, zeta, loss, coef = token_terms(logp, target >= 0, old, adv, g, ref, hp)
         return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef), target, g
 
@@ -286,7 +286,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
         ref = batch.ref if hp.beta > 0 else None
         kept = None
         if lmap.replayed:
-            kept = (lmap.truncated_rows(None), batch.boundaries(), agg, normalizer)
+            kept = (lmap, batch.layout(), agg, normalizer)
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
         outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None

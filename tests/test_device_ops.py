@@ -131,12 +131,42 @@ def _token_logprobs(i):  # verl's switch: log-probs and entropy, both differenti
     return mhpo_kernels.token_logprobs(i["logits"], i["ids"], return_entropy=True)
 
 
+def _truncated(**filters):
+    def loss(i):
+        loss, _ = mhpo_kernels.mhpo_loss(i["logits"], i["ids"], i["old"], i["adv"], i["mask"], return_metrics=True,
+                                         **filters)
+        return (loss,)
+
+    def logprobs(i):
+        return mhpo_kernels.token_logprobs(i["logits"], i["ids"], return_entropy=True, **filters)
+
+    loss.__name__ = "_mhpo_" + "_".join(filters)
+    logprobs.__name__ = "_token_logprobs_" + "_".join(filters)
+    return loss, logprobs
+
+
+# A kept set of B·T rows: rows 1 and 5 untruncated.
+_KEPT = (torch.tensor([0, 3, 3, 5, 8, 10, 10, 12, 14]), torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 9, 11]))
+_min_p, _ = _truncated(min_p=0.1)
+_top_k_top_p, _logprobs_top_k_top_p = _truncated(top_k=10, top_p=0.9)
+_kept, _logprobs_kept = _truncated(kept_ids=_KEPT)
+
 # (call, the device ops it makes today, the budget it must stay within)
 CALLS = [
     (_mhpo, 5, 10),               # prepare, sweep 1, finalize; dlogp = coef · ∂L, sweep 2
     (_mhpo_kl_entropy, 7, 10),    # and ∂L/∂H = −entropy_coef · g · ∂L (two ops)
     (_packed, 5, 10),
     (_token_logprobs, 3, 6),      # prepare, sweep 1, sweep 2
+    # A truncated loss: a number's per-token tensor (one fill), and after sweep 1 the prepare
+    # launch again (the weights without the targets outside the kept set) and the epilogue.
+    (_min_p, 8, 10),
+    # top_k and top_p: sweep 1 is three launches (statistics, selection, finish), two fills.
+    (_top_k_top_p, 11, 12),
+    (_logprobs_top_k_top_p, 7, 8),
+    # Replay: the kept set's (row, id) keys sorted for its checks (6), the replayed rows left out
+    # of the sweeps (2 each way) and read by the replay kernels (one forward, two backward).
+    (_kept, 21, 22),
+    (_logprobs_kept, 17, 18),
 ]
 
 

@@ -7,6 +7,8 @@ is that of a softmax over the kept logits (FP32_RTOL). The inputs hold what repl
 right: empty rows (not truncated), sets longer than the kernel's step of 128 ids, a target outside
 its set, NaN logits outside a set (never read) and a −inf logit inside one."""
 
+import math
+
 import pytest
 import torch
 
@@ -124,12 +126,17 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, agg):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_stream_through_the_module(backend):
+    """A packed stream with kept sets, through MHPOLoss.forward, equals the reference. Row 1 has
+    no set and its target's logit is −inf: its log-prob −inf is data there (SPEC.md, section 5),
+    the token stays in the loss."""
     c = _loss_inputs(seed=23)
     keep = c["mask"].reshape(-1)
-    x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep], c["ids"].reshape(-1)[keep]
+    x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep].clone(), c["ids"].reshape(-1)[keep]
     old = c["old"].reshape(-1)[keep]
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), c["mask"].sum(-1).cumsum(0)])
     kept_ids = _kept_sets(ids, x.shape[-1], seed=24)
+    assert SIZES[1] == 0
+    x[1, ids[1]] = -math.inf
     module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
     with mhpo_kernels.use_backend(backend):
         got = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, kept_ids=kept_ids)
@@ -137,12 +144,21 @@ def test_packed_stream_through_the_module(backend):
                                    cu_seqlens=cu, loss_agg_mode="token-mean", kept_ids=kept_ids))
 
 
-def test_bad_kept_sets_are_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_kept_sets_are_refused(backend):
+    """Each check of a kept set, in the prepare launch of either path, raises its message."""
     c = _loss_inputs(seed=25)
     ids, N, V = c["ids"], c["ids"].numel(), c["x"].shape[-1]
     offsets, kept = _kept_sets(ids, V, seed=26)
     twice = kept.clone()
     twice[1] = twice[0]
+    # Id 0 twice in the first row with two ids (its keys sort first), an id twice in the last.
+    twice_first, twice_last = kept.clone(), kept.clone()
+    pairs = [r for r in range(N) if offsets[r + 1] - offsets[r] >= 2]
+    twice_first[offsets[pairs[0]]:offsets[pairs[0]] + 2] = 0
+    twice_last[offsets[pairs[-1] + 1] - 1] = twice_last[offsets[pairs[-1]]]
+    at_v, below_0 = kept.clone(), kept.clone()
+    at_v[-1], below_0[0] = V, -1
     cases = [
         (TypeError, "pair", kept),
         (ValueError, rf"shape \({N + 1},\)", (offsets[:-1], kept)),
@@ -150,13 +166,17 @@ def test_bad_kept_sets_are_refused():
         (ValueError, "end at the number of ids", (offsets, kept[:-1])),
         (ValueError, r"outside \[0, V\)", (offsets, kept + V)),
         (ValueError, "an id twice", (offsets, twice)),
+        (ValueError, "an id twice", (offsets, twice_first)),
+        (ValueError, "an id twice", (offsets, twice_last)),
+        (ValueError, r"outside \[0, V\)", (offsets, at_v)),
+        (ValueError, r"outside \[0, V\)", (offsets, below_0)),
         (TypeError, "integer tensor", (offsets.float(), kept)),
         (ValueError, "must be off with it", (offsets, kept), dict(top_k=5)),
         (ValueError, "nor kept_ids", (offsets, kept), dict(grad_in_forward=True)),
         (NotImplementedError, "seq_valid_tokens", (offsets, kept), dict(seq_valid_tokens=torch.full((3,), 5))),
     ]
     x = c["x"].clone().requires_grad_()
-    with mhpo_kernels.use_backend("torch"):
+    with mhpo_kernels.use_backend(backend):
         for error, match, kept_ids, *extra in cases:
             with pytest.raises(error, match=match):
                 mhpo_kernels.mhpo_loss(x, ids, c["old"], c["adv"], c["mask"], kept_ids=kept_ids,

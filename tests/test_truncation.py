@@ -409,7 +409,8 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, filte
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_per_token_filters_and_the_module(backend):
     """A packed stream with per-token values of each filter, through MHPOLoss.forward, equals the
-    reference of the same stream."""
+    reference of the same stream. The first token's row is left whole and its target's logit is
+    −inf: its log-prob −inf is data there (SPEC.md, section 5), the token stays in the loss."""
     c = _loss_inputs(seed=12)
     keep = c["mask"].reshape(-1)
     x, ids = c["x"].reshape(-1, c["x"].shape[-1])[keep], c["ids"].reshape(-1)[keep]
@@ -420,6 +421,8 @@ def test_packed_per_token_filters_and_the_module(backend):
     filters = dict(min_p=torch.where(quarter, 0.0, MIN_P), top_k=torch.where(quarter, 0, 9),
                    top_p=torch.where(quarter, 1.0, 0.8))
     _assert_unambiguous(x.double(), top_p=0.8, min_p=MIN_P, top_k=9)
+    x = x.clone()
+    x[0, ids[0]] = -math.inf
     module = mhpo_kernels.MHPOLoss(loss_agg_mode="token-mean")
     with mhpo_kernels.use_backend(backend):
         got = _loss_and_grad(module, x, ids, old, c["adv"], cu_seqlens=cu, **filters)

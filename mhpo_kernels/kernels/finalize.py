@@ -1,5 +1,7 @@
 """After sweep 1: the loss and every metric, reduced over the N tokens by one program in a fixed
-order (no atomics: the same bits on every run), into one small fp32 vector."""
+order (no atomics: the same bits on every run), into one small fp32 vector; and, for a loss over
+a truncated softmax, whose weights are known only after the sweep, the per-token epilogue on
+(N,) vectors (``token_terms``)."""
 
 import torch
 import triton
@@ -8,10 +10,10 @@ import triton.language as tl
 from .._config import on_device
 from .._sweep_types import METRICS
 
-from .token_math import _k3
+from .token_math import _k3, _loss_terms
 
 # Slots of the metrics vector, as ``_sweep_types.METRICS`` names them.
-PSI, ZETA, SURVIVAL, ABS_LOG_RATIO, SATURATED, ENTROPY, LOGP, KL = (
+PSI, ZETA, SURVIVAL, ABS_LOG_RATIO, SATURATED, ENTROPY, LOGP, KL, OUTSIDE_SUPPORT = (
     tl.constexpr(METRICS.index(name)) for name in METRICS)
 BLOCK = 1024
 
@@ -19,18 +21,22 @@ BLOCK = 1024
 @triton.jit(do_not_specialize=["N"])
 def _finalize_kernel(
     p_target, p_loss, p_g, p_ent, p_logp, p_psi, p_zeta, p_old, p_ref,   # (N,) from sweep 1 and prepare
+    p_target0,                                                             # (N,) int32 before truncation
     p_loss_out, p_out,                                                     # 0-d and (len(METRICS),) fp32
     N, entropy_coef, c,
     WITH_LOSS: tl.constexpr, ENTROPY_BONUS: tl.constexpr, METRICS: tl.constexpr, MHPO: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, TRUNCATED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """loss = Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t (the sweep wrote g_t·loss_t), and the
-    metrics: means over valid tokens (0 when there are none). Each sum runs per lane over the
-    blocks in order, then once across the lanes."""
+    metrics: means over valid tokens (0 when there are none). With TRUNCATED, ``p_target0`` marks
+    the tokens valid before the ones outside their kept set left (SPEC.md, section 9), and
+    ``outside_support`` is their share of those (else 0). Each sum runs per lane over the blocks
+    in order, then once across the lanes."""
     o_b = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], tl.float32)
     loss, bonus, n = zero, zero, zero
     psi, zeta, survival, abs_lr, saturated, ent, logp, kl = zero, zero, zero, zero, zero, zero, zero, zero
+    n0 = zero
     for t0 in range(0, N, BLOCK):
         o = t0 + o_b
         m = o < N
@@ -57,6 +63,8 @@ def _finalize_kernel(
             logp += b_logp
             if HAS_REF:
                 kl += tl.where(valid, _k3(tl.load(p_ref + o, mask=valid, other=0.0) - b_logp), 0.0)
+            if TRUNCATED:
+                n0 += (tl.load(p_target0 + o, mask=m, other=-1) >= 0).to(tl.float32)
     total = tl.sum(loss, 0)
     if ENTROPY_BONUS:
         total -= entropy_coef * tl.sum(bonus, 0)
@@ -71,12 +79,18 @@ def _finalize_kernel(
         tl.store(p_out + ENTROPY, tl.sum(ent, 0) / count)
         tl.store(p_out + LOGP, tl.sum(logp, 0) / count)
         tl.store(p_out + KL, tl.sum(kl, 0) / count)
+        outside = 0.0
+        if TRUNCATED:
+            n0 = tl.sum(n0, 0)
+            outside = (n0 - tl.sum(n, 0)) / tl.maximum(n0, 1.0)
+        tl.store(p_out + OUTSIDE_SUPPORT, outside)
 
 
 
-def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics):
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics, target0=None):
     """Launch the reduction: (the 0-d fp32 loss, 0 without ``loss``; the (len(METRICS),) fp32
-    metrics when ``metrics``, else empty; slots a call does not have hold 0)."""
+    metrics when ``metrics``, else empty; slots a call does not have hold 0). ``target0``: a
+    truncated loss's targets before ``prepare`` left out those outside the kept set."""
     N = target.numel()
     total = torch.empty((), dtype=torch.float32, device=target.device)
     out = torch.empty(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
@@ -86,9 +100,48 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
             target, dummy if loss is None else loss, dummy if g is None else g,
             dummy if entropy is None else entropy, logp, dummy if psi is None else psi,
             dummy if zeta is None else zeta, dummy if old is None else old, dummy if ref is None else ref,
-            total, out, N, float(entropy_coef), float(c),
+            target if target0 is None else target0, total, out, N, float(entropy_coef), float(c),
             WITH_LOSS=loss is not None, ENTROPY_BONUS=loss is not None and entropy_coef != 0, METRICS=metrics,
-            MHPO=mhpo, HAS_OLD=old is not None, HAS_REF=ref is not None, BLOCK=BLOCK, num_warps=4,
+            MHPO=mhpo, HAS_OLD=old is not None, HAS_REF=ref is not None, TRUNCATED=target0 is not None,
+            BLOCK=BLOCK, num_warps=4,
         )
     return total, out
+
+
+@triton.jit(do_not_specialize=["N"])
+def _token_terms_kernel(
+    p_target, p_logp, p_old, p_adv, p_g, p_ref,  # (N,) int32 targets (< 0 invalid), fp32 the rest
+    p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs, as the sweep's epilogue writes them
+    N, v0, v1, v2, v3, v4, beta,                 # the objective's values (token_math._token_loss), β
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The sweep's per-token epilogue (``token_math._loss_terms``) on a block of tokens."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    valid = tl.load(p_target + o, mask=m, other=-1) >= 0
+    logp = tl.load(p_logp + o, mask=valid, other=0.0)
+    psi, zeta, loss, coef = _loss_terms(logp, o, valid, p_old, p_adv, p_g, p_ref, v0, v1, v2, v3, v4, beta,
+                                        HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP)
+    tl.store(p_psi + o, psi, mask=m)
+    tl.store(p_zeta + o, zeta, mask=m)
+    tl.store(p_loss + o, loss, mask=m)
+    tl.store(p_coef + o, coef, mask=m)
+
+
+def token_terms(logp, target, old, adv, g, ref, hp):
+    """Launch the per-token epilogue over the tokens ``target`` marks valid: (ψ, ζ, g·loss_t,
+    g·d loss_t / d logp_t), each (N,) fp32, 0 at the others. For a loss whose weights ``g`` are
+    formed after the sweep: a truncated softmax's (SPEC.md, section 9)."""
+    N = target.numel()
+    psi, zeta, loss, coef = (torch.empty(N, dtype=torch.float32, device=target.device) for _ in range(4))
+    dummy = logp
+    with on_device(target.device):
+        _token_terms_kernel[(max(1, -(-N // BLOCK)),)](
+            target, logp, dummy if old is None else old, adv, g, dummy if ref is None else ref,
+            psi, zeta, loss, coef, N, *hp.values, hp.beta,
+            HAS_OLD=old is not None, HAS_REF=ref is not None, OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
+            BLOCK=BLOCK, num_warps=4,
+        )
+    return psi, zeta, loss, coef
 

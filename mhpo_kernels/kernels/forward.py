@@ -16,7 +16,7 @@ from .select import _cut, select_cuts
 from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _combine, _fold, _fold_parts,
                    _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _rebased, _row_lead, _row_offset,
                    _row_target, rows_aligned)
-from .token_math import _expm1, _k3, _token_loss
+from .token_math import _loss_terms
 
 # Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
 # entropy product turns 0 · (−inf) into 0 · (−256) = 0 for −inf logits. NaN still propagates.
@@ -233,24 +233,11 @@ def _fwd_epilogue(
         tl.store(p_ent + row, tl.where(valid, (log2_s - a / tl.where(valid, s, 1.0)) * LN2, 0.0))
 
     if WITH_LOSS:
-        adv = tl.load(p_adv + row, mask=valid, other=0.0)
-        g = tl.load(p_g + row, mask=valid, other=0.0)
-        if HAS_OLD:
-            log_ratio = logp - tl.load(p_old + row, mask=valid, other=0.0)
-        else:
-            log_ratio = tl.zeros_like(logp)  # on-policy: old = sg[logp]
-        loss, coef, psi, zeta = _token_loss(logp, log_ratio, adv, v0, v1, v2, v3, v4, OBJECTIVE, LFM, DHP)
-        if HAS_REF:
-            d = tl.load(p_ref + row, mask=valid, other=0.0) - logp
-            loss += beta * _k3(d)
-            coef -= beta * _expm1(d)                    # β · (1 − e^d)
-        # A NaN term gets a NaN derivative, so its whole gradient row is NaN (SPEC.md, section 5),
-        # also where the objective's derivative is a constant or a select (PPO-clip, SAPO).
-        coef = tl.where(loss != loss, loss, coef)
-        g_coef = tl.where(valid, g * coef, 0.0)
-        tl.store(p_psi + row, tl.where(valid, psi, 0.0))
-        tl.store(p_zeta + row, tl.where(valid, zeta, 0.0))
-        tl.store(p_loss + row, tl.where(valid, g * loss, 0.0))
+        psi, zeta, g_loss, g_coef = _loss_terms(logp, row, valid, p_old, p_adv, p_g, p_ref, v0, v1, v2, v3, v4, beta,
+                                                HAS_OLD, HAS_REF, OBJECTIVE, LFM, DHP)
+        tl.store(p_psi + row, psi)
+        tl.store(p_zeta + row, zeta)
+        tl.store(p_loss + row, g_loss)
         tl.store(p_coef + row, g_coef)
         if GRAD_IN_FORWARD:
             # Pass 2 of the row, for the upstream gradient the caller said the loss will get:

@@ -5,14 +5,18 @@ order, so the same bits on every run). ``torch_sweeps.prepare`` is the same cont
 
 One program walks the N tokens three times, in blocks of BLOCK:
 
-1. per token: valid = mask ∧ id ≠ ignore_index, the int32 target (−1 at invalid tokens), the
+1. per token: valid = mask ∧ id ≠ ignore_index (with ``SUPPORT``, a loss over a truncated
+   softmax after its sweep: ∧ the target inside its row's kept set, SPEC.md, section 9), the
+   int32 target (−1 at invalid tokens), the
    checks (id in [0, V), a 0/1 mask, τ_t finite and > 0, old and reference log-probs not finite
    and above 0), and the running count of valid tokens
    up to each token (an exclusive prefix sum, so a sequence's count is two loads);
 2. per sequence: its count n_i = prefix[end] − prefix[start] (or the caller's count over every
    rank, ``SEQ_COUNTS``, checked ≥ the local one), the sequences that have one, and the
    boundaries' own checks (cu[0] = 0, non-decreasing, cu[S] = N; with ``ONE_TOKEN_EACH``, one
-   token per sequence);
+   token per sequence); with ``KEPT_SET``, a replayed kept set's: its offsets (0 … K,
+   non-decreasing, read with the tokens), its ids in [0, V) and no id twice in a row (its
+   (row, id) keys, sorted by the caller, each unlike the one before);
 3. per token: its sequence (t // T for a padded batch, a binary search of cu for a packed one),
    the weight g_t and the advantage, times the token weight w_t with ``TW`` (checked ≥ 0: every
    objective's policy term is linear in A for w ≥ 0; under GSPO, whose g_t is the sequence's,
@@ -34,11 +38,12 @@ STATUS_SLOTS = _types.STATUS_SLOTS
 # The host's names (``_sweep_types``) as the kernel's compile-time constants.
 (STATUS_N_VALID, STATUS_BAD_IDS, STATUS_FIRST_BAD, STATUS_MASK, STATUS_CU, STATUS_TAU, STATUS_NORM,
  STATUS_SEQ_COUNTS, STATUS_ADV_VARIES, STATUS_NOT_ONE_EACH, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE,
- STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W) = (
+ STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, STATUS_KEPT_OFFSETS, STATUS_KEPT_IDS, STATUS_KEPT_TWICE) = (
     tl.constexpr(getattr(_types, name)) for name in (
         "STATUS_N_VALID", "STATUS_BAD_IDS", "STATUS_FIRST_BAD", "STATUS_MASK", "STATUS_CU", "STATUS_TAU", "STATUS_NORM",
         "STATUS_SEQ_COUNTS", "STATUS_ADV_VARIES", "STATUS_NOT_ONE_EACH", "STATUS_OLD_POSITIVE", "STATUS_REF_POSITIVE",
-        "STATUS_MIN_P", "STATUS_TOP_P", "STATUS_TOKEN_W"))
+        "STATUS_MIN_P", "STATUS_TOP_P", "STATUS_TOKEN_W", "STATUS_KEPT_OFFSETS", "STATUS_KEPT_IDS",
+        "STATUS_KEPT_TWICE"))
 LOGP_ABOVE_ZERO = tl.constexpr(_types.LOGP_ABOVE_ZERO)
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ = (tl.constexpr(getattr(_types, n)) for n in ("ADV_NONE", "ADV_SCALAR", "ADV_PER_SEQ"))
 
@@ -77,13 +82,16 @@ def _seq_of(p_cu, o, S, T, n_steps, PACKED: tl.constexpr):
         return o // T
 
 
-@triton.jit(do_not_specialize=["N", "S", "T", "n_steps"])
+@triton.jit(do_not_specialize=["N", "S", "T", "n_steps", "K"])
 def _prepare_kernel(
     p_ids, p_mask, p_cu, p_adv, p_tau, p_norm,   # inputs: (N,) ids, mask, (S + 1,) cu, adv, (N,) τ, 0-d normalizer
     p_seq_counts,                                # (S,) fp32 valid tokens of each sequence over every rank
     p_old, p_ref,                                # (N,) fp32 old and reference log-probs
     p_min_p, p_top_p,                            # (N,) fp32 min_p, top_p per token (HAS_MIN_P, HAS_TOP_P)
     p_tw,                                        # token weights, laid out as TW says (as advantages are)
+    p_logp, p_start, p_end,                      # (N,) fp32 log-probs; the truncated rows: fp32 thresholds, −inf
+                                                 # where not (SUPPORT 1), or a kept set's int64 start and end (2)
+    p_koff, p_kids, p_kkeys, K,                  # a replayed kept set: (N + 1,) offsets, (K,) ids, (K,) sorted keys
     p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage (times w_t)
     p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
     p_vadv, p_vseq,                              # scratch (N,) fp32 and int32: the valid tokens' advantage, sequence
@@ -92,7 +100,8 @@ def _prepare_kernel(
     HAS_MIN_P: tl.constexpr, HAS_TOP_P: tl.constexpr,
     WITH_WEIGHT: tl.constexpr, AGG: tl.constexpr, ADV: tl.constexpr, TW: tl.constexpr,
     NORM: tl.constexpr,                          # 0 the count, 1 the value ``normalizer``, 2 the tensor
-    SEQ_COUNTS: tl.constexpr, SAME_ADV: tl.constexpr, ONE_TOKEN_EACH: tl.constexpr,
+    SEQ_COUNTS: tl.constexpr, SAME_ADV: tl.constexpr, ONE_TOKEN_EACH: tl.constexpr, SUPPORT: tl.constexpr,
+    KEPT_SET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     o_b = tl.arange(0, BLOCK)
@@ -105,6 +114,7 @@ def _prepare_kernel(
     bad_top_p = tl.zeros([BLOCK], tl.int32)
     old_positive = tl.zeros([BLOCK], tl.int32)
     ref_positive = tl.zeros([BLOCK], tl.int32)
+    bad_koff = tl.zeros([BLOCK], tl.int32)
     carry = tl.full([], 0, tl.int32)
     if WITH_WEIGHT:
         tl.store(p_prefix, 0)
@@ -117,6 +127,15 @@ def _prepare_kernel(
             b_mask = tl.load(p_mask + o, mask=m, other=0)
             bad_mask += (m & (b_mask != 0) & (b_mask != 1)).to(tl.int32)
             valid = valid & (b_mask != 0)
+        if SUPPORT != 0:  # outside the kept set: a log-prob of −inf in a truncated row, or an old one of −inf
+            if SUPPORT == 1:
+                truncated = tl.load(p_start + o, mask=m, other=float("-inf")) > float("-inf")
+            else:
+                truncated = tl.load(p_end + o, mask=m, other=0) > tl.load(p_start + o, mask=m, other=0)
+            outside = truncated & (tl.load(p_logp + o, mask=m, other=0.0) == float("-inf"))
+            if HAS_OLD:
+                outside = outside | (tl.load(p_old + o, mask=m, other=0.0) == float("-inf"))
+            valid = valid & ~outside
         bad = valid & ((ids < 0) | (ids >= V))
         n_bad += bad.to(tl.int32)
         first_bad = tl.minimum(first_bad, tl.where(bad, o.to(tl.int64), N))
@@ -136,6 +155,9 @@ def _prepare_kernel(
         if HAS_REF:
             ref = tl.load(p_ref + o, mask=m, other=0.0)
             ref_positive += (valid & (ref > LOGP_ABOVE_ZERO) & (ref < float("inf"))).to(tl.int32)
+        if KEPT_SET:
+            lo = tl.load(p_koff + o, mask=m, other=0)
+            bad_koff += (m & (tl.load(p_koff + o + 1, mask=m, other=0) < lo)).to(tl.int32)
         v = valid.to(tl.int32)
         n_valid += v
         if WITH_WEIGHT:
@@ -151,6 +173,20 @@ def _prepare_kernel(
     tl.store(p_status + STATUS_TOP_P, tl.sum(bad_top_p, 0).to(tl.int64))
     tl.store(p_status + STATUS_OLD_POSITIVE, tl.sum(old_positive, 0).to(tl.int64))
     tl.store(p_status + STATUS_REF_POSITIVE, tl.sum(ref_positive, 0).to(tl.int64))
+    bad_kids = tl.zeros([BLOCK], tl.int32)
+    twice = tl.zeros([BLOCK], tl.int32)
+    if KEPT_SET:
+        bad_koff += ((o_b == 0) & ((tl.load(p_koff) != 0) | (tl.load(p_koff + N) != K))).to(tl.int32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + o_b
+            m_k = k < K
+            kid = tl.load(p_kids + k, mask=m_k, other=0)
+            bad_kids += (m_k & ((kid < 0) | (kid >= V))).to(tl.int32)
+            key = tl.load(p_kkeys + k, mask=m_k, other=0)
+            twice += (m_k & (k > 0) & (key == tl.load(p_kkeys + k - 1, mask=m_k & (k > 0), other=-1))).to(tl.int32)
+    tl.store(p_status + STATUS_KEPT_OFFSETS, tl.sum(bad_koff, 0).to(tl.int64))
+    tl.store(p_status + STATUS_KEPT_IDS, tl.sum(bad_kids, 0).to(tl.int64))
+    tl.store(p_status + STATUS_KEPT_TWICE, tl.sum(twice, 0).to(tl.int64))
 
     bad_cu = tl.zeros([BLOCK], tl.int32)
     if PACKED:
@@ -255,7 +291,8 @@ def _prepare_kernel(
 
 
 def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T, V, ignore_index, agg, with_weight,
-            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0):
+            same_adv=False, one_token_each=False, old=None, ref=None, min_p=None, top_p=None, tw=None, tw_mode=0,
+            logp=None, cut=None, kept=None, kept_set=None):
     """Launch the prepare program. ``ids`` (N,) integer; ``mask`` (N,) or None; ``cu`` (S + 1,)
     int64 for a packed stream, else None (S = n_seqs rows of T tokens); ``adv`` the advantages as
     ``adv_mode`` reads them; ``tau`` (N,) fp32 or None; ``normalizer`` None, a float, or a 0-d
@@ -263,8 +300,13 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
     in the module's docstring; ``old``, ``ref`` (N,) fp32 or None, checked ≤ 0 at valid tokens;
     ``min_p`` (N,) fp32 or None, checked ≤ 1 and not NaN; ``top_p`` (N,) fp32 or None, checked
     > 0 and not NaN; ``tw`` the token weights as ``tw_mode`` reads them (an advantage layout),
-    checked ≥ 0, multiplied into the advantage. Returns (target int32, weight fp32 or None, adv
-    fp32 or None, status int64: ``_sweep_types.STATUS_*``)."""
+    checked ≥ 0, multiplied into the advantage. With ``logp`` (N,), after a truncated sweep, a
+    token outside its row's kept set is invalid too: log-prob −inf in a row ``cut`` (the
+    thresholds, −inf where not truncated) or ``kept`` (a replayed set's (start, end) per row:
+    non-empty) marks truncated, or ``old`` −inf (pass old only where the objective reads it).
+    ``kept_set``: a replayed kept set to check, (int64 offsets (N + 1,), ids (K,), their int64
+    keys row · V + id, sorted). Returns (target int32, weight fp32 or None, adv fp32 or None,
+    status int64: ``_sweep_types.STATUS_*``)."""
     N = ids.numel()
     device = ids.device
     status = torch.empty(STATUS_SLOTS, dtype=torch.int64, device=device)
@@ -286,6 +328,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             normalizer if norm_mode == 2 else dummy, dummy if seq_counts is None else seq_counts,
             dummy if old is None else old, dummy if ref is None else ref, dummy if min_p is None else min_p,
             dummy if top_p is None else top_p, dummy if tw is None else tw,
+            dummy if logp is None else logp, *((cut, cut) if cut is not None else kept if kept is not None else (dummy,) * 2),
+            *(kept_set if kept_set is not None else (dummy,) * 3), 0 if kept_set is None else kept_set[1].numel(),
             target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
             prefix, seq_n, status, vadv, vseq,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
@@ -296,6 +340,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             WITH_WEIGHT=with_weight, AGG=agg, ADV=adv_mode if adv is not None else _types.ADV_NONE, NORM=norm_mode,
             TW=tw_mode,
             SEQ_COUNTS=seq_counts is not None and with_weight, SAME_ADV=same_adv,
-            ONE_TOKEN_EACH=one_token_each and with_weight, BLOCK=BLOCK, num_warps=4,
+            ONE_TOKEN_EACH=one_token_each and with_weight,
+            SUPPORT=0 if logp is None else 1 if cut is not None else 2, KEPT_SET=kept_set is not None,
+            BLOCK=BLOCK, num_warps=4,
         )
     return target, weight, adv_t, status

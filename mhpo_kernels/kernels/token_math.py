@@ -145,3 +145,27 @@ def _token_loss(logp, log_ratio, adv, v0, v1, v2, v3, v4,
         # token epilogue, and any other kind is refused at compile time
         tl.static_assert(OBJECTIVE == 4, "no token-level epilogue for this objective kind")
         return -adv * logp, -adv + zero, log_ratio, zero
+
+
+@triton.jit
+def _loss_terms(logp, o, valid, p_old, p_adv, p_g, p_ref, v0, v1, v2, v3, v4, beta,
+                HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr):
+    """(ψ, ζ, g·loss_t, g·d loss_t / d logp_t) of tokens ``o`` (a row, or a block of tokens) from
+    their log-probs, 0 where not ``valid``: the objective's terms (``_token_loss``), plus β · k3
+    with reference log-probs. A NaN term gets a NaN derivative, so its whole gradient row is NaN
+    (SPEC.md, section 5), also where the objective's derivative is a constant or a select."""
+    adv = tl.load(p_adv + o, mask=valid, other=0.0)
+    g = tl.load(p_g + o, mask=valid, other=0.0)
+    if HAS_OLD:
+        log_ratio = logp - tl.load(p_old + o, mask=valid, other=0.0)
+    else:
+        log_ratio = tl.zeros_like(logp)  # on-policy: old = sg[logp]
+    loss, coef, psi, zeta = _token_loss(logp, log_ratio, adv, v0, v1, v2, v3, v4, OBJECTIVE, LFM, DHP)
+    if HAS_REF:
+        d = tl.load(p_ref + o, mask=valid, other=0.0) - logp
+        loss += beta * _k3(d)
+        coef -= beta * _expm1(d)                    # β · (1 − e^d)
+    coef = tl.where(loss != loss, loss, coef)
+    return (tl.where(valid, psi, 0.0), tl.where(valid, zeta, 0.0), tl.where(valid, g * loss, 0.0),
+            tl.where(valid, g * coef, 0.0))
