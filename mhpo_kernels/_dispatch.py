@@ -3,7 +3,7 @@
 - CUDA (and ROCm, which PyTorch also calls "cuda") tensors: the Triton kernels, compiled.
 - CPU tensors with ``TRITON_INTERPRET=1`` set before the kernels were first imported: the same
   Triton kernels, run by Triton's interpreter (slow; this is how the tests exercise them).
-- CPU tensors otherwise, or Triton not installed: ``torch_sweeps``, the PyTorch version, a row at a time.
+- CPU tensors otherwise, or Triton not installed: ``torch_sweeps``, the PyTorch version.
 
 ``use_backend("torch" | "triton")`` overrides the choice inside a ``with`` block; the tests use it to
 compare the two paths in one process.

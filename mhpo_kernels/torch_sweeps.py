@@ -3,9 +3,9 @@ any device Triton does not serve), and inside torch.compile the prepare step.
 
 Same inputs and outputs as ``kernels.prepare.prepare``, ``kernels.forward.mhpo_fwd``,
 ``kernels.backward.mhpo_bwd``, ``scale_rows_``, ``kernels.finalize.finalize`` and
-``token_terms``. The sweeps take one row at a time (``_chunks``): working memory is a few rows'
-worth whatever N, never N × V, and a row's bits do not depend on the batch. The per-token
-epilogue is ``epilogue``'s.
+``token_terms``. The sweeps take blocks of rows (``_chunks``): working memory is a few blocks'
+worth whatever N, never N × V, and a row's bits do not depend on the batch (``_rowwise``). The
+per-token epilogue is ``epilogue``'s.
 """
 
 import math
@@ -20,9 +20,12 @@ from ._sweep_types import (
 from . import epilogue
 from .epilogue import LN2, per_sequence_sum, segment_ids
 
-# Row-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its inputs
-# and outputs (measured by tests/test_torch_path_memory.py, at any N).
-ROW_COPIES = 7
+# A block of rows holds at most this many elements (one row at least): ATen splits an elementwise
+# op over threads from this many on (at::internal::GRAIN_SIZE), anywhere in a row.
+BLOCK_ELEMENTS = 32768
+# Block-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its
+# inputs and outputs (measured by tests/test_torch_path_memory.py, at any N).
+BLOCK_COPIES = 7
 
 
 def boundaries(cu, n_seqs, T, device):
@@ -115,15 +118,29 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
 
 
 def _chunks(logits):
-    """(b, t0, t1, r0): the rows of logits (B, T, V) one at a time. Every row then runs the same
-    ATen kernels on the same shapes, so its bits are the same in any batch (SPEC.md, section 3):
-    on a block of rows, a CPU's kernels would give a row's elements other code paths by its place
-    in the block (a transcendental's vector and scalar code differ in the last bit, a reduction
-    of one row splits over threads where one of several rows does not)."""
-    B, T, _ = logits.shape
+    """(b, t0, t1, r0): blocks of rows of logits (B, T, V) as views, of at most BLOCK_ELEMENTS
+    elements with a padded row each (``_rowwise``), or one row: ATen then runs no op of a block
+    over several threads, and a row alone splits alike wherever it is."""
+    B, T, V = logits.shape
+    rows = max(1, BLOCK_ELEMENTS // (V + 1))
     for b in range(B):
-        for t in range(T):
-            yield b, t, t + 1, b * T + t
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            yield b, t0, t1, b * T + t0
+
+
+def _rowwise(fn, x):
+    """``fn(x, out=...)`` for a block's rows (R, V), or its per-row values (R,), through the same
+    ATen code for every row, whatever R and the row's place: the result goes into a buffer whose
+    rows are one element longer, so that ATen's loops take the rows one by one (a contiguous
+    block runs as one run, and which elements its vector loop leaves to its scalar remainder,
+    whose transcendentals round differently in the last bit, would fall by the row's place),
+    and a row's value one at a time. So a row's bits do not depend on the batch (SPEC.md,
+    section 3)."""
+    if x.dim() == 1:
+        return _rowwise(fn, x.unsqueeze(-1)).squeeze(-1)
+    out = torch.empty((x.shape[0], x.shape[1] + 1), dtype=x.dtype, device=x.device)[:, :x.shape[1]]
+    return fn(x, out=out)
 
 
 def compute_dtype(logits):
@@ -154,7 +171,7 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     valid = target[r0:r0 + t1 - t0] >= 0
     x = logits[b, t0:t1].to(compute_dtype(logits), copy=True)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
-    u = torch.tanh(x.mul_(lmap.in_scale)) if lmap.softcap else x
+    u = _rowwise(torch.tanh, x.mul_(lmap.in_scale)) if lmap.softcap else x
     k = _row_scale(lmap.log2_scale, lmap, valid, r0, x.dtype)  # the fp32 the kernels get
     dropped = _dropped(lmap, r0, t1 - t0, x.shape[-1], x.device)
     m = (u if dropped is None else u.masked_fill(dropped, -math.inf)).amax(-1)
@@ -209,9 +226,9 @@ def _cut(lmap, d, valid, r0, base):
     cut = torch.full_like(base, -math.inf, dtype=d.dtype)
     if lmap.min_p is not None:
         min_p = torch.where(valid, lmap.min_p[r0:r1], 0.0).to(d.dtype)
-        cut = torch.where(min_p > 0, min_p.clamp(min=1e-45).log2(), -math.inf)
+        cut = torch.where(min_p > 0, _rowwise(torch.log2, min_p.clamp(min=1e-45)), -math.inf)
         cut = torch.minimum(cut, -(base.abs().to(d.dtype) * 2.0**-23 + 2.0**-126))
-    s = d.exp2().sum(-1)
+    s = _rowwise(torch.exp2, d).sum(-1)
     finite = valid & (s > 0) & (s < math.inf)
 
     def left(cut):  # what the filters so far keep, in decreasing order; −inf past it
@@ -225,7 +242,7 @@ def _cut(lmap, d, valid, r0, base):
     if lmap.top_p is not None:
         top_p = torch.where(finite, lmap.top_p[r0:r1], 1.0).to(d.dtype)
         ordered = left(cut)
-        mass = ordered.exp2()
+        mass = _rowwise(torch.exp2, ordered)
         above = mass.cumsum(-1) - mass                  # the mass strictly before each in the order
         n = (above < (top_p * mass.sum(-1)).unsqueeze(-1)).sum(-1).clamp(min=1)
         cut = torch.where(top_p < 1, ordered.gather(-1, (n - 1).unsqueeze(-1)).squeeze(-1), cut)
@@ -244,11 +261,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         r1 = r0 + t1 - t0
         d, valid, base, _, dropped = _exponents(logits, target, b, t0, t1, r0, None, lmap)
         cut = _cut(lmap, d, valid, r0, base)
-        e = d.exp2()                                    # max(d) ≈ 0, so Σ e ≥ 1: no overflow
+        e = _rowwise(torch.exp2, d)                     # max(d) ≈ 0, so Σ e ≥ 1: no overflow
         if cut is not None:                             # the kept set only; a NaN stays (SPEC.md, sections 5, 9)
             e.masked_fill_(d < cut, 0.0)
         sum_e = e.sum(-1)
-        lse2_rest = sum_e.log2()
+        lse2_rest = _rowwise(torch.log2, sum_e)
         y = target[r0:r1].long()
         has_y = valid & (y < d.shape[-1])              # y ≥ V: the target is on another rank's slice
         d_y = d.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
@@ -293,7 +310,7 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         if dropped is not None:  # a target outside the kept set: no log-prob gradient
             outside = has_y & dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1))
             dlogp_c = torch.where(outside, 0.0, dlogp_c)
-        dz = q.exp2()                                   # p, then overwritten with ∂L/∂z
+        dz = _rowwise(torch.exp2, q)                    # p, then overwritten with ∂L/∂z
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)

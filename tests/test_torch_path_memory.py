@@ -1,7 +1,8 @@
 """The PyTorch path's working memory: what the two sweeps allocate beyond their inputs and outputs
-stays within ``torch_sweeps.ROW_COPIES`` rows of fp32 whatever the number of rows (the sweeps take
-one row at a time). Measured by the benchmark's CPU reading (``bench.harness.cpu_allocated_peak``:
-the peak of the running sum of every allocation and free the profiler records)."""
+stays within ``torch_sweeps.BLOCK_COPIES`` blocks of ``BLOCK_ELEMENTS`` fp32 whatever the number of
+rows (the sweeps take blocks of rows). Measured by the benchmark's CPU reading
+(``bench.harness.cpu_allocated_peak``: the peak of the running sum of every allocation and free
+the profiler records)."""
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 @pytest.mark.parametrize("with_entropy, softcap", [(False, None), (True, 30.0)], ids=["plain", "entropy-softcap"])
 @pytest.mark.parametrize("rows", [160, 480])
-def test_sweeps_stay_within_a_few_rows(with_entropy, softcap, rows):
+def test_sweeps_stay_within_a_few_blocks(with_entropy, softcap, rows):
     """The variant with the most temporaries (entropy and softcap) and the one with the fewest, at
-    two row counts."""
+    two row counts (5 and 15 blocks of 32 rows a sequence)."""
     g = torch.Generator().manual_seed(0)
     V = 1000
     x = torch.randn(2, rows // 2, V, generator=g) * 3
@@ -37,4 +38,5 @@ def test_sweeps_stay_within_a_few_rows(with_entropy, softcap, rows):
     outputs = (8 * 4 + 12 * 8) * rows  # the 8 fp32 vectors sweep 1 returns, the epilogue's float64 ones
     for sweep in (forward, backward):
         peak = cpu_allocated_peak(sweep)
-        assert V * 4 <= peak <= torch_sweeps.ROW_COPIES * V * 4 + outputs, (sweep.__name__, peak / (V * 4))
+        block = torch_sweeps.BLOCK_ELEMENTS * 4
+        assert V * 4 <= peak <= torch_sweeps.BLOCK_COPIES * block + outputs, (sweep.__name__, peak / block)
