@@ -12,8 +12,8 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    TRUNCATED_TP, check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
-    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
+    check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
+    check_sampling_tp, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_objective, normalizer_tensor,
@@ -171,8 +171,7 @@ def fused_linear_policy_loss(
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        if sampling.on and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP)
+        check_sampling_tp(sampling, tp_group, fused_linear=True)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
@@ -319,8 +318,7 @@ def fused_linear_token_logprobs(
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        if sampling.on and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP)
+        check_sampling_tp(sampling, tp_group, fused_linear=True)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)

@@ -8,8 +8,9 @@ import torch
 
 from . import _dispatch
 from ._inputs import (
-    TRUNCATED_TP, check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative,
-    check_positive, check_sampling, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
+    check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative,
+    check_positive, check_sampling, check_sampling_tp, check_temperature, check_tp_group, prepare_mhpo,
+    prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
@@ -215,8 +216,7 @@ def policy_loss(
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        if sampling.on and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP)
+        check_sampling_tp(sampling, tp_group)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
@@ -257,7 +257,7 @@ def policy_loss(
             return loss
         return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta,
                                 replace(batch, target=target, weight=weight), resolve_objective(objective),
-                                batch.target if lmap.replayed else None)
+                                batch.target if lmap.truncated else None)
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
@@ -308,8 +308,8 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     the log-probs and entropy of the sampler's truncated softmax, renormalized over the tokens
     it keeps: p ≥ min_p · max p, then the k largest (with ties), then the smallest set of the
     largest whose mass reaches top_p (SPEC.md, section 9). Off: None, min_p ≤ 0, top_k ≤ 0,
-    top_p = 1. A target outside the kept set gets −inf and no log-prob gradient. Not with
-    ``tp_group``.
+    top_p = 1. A target outside the kept set gets −inf and no log-prob gradient. With
+    ``tp_group``, min_p only (its threshold from the largest logit of every slice).
 
     ``kept_ids``: the kept set replayed instead, as the sampler drew it: a pair (offsets, ids) of
     integer tensors, CSR over the N tokens in input_ids' flat order (row r keeps
@@ -321,8 +321,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     def prepare():
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
-        if sampling.on and tp_group is not None:
-            raise NotImplementedError(TRUNCATED_TP)
+        check_sampling_tp(sampling, tp_group)
         kept = check_kept_ids(kept_ids, sampling)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,

@@ -116,6 +116,12 @@ class SweepsArgs(NamedTuple):
     sequence_level: bool = False
     kept_offsets: Optional[Tensor] = None
     kept_ids: Optional[Tensor] = None
+    cut: Optional[Tensor] = None
+
+    @property
+    def thresholds(self):
+        """Whether the forward gives each row's kept-set threshold: a filter, or one given."""
+        return self.min_p is not None or self.top_k is not None or self.top_p is not None or self.cut is not None
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
@@ -161,7 +167,7 @@ def _forward_sweep(a, grad=None):
     ``top_p``, a replayed kept set), take the epilogue after the sweep, on (N,) vectors: with
     truncation, a target outside the kept set (log-prob −inf) leaves the aggregation as an
     invalid token does, and the weights are formed again (``kept_tokens``, SPEC.md, section 9)."""
-    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p,
+    hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p, cut=a.cut,
                                kept_offsets=a.kept_offsets, kept_ids=a.kept_ids)
     entropy_coef = values[ENTROPY_COEF]
     forward_sweep, _ = _dispatch.sweeps(a.logits.device)
@@ -207,7 +213,7 @@ def _fake_outputs(a, grad):
     filtered = a.min_p is not None or a.top_k is not None or a.top_p is not None
     weight = _fp32(a.logits, n if a.with_loss and (filtered or a.kept_offsets is not None) else 0)
     return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight,
-                    _fp32(a.logits, n if filtered else 0))
+                    _fp32(a.logits, n if a.thresholds else 0))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
@@ -218,7 +224,7 @@ def sweeps_forward(
     cu: Optional[Tensor] = None, grad_in_forward: bool = False, totals: int = 0, entropy_bonus: bool = False,
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None, agg: int = -1,
     normalizer: Optional[Tensor] = None, sequence_level: bool = False, kept_offsets: Optional[Tensor] = None,
-    kept_ids: Optional[Tensor] = None,
+    kept_ids: Optional[Tensor] = None, cut: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
     with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
@@ -228,7 +234,9 @@ def sweeps_forward(
     with a loss and truncation (``min_p``, ``top_k``, ``top_p``: (N,) per token), the weights of
     the tokens inside the kept set (else empty); last, with a filter, each row's threshold
     (``RowStats.cut``, else empty). ``kept_offsets`` and ``kept_ids``: a replayed kept set
-    (``LogitMap``), exclusive with the filters.
+    (``LogitMap``), exclusive with the filters. ``cut``: instead of the filters, each row's
+    threshold on its exponents given (a vocabulary slice's under min_p, ``vocab_parallel``), for
+    log-probs and entropy.
     ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
     changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
     sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
@@ -236,7 +244,7 @@ def sweeps_forward(
     ``normalizer``."""
     a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
                    inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, top_k, top_p, agg, normalizer,
-                   sequence_level, kept_offsets, kept_ids)
+                   sequence_level, kept_offsets, kept_ids, cut)
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
@@ -398,7 +406,7 @@ def _sweeps_setup(ctx, inputs, output):
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
-                          cut if filtered else None, a.kept_offsets, a.kept_ids)
+                          cut if a.thresholds else None, a.kept_offsets, a.kept_ids)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
     ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, cut)

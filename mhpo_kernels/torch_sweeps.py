@@ -219,10 +219,11 @@ def _cut(lmap, d, valid, r0, base):
     None without truncation (SPEC.md, section 9; the kernels' ``select.py``): min_p's closed form
     log2(min_p), never above the largest logit's own d (``select._cut``); then, at rows whose
     softmax is finite, the k-th largest d left, and the smallest d left whose mass strictly above
-    is below top_p of what is left, each by a sort of the row. −inf: not truncated."""
-    if not lmap.filtered:
-        return None
+    is below top_p of what is left, each by a sort of the row. −inf: not truncated. A threshold
+    given without a filter (``kernels.forward.mhpo_fwd``) is taken as it is."""
     r1 = r0 + valid.numel()
+    if not lmap.filtered:
+        return None if lmap.cut is None else torch.where(valid, lmap.cut[r0:r1], -math.inf).to(d.dtype).unsqueeze(-1)
     cut = torch.full_like(base, -math.inf, dtype=d.dtype)
     if lmap.min_p is not None:
         min_p = torch.where(valid, lmap.min_p[r0:r1], 0.0).to(d.dtype)
@@ -255,7 +256,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     upstream gradient of ``grad_scale`` into it: the same two sweeps, so the same bits as running them apart."""
     N = logits.shape[0] * logits.shape[1]
     assert not lmap.truncated or not (with_loss or grad is not None), "a truncated softmax gives log-probs only"
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.filtered,
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.filtered or lmap.cut is not None,
                          dtype=compute_dtype(logits))
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0

@@ -14,9 +14,13 @@ rows (V_r, H). The sweeps run on the slice unchanged; what crosses ranks is O(N)
 The backward needs no collective: with the global log-sum-exp, each rank's gradient is its slice
 of the full gradient. A replayed kept set (``kept_ids``) goes to every rank whole; each rank reads
 the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics combine as above.
+``min_p`` keeps the tokens within log min_p of the largest logit of every slice: one all-gather
+of the slices' bases gives each rank its threshold (``VocabSlice.min_p_cuts``), and a second
+sweep over the slice sums the tokens it keeps before the combine.
 """
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +31,7 @@ from ._op_support import once_differentiable
 from ._sweep_types import RowStats
 from .epilogue import merge_slices, token_terms
 
-SETTING_SLOTS = 16  # hashed settings per call; every call fills them in the same order
+SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
 
 
 def _fingerprint(x):
@@ -158,9 +162,9 @@ class VocabSlice:
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
         if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids, mask, cu_seqlens or temperature differ across ranks; every "
-                             "rank must pass the same global ids, mask, sequence boundaries and per-token "
-                             "temperature")
+            raise ValueError("tp_group: input_ids, mask, cu_seqlens, temperature or min_p differ across ranks; "
+                             "every rank must pass the same global ids, mask, sequence boundaries and per-token "
+                             "temperature and min_p")
         tp = VocabSlice(group, rank, sizes)
         if table[rank][7] >= tp.total:  # the ids' upper bound, now that V is known (reads only to raise)
             bad = batch.target >= tp.total
@@ -186,6 +190,18 @@ class VocabSlice:
         local = kept_ids.to(torch.int64) - self.start
         return torch.where((local >= 0) & (local < self.size), local, -1).to(torch.int32)
 
+    def min_p_cuts(self, base, min_p, valid):
+        """min_p's thresholds on the exponents d (SPEC.md, section 9; ``select._cut``) from the
+        largest logit of every slice: one all-gather of the slices' bases b_r per token, (N,)
+        fp32 each. Returns (the threshold relative to the global base b, as the backward forms d;
+        the same relative to b_r, for this slice's sums), −inf where not truncated."""
+        bases = [torch.empty_like(base) for _ in range(self.world)]
+        dist.all_gather(bases, base.contiguous(), group=self.group)
+        top = torch.stack(bases).amax(0)
+        cut = torch.where(valid & (min_p > 0), min_p.clamp(min=1e-45).log2(), -math.inf)
+        cut = torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept
+        return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
+
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
         ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).to(target.device, non_blocking=True)
@@ -204,14 +220,15 @@ class VocabSlice:
     def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss, kept=None):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
         ``combine``, then the per-token epilogue, the same on every rank; and the (target, g) it
-        used. ``kept``: a loss over a replayed kept set, (its LogitMap, ``Batch.layout()``, agg, normalizer) as
-        ``ops.kept_tokens`` takes them: the targets outside their kept set leave the aggregation."""
+        used. ``kept``: a loss over a truncated softmax, (its LogitMap, the rows' thresholds or None,
+        ``Batch.layout()``, agg, normalizer) as ``ops.kept_tokens`` takes them: the targets outside
+        their kept set leave the aggregation."""
         base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
         psi = zeta = loss = coef = None
         if with_loss:
             if kept is not None:
-                lmap, layout, agg, normalizer = kept
-                target, g = ops.kept_tokens(logp, lmap, None, target, old, hp.kind, layout, agg, normalizer)
+                lmap, cut, layout, agg, normalizer = kept
+                target, g = ops.kept_tokens(logp, lmap, cut, target, old, hp.kind, layout, agg, normalizer)
             psi, zeta, loss, coef = token_terms(logp, target >= 0, old, adv, g, ref, hp)
         return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef), target, g
 
@@ -222,10 +239,10 @@ def dtype_name(x):
 def agreed_settings(call, hp, lmap, **flags):
     """What every rank of a tp_group must pass alike, by name (``vocab_parallel.agree``): the
     call, the objective with its values and switches, β, the logit map (temperature, scale,
-    softcap), then the call's own flags and dtypes."""
+    softcap), which filters truncate it, then the call's own flags and dtypes."""
     return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
                 temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap, lmap.tau is not None),
-                **flags)
+                truncation=tuple(x is not None for x in (lmap.min_p, lmap.top_k, lmap.top_p)), **flags)
 
 def normalizer_setting(normalizer):
     """``normalizer`` as the ranks of a tp_group must agree on it: None, or the value the loss
@@ -239,11 +256,12 @@ def normalizer_setting(normalizer):
 
 
 def _per_token_settings(batch):
-    """The sequence boundaries, the per-token temperature's bits at valid tokens and a replayed
-    kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
+    """The sequence boundaries, the bits of the per-token temperature and min_p at valid tokens and
+    a replayed kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
     parts = [batch.boundaries()]
-    if batch.tau is not None:
-        parts.append(torch.where(batch.valid, batch.tau, 1.0).view(torch.int32).to(torch.int64))
+    for per_token, off in ((batch.tau, 1.0), (batch.min_p, 0.0)):
+        if per_token is not None:
+            parts.append(torch.where(batch.valid, per_token, off).view(torch.int32).to(torch.int64))
     if batch.kept_offsets is not None:
         parts += [batch.kept_offsets, batch.kept_ids.to(torch.int64)]
     return torch.cat(parts)
@@ -279,19 +297,27 @@ class _VocabParallelSweeps(torch.autograd.Function):
         target = tp.local_target(batch.target)
         kept_ids = tp.local_kept_ids(batch.kept_ids)
         params = ops.pack_params(hp, lmap)
-        local = RowStats(*ops.sweeps_forward(
-            logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
-            softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
-            inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids)[:8])
+        def sweep(cut=None):
+            return RowStats(*ops.sweeps_forward(
+                logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
+                softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
+                inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids, cut=cut)[:8])
+
+        local, cut = sweep(), None
+        if lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
+            cut, local_cut = tp.min_p_cuts(local.lse2_base, lmap.min_p, batch.valid)
+            local = sweep(local_cut)
         ref = batch.ref if hp.beta > 0 else None
-        kept = None
-        if lmap.replayed:
-            kept = (lmap, batch.layout(), agg, normalizer)
+        kept = (lmap, cut, batch.layout(), agg, normalizer) if lmap.truncated else None
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
-        outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
+        outside = None
+        if lmap.replayed:
+            outside = outside_kept_set(lmap, batch.target)
+        elif cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
+            outside = (stats.logp == -math.inf) & (cut > -math.inf)
         ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
-                              batch.kept_offsets, kept_ids, outside)
+                              batch.kept_offsets, kept_ids, outside, cut)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
@@ -304,7 +330,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta, _target, _g):
-        logits, target, base, lse2_rest, coef, entropy, tau, kept_offsets, kept_ids, outside = ctx.saved_tensors
+        logits, target, base, lse2_rest, coef, entropy, tau, kept_offsets, kept_ids, outside, cut = ctx.saved_tensors
         dlogp = d_logp.float() if outside is None else torch.where(outside, 0.0, d_logp.float())
         if ctx.with_loss:
             dlogp = dlogp + coef * d_loss
@@ -312,7 +338,8 @@ class _VocabParallelSweeps(torch.autograd.Function):
         return (ops.backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest,
                                    dlogp=dlogp.contiguous(), entropy=entropy if dent is not None else None,
                                    dentropy=dent, tau=tau, params=ctx.params, softcap=ctx.softcap,
-                                   shifted=ctx.shifted, kept_offsets=kept_offsets, kept_ids=kept_ids),) + (None,) * 10
+                                   shifted=ctx.shifted, cut=cut, kept_offsets=kept_offsets, kept_ids=kept_ids),) + \
+            (None,) * 10
 
 
 def outside_kept_set(lmap, target):

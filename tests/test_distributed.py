@@ -216,6 +216,11 @@ def _tp_bad_call(rank, world_size, case):
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
+        if case == "min-p-fused-linear":
+            hidden, weight, bias, lids, lmask, lold, ladv = _tp_linear_inputs()
+            wstart, wsize = _split(weight.shape[0], world_size)[rank]
+            mhpo_kernels.fused_linear_mhpo_loss(hidden, weight[wstart:wstart + wsize], lids, lold, ladv, lmask,
+                                                min_p=0.1, tp_group=dist.group.WORLD)
         call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
         call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
@@ -232,8 +237,9 @@ BAD_TP_CALLS = [
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
     ("one-rank-bad-dtype", "logits are float64, which only the PyTorch path|failed validation"),
     ("ids-differ", "differ across ranks"),
-    ("top-p", "min_p, top_k and top_p with tp_group are not supported"),
-    ("min-p-one-rank", "min_p, top_k and top_p with tp_group are not supported|failed validation"),
+    ("top-p", "top_k and top_p with tp_group are not supported"),
+    ("min-p-one-rank", "disagree on truncation"),
+    ("min-p-fused-linear", "min_p with tp_group on the fused linear path is not supported"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
     ("dual-clip-differs", "disagree on objective"),
@@ -707,7 +713,7 @@ def test_vocab_parallel_per_token_temperature_and_differentiable_logprobs(tmp_pa
     assert max_rel_err(torch.cat([got["grad"] for got in ranks], -1), x64.grad) <= FP32_RTOL
 
 
-# ---- a replayed kept set over a vocabulary split ------------------------------------------------
+# ---- a truncated softmax over a vocabulary split: a replayed kept set, min_p ----------------------
 
 def _replay_inputs(V=1001, B=2, T=5):
     """Logits (B, T, V), targets, and kept sets whose ids fall in every slice (sizes 0 to 150, the
@@ -725,41 +731,62 @@ def _replay_inputs(V=1001, B=2, T=5):
     return full, ids, mask, old, adv, ref, (offsets, kept)
 
 
-def _tp_replay_worker(rank, world_size, out_dir):
+def _truncated_inputs(case):
+    """(logits, ids, mask, old, adv, ref, the log-probs' truncation, the loss's) of a case: a
+    replayed kept set (``_replay_inputs``), or min_p over logits on a grid of 1/8 (no value within
+    rounding of ln 0.05 or ln 0.2 below the largest), per token (0: off) for the log-probs and
+    one number for the loss, the targets the row's largest logit on every other token (one of
+    them in each slice) and random elsewhere (mostly outside)."""
+    full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
+    if case == "replay":
+        return full, ids, mask, old, adv, ref, dict(kept_ids=kept_ids), dict(kept_ids=kept_ids)
+    g = torch.Generator().manual_seed(43)
+    full = torch.randint(-48, 48, full.shape, generator=g) / 8.0
+    full[0, 0, 1000] = full[1, 2, 3] = 6.0           # a largest logit in the last slice and in the first
+    top = full.argmax(-1)
+    ids[:, ::2] = top[:, ::2]
+    min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
+    return full, ids, mask, old, adv, ref, dict(min_p=min_p), dict(min_p=0.05)
+
+
+def _tp_truncated_worker(rank, world_size, out_dir, case):
     import mhpo_kernels
     import torch.distributed as dist
 
-    full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
+    full, ids, mask, old, adv, ref, logprobs_kw, loss_kw = _truncated_inputs(case)
     start, size = _split(full.shape[-1], world_size)[rank]
     out = {}
     for backend in ("triton", "torch"):
         with mhpo_kernels.use_backend(backend):
             x = full[..., start:start + size].clone().requires_grad_()
-            logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, mask=mask, kept_ids=kept_ids,
-                                                    tp_group=dist.group.WORLD)
+            logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, mask=mask, tp_group=dist.group.WORLD,
+                                                    **logprobs_kw)
             (torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
             y = full[..., start:start + size].clone().requires_grad_()
-            loss, metrics = mhpo_kernels.mhpo_loss(y, ids, old, adv, mask, kept_ids=kept_ids, ref_logprobs=ref,
-                                                   beta=0.1, entropy_coef=0.01, return_metrics=True,
-                                                   loss_agg_mode="seq-mean-token-mean", tp_group=dist.group.WORLD)
+            loss, metrics = mhpo_kernels.mhpo_loss(y, ids, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                                   entropy_coef=0.01, return_metrics=True,
+                                                   loss_agg_mode="seq-mean-token-mean", tp_group=dist.group.WORLD,
+                                                   **loss_kw)
             loss.backward()
             finite, whole = (full[..., start:start + size].clone().requires_grad_() for _ in range(2))
             for z, drop_inf in ((finite, True), (whole, False)):   # −inf log-probs: no gradient either way
-                lp = mhpo_kernels.token_logprobs(z, ids, mask=mask, kept_ids=kept_ids, tp_group=dist.group.WORLD)
+                lp = mhpo_kernels.token_logprobs(z, ids, mask=mask, tp_group=dist.group.WORLD, **logprobs_kw)
                 (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
         out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dx=x.grad, loss=loss.detach(), dy=y.grad,
                             metrics=metrics, outside=(finite.grad, whole.grad))
-    bad = (kept_ids[0], kept_ids[1] + (full.shape[-1] if rank == 1 else 0))   # an id past V on rank 1 only
-    try:
-        mhpo_kernels.token_logprobs(full[..., start:start + size], ids, kept_ids=bad, tp_group=dist.group.WORLD)
-        out["bad"] = None
-    except ValueError as e:
-        out["bad"] = str(e)
-    torch.save(out, f"{out_dir}/replay-{rank}.pt")
+    if case == "replay":
+        offsets, kept = logprobs_kw["kept_ids"]
+        bad = (offsets, kept + (full.shape[-1] if rank == 1 else 0))   # an id past V on rank 1 only
+        try:
+            mhpo_kernels.token_logprobs(full[..., start:start + size], ids, kept_ids=bad, tp_group=dist.group.WORLD)
+            out["bad"] = None
+        except ValueError as e:
+            out["bad"] = str(e)
+    torch.save(out, f"{out_dir}/{case}-{rank}.pt")
 
 
 def _same_as_one_process(got, logp64, ent64, loss64, outside64):
-    """One rank's replayed log-probs, entropy, loss and outside_support against float64."""
+    """One rank's truncated log-probs, entropy, loss and outside_support against float64."""
     from _cases import FP32_RTOL, max_rel_err
 
     assert torch.equal(got["logp"].isinf(), logp64.isinf())
@@ -770,36 +797,38 @@ def _same_as_one_process(got, logp64, ent64, loss64, outside64):
     assert abs(got["metrics"]["outside_support"].item() - outside64.item()) <= 1e-7
 
 
-def test_vocab_parallel_replay(tmp_path):
-    """A replayed kept set over 2 uneven vocabulary slices: each rank reads the kept ids of its
-    slice; the log-probs, entropy, loss and ``outside_support`` equal the float64 reference on
-    every rank, and the logits' gradients are the ranks' slices of the reference's, on both
-    paths; a target outside its set passes no log-prob gradient on any rank. Kept sets that
-    differ across ranks raise on every rank."""
+@pytest.mark.parametrize("case", ["replay", "min_p"])
+def test_vocab_parallel_truncated(tmp_path, case):
+    """A replayed kept set, or min_p, over 2 uneven vocabulary slices: the log-probs, entropy, loss
+    and ``outside_support`` equal the float64 reference on every rank, and the logits' gradients
+    are the ranks' slices of the reference's, on both paths; a target outside its set passes no
+    log-prob gradient on any rank. Replay: each rank reads the kept ids of its slice, and kept
+    sets that differ across ranks raise on every rank. min_p: the threshold is the largest
+    logit's of every slice (per token, some off, for the log-probs; a number for the loss)."""
     import reference
     from _cases import FP32_RTOL, max_rel_err
 
     world_size = 2
-    _dist.run(_tp_replay_worker, world_size, tmp_path, str(tmp_path))
-    full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
+    _dist.run(_tp_truncated_worker, world_size, tmp_path, str(tmp_path), case)
+    full, ids, mask, old, adv, ref, logprobs_kw, loss_kw = _truncated_inputs(case)
     x64 = full.double().requires_grad_()
-    logp64, ent64 = reference.token_logprobs(x64, ids, return_entropy=True, mask=mask, kept_ids=kept_ids)
+    logp64, ent64 = reference.token_logprobs(x64, ids, return_entropy=True, mask=mask, **logprobs_kw)
     (torch.where(logp64.isinf(), 0.0, logp64).sum() + ent64.sum()).backward()
     y64 = full.double().requires_grad_()
-    loss64, metrics64 = reference.mhpo_loss(y64, ids, old.double(), adv.double(), mask, kept_ids=kept_ids,
-                                            ref_logprobs=ref.double(), beta=0.1, entropy_coef=0.01,
-                                            return_metrics=True)
+    loss64, metrics64 = reference.mhpo_loss(y64, ids, old.double(), adv.double(), mask, ref_logprobs=ref.double(),
+                                            beta=0.1, entropy_coef=0.01, return_metrics=True, **loss_kw)
     loss64.backward()
     assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 0.5
-    ranks = [torch.load(tmp_path / f"replay-{r}.pt") for r in range(world_size)]
+    ranks = [torch.load(tmp_path / f"{case}-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
             _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
             assert torch.equal(*got["outside"])
         for name, want in (("dx", x64.grad), ("dy", y64.grad)):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
-    for got in ranks:
-        assert got["bad"] is not None, got["bad"]
+    if case == "replay":
+        for got in ranks:
+            assert got["bad"] is not None, got["bad"]
 
 
 def _tp_linear_replay_worker(rank, world_size, out_dir):

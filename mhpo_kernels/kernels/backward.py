@@ -87,8 +87,9 @@ def _grad_row(p_row, p_blk, p_drow, p_dblk, o_blk, lead, n_end, b0, b1, x_y, y, 
     any of the row was written. ``CUT``: the softmax truncated to d ≥ ``cut``."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
-    if CUT:  # a target outside the kept set: no log-prob gradient (SPEC.md, section 9)
-        dlogp = tl.where(tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) < cut, 0.0, dlogp)
+    if CUT:  # a target outside the kept set: no log-prob gradient (SPEC.md, section 9); one on another
+        # vocabulary slice (not has_y) is that slice's to judge (vocab_parallel.py)
+        dlogp = tl.where(has_y & (tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base) < cut), 0.0, dlogp)
     if HAS_DENT:
         a0 = -(dlogp + dent * ent) * slope
         a1 = -dent * LN2 * slope

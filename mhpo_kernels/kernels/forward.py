@@ -321,7 +321,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     (B, T + 1, V) tensors, and position T of each sequence gets a zero gradient row."""
     B, T, V = logits.shape
     N = B * T
-    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss, truncated=lmap.filtered)
+    # A threshold given per row (vocab_parallel's min_p, from the global largest logit): its sums
+    # as the selection's, without the selection launch.
+    given = lmap.cut is not None and not lmap.filtered
+    out = RowStats.empty(N, logits.device, with_entropy=with_entropy, with_loss=with_loss,
+                         truncated=lmap.filtered or given)
     tail = B if zero_tail and grad is not None else 0
     if N == 0:
         if tail:
@@ -342,7 +346,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         target = unreplayed(target, lmap)
     # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
     # (SPLIT 2: the kept tokens' sums, unless the selection found them, and the epilogue).
-    selected = lmap.top_k is not None or lmap.top_p is not None
+    selected = lmap.top_k is not None or lmap.top_p is not None or given
     n_segs, seg_len = row_segments(V, cfg.block_v), segment_length(V, cfg)
     splits = 1 if one_sweep or lmap.filtered else launch_splits(N, V, logits.element_size(), logits.device)
     split_segs = -(-n_segs // splits)
@@ -398,7 +402,11 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif selected:
             launch((N, 1), 1, cfg.num_warps, min_p=False)
-            select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, sums, with_entropy, cfg)
+            if given:
+                out.cut.copy_(lmap.cut)
+                sums.fill_(-1.0)   # the finish sums the kept tokens
+            else:
+                select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, sums, with_entropy, cfg)
             launch((N,), 2, cfg.num_warps, min_p=False, selected=True)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)
