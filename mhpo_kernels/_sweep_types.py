@@ -67,7 +67,8 @@ class LogitMap:
     enters ``tanh_scale``), once per row, in each sweep. ``min_p`` ((N,) fp32, ≤ 0 off), ``top_k``
     ((N,) int32, ≤ 0 off) and ``top_p`` ((N,) fp32, ≥ 1 off) truncate the softmax to the
     sampler's kept set (SPEC.md, section 9), which the forward finds; ``cut``, the backward's,
-    is the forward's threshold per row (``RowStats.cut``). ``kept_start``, ``kept_end`` ((N,)
+    is the forward's threshold per row (``RowStats.cut``), and given to a forward without the
+    filters, the threshold its sums use (a vocabulary slice's under min_p). ``kept_start``, ``kept_end`` ((N,)
     int64) and ``kept_ids`` ((K,) int32) replay a kept set instead: row r keeps
     ids[kept_start[r]:kept_end[r]] (none given: not truncated). From CSR offsets they are views,
     offsets[:-1] and offsets[1:] (``replay_rows``); a subset of the rows keeps the ids whole.

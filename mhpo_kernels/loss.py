@@ -257,7 +257,7 @@ def policy_loss(
             return loss
         return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta,
                                 replace(batch, target=target, weight=weight), resolve_objective(objective),
-                                batch.target if lmap.truncated else None)
+                                batch.target if any(v is not None for v in (min_p, top_k, top_p, kept_ids)) else None)
     # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
     stats, loss, metrics = row_stats(
         logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,

@@ -42,6 +42,10 @@ a loss with any of these           the same, then ``_prepare_kernel`` for     th
 ``tp_group``                       ``vocab_parallel``: ``sweeps_forward`` on  ``sweeps_backward`` (or
                                    the slice (with ``kept_ids``, its ids),    ``_``), no collective
                                    one all-gather, the epilogue
+``tp_group`` with ``min_p``        ``sweeps_forward`` on the slice, one       the kernel with CUT (the
+                                   all-gather of its bases, then              slice's threshold)
+                                   ``sweeps_forward`` with ``cut`` (the
+                                   statistics, the finish), then as above
 =================================  =========================================  ===========================
 
 The fused linear path's ops are in ``linear_ops``.
@@ -232,8 +236,8 @@ def sweeps_forward(
     ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
     ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); then,
     with a loss and truncation (``min_p``, ``top_k``, ``top_p``: (N,) per token), the weights of
-    the tokens inside the kept set (else empty); last, with a filter, each row's threshold
-    (``RowStats.cut``, else empty). ``kept_offsets`` and ``kept_ids``: a replayed kept set
+    the tokens inside the kept set (else empty); last, with a filter or ``cut``, each row's
+    threshold (``RowStats.cut``, else empty). ``kept_offsets`` and ``kept_ids``: a replayed kept set
     (``LogitMap``), exclusive with the filters. ``cut``: instead of the filters, each row's
     threshold on its exponents given (a vocabulary slice's under min_p, ``vocab_parallel``), for
     log-probs and entropy.

@@ -20,6 +20,8 @@ from ._sweep_types import (
 from . import epilogue
 from .epilogue import LN2, per_sequence_sum, segment_ids
 
+# The base of a row with no finite logit (the kernels' rows.FLOOR).
+FLOOR_BASE = -3.0e38
 # A block of rows holds at most this many elements (one row at least): ATen splits an elementwise
 # op over threads from this many on (at::internal::GRAIN_SIZE), anywhere in a row.
 BLOCK_ELEMENTS = 32768
@@ -179,7 +181,7 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
     # that d = −inf, never −inf − (−inf). A +inf or NaN max stays the base, as in the kernels:
     # every d of the row is then NaN (SPEC.md, section 5).
-    base = torch.where(m == -math.inf, -3.0e38, m * k) if base is None else base[r0:r0 + t1 - t0]
+    base = torch.where(m == -math.inf, FLOOR_BASE, m * k) if base is None else base[r0:r0 + t1 - t0]
     m = torch.where(finite, m, 0.0)
     k64 = k.double() if isinstance(k, torch.Tensor) else k
     offset = (m.double() * k64 - base.double()).to(x.dtype).unsqueeze(-1)
@@ -277,7 +279,8 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             logp = torch.where(dropped.gather(-1, y.clamp(0, d.shape[-1] - 1).unsqueeze(-1)).squeeze(-1), -math.inf,
                                logp)
         if cut is not None:
-            truncated = valid & (lse2_rest > -math.inf)
+            # kept a token, or none of its finite logits (a vocabulary slice; kernels/forward.py)
+            truncated = valid & ((lse2_rest > -math.inf) | ((sum_e == 0) & (base > FLOOR_BASE)))
             logp = torch.where((d_y < cut[:, 0]) & truncated, -math.inf, logp)
             out.cut[r0:r1] = torch.where(truncated, cut[:, 0], -math.inf)
         out.logp[r0:r1] = torch.where(has_y, logp, 0.0)
@@ -347,7 +350,8 @@ def scale_rows_(grad, target, upstream, expected=1.0):
 def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics, target0=None):
     """(the 0-d fp32 loss Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t, 0 without ``loss``; the
     (len(METRICS),) fp32 metrics when ``metrics``, means over valid tokens, 0 when there are none,
-    slots a call does not have 0; else empty), as ``kernels.finalize``."""
+    slots a call does not have 0, and with ``target0`` (the targets before a truncated loss left
+    some out) their share that left, ``outside_support``; else empty), as ``kernels.finalize``."""
     total = torch.zeros((), dtype=logp.dtype, device=target.device)
     if loss is not None:
         total = loss.sum()

@@ -193,8 +193,9 @@ class VocabSlice:
     def min_p_cuts(self, base, min_p, valid):
         """min_p's thresholds on the exponents d (SPEC.md, section 9; ``select._cut``) from the
         largest logit of every slice: one all-gather of the slices' bases b_r per token, (N,)
-        fp32 each. Returns (the threshold relative to the global base b, as the backward forms d;
-        the same relative to b_r, for this slice's sums), −inf where not truncated."""
+        fp32 each. Returns (the threshold relative to the global base b, which marks the
+        truncated rows; the same relative to b_r, for this slice's sums and gradient), −inf
+        where not truncated."""
         bases = [torch.empty_like(base) for _ in range(self.world)]
         dist.all_gather(bases, base.contiguous(), group=self.group)
         top = torch.stack(bases).amax(0)
@@ -303,7 +304,7 @@ class _VocabParallelSweeps(torch.autograd.Function):
                 softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
                 inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids, cut=cut)[:8])
 
-        local, cut = sweep(), None
+        local, cut, local_cut = sweep(), None, None
         if lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
             cut, local_cut = tp.min_p_cuts(local.lse2_base, lmap.min_p, batch.valid)
             local = sweep(local_cut)
@@ -311,13 +312,17 @@ class _VocabParallelSweeps(torch.autograd.Function):
         kept = (lmap, cut, batch.layout(), agg, normalizer) if lmap.truncated else None
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
-        outside = None
+        outside, base, lse2_rest = None, stats.lse2_base, stats.lse2_rest
         if lmap.replayed:
             outside = outside_kept_set(lmap, batch.target)
         elif cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
             outside = (stats.logp == -math.inf) & (cut > -math.inf)
-        ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
-                              batch.kept_offsets, kept_ids, outside, cut)
+            # The backward forms d at the slice's own base, against the threshold the forward's
+            # sums used, so that both keep the same tokens; the log-sum-exp moves by the bases'
+            # difference.
+            base, lse2_rest = local.lse2_base, stats.lse2_rest + (stats.lse2_base - local.lse2_base)
+        ctx.save_for_backward(logits, target, base, lse2_rest, stats.coef, stats.entropy, lmap.tau,
+                              batch.kept_offsets, kept_ids, outside, local_cut)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)
@@ -354,8 +359,9 @@ def outside_kept_set(lmap, target):
 def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward, agg=-1, normalizer=None):
     """``ops.row_stats`` for a vocabulary slice: (RowStats of the global per-token values whose
     logp, entropy and loss carry gradient to this rank's logits, the targets and the aggregation
-    weights of the loss: a replayed kept set's loss leaves out the targets outside it, with
-    ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d) as in ``ops.row_stats``)."""
+    weights of the loss: a truncated loss (min_p, a replayed kept set) leaves out the targets
+    outside the kept set, with ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or
+    0-d) as in ``ops.row_stats``)."""
     logp, entropy, loss, psi, zeta, target, g = _VocabParallelSweeps.apply(
         logits, tp, batch, hp, lmap, bool(with_entropy), batch.adv is not None, bool(shifted),
         bool(inplace_backward), agg, normalizer)

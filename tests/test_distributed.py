@@ -736,15 +736,18 @@ def _truncated_inputs(case):
     replayed kept set (``_replay_inputs``), or min_p over logits on a grid of 1/8 (no value within
     rounding of ln 0.05 or ln 0.2 below the largest), per token (0: off) for the log-probs and
     one number for the loss, the targets the row's largest logit on every other token (one of
-    them in each slice) and random elsewhere (mostly outside)."""
+    them in each slice) and random elsewhere (mostly outside); on token 1 the first slice keeps
+    nothing (the largest logit, in the second, is 6 above its own) and holds the target."""
     full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
     if case == "replay":
         return full, ids, mask, old, adv, ref, dict(kept_ids=kept_ids), dict(kept_ids=kept_ids)
     g = torch.Generator().manual_seed(43)
     full = torch.randint(-48, 48, full.shape, generator=g) / 8.0
     full[0, 0, 1000] = full[1, 2, 3] = 6.0           # a largest logit in the last slice and in the first
+    full[0, 1, 1000] = 12.0
     top = full.argmax(-1)
     ids[:, ::2] = top[:, ::2]
+    ids[0, 1], mask[0, 1] = 5, True
     min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
     return full, ids, mask, old, adv, ref, dict(min_p=min_p), dict(min_p=0.05)
 

@@ -222,7 +222,9 @@ def _fwd_epilogue(
     d_y = tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base)
     logp = (d_y - log2_s) * LN2
     if CUT:  # outside the kept set; a NaN row (a NaN, +inf or only −inf logits) stays NaN (SPEC.md, 9)
-        truncated = valid & (log2_s > float("-inf"))
+        # A row is truncated where it kept a token, or kept none of its finite logits: a
+        # vocabulary slice below another slice's threshold (vocab_parallel.py).
+        truncated = valid & ((log2_s > float("-inf")) | ((s == 0.0) & (base > FLOOR)))
         logp = tl.where((d_y < cut) & truncated, float("-inf"), logp)
         tl.store(p_cut + row, tl.where(truncated, cut, float("-inf")))
     tl.store(p_lse2_base + row, base)
@@ -344,11 +346,13 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     replayed_target = target
     if lmap.replayed:  # the rows with a kept set are replay.py's; the launches below skip them
         target = unreplayed(target, lmap)
-    # top-k and top-p: the statistics launch (SPLIT 1, one split), the selection launch, the finish
+    # top-k, top-p and a given threshold: the statistics launch (SPLIT 1, one split), the selection
+    # launch (not for a given threshold), the finish
     # (SPLIT 2: the kept tokens' sums, unless the selection found them, and the epilogue).
     selected = lmap.top_k is not None or lmap.top_p is not None or given
     n_segs, seg_len = row_segments(V, cfg.block_v), segment_length(V, cfg)
-    splits = 1 if one_sweep or lmap.filtered else launch_splits(N, V, logits.element_size(), logits.device)
+    splits = 1 if one_sweep or lmap.filtered or given else launch_splits(N, V, logits.element_size(),
+                                                                          logits.device)
     split_segs = -(-n_segs // splits)
     splits = -(-n_segs // split_segs)  # none of them without a segment
     part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy

@@ -249,6 +249,8 @@ def _prepare_kernel(
                 adv = tl.load(p_adv + o * 0, mask=m, other=0.0)
             elif ADV == ADV_PER_SEQ:
                 adv = tl.load(p_adv + seq, mask=m, other=0.0)
+            elif ADV == ADV_NONE:  # the weights alone
+                adv = tl.zeros([BLOCK], tl.float32)
             else:
                 adv = tl.load(p_adv + o, mask=m, other=0.0)
             adv = adv.to(tl.float32)
