@@ -234,3 +234,27 @@ def test_padded_equals_packed_and_one_sweep_equals_split_sweeps():
         a = a[:, :T] if a.dim() == 3 else a
         assert torch.equal(a[mask], b)
     assert not got_p[2][:, T:].any() and not got_p[3][:, T:].any()
+
+
+def test_a_given_threshold_reads_each_row_in_one_program():
+    """The forward given each row's threshold (a vocabulary slice's under min_p,
+    vocab_parallel.py) never splits a row, even where the launcher would split every row in 3:
+    the same bits as the same call unsplit (split, its finish would fold segments no program
+    wrote)."""
+    from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
+    from mhpo_kernels.kernels.forward import mhpo_fwd
+
+    x, ids, _, _ = _row_inputs(4)
+    ids[::2] = x.argmax(-1)[::2]                                # inside the kept set on every other row
+    cut = torch.full((ROWS,), -1.5)
+    cut[0] = -math.inf                                          # a row left whole
+    lmap = LogitMap.make(1.0, cut=cut.to(TRITON_DEVICE))
+    rows = []
+    for splits in (1, 3):
+        with _launch(splits):
+            out = mhpo_fwd(x.unsqueeze(0).to(TRITON_DEVICE), ids.to(TRITON_DEVICE, torch.int32), None, None, None,
+                           None, mhpo_token_params(), lmap, with_entropy=True, with_loss=False)
+        rows.append(tuple(t.cpu() for t in (out.lse2_rest, out.logp, out.entropy, out.cut)))
+    assert rows[0][1][1:].isfinite().any() and (rows[0][1] == -math.inf).any()
+    for a, b in zip(*rows):
+        assert torch.equal(a, b)
