@@ -164,7 +164,11 @@ def merge_slices(stats, owner, valid, with_entropy):
     lse2_rest = torch.log2(torch.exp2(rel).sum(0))
     log_share = LN2 * (rel - lse2_rest)                         # ln P_r, −inf for an empty slice
     cols = torch.arange(valid.numel(), device=valid.device)
-    logp = logp_r[owner.clamp(min=0), cols] + log_share[owner.clamp(min=0), cols]
+    owner_share = log_share[owner.clamp(min=0), cols]
+    # An owner slice of share 0 (only −inf logits, or none kept) gives its target probability 0,
+    # where its own log-prob within the slice is −inf − (−inf).
+    logp = torch.where((owner_share == -math.inf) & lse2_rest.isfinite(), -math.inf,
+                       logp_r[owner.clamp(min=0), cols] + owner_share)
     entropy = None
     if with_entropy:
         share = torch.exp(log_share)

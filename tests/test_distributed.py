@@ -1,6 +1,8 @@
 """Multi-process runs on CPU (gloo, FileStore rendezvous, spawn, two-minute limit): what the
 package does past one process."""
 
+import math
+
 import pytest
 import torch
 
@@ -737,7 +739,8 @@ def _truncated_inputs(case):
     rounding of ln 0.05 or ln 0.2 below the largest), per token (0: off) for the log-probs and
     one number for the loss, the targets the row's largest logit on every other token (one of
     them in each slice) and random elsewhere (mostly outside); on token 1 the first slice keeps
-    nothing (the largest logit, in the second, is 6 above its own) and holds the target."""
+    nothing (the largest logit, in the second, is 6 above its own) and holds the target, on
+    token 6 it holds only −inf logits and the target."""
     full, ids, mask, old, adv, ref, kept_ids = _replay_inputs()
     if case == "replay":
         return full, ids, mask, old, adv, ref, dict(kept_ids=kept_ids), dict(kept_ids=kept_ids)
@@ -745,9 +748,11 @@ def _truncated_inputs(case):
     full = torch.randint(-48, 48, full.shape, generator=g) / 8.0
     full[0, 0, 1000] = full[1, 2, 3] = 6.0           # a largest logit in the last slice and in the first
     full[0, 1, 1000] = 12.0
+    full[1, 1, :501] = -math.inf                     # token 6: the first slice only −inf, and the target
     top = full.argmax(-1)
     ids[:, ::2] = top[:, ::2]
     ids[0, 1], mask[0, 1] = 5, True
+    ids[1, 1], mask[1, 1] = 7, True
     min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
     return full, ids, mask, old, adv, ref, dict(min_p=min_p), dict(min_p=0.05)
 
