@@ -172,7 +172,7 @@ def merge_slices(stats, owner, valid, with_entropy):
     entropy = None
     if with_entropy:
         share = torch.exp(log_share)
-        terms = torch.where(share > 0, share * (ent_r - log_share), 0.0)
+        terms = torch.where(share == 0, 0.0, share * (ent_r - log_share))   # a NaN share stays NaN
         entropy = torch.where(valid, terms.sum(0), 0.0).float()
 
     def out(x):

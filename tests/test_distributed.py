@@ -757,6 +757,11 @@ def _truncated_inputs(case):
     return full, ids, mask, old, adv, ref, dict(min_p=min_p), dict(min_p=0.05)
 
 
+def min_p_off(logprobs_kw):
+    """Where the per-token min_p of ``_truncated_inputs("min_p")`` is off."""
+    return logprobs_kw["min_p"] <= 0
+
+
 def _tp_truncated_worker(rank, world_size, out_dir, case):
     import mhpo_kernels
     import torch.distributed as dist
@@ -780,8 +785,16 @@ def _tp_truncated_worker(rank, world_size, out_dir, case):
             for z, drop_inf in ((finite, True), (whole, False)):   # −inf log-probs: no gradient either way
                 lp = mhpo_kernels.token_logprobs(z, ids, mask=mask, tp_group=dist.group.WORLD, **logprobs_kw)
                 (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
+            if case == "min_p":  # a NaN logit in the second slice at a valid token's row and an invalid one's
+                nan = full.clone()
+                nan[0, 3, 900] = nan[tuple((~mask).nonzero()[0].tolist()) + (900,)] = float("nan")
+                nan_logp, nan_ent = mhpo_kernels.token_logprobs(nan[..., start:start + size].clone(), ids,
+                                                                return_entropy=True, mask=mask,
+                                                                tp_group=dist.group.WORLD, **logprobs_kw)
         out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dx=x.grad, loss=loss.detach(), dy=y.grad,
                             metrics=metrics, outside=(finite.grad, whole.grad))
+        if case == "min_p":
+            out[backend]["nan"] = (nan_logp, nan_ent)
     if case == "replay":
         offsets, kept = logprobs_kw["kept_ids"]
         bad = (offsets, kept + (full.shape[-1] if rank == 1 else 0))   # an id past V on rank 1 only
@@ -834,6 +847,13 @@ def test_vocab_parallel_truncated(tmp_path, case):
             assert torch.equal(*got["outside"])
         for name, want in (("dx", x64.grad), ("dy", y64.grad)):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
+        if case == "min_p":  # the NaN row is NaN on every rank (SPEC.md, section 5), every other row as without it
+            row = torch.zeros_like(mask)
+            row[0, 3] = True
+            assert mask[0, 3] and not min_p_off(logprobs_kw)[0, 3]
+            for got in (r[backend] for r in ranks):
+                for a, b in zip(got["nan"], (got["logp"], got["ent"])):
+                    assert a[row].isnan().all() and torch.equal(a[~row], b[~row]), backend
     if case == "replay":
         for got in ranks:
             assert got["bad"] is not None, got["bad"]
