@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-NB_BITS, NB, MAX_PASSES = 11, 2048, 4
+NB_BITS, NB, MAX_PASSES = 11, 2048, 3
 UNIFORM_RANGE = 64.0
 KEY_INF = 0xFF800000
 V = 151936
@@ -60,7 +60,7 @@ def decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass):
     multi, more = shift > 0, i < MAX_PASSES - 1
     above_lo = above + np.cumsum(w_lo[::-1])[::-1] - w_lo
     above_hi = above + np.cumsum(w_hi[::-1])[::-1] - w_hi
-    if by_mass and multi:  # and from below: the range's exact mass less what the bins up to each hold
+    if by_mass and multi and more:  # and from below: the range's exact mass less what the bins up to each hold
         above_lo = np.maximum(above_lo, s_hi + s_in - np.cumsum(w_hi))
         above_hi = np.minimum(above_hi, s_hi + s_in - np.cumsum(w_lo))
     others = w_hi - w_hi / np.maximum(cnt, 1.0) if multi else 0.0
@@ -69,13 +69,15 @@ def decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass):
 
 
 def threshold(d, base, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
-    """(the smallest kept d, counting passes, whether the last one summed the kept tokens) of
-    select._threshold on one row of exponents d = k·u − base (fp32)."""
+    """(the smallest kept d, counting passes, the kept tokens' Σ 2^d if the last pass summed them
+    (else None), the widest of its bins in d holding a token if it decided bins of several keys
+    by the middle of their bounds, else None) of select._threshold on one row of exponents
+    d = k·u − base (fp32)."""
     keys, mass = key(d), np.exp2(d.astype(np.float64))
     klo, khi, above, first = int(key(floor)), KEY_INF, 0.0, 0
+    hi = F32(abs(float(base)) * 1.1920928955078125e-07 + 7.888609052210118e-31)
     if by_mass:  # pass 1, uniform in d
         lo = F32(max(float(floor), -UNIFORM_RANGE))
-        hi = F32(abs(float(base)) * 1.1920928955078125e-07 + 7.888609052210118e-31)
         scale = F32(NB / (float(hi) - float(lo)))
         inside = d >= lo
         cnt = np.bincount(uniform_bin(d[inside], lo, scale), minlength=NB).astype(np.float64)
@@ -87,7 +89,7 @@ def threshold(d, base, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
         w_hi = np.where(cnt > 0, cnt * np.exp2(edges[1:] + margin), 0.0)
         kept, ambiguous = decide(cnt, w_lo, w_hi, 0.0, 0.0, s_in, goal, 1, 0, True)
         if not ambiguous.any():
-            return value(bin_start(int(np.nonzero(kept)[0].min()), lo, scale)), 1, False
+            return value(bin_start(int(np.nonzero(kept)[0].min()), lo, scale)), 1, None, None
         b = np.nonzero(ambiguous)[0]
         klo, khi, first = bin_start(int(b.min()), lo, scale), bin_start(int(b.max()) + 1, lo, scale) - 1, 1
     bins = np.arange(NB, dtype=np.uint64)
@@ -95,21 +97,26 @@ def threshold(d, base, goal, by_mass, floor=np.float32(-3.4028234663852886e38)):
         shift = max(int(np.frexp(np.float32(khi - klo))[1]) - NB_BITS, 0)   # select._bits: the span's float
         inside = (keys >= klo) & (keys <= khi)
         cnt = np.bincount(((keys[inside] - klo) >> shift).astype(np.int64), minlength=NB)[:NB].astype(np.float64)
-        s_hi, s_in = mass[keys > khi].sum(), mass[inside].sum()
+        last = i == MAX_PASSES - 1
+        s_hi, s_in = mass[keys > khi].sum(), 0.0 if last else mass[inside].sum()
+        lo_k = klo + (bins << np.uint64(shift))
+        hi_k = np.minimum(lo_k + np.uint64((1 << shift) - 1), np.uint64(khi))
+        with np.errstate(all="ignore"):
+            m_lo = np.where(cnt > 0, cnt * np.exp2(value(lo_k).astype(np.float64)), 0.0)
+            m_hi = np.where(cnt > 0, cnt * np.exp2(np.minimum(value(hi_k), hi).astype(np.float64)), 0.0)
         if by_mass:
-            above = s_hi
-            lo_k = klo + (bins << np.uint64(shift))
-            hi_k = np.minimum(lo_k + np.uint64((1 << shift) - 1), np.uint64(khi))
-            with np.errstate(all="ignore"):
-                w_lo = np.where(cnt > 0, cnt * np.exp2(value(lo_k).astype(np.float64)), 0.0)
-                w_hi = np.where(cnt > 0, cnt * np.exp2(value(hi_k).astype(np.float64)), 0.0)
+            above, w_lo, w_hi = s_hi, m_lo, m_hi
         else:
             w_lo = w_hi = cnt
         kept, ambiguous = decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass)
         if not ambiguous.any():
             b = np.nonzero(kept)[0]
             cut = klo + (int(b.min()) << shift) if b.size else min(khi + 1, KEY_INF)
-            return value(cut), i + 1, shift == 0
+            summed = s_hi + (0.5 * (m_lo + m_hi) if by_mass else m_lo)[kept].sum() if shift == 0 or last else None
+            widest = None
+            if shift > 0 and last:
+                widest = float((value(hi_k).astype(np.float64) - value(lo_k).astype(np.float64))[cnt > 0].max())
+            return value(cut), i + 1, summed, widest
         b = np.nonzero(ambiguous)[0]
         if not by_mass:
             above += cnt[b.max() + 1:].sum()
@@ -129,12 +136,19 @@ def sorted_cut(d, top_k=None, top_p=None):
 
 
 def _reads(d, base, filters):
-    """Reads of one row, checked against the sort."""
+    """(reads of one row, the widest bin in d of its last pass if that pass decided bins of
+    several keys by the middle of their bounds (else None), whether that kept set differs from
+    the sort's, the relative error of the kept tokens' Σ 2^d summed by bins). Every other row is
+    checked against the sort."""
     by_mass = filters[0] == "p"
-    cut, passes, summed = threshold(d, base, float(filters[1]), by_mass)
+    cut, passes, summed, widest = threshold(d, base, float(filters[1]), by_mass)
+    middle = widest is not None
     want = sorted_cut(d, **({"top_p": filters[1]} if by_mass else {"top_k": filters[1]}))
-    assert (d >= cut).sum() == (d >= want).sum(), filters
-    return 1 + passes + (0 if summed else 1)
+    differs = (d >= cut).sum() != (d >= want).sum()
+    assert middle or not differs, filters
+    exact = np.exp2(d[d >= cut].astype(np.float64)).sum()
+    error = 0.0 if summed is None else abs(summed / exact - 1)
+    return 1 + passes + (0 if summed is not None else 1), widest, differs, error
 
 
 def _row(z):
@@ -145,7 +159,7 @@ def _row(z):
 
 def _other_rows(kind, rng):
     """Rows of V logits unlike a Gaussian's: an LLM's kind (bf16, a few large logits), ties (a grid
-    of 1/64), or the largest few within 10⁻³ of each other."""
+    of 1/64), or the largest few within 10⁻³ of each other (and divided by a temperature)."""
     if kind == "bf16 + head":
         z = rng.standard_normal(V) * rng.choice([0.5, 1, 2, 3, 4])
         head = rng.integers(0, 20)
@@ -156,6 +170,8 @@ def _other_rows(kind, rng):
     z = rng.standard_normal(V) * 2
     top = rng.integers(2, 8)
     z[:top] = z.max() + 1 + rng.uniform(0, 1e-3, top)
+    if kind == "near-tied top, τ":   # at a temperature of 0.6 to 1.2
+        z = z / rng.choice([0.6, 0.8, 1.0, 1.2])
     return z.astype(np.float32)
 
 
@@ -170,7 +186,9 @@ def main(argv=None):
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")
     print(f"{'rows':>18} " + " ".join(f"{f'top_{f[0]} {f[1]}':>11}" for f in FILTERS))
-    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "near-tied top"]
+    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "near-tied top", "near-tied top, τ"]
+    middle, differs = [], 0
+    error = widest = 0.0
     for kind in kinds:
         counts = []
         for filters in FILTERS:
@@ -180,10 +198,15 @@ def main(argv=None):
                     z = rng.standard_normal(V).astype(np.float32) * np.float32(kind.split(", ")[1].split("²")[0])
                 else:
                     z = _other_rows(kind, rng)
-                reads.append(_reads(*_row(z), filters))
+                n, w, x, e = _reads(*_row(z), filters)
+                reads.append(n)
+                middle, differs, error = middle + [(kind, filters)] * (w is not None), differs + x, max(error, e)
+                widest = max(widest, w or 0.0)
             counts.append(f"{min(reads)}–{max(reads)}" if min(reads) != max(reads) else str(reads[0]))
         print(f"{kind:>18} " + " ".join(f"{c:>11}" for c in counts))
-
+    print(f"rows whose last pass decided bins of several keys by their bounds: {len(middle)} {middle} (bins at most "
+          f"{widest:.1e} wide in d), of which kept a set other than the sort's: {differs}; the kept tokens' "
+          f"Σ 2^d summed by the selection: within {error:.1e} of the exact sum, relative")
 
 if __name__ == "__main__":
     main()

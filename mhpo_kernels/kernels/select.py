@@ -13,17 +13,23 @@ each pass narrowing the candidates to the bins it could not decide.
   other pass bins a run of keys [klo, khi] (``_key`` orders fp32 values as uint32 keys) in bins
   of 2^shift consecutive keys, a radix select: 11 + 11 + 10 bits reach single keys in 3 passes.
 - Deciding a bin. From the counts a bin's weight is exact (top-k) or bounded by the mass of its
-  lowest and highest d (top-p; each pass also sums exactly the mass above its range and within
-  it). Every bin is surely kept (even its upper bound leaves the weight above below the goal),
-  surely dropped (its lower bound reaches the goal), or ambiguous; the ambiguous bins are a
-  contiguous run, the next pass's candidates. With none left, the threshold is the lowest d of
-  the lowest kept bin. A bin of one key holds equal values, kept or dropped together, with an
-  exact weight: it is never ambiguous, so top-k ends within 3 passes, top-p as soon as the bounds
-  separate the bins (bench/NOTES.md counts them). After MAX_PASSES the ambiguous bins are decided
-  by the middle of their bounds (never reached by top-k).
-- The kept tokens' sums. A pass of single-key bins that decides the row also sums the kept
-  tokens' Σ 2^d and Σ 2^d·d (the bins' exact values, and the mass above its range), so that the
-  forward's finish need not read the row again: the forward reads a top-k row at most 4 times.
+  lowest and highest d (top-p; each pass but the last also sums exactly the mass above its range
+  and within it). Every bin is surely kept (even its upper bound leaves the weight above below
+  the goal), surely dropped (its lower bound reaches the goal), or ambiguous; the ambiguous bins
+  are a contiguous run, the next pass's candidates. With none left, the threshold is the lowest
+  d of the lowest kept bin. A bin of one key holds equal values, kept or dropped together, with
+  an exact weight: it is never ambiguous, so top-k ends within its MAX_PASSES = 3 passes with
+  single keys at the latest. top-p ends as soon as the bounds separate the bins, and at the
+  latest in its third pass (the uniform one and two of keys), which decides any bin still
+  ambiguous by the middle of its bounds: bins of several keys there are kept or dropped whole.
+  Such bins are narrow (at most 2.4e-7 wide in d on the rows bench/NOTES.md counts: a
+  probability ratio within 2 ulp of 1, which fp32 sums cannot resolve).
+- The kept tokens' sums. The pass that decides a row sums the kept tokens' Σ 2^d and Σ 2^d·d
+  when it is top-k's or top-p's last, or has single keys: the mass above its range, and the
+  kept bins' (exact for single keys; for several, each bin's mass at the middle of its bounds,
+  at its lowest d). Otherwise the forward's finish reads the row once more. Either way the
+  forward reads a top-k or top-p row at most 4 times: the statistics and three passes, or the
+  statistics, two passes and the finish.
 
 Every pass forms d exactly as the sums and the backward do, so "d ≥ threshold" is the same set
 in all of them.
@@ -39,7 +45,7 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 
 NB_BITS = tl.constexpr(11)
 NB = tl.constexpr(2048)            # bins per pass
-MAX_PASSES = tl.constexpr(4)
+MAX_PASSES = tl.constexpr(3)
 # top-p's first pass bins d ≥ −64 (a token below carries < 2^−64 of the largest's mass, all of
 # them together < 2^−33 of the row's for V < 2^31: below the fp32 rounding of any goal top_p < 1,
 # so they are dropped, as the oracle drops them).
@@ -58,6 +64,13 @@ def _cut(min_p, base):
     so that the largest token is kept even at min_p = 1."""
     cut = tl.where(min_p > 0.0, tl.log2(min_p), float("-inf"))
     return tl.minimum(cut, -(tl.abs(base) * 1.1920928955078125e-07 + 1.1754943508222875e-38))
+
+
+@triton.jit
+def _d_max(base):
+    """Above any d of a row whose exponents are at base b: the largest logit's d is within half
+    an ulp of b of 0."""
+    return tl.abs(base) * 1.1920928955078125e-07 + 7.888609052210118e-31
 
 
 @triton.jit
@@ -173,18 +186,18 @@ def _bits(span):
 def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.constexpr):
     """(kept, ambiguous, the highest and the lowest ambiguous bin) of a pass from the bins' weight
     bounds [w_lo, w_hi] (top-k: the counts), the weight ``above`` the range, and for top-p the
-    exact masses above the range (``s_hi``) and within it (``s_in``), which bound each bin's
-    weight above from below as well, for pass ``i`` with bins of 2^``shift`` keys (a uniform
-    pass: shift 1, bins of several values). In the last pass the ambiguous ones are decided by
-    the middle of their bounds."""
+    exact masses above the range (``s_hi``) and, but in the last pass, within it (``s_in``),
+    which bound each bin's weight above from below as well, for pass ``i`` with bins of
+    2^``shift`` keys (a uniform pass: shift 1, bins of several values). In the last pass the
+    ambiguous ones are decided by the middle of their bounds."""
     o_bin = tl.arange(0, NB)
     multi = shift > 0
     more = i < MAX_PASSES - 1
     above_lo = above + (tl.cumsum(w_lo, 0, reverse=True) - w_lo)   # the bins above each bin
     above_hi = above + (tl.cumsum(w_hi, 0, reverse=True) - w_hi)
     if BY_MASS:  # and from below: the range's exact mass less what the bins up to each hold
-        above_lo = tl.where(multi, tl.maximum(above_lo, s_hi + s_in - tl.cumsum(w_hi, 0)), above_lo)
-        above_hi = tl.where(multi, tl.minimum(above_hi, s_hi + s_in - tl.cumsum(w_lo, 0)), above_hi)
+        above_lo = tl.where(multi & more, tl.maximum(above_lo, s_hi + s_in - tl.cumsum(w_hi, 0)), above_lo)
+        above_hi = tl.where(multi & more, tl.minimum(above_hi, s_hi + s_in - tl.cumsum(w_lo, 0)), above_hi)
     # A bin of several values: its other tokens may lie above a token of it.
     others = tl.where(multi, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
     full = cnt > 0
@@ -199,8 +212,8 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """(the smallest kept d, s, a) of one filter over the candidates d ≥ ``floor`` (> −inf): top-k
     (goal k, counts), or with BY_MASS top-p (goal top_p, a share of the candidates' mass). s and
-    a: the kept tokens' Σ 2^d and Σ 2^d·d when the deciding pass had single-key bins, else s = −1
-    (the forward's finish sums them)."""
+    a: the kept tokens' Σ 2^d and Σ 2^d·d when the deciding pass had single-key bins or was the
+    last, else s = −1 (the forward's finish sums them)."""
     o_bin = tl.arange(0, NB)
     klo = _key(floor)
     khi = klo * 0 + KEY_INF
@@ -210,10 +223,10 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
     s_kept = floor * 0.0 - 1.0
     a_kept = floor * 0.0
     if BY_MASS:
-        # Pass 1, uniform in d over [lo_d, hi_d]: hi_d above any d (the largest logit's d is
-        # within half an ulp of b of 0). Its goal: top_p of the mass from lo_d (see UNIFORM_RANGE).
+        # Pass 1, uniform in d over [lo_d, hi_d]. Its goal: top_p of the mass from lo_d (see
+        # UNIFORM_RANGE).
         lo_d = tl.maximum(floor, -UNIFORM_RANGE)
-        hi_d = tl.abs(base) * 1.1920928955078125e-07 + 7.888609052210118e-31
+        hi_d = _d_max(base)
         scale = NB / (hi_d - lo_d)
         hist, _, s_in, _ = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, 0, lo_d, scale,
                                        True, False, True, False, SOFTCAP, R, LANES, VEC)
@@ -235,11 +248,18 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
         if not done:
             shift = tl.maximum(_bits(khi - klo) - NB_BITS, 0)
             multi = shift > 0
-            if multi:
+            count = multi & (i < MAX_PASSES - 1)
+            if not BY_MASS:
+                count = multi   # top-k's third pass has single keys (11 + 11 + 10 bits)
+            if count:
                 hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                                      0.0, 0.0, False, BY_MASS, BY_MASS, False, SOFTCAP, R, LANES, VEC)
-            else:  # single keys: this pass decides, and sums the kept tokens
+            elif multi:  # top-p's last pass: it decides, and sums the kept tokens
                 hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                                     0.0, 0.0, False, True, False, WITH_ENTROPY, SOFTCAP, R, LANES,
+                                                     VEC)
+            else:  # single keys (a loop of its own, without the shift): the same
+                hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, 0,
                                                      0.0, 0.0, False, True, False, WITH_ENTROPY, SOFTCAP, R, LANES,
                                                      VEC)
             cnt = hist.to(tl.float32)
@@ -249,7 +269,8 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
             if BY_MASS:
                 above = s_hi
                 w_lo = cnt * e_lo
-                w_hi = tl.where(cnt > 0, cnt * tl.exp2(_value(lo_key + tl.minimum(width, khi - lo_key))), 0.0)
+                d_hi = tl.minimum(_value(lo_key + tl.minimum(width, khi - lo_key)), _d_max(base))
+                w_hi = tl.where(cnt > 0, cnt * tl.exp2(d_hi), 0.0)
             else:
                 w_lo = cnt
                 w_hi = cnt
@@ -259,8 +280,13 @@ def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
                 cut_key = tl.where(b_kept < NB, klo + (b_kept.to(tl.uint32) << shift),
                                    tl.minimum(khi + 1, KEY_INF))
                 done = b_hi < 0
-                if not multi:
-                    e_kept = tl.where(kept, cnt * e_lo, 0.0)
+                if (~multi) | (i == MAX_PASSES - 1):
+                    # Each kept bin's mass at the middle of its bounds, at its lowest d: exact for
+                    # a bin of one key.
+                    if BY_MASS:
+                        e_kept = tl.where(kept, 0.5 * (w_lo + w_hi), 0.0)
+                    else:
+                        e_kept = tl.where(kept, cnt * e_lo, 0.0)
                     s_kept = s_hi + tl.sum(e_kept, 0)
                     if WITH_ENTROPY:
                         a_kept = a_hi + tl.sum(tl.where(kept, e_kept * _value(lo_key), 0.0), 0)
