@@ -14,6 +14,7 @@ measurement of it.
 """
 
 import argparse
+import collections
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, by_mass):
         above_lo = np.maximum(above_lo, s_hi + s_in - np.cumsum(w_hi))
         above_hi = np.minimum(above_hi, s_hi + s_in - np.cumsum(w_lo))
     others = w_hi - w_hi / np.maximum(cnt, 1.0) if multi else 0.0
-    kept = (cnt > 0) & ((above_hi + others if more else 0.5 * (above_lo + above_hi + others)) < goal)
+    kept = (cnt > 0) & ((above_hi + others if more else 0.5 * (above_lo + above_hi)) < goal)
     return kept, (cnt > 0) & ~kept & (above_lo < goal) & more & multi
 
 
@@ -159,7 +160,8 @@ def _row(z):
 
 def _other_rows(kind, rng):
     """Rows of V logits unlike a Gaussian's: an LLM's kind (bf16, a few large logits), ties (a grid
-    of 1/64), or the largest few within 10⁻³ of each other (and divided by a temperature)."""
+    of 1/64), 2 to 8 largest tied, or the largest few within 10⁻³ of each other (and divided by a
+    temperature)."""
     if kind == "bf16 + head":
         z = rng.standard_normal(V) * rng.choice([0.5, 1, 2, 3, 4])
         head = rng.integers(0, 20)
@@ -167,6 +169,10 @@ def _other_rows(kind, rng):
         return (z.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
     if kind == "ties (grid)":
         return (np.round(rng.standard_normal(V) * 128) / 64).astype(np.float32)
+    if kind == "tied largest":
+        z = rng.standard_normal(V).astype(np.float32) * 2
+        z[:rng.integers(2, 9)] = z.max() + 4
+        return z
     z = rng.standard_normal(V) * 2
     top = rng.integers(2, 8)
     z[:top] = z.max() + 1 + rng.uniform(0, 1e-3, top)
@@ -186,7 +192,8 @@ def main(argv=None):
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")
     print(f"{'rows':>18} " + " ".join(f"{f'top_{f[0]} {f[1]}':>11}" for f in FILTERS))
-    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "near-tied top", "near-tied top, τ"]
+    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "tied largest", "near-tied top",
+                                                     "near-tied top, τ"]
     middle, differs = [], 0
     error = widest = 0.0
     for kind in kinds:
@@ -204,7 +211,8 @@ def main(argv=None):
                 widest = max(widest, w or 0.0)
             counts.append(f"{min(reads)}–{max(reads)}" if min(reads) != max(reads) else str(reads[0]))
         print(f"{kind:>18} " + " ".join(f"{c:>11}" for c in counts))
-    print(f"rows whose last pass decided bins of several keys by their bounds: {len(middle)} {middle} (bins at most "
+    where = ", ".join(f"{n} {kind} top_{f[0]} {f[1]}" for (kind, f), n in collections.Counter(middle).items())
+    print(f"rows whose last pass decided bins of several keys by their bounds: {len(middle)} ({where}; bins at most "
           f"{widest:.1e} wide in d), of which kept a set other than the sort's: {differs}; the kept tokens' "
           f"Σ 2^d summed by the selection: within {error:.1e} of the exact sum, relative")
 

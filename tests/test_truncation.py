@@ -196,15 +196,34 @@ def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypa
     assert len(summed) == 2 and summed[0].any() and not summed[1].all(), summed
 
 
+def _rows_for_the_last_pass():
+    """(logits (V,), top_p) whose cutoff lies among the densest fp32 keys, near the largest: its
+    largest few within 10⁻³ of each other (top_p 0.5), tied (top_p 0.3), or a pair tied just
+    below it (top_p 0.4)."""
+    import numpy as np
+
+    for seed in (2, 5, 63, 75):
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal(256).astype(np.float32) * 2
+        top = rng.integers(2, 8)
+        z[:top] = z.max() + 1 + rng.uniform(0, 1e-3, top)
+        yield z, 0.5
+    for seed, n in ((0, 4), (1, 2)):
+        z = np.random.default_rng(seed).standard_normal(512).astype(np.float32)
+        z[:n] = 8.0
+        yield z, 0.3
+    z = np.random.default_rng(3).standard_normal(512).astype(np.float32)
+    z[0], z[1:3] = 8.0, 8.0 - 0.003
+    yield z, 0.4
+
+
 def test_top_p_reads_a_row_at_most_four_times(monkeypatch):
     """top_p's selection ends within three counting passes (select.MAX_PASSES), so the forward
     reads a row at most four times: a last pass whose bins still hold several keys decides them
-    by the middle of their mass bounds and sums the kept ones at their middles instead of
-    counting once more. Rows whose largest few logits lie within 10⁻³ of each other put top_p
-    0.5's cutoff among the densest fp32 keys and take that way (a fourth pass, before); they keep
-    the sort's set, with the float64 oracle's log-probs, entropy and gradient."""
-    import numpy as np
-
+    by the middle of the bounds on the mass above them and sums the kept ones from the bins
+    instead of counting once more. Rows whose cutoff lies among the densest fp32 keys, near the
+    largest (``_rows_for_the_last_pass``), take that way (a fourth pass, before); they keep the
+    sort's set, ties together, with the float64 oracle's log-probs, entropy and gradient."""
     from mhpo_kernels.kernels import forward, select
 
     count_pass, select_cuts, passes, summed = select._count_pass, forward.select_cuts, [], []
@@ -221,24 +240,20 @@ def test_top_p_reads_a_row_at_most_four_times(monkeypatch):
     monkeypatch.setattr(select, "_count_pass", count_spy)
     monkeypatch.setattr(forward, "select_cuts", select_spy)
     by_the_middle = 0
-    for seed in (2, 5, 63, 75):
-        rng = np.random.default_rng(seed)
-        z = rng.standard_normal(256).astype(np.float32) * 2
-        top = rng.integers(2, 8)
-        z[:top] = z.max() + 1 + rng.uniform(0, 1e-3, top)
+    for z, top_p in _rows_for_the_last_pass():
         x = torch.from_numpy(z).reshape(1, 1, -1)
-        _assert_unambiguous(x.double(), top_p=0.5)
-        keep = reference.kept_set(x.double().reshape(1, -1), top_p=0.5)[0]
+        _assert_unambiguous(x.double(), top_p=top_p)
+        keep = reference.kept_set(x.double().reshape(1, -1), top_p=top_p)[0]
         ids = torch.where(keep, x.flatten(), math.inf).argmin().reshape(1, 1)   # the smallest kept
         passes.clear()
         with mhpo_kernels.use_backend("triton"):
-            got = _run(mhpo_kernels.token_logprobs, x, ids, torch.ones(1, 1), top_p=0.5)
-        want = _run(reference.token_logprobs, x.double(), ids, torch.ones(1, 1, dtype=torch.float64), top_p=0.5)
+            got = _run(mhpo_kernels.token_logprobs, x, ids, torch.ones(1, 1), top_p=top_p)
+        want = _run(reference.token_logprobs, x.double(), ids, torch.ones(1, 1, dtype=torch.float64), top_p=top_p)
         for a, b in zip(got, want):
             _close(a, b)
-        assert 1 <= len(passes) <= 3 and summed[-1], (seed, passes)
+        assert 1 <= len(passes) <= 3 and summed[-1], (top_p, passes)
         by_the_middle += len(passes) == 3 and passes[-1] > 0
-    assert by_the_middle > 0, "no row's last pass held bins of several keys"
+    assert by_the_middle >= 4, "too few rows' last pass held bins of several keys"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,10 +20,11 @@ each pass narrowing the candidates to the bins it could not decide.
   d of the lowest kept bin. A bin of one key holds equal values, kept or dropped together, with
   an exact weight: it is never ambiguous, so top-k ends within its MAX_PASSES = 3 passes with
   single keys at the latest. top-p ends as soon as the bounds separate the bins, and at the
-  latest in its third pass (the uniform one and two of keys), which decides any bin still
-  ambiguous by the middle of its bounds: bins of several keys there are kept or dropped whole.
-  Such bins are narrow (at most 2.4e-7 wide in d on the rows bench/NOTES.md counts: a
-  probability ratio within 2 ulp of 1, which fp32 sums cannot resolve).
+  latest in its third pass (the uniform one and two of keys), which decides each bin still
+  ambiguous by the middle of the bounds on the mass above it: a bin of several keys is kept
+  whole where its highest token would be. The kept set is then the sort's, ties together, but
+  for the other tokens of that one bin, which lie within its width below a kept token (at most
+  1.2e-7 in d on the rows bench/NOTES.md counts, where it never changed the set).
 - The kept tokens' sums. The pass that decides a row sums the kept tokens' Σ 2^d and Σ 2^d·d
   when it is top-k's or top-p's last, or has single keys: the mass above its range, and the
   kept bins' (exact for single keys; for several, each bin's mass at the middle of its bounds,
@@ -189,7 +190,8 @@ def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.cons
     exact masses above the range (``s_hi``) and, but in the last pass, within it (``s_in``),
     which bound each bin's weight above from below as well, for pass ``i`` with bins of
     2^``shift`` keys (a uniform pass: shift 1, bins of several values). In the last pass the
-    ambiguous ones are decided by the middle of their bounds."""
+    ambiguous ones are decided by the middle of the bounds on the weight above them: a bin is
+    kept whole where its highest token would be, a tie group with it as the sort keeps one."""
     o_bin = tl.arange(0, NB)
     multi = shift > 0
     more = i < MAX_PASSES - 1
@@ -201,7 +203,7 @@ def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.cons
     # A bin of several values: its other tokens may lie above a token of it.
     others = tl.where(multi, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
     full = cnt > 0
-    kept = full & (tl.where(more, above_hi + others, 0.5 * (above_lo + above_hi + others)) < goal)
+    kept = full & (tl.where(more, above_hi + others, 0.5 * (above_lo + above_hi)) < goal)
     ambiguous = full & ~kept & (above_lo < goal) & more & multi
     return kept, ambiguous, tl.max(tl.where(ambiguous, o_bin, -1), 0), tl.min(tl.where(ambiguous, o_bin, NB), 0)
 
