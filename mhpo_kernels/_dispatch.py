@@ -75,6 +75,15 @@ def backend_for(device):
     return "torch"
 
 
+def call_backend(device):
+    """The backend a call names in its ``LogitMap`` (``backend_for``), so that its backward runs
+    where its forward ran; None inside torch.compile, which cannot read ``use_backend``'s context
+    variable: there the ops choose when they run."""
+    import torch
+
+    return None if torch.compiler.is_compiling() else backend_for(device)
+
+
 def _quiet(sweep):
     """``sweep`` without the interpreter's floating-point warnings. It evaluates both sides of
     every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes the kernel then
@@ -107,21 +116,22 @@ KERNELS = {"prepare": ("prepare", "prepare"), "forward": ("forward", "mhpo_fwd")
            "token_terms": ("finalize", "token_terms")}
 
 
-def kernel(name, device):
-    """The launcher of kernel ``name`` (``KERNELS``) for tensors on ``device``. Inside
-    torch.compile, where all but the sweeps run outside any custom op, they are PyTorch's on every
-    device (the graph fuses their ops; the checks become asserts of the graph)."""
+def kernel(name, device, backend=None):
+    """The launcher of kernel ``name`` (``KERNELS``) for tensors on ``device``, on ``backend`` if
+    given (else ``backend_for``). Inside torch.compile, where all but the sweeps run outside any
+    custom op, they are PyTorch's on every device (the graph fuses their ops; the checks become
+    asserts of the graph)."""
     import torch
 
     module, function = KERNELS[name]
     if (name in ("prepare", "finalize", "token_terms") and torch.compiler.is_compiling()) or \
-            backend_for(device) != "triton":
+            (backend or backend_for(device)) != "triton":
         return getattr(torch_sweeps, function)
     _check_triton_runs(device)
     run = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)
     return _quiet(run) if _kernels_interpreted() else run
 
 
-def sweeps(device):
-    """(forward, backward) sweep launchers for tensors on ``device``."""
-    return kernel("forward", device), kernel("backward", device)
+def sweeps(device, backend=None):
+    """(forward, backward) sweep launchers for tensors on ``device`` (on ``backend`` if given)."""
+    return kernel("forward", device, backend), kernel("backward", device, backend)

@@ -12,14 +12,18 @@ from ._sweep_types import LogitMap, TokenParams
 # The runtime scalars of a call, in one float64 host (CPU) tensor: reading them is no device sync,
 # and inside torch.compile they are a graph input, so a new value (β, τ, the entropy bonus) reuses
 # the compiled graph. Slots: the objective's five values, β, the logit map's two scales, the
-# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus, and the
-# upstream gradient the one-sweep kernel computes the logits' gradient for (``grad_in_forward``).
-BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF, GRAD_SCALE = range(5, 13)
+# epilogue's kind and MHPO's LFM/DHP switches (small integers, exact), the entropy bonus, the
+# upstream gradient the one-sweep kernel computes the logits' gradient for (``grad_in_forward``),
+# and the backend the sweeps run on (an index of ``BACKENDS``; −1: the one current where they
+# run), the call's ``LogitMap.backend``: its backward runs where its forward ran.
+BETA, IN_SCALE, OUT_SCALE, KIND, LFM, DHP, ENTROPY_COEF, GRAD_SCALE, BACKEND = range(5, 14)
+BACKENDS = ("triton", "torch")
 
 
 def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
     """The ``params`` host tensor of the ops (slots above)."""
-    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef, grad_scale]
+    values = [*hp.values, hp.beta, lmap.in_scale, lmap.out_scale, hp.kind, hp.lfm, hp.dhp, entropy_coef, grad_scale,
+              -1 if lmap.backend is None else BACKENDS.index(lmap.backend)]
     if torch.compiler.is_compiling():
         # A number that changed between calls is symbolic here; torch.tensor of it would specialize
         # the graph on its value (a recompile per value), arithmetic on a tensor keeps it an input.
@@ -35,7 +39,9 @@ def _unpack(params, softcap, tau=None, **per_row):
     v = params.detach().numpy().tolist()
     hp = TokenParams(int(v[KIND]), tuple(v[:5]), v[BETA], bool(v[LFM]), bool(v[DHP]))
     replay = LogitMap.replay_rows(per_row.pop("kept_offsets", None))
-    return hp, LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, **per_row, **replay), v
+    backend = None if v[BACKEND] < 0 else BACKENDS[int(v[BACKEND])]
+    lmap = LogitMap(v[IN_SCALE], v[OUT_SCALE], softcap, tau, **per_row, **replay, backend=backend)
+    return hp, lmap, v
 
 
 def _without_autocast(device):

@@ -85,6 +85,7 @@ class LogitMap:
     kept_start: Optional[torch.Tensor] = None
     kept_end: Optional[torch.Tensor] = None
     kept_ids: Optional[torch.Tensor] = None
+    backend: Optional[str] = None   # the sweeps' ("triton", "torch"; None: the one current where they run)
 
     @property
     def filtered(self):
@@ -149,9 +150,12 @@ class LogitMap:
 
     @staticmethod
     def make(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None, tau=None, min_p=None,
-             top_k=None, top_p=None, cut=None, kept_offsets=None, kept_ids=None):
-        """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32)."""
-        rest = dict(tau=tau, min_p=min_p, top_k=top_k, top_p=top_p, cut=cut, kept_ids=kept_ids,
+             top_k=None, top_p=None, cut=None, kept_offsets=None, kept_ids=None, backend=None):
+        """``temperature`` a float; or 1.0 with ``tau`` the per-row τ_t ((N,) fp32). A call's map
+        names its ``backend`` (``_dispatch.call_backend``), so that its backward runs where its
+        forward ran, even outside the forward's ``use_backend`` block: the two backends form the
+        exponents apart, and a kept set's threshold from one need not hold in the other."""
+        rest = dict(tau=tau, min_p=min_p, top_k=top_k, top_p=top_p, cut=cut, kept_ids=kept_ids, backend=backend,
                     **LogitMap.replay_rows(kept_offsets))
         if softcap is None:
             return LogitMap(logit_scale / temperature, 1.0, False, **rest)

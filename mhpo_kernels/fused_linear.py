@@ -187,7 +187,8 @@ def fused_linear_policy_loss(
             seq_valid_tokens=seq_valid_tokens, temperature=tau, token_weights=token_weights, sampling=sampling,
             kept_ids=kept,
         )
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation())
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation(),
+                             backend=_dispatch.call_backend(hidden.device))
         return _Prepared(hp, lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):
@@ -322,7 +323,8 @@ def fused_linear_token_logprobs(
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)
-        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation())
+        lmap = LogitMap.make(tau_value, logit_scale, final_logit_softcap, batch.tau, **batch.truncation(),
+                             backend=_dispatch.call_backend(hidden.device))
         return _Prepared(mhpo_token_params(), lmap, hidden2d, chunk_rows, batch)
 
     def settings(p):

@@ -158,7 +158,7 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     Without ``tp`` and the entropy bonus each tile takes one launch, the forward sweep that also
     writes the tile's gradient (``grad_in_forward``'s kernel); otherwise the two sweeps.
     ``batch_invariant``: every chunk is ``chunk_rows`` rows (``_whole_chunks``)."""
-    forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device)
+    forward_sweep, backward_sweep = _dispatch.sweeps(hidden.device, lmap.backend)
     bonus = entropy_coef > 0
     # One sweep per tile where the forward knows the whole gradient: with tp the slice's statistics
     # need the group's first, and the entropy bonus's term is the backward sweep's (HAS_DENT).
@@ -241,7 +241,7 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
     each): the last three are the rows' log-sum-exp statistics (global ones with ``tp``) and, for
     a truncated softmax, the kept set's thresholds, which is all that ``token_logprobs_grads``
     needs besides the inputs. ``n_valid`` and ``batch_invariant`` as in ``fused_linear_sweeps``."""
-    forward_sweep, _ = _dispatch.sweeps(hidden.device)
+    forward_sweep, _ = _dispatch.sweeps(hidden.device, lmap.backend)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden, target = _gather_rows(kept, _without_padding(hidden, target, n_valid), target)
@@ -275,7 +275,7 @@ def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, l
     ``tp`` the tile holds this rank's columns and ``base``/``lse2_rest``/``entropy`` are the global
     statistics, so the tile's gradient is this rank's slice of the full one: the only collective
     is dhidden's all-reduce (unless ``reduce_dhidden`` is False)."""
-    _, backward_sweep = _dispatch.sweeps(hidden.device)
+    _, backward_sweep = _dispatch.sweeps(hidden.device, lmap.backend)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden, target, base, lse2_rest, entropy, dlogp, dentropy = _gather_rows(

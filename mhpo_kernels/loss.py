@@ -229,7 +229,8 @@ def policy_loss(
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
             sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
         )
-        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation())
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
+                             backend=_dispatch.call_backend(logits.device))
         return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
 
     def settings(p):
@@ -326,7 +327,8 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index, mask, temperature=tau, sampling=sampling, kept_ids=kept)
-        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation())
+        lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
+                             backend=_dispatch.call_backend(logits.device))
         return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
                         check_inplace(logits, logits3, inplace_backward))
 

@@ -174,7 +174,7 @@ def _forward_sweep(a, grad=None):
     hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p, cut=a.cut,
                                kept_offsets=a.kept_offsets, kept_ids=a.kept_ids)
     entropy_coef = values[ENTROPY_COEF]
-    forward_sweep, _ = _dispatch.sweeps(a.logits.device)
+    forward_sweep, _ = _dispatch.sweeps(a.logits.device, lmap.backend)
     truncated = a.with_loss and lmap.truncated
     after = a.with_loss and (a.sequence_level or truncated)
     extra = {} if grad is None else {"grad": _token_rows(grad, a.shifted), "zero_tail": a.shifted,
@@ -333,8 +333,8 @@ class OneSweepInplace(torch.autograd.Function):
 
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
                     shifted, cut, kept_offsets, kept_ids):
-    _, backward_sweep = _dispatch.sweeps(logits.device)
     _, lmap, _ = _unpack(params, softcap, tau, cut=cut, kept_offsets=kept_offsets, kept_ids=kept_ids)
+    _, backward_sweep = _dispatch.sweeps(logits.device, lmap.backend)
     with _without_autocast(logits.device):
         backward_sweep(_token_rows(logits, shifted), _token_rows(grad, shifted), target, base, lse2_rest, dlogp,
                        entropy, dentropy, lmap, zero_tail=shifted)

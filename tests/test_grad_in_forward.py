@@ -200,8 +200,8 @@ def test_fused_linear_tiles_take_one_sweep(backend, monkeypatch):
         mhpo_loss(h0 @ w0.t(), ids, old, adv, mask).backward()
         sweeps = _dispatch.sweeps
 
-        def forward_only(device):
-            return sweeps(device)[0], _no_backward_sweep
+        def forward_only(device, backend=None):
+            return sweeps(device, backend)[0], _no_backward_sweep
 
         monkeypatch.setattr(_dispatch, "sweeps", forward_only)
         h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -117,6 +117,27 @@ def test_triton_and_torch_paths_agree(regime):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_backward_runs_where_the_forward_ran(backend):
+    """A call's backward runs on the backend its forward ran on (``LogitMap.backend``), also outside
+    the forward's ``use_backend`` block: the backends form the exponents apart, so a truncated
+    row's threshold from one need not hold in the other (the backward of the other dropped the
+    gradient of a token at the threshold), and their gradients differ in the last bits."""
+    logits, kwargs = make_inputs(SMALL, Regime("kl", kl=True, temperature=0.7), device=TRITON_DEVICE)
+    ids = kwargs["input_ids"].clamp(0, SMALL.V - 1)
+    other = "torch" if backend == "triton" else "triton"
+    grads = []
+    for backward_backend in (backend, other):
+        x = logits.detach().clone().requires_grad_()
+        with mhpo_kernels.use_backend(backend):
+            loss = mhpo_kernels.mhpo_loss(x, **kwargs)
+            logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, temperature=0.7, top_p=0.8)
+        with mhpo_kernels.use_backend(backward_backend):
+            (loss + torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)   # NaN rows: NaN logits
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_gradient_element_written(backend, dtype):
     """The backward sweep writes each element of a NaN-filled buffer, zero rows for invalid tokens."""

@@ -256,6 +256,79 @@ def test_top_p_reads_a_row_at_most_four_times(monkeypatch):
     assert by_the_middle >= 4, "too few rows' last pass held bins of several keys"
 
 
+def _random_rows(R, V, seed):
+    """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
+    tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), and per
+    row filters whose cutoffs lie far from fp32's reach, chosen on the float64 values by turn:
+    top_p; top_k; min_p and top_p; all three. min_p's log sits halfway between two distinct values
+    at least 10⁻³ apart, top_k is any count of what min_p kept, and top_p lies halfway between
+    two tie groups' cumulative shares at least 2·10⁻³ apart. (rows, min_p, top_k, top_p)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = np.empty((R, V), np.float32)
+    for r in range(R):
+        x = rng.standard_normal(V) * rng.choice([0.5, 1.0, 2.0, 4.0])
+        if r % 5 == 1:
+            x[:rng.integers(2, 9)] = x.max() + rng.uniform(0, 5)
+        elif r % 5 == 2:
+            top = rng.integers(2, 8)
+            x[:top] = x.max() + 1 + rng.uniform(0, 1e-3, top)
+        elif r % 5 == 3:
+            x = np.round(x * 8) / 8
+        elif r % 5 == 4:
+            x[:rng.integers(0, 6)] += rng.uniform(3, 8)
+            x = (x.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+        rows[r] = rng.permutation(x.astype(np.float32))
+    z = torch.from_numpy(rows).double()
+    min_p, top_k, top_p = torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.int64), torch.ones(R)
+    for r in range(R):
+        on = ("p", "k", "mp", "mkp")[r % 4]
+        if "m" in on:
+            values = z[r].unique().flip(0)
+            between = ((values[:-1] - values[1:]) > 1e-3).nonzero().flatten()
+            i = between[rng.integers(0, len(between))]
+            min_p[r] = math.exp((values[i] + values[i + 1]) / 2 - values[0])
+        if "k" in on:
+            n = int(reference.kept_set(z[r:r + 1], min_p=min_p[r:r + 1])[0].sum())
+            top_k[r] = int(rng.integers(1, n + 1))
+        if "p" in on:
+            keep = reference.kept_set(z[r:r + 1], min_p=min_p[r:r + 1], top_k=top_k[r:r + 1])[0]
+            values, counts = z[r][keep].unique(return_counts=True)
+            mass = (counts * (values - values.max()).exp()).flip(0)
+            share = mass.cumsum(0) / mass.sum()
+            wide = (mass / mass.sum() > 2e-3).nonzero().flatten()
+            i = wide[rng.integers(0, len(wide))]
+            top_p[r] = ((share[i - 1] if i > 0 else 0.0) + share[i]) / 2
+    return torch.from_numpy(rows), min_p.float(), top_k, top_p.float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [256, 512])
+def test_random_rows_keep_the_sorts_set(backend, V):
+    """On 60 random rows of ties, near-ties and spreads (``_random_rows``), per-token filters keep
+    the float64 sort's set, ties together: each kept token but the target (the largest) has a
+    non-zero gradient, every other token a zero one, and the log-probs and entropy are the
+    oracle's."""
+    x, min_p, top_k, top_p = _random_rows(60, V, seed=V)
+    filters = dict(min_p=min_p.reshape(1, -1), top_k=top_k.reshape(1, -1), top_p=top_p.reshape(1, -1))
+    x = x.reshape(1, 60, V)
+    ids = x.argmax(-1)
+    want = reference.kept_set(x.double().reshape(60, V), min_p=min_p, top_k=top_k, top_p=top_p)
+    assert want.sum(-1).min() >= 1 and (want.sum(-1) < V).all()
+    leaf = x.clone().requires_grad_()
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, **filters)
+    logp.sum().backward()
+    got = (leaf.grad.reshape(60, V) != 0)
+    got.view(-1)[ids.flatten() + V * torch.arange(60)] = True
+    for r in range(60):
+        assert torch.equal(got[r], want[r]), (r, int(got[r].sum()), int(want[r].sum()))
+    want_logp, want_ent = reference.token_logprobs(x.double(), ids, return_entropy=True, **filters)
+    _close(logp.detach(), want_logp)
+    _close(ent.detach(), want_ent)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("filters", [dict(top_p=0.995), dict(top_k=290, top_p=0.995), dict(top_k=299)])
 def test_tokens_far_below_the_largest(backend, filters):
