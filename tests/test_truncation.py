@@ -256,13 +256,14 @@ def test_top_p_reads_a_row_at_most_four_times(monkeypatch):
     assert by_the_middle >= 4, "too few rows' last pass held bins of several keys"
 
 
-def _random_rows(R, V, seed):
+def _random_rows(R, V, seed, gap=2e-3):
     """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
     tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), and per
     row filters whose cutoffs lie far from fp32's reach, chosen on the float64 values by turn:
     top_p; top_k; min_p and top_p; all three. min_p's log sits halfway between two distinct values
     at least 10⁻³ apart, top_k is any count of what min_p kept, and top_p lies halfway between
-    two tie groups' cumulative shares at least 2·10⁻³ apart. (rows, min_p, top_k, top_p)."""
+    two tie groups' cumulative shares at least ``gap`` apart (a filter without such values is
+    left off). (rows, min_p, top_k, top_p)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -287,8 +288,9 @@ def _random_rows(R, V, seed):
         if "m" in on:
             values = z[r].unique().flip(0)
             between = ((values[:-1] - values[1:]) > 1e-3).nonzero().flatten()
-            i = between[rng.integers(0, len(between))]
-            min_p[r] = math.exp((values[i] + values[i + 1]) / 2 - values[0])
+            if len(between):
+                i = between[rng.integers(0, len(between))]
+                min_p[r] = math.exp((values[i] + values[i + 1]) / 2 - values[0])
         if "k" in on:
             n = int(reference.kept_set(z[r:r + 1], min_p=min_p[r:r + 1])[0].sum())
             top_k[r] = int(rng.integers(1, n + 1))
@@ -297,9 +299,10 @@ def _random_rows(R, V, seed):
             values, counts = z[r][keep].unique(return_counts=True)
             mass = (counts * (values - values.max()).exp()).flip(0)
             share = mass.cumsum(0) / mass.sum()
-            wide = (mass / mass.sum() > 2e-3).nonzero().flatten()
-            i = wide[rng.integers(0, len(wide))]
-            top_p[r] = ((share[i - 1] if i > 0 else 0.0) + share[i]) / 2
+            wide = (mass / mass.sum() > gap).nonzero().flatten()
+            if len(wide):
+                i = wide[rng.integers(0, len(wide))]
+                top_p[r] = ((share[i - 1] if i > 0 else 0.0) + share[i]) / 2
     return torch.from_numpy(rows), min_p.float(), top_k, top_p.float()
 
 
