@@ -26,7 +26,9 @@ _forced = contextvars.ContextVar("mhpo_kernels_backend", default=None)
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Force ``"triton"`` or ``"torch"`` for the sweeps run inside the block (in this thread)."""
+    """Force ``"triton"`` or ``"torch"`` for the calls made inside the block (in this thread), and
+    for their backward wherever it runs (``call_backend``; inside torch.compile, the ops choose
+    when they run)."""
     if name not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {name!r}")
     token = _forced.set(name)

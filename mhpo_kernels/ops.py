@@ -289,8 +289,9 @@ def scale_rows_(grad: Tensor, target: Tensor, upstream: Tensor, params: Tensor, 
     ``params[GRAD_SCALE]``, times the 0-d ``upstream`` over it, in place (the shift's last
     position, a zero row, is not a token); nothing when they are equal (decided on the device, no
     sync)."""
-    expected = _unpack(params, False)[2][GRAD_SCALE]
-    _dispatch.kernel("scale_rows", grad.device)(_token_rows(grad, shifted), target, upstream, expected)
+    _, lmap, values = _unpack(params, False)
+    _dispatch.kernel("scale_rows", grad.device, lmap.backend)(_token_rows(grad, shifted), target, upstream,
+                                                              values[GRAD_SCALE])
 
 
 @scale_rows_.register_fake

@@ -121,20 +121,25 @@ def test_the_backward_runs_where_the_forward_ran(backend):
     """A call's backward runs on the backend its forward ran on (``LogitMap.backend``), also outside
     the forward's ``use_backend`` block: the backends form the exponents apart, so a truncated
     row's threshold from one need not hold in the other (the backward of the other dropped the
-    gradient of a token at the threshold), and their gradients differ in the last bits."""
+    gradient of a token at the threshold), and their gradients differ in the last bits. With
+    ``grad_in_forward`` the backward only rescales the gradient: on the PyTorch path's float64
+    logits (its own), the Triton rescale would round it through fp32."""
     logits, kwargs = make_inputs(SMALL, Regime("kl", kl=True, temperature=0.7), device=TRITON_DEVICE)
     ids = kwargs["input_ids"].clamp(0, SMALL.V - 1)
     other = "torch" if backend == "triton" else "triton"
     grads = []
     for backward_backend in (backend, other):
         x = logits.detach().clone().requires_grad_()
+        x64 = logits.detach().double().requires_grad_()
         with mhpo_kernels.use_backend(backend):
             loss = mhpo_kernels.mhpo_loss(x, **kwargs)
             logp, ent = mhpo_kernels.token_logprobs(x, ids, return_entropy=True, temperature=0.7, top_p=0.8)
+            rescaled = 3.1 * mhpo_kernels.mhpo_loss(x64 if backend == "torch" else x, **kwargs, grad_in_forward=True)
         with mhpo_kernels.use_backend(backward_backend):
-            (loss + torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
-        grads.append(x.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)   # NaN rows: NaN logits
+            (loss + torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum() + rescaled).backward()
+        grads.append((x.grad, x64.grad))
+    for a, b in zip(*grads):   # NaN rows: NaN logits
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
