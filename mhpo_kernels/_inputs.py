@@ -135,20 +135,14 @@ class Sampling(NamedTuple):
 
 SELECTED_TP = ("top_k and top_p with tp_group are not supported yet: their selection counts a row's values in "
                "passes, and every rank's slice would have to add its counts to the others' between passes (min_p "
-               "and kept_ids work with tp_group on logits)")
-LINEAR_MIN_P_TP = ("min_p with tp_group on the fused linear path is not supported yet: pass the logits to mhpo_loss, "
-                   "policy_loss or token_logprobs, or replay the kept set with kept_ids")
+               "and kept_ids work with tp_group)")
 
 
-def check_sampling_tp(sampling, tp_group, fused_linear=False):
+def check_sampling_tp(sampling, tp_group):
     """The filters a vocabulary split supports: min_p (its threshold is the largest logit's over
-    every rank's slice) on logits, not top_k or top_p."""
-    if tp_group is None:
-        return
-    if sampling.top_k is not None or sampling.top_p is not None:
+    every rank's slice), not top_k or top_p."""
+    if tp_group is not None and (sampling.top_k is not None or sampling.top_p is not None):
         raise NotImplementedError(SELECTED_TP)
-    if fused_linear and sampling.min_p is not None:
-        raise NotImplementedError(LINEAR_MIN_P_TP)
 
 # Per filter: whether its numbers are integers, when a number is off, the numbers that are refused
 # (NaN among them), and the range the message states.

@@ -171,7 +171,7 @@ def fused_linear_policy_loss(
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        check_sampling_tp(sampling, tp_group, fused_linear=True)
+        check_sampling_tp(sampling, tp_group)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
@@ -245,9 +245,9 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     (``batch.tp``; a replayed kept set only) the log-probs are the global ones on every rank."""
     with_entropy = return_metrics or entropy_coef > 0
     if batch.tp is not None:
-        logp, entropy = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
-                                                           with_entropy, reduce_dhidden)
-        cut = None
+        logp, entropy, cut = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                                with_entropy, reduce_dhidden)
+        cut = cut if lmap.filtered else None
     else:
         logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
@@ -292,7 +292,7 @@ def fused_linear_token_logprobs(
     is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
     ``min_p``, ``top_k``, ``top_p`` and ``kept_ids`` as in ``token_logprobs`` (the sampler's
     truncated softmax, or its kept set replayed: each chunk's tile is computed whole, the sweeps
-    read only its kept logits; the filters not with ``tp_group``).
+    read only its kept logits; with ``tp_group``, min_p and kept_ids, not top_k or top_p).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -319,7 +319,7 @@ def fused_linear_token_logprobs(
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        check_sampling_tp(sampling, tp_group, fused_linear=True)
+        check_sampling_tp(sampling, tp_group)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)
@@ -335,8 +335,8 @@ def fused_linear_token_logprobs(
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:
-        logp, entropy = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
-                                                           bool(return_entropy), bool(reduce_dhidden))
+        logp, entropy, _ = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
+                                                              bool(return_entropy), bool(reduce_dhidden))
     else:
         logp, entropy, _, _, _ = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,

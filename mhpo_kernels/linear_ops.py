@@ -14,6 +14,7 @@ call                               forward                                    ba
 """
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -275,10 +276,10 @@ def vocab_parallel_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, wit
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
-    """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group:
-    the forward is ``linear_sweeps.token_logprobs_sweeps`` with ``tp`` (its combine makes the
-    global statistics), the backward ``token_logprobs_grads`` with those statistics, whose only
-    collective is dhidden's all-reduce."""
+    """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group,
+    and the rows' min_p thresholds: the forward is ``linear_sweeps.token_logprobs_sweeps`` with
+    ``tp`` (its combine makes the global statistics), the backward ``token_logprobs_grads`` with
+    those statistics, whose only collective is dhidden's all-reduce."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
@@ -287,17 +288,25 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
         if lmap.replayed:
             lmap = dataclasses.replace(lmap, kept_ids=batch.tp.local_kept_ids(lmap.kept_ids))
-        logp, entropy, base, lse2_rest, _ = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
-                                                              chunk_rows, with_entropy, tp=batch.tp,
-                                                              n_valid=batch.n_valid)
+        logp, entropy, base, lse2_rest, cut = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
+                                                                    chunk_rows, with_entropy, tp=batch.tp,
+                                                                    n_valid=batch.n_valid)
+        if cut is not None:
+            # min_p: the threshold on this slice's exponents at ``base``, where the backward forms
+            # them; a target below it has log-prob −inf on every rank.
+            outside = (logp == -math.inf) & (cut > -math.inf)
+            lmap = dataclasses.replace(lmap, min_p=None, cut=cut)
         ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy, outside)
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
         ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
-        return logp, logp.new_empty(0) if entropy is None else entropy
+        empty = logp.new_empty(0)
+        cut = empty if cut is None else cut
+        ctx.mark_non_differentiable(cut)
+        return logp, empty if entropy is None else entropy, cut
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_logp, d_entropy):
+    def backward(ctx, d_logp, d_entropy, _cut):
         hidden, weight, bias, base, lse2_rest, entropy, outside = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
@@ -314,6 +323,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 
 def vocab_parallel_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
-    """(logp, entropy or an empty tensor) of the fused linear path over a vocabulary slice."""
+    """(logp, entropy or an empty tensor, the rows' min_p thresholds or an empty tensor) of the
+    fused linear path over a vocabulary slice."""
     return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
                                         reduce_dhidden)
+

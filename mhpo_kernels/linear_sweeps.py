@@ -130,13 +130,30 @@ def _gather_rows(kept, *xs):
 def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_entropy, with_loss, tp):
     """Sweep 1 on one tile: the rows' RowStats. With ``tp`` (the vocabulary split over ranks) the
     tile holds this rank's columns: the sweep gives the slice's statistics and ``tp.finish_rows``
-    makes them global (one all-gather per chunk) and runs the per-token epilogue."""
+    makes them global (one all-gather per chunk) and runs the per-token epilogue.
+
+    min_p with ``tp``: the threshold is the largest logit's of every slice, so a first sweep gives
+    the slice's base, one all-gather the threshold on this slice's exponents (``min_p_cuts``), and
+    a second sweep of the same tile the kept tokens' sums. The stats then hold that threshold
+    (``cut``) and the log-sum-exp at the slice's own base, as the backward forms d (the logits'
+    path, vocab_parallel.py, does the same)."""
     if tp is None:
         return forward_sweep(tile, target, old, adv, g, ref, hp, lmap, with_entropy=with_entropy,
                              with_loss=with_loss)
-    local = forward_sweep(tile, tp.local_target(target), None, None, None, None, hp, lmap,
-                          with_entropy=with_entropy, with_loss=False)
-    return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]
+    local_target, local_cut = tp.local_target(target), None
+    if lmap.min_p is not None:
+        min_p, lmap = lmap.min_p, dataclasses.replace(lmap, min_p=None)
+        first = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=False,
+                              with_loss=False)
+        _, local_cut = tp.min_p_cuts(first.lse2_base, min_p, target >= 0)
+        lmap = dataclasses.replace(lmap, cut=local_cut)
+    local = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=with_entropy,
+                          with_loss=False)
+    stats = tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]
+    if local_cut is None:
+        return stats
+    return stats._replace(lse2_base=local.lse2_base, lse2_rest=stats.lse2_rest + (stats.lse2_base - local.lse2_base),
+                          cut=local_cut)
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,

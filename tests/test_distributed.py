@@ -218,11 +218,11 @@ def _tp_bad_call(rank, world_size, case):
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
-        if case == "min-p-fused-linear":
+        if case == "top-k-fused-linear":
             hidden, weight, bias, lids, lmask, lold, ladv = _tp_linear_inputs()
             wstart, wsize = _split(weight.shape[0], world_size)[rank]
             mhpo_kernels.fused_linear_mhpo_loss(hidden, weight[wstart:wstart + wsize], lids, lold, ladv, lmask,
-                                                min_p=0.1, tp_group=dist.group.WORLD)
+                                                top_k=20, tp_group=dist.group.WORLD)
         call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
         call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
@@ -241,7 +241,7 @@ BAD_TP_CALLS = [
     ("ids-differ", "differ across ranks"),
     ("top-p", "top_k and top_p with tp_group are not supported"),
     ("min-p-one-rank", "disagree on truncation"),
-    ("min-p-fused-linear", "min_p with tp_group on the fused linear path is not supported"),
+    ("top-k-fused-linear", "top_k and top_p with tp_group are not supported"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
     ("dual-clip-differs", "disagree on objective"),
@@ -859,63 +859,84 @@ def test_vocab_parallel_truncated(tmp_path, case):
             assert got["bad"] is not None, got["bad"]
 
 
-def _tp_linear_replay_worker(rank, world_size, out_dir):
-    import mhpo_kernels
-    import torch.distributed as dist
+def _linear_truncated_inputs(case):
+    """(hidden, weight, ids, mask, old, adv, the log-probs' truncation, the loss's) of the fused
+    linear path: a replayed kept set over ``_tp_linear_inputs``, or min_p over logits on a grid of
+    1/8 (hidden one-hot, a head on the grid: z = the head's entry, exactly), per token (0: off)
+    for the log-probs and one number for the loss, the targets the row's largest logit on every
+    other token and random elsewhere (mostly outside); on token 1 the first slice keeps nothing
+    (the largest logit, in the second, is 6 above its own) and holds the target."""
     from test_replay import _kept_sets
 
     hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
-    offsets, kept = _kept_sets(ids, weight.shape[0], seed=41, outside_every=3)
+    if case == "replay":
+        kept_ids = _kept_sets(ids, weight.shape[0], seed=41, outside_every=3)
+        return hidden, weight, ids, mask, old, adv, dict(kept_ids=kept_ids), dict(kept_ids=kept_ids)
+    g = torch.Generator().manual_seed(44)
+    V, H = weight.shape
+    unit = torch.arange(ids.numel()).reshape(ids.shape) % H
+    hidden = torch.nn.functional.one_hot(unit, H).float()
+    weight = torch.randint(-48, 48, (V, H), generator=g) / 8.0
+    weight[V - 1, 1] = 12.0
+    top = weight[:, unit].argmax(0)
+    ids[:, ::2] = top[:, ::2]
+    ids[0, 1], mask[0, 1] = 5, True
+    min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
+    return hidden, weight, ids, mask, old, adv, dict(min_p=min_p), dict(min_p=0.05)
+
+
+def _tp_linear_truncated_worker(rank, world_size, out_dir, case):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    hidden, weight, ids, mask, old, adv, logprobs_kw, loss_kw = _linear_truncated_inputs(case)
     start, size = _split(weight.shape[0], world_size)[rank]
     out = {}
     for backend in ("triton", "torch"):
         with mhpo_kernels.use_backend(backend):
             h, w = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
             logp, ent = mhpo_kernels.fused_linear_token_logprobs(
-                h, w, ids, mask=mask, return_entropy=True, chunk_size=3, kept_ids=(offsets, kept),
-                tp_group=dist.group.WORLD)
+                h, w, ids, mask=mask, return_entropy=True, chunk_size=3, tp_group=dist.group.WORLD, **logprobs_kw)
             (torch.where(logp.isinf(), 0.0, logp).sum() + ent.sum()).backward()
             h2, w2 = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
             loss, metrics = mhpo_kernels.fused_linear_mhpo_loss(
                 h2, w2, ids, old, adv, mask, chunk_size=3, entropy_coef=0.01, return_metrics=True,
-                kept_ids=(offsets, kept), tp_group=dist.group.WORLD)
+                tp_group=dist.group.WORLD, **loss_kw)
             loss.backward()
             grads = []
             for drop_inf in (True, False):   # a −inf log-prob passes no gradient either way
                 h3 = hidden.clone().requires_grad_()
                 lp = mhpo_kernels.fused_linear_token_logprobs(h3, weight[start:start + size], ids, mask=mask,
-                                                              chunk_size=3, kept_ids=(offsets, kept),
-                                                              tp_group=dist.group.WORLD)
+                                                              chunk_size=3, tp_group=dist.group.WORLD, **logprobs_kw)
                 (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
                 grads.append(h3.grad)
         out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dh=h.grad, dw=w.grad, loss=loss.detach(),
                             dh2=h2.grad, dw2=w2.grad, metrics=metrics, inf_grads=grads)
-    torch.save(out, f"{out_dir}/linear-replay-{rank}.pt")
+    torch.save(out, f"{out_dir}/linear-{case}-{rank}.pt")
 
 
-def test_vocab_parallel_fused_linear_replay(tmp_path):
-    """The fused linear path over 2 slices of the head with a replayed kept set: log-probs,
-    entropy, the loss and ``outside_support`` equal the float64 reference of the logits on every
-    rank, dhidden is the full one on every rank and dweight each rank's rows, on both paths; a
-    −inf log-prob passes no gradient."""
+@pytest.mark.parametrize("case", ["replay", "min_p"])
+def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
+    """The fused linear path over 2 slices of the head with a replayed kept set, or min_p (the
+    threshold the largest logit's of every slice; per token, some off, for the log-probs, a number
+    for the loss): log-probs, entropy, the loss and ``outside_support`` equal the float64
+    reference of the logits on every rank, dhidden is the full one on every rank and dweight each
+    rank's rows, on both paths; a −inf log-prob passes no gradient."""
     import reference
     from _cases import FP32_RTOL, max_rel_err
-    from test_replay import _kept_sets
 
     world_size = 2
-    _dist.run(_tp_linear_replay_worker, world_size, tmp_path, str(tmp_path))
-    hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
-    kept_ids = _kept_sets(ids, weight.shape[0], seed=41, outside_every=3)
+    _dist.run(_tp_linear_truncated_worker, world_size, tmp_path, str(tmp_path), case)
+    hidden, weight, ids, mask, old, adv, logprobs_kw, loss_kw = _linear_truncated_inputs(case)
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    logp64, ent64 = reference.token_logprobs(h64 @ w64.T, ids, return_entropy=True, mask=mask, kept_ids=kept_ids)
+    logp64, ent64 = reference.token_logprobs(h64 @ w64.T, ids, return_entropy=True, mask=mask, **logprobs_kw)
     (torch.where(logp64.isinf(), 0.0, logp64).sum() + ent64.sum()).backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     loss64, metrics64 = reference.mhpo_loss(torch.where(mask.unsqueeze(-1), h2, 0.0) @ w2.T, ids, old.double(),
-                                            adv.double(), mask, entropy_coef=0.01, return_metrics=True,
-                                            kept_ids=kept_ids)
+                                            adv.double(), mask, entropy_coef=0.01, return_metrics=True, **loss_kw)
     loss64.backward()
-    assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 0.5
-    ranks = [torch.load(tmp_path / f"linear-replay-{r}.pt") for r in range(world_size)]
+    assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 1
+    ranks = [torch.load(tmp_path / f"linear-{case}-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
             _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
