@@ -133,16 +133,6 @@ class Sampling(NamedTuple):
         return any(v is not None for v in self)
 
 
-SELECTED_TP = ("top_k and top_p with tp_group are not supported yet: their selection counts a row's values in "
-               "passes, and every rank's slice would have to add its counts to the others' between passes (min_p "
-               "and kept_ids work with tp_group)")
-
-
-def check_sampling_tp(sampling, tp_group):
-    """The filters a vocabulary split supports: min_p (its threshold is the largest logit's over
-    every rank's slice), not top_k or top_p."""
-    if tp_group is not None and (sampling.top_k is not None or sampling.top_p is not None):
-        raise NotImplementedError(SELECTED_TP)
 
 # Per filter: whether its numbers are integers, when a number is off, the numbers that are refused
 # (NaN among them), and the range the message states.

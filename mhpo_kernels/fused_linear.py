@@ -13,7 +13,7 @@ from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
     check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
-    check_sampling_tp, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
+    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_objective, normalizer_tensor,
@@ -171,7 +171,6 @@ def fused_linear_policy_loss(
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        check_sampling_tp(sampling, tp_group)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, False)
         check_nonnegative("entropy_coef", entropy_coef)
@@ -292,7 +291,7 @@ def fused_linear_token_logprobs(
     is a number or one τ per token (a tensor shaped like input_ids, or flat), as in ``mhpo_loss``;
     ``min_p``, ``top_k``, ``top_p`` and ``kept_ids`` as in ``token_logprobs`` (the sampler's
     truncated softmax, or its kept set replayed: each chunk's tile is computed whole, the sweeps
-    read only its kept logits; with ``tp_group``, min_p and kept_ids, not top_k or top_p).
+    read only its kept logits; with ``tp_group`` too).
 
     Cost: the forward makes one GEMM per chunk (the logits tile) and keeps four fp32 per token
     (log-prob, entropy, and the row's log-sum-exp as base and log2 sum). The backward recomputes
@@ -319,7 +318,6 @@ def fused_linear_token_logprobs(
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        check_sampling_tp(sampling, tp_group)
         batch = prepare_tokens(input_ids, hidden.shape[:-1], weight.shape[0] if tp_group is None else None,
                                hidden.device, ignore_index, mask, source="hidden without H", temperature=tau,
                                sampling=sampling, kept_ids=kept)

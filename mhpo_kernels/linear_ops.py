@@ -292,10 +292,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                                                                     chunk_rows, with_entropy, tp=batch.tp,
                                                                     n_valid=batch.n_valid)
         if cut is not None:
-            # min_p: the threshold on this slice's exponents at ``base``, where the backward forms
-            # them; a target below it has log-prob −inf on every rank.
+            # The filters' thresholds on this slice's exponents at ``base``, where the backward
+            # forms them; a target below it has log-prob −inf on every rank.
             outside = (logp == -math.inf) & (cut > -math.inf)
-            lmap = dataclasses.replace(lmap, min_p=None, cut=cut)
+            lmap = dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None, cut=cut)
         ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy, outside)
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
         ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term

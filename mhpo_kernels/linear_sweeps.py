@@ -136,11 +136,18 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
     the slice's base, one all-gather the threshold on this slice's exponents (``min_p_cuts``), and
     a second sweep of the same tile the kept tokens' sums. The stats then hold that threshold
     (``cut``) and the log-sum-exp at the slice's own base, as the backward forms d (the logits'
-    path, vocab_parallel.py, does the same)."""
+    path, vocab_parallel.py, does the same). top_k and top_p with ``tp``: counted over every
+    slice at the common base (``VocabSlice.selected_cuts``); the stats hold the threshold at it."""
     if tp is None:
         return forward_sweep(tile, target, old, adv, g, ref, hp, lmap, with_entropy=with_entropy,
                              with_loss=with_loss)
     local_target, local_cut = tp.local_target(target), None
+    if lmap.top_k is not None or lmap.top_p is not None:  # thresholds counted over every slice
+        local = forward_sweep(tile, local_target, None, None, None, None, hp,
+                              dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None), with_entropy=with_entropy,
+                              with_loss=False)
+        cut, local = tp.selected_cuts(tile, local, local_target, lmap, target >= 0)
+        return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]._replace(cut=cut)
     if lmap.min_p is not None:
         min_p, lmap = lmap.min_p, dataclasses.replace(lmap, min_p=None)
         first = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=False,

@@ -9,7 +9,7 @@ import torch
 from . import _dispatch
 from ._inputs import (
     check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative,
-    check_positive, check_sampling, check_sampling_tp, check_temperature, check_tp_group, prepare_mhpo,
+    check_positive, check_sampling, check_temperature, check_tp_group, prepare_mhpo,
     prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
@@ -216,7 +216,6 @@ def policy_loss(
         check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        check_sampling_tp(sampling, tp_group)
         if sampling.on or kept is not None:
             check_truncated_loss(seq_valid_tokens, grad_in_forward)
         check_positive("grad_scale", grad_scale)
@@ -310,7 +309,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     it keeps: p ≥ min_p · max p, then the k largest (with ties), then the smallest set of the
     largest whose mass reaches top_p (SPEC.md, section 9). Off: None, min_p ≤ 0, top_k ≤ 0,
     top_p = 1. A target outside the kept set gets −inf and no log-prob gradient. With
-    ``tp_group``, min_p only (its threshold from the largest logit of every slice).
+    ``tp_group``, the filters see every slice (docs/parallelism.md).
 
     ``kept_ids``: the kept set replayed instead, as the sampler drew it: a pair (offsets, ids) of
     integer tensors, CSR over the N tokens in input_ids' flat order (row r keeps
@@ -322,7 +321,6 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     def prepare():
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
-        check_sampling_tp(sampling, tp_group)
         kept = check_kept_ids(kept_ids, sampling)
         logits3, token_shape, shifted = check_logits(logits, input_ids)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,

@@ -17,6 +17,7 @@ from ._sweep_types import (
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
     STATUS_ADV_VARIES, STATUS_KEPT_IDS, STATUS_KEPT_OFFSETS, STATUS_KEPT_TWICE, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
 )
+from ._sweep_types import COUNT_KEYS, COUNT_SUMS, COUNT_UNIFORM, SELECT_BINS as NB
 from . import epilogue
 from .epilogue import LN2, per_sequence_sum, segment_ids
 
@@ -164,9 +165,11 @@ def _row_scale(value, lmap, valid, r0, dtype=torch.float32):
 def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     """The base-2 exponents d = k·u(x) − b of rows [r0, r0 + t1 − t0) as a fresh fp32 chunk, as the
     kernels form them (``kernels/logit_map.py``): b = fp32(k · max u) when ``base`` is None (sweep
-    1), else the saved one (sweep 2). d = (u − m)·k + (m·k − b) with m the chunk row's max: u − m
-    is exact near the max and the row's offset m·k − b is formed in float64, so d carries one or
-    two fp32 roundings relative to itself, as the kernels' FMA does, in one fp32 buffer. Invalid
+    1), else the saved one (sweep 2). d = (u − m)·k + (m·k − b) with m = b / k, the row's max but
+    for roundings: u − m is exact near the max and the row's offset m·k − b is formed in float64,
+    so d carries one or two fp32 roundings relative to itself, as the kernels' FMA does, in one
+    fp32 buffer. As the FMA's, d is a function of u, k and b alone: every sweep, and every slice
+    of a vocabulary split at a common b (``slice_select.py``), forms the same d of the same logit. Invalid
     rows are zeroed first (they may hold NaN). Replayed rows (``_dropped``) take b from their kept
     logits, and d = −inf outside them. Returns (d, valid, b, u, dropped) with u the softcapped
     logits (None without softcap) and dropped the mask of ``_dropped`` (None without replay)."""
@@ -177,12 +180,11 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     k = _row_scale(lmap.log2_scale, lmap, valid, r0, x.dtype)  # the fp32 the kernels get
     dropped = _dropped(lmap, r0, t1 - t0, x.shape[-1], x.device)
     m = (u if dropped is None else u.masked_fill(dropped, -math.inf)).amax(-1)
-    finite = torch.isfinite(m)
     # A row (or slice) of −inf: a finite base far below any logit, as the kernels' lanes use, so
     # that d = −inf, never −inf − (−inf). A +inf or NaN max stays the base, as in the kernels:
     # every d of the row is then NaN (SPEC.md, section 5).
     base = torch.where(m == -math.inf, FLOOR_BASE, m * k) if base is None else base[r0:r0 + t1 - t0]
-    m = torch.where(finite, m, 0.0)
+    m = torch.where(torch.isfinite(base) & (base != FLOOR_BASE), base / k, 0.0)
     k64 = k.double() if isinstance(k, torch.Tensor) else k
     offset = (m.double() * k64 - base.double()).to(x.dtype).unsqueeze(-1)
     d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
@@ -380,3 +382,42 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
     for name, value in values.items():
         out[METRICS.index(name)] = value
     return total, out
+
+
+def order_keys(d):
+    """fp32 → int64 keys in [0, 2^32) in the same order (−0 just below +0; ``kernels.select._key``)."""
+    b = d.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b | 0x80000000)
+
+
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
+    """``kernels.select.slice_count`` in PyTorch: one counting pass of the rows' selection over
+    this slice at the common ``base`` (the rows' d formed as ``_exponents`` forms them)."""
+    B, T, V = logits.shape
+    hist = torch.zeros(B * T, NB, dtype=torch.int32, device=logits.device)
+    sums = torch.zeros(B * T, 4, dtype=torch.float32, device=logits.device)
+    for b, t0, t1, r0 in _chunks(logits):
+        r1 = r0 + t1 - t0
+        d, valid, _, _, _ = _exponents(logits, target, b, t0, t1, r0, base, lmap)
+        m = torch.where(valid, mode[r0:r1], 0).unsqueeze(-1)
+        key = order_keys(d)
+        k_lo, k_hi = klo[r0:r1].unsqueeze(-1), khi[r0:r1].unsqueeze(-1)
+        lo_r = lo[r0:r1].unsqueeze(-1)
+        uniform = ((d - lo_r) * scale[r0:r1].unsqueeze(-1)).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)
+        in_uniform = (m == COUNT_UNIFORM) & (d >= lo_r)
+        in_keys = (m == COUNT_KEYS) & (key >= k_lo) & (key <= k_hi)
+        bins = torch.where(m == COUNT_UNIFORM, uniform, ((key - k_lo).clamp(min=0) >> shift[r0:r1].long().unsqueeze(-1)))
+        inside = in_uniform | in_keys
+        rows = torch.arange(r1 - r0, device=d.device).unsqueeze(-1) * NB
+        counts = torch.zeros((r1 - r0) * NB, dtype=torch.int32, device=d.device)
+        counts.index_add_(0, (rows + bins.clamp(max=NB - 1))[inside], torch.ones_like(bins, dtype=torch.int32)[inside])
+        hist[r0:r1] = counts.view(r1 - r0, NB)
+        e = torch.exp2(d)
+        above = ((m == COUNT_KEYS) | (m == COUNT_SUMS)) & (key > k_hi)
+        sums[r0:r1, 0] = torch.where(above, e, 0.0).sum(-1)
+        sums[r0:r1, 1] = torch.where(inside, e, 0.0).sum(-1)
+        sums[r0:r1, 2] = torch.where(above & (m == COUNT_SUMS) & (e > 0), e * d, 0.0).sum(-1)
+        y = target[r0:r1].long()
+        has_y = valid & (y < V)
+        sums[r0:r1, 3] = torch.where(has_y, d.gather(-1, y.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1), 0.0)
+    return hist, sums

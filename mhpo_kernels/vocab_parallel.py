@@ -16,7 +16,9 @@ of the full gradient. A replayed kept set (``kept_ids``) goes to every rank whol
 the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics combine as above.
 ``min_p`` keeps the tokens within log min_p of the largest logit of every slice: one all-gather
 of the slices' bases gives each rank its threshold (``VocabSlice.min_p_cuts``), and a second
-sweep over the slice sums the tokens it keeps before the combine.
+sweep over the slice sums the tokens it keeps before the combine. ``top_k`` and ``top_p`` count
+every slice's tokens at the largest slice base, each pass's counts all-reduced
+(``VocabSlice.selected_cuts``, ``slice_select.py``).
 """
 
 import hashlib
@@ -29,7 +31,8 @@ import torch.distributed as dist
 from . import ops
 from ._op_support import once_differentiable
 from ._sweep_types import RowStats
-from .epilogue import merge_slices, token_terms
+from .epilogue import LN2, merge_slices, token_terms
+from .slice_select import select_over_slices
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
 
@@ -199,9 +202,37 @@ class VocabSlice:
         bases = [torch.empty_like(base) for _ in range(self.world)]
         dist.all_gather(bases, base.contiguous(), group=self.group)
         top = torch.stack(bases).amax(0)
-        cut = torch.where(valid & (min_p > 0), min_p.clamp(min=1e-45).log2(), -math.inf)
-        cut = torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept
+        cut = _min_p_cut(top, min_p, valid)
         return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
+
+    def selected_cuts(self, logits, local, target, lmap, valid):
+        """top_k and top_p (after min_p) over every slice (``slice_select``): (each row's threshold
+        relative to the common base b, the largest slice base; this slice's statistics at b for the
+        combine, those of ``local`` where a row is not truncated). One all-gather of each slice's
+        (b_r, log2 s_r) gives b and the rows whose softmax is finite, which the selection takes."""
+        mine = torch.stack([local.lse2_base, local.lse2_rest], 1).contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine, group=self.group)
+        base_r, rest_r = torch.stack(gathered).double().unbind(-1)
+        top = base_r.amax(0)
+        total = torch.exp2((base_r - top) + rest_r).sum(0)
+        finite = valid & (total > 0) & (total < math.inf)
+        top = top.float()
+        cut = _min_p_cut(top, lmap.min_p, valid) if lmap.min_p is not None else torch.full_like(top, -math.inf)
+        cut, sums = select_over_slices(logits, target, lmap, self.group, top, cut, finite)
+        s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]
+        rest = torch.log2(s)
+        truncated = cut > -math.inf
+
+        def kept(x, old):
+            return torch.where(truncated, x, old)
+
+        logp = torch.where(d_y >= cut, (d_y - rest) * LN2, -math.inf)
+        entropy = local.entropy   # None or empty where not asked for
+        if entropy is not None and entropy.numel():
+            entropy = kept((rest - a / s) * LN2, entropy)
+        return cut, local._replace(lse2_base=kept(top, local.lse2_base), lse2_rest=kept(rest, local.lse2_rest),
+                                   logp=kept(logp, local.logp), entropy=entropy)
 
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
@@ -234,6 +265,12 @@ class VocabSlice:
         return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef), target, g
 
 
+def _min_p_cut(top, min_p, valid):
+    """min_p's threshold on d at the largest slice base ``top`` (``select._cut``), −inf where off."""
+    cut = torch.where(valid & (min_p > 0), min_p.clamp(min=1e-45).log2(), -math.inf)
+    return torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept
+
+
 def dtype_name(x):
     return None if not isinstance(x, torch.Tensor) else str(x.dtype)
 
@@ -257,10 +294,10 @@ def normalizer_setting(normalizer):
 
 
 def _per_token_settings(batch):
-    """The sequence boundaries, the bits of the per-token temperature and min_p at valid tokens and
-    a replayed kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
+    """The sequence boundaries, the bits of the per-token temperature and filters at valid tokens
+    and a replayed kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
     parts = [batch.boundaries()]
-    for per_token, off in ((batch.tau, 1.0), (batch.min_p, 0.0)):
+    for per_token, off in ((batch.tau, 1.0), (batch.min_p, 0.0), (batch.top_k, 0), (batch.top_p, 1.0)):
         if per_token is not None:
             parts.append(torch.where(batch.valid, per_token, off).view(torch.int32).to(torch.int64))
     if batch.kept_offsets is not None:
@@ -305,7 +342,11 @@ class _VocabParallelSweeps(torch.autograd.Function):
                 inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids, cut=cut)[:8])
 
         local, cut, local_cut = sweep(), None, None
-        if lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
+        selected = lmap.top_k is not None or lmap.top_p is not None
+        if selected:  # thresholds counted over every slice, at the largest slice base
+            cut, local = tp.selected_cuts(logits[:, :-1] if shifted else logits, local, target, lmap, batch.valid)
+            local_cut = cut
+        elif lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
             cut, local_cut = tp.min_p_cuts(local.lse2_base, lmap.min_p, batch.valid)
             local = sweep(local_cut)
         ref = batch.ref if hp.beta > 0 else None
@@ -317,10 +358,11 @@ class _VocabParallelSweeps(torch.autograd.Function):
             outside = outside_kept_set(lmap, batch.target)
         elif cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
             outside = (stats.logp == -math.inf) & (cut > -math.inf)
-            # The backward forms d at the slice's own base, against the threshold the forward's
-            # sums used, so that both keep the same tokens; the log-sum-exp moves by the bases'
-            # difference.
-            base, lse2_rest = local.lse2_base, stats.lse2_rest + (stats.lse2_base - local.lse2_base)
+            if not selected:
+                # The backward forms d at the slice's own base, against the threshold the forward's
+                # sums used, so that both keep the same tokens; the log-sum-exp moves by the bases'
+                # difference. (Selected thresholds are at the common base, the combine's.)
+                base, lse2_rest = local.lse2_base, stats.lse2_rest + (stats.lse2_base - local.lse2_base)
         ctx.save_for_backward(logits, target, base, lse2_rest, stats.coef, stats.entropy, lmap.tau,
                               batch.kept_offsets, kept_ids, outside, local_cut)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace

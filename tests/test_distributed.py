@@ -204,8 +204,10 @@ def _tp_bad_call(rank, world_size, case):
         kw["c"] = 1.5 + rank
     elif case == "objective-not-a-record-one-rank" and rank == 0:
         kw["objective"] = "grpo"
-    elif case == "top-p":
+    elif case == "top-p-one-rank" and rank == 0:
         kw["top_p"] = 0.9
+    elif case == "top-k-differs":                # per token, one value apart on rank 1
+        kw["top_k"] = torch.full(ids.shape, 5 + rank)
     elif case == "min-p-one-rank" and rank == 0:
         kw["min_p"] = 0.1
     elif case.startswith("kept-ids"):
@@ -218,11 +220,6 @@ def _tp_bad_call(rank, world_size, case):
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
-        if case == "top-k-fused-linear":
-            hidden, weight, bias, lids, lmask, lold, ladv = _tp_linear_inputs()
-            wstart, wsize = _split(weight.shape[0], world_size)[rank]
-            mhpo_kernels.fused_linear_mhpo_loss(hidden, weight[wstart:wstart + wsize], lids, lold, ladv, lmask,
-                                                top_k=20, tp_group=dist.group.WORLD)
         call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
         call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
@@ -239,9 +236,9 @@ BAD_TP_CALLS = [
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
     ("one-rank-bad-dtype", "logits are float64, which only the PyTorch path|failed validation"),
     ("ids-differ", "differ across ranks"),
-    ("top-p", "top_k and top_p with tp_group are not supported"),
+    ("top-p-one-rank", "disagree on truncation"),
+    ("top-k-differs", "differ across ranks"),
     ("min-p-one-rank", "disagree on truncation"),
-    ("top-k-fused-linear", "top_k and top_p with tp_group are not supported"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
     ("dual-clip-differs", "disagree on objective"),
@@ -735,9 +732,9 @@ def _replay_inputs(V=1001, B=2, T=5):
 
 def _truncated_inputs(case):
     """(logits, ids, mask, old, adv, ref, the log-probs' truncation, the loss's) of a case: a
-    replayed kept set (``_replay_inputs``), or min_p over logits on a grid of 1/8 (no value within
-    rounding of ln 0.05 or ln 0.2 below the largest), per token (0: off) for the log-probs and
-    one number for the loss, the targets the row's largest logit on every other token (one of
+    replayed kept set (``_replay_inputs``), or min_p, top_k, top_p or all three over logits on a
+    grid of 1/8 (no value within rounding of ln 0.05 or ln 0.2 below the largest), per token
+    (off at some) for the log-probs and numbers for the loss, the targets the row's largest logit on every other token (one of
     them in each slice) and random elsewhere (mostly outside); on token 1 the first slice keeps
     nothing (the largest logit, in the second, is 6 above its own) and holds the target, on
     token 6 it holds only −inf logits and the target."""
@@ -753,13 +750,26 @@ def _truncated_inputs(case):
     ids[:, ::2] = top[:, ::2]
     ids[0, 1], mask[0, 1] = 5, True
     ids[1, 1], mask[1, 1] = 7, True
-    min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
-    return full, ids, mask, old, adv, ref, dict(min_p=min_p), dict(min_p=0.05)
+
+    def per_token(*values):
+        return torch.tensor(values).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
+
+    filters = dict(min_p=(per_token(0.05, 0.2, 0.0), 0.05), top_k=(per_token(3, 10, 0), 10),
+                   top_p=(per_token(0.5, 0.9, 1.0), 0.9))
+    if case == "filters":   # min_p, then top_k, then top_p, with the three off at different tokens
+        filters = dict(min_p=(per_token(0.05, 0.0, 0.2, 0.1), 0.1), top_k=(per_token(3, 40, 0), 40),
+                       top_p=(per_token(0.9, 0.5, 0.7, 1.0, 0.95), 0.8))
+    else:
+        filters = {case: filters[case]}
+    return (full, ids, mask, old, adv, ref, {name: v[0] for name, v in filters.items()},
+            {name: v[1] for name, v in filters.items()})
 
 
-def min_p_off(logprobs_kw):
-    """Where the per-token min_p of ``_truncated_inputs("min_p")`` is off."""
-    return logprobs_kw["min_p"] <= 0
+def filtered_at(logprobs_kw, where):
+    """Whether a filter of ``_truncated_inputs`` is on at token ``where`` (min_p > 0, top_k > 0,
+    top_p < 1)."""
+    on = dict(min_p=lambda v: v > 0, top_k=lambda v: v > 0, top_p=lambda v: v < 1)
+    return any(on[name](v[where]) for name, v in logprobs_kw.items())
 
 
 def _tp_truncated_worker(rank, world_size, out_dir, case):
@@ -785,7 +795,7 @@ def _tp_truncated_worker(rank, world_size, out_dir, case):
             for z, drop_inf in ((finite, True), (whole, False)):   # −inf log-probs: no gradient either way
                 lp = mhpo_kernels.token_logprobs(z, ids, mask=mask, tp_group=dist.group.WORLD, **logprobs_kw)
                 (torch.where(lp.isinf(), 0.0, lp) if drop_inf else lp).sum().backward()
-            if case == "min_p":  # a NaN logit in the second slice at a valid token's row and an invalid one's
+            if case != "replay":  # a NaN logit in the second slice at a valid token's row and an invalid one's
                 nan = full.clone()
                 nan[0, 3, 900] = nan[tuple((~mask).nonzero()[0].tolist()) + (900,)] = float("nan")
                 nan_logp, nan_ent = mhpo_kernels.token_logprobs(nan[..., start:start + size].clone(), ids,
@@ -793,7 +803,7 @@ def _tp_truncated_worker(rank, world_size, out_dir, case):
                                                                 tp_group=dist.group.WORLD, **logprobs_kw)
         out[backend] = dict(logp=logp.detach(), ent=ent.detach(), dx=x.grad, loss=loss.detach(), dy=y.grad,
                             metrics=metrics, outside=(finite.grad, whole.grad))
-        if case == "min_p":
+        if case != "replay":
             out[backend]["nan"] = (nan_logp, nan_ent)
     if case == "replay":
         offsets, kept = logprobs_kw["kept_ids"]
@@ -818,14 +828,16 @@ def _same_as_one_process(got, logp64, ent64, loss64, outside64):
     assert abs(got["metrics"]["outside_support"].item() - outside64.item()) <= 1e-7
 
 
-@pytest.mark.parametrize("case", ["replay", "min_p"])
+@pytest.mark.parametrize("case", ["replay", "min_p", "top_k", "top_p", "filters"])
 def test_vocab_parallel_truncated(tmp_path, case):
-    """A replayed kept set, or min_p, over 2 uneven vocabulary slices: the log-probs, entropy, loss
-    and ``outside_support`` equal the float64 reference on every rank, and the logits' gradients
-    are the ranks' slices of the reference's, on both paths; a target outside its set passes no
-    log-prob gradient on any rank. Replay: each rank reads the kept ids of its slice, and kept
-    sets that differ across ranks raise on every rank. min_p: the threshold is the largest
-    logit's of every slice (per token, some off, for the log-probs; a number for the loss)."""
+    """A replayed kept set, or the sampler's filters, over 2 uneven vocabulary slices: the
+    log-probs, entropy, loss and ``outside_support`` equal the float64 reference on every rank,
+    and the logits' gradients are the ranks' slices of the reference's, on both paths; a target
+    outside its set passes no log-prob gradient on any rank. Replay: each rank reads the kept ids
+    of its slice, and kept sets that differ across ranks raise on every rank. min_p: the threshold
+    is the largest logit's of every slice; top_k, top_p and the three together: counted over
+    every slice (per token, some off, for the log-probs; numbers for the loss; logits on a grid
+    of 1/8, so ties at the cutoffs, kept or dropped together)."""
     import reference
     from _cases import FP32_RTOL, max_rel_err
 
@@ -847,10 +859,10 @@ def test_vocab_parallel_truncated(tmp_path, case):
             assert torch.equal(*got["outside"])
         for name, want in (("dx", x64.grad), ("dy", y64.grad)):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks], -1), want) <= FP32_RTOL, (backend, name)
-        if case == "min_p":  # the NaN row is NaN on every rank (SPEC.md, section 5), every other row as without it
+        if case != "replay":  # the NaN row is NaN on every rank (SPEC.md, section 5), every other row as without it
             row = torch.zeros_like(mask)
             row[0, 3] = True
-            assert mask[0, 3] and not min_p_off(logprobs_kw)[0, 3]
+            assert mask[0, 3] and filtered_at(logprobs_kw, (0, 3))
             for got in (r[backend] for r in ranks):
                 for a, b in zip(got["nan"], (got["logp"], got["ent"])):
                     assert a[row].isnan().all() and torch.equal(a[~row], b[~row]), backend
@@ -861,9 +873,9 @@ def test_vocab_parallel_truncated(tmp_path, case):
 
 def _linear_truncated_inputs(case):
     """(hidden, weight, ids, mask, old, adv, the log-probs' truncation, the loss's) of the fused
-    linear path: a replayed kept set over ``_tp_linear_inputs``, or min_p over logits on a grid of
-    1/8 (hidden one-hot, a head on the grid: z = the head's entry, exactly), per token (0: off)
-    for the log-probs and one number for the loss, the targets the row's largest logit on every
+    linear path: a replayed kept set over ``_tp_linear_inputs``, or the filters of
+    ``_truncated_inputs`` over logits on a grid of 1/8 (hidden one-hot, a head on the grid: z =
+    the head's entry, exactly), the targets the row's largest logit on every
     other token and random elsewhere (mostly outside); on token 1 the first slice keeps nothing
     (the largest logit, in the second, is 6 above its own) and holds the target."""
     from test_replay import _kept_sets
@@ -881,8 +893,8 @@ def _linear_truncated_inputs(case):
     top = weight[:, unit].argmax(0)
     ids[:, ::2] = top[:, ::2]
     ids[0, 1], mask[0, 1] = 5, True
-    min_p = torch.tensor([0.05, 0.2, 0.0]).repeat(ids.numel())[:ids.numel()].reshape(ids.shape)
-    return hidden, weight, ids, mask, old, adv, dict(min_p=min_p), dict(min_p=0.05)
+    *_, logprobs_kw, loss_kw = _truncated_inputs(case)   # the filters, per token and for the loss
+    return hidden, weight, ids, mask, old, adv, logprobs_kw, loss_kw
 
 
 def _tp_linear_truncated_worker(rank, world_size, out_dir, case):
@@ -915,11 +927,11 @@ def _tp_linear_truncated_worker(rank, world_size, out_dir, case):
     torch.save(out, f"{out_dir}/linear-{case}-{rank}.pt")
 
 
-@pytest.mark.parametrize("case", ["replay", "min_p"])
+@pytest.mark.parametrize("case", ["replay", "min_p", "filters"])
 def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
-    """The fused linear path over 2 slices of the head with a replayed kept set, or min_p (the
-    threshold the largest logit's of every slice; per token, some off, for the log-probs, a number
-    for the loss): log-probs, entropy, the loss and ``outside_support`` equal the float64
+    """The fused linear path over 2 slices of the head with a replayed kept set, min_p (the
+    threshold the largest logit's of every slice), or min_p, top_k and top_p together (counted
+    over every slice; per token, some off, for the log-probs, numbers for the loss): log-probs, entropy, the loss and ``outside_support`` equal the float64
     reference of the logits on every rank, dhidden is the full one on every rank and dweight each
     rank's rows, on both paths; a −inf log-prob passes no gradient."""
     import reference
@@ -944,3 +956,114 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
             assert torch.equal(*got["inf_grads"])
         for name, want in (("dw", w64.grad), ("dw2", w2.grad)):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks]), want) <= FP32_RTOL, (backend, name)
+
+
+def _tp_random_rows_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+    from test_truncation import _random_rows
+
+    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7)
+    start, size = _split(512, world_size)[rank]
+    ids = x.argmax(-1)
+    out = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            leaf = x[:, start:start + size].clone().requires_grad_()
+            logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
+                                                    top_p=top_p, tp_group=dist.group.WORLD)
+            logp.sum().backward()
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad)
+    torch.save(out, f"{out_dir}/rows-{rank}.pt")
+
+
+def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
+    """On 60 random rows of ties, near-ties and spreads (``test_truncation._random_rows``) split
+    over 2 uneven slices, per-token min_p, top_k and top_p keep the float64 sort's set, ties across
+    slices together: each kept token but the target (the largest) has a non-zero gradient on its
+    rank, every other token a zero one, and the log-probs and entropy are the oracle's, on both
+    paths."""
+    import reference
+    from test_truncation import _random_rows
+    from _cases import FP32_RTOL, max_rel_err
+
+    world_size = 2
+    _dist.run(_tp_random_rows_worker, world_size, tmp_path, str(tmp_path))
+    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7)
+    ids = x.argmax(-1)
+    want = reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=top_p)
+    assert want.sum(-1).min() >= 1 and (want.sum(-1) < 512).all()
+    want_logp, want_ent = reference.token_logprobs(x.double(), ids, return_entropy=True, min_p=min_p, top_k=top_k,
+                                                   top_p=top_p)
+    ranks = [torch.load(tmp_path / f"rows-{r}.pt") for r in range(world_size)]
+    for backend in ("triton", "torch"):
+        got = torch.cat([r[backend]["grad"] for r in ranks], -1) != 0
+        got[torch.arange(60), ids] = True
+        for row in range(60):
+            assert torch.equal(got[row], want[row]), (backend, row, int(got[row].sum()), int(want[row].sum()))
+        for r in ranks:
+            assert max_rel_err(r[backend]["logp"], want_logp) <= FP32_RTOL, backend
+            assert max_rel_err(r[backend]["ent"], want_ent) <= FP32_RTOL, backend
+
+
+def _tp_last_pass_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import reference
+    import torch.distributed as dist
+    from mhpo_kernels import slice_select
+    from test_truncation import _rows_for_the_last_pass
+
+    decide, by_the_middle = slice_select._decide, []
+
+    def decide_spy(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, last, by_mass):
+        by_the_middle.append(bool(last and ((shift > 0) & (cnt.sum(-1) > 0)).any()))
+        return decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, last, by_mass)
+
+    slice_select._decide = decide_spy
+    out = []
+    for z, top_p in _rows_for_the_last_pass():
+        x = torch.from_numpy(z).reshape(1, -1)
+        keep = reference.kept_set(x.double(), top_p=top_p)[0]
+        ids = torch.where(keep, x.flatten(), math.inf).argmin().reshape(1)   # the smallest kept
+        start, size = _split(x.shape[-1], world_size)[rank]
+        row = {}
+        for backend in ("triton", "torch"):
+            by_the_middle.clear()
+            with mhpo_kernels.use_backend(backend):
+                leaf = x[:, start:start + size].clone().requires_grad_()
+                logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, top_p=top_p,
+                                                        tp_group=dist.group.WORLD)
+                (logp + ent).sum().backward()
+            row[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, middle=any(by_the_middle))
+        out.append(row)
+    torch.save(out, f"{out_dir}/last-{rank}.pt")
+
+
+def test_vocab_parallel_top_p_last_pass(tmp_path):
+    """Rows whose top_p cutoff lies among the densest fp32 keys, near the largest
+    (``test_truncation._rows_for_the_last_pass``), split over 2 slices: the selection's last pass
+    decides bins of several keys by the middle of their bounds, as in one launch, and the kept set
+    is the sort's (each kept token's gradient non-zero, every other one's zero), with the float64
+    oracle's log-probs and entropy, on both paths."""
+    import reference
+    from test_truncation import _rows_for_the_last_pass
+    from _cases import FP32_RTOL, max_rel_err
+
+    world_size = 2
+    _dist.run(_tp_last_pass_worker, world_size, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"last-{r}.pt") for r in range(world_size)]
+    middle = {"triton": 0, "torch": 0}
+    for i, (z, top_p) in enumerate(_rows_for_the_last_pass()):
+        x = torch.from_numpy(z).reshape(1, -1).double().requires_grad_()
+        keep = reference.kept_set(x.detach(), top_p=top_p)[0]
+        ids = torch.where(keep, x.detach().flatten(), math.inf).argmin().reshape(1)
+        logp, ent = reference.token_logprobs(x, ids, return_entropy=True, top_p=top_p)
+        (logp + ent).sum().backward()
+        for backend in middle:
+            got = [r[i][backend] for r in ranks]
+            assert torch.equal(torch.cat([g["grad"] for g in got], -1)[0] != 0, x.grad[0] != 0), (i, backend)
+            assert torch.equal(x.grad[0] != 0, keep), i
+            for g in got:
+                assert max_rel_err(g["logp"], logp.detach()) <= FP32_RTOL and max_rel_err(g["ent"], ent.detach()) <= FP32_RTOL
+            middle[backend] += got[0]["middle"]
+    assert min(middle.values()) >= 4, middle

@@ -145,7 +145,11 @@ def test_against_verl_policy_losses(mode, agg):
     verl_loss, _ = get_policy_loss_fn(mode)(old, reference.token_logprobs(x64, ids), adv, mask.double(),
                                             loss_agg_mode=agg, config=config)
     (grad64,) = torch.autograd.grad(verl_loss, x64)
-    assert abs(loss.item() - verl_loss.item()) <= FP32_RTOL * abs(verl_loss.item())
+    # fp32 rounds each term of the sum, so the loss's error scales with the terms' magnitudes, which
+    # cancel in it (GSPO's token-mean loss is 0.016 of terms near 1): the same loss of |A|.
+    scale, _ = get_policy_loss_fn(mode)(old, reference.token_logprobs(logits, ids), adv.abs(), mask.double(),
+                                        loss_agg_mode=agg, config=config)
+    assert abs(loss.item() - verl_loss.item()) <= FP32_RTOL * abs(scale.item())
     assert max_rel_err(grad, grad64) <= FP32_RTOL
 
 

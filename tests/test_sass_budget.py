@@ -95,8 +95,10 @@ def test_truncation_passes(report):
     tokens), top-p's four (uniform in d, several keys, its last pass's several keys summing the
     kept tokens, single keys). The pass of single keys with the entropy costs at most 3
     instructions more (its Σ 2^d·d); top-p's last pass costs at most 2 more than single keys
-    (the shift to its bins). The backward of every truncation is the backward's loop with a
-    compare and a select."""
+    (the shift to its bins). Over a vocabulary split, the counting launch's three loops (uniform
+    in d, keys with the mass above and within, the kept tokens' sums) are top-p's loops of the
+    same work, instruction for instruction. The backward of every truncation is the backward's
+    loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -108,7 +110,7 @@ def test_truncation_passes(report):
             finish = by_name[f"fwd-{dtype}-selected-{suffix}"]  # the same loop, its max or a cut never read
             assert finish["loop_instructions"] <= r["pass2"]["loop_instructions"] + 2, (finish, r)
         for suffix, n_loops in (("topk", 2), ("topp", 4), ("minp-topk-topp", 6), ("topk-entropy", 2),
-                                ("topp-entropy", 4)):
+                                ("topp-entropy", 4), ("slices", 3)):
             loops = by_name[f"select-{dtype}-{suffix}"]["select"]
             assert len(loops) == n_loops and all(loop["vector_stores"] == 0 for loop in loops), (suffix, loops)
         assert by_name[f"select-{dtype}-topk"]["select"][0]["mufu_per_element"] == 0
@@ -116,6 +118,11 @@ def test_truncation_passes(report):
             single, with_entropy = (by_name[f"select-{dtype}-{s}"]["select"][-1] for s in (suffix, suffix + "-entropy"))
             assert 0 < with_entropy["instructions_per_element"] - single["instructions_per_element"] <= 3, \
                 (single, with_entropy)
+        # Over a vocabulary split: top_p's uniform pass, its pass over keys, its last pass with the entropy.
+        topp, topp_entropy = by_name[f"select-{dtype}-topp"]["select"], by_name[f"select-{dtype}-topp-entropy"]["select"]
+        same_work = sorted(loop["instructions_per_element"] for loop in (topp[0], topp[1], topp_entropy[2]))
+        assert sorted(loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"]) == \
+            same_work
         for suffix in ("topp", "topp-entropy"):
             last, single = by_name[f"select-{dtype}-{suffix}"]["select"][-2:]
             assert 0 < last["instructions_per_element"] - single["instructions_per_element"] <= 2, (last, single)

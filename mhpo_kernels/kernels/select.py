@@ -33,19 +33,22 @@ each pass narrowing the candidates to the bins it could not decide.
   statistics, two passes and the finish.
 
 Every pass forms d exactly as the sums and the backward do, so "d ≥ threshold" is the same set
-in all of them.
+in all of them. Over a vocabulary split each pass is a launch of ``_slice_count_kernel`` and the
+decisions are ``slice_select.py``'s.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from .._config import FP_FUSION, on_device
+from .._config import FP_FUSION, on_device, sweep_config
+from .._sweep_types import SELECT_BINS
 from .logit_map import _logit_u
 from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _fold_parts, _lane_reduce_sum, _lanes,
                    _row_lead, _row_offset, _row_target, rows_aligned)
 
 NB_BITS = tl.constexpr(11)
-NB = tl.constexpr(2048)            # bins per pass
+NB = tl.constexpr(SELECT_BINS)     # bins per pass
 MAX_PASSES = tl.constexpr(3)
 # top-p's first pass bins d ≥ −64 (a token below carries < 2^−64 of the largest's mass, all of
 # them together < 2^−33 of the row's for V < 2^31: below the fp32 rounding of any goal top_p < 1,
@@ -375,3 +378,85 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
             num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
     return cut
+
+
+# ---- one counting pass over a vocabulary slice (vocab_parallel.py) -----------------------------
+# With the vocabulary split over ranks, a row's selection counts every slice: each pass is a launch
+# whose (N, NB) counts and sums the ranks add up, and ``slice_select.py`` decides between passes.
+COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS = (tl.constexpr(m) for m in range(4))  # _sweep_types' COUNT_*
+
+
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
+def _slice_count_kernel(
+    p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # this slice's logits (B, T, V), unit stride along V
+    p_y,                                         # (N,) int32 target ids in the slice, V: another slice's, < 0 invalid
+    p_tau, p_base,                               # (N,) per token: τ_t, the group's common base b
+    p_mode, p_klo, p_khi, p_shift, p_lo, p_scale,  # (N,) per token: the pass (COUNT_*) and its range
+    p_hist,                                      # (N, NB) int32 output: the counts by bin
+    p_sums,                                      # (N, 4) fp32 output: the mass above the range, within it,
+                                                 # Σ 2^d·d above it, the target's d (0 off the slice)
+    N, T, V,
+    k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
+    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+):
+    """One pass of one row's selection over this slice, at the common base b: its candidates'
+    counts uniform in d from lo (COUNT_UNIFORM, with the mass from lo), or by 2^shift keys over
+    [klo, khi] (COUNT_KEYS, with the mass above and within); or the kept tokens' sums, the mass
+    and Σ 2^d·d of the keys above khi (COUNT_SUMS). Every d is formed as the sweeps form it."""
+    row = tl.program_id(0)
+    y, valid, has_y, n_read = _row_target(p_y, row, N, V)
+    if HAS_TAU:
+        k = k / tl.load(p_tau + row, mask=valid, other=1.0)
+    mode = tl.load(p_mode + row, mask=valid, other=COUNT_SKIP)
+    base = tl.load(p_base + row, mask=valid, other=0.0)
+    klo = tl.load(p_klo + row, mask=valid, other=0).to(tl.uint32)
+    khi = tl.load(p_khi + row, mask=valid, other=0).to(tl.uint32)
+    shift = tl.load(p_shift + row, mask=valid, other=0)
+    lo_d = tl.load(p_lo + row, mask=valid, other=0.0)
+    scale = tl.load(p_scale + row, mask=valid, other=0.0)
+    off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
+    lead = _row_lead(off, VEC)
+    p_blk = _block_base(p_x, off, lead, True, VEC)
+    o_blk = _block_offsets(R, LANES, VEC)
+    n_end = lead + n_read
+    hist = tl.zeros([NB], tl.int32)
+    s_hi = 0.0
+    s_in = 0.0
+    a_hi = 0.0
+    if mode == COUNT_UNIFORM:
+        hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
+                                             scale, True, False, True, False, SOFTCAP, R, LANES, VEC)
+    elif mode == COUNT_KEYS:
+        hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
+                                             scale, False, True, True, False, SOFTCAP, R, LANES, VEC)
+    elif mode == COUNT_SUMS:
+        hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
+                                             scale, False, True, False, True, SOFTCAP, R, LANES, VEC)
+    tl.store(p_hist + row.to(tl.int64) * NB + tl.arange(0, NB), hist)
+    x_y = tl.load(p_x + off + tl.where(has_y, y, 0), mask=has_y, other=0.0).to(tl.float32)
+    d_y = tl.where(has_y, tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base), 0.0)
+    tl.store(p_sums + 4 * row, s_hi)
+    tl.store(p_sums + 4 * row + 1, s_in)
+    tl.store(p_sums + 4 * row + 2, a_hi)
+    tl.store(p_sums + 4 * row + 3, d_y)
+
+
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
+    """One counting pass of the rows' selection over this slice of ``logits`` (B, T, V) at the
+    common ``base``, each row as its ``mode`` (COUNT_*) says: ((N, NB) int32 counts, (N, 4) fp32
+    sums: the mass above the range, within it, Σ 2^d·d above it, the target's d)."""
+    B, T, V = logits.shape
+    N = B * T
+    hist = torch.empty(N, NB.value, dtype=torch.int32, device=logits.device)
+    sums = torch.empty(N, 4, dtype=torch.float32, device=logits.device)
+    cfg = sweep_config(V, logits.element_size())
+    with on_device(logits.device):
+        _slice_count_kernel[(N,)](
+            logits, logits.stride(0), logits.stride(1), target, base if lmap.tau is None else lmap.tau, base,
+            mode, klo, khi, shift, lo, scale, hist, sums, N, T, V, lmap.log2_scale, lmap.tanh_scale,
+            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
+            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+            maxnreg=MAX_REGISTERS,
+        )
+    return hist, sums

@@ -1,0 +1,203 @@
+"""top-k and top-p over a vocabulary split (SPEC.md, sections 6 and 9): ``kernels/select.py``'s
+selection with every counting pass a launch over this rank's slice (``slice_count``: the Triton
+kernel or ``torch_sweeps``' version, as the call's backend), its counts and sums added over the
+group, and the decisions between passes taken here on (N, NB) tensors, the same on every rank.
+
+Every rank forms d = k·u − b at the group's common base b (the largest slice base), as its sums
+and its backward then do, so that "d ≥ threshold" is the same set in all of them and on every
+rank. A row takes the same passes as in one launch: a filter's counting passes (three at most,
+each one all-reduce of N × NB int32 counts and N × 4 fp32 sums), then one pass of the kept
+tokens' sums over the slice. Rows are decided together, without a host sync: a pass runs for
+every row, a decided row skips its reading."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _dispatch
+from ._sweep_types import COUNT_KEYS, COUNT_SKIP, COUNT_SUMS, COUNT_UNIFORM, SELECT_BINS as NB
+from .torch_sweeps import order_keys
+
+NB_BITS, MAX_PASSES = 11, 3
+UNIFORM_RANGE = 64.0               # select.UNIFORM_RANGE: top-p's first pass bins d ≥ −64
+KEY_INF = 0xFF800000               # order_keys(+inf)
+FLT_MAX = 3.4028234663852886e38
+LN2 = math.log(2.0)
+
+
+def key_value(key):
+    """The fp32 value of int64 keys (``order_keys``' inverse)."""
+    bits = torch.where(key >= 0x80000000, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _d_max(base):
+    """select._d_max: above any d of a row at base b."""
+    return base.abs() * 1.1920928955078125e-07 + 7.888609052210118e-31
+
+
+def _uniform_bin(d, lo, scale):
+    """select._uniform_bin, in fp32 as the kernels compute it."""
+    return ((d - lo) * scale).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)
+
+
+def _bin_start(b, lo, scale):
+    """select._bin_start for each row: the smallest key whose value falls in uniform bin b or
+    above (KEY_INF + 1 for b ≥ NB)."""
+    a = order_keys(lo)
+    z = torch.full_like(a, KEY_INF + 1)
+    for _ in range(32):
+        m = a + (z - a) // 2
+        up = _uniform_bin(key_value(m), lo, scale) >= b
+        z, a = torch.where(up & (a < z), m, z), torch.where(~up & (a < z), m + 1, a)
+    return a
+
+
+def _bits(span):
+    """select._bits: the bits a key span needs, or one more."""
+    return ((span.to(torch.float32).view(torch.int32) >> 23) - 126).clamp(min=0).to(torch.int64)
+
+
+def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, last, by_mass):
+    """select._decide for every row: (kept bins, the highest and the lowest ambiguous bin, −1 and
+    NB where none), in float64."""
+    bins = torch.arange(NB, device=cnt.device)
+    multi = (shift > 0).unsqueeze(-1)
+    above_lo = above.unsqueeze(-1) + (w_lo.flip(-1).cumsum(-1).flip(-1) - w_lo)
+    above_hi = above.unsqueeze(-1) + (w_hi.flip(-1).cumsum(-1).flip(-1) - w_hi)
+    goal = goal.unsqueeze(-1)
+    if by_mass and not last:  # and from below: the range's exact mass less what the bins up to each hold
+        total = (s_hi + s_in).unsqueeze(-1)
+        above_lo = torch.where(multi, torch.maximum(above_lo, total - w_hi.cumsum(-1)), above_lo)
+        above_hi = torch.where(multi, torch.minimum(above_hi, total - w_lo.cumsum(-1)), above_hi)
+    full = cnt > 0
+    if last:  # a bin of several keys is kept whole where its highest token would be
+        kept = full & (0.5 * (above_lo + above_hi) < goal)
+        ambiguous = torch.zeros_like(kept)
+    else:
+        others = torch.where(multi, w_hi - w_hi / cnt.clamp(min=1.0), 0.0)
+        kept = full & (above_hi + others < goal)
+        ambiguous = full & ~kept & (above_lo < goal) & multi
+    return (kept, torch.where(ambiguous, bins, -1).amax(-1), torch.where(ambiguous, bins, NB).amin(-1))
+
+
+def _threshold(count, base, floor, goal, on, by_mass):
+    """select._threshold for the rows ``on``: the smallest kept d of top-k (goal k, counts) or
+    top-p (BY_MASS, goal top_p of the candidates' mass) over the candidates d ≥ ``floor``, each
+    pass ``count(mode, klo, khi, shift, lo, scale)`` over every slice. The decisions take blocks
+    of DECIDE_ROWS rows, so that their (rows, NB) float64 temporaries stay bounded at any N."""
+    klo = order_keys(floor)
+    khi = torch.full_like(klo, KEY_INF)
+    state = dict(klo=klo, khi=khi, cut_key=klo.clone(), above=torch.zeros_like(base, dtype=torch.float64),
+                 done=~on, goal=goal.double(), base=base, lo=torch.zeros_like(base), scale=torch.zeros_like(base))
+    first = 0
+    if by_mass:  # pass 1, uniform in d over [lo, hi]
+        state["lo"] = floor.clamp(min=-UNIFORM_RANGE)
+        state["scale"] = NB / (_d_max(base) - state["lo"])
+        hist, sums = count(torch.where(state["done"], COUNT_SKIP, COUNT_UNIFORM), klo, khi, torch.zeros_like(klo),
+                           state["lo"], state["scale"])
+        _by_blocks(_uniform_pass, state, hist, sums)
+        first = 1
+    for i in range(first, MAX_PASSES):
+        state["shift"] = (_bits(state["khi"] - state["klo"]) - NB_BITS).clamp(min=0)
+        hist, sums = count(torch.where(state["done"], COUNT_SKIP, COUNT_KEYS), state["klo"], state["khi"],
+                           state["shift"], state["lo"], state["scale"])
+        _by_blocks(_keys_pass, state, hist, sums, last=i == MAX_PASSES - 1, by_mass=by_mass)
+    return key_value(state["cut_key"])
+
+
+DECIDE_ROWS = 256
+
+
+def _by_blocks(decide, state, hist, sums, **kwargs):
+    """``decide`` on the rows of ``state`` (each value (N,)), DECIDE_ROWS at a time, in place."""
+    for r0 in range(0, hist.shape[0], DECIDE_ROWS):
+        rows = slice(r0, r0 + DECIDE_ROWS)
+        block = {name: x[rows] for name, x in state.items()}
+        decide(block, hist[rows].double(), sums[rows].double(), **kwargs)
+        for name, x in block.items():
+            state[name][rows] = x
+
+
+def _uniform_pass(st, cnt, sums):
+    """top-p's first pass for a block of rows: its goal becomes top_p of the mass from lo, and a
+    row is decided, or left to the keys of its ambiguous bins."""
+    bins = torch.arange(NB, device=cnt.device)
+    s_in = sums[:, 1]
+    st["goal"] = st["goal"] * s_in
+    lo, scale = st["lo"], st["scale"]
+    width = (_d_max(st["base"]) - lo).double()
+    margin = (width * 2.0**-20).unsqueeze(-1)
+    edges = lo.double().unsqueeze(-1) + torch.arange(NB + 1, device=cnt.device) * (width / NB).unsqueeze(-1)
+    w_lo = torch.where(cnt > 0, cnt * torch.exp2(edges[:, :-1] - margin), 0.0)
+    w_hi = torch.where(cnt > 0, cnt * torch.exp2(edges[:, 1:] + margin), 0.0)
+    kept, b_hi, b_lo = _decide(cnt, w_lo, w_hi, st["above"], st["above"], s_in, st["goal"],
+                               torch.ones_like(st["klo"]), False, True)
+    done = st["done"]
+    decided, ambiguous = ~done & (b_hi < 0), ~done & (b_hi >= 0)
+    lowest = torch.where(kept, bins, NB).amin(-1)
+    st["cut_key"] = torch.where(decided, _bin_start(lowest, lo, scale).clamp(max=KEY_INF), st["cut_key"])
+    st["klo"] = torch.where(ambiguous, _bin_start(b_lo, lo, scale), st["klo"])
+    st["khi"] = torch.where(ambiguous, _bin_start(b_hi + 1, lo, scale) - 1, st["khi"])
+    st["done"] = done | decided
+
+
+def _keys_pass(st, cnt, sums, last, by_mass):
+    """A pass over bins of 2^shift keys for a block of rows: a row is decided, or its range
+    narrows to its ambiguous bins (top-k carries the count above them)."""
+    bins = torch.arange(NB, device=cnt.device)
+    klo, khi, shift, done = st["klo"], st["khi"], st["shift"], st["done"]
+    s_hi, s_in = sums[:, 0], sums[:, 1]
+    width = (1 << shift) - 1
+    lo_key = (klo.unsqueeze(-1) + (bins << shift.unsqueeze(-1))).clamp(max=KEY_INF)   # bins past khi: empty
+    above = st["above"]
+    if by_mass:
+        above = s_hi
+        w_lo = torch.where(cnt > 0, cnt * torch.exp2(key_value(lo_key).double()), 0.0)
+        hi_key = lo_key + torch.minimum(width.unsqueeze(-1), (khi.unsqueeze(-1) - lo_key).clamp(min=0))
+        d_hi = torch.minimum(key_value(hi_key), _d_max(st["base"]).unsqueeze(-1))
+        w_hi = torch.where(cnt > 0, cnt * torch.exp2(d_hi.double()), 0.0)
+    else:
+        w_lo = w_hi = cnt
+    kept, b_hi, b_lo = _decide(cnt, w_lo, w_hi, above, s_hi, s_in, st["goal"], shift, last, by_mass)
+    decided, ambiguous = ~done & (b_hi < 0), ~done & (b_hi >= 0)
+    b_kept = torch.where(kept, bins, NB).amin(-1)
+    st["cut_key"] = torch.where(decided, torch.where(b_kept < NB, klo + (b_kept.clamp(max=NB - 1) << shift),
+                                                     (khi + 1).clamp(max=KEY_INF)), st["cut_key"])
+    if not by_mass:
+        st["above"] = torch.where(ambiguous, above + torch.where(bins > b_hi.unsqueeze(-1), cnt, 0.0).sum(-1), above)
+    top = klo + (b_hi.clamp(min=0) << shift)
+    st["khi"] = torch.where(ambiguous, top + torch.minimum(width, khi - top), khi)
+    st["klo"] = torch.where(ambiguous, klo + (b_lo.clamp(max=NB - 1) << shift), klo)
+    st["done"] = done | decided
+
+
+def select_over_slices(logits, target, lmap, group, base, cut, finite):
+    """(each row's threshold on d at the common ``base`` (−inf: not truncated), and this slice's
+    (N, 4) sums at that base over the kept tokens: Σ 2^d, −, Σ 2^d·d, the target's d) of top-k
+    and top-p after ``cut`` (min_p's, or −inf) at the rows ``finite`` (valid, with a finite
+    softmax over every slice), for this slice of ``logits`` (B, T, V) and its targets."""
+    kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
+    zeros = torch.zeros_like(base)
+
+    def count(mode, klo, khi, shift, lo, scale, reduce=True):
+        hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
+                            khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous())
+        if reduce:
+            dist.all_reduce(hist, group=group)
+            dist.all_reduce(sums, group=group)
+        return hist, sums
+
+    if lmap.top_k is not None:
+        on = finite & (lmap.top_k > 0)
+        k = lmap.top_k.to(torch.float64)
+        cut = torch.where(on, _threshold(count, base, cut.clamp(min=-FLT_MAX), k, on, False), cut)
+    if lmap.top_p is not None:
+        on = finite & (lmap.top_p < 1)
+        cut = torch.where(on, _threshold(count, base, cut.clamp(min=-FLT_MAX), lmap.top_p, on, True), cut)
+    # The kept tokens' sums: the keys above the threshold's less one.
+    key = order_keys(cut)
+    _, sums = count(torch.where(cut > -math.inf, COUNT_SUMS, COUNT_SKIP), key, key - 1, torch.zeros_like(key),
+                    zeros, zeros, reduce=False)
+    return cut, sums
