@@ -314,7 +314,8 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
         elif var.kernel is _slice_count_kernel:
             keys = torch.empty(N, dtype=torch.int64, device="meta")
             ints = torch.empty(N, dtype=torch.int32, device="meta")
-            slice_count(logits, target, logit_map(), per_token(), ints, keys, keys, ints, per_token(), per_token())
+            slice_count(logits, target, logit_map(), per_token(), ints, keys, keys, ints, per_token(), per_token(),
+                        per_token())
         elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),

@@ -233,7 +233,7 @@ def fused_linear_policy_loss(
 def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
                     normalizer, batch_invariant, reduce_dhidden=True):
     """A policy loss over the sampler's truncated softmax from the hidden states: (the 0-d loss,
-    the metrics vector (empty without ``return_metrics``), the log-probs, the kept sets' cuts).
+    the metrics vector (empty without ``return_metrics``)).
 
     The differentiable fused log-probs first; then, on (N,) vectors as ``ops`` does for logits, a
     target outside its kept set (or with an old log-prob of −inf) leaves the aggregation, the
@@ -241,7 +241,7 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
     finalize reduction the loss. Its gradient reaches the log-probs (∂L/∂logp_t = g_t · d loss_t
     / d logp_t) and the entropy (−entropy_coef · g_t) through a zero-valued term, and from them
     the fused log-probs' backward takes it to hidden, weight and bias. With a vocabulary split
-    (``batch.tp``; a replayed kept set only) the log-probs are the global ones on every rank."""
+    (``batch.tp``) the log-probs are the global ones on every rank."""
     with_entropy = return_metrics or entropy_coef > 0
     if batch.tp is not None:
         logp, entropy, cut = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,

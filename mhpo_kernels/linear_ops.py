@@ -277,7 +277,7 @@ def vocab_parallel_linear(hidden, weight, bias, batch, hp, lmap, chunk_rows, wit
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     """Differentiable (logp, entropy) of this rank's rows of the LM head, global over the group,
-    and the rows' min_p thresholds: the forward is ``linear_sweeps.token_logprobs_sweeps`` with
+    and the rows' kept-set thresholds (the filters'): the forward is ``linear_sweeps.token_logprobs_sweeps`` with
     ``tp`` (its combine makes the global statistics), the backward ``token_logprobs_grads`` with
     those statistics, whose only collective is dhidden's all-reduce."""
 
@@ -323,8 +323,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 
 def vocab_parallel_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
-    """(logp, entropy or an empty tensor, the rows' min_p thresholds or an empty tensor) of the
-    fused linear path over a vocabulary slice."""
+    """(logp, entropy or an empty tensor, the rows' thresholds of the filters or an empty tensor)
+    of the fused linear path over a vocabulary slice."""
     return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
                                         reduce_dhidden)
 

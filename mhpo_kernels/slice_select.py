@@ -91,6 +91,9 @@ def _threshold(count, base, floor, goal, on, by_mass):
     khi = torch.full_like(klo, KEY_INF)
     state = dict(klo=klo, khi=khi, cut_key=klo.clone(), above=torch.zeros_like(base, dtype=torch.float64),
                  done=~on, goal=goal.double(), base=base, lo=torch.zeros_like(base), scale=torch.zeros_like(base))
+    if by_mass:  # the first pass's bins, for each row, filled by blocks
+        state.update(lowest=torch.zeros_like(klo), b_lo=torch.zeros_like(klo), b_hi=torch.zeros_like(klo),
+                     decided=torch.zeros_like(on), ambiguous=torch.zeros_like(on))
     first = 0
     if by_mass:  # pass 1, uniform in d over [lo, hi]
         state["lo"] = floor.clamp(min=-UNIFORM_RANGE)
@@ -98,6 +101,13 @@ def _threshold(count, base, floor, goal, on, by_mass):
         hist, sums = count(torch.where(state["done"], COUNT_SKIP, COUNT_UNIFORM), klo, khi, torch.zeros_like(klo),
                            state["lo"], state["scale"])
         _by_blocks(_uniform_pass, state, hist, sums)
+        # The decided rows' threshold and the others' range of keys, from their bins (32 steps each).
+        lo, scale, decided, ambiguous = state["lo"], state["scale"], state.pop("decided"), state.pop("ambiguous")
+        state["cut_key"] = torch.where(decided, _bin_start(state.pop("lowest"), lo, scale).clamp(max=KEY_INF),
+                                       state["cut_key"])
+        b_lo, b_hi = state.pop("b_lo"), state.pop("b_hi")
+        state["klo"] = torch.where(ambiguous, _bin_start(b_lo, lo, scale), state["klo"])
+        state["khi"] = torch.where(ambiguous, _bin_start(b_hi + 1, lo, scale) - 1, state["khi"])
         first = 1
     for i in range(first, MAX_PASSES):
         state["shift"] = (_bits(state["khi"] - state["klo"]) - NB_BITS).clamp(min=0)
@@ -107,7 +117,9 @@ def _threshold(count, base, floor, goal, on, by_mass):
     return key_value(state["cut_key"])
 
 
-DECIDE_ROWS = 256
+# Rows decided at once: (rows, NB) float64 temporaries, about 160 MB at 1,024 rows, in a few
+# dozen ops a pass.
+DECIDE_ROWS = 1024
 
 
 def _by_blocks(decide, state, hist, sums, **kwargs):
@@ -122,11 +134,12 @@ def _by_blocks(decide, state, hist, sums, **kwargs):
 
 def _uniform_pass(st, cnt, sums):
     """top-p's first pass for a block of rows: its goal becomes top_p of the mass from lo, and a
-    row is decided, or left to the keys of its ambiguous bins."""
+    row is decided (at its lowest kept bin) or left to its ambiguous bins (``_threshold`` turns
+    those bins into keys)."""
     bins = torch.arange(NB, device=cnt.device)
     s_in = sums[:, 1]
     st["goal"] = st["goal"] * s_in
-    lo, scale = st["lo"], st["scale"]
+    lo = st["lo"]
     width = (_d_max(st["base"]) - lo).double()
     margin = (width * 2.0**-20).unsqueeze(-1)
     edges = lo.double().unsqueeze(-1) + torch.arange(NB + 1, device=cnt.device) * (width / NB).unsqueeze(-1)
@@ -135,12 +148,9 @@ def _uniform_pass(st, cnt, sums):
     kept, b_hi, b_lo = _decide(cnt, w_lo, w_hi, st["above"], st["above"], s_in, st["goal"],
                                torch.ones_like(st["klo"]), False, True)
     done = st["done"]
-    decided, ambiguous = ~done & (b_hi < 0), ~done & (b_hi >= 0)
-    lowest = torch.where(kept, bins, NB).amin(-1)
-    st["cut_key"] = torch.where(decided, _bin_start(lowest, lo, scale).clamp(max=KEY_INF), st["cut_key"])
-    st["klo"] = torch.where(ambiguous, _bin_start(b_lo, lo, scale), st["klo"])
-    st["khi"] = torch.where(ambiguous, _bin_start(b_hi + 1, lo, scale) - 1, st["khi"])
-    st["done"] = done | decided
+    st["decided"], st["ambiguous"] = ~done & (b_hi < 0), ~done & (b_hi >= 0)
+    st["lowest"], st["b_lo"], st["b_hi"] = torch.where(kept, bins, NB).amin(-1), b_lo, b_hi
+    st["done"] = done | st["decided"]
 
 
 def _keys_pass(st, cnt, sums, last, by_mass):
@@ -173,17 +183,19 @@ def _keys_pass(st, cnt, sums, last, by_mass):
     st["done"] = done | decided
 
 
-def select_over_slices(logits, target, lmap, group, base, cut, finite):
+def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite):
     """(each row's threshold on d at the common ``base`` (−inf: not truncated), and this slice's
-    (N, 4) sums at that base over the kept tokens: Σ 2^d, −, Σ 2^d·d, the target's d) of top-k
-    and top-p after ``cut`` (min_p's, or −inf) at the rows ``finite`` (valid, with a finite
-    softmax over every slice), for this slice of ``logits`` (B, T, V) and its targets."""
+    (N, 4) sums over the kept tokens, at the slice's ``local_base``: Σ 2^d, −, Σ 2^d·d, and the
+    target's d at ``base``) of top-k and top-p after ``cut`` (min_p's, or −inf) at the rows
+    ``finite`` (valid, with a finite softmax over every slice), for this slice of ``logits``
+    (B, T, V) and its targets."""
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
 
-    def count(mode, klo, khi, shift, lo, scale, reduce=True):
+    def count(mode, klo, khi, shift, lo, scale, delta=zeros, reduce=True):
         hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
-                            khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous())
+                            khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous(),
+                            delta.contiguous())
         if reduce:
             dist.all_reduce(hist, group=group)
             dist.all_reduce(sums, group=group)
@@ -196,8 +208,10 @@ def select_over_slices(logits, target, lmap, group, base, cut, finite):
     if lmap.top_p is not None:
         on = finite & (lmap.top_p < 1)
         cut = torch.where(on, _threshold(count, base, cut.clamp(min=-FLT_MAX), lmap.top_p, on, True), cut)
-    # The kept tokens' sums: the keys above the threshold's less one.
-    key = order_keys(cut)
+    cut = torch.where(finite, cut, -math.inf)   # min_p's too: a row without a finite softmax is not truncated
+    # The kept tokens' sums: the keys above the threshold's less one, −0 with +0 (d ≥ cut, as the
+    # backward compares), at the slice's own base.
+    key = order_keys(torch.where(cut == 0, -0.0, cut))
     _, sums = count(torch.where(cut > -math.inf, COUNT_SUMS, COUNT_SKIP), key, key - 1, torch.zeros_like(key),
-                    zeros, zeros, reduce=False)
+                    zeros, zeros, delta=base - local_base, reduce=False)
     return cut, sums

@@ -390,9 +390,10 @@ def order_keys(d):
     return torch.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b | 0x80000000)
 
 
-def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta):
     """``kernels.select.slice_count`` in PyTorch: one counting pass of the rows' selection over
-    this slice at the common ``base`` (the rows' d formed as ``_exponents`` forms them)."""
+    this slice at the common ``base`` (the rows' d formed as ``_exponents`` forms them; the kept
+    tokens' sums of d + ``delta``)."""
     B, T, V = logits.shape
     hist = torch.zeros(B * T, NB, dtype=torch.int32, device=logits.device)
     sums = torch.zeros(B * T, 4, dtype=torch.float32, device=logits.device)
@@ -412,12 +413,13 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
         counts = torch.zeros((r1 - r0) * NB, dtype=torch.int32, device=d.device)
         counts.index_add_(0, (rows + bins.clamp(max=NB - 1))[inside], torch.ones_like(bins, dtype=torch.int32)[inside])
         hist[r0:r1] = counts.view(r1 - r0, NB)
+        d_y = d.gather(-1, target[r0:r1].long().clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+        rebased = m == COUNT_SUMS           # the sums of d + delta, the bins' still of d
+        d = torch.where(rebased, d + delta[r0:r1].unsqueeze(-1), d)
         e = torch.exp2(d)
-        above = ((m == COUNT_KEYS) | (m == COUNT_SUMS)) & (key > k_hi)
+        above = ((m == COUNT_KEYS) | rebased) & (key > k_hi)
         sums[r0:r1, 0] = torch.where(above, e, 0.0).sum(-1)
         sums[r0:r1, 1] = torch.where(inside, e, 0.0).sum(-1)
-        sums[r0:r1, 2] = torch.where(above & (m == COUNT_SUMS) & (e > 0), e * d, 0.0).sum(-1)
-        y = target[r0:r1].long()
-        has_y = valid & (y < V)
-        sums[r0:r1, 3] = torch.where(has_y, d.gather(-1, y.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1), 0.0)
+        sums[r0:r1, 2] = torch.where(above & rebased & (e > 0), e * d, 0.0).sum(-1)
+        sums[r0:r1, 3] = torch.where(valid & (target[r0:r1] < V), d_y, 0.0)
     return hist, sums

@@ -33,6 +33,7 @@ from ._op_support import once_differentiable
 from ._sweep_types import RowStats
 from .epilogue import LN2, merge_slices, token_terms
 from .slice_select import select_over_slices
+from .torch_sweeps import FLOOR_BASE
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
 
@@ -207,8 +208,9 @@ class VocabSlice:
 
     def selected_cuts(self, logits, local, target, lmap, valid):
         """top_k and top_p (after min_p) over every slice (``slice_select``): (each row's threshold
-        relative to the common base b, the largest slice base; this slice's statistics at b for the
-        combine, those of ``local`` where a row is not truncated). One all-gather of each slice's
+        relative to the common base b, the largest slice base; this slice's statistics for the
+        combine: over its kept tokens at its own base, those of ``local`` where a row is not
+        truncated). One all-gather of each slice's
         (b_r, log2 s_r) gives b and the rows whose softmax is finite, which the selection takes."""
         mine = torch.stack([local.lse2_base, local.lse2_rest], 1).contiguous()
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
@@ -219,20 +221,20 @@ class VocabSlice:
         finite = valid & (total > 0) & (total < math.inf)
         top = top.float()
         cut = _min_p_cut(top, lmap.min_p, valid) if lmap.min_p is not None else torch.full_like(top, -math.inf)
-        cut, sums = select_over_slices(logits, target, lmap, self.group, top, cut, finite)
-        s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]
+        cut, sums = select_over_slices(logits, target, lmap, self.group, top, local.lse2_base, cut, finite)
+        s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]   # the sums at the slice's base; d_y at the common one
         rest = torch.log2(s)
         truncated = cut > -math.inf
 
         def kept(x, old):
             return torch.where(truncated, x, old)
 
-        logp = torch.where(d_y >= cut, (d_y - rest) * LN2, -math.inf)
+        logp = torch.where(d_y >= cut, (d_y + (top - local.lse2_base) - rest) * LN2, -math.inf)
         entropy = local.entropy   # None or empty where not asked for
         if entropy is not None and entropy.numel():
             entropy = kept((rest - a / s) * LN2, entropy)
-        return cut, local._replace(lse2_base=kept(top, local.lse2_base), lse2_rest=kept(rest, local.lse2_rest),
-                                   logp=kept(logp, local.logp), entropy=entropy)
+        return cut, local._replace(lse2_rest=kept(rest, local.lse2_rest), logp=kept(logp, local.logp),
+                                   entropy=entropy)
 
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
@@ -266,8 +268,9 @@ class VocabSlice:
 
 
 def _min_p_cut(top, min_p, valid):
-    """min_p's threshold on d at the largest slice base ``top`` (``select._cut``), −inf where off."""
-    cut = torch.where(valid & (min_p > 0), min_p.clamp(min=1e-45).log2(), -math.inf)
+    """min_p's threshold on d at the largest slice base ``top`` (``select._cut``), −inf where off
+    and where no slice has a finite logit (its softmax is not truncated, SPEC.md, section 9)."""
+    cut = torch.where(valid & (min_p > 0) & (top > FLOOR_BASE), min_p.clamp(min=1e-45).log2(), -math.inf)
     return torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept
 
 

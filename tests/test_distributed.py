@@ -1067,3 +1067,62 @@ def test_vocab_parallel_top_p_last_pass(tmp_path):
                 assert max_rel_err(g["logp"], logp.detach()) <= FP32_RTOL and max_rel_err(g["ent"], ent.detach()) <= FP32_RTOL
             middle[backend] += got[0]["middle"]
     assert min(middle.values()) >= 4, middle
+
+
+def _edge_rows():
+    """(logits (3, 24), ids, filters) of three rows over 2 slices of 12: +0 and −0, tied largest,
+    one in each slice (top_k 1 keeps both); a slice whose kept tokens lie 160 below the largest
+    (top_k 24 keeps every token; their sum at the common base would be 0 in fp32) holding the
+    target; a row of −inf only with min_p and top_k on (no finite softmax: not truncated)."""
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(3, 24, generator=g) - 3.0
+    x[0, 0], x[0, 12] = 0.0, -0.0
+    x[1, 0] = 110.0
+    x[2] = -math.inf
+    ids = torch.tensor([0, 15, 3])
+    filters = dict(min_p=torch.tensor([0.0, 0.0, 0.1]), top_k=torch.tensor([1, 24, 3]))
+    return x, ids, filters
+
+
+def _tp_edge_rows_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    x, ids, filters = _edge_rows()
+    start, size = _split(24, world_size)[rank]
+    out = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            leaf = x[:, start:start + size].clone().requires_grad_()
+            logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, tp_group=dist.group.WORLD, **filters)
+            (torch.where(logp.isinf(), 0.0, logp) + ent).sum().backward()
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad)
+    torch.save(out, f"{out_dir}/edge-{rank}.pt")
+
+
+def test_vocab_parallel_filters_edge_rows(tmp_path):
+    """Rows at the edges of the selection over 2 slices (``_edge_rows``) give the one-process
+    log-probs, entropy and gradient on each path, NaN where it gives NaN: ties of +0 and −0 across
+    slices kept together, a slice far below the largest summed at its own base, a row without a
+    finite logit left untruncated."""
+    import mhpo_kernels
+    from _cases import FP32_RTOL, max_rel_err
+
+    world_size = 2
+    _dist.run(_tp_edge_rows_worker, world_size, tmp_path, str(tmp_path))
+    x, ids, filters = _edge_rows()
+    ranks = [torch.load(tmp_path / f"edge-{r}.pt") for r in range(world_size)]
+    for backend in ("triton", "torch"):
+        leaf = x.clone().requires_grad_()
+        with mhpo_kernels.use_backend(backend):
+            logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, **filters)
+            (torch.where(logp.isinf(), 0.0, logp) + ent).sum().backward()
+        assert abs(logp[0].item() + math.log(2)) < 1e-6 and logp[1].isfinite() and logp[2].isnan(), (backend, logp)
+        grad = torch.cat([r[backend]["grad"] for r in ranks], -1)
+        assert torch.equal(grad.isnan(), leaf.grad.isnan()), backend
+        assert max_rel_err(grad.nan_to_num(), leaf.grad.nan_to_num()) <= FP32_RTOL, backend
+        for r in ranks:
+            for name, want in (("logp", logp), ("ent", ent)):
+                got = r[backend][name]
+                assert torch.equal(got.isnan(), want.isnan()), (backend, name, got, want)
+                assert max_rel_err(got.nan_to_num(), want.detach().nan_to_num()) <= FP32_RTOL, (backend, name, got, want)

@@ -95,10 +95,10 @@ def test_truncation_passes(report):
     tokens), top-p's four (uniform in d, several keys, its last pass's several keys summing the
     kept tokens, single keys). The pass of single keys with the entropy costs at most 3
     instructions more (its Σ 2^d·d); top-p's last pass costs at most 2 more than single keys
-    (the shift to its bins). Over a vocabulary split, the counting launch's three loops (uniform
-    in d, keys with the mass above and within, the kept tokens' sums) are top-p's loops of the
-    same work, instruction for instruction. The backward of every truncation is the backward's
-    loop with a compare and a select."""
+    (the shift to its bins). Over a vocabulary split, the counting launch's three loops are
+    top-p's: its uniform pass and its pass over keys, instruction for instruction, and its last
+    pass with the entropy (the kept tokens' sums) with one add more, to the slice's own base. The
+    backward of every truncation is the backward's loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -118,11 +118,13 @@ def test_truncation_passes(report):
             single, with_entropy = (by_name[f"select-{dtype}-{s}"]["select"][-1] for s in (suffix, suffix + "-entropy"))
             assert 0 < with_entropy["instructions_per_element"] - single["instructions_per_element"] <= 3, \
                 (single, with_entropy)
-        # Over a vocabulary split: top_p's uniform pass, its pass over keys, its last pass with the entropy.
+        # Over a vocabulary split: top_p's uniform pass and its pass over keys, and its last pass with
+        # the entropy and one add (the sums at the slice's own base).
         topp, topp_entropy = by_name[f"select-{dtype}-topp"]["select"], by_name[f"select-{dtype}-topp-entropy"]["select"]
-        same_work = sorted(loop["instructions_per_element"] for loop in (topp[0], topp[1], topp_entropy[2]))
-        assert sorted(loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"]) == \
-            same_work
+        slices = [loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"]]
+        for same in (topp[0], topp[1]):
+            slices.remove(same["instructions_per_element"])
+        assert 0 <= slices[0] - topp_entropy[2]["instructions_per_element"] <= 1, (slices, topp_entropy)
         for suffix in ("topp", "topp-entropy"):
             last, single = by_name[f"select-{dtype}-{suffix}"]["select"][-2:]
             assert 0 < last["instructions_per_element"] - single["instructions_per_element"] <= 2, (last, single)

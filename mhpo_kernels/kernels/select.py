@@ -117,10 +117,11 @@ def _bin_start(b, lo, scale):
 def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
                 MASKED: tl.constexpr, UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr,
                 ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                VEC: tl.constexpr):
+                VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False):
     """One block of a pass, at offsets from the row's block base where the row is [lo, hi)
     (rows.py): the bins of its candidates; with HI the mass above the range (ENTROPY: and its
-    Σ 2^d·d), with IN the mass within it."""
+    Σ 2^d·d), with IN the mass within it; REBASED: those sums of d + ``delta`` (another base's d),
+    the bins still of d."""
     o_v = v0 + o_blk
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
@@ -141,6 +142,8 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
         b_above = b_key > khi
     hist += tl.histogram(tl.reshape(b_bin, [R * LANES * VEC]), NB, mask=tl.reshape(b_in, [R * LANES * VEC]))
     if HI or IN:
+        if REBASED:
+            b_d = b_d + delta
         b_e = tl.exp2(b_d)
         if HI:
             b_e_hi = tl.where(b_above, b_e, 0.0)
@@ -155,10 +158,12 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
 @triton.jit
 def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale,
                 UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr, ENTROPY: tl.constexpr,
-                SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+                SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, delta=0.0,
+                REBASED: tl.constexpr = False):
     """One read of a valid row [lead, n_end) (blocks as in forward._lse_blocks): the (NB,) counts
     of its candidates by bin, uniform in d from ``lo_d`` (UNIFORM) or of 2^shift keys from klo
-    over [klo, khi]; the mass above the range and its Σ 2^d·d, the mass within (``_count_step``)."""
+    over [klo, khi]; the mass above the range and its Σ 2^d·d, the mass within (``_count_step``;
+    REBASED: the sums of d + ``delta``)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
     hist = tl.zeros([NB], tl.int32)
@@ -167,15 +172,15 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
     a_hi = tl.zeros([LANES], tl.float32)
     hist, s_hi, s_in, a_hi = _count_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
                                          scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY, SOFTCAP, R,
-                                         LANES, VEC)
+                                         LANES, VEC, delta, REBASED)
     for v0 in range(BLOCK, n_full, BLOCK):
         hist, s_hi, s_in, a_hi = _count_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                              lo_d, scale, hist, s_hi, s_in, a_hi, False, UNIFORM, HI, IN, ENTROPY,
-                                             SOFTCAP, R, LANES, VEC)
+                                             SOFTCAP, R, LANES, VEC, delta, REBASED)
     if (n_full > 0) & (n_full < n_end):
         hist, s_hi, s_in, a_hi = _count_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                              lo_d, scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY,
-                                             SOFTCAP, R, LANES, VEC)
+                                             SOFTCAP, R, LANES, VEC, delta, REBASED)
     return hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0)
 
 
@@ -392,6 +397,7 @@ def _slice_count_kernel(
     p_y,                                         # (N,) int32 target ids in the slice, V: another slice's, < 0 invalid
     p_tau, p_base,                               # (N,) per token: τ_t, the group's common base b
     p_mode, p_klo, p_khi, p_shift, p_lo, p_scale,  # (N,) per token: the pass (COUNT_*) and its range
+    p_delta,                                     # (N,) COUNT_SUMS: the sums of d + delta (the slice's own base)
     p_hist,                                      # (N, NB) int32 output: the counts by bin
     p_sums,                                      # (N, 4) fp32 output: the mass above the range, within it,
                                                  # Σ 2^d·d above it, the target's d (0 off the slice)
@@ -403,7 +409,9 @@ def _slice_count_kernel(
     """One pass of one row's selection over this slice, at the common base b: its candidates'
     counts uniform in d from lo (COUNT_UNIFORM, with the mass from lo), or by 2^shift keys over
     [klo, khi] (COUNT_KEYS, with the mass above and within); or the kept tokens' sums, the mass
-    and Σ 2^d·d of the keys above khi (COUNT_SUMS). Every d is formed as the sweeps form it."""
+    and Σ 2^d·d of the keys above khi (COUNT_SUMS), of d + delta: at the slice's own base, where
+    they cannot underflow to 0 for a slice far below the largest. Every d is formed as the sweeps
+    form it."""
     row = tl.program_id(0)
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)
     if HAS_TAU:
@@ -432,7 +440,8 @@ def _slice_count_kernel(
                                              scale, False, True, True, False, SOFTCAP, R, LANES, VEC)
     elif mode == COUNT_SUMS:
         hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
-                                             scale, False, True, False, True, SOFTCAP, R, LANES, VEC)
+                                             scale, False, True, False, True, SOFTCAP, R, LANES, VEC,
+                                             tl.load(p_delta + row), True)
     tl.store(p_hist + row.to(tl.int64) * NB + tl.arange(0, NB), hist)
     x_y = tl.load(p_x + off + tl.where(has_y, y, 0), mask=has_y, other=0.0).to(tl.float32)
     d_y = tl.where(has_y, tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base), 0.0)
@@ -442,10 +451,11 @@ def _slice_count_kernel(
     tl.store(p_sums + 4 * row + 3, d_y)
 
 
-def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta):
     """One counting pass of the rows' selection over this slice of ``logits`` (B, T, V) at the
     common ``base``, each row as its ``mode`` (COUNT_*) says: ((N, NB) int32 counts, (N, 4) fp32
-    sums: the mass above the range, within it, Σ 2^d·d above it, the target's d)."""
+    sums: the mass above the range, within it, Σ 2^d·d above it (COUNT_SUMS: of d + ``delta``),
+    the target's d)."""
     B, T, V = logits.shape
     N = B * T
     hist = torch.empty(N, NB.value, dtype=torch.int32, device=logits.device)
@@ -454,7 +464,7 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale):
     with on_device(logits.device):
         _slice_count_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1), target, base if lmap.tau is None else lmap.tau, base,
-            mode, klo, khi, shift, lo, scale, hist, sums, N, T, V, lmap.log2_scale, lmap.tanh_scale,
+            mode, klo, khi, shift, lo, scale, delta, hist, sums, N, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
             maxnreg=MAX_REGISTERS,
