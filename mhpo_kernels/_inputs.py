@@ -333,12 +333,15 @@ def check_float_tensor(name, x):
     return x
 
 
-def check_logits(logits, input_ids):
+def check_logits(logits, input_ids, tp_group=None):
     """(a (B, T', V) view of the logits with unit stride along V, the token shape, shifted):
     ``shifted``, logits one position longer than input_ids along T (the next-token shift)."""
     if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64:
         from . import _dispatch
 
+        if tp_group is not None:
+            raise TypeError("logits are float64, which tp_group does not take: the slices' statistics combine in "
+                            "fp32; pass float32 logits, or the whole vocabulary without tp_group")
         if _dispatch.backend_for(logits.device) == "triton":
             raise TypeError("logits are float64, which only the PyTorch path computes (for gradcheck and debugging): "
                             "the Triton kernels read float32, bfloat16 and float16; use CPU tensors without "

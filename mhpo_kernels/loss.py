@@ -221,7 +221,7 @@ def policy_loss(
         check_positive("grad_scale", grad_scale)
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
-        logits3, token_shape, shifted = check_logits(logits, input_ids)
+        logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
         batch = prepare_mhpo(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
@@ -322,7 +322,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
-        logits3, token_shape, shifted = check_logits(logits, input_ids)
+        logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index, mask, temperature=tau, sampling=sampling, kept_ids=kept)
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),

@@ -217,11 +217,14 @@ def _tp_bad_call(rank, world_size, case):
             kept[3] = 1001
         if case != "kept-ids-one-rank" or rank == 0:
             kw["kept_ids"] = (torch.arange(0, kept.numel() + 1, 2), kept)
+    elif case == "float64-torch-path":           # the PyTorch path takes float64, not over a split
+        x = x.double()
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
     try:
         call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
-        call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
+        with mhpo_kernels.use_backend("torch" if case == "float64-torch-path" else "triton"):
+            call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
     except (TypeError, ValueError, NotImplementedError) as e:
         message = f"{type(e).__name__}: {e}"
@@ -234,7 +237,7 @@ BAD_TP_CALLS = [
     ("id-out-of-range", "outside \\[0, 1001\\)"),
     ("tokens-disagree", "input_ids must have shape|disagree on the number of tokens|failed validation"),
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
-    ("one-rank-bad-dtype", "logits are float64, which only the PyTorch path|failed validation"),
+    ("one-rank-bad-dtype", "logits are float64, which tp_group does not take|failed validation"),
     ("ids-differ", "differ across ranks"),
     ("top-p-one-rank", "disagree on truncation"),
     ("top-k-differs", "differ across ranks"),
@@ -252,6 +255,7 @@ BAD_TP_CALLS = [
     ("c-differs", "disagree on objective"),
     ("objective-not-a-record-one-rank", "objective must be one of|failed validation"),
     ("nccl-with-cpu-tensors", "NCCL backend.*on cpu"),
+    ("float64-torch-path", "float64, which tp_group does not take"),
     ("kept-ids-one-rank", "disagree on kept_ids_given"),
     ("kept-ids-past-v", "kept_ids holds ids outside \\[0, 1001\\)"),
 ]
