@@ -10,7 +10,12 @@ logits of several spreads (peaked rows are the sampled LLM rows' kind; flat ones
 case), and checked against the sorted kept set. A model of the kernel's passes, not a
 measurement of it.
 
-    python -m bench.select_passes [--rows N]
+With ``--both``, top_k and top_p together, counted by the kernel itself instead: the selection
+launch runs under Triton's interpreter on the same kinds of rows and each of its counting passes
+is counted as it starts (the passes are the row's, not the hardware's, so the interpreter's count
+is the GPU's), with every row's log-probs checked against the float64 oracle's.
+
+    python -m bench.select_passes [--rows N] [--both]
 """
 
 import argparse
@@ -182,18 +187,76 @@ def _other_rows(kind, rng):
 
 
 FILTERS = (("k", 20), ("k", 1000), ("p", 0.5), ("p", 0.9), ("p", 0.95), ("p", 0.999))
+BOTH = ((20, 0.9), (20, 0.95), (50, 0.99), (1000, 0.9))
+KINDS = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "tied largest", "near-tied top",
+                                                   "near-tied top, τ"]
+
+
+def _rows(kind, n, rng):
+    """n rows of V logits of a kind (fp32)."""
+    if kind.startswith("z ~"):
+        scale = np.float32(kind.split(", ")[1].split("²")[0])
+        return [rng.standard_normal(V).astype(np.float32) * scale for _ in range(n)]
+    return [_other_rows(kind, rng) for _ in range(n)]
+
+
+def both(rows):
+    """Reads of a row by the forward with top_k and top_p together, counted by the selection
+    kernel under Triton's interpreter: the statistics, each counting pass, and the finish's sums
+    where the selection left them; every row's log-probs checked against the float64 oracle's."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are imported
+    import torch
+
+    import mhpo_kernels
+    import reference
+    from mhpo_kernels.kernels import forward, select
+
+    count_pass, select_cuts, passes, summed = select._count_pass, forward.select_cuts, collections.Counter(), []
+
+    def count_spy(*args):
+        passes[int(args[0].handle.data.ravel()[0])] += 1   # by the row's address
+        return count_pass(*args)
+
+    def select_spy(*args):
+        out = select_cuts(*args)
+        summed.append(args[7].view(-1, 2)[:, 0] >= 0)
+        return out
+
+    select._count_pass, forward.select_cuts = count_spy, select_spy
+    rng = np.random.default_rng(0)
+    print(f"reads of a row by the forward with top_k and top_p together (statistics + counting passes + the "
+          f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
+    print(f"{'rows':>18} " + " ".join(f"{f'k {k}, p {p}':>13}" for k, p in BOTH))
+    for kind in KINDS:
+        x = torch.from_numpy(np.stack(_rows(kind, rows, rng))).reshape(1, rows, V)
+        ids = x.argmax(-1)
+        counts = []
+        for top_k, top_p in BOTH:
+            passes.clear()
+            summed.clear()
+            with mhpo_kernels.use_backend("triton"):
+                logp = mhpo_kernels.token_logprobs(x, ids, top_k=top_k, top_p=top_p)
+            want = reference.token_logprobs(x.double(), ids, top_k=top_k, top_p=top_p)
+            assert torch.allclose(logp.double(), want, rtol=1e-5, atol=1e-5), (kind, top_k, top_p)
+            reads = [1 + n + (0 if s else 1) for n, s in zip((passes[a] for a in sorted(passes)), summed[0])]
+            counts.append(f"{min(reads)}–{max(reads)}" if min(reads) != max(reads) else str(reads[0]))
+        print(f"{kind:>18} " + " ".join(f"{c:>13}" for c in counts))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--both", action="store_true", help="top_k and top_p together, counted by the kernel")
     args = parser.parse_args(argv)
+    if args.both:
+        return both(args.rows)
     rng = np.random.default_rng(0)
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")
     print(f"{'rows':>18} " + " ".join(f"{f'top_{f[0]} {f[1]}':>11}" for f in FILTERS))
-    kinds = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "tied largest", "near-tied top",
-                                                     "near-tied top, τ"]
+    kinds = KINDS
     middle, differs = [], 0
     error = widest = 0.0
     for kind in kinds:
