@@ -230,7 +230,7 @@ def both(rows):
           f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
     print(f"{'rows':>18} " + " ".join(f"{f'k {k}, p {p}':>13}" for k, p in BOTH))
     for kind in KINDS:
-        x = torch.from_numpy(np.stack(_rows(kind, rows, rng))).reshape(1, rows, V)
+        x = torch.tensor(np.asarray(_rows(kind, rows, rng))).reshape(1, rows, V)   # names the image record has
         ids = x.argmax(-1)
         counts = []
         for top_k, top_p in BOTH:
