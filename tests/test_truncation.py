@@ -261,9 +261,11 @@ def _rows_with_both_filters():
     ties, near-ties and spreads with both filters (``_random_rows``); rows whose k-th and
     (k+1)-th largest logits lie a few fp32 steps apart, top_p keeping the largest alone or all
     that top_k keeps; rows of 2 or 3 logits far above the rest, top_p 0.9 keeping all of them;
-    and rows where top_k's k-th value lies inside a tie group while top_p's cutoff falls between
-    distinct tokens 3e-5 apart above it (the rows a selection of both filters at once, with
-    top_p's goal bounded until top_k's count is exact, got wrong: bench/NOTES.md)."""
+    rows where top_k's k-th value lies inside a tie group while top_p's cutoff falls between
+    distinct tokens 3e-5 apart above it; and a row whose top_p cutoff falls between two tokens
+    200 fp32 steps apart, a token a hair below the largest (the last two kinds: rows that a
+    selection of both filters at once, with top_p's goal bounded until top_k's count is exact,
+    got wrong: bench/NOTES.md)."""
     import numpy as np
 
     x, _, top_k, top_p = _random_rows(24, 512, seed=11, kinds=("kp", "mkp"))
@@ -297,6 +299,20 @@ def _rows_with_both_filters():
         rows.append(torch.from_numpy(rng.permutation(z).astype(np.float32)).reshape(1, -1))
         ks.append(torch.tensor([91]))
         ps.append(torch.tensor([1 - below - share[20 + 2 * j + 1] / 2], dtype=torch.float32))
+    # A token a hair below the largest, a comb of 300 below −0.7, and top_p's cutoff between two
+    # tokens 200 fp32 steps apart among them, with top_k's k-th value further down the comb.
+    z = np.full(512, -3.0, np.float32)
+    z[0], z[1] = 0.0, -1e-30
+    z[4:304] = np.float32(-0.7) - np.arange(300, dtype=np.float32) * np.float32(3.7e-4)
+    z[2] = z[3] = z[34] - np.float32(1e-4)
+    for _ in range(200):
+        z[3] = np.nextafter(z[3], -np.inf, dtype=np.float32)
+    kept = np.sort(z.astype(np.float64))[::-1][:204]
+    share = np.exp(kept) / np.exp(kept).sum()
+    upper = int(np.nonzero(kept == np.float64(z[2]))[0][0])
+    rows.append(torch.from_numpy(z).reshape(1, -1))
+    ks.append(torch.tensor([204]))
+    ps.append(torch.tensor([share[:upper].sum() + share[upper] / 2], dtype=torch.float32))
     return torch.cat(rows), torch.cat(ks), torch.cat(ps)
 
 
