@@ -256,18 +256,14 @@ def main(argv=None):
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")
     print(f"{'rows':>18} " + " ".join(f"{f'top_{f[0]} {f[1]}':>11}" for f in FILTERS))
-    kinds = KINDS
     middle, differs = [], 0
     error = widest = 0.0
-    for kind in kinds:
+    for kind in KINDS:
         counts = []
         for filters in FILTERS:
             reads = []
             for _ in range(args.rows):
-                if kind.startswith("z ~"):
-                    z = rng.standard_normal(V).astype(np.float32) * np.float32(kind.split(", ")[1].split("²")[0])
-                else:
-                    z = _other_rows(kind, rng)
+                z, = _rows(kind, 1, rng)
                 n, w, x, e = _reads(*_row(z), filters)
                 reads.append(n)
                 middle, differs, error = middle + [(kind, filters)] * (w is not None), differs + x, max(error, e)
