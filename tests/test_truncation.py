@@ -343,14 +343,207 @@ def test_top_k_and_top_p_together(backend):
     _close(ent.detach(), want_ent)
 
 
-def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp")):
+def _bf16_rows_with_both_filters():
+    """(logits (R, V) of bf16 values, min_p, top_k, top_p) for the selection over bf16 keys
+    (kernels/select.py): random rows of every kind with top_k and top_p, some with min_p
+    (``_random_rows``); Gaussian rows whose top_p cutoff keeps all that top_k keeps, or drops only
+    its lowest tie group (a cutoff among top_k's last bin, counted by single keys); rows whose
+    top_p cutoff lies far above top_k's, at half the mass; rows whose min_p floor lies above zero,
+    so that the candidates' keys fit in one pass of single keys; and flat rows with top_k keeping
+    most of the row, top_p's cutoff among the many tokens near 0 (keys of all sizes around it)."""
+    import numpy as np
+
+    x, min_p, top_k, top_p = _random_rows(30, 512, seed=13, kinds=("kp", "mkp"), bf16=True)
+    rows, mps, ks, ps = [x], [min_p], [top_k], [top_p]
+    rng = np.random.default_rng(14)
+    for r in range(24):
+        z = rng.standard_normal(512) * (1.0 if r >= 18 else rng.choice([1.0, 2.0, 4.0]))
+        if r >= 18:   # 200 of them within 0.05 of 0, on both sides
+            z[:200] = rng.uniform(-0.05, 0.05, 200)
+        z = torch.from_numpy(z).to(torch.bfloat16).double()
+        mp = torch.zeros(1, dtype=torch.float64)
+        if r % 3 == 2:   # the floor halfway between two positive values below the largest
+            values = z.unique().flip(0)
+            i = int(rng.integers(8, int((values > 0.5).sum())))
+            mp[0] = math.exp((values[i] + values[i + 1]) / 2 - values[0])
+        n = int(reference.kept_set(z.reshape(1, -1), min_p=mp)[0].sum())
+        while True:   # a top_k whose groups around top_p's cutoff hold ≥ 2e-3 (5e-4) of the mass each
+            k = torch.tensor([int(rng.integers(300, 500)) if r >= 18 else 200 if r % 3 == 1 else
+                              int(rng.integers(5, min(n, 200)))])
+            keep = reference.kept_set(z.reshape(1, -1), min_p=mp, top_k=k)[0]
+            values, counts = z[keep].unique(return_counts=True)           # ascending
+            share = counts * (values - values.max()).exp()
+            share = share / share.sum()
+            cumulative = share.cumsum(0)
+            gap = 5e-4 if r >= 18 else 2e-3
+            wide = (share > gap).nonzero().flatten()
+            m = {0: 0 if r % 6 == 0 else 1, 1: int(wide[(cumulative[wide] - 0.5).abs().argmin()]),
+                 2: int(wide[rng.integers(0, len(wide))])}[r % 3]
+            if r >= 18:   # top_p's cutoff among the many tokens near 0, top_k's far below
+                m = int(wide[(values[wide]).abs().argmin()])
+            if share[m] > gap:
+                break
+        rows.append(z.float().reshape(1, -1))
+        mps.append(mp.float())
+        ks.append(k)
+        ps.append(torch.tensor([1 - ((cumulative[m - 1] if m else 0.0) + cumulative[m]) / 2], dtype=torch.float32))
+    return torch.cat(rows), torch.cat(mps), torch.cat(ks), torch.cat(ps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logits_with_both_filters(backend, monkeypatch):
+    """bf16 logits with top_k and top_p, some with min_p (``_bf16_rows_with_both_filters``), keep the
+    float64 sort's set, ties together, with the oracle's log-probs and entropy. On the Triton path
+    the selection over bf16 keys reads each row at most three times (at most four with the
+    statistics): a first pass for both filters, one of single keys over top_k's last bin, and one
+    over top_p's open bins, or the finish's sums; every way is taken by some row."""
+    from mhpo_kernels.kernels import forward, select
+
+    count_pass, select_cuts, shifts, summed = select._count_pass, forward.select_cuts, {}, []
+
+    def count_spy(*args):   # by the row's address: (the bins' width in keys (log2), uniform in d)
+        shifts.setdefault(int(args[0].handle.data.ravel()[0]), []).append((int(args[9]), bool(args[12])))
+        return count_pass(*args)
+
+    def select_spy(*args):
+        out = select_cuts(*args)
+        summed.append(args[7].view(-1, 2)[:, 0] >= 0)
+        return out
+
+    monkeypatch.setattr(select, "_count_pass", count_spy)
+    monkeypatch.setattr(forward, "select_cuts", select_spy)
+    x, min_p, top_k, top_p = _bf16_rows_with_both_filters()
+    R, V = x.shape
+    want = reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=top_p)
+    assert (want.sum(-1) < V).all() and (want.sum(-1) > 1).sum() > R // 2
+    for f in (1 - 1e-4, 1 + 1e-4):   # top_p's kept sets stay put when it moves by 1e-4
+        moved = (top_p.double() * f).clamp(max=1)
+        assert torch.equal(reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=moved), want)
+    filters = dict(min_p=min_p.reshape(1, R), top_k=top_k.reshape(1, R), top_p=top_p.reshape(1, R))
+    ids = x.argmax(-1).reshape(1, R)
+    leaf = x.reshape(1, R, V).to(torch.bfloat16).requires_grad_()
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, **filters)
+    logp.sum().backward()
+    got = leaf.grad.reshape(R, V) != 0
+    got.view(-1)[ids.flatten() + V * torch.arange(R)] = True
+    for r in range(R):
+        assert torch.equal(got[r], want[r]), (r, int(got[r].sum()), int(want[r].sum()))
+    want_logp, want_ent = reference.token_logprobs(x.double().reshape(1, R, V), ids, return_entropy=True, **filters)
+    _close(logp.detach(), want_logp)
+    _close(ent.detach(), want_ent)
+    if backend == "triton":
+        passes = [shifts[a] for a in sorted(shifts)]
+        assert len(passes) == R and len(summed) == 1
+        reads = [len(p) + (not s) for p, s in zip(passes, summed[0].tolist())]
+        wide = [any(uniform for _, uniform in p) for p in passes]   # top_p's own selection after top_k's
+        assert max(n for n, w in zip(reads, wide) if not w) <= 3, reads
+        assert max(reads) <= 5, reads
+        assert any(len(p) == 2 and s for p, s in zip(passes, summed[0].tolist())), "no row summed at its 2nd pass"
+        assert any(len(p) == 3 and not w for p, w in zip(passes, wide)), "no row counted top_p's open bins"
+        assert any(p[0][0] == 0 for p in passes), "no row's candidates fit one pass of single keys"
+        assert any(not s for s in summed[0].tolist()), "no row left its sums to the finish"
+        assert any(wide), "no row's top_p run was too wide for one pass of single keys"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_cut_where_neighbouring_values_share_an_exponent(backend):
+    """bf16 values near 0, a step apart, can round to one fp32 exponent d (the selection counts
+    bf16 keys: kernels/select.py). A cut at a bin's lowest key, with no value there, must not keep
+    the values below it that share its d: top_k 2 keeps the largest and 1.65e-4, not the 300 at
+    1.34e-4 (23 fp32 steps lower in d); with top_p over what top_k 64 keeps, the first pass's bins
+    decide it at such an edge. The oracle's log-probs, entropy and gradient; fp32 logits too."""
+    rows = []
+    x = torch.full((512,), -20.0)
+    x[0], x[1], x[2:302] = 12.0, 1.6498565673828125e-4, 1.3446807861328125e-4
+    rows.append((x, dict(top_k=2)))
+    x = torch.full((64,), -20.0)
+    x[0], x[1], x[2:42] = 5.0, 4.124641418457031e-05, 3.361701965332031e-05
+    rows.append((x, dict(top_k=64, top_p=0.786176)))   # between cumulative shares 0.7835 and 0.789
+    for x, filters in rows:
+        for dtype in (torch.bfloat16, torch.float32):
+            xb = x.to(torch.bfloat16).to(dtype).reshape(1, 1, -1)
+            ids = xb.float().argmax(-1)
+            one = torch.ones(1, 1)
+            _assert_unambiguous(xb.double(), **filters)
+            with mhpo_kernels.use_backend(backend):
+                logp, ent, grad = _run(mhpo_kernels.token_logprobs, xb, ids, one, **filters)
+            want_logp, want_ent, want_grad = _run(reference.token_logprobs, xb.double(), ids, one.double(), **filters)
+            _close(logp, want_logp)
+            _close(ent, want_ent)
+            assert torch.equal(grad != 0, want_grad != 0)   # the kept set
+            _close(grad, want_grad, rtol=2 ** -8 if dtype == torch.bfloat16 else FP32_RTOL)   # in the logits' dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_with_a_row_shorter_than_a_block(backend):
+    """With a softcap a −inf logit has a finite exponent, so the lanes past a row's end (loaded as
+    −inf) must not be counted as logits: top_k beyond V keeps all 100, and top_p 0.99 among them
+    (the fused linear path, bf16, softcap 2)."""
+    g = torch.Generator().manual_seed(1)
+    V, cap = 100, 2.0
+    logits = (torch.randn(V, generator=g) * 2).to(torch.bfloat16)
+    h = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    h[..., 0] = 1
+    w = torch.zeros(V, 8, dtype=torch.bfloat16)
+    w[:, 0] = logits
+    ids = logits.float().argmax().reshape(1, 1)
+    z = cap * torch.tanh(logits.double() / cap).reshape(1, 1, V)
+    for filters in (dict(top_k=V + 5), dict(top_k=V + 5, top_p=0.99)):
+        _assert_unambiguous(z.reshape(1, V), **filters)
+        with mhpo_kernels.use_backend(backend):
+            logp, ent = mhpo_kernels.fused_linear_token_logprobs(h, w, ids, final_logit_softcap=cap,
+                                                                 return_entropy=True, **filters)
+        want_logp, want_ent = reference.token_logprobs(z, ids, return_entropy=True, **filters)
+        _close(logp, want_logp)
+        _close(ent, want_ent)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_values_sharing_an_exponent_are_kept_together(dtype):
+    """Two logits whose exponents d round to one fp32 value are one value to the threshold (SPEC.md,
+    section 9): with top_k 2, the second largest tied twice, the 300 logits 40 bf16 steps below it,
+    near 0, share its d and are kept with it. Over bf16 keys they lie below the bin the selection
+    counts by single keys (at most 32), and are counted in one more pass (kernels/select.py,
+    ``_settle``); over keys of d (fp32 logits) they are its key. Log-probs and entropy against
+    that set's in float64, from the exponents formed as the kernels form them (d = u·k − b, one
+    rounding)."""
+    import numpy as np
+
+    def below(v, steps):   # the bf16 value `steps` representable values below v > 0
+        bits = torch.tensor([v], dtype=torch.bfloat16).view(torch.int16) - steps
+        return float(bits.view(torch.bfloat16))
+
+    top = float(torch.tensor(1e-6).to(torch.bfloat16))
+    x = torch.full((512,), -20.0)
+    x[0], x[1:3], x[3:303] = 12.0, top, below(top, 40)
+    k = np.float32(1 / math.log(2))
+    b = np.float32(np.float64(k) * 12.0)
+    d = (x.double().numpy() * np.float64(k) - np.float64(b)).astype(np.float32).astype(np.float64)
+    assert d[1] == d[3] and reference.kept_set(x.double().reshape(1, -1), top_k=2).sum() == 3   # distinct values
+    kept = d >= d[1]
+    p = np.exp2(d[kept] - d[kept].max())
+    p /= p.sum()
+    want_logp = (d[0] - np.log2(np.exp2(d[kept]).sum())) * math.log(2)
+    want_ent = -(p * np.log(p)).sum()
+    xb = x.to(getattr(torch, dtype)).reshape(1, 1, -1)
+    with mhpo_kernels.use_backend("triton"):
+        logp, ent = mhpo_kernels.token_logprobs(xb, torch.zeros(1, 1, dtype=torch.long), return_entropy=True,
+                                                top_k=2)
+    assert kept.sum() == 303
+    assert abs(logp.item() - want_logp) <= FP32_RTOL and abs(ent.item() - want_ent) <= FP32_RTOL, \
+        (logp.item(), want_logp, ent.item(), want_ent)
+
+
+def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), bf16=False):
     """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
-    tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), and per
-    row filters whose cutoffs lie far from fp32's reach, chosen on the float64 values by turn:
-    top_p; top_k; min_p and top_p; all three (or ``kinds``). min_p's log sits halfway between two distinct values
-    at least 10⁻³ apart, top_k is any count of what min_p kept, and top_p lies halfway between
-    two tie groups' cumulative shares at least ``gap`` apart (a filter without such values is
-    left off). (rows, min_p, top_k, top_p)."""
+    tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), with
+    ``bf16`` each rounded to bf16, and per row filters whose cutoffs lie far from fp32's reach,
+    chosen on the float64 values by turn: top_p; top_k; min_p and top_p; all three (or
+    ``kinds``). min_p's log sits halfway between two distinct values at least 10⁻³ apart, top_k is
+    any count of what min_p kept, and top_p lies halfway between two tie groups' cumulative
+    shares at least ``gap`` apart (a filter without such values is left off). (rows, min_p,
+    top_k, top_p)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -368,6 +561,8 @@ def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp")):
             x[:rng.integers(0, 6)] += rng.uniform(3, 8)
             x = (x.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
         rows[r] = rng.permutation(x.astype(np.float32))
+    if bf16:
+        rows = torch.from_numpy(rows).to(torch.bfloat16).float().numpy()
     z = torch.from_numpy(rows).double()
     min_p, top_k, top_p = torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.int64), torch.ones(R)
     for r in range(R):
@@ -394,15 +589,15 @@ def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp")):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("V", [256, 512])
-def test_random_rows_keep_the_sorts_set(backend, V):
+@pytest.mark.parametrize("V, dtype", [(256, "float32"), (512, "float32"), (256, "bfloat16"), (512, "bfloat16")])
+def test_random_rows_keep_the_sorts_set(backend, V, dtype):
     """On 60 random rows of ties, near-ties and spreads (``_random_rows``), per-token filters keep
     the float64 sort's set, ties together: each kept token but the target (the largest) has a
     non-zero gradient, every other token a zero one, and the log-probs and entropy are the
-    oracle's."""
-    x, min_p, top_k, top_p = _random_rows(60, V, seed=V)
+    oracle's. bf16 logits take the selection over their own keys (kernels/select.py)."""
+    x, min_p, top_k, top_p = _random_rows(60, V, seed=V, bf16=dtype == "bfloat16")
     filters = dict(min_p=min_p.reshape(1, -1), top_k=top_k.reshape(1, -1), top_p=top_p.reshape(1, -1))
-    x = x.reshape(1, 60, V)
+    x = x.reshape(1, 60, V).to(getattr(torch, dtype))
     ids = x.argmax(-1)
     want = reference.kept_set(x.double().reshape(60, V), min_p=min_p, top_k=top_k, top_p=top_p)
     assert want.sum(-1).min() >= 1 and (want.sum(-1) < V).all()
