@@ -535,6 +535,96 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
         (logp.item(), want_logp, ent.item(), want_ent)
 
 
+@pytest.mark.parametrize("seed", [1003, 1050])
+def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed):
+    """Rows of bf16 logits, many of them within 10⁻²·⁵ of 0 (so that neighbouring values share an
+    exponent d), a few spread, one largest, at random temperatures, with random top_k, top_p and
+    min_p per row: the kept set and log-prob are those of the set of d (ties in d kept together,
+    as the kernels form d), on every row whose set stays put when top_p or min_p moves by 1e-4.
+    The seeds hold rows that went wrong three ways (kernels/select.py): a last pass that kept no key
+    of its range, the cut on the key above, which shares its d with the one below (``_settle``);
+    sums that took such a tie group before the cut moved above it; and top_k's tie group below
+    the bin it counts by single keys, left out of top_p's goal."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    R, V = 12, 512
+    x = np.full((R, V), -20.0)
+    for r in range(R):
+        top = rng.uniform(1, 12)
+        n0 = rng.integers(10, 400)
+        small = 10 ** rng.uniform(-9, -2.5, n0) * rng.choice([-1, 1], n0)
+        small[rng.random(n0) < 0.1] = 0.0
+        x[r, :n0] = small
+        nm = rng.integers(0, 100)
+        x[r, n0:n0 + nm] = rng.standard_normal(nm) * rng.uniform(0.5, 3)
+        x[r, n0 + nm] = top
+        nt = rng.integers(0, 4)
+        x[r, n0 + nm + 1:n0 + nm + 1 + nt] = top - rng.uniform(0, 1, nt)
+        rng.shuffle(x[r])
+    x = torch.from_numpy(x).float().to(torch.bfloat16).float()
+    tau = torch.from_numpy(np.where(rng.random(R) < 0.5, 1.0, rng.uniform(0.3, 12, R))).float()
+    top_k = torch.from_numpy(np.where(rng.random(R) < 0.2, V + 5, rng.integers(1, V, R))).int()
+    top_p = rng.uniform(0.05, 0.999, R)
+    top_p[rng.random(R) < 0.15] = float(np.float32(1 - 2 ** -24))
+    top_p = torch.from_numpy(top_p).float()
+    min_p = torch.from_numpy(np.where(rng.random(R) < 0.3, 10 ** rng.uniform(-6, -1, R), 0.0)).float()
+    d = np.empty((R, V))
+    for r in range(R):   # d = u·k − b with one rounding, as the kernels form it (k and b in fp32)
+        k = np.float32(np.float32(1 / math.log(2)) / np.float32(tau[r]))
+        b = np.float32(x[r].numpy().max() * k)
+        d[r] = (x[r].double().numpy() * np.float64(k) - np.float64(b)).astype(np.float32)
+
+    def kept_by_d(top_p, min_p):
+        floor = torch.where(min_p > 0, min_p.double().clamp(min=1e-300).log2(), -math.inf).unsqueeze(-1)
+        candidate = torch.from_numpy(d) >= floor
+        z = torch.where(candidate, torch.from_numpy(d) * math.log(2), -math.inf)
+        return reference.kept_set(z, top_k=top_k, top_p=top_p.double()) & candidate
+
+    want = kept_by_d(top_p, min_p)
+    clear = torch.ones(R, dtype=torch.bool)
+    for m in (1 - 1e-4, 1 + 1e-4):
+        clear &= (kept_by_d((top_p * m).clamp(max=1.0), min_p) == want).all(-1)
+        clear &= (kept_by_d(top_p, min_p * m) == want).all(-1)
+    assert clear.sum() >= R // 2
+    ids = x.argmax(-1)
+    leaf = x.reshape(1, R, V).to(torch.bfloat16).requires_grad_()
+    with mhpo_kernels.use_backend("triton"):
+        logp = mhpo_kernels.token_logprobs(leaf, ids.reshape(1, R), top_k=top_k.reshape(1, R),
+                                           top_p=top_p.reshape(1, R), min_p=min_p.reshape(1, R),
+                                           temperature=tau.reshape(1, R))
+    logp.sum().backward()
+    got = leaf.grad.reshape(R, V) != 0
+    got[torch.arange(R), ids] = True
+    seen = torch.from_numpy(d) > -100   # a bf16 gradient of a token below 2⁻¹⁰⁰ of the largest may be 0
+    for r in clear.nonzero().flatten().tolist():
+        kept = want[r].numpy()
+        want_logp = (d[r, ids[r]] - np.log2(np.exp2(d[r][kept]).sum())) * math.log(2)
+        assert torch.equal(got[r][seen[r]], want[r][seen[r]]), (r, int(got[r].sum()), int(want[r].sum()))
+        assert abs(logp[0, r].item() - want_logp) <= FP32_RTOL * max(1.0, abs(want_logp)), (r, logp[0, r], want_logp)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_bin_above_a_kept_bin_is_kept(dtype):
+    """A bin's bounds can leave it undecided while a bin below it is surely kept (its own other
+    tokens counted above its lowest: loose for bins of several keys far apart in d); every token
+    above a kept one is kept, so it is too, and the selection goes on below neither (top_p 0.9834
+    keeps the six largest: the oracle's log-prob and entropy)."""
+    x = torch.full((1, 1, 256), -30.0)
+    x[0, 0, :6] = torch.tensor([8.0, 7.40625, 6.5, 6.46875, 6.4375, 6.40625])
+    x[0, 0, 6:13] = 2.203125
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    _assert_unambiguous(x.double().reshape(1, -1), top_p=0.9834029078483582)
+    with mhpo_kernels.use_backend("triton"):
+        logp, ent = mhpo_kernels.token_logprobs(x.to(getattr(torch, dtype)), ids, return_entropy=True,
+                                                top_k=256, top_p=0.9834029078483582)
+    want_logp, want_ent = reference.token_logprobs(x.double(), ids, return_entropy=True, top_k=256,
+                                                   top_p=0.9834029078483582)
+    assert reference.kept_set(x.double().reshape(1, -1), top_p=0.9834029078483582).sum() == 6
+    _close(logp, want_logp)
+    _close(ent, want_ent)
+
+
 def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), bf16=False):
     """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
     tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), with

@@ -247,6 +247,8 @@ def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, i, BY_MASS: tl.cons
     others = tl.where(multi, w_hi - w_hi / tl.maximum(cnt, 1.0), 0.0)
     full = cnt > 0
     kept = full & (tl.where(more, above_hi + others, 0.5 * (above_lo + above_hi)) < goal)
+    # Every token above a kept one is kept: a bin above a kept bin is, whatever its own bounds say.
+    kept = full & (tl.cumsum(kept.to(tl.int32), 0) > 0)
     ambiguous = full & ~kept & (above_lo < goal) & more & multi
     return kept, ambiguous, tl.max(tl.where(ambiguous, o_bin, -1), 0), tl.min(tl.where(ambiguous, o_bin, NB), 0)
 
@@ -324,12 +326,13 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
                 cut_key = tl.where(b_kept < NB, klo + (b_kept.to(tl.uint32) << shift),
                                    tl.minimum(khi + 1, key_top))
                 done = b_hi < 0
-                boundary = multi
-                counted = tl.where(multi, cut_key, klo)
+                boundary = multi | (b_kept >= NB)   # a bin's edge, or the key above the range
+                counted = tl.where(boundary, cut_key, klo)
                 if not multi:
                     if BF16_KEYS:
-                        s_kept, a_kept = _tied_sums(cnt, d_lo, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True),
-                                                    s_hi, a_hi)
+                        # (none kept here: the cut is the key above, its ties are ``_settle``'s)
+                        s_kept, a_kept = _tied_sums(tl.where(b_kept < NB, cnt, 0.0), d_lo,
+                                                    _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True), s_hi, a_hi)
                     else:
                         s_kept, a_kept = _kept_sums(kept, cnt * e_lo, d_lo, s_hi, a_hi)
                 elif BY_MASS:
@@ -521,9 +524,12 @@ def _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top
         kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, cnt_f, cnt_f, tl.sum(tl.where(o_bin > f, cnt, 0.0), 0), zero,
                                                  zero, top_k.to(tl.float32), 0, 1, False)
         cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
-        # (top-k's tie group in d below f, if any, is left out of top-p's goal: values within fp32
-        # rounding of its cut)
-        s_top, a_kept = _tied_sums(cnt_f, d_f, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True), m_range, a_hi)
+        cut_d = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True)
+        s_top, a_kept = _tied_sums(cnt_f, d_f, cut_d, m_range, a_hi)
+        if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, True) == cut_d:   # its tie group reaches below f
+            s_top += _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                 _first_key(cut_d, k, base, tanh_scale, SOFTCAP, False), f_lo - 1, SOFTCAP, R, LANES,
+                                 VEC).to(tl.float32) * tl.exp2(cut_d)
     goal = top_p * s_top
     if (f >= 0) & (m_range < goal):  # top-p keeps every token above f: its cut among f's single keys
         e_f = tl.where(cnt_f > 0, cnt_f * tl.exp2(d_f), 0.0)
