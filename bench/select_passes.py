@@ -15,10 +15,10 @@ launch runs under Triton's interpreter on the same kinds of rows and each of its
 is counted as it starts (the passes are the row's, not the hardware's, so the interpreter's count
 is the GPU's), with every row's log-probs checked against the float64 oracle's.
 
-With ``--bf16`` as well, the rows are rounded to bf16, whose selection runs over the logits' own
-keys, and each filter alone is counted beside the pairs.
+With ``--bf16`` (``--fp16``) as well, the rows are rounded to bf16 (fp16), whose selection runs
+over the logits' own keys, and each filter alone is counted beside the pairs.
 
-    python -m bench.select_passes [--rows N] [--both [--bf16]]
+    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16]]
 """
 
 import argparse
@@ -191,7 +191,7 @@ def _other_rows(kind, rng):
 
 FILTERS = (("k", 20), ("k", 1000), ("p", 0.5), ("p", 0.9), ("p", 0.95), ("p", 0.999))
 BOTH = ((20, 0.9), (20, 0.95), (50, 0.99), (1000, 0.9))
-BF16_ALONE = ((20, None), (1000, None), (None, 0.9), (None, 0.999))
+ALONE = ((20, None), (1000, None), (None, 0.9), (None, 0.999))
 KINDS = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "tied largest", "near-tied top",
                                                    "near-tied top, τ"]
 
@@ -204,12 +204,12 @@ def _rows(kind, n, rng):
     return [_other_rows(kind, rng) for _ in range(n)]
 
 
-def both(rows, bf16=False):
+def both(rows, dtype="fp32"):
     """Reads of a row by the forward with top_k and top_p together, counted by the selection
     kernel under Triton's interpreter: the statistics, each counting pass, and the finish's sums
     where the selection left them; every row's log-probs checked against the float64 oracle's.
-    With ``bf16`` the rows are rounded to bf16 (the selection over their own keys), and each
-    filter alone is counted too."""
+    With ``dtype`` bf16 or fp16 the rows are rounded to it (the selection over their own keys),
+    and each filter alone is counted too."""
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are imported
@@ -232,16 +232,16 @@ def both(rows, bf16=False):
 
     select._count_pass, forward.select_cuts = count_spy, select_spy
     rng = np.random.default_rng(0)
-    cells = BF16_ALONE + BOTH if bf16 else BOTH
-    print(f"reads of a row by the forward with top_k and top_p {'(bf16 logits)' if bf16 else 'together'} (statistics"
-          f" + counting passes + the finish's sums unless the selection summed them), over {rows} rows, V = {V}, "
-          f"counted by the kernel")
+    cells = BOTH if dtype == "fp32" else ALONE + BOTH
+    which = "together" if dtype == "fp32" else f"({dtype} logits)"
+    print(f"reads of a row by the forward with top_k and top_p {which} (statistics + counting passes + the "
+          f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
     print(f"{'rows':>18} " + " ".join(f"{', '.join(n for n in (k and f'k {k}', p and f'p {p}') if n):>13}"
                                       for k, p in cells))
     for kind in KINDS:
         x = torch.tensor(np.asarray(_rows(kind, rows, rng))).reshape(1, rows, V)   # names the image record has
-        if bf16:
-            x = x.to(torch.bfloat16)
+        if dtype != "fp32":
+            x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
         ids = x.argmax(-1)
         counts = []
         for top_k, top_p in cells:
@@ -260,10 +260,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--both", action="store_true", help="top_k and top_p together, counted by the kernel")
-    parser.add_argument("--bf16", action="store_true", help="with --both: bf16 rows, each filter alone too")
+    dtype = parser.add_mutually_exclusive_group()
+    dtype.add_argument("--bf16", action="store_true", help="with --both: bf16 rows, each filter alone too")
+    dtype.add_argument("--fp16", action="store_true", help="with --both: fp16 rows, each filter alone too")
     args = parser.parse_args(argv)
     if args.both:
-        return both(args.rows, args.bf16)
+        return both(args.rows, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     rng = np.random.default_rng(0)
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")

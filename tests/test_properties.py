@@ -185,9 +185,9 @@ def test_hyperparameters_are_runtime_arguments():
     assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "CUT", "DX_IN_PHASE",
                                               "SPLIT"} | block
     # the sampler's filters: which are on is compiled in, their values are per-token data
-    # (and BF16_KEYS, a function of the logits' dtype: which keys the selection counts)
+    # (and KEYS16, a function of the logits' dtype: which keys the selection counts)
     assert params(_select_kernel, True) == {"SOFTCAP", "HAS_TAU", "WITH_ENTROPY", "MIN_P", "TOP_K", "TOP_P",
-                                            "BF16_KEYS"} | block
+                                            "KEYS16"} | block
     assert {"k", "tanh_scale", "N", "T", "V"} <= params(_select_kernel, False)
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values

@@ -93,15 +93,16 @@ def test_truncation_passes(report):
     counting loops store nothing and stay within the selection budget and its register limit:
     top-k's two (bins of several keys, summing no mass: no MUFU; single keys, summing the kept
     tokens), top-p's four (uniform in d, several keys, its last pass's several keys summing the
-    kept tokens, single keys), and over bf16 keys two counts of a tie group in d after each
-    selection; bf16 rows with both filters, twenty-one (both filters' selection, then each
-    filter's alone, kernels/select.py). The pass of single keys with the entropy costs at most 3
-    instructions more (its Σ 2^d·d); top-p's last pass costs at most 2 more than single keys (the
-    shift to its bins; over bf16 keys both shift, and they differ by at most 2 either way). Over
-    a vocabulary split, the counting launch's three loops are top-p's: its uniform pass and its
-    pass over keys, instruction for instruction, and its last pass with the entropy (the kept
-    tokens' sums) with one add more, to the slice's own base (bf16: the uniform pass only; its
-    selection counts other keys). The backward of every truncation is the backward's loop with a
+    kept tokens, single keys), and over 16-bit keys (bf16, fp16) two counts of a tie group in d
+    after each selection; 16-bit rows with both filters, twenty-one (both filters' selection,
+    then each filter's alone, kernels/select.py). The pass of single keys with the entropy costs
+    at most 3 instructions more (its Σ 2^d·d); top-p's last pass costs at most 2 more than single
+    keys (the shift to its bins; over bf16 keys both shift, and they differ by at most 2 either
+    way). Over a vocabulary split, the counting launch's three loops are top-p's: its uniform
+    pass and its pass over keys, instruction for instruction, and its last pass with the entropy
+    (the kept tokens' sums) with one add more, to the slice's own base (16-bit logits: the
+    uniform pass only; their selection counts other keys). The backward of every truncation is
+    the backward's loop with a
     compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
@@ -113,11 +114,11 @@ def test_truncation_passes(report):
             assert r["loop_instructions"] - plain["loop_instructions"] <= 2, (r, plain)
             finish = by_name[f"fwd-{dtype}-selected-{suffix}"]  # the same loop, its max or a cut never read
             assert finish["loop_instructions"] <= r["pass2"]["loop_instructions"] + 2, (finish, r)
-        # bf16: each selection ends with two counts of a tie group in d (no sums, no MUFU); with both
+        # 16-bit keys: each selection ends with two counts of a tie group in d (no sums, no MUFU); with both
         # filters, their shared first pass, top-k's last bin by single keys, top-p's run (bins of
         # several keys or single), top-p's own selection after top-k's, the counts, and each filter
         # alone with its counts, and one count of top-k's tie group below its bin: 19 before the last two.
-        ties = 2 if dtype == "bf16" else 0
+        ties = 0 if dtype == "fp32" else 2
         for suffix, n_loops in (("topk", 2), ("topp", 4), ("minp-topk-topp", 19 if ties else 6), ("topk-entropy", 2),
                                 ("topp-entropy", 4)):
             loops = by_name[f"select-{dtype}-{suffix}"]["select"]
@@ -132,12 +133,12 @@ def test_truncation_passes(report):
             assert 0 < with_entropy["instructions_per_element"] - single["instructions_per_element"] <= 3, \
                 (single, with_entropy)
         # Over a vocabulary split: top_p's uniform pass and its pass over keys, and its last pass with
-        # the entropy and one add (the sums at the slice's own base). bf16's selection counts the
-        # logits' keys, the split's keys of d: only the uniform pass is the same loop.
+        # the entropy and one add (the sums at the slice's own base). 16-bit logits' selection counts
+        # the logits' keys, the split's keys of d: only the uniform pass is the same loop.
         topp, topp_entropy = select["topp"], select["topp-entropy"]
         slices = [loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"]]
         slices.remove(topp[0]["instructions_per_element"])
-        if dtype != "bf16":
+        if dtype == "fp32":
             slices.remove(topp[1]["instructions_per_element"])
             assert 0 <= slices[0] - topp_entropy[2]["instructions_per_element"] <= 1, (slices, topp_entropy)
         for suffix in ("topp", "topp-entropy"):

@@ -343,24 +343,26 @@ def test_top_k_and_top_p_together(backend):
     _close(ent.detach(), want_ent)
 
 
-def _bf16_rows_with_both_filters():
-    """(logits (R, V) of bf16 values, min_p, top_k, top_p) for the selection over bf16 keys
+def _16_bit_rows_with_both_filters(dtype):
+    """(logits (R, V) of values of the 16-bit ``dtype``, min_p, top_k, top_p) for the selection over 16-bit keys
     (kernels/select.py): random rows of every kind with top_k and top_p, some with min_p
     (``_random_rows``); Gaussian rows whose top_p cutoff keeps all that top_k keeps, or drops only
     its lowest tie group (a cutoff among top_k's last bin, counted by single keys); rows whose
     top_p cutoff lies far above top_k's, at half the mass; rows whose min_p floor lies above zero,
     so that the candidates' keys fit in one pass of single keys; and flat rows with top_k keeping
-    most of the row, top_p's cutoff among the many tokens near 0 (keys of all sizes around it)."""
+    most of the row, top_p's cutoff among the many tokens near 0 (keys of all sizes around it,
+    where the bins' bounds are loose)."""
     import numpy as np
 
-    x, min_p, top_k, top_p = _random_rows(30, 512, seed=13, kinds=("kp", "mkp"), bf16=True)
+    x, min_p, top_k, top_p = _random_rows(30, 512, seed=13, kinds=("kp", "mkp"), rounded=dtype)
     rows, mps, ks, ps = [x], [min_p], [top_k], [top_p]
     rng = np.random.default_rng(14)
     for r in range(24):
         z = rng.standard_normal(512) * (1.0 if r >= 18 else rng.choice([1.0, 2.0, 4.0]))
-        if r >= 18:   # 200 of them within 0.05 of 0, on both sides
-            z[:200] = rng.uniform(-0.05, 0.05, 200)
-        z = torch.from_numpy(z).to(torch.bfloat16).double()
+        if r >= 18:   # 200 of them within 0.05 of 0 (fp16, whose keys are finer: within 2), on both sides
+            near = 0.05 if dtype == torch.bfloat16 else 2.0
+            z[:200] = rng.uniform(-near, near, 200)
+        z = torch.from_numpy(z).to(dtype).double()
         mp = torch.zeros(1, dtype=torch.float64)
         if r % 3 == 2:   # the floor halfway between two positive values below the largest
             values = z.unique().flip(0)
@@ -391,18 +393,23 @@ def _bf16_rows_with_both_filters():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_logits_with_both_filters(backend, monkeypatch):
-    """bf16 logits with top_k and top_p, some with min_p (``_bf16_rows_with_both_filters``), keep the
-    float64 sort's set, ties together, with the oracle's log-probs and entropy. On the Triton path
-    the selection over bf16 keys reads each row at most three times (at most four with the
-    statistics): a first pass for both filters, one of single keys over top_k's last bin, and one
-    over top_p's open bins, or the finish's sums; every way is taken by some row."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_logits_with_both_filters(backend, dtype, monkeypatch):
+    """bf16 and fp16 logits with top_k and top_p, some with min_p (``_16_bit_rows_with_both_filters``),
+    keep the float64 sort's set, ties together, with the oracle's log-probs and entropy. On the
+    Triton path the selection over 16-bit keys reads each row at most three times (at most four
+    with the statistics): a first pass for both filters, one of single keys over top_k's last bin,
+    and one over top_p's open bins, or the finish's sums; every way is taken by some row. Where
+    top_p's open bins are too wide, up to five; where distinct values near the cut share its d,
+    one or two counts of that tie group more (``_settle``)."""
     from mhpo_kernels.kernels import forward, select
 
     count_pass, select_cuts, shifts, summed = select._count_pass, forward.select_cuts, {}, []
 
-    def count_spy(*args):   # by the row's address: (the bins' width in keys (log2), uniform in d)
-        shifts.setdefault(int(args[0].handle.data.ravel()[0]), []).append((int(args[9]), bool(args[12])))
+    def count_spy(*args):   # by the row's address: (the bins' width in keys (log2), uniform in d, a count
+        # of a tie group in d: ``_settle``'s, the one pass here without sums)
+        shifts.setdefault(int(args[0].handle.data.ravel()[0]), []).append(
+            (int(args[9]), bool(args[12]), not (args[13] or args[14])))
         return count_pass(*args)
 
     def select_spy(*args):
@@ -412,7 +419,7 @@ def test_bf16_logits_with_both_filters(backend, monkeypatch):
 
     monkeypatch.setattr(select, "_count_pass", count_spy)
     monkeypatch.setattr(forward, "select_cuts", select_spy)
-    x, min_p, top_k, top_p = _bf16_rows_with_both_filters()
+    x, min_p, top_k, top_p = _16_bit_rows_with_both_filters(dtype)
     R, V = x.shape
     want = reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=top_p)
     assert (want.sum(-1) < V).all() and (want.sum(-1) > 1).sum() > R // 2
@@ -421,7 +428,7 @@ def test_bf16_logits_with_both_filters(backend, monkeypatch):
         assert torch.equal(reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=moved), want)
     filters = dict(min_p=min_p.reshape(1, R), top_k=top_k.reshape(1, R), top_p=top_p.reshape(1, R))
     ids = x.argmax(-1).reshape(1, R)
-    leaf = x.reshape(1, R, V).to(torch.bfloat16).requires_grad_()
+    leaf = x.reshape(1, R, V).to(dtype).requires_grad_()
     with mhpo_kernels.use_backend(backend):
         logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, **filters)
     logp.sum().backward()
@@ -436,9 +443,10 @@ def test_bf16_logits_with_both_filters(backend, monkeypatch):
         passes = [shifts[a] for a in sorted(shifts)]
         assert len(passes) == R and len(summed) == 1
         reads = [len(p) + (not s) for p, s in zip(passes, summed[0].tolist())]
-        wide = [any(uniform for _, uniform in p) for p in passes]   # top_p's own selection after top_k's
-        assert max(n for n, w in zip(reads, wide) if not w) <= 3, reads
-        assert max(reads) <= 5, reads
+        ties = [sum(tie for _, _, tie in p) for p in passes]
+        wide = [any(uniform for _, uniform, _ in p) for p in passes]   # top_p's own selection after top_k's
+        assert max(n - t for n, t, w in zip(reads, ties, wide) if not w) <= 3, (reads, ties)
+        assert max(ties) <= 2 and max(n - t for n, t in zip(reads, ties)) <= 5, (reads, ties)
         assert any(len(p) == 2 and s for p, s in zip(passes, summed[0].tolist())), "no row summed at its 2nd pass"
         assert any(len(p) == 3 and not w for p, w in zip(passes, wide)), "no row counted top_p's open bins"
         assert any(p[0][0] == 0 for p in passes), "no row's candidates fit one pass of single keys"
@@ -452,7 +460,8 @@ def test_bf16_cut_where_neighbouring_values_share_an_exponent(backend):
     bf16 keys: kernels/select.py). A cut at a bin's lowest key, with no value there, must not keep
     the values below it that share its d: top_k 2 keeps the largest and 1.65e-4, not the 300 at
     1.34e-4 (23 fp32 steps lower in d); with top_p over what top_k 64 keeps, the first pass's bins
-    decide it at such an edge. The oracle's log-probs, entropy and gradient; fp32 logits too."""
+    decide it at such an edge. The oracle's log-probs, entropy and gradient (one rounding to the
+    logits' dtype); the same values as fp16 and fp32 logits too."""
     rows = []
     x = torch.full((512,), -20.0)
     x[0], x[1], x[2:302] = 12.0, 1.6498565673828125e-4, 1.3446807861328125e-4
@@ -461,8 +470,9 @@ def test_bf16_cut_where_neighbouring_values_share_an_exponent(backend):
     x[0], x[1], x[2:42] = 5.0, 4.124641418457031e-05, 3.361701965332031e-05
     rows.append((x, dict(top_k=64, top_p=0.786176)))   # between cumulative shares 0.7835 and 0.789
     for x, filters in rows:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):   # the bf16 values, exact in fp16 too
             xb = x.to(torch.bfloat16).to(dtype).reshape(1, 1, -1)
+            assert torch.equal(xb.float(), x.to(torch.bfloat16).float().reshape(1, 1, -1))
             ids = xb.float().argmax(-1)
             one = torch.ones(1, 1)
             _assert_unambiguous(xb.double(), **filters)
@@ -472,7 +482,8 @@ def test_bf16_cut_where_neighbouring_values_share_an_exponent(backend):
             _close(logp, want_logp)
             _close(ent, want_ent)
             assert torch.equal(grad != 0, want_grad != 0)   # the kept set
-            _close(grad, want_grad, rtol=2 ** -8 if dtype == torch.bfloat16 else FP32_RTOL)   # in the logits' dtype
+            # the gradient is stored in the logits' dtype: within an ulp of 1 in bf16 (2⁻⁸ held) and fp16
+            _close(grad, want_grad, rtol={torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}.get(dtype, FP32_RTOL))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -490,22 +501,51 @@ def test_softcap_with_a_row_shorter_than_a_block(backend):
     ids = logits.float().argmax().reshape(1, 1)
     z = cap * torch.tanh(logits.double() / cap).reshape(1, 1, V)
     for filters in (dict(top_k=V + 5), dict(top_k=V + 5, top_p=0.99)):
-        _assert_unambiguous(z.reshape(1, V), **filters)
-        with mhpo_kernels.use_backend(backend):
-            logp, ent = mhpo_kernels.fused_linear_token_logprobs(h, w, ids, final_logit_softcap=cap,
-                                                                 return_entropy=True, **filters)
-        want_logp, want_ent = reference.token_logprobs(z, ids, return_entropy=True, **filters)
-        _close(logp, want_logp)
-        _close(ent, want_ent)
+        _fused_softcap_as_the_oracle(backend, h, w, ids, cap, z, filters)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def _fused_softcap_as_the_oracle(backend, h, w, ids, cap, z, filters):
+    """The fused linear path's log-probs and entropy under a softcap ``cap`` and ``filters`` are
+    the oracle's on the capped logits z (B, T, V) in float64, whose kept set is unambiguous."""
+    _assert_unambiguous(z.reshape(-1, z.shape[-1]), **filters)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.fused_linear_token_logprobs(h, w, ids, final_logit_softcap=cap,
+                                                             return_entropy=True, **filters)
+    want_logp, want_ent = reference.token_logprobs(z, ids, return_entropy=True, **filters)
+    _close(logp, want_logp)
+    _close(ent, want_ent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_softcap_counts_an_overflowed_logit(backend, dtype):
+    """Under a softcap a +inf logit (hidden @ weight past the logits' dtype's largest) is the finite
+    logit cap/τ (SPEC.md, section 5, rule 3), a candidate like any other: top_k 1 keeps it alone,
+    top_k 2 and 3 the next ones too, with top_p among them. Over 16-bit keys its key lies above
+    every finite one (kernels/select.py, ``_first_key``): once left out of top_k's count, it made
+    top_k keep one token more."""
+    cap, values = 30.0, [math.inf, 20.0, 10.0, 5.0, 0.0, -3.0, 1.0, 2.0]
+    V = len(values)
+    h = torch.ones(1, 1, 2, dtype=dtype)
+    w = torch.zeros(V, 2, dtype=dtype)
+    w[:, 0] = torch.tensor(values, dtype=dtype).nan_to_num(posinf=0.0)
+    w[0] = torch.finfo(dtype).max                     # max + max: +inf in the dtype
+    logits = (h.reshape(1, 2) @ w.T).reshape(1, 1, V)
+    assert logits[0, 0, 0] == math.inf
+    z = cap * torch.tanh(logits.double() / cap)
+    for filters in (dict(top_k=1), dict(top_k=2), dict(top_k=3), dict(top_k=2, top_p=0.9)):
+        for target in (0, 1):
+            _fused_softcap_as_the_oracle(backend, h, w, torch.tensor([[target]]), cap, z, filters)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_values_sharing_an_exponent_are_kept_together(dtype):
     """Two logits whose exponents d round to one fp32 value are one value to the threshold (SPEC.md,
     section 9): with top_k 2, the second largest tied twice, the 300 logits 40 bf16 steps below it,
     near 0, share its d and are kept with it. Over bf16 keys they lie below the bin the selection
     counts by single keys (at most 32), and are counted in one more pass (kernels/select.py,
-    ``_settle``); over keys of d (fp32 logits) they are its key. Log-probs and entropy against
+    ``_settle``); over keys of d (fp32 logits) they are its key. As fp16 logits, 7 fp16 steps
+    below, across +0 (an edge of the first pass's bins of 32 keys). Log-probs and entropy against
     that set's in float64, from the exponents formed as the kernels form them (d = u·k − b, one
     rounding)."""
     import numpy as np
@@ -515,8 +555,11 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
         return float(bits.view(torch.bfloat16))
 
     top = float(torch.tensor(1e-6).to(torch.bfloat16))
+    group = below(top, 40)
+    if dtype == "float16":   # fp16's smallest steps, 2 above +0 and 5 below
+        top, group = 2 * 2.0 ** -24, -5 * 2.0 ** -24
     x = torch.full((512,), -20.0)
-    x[0], x[1:3], x[3:303] = 12.0, top, below(top, 40)
+    x[0], x[1:3], x[3:303] = 12.0, top, group
     k = np.float32(1 / math.log(2))
     b = np.float32(np.float64(k) * 12.0)
     d = (x.double().numpy() * np.float64(k) - np.float64(b)).astype(np.float32).astype(np.float64)
@@ -535,9 +578,10 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
         (logp.item(), want_logp, ent.item(), want_ent)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("seed", [1003, 1050])
-def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed):
-    """Rows of bf16 logits, many of them within 10⁻²·⁵ of 0 (so that neighbouring values share an
+def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed, dtype):
+    """Rows of bf16 (fp16) logits, many of them within 10⁻²·⁵ of 0 (so that neighbouring values share an
     exponent d), a few spread, one largest, at random temperatures, with random top_k, top_p and
     min_p per row: the kept set and log-prob are those of the set of d (ties in d kept together,
     as the kernels form d), on every row whose set stays put when top_p or min_p moves by 1e-4.
@@ -555,22 +599,82 @@ def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed):
         n0 = rng.integers(10, 400)
         small = 10 ** rng.uniform(-9, -2.5, n0) * rng.choice([-1, 1], n0)
         small[rng.random(n0) < 0.1] = 0.0
-        x[r, :n0] = small
-        nm = rng.integers(0, 100)
-        x[r, n0:n0 + nm] = rng.standard_normal(nm) * rng.uniform(0.5, 3)
-        x[r, n0 + nm] = top
-        nt = rng.integers(0, 4)
-        x[r, n0 + nm + 1:n0 + nm + 1 + nt] = top - rng.uniform(0, 1, nt)
+        _fill_row(rng, x[r], small, top, 100, (0.5, 3))
         rng.shuffle(x[r])
-    x = torch.from_numpy(x).float().to(torch.bfloat16).float()
-    tau = torch.from_numpy(np.where(rng.random(R) < 0.5, 1.0, rng.uniform(0.3, 12, R))).float()
-    top_k = torch.from_numpy(np.where(rng.random(R) < 0.2, V + 5, rng.integers(1, V, R))).int()
+    tau = np.where(rng.random(R) < 0.5, 1.0, rng.uniform(0.3, 12, R))
+    top_k = np.where(rng.random(R) < 0.2, V + 5, rng.integers(1, V, R))
     top_p = rng.uniform(0.05, 0.999, R)
     top_p[rng.random(R) < 0.15] = float(np.float32(1 - 2 ** -24))
-    top_p = torch.from_numpy(top_p).float()
-    min_p = torch.from_numpy(np.where(rng.random(R) < 0.3, 10 ** rng.uniform(-6, -1, R), 0.0)).float()
+    min_p = np.where(rng.random(R) < 0.3, 10 ** rng.uniform(-6, -1, R), 0.0)
+    _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p)
+
+
+def test_fp16_rows_of_ties_keep_the_set_of_their_exponents():
+    """fp16 rows whose values near 0 share exponents d with their neighbours, drawn four ways
+    (uniform within a small share of the largest, magnitudes spread over five decades, fp16's
+    subnormals and zeros, positive ones only), with ±0, some −inf, random temperatures, filters
+    and targets (``_keep_the_set_of_exponents``). Row 9 cuts at the lowest key of a first-pass bin,
+    which holds no value and ties in d with the keys below it (``_settle``'s bin-edge count):
+    without that count it kept 60 tokens where the set of d has 59."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    R, V = 16, 512
+    x = np.full((R, V), -30.0)
+    for r in range(R):
+        top = rng.uniform(0.5, 16)
+        n0 = rng.integers(50, V - 40)
+        lim = top * 2.0 ** rng.uniform(-20, -8)
+        way = rng.integers(4)
+        if way == 0:
+            small = rng.uniform(-lim, lim, n0)
+        elif way == 1:
+            small = 10 ** rng.uniform(np.log10(lim) - 5, np.log10(lim), n0) * rng.choice([-1, 1], n0)
+        elif way == 2:
+            small = rng.integers(-40, 41, n0) * 2.0 ** -24
+        else:
+            small = rng.uniform(0, lim, n0)
+        small[rng.random(n0) < 0.05] = 0.0
+        small[rng.random(n0) < 0.05] = -0.0
+        _fill_row(rng, x[r], small, top, 30, (0.1, 2))
+        if rng.random() < 0.2:
+            x[r, rng.integers(V, size=rng.integers(1, 20))] = -np.inf
+        rng.shuffle(x[r])
+    tau = np.where(rng.random(R) < 0.3, 1.0, 10 ** rng.uniform(-0.5, 1.5, R))
+    top_k = np.where(rng.random(R) < 0.3, 0, rng.integers(1, V, R))
+    top_p = np.where(rng.random(R) < 0.2, 1.0, rng.uniform(0.05, 0.9999, R))
+    min_p = np.where(rng.random(R) < 0.6, 0.0, 10 ** rng.uniform(-6, -0.3, R))
+    ids = None
+    if rng.random() < 0.5:
+        ids = rng.integers(0, V, R)
+    _keep_the_set_of_exponents(x, torch.float16, tau, top_k, top_p, min_p, ids)
+
+
+def _fill_row(rng, row, small, top, mid, spread):
+    """``row`` from its start: the values ``small``, fewer than ``mid`` Gaussian ones of a spread
+    drawn from ``spread``, the largest ``top``, and up to 3 within 1 below it."""
+    n0 = len(small)
+    row[:n0] = small
+    nm = rng.integers(0, mid)
+    row[n0:n0 + nm] = rng.standard_normal(nm) * rng.uniform(*spread)
+    row[n0 + nm] = top
+    nt = rng.integers(0, 4)
+    row[n0 + nm + 1:n0 + nm + 1 + nt] = top - rng.uniform(0, 1, nt)
+
+
+def _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p, ids=None):
+    """Rows x (R, V) rounded to ``dtype`` with per row τ and filters (NumPy): on every row whose set
+    stays put when top_p or min_p moves by 1e-4, the Triton path keeps the set of d ≥ its
+    threshold, ties in d together, with d formed as the kernels form it (d = u·k − b, one
+    rounding, k and b in fp32), and gives its log-prob at the target (the largest, or ``ids``)."""
+    import numpy as np
+
+    R, V = x.shape
+    x = torch.from_numpy(x).float().to(dtype).float()
+    tau, top_k = torch.from_numpy(tau).float(), torch.from_numpy(top_k).int()
+    top_p, min_p = torch.from_numpy(top_p).float(), torch.from_numpy(min_p).float()
     d = np.empty((R, V))
-    for r in range(R):   # d = u·k − b with one rounding, as the kernels form it (k and b in fp32)
+    for r in range(R):
         k = np.float32(np.float32(1 / math.log(2)) / np.float32(tau[r]))
         b = np.float32(x[r].numpy().max() * k)
         d[r] = (x[r].double().numpy() * np.float64(k) - np.float64(b)).astype(np.float32)
@@ -587,21 +691,26 @@ def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed):
         clear &= (kept_by_d((top_p * m).clamp(max=1.0), min_p) == want).all(-1)
         clear &= (kept_by_d(top_p, min_p * m) == want).all(-1)
     assert clear.sum() >= R // 2
-    ids = x.argmax(-1)
-    leaf = x.reshape(1, R, V).to(torch.bfloat16).requires_grad_()
+    ids = x.argmax(-1) if ids is None else torch.from_numpy(ids)
+    leaf = x.reshape(1, R, V).to(dtype).requires_grad_()
     with mhpo_kernels.use_backend("triton"):
         logp = mhpo_kernels.token_logprobs(leaf, ids.reshape(1, R), top_k=top_k.reshape(1, R),
                                            top_p=top_p.reshape(1, R), min_p=min_p.reshape(1, R),
                                            temperature=tau.reshape(1, R))
-    logp.sum().backward()
+    logp[logp.isfinite()].sum().backward()
     got = leaf.grad.reshape(R, V) != 0
-    got[torch.arange(R), ids] = True
-    seen = torch.from_numpy(d) > -100   # a bf16 gradient of a token below 2⁻¹⁰⁰ of the largest may be 0
     for r in clear.nonzero().flatten().tolist():
         kept = want[r].numpy()
-        want_logp = (d[r, ids[r]] - np.log2(np.exp2(d[r][kept]).sum())) * math.log(2)
-        assert torch.equal(got[r][seen[r]], want[r][seen[r]]), (r, int(got[r].sum()), int(want[r].sum()))
-        assert abs(logp[0, r].item() - want_logp) <= FP32_RTOL * max(1.0, abs(want_logp)), (r, logp[0, r], want_logp)
+        scale = np.log2(np.exp2(d[r][kept]).sum())
+        # a token's gradient is its share 2^(d − scale) in the logits' dtype, which may round to 0
+        # below 2^-100 in bf16 and 2^-23 in fp16 (twice its smallest subnormal)
+        seen = torch.from_numpy(d[r] - scale > (-23 if dtype == torch.float16 else -100))
+        got[r, ids[r]] = bool(kept[ids[r]])
+        want_logp = (d[r, ids[r]] - scale) * math.log(2) if kept[ids[r]] else -math.inf
+        if kept[ids[r]]:
+            assert torch.equal(got[r][seen], want[r][seen]), (r, int(got[r].sum()), int(want[r].sum()))
+        assert logp[0, r].item() == want_logp or \
+            abs(logp[0, r].item() - want_logp) <= FP32_RTOL * max(1.0, abs(want_logp)), (r, logp[0, r], want_logp)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -625,10 +734,10 @@ def test_a_bin_above_a_kept_bin_is_kept(dtype):
     _close(ent, want_ent)
 
 
-def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), bf16=False):
+def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), rounded=None):
     """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
-    tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), with
-    ``bf16`` each rounded to bf16, and per row filters whose cutoffs lie far from fp32's reach,
+    tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), each
+    rounded to the 16-bit dtype ``rounded`` if given, and per row filters whose cutoffs lie far from fp32's reach,
     chosen on the float64 values by turn: top_p; top_k; min_p and top_p; all three (or
     ``kinds``). min_p's log sits halfway between two distinct values at least 10⁻³ apart, top_k is
     any count of what min_p kept, and top_p lies halfway between two tie groups' cumulative
@@ -651,8 +760,8 @@ def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), bf16=False
             x[:rng.integers(0, 6)] += rng.uniform(3, 8)
             x = (x.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
         rows[r] = rng.permutation(x.astype(np.float32))
-    if bf16:
-        rows = torch.from_numpy(rows).to(torch.bfloat16).float().numpy()
+    if rounded is not None:
+        rows = torch.from_numpy(rows).to(rounded).float().numpy()
     z = torch.from_numpy(rows).double()
     min_p, top_k, top_p = torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.int64), torch.ones(R)
     for r in range(R):
@@ -679,13 +788,14 @@ def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), bf16=False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("V, dtype", [(256, "float32"), (512, "float32"), (256, "bfloat16"), (512, "bfloat16")])
+@pytest.mark.parametrize("V, dtype", [(256, "float32"), (512, "float32"), (256, "bfloat16"), (512, "bfloat16"),
+                                      (512, "float16")])
 def test_random_rows_keep_the_sorts_set(backend, V, dtype):
     """On 60 random rows of ties, near-ties and spreads (``_random_rows``), per-token filters keep
     the float64 sort's set, ties together: each kept token but the target (the largest) has a
     non-zero gradient, every other token a zero one, and the log-probs and entropy are the
-    oracle's. bf16 logits take the selection over their own keys (kernels/select.py)."""
-    x, min_p, top_k, top_p = _random_rows(60, V, seed=V, bf16=dtype == "bfloat16")
+    oracle's. bf16 and fp16 logits take the selection over their own keys (kernels/select.py)."""
+    x, min_p, top_k, top_p = _random_rows(60, V, seed=V, rounded=None if dtype == "float32" else getattr(torch, dtype))
     filters = dict(min_p=min_p.reshape(1, -1), top_k=top_k.reshape(1, -1), top_p=top_p.reshape(1, -1))
     x = x.reshape(1, 60, V).to(getattr(torch, dtype))
     ids = x.argmax(-1)

@@ -31,10 +31,11 @@ each pass narrowing the candidates to the bins it could not decide.
   at its lowest d). Otherwise the forward's finish reads the row once more. Either way the
   forward reads a top-k or top-p row at most 4 times: the statistics and three passes, or the
   statistics, two passes and the finish. Each filter runs alone, top-k's then top-p's, but for a
-  bf16 row with both on.
-- bf16 logits (BF16_KEYS). The keys are the logits' own, 2^16 values: d is monotone in them, so
-  a threshold on them is one on d. The first pass bins the candidates' keys, from
-  the first whose d reaches the floor up to the largest logit's, by at most 32 (11 + 5 bits), so
+  16-bit row with both on.
+- bf16 and fp16 logits (KEYS16). The keys are the logits' own, 2^16 values (``_key16``: bf16's
+  the upper half of its fp32 value's key, fp16's formed from its bits): d is monotone in them,
+  so a threshold on them is one on d. The first pass bins the candidates' keys, from the first
+  whose d reaches the floor up to the largest logit's, by at most 32 (11 + 5 bits), so
   a second reaches single keys: top-k alone takes two passes. With top-p on too, that first pass
   (with the candidates' mass) serves both: top-k's k-th bin is counted again by single keys
   (with the mass above it), which makes top-k's cut and the mass it keeps, top-p's goal, exact;
@@ -42,7 +43,7 @@ each pass narrowing the candidates to the bins it could not decide.
   cannot decide is counted by single keys in one more pass where it holds at most NB keys (the
   statistics and three passes at most; a wider run, loose bounds over keys near 0, takes top-p's
   own passes over what top-k kept). top-p alone keeps its uniform first pass, then counts keys.
-  Distinct bf16 values near 0 may round to one d: the kept set d ≥ threshold takes such a tie
+  Distinct 16-bit values near 0 may round to one d: the kept set d ≥ threshold takes such a tie
   group whole where it holds a kept token, and ``_settle`` counts it where the passes' bins split
   it (a read more, on such ties only).
 
@@ -69,7 +70,6 @@ MAX_PASSES = tl.constexpr(3)
 # so they are dropped, as the oracle drops them).
 UNIFORM_RANGE = tl.constexpr(64.0)
 KEY_INF = tl.constexpr(0xFF800000)  # _key(+inf): every finite or infinite d is at or below it
-KEY16_INF = tl.constexpr(0xFF80)    # a bf16 logit's key (BF16_KEYS): _key(+inf) >> 16
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # Two programs of 8 warps per SM: the counting loop is bound by its instructions, and the bins'
 # bounds need registers (more would leave one program per SM).
@@ -95,9 +95,9 @@ def _d_max(base):
 @triton.jit
 def _key(d):
     """fp32 → uint32 in the same order (−0 just below +0): the sign bit set for d ≥ +0, every bit
-    flipped for d ≤ −0."""
-    b = d.to(tl.uint32, bitcast=True)
-    return tl.where((b >> 31) != 0, ~b, b | 0x80000000)
+    flipped for d ≤ −0 (one xor, with a mask of the sign)."""
+    b = d.to(tl.int32, bitcast=True)
+    return ((b >> 31).to(tl.uint32, bitcast=True) | 0x80000000) ^ b.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -115,25 +115,51 @@ def _uniform_bin(d, lo, scale):
 
 
 @triton.jit
-def _key_d(key, k, base, tanh_scale, SOFTCAP: tl.constexpr, BF16_KEYS: tl.constexpr):
-    """The d of a key: the key's own value (keys of d), or with BF16_KEYS the d of the bf16 logit
+def _key16(x, x32):
+    """A 16-bit logit x (x32: its fp32 value) → a uint32 whose bits from ``_key16_at`` on are its
+    16-bit key, in the same order (``_key``'s rule on 16 bits): bf16's is its fp32 value's key,
+    whose upper half it is (the lower half 0 or 0xFFFF); fp16's is formed from its own bits."""
+    if x.dtype == tl.bfloat16:
+        return _key(x32)
+    else:
+        b = x.to(tl.int16, bitcast=True).to(tl.int32)   # sign-extended: ~b flips the upper half to 0
+        return (b ^ ((b >> 15) | 0x8000)).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _key16_at(KEYS16: tl.constexpr):
+    """Where ``_key16``'s 16-bit key starts in its uint32: bit 16 for bf16, bit 0 for fp16."""
+    return 16 if KEYS16 == tl.bfloat16 else 0
+
+
+@triton.jit
+def _key16_top(KEYS16: tl.constexpr):
+    """The 16-bit key of +inf in the type KEYS16: every logit's key but NaN's is at or below it."""
+    inf = tl.full([], float("inf"), KEYS16)
+    return _key16(inf, inf.to(tl.float32)) >> _key16_at(KEYS16)
+
+
+@triton.jit
+def _key_d(key, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr):
+    """The d of a key: the key's own value (keys of d), or with KEYS16 the d of the 16-bit logit
     whose key it is, formed as the passes form it."""
-    if BF16_KEYS:
+    if KEYS16 is not None:
         b = tl.where((key >> 15) != 0, key & 0x7FFF, ~key & 0xFFFF)   # _value's, on 16 bits
-        return tl.fma(_logit_u((b << 16).to(tl.float32, bitcast=True), tanh_scale, SOFTCAP), k, -base)
+        x = b.to(tl.uint16).to(KEYS16, bitcast=True).to(tl.float32)
+        return tl.fma(_logit_u(x, tanh_scale, SOFTCAP), k, -base)
     else:
         return _value(key)
 
 
 @triton.jit
-def _bin_start(b, start, key_top, lo, scale, k, base, tanh_scale, SOFTCAP: tl.constexpr, BF16_KEYS: tl.constexpr):
+def _bin_start(b, start, key_top, lo, scale, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr):
     """The smallest key whose d falls in uniform bin b or above (``key_top`` + 1 for b ≥ NB): a
     binary search over the keys from ``start`` (bin 0's or below), once per row."""
     a = start
     z = key_top + 1
     for _ in range(32):
         m = a + (z - a) // 2
-        up = _uniform_bin(_key_d(m, k, base, tanh_scale, SOFTCAP, BF16_KEYS), lo, scale) >= b
+        up = _uniform_bin(_key_d(m, k, base, tanh_scale, SOFTCAP, KEYS16), lo, scale) >= b
         z = tl.where(up & (a < z), m, z)
         a = tl.where(~up & (a < z), m + 1, a)
     return a
@@ -143,17 +169,18 @@ def _bin_start(b, start, key_top, lo, scale, k, base, tanh_scale, SOFTCAP: tl.co
 def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
                 MASKED: tl.constexpr, UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr,
                 ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False, BF16_KEYS: tl.constexpr = False):
+                VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False, KEYS16: tl.constexpr = None):
     """One block of a pass, at offsets from the row's block base where the row is [lo, hi)
     (rows.py): the bins of its candidates; with HI the mass above the range (ENTROPY: and its
     Σ 2^d·d), with IN the mass within it; REBASED: those sums of d + ``delta`` (another base's d),
-    the bins still of d; BF16_KEYS: the keys (and bins) of the bf16 logits, not of d."""
+    the bins still of d; KEYS16: the keys (and bins) of the 16-bit logits, not of d."""
     o_v = v0 + o_blk
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
-        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        b_raw = tl.load(p_blk + o_v, mask=m_v, other=float("-inf"))
     else:
-        b_x = tl.load(p_blk + o_v).to(tl.float32)
+        b_raw = tl.load(p_blk + o_v)
+    b_x = b_raw.to(tl.float32)
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
@@ -162,12 +189,12 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
         b_in = b_d >= lo_d
         b_bin = _uniform_bin(b_d, lo_d, scale)
     else:
-        if BF16_KEYS:
-            b_key = _key(b_x)                # bf16's keys are its fp32 keys' upper halves (``_count_pass``)
+        if KEYS16 is not None:
+            b_key = _key16(b_raw, b_x)       # the bins' bounds as such keys (``_count_pass``)
         else:
             b_key = _key(b_d)
         b_in = (b_key >= klo) & (b_key <= khi)
-        if MASKED and BF16_KEYS:
+        if MASKED and KEYS16 is not None:
             b_in = b_in & m_v                # the lanes off the row load −inf: a candidate key with a softcap
         b_bin = ((b_key - klo) >> shift).to(tl.int32)
         b_above = b_key > khi
@@ -190,32 +217,33 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
 def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale,
                 UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr, ENTROPY: tl.constexpr,
                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, delta=0.0,
-                REBASED: tl.constexpr = False, BF16_KEYS: tl.constexpr = False):
+                REBASED: tl.constexpr = False, KEYS16: tl.constexpr = None):
     """One read of a valid row [lead, n_end) (blocks as in forward._lse_blocks): the (NB,) counts
     of its candidates by bin, uniform in d from ``lo_d`` (UNIFORM) or of 2^shift keys from klo
     over [klo, khi]; the mass above the range and its Σ 2^d·d, the mass within (``_count_step``;
-    REBASED: the sums of d + ``delta``; BF16_KEYS: keys of the bf16 logits)."""
+    REBASED: the sums of d + ``delta``; KEYS16: keys of the 16-bit logits)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
-    if BF16_KEYS:  # the bf16 keys [klo, khi] and bins of 2^shift of them, as fp32 keys of the logits
-        klo = klo << 16
-        khi = (khi << 16) | 0xFFFF
-        shift = shift + 16
+    if KEYS16 is not None:  # the 16-bit keys [klo, khi] and bins of 2^shift of them, placed as ``_key16``'s
+        at = _key16_at(KEYS16)
+        klo = klo << at
+        khi = (khi << at) | ((1 << at) - 1)
+        shift = shift + at
     hist = tl.zeros([NB], tl.int32)
     s_hi = tl.zeros([LANES], tl.float32)
     s_in = tl.zeros([LANES], tl.float32)
     a_hi = tl.zeros([LANES], tl.float32)
     hist, s_hi, s_in, a_hi = _count_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
                                          scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY, SOFTCAP, R,
-                                         LANES, VEC, delta, REBASED, BF16_KEYS)
+                                         LANES, VEC, delta, REBASED, KEYS16)
     for v0 in range(BLOCK, n_full, BLOCK):
         hist, s_hi, s_in, a_hi = _count_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                              lo_d, scale, hist, s_hi, s_in, a_hi, False, UNIFORM, HI, IN, ENTROPY,
-                                             SOFTCAP, R, LANES, VEC, delta, REBASED, BF16_KEYS)
+                                             SOFTCAP, R, LANES, VEC, delta, REBASED, KEYS16)
     if (n_full > 0) & (n_full < n_end):
         hist, s_hi, s_in, a_hi = _count_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                              lo_d, scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY,
-                                             SOFTCAP, R, LANES, VEC, delta, REBASED, BF16_KEYS)
+                                             SOFTCAP, R, LANES, VEC, delta, REBASED, KEYS16)
     return hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0)
 
 
@@ -263,7 +291,7 @@ def _kept_sums(kept, e, d, s_above, a_above):
 
 @triton.jit
 def _tied_sums(cnt, d, cut, s_above, a_above):
-    """``_kept_sums`` of the bins of one bf16 key each with d ≥ ``cut``: distinct keys may share a
+    """``_kept_sums`` of the bins of one 16-bit key each with d ≥ ``cut``: distinct keys may share a
     d, and the kept set takes such a tie group whole (``_settle`` adds its part below the bins)."""
     kept = (cnt > 0) & (d >= cut)
     return _kept_sums(kept, tl.where(kept, cnt * tl.exp2(d), 0.0), d, s_above, a_above)
@@ -271,9 +299,9 @@ def _tied_sums(cnt, d, cut, s_above, a_above):
 
 @triton.jit
 def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, done, above, goal, s_kept, a_kept,
-            i0, BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BF16_KEYS: tl.constexpr,
+            i0, BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr,
             R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """Passes i0 … MAX_PASSES − 1 of a selection over bins of keys (of d, or of the bf16 logits):
+    """Passes i0 … MAX_PASSES − 1 of a selection over bins of keys (of d, or of the 16-bit logits):
     each counts the candidates in [klo, khi] by bins of 2^shift keys and narrows [klo, khi] to the
     bins it could not decide, until one decides the row (``done``). ``above``: top-k's count above
     the range (top-p's mass above it is summed by each pass). (the lowest kept key, s, a:
@@ -281,8 +309,8 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
     given; whether that pass's bins held several keys, and the lowest key its sums cover: for
     ``_settle``)."""
     o_bin = tl.arange(0, NB)
-    if BF16_KEYS:
-        key_top = klo * 0 + KEY16_INF
+    if KEYS16 is not None:
+        key_top = klo * 0 + _key16_top(KEYS16)
     else:
         key_top = klo * 0 + KEY_INF
     boundary = done != done                  # False, as a runtime flag
@@ -297,25 +325,25 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
             if count:
                 hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                                      0.0, 0.0, False, BY_MASS, BY_MASS, False, SOFTCAP, R, LANES, VEC,
-                                                     0.0, False, BF16_KEYS)
+                                                     0.0, False, KEYS16)
             elif multi:  # top-p's last pass: it decides, and sums the kept tokens
                 hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                                      0.0, 0.0, False, True, False, WITH_ENTROPY, SOFTCAP, R, LANES,
-                                                     VEC, 0.0, False, BF16_KEYS)
+                                                     VEC, 0.0, False, KEYS16)
             else:  # single keys (a loop of its own, without the shift): the same
                 hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, 0,
                                                      0.0, 0.0, False, True, False, WITH_ENTROPY, SOFTCAP, R, LANES,
-                                                     VEC, 0.0, False, BF16_KEYS)
+                                                     VEC, 0.0, False, KEYS16)
             cnt = hist.to(tl.float32)
             width = ((1 << shift) - 1).to(tl.uint32)
             lo_key = klo + (o_bin.to(tl.uint32) << shift)
-            d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, BF16_KEYS)
+            d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, KEYS16)
             e_lo = tl.where(cnt > 0, tl.exp2(d_lo), 0.0)   # empty bins past khi: never read
             if BY_MASS:
                 above = s_hi
                 w_lo = cnt * e_lo
                 d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi - lo_key), k, base, tanh_scale, SOFTCAP,
-                                         BF16_KEYS), _d_max(base))
+                                         KEYS16), _d_max(base))
                 w_hi = tl.where(cnt > 0, cnt * tl.exp2(d_hi), 0.0)
             else:
                 w_lo = cnt
@@ -329,10 +357,10 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
                 boundary = multi | (b_kept >= NB)   # a bin's edge, or the key above the range
                 counted = tl.where(boundary, cut_key, klo)
                 if not multi:
-                    if BF16_KEYS:
+                    if KEYS16 is not None:
                         # (none kept here: the cut is the key above, its ties are ``_settle``'s)
                         s_kept, a_kept = _tied_sums(tl.where(b_kept < NB, cnt, 0.0), d_lo,
-                                                    _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True), s_hi, a_hi)
+                                                    _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), s_hi, a_hi)
                     else:
                         s_kept, a_kept = _kept_sums(kept, cnt * e_lo, d_lo, s_hi, a_hi)
                 elif BY_MASS:
@@ -352,14 +380,15 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
 
 
 @triton.jit
-def _first_key(floor, k, base, tanh_scale, SOFTCAP: tl.constexpr, ABOVE: tl.constexpr):
-    """The smallest bf16 key whose d is ≥ ``floor`` (ABOVE: > floor), a binary search over the
-    2^16 keys."""
+def _first_key(floor, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, ABOVE: tl.constexpr):
+    """The smallest key of a KEYS16 logit whose d is ≥ ``floor`` (ABOVE: > floor), +inf's key + 1
+    where none is: a binary search over the 2^16 keys up to +inf's, whose d is finite under a
+    softcap (cap / τ, as the largest logit's)."""
     a = _key(floor) * 0
-    z = a + KEY16_INF                        # +inf: d = +inf
+    z = a + _key16_top(KEYS16) + 1
     for _ in range(16):
         m = a + (z - a) // 2
-        d = _key_d(m, k, base, tanh_scale, SOFTCAP, True)
+        d = _key_d(m, k, base, tanh_scale, SOFTCAP, KEYS16)
         if ABOVE:
             up = d > floor
         else:
@@ -370,36 +399,37 @@ def _first_key(floor, k, base, tanh_scale, SOFTCAP: tl.constexpr, ABOVE: tl.cons
 
 
 @triton.jit
-def _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo, hi, SOFTCAP: tl.constexpr, R: tl.constexpr,
-                LANES: tl.constexpr, VEC: tl.constexpr):
-    """How many of the row's logits have a bf16 key in [lo, hi] (one read)."""
+def _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo, hi, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr,
+                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """How many of the row's logits have a 16-bit key in [lo, hi] (one read)."""
     hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo, hi,
                                          tl.maximum(_bits(hi - lo) - NB_BITS, 0), 0.0, 0.0, False, False, False, False,
-                                         SOFTCAP, R, LANES, VEC, 0.0, False, True)
+                                         SOFTCAP, R, LANES, VEC, 0.0, False, KEYS16)
     return tl.sum(hist, 0)
 
 
 @triton.jit
 def _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s, a, counted, boundary,
-            SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """(the threshold on d, s, a) of a selection over bf16 keys whose kept keys are those from
+            SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """(the threshold on d, s, a) of a selection over 16-bit keys whose kept keys are those from
     ``cut_key`` up. Distinct keys may share a d, and the kept set d ≥ threshold takes such a tie
     group whole where it holds a kept token, as the sort of the d would. Where ``cut_key`` ties
     with the key below it: if it is the lowest key of a bin of several (``boundary``), possibly
     without a token, the group is counted, and without a token from ``cut_key`` up the threshold
     moves above it; where it stays, the group's tokens below ``counted`` (the lowest key the sums
     s ≥ 0 cover) are counted into s and a. A read each, on such ties only."""
-    d_cut = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True)
-    if _key_d(cut_key - 1, k, base, tanh_scale, SOFTCAP, True) == d_cut:
+    d_cut = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16)
+    if _key_d(cut_key - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == d_cut:
         if boundary:
-            top = _first_key(d_cut, k, base, tanh_scale, SOFTCAP, True) - 1
-            if _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, top, SOFTCAP, R, LANES, VEC) == 0:
+            top = _first_key(d_cut, k, base, tanh_scale, SOFTCAP, KEYS16, True) - 1
+            if _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, top, SOFTCAP, KEYS16, R, LANES,
+                           VEC) == 0:
                 counted = top + 1            # nothing kept in the group: the threshold above it
-                d_cut = _key_d(counted, k, base, tanh_scale, SOFTCAP, True)
-        if (s >= 0) & (_key_d(counted - 1, k, base, tanh_scale, SOFTCAP, True) == d_cut):
+                d_cut = _key_d(counted, k, base, tanh_scale, SOFTCAP, KEYS16)
+        if (s >= 0) & (_key_d(counted - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == d_cut):
             n = _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                            _first_key(d_cut, k, base, tanh_scale, SOFTCAP, False), counted - 1, SOFTCAP, R, LANES,
-                            VEC)
+                            _first_key(d_cut, k, base, tanh_scale, SOFTCAP, KEYS16, False), counted - 1, SOFTCAP,
+                            KEYS16, R, LANES, VEC)
             e = n.to(tl.float32) * tl.exp2(d_cut)
             s += e
             a += e * d_cut
@@ -408,19 +438,19 @@ def _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s, a, count
 
 @triton.jit
 def _select_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
-                 BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BF16_KEYS: tl.constexpr,
+                 BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr,
                  R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One filter over the candidates d ≥ ``floor`` (> −inf): top-k (goal k, counts), or with
-    BY_MASS top-p (goal top_p, a share of the candidates' mass), over keys of d or (BF16_KEYS) of
-    the bf16 logits, from the candidates' first key up to the largest logit's. (``_narrow``'s: the
+    BY_MASS top-p (goal top_p, a share of the candidates' mass), over keys of d or (KEYS16) of
+    the 16-bit logits, from the candidates' first key up to the largest logit's. (``_narrow``'s: the
     lowest kept key, s, a, whether it is a bin's edge, the lowest key s covers)."""
     o_bin = tl.arange(0, NB)
-    if BF16_KEYS:
-        klo = _first_key(floor, k, base, tanh_scale, SOFTCAP, False)
-        key_top = klo * 0 + KEY16_INF
+    if KEYS16 is not None:
+        klo = _first_key(floor, k, base, tanh_scale, SOFTCAP, KEYS16, False)
+        key_top = klo * 0 + _key16_top(KEYS16)
         khi = key_top                        # top-p: its uniform pass sets the keys' range
         if not BY_MASS:
-            khi = _first_key(_d_max(base), k, base, tanh_scale, SOFTCAP, True) - 1
+            khi = _first_key(_d_max(base), k, base, tanh_scale, SOFTCAP, KEYS16, True) - 1
     else:
         klo = _key(floor)
         khi = klo * 0 + KEY_INF
@@ -443,43 +473,44 @@ def _select_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
         w_lo = tl.where(cnt > 0, cnt * tl.exp2(lo_d + o_bin.to(tl.float32) * bin_d - margin), 0.0)
         w_hi = tl.where(cnt > 0, cnt * tl.exp2(lo_d + (o_bin + 1).to(tl.float32) * bin_d + margin), 0.0)
         kept, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_none, s_none, s_in, goal, 1, 0, True)
-        start = klo                          # bf16 keys: the candidates' first (no NaN below)
-        if not BF16_KEYS:
+        start = klo                          # 16-bit keys: the candidates' first (no NaN below)
+        if KEYS16 is None:
             start = _key(lo_d)
         if b_hi < 0:
             cut_key = tl.minimum(_bin_start(tl.min(tl.where(kept, o_bin, NB), 0), start, key_top, lo_d, scale, k,
-                                            base, tanh_scale, SOFTCAP, BF16_KEYS), key_top)
+                                            base, tanh_scale, SOFTCAP, KEYS16), key_top)
             done = b_hi < 0
         else:
-            klo = _bin_start(b_lo, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, BF16_KEYS)
-            khi = _bin_start(b_hi + 1, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, BF16_KEYS) - 1
+            klo = _bin_start(b_lo, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, KEYS16)
+            khi = _bin_start(b_hi + 1, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, KEYS16) - 1
     return _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, done, floor * 0.0, goal,
-                   floor * 0.0 - 1.0, floor * 0.0, 1 if BY_MASS else 0, BY_MASS, WITH_ENTROPY, SOFTCAP, BF16_KEYS, R,
+                   floor * 0.0 - 1.0, floor * 0.0, 1 if BY_MASS else 0, BY_MASS, WITH_ENTROPY, SOFTCAP, KEYS16, R,
                    LANES, VEC)
 
 
 @triton.jit
 def _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
-               BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BF16_KEYS: tl.constexpr,
+               BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr,
                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """(the smallest kept d, s, a) of one filter (``_select_keys``). s and a: the kept tokens'
     Σ 2^d and Σ 2^d·d when the deciding pass had single-key bins or was the last, else s = −1
     (the forward's finish sums them)."""
     cut_key, s, a, boundary, counted = _select_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
-                                                    BY_MASS, WITH_ENTROPY, SOFTCAP, BF16_KEYS, R, LANES, VEC)
-    if BF16_KEYS:
+                                                    BY_MASS, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+    if KEYS16 is not None:
         cut, s, a = _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s, a, counted, boundary,
-                            SOFTCAP, R, LANES, VEC)
+                            SOFTCAP, KEYS16, R, LANES, VEC)
     else:
         cut = _value(cut_key)
     return cut, s, a
 
 
 @triton.jit
-def _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p, WITH_ENTROPY: tl.constexpr,
-                      SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a bf16
-    row, on the logits' own keys (d is monotone in them), the candidates' first key up to the
+def _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p,
+                        WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, R: tl.constexpr,
+                        LANES: tl.constexpr, VEC: tl.constexpr):
+    """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a row
+    of 16-bit logits, on their own keys (d is monotone in them), the candidates' first key up to the
     largest logit's. One first pass (bins of ≤ 32 keys) serves both filters. The bin that holds
     top-k's k-th value is counted again by single keys, which makes top-k's cut and the mass it
     keeps exact. Then top-p decides among those single keys, or the first pass's bins above them,
@@ -487,16 +518,16 @@ def _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top
     keys; a wider run takes top-p's own selection over what top-k kept (``_select_keys``). The cut
     then made a threshold on d (``_settle``)."""
     o_bin = tl.arange(0, NB)
-    klo = _first_key(floor, k, base, tanh_scale, SOFTCAP, False)
-    khi = _first_key(_d_max(base), k, base, tanh_scale, SOFTCAP, True) - 1
+    klo = _first_key(floor, k, base, tanh_scale, SOFTCAP, KEYS16, False)
+    khi = _first_key(_d_max(base), k, base, tanh_scale, SOFTCAP, KEYS16, True) - 1
     shift = tl.maximum(_bits(khi - klo) - NB_BITS, 0)
     width = ((1 << shift) - 1).to(tl.uint32)
     # (zero: the mass above the keys counted, none; s_all: the candidates' mass)
     hist, zero, s_all, unused = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, 0.0,
-                                            0.0, False, False, True, False, SOFTCAP, R, LANES, VEC, 0.0, False, True)
+                                            0.0, False, False, True, False, SOFTCAP, R, LANES, VEC, 0.0, False, KEYS16)
     cnt = hist.to(tl.float32)
     lo_key = klo + (o_bin.to(tl.uint32) << shift)
-    d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, True)
+    d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, KEYS16)
     # top-k: f, the bin of its k-th value (or its lowest kept bin, where the bins decide it), counted
     # again by single keys: its cut and the kept tokens' sums, exact. −1 where it keeps every candidate.
     kept, ambiguous, b_amb, b_lo = _decide(cnt, cnt, cnt, zero, zero, zero, top_k.to(tl.float32), shift, 0, False)
@@ -517,29 +548,29 @@ def _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top
         f_lo = klo + (f.to(tl.uint32) << shift)
         hist_f, m_range, unused, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, f_lo,
                                                     f_lo + tl.minimum(width, khi - f_lo), 0, 0.0, 0.0, False, True,
-                                                    False, WITH_ENTROPY, SOFTCAP, R, LANES, VEC, 0.0, False, True)
+                                                    False, WITH_ENTROPY, SOFTCAP, R, LANES, VEC, 0.0, False, KEYS16)
         cnt_f = hist_f.to(tl.float32)
-        d_f = _key_d(f_lo + o_bin.to(tl.uint32), k, base, tanh_scale, SOFTCAP, True)
+        d_f = _key_d(f_lo + o_bin.to(tl.uint32), k, base, tanh_scale, SOFTCAP, KEYS16)
         # (single keys decide by the counts: pass 1 of 3, ``_decide``'s "more to come")
         kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, cnt_f, cnt_f, tl.sum(tl.where(o_bin > f, cnt, 0.0), 0), zero,
                                                  zero, top_k.to(tl.float32), 0, 1, False)
         cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
-        cut_d = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True)
+        cut_d = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16)
         s_top, a_kept = _tied_sums(cnt_f, d_f, cut_d, m_range, a_hi)
-        if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, True) == cut_d:   # its tie group reaches below f
+        if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == cut_d:   # its tie group reaches below f
             s_top += _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                 _first_key(cut_d, k, base, tanh_scale, SOFTCAP, False), f_lo - 1, SOFTCAP, R, LANES,
-                                 VEC).to(tl.float32) * tl.exp2(cut_d)
+                                 _first_key(cut_d, k, base, tanh_scale, SOFTCAP, KEYS16, False), f_lo - 1, SOFTCAP,
+                                 KEYS16, R, LANES, VEC).to(tl.float32) * tl.exp2(cut_d)
     goal = top_p * s_top
     if (f >= 0) & (m_range < goal):  # top-p keeps every token above f: its cut among f's single keys
         e_f = tl.where(cnt_f > 0, cnt_f * tl.exp2(d_f), 0.0)
         kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, e_f, e_f, m_range, zero, zero, goal, 0, 1, True)
         cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
-        s_kept, a_kept = _tied_sums(cnt_f, d_f, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True), m_range, a_hi)
+        s_kept, a_kept = _tied_sums(cnt_f, d_f, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), m_range, a_hi)
         counted = f_lo
     else:  # among the first pass's bins above f
         in_range = (cnt > 0) & (o_bin > f)
-        d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi - lo_key), k, base, tanh_scale, SOFTCAP, True),
+        d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi - lo_key), k, base, tanh_scale, SOFTCAP, KEYS16),
                           _d_max(base))
         w_lo = tl.where(in_range, cnt * tl.exp2(d_lo), 0.0)
         w_hi = tl.where(in_range, cnt * tl.exp2(d_hi), 0.0)
@@ -555,19 +586,19 @@ def _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top
             counted = cut_key
             if shift == 0:
                 s_kept, a_kept = _tied_sums(tl.where(in_range, cnt, 0.0), d_lo,
-                                            _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True), zero, zero)
+                                            _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), zero, zero)
                 counted = klo + (f + 1).to(tl.uint32)
         elif r_hi - r_lo < NB:  # a run of at most NB keys: one pass of single keys decides it
             cut_key, s_kept, a_kept, boundary, counted = _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, r_lo,
                                                                  r_hi, cut_key, b_hi < 0, zero, goal, zero - 1.0,
                                                                  a_kept, MAX_PASSES - 1, True, WITH_ENTROPY, SOFTCAP,
-                                                                 True, R, LANES, VEC)
+                                                                 KEYS16, R, LANES, VEC)
         else:  # a wider run: top-p's own selection over what top-k keeps
             cut_key, s_kept, a_kept, boundary, counted = _select_keys(
-                p_blk, o_blk, lead, n_end, k, base, tanh_scale, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, True),
-                top_p, True, WITH_ENTROPY, SOFTCAP, True, R, LANES, VEC)
+                p_blk, o_blk, lead, n_end, k, base, tanh_scale, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16),
+                top_p, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
     return _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s_kept, a_kept, counted, boundary,
-                   SOFTCAP, R, LANES, VEC)
+                   SOFTCAP, KEYS16, R, LANES, VEC)
 
 
 @triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
@@ -582,7 +613,7 @@ def _select_kernel(
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    MIN_P: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BF16_KEYS: tl.constexpr,
+    MIN_P: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, KEYS16: tl.constexpr,
     ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
@@ -613,26 +644,30 @@ def _select_kernel(
         top_k = tl.load(p_top_k + row, mask=valid, other=0)
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
-    alone = finite                           # a row with one filter on, or without bf16 keys
-    if BF16_KEYS and TOP_K and TOP_P:
+    alone = finite                           # a row with one filter on, or without 16-bit keys
+    if KEYS16 is not None and TOP_K and TOP_P:
         both = finite & (top_k > 0) & (top_p < 1.0)
         if both:  # both filters from one first pass
-            cut, s_kept, a_kept = _top_k_top_p_bf16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                                    tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY, SOFTCAP,
-                                                    R, LANES, VEC)
+            cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                      tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
+                                                      SOFTCAP, KEYS16, R, LANES, VEC)
         alone = finite & ~both
     if TOP_K:
         if alone & (top_k > 0):
             cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                                             top_k.to(tl.float32), False, WITH_ENTROPY, SOFTCAP, BF16_KEYS, R, LANES,
+                                             top_k.to(tl.float32), False, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES,
                                              VEC)
     if TOP_P:
         if alone & (top_p < 1.0):
             cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                                             top_p, True, WITH_ENTROPY, SOFTCAP, BF16_KEYS, R, LANES, VEC)
+                                             top_p, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
     tl.store(p_cut + row, cut)
     tl.store(p_sums + 2 * row, s_kept)
     tl.store(p_sums + 2 * row + 1, a_kept)
+
+
+# The logits' types whose own values the selection counts as keys (``_key16``), for the kernels' KEYS16.
+KEYS16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_entropy, cfg):
@@ -650,7 +685,7 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
             part, n_segs, seg_len, cut, sums, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
             MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
-            BF16_KEYS=logits.dtype == torch.bfloat16, ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r,
+            KEYS16=KEYS16.get(logits.dtype), ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r,
             LANES=cfg.lanes, VEC=cfg.vec,
             num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
