@@ -115,11 +115,12 @@ def _uniform_bin(d, lo, scale):
 
 
 @triton.jit
-def _key16(x, x32):
-    """A 16-bit logit x (x32: its fp32 value) → a uint32 whose bits from ``_key16_at`` on are its
-    16-bit key, in the same order (``_key``'s rule on 16 bits): bf16's is its fp32 value's key,
-    whose upper half it is (the lower half 0 or 0xFFFF); fp16's is formed from its own bits."""
-    if x.dtype == tl.bfloat16:
+def _key16(x, x32, KEYS16: tl.constexpr):
+    """A logit x of the 16-bit type KEYS16 (x32: its fp32 value) → a uint32 whose bits from
+    ``_key16_at`` on are its 16-bit key, in the same order (``_key``'s rule on 16 bits): bf16's is
+    its fp32 value's key, whose upper half it is (the lower half 0 or 0xFFFF); fp16's is formed
+    from its own bits."""
+    if KEYS16 == tl.bfloat16:
         return _key(x32)
     else:
         b = x.to(tl.int16, bitcast=True).to(tl.int32)   # sign-extended: ~b flips the upper half to 0
@@ -136,7 +137,7 @@ def _key16_at(KEYS16: tl.constexpr):
 def _key16_top(KEYS16: tl.constexpr):
     """The 16-bit key of +inf in the type KEYS16: every logit's key but NaN's is at or below it."""
     inf = tl.full([], float("inf"), KEYS16)
-    return _key16(inf, inf.to(tl.float32)) >> _key16_at(KEYS16)
+    return _key16(inf, inf.to(tl.float32), KEYS16) >> _key16_at(KEYS16)
 
 
 @triton.jit
@@ -190,7 +191,7 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
         b_bin = _uniform_bin(b_d, lo_d, scale)
     else:
         if KEYS16 is not None:
-            b_key = _key16(b_raw, b_x)       # the bins' bounds as such keys (``_count_pass``)
+            b_key = _key16(b_raw, b_x, KEYS16)   # the bins' bounds as such keys (``_count_pass``)
         else:
             b_key = _key(b_d)
         b_in = (b_key >= klo) & (b_key <= khi)
