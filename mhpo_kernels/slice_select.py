@@ -6,8 +6,10 @@ group, and the decisions between passes taken here on (N, NB) tensors, the same 
 Every rank forms d = k·u − b at the group's common base b (the largest slice base), as its sums
 and its backward then do, so that "d ≥ threshold" is the same set in all of them and on every
 rank. A row takes the same passes as in one launch: a filter's counting passes (three at most,
-each one all-reduce of N × NB int32 counts and N × 4 fp32 sums), then one pass of the kept
-tokens' sums over the slice. Rows are decided together, without a host sync: a pass runs for
+each one all-reduce of N × NB int32 counts and N × 4 fp32 sums). The last of them also sums the
+kept tokens of the slice, from its own counts, at the slice's own base; a row decided before it
+takes one pass of those sums more. Every slice is thus read at most 4 times for one filter (the
+statistics and three passes). Rows are decided together, without a host sync: a pass runs for
 every row, a decided row skips its reading."""
 
 import math
@@ -22,6 +24,7 @@ from .torch_sweeps import order_keys
 NB_BITS, MAX_PASSES = 11, 3
 UNIFORM_RANGE = 64.0               # select.UNIFORM_RANGE: top-p's first pass bins d ≥ −64
 KEY_INF = 0xFF800000               # order_keys(+inf)
+KEY_ZERO = 0x80000000              # order_keys(+0); −0's is the one below
 FLT_MAX = 3.4028234663852886e38
 LN2 = math.log(2.0)
 
@@ -82,15 +85,19 @@ def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, last, by_mass):
     return (kept, torch.where(ambiguous, bins, -1).amax(-1), torch.where(ambiguous, bins, NB).amin(-1))
 
 
-def _threshold(count, base, floor, goal, on, by_mass):
-    """select._threshold for the rows ``on``: the smallest kept d of top-k (goal k, counts) or
-    top-p (BY_MASS, goal top_p of the candidates' mass) over the candidates d ≥ ``floor``, each
-    pass ``count(mode, klo, khi, shift, lo, scale)`` over every slice. The decisions take blocks
-    of DECIDE_ROWS rows, so that their (rows, NB) float64 temporaries stay bounded at any N."""
+def _threshold(count, base, delta, floor, goal, on, by_mass):
+    """select._threshold for the rows ``on``: (the smallest kept d of top-k (goal k, counts) or
+    top-p (BY_MASS, goal top_p of the candidates' mass) over the candidates d ≥ ``floor``; this
+    slice's kept tokens' Σ 2^d and Σ 2^d·d at its own base, d + ``delta``, float64, where the
+    last pass decided the row; whether it did), each pass ``count(mode, klo, khi, shift, lo,
+    scale)`` over every slice. The decisions take blocks of DECIDE_ROWS rows, so that their
+    (rows, NB) float64 temporaries stay bounded at any N."""
     klo = order_keys(floor)
     khi = torch.full_like(klo, KEY_INF)
-    state = dict(klo=klo, khi=khi, cut_key=klo.clone(), above=torch.zeros_like(base, dtype=torch.float64),
-                 done=~on, goal=goal.double(), base=base, lo=torch.zeros_like(base), scale=torch.zeros_like(base))
+    state = dict(klo=klo, khi=khi, cut_key=klo.clone(), done=~on, goal=goal.double(), base=base, delta=delta,
+                 lo=torch.zeros_like(base), scale=torch.zeros_like(base), summed=torch.zeros_like(on))
+    for name in ("above", "s", "a"):   # each its own: the blocks are written back in place
+        state[name] = torch.zeros_like(base, dtype=torch.float64)
     if by_mass:  # the first pass's bins, for each row, filled by blocks
         state.update(lowest=torch.zeros_like(klo), b_lo=torch.zeros_like(klo), b_hi=torch.zeros_like(klo),
                      decided=torch.zeros_like(on), ambiguous=torch.zeros_like(on))
@@ -98,7 +105,7 @@ def _threshold(count, base, floor, goal, on, by_mass):
     if by_mass:  # pass 1, uniform in d over [lo, hi]
         state["lo"] = floor.clamp(min=-UNIFORM_RANGE)
         state["scale"] = NB / (_d_max(base) - state["lo"])
-        hist, sums = count(torch.where(state["done"], COUNT_SKIP, COUNT_UNIFORM), klo, khi, torch.zeros_like(klo),
+        hist, sums, _ = count(torch.where(state["done"], COUNT_SKIP, COUNT_UNIFORM), klo, khi, torch.zeros_like(klo),
                            state["lo"], state["scale"])
         _by_blocks(_uniform_pass, state, hist, sums)
         # The decided rows' threshold and the others' range of keys, from their bins (32 steps each).
@@ -110,11 +117,14 @@ def _threshold(count, base, floor, goal, on, by_mass):
         state["khi"] = torch.where(ambiguous, _bin_start(b_hi + 1, lo, scale) - 1, state["khi"])
         first = 1
     for i in range(first, MAX_PASSES):
+        last = i == MAX_PASSES - 1
         state["shift"] = (_bits(state["khi"] - state["klo"]) - NB_BITS).clamp(min=0)
-        hist, sums = count(torch.where(state["done"], COUNT_SKIP, COUNT_KEYS), state["klo"], state["khi"],
-                           state["shift"], state["lo"], state["scale"])
-        _by_blocks(_keys_pass, state, hist, sums, last=i == MAX_PASSES - 1, by_mass=by_mass)
-    return key_value(state["cut_key"])
+        # The last pass counts as the others and sums the mass above its range at the slice's own
+        # base (COUNT_SUMS): with its own counts, the kept tokens' sums (``_keys_pass``).
+        hist, sums, mine = count(torch.where(state["done"], COUNT_SKIP, COUNT_SUMS if last else COUNT_KEYS),
+                                 state["klo"], state["khi"], state["shift"], state["lo"], state["scale"], mine=last)
+        _by_blocks(_keys_pass, state, hist, sums, mine, last=last, by_mass=by_mass)
+    return key_value(state["cut_key"]), state["s"], state["a"], state["summed"]
 
 
 # Rows decided at once: (rows, NB) float64 temporaries, about 160 MB at 1,024 rows, in a few
@@ -122,17 +132,19 @@ def _threshold(count, base, floor, goal, on, by_mass):
 DECIDE_ROWS = 1024
 
 
-def _by_blocks(decide, state, hist, sums, **kwargs):
-    """``decide`` on the rows of ``state`` (each value (N,)), DECIDE_ROWS at a time, in place."""
+def _by_blocks(decide, state, hist, sums, mine=None, **kwargs):
+    """``decide`` on the rows of ``state`` (each value (N,)), DECIDE_ROWS at a time, in place
+    (``mine``: this slice's own counts and sums, or None)."""
     for r0 in range(0, hist.shape[0], DECIDE_ROWS):
         rows = slice(r0, r0 + DECIDE_ROWS)
         block = {name: x[rows] for name, x in state.items()}
-        decide(block, hist[rows].double(), sums[rows].double(), **kwargs)
+        own = None if mine is None else tuple(x[rows].double() for x in mine)
+        decide(block, hist[rows].double(), sums[rows].double(), own, **kwargs)
         for name, x in block.items():
             state[name][rows] = x
 
 
-def _uniform_pass(st, cnt, sums):
+def _uniform_pass(st, cnt, sums, mine):
     """top-p's first pass for a block of rows: its goal becomes top_p of the mass from lo, and a
     row is decided (at its lowest kept bin) or left to its ambiguous bins (``_threshold`` turns
     those bins into keys)."""
@@ -153,20 +165,24 @@ def _uniform_pass(st, cnt, sums):
     st["done"] = done | st["decided"]
 
 
-def _keys_pass(st, cnt, sums, last, by_mass):
+def _keys_pass(st, cnt, sums, mine, last, by_mass):
     """A pass over bins of 2^shift keys for a block of rows: a row is decided, or its range
-    narrows to its ambiguous bins (top-k carries the count above them)."""
+    narrows to its ambiguous bins (top-k carries the count above them). In the last pass, which
+    decides every row, ``mine`` (this slice's own counts and sums at its base) give the slice's
+    kept tokens' sums, as ``select._narrow`` finds them: a kept bin of one key its exact mass, of
+    several the middle of its bounds, at its lowest d."""
     bins = torch.arange(NB, device=cnt.device)
     klo, khi, shift, done = st["klo"], st["khi"], st["shift"], st["done"]
     s_hi, s_in = sums[:, 0], sums[:, 1]
     width = (1 << shift) - 1
     lo_key = (klo.unsqueeze(-1) + (bins << shift.unsqueeze(-1))).clamp(max=KEY_INF)   # bins past khi: empty
+    hi_key = lo_key + torch.minimum(width.unsqueeze(-1), (khi.unsqueeze(-1) - lo_key).clamp(min=0))
+    d_lo = key_value(lo_key)
+    d_hi = torch.minimum(key_value(hi_key), _d_max(st["base"]).unsqueeze(-1))
     above = st["above"]
     if by_mass:
         above = s_hi
-        w_lo = torch.where(cnt > 0, cnt * torch.exp2(key_value(lo_key).double()), 0.0)
-        hi_key = lo_key + torch.minimum(width.unsqueeze(-1), (khi.unsqueeze(-1) - lo_key).clamp(min=0))
-        d_hi = torch.minimum(key_value(hi_key), _d_max(st["base"]).unsqueeze(-1))
+        w_lo = torch.where(cnt > 0, cnt * torch.exp2(d_lo.double()), 0.0)
         w_hi = torch.where(cnt > 0, cnt * torch.exp2(d_hi.double()), 0.0)
     else:
         w_lo = w_hi = cnt
@@ -181,6 +197,21 @@ def _keys_pass(st, cnt, sums, last, by_mass):
     st["khi"] = torch.where(ambiguous, top + torch.minimum(width, khi - top), khi)
     st["klo"] = torch.where(ambiguous, klo + (b_lo.clamp(max=NB - 1) << shift), klo)
     st["done"] = done | decided
+    if mine is not None:
+        own, own_sums = mine
+        delta = st["delta"].unsqueeze(-1)
+        own_lo = (d_lo + delta).double()      # d + delta in fp32, as the kernel forms it
+        e = torch.where(own > 0, own * 0.5 * (torch.exp2(own_lo) + torch.exp2((d_hi + delta).double())), 0.0)
+        # The kept bins: from the cut's key up, and −0's with +0's (d ≥ cut, as the backward
+        # compares). Where the cut is +0 among bins of several keys, −0's bin is not all kept:
+        # the sums pass counts it (``select_over_slices``).
+        cut_key = st["cut_key"]
+        at_zero = cut_key == KEY_ZERO
+        e = torch.where(lo_key >= torch.where(at_zero, KEY_ZERO - 1, cut_key).unsqueeze(-1), e, 0.0)
+        summed = decided & ~(at_zero & (shift > 0))
+        st["s"] = torch.where(summed, own_sums[:, 0] + e.sum(-1), st["s"])
+        st["a"] = torch.where(summed, own_sums[:, 2] + (e * own_lo).sum(-1), st["a"])
+        st["summed"] = st["summed"] | summed
 
 
 def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite):
@@ -192,26 +223,43 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
 
-    def count(mode, klo, khi, shift, lo, scale, delta=zeros, reduce=True):
+    delta = base - local_base             # d + delta: at the slice's own base
+
+    def count(mode, klo, khi, shift, lo, scale, reduce=True, mine=False):
+        """(the counts and sums over every slice, this slice's own or None): without ``reduce``,
+        this slice's only. With ``mine`` this slice's are kept, and the mass above the range
+        that COUNT_SUMS summed at its own base is moved to the common one before the sum."""
         hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
                             khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous(),
                             delta.contiguous())
-        if reduce:
-            dist.all_reduce(hist, group=group)
-            dist.all_reduce(sums, group=group)
-        return hist, sums
+        if not reduce:
+            return hist, sums, None
+        own = None
+        if mine:
+            own = (hist.clone(), sums.clone())
+            sums[:, 0] = torch.where(mode == COUNT_SUMS, sums[:, 0].double() * torch.exp2(-delta.double()), sums[:, 0])
+        dist.all_reduce(hist, group=group)
+        dist.all_reduce(sums, group=group)
+        return hist, sums, own
 
+    # Each filter's threshold, and the kept tokens' sums where its last pass decided the row.
+    filters = []
     if lmap.top_k is not None:
-        on = finite & (lmap.top_k > 0)
-        k = lmap.top_k.to(torch.float64)
-        cut = torch.where(on, _threshold(count, base, cut.clamp(min=-FLT_MAX), k, on, False), cut)
+        filters.append((lmap.top_k, finite & (lmap.top_k > 0), False))
     if lmap.top_p is not None:
-        on = finite & (lmap.top_p < 1)
-        cut = torch.where(on, _threshold(count, base, cut.clamp(min=-FLT_MAX), lmap.top_p, on, True), cut)
+        filters.append((lmap.top_p, finite & (lmap.top_p < 1), True))
+    summed = torch.zeros_like(finite)
+    s = a = torch.zeros_like(base, dtype=torch.float64)
+    for goal, on, by_mass in filters:
+        found = _threshold(count, base, delta, cut.clamp(min=-FLT_MAX), goal.double(), on, by_mass)
+        cut, s, a, summed = (torch.where(on, new, old) for new, old in zip(found, (cut, s, a, summed)))
     cut = torch.where(finite, cut, -math.inf)   # min_p's too: a row without a finite softmax is not truncated
-    # The kept tokens' sums: the keys above the threshold's less one, −0 with +0 (d ≥ cut, as the
-    # backward compares), at the slice's own base.
+    # The other truncated rows' kept tokens' sums: the keys above the threshold's less one, −0 with
+    # +0 (d ≥ cut, as the backward compares), at the slice's own base. The pass reads the targets'
+    # d at the common base for every row.
     key = order_keys(torch.where(cut == 0, -0.0, cut))
-    _, sums = count(torch.where(cut > -math.inf, COUNT_SUMS, COUNT_SKIP), key, key - 1, torch.zeros_like(key),
-                    zeros, zeros, delta=base - local_base, reduce=False)
+    _, sums, _ = count(torch.where((cut > -math.inf) & ~summed, COUNT_SUMS, COUNT_SKIP), key, key - 1,
+                       torch.zeros_like(key), zeros, zeros, reduce=False)
+    sums[:, 0] = torch.where(summed, s, sums[:, 0])
+    sums[:, 2] = torch.where(summed, a, sums[:, 2])
     return cut, sums

@@ -406,7 +406,8 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
         lo_r = lo[r0:r1].unsqueeze(-1)
         uniform = ((d - lo_r) * scale[r0:r1].unsqueeze(-1)).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)
         in_uniform = (m == COUNT_UNIFORM) & (d >= lo_r)
-        in_keys = (m == COUNT_KEYS) & (key >= k_lo) & (key <= k_hi)
+        rebased = m == COUNT_SUMS           # the keys' counts as COUNT_KEYS', the sums of d + delta
+        in_keys = ((m == COUNT_KEYS) | rebased) & (key >= k_lo) & (key <= k_hi)
         bins = torch.where(m == COUNT_UNIFORM, uniform, ((key - k_lo).clamp(min=0) >> shift[r0:r1].long().unsqueeze(-1)))
         inside = in_uniform | in_keys
         rows = torch.arange(r1 - r0, device=d.device).unsqueeze(-1) * NB
@@ -414,12 +415,11 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
         counts.index_add_(0, (rows + bins.clamp(max=NB - 1))[inside], torch.ones_like(bins, dtype=torch.int32)[inside])
         hist[r0:r1] = counts.view(r1 - r0, NB)
         d_y = d.gather(-1, target[r0:r1].long().clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
-        rebased = m == COUNT_SUMS           # the sums of d + delta, the bins' still of d
         d = torch.where(rebased, d + delta[r0:r1].unsqueeze(-1), d)
         e = torch.exp2(d)
         above = ((m == COUNT_KEYS) | rebased) & (key > k_hi)
         sums[r0:r1, 0] = torch.where(above, e, 0.0).sum(-1)
-        sums[r0:r1, 1] = torch.where(inside, e, 0.0).sum(-1)
+        sums[r0:r1, 1] = torch.where(inside & ~rebased, e, 0.0).sum(-1)
         sums[r0:r1, 2] = torch.where(above & rebased & (e > 0), e * d, 0.0).sum(-1)
         sums[r0:r1, 3] = torch.where(valid & (target[r0:r1] < V), d_y, 0.0)
     return hist, sums

@@ -962,6 +962,24 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks]), want) <= FP32_RTOL, (backend, name)
 
 
+def _count_slice_reads(reads):
+    """Make ``slice_select``'s counting launches add 1 to ``reads`` (N,) at each row they read
+    (its mode not COUNT_SKIP)."""
+    import types
+    from mhpo_kernels import _dispatch, slice_select
+    from mhpo_kernels._sweep_types import COUNT_SKIP
+
+    def kernel(name, device, backend):
+        launch = _dispatch.kernel(name, device, backend)
+
+        def counted(logits, target, lmap, base, mode, *rest):
+            reads.add_(mode != COUNT_SKIP)
+            return launch(logits, target, lmap, base, mode, *rest)
+        return counted
+
+    slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
+
+
 def _tp_random_rows_worker(rank, world_size, out_dir):
     import mhpo_kernels
     import torch.distributed as dist
@@ -972,12 +990,14 @@ def _tp_random_rows_worker(rank, world_size, out_dir):
     ids = x.argmax(-1)
     out = {}
     for backend in ("triton", "torch"):
+        reads = torch.zeros(60, dtype=torch.int64)
+        _count_slice_reads(reads)
         with mhpo_kernels.use_backend(backend):
             leaf = x[:, start:start + size].clone().requires_grad_()
             logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
                                                     top_p=top_p, tp_group=dist.group.WORLD)
             logp.sum().backward()
-        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad)
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads)
     torch.save(out, f"{out_dir}/rows-{rank}.pt")
 
 
@@ -986,7 +1006,8 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
     over 2 uneven slices, per-token min_p, top_k and top_p keep the float64 sort's set, ties across
     slices together: each kept token but the target (the largest) has a non-zero gradient on its
     rank, every other token a zero one, and the log-probs and entropy are the oracle's, on both
-    paths."""
+    paths. The selection reads a slice at most 3 times for one filter (4 with the statistics),
+    the last pass summing the kept tokens, and at most 6 for both."""
     import reference
     from test_truncation import _random_rows
     from _cases import FP32_RTOL, max_rel_err
@@ -1008,6 +1029,12 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
         for r in ranks:
             assert max_rel_err(r[backend]["logp"], want_logp) <= FP32_RTOL, backend
             assert max_rel_err(r[backend]["ent"], want_ent) <= FP32_RTOL, backend
+        reads = ranks[0][backend]["reads"]
+        assert torch.equal(reads, ranks[1][backend]["reads"])
+        one = (top_k > 0) ^ (top_p < 1)
+        assert one.any() and ((top_k > 0) & (top_p < 1)).any()
+        assert reads[one].max() <= 3 and reads[~one].max() <= 6, (backend, reads)
+        assert (reads[one] == 3).any(), reads   # rows that took all three passes: summed by the last
 
 
 def _tp_last_pass_worker(rank, world_size, out_dir):
@@ -1130,3 +1157,34 @@ def test_vocab_parallel_filters_edge_rows(tmp_path):
                 got = r[backend][name]
                 assert torch.equal(got.isnan(), want.isnan()), (backend, name, got, want)
                 assert max_rel_err(got.nan_to_num(), want.detach().nan_to_num()) <= FP32_RTOL, (backend, name, got, want)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_slice_last_pass_keeps_minus_zero_with_plus_zero(shift):
+    """A filter's last pass over a slice sums the slice's kept tokens from its own counts: with
+    the cut at +0, the kept set d ≥ +0 holds −0, whose key is the one below +0's. Bins of one key
+    (``shift`` 0) count −0's bin in; where −0 shares a bin with lower keys, that bin is not all
+    kept and the row is left to the pass of sums."""
+    from mhpo_kernels import slice_select as ss
+
+    nb = ss.NB
+    klo = ss.KEY_ZERO - (nb << shift) // 2             # +0's key at bin NB/2's edge, −0's just below
+    cnt = torch.zeros(1, nb, dtype=torch.float64)
+    cnt[0, nb // 2] = cnt[0, nb // 2 - 1] = cnt[0, 10] = 1.0   # +0, −0 and a token far below
+    own_sums = torch.zeros(1, 4, dtype=torch.float64)
+    delta = 0.5                                         # the slice's base 0.5 below the common one
+    state = dict(klo=torch.tensor([klo]), khi=torch.tensor([klo + (nb << shift) - 1]), shift=torch.tensor([shift]),
+                 done=torch.tensor([False]), above=torch.zeros(1, dtype=torch.float64),
+                 goal=torch.tensor([1.0 if shift == 0 else 0.5], dtype=torch.float64), base=torch.zeros(1),
+                 delta=torch.tensor([delta]), cut_key=torch.tensor([klo]), s=torch.zeros(1, dtype=torch.float64),
+                 a=torch.zeros(1, dtype=torch.float64), summed=torch.tensor([False]))
+    # top_k 1 over single keys; top_p (goal 0.5 of the mass) over bins of two keys
+    ss._keys_pass(state, cnt, torch.zeros(1, 4, dtype=torch.float64), (cnt, own_sums), last=True,
+                  by_mass=shift > 0)
+    assert state["cut_key"].item() == ss.KEY_ZERO and bool(state["done"])
+    if shift == 0:
+        assert bool(state["summed"])
+        s, a = state["s"].item(), state["a"].item()   # float64 sums: float64 rounding only
+        assert math.isclose(s, 2 * 2**delta, rel_tol=1e-12) and math.isclose(a, 2 * 2**delta * delta, rel_tol=1e-12)
+    else:
+        assert not bool(state["summed"])

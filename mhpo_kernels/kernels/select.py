@@ -716,10 +716,10 @@ def _slice_count_kernel(
 ):
     """One pass of one row's selection over this slice, at the common base b: its candidates'
     counts uniform in d from lo (COUNT_UNIFORM, with the mass from lo), or by 2^shift keys over
-    [klo, khi] (COUNT_KEYS, with the mass above and within); or the kept tokens' sums, the mass
-    and Σ 2^d·d of the keys above khi (COUNT_SUMS), of d + delta: at the slice's own base, where
-    they cannot underflow to 0 for a slice far below the largest. Every d is formed as the sweeps
-    form it."""
+    [klo, khi] (COUNT_KEYS, with the mass above and within); or those counts with the mass and
+    Σ 2^d·d of the keys above khi (COUNT_SUMS: a filter's last pass, or with an empty range the
+    kept tokens' sums), of d + delta: at the slice's own base, where they cannot underflow to 0
+    for a slice far below the largest. Every d is formed as the sweeps form it."""
     row = tl.program_id(0)
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)
     if HAS_TAU:
