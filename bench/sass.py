@@ -99,8 +99,8 @@ def register_limit(name, version=triton.__version__):
     return REGISTER_EXCEPTIONS.get(".".join(version.split(".")[:2]), {}).get(name, limit)
 
 _FWD_OFF = dict(SOFTCAP=False, WITH_ENTROPY=False, WITH_LOSS=False, HAS_OLD=False, HAS_REF=False,
-                HAS_TAU=False, MIN_P=False, SELECTED=False, OBJECTIVE=0, LFM=True, DHP=True, GRAD_IN_FORWARD=False,
-                DX_IN_PHASE=False, SPLIT=0)
+                HAS_TAU=False, MIN_P=False, SELECTED=False, LOW16=False, OBJECTIVE=0, LFM=True, DHP=True,
+                GRAD_IN_FORWARD=False, DX_IN_PHASE=False, SPLIT=0)
 _LOSS = dict(WITH_LOSS=True, HAS_OLD=True, HAS_REF=True)
 # name suffix -> constexpr flags; the forward's epilogue flags do not touch the loop, but each
 # combination a public entry point launches is compiled (and so held to the budget) all the same.
@@ -177,6 +177,10 @@ ONE_SWEEP_UNALIGNED = ("bf16", "loss-entropy-old-ref", UNALIGNED_V[0])
 SPLIT_FWD = {"bf16": ("logprobs", "entropy", "softcap-logprobs"), "fp32": ("logprobs",)}
 SPLIT_BWD = {"bf16": ("", "entropy", "softcap-entropy"), "fp32": ("entropy",)}
 SPLIT_UNALIGNED = ("bf16", "logprobs", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
+# top_k / top_p on fp32 logits: the statistics launch (one split) also tests each row for bf16
+# values (LOW16: a mask and a max per logit), which the selection then counts over bf16 keys.
+LOW16_FWD = {"selected-stats": dict(SPLIT=1, LOW16=True),
+             "selected-stats-entropy": dict(SPLIT=1, LOW16=True, WITH_ENTROPY=True)}
 
 # Replay: the forward's gather loop; the backward's, GATHER (the gradient elements into the (K,)
 # buffer) and the scatter of that buffer, bf16 and fp32.
@@ -232,6 +236,8 @@ def variants():
         for suffix in SPLIT_BWD[dtype]:
             out[f"bwd-{dtype}-split" + (f"-{suffix}" if suffix else "")] = Variant(
                 _mhpo_bwd_kernel, dtype, {**BWD_FLAGS[suffix], "SPLIT": True}, V, True)
+    for suffix, flags in LOW16_FWD.items():
+        out[f"fwd-fp32-{suffix}"] = Variant(_mhpo_fwd_kernel, "fp32", {**_FWD_OFF, **flags}, V, True)
     for v in UNALIGNED_V:
         for dtype in UNALIGNED_DTYPES:
             for suffix in UNALIGNED_FWD:
@@ -287,7 +293,7 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
         return LogitMap.make(1.0, softcap=30.0 if f["SOFTCAP"] else None, tau=per_token(f["HAS_TAU"]),
                              min_p=per_token(f.get("MIN_P", False)),
                              top_k=torch.empty(N, dtype=torch.int32, device="meta") if f.get("TOP_K") else None,
-                             top_p=per_token(f.get("TOP_P", False) or f.get("SELECTED", False)),
+                             top_p=per_token(f.get("TOP_P", False) or f.get("SELECTED", False) or f.get("LOW16", False)),
                              cut=per_token(f.get("CUT", False)))
 
     # The autograd ops' gradient buffer: the logits' layout (in phase), or the logits themselves.

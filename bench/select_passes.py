@@ -16,9 +16,12 @@ is counted as it starts (the passes are the row's, not the hardware's, so the in
 is the GPU's), with every row's log-probs checked against the float64 oracle's.
 
 With ``--bf16`` (``--fp16``) as well, the rows are rounded to bf16 (fp16), whose selection runs
-over the logits' own keys, and each filter alone is counted beside the pairs.
+over the logits' own keys, and each filter alone is counted beside the pairs. With
+``--bf16-in-fp32`` they are rounded to bf16 and passed as fp32 (``logits.float()`` of a bf16
+head), whose selection runs over bf16 keys too, as the statistics pass finds every logit a bf16
+value.
 
-    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16]]
+    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16 | --bf16-in-fp32]]
 """
 
 import argparse
@@ -209,7 +212,7 @@ def both(rows, dtype="fp32"):
     kernel under Triton's interpreter: the statistics, each counting pass, and the finish's sums
     where the selection left them; every row's log-probs checked against the float64 oracle's.
     With ``dtype`` bf16 or fp16 the rows are rounded to it (the selection over their own keys),
-    and each filter alone is counted too."""
+    with bf16-in-fp32 rounded to bf16 and passed as fp32, and each filter alone is counted too."""
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are imported
@@ -233,7 +236,7 @@ def both(rows, dtype="fp32"):
     select._count_pass, forward.select_cuts = count_spy, select_spy
     rng = np.random.default_rng(0)
     cells = BOTH if dtype == "fp32" else ALONE + BOTH
-    which = "together" if dtype == "fp32" else f"({dtype} logits)"
+    which = {"fp32": "together", "bf16-in-fp32": "(fp32 logits of bf16 values)"}.get(dtype, f"({dtype} logits)")
     print(f"reads of a row by the forward with top_k and top_p {which} (statistics + counting passes + the "
           f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
     print(f"{'rows':>18} " + " ".join(f"{', '.join(n for n in (k and f'k {k}', p and f'p {p}') if n):>13}"
@@ -241,7 +244,9 @@ def both(rows, dtype="fp32"):
     for kind in KINDS:
         x = torch.tensor(np.asarray(_rows(kind, rows, rng))).reshape(1, rows, V)   # names the image record has
         if dtype != "fp32":
-            x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+            x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-in-fp32": torch.bfloat16}[dtype])
+        if dtype == "bf16-in-fp32":
+            x = x.float()
         ids = x.argmax(-1)
         counts = []
         for top_k, top_p in cells:
@@ -263,9 +268,12 @@ def main(argv=None):
     dtype = parser.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="with --both: bf16 rows, each filter alone too")
     dtype.add_argument("--fp16", action="store_true", help="with --both: fp16 rows, each filter alone too")
+    dtype.add_argument("--bf16-in-fp32", action="store_true",
+                       help="with --both: fp32 rows of bf16 values, each filter alone too")
     args = parser.parse_args(argv)
     if args.both:
-        return both(args.rows, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
+        return both(args.rows, "bf16" if args.bf16 else "fp16" if args.fp16 else
+                    "bf16-in-fp32" if args.bf16_in_fp32 else "fp32")
     rng = np.random.default_rng(0)
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")

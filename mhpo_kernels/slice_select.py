@@ -24,7 +24,6 @@ from .torch_sweeps import order_keys
 NB_BITS, MAX_PASSES = 11, 3
 UNIFORM_RANGE = 64.0               # select.UNIFORM_RANGE: top-p's first pass bins d ≥ −64
 KEY_INF = 0xFF800000               # order_keys(+inf)
-KEY_ZERO = 0x80000000              # order_keys(+0); −0's is the one below
 FLT_MAX = 3.4028234663852886e38
 LN2 = math.log(2.0)
 
@@ -127,8 +126,8 @@ def _threshold(count, base, delta, floor, goal, on, by_mass):
     return key_value(state["cut_key"]), state["s"], state["a"], state["summed"]
 
 
-# Rows decided at once: (rows, NB) float64 temporaries, about 160 MB at 1,024 rows, in a few
-# dozen ops a pass.
+# Rows decided at once: (rows, NB) float64 temporaries, about 160 MB at 1,024 rows (16 MB each;
+# the last pass, which also sums the slice's kept tokens, a few more), in a few dozen ops a pass.
 DECIDE_ROWS = 1024
 
 
@@ -201,17 +200,11 @@ def _keys_pass(st, cnt, sums, mine, last, by_mass):
         own, own_sums = mine
         delta = st["delta"].unsqueeze(-1)
         own_lo = (d_lo + delta).double()      # d + delta in fp32, as the kernel forms it
-        e = torch.where(own > 0, own * 0.5 * (torch.exp2(own_lo) + torch.exp2((d_hi + delta).double())), 0.0)
-        # The kept bins: from the cut's key up, and −0's with +0's (d ≥ cut, as the backward
-        # compares). Where the cut is +0 among bins of several keys, −0's bin is not all kept:
-        # the sums pass counts it (``select_over_slices``).
-        cut_key = st["cut_key"]
-        at_zero = cut_key == KEY_ZERO
-        e = torch.where(lo_key >= torch.where(at_zero, KEY_ZERO - 1, cut_key).unsqueeze(-1), e, 0.0)
-        summed = decided & ~(at_zero & (shift > 0))
-        st["s"] = torch.where(summed, own_sums[:, 0] + e.sum(-1), st["s"])
-        st["a"] = torch.where(summed, own_sums[:, 2] + (e * own_lo).sum(-1), st["a"])
-        st["summed"] = st["summed"] | summed
+        e = own * 0.5 * (torch.exp2(own_lo) + torch.exp2((d_hi + delta).double()))
+        kept = (own > 0) & (bins >= b_kept.unsqueeze(-1))   # the bins from the lowest kept one up
+        st["s"] = torch.where(decided, own_sums[:, 0] + torch.where(kept, e, 0.0).sum(-1), st["s"])
+        st["a"] = torch.where(decided, own_sums[:, 2] + torch.where(kept, e * own_lo, 0.0).sum(-1), st["a"])
+        st["summed"] = st["summed"] | decided
 
 
 def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite):
@@ -227,8 +220,9 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
 
     def count(mode, klo, khi, shift, lo, scale, reduce=True, mine=False):
         """(the counts and sums over every slice, this slice's own or None): without ``reduce``,
-        this slice's only. With ``mine`` this slice's are kept, and the mass above the range
-        that COUNT_SUMS summed at its own base is moved to the common one before the sum."""
+        this slice's only. With ``mine`` this slice's are kept (a copy of the (N, NB) counts), and
+        the mass above the range that COUNT_SUMS summed at its own base is moved to the common
+        one before the sum."""
         hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
                             khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous(),
                             delta.contiguous())

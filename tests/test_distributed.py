@@ -1101,17 +1101,22 @@ def test_vocab_parallel_top_p_last_pass(tmp_path):
 
 
 def _edge_rows():
-    """(logits (3, 24), ids, filters) of three rows over 2 slices of 12: +0 and −0, tied largest,
+    """(logits (5, 24), ids, filters) of five rows over 2 slices of 12: +0 and −0, tied largest,
     one in each slice (top_k 1 keeps both); a slice whose kept tokens lie 160 below the largest
     (top_k 24 keeps every token; their sum at the common base would be 0 in fp32) holding the
-    target; a row of −inf only with min_p and top_k on (no finite softmax: not truncated)."""
+    target; a row of −inf only with min_p and top_k on (no finite softmax: not truncated); +0
+    twice and −0 twice, one of each in each slice, with top_k 1, and +0 three times in the first
+    slice and −0 three times in the second with top_k 2 (the last pass's single keys start at
+    +0's: −0 is the same value, kept with it)."""
     g = torch.Generator().manual_seed(50)
-    x = torch.randn(3, 24, generator=g) - 3.0
+    x = torch.randn(5, 24, generator=g) - 3.0
     x[0, 0], x[0, 12] = 0.0, -0.0
     x[1, 0] = 110.0
     x[2] = -math.inf
-    ids = torch.tensor([0, 15, 3])
-    filters = dict(min_p=torch.tensor([0.0, 0.0, 0.1]), top_k=torch.tensor([1, 24, 3]))
+    x[3, [0, 12]], x[3, [1, 13]] = 0.0, -0.0
+    x[4, 0:3], x[4, 12:15] = 0.0, -0.0
+    ids = torch.tensor([0, 15, 3, 0, 13])
+    filters = dict(min_p=torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0]), top_k=torch.tensor([1, 24, 3, 1, 2]))
     return x, ids, filters
 
 
@@ -1148,6 +1153,7 @@ def test_vocab_parallel_filters_edge_rows(tmp_path):
         logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, **filters)
         (torch.where(logp.isinf(), 0.0, logp) + ent).sum().backward()
     assert abs(logp[0].item() + math.log(2)) < 1e-6 and logp[1].isfinite() and logp[2].isnan(), logp
+    assert abs(logp[3].item() + math.log(4)) < 1e-6 and abs(logp[4].item() + math.log(6)) < 1e-6, logp
     for backend in ("triton", "torch"):
         grad = torch.cat([r[backend]["grad"] for r in ranks], -1)
         assert torch.equal(grad.isnan(), leaf.grad.isnan()), backend
@@ -1158,33 +1164,3 @@ def test_vocab_parallel_filters_edge_rows(tmp_path):
                 assert torch.equal(got.isnan(), want.isnan()), (backend, name, got, want)
                 assert max_rel_err(got.nan_to_num(), want.detach().nan_to_num()) <= FP32_RTOL, (backend, name, got, want)
 
-
-@pytest.mark.parametrize("shift", [0, 1])
-def test_slice_last_pass_keeps_minus_zero_with_plus_zero(shift):
-    """A filter's last pass over a slice sums the slice's kept tokens from its own counts: with
-    the cut at +0, the kept set d ≥ +0 holds −0, whose key is the one below +0's. Bins of one key
-    (``shift`` 0) count −0's bin in; where −0 shares a bin with lower keys, that bin is not all
-    kept and the row is left to the pass of sums."""
-    from mhpo_kernels import slice_select as ss
-
-    nb = ss.NB
-    klo = ss.KEY_ZERO - (nb << shift) // 2             # +0's key at bin NB/2's edge, −0's just below
-    cnt = torch.zeros(1, nb, dtype=torch.float64)
-    cnt[0, nb // 2] = cnt[0, nb // 2 - 1] = cnt[0, 10] = 1.0   # +0, −0 and a token far below
-    own_sums = torch.zeros(1, 4, dtype=torch.float64)
-    delta = 0.5                                         # the slice's base 0.5 below the common one
-    state = dict(klo=torch.tensor([klo]), khi=torch.tensor([klo + (nb << shift) - 1]), shift=torch.tensor([shift]),
-                 done=torch.tensor([False]), above=torch.zeros(1, dtype=torch.float64),
-                 goal=torch.tensor([1.0 if shift == 0 else 0.5], dtype=torch.float64), base=torch.zeros(1),
-                 delta=torch.tensor([delta]), cut_key=torch.tensor([klo]), s=torch.zeros(1, dtype=torch.float64),
-                 a=torch.zeros(1, dtype=torch.float64), summed=torch.tensor([False]))
-    # top_k 1 over single keys; top_p (goal 0.5 of the mass) over bins of two keys
-    ss._keys_pass(state, cnt, torch.zeros(1, 4, dtype=torch.float64), (cnt, own_sums), last=True,
-                  by_mass=shift > 0)
-    assert state["cut_key"].item() == ss.KEY_ZERO and bool(state["done"])
-    if shift == 0:
-        assert bool(state["summed"])
-        s, a = state["s"].item(), state["a"].item()   # float64 sums: float64 rounding only
-        assert math.isclose(s, 2 * 2**delta, rel_tol=1e-12) and math.isclose(a, 2 * 2**delta * delta, rel_tol=1e-12)
-    else:
-        assert not bool(state["summed"])

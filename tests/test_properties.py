@@ -180,14 +180,15 @@ def test_hyperparameters_are_runtime_arguments():
     # the batch (test_specialization.py counts the compiled variants over batch shapes)
     block = {"R", "LANES", "VEC", "ROWS_ALIGNED"}
     assert params(_mhpo_fwd_kernel, True) == {"SOFTCAP", "WITH_ENTROPY", "WITH_LOSS", "HAS_OLD", "HAS_REF",
-                                              "HAS_TAU", "MIN_P", "SELECTED", "OBJECTIVE", "LFM", "DHP",
+                                              "HAS_TAU", "MIN_P", "SELECTED", "LOW16", "OBJECTIVE", "LFM", "DHP",
                                               "GRAD_IN_FORWARD", "DX_IN_PHASE", "SPLIT"} | block
     assert params(_mhpo_bwd_kernel, True) == {"SOFTCAP", "HAS_DENT", "HAS_TAU", "CUT", "DX_IN_PHASE",
                                               "SPLIT"} | block
     # the sampler's filters: which are on is compiled in, their values are per-token data
-    # (and KEYS16, a function of the logits' dtype: which keys the selection counts)
+    # (and KEYS16 and BF16_ROWS, functions of the logits' dtype: which keys the selection counts,
+    # and whether it tests each row for bf16 values, as LOW16 has the statistics launch keep them)
     assert params(_select_kernel, True) == {"SOFTCAP", "HAS_TAU", "WITH_ENTROPY", "MIN_P", "TOP_K", "TOP_P",
-                                            "KEYS16"} | block
+                                            "KEYS16", "BF16_ROWS"} | block
     assert {"k", "tanh_scale", "N", "T", "V"} <= params(_select_kernel, False)
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values

@@ -64,8 +64,11 @@ def test_ties_are_kept_or_dropped_together():
 
 
 def _grid_logits(B, T, V, seed, dtype=torch.float32):
+    """Logits on a grid of 1/8; as fp32 all moved by 2⁻¹², which makes them no bf16 values (but
+    0's), so that the selection counts them over keys of d (a row of bf16 values takes bf16's)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(-48, 48, (B, T, V), generator=g) / 8.0).to(dtype)
+    x = torch.randint(-48, 48, (B, T, V), generator=g) / 8.0
+    return (x + 2.0 ** -12 if dtype == torch.float32 else x).to(dtype)
 
 
 def _assert_unambiguous(z, top_p=None, **filters):
@@ -393,15 +396,18 @@ def _16_bit_rows_with_both_filters(dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16_bit_logits_with_both_filters(backend, dtype, monkeypatch):
-    """bf16 and fp16 logits with top_k and top_p, some with min_p (``_16_bit_rows_with_both_filters``),
-    keep the float64 sort's set, ties together, with the oracle's log-probs and entropy. On the
-    Triton path the selection over 16-bit keys reads each row at most three times (at most four
-    with the statistics): a first pass for both filters, one of single keys over top_k's last bin,
-    and one over top_p's open bins, or the finish's sums; every way is taken by some row. Where
-    top_p's open bins are too wide, up to five; where distinct values near the cut share its d,
-    one or two counts of that tie group more (``_settle``)."""
+@pytest.mark.parametrize("dtype, values", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.float32, torch.bfloat16)], ids=["bf16", "fp16", "bf16-in-fp32"])
+def test_16_bit_logits_with_both_filters(backend, dtype, values, monkeypatch):
+    """bf16 and fp16 logits, and fp32 logits of bf16 values (``logits.float()``), with top_k and
+    top_p, some with min_p (``_16_bit_rows_with_both_filters``), keep the float64 sort's set, ties
+    together, with the oracle's log-probs and entropy. On the Triton path the selection over
+    16-bit keys reads each row at most three times (at most four with the statistics): a first
+    pass for both filters, one of single keys over top_k's last bin, and one over top_p's open
+    bins, or the finish's sums; every way is taken by some row. Where top_p's open bins are too
+    wide, up to five; where distinct values near the cut share its d, one or two counts of that
+    tie group more (``_settle``). The fp32 rows take bf16's passes, as the statistics pass finds
+    every logit a bf16 value."""
     from mhpo_kernels.kernels import forward, select
 
     count_pass, select_cuts, shifts, summed = select._count_pass, forward.select_cuts, {}, []
@@ -419,7 +425,7 @@ def test_16_bit_logits_with_both_filters(backend, dtype, monkeypatch):
 
     monkeypatch.setattr(select, "_count_pass", count_spy)
     monkeypatch.setattr(forward, "select_cuts", select_spy)
-    x, min_p, top_k, top_p = _16_bit_rows_with_both_filters(dtype)
+    x, min_p, top_k, top_p = _16_bit_rows_with_both_filters(values)
     R, V = x.shape
     want = reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=top_p)
     assert (want.sum(-1) < V).all() and (want.sum(-1) > 1).sum() > R // 2
@@ -445,6 +451,7 @@ def test_16_bit_logits_with_both_filters(backend, dtype, monkeypatch):
         reads = [len(p) + (not s) for p, s in zip(passes, summed[0].tolist())]
         ties = [sum(tie for _, _, tie in p) for p in passes]
         wide = [any(uniform for _, uniform, _ in p) for p in passes]   # top_p's own selection after top_k's
+        assert not all(wide), "no row took the selection of both from one first pass"
         assert max(n - t for n, t, w in zip(reads, ties, wide) if not w) <= 3, (reads, ties)
         assert max(ties) <= 2 and max(n - t for n, t in zip(reads, ties)) <= 5, (reads, ties)
         assert any(len(p) == 2 and s for p, s in zip(passes, summed[0].tolist())), "no row summed at its 2nd pass"
@@ -461,7 +468,8 @@ def test_bf16_cut_where_neighbouring_values_share_an_exponent(backend):
     the values below it that share its d: top_k 2 keeps the largest and 1.65e-4, not the 300 at
     1.34e-4 (23 fp32 steps lower in d); with top_p over what top_k 64 keeps, the first pass's bins
     decide it at such an edge. The oracle's log-probs, entropy and gradient (one rounding to the
-    logits' dtype); the same values as fp16 and fp32 logits too."""
+    logits' dtype); the same values as fp16 and fp32 logits too (fp32 logits of bf16 values are
+    counted over bf16 keys as well)."""
     rows = []
     x = torch.full((512,), -20.0)
     x[0], x[1], x[2:302] = 12.0, 1.6498565673828125e-4, 1.3446807861328125e-4
@@ -538,16 +546,102 @@ def test_softcap_counts_an_overflowed_logit(backend, dtype):
             _fused_softcap_as_the_oracle(backend, h, w, torch.tensor([[target]]), cap, z, filters)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plus_and_minus_zero_are_one_value(backend, dtype):
+    """Rows whose largest logits are +0 and −0 (a base of +0): the two are one value to every
+    filter, kept together (SPEC.md, section 9), as d ≥ threshold keeps them. The selection's
+    exponents are never −0, whose key would lie below +0's, outside the count of the kept tokens'
+    mass: with top_k 1 the log-prob of each of 4 zeros (2 of each sign) was ln 2, not ln 4. The
+    other logits are no bf16 values in fp32 (counted over keys of d)."""
+    g = torch.Generator().manual_seed(23)
+    x = (torch.rand(4, 64, generator=g) * -4 - 1).to(dtype)
+    x[:, :2], x[:, 2:4] = 0.0, -0.0
+    x[1:3, 4], x[1:3, 5] = 0.0, -0.0                 # 6 zeros
+    if dtype == torch.float32:
+        assert (x[:, 6:].view(torch.int32) & 0xFFFF != 0).any(-1).all()
+    ids = torch.tensor([[3, 0, 5, 2]])
+    filters = dict(top_k=torch.tensor([[1, 2, 1, 1]]), top_p=torch.tensor([[1.0, 1.0, 0.2, 0.5]]))
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.token_logprobs(x.reshape(1, 4, 64), ids, return_entropy=True, **filters)
+    want_logp, want_ent = reference.token_logprobs(x.double().reshape(1, 4, 64), ids, return_entropy=True,
+                                                   **filters)
+    assert torch.allclose(want_logp, -torch.tensor([[4.0, 6.0, 6.0, 4.0]]).log().double())
+    _close(logp, want_logp)
+    _close(ent, want_ent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_exponent_that_underflows_to_minus_zero(backend):
+    """A row whose largest logit is 0 (a base of +0) and two of −1.4e-45 (fp32's smallest) at
+    temperature 4: their exponents k·u − b underflow to −0, one value with the largest's +0 (SPEC.md,
+    section 9: values whose exponents round to one fp32 value are one value), so top_k 1 keeps all
+    three. Their keys are +0's: as −0's, just below, the selection's sums left them out while
+    d ≥ threshold kept them (a log-prob of 0 for each of the three)."""
+    x = torch.full((1, 1, 40), -3.0)
+    x[0, 0, 0], x[0, 0, 1:3] = 0.0, -1.4e-45
+    x[0, 0, 3] = -3.0 - 2.0 ** -20                   # no bf16 value: the row is counted over keys of d
+    k = torch.tensor(1 / (4.0 * math.log(2)), dtype=torch.float32)
+    assert (x[0, 0, 1] * k).item() == 0.0 and math.copysign(1.0, (x[0, 0, 1] * k).item()) == -1.0
+    for target in (0, 2):
+        with mhpo_kernels.use_backend(backend):
+            logp, ent = mhpo_kernels.token_logprobs(x, torch.tensor([[target]]), return_entropy=True,
+                                                    temperature=4.0, top_k=1, min_p=1e-3)
+        assert abs(logp.item() + math.log(3)) <= FP32_RTOL and abs(ent.item() - math.log(3)) <= FP32_RTOL, \
+            (target, logp, ent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_rows_of_bf16_values_and_one_that_is_not(backend, monkeypatch):
+    """fp32 logits whose values are all bf16 values are counted over bf16 keys (the statistics
+    pass tests each row); one logit that is not sends its row to keys of d. Two rows of bf16
+    values with top_k 5, the 5th largest tied with the 6th: both kept. The same row with the 5th
+    moved up by 8 fp32 ulps, no longer a bf16 value and above its partner: over bf16 keys the two
+    would share a key and stay tied, over keys of d the partner is dropped, as the sort drops it.
+    On the Triton path the first two rows take bf16's two passes, the third the three over keys
+    of d."""
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(1, 512, generator=g) * 2).to(torch.bfloat16).float().repeat(3, 1)
+    ranked = x[0].argsort(descending=True)
+    fifth, sixth = ranked[4], ranked[5]
+    x[:, sixth] = x[:, fifth]
+    x[2, fifth] = x[2, fifth] * (1 + 2.0 ** -20)                      # 8 ulps up: no bf16 value
+    assert (x[:2].view(torch.int32) & 0xFFFF == 0).all() and (x[2, fifth].view(torch.int32) & 0xFFFF) != 0
+    ids = torch.stack([sixth, fifth, sixth]).reshape(1, 3)
+    top_k = torch.full((1, 3), 5)
+    want = reference.kept_set(x.double(), top_k=top_k.reshape(3))
+    assert want.sum(-1).tolist() == [6, 6, 5]
+    from mhpo_kernels.kernels import select
+
+    count_pass, passes = select._count_pass, {}
+
+    def count_spy(*args):   # by the row's address: the bins' width in keys (log2)
+        passes.setdefault(int(args[0].handle.data.ravel()[0]), []).append(int(args[9]))
+        return count_pass(*args)
+
+    monkeypatch.setattr(select, "_count_pass", count_spy)
+    with mhpo_kernels.use_backend(backend):
+        logp, ent = mhpo_kernels.token_logprobs(x.reshape(1, 3, 512), ids, return_entropy=True, top_k=top_k)
+    want_logp, want_ent = reference.token_logprobs(x.double().reshape(1, 3, 512), ids, return_entropy=True,
+                                                   top_k=top_k)
+    assert logp[0, 2].item() == -math.inf
+    _close(logp, want_logp)
+    _close(ent, want_ent)
+    if backend == "triton":   # bf16 keys: bins of at most 32, then single keys; keys of d: 11 + 11 + 10 bits
+        rows = [passes[a] for a in sorted(passes)]
+        assert [len(p) for p in rows] == [2, 2, 3] and max(rows[0] + rows[1]) <= 5 < rows[2][0], rows
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_values_sharing_an_exponent_are_kept_together(dtype):
     """Two logits whose exponents d round to one fp32 value are one value to the threshold (SPEC.md,
     section 9): with top_k 2, the second largest tied twice, the 300 logits 40 bf16 steps below it,
     near 0, share its d and are kept with it. Over bf16 keys they lie below the bin the selection
     counts by single keys (at most 32), and are counted in one more pass (kernels/select.py,
-    ``_settle``); over keys of d (fp32 logits) they are its key. As fp16 logits, 7 fp16 steps
-    below, across +0 (an edge of the first pass's bins of 32 keys). Log-probs and entropy against
-    that set's in float64, from the exponents formed as the kernels form them (d = u·k − b, one
-    rounding)."""
+    ``_settle``); over keys of d (fp32 logits, one of them no bf16 value) they are its key. As
+    fp16 logits, 7 fp16 steps below, across +0 (an edge of the first pass's bins of 32 keys).
+    Log-probs and entropy against that set's in float64, from the exponents formed as the kernels
+    form them (d = u·k − b, one rounding)."""
     import numpy as np
 
     def below(v, steps):   # the bf16 value `steps` representable values below v > 0
@@ -560,6 +654,8 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
         top, group = 2 * 2.0 ** -24, -5 * 2.0 ** -24
     x = torch.full((512,), -20.0)
     x[0], x[1:3], x[3:303] = 12.0, top, group
+    if dtype == "float32":   # a logit that is no bf16 value: the row is counted over keys of d
+        x[-1] = -20.0 - 2.0 ** -18
     k = np.float32(1 / math.log(2))
     b = np.float32(np.float64(k) * 12.0)
     d = (x.double().numpy() * np.float64(k) - np.float64(b)).astype(np.float32).astype(np.float64)
@@ -722,6 +818,7 @@ def test_a_bin_above_a_kept_bin_is_kept(dtype):
     x = torch.full((1, 1, 256), -30.0)
     x[0, 0, :6] = torch.tensor([8.0, 7.40625, 6.5, 6.46875, 6.4375, 6.40625])
     x[0, 0, 6:13] = 2.203125
+    x[0, 0, -1] = -30.0 - 2.0 ** -18   # no bf16 value: as fp32 logits, counted over keys of d
     ids = torch.zeros(1, 1, dtype=torch.long)
     _assert_unambiguous(x.double().reshape(1, -1), top_p=0.9834029078483582)
     with mhpo_kernels.use_backend("triton"):

@@ -29,9 +29,9 @@ MAX_REGISTERS = 64
 
 
 @triton.jit
-def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
+def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, low, k, tanh_scale, cut,
               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr,
-              CUT: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+              CUT: tl.constexpr, LOW16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One block of the online log-sum-exp, with per-lane state (c, s, a), each [LANES]:
 
         c = fp32(k · max u) over what the lane has read,  s = Σ 2^d,  a = Σ 2^d · d,  d = fma(u, k, −c)
@@ -41,7 +41,9 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
     loads' eviction policy ("evict_last" where pass 2 re-reads the row from L2, else default).
     ``CUT``: pass 2 of a truncated row. c is the row's base already (no max, no rescale) and only
     the tokens with d ≥ ``cut`` count: the others, −inf logits among them, take d = D_FLOOR, whose
-    2^d is 0 and whose d·2^d is 0; a NaN stays NaN.
+    2^d is 0 and whose d·2^d is 0; a NaN stays NaN. ``LOW16`` (fp32 logits, the statistics of a
+    selection): ``low``, per lane, the largest of the low 16 bits of the logits read, 0 where each
+    is a bf16 value (select.py counts such a row over bf16 keys).
     """
     o_v = v0 + o_blk
     if MASKED:
@@ -59,7 +61,9 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
         b_e = tl.exp2(b_d)
         if WITH_ENTROPY:
             a += _lane_reduce_sum(b_e * b_d)
-        return c, s + _lane_reduce_sum(b_e), a
+        return c, s + _lane_reduce_sum(b_e), a, low
+    if LOW16:
+        low = tl.maximum(low, _lane_reduce_max(_lanes(b_x.to(tl.int32, bitcast=True) & 0xFFFF, R, LANES, VEC)))
     # A NaN logit reaches the lane's sum s through its 2^d; the compiled max may drop it (the
     # interpreter's keeps it), so s, not c, carries it: no rescale below (alpha = 0, or the
     # combine's lane_kept) may drop a NaN sum (SPEC.md, section 5).
@@ -74,18 +78,19 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, k, tanh_scale, cut,
         b_d = tl.maximum(b_d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         a = a_b + _lane_reduce_sum(b_e * b_d)
     s = s_b + _lane_reduce_sum(b_e)
-    return c_new, s, a
+    return c_new, s, a, low
 
 
 @triton.jit
 def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
                 SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr, CUT: tl.constexpr,
-                R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+                LOW16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """Per-lane (c, s, a) of the online log-sum-exp over the blocks [b0, b1) of a row that is
     [lead, n_end) from its block base (b0 < b1, b0 a multiple of BLOCK_V): the first block masked, full
     blocks after it (16-byte vectors at any V and stride), a masked tail. The whole row is
     [0, n_end); a segment of it (``_config.row_segments``) is a run of whole blocks. ``CUT``: the
-    second pass of a truncated row, every lane at the row's ``base``, counting d ≥ ``cut`` only."""
+    second pass of a truncated row, every lane at the row's ``base``, counting d ≥ ``cut`` only.
+    ``LOW16``: and per lane the largest low 16 bits of the fp32 logits read (``_lse_step``)."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
     if CUT:
@@ -94,16 +99,20 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
         lane_c = tl.full([LANES], FLOOR, tl.float32)
     lane_s = tl.zeros([LANES], tl.float32)
     lane_a = tl.zeros([LANES], tl.float32)
+    lane_low = tl.zeros([LANES], tl.int32)
     # Unconditional (b0 < b1): its load's L2 policy then dominates the loop's, which share it.
-    lane_c, lane_s, lane_a = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                       tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
+    lane_c, lane_s, lane_a, lane_low = _lse_step(p_blk, b0, o_blk, lead, n_end, lane_c, lane_s, lane_a, lane_low,
+                                                 k, tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, LOW16,
+                                                 R, LANES, VEC)
     for v0 in range(b0 + BLOCK_V, n_full, BLOCK_V):
-        lane_c, lane_s, lane_a = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a, k,
-                                           tanh_scale, cut, False, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
+        lane_c, lane_s, lane_a, lane_low = _lse_step(p_blk, v0, o_blk, lead, n_end, lane_c, lane_s, lane_a,
+                                                     lane_low, k, tanh_scale, cut, False, SOFTCAP, WITH_ENTROPY,
+                                                     EVICT, CUT, LOW16, R, LANES, VEC)
     if (n_full > b0) & (n_full < b1):
-        lane_c, lane_s, lane_a = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
-                                           k, tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY, EVICT, CUT, R, LANES, VEC)
-    return lane_c, lane_s, lane_a
+        lane_c, lane_s, lane_a, lane_low = _lse_step(p_blk, n_full, o_blk, lead, n_end, lane_c, lane_s, lane_a,
+                                                     lane_low, k, tanh_scale, cut, True, SOFTCAP, WITH_ENTROPY,
+                                                     EVICT, CUT, LOW16, R, LANES, VEC)
+    return lane_c, lane_s, lane_a, lane_low
 
 
 @triton.jit
@@ -114,7 +123,7 @@ def _fwd_row(
     N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta, grad_scale,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LOSS: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TAU: tl.constexpr,
-    MIN_P: tl.constexpr, SELECTED: tl.constexpr,
+    MIN_P: tl.constexpr, SELECTED: tl.constexpr, LOW16: tl.constexpr,
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr, DX_IN_PHASE: tl.constexpr, SPLIT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
@@ -154,13 +163,15 @@ def _fwd_row(
         base = tl.full([], FLOOR, tl.float32)
         s = tl.zeros([], tl.float32)
         a = tl.zeros([], tl.float32)
+        low = tl.zeros([], tl.int32)
         for g in range(g0, g1):
             b0 = tl.multiple_of(g * seg_len, R * LANES * VEC)
             # Pass 2 re-reads the row (the one sweep, a truncated row): keep it in L2 until then.
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, b0, tl.minimum(b0 + seg_len, n_end), k,
-                                                 tanh_scale, 0.0, 0.0, SOFTCAP, WITH_ENTROPY,
-                                                 "evict_last" if GRAD_IN_FORWARD or TRUNC else "", False,
-                                                 R, LANES, VEC)
+            lane_c, lane_s, lane_a, lane_low = _lse_blocks(p_blk, o_blk, lead, n_end, b0,
+                                                           tl.minimum(b0 + seg_len, n_end), k, tanh_scale, 0.0, 0.0,
+                                                           SOFTCAP, WITH_ENTROPY,
+                                                           "evict_last" if GRAD_IN_FORWARD or TRUNC else "", False,
+                                                           LOW16, R, LANES, VEC)
             c_g, s_g, a_g = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
             if SPLIT == 1:
                 p_j = p_part + row.to(tl.int64) * (3 * n_segs) + g
@@ -169,6 +180,10 @@ def _fwd_row(
                 tl.store(p_j + 2 * n_segs, a_g)
             else:
                 base, s, a = _fold(base, s, a, c_g, s_g, a_g, WITH_ENTROPY)
+            if LOW16:
+                low = tl.maximum(low, tl.max(lane_low, 0))
+        if LOW16:  # the statistics of a selection, one program a row: p_cut holds the row's test
+            tl.store(p_cut + row, low.to(tl.float32))
     cut = float("-inf")
     if TRUNC:
         # The kept set is d_v = k·u_v − b ≥ cut, in the exponents of the statistics pass: min_p's
@@ -186,8 +201,8 @@ def _fwd_row(
             s = s_kept
             a = a_kept
         elif cut > float("-inf"):
-            lane_c, lane_s, lane_a = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
-                                                 SOFTCAP, WITH_ENTROPY, "", True, R, LANES, VEC)
+            lane_c, lane_s, lane_a, _ = _lse_blocks(p_blk, o_blk, lead, n_end, 0, n_end, k, tanh_scale, base, cut,
+                                                    SOFTCAP, WITH_ENTROPY, "", True, False, R, LANES, VEC)
             base, s, a = _combine(lane_c, lane_s, lane_a, WITH_ENTROPY)
 
     if SPLIT != 1:
@@ -265,7 +280,8 @@ def _mhpo_fwd_kernel(
     p_lse2_base, p_lse2_rest, p_logp, p_ent,               # (N,) fp32 outputs: base b, log2 s, logp, H
     p_psi, p_zeta, p_loss, p_coef,               # (N,) fp32 outputs of the per-token epilogue
     p_cut,                                       # (N,) fp32 the kept set's threshold on d: written (truncated),
-                                                 # first read (SELECTED)
+                                                 # first read (SELECTED); with LOW16 each row's test of bf16
+                                                 # values, for the selection launch
     p_sums,                                      # (N, 2) fp32 the selection's kept sums, s < 0: none (SELECTED)
     p_dx, stride_db: tl.int64, stride_dt: tl.int64,  # gradient (B, T, V) (GRAD_IN_FORWARD; may be p_x)
     p_part, n_segs, seg_len, split_segs,         # (N, 3, n_segs) fp32 (c, s, a) of each segment (SPLIT);
@@ -282,6 +298,9 @@ def _mhpo_fwd_kernel(
     HAS_TAU: tl.constexpr,
     MIN_P: tl.constexpr,                         # the softmax truncated by min_p (its closed form), or
     SELECTED: tl.constexpr,                      # by the selection launch's thresholds: one more pass
+    LOW16: tl.constexpr,                         # fp32 logits, the statistics of a selection (SPLIT 1, one
+                                                 # split): each row's largest low 16 bits into p_cut, 0
+                                                 # where every logit is a bf16 value
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row
     DX_IN_PHASE: tl.constexpr,                   # as in the backward sweep (GRAD_IN_FORWARD only)
@@ -299,16 +318,16 @@ def _mhpo_fwd_kernel(
                      stride_db, stride_dt,
                      p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                      grad_scale,
-                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
-                     True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
+                     SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, LOW16, OBJECTIVE,
+                     LFM, DHP, True, DX_IN_PHASE, 0, ROWS_ALIGNED, R, LANES, VEC)
     else:
         _fwd_row(tl.program_id(0), p_x, stride_xb, stride_xt, p_y, p_old, p_adv, p_g, p_ref, p_tau, p_min_p,
                  p_lse2_base, p_lse2_rest, p_logp, p_ent, p_psi, p_zeta, p_loss, p_coef, p_cut, p_sums, p_dx,
                  stride_db, stride_dt,
                  p_part, n_segs, seg_len, split_segs, N, T, V, k, tanh_scale, slope, v0, v1, v2, v3, v4, beta,
                  grad_scale,
-                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, OBJECTIVE, LFM, DHP,
-                 False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
+                 SOFTCAP, WITH_ENTROPY, WITH_LOSS, HAS_OLD, HAS_REF, HAS_TAU, MIN_P, SELECTED, LOW16, OBJECTIVE, LFM,
+                 DHP, False, DX_IN_PHASE, SPLIT, ROWS_ALIGNED, R, LANES, VEC)
 
 
 def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_loss, grad=None, zero_tail=False,
@@ -358,7 +377,8 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
     part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
     sums = torch.empty(N * 2, device=logits.device, dtype=torch.float32) if selected else None
 
-    def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False):
+    def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False, low16=False):
+        assert not low16 or grid == (N, 1), "the test of bf16 values takes one program a row"
         _mhpo_fwd_kernel[grid](
             logits, logits.stride(0), logits.stride(1),
             target,
@@ -387,6 +407,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             HAS_TAU=lmap.tau is not None,
             MIN_P=min_p,
             SELECTED=selected,
+            LOW16=low16,
             OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
             GRAD_IN_FORWARD=one_sweep,
             DX_IN_PHASE=one_sweep and _in_phase(logits, grad, cfg.vec),
@@ -405,7 +426,9 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
                 _zero_tail(grad)
             launch((persistent_programs(N, logits.device, V * logits.element_size()),), 0, cfg.num_warps)
         elif selected:
-            launch((N, 1), 1, cfg.num_warps, min_p=False)
+            # fp32 logits: the statistics launch tests each row for bf16 values, which the
+            # selection then counts over bf16 keys (select.py)
+            launch((N, 1), 1, cfg.num_warps, min_p=False, low16=not given and logits.dtype == torch.float32)
             if given:
                 out.cut.copy_(lmap.cut)
                 sums.fill_(-1.0)   # the finish sums the kept tokens

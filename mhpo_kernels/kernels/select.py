@@ -46,6 +46,10 @@ each pass narrowing the candidates to the bins it could not decide.
   Distinct 16-bit values near 0 may round to one d: the kept set d ≥ threshold takes such a tie
   group whole where it holds a kept token, and ``_settle`` counts it where the passes' bins split
   it (a read more, on such ties only).
+- fp32 logits of bf16 values (``logits.float()`` of a bf16 head; BF16_ROWS). The statistics
+  launch keeps each row's largest low 16 bits (forward.py's LOW16); a row where they are all 0
+  holds bf16 values only, and is counted over bf16 keys as a bf16 row is (``_select_row``), the
+  others over keys of d.
 
 Every pass forms d exactly as the sums and the backward do, so "d ≥ threshold" is the same set
 in all of them. Over a vocabulary split each pass is a launch of ``_slice_count_kernel`` and the
@@ -193,7 +197,9 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
         if KEYS16 is not None:
             b_key = _key16(b_raw, b_x, KEYS16)   # the bins' bounds as such keys (``_count_pass``)
         else:
-            b_key = _key(b_d)
+            # + 0: −0 as +0 (d ≥ cut keeps both, so they need one key; an fma whose product
+            # underflows below a base of +0 rounds to −0)
+            b_key = _key(b_d + 0.0)
         b_in = (b_key >= klo) & (b_key <= khi)
         if MASKED and KEYS16 is not None:
             b_in = b_in & m_v                # the lanes off the row load −inf: a candidate key with a softcap
@@ -602,6 +608,35 @@ def _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, t
                    SOFTCAP, KEYS16, R, LANES, VEC)
 
 
+@triton.jit
+def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p,
+                WITH_ENTROPY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, SOFTCAP: tl.constexpr,
+                KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """(the threshold, s, a) of top-k's and top-p's selection among the candidates d ≥ ``cut``
+    (min_p's, or −inf) of a ``finite`` row: both from one first pass for 16-bit keys, else each
+    alone (``_threshold``), top-k's first."""
+    s_kept = -1.0
+    a_kept = 0.0
+    alone = finite                           # a row with one filter on, or without 16-bit keys
+    if KEYS16 is not None and TOP_K and TOP_P:
+        both = finite & (top_k > 0) & (top_p < 1.0)
+        if both:  # both filters from one first pass
+            cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                      tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
+                                                      SOFTCAP, KEYS16, R, LANES, VEC)
+        alone = finite & ~both
+    if TOP_K:
+        if alone & (top_k > 0):
+            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
+                                             top_k.to(tl.float32), False, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES,
+                                             VEC)
+    if TOP_P:
+        if alone & (top_p < 1.0):
+            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
+                                             top_p, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+    return cut, s_kept, a_kept
+
+
 @triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
 def _select_kernel(
     p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # logits (B, T, V), unit stride along V
@@ -609,12 +644,15 @@ def _select_kernel(
     p_tau, p_min_p, p_top_k, p_top_p,            # (N,) per token: τ_t, min_p, top_k (int32), top_p
     p_part, n_segs, seg_len,                     # (N, 3, n_segs) fp32 each row's segments' (c, s, a), their
                                                  # count and length: the statistics launch's
-    p_cut,                                       # (N,) fp32 output: the kept set's threshold on d
+    p_cut,                                       # (N,) fp32 output: the kept set's threshold on d; with
+                                                 # BF16_ROWS first read: the statistics launch's test
     p_sums,                                      # (N, 2) fp32 output: the kept tokens' Σ 2^d, Σ 2^d·d, or −1
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     MIN_P: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, KEYS16: tl.constexpr,
+    BF16_ROWS: tl.constexpr,                     # fp32 logits: a row of bf16 values (0 in p_cut, forward.py's
+                                                 # LOW16) is counted over bf16 keys, the others over keys of d
     ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
@@ -636,8 +674,6 @@ def _select_kernel(
     cut = float("-inf")
     if MIN_P:
         cut = _cut(tl.load(p_min_p + row, mask=valid, other=0.0), base)
-    s_kept = -1.0
-    a_kept = 0.0
     finite = valid & (s > 0.0) & (s < float("inf"))
     top_k = 0
     top_p = 1.0
@@ -645,23 +681,16 @@ def _select_kernel(
         top_k = tl.load(p_top_k + row, mask=valid, other=0)
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
-    alone = finite                           # a row with one filter on, or without 16-bit keys
-    if KEYS16 is not None and TOP_K and TOP_P:
-        both = finite & (top_k > 0) & (top_p < 1.0)
-        if both:  # both filters from one first pass
-            cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                                      tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
-                                                      SOFTCAP, KEYS16, R, LANES, VEC)
-        alone = finite & ~both
-    if TOP_K:
-        if alone & (top_k > 0):
-            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                                             top_k.to(tl.float32), False, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES,
-                                             VEC)
-    if TOP_P:
-        if alone & (top_p < 1.0):
-            cut, s_kept, a_kept = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, tl.maximum(cut, -FLT_MAX),
-                                             top_p, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+    if BF16_ROWS:
+        if tl.load(p_cut + row, mask=valid, other=1.0) == 0.0:   # bf16 values: d is monotone in their keys
+            cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
+                                              top_p, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, tl.bfloat16, R, LANES, VEC)
+        else:
+            cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
+                                              top_p, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, None, R, LANES, VEC)
+    else:
+        cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p,
+                                          WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, KEYS16, R, LANES, VEC)
     tl.store(p_cut + row, cut)
     tl.store(p_sums + 2 * row, s_kept)
     tl.store(p_sums + 2 * row + 1, a_kept)
@@ -686,7 +715,8 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
             part, n_segs, seg_len, cut, sums, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
             MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
-            KEYS16=KEYS16.get(logits.dtype), ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r,
+            KEYS16=KEYS16.get(logits.dtype), BF16_ROWS=logits.dtype == torch.float32,
+            ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r,
             LANES=cfg.lanes, VEC=cfg.vec,
             num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
