@@ -243,10 +243,10 @@ def both(rows, dtype="fp32"):
                                       for k, p in cells))
     for kind in KINDS:
         x = torch.tensor(np.asarray(_rows(kind, rows, rng))).reshape(1, rows, V)   # names the image record has
-        if dtype != "fp32":
-            x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-in-fp32": torch.bfloat16}[dtype])
         if dtype == "bf16-in-fp32":
-            x = x.float()
+            x = x.to(torch.bfloat16).float()
+        elif dtype != "fp32":
+            x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
         ids = x.argmax(-1)
         counts = []
         for top_k, top_p in cells:

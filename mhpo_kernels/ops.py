@@ -28,9 +28,11 @@ GSPO (sequence-level)              ``sweeps_forward``: sweep 1 without the    ``
 ``min_p`` (log-probs)              ``sweeps_forward``: ``_mhpo_fwd_kernel``   ``sweeps_backward``: the
                                    with MIN_P (a second pass per row)         kernel with CUT
 ``top_k``, ``top_p``               ``_mhpo_fwd_kernel`` (SPLIT 1, the         the kernel with CUT
-                                   statistics), ``_select_kernel`` (the
-                                   counting passes), ``_mhpo_fwd_kernel``
-                                   (SPLIT 2 with SELECTED: the finish)
+                                   statistics; fp32 logits with LOW16,
+                                   each row's test of bf16 values),
+                                   ``_select_kernel`` (the counting
+                                   passes), ``_mhpo_fwd_kernel`` (SPLIT 2
+                                   with SELECTED: the finish)
 ``kept_ids`` (replay)              ``_mhpo_fwd_kernel`` on the other rows,    ``_replay_bwd_kernel``
                                    then ``_replay_fwd_kernel``                (GATHER), the kernel,
                                                                               ``_replay_bwd_kernel``

@@ -105,7 +105,7 @@ def _threshold(count, base, delta, floor, goal, on, by_mass):
         state["lo"] = floor.clamp(min=-UNIFORM_RANGE)
         state["scale"] = NB / (_d_max(base) - state["lo"])
         hist, sums, _ = count(torch.where(state["done"], COUNT_SKIP, COUNT_UNIFORM), klo, khi, torch.zeros_like(klo),
-                           state["lo"], state["scale"])
+                              state["lo"], state["scale"])
         _by_blocks(_uniform_pass, state, hist, sums)
         # The decided rows' threshold and the others' range of keys, from their bins (32 steps each).
         lo, scale, decided, ambiguous = state["lo"], state["scale"], state.pop("decided"), state.pop("ambiguous")
@@ -120,9 +120,10 @@ def _threshold(count, base, delta, floor, goal, on, by_mass):
         state["shift"] = (_bits(state["khi"] - state["klo"]) - NB_BITS).clamp(min=0)
         # The last pass counts as the others and sums the mass above its range at the slice's own
         # base (COUNT_SUMS): with its own counts, the kept tokens' sums (``_keys_pass``).
-        hist, sums, mine = count(torch.where(state["done"], COUNT_SKIP, COUNT_SUMS if last else COUNT_KEYS),
-                                 state["klo"], state["khi"], state["shift"], state["lo"], state["scale"], mine=last)
-        _by_blocks(_keys_pass, state, hist, sums, mine, last=last, by_mass=by_mass)
+        hist, sums, own = count(torch.where(state["done"], COUNT_SKIP, COUNT_SUMS if last else COUNT_KEYS),
+                                state["klo"], state["khi"], state["shift"], state["lo"], state["scale"],
+                                keep_own=last)
+        _by_blocks(_keys_pass, state, hist, sums, own, last=last, by_mass=by_mass)
     return key_value(state["cut_key"]), state["s"], state["a"], state["summed"]
 
 
@@ -131,22 +132,22 @@ def _threshold(count, base, delta, floor, goal, on, by_mass):
 DECIDE_ROWS = 1024
 
 
-def _by_blocks(decide, state, hist, sums, mine=None, **kwargs):
+def _by_blocks(decide, state, hist, sums, own=None, **kwargs):
     """``decide`` on the rows of ``state`` (each value (N,)), DECIDE_ROWS at a time, in place
-    (``mine``: this slice's own counts and sums, or None)."""
+    (``own``: this slice's own counts and sums, or None)."""
     for r0 in range(0, hist.shape[0], DECIDE_ROWS):
         rows = slice(r0, r0 + DECIDE_ROWS)
         block = {name: x[rows] for name, x in state.items()}
-        own = None if mine is None else tuple(x[rows].double() for x in mine)
-        decide(block, hist[rows].double(), sums[rows].double(), own, **kwargs)
+        decide(block, hist[rows].double(), sums[rows].double(),
+               None if own is None else tuple(x[rows].double() for x in own), **kwargs)
         for name, x in block.items():
             state[name][rows] = x
 
 
-def _uniform_pass(st, cnt, sums, mine):
+def _uniform_pass(st, cnt, sums, own):
     """top-p's first pass for a block of rows: its goal becomes top_p of the mass from lo, and a
     row is decided (at its lowest kept bin) or left to its ambiguous bins (``_threshold`` turns
-    those bins into keys)."""
+    those bins into keys). ``own`` is None: the pass sums no kept tokens."""
     bins = torch.arange(NB, device=cnt.device)
     s_in = sums[:, 1]
     st["goal"] = st["goal"] * s_in
@@ -164,10 +165,10 @@ def _uniform_pass(st, cnt, sums, mine):
     st["done"] = done | st["decided"]
 
 
-def _keys_pass(st, cnt, sums, mine, last, by_mass):
+def _keys_pass(st, cnt, sums, own, last, by_mass):
     """A pass over bins of 2^shift keys for a block of rows: a row is decided, or its range
     narrows to its ambiguous bins (top-k carries the count above them). In the last pass, which
-    decides every row, ``mine`` (this slice's own counts and sums at its base) give the slice's
+    decides every row, ``own`` (this slice's own counts and sums at its base) give the slice's
     kept tokens' sums, as ``select._narrow`` finds them: a kept bin of one key its exact mass, of
     several the middle of its bounds, at its lowest d."""
     bins = torch.arange(NB, device=cnt.device)
@@ -196,12 +197,12 @@ def _keys_pass(st, cnt, sums, mine, last, by_mass):
     st["khi"] = torch.where(ambiguous, top + torch.minimum(width, khi - top), khi)
     st["klo"] = torch.where(ambiguous, klo + (b_lo.clamp(max=NB - 1) << shift), klo)
     st["done"] = done | decided
-    if mine is not None:
-        own, own_sums = mine
+    if own is not None:
+        own_cnt, own_sums = own
         delta = st["delta"].unsqueeze(-1)
         own_lo = (d_lo + delta).double()      # d + delta in fp32, as the kernel forms it
-        e = own * 0.5 * (torch.exp2(own_lo) + torch.exp2((d_hi + delta).double()))
-        kept = (own > 0) & (bins >= b_kept.unsqueeze(-1))   # the bins from the lowest kept one up
+        e = own_cnt * 0.5 * (torch.exp2(own_lo) + torch.exp2((d_hi + delta).double()))
+        kept = (own_cnt > 0) & (bins >= b_kept.unsqueeze(-1))   # the bins from the lowest kept one up
         st["s"] = torch.where(decided, own_sums[:, 0] + torch.where(kept, e, 0.0).sum(-1), st["s"])
         st["a"] = torch.where(decided, own_sums[:, 2] + torch.where(kept, e * own_lo, 0.0).sum(-1), st["a"])
         st["summed"] = st["summed"] | decided
@@ -218,18 +219,18 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
 
     delta = base - local_base             # d + delta: at the slice's own base
 
-    def count(mode, klo, khi, shift, lo, scale, reduce=True, mine=False):
+    def count(mode, klo, khi, shift, lo, scale, reduce=True, keep_own=False):
         """(the counts and sums over every slice, this slice's own or None): without ``reduce``,
-        this slice's only. With ``mine`` this slice's are kept (a copy of the (N, NB) counts), and
-        the mass above the range that COUNT_SUMS summed at its own base is moved to the common
-        one before the sum."""
+        this slice's only. With ``keep_own`` this slice's are kept (a copy of the (N, NB) counts),
+        and the mass above the range that COUNT_SUMS summed at its own base is moved to the
+        common one before the sum."""
         hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
                             khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous(),
                             delta.contiguous())
         if not reduce:
             return hist, sums, None
         own = None
-        if mine:
+        if keep_own:
             own = (hist.clone(), sums.clone())
             sums[:, 0] = torch.where(mode == COUNT_SUMS, sums[:, 0].double() * torch.exp2(-delta.double()), sums[:, 0])
         dist.all_reduce(hist, group=group)
@@ -248,9 +249,9 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
         found = _threshold(count, base, delta, cut.clamp(min=-FLT_MAX), goal.double(), on, by_mass)
         cut, s, a, summed = (torch.where(on, new, old) for new, old in zip(found, (cut, s, a, summed)))
     cut = torch.where(finite, cut, -math.inf)   # min_p's too: a row without a finite softmax is not truncated
-    # The other truncated rows' kept tokens' sums: the keys above the threshold's less one, −0 with
-    # +0 (d ≥ cut, as the backward compares), at the slice's own base. The pass reads the targets'
-    # d at the common base for every row.
+    # The other truncated rows' kept tokens' sums: the keys above the threshold's less one (−0's
+    # with +0's, d ≥ cut as the backward compares; a guard: no key is −0's), at the slice's own
+    # base. The pass reads the targets' d at the common base for every row.
     key = order_keys(torch.where(cut == 0, -0.0, cut))
     _, sums, _ = count(torch.where((cut > -math.inf) & ~summed, COUNT_SUMS, COUNT_SKIP), key, key - 1,
                        torch.zeros_like(key), zeros, zeros, reduce=False)

@@ -401,7 +401,7 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
         r1 = r0 + t1 - t0
         d, valid, _, _, _ = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         m = torch.where(valid, mode[r0:r1], 0).unsqueeze(-1)
-        key = order_keys(d)
+        key = order_keys(d + 0.0)           # −0 as +0, as the kernel's keys
         k_lo, k_hi = klo[r0:r1].unsqueeze(-1), khi[r0:r1].unsqueeze(-1)
         lo_r = lo[r0:r1].unsqueeze(-1)
         uniform = ((d - lo_r) * scale[r0:r1].unsqueeze(-1)).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)

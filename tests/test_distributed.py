@@ -962,9 +962,10 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
             assert max_rel_err(torch.cat([r[backend][name] for r in ranks]), want) <= FP32_RTOL, (backend, name)
 
 
-def _count_slice_reads(reads):
+def _count_slice_reads(reads, sums):
     """Make ``slice_select``'s counting launches add 1 to ``reads`` (N,) at each row they read
-    (its mode not COUNT_SKIP)."""
+    (its mode not COUNT_SKIP), and to ``sums`` where that read is the pass of sums alone (an empty
+    range of keys: klo > khi)."""
     import types
     from mhpo_kernels import _dispatch, slice_select
     from mhpo_kernels._sweep_types import COUNT_SKIP
@@ -972,9 +973,10 @@ def _count_slice_reads(reads):
     def kernel(name, device, backend):
         launch = _dispatch.kernel(name, device, backend)
 
-        def counted(logits, target, lmap, base, mode, *rest):
+        def counted(logits, target, lmap, base, mode, klo, khi, *rest):
             reads.add_(mode != COUNT_SKIP)
-            return launch(logits, target, lmap, base, mode, *rest)
+            sums.add_((mode != COUNT_SKIP) & (klo > khi))
+            return launch(logits, target, lmap, base, mode, klo, khi, *rest)
         return counted
 
     slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
@@ -990,14 +992,14 @@ def _tp_random_rows_worker(rank, world_size, out_dir):
     ids = x.argmax(-1)
     out = {}
     for backend in ("triton", "torch"):
-        reads = torch.zeros(60, dtype=torch.int64)
-        _count_slice_reads(reads)
+        reads, sums = torch.zeros(60, dtype=torch.int64), torch.zeros(60, dtype=torch.int64)
+        _count_slice_reads(reads, sums)
         with mhpo_kernels.use_backend(backend):
             leaf = x[:, start:start + size].clone().requires_grad_()
             logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
                                                     top_p=top_p, tp_group=dist.group.WORLD)
             logp.sum().backward()
-        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads)
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads, sums=sums)
     torch.save(out, f"{out_dir}/rows-{rank}.pt")
 
 
@@ -1029,12 +1031,13 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
         for r in ranks:
             assert max_rel_err(r[backend]["logp"], want_logp) <= FP32_RTOL, backend
             assert max_rel_err(r[backend]["ent"], want_ent) <= FP32_RTOL, backend
-        reads = ranks[0][backend]["reads"]
-        assert torch.equal(reads, ranks[1][backend]["reads"])
+        reads, sums = ranks[0][backend]["reads"], ranks[0][backend]["sums"]
+        assert torch.equal(reads, ranks[1][backend]["reads"]) and torch.equal(sums, ranks[1][backend]["sums"])
         one = (top_k > 0) ^ (top_p < 1)
         assert one.any() and ((top_k > 0) & (top_p < 1)).any()
         assert reads[one].max() <= 3 and reads[~one].max() <= 6, (backend, reads)
-        assert (reads[one] == 3).any(), reads   # rows that took all three passes: summed by the last
+        # rows that took all three counting passes, summed by the last (no pass of sums)
+        assert ((reads == 3) & (sums == 0) & one).any(), (reads, sums)
 
 
 def _tp_last_pass_worker(rank, world_size, out_dir):

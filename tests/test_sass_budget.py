@@ -95,16 +95,16 @@ def test_truncation_passes(report):
     tokens), top-p's four (uniform in d, several keys, its last pass's several keys summing the
     kept tokens, single keys), and over 16-bit keys (bf16, fp16) two counts of a tie group in d
     after each selection; 16-bit rows with both filters, twenty-one (both filters' selection,
-    then each filter's alone, kernels/select.py); fp32 logits' selection has its loops over keys of
-    d, then a 16-bit one's (bf16 keys, for a row of bf16 values). The pass of single keys with the entropy costs
-    at most 3 instructions more (its Σ 2^d·d); top-p's last pass costs at most 2 more than single
-    keys (the shift to its bins; over bf16 keys both shift, and they differ by at most 2 either
-    way). Over a vocabulary split, the counting launch's three loops are top-p's: its uniform
-    pass and its pass over keys, within an instruction of an iteration, and its last pass with the entropy
-    (the kept tokens' sums) with one add more, to the slice's own base (16-bit logits: the
-    uniform pass only; their selection counts other keys). The backward of every truncation is
-    the backward's loop with a
-    compare and a select."""
+    then each filter's alone, kernels/select.py); fp32 logits' selection has its loops over keys
+    of d, then a 16-bit one's (bf16 keys, for a row of bf16 values). The pass of single keys with
+    the entropy costs at most 3 instructions more (its Σ 2^d·d); top-p's last pass costs at most 2
+    more than single keys (the shift to its bins; over bf16 keys both shift, and they differ by at
+    most 2 either way). Over a vocabulary split, the counting launch's three loops are top-p's: its
+    uniform pass and its pass over keys, and its last pass with the entropy (the kept tokens' sums)
+    with one add more, to the slice's own base (16-bit logits: the uniform pass only; their
+    selection counts other keys); fp32's selection kernel, which holds the bf16 keys' loops too,
+    compiles its own with a uniform register copied per element more. The backward of every
+    truncation is the backward's loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -139,8 +139,12 @@ def test_truncation_passes(report):
         # the entropy and one add (the sums at the slice's own base). 16-bit logits' selection counts
         # the logits' keys, the split's keys of d: only the uniform pass is the same loop.
         # The same loop: within one instruction of its iteration (the scheduler's). fp32's selection
-        # kernel holds bf16 keys' loops too, and compiles its pass over keys of d with an integer
-        # add per element more than the split's (a VIADD, measured: 412 against 395 in 16 elements).
+        # kernel holds bf16 keys' loops too, and compiles its loops over keys of d with up to one
+        # instruction per element more (a uniform register copied to a vector one, 14-17 of them
+        # in 16 elements, measured against the kernel compiled without the bf16 keys): its uniform
+        # pass is matched by its bf16 keys' (the same code), its pass over keys allowed 17 more, and
+        # the split's pass of sums, its last pass with the entropy and one add per element, is
+        # from 1 shorter (the copies outweigh the add, as now) to 16 longer (the add alone).
         topp, topp_entropy = select["topp"], select["topp-entropy"]
         slices = list(by_name[f"select-{dtype}-slices"]["select"])
 

@@ -552,7 +552,7 @@ def test_plus_and_minus_zero_are_one_value(backend, dtype):
     """Rows whose largest logits are +0 and −0 (a base of +0): the two are one value to every
     filter, kept together (SPEC.md, section 9), as d ≥ threshold keeps them. The selection's
     exponents are never −0, whose key would lie below +0's, outside the count of the kept tokens'
-    mass: with top_k 1 the log-prob of each of 4 zeros (2 of each sign) was ln 2, not ln 4. The
+    mass: with top_k 1 the log-prob of each of 4 zeros (2 of each sign) was −ln 2, not −ln 4. The
     other logits are no bf16 values in fp32 (counted over keys of d)."""
     g = torch.Generator().manual_seed(23)
     x = (torch.rand(4, 64, generator=g) * -4 - 1).to(dtype)

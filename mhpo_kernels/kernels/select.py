@@ -704,7 +704,9 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
     """Launch the selection over the rows of ``logits`` (B, T, V): each valid row's threshold into
     ``cut`` (N,) and, where its last pass found them, the kept tokens' sums into ``sums`` (N, 2)
     (else −1), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters
-    (top_k or top_p given; min_p's folded in)."""
+    (top_k or top_p given; min_p's folded in). fp32 logits: ``cut`` holds on entry each row's
+    largest low 16 bits, as the statistics launch with LOW16 stores them (forward.py), 0 for a
+    row of bf16 values."""
     B, T, V = logits.shape
     dummy = cut
     with on_device(logits.device):
