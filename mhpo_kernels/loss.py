@@ -69,22 +69,6 @@ def _prepared(prepare, tp_group, logits, settings=None):
     return agree_on_inputs(tp_group, device, prepare, settings=settings)
 
 
-def _row_stats(logits3, batch, hp, lmap, with_entropy, shifted, inplace, tp_group):
-    """The RowStats of the sweeps (log-probs and entropy: no loss, nothing reduced)."""
-    if tp_group is None:
-        return row_stats(logits3, batch, hp, lmap, with_entropy=with_entropy, shifted=shifted,
-                         inplace_backward=inplace)[0]
-    return vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace)[0]
-
-
-def entropy_bonus(loss, entropy_coef, weight, entropy):
-    """Σ_t g_t · (loss_t − entropy_coef · H_t) from Σ_t g_t · loss_t: the entropy's gradient is
-    ∂L/∂H_t = −entropy_coef · g_t, which the backward sweep folds into its one pass."""
-    if entropy_coef == 0:
-        return loss
-    return loss - entropy_coef * (weight * entropy).sum()
-
-
 def metrics_from_vector(vector, objective, has_ref, truncated=False):
     """The metrics dict of the finalize reduction's vector, detached 0-d views: those SPEC.md
     section 8 lists for the objective (ψ, ζ, survival, saturated share for MHPO only), kl with
@@ -252,7 +236,9 @@ def policy_loss(
         stats, target, weight = vocab_parallel.row_stats(
             logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace, agg=AGG_MODES.index(loss_agg_mode),
             normalizer=normalizer_tensor(normalizer, logits.device, lmap))
-        loss = entropy_bonus(stats.loss.sum(), entropy_coef, weight, stats.entropy)
+        loss = stats.loss.sum()
+        if entropy_coef != 0:  # Σ_t g_t · (loss_t − entropy_coef · H_t)
+            loss = loss - entropy_coef * (weight * stats.entropy).sum()
         if not return_metrics:
             return loss
         return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta,
@@ -336,7 +322,10 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
                                dtypes=(dtype_name(logits),))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
-    stats = _row_stats(logits3, batch, hp, lmap, return_entropy, shifted, inplace, tp_group)
+    if tp_group is None:
+        stats = row_stats(logits3, batch, hp, lmap, return_entropy, shifted=shifted, inplace_backward=inplace)[0]
+    else:
+        stats = vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, return_entropy, shifted, inplace)[0]
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp

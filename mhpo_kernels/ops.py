@@ -53,19 +53,18 @@ a loss with any of these           the same, then ``_prepare_kernel`` for     th
 The fused linear path's ops are in ``linear_ops``.
 """
 
-from typing import NamedTuple, Optional, Tuple
-
-import math
+import collections
+import inspect
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
 from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable, pack_params
-from ._sweep_types import METRICS, RowStats
 from ._inputs import INT32_MAX, has_internal_overlap
+from ._sweep_types import ADV_NONE, METRICS, RowStats
 from .objectives import GPG_KIND, GSPO_KIND, MHPO_KIND
-from ._sweep_types import ADV_NONE
 from .epilogue import per_sequence_sum, segment_ids, sequence_terms
 
 
@@ -92,42 +91,6 @@ def _grad_buffer(logits):
 # The sweeps read the first T positions as a view (strides, no copy), and the backward's
 # programs past the N tokens write the zero gradient rows of position T (``rows._row_or_tail``).
 # All of it happens inside the ops, so autograd sees no slice of the logits.
-
-
-class SweepsArgs(NamedTuple):
-    """``sweeps_forward``'s inputs by name (autograd's setup receives them as a tuple)."""
-
-    logits: Tensor
-    target: Tensor
-    old: Optional[Tensor]
-    adv: Optional[Tensor]
-    weight: Optional[Tensor]
-    ref: Optional[Tensor]
-    tau: Optional[Tensor]
-    params: Tensor
-    softcap: bool
-    with_entropy: bool
-    with_loss: bool
-    shifted: bool
-    inplace_backward: bool
-    cu: Optional[Tensor] = None
-    grad_in_forward: bool = False
-    totals: int = 0
-    entropy_bonus: bool = False
-    min_p: Optional[Tensor] = None
-    top_k: Optional[Tensor] = None
-    top_p: Optional[Tensor] = None
-    agg: int = -1
-    normalizer: Optional[Tensor] = None
-    sequence_level: bool = False
-    kept_offsets: Optional[Tensor] = None
-    kept_ids: Optional[Tensor] = None
-    cut: Optional[Tensor] = None
-
-    @property
-    def thresholds(self):
-        """Whether the forward gives each row's kept-set threshold: a filter, or one given."""
-        return self.min_p is not None or self.top_k is not None or self.top_p is not None or self.cut is not None
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
@@ -210,20 +173,29 @@ def _forward_sweep(a, grad=None):
     return tuple(map(present, stats[:8])) + totals + (weight if truncated else present(None), present(stats.cut))
 
 
+def _thresholds(a):
+    """Whether the forward gives each row's kept-set threshold: a filter, or one given."""
+    return a.min_p is not None or a.top_k is not None or a.top_p is not None or a.cut is not None
+
+
+def _kept_weights(a):
+    """Whether the forward gives the weights of the tokens inside their kept set: a truncated loss."""
+    return a.with_loss and (a.min_p is not None or a.top_k is not None or a.top_p is not None
+                            or a.kept_offsets is not None)
+
+
 def _fake_outputs(a, grad):
     B, T, _ = a.logits.shape
     n = B * (T - 1 if a.shifted else T)
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
-    filtered = a.min_p is not None or a.top_k is not None or a.top_p is not None
-    weight = _fp32(a.logits, n if a.with_loss and (filtered or a.kept_offsets is not None) else 0)
+    weight = _fp32(a.logits, n if _kept_weights(a) else 0)
     return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight,
-                    _fp32(a.logits, n if a.thresholds else 0))
+                    _fp32(a.logits, n if _thresholds(a) else 0))
 
 
-@torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())
-def sweeps_forward(
+def _sweeps_forward(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, with_loss: bool, shifted: bool, inplace_backward: bool,
@@ -248,12 +220,17 @@ def sweeps_forward(
     sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
     which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
     ``normalizer``."""
-    a = SweepsArgs(logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, with_loss, shifted,
-                   inplace_backward, cu, grad_in_forward, totals, entropy_bonus, min_p, top_k, top_p, agg, normalizer,
-                   sequence_level, kept_offsets, kept_ids, cut)
+    a = SweepsArgs(**locals())
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
+
+
+# The op's arguments as one record, by name (autograd's setup receives them as a tuple).
+_ARGS = inspect.signature(_sweeps_forward).parameters.values()
+SweepsArgs = collections.namedtuple("SweepsArgs", [p.name for p in _ARGS],
+                                    defaults=[p.default for p in _ARGS if p.default is not p.empty])
+sweeps_forward = torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())(_sweeps_forward)
 
 
 @sweeps_forward.register_fake
@@ -296,9 +273,7 @@ def scale_rows_(grad: Tensor, target: Tensor, upstream: Tensor, params: Tensor, 
                                                               values[GRAD_SCALE])
 
 
-@scale_rows_.register_fake
-def _(grad, target, upstream, params, shifted):
-    return None
+scale_rows_.register_fake(lambda *_, **__: None)
 
 
 def _hand_back(grad, target, d_total, params, shifted):
@@ -359,10 +334,7 @@ def sweeps_backward(
                            softcap, shifted, cut, kept_offsets, kept_ids)
 
 
-@sweeps_backward.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None,
-      kept_offsets=None, kept_ids=None):
-    return _grad_buffer(logits)
+sweeps_backward.register_fake(lambda logits, *_, **__: _grad_buffer(logits))
 
 
 @torch.library.custom_op("mhpo_kernels::sweeps_backward_", mutates_args=("logits",))
@@ -378,10 +350,7 @@ def sweeps_backward_(
                     softcap, shifted, cut, kept_offsets, kept_ids)
 
 
-@sweeps_backward_.register_fake
-def _(logits, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap, shifted, cut=None,
-      kept_offsets=None, kept_ids=None):
-    return None
+sweeps_backward_.register_fake(lambda *_, **__: None)
 
 
 def backward_sweep(logits, inplace, **args):
@@ -408,12 +377,11 @@ def _sweeps_setup(ctx, inputs, output):
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
     seq = a.with_loss and a.sequence_level
-    filtered = a.min_p is not None or a.top_k is not None or a.top_p is not None
-    weight = kept_weight if a.with_loss and (filtered or a.kept_offsets is not None) else a.weight
+    weight = kept_weight if _kept_weights(a) else a.weight
     ctx.sequence_level = seq
     ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
-                          cut if a.thresholds else None, a.kept_offsets, a.kept_ids)
+                          cut if _thresholds(a) else None, a.kept_offsets, a.kept_ids)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
     ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, cut)
