@@ -178,7 +178,8 @@ SPLIT_FWD = {"bf16": ("logprobs", "entropy", "softcap-logprobs"), "fp32": ("logp
 SPLIT_BWD = {"bf16": ("", "entropy", "softcap-entropy"), "fp32": ("entropy",)}
 SPLIT_UNALIGNED = ("bf16", "logprobs", "entropy", UNALIGNED_V[0])  # dtype, forward, backward, V
 # top_k / top_p on fp32 logits: the statistics launch (one split) also tests each row for bf16
-# values (LOW16: a mask and a max per logit), which the selection then counts over bf16 keys.
+# values (LOW16: an OR per lane, the low 16 bits taken once a row), which the selection then counts
+# over bf16 keys.
 LOW16_FWD = {"selected-stats": dict(SPLIT=1, LOW16=True),
              "selected-stats-entropy": dict(SPLIT=1, LOW16=True, WITH_ENTROPY=True)}
 

@@ -14,8 +14,8 @@ from .logit_map import LN2, _logit_u
 from .replay import replay_fwd, unreplayed
 from .select import _cut, select_cuts
 from .rows import (BATCH_INTS, FLOOR, PER_TOKEN_POINTERS, _block_base, _block_offsets, _combine, _fold, _fold_parts,
-                   _lane_reduce_max, _lane_reduce_sum, _lanes, _max_nan, _rebased, _row_lead, _row_offset,
-                   _row_target, rows_aligned)
+                   _lane_reduce_max, _lane_reduce_or, _lane_reduce_sum, _lanes, _max_nan, _or, _rebased, _row_lead,
+                   _row_offset, _row_target, rows_aligned)
 from .token_math import _loss_terms
 
 # Exponents below −150 give 2^d = 0 in fp32 (even with denormals); clamping d there before the
@@ -42,8 +42,8 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, low, k, tanh_scale, cut,
     ``CUT``: pass 2 of a truncated row. c is the row's base already (no max, no rescale) and only
     the tokens with d ≥ ``cut`` count: the others, −inf logits among them, take d = D_FLOOR, whose
     2^d is 0 and whose d·2^d is 0; a NaN stays NaN. ``LOW16`` (fp32 logits, the statistics of a
-    selection): ``low``, per lane, the largest of the low 16 bits of the logits read, 0 where each
-    is a bf16 value (select.py counts such a row over bf16 keys).
+    selection): ``low``, per lane, the bits of the logits read OR-ed together, whose low 16 are 0
+    where each is a bf16 value (select.py counts such a row over bf16 keys).
     """
     o_v = v0 + o_blk
     if MASKED:
@@ -63,7 +63,7 @@ def _lse_step(p_blk, v0, o_blk, lo, hi, c, s, a, low, k, tanh_scale, cut,
             a += _lane_reduce_sum(b_e * b_d)
         return c, s + _lane_reduce_sum(b_e), a, low
     if LOW16:
-        low = tl.maximum(low, _lane_reduce_max(_lanes(b_x.to(tl.int32, bitcast=True) & 0xFFFF, R, LANES, VEC)))
+        low = low | _lane_reduce_or(_lanes(b_x.to(tl.int32, bitcast=True), R, LANES, VEC))
     # A NaN logit reaches the lane's sum s through its 2^d; the compiled max may drop it (the
     # interpreter's keeps it), so s, not c, carries it: no rescale below (alpha = 0, or the
     # combine's lane_kept) may drop a NaN sum (SPEC.md, section 5).
@@ -90,7 +90,7 @@ def _lse_blocks(p_blk, o_blk, lead, n_end, b0, b1, k, tanh_scale, base, cut,
     blocks after it (16-byte vectors at any V and stride), a masked tail. The whole row is
     [0, n_end); a segment of it (``_config.row_segments``) is a run of whole blocks. ``CUT``: the
     second pass of a truncated row, every lane at the row's ``base``, counting d ≥ ``cut`` only.
-    ``LOW16``: and per lane the largest low 16 bits of the fp32 logits read (``_lse_step``)."""
+    ``LOW16``: and per lane the OR of the fp32 logits' bits read (``_lse_step``)."""
     BLOCK_V: tl.constexpr = R * LANES * VEC
     n_full = b1 // BLOCK_V * BLOCK_V
     if CUT:
@@ -181,9 +181,9 @@ def _fwd_row(
             else:
                 base, s, a = _fold(base, s, a, c_g, s_g, a_g, WITH_ENTROPY)
             if LOW16:
-                low = tl.maximum(low, tl.max(lane_low, 0))
+                low = low | tl.reduce(lane_low, 0, _or)
         if LOW16:  # the statistics of a selection, one program a row: p_cut holds the row's test
-            tl.store(p_cut + row, low.to(tl.float32))
+            tl.store(p_cut + row, (low & 0xFFFF).to(tl.float32))
     cut = float("-inf")
     if TRUNC:
         # The kept set is d_v = k·u_v − b ≥ cut, in the exponents of the statistics pass: min_p's
@@ -299,7 +299,7 @@ def _mhpo_fwd_kernel(
     MIN_P: tl.constexpr,                         # the softmax truncated by min_p (its closed form), or
     SELECTED: tl.constexpr,                      # by the selection launch's thresholds: one more pass
     LOW16: tl.constexpr,                         # fp32 logits, the statistics of a selection (SPLIT 1, one
-                                                 # split): each row's largest low 16 bits into p_cut, 0
+                                                 # split): each row's low 16 bits OR-ed into p_cut, 0
                                                  # where every logit is a bf16 value
     OBJECTIVE: tl.constexpr, LFM: tl.constexpr, DHP: tl.constexpr,
     GRAD_IN_FORWARD: tl.constexpr,               # persistent: programs take rows in turn, pass 2 per row

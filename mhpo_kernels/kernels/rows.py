@@ -126,6 +126,17 @@ def _lane_reduce_max(b):
 
 
 @triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _lane_reduce_or(b):
+    """Per-lane bitwise OR of an integer [R, LANES, VEC] block: [LANES]."""
+    return tl.reduce(tl.reduce(b, 2, _or), 0, _or)
+
+
+@triton.jit
 def _lane_reduce_sum(b):
     """Per-lane sum of an [R, LANES, VEC] block: [LANES]."""
     return tl.sum(tl.sum(b, 2), 0)

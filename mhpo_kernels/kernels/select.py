@@ -47,7 +47,7 @@ each pass narrowing the candidates to the bins it could not decide.
   group whole where it holds a kept token, and ``_settle`` counts it where the passes' bins split
   it (a read more, on such ties only).
 - fp32 logits of bf16 values (``logits.float()`` of a bf16 head; BF16_ROWS). The statistics
-  launch keeps each row's largest low 16 bits (forward.py's LOW16); a row where they are all 0
+  launch keeps the OR of each row's low 16 bits (forward.py's LOW16); a row where they are all 0
   holds bf16 values only, and is counted over bf16 keys as a bf16 row is (``_select_row``), the
   others over keys of d.
 
@@ -705,7 +705,7 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
     ``cut`` (N,) and, where its last pass found them, the kept tokens' sums into ``sums`` (N, 2)
     (else −1), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters
     (top_k or top_p given; min_p's folded in). fp32 logits: ``cut`` holds on entry each row's
-    largest low 16 bits, as the statistics launch with LOW16 stores them (forward.py), 0 for a
+    low 16 bits OR-ed, as the statistics launch with LOW16 stores them (forward.py), 0 for a
     row of bf16 values."""
     B, T, V = logits.shape
     dummy = cut
