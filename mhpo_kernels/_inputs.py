@@ -97,7 +97,7 @@ def check_temperature(temperature):
         return check_positive("temperature", temperature), None
     if not temperature.is_floating_point():
         raise TypeError(f"temperature must be a number or a floating tensor, got a {temperature.dtype} tensor")
-    return 1.0, temperature  # a 0-d tensor is one τ for every token (``_check_temperature_tensor``)
+    return 1.0, temperature  # a 0-d tensor is one τ for every token (``_per_token_tensor``)
 
 
 def _per_token_tensor(name, x, token_shape, device):
@@ -111,13 +111,6 @@ def _per_token_tensor(name, x, token_shape, device):
         raise ValueError(f"{name} must be a number, a 0-d tensor or a tensor of shape {tuple(token_shape)} "
                          f"like input_ids (or ({n},)), got shape {tuple(x.shape)}")
     return x.detach().reshape(-1)
-
-
-def _check_temperature_tensor(tau, token_shape, device):
-    """A floating tensor of one τ per token (``_per_token_tensor``): flat fp32."""
-    if tau is None:
-        return None
-    return _per_token_tensor("temperature", tau, token_shape, device).to(torch.float32).contiguous()
 
 
 class Sampling(NamedTuple):
@@ -540,7 +533,8 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
     ignore_index = check_ignore_index(ignore_index)
     mask = _check_mask(mask, token_shape, device)
     cu = _check_cu_seqlens(cu_seqlens, token_shape, device)
-    tau = _check_temperature_tensor(temperature, token_shape, device)
+    tau = None if temperature is None else \
+        _per_token_tensor("temperature", temperature, token_shape, device).to(torch.float32).contiguous()
     min_p, top_k, top_p = (_filter_tensor(name, v, token_shape, device) for name, v in sampling._asdict().items())
     N = ids.numel()
     n_seqs, T = (cu.numel() - 1, 0) if cu is not None else tuple(token_shape) if len(token_shape) == 2 else (1, N)

@@ -220,16 +220,21 @@ def _sweeps_forward(
     sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
     which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
     ``normalizer``."""
-    a = SweepsArgs(**locals())
+    a = SweepsArgs(**locals())   # the arguments alone: the first statement
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
     return out[:8] + (logits.new_empty(0) if grad is None else grad,) + out[8:]
 
 
-# The op's arguments as one record, by name (autograd's setup receives them as a tuple).
-_ARGS = inspect.signature(_sweeps_forward).parameters.values()
-SweepsArgs = collections.namedtuple("SweepsArgs", [p.name for p in _ARGS],
-                                    defaults=[p.default for p in _ARGS if p.default is not p.empty])
+def _arguments_of(name, fn):
+    """A record ``name`` of ``fn``'s arguments, by name, with its defaults (autograd's setup and
+    the fake receive the op's arguments as a tuple)."""
+    params = inspect.signature(fn).parameters.values()
+    return collections.namedtuple(name, [p.name for p in params],
+                                  defaults=[p.default for p in params if p.default is not p.empty])
+
+
+SweepsArgs = _arguments_of("SweepsArgs", _sweeps_forward)
 sweeps_forward = torch.library.custom_op("mhpo_kernels::sweeps_forward", mutates_args=())(_sweeps_forward)
 
 

@@ -242,16 +242,18 @@ def test_unaligned_rows_compiled_for_every_sweep_and_dtype(report):
 def test_compiled_as_launched():
     """Each variant is compiled from its own launch by the launcher (``bench.sass.launch_of``),
     with what Triton's binder derives from it: divisibility by 16 only for the logits' and the
-    gradient's data pointers, the split partials' buffer and V where V is a multiple of 16 (not
-    for the replay kernels, whose gathers by id no V aligns), never for an integer that moves
-    with the batch (N, T, a stride, the split count or length) or a per-token pointer; the
-    strides int64 (tests/test_specialization.py has the keys)."""
+    gradient's data pointers, the split partials' buffer (where the variant has them: an absent
+    one is None, a constant) and V where V is a multiple of 16 (not for the replay kernels, whose
+    gathers by id no V aligns), never for an integer that moves with the batch (N, T, a stride,
+    the split count or length) or a per-token pointer; the strides int64
+    (tests/test_specialization.py has the keys)."""
     for name, var in variants().items():
         spec = launched(var)
         names = var.kernel.arg_names
         divisible = {names[i] for (i,), attrs in spec.attrs.items() if attrs}
         aligned_v = {"V"} & set(names) if var.aligned and not name.startswith("replay-") else set()
-        assert divisible == {"p_x", "p_dx", "p_part"} & set(names) | aligned_v, name
+        present = {n for n in names if spec.signature[n] != "constexpr"}
+        assert divisible == {"p_x", "p_dx", "p_part"} & present | aligned_v, name
         assert all(spec.signature[n] == "i64" for n in names if n.startswith("stride")), name
         assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_segs", "seg_len", "split_segs", "split_len") if n in names), name
 

@@ -26,7 +26,7 @@ import mhpo_kernels
 from bench.specialization import (constexpr_values, recorded_launches, runtime_arguments, specialize,
                                   specialization_key)
 from mhpo_kernels import _config, objectives
-from mhpo_kernels.kernels import backward, forward
+from mhpo_kernels.kernels import backward, forward, select
 
 V = 151935          # Qwen's vocabulary less one: odd, 38 blocks, so up to 16 splits of a row
 ALIGNED_V = 151936  # Qwen's
@@ -36,7 +36,7 @@ DTYPE = torch.bfloat16
 V_LINEAR = 4099
 H = 8
 N_SHAPES = 30  # an integer is keyed on = 1, % 16 == 0 or neither: the 10 fixed shapes give each
-KERNELS = (forward._mhpo_fwd_kernel, backward._mhpo_bwd_kernel, backward._scale_rows_kernel)
+KERNELS = (forward._mhpo_fwd_kernel, backward._mhpo_bwd_kernel, backward._scale_rows_kernel, select._select_kernel)
 LAYOUTS = ("contiguous", "shifted", "sliced", "flat")
 
 
@@ -107,6 +107,12 @@ LOGITS_CASES = {
                                                                   grad_in_forward=True)),
     "grad-in-forward-inplace": lambda b: _backward(mhpo_kernels.mhpo_loss(
         b.logits, b.ids, b.old, b.adv, ref_logprobs=b.old, beta=0.1, grad_in_forward=True, inplace_backward=True)),
+    # A truncated softmax: the log-probs' sweep and a loss's (whose epilogue runs after it) launch
+    # the same variants, with the min_p pass, or the statistics, the selection and the finish.
+    "logprobs-min-p": lambda b: _backward(mhpo_kernels.token_logprobs(b.logits, b.ids, min_p=0.1)),
+    "loss-on-policy-min-p": lambda b: _backward(mhpo_kernels.mhpo_loss(b.logits, b.ids, None, b.adv, min_p=0.1)),
+    "logprobs-top-k": lambda b: _backward(mhpo_kernels.token_logprobs(b.logits, b.ids, top_k=20)),
+    "loss-on-policy-top-k": lambda b: _backward(mhpo_kernels.mhpo_loss(b.logits, b.ids, None, b.adv, top_k=20)),
 }
 # Rows split over programs (small N on a GPU): the split forward, its combine, the split backward.
 SPLIT_CASES = ("logprobs", "logprobs-entropy", "loss-entropy-old-ref", "loss-tau-entropy-old-ref")
@@ -218,6 +224,8 @@ def test_every_case_launched_its_kernels(launches, aligned_launches):
         expected = {"_mhpo_fwd_kernel", "_mhpo_bwd_kernel"}
         if case.startswith("grad-in-forward"):
             expected = {"_mhpo_fwd_kernel", "_scale_rows_kernel"}
+        elif case.endswith("top-k"):
+            expected = {"_mhpo_fwd_kernel", "_select_kernel", "_mhpo_bwd_kernel"}
         elif case == "linear-softcap-loss":
             expected = {"_mhpo_fwd_kernel"}
         assert {launch.name for _, launch in recorded} == expected, case

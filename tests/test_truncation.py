@@ -632,6 +632,56 @@ def test_fp32_rows_of_bf16_values_and_one_that_is_not(backend, monkeypatch):
         assert [len(p) for p in rows] == [2, 2, 3] and max(rows[0] + rows[1]) <= 5 < rows[2][0], rows
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_the_statistics_launch_tests_every_logit_for_bf16_values(layout, monkeypatch):
+    """The statistics launch of a selection over fp32 logits (LOW16) stores, for each row, the OR
+    of its logits' low 16 bits, which the selection reads as its test of bf16 values: rows of
+    4 segments (V 301, blocks of 64), each with one logit that is not a bf16 value placed at the
+    row's first or last element (the masked lanes), inside a middle segment, with bit 15 set in a
+    negative value, in a NaN's payload, in a denormal; a row of bf16 values with ±inf, NaN and
+    ±0 (0), one of −inf only (0), an invalid row (0, not read); rows read in place from a longer
+    buffer too."""
+    import numpy as np
+
+    from mhpo_kernels import _config
+    from mhpo_kernels.kernels import forward
+
+    V = 301
+    g = torch.Generator().manual_seed(3)
+
+    def bf16_row(*bits_at):
+        row = (torch.randn(V, generator=g) * 3).to(torch.bfloat16).float()
+        for i, bits in bits_at:
+            row.view(torch.int32)[i] = int(np.uint32(bits).view(np.int32))
+        return row
+
+    special = bf16_row()
+    special[3], special[50], special[100], special[7], special[8] = -math.inf, math.inf, math.nan, -0.0, 0.0
+    rows = [special, bf16_row((V - 1, 0x3F800001)), bf16_row((0, 0x3F800001)), bf16_row((150, 0xBF808000)),
+            bf16_row((200, 0x7FC00001)), bf16_row((270, 0x80000001)), bf16_row((64, 0x0000FFFF)),
+            bf16_row((10, 0xC0000100), (290, 0x40000003)), bf16_row(), torch.full((V,), -math.inf),
+            bf16_row((5, 0x3F800001))]
+    x = torch.stack(rows)
+    ids = torch.randint(0, V, (1, len(rows)), generator=g)
+    ids[0, -1] = -100
+    want = [float(np.bitwise_or.reduce(r.view(torch.int32).numpy() & 0xFFFF)) for r in rows[:-1]] + [0.0]
+    assert want[:2] == [0.0, 1.0] and want[3] == 32768.0 and want[6] == 65535.0 and want[8:] == [0.0, 0.0, 0.0]
+    if layout == "sliced":   # (1, n + 1, V)[:, :-1]
+        logits = torch.cat([x, torch.full((1, V), 1.2345)]).unsqueeze(0)[:, :-1]
+    else:
+        logits = x.unsqueeze(0)
+    select_cuts, seen = forward.select_cuts, {}
+
+    def spy(logits, target, part, n_segs, seg_len, lmap, cut, *args):
+        seen["test"], seen["n_segs"] = cut.clone(), n_segs
+        return select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, *args)
+
+    monkeypatch.setattr(forward, "select_cuts", spy)
+    with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=64, min_split_blocks=1):
+        mhpo_kernels.token_logprobs(logits, ids, top_k=5)
+    assert seen["n_segs"] == 4 and seen["test"].tolist() == want
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_values_sharing_an_exponent_are_kept_together(dtype):
     """Two logits whose exponents d round to one fp32 value are one value to the threshold (SPEC.md,

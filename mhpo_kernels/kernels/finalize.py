@@ -94,13 +94,10 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
     N = target.numel()
     total = torch.empty((), dtype=torch.float32, device=target.device)
     out = torch.empty(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
-    dummy = total
     with on_device(target.device):
         _finalize_kernel[(1,)](
-            target, dummy if loss is None else loss, dummy if g is None else g,
-            dummy if entropy is None else entropy, logp, dummy if psi is None else psi,
-            dummy if zeta is None else zeta, dummy if old is None else old, dummy if ref is None else ref,
-            target if target0 is None else target0, total, out, N, float(entropy_coef), float(c),
+            target, loss, g, entropy, logp, psi, zeta, old, ref, target0, total, out, N, float(entropy_coef),
+            float(c),
             WITH_LOSS=loss is not None, ENTROPY_BONUS=loss is not None and entropy_coef != 0, METRICS=metrics,
             MHPO=mhpo, HAS_OLD=old is not None, HAS_REF=ref is not None, TRUNCATED=target0 is not None,
             BLOCK=BLOCK, num_warps=4,
@@ -135,10 +132,9 @@ def token_terms(logp, target, old, adv, g, ref, hp):
     formed after the sweep: a truncated softmax's (SPEC.md, section 9)."""
     N = target.numel()
     psi, zeta, loss, coef = (torch.empty(N, dtype=torch.float32, device=target.device) for _ in range(4))
-    dummy = logp
     with on_device(target.device):
         _token_terms_kernel[(max(1, -(-N // BLOCK)),)](
-            target, logp, dummy if old is None else old, adv, g, dummy if ref is None else ref,
+            target, logp, old, adv, g, ref,
             psi, zeta, loss, coef, N, *hp.values, hp.beta,
             HAS_OLD=old is not None, HAS_REF=ref is not None, OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
             BLOCK=BLOCK, num_warps=4,

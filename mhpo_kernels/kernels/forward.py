@@ -352,15 +352,15 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
         if tail:
             _zero_tail(grad)
         return out
+    if not with_loss:  # read by the loss's epilogue only: a sweep without it is the log-probs' variant
+        old = adv = g = ref = None
     per_token = (target, old, adv, g, ref, lmap.tau, lmap.min_p, lmap.top_k, lmap.top_p)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert target.dtype == torch.int32 and (lmap.top_k is None or lmap.top_k.dtype == torch.int32)
     cfg = sweep_config(V, logits.element_size())
-    dummy = out.lse2_base  # stands in for absent optional inputs/outputs; never dereferenced
     one_sweep = grad is not None
     if one_sweep:
         assert with_loss and grad.stride(-1) == 1 and grad.dtype == logits.dtype
-    dx = grad if one_sweep else logits
     assert not (lmap.truncated and (with_loss or one_sweep)), "a truncated softmax gives log-probs and entropy only"
     replayed_target = target
     if lmap.replayed:  # the rows with a kept set are replay.py's; the launches below skip them
@@ -374,28 +374,18 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
                                                                           logits.device)
     split_segs = -(-n_segs // splits)
     splits = -(-n_segs // split_segs)  # none of them without a segment
-    part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else dummy
+    part = torch.empty(N * 3 * n_segs, device=logits.device, dtype=torch.float32) if splits > 1 or selected else None
     sums = torch.empty(N * 2, device=logits.device, dtype=torch.float32) if selected else None
 
-    def launch(grid, split, num_warps, min_p=lmap.min_p is not None, selected=False, low16=False):
+    def launch(grid, split, num_warps, min_p=lmap.min_p is not None, finish=False, low16=False):
         assert not low16 or grid == (N, 1), "the test of bf16 values takes one program a row"
         _mhpo_fwd_kernel[grid](
             logits, logits.stride(0), logits.stride(1),
-            target,
-            dummy if old is None else old, dummy if adv is None else adv,
-            dummy if g is None else g, dummy if ref is None else ref,
-            dummy if lmap.tau is None else lmap.tau,
-            dummy if lmap.min_p is None else lmap.min_p,
-            out.lse2_base, out.lse2_rest, out.logp,
-            dummy if out.entropy is None else out.entropy,
-            dummy if out.psi is None else out.psi,
-            dummy if out.zeta is None else out.zeta,
-            dummy if out.loss is None else out.loss,
-            dummy if out.coef is None else out.coef,
-            dummy if out.cut is None else out.cut,
-            dummy if sums is None else sums,
-            dx, dx.stride(0), dx.stride(1),
-            part, n_segs, seg_len, split_segs,
+            target, old, adv, g, ref, lmap.tau, lmap.min_p if min_p else None,
+            *out[:8],  # RowStats' fields, in the kernel's order
+            out.cut if min_p or finish or low16 else None, sums if finish else None,
+            grad, *((0, 0) if grad is None else grad.stride()[:2]),
+            part if split else None, n_segs, seg_len, split_segs,
             N, T, V,
             lmap.log2_scale, lmap.tanh_scale, lmap.slope,
             *hp.values, hp.beta, grad_scale,
@@ -406,7 +396,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
             HAS_REF=ref is not None,
             HAS_TAU=lmap.tau is not None,
             MIN_P=min_p,
-            SELECTED=selected,
+            SELECTED=finish,
             LOW16=low16,
             OBJECTIVE=hp.kind, LFM=hp.lfm, DHP=hp.dhp,
             GRAD_IN_FORWARD=one_sweep,
@@ -434,7 +424,7 @@ def mhpo_fwd(logits, target, old, adv, g, ref, hp, lmap, *, with_entropy, with_l
                 sums.fill_(-1.0)   # the finish sums the kept tokens
             else:
                 select_cuts(logits, target, part, n_segs, seg_len, lmap, out.cut, sums, with_entropy, cfg)
-            launch((N,), 2, cfg.num_warps, min_p=False, selected=True)
+            launch((N,), 2, cfg.num_warps, min_p=False, finish=True)
         elif splits == 1:
             launch((N,), 0, cfg.num_warps)
         else:

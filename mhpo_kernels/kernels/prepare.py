@@ -93,7 +93,7 @@ def _prepare_kernel(
                                                  # where not (SUPPORT 1), or a kept set's int64 start and end (2)
     p_koff, p_kids, p_kkeys, K,                  # a replayed kept set: (N + 1,) offsets, (K,) ids, (K,) sorted keys
     p_target, p_weight, p_adv_t,                 # (N,) int32 target, fp32 g_t, fp32 advantage (times w_t)
-    p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32; (STATUS_SLOTS,) int64
+    p_prefix, p_seq_n, p_status,                 # scratch (N + 1,) int32 and (S,) fp32 (WITH_WEIGHT); (STATUS_SLOTS,) int64
     p_vadv, p_vseq,                              # scratch (N,) fp32 and int32: the valid tokens' advantage, sequence
     N, S, T, V, ignore_index, normalizer, n_steps,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_TAU: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
@@ -315,25 +315,19 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
     target = torch.empty(N, dtype=torch.int32, device=device)
     weight = torch.empty(N, dtype=torch.float32, device=device) if with_weight else None
     adv_t = torch.empty(N, dtype=torch.float32, device=device) if with_weight and adv_mode != ADV_NONE else None
-    prefix = torch.empty(N + 1 if with_weight else 1, dtype=torch.int32, device=device)
-    seq_n = torch.empty(max(n_seqs, 1) if with_weight else 1, dtype=torch.float32, device=device)
+    prefix = torch.empty(N + 1, dtype=torch.int32, device=device) if with_weight else None
+    seq_n = torch.empty(max(n_seqs, 1), dtype=torch.float32, device=device) if with_weight else None
     same_adv = same_adv and with_weight
     tw_mode = tw_mode if tw is not None and with_weight else _types.ADV_NONE
-    vadv = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.float32, device=device)
-    vseq = torch.empty(max(N, 1) if same_adv else 1, dtype=torch.int32, device=device)
+    vadv = torch.empty(max(N, 1), dtype=torch.float32, device=device) if same_adv else None
+    vseq = torch.empty(max(N, 1), dtype=torch.int32, device=device) if same_adv else None
     norm_mode = 0 if normalizer is None else 2 if isinstance(normalizer, torch.Tensor) else 1
-    dummy = status
     with on_device(device):
         _prepare_kernel[(1,)](
-            ids, dummy if mask is None else mask, dummy if cu is None else cu,
-            dummy if adv is None else adv, dummy if tau is None else tau,
-            normalizer if norm_mode == 2 else dummy, dummy if seq_counts is None else seq_counts,
-            dummy if old is None else old, dummy if ref is None else ref, dummy if min_p is None else min_p,
-            dummy if top_p is None else top_p, dummy if tw is None else tw,
-            dummy if logp is None else logp, *((cut, cut) if cut is not None else kept if kept is not None else (dummy,) * 2),
-            *(kept_set if kept_set is not None else (dummy,) * 3), 0 if kept_set is None else kept_set[1].numel(),
-            target, dummy if weight is None else weight, dummy if adv_t is None else adv_t,
-            prefix, seq_n, status, vadv, vseq,
+            ids, mask, cu, adv, tau, normalizer if norm_mode == 2 else None, seq_counts, old, ref, min_p, top_p, tw,
+            logp, *((cut, cut) if cut is not None else kept if kept is not None else (None, None)),
+            *(kept_set if kept_set is not None else (None,) * 3), 0 if kept_set is None else kept_set[1].numel(),
+            target, weight, adv_t, prefix, seq_n, status, vadv, vseq,
             N, n_seqs, T, V, ignore_index, float(normalizer) if norm_mode == 1 else 1.0,
             max(1, (n_seqs - 1).bit_length()),
             HAS_MASK=mask is not None, PACKED=cu is not None, HAS_TAU=tau is not None,

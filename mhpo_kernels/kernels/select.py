@@ -708,12 +708,9 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
     low 16 bits OR-ed, as the statistics launch with LOW16 stores them (forward.py), 0 for a
     row of bf16 values."""
     B, T, V = logits.shape
-    dummy = cut
     with on_device(logits.device):
         _select_kernel[(B * T,)](
-            logits, logits.stride(0), logits.stride(1), target,
-            dummy if lmap.tau is None else lmap.tau, dummy if lmap.min_p is None else lmap.min_p,
-            target if lmap.top_k is None else lmap.top_k, dummy if lmap.top_p is None else lmap.top_p,
+            logits, logits.stride(0), logits.stride(1), target, lmap.tau, lmap.min_p, lmap.top_k, lmap.top_p,
             part, n_segs, seg_len, cut, sums, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
             MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
@@ -803,7 +800,7 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
     cfg = sweep_config(V, logits.element_size())
     with on_device(logits.device):
         _slice_count_kernel[(N,)](
-            logits, logits.stride(0), logits.stride(1), target, base if lmap.tau is None else lmap.tau, base,
+            logits, logits.stride(0), logits.stride(1), target, lmap.tau, base,
             mode, klo, khi, shift, lo, scale, delta, hist, sums, N, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
