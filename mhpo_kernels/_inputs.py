@@ -38,6 +38,9 @@ class Batch:
     tau: Optional[torch.Tensor] = None     # (N,) fp32 per-token temperature (read at valid tokens only)
     n_valid: Optional[int] = None   # valid tokens, read in validation's one host sync; None inside torch.compile
     tp: Optional[object] = None     # vocab_parallel.VocabSlice when the vocabulary is split over ranks
+    # A split vocabulary: (the prepare launch's status, not read yet; a function of its values read
+    # on the host that gives the error they raise, or None): the agreement reads it (vocab_parallel).
+    unread_status: Optional[tuple] = None
     min_p: Optional[torch.Tensor] = None   # (N,) fp32 min_p per token (SPEC.md, section 9), None: off
     top_k: Optional[torch.Tensor] = None   # (N,) int32 top_k per token, None: off
     top_p: Optional[torch.Tensor] = None   # (N,) fp32 top_p per token, None: off
@@ -495,16 +498,10 @@ def _positive_logp(name):
             f"log-likelihood passed by mistake? pass log-probs, e.g. -nll)")
 
 
-def _raise_on_status(status, ids, V, normalizer):
-    """The call's one host sync: raise the first flag of the prepare launch that is set; return
-    the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
-    messages = _messages(ids.numel())
-    if torch.compiler.is_compiling():
-        for slot, message in messages:
-            torch._assert_async(status[slot] == 0, message)
-        return None
-    flags = status.tolist()
-    for slot, message in messages:
+def status_error(flags, ids, V, normalizer):
+    """The error of the first flag set among the prepare launch's status values ``flags`` (host
+    integers), or None."""
+    for slot, message in _messages(ids.numel()):
         if not flags[slot]:
             continue
         if slot == STATUS_BAD_IDS:
@@ -513,7 +510,26 @@ def _raise_on_status(status, ids, V, normalizer):
                        f"{ids[where].item()} at flat position {where} (use ignore_index or mask to skip)")
         elif slot == STATUS_NORM:
             message = f"{message}, got {normalizer.item() if isinstance(normalizer, torch.Tensor) else normalizer}"
-        raise ValueError(message)
+        return ValueError(message)
+    return None
+
+
+def status_failed(flags):
+    """Whether the prepare launch's status values ``flags`` (host integers) fail the call."""
+    return any(flags[slot] for slot, _ in _messages(0))
+
+
+def _raise_on_status(status, ids, V, normalizer):
+    """The call's one host sync: raise the first flag of the prepare launch that is set; return
+    the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
+    if torch.compiler.is_compiling():
+        for slot, message in _messages(ids.numel()):
+            torch._assert_async(status[slot] == 0, message)
+        return None
+    flags = status.tolist()
+    error = status_error(flags, ids, V, normalizer)
+    if error is not None:
+        raise error
     return flags[STATUS_N_VALID]
 
 
@@ -554,10 +570,14 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
         AGG_MODES.index(loss_agg_mode) if with_weight else 0, with_weight,
         same_adv=sequence_level and adv_mode == ADV_PER_TOKEN, one_token_each=one_token_each, old=old, ref=ref,
         min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode, kept_set=kept_set)
-    n_valid = _raise_on_status(status, ids, bound, normalizer)
+    n_valid = unread = None
+    if V is None and not torch.compiler.is_compiling():  # read with the agreement's table: one sync
+        unread = (status, lambda flags: status_error(flags, ids, bound, normalizer))
+    else:
+        n_valid = _raise_on_status(status, ids, bound, normalizer)
     kept_offsets, kept_ids = (None, None) if kept_set is None else (kept_set[0], kept_set[1].to(torch.int32))
     return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
-                 top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids)
+                 top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids, unread_status=unread)
 
 
 def prepare_mhpo(

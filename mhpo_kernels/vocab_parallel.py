@@ -5,7 +5,8 @@ rows (V_r, H). The sweeps run on the slice unchanged; what crosses ranks is O(N)
 
 1. ``VocabSlice.agree``: one all-gather of a small int64 row per rank, read on the host once:
    the slice size, the token count, fingerprints of the ids and per-token settings, whether the
-   rank's local checks passed, its largest id, and a hash of every setting the ranks must share.
+   rank's local checks passed, its largest id, a hash of every setting the ranks must share, and
+   the status of its prepare launch (validation's flags, so that the call reads the host once).
    Every rank judges the same table alike, so a bad call raises on every rank.
 2. ``VocabSlice.combine``: one all-gather of four fp32 per token and rank (the slice's log-sum-exp
    in two parts, its entropy, the target's log-prob within it), combined in float64 into the
@@ -30,12 +31,14 @@ import torch.distributed as dist
 
 from . import ops
 from ._op_support import once_differentiable
-from ._sweep_types import RowStats
+from ._inputs import status_failed
+from ._sweep_types import STATUS_N_VALID, STATUS_SLOTS, RowStats
 from .epilogue import LN2, merge_slices, token_terms
 from .slice_select import select_over_slices
 from .torch_sweeps import FLOOR_BASE
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
+STATUS_AT = 8 + SETTING_SLOTS   # the prepare launch's status in a rank's row of the agreement
 
 
 def _fingerprint(x):
@@ -114,8 +117,10 @@ class VocabSlice:
 
     @staticmethod
     def agree(group, local_size, device, batch=None, local_error=None, settings=None):
-        """The agreement (module docstring): one all-gather of 8 + ``SETTING_SLOTS`` int64 per rank,
-        written on the device, read on the host once; the same verdict raised on every rank."""
+        """The agreement (module docstring): one all-gather of 8 + ``SETTING_SLOTS`` +
+        ``STATUS_SLOTS`` int64 per rank, written on the device, read on the host once (the call's
+        one host sync: validation's flags, ``batch.unread_status``, ride in it); the same verdict
+        raised on every rank."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("tp_group needs an initialized torch.distributed process group")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -129,7 +134,7 @@ class VocabSlice:
         except Exception as e:  # a setting that cannot be hashed: refused like any local error
             local_error, hashes, bits = local_error or e, [0] * SETTING_SLOTS, {}
         n = -1 if batch is None else batch.target.numel()
-        host = [int(local_size), n, -2, -2, -2, -2, 0 if local_error is None else 1, -1, *hashes]
+        host = [int(local_size), n, -2, -2, -2, -2, 0 if local_error is None else 1, -1, *hashes] + [0] * STATUS_SLOTS
         # From pageable host memory without a stream sync (the list is not touched again).
         mine = torch.tensor(host, dtype=torch.int64).to(comm_device, non_blocking=True)
         if batch is not None and local_error is None:
@@ -139,14 +144,20 @@ class VocabSlice:
                 top = torch.maximum(top, batch.kept_ids.amax().to(top.dtype))
             mine[2:6] = torch.stack(prints).to(comm_device)
             mine[7] = top.to(device=comm_device, dtype=torch.int64)
+            if batch.unread_status is not None:
+                mine[STATUS_AT:] = batch.unread_status[0].to(comm_device)
         for slot, value in bits.items():
             mine[8 + slot] = value.to(comm_device)
         table = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(table, mine, group=group)
         table = torch.stack(table).tolist()
+        if local_error is None and batch is not None and batch.unread_status is not None:
+            flags = table[rank][STATUS_AT:]
+            local_error = batch.unread_status[1](flags)
+            batch.n_valid, batch.unread_status = flags[STATUS_N_VALID], None
         if local_error is not None:
             raise local_error
-        failed = [r for r in range(world) if table[r][6]]
+        failed = [r for r in range(world) if table[r][6] or status_failed(table[r][STATUS_AT:])]
         if failed:
             raise ValueError(f"tp_group: the inputs of rank(s) {failed} failed validation (their error is "
                              f"raised there); no rank computed anything")
