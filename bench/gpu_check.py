@@ -130,18 +130,9 @@ def _one_sweep_option():
 
 
 def _one_sweep_programs_knob():
-    """The one-sweep kernel's grid setting (programs per SM, read at each launch), if this version has it."""
-    return "PROGRAMS_PER_SM" if hasattr(_config, "PROGRAMS_PER_SM") else None
-
-
-@contextlib.contextmanager
-def _config_value(name, value):
-    previous = getattr(_config, name)
-    setattr(_config, name, value)
-    try:
-        yield
-    finally:
-        setattr(_config, name, previous)
+    """Whether this version lets the one-sweep kernel's grid (programs per SM) be set for a block
+    of launches (``_config.overridden``)."""
+    return "programs_per_sm" in inspect.signature(_config.overridden).parameters
 
 
 def _whole_op(logits, target, old, adv, one_sweep=True, inplace=False):
@@ -227,7 +218,7 @@ def step_sweeps(args):
                 row[f"call_{sweeps_}_sweep_{place}_gbps"] = _gbps((2 if one else 3) * nbytes, ms)
         if one_sweep is None:
             for per_sm in ONE_SWEEP_PROGRAMS_PER_SM if knob else (None,):
-                with _config_value(knob, per_sm) if knob else contextlib.nullcontext():
+                with _config.overridden(programs_per_sm=per_sm) if knob else contextlib.nullcontext():
                     ms = _timed(_one_sweep_step(logits, target, old, adv), device, repeats, kernels=False)
                 row[f"one_sweep_{per_sm or 'default'}_ms"] = ms
                 row[f"one_sweep_{per_sm or 'default'}_gbps_2pass"] = _gbps(2 * nbytes, ms)
@@ -235,7 +226,7 @@ def step_sweeps(args):
         print(f"N {n}: fwd {row['fwd_gbps']:.0f} GB/s, bwd {row['bwd_gbps']:.0f} GB/s", flush=True)
         del logits, forward, backward
         merge(args.out, "sweeps", result)
-    if one_sweep is None and knob is None:
+    if one_sweep is None and not knob:
         result["one_sweep_programs_per_sm"] = "skipped: _config has no programs-per-SM setting; default grid timed"
     return result
 

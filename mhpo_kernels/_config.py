@@ -34,6 +34,7 @@ class Overrides(NamedTuple):
     num_warps: Optional[int] = None
     row_splits: Optional[int] = None
     min_split_blocks: Optional[int] = None
+    programs_per_sm: Optional[float] = None
 
 
 # Per thread and per asyncio task (a context variable, not a module global): a benchmark or a test
@@ -175,9 +176,8 @@ def split_length(V, cfg, splits):
 # it (the other half for the gradient's writes passing through): P = L2 / row_bytes, at least one
 # program per SM and at most two. bf16 rows of V 151,936 (304 KB): 197 programs on an H200 (1.5
 # per SM, L2 in MiB), 172 on an H100. The first pass loads with "evict_last", the second with
-# "evict_first". ``PROGRAMS_PER_SM`` set to a number overrides the rule (bench/gpu_check.sh times
+# "evict_first". ``overridden(programs_per_sm=...)`` replaces the rule (bench/gpu_check.sh times
 # 1, 1.5 and 2 per SM against it).
-PROGRAMS_PER_SM = None
 MAX_PROGRAMS_PER_SM_ONE_SWEEP = 2
 INTERPRETED_PROGRAMS = 4  # under Triton's interpreter (CPU tensors) each program costs milliseconds
 
@@ -199,7 +199,7 @@ def persistent_programs(n_rows, device, row_bytes=0):
 
         props = torch.cuda.get_device_properties(device)
         programs = one_sweep_programs(props.multi_processor_count, getattr(props, "L2_cache_size", 0), row_bytes,
-                                      PROGRAMS_PER_SM)
+                                      _overrides.get().programs_per_sm)
     else:
         programs = INTERPRETED_PROGRAMS
     return max(1, min(n_rows, programs))
@@ -216,15 +216,16 @@ def on_device(device):
 
 
 @contextlib.contextmanager
-def overridden(block_v=None, num_warps=None, row_splits=None, min_split_blocks=None):
+def overridden(block_v=None, num_warps=None, row_splits=None, min_split_blocks=None, programs_per_sm=None):
     """For the tests and the benchmark only: the launches inside the block, in this thread (or
-    task), use these instead of BLOCK_V, NUM_WARPS, ``launch_splits``'s choice and
-    MIN_SPLIT_BLOCKS (a row shorter than block_v still gets its power of two, and no row more
-    splits than segments; Triton compiles each new shape once). Nested blocks keep what they do
-    not set."""
+    task), use these instead of BLOCK_V, NUM_WARPS, ``launch_splits``'s choice, MIN_SPLIT_BLOCKS
+    and the one-sweep kernel's programs per SM (a row shorter than block_v still gets its power
+    of two, and no row more splits than segments; Triton compiles each new shape once). Nested
+    blocks keep what they do not set."""
     outer = _overrides.get()
     token = _overrides.set(Overrides(block_v or outer.block_v, num_warps or outer.num_warps,
-                                     row_splits or outer.row_splits, min_split_blocks or outer.min_split_blocks))
+                                     row_splits or outer.row_splits, min_split_blocks or outer.min_split_blocks,
+                                     programs_per_sm or outer.programs_per_sm))
     try:
         yield sweep_config
     finally:

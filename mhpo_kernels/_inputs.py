@@ -36,7 +36,8 @@ class Batch:
     weight: Optional[torch.Tensor] = None  # (N,) fp32 aggregation weight g_t, 0 at invalid tokens
     ref: Optional[torch.Tensor] = None     # (N,) fp32
     tau: Optional[torch.Tensor] = None     # (N,) fp32 per-token temperature (read at valid tokens only)
-    n_valid: Optional[int] = None   # valid tokens, read in validation's one host sync; None inside torch.compile
+    n_valid: Optional[int] = None   # valid tokens, read in validation's one host sync (with a split vocabulary,
+    #                                 the agreement's); None inside torch.compile
     tp: Optional[object] = None     # vocab_parallel.VocabSlice when the vocabulary is split over ranks
     # A split vocabulary: (the prepare launch's status, not read yet; a function of its values read
     # on the host that gives the error they raise, or None): the agreement reads it (vocab_parallel).
@@ -538,7 +539,8 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
                    seq_valid_tokens=None, sequence_level=False, old=None, ref=None, sampling=Sampling(),
                    token_weights=None, kept_ids=None):
     """Every check of the per-token arguments for ``token_shape`` tokens over a vocabulary of V
-    (None: split over ranks), then the prepare launch and its status read: the Batch. Without
+    (None: split over ranks), then the prepare launch and its status read (with V None, left to
+    the agreement of the ranks: ``Batch.unread_status``): the Batch. Without
     ``advantages`` (log-probs alone) no weights; ``old`` and ``ref`` are only checked for sign;
     ``sampling``: the sampler's filters (``check_sampling``); ``token_weights``: w_t, laid out
     as the advantages may be, multiplied into each token's advantage by the prepare launch;

@@ -206,6 +206,7 @@ def policy_loss(
         hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
+        inplace = check_inplace(logits, logits3, inplace_backward)   # a host check: before the launch
         batch = prepare_mhpo(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
@@ -214,7 +215,7 @@ def policy_loss(
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
                              backend=_dispatch.call_backend(logits.device))
-        return Prepared(hp, lmap, logits3, shifted, batch, check_inplace(logits, logits3, inplace_backward))
+        return Prepared(hp, lmap, logits3, shifted, batch, inplace)
 
     def settings(p):
         return agreed_settings(
@@ -309,12 +310,12 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)
         logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
+        inplace = check_inplace(logits, logits3, inplace_backward)
         batch = prepare_tokens(input_ids, token_shape, logits.shape[-1] if tp_group is None else None,
                                logits.device, ignore_index, mask, temperature=tau, sampling=sampling, kept_ids=kept)
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
                              backend=_dispatch.call_backend(logits.device))
-        return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch,
-                        check_inplace(logits, logits3, inplace_backward))
+        return Prepared(mhpo_token_params(), lmap, logits3, shifted, batch, inplace)
 
     def settings(p):
         return agreed_settings("token_logprobs", p.hp, p.lmap, return_entropy=bool(return_entropy),

@@ -418,6 +418,7 @@ def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backwa
     weights of the loss: a truncated loss (min_p, a replayed kept set) leaves out the targets
     outside the kept set, with ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or
     0-d) as in ``ops.row_stats``)."""
+    assert batch.unread_status is None, "a split vocabulary's inputs are used once the ranks agreed on them"
     logp, entropy, loss, psi, zeta, target, g = _VocabParallelSweeps.apply(
         logits, tp, batch, hp, lmap, bool(with_entropy), batch.adv is not None, bool(shifted),
         bool(inplace_backward), agg, normalizer)

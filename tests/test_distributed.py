@@ -275,6 +275,10 @@ def test_vocab_parallel_bad_calls_raise_on_every_rank(tmp_path):
     wrong = [(case, rank, got[rank][case]) for case, pattern in BAD_TP_CALLS for rank in range(2)
              if got[rank][case] is None or not re.search(pattern, got[rank][case])]
     assert not wrong, wrong
+    # A value check of the prepare launch, read with the agreement's table: its rank raises its
+    # error, the other that it failed.
+    assert got[0]["old-positive-one-rank"].startswith("ValueError: old_logprobs holds finite values above 0")
+    assert "rank(s) [0] failed validation" in got[1]["old-positive-one-rank"]
 
 
 NORMALIZER_CASES = {  # name: (rank 0's normalizer, rank 1's)

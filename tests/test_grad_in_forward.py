@@ -121,6 +121,24 @@ def test_persistent_grid():
     assert one_sweep_programs(*h200, row, per_sm=1.5) == 198      # the benchmark's override
 
 
+def test_persistent_grid_overridden_for_a_block(monkeypatch):
+    """The benchmark times the one-sweep kernel at set programs per SM inside
+    ``_config.overridden``: the launches in the block use it, those after it the rule again."""
+    import types
+
+    from mhpo_kernels import _config
+
+    props = types.SimpleNamespace(multi_processor_count=132, L2_cache_size=60 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda, row = torch.device("cuda", 0), 151936 * 2
+    assert persistent_programs(10**6, cuda, row) == 207
+    with _config.overridden(programs_per_sm=1.5):
+        assert persistent_programs(10**6, cuda, row) == 198
+        with _config.overridden(row_splits=2):   # a nested block keeps it
+            assert persistent_programs(10**6, cuda, row) == 198
+    assert persistent_programs(10**6, cuda, row) == 207
+
+
 def test_module_and_mhpo_loss():
     x0, ids, old, adv, mask, _, _ = _inputs(3, 2, 3, 30, torch.float32, False)
     grads = []
