@@ -11,9 +11,10 @@ case), and checked against the sorted kept set. A model of the kernel's passes, 
 measurement of it.
 
 With ``--both``, top_k and top_p together, counted by the kernel itself instead: the selection
-launch runs under Triton's interpreter on the same kinds of rows and each of its counting passes
-is counted as it starts (the passes are the row's, not the hardware's, so the interpreter's count
-is the GPU's), with every row's log-probs checked against the float64 oracle's.
+launch runs under Triton's interpreter on the same kinds of rows and each of its passes over the
+row (counting, or gathering top_k's candidates) is counted as it starts (the passes are the
+row's, not the hardware's, so the interpreter's count is the GPU's), with every row's log-probs
+checked against the float64 oracle's.
 
 With ``--bf16`` (``--fp16``) as well, the rows are rounded to bf16 (fp16), whose selection runs
 over the logits' own keys, and each filter alone is counted beside the pairs. With
@@ -209,8 +210,9 @@ def _rows(kind, n, rng):
 
 def both(rows, dtype="fp32"):
     """Reads of a row by the forward with top_k and top_p together, counted by the selection
-    kernel under Triton's interpreter: the statistics, each counting pass, and the finish's sums
-    where the selection left them; every row's log-probs checked against the float64 oracle's.
+    kernel under Triton's interpreter: the statistics, each pass of the selection, and the
+    finish's sums where the selection left them; every row's log-probs checked against the
+    float64 oracle's.
     With ``dtype`` bf16 or fp16 the rows are rounded to it (the selection over their own keys),
     with bf16-in-fp32 rounded to bf16 and passed as fp32, and each filter alone is counted too."""
     import os
@@ -222,22 +224,26 @@ def both(rows, dtype="fp32"):
     import reference
     from mhpo_kernels.kernels import forward, select
 
-    count_pass, select_cuts, passes, summed = select._count_pass, forward.select_cuts, collections.Counter(), []
+    count_pass, gather_pass, select_cuts = select._count_pass, select._gather_pass, forward.select_cuts
+    passes, summed = collections.Counter(), []
 
-    def count_spy(*args):
-        passes[int(args[0].handle.data.ravel()[0])] += 1   # by the row's address
-        return count_pass(*args)
+    def spy(read):
+        def counted(*args):
+            passes[int(args[0].handle.data.ravel()[0])] += 1   # by the row's address
+            return read(*args)
+
+        return counted
 
     def select_spy(*args):
         out = select_cuts(*args)
         summed.append(args[7].view(-1, 2)[:, 0] >= 0)
         return out
 
-    select._count_pass, forward.select_cuts = count_spy, select_spy
+    select._count_pass, select._gather_pass, forward.select_cuts = spy(count_pass), spy(gather_pass), select_spy
     rng = np.random.default_rng(0)
     cells = BOTH if dtype == "fp32" else ALONE + BOTH
     which = {"fp32": "together", "bf16-in-fp32": "(fp32 logits of bf16 values)"}.get(dtype, f"({dtype} logits)")
-    print(f"reads of a row by the forward with top_k and top_p {which} (statistics + counting passes + the "
+    print(f"reads of a row by the forward with top_k and top_p {which} (statistics + the selection's passes + the "
           f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
     print(f"{'rows':>18} " + " ".join(f"{', '.join(n for n in (k and f'k {k}', p and f'p {p}') if n):>13}"
                                       for k, p in cells))

@@ -96,7 +96,10 @@ def test_truncation_passes(report):
     kept tokens, single keys), and over 16-bit keys (bf16, fp16) two counts of a tie group in d
     after each selection; 16-bit rows with both filters, twenty-one (both filters' selection,
     then each filter's alone, kernels/select.py); fp32 logits' selection has its loops over keys
-    of d, then a 16-bit one's (bf16 keys, for a row of bf16 values). The pass of single keys with
+    of d (with both filters, eight first: top-k's two counts before the gather, the gather, whose
+    stores are single words, and where the gather cannot hold the candidates top-k's last pass
+    and top-p's four; then each filter's alone), then a 16-bit one's (bf16 keys, for a row of
+    bf16 values). The pass of single keys with
     the entropy costs at most 3 instructions more (its Σ 2^d·d); top-p's last pass costs at most 2
     more than single keys (the shift to its bins; over bf16 keys both shift, and they differ by at
     most 2 either way). Over a vocabulary split, the counting launch's three loops are top-p's: its
@@ -119,8 +122,9 @@ def test_truncation_passes(report):
         # filters, their shared first pass, top-k's last bin by single keys, top-p's run (bins of
         # several keys or single), top-p's own selection after top-k's, the counts, and each filter
         # alone with its counts, and one count of top-k's tie group below its bin: 19 before the last two.
-        # fp32 logits: the loops over keys of d, then those over bf16 keys (a row of bf16 values).
-        for suffix, n_loops, n_loops16 in (("topk", 2, 2), ("topp", 4, 4), ("minp-topk-topp", 6, 19),
+        # fp32 logits: the loops over keys of d (with both filters, 8 for both before each filter's
+        # alone), then those over bf16 keys (a row of bf16 values).
+        for suffix, n_loops, n_loops16 in (("topk", 2, 2), ("topp", 4, 4), ("minp-topk-topp", 8 + 6, 19),
                                            ("topk-entropy", 2, 2), ("topp-entropy", 4, 4)):
             loops = by_name[f"select-{dtype}-{suffix}"]["select"]
             assert len(loops) == (n_loops if dtype == "fp32" else 0) + n_loops16 + 2, (suffix, loops)
@@ -242,9 +246,9 @@ def test_unaligned_rows_compiled_for_every_sweep_and_dtype(report):
 def test_compiled_as_launched():
     """Each variant is compiled from its own launch by the launcher (``bench.sass.launch_of``),
     with what Triton's binder derives from it: divisibility by 16 only for the logits' and the
-    gradient's data pointers, the split partials' buffer (where the variant has them: an absent
-    one is None, a constant) and V where V is a multiple of 16 (not for the replay kernels, whose
-    gathers by id no V aligns), never for an integer that moves with the batch (N, T, a stride,
+    gradient's data pointers, the launcher's own buffers (the split partials, the selection's
+    gathered candidates; where the variant has them: an absent one is None, a constant) and V
+    where V is a multiple of 16 (not for the replay kernels, whose gathers by id no V aligns), never for an integer that moves with the batch (N, T, a stride,
     the split count or length) or a per-token pointer; the strides int64
     (tests/test_specialization.py has the keys)."""
     for name, var in variants().items():
@@ -253,7 +257,7 @@ def test_compiled_as_launched():
         divisible = {names[i] for (i,), attrs in spec.attrs.items() if attrs}
         aligned_v = {"V"} & set(names) if var.aligned and not name.startswith("replay-") else set()
         present = {n for n in names if spec.signature[n] != "constexpr"}
-        assert divisible == {"p_x", "p_dx", "p_part"} & present | aligned_v, name
+        assert divisible == {"p_x", "p_dx", "p_part", "p_gather"} & present | aligned_v, name
         assert all(spec.signature[n] == "i64" for n in names if n.startswith("stride")), name
         assert all(spec.signature[n] == "i32" for n in ("N", "T", "V", "n_segs", "seg_len", "split_segs", "split_len") if n in names), name
 

@@ -174,7 +174,8 @@ def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypa
     sums (select.py), which the forward's finish takes instead of its own pass; a pass over wider
     bins leaves the sums to the finish (−1 written). Tied logits (a grid of 1/8) take the first
     way on some rows, distinct ones (fp32 normal) the second on some; both give the float64
-    oracle's log-probs, entropy and gradient."""
+    oracle's log-probs, entropy and gradient. With both top_k and top_p ("all"), fp32 rows gather
+    top_k's candidates and sum the kept ones from them: every row summed."""
     from mhpo_kernels.kernels import forward
 
     select_cuts, summed = forward.select_cuts, []
@@ -196,7 +197,33 @@ def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypa
         want = _run(reference.token_logprobs, x.double(), ids, upstream.double(), **FILTERS[filters])
         for a, b in zip(got, want):
             _close(a, b)
-    assert len(summed) == 2 and summed[0].any() and not summed[1].all(), summed
+    assert len(summed) == 2 and summed[0].any() and summed[1].all() == (filters == "all"), summed
+
+
+def _spy_on_the_selection(monkeypatch, passes, summed, count=lambda args: "count"):
+    """Each pass of the selection over a row appended to ``passes`` as it starts (a counting pass
+    as ``count`` of its arguments, the gather as "gather"), and for each selection launch whether
+    its first row's kept tokens were summed (else the finish reads the row) to ``summed``."""
+    from mhpo_kernels.kernels import forward, select
+
+    count_pass, gather_pass, select_cuts = select._count_pass, select._gather_pass, forward.select_cuts
+
+    def count_spy(*args):
+        passes.append(count(args))
+        return count_pass(*args)
+
+    def gather_spy(*args):
+        passes.append("gather")
+        return gather_pass(*args)
+
+    def select_spy(*args):
+        out = select_cuts(*args)
+        summed.append(args[7][0].item() >= 0)
+        return out
+
+    monkeypatch.setattr(select, "_count_pass", count_spy)
+    monkeypatch.setattr(select, "_gather_pass", gather_spy)
+    monkeypatch.setattr(forward, "select_cuts", select_spy)
 
 
 def _rows_for_the_last_pass():
@@ -227,21 +254,9 @@ def test_top_p_reads_a_row_at_most_four_times(monkeypatch):
     instead of counting once more. Rows whose cutoff lies among the densest fp32 keys, near the
     largest (``_rows_for_the_last_pass``), take that way (a fourth pass, before); they keep the
     sort's set, ties together, with the float64 oracle's log-probs, entropy and gradient."""
-    from mhpo_kernels.kernels import forward, select
-
-    count_pass, select_cuts, passes, summed = select._count_pass, forward.select_cuts, [], []
-
-    def count_spy(*args):
-        passes.append(int(args[9]))   # the bins' width in keys (log2), 0 for the uniform pass
-        return count_pass(*args)
-
-    def select_spy(*args):
-        out = select_cuts(*args)
-        summed.append(args[7][0].item() >= 0)
-        return out
-
-    monkeypatch.setattr(select, "_count_pass", count_spy)
-    monkeypatch.setattr(forward, "select_cuts", select_spy)
+    passes, summed = [], []
+    # each counting pass as its bins' width in keys (log2), 0 for the uniform pass
+    _spy_on_the_selection(monkeypatch, passes, summed, lambda args: int(args[9]))
     by_the_middle = 0
     for z, top_p in _rows_for_the_last_pass():
         x = torch.from_numpy(z).reshape(1, 1, -1)
@@ -344,6 +359,61 @@ def test_top_k_and_top_p_together(backend):
                                                    top_k=top_k.reshape(1, R), top_p=top_p.reshape(1, R))
     _close(logp.detach(), want_logp)
     _close(ent.detach(), want_ent)
+
+
+def _fp32_rows_for_the_gather():
+    """(logits (V,) fp32, top_k, top_p, gathered) rows of V 4000 with both filters, top_p halfway
+    between two of the float64 kept set's cumulative shares: Gaussian with top_k 50, its k-th
+    value's bin of the first pass holding few tokens (gathered after one counting pass); 3000
+    tokens in one bin of that pass around the k-th value (gathered after two); two that two passes
+    leave wider than the gather holds (not gathered): top_k 3000, and 2500 tokens tied at the k-th
+    value; and top_k 4000, the whole row (off: top_p alone)."""
+    import numpy as np
+
+    rng = np.random.default_rng(31)
+    gaussian = rng.standard_normal(4000) * 2
+    band = np.concatenate([[0.0], rng.uniform(-0.1, -0.02, 10), -0.132 - rng.uniform(0, 0.0066, 3000),
+                           rng.uniform(-8, -4, 989)])   # d of the 3000 in [-0.2, -0.1904]: one bin
+    ties = np.concatenate([rng.uniform(-0.9, 0.0, 10), np.full(2500, -1.0), rng.uniform(-8, -2, 1490)])
+    for z, k, gathered in ((gaussian, 50, True), (band, 100, True), (gaussian, 3000, False), (ties, 20, False),
+                           (gaussian, 4000, False)):
+        z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
+        keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
+        values, counts = z[keep].unique(return_counts=True)      # ascending
+        share = counts * (values - values.max()).exp()
+        cumulative = (share / share.sum()).cumsum(0)
+        m = int(torch.searchsorted(cumulative, torch.tensor(0.3, dtype=torch.float64)))
+        yield z.float(), k, float(1 - (cumulative[m - 1] + cumulative[m]) / 2), gathered
+
+
+@pytest.mark.parametrize("block_v", [None, 1024], ids=["one-block", "blocks-of-1024"])
+def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_v):
+    """fp32 rows with top_k and top_p gather top_k's candidates once at most 2048 (a row of blocks
+    of 1024: 1024) lie from its k-th value's bin up, and decide both filters and the kept tokens'
+    sums from them: the row is read by the statistics, at most two counting passes and the gather,
+    no finish (select.py, ``_top_k_top_p_gathered``). Rows that two passes leave wider take top_k's
+    last pass and top_p's own selection; a top_k of the whole row is off. Every row keeps the
+    sort's set with the float64 oracle's log-probs, entropy and gradient
+    (``_fp32_rows_for_the_gather``), read whole as one block or in blocks of 1024 and a tail."""
+    from mhpo_kernels import _config
+
+    passes, summed, reads = [], [], []
+    _spy_on_the_selection(monkeypatch, passes, summed)
+    for z, k, p, gathered in _fp32_rows_for_the_gather():
+        x = z.reshape(1, 1, -1)
+        filters = dict(top_k=torch.tensor([[k]]), top_p=torch.tensor([[p]]))
+        _assert_unambiguous(x.double().reshape(1, -1), top_k=torch.tensor([k]), top_p=p)
+        keep = reference.kept_set(x.double().reshape(1, -1), top_k=torch.tensor([k]), top_p=p)[0]
+        ids = torch.where(keep, z, math.inf).argmin().reshape(1, 1)   # the smallest kept
+        passes.clear()
+        with mhpo_kernels.use_backend("triton"), _config.overridden(block_v=block_v):
+            got = _run(mhpo_kernels.token_logprobs, x, ids, torch.ones(1, 1), **filters)
+        want = _run(reference.token_logprobs, x.double(), ids, torch.ones(1, 1, dtype=torch.float64), **filters)
+        for a, b in zip(got, want):
+            _close(a, b)
+        assert (passes[-1] == "gather") == gathered and passes.count("gather") <= 1, passes
+        reads.append(1 + len(passes) + (not summed[-1]))
+    assert reads[:2] == [3, 4] and min(reads[2:4]) > 4 and reads[4] <= 4, reads
 
 
 def _16_bit_rows_with_both_filters(dtype):

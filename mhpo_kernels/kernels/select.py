@@ -31,7 +31,17 @@ each pass narrowing the candidates to the bins it could not decide.
   at its lowest d). Otherwise the forward's finish reads the row once more. Either way the
   forward reads a top-k or top-p row at most 4 times: the statistics and three passes, or the
   statistics, two passes and the finish. Each filter runs alone, top-k's then top-p's, but for a
-  16-bit row with both on.
+  row with both on: 16-bit rows share a first pass (below), fp32 rows gather top-k's candidates.
+- fp32 rows with top-k and top-p (``_top_k_top_p_gathered``). top-k's passes count keys of d
+  until at most GATHER tokens lie from its k-th value's bin up (one pass, or two: bins of about
+  2^20 keys, then 2^10); one pass more stores their d in a scratch row of GATHER words (8 KiB,
+  ``_gather_pass``: each lane's slots after the lanes below it, no atomics), and the program
+  decides both filters on them in registers (``_gathered_cut``: top-k's cut, then top-p's among
+  what it keeps, each a binary search over the keys, of a count or a mass over the candidates)
+  and sums the kept tokens exactly: the statistics and three passes at most, no finish. Where
+  two passes leave more from the k-th value's bin up (top_k above GATHER, or more than GATHER
+  tokens tied or within 2^10 keys of it), each filter alone as above: top-k's last pass, then
+  top-p's own selection (up to 7 reads). A top_k of the whole row is off.
 - bf16 and fp16 logits (KEYS16). The keys are the logits' own, 2^16 values (``_key16``: bf16's
   the upper half of its fp32 value's key, fp16's formed from its bits): d is monotone in them,
   so a threshold on them is one on d. The first pass bins the candidates' keys, from the first
@@ -69,6 +79,11 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 NB_BITS = tl.constexpr(11)
 NB = tl.constexpr(SELECT_BINS)     # bins per pass
 MAX_PASSES = tl.constexpr(3)
+# fp32 rows with top-k and top-p: top-k's passes narrow its candidates until at most GATHER are at
+# or above its k-th value's bin, whose d one more pass gathers for both filters to decide in
+# registers (``_top_k_top_p_gathered``).
+GATHER = tl.constexpr(SELECT_BINS)
+
 # top-p's first pass bins d ≥ −64 (a token below carries < 2^−64 of the largest's mass, all of
 # them together < 2^−33 of the row's for V < 2^31: below the fp32 rounding of any goal top_p < 1,
 # so they are dropped, as the oracle drops them).
@@ -252,6 +267,50 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
                                              lo_d, scale, hist, s_hi, s_in, a_hi, True, UNIFORM, HI, IN, ENTROPY,
                                              SOFTCAP, R, LANES, VEC, delta, REBASED, KEYS16)
     return hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0)
+
+
+@triton.jit
+def _gather_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, lo_d, p_gather, n, SLOTS: tl.constexpr,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                 VEC: tl.constexpr):
+    """One block of ``_gather_pass``: its d ≥ lo_d stored from slot n on, lane by lane (each
+    lane's slots after the lanes below it, in the order of its own elements: one scan across the
+    lanes, the rest inside each thread); the slots filled after it."""
+    o_v = v0 + o_blk
+    if MASKED:
+        m_v = (o_v >= lo) & (o_v < hi)
+        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+    else:
+        b_x = tl.load(p_blk + o_v).to(tl.float32)
+    b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
+    if MASKED and SOFTCAP:
+        b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
+    b_d = _lanes(tl.fma(b_u, k, -base), R, LANES, VEC)
+    b_in = (b_d >= lo_d).to(tl.int32)
+    per_vec = tl.sum(b_in, 2)
+    per_lane = tl.sum(per_vec, 0)
+    before = (tl.cumsum(per_lane, 0) - per_lane)[None, :, None] + (tl.cumsum(per_vec, 0) - per_vec)[:, :, None]
+    slot = n + before + tl.cumsum(b_in, 2) - 1
+    tl.store(p_gather + slot, b_d, mask=(b_in > 0) & (slot < SLOTS))
+    return n + tl.sum(per_lane, 0)
+
+
+@triton.jit
+def _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, SLOTS: tl.constexpr,
+                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """One read of a valid row [lead, n_end) (``_count_pass``'s blocks): its d ≥ ``lo_d``, at
+    most SLOTS of them, stored at ``p_gather``, block by block; how many there are."""
+    BLOCK: tl.constexpr = R * LANES * VEC
+    n_full = n_end // BLOCK * BLOCK
+    n = _gather_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, 0, SLOTS, True, SOFTCAP, R,
+                     LANES, VEC)
+    for v0 in range(BLOCK, n_full, BLOCK):
+        n = _gather_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, False, SOFTCAP,
+                         R, LANES, VEC)
+    if (n_full > 0) & (n_full < n_end):
+        n = _gather_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, True,
+                         SOFTCAP, R, LANES, VEC)
+    return n
 
 
 @triton.jit
@@ -609,21 +668,112 @@ def _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, t
 
 
 @triton.jit
-def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p,
+def _lowest_kept_key(w, d, goal, lo, hi):
+    """The smallest key c in [lo, hi] whose value v leaves Σ w over the d > v below ``goal`` (w:
+    1 for top-k's count, each token's mass for top-p's): a binary search over the keys, the
+    answer ≤ hi where the weight above hi is 0."""
+    for _ in range(32):
+        m = lo + (hi - lo) // 2
+        below = tl.sum(tl.where(d > _value(m), w, 0.0), 0) < goal
+        hi = tl.where(below & (lo < hi), m, hi)
+        lo = tl.where(~below & (lo < hi), m + 1, lo)
+    return lo
+
+
+@triton.jit
+def _gathered_cut(p_gather, n, top_k, top_p, SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """(the smallest kept d, s, a) of top-k then top-p among the n candidates' d gathered at
+    ``p_gather``, every token top-k may keep, held in registers: top-k keeps the d with fewer
+    than k above them, top-p of those the d with below top_p of their mass above them (each
+    ``_lowest_kept_key``), ties together. s and a: the kept tokens' sums, exact."""
+    o = tl.arange(0, SLOTS)
+    d = tl.load(p_gather + o, mask=o < n, other=float("-inf"))
+    top = _key(tl.max(d, 0))
+    c = _lowest_kept_key(1.0, d, top_k.to(tl.float32), _key(tl.min(tl.where(o < n, d, float("inf")), 0)), top)
+    e = tl.where(d >= _value(c), tl.exp2(d), 0.0)
+    c = _lowest_kept_key(e, d, top_p * tl.sum(e, 0), c, top)
+    kept = d >= _value(c)
+    e = tl.where(kept, e, 0.0)
+    a = tl.sum(e, 0) * 0.0
+    if WITH_ENTROPY:
+        a = tl.sum(tl.where(kept, e * d, 0.0), 0)
+    return tl.min(tl.where(kept, d, float("inf")), 0), tl.sum(e, 0), a
+
+
+@triton.jit
+def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p, p_gather,
+                          WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                          VEC: tl.constexpr):
+    """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a row
+    of fp32 logits. top-k's passes over keys of d (``_narrow``'s bins) find the bin of its k-th
+    value; once at most SLOTS tokens lie from that bin's lowest key up, one pass more gathers
+    their d (``_gather_pass``, to ``p_gather``), and ``_gathered_cut`` decides both filters from
+    them and sums the kept tokens: the statistics and three passes at most, two where the first
+    pass's bins leave at most SLOTS. Where they leave more, top-k's own passes (none more where its
+    count already keeps every token from the bin up), then top-p's own selection."""
+    # Where a row is one block, fewer slots (and registers, where fewer warps hold them): it has fewer tokens.
+    SLOTS: tl.constexpr = R * LANES * VEC if R * LANES * VEC < GATHER else GATHER
+    o_bin = tl.arange(0, NB)
+    klo = _key(floor)
+    khi = _key(_d_max(base))                 # above every d of the row
+    above = floor * 0.0                      # top-k's count above [klo, khi]
+    counting = floor == floor                # True, as a runtime flag: top-k's candidates still to narrow
+    gather = ~counting
+    for i in range(MAX_PASSES - 1):
+        if counting:
+            shift = tl.maximum(_bits(khi - klo) - NB_BITS, 0)
+            hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
+                                                 0.0, 0.0, False, False, False, False, SOFTCAP, R, LANES, VEC)
+            cnt = hist.to(tl.float32)
+            from_bin = above + tl.cumsum(cnt, 0, reverse=True)   # the tokens from each bin's lowest key up
+            f = tl.max(tl.where(from_bin >= top_k.to(tl.float32), o_bin, 0), 0)   # the k-th value's bin, or 0
+            n_f = tl.sum(tl.where(o_bin == f, from_bin, 0.0), 0)
+            lo_f = klo + (f.to(tl.uint32) << shift)
+            gather = n_f <= SLOTS
+            # top-k keeps every token from lo_f up: at most k of them, or the bin is one key (a tie group)
+            counting = ~gather & (n_f > top_k.to(tl.float32)) & (shift > 0)
+            if counting:
+                khi = lo_f + tl.minimum(((1 << shift) - 1).to(tl.uint32), khi - lo_f)
+                above = n_f - tl.sum(tl.where(o_bin == f, cnt, 0.0), 0)
+            klo = lo_f
+    if gather:
+        n = _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(klo), p_gather, SLOTS, SOFTCAP, R,
+                         LANES, VEC)
+        tl.debug_barrier()                   # every thread's slots stored before any reads them
+        cut, s, a = _gathered_cut(p_gather, tl.minimum(n, SLOTS), top_k, top_p, SLOTS, WITH_ENTROPY)
+    else:
+        if counting:   # top-k's last pass, of single keys
+            klo, s, a, boundary, counted = _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, klo,
+                                                   ~counting, above, top_k.to(tl.float32), above * 0.0 - 1.0,
+                                                   above * 0.0, MAX_PASSES - 1, False, False, SOFTCAP, None, R,
+                                                   LANES, VEC)
+        cut, s, a = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(klo), top_p, True,
+                               WITH_ENTROPY, SOFTCAP, None, R, LANES, VEC)
+    return cut, s, a
+
+
+@triton.jit
+def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p, p_gather,
                 WITH_ENTROPY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, SOFTCAP: tl.constexpr,
                 KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """(the threshold, s, a) of top-k's and top-p's selection among the candidates d ≥ ``cut``
-    (min_p's, or −inf) of a ``finite`` row: both from one first pass for 16-bit keys, else each
-    alone (``_threshold``), top-k's first."""
+    (min_p's, or −inf) of a ``finite`` row: with both on, both from one first pass over 16-bit
+    keys, or from top-k's candidates gathered (fp32 logits, at ``p_gather``); else each alone
+    (``_threshold``)."""
     s_kept = -1.0
     a_kept = 0.0
-    alone = finite                           # a row with one filter on, or without 16-bit keys
-    if KEYS16 is not None and TOP_K and TOP_P:
+    alone = finite                           # a row with one filter on
+    if TOP_K and TOP_P:
         both = finite & (top_k > 0) & (top_p < 1.0)
-        if both:  # both filters from one first pass
-            cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                                      tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
-                                                      SOFTCAP, KEYS16, R, LANES, VEC)
+        if both:
+            if KEYS16 is not None:
+                cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                          tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
+                                                          SOFTCAP, KEYS16, R, LANES, VEC)
+            else:
+                cut, s_kept, a_kept = _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                            tl.maximum(cut, -FLT_MAX), top_k, top_p, p_gather,
+                                                            WITH_ENTROPY, SOFTCAP, R, LANES, VEC)
         alone = finite & ~both
     if TOP_K:
         if alone & (top_k > 0):
@@ -647,6 +797,8 @@ def _select_kernel(
     p_cut,                                       # (N,) fp32 output: the kept set's threshold on d; with
                                                  # BF16_ROWS first read: the statistics launch's test
     p_sums,                                      # (N, 2) fp32 output: the kept tokens' Σ 2^d, Σ 2^d·d, or −1
+    p_gather,                                    # fp32 logits with top-k and top-p: (N, GATHER) fp32 scratch
+                                                 # (``_top_k_top_p_gathered``), else None
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -679,18 +831,23 @@ def _select_kernel(
     top_p = 1.0
     if TOP_K:
         top_k = tl.load(p_top_k + row, mask=valid, other=0)
+        top_k = tl.where(top_k < V, top_k, 0)    # a top-k of the whole row keeps every token: off
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
+    if p_gather is not None:
+        p_gather += row.to(tl.int64) * GATHER
     if BF16_ROWS:
         if tl.load(p_cut + row, mask=valid, other=1.0) == 0.0:   # bf16 values: d is monotone in their keys
             cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
-                                              top_p, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, tl.bfloat16, R, LANES, VEC)
+                                              top_p, p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, tl.bfloat16,
+                                              R, LANES, VEC)
         else:
             cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
-                                              top_p, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, None, R, LANES, VEC)
+                                              top_p, p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, None, R,
+                                              LANES, VEC)
     else:
         cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p,
-                                          WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, KEYS16, R, LANES, VEC)
+                                          p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, KEYS16, R, LANES, VEC)
     tl.store(p_cut + row, cut)
     tl.store(p_sums + 2 * row, s_kept)
     tl.store(p_sums + 2 * row + 1, a_kept)
@@ -706,12 +863,15 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
     (else −1), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters
     (top_k or top_p given; min_p's folded in). fp32 logits: ``cut`` holds on entry each row's
     low 16 bits OR-ed, as the statistics launch with LOW16 stores them (forward.py), 0 for a
-    row of bf16 values."""
+    row of bf16 values; with top_k and top_p, a scratch row of GATHER words a token holds the
+    candidates of the rows that gather them."""
     B, T, V = logits.shape
+    gather = logits.dtype == torch.float32 and lmap.top_k is not None and lmap.top_p is not None
     with on_device(logits.device):
         _select_kernel[(B * T,)](
             logits, logits.stride(0), logits.stride(1), target, lmap.tau, lmap.min_p, lmap.top_k, lmap.top_p,
-            part, n_segs, seg_len, cut, sums, B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
+            part, n_segs, seg_len, cut, sums, logits.new_empty(B * T, GATHER.value) if gather else None,
+            B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
             MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
             KEYS16=KEYS16.get(logits.dtype), BF16_ROWS=logits.dtype == torch.float32,
