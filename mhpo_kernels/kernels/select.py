@@ -33,15 +33,16 @@ each pass narrowing the candidates to the bins it could not decide.
   statistics, two passes and the finish. Each filter runs alone, top-k's then top-p's, but for a
   row with both on: 16-bit rows share a first pass (below), fp32 rows gather top-k's candidates.
 - fp32 rows with top-k and top-p (``_top_k_top_p_gathered``). top-k's passes count keys of d
-  until at most GATHER tokens lie from its k-th value's bin up (one pass, or two: bins of about
-  2^20 keys, then 2^10); one pass more stores their d in a scratch row of GATHER words (8 KiB,
-  ``_gather_pass``: each lane's slots after the lanes below it, no atomics), and the program
-  decides both filters on them in registers (``_gathered_cut``: top-k's cut, then top-p's among
-  what it keeps, each a binary search over the keys, of a count or a mass over the candidates)
-  and sums the kept tokens exactly: the statistics and three passes at most, no finish. Where
-  two passes leave more from the k-th value's bin up (top_k above GATHER, or more than GATHER
-  tokens tied or within 2^10 keys of it), each filter alone as above: top-k's last pass, then
-  top-p's own selection (up to 7 reads). A top_k of the whole row is off.
+  until at most GATHER tokens lie from its k-th value's bin up (one pass, or two: bins of up to
+  2^21 keys, then 2^10); one pass more stores their d in a scratch row of GATHER words (8 KiB;
+  ``slots``: fewer where a block holds fewer logits), each lane's slots after the lanes below it,
+  no atomics (``_gather_pass``); and the program decides both filters on them in registers
+  (``_gathered_cut``: top-k's cut, then top-p's among what it keeps, each a binary search over
+  the keys, of a count or a mass over the candidates) and sums the kept tokens exactly: the
+  statistics and three passes at most, no finish. Where two passes leave more from the k-th
+  value's bin up (top_k above GATHER, or more than GATHER tokens tied or within 2^10 keys of
+  it), each filter alone as above: top-k's last pass, then top-p's own selection (up to 7
+  reads). A top_k of the whole row is off.
 - bf16 and fp16 logits (KEYS16). The keys are the logits' own, 2^16 values (``_key16``: bf16's
   the upper half of its fp32 value's key, fp16's formed from its bits): d is monotone in them,
   so a threshold on them is one on d. The first pass bins the candidates' keys, from the first
@@ -702,8 +703,8 @@ def _gathered_cut(p_gather, n, top_k, top_p, SLOTS: tl.constexpr, WITH_ENTROPY: 
 
 @triton.jit
 def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p, p_gather,
-                          WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                          VEC: tl.constexpr):
+                          SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr,
+                          LANES: tl.constexpr, VEC: tl.constexpr):
     """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a row
     of fp32 logits. top-k's passes over keys of d (``_narrow``'s bins) find the bin of its k-th
     value; once at most SLOTS tokens lie from that bin's lowest key up, one pass more gathers
@@ -711,8 +712,6 @@ def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor,
     them and sums the kept tokens: the statistics and three passes at most, two where the first
     pass's bins leave at most SLOTS. Where they leave more, top-k's own passes (none more where its
     count already keeps every token from the bin up), then top-p's own selection."""
-    # Where a row is one block, fewer slots (and registers, where fewer warps hold them): it has fewer tokens.
-    SLOTS: tl.constexpr = R * LANES * VEC if R * LANES * VEC < GATHER else GATHER
     o_bin = tl.arange(0, NB)
     klo = _key(floor)
     khi = _key(_d_max(base))                 # above every d of the row
@@ -754,8 +753,9 @@ def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor,
 
 @triton.jit
 def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p, p_gather,
-                WITH_ENTROPY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, SOFTCAP: tl.constexpr,
-                KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+                SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                VEC: tl.constexpr):
     """(the threshold, s, a) of top-k's and top-p's selection among the candidates d ≥ ``cut``
     (min_p's, or −inf) of a ``finite`` row: with both on, both from one first pass over 16-bit
     keys, or from top-k's candidates gathered (fp32 logits, at ``p_gather``); else each alone
@@ -773,7 +773,7 @@ def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top
             else:
                 cut, s_kept, a_kept = _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
                                                             tl.maximum(cut, -FLT_MAX), top_k, top_p, p_gather,
-                                                            WITH_ENTROPY, SOFTCAP, R, LANES, VEC)
+                                                            SLOTS, WITH_ENTROPY, SOFTCAP, R, LANES, VEC)
         alone = finite & ~both
     if TOP_K:
         if alone & (top_k > 0):
@@ -797,7 +797,7 @@ def _select_kernel(
     p_cut,                                       # (N,) fp32 output: the kept set's threshold on d; with
                                                  # BF16_ROWS first read: the statistics launch's test
     p_sums,                                      # (N, 2) fp32 output: the kept tokens' Σ 2^d, Σ 2^d·d, or −1
-    p_gather,                                    # fp32 logits with top-k and top-p: (N, GATHER) fp32 scratch
+    p_gather,                                    # fp32 logits with top-k and top-p: (N, SLOTS) fp32 scratch
                                                  # (``_top_k_top_p_gathered``), else None
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
@@ -807,6 +807,7 @@ def _select_kernel(
                                                  # LOW16) is counted over bf16 keys, the others over keys of d
     ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    SLOTS: tl.constexpr,                         # the candidates a row may gather (``slots``)
 ):
     """One row's threshold, between the forward's statistics launch and its finish (forward.py):
     min_p's, then top-k's and top-p's selection among what is left. −inf: not truncated (an
@@ -835,22 +836,29 @@ def _select_kernel(
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
     if p_gather is not None:
-        p_gather += row.to(tl.int64) * GATHER
+        p_gather += row.to(tl.int64) * SLOTS
     if BF16_ROWS:
         if tl.load(p_cut + row, mask=valid, other=1.0) == 0.0:   # bf16 values: d is monotone in their keys
             cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
-                                              top_p, p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, tl.bfloat16,
+                                              top_p, p_gather, SLOTS, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, tl.bfloat16,
                                               R, LANES, VEC)
         else:
             cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k,
-                                              top_p, p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, None, R,
+                                              top_p, p_gather, SLOTS, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, None, R,
                                               LANES, VEC)
     else:
         cut, s_kept, a_kept = _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top_k, top_p,
-                                          p_gather, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, KEYS16, R, LANES, VEC)
+                                          p_gather, SLOTS, WITH_ENTROPY, TOP_K, TOP_P, SOFTCAP, KEYS16, R, LANES, VEC)
     tl.store(p_cut + row, cut)
     tl.store(p_sums + 2 * row, s_kept)
     tl.store(p_sums + 2 * row + 1, a_kept)
+
+
+def slots(cfg):
+    """The candidates a row of fp32 logits with top-k and top-p may gather: GATHER, or fewer where
+    a block holds fewer logits (fewer registers where fewer warps share them, and no scratch larger
+    than the logits of a short row)."""
+    return min(GATHER.value, cfg.r * cfg.lanes * cfg.vec)
 
 
 # The logits' types whose own values the selection counts as keys (``_key16``), for the kernels' KEYS16.
@@ -863,20 +871,22 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
     (else −1), from its segments' statistics ``part`` (N, 3, n_segs) and ``lmap``'s filters
     (top_k or top_p given; min_p's folded in). fp32 logits: ``cut`` holds on entry each row's
     low 16 bits OR-ed, as the statistics launch with LOW16 stores them (forward.py), 0 for a
-    row of bf16 values; with top_k and top_p, a scratch row of GATHER words a token holds the
+    row of bf16 values; with top_k and top_p, a scratch row of ``slots`` words a token holds the
     candidates of the rows that gather them."""
     B, T, V = logits.shape
     gather = logits.dtype == torch.float32 and lmap.top_k is not None and lmap.top_p is not None
+    n_slots = slots(cfg)
     with on_device(logits.device):
         _select_kernel[(B * T,)](
             logits, logits.stride(0), logits.stride(1), target, lmap.tau, lmap.min_p, lmap.top_k, lmap.top_p,
-            part, n_segs, seg_len, cut, sums, logits.new_empty(B * T, GATHER.value) if gather else None,
+            part, n_segs, seg_len, cut, sums,
+            torch.empty(B * T, n_slots, dtype=torch.float32, device=logits.device) if gather else None,
             B * T, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, WITH_ENTROPY=with_entropy,
             MIN_P=lmap.min_p is not None, TOP_K=lmap.top_k is not None, TOP_P=lmap.top_p is not None,
             KEYS16=KEYS16.get(logits.dtype), BF16_ROWS=logits.dtype == torch.float32,
             ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r,
-            LANES=cfg.lanes, VEC=cfg.vec,
+            LANES=cfg.lanes, VEC=cfg.vec, SLOTS=n_slots,
             num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
     return cut
