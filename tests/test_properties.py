@@ -186,9 +186,10 @@ def test_hyperparameters_are_runtime_arguments():
                                               "SPLIT"} | block
     # the sampler's filters: which are on is compiled in, their values are per-token data
     # (and KEYS16 and BF16_ROWS, functions of the logits' dtype: which keys the selection counts,
-    # and whether it tests each row for bf16 values, as LOW16 has the statistics launch keep them)
+    # and whether it tests each row for bf16 values, as LOW16 has the statistics launch keep them;
+    # SLOTS, the candidates a row may gather, a function of the block)
     assert params(_select_kernel, True) == {"SOFTCAP", "HAS_TAU", "WITH_ENTROPY", "MIN_P", "TOP_K", "TOP_P",
-                                            "KEYS16", "BF16_ROWS"} | block
+                                            "KEYS16", "BF16_ROWS", "SLOTS"} | block
     assert {"k", "tanh_scale", "N", "T", "V"} <= params(_select_kernel, False)
     runtime = params(_mhpo_fwd_kernel, False)
     assert {"k", "tanh_scale", "v0", "v1", "v2", "v3", "v4", "beta"} <= runtime  # every objective's values
