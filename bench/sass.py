@@ -46,7 +46,8 @@ from mhpo_kernels.kernels.backward import _mhpo_bwd_kernel, _scale_rows_kernel, 
 from mhpo_kernels.kernels.forward import _mhpo_fwd_kernel, mhpo_fwd
 from mhpo_kernels.kernels.replay import BLOCK_K, NUM_WARPS as REPLAY_WARPS, _replay_bwd_kernel, _replay_fwd_kernel
 from mhpo_kernels.kernels.replay import replay_bwd, replay_fwd
-from mhpo_kernels.kernels.select import _select_kernel, _slice_count_kernel, slice_count
+from mhpo_kernels.kernels.select import _select_kernel, _slice_count_kernel, _slice_gather_kernel, slice_count
+from mhpo_kernels.kernels.select import slice_gather
 
 V = 151936  # Qwen's vocabulary: a multiple of 16, so rows are 16-byte aligned
 # Qwen's less one and GPT-2's: no stride or V divisible by anything, so rows start at every
@@ -146,7 +147,8 @@ SELECT_FLAGS = {
 }
 # top-k and top-p over a vocabulary split: one counting pass a launch (kernels/select.py,
 # ``_slice_count_kernel``), whose loops are the selection's: top-p's uniform pass, a pass over
-# keys with the mass above and within, the kept tokens' sums (with the entropy's Σ 2^d·d).
+# keys with the mass above and within, the kept tokens' sums (with the entropy's Σ 2^d·d); and the
+# gather of top-k's candidates beside top-p (``_slice_gather_kernel``), the selection's gather loop.
 SLICE_COUNT_FLAGS = dict(SOFTCAP=False, HAS_TAU=False)
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.
@@ -227,6 +229,7 @@ def variants():
         for suffix, flags in SELECT_FLAGS.items():
             out[f"select-{dtype}-{suffix}"] = Variant(_select_kernel, dtype, flags, V, True)
         out[f"select-{dtype}-slices"] = Variant(_slice_count_kernel, dtype, SLICE_COUNT_FLAGS, V, True)
+        out[f"select-{dtype}-slices-gather"] = Variant(_slice_gather_kernel, dtype, SLICE_COUNT_FLAGS, V, True)
     for dtype in ONE_SWEEP_DTYPES:
         for suffix, flags in ONE_SWEEP_FLAGS.items():
             out[f"onesweep-{dtype}-{suffix}"] = Variant(_mhpo_fwd_kernel, dtype, {**_FWD_OFF, **flags}, V, True)
@@ -323,6 +326,9 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
             ints = torch.empty(N, dtype=torch.int32, device="meta")
             slice_count(logits, target, logit_map(), per_token(), ints, keys, keys, ints, per_token(), per_token(),
                         per_token())
+        elif var.kernel is _slice_gather_kernel:
+            slice_gather(logits, target, logit_map(), per_token(), torch.empty(N, dtype=torch.int64, device="meta"),
+                         torch.empty(N, dtype=torch.int32, device="meta"), torch.empty(N, 2048, device="meta"))
         elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
@@ -540,7 +546,8 @@ def measure(names, cubin_dir, processes=None):
         if key not in done:
             done[key] = analyze(path, sass[first[key]], var.dtype, var.constexprs.get("GRAD_IN_FORWARD", False),
                                 var.kernel is _mhpo_fwd_kernel and var.constexprs.get("MIN_P", False),
-                                var.kernel in (_select_kernel, _slice_count_kernel), _replay_bytes(var))
+                                var.kernel in (_select_kernel, _slice_count_kernel, _slice_gather_kernel),
+                                _replay_bytes(var))
         report = done[key]
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}

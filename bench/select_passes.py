@@ -22,7 +22,10 @@ over the logits' own keys, and each filter alone is counted beside the pairs. Wi
 head), whose selection runs over bf16 keys too, as the statistics pass finds every logit a bf16
 value.
 
-    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16 | --bf16-in-fp32]]
+With ``--split RANKS`` as well, fp32 rows split into RANKS vocabulary slices (``tp_group``) over
+gloo ranks on this machine, each slice's reads counted at the launches ``slice_select`` makes.
+
+    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16 | --bf16-in-fp32 | --split RANKS]]
 """
 
 import argparse
@@ -267,6 +270,78 @@ def both(rows, dtype="fp32"):
         print(f"{kind:>18} " + " ".join(f"{c:>13}" for c in counts))
 
 
+def _split_rank(rank, world, folder, rows):
+    """One rank of ``split``: its slice of every row, the reads of each counted by wrapping the
+    launches ``slice_select`` makes (a counting pass whose mode is not COUNT_SKIP, a gather whose
+    first slot is ≥ 0); rank 0 checks the log-probs against the float64 oracle and writes the table."""
+    import json
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    import mhpo_kernels
+    import reference
+    from mhpo_kernels import _dispatch, slice_select
+    from mhpo_kernels._sweep_types import COUNT_SKIP
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    reads = None
+
+    def kernel(name, device, backend):
+        launch = _dispatch.kernel(name, device, backend)
+
+        def counted(*args):
+            read = args[5] >= 0 if name == "slice_gather" else args[4] != COUNT_SKIP
+            reads.add_(read.to(torch.int64))
+            return launch(*args)
+
+        return counted
+
+    slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
+    size = -(-V // world)
+    rng = np.random.default_rng(0)
+    table = {}
+    for kind in KINDS:
+        x = torch.tensor(np.asarray(_rows(kind, rows, rng)))
+        ids = x.argmax(-1)
+        table[kind] = []
+        for top_k, top_p in BOTH:
+            reads = torch.ones(rows, dtype=torch.int64)   # the statistics
+            with mhpo_kernels.use_backend("torch"):
+                logp = mhpo_kernels.token_logprobs(x[:, rank * size:(rank + 1) * size], ids, top_k=top_k,
+                                                   top_p=top_p, tp_group=dist.group.WORLD)
+            if rank == 0:
+                want = reference.token_logprobs(x.double(), ids, top_k=top_k, top_p=top_p)
+                assert torch.allclose(logp.double(), want, rtol=1e-5, atol=1e-5), (kind, top_k, top_p)
+            table[kind].append((int(reads.min()), int(reads.max())))
+    if rank == 0:
+        with open(f"{folder}/reads.json", "w") as f:
+            json.dump(table, f)
+    dist.destroy_process_group()
+
+
+def split(rows, world):
+    """Reads of each slice by the forward with top_k and top_p together over a vocabulary split
+    into ``world`` slices (gloo ranks on this machine; the PyTorch path, whose launches read what
+    the Triton path's do: tests/test_distributed.py holds them equal row by row), every row's
+    log-probs checked against the float64 oracle's."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_split_rank, args=(world, folder, rows), nprocs=world, start_method="spawn")
+        with open(f"{folder}/reads.json") as f:
+            table = json.load(f)
+    print(f"reads of each slice by the forward with top_k and top_p together over {world} slices (statistics + the "
+          f"selection's launches), over {rows} rows, V = {V}, counted by slice_select's launches")
+    print(f"{'rows':>18} " + " ".join(f"{f'k {k}, p {p}':>13}" for k, p in BOTH))
+    for kind, counts in table.items():
+        print(f"{kind:>18} " + " ".join(f"{f'{a}–{b}' if a != b else str(a):>13}" for a, b in counts))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4)
@@ -276,7 +351,11 @@ def main(argv=None):
     dtype.add_argument("--fp16", action="store_true", help="with --both: fp16 rows, each filter alone too")
     dtype.add_argument("--bf16-in-fp32", action="store_true",
                        help="with --both: fp32 rows of bf16 values, each filter alone too")
+    parser.add_argument("--split", type=int, metavar="RANKS",
+                        help="with --both: over a vocabulary split into RANKS slices (fp32, the PyTorch path)")
     args = parser.parse_args(argv)
+    if args.both and args.split:
+        return split(args.rows, args.split)
     if args.both:
         return both(args.rows, "bf16" if args.bf16 else "fp16" if args.fp16 else
                     "bf16-in-fp32" if args.bf16_in_fp32 else "fp32")

@@ -115,7 +115,8 @@ def _check_triton_runs(device):
 # function of ``torch_sweeps`` with the same name has the same contract on the PyTorch path.
 KERNELS = {"prepare": ("prepare", "prepare"), "forward": ("forward", "mhpo_fwd"), "backward": ("backward", "mhpo_bwd"),
            "scale_rows": ("backward", "scale_rows_"), "finalize": ("finalize", "finalize"),
-           "token_terms": ("finalize", "token_terms"), "slice_count": ("select", "slice_count")}
+           "token_terms": ("finalize", "token_terms"), "slice_count": ("select", "slice_count"),
+           "slice_gather": ("select", "slice_gather")}
 
 
 def kernel(name, device, backend=None):

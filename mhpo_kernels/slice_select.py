@@ -9,8 +9,14 @@ rank. A row takes the same passes as in one launch: a filter's counting passes (
 each one all-reduce of N × NB int32 counts and N × 4 fp32 sums). The last of them also sums the
 kept tokens of the slice, from its own counts, at the slice's own base; a row decided before it
 takes one pass of those sums more. Every slice is thus read at most 4 times for one filter (the
-statistics and three passes). Rows are decided together, without a host sync: a pass runs for
-every row, a decided row skips its reading."""
+statistics and three passes). With both filters, top-k's passes stop once at most NB tokens lie
+from its k-th value's bin up over every slice; in the next pass each slice stores its d of them
+(``slice_gather``) in the row's place in the counts, after the slices before it (one all-reduce of
+N × world counts places them), summed with the counts (each slot is one slice's, 0 in the
+others'), and every rank decides both filters and its own kept tokens' sums from the same values
+(``_decide_gathered``): read 3 or 4 times, as one launch reads an fp32 row, with the counting
+passes' all-reduces. Rows are decided together, without a host sync: a pass runs for every row,
+a decided row skips its reading."""
 
 import math
 
@@ -84,19 +90,29 @@ def _decide(cnt, w_lo, w_hi, above, s_hi, s_in, goal, shift, last, by_mass):
     return (kept, torch.where(ambiguous, bins, -1).amax(-1), torch.where(ambiguous, bins, NB).amin(-1))
 
 
-def _threshold(count, base, delta, floor, goal, on, by_mass):
+def _threshold(count, base, delta, floor, goal, on, by_mass, beside=None):
     """select._threshold for the rows ``on``: (the smallest kept d of top-k (goal k, counts) or
     top-p (BY_MASS, goal top_p of the candidates' mass) over the candidates d ≥ ``floor``; this
     slice's kept tokens' Σ 2^d and Σ 2^d·d at its own base, d + ``delta``, float64, where the
     last pass decided the row; whether it did), each pass ``count(mode, klo, khi, shift, lo,
-    scale)`` over every slice. The decisions take blocks of DECIDE_ROWS rows, so that their
-    (rows, NB) float64 temporaries stay bounded at any N."""
+    scale)`` over every slice. ``beside``: top-k beside top-p, (the rows with both, their top_p,
+    ``place``): a row's counting stops once at most NB tokens lie from its k-th value's bin up
+    over every slice (``_keys_pass``); the next pass's launch gathers them in its place, each
+    slice's after the slices before it (``place``: every slice's first slot), into the same
+    buffer and all-reduce, and both filters are decided from them with the kept tokens' sums
+    (``_decide_gathered``); then a fifth value, those rows. The decisions take blocks of
+    DECIDE_ROWS rows, so that their (rows, NB) float64 temporaries stay bounded at any N."""
     klo = order_keys(floor)
     khi = torch.full_like(klo, KEY_INF)
     state = dict(klo=klo, khi=khi, cut_key=klo.clone(), done=~on, goal=goal.double(), base=base, delta=delta,
                  lo=torch.zeros_like(base), scale=torch.zeros_like(base), summed=torch.zeros_like(on))
     for name in ("above", "s", "a"):   # each its own: the blocks are written back in place
         state[name] = torch.zeros_like(base, dtype=torch.float64)
+    if beside is not None:
+        may_gather, top_p, place = beside
+        state.update(may_gather=may_gather, pending=torch.zeros_like(on), gathered=torch.zeros_like(on),
+                     from_key=klo.clone(), own_from=torch.zeros_like(base, dtype=torch.float64),
+                     own_above=torch.zeros_like(base, dtype=torch.float64))
     if by_mass:  # the first pass's bins, for each row, filled by blocks
         state.update(lowest=torch.zeros_like(klo), b_lo=torch.zeros_like(klo), b_hi=torch.zeros_like(klo),
                      decided=torch.zeros_like(on), ambiguous=torch.zeros_like(on))
@@ -120,11 +136,18 @@ def _threshold(count, base, delta, floor, goal, on, by_mass):
         state["shift"] = (_bits(state["khi"] - state["klo"]) - NB_BITS).clamp(min=0)
         # The last pass counts as the others and sums the mass above its range at the slice's own
         # base (COUNT_SUMS): with its own counts, the kept tokens' sums (``_keys_pass``).
+        gather = None
+        if beside is not None and i > 0:   # the rows the last pass left pending gather in this one
+            slot0, n = place(state["pending"], state["own_from"])
+            gather = (state["from_key"], slot0)
         hist, sums, own = count(torch.where(state["done"], COUNT_SKIP, COUNT_SUMS if last else COUNT_KEYS),
                                 state["klo"], state["khi"], state["shift"], state["lo"], state["scale"],
-                                keep_own=last)
+                                keep_own=last or beside is not None, gather=gather)
+        if gather is not None:
+            _decide_gathered(state, hist.view(torch.float32), slot0, n, top_p)
         _by_blocks(_keys_pass, state, hist, sums, own, last=last, by_mass=by_mass)
-    return key_value(state["cut_key"]), state["s"], state["a"], state["summed"]
+    found = key_value(state["cut_key"]), state["s"], state["a"], state["summed"]
+    return found if beside is None else found + (state["gathered"],)
 
 
 # Rows decided at once: (rows, NB) float64 temporaries, about 160 MB at 1,024 rows (16 MB each;
@@ -170,7 +193,10 @@ def _keys_pass(st, cnt, sums, own, last, by_mass):
     narrows to its ambiguous bins (top-k carries the count above them). In the last pass, which
     decides every row, ``own`` (this slice's own counts and sums at its base) give the slice's
     kept tokens' sums, as ``select._narrow`` finds them: a kept bin of one key its exact mass, of
-    several the middle of its bounds, at its lowest d."""
+    several the middle of its bounds, at its lowest d. Top-k beside top-p (``may_gather``) stops
+    before its last pass where at most NB tokens lie from its k-th value's bin (or its lowest kept
+    one) up, over every slice: the row is left pending, to be gathered by the next pass, ``own``
+    giving this slice's count of its candidates."""
     bins = torch.arange(NB, device=cnt.device)
     klo, khi, shift, done = st["klo"], st["khi"], st["shift"], st["done"]
     s_hi, s_in = sums[:, 0], sums[:, 1]
@@ -189,15 +215,29 @@ def _keys_pass(st, cnt, sums, own, last, by_mass):
     kept, b_hi, b_lo = _decide(cnt, w_lo, w_hi, above, s_hi, s_in, st["goal"], shift, last, by_mass)
     decided, ambiguous = ~done & (b_hi < 0), ~done & (b_hi >= 0)
     b_kept = torch.where(kept, bins, NB).amin(-1)
-    st["cut_key"] = torch.where(decided, torch.where(b_kept < NB, klo + (b_kept.clamp(max=NB - 1) << shift),
-                                                     (khi + 1).clamp(max=KEY_INF)), st["cut_key"])
+    kept_key = torch.where(b_kept < NB, klo + (b_kept.clamp(max=NB - 1) << shift), (khi + 1).clamp(max=KEY_INF))
+    gather = torch.zeros_like(done)
+    if "may_gather" in st and not last:   # top-k beside top-p: its candidates gathered once at most NB remain
+        b_from = torch.where(decided, b_kept, b_lo).unsqueeze(-1)   # its k-th value's bin, or its lowest kept
+        n_from = above + torch.where(bins >= b_from, cnt, 0.0).sum(-1)
+        gather = st["may_gather"] & (decided | ambiguous) & (n_from <= NB)
+        own_cnt = own[0]
+        from_key = torch.where(decided, kept_key, klo + (b_lo.clamp(max=NB - 1) << shift))
+        st["from_key"] = torch.where(gather, from_key, st["from_key"])
+        st["own_from"] = torch.where(gather, st["own_above"] + torch.where(bins >= b_from, own_cnt, 0.0).sum(-1),
+                                     st["own_from"])
+        st["pending"] = gather
+        decided, ambiguous = decided & ~gather, ambiguous & ~gather
+        st["own_above"] = torch.where(ambiguous, st["own_above"] + torch.where(bins > b_hi.unsqueeze(-1), own_cnt,
+                                                                               0.0).sum(-1), st["own_above"])
+    st["cut_key"] = torch.where(decided, kept_key, st["cut_key"])
     if not by_mass:
         st["above"] = torch.where(ambiguous, above + torch.where(bins > b_hi.unsqueeze(-1), cnt, 0.0).sum(-1), above)
     top = klo + (b_hi.clamp(min=0) << shift)
     st["khi"] = torch.where(ambiguous, top + torch.minimum(width, khi - top), khi)
     st["klo"] = torch.where(ambiguous, klo + (b_lo.clamp(max=NB - 1) << shift), klo)
-    st["done"] = done | decided
-    if own is not None:
+    st["done"] = done | decided | gather
+    if last:
         own_cnt, own_sums = own
         delta = st["delta"].unsqueeze(-1)
         own_lo = (d_lo + delta).double()      # d + delta in fp32, as the kernel forms it
@@ -208,6 +248,45 @@ def _keys_pass(st, cnt, sums, own, last, by_mass):
         st["summed"] = st["summed"] | decided
 
 
+def _decide_gathered(st, slots, slot0, n, top_p):
+    """Both filters for the pending rows of ``st``, from their n candidates' d in ``slots`` (N, NB)
+    over every slice, this slice's from ``slot0`` on (``_gathered_cut``): the smallest kept d, this
+    slice's kept tokens' sums at its own base, summed; the rows are then gathered, no more pending."""
+    for r0 in range(0, slots.shape[0], DECIDE_ROWS):
+        rows = slice(r0, r0 + DECIDE_ROWS)
+        pending = st["pending"][rows]
+        own = (slot0[rows], slot0[rows] + st["own_from"][rows].to(torch.int64))
+        cut, s, a = _gathered_cut(slots[rows], n[rows], st["goal"][rows], top_p[rows], own, st["delta"][rows])
+        st["cut_key"][rows] = torch.where(pending, order_keys(cut), st["cut_key"][rows])
+        st["s"][rows] = torch.where(pending, s, st["s"][rows])
+        st["a"][rows] = torch.where(pending, a, st["a"][rows])
+    st["summed"] = st["summed"] | st["pending"]
+    st["gathered"] = st["gathered"] | st["pending"]
+    st["pending"] = torch.zeros_like(st["pending"])
+
+
+def _gathered_cut(d, n, top_k, top_p, own, delta):
+    """select._gathered_cut for a block of rows, on the n candidates' d of each (``d`` (rows, NB)
+    fp32): top-k keeps the d with fewer than k above them, top-p of those the d with below top_p of
+    their mass above them, ties together, as the kernel's searches decide (here by one sort of the
+    candidates). Returns (the smallest kept d; Σ 2^d and Σ 2^d·d at the slice's own base, d +
+    ``delta``, over the kept candidates in this slice's slots, ``own`` = [first, end))."""
+    slot = torch.arange(NB, device=d.device)
+    d = torch.where(slot < n.unsqueeze(-1), d, -math.inf)
+    desc = d.sort(-1, descending=True).values
+    above = torch.searchsorted(-desc, -desc)            # the candidates above each: its tie group's first slot
+    by_k = (above < top_k.unsqueeze(-1)) & (desc > -math.inf)
+    mass = torch.where(by_k, torch.exp2(desc.double()), 0.0).cumsum(-1)
+    mass_above = torch.where(above > 0, mass.gather(-1, (above - 1).clamp(min=0)), 0.0)
+    kept = by_k & (mass_above < top_p.double().unsqueeze(-1) * mass[:, -1:])
+    cut = torch.where(kept, desc, math.inf).amin(-1)
+    first, end = (x.unsqueeze(-1) for x in own)
+    mine = (slot >= first) & (slot < end) & (d >= cut.unsqueeze(-1))
+    x = (d + delta.unsqueeze(-1)).double()              # d + delta in fp32, as the kernel forms it
+    e = torch.where(mine, torch.exp2(x), 0.0)
+    return cut, e.sum(-1), torch.where(e > 0, e * x, 0.0).sum(-1)
+
+
 def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite):
     """(each row's threshold on d at the common ``base`` (−inf: not truncated), and this slice's
     (N, 4) sums over the kept tokens, at the slice's ``local_base``: Σ 2^d, −, Σ 2^d·d, and the
@@ -216,14 +295,17 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     (B, T, V) and its targets."""
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
 
     delta = base - local_base             # d + delta: at the slice's own base
 
-    def count(mode, klo, khi, shift, lo, scale, reduce=True, keep_own=False):
+    def count(mode, klo, khi, shift, lo, scale, reduce=True, keep_own=False, gather=None):
         """(the counts and sums over every slice, this slice's own or None): without ``reduce``,
         this slice's only. With ``keep_own`` this slice's are kept (a copy of the (N, NB) counts),
         and the mass above the range that COUNT_SUMS summed at its own base is moved to the
-        common one before the sum."""
+        common one before the sum. ``gather``: (from_key, slot0), the rows with slot0 ≥ 0 (their
+        mode COUNT_SKIP) gathering their candidates into their rows of the counts, as fp32
+        (``slice_gather``), summed with them."""
         hist, sums = kernel(logits, target, lmap, base, mode.to(torch.int32).contiguous(), klo.contiguous(),
                             khi.contiguous(), shift.to(torch.int32).contiguous(), lo.contiguous(), scale.contiguous(),
                             delta.contiguous())
@@ -233,21 +315,42 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
         if keep_own:
             own = (hist.clone(), sums.clone())
             sums[:, 0] = torch.where(mode == COUNT_SUMS, sums[:, 0].double() * torch.exp2(-delta.double()), sums[:, 0])
+        if gather is not None:   # each slot is one slice's, 0 in the others': summed exactly
+            from_key, slot0 = gather
+            _dispatch.kernel("slice_gather", logits.device, lmap.backend)(
+                logits, target, lmap, base, from_key.contiguous(), slot0.to(torch.int32).contiguous(),
+                hist.view(torch.float32))
         dist.all_reduce(hist, group=group)
         dist.all_reduce(sums, group=group)
         return hist, sums, own
 
-    # Each filter's threshold, and the kept tokens' sums where its last pass decided the row.
-    filters = []
-    if lmap.top_k is not None:
-        filters.append((lmap.top_k, finite & (lmap.top_k > 0), False))
-    if lmap.top_p is not None:
-        filters.append((lmap.top_p, finite & (lmap.top_p < 1), True))
+    def place(rows, own):
+        """Each slice's first slot for the candidates of ``rows`` (−1 elsewhere), after the slices
+        before it, and their number over every slice: one all-reduce of N × world counts."""
+        table = torch.zeros(rows.shape[0], world, dtype=torch.int64, device=rows.device)
+        table[:, rank] = own.to(torch.int64)
+        dist.all_reduce(table, group=group)
+        return torch.where(rows, table[:, :rank].sum(-1), -1), table.sum(-1)
+
+    # Each filter's threshold, and the kept tokens' sums where its last pass decided the row; with
+    # both on, the rows that gather top-k's candidates decide both there, with the sums.
+    on_k = None if lmap.top_k is None else finite & (lmap.top_k > 0)
+    on_p = None if lmap.top_p is None else finite & (lmap.top_p < 1)
     summed = torch.zeros_like(finite)
     s = a = torch.zeros_like(base, dtype=torch.float64)
-    for goal, on, by_mass in filters:
-        found = _threshold(count, base, delta, cut.clamp(min=-FLT_MAX), goal.double(), on, by_mass)
-        cut, s, a, summed = (torch.where(on, new, old) for new, old in zip(found, (cut, s, a, summed)))
+
+    def update(on, found):
+        return (torch.where(on, new, old) for new, old in zip(found, (cut, s, a, summed)))
+
+    if on_k is not None:
+        beside = None if on_p is None else (on_k & on_p, lmap.top_p, place)
+        found = _threshold(count, base, delta, cut.clamp(min=-FLT_MAX), lmap.top_k.double(), on_k, False, beside)
+        cut, s, a, summed = update(on_k, found)
+        if beside is not None:
+            on_p = on_p & ~found[4]
+    if on_p is not None:
+        found = _threshold(count, base, delta, cut.clamp(min=-FLT_MAX), lmap.top_p.double(), on_p, True)
+        cut, s, a, summed = update(on_p, found)
     cut = torch.where(finite, cut, -math.inf)   # min_p's too: a row without a finite softmax is not truncated
     # The other truncated rows' kept tokens' sums: the keys above the threshold's less one (−0's
     # with +0's, d ≥ cut as the backward compares; a guard: no key is −0's), at the slice's own

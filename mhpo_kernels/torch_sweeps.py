@@ -423,3 +423,18 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
         sums[r0:r1, 2] = torch.where(above & rebased & (e > 0), e * d, 0.0).sum(-1)
         sums[r0:r1, 3] = torch.where(valid & (target[r0:r1] < V), d_y, 0.0)
     return hist, sums
+
+
+def slice_gather(logits, target, lmap, base, from_key, first, out):
+    """``kernels.select.slice_gather`` in PyTorch: the rows' d from ``from_key``'s value up, in
+    the slice's order from slot ``first`` on of their row of ``out`` (rows with ``first`` < 0:
+    none)."""
+    for b, t0, t1, r0 in _chunks(logits):
+        r1 = r0 + t1 - t0
+        d, valid, _, _, _ = _exponents(logits, target, b, t0, t1, r0, base, lmap)
+        start = first[r0:r1].long().unsqueeze(-1)
+        gathered = (valid.unsqueeze(-1) & (start >= 0)) & (order_keys(d + 0.0) >= from_key[r0:r1].unsqueeze(-1))
+        slot = start + gathered.cumsum(-1) - 1
+        at = gathered & (slot < NB)
+        out[r0:r1][at.nonzero(as_tuple=True)[0], slot[at]] = d[at]
+    return out

@@ -970,9 +970,9 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
 
 
 def _count_slice_reads(reads, sums):
-    """Make ``slice_select``'s counting launches add 1 to ``reads`` (N,) at each row they read
-    (its mode not COUNT_SKIP), and to ``sums`` where that read is the pass of sums alone (an empty
-    range of keys: klo > khi)."""
+    """Make ``slice_select``'s launches add 1 to ``reads`` (N,) at each row they read (a counting
+    pass's mode not COUNT_SKIP, a gather's first slot ≥ 0), and to ``sums`` where that read is the
+    pass of sums alone (an empty range of keys: klo > khi)."""
     import types
     from mhpo_kernels import _dispatch, slice_select
     from mhpo_kernels._sweep_types import COUNT_SKIP
@@ -984,7 +984,11 @@ def _count_slice_reads(reads, sums):
             reads.add_(mode != COUNT_SKIP)
             sums.add_((mode != COUNT_SKIP) & (klo > khi))
             return launch(logits, target, lmap, base, mode, klo, khi, *rest)
-        return counted
+
+        def gathered(logits, target, lmap, base, from_key, first, out):
+            reads.add_(first >= 0)
+            return launch(logits, target, lmap, base, from_key, first, out)
+        return gathered if name == "slice_gather" else counted
 
     slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
 
@@ -1016,7 +1020,7 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
     slices together: each kept token but the target (the largest) has a non-zero gradient on its
     rank, every other token a zero one, and the log-probs and entropy are the oracle's, on both
     paths. The selection reads a slice at most 3 times for one filter (4 with the statistics),
-    the last pass summing the kept tokens, and at most 6 for both."""
+    the last pass summing the kept tokens, and twice for both (``slice_select._gathered``)."""
     import reference
     from test_truncation import _random_rows
     from _cases import FP32_RTOL, max_rel_err
@@ -1040,11 +1044,90 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
             assert max_rel_err(r[backend]["ent"], want_ent) <= FP32_RTOL, backend
         reads, sums = ranks[0][backend]["reads"], ranks[0][backend]["sums"]
         assert torch.equal(reads, ranks[1][backend]["reads"]) and torch.equal(sums, ranks[1][backend]["sums"])
-        one = (top_k > 0) ^ (top_p < 1)
-        assert one.any() and ((top_k > 0) & (top_p < 1)).any()
-        assert reads[one].max() <= 3 and reads[~one].max() <= 6, (backend, reads)
+        one, both = (top_k > 0) ^ (top_p < 1), (top_k > 0) & (top_p < 1)
+        assert one.any() and both.any()
+        assert reads[one].max() <= 3, (backend, reads)
+        # both: a counting pass and the gather (a row of 512 never leaves more than 2048), no pass of sums
+        assert (reads[both] == 2).all() and (sums[both] == 0).all(), (backend, reads, sums)
         # rows that took all three counting passes, summed by the last (no pass of sums)
         assert ((reads == 3) & (sums == 0) & one).any(), (reads, sums)
+
+
+def _smallest_kept(x, top_k, top_p):
+    """Each row's smallest token that the float64 sort keeps (ids (R,))."""
+    import reference
+
+    keep = reference.kept_set(x.detach().double(), top_k=top_k, top_p=top_p)
+    return torch.where(keep, x.detach(), math.inf).argmin(-1)
+
+
+def _tp_gather_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+    from test_truncation import _fp32_rows_for_the_gather
+
+    rows = list(_fp32_rows_for_the_gather())
+    x = torch.stack([z for z, _, _, _ in rows])
+    top_k, top_p = torch.tensor([k for _, k, _, _ in rows]), torch.tensor([p for _, _, p, _ in rows])
+    ids = _smallest_kept(x, top_k, top_p)
+    start, size = _split(x.shape[-1], world_size)[rank]
+    all_reduce, shapes = dist.all_reduce, []
+
+    def recorded(tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recorded
+    out = {}
+    for backend in ("triton", "torch"):
+        reads, sums = torch.zeros(len(rows), dtype=torch.int64), torch.zeros(len(rows), dtype=torch.int64)
+        _count_slice_reads(reads, sums)
+        shapes.clear()
+        with mhpo_kernels.use_backend(backend):
+            leaf = x[:, start:start + size].clone().requires_grad_()
+            logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, top_k=top_k, top_p=top_p,
+                                                    tp_group=dist.group.WORLD)
+            (logp + ent).sum().backward()
+        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads, sums=sums,
+                            all_reduces=list(shapes))
+    torch.save(out, f"{out_dir}/gather-{rank}.pt")
+
+
+def test_vocab_parallel_both_filters_gather_top_k_candidates(tmp_path):
+    """top_k and top_p over 3 uneven slices of rows of 4,000 (``test_truncation._fp32_rows_for_the_gather``):
+    a row gathers top_k's candidates once at most 2048 lie from its k-th value's bin up over every
+    slice, each slice's after the slices before it, in the next pass's place, and decides both
+    filters from them with the kept tokens' sums (``slice_select._decide_gathered``): the
+    selection reads each slice twice (one counting pass, the gather) or three times (two), no pass
+    of sums after. Rows left wider (top_k 3000, 2500 tokens tied at the k-th value) and a top_k of
+    the whole row take each filter's own passes. The gathers ride in the counting passes'
+    all-reduces: 6 of N × 2048 counts (3 per filter, as without them), and one of N × 3 counts for
+    each pass that may gather. On both paths every row has the float64 oracle's log-probs, entropy
+    and gradient."""
+    import reference
+    from _cases import FP32_RTOL, max_rel_err
+    from test_truncation import _fp32_rows_for_the_gather
+
+    world_size = 3
+    _dist.run(_tp_gather_worker, world_size, tmp_path, str(tmp_path))
+    rows = list(_fp32_rows_for_the_gather())
+    x = torch.stack([z for z, _, _, _ in rows]).double().requires_grad_()
+    top_k, top_p = torch.tensor([k for _, k, _, _ in rows]), torch.tensor([p for _, _, p, _ in rows])
+    ids = _smallest_kept(x, top_k, top_p)
+    logp, ent = reference.token_logprobs(x, ids, return_entropy=True, top_k=top_k, top_p=top_p)
+    (logp + ent).sum().backward()
+    ranks = [torch.load(tmp_path / f"gather-{r}.pt") for r in range(world_size)]
+    for backend in ("triton", "torch"):
+        assert max_rel_err(torch.cat([r[backend]["grad"] for r in ranks], -1), x.grad) <= FP32_RTOL, backend
+        for r in ranks:
+            assert max_rel_err(r[backend]["logp"], logp) <= FP32_RTOL, backend
+            assert max_rel_err(r[backend]["ent"], ent) <= FP32_RTOL, backend
+        reads, sums = ranks[0][backend]["reads"], ranks[0][backend]["sums"]
+        assert all(torch.equal(reads, r[backend]["reads"]) for r in ranks), backend
+        assert reads[:2].tolist() == [2, 3] and sums[:2].sum() == 0 and reads[2:].min() > 3, (backend, reads, sums)
+        shapes = ranks[0][backend]["all_reduces"]
+        n = len(rows)
+        assert shapes.count((n, 2048)) == 6 and shapes.count((n, world_size)) == 2, (backend, shapes)
 
 
 def _tp_last_pass_worker(rank, world_size, out_dir):

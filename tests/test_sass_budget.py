@@ -106,8 +106,9 @@ def test_truncation_passes(report):
     uniform pass and its pass over keys, and its last pass with the entropy (the kept tokens' sums)
     with one add more, to the slice's own base (16-bit logits: the uniform pass only; their
     selection counts other keys); fp32's selection kernel, which holds the bf16 keys' loops too,
-    compiles its own with a uniform register copied per element more. The backward of every
-    truncation is the backward's loop with a compare and a select."""
+    compiles its own with a uniform register copied per element more. The split's gather launch's
+    one loop is the selection kernel's gather, within 2 instructions per element. The backward of
+    every truncation is the backward's loop with a compare and a select."""
     by_name = {r["name"]: r for r in report}
     for dtype in ("bf16", "fp16", "fp32"):
         for suffix in ("logprobs", "entropy"):
@@ -131,6 +132,13 @@ def test_truncation_passes(report):
             assert all(loop["vector_stores"] == 0 for loop in loops), (suffix, loops)
             assert all(loop["mufu_per_element"] == 0 for loop in loops[-2:]), (suffix, loops)
         assert len(by_name[f"select-{dtype}-slices"]["select"]) == 3
+        # The split's gather of top-k's candidates beside top-p (its own launch): the selection
+        # kernel's gather loop, no MUFU, within 2 instructions per element (each forms d of its dtype).
+        (gather,), kernel_gather = by_name[f"select-{dtype}-slices-gather"]["select"], \
+            by_name["select-fp32-minp-topk-topp"]["select"][1]
+        assert gather["mufu_per_element"] == kernel_gather["mufu_per_element"] == 0, (gather, kernel_gather)
+        gap = gather["instructions_per_element"] - kernel_gather["instructions_per_element"]
+        assert abs(gap) <= 2 and gather["vector_stores"] == 0, (gather, kernel_gather)
         own = {"topk": 2, "topp": 4}   # the first loops: over the dtype's own keys (fp32: keys of d)
         select = {suffix: by_name[f"select-{dtype}-{suffix}"]["select"][:own[suffix.split("-")[0]]]
                   for suffix in ("topk", "topp", "topk-entropy", "topp-entropy")}

@@ -298,12 +298,12 @@ def _gather_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, lo_d, p_gather, 
 
 @triton.jit
 def _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, SLOTS: tl.constexpr,
-                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """One read of a valid row [lead, n_end) (``_count_pass``'s blocks): its d ≥ ``lo_d``, at
-    most SLOTS of them, stored at ``p_gather``, block by block; how many there are."""
+                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, n=0):
+    """One read of a valid row [lead, n_end) (``_count_pass``'s blocks): its d ≥ ``lo_d`` stored
+    at ``p_gather`` from slot n on, below slot SLOTS, block by block; the slots filled after them."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
-    n = _gather_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, 0, SLOTS, True, SOFTCAP, R,
+    n = _gather_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, True, SOFTCAP, R,
                      LANES, VEC)
     for v0 in range(BLOCK, n_full, BLOCK):
         n = _gather_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, False, SOFTCAP,
@@ -977,3 +977,52 @@ def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, de
             maxnreg=MAX_REGISTERS,
         )
     return hist, sums
+
+
+@triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
+def _slice_gather_kernel(
+    p_x, stride_xb: tl.int64, stride_xt: tl.int64,  # this slice's logits (B, T, V), unit stride along V
+    p_y,                                         # (N,) int32 target ids in the slice, V: another slice's, < 0 invalid
+    p_tau, p_base,                               # (N,) per token: τ_t, the group's common base b
+    p_from,                                      # (N,) int64: the lowest key of the row's candidates
+    p_first,                                     # (N,) int32: the row's first slot for this slice, < 0: none
+    p_slots,                                     # (N, NB) fp32 output: the candidates' d, from slot first on
+    N, T, V,
+    k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
+    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+):
+    """One read of one row of this slice at the common base b: its d from ``p_from``'s value up
+    (top-k's candidates beside top-p, ``slice_select._decide_gathered``), stored in its row of
+    ``p_slots`` from slot ``first`` on, the slices before it having the slots below. Every d is
+    formed as the sweeps form it."""
+    row = tl.program_id(0)
+    _, valid, _, n_read = _row_target(p_y, row, N, V)
+    first = tl.load(p_first + row, mask=valid, other=-1)
+    if first >= 0:
+        if HAS_TAU:
+            k = k / tl.load(p_tau + row)
+        off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
+        lead = _row_lead(off, VEC)
+        _gather_pass(_block_base(p_x, off, lead, True, VEC), _block_offsets(R, LANES, VEC), lead, lead + n_read, k,
+                     tl.load(p_base + row), tanh_scale, _value(tl.load(p_from + row).to(tl.uint32)),
+                     p_slots + row.to(tl.int64) * NB, NB, SOFTCAP, R, LANES, VEC, first)
+
+
+def slice_gather(logits, target, lmap, base, from_key, first, out):
+    """Top-k's candidates of the rows with ``first`` ≥ 0 in this slice of ``logits`` (B, T, V):
+    their d at the common ``base`` from ``from_key``'s value up, stored in slots ``first`` on of
+    their row of ``out`` (N, NB) fp32, whose other slots are left as they are (0: summed over the
+    group, the slots hold every slice's)."""
+    B, T, V = logits.shape
+    N = B * T
+    cfg = sweep_config(V, logits.element_size())
+    with on_device(logits.device):
+        _slice_gather_kernel[(N,)](
+            logits, logits.stride(0), logits.stride(1), target, lmap.tau, base, from_key, first, out, N, T, V,
+            lmap.log2_scale, lmap.tanh_scale,
+            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
+            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+            maxnreg=MAX_REGISTERS,
+        )
+    return out
