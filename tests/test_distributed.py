@@ -993,12 +993,13 @@ def _count_slice_reads(reads, sums):
     slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
 
 
-def _tp_random_rows_worker(rank, world_size, out_dir):
+def _tp_random_rows_worker(rank, world_size, out_dir, dtype):
     import mhpo_kernels
     import torch.distributed as dist
     from test_truncation import _random_rows
 
-    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7)
+    dtype = getattr(torch, dtype)
+    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7, rounded=None if dtype == torch.float32 else dtype)
     start, size = _split(512, world_size)[rank]
     ids = x.argmax(-1)
     out = {}
@@ -1006,7 +1007,7 @@ def _tp_random_rows_worker(rank, world_size, out_dir):
         reads, sums = torch.zeros(60, dtype=torch.int64), torch.zeros(60, dtype=torch.int64)
         _count_slice_reads(reads, sums)
         with mhpo_kernels.use_backend(backend):
-            leaf = x[:, start:start + size].clone().requires_grad_()
+            leaf = x[:, start:start + size].to(dtype, copy=True).requires_grad_()
             logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
                                                     top_p=top_p, tp_group=dist.group.WORLD)
             logp.sum().backward()
@@ -1014,20 +1015,23 @@ def _tp_random_rows_worker(rank, world_size, out_dir):
     torch.save(out, f"{out_dir}/rows-{rank}.pt")
 
 
-def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path):
-    """On 60 random rows of ties, near-ties and spreads (``test_truncation._random_rows``) split
-    over 2 uneven slices, per-token min_p, top_k and top_p keep the float64 sort's set, ties across
-    slices together: each kept token but the target (the largest) has a non-zero gradient on its
-    rank, every other token a zero one, and the log-probs and entropy are the oracle's, on both
-    paths. The selection reads a slice at most 3 times for one filter (4 with the statistics),
-    the last pass summing the kept tokens, and twice for both (``slice_select._gathered``)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path, dtype):
+    """On 60 random rows of ties, near-ties and spreads (``test_truncation._random_rows``, bf16
+    values for bf16 logits) split over 2 slices, per-token min_p, top_k and top_p keep the float64
+    sort's set, ties across slices together: each kept token but the target (the largest) has a
+    non-zero gradient on its rank, every other token a zero one, and the log-probs and entropy are
+    the oracle's, on both paths. The selection reads a slice at most 3 times for one filter (4
+    with the statistics), the last pass summing the kept tokens, and twice for both
+    (``slice_select._decide_gathered``)."""
     import reference
     from test_truncation import _random_rows
     from _cases import FP32_RTOL, max_rel_err
 
     world_size = 2
-    _dist.run(_tp_random_rows_worker, world_size, tmp_path, str(tmp_path))
-    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7)
+    _dist.run(_tp_random_rows_worker, world_size, tmp_path, str(tmp_path), dtype)
+    rounded = None if dtype == "float32" else getattr(torch, dtype)
+    x, min_p, top_k, top_p = _random_rows(60, 512, seed=7, rounded=rounded)
     ids = x.argmax(-1)
     want = reference.kept_set(x.double(), min_p=min_p, top_k=top_k, top_p=top_p)
     assert want.sum(-1).min() >= 1 and (want.sum(-1) < 512).all()
