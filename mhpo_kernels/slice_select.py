@@ -287,12 +287,13 @@ def _gathered_cut(d, n, top_k, top_p, own, delta):
     return cut, e.sum(-1), torch.where(e > 0, e * x, 0.0).sum(-1)
 
 
-def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite):
+def select_over_slices(logits, target, lmap, group, base, local_base, cut, finite, vocab):
     """(each row's threshold on d at the common ``base`` (−inf: not truncated), and this slice's
     (N, 4) sums over the kept tokens, at the slice's ``local_base``: Σ 2^d, −, Σ 2^d·d, and the
     target's d at ``base``) of top-k and top-p after ``cut`` (min_p's, or −inf) at the rows
     ``finite`` (valid, with a finite softmax over every slice), for this slice of ``logits``
-    (B, T, V) and its targets."""
+    (B, T, V) and its targets; a top-k of at least the ``vocab`` of every slice keeps every
+    token: off, as one launch takes it."""
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -334,7 +335,7 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
 
     # Each filter's threshold, and the kept tokens' sums where its last pass decided the row; with
     # both on, the rows that gather top-k's candidates decide both there, with the sums.
-    on_k = None if lmap.top_k is None else finite & (lmap.top_k > 0)
+    on_k = None if lmap.top_k is None else finite & (lmap.top_k > 0) & (lmap.top_k < vocab)
     on_p = None if lmap.top_p is None else finite & (lmap.top_p < 1)
     summed = torch.zeros_like(finite)
     s = a = torch.zeros_like(base, dtype=torch.float64)

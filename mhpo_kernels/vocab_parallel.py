@@ -232,7 +232,7 @@ class VocabSlice:
         finite = valid & (total > 0) & (total < math.inf)
         top = top.float()
         cut = _min_p_cut(top, lmap.min_p, valid) if lmap.min_p is not None else torch.full_like(top, -math.inf)
-        cut, sums = select_over_slices(logits, target, lmap, self.group, top, local.lse2_base, cut, finite)
+        cut, sums = select_over_slices(logits, target, lmap, self.group, top, local.lse2_base, cut, finite, self.total)
         s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]   # the sums at the slice's base; d_y at the common one
         rest = torch.log2(s)
         truncated = cut > -math.inf
