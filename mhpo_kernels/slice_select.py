@@ -292,8 +292,8 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     (N, 4) sums over the kept tokens, at the slice's ``local_base``: Σ 2^d, −, Σ 2^d·d, and the
     target's d at ``base``) of top-k and top-p after ``cut`` (min_p's, or −inf) at the rows
     ``finite`` (valid, with a finite softmax over every slice), for this slice of ``logits``
-    (B, T, V) and its targets; a top-k of at least the ``vocab`` of every slice keeps every
-    token: off, as one launch takes it."""
+    (B, T, V) and its targets; a top-k of at least ``vocab``, the whole vocabulary (all slices
+    together), keeps every token: off, as one launch takes it."""
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
