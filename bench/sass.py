@@ -70,6 +70,13 @@ MUFU_BUDGET = 1.25  # outside softcap
 # shared-memory atomics), and for top-p two masked sums. Its own budget, from the measured loops
 # (bench/NOTES.md).
 BUDGET["select"] = 28.0
+# A loop that does two selection loops' work in one read of an fp32 row with top-k and top-p:
+# both filters counted (``_joint_pass``, two histograms per logit: top-p's uniform pass with
+# top-k's first, or both runs of keys), or the tokens above top-k's bin gathered while the bin is
+# counted (``_gather_pass`` with COUNT, a histogram and a one-word store per logit). Held to the
+# largest pair it fuses: top-k's pass over several keys and top-p's over keys with the masses
+# above and within (16.94 + 25.56 under 3.9; the others: 16.94 + 20.69, 16.94 + 24.62).
+BUDGET["select-fused"] = 42.5
 # Replay's loops (kernels/replay.py) gather one kept id per thread per step: an id load, a
 # scattered logit load, the lane's online log-sum-exp with a rebase per id (two MUFU), or the
 # gradient element. More work per logit than a sweep, on K of V logits: their own budget, from
@@ -478,6 +485,24 @@ def _loop_report(loop, dtype, bytes_per_element=None):
     }
 
 
+def _selection_work(loop, dtype):
+    """What a selection loop does per logit: the bins it counts (its shared-memory increments,
+    ``tl.histogram``'s, one per logit and histogram under triton 3.9) and the words it gathers
+    (its one-word global stores)."""
+    loaded, body = loop
+    elements = loaded // ITEMSIZE[dtype]
+    return {"histograms_per_element": round(sum(1 for t in body if "ATOMS.POPC.INC" in t) / elements, 2),
+            "gathers_per_element": round(sum(1 for t in body if re.search(r"\bSTG\.E(\s|$)", t)) / elements, 2)}
+
+
+def select_budget(loop):
+    """A selection loop's budget: a counting loop's or the gather's, or where one read does the
+    work of two (two histograms per logit, or a histogram and a gathered word) the two loops it
+    fuses."""
+    work = loop.get("histograms_per_element", 0) + loop.get("gathers_per_element", 0)
+    return BUDGET["select-fused" if work > 1 else "select"]
+
+
 def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False, replay=None):
     """The loop report of one cubin and its disassembly ``instrs`` (``disassemble``): registers,
     spills, elements and instructions per element (``replay``: the bytes a replay loop loads per
@@ -492,7 +517,7 @@ def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False
     local = re.search(r"LOCAL:(\d+)", usage)
     report = {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1)) if local else 0}
     if select:
-        loops = [_loop_report(loop, dtype) for loop in _block_loops(instrs)]
+        loops = [{**_loop_report(loop, dtype), **_selection_work(loop, dtype)} for loop in _block_loops(instrs)]
         return {**report, **(loops[0] if loops else _loop_report(None, dtype)), "select": loops}
     if not (two_passes or cut):
         return {**report, **_loop_report(steady_loop(instrs), dtype, replay)}
@@ -552,7 +577,7 @@ def measure(names, cubin_dir, processes=None):
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}
         if "select" in report:
-            report = {**report, "select": [{**loop, "budget": BUDGET["select"]} for loop in report["select"]]}
+            report = {**report, "select": [{**loop, "budget": select_budget(loop)} for loop in report["select"]]}
         rows.append({"name": name, "dtype": var.dtype, "V": var.V, "aligned": var.aligned, **report,
                      "budget": budget_for(name)})
     return rows

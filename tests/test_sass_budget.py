@@ -69,7 +69,14 @@ def test_every_variant_within_the_instruction_budget(report):
         sweep = r["name"].split("-")[0]
         softcap = "-softcap" if "softcap" in r["name"] else ""
         assert r["budget"] == BUDGET[("fwd" if sweep == "onesweep" else sweep) + softcap]
-        assert all(loop["budget"] == BUDGET["select"] for loop in r.get("select", []))
+        # a selection loop counts its logits in one histogram, or gathers them, or neither (a tie
+        # group's count); one that does two of these in one read (fp32 rows with top-k and top-p:
+        # both filters' runs, ``_joint_pass``, or the gather while top-k's bin is counted) is held
+        # to the two loops it fuses
+        for loop in r.get("select", []):
+            work = loop["histograms_per_element"] + loop["gathers_per_element"]
+            assert work in (0, 1, 2) and loop["histograms_per_element"] <= 2, (r["name"], loop)
+            assert loop["budget"] == BUDGET["select-fused" if work == 2 else "select"], (r["name"], loop)
         if sweep == "onesweep":
             assert r["pass2"]["budget"] == BUDGET["bwd" + softcap]
 
@@ -96,10 +103,12 @@ def test_truncation_passes(report):
     kept tokens, single keys), and over 16-bit keys (bf16, fp16) two counts of a tie group in d
     after each selection; 16-bit rows with both filters, twenty-one (both filters' selection,
     then each filter's alone, kernels/select.py); fp32 logits' selection has its loops over keys
-    of d (with both filters, eight first: top-k's two counts before the gather, the gather, whose
-    stores are single words, and where the gather cannot hold the candidates top-k's last pass
-    and top-p's four; then each filter's alone), then a 16-bit one's (bf16 keys, for a row of
-    bf16 values). The pass of single keys with
+    of d (with both filters, five first: top-k's counts before the gather, the gather, whose
+    stores are single words, the gather that counts top-k's bin where the gather cannot hold it
+    (a histogram and a word per logit, no MUFU), and for a top-k above what the gather holds
+    top-p's uniform pass and the pass of both filters' runs (two histograms per logit, one MUFU),
+    the two fused loops within their own budget; then each filter's alone), then a 16-bit one's
+    (bf16 keys, for a row of bf16 values). The pass of single keys with
     the entropy costs at most 3 instructions more (its Σ 2^d·d); top-p's last pass costs at most 2
     more than single keys (the shift to its bins; over bf16 keys both shift, and they differ by at
     most 2 either way). Over a vocabulary split, the counting launch's three loops are top-p's: its
@@ -123,9 +132,9 @@ def test_truncation_passes(report):
         # filters, their shared first pass, top-k's last bin by single keys, top-p's run (bins of
         # several keys or single), top-p's own selection after top-k's, the counts, and each filter
         # alone with its counts, and one count of top-k's tie group below its bin: 19 before the last two.
-        # fp32 logits: the loops over keys of d (with both filters, 8 for both before each filter's
+        # fp32 logits: the loops over keys of d (with both filters, 5 for both before each filter's
         # alone), then those over bf16 keys (a row of bf16 values).
-        for suffix, n_loops, n_loops16 in (("topk", 2, 2), ("topp", 4, 4), ("minp-topk-topp", 8 + 6, 19),
+        for suffix, n_loops, n_loops16 in (("topk", 2, 2), ("topp", 4, 4), ("minp-topk-topp", 5 + 6, 19),
                                            ("topk-entropy", 2, 2), ("topp-entropy", 4, 4)):
             loops = by_name[f"select-{dtype}-{suffix}"]["select"]
             assert len(loops) == (n_loops if dtype == "fp32" else 0) + n_loops16 + 2, (suffix, loops)
@@ -139,6 +148,17 @@ def test_truncation_passes(report):
         assert gather["mufu_per_element"] == kernel_gather["mufu_per_element"] == 0, (gather, kernel_gather)
         gap = gather["instructions_per_element"] - kernel_gather["instructions_per_element"]
         assert abs(gap) <= 2 and gather["vector_stores"] == 0, (gather, kernel_gather)
+        if dtype == "fp32":   # top-k's count, the gather, the gather with top-k's bin counted, and both
+            # filters side by side (top-p's uniform pass with top-k's first, then both runs): (histograms,
+            # gathered words) per logit; each fused loop costs less than the two it fuses
+            both = by_name["select-fp32-minp-topk-topp"]["select"]
+            assert [(loop["histograms_per_element"], loop["gathers_per_element"]) for loop in both[:5]] == \
+                [(1, 0), (0, 1), (1, 1), (2, 0), (2, 0)], both
+            assert [loop["mufu_per_element"] for loop in both[:5]] == [0, 0, 0, 1, 1], both
+            count, gather, counted, first, joint = (loop["instructions_per_element"] for loop in both[:5])
+            uniform, keys = (loop["instructions_per_element"] for loop in by_name["select-fp32-topp"]["select"][:2])
+            assert counted < gather + count and first < uniform + count and joint < keys + count, both
+            assert all(loop["vector_stores"] == 0 for loop in both[:5]), both
         own = {"topk": 2, "topp": 4}   # the first loops: over the dtype's own keys (fp32: keys of d)
         select = {suffix: by_name[f"select-{dtype}-{suffix}"]["select"][:own[suffix.split("-")[0]]]
                   for suffix in ("topk", "topp", "topk-entropy", "topp-entropy")}

@@ -202,11 +202,13 @@ def test_the_selection_sums_the_kept_tokens_after_a_pass_of_single_keys(monkeypa
 
 def _spy_on_the_selection(monkeypatch, passes, summed, count=lambda args: "count"):
     """Each pass of the selection over a row appended to ``passes`` as it starts (a counting pass
-    as ``count`` of its arguments, the gather as "gather"), and for each selection launch whether
-    its first row's kept tokens were summed (else the finish reads the row) to ``summed``."""
+    as ``count`` of its arguments, the gather as "gather", a pass of top_k's and top_p's runs side
+    by side as "joint"), and for each selection launch whether its first row's kept tokens were
+    summed (else the finish reads the row) to ``summed``."""
     from mhpo_kernels.kernels import forward, select
 
-    count_pass, gather_pass, select_cuts = select._count_pass, select._gather_pass, forward.select_cuts
+    count_pass, gather_pass, joint_pass = select._count_pass, select._gather_pass, select._joint_pass
+    select_cuts = forward.select_cuts
 
     def count_spy(*args):
         passes.append(count(args))
@@ -216,6 +218,10 @@ def _spy_on_the_selection(monkeypatch, passes, summed, count=lambda args: "count
         passes.append("gather")
         return gather_pass(*args)
 
+    def joint_spy(*args):
+        passes.append("joint")
+        return joint_pass(*args)
+
     def select_spy(*args):
         out = select_cuts(*args)
         summed.append(args[7][0].item() >= 0)
@@ -223,6 +229,7 @@ def _spy_on_the_selection(monkeypatch, passes, summed, count=lambda args: "count
 
     monkeypatch.setattr(select, "_count_pass", count_spy)
     monkeypatch.setattr(select, "_gather_pass", gather_spy)
+    monkeypatch.setattr(select, "_joint_pass", joint_spy)
     monkeypatch.setattr(forward, "select_cuts", select_spy)
 
 
@@ -362,12 +369,13 @@ def test_top_k_and_top_p_together(backend):
 
 
 def _fp32_rows_for_the_gather():
-    """(logits (V,) fp32, top_k, top_p, gathered) rows of V 4000 with both filters, top_p halfway
+    """(logits (V,) fp32, top_k, top_p, how) rows of V 4000 with both filters, top_p halfway
     between two of the float64 kept set's cumulative shares: Gaussian with top_k 50, its k-th
     value's bin of the first pass holding few tokens (gathered after one counting pass); 3000
-    tokens in one bin of that pass around the k-th value (gathered after two); two that two passes
-    leave wider than the gather holds (not gathered): top_k 3000, and 2500 tokens tied at the k-th
-    value; and top_k 4000, the whole row (off: top_p alone)."""
+    tokens in one bin of that pass around the k-th value (gathered after two); top_k 3000, above
+    what the gather holds (both selections side by side); 2500 tokens tied at the k-th value of
+    top_k 20, which two passes leave in one bin (the 10 above it gathered, the bin counted key by
+    key); and top_k 4000, the whole row (off: top_p alone)."""
     import numpy as np
 
     rng = np.random.default_rng(31)
@@ -375,15 +383,15 @@ def _fp32_rows_for_the_gather():
     band = np.concatenate([[0.0], rng.uniform(-0.1, -0.02, 10), -0.132 - rng.uniform(0, 0.0066, 3000),
                            rng.uniform(-8, -4, 989)])   # d of the 3000 in [-0.2, -0.1904]: one bin
     ties = np.concatenate([rng.uniform(-0.9, 0.0, 10), np.full(2500, -1.0), rng.uniform(-8, -2, 1490)])
-    for z, k, gathered in ((gaussian, 50, True), (band, 100, True), (gaussian, 3000, False), (ties, 20, False),
-                           (gaussian, 4000, False)):
+    for z, k, how in ((gaussian, 50, "gathered"), (band, 100, "gathered"), (gaussian, 3000, "joint"),
+                      (ties, 20, "tied"), (gaussian, 4000, "off")):
         z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
         keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
         values, counts = z[keep].unique(return_counts=True)      # ascending
         share = counts * (values - values.max()).exp()
         cumulative = (share / share.sum()).cumsum(0)
         m = int(torch.searchsorted(cumulative, torch.tensor(0.3, dtype=torch.float64)))
-        yield z.float(), k, float(1 - (cumulative[m - 1] + cumulative[m]) / 2), gathered
+        yield z.float(), k, float(1 - (cumulative[m - 1] + cumulative[m]) / 2), how
 
 
 @pytest.mark.parametrize("block_v", [None, 1024], ids=["one-block", "blocks-of-1024"])
@@ -391,15 +399,18 @@ def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_
     """fp32 rows with top_k and top_p gather top_k's candidates once at most 2048 (a row of blocks
     of 1024: 1024) lie from its k-th value's bin up, and decide both filters and the kept tokens'
     sums from them: the row is read by the statistics, at most two counting passes and the gather,
-    no finish (select.py, ``_top_k_top_p_gathered``). Rows that two passes leave wider take top_k's
-    last pass and top_p's own selection; a top_k of the whole row is off. Every row keeps the
-    sort's set with the float64 oracle's log-probs, entropy and gradient
-    (``_fp32_rows_for_the_gather``), read whole as one block or in blocks of 1024 and a tail."""
+    no finish (select.py, ``_top_k_top_p_gathered``); where two passes leave more tokens tied with
+    the k-th value than the gather holds, the gather takes those above its bin while counting the
+    bin key by key. A top_k above what the gather holds counts both filters' runs side by side
+    after top_p's uniform pass (``_top_k_top_p_joint``). Each row is read at most 4 times; a top_k
+    of the whole row is off. Every row keeps the sort's set with the float64 oracle's log-probs,
+    entropy and gradient (``_fp32_rows_for_the_gather``), read whole as one block or in blocks of
+    1024 and a tail."""
     from mhpo_kernels import _config
 
     passes, summed, reads = [], [], []
     _spy_on_the_selection(monkeypatch, passes, summed)
-    for z, k, p, gathered in _fp32_rows_for_the_gather():
+    for z, k, p, how in _fp32_rows_for_the_gather():
         x = z.reshape(1, 1, -1)
         filters = dict(top_k=torch.tensor([[k]]), top_p=torch.tensor([[p]]))
         _assert_unambiguous(x.double().reshape(1, -1), top_k=torch.tensor([k]), top_p=p)
@@ -411,9 +422,95 @@ def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_
         want = _run(reference.token_logprobs, x.double(), ids, torch.ones(1, 1, dtype=torch.float64), **filters)
         for a, b in zip(got, want):
             _close(a, b)
-        assert (passes[-1] == "gather") == gathered and passes.count("gather") <= 1, passes
+        assert (passes[-1] == "gather") == (how in ("gathered", "tied")) and passes.count("gather") <= 1, passes
+        assert passes == (["joint"] * len(passes) if how == "joint" else [p for p in passes if p != "joint"]), passes
         reads.append(1 + len(passes) + (not summed[-1]))
-    assert reads[:2] == [3, 4] and min(reads[2:4]) > 4 and reads[4] <= 4, reads
+    assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4, reads
+
+
+def _rows_the_gather_cannot_hold(slots):
+    """(logits (R, V) fp32, min_p, top_k, top_p, how) with top_p and a top_k whose candidates
+    outnumber ``slots``: random rows of every kind with top_k above ``slots``, some with min_p
+    (``_random_rows``; where min_p keeps at most ``slots``, top_k is below), both filters' runs
+    counted side by side ("joint"); a Gaussian row whose 20 smallest lie 50–60 below the largest
+    (d < −64), top_k keeping all but 5 of them (its k-th value below top_p's uniform first pass:
+    top_p alone from there); a row of 300 tied largest, top_k 290, whose k-th value lies in the
+    uniform pass's highest bin, which spans most keys of d ("joint, tied top"); a flat Gaussian row
+    with top_k 400 whose top_p keeps all that top_k keeps (top_k's sums are the row's); and top_k 100
+    and 150, below ``slots``, whose k-th value lies among 400 tokens tied, or within 2.5e-5 of each
+    other, which two counting passes leave in one bin ("tied", "band": the 50 tokens above
+    gathered, the bin counted key by key). top_p lies halfway between two of the float64 kept
+    set's cumulative shares, at 0.3 of its mass (a cutoff among the band), or 0.9 (among the 50
+    above it)."""
+    import numpy as np
+
+    V = 600
+    x, min_p, top_k, top_p = _random_rows(16, V, seed=41, kinds=("kp", "mkp"), k_above=slots)
+    how = ["joint" if k > slots else "gathered" for k in top_k.tolist()]
+    rng = np.random.default_rng(42)
+    far = rng.standard_normal(V) * 2
+    far[:20] = far.max() - 50 - rng.uniform(0, 10, 20)
+    tied_top = rng.standard_normal(V)
+    tied_top[:300] = tied_top.max() + 1
+    flat = rng.standard_normal(V) * 0.5
+    tied = np.concatenate([rng.uniform(-2, 0, 50), np.full(400, -2.1), rng.uniform(-14, -4, V - 450)])
+    band = np.concatenate([rng.uniform(-2, 0, 50), -2.1 + rng.uniform(0, 2.5e-5, 400), rng.uniform(-14, -4, V - 450)])
+    rows, ks, ps = [], [], []
+    for z, k, share, kind in ((far, V - 5, 0.3, "joint"), (tied_top, 290, 0.3, "joint, tied top"),
+                              (flat, 400, 0.0, "joint, all top_k keeps"), (tied, 100, 0.3, "tied"),
+                              (band, 150, 0.3, "band"), (band, 150, 0.9, "band")):
+        z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
+        keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
+        values, counts = z[keep].unique(return_counts=True)      # ascending
+        weight = counts * (values - values.max()).exp()
+        cumulative = (weight / weight.sum()).cumsum(0)
+        m = int(torch.searchsorted(cumulative, torch.tensor(share, dtype=torch.float64)))
+        rows.append(z.float().reshape(1, -1))
+        ks.append(k)
+        ps.append(1 - ((cumulative[m - 1] if m else 0.0) + cumulative[m]) / 2)   # share 0: above 1 − the lowest's
+        how.append(kind)
+    return (torch.cat([x] + rows), torch.cat([min_p, torch.zeros(len(rows))]),
+            torch.cat([top_k, torch.tensor(ks)]), torch.cat([top_p, torch.tensor(ps, dtype=torch.float32)]), how)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_rows_the_gather_cannot_hold(monkeypatch, backend):
+    """fp32 rows with top_p and a top_k whose candidates outnumber what the gather holds (blocks of
+    256: 256) keep the float64 sort's set, ties together, with the oracle's log-probs, entropy and
+    gradient (``_rows_the_gather_cannot_hold``). On the Triton path (select.py) a top_k above 256
+    counts both filters' runs side by side, each pass one read of both (``_top_k_top_p_joint``),
+    and a smaller one whose k-th value's bin two passes leave too full gathers the tokens above
+    it while counting it key by key: each fp32 row not of bf16 values is read at most 4 times
+    (the statistics and three passes, no finish)."""
+    from mhpo_kernels import _config
+
+    x, min_p, top_k, top_p, how = _rows_the_gather_cannot_hold(256)
+    R, V = x.shape
+    passes, summed, reads = [], [], []
+    _spy_on_the_selection(monkeypatch, passes, summed)
+    for r in range(R):   # a row a call: its passes counted
+        z = x[r].reshape(1, 1, V)
+        filters = dict(min_p=min_p[r].reshape(1, 1), top_k=top_k[r].reshape(1, 1), top_p=top_p[r].reshape(1, 1))
+        _assert_unambiguous(z.double().reshape(1, V), min_p=min_p[r:r + 1], top_k=top_k[r:r + 1],
+                            top_p=float(top_p[r]))
+        keep = reference.kept_set(z.double().reshape(1, V), min_p=min_p[r:r + 1], top_k=top_k[r:r + 1],
+                                  top_p=top_p[r:r + 1])[0]
+        ids = z.argmax(-1)
+        passes.clear()
+        with mhpo_kernels.use_backend(backend), _config.overridden(block_v=256):
+            got = _run(mhpo_kernels.token_logprobs, z, ids, torch.ones(1, 1), **filters)
+        want = _run(reference.token_logprobs, z.double(), ids, torch.ones(1, 1, dtype=torch.float64), **filters)
+        for a, b in zip(got, want):
+            _close(a, b)
+        nonzero = got[2].reshape(V) != 0
+        nonzero[ids] = True
+        assert torch.equal(nonzero, keep), (r, int(nonzero.sum()), int(keep.sum()))
+        if backend == "triton" and not (x[r].view(torch.int32) & 0xFFFF == 0).all():   # bf16 values: bf16 keys
+            assert ("joint" in passes) == how[r].startswith("joint"), (r, how[r], passes)
+            assert how[r] not in ("tied", "band") or passes == ["count", "count", "gather"], (r, how[r], passes)
+            reads.append((how[r], 1 + len(passes) + (not summed[-1])))
+    if backend == "triton":
+        assert sum(h.startswith("joint") for h, _ in reads) >= 8 and all(n <= 4 for h, n in reads), reads
 
 
 def _16_bit_rows_with_both_filters(dtype):
@@ -951,15 +1048,15 @@ def test_a_bin_above_a_kept_bin_is_kept(dtype):
     _close(ent, want_ent)
 
 
-def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), rounded=None):
+def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), rounded=None, k_above=0):
     """R fp32 rows of V logits of five kinds by turn (Gaussian of a random spread; 2 to 8 largest
     tied; the largest few within 10⁻³; a grid of 1/8; bf16 values with a few large ones), each
     rounded to the 16-bit dtype ``rounded`` if given, and per row filters whose cutoffs lie far from fp32's reach,
     chosen on the float64 values by turn: top_p; top_k; min_p and top_p; all three (or
     ``kinds``). min_p's log sits halfway between two distinct values at least 10⁻³ apart, top_k is
     any count of what min_p kept, and top_p lies halfway between two tie groups' cumulative
-    shares at least ``gap`` apart (a filter without such values is left off). (rows, min_p,
-    top_k, top_p)."""
+    shares at least ``gap`` apart (a filter without such values is left off); top_k above
+    ``k_above`` where min_p keeps more. (rows, min_p, top_k, top_p)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -991,7 +1088,7 @@ def _random_rows(R, V, seed, gap=2e-3, kinds=("p", "k", "mp", "mkp"), rounded=No
                 min_p[r] = math.exp((values[i] + values[i + 1]) / 2 - values[0])
         if "k" in on:
             n = int(reference.kept_set(z[r:r + 1], min_p=min_p[r:r + 1])[0].sum())
-            top_k[r] = int(rng.integers(1, n + 1))
+            top_k[r] = int(rng.integers(min(k_above, n - 1) + 1, n + 1))
         if "p" in on:
             keep = reference.kept_set(z[r:r + 1], min_p=min_p[r:r + 1], top_k=top_k[r:r + 1])[0]
             values, counts = z[r][keep].unique(return_counts=True)

@@ -39,10 +39,16 @@ each pass narrowing the candidates to the bins it could not decide.
   no atomics (``_gather_pass``); and the program decides both filters on them in registers
   (``_gathered_cut``: top-k's cut, then top-p's among what it keeps, each a binary search over
   the keys, of a count or a mass over the candidates) and sums the kept tokens exactly: the
-  statistics and three passes at most, no finish. Where two passes leave more from the k-th
-  value's bin up (top_k above GATHER, or more than GATHER tokens tied or within 2^10 keys of
-  it), each filter alone as above: top-k's last pass, then top-p's own selection (up to 7
-  reads). A top_k of the whole row is off.
+  statistics and three passes at most, no finish. A top_k above SLOTS runs both selections side
+  by side (``_top_k_top_p_joint``), each pass one read of both (``_joint_pass``): top-p's uniform
+  first pass with top-k's first over keys, then two passes of top-k's run of keys and top-p's,
+  top-p deciding between the goals that top-k's bounds on the mass it keeps allow (a bin of one
+  key can be ambiguous there) until its last pass, where top-k's bins are single keys, which
+  makes that mass exact: the statistics and three passes. Where two passes leave more than
+  SLOTS from the k-th value's bin up with a top_k of at most SLOTS (that many tokens tied with
+  its k-th value or within 2^10 keys of it), fewer than k lie above the bin: the third pass
+  gathers those and counts the bin one bin a key, and both filters are decided from the two
+  (``_kept_cut``). A top_k of the whole row is off.
 - bf16 and fp16 logits (KEYS16). The keys are the logits' own, 2^16 values (``_key16``: bf16's
   the upper half of its fp32 value's key, fp16's formed from its bits): d is monotone in them,
   so a threshold on them is one on d. The first pass bins the candidates' keys, from the first
@@ -187,15 +193,12 @@ def _bin_start(b, start, key_top, lo, scale, k, base, tanh_scale, SOFTCAP: tl.co
 
 
 @triton.jit
-def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
-                MASKED: tl.constexpr, UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr,
-                ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False, KEYS16: tl.constexpr = None):
+def _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One block of a pass, at offsets from the row's block base where the row is [lo, hi)
-    (rows.py): the bins of its candidates; with HI the mass above the range (ENTROPY: and its
-    Σ 2^d·d), with IN the mass within it; REBASED: those sums of d + ``delta`` (another base's d),
-    the bins still of d; KEYS16: the keys (and bins) of the 16-bit logits, not of d."""
+    (rows.py): its logits as loaded, their fp32 values, their d, and (MASKED) which lanes lie on
+    the row (off it: −inf)."""
     o_v = v0 + o_blk
+    m_v = o_v == o_v
     if MASKED:
         m_v = (o_v >= lo) & (o_v < hi)
         b_raw = tl.load(p_blk + o_v, mask=m_v, other=float("-inf"))
@@ -205,7 +208,18 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
     if MASKED and SOFTCAP:
         b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
-    b_d = tl.fma(b_u, k, -base)
+    return b_raw, b_x, tl.fma(b_u, k, -base), m_v
+
+
+@triton.jit
+def _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi, MASKED: tl.constexpr,
+           UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr, ENTROPY: tl.constexpr, R: tl.constexpr,
+           LANES: tl.constexpr, VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False,
+           KEYS16: tl.constexpr = None):
+    """A block's candidates (``_block_d``) added to the bins of a pass; with HI the mass above the
+    range (ENTROPY: and its Σ 2^d·d), with IN the mass within it; REBASED: those sums of
+    d + ``delta`` (another base's d), the bins still of d; KEYS16: the keys (and bins) of the
+    16-bit logits, not of d."""
     if UNIFORM:
         b_in = b_d >= lo_d
         b_bin = _uniform_bin(b_d, lo_d, scale)
@@ -234,6 +248,17 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
         if IN:
             s_in += _lane_reduce_sum(_lanes(tl.where(b_in, b_e, 0.0), R, LANES, VEC))
     return hist, s_hi, s_in, a_hi
+
+
+@triton.jit
+def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
+                MASKED: tl.constexpr, UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr,
+                ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                VEC: tl.constexpr, delta=0.0, REBASED: tl.constexpr = False, KEYS16: tl.constexpr = None):
+    """One block of a pass (``_block_d``) tallied (``_tally``)."""
+    b_raw, b_x, b_d, m_v = _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED, SOFTCAP)
+    return _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi, MASKED, UNIFORM, HI, IN,
+                  ENTROPY, R, LANES, VEC, delta, REBASED, KEYS16)
 
 
 @triton.jit
@@ -271,47 +296,99 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
 
 
 @triton.jit
-def _gather_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, lo_d, p_gather, n, SLOTS: tl.constexpr,
-                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                 VEC: tl.constexpr):
+def _joint_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
+                hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, MASKED: tl.constexpr, UNIFORM: tl.constexpr,
+                ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                VEC: tl.constexpr):
+    """One block of ``_joint_pass``: its d tallied twice, for top-p's run and for top-k's."""
+    b_raw, b_x, b_d, m_v = _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED, SOFTCAP)
+    if UNIFORM:   # top-p's first pass, top-k's first over the keys: no mass above either
+        hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
+                                        MASKED, True, False, True, False, R, LANES, VEC)
+        hist_k, s_k, unused, a_k = _tally(b_raw, b_x, b_d, m_v, klo_k, khi_k, shift_k, lo_d, scale, hist_k, s_k, s_k,
+                                          a_k, MASKED, False, False, False, False, R, LANES, VEC)
+    else:
+        hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
+                                        MASKED, False, True, True, ENTROPY, R, LANES, VEC)
+        hist_k, s_k, unused, a_k = _tally(b_raw, b_x, b_d, m_v, klo_k, khi_k, shift_k, lo_d, scale, hist_k, s_k, s_k,
+                                          a_k, MASKED, False, True, False, ENTROPY, R, LANES, VEC)
+    return hist, s_hi, s_in, a_hi, hist_k, s_k, a_k
+
+
+@triton.jit
+def _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
+                UNIFORM: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr,
+                LANES: tl.constexpr, VEC: tl.constexpr):
+    """One read of a valid row [lead, n_end) (``_count_pass``'s blocks) for top-p's run and top-k's
+    at once: top-p's [klo, khi] by bins of 2^shift keys, with the mass above it (ENTROPY: and its
+    Σ 2^d·d) and within it, and top-k's [klo_k, khi_k] by bins of 2^shift_k keys, with the mass
+    above it (and its Σ 2^d·d). UNIFORM: top-p's bins uniform in d from ``lo_d`` (``_count_pass``),
+    with the mass within them only, top-k's with no mass."""
+    BLOCK: tl.constexpr = R * LANES * VEC
+    n_full = n_end // BLOCK * BLOCK
+    hist = tl.zeros([NB], tl.int32)
+    hist_k = tl.zeros([NB], tl.int32)
+    s_hi = tl.zeros([LANES], tl.float32)
+    s_in = tl.zeros([LANES], tl.float32)
+    a_hi = tl.zeros([LANES], tl.float32)
+    s_k = tl.zeros([LANES], tl.float32)
+    a_k = tl.zeros([LANES], tl.float32)
+    hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
+        p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k, hist,
+        s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+    for v0 in range(BLOCK, n_full, BLOCK):
+        hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
+            p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, False, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+    if (n_full > 0) & (n_full < n_end):
+        hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
+            p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k,
+            shift_k, hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+    return (hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0), hist_k, tl.sum(s_k, 0),
+            tl.sum(a_k, 0))
+
+
+@triton.jit
+def _gather_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, lo_d, p_gather, n, hist, klo, khi,
+                 SLOTS: tl.constexpr, MASKED: tl.constexpr, COUNT: tl.constexpr, SOFTCAP: tl.constexpr,
+                 R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
     """One block of ``_gather_pass``: its d ≥ lo_d stored from slot n on, lane by lane (each
     lane's slots after the lanes below it, in the order of its own elements: one scan across the
-    lanes, the rest inside each thread); the slots filled after it."""
-    o_v = v0 + o_blk
-    if MASKED:
-        m_v = (o_v >= lo) & (o_v < hi)
-        b_x = tl.load(p_blk + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-    else:
-        b_x = tl.load(p_blk + o_v).to(tl.float32)
-    b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
-    if MASKED and SOFTCAP:
-        b_u = tl.where(m_v, b_u, float("-inf"))  # the cap maps −inf to −1: drop the lanes off the row
-    b_d = _lanes(tl.fma(b_u, k, -base), R, LANES, VEC)
+    lanes, the rest inside each thread); with COUNT its keys in [klo, khi] counted one bin a key;
+    (the slots filled after it, the counts)."""
+    b_raw, b_x, b_d, m_v = _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED, SOFTCAP)
+    if COUNT:
+        hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, 0, 0.0, 0.0, hist, 0.0, 0.0, 0.0, MASKED,
+                                        False, False, False, False, R, LANES, VEC)
+    b_d = _lanes(b_d, R, LANES, VEC)
     b_in = (b_d >= lo_d).to(tl.int32)
     per_vec = tl.sum(b_in, 2)
     per_lane = tl.sum(per_vec, 0)
     before = (tl.cumsum(per_lane, 0) - per_lane)[None, :, None] + (tl.cumsum(per_vec, 0) - per_vec)[:, :, None]
     slot = n + before + tl.cumsum(b_in, 2) - 1
     tl.store(p_gather + slot, b_d, mask=(b_in > 0) & (slot < SLOTS))
-    return n + tl.sum(per_lane, 0)
+    return n + tl.sum(per_lane, 0), hist
 
 
 @triton.jit
 def _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, SLOTS: tl.constexpr,
-                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, n=0):
+                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, n=0, klo=0,
+                 khi=0, COUNT: tl.constexpr = False):
     """One read of a valid row [lead, n_end) (``_count_pass``'s blocks): its d ≥ ``lo_d`` stored
-    at ``p_gather`` from slot n on, below slot SLOTS, block by block; the slots filled after them."""
+    at ``p_gather`` from slot n on, below slot SLOTS, block by block; with COUNT the keys of d in
+    [klo, khi] (at most NB) counted one bin a key. (the slots filled after them, the (NB,) counts)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
-    n = _gather_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, True, SOFTCAP, R,
-                     LANES, VEC)
+    hist = tl.zeros([NB], tl.int32)
+    n, hist = _gather_step(p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, hist, klo, khi,
+                           SLOTS, True, COUNT, SOFTCAP, R, LANES, VEC)
     for v0 in range(BLOCK, n_full, BLOCK):
-        n = _gather_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, False, SOFTCAP,
-                         R, LANES, VEC)
+        n, hist = _gather_step(p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, hist, klo, khi,
+                               SLOTS, False, COUNT, SOFTCAP, R, LANES, VEC)
     if (n_full > 0) & (n_full < n_end):
-        n = _gather_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, SLOTS, True,
-                         SOFTCAP, R, LANES, VEC)
-    return n
+        n, hist = _gather_step(p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, lo_d, p_gather, n, hist, klo,
+                               khi, SLOTS, True, COUNT, SOFTCAP, R, LANES, VEC)
+    return n, hist
 
 
 @triton.jit
@@ -504,6 +581,18 @@ def _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s, a, count
 
 
 @triton.jit
+def _uniform_bounds(cnt, lo_d, hi_d):
+    """Bounds on the mass of each bin of a uniform pass over [lo_d, hi_d] holding ``cnt`` tokens:
+    its d bounds, widened by far more than the rounding of (d − lo_d) · scale."""
+    o_bin = tl.arange(0, NB)
+    bin_d = (hi_d - lo_d) / NB
+    margin = (hi_d - lo_d) * 9.5367431640625e-07
+    w_lo = tl.where(cnt > 0, cnt * tl.exp2(lo_d + o_bin.to(tl.float32) * bin_d - margin), 0.0)
+    w_hi = tl.where(cnt > 0, cnt * tl.exp2(lo_d + (o_bin + 1).to(tl.float32) * bin_d + margin), 0.0)
+    return w_lo, w_hi
+
+
+@triton.jit
 def _select_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
                  BY_MASS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr,
                  R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
@@ -534,11 +623,7 @@ def _select_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, goal,
                                                  scale, True, False, True, False, SOFTCAP, R, LANES, VEC)
         goal = goal * s_in
         cnt = hist.to(tl.float32)
-        # Each bin's d bounds, widened by far more than the rounding of (d − lo_d) · scale.
-        bin_d = (hi_d - lo_d) / NB
-        margin = (hi_d - lo_d) * 9.5367431640625e-07
-        w_lo = tl.where(cnt > 0, cnt * tl.exp2(lo_d + o_bin.to(tl.float32) * bin_d - margin), 0.0)
-        w_hi = tl.where(cnt > 0, cnt * tl.exp2(lo_d + (o_bin + 1).to(tl.float32) * bin_d + margin), 0.0)
+        w_lo, w_hi = _uniform_bounds(cnt, lo_d, hi_d)
         kept, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_none, s_none, s_in, goal, 1, 0, True)
         start = klo                          # 16-bit keys: the candidates' first (no NaN below)
         if KEYS16 is None:
@@ -682,16 +767,15 @@ def _lowest_kept_key(w, d, goal, lo, hi):
 
 
 @triton.jit
-def _gathered_cut(p_gather, n, top_k, top_p, SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    """(the smallest kept d, s, a) of top-k then top-p among the n candidates' d gathered at
-    ``p_gather``, every token top-k may keep, held in registers: top-k keeps the d with fewer
-    than k above them, top-p of those the d with below top_p of their mass above them (each
+def _kept_cut(d, w, top_k, top_p, WITH_ENTROPY: tl.constexpr):
+    """(the smallest kept d, s, a) of top-k then top-p among candidates held in registers: values
+    d (−inf: none), w tokens each, every token top-k may keep. top-k keeps the d with fewer than k
+    above them, top-p of those the d with below top_p of their mass above them (each
     ``_lowest_kept_key``), ties together. s and a: the kept tokens' sums, exact."""
-    o = tl.arange(0, SLOTS)
-    d = tl.load(p_gather + o, mask=o < n, other=float("-inf"))
     top = _key(tl.max(d, 0))
-    c = _lowest_kept_key(1.0, d, top_k.to(tl.float32), _key(tl.min(tl.where(o < n, d, float("inf")), 0)), top)
-    e = tl.where(d >= _value(c), tl.exp2(d), 0.0)
+    c = _lowest_kept_key(w, d, top_k.to(tl.float32), _key(tl.min(tl.where(d > float("-inf"), d, float("inf")), 0)),
+                         top)
+    e = tl.where(d >= _value(c), w * tl.exp2(d), 0.0)
     c = _lowest_kept_key(e, d, top_p * tl.sum(e, 0), c, top)
     kept = d >= _value(c)
     e = tl.where(kept, e, 0.0)
@@ -702,16 +786,24 @@ def _gathered_cut(p_gather, n, top_k, top_p, SLOTS: tl.constexpr, WITH_ENTROPY: 
 
 
 @triton.jit
+def _gathered_cut(p_gather, n, top_k, top_p, SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """``_kept_cut`` of the n candidates' d gathered at ``p_gather``."""
+    o = tl.arange(0, SLOTS)
+    return _kept_cut(tl.load(p_gather + o, mask=o < n, other=float("-inf")), 1.0, top_k, top_p, WITH_ENTROPY)
+
+
+@triton.jit
 def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p, p_gather,
                           SLOTS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr,
                           LANES: tl.constexpr, VEC: tl.constexpr):
-    """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a row
-    of fp32 logits. top-k's passes over keys of d (``_narrow``'s bins) find the bin of its k-th
-    value; once at most SLOTS tokens lie from that bin's lowest key up, one pass more gathers
-    their d (``_gather_pass``, to ``p_gather``), and ``_gathered_cut`` decides both filters from
-    them and sums the kept tokens: the statistics and three passes at most, two where the first
-    pass's bins leave at most SLOTS. Where they leave more, top-k's own passes (none more where its
-    count already keeps every token from the bin up), then top-p's own selection."""
+    """(the smallest kept d, s, a) of top-k (k ≤ SLOTS) then top-p over the candidates d ≥ ``floor``
+    of a row of fp32 logits. top-k's passes over keys of d (``_narrow``'s bins) find the bin of
+    its k-th value; once at most SLOTS tokens lie from that bin's lowest key up, one pass more
+    gathers their d (``_gather_pass``, to ``p_gather``), and ``_gathered_cut`` decides both filters
+    from them and sums the kept tokens: the statistics and three passes at most, two where the
+    first pass's bins leave at most SLOTS. Where two passes leave more (or one leaves a bin of one
+    key: a tie group), fewer than k lie above the bin: the pass gathers those and counts the bin,
+    at most NB keys, one bin a key, and both filters are decided from the two (``_kept_cut``)."""
     o_bin = tl.arange(0, NB)
     klo = _key(floor)
     khi = _key(_d_max(base))                 # above every d of the row
@@ -729,26 +821,172 @@ def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor,
             n_f = tl.sum(tl.where(o_bin == f, from_bin, 0.0), 0)
             lo_f = klo + (f.to(tl.uint32) << shift)
             gather = n_f <= SLOTS
-            # top-k keeps every token from lo_f up: at most k of them, or the bin is one key (a tie group)
-            counting = ~gather & (n_f > top_k.to(tl.float32)) & (shift > 0)
-            if counting:
+            counting = ~gather & (shift > 0)   # (n_f > SLOTS ≥ k: the bin holds the k-th value)
+            if not gather:
                 khi = lo_f + tl.minimum(((1 << shift) - 1).to(tl.uint32), khi - lo_f)
                 above = n_f - tl.sum(tl.where(o_bin == f, cnt, 0.0), 0)
             klo = lo_f
     if gather:
-        n = _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(klo), p_gather, SLOTS, SOFTCAP, R,
-                         LANES, VEC)
+        n, unused = _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(klo), p_gather, SLOTS,
+                                 SOFTCAP, R, LANES, VEC)
         tl.debug_barrier()                   # every thread's slots stored before any reads them
         cut, s, a = _gathered_cut(p_gather, tl.minimum(n, SLOTS), top_k, top_p, SLOTS, WITH_ENTROPY)
-    else:
-        if counting:   # top-k's last pass, of single keys
-            klo, s, a, boundary, counted = _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, klo,
-                                                   ~counting, above, top_k.to(tl.float32), above * 0.0 - 1.0,
-                                                   above * 0.0, MAX_PASSES - 1, False, False, SOFTCAP, None, R,
-                                                   LANES, VEC)
-        cut, s, a = _threshold(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(klo), top_p, True,
-                               WITH_ENTROPY, SOFTCAP, None, R, LANES, VEC)
+    else:   # the tokens above [klo, khi] (fewer than k) gathered, the bin's keys counted
+        n, hist = _gather_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, _value(khi + 1), p_gather, SLOTS,
+                               SOFTCAP, R, LANES, VEC, 0, klo, khi, True)
+        tl.debug_barrier()
+        cnt = hist.to(tl.float32)
+        d = tl.load(p_gather + o_bin, mask=o_bin < tl.minimum(n, SLOTS), other=float("-inf"))
+        first = tl.arange(0, 2)[:, None] == 0     # row 0 the gathered tokens, row 1 the bin's keys
+        d = tl.where(first, d[None, :], tl.where(cnt > 0, _value(klo + o_bin.to(tl.uint32)), float("-inf"))[None, :])
+        w = tl.where(first, tl.where(o_bin < n, 1.0, 0.0)[None, :], cnt[None, :])
+        cut, s, a = _kept_cut(tl.reshape(d, [2 * NB]), tl.reshape(w, [2 * NB]), top_k, top_p, WITH_ENTROPY)
     return cut, s, a
+
+
+@triton.jit
+def _top_k_top_p_joint(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p,
+                       WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                       VEC: tl.constexpr):
+    """(the smallest kept d, s, a) of top-k then top-p over the candidates d ≥ ``floor`` of a row of
+    fp32 logits, for a top-k above what the gather holds: both selections side by side, each pass
+    one read of both (``_joint_pass``). The first is top-p's uniform pass and top-k's first over
+    the keys from lo_d up: the uniform bins bound the mass top-k keeps (none holds its k-th value:
+    top-k keeps every token from lo_d up, where top-p's goal is taken, as top-p alone takes it),
+    and top-k's run is the keys both its bins share, at most 2^21. Then two passes count top-k's
+    run and top-p's: top-k's are single keys in the second, which makes the mass it keeps exact,
+    and top-p decides between the goals its bounds allow (a bin kept for the lower goal is kept,
+    one dropped for the upper is dropped, bins below top-k's run are dropped) until that second
+    pass, its last (the middle rule, the sums): the statistics and three passes."""
+    o_bin = tl.arange(0, NB)
+    kf = top_k.to(tl.float32)
+    key_top = _key(floor) * 0 + KEY_INF
+    lo_d = tl.maximum(floor, -UNIFORM_RANGE)
+    hi_d = _d_max(base)
+    scale = NB / (hi_d - lo_d)
+    start = _key(lo_d)
+    khi = _key(hi_d)                         # above every d of the row
+    shift_k = tl.maximum(_bits(khi - start) - NB_BITS, 0)
+    hist, s_none, s_in, a_none, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                               _key(floor), key_top, 0, lo_d, scale, start, khi,
+                                                               shift_k, True, False, SOFTCAP, R, LANES, VEC)
+    cnt = hist.to(tl.float32)
+    w_lo, w_hi = _uniform_bounds(cnt, lo_d, hi_d)
+    # top-k: its k-th value's uniform bin f, the bounds [m_lo, m_hi] on the mass it keeps, and its
+    # run of keys [klo_k, khi_k], that bin's keys and its key bin's, with the count above them
+    f = tl.max(tl.where(tl.cumsum(cnt, 0, reverse=True) >= kf, o_bin, -1), 0)
+    done_k = f < 0
+    m_lo = s_in
+    m_hi = s_in
+    a_k_kept = s_in * 0.0
+    cut_k = start
+    klo_k = start
+    khi_k = start - 1                        # an empty run
+    above_k = s_in * 0.0
+    if f >= 0:
+        above_u = tl.sum(tl.where(o_bin > f, cnt, 0.0), 0)
+        e_f = tl.sum(tl.where(o_bin == f, w_lo / tl.maximum(cnt, 1.0), 0.0), 0)
+        m_lo = tl.sum(tl.where(o_bin > f, w_lo, 0.0), 0) + (kf - above_u) * e_f
+        m_hi = tl.minimum(s_in, tl.sum(tl.where(o_bin >= f, w_hi, 0.0), 0))
+        cnt_k = hist_k.to(tl.float32)
+        f_k = tl.max(tl.where(tl.cumsum(cnt_k, 0, reverse=True) >= kf, o_bin, 0), 0)
+        lo_key = start + (f_k.to(tl.uint32) << shift_k)
+        hi_key = lo_key + tl.minimum(((1 << shift_k) - 1).to(tl.uint32), khi - lo_key)
+        hi_u = _bin_start(f + 1, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None) - 1
+        klo_k = tl.maximum(_bin_start(f, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None), lo_key)
+        khi_k = tl.minimum(hi_u, hi_key)
+        above_k = tl.where(hi_key <= hi_u, tl.sum(tl.where(o_bin > f_k, cnt_k, 0.0), 0), above_u)
+    # top-p: kept for the lower goal, possibly kept for the upper one, at or above top-k's bin
+    kept, unused, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_none, s_none, s_in, top_p * m_lo, 1, 0, True)
+    maybe, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_none, s_none, s_in, top_p * m_hi, 1, 0, True)
+    ambiguous = (maybe | ambiguous) & ~kept & (o_bin >= f)
+    b_hi = tl.max(tl.where(ambiguous, o_bin, -1), 0)
+    b_lo = tl.min(tl.where(ambiguous, o_bin, NB), 0)
+    done_p = b_hi < 0
+    cut_p = tl.minimum(_bin_start(tl.min(tl.where(kept, o_bin, NB), 0), start, key_top, lo_d, scale, k, base,
+                                  tanh_scale, SOFTCAP, None), key_top)
+    klo_p = cut_p
+    khi_p = cut_p - 1                        # decided: the next pass sums the tokens from cut_p up
+    if b_hi >= 0:
+        klo_p = _bin_start(b_lo, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None)
+        khi_p = _bin_start(b_hi + 1, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None) - 1
+    s_p = s_in * 0.0 - 1.0                   # top-p's kept tokens' sums, −1 until a pass sums them
+    a_p = s_in * 0.0
+    for i in range(1, MAX_PASSES):
+        if ~done_k | ~done_p | (s_p < 0):
+            shift = tl.maximum(_bits(khi_p - klo_p) - NB_BITS, 0)
+            shift_k = tl.maximum(_bits(khi_k - klo_k) - NB_BITS, 0)
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                                   klo_p, khi_p, shift, lo_d, scale, klo_k, khi_k,
+                                                                   shift_k, False, WITH_ENTROPY, SOFTCAP, R, LANES,
+                                                                   VEC)
+            if not done_k:
+                cnt = hist_k.to(tl.float32)
+                f = tl.max(tl.where(above_k + tl.cumsum(cnt, 0, reverse=True) >= kf, o_bin, 0), 0)
+                width = ((1 << shift_k) - 1).to(tl.uint32)
+                lo_key = klo_k + (o_bin.to(tl.uint32) << shift_k)
+                d_lo = _value(lo_key)
+                w_lo = tl.where(cnt > 0, cnt * tl.exp2(d_lo), 0.0)
+                lo_f = klo_k + (f.to(tl.uint32) << shift_k)
+                if shift_k == 0:             # single keys: top-k's cut, and the mass it keeps exact
+                    m_lo, a_k_kept = _kept_sums((o_bin >= f) & (cnt > 0), w_lo, d_lo, s_k, a_k)
+                    m_hi = m_lo
+                    cut_k = lo_f
+                    done_k = shift_k == 0
+                else:
+                    d_hi = tl.minimum(_value(lo_key + tl.minimum(width, khi_k - lo_key)), _d_max(base))
+                    above_f = above_k + tl.sum(tl.where(o_bin > f, cnt, 0.0), 0)
+                    e_f = tl.sum(tl.where(o_bin == f, tl.exp2(d_lo), 0.0), 0)
+                    m_lo = s_k + tl.sum(tl.where(o_bin > f, w_lo, 0.0), 0) + (kf - above_f) * e_f
+                    m_hi = s_k + tl.sum(tl.where((o_bin >= f) & (cnt > 0), cnt * tl.exp2(d_hi), 0.0), 0)
+                    above_k = above_f
+                    khi_k = lo_f + tl.minimum(width, khi_k - lo_f)
+                    klo_k = lo_f
+            if done_p:                       # decided before on bins of several keys: summed from its cut up
+                if s_p < 0:
+                    s_p = s_hi
+                    a_p = a_hi
+            else:
+                cnt = hist.to(tl.float32)
+                width = ((1 << shift) - 1).to(tl.uint32)
+                lo_key = klo_p + (o_bin.to(tl.uint32) << shift)
+                hi_key = lo_key + tl.minimum(width, khi_p - lo_key)
+                d_lo = _value(lo_key)
+                e_lo = tl.where(cnt > 0, tl.exp2(d_lo), 0.0)
+                w_lo = cnt * e_lo
+                w_hi = tl.where(cnt > 0, cnt * tl.exp2(tl.minimum(_value(hi_key), _d_max(base))), 0.0)
+                # (top-k's bins are single keys by the last pass: its goal is then exact)
+                kept, unused, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_lo, shift, i, True)
+                maybe, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_hi, shift, i,
+                                                       True)
+                possible = hi_key >= tl.where(done_k, cut_k, klo_k)   # not below every token top-k may keep
+                kept = kept & possible
+                ambiguous = (maybe | ambiguous) & ~kept & possible
+                b_hi = tl.max(tl.where(ambiguous, o_bin, -1), 0)
+                b_lo = tl.min(tl.where(ambiguous, o_bin, NB), 0)
+                if b_hi < 0:
+                    b_kept = tl.min(tl.where(kept, o_bin, NB), 0)
+                    cut_p = tl.where(b_kept < NB, klo_p + (b_kept.to(tl.uint32) << shift),
+                                     tl.minimum(khi_p + 1, key_top))
+                    done_p = b_hi < 0
+                    if shift == 0:
+                        s_p, a_p = _kept_sums(kept, w_lo, d_lo, s_hi, a_hi)
+                    elif i >= MAX_PASSES - 1:   # each kept bin's mass at the middle of its bounds, at its lowest d
+                        s_p, a_p = _kept_sums(kept, 0.5 * (w_lo + w_hi), d_lo, s_hi, a_hi)
+                else:
+                    top = klo_p + (b_hi.to(tl.uint32) << shift)
+                    khi_p = top + tl.minimum(width, khi_p - top)
+                    klo_p = klo_p + (b_lo.to(tl.uint32) << shift)
+                if done_p & (s_p < 0):       # the next pass sums the tokens from cut_p up
+                    klo_p = cut_p
+                    khi_p = cut_p - 1
+    if cut_p < cut_k:                        # top-p keeps every token top-k keeps
+        cut_p = cut_k
+        s_p = m_lo
+        a_p = a_k_kept
+    if not WITH_ENTROPY:
+        a_p = a_p * 0.0
+    return _value(cut_p), s_p, a_p
 
 
 @triton.jit
@@ -758,8 +996,8 @@ def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top
                 VEC: tl.constexpr):
     """(the threshold, s, a) of top-k's and top-p's selection among the candidates d ≥ ``cut``
     (min_p's, or −inf) of a ``finite`` row: with both on, both from one first pass over 16-bit
-    keys, or from top-k's candidates gathered (fp32 logits, at ``p_gather``); else each alone
-    (``_threshold``)."""
+    keys, or from top-k's candidates gathered (fp32 logits, at ``p_gather``), or for a top_k
+    above SLOTS side by side; else each alone (``_threshold``)."""
     s_kept = -1.0
     a_kept = 0.0
     alone = finite                           # a row with one filter on
@@ -770,10 +1008,14 @@ def _select_row(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut, finite, top
                 cut, s_kept, a_kept = _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
                                                           tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
                                                           SOFTCAP, KEYS16, R, LANES, VEC)
-            else:
+            elif top_k <= SLOTS:
                 cut, s_kept, a_kept = _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
                                                             tl.maximum(cut, -FLT_MAX), top_k, top_p, p_gather,
                                                             SLOTS, WITH_ENTROPY, SOFTCAP, R, LANES, VEC)
+            else:
+                cut, s_kept, a_kept = _top_k_top_p_joint(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                         tl.maximum(cut, -FLT_MAX), top_k, top_p, WITH_ENTROPY,
+                                                         SOFTCAP, R, LANES, VEC)
         alone = finite & ~both
     if TOP_K:
         if alone & (top_k > 0):
