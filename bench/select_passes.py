@@ -12,9 +12,11 @@ measurement of it.
 
 With ``--both``, top_k and top_p together, counted by the kernel itself instead: the selection
 launch runs under Triton's interpreter on the same kinds of rows and each of its passes over the
-row (counting, or gathering top_k's candidates) is counted as it starts (the passes are the
-row's, not the hardware's, so the interpreter's count is the GPU's), with every row's log-probs
-checked against the float64 oracle's.
+row (counting, gathering top_k's candidates, or counting top_k's and top_p's runs side by side)
+is counted as it starts (the passes are the row's, not the hardware's, so the interpreter's
+count is the GPU's), with every row's log-probs checked against the float64 oracle's. ``--pairs``
+counts other top_k:top_p pairs on the same rows (a top_k above 2048 with fp32 rows: both
+selections side by side).
 
 With ``--bf16`` (``--fp16``) as well, the rows are rounded to bf16 (fp16), whose selection runs
 over the logits' own keys, and each filter alone is counted beside the pairs. With
@@ -25,7 +27,8 @@ value.
 With ``--split RANKS`` as well, fp32 rows split into RANKS vocabulary slices (``tp_group``) over
 gloo ranks on this machine, each slice's reads counted at the launches ``slice_select`` makes.
 
-    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16 | --bf16-in-fp32 | --split RANKS]]
+    python -m bench.select_passes [--rows N] [--both [--bf16 | --fp16 | --bf16-in-fp32 | --split RANKS]
+                                  [--pairs K:P ...]]
 """
 
 import argparse
@@ -211,13 +214,14 @@ def _rows(kind, n, rng):
     return [_other_rows(kind, rng) for _ in range(n)]
 
 
-def both(rows, dtype="fp32"):
+def both(rows, dtype="fp32", cells=None):
     """Reads of a row by the forward with top_k and top_p together, counted by the selection
     kernel under Triton's interpreter: the statistics, each pass of the selection, and the
     finish's sums where the selection left them; every row's log-probs checked against the
     float64 oracle's.
     With ``dtype`` bf16 or fp16 the rows are rounded to it (the selection over their own keys),
-    with bf16-in-fp32 rounded to bf16 and passed as fp32, and each filter alone is counted too."""
+    with bf16-in-fp32 rounded to bf16 and passed as fp32, and each filter alone is counted too;
+    ``cells``: (top_k, top_p) pairs in place of the table's (the same rows)."""
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are imported
@@ -227,7 +231,8 @@ def both(rows, dtype="fp32"):
     import reference
     from mhpo_kernels.kernels import forward, select
 
-    count_pass, gather_pass, select_cuts = select._count_pass, select._gather_pass, forward.select_cuts
+    count_pass, gather_pass, joint_pass = select._count_pass, select._gather_pass, select._joint_pass
+    select_cuts = forward.select_cuts
     passes, summed = collections.Counter(), []
 
     def spy(read):
@@ -242,9 +247,10 @@ def both(rows, dtype="fp32"):
         summed.append(args[7].view(-1, 2)[:, 0] >= 0)
         return out
 
-    select._count_pass, select._gather_pass, forward.select_cuts = spy(count_pass), spy(gather_pass), select_spy
+    select._count_pass, select._gather_pass, select._joint_pass = spy(count_pass), spy(gather_pass), spy(joint_pass)
+    forward.select_cuts = select_spy
     rng = np.random.default_rng(0)
-    cells = BOTH if dtype == "fp32" else ALONE + BOTH
+    cells = cells or (BOTH if dtype == "fp32" else ALONE + BOTH)
     which = {"fp32": "together", "bf16-in-fp32": "(fp32 logits of bf16 values)"}.get(dtype, f"({dtype} logits)")
     print(f"reads of a row by the forward with top_k and top_p {which} (statistics + the selection's passes + the "
           f"finish's sums unless the selection summed them), over {rows} rows, V = {V}, counted by the kernel")
@@ -353,12 +359,15 @@ def main(argv=None):
                        help="with --both: fp32 rows of bf16 values, each filter alone too")
     parser.add_argument("--split", type=int, metavar="RANKS",
                         help="with --both: over a vocabulary split into RANKS slices (fp32, the PyTorch path)")
+    parser.add_argument("--pairs", nargs="+", metavar="K:P",
+                        help="with --both: these top_k:top_p pairs in place of the table's columns (the same rows)")
     args = parser.parse_args(argv)
     if args.both and args.split:
         return split(args.rows, args.split)
     if args.both:
+        cells = [(int(k), float(p)) for k, p in (pair.split(":") for pair in args.pairs)] if args.pairs else None
         return both(args.rows, "bf16" if args.bf16 else "fp16" if args.fp16 else
-                    "bf16-in-fp32" if args.bf16_in_fp32 else "fp32")
+                    "bf16-in-fp32" if args.bf16_in_fp32 else "fp32", cells)
     rng = np.random.default_rng(0)
     print(f"reads of a row by the forward (statistics + counting passes + the finish's sums unless the last pass "
           f"summed them), over {args.rows} rows, V = {V}")
