@@ -57,9 +57,11 @@ each pass narrowing the candidates to the bins it could not decide.
   (with the candidates' mass) serves both: top-k's k-th bin is counted again by single keys
   (with the mass above it), which makes top-k's cut and the mass it keeps, top-p's goal, exact;
   top-p then decides among those keys, or the first pass's bins above them, and a run of bins it
-  cannot decide is counted by single keys in one more pass where it holds at most NB keys (the
-  statistics and three passes at most; a wider run, loose bounds over keys near 0, takes top-p's
-  own passes over what top-k kept). top-p alone keeps its uniform first pass, then counts keys.
+  cannot decide is counted by single keys in one more pass where it holds at most NB keys. Where
+  the run that the first pass's bounds on top-k's mass leave top-p may be wider (loose bounds over
+  keys near 0), the second pass counts it beside top-k's bin (``_joint_pass``) and a third is
+  top-p's last: the statistics and three passes at most either way. top-p alone keeps its uniform
+  first pass, then counts keys.
   Distinct 16-bit values near 0 may round to one d: the kept set d ≥ threshold takes such a tie
   group whole where it holds a kept token, and ``_settle`` counts it where the passes' bins split
   it (a read more, on such ties only).
@@ -97,6 +99,10 @@ GATHER = tl.constexpr(SELECT_BINS)
 UNIFORM_RANGE = tl.constexpr(64.0)
 KEY_INF = tl.constexpr(0xFF800000)  # _key(+inf): every finite or infinite d is at or below it
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# A search over keys tests PROBE of them per step (``_probes``): 6 steps reach one of 2^32, 3 one of 2^16.
+PROBE = tl.constexpr(64)
+PROBES_32 = tl.constexpr(6)
+PROBES_16 = tl.constexpr(3)
 # Two programs of 8 warps per SM: the counting loop is bound by its instructions, and the bins'
 # bounds need registers (more would leave one program per SM).
 MAX_REGISTERS = 128
@@ -179,16 +185,32 @@ def _key_d(key, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr
 
 
 @triton.jit
+def _probes(a, z):
+    """One step of a search for the first key in [a, z) that passes a test monotone in the key (z
+    where none does): the PROBE keys it tests at once, ``step`` apart from a (step =
+    ⌈(z − a) / PROBE⌉, none past z), and the step: a binary search's 6 steps in one, each test in a
+    thread of its own (PROBES_32 steps over keys of fp32 values, PROBES_16 over 16-bit ones)."""
+    step = (z - a + (PROBE - 1)) // PROBE
+    return a + tl.minimum(tl.arange(0, PROBE).to(tl.uint32) * step, z - a), step
+
+
+@triton.jit
+def _probed(c, up, a, z, step):
+    """[a, z] narrowed by a step (``_probes``), ``up`` the test at its keys c (z passes): to the
+    keys between the last that failed and the first that passed, fewer than ``step``."""
+    j = tl.min(tl.where(up | (c == z), tl.arange(0, PROBE), PROBE), 0).to(tl.uint32)
+    return tl.where(j == 0, a, a + (j - 1) * step + 1), tl.minimum(a + j * step, z)
+
+
+@triton.jit
 def _bin_start(b, start, key_top, lo, scale, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr):
     """The smallest key whose d falls in uniform bin b or above (``key_top`` + 1 for b ≥ NB): a
-    binary search over the keys from ``start`` (bin 0's or below), once per row."""
+    search over the keys from ``start`` (bin 0's or below), once per row (``_probes``)."""
     a = start
     z = key_top + 1
-    for _ in range(32):
-        m = a + (z - a) // 2
-        up = _uniform_bin(_key_d(m, k, base, tanh_scale, SOFTCAP, KEYS16), lo, scale) >= b
-        z = tl.where(up & (a < z), m, z)
-        a = tl.where(~up & (a < z), m + 1, a)
+    for _ in range(PROBES_32):
+        c, step = _probes(a, z)
+        a, z = _probed(c, _uniform_bin(_key_d(c, k, base, tanh_scale, SOFTCAP, KEYS16), lo, scale) >= b, a, z, step)
     return a
 
 
@@ -262,6 +284,18 @@ def _count_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
 
 
 @triton.jit
+def _placed(klo, khi, shift, KEYS16: tl.constexpr):
+    """A run of keys [klo, khi] in bins of 2^shift as a pass compares them: with KEYS16, the 16-bit
+    keys placed as ``_key16``'s."""
+    if KEYS16 is not None:
+        at = _key16_at(KEYS16)
+        klo = klo << at
+        khi = (khi << at) | ((1 << at) - 1)
+        shift = shift + at
+    return klo, khi, shift
+
+
+@triton.jit
 def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale,
                 UNIFORM: tl.constexpr, HI: tl.constexpr, IN: tl.constexpr, ENTROPY: tl.constexpr,
                 SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, delta=0.0,
@@ -272,11 +306,7 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
     REBASED: the sums of d + ``delta``; KEYS16: keys of the 16-bit logits)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
-    if KEYS16 is not None:  # the 16-bit keys [klo, khi] and bins of 2^shift of them, placed as ``_key16``'s
-        at = _key16_at(KEYS16)
-        klo = klo << at
-        khi = (khi << at) | ((1 << at) - 1)
-        shift = shift + at
+    klo, khi, shift = _placed(klo, khi, shift, KEYS16)
     hist = tl.zeros([NB], tl.int32)
     s_hi = tl.zeros([LANES], tl.float32)
     s_in = tl.zeros([LANES], tl.float32)
@@ -299,33 +329,35 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
 def _joint_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
                 hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, MASKED: tl.constexpr, UNIFORM: tl.constexpr,
                 ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                VEC: tl.constexpr):
+                VEC: tl.constexpr, KEYS16: tl.constexpr = None):
     """One block of ``_joint_pass``: its d tallied twice, for top-p's run and for top-k's."""
     b_raw, b_x, b_d, m_v = _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED, SOFTCAP)
     if UNIFORM:   # top-p's first pass, top-k's first over the keys: no mass above either
         hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
                                         MASKED, True, False, True, False, R, LANES, VEC)
         hist_k, s_k, unused, a_k = _tally(b_raw, b_x, b_d, m_v, klo_k, khi_k, shift_k, lo_d, scale, hist_k, s_k, s_k,
-                                          a_k, MASKED, False, False, False, False, R, LANES, VEC)
+                                          a_k, MASKED, False, False, False, False, R, LANES, VEC, 0.0, False, KEYS16)
     else:
         hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
-                                        MASKED, False, True, True, ENTROPY, R, LANES, VEC)
+                                        MASKED, False, True, True, ENTROPY, R, LANES, VEC, 0.0, False, KEYS16)
         hist_k, s_k, unused, a_k = _tally(b_raw, b_x, b_d, m_v, klo_k, khi_k, shift_k, lo_d, scale, hist_k, s_k, s_k,
-                                          a_k, MASKED, False, True, False, ENTROPY, R, LANES, VEC)
+                                          a_k, MASKED, False, True, False, ENTROPY, R, LANES, VEC, 0.0, False, KEYS16)
     return hist, s_hi, s_in, a_hi, hist_k, s_k, a_k
 
 
 @triton.jit
 def _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
                 UNIFORM: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr,
-                LANES: tl.constexpr, VEC: tl.constexpr):
+                LANES: tl.constexpr, VEC: tl.constexpr, KEYS16: tl.constexpr = None):
     """One read of a valid row [lead, n_end) (``_count_pass``'s blocks) for top-p's run and top-k's
     at once: top-p's [klo, khi] by bins of 2^shift keys, with the mass above it (ENTROPY: and its
     Σ 2^d·d) and within it, and top-k's [klo_k, khi_k] by bins of 2^shift_k keys, with the mass
     above it (and its Σ 2^d·d). UNIFORM: top-p's bins uniform in d from ``lo_d`` (``_count_pass``),
-    with the mass within them only, top-k's with no mass."""
+    with the mass within them only, top-k's with no mass. KEYS16: keys of the 16-bit logits."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
+    klo, khi, shift = _placed(klo, khi, shift, KEYS16)
+    klo_k, khi_k, shift_k = _placed(klo_k, khi_k, shift_k, KEYS16)
     hist = tl.zeros([NB], tl.int32)
     hist_k = tl.zeros([NB], tl.int32)
     s_hi = tl.zeros([LANES], tl.float32)
@@ -335,15 +367,15 @@ def _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
     a_k = tl.zeros([LANES], tl.float32)
     hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
         p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k, hist,
-        s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+        s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
     for v0 in range(BLOCK, n_full, BLOCK):
         hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
             p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
-            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, False, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, False, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
     if (n_full > 0) & (n_full < n_end):
         hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
             p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k,
-            shift_k, hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC)
+            shift_k, hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
     return (hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0), hist_k, tl.sum(s_k, 0),
             tl.sum(a_k, 0))
 
@@ -526,19 +558,18 @@ def _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, cut_key, d
 @triton.jit
 def _first_key(floor, k, base, tanh_scale, SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, ABOVE: tl.constexpr):
     """The smallest key of a KEYS16 logit whose d is ≥ ``floor`` (ABOVE: > floor), +inf's key + 1
-    where none is: a binary search over the 2^16 keys up to +inf's, whose d is finite under a
-    softcap (cap / τ, as the largest logit's)."""
+    where none is: a search over the 2^16 keys up to +inf's (``_probes``), whose d is finite under
+    a softcap (cap / τ, as the largest logit's)."""
     a = _key(floor) * 0
     z = a + _key16_top(KEYS16) + 1
-    for _ in range(16):
-        m = a + (z - a) // 2
-        d = _key_d(m, k, base, tanh_scale, SOFTCAP, KEYS16)
+    for _ in range(PROBES_16):
+        c, step = _probes(a, z)
+        d = _key_d(c, k, base, tanh_scale, SOFTCAP, KEYS16)
         if ABOVE:
             up = d > floor
         else:
             up = d >= floor
-        z = tl.where(up & (a < z), m, z)
-        a = tl.where(~up & (a < z), m + 1, a)
+        a, z = _probed(c, up, a, z, step)
     return a
 
 
@@ -667,8 +698,9 @@ def _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, t
     top-k's k-th value is counted again by single keys, which makes top-k's cut and the mass it
     keeps exact. Then top-p decides among those single keys, or the first pass's bins above them,
     or counts the run of bins it could not decide by single keys where the run has at most NB
-    keys; a wider run takes top-p's own selection over what top-k kept (``_select_keys``). The cut
-    then made a threshold on d (``_settle``)."""
+    keys. Where the run that the first pass's bounds on top-k's mass leave top-p may be wider, the
+    second pass counts it beside top-k's bin and a third decides it (``_joint_passes``): the
+    statistics and three passes at most. The cut then made a threshold on d (``_settle``)."""
     o_bin = tl.arange(0, NB)
     klo = _first_key(floor, k, base, tanh_scale, SOFTCAP, KEYS16, False)
     khi = _first_key(_d_max(base), k, base, tanh_scale, SOFTCAP, KEYS16, True) - 1
@@ -685,70 +717,109 @@ def _top_k_top_p_keys16(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, t
     kept, ambiguous, b_amb, b_lo = _decide(cnt, cnt, cnt, zero, zero, zero, top_k.to(tl.float32), shift, 0, False)
     b_kept = tl.min(tl.where(kept, o_bin, NB), 0)
     f = tl.where(b_amb >= 0, b_amb, tl.where(b_kept > tl.min(tl.where(cnt > 0, o_bin, NB), 0), b_kept, -1))
-    cut_key = klo
-    s_kept = zero - 1.0
-    a_kept = zero
-    boundary = f > NB                        # False: the cut is a single key, or a bin's edge (``_settle``)
-    counted = klo                            # the lowest key the sums cover
-    s_top = s_all                            # the mass top-k keeps
-    m_range = s_all                          # the mass of the bins above f
+    kf = top_k.to(tl.float32)
+    d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi - lo_key), k, base, tanh_scale, SOFTCAP, KEYS16),
+                      _d_max(base))
+    # top-p's run among the first pass's bins from f up, for every goal the bounds [m_lo, m_hi] on
+    # the mass top-k keeps allow (a bin kept for the lower goal is kept, one dropped for the upper
+    # is dropped): where it is wider than NB keys, both go on side by side
+    wide = f < -1                            # False, as a runtime flag
     f_lo = klo
-    cnt_f = cnt * 0.0
-    d_f = d_lo
-    a_hi = zero
+    above_f = zero
+    m_lo = s_all
+    m_hi = s_all
+    r_lo = klo
+    r_hi = klo
+    cut_p = klo
     if f >= 0:
         f_lo = klo + (f.to(tl.uint32) << shift)
-        hist_f, m_range, unused, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, f_lo,
-                                                    f_lo + tl.minimum(width, khi - f_lo), 0, 0.0, 0.0, False, True,
-                                                    False, WITH_ENTROPY, SOFTCAP, R, LANES, VEC, 0.0, False, KEYS16)
-        cnt_f = hist_f.to(tl.float32)
-        d_f = _key_d(f_lo + o_bin.to(tl.uint32), k, base, tanh_scale, SOFTCAP, KEYS16)
-        # (single keys decide by the counts: pass 1 of 3, ``_decide``'s "more to come")
-        kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, cnt_f, cnt_f, tl.sum(tl.where(o_bin > f, cnt, 0.0), 0), zero,
-                                                 zero, top_k.to(tl.float32), 0, 1, False)
-        cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
-        cut_d = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16)
-        s_top, a_kept = _tied_sums(cnt_f, d_f, cut_d, m_range, a_hi)
-        if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == cut_d:   # its tie group reaches below f
-            s_top += _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                 _first_key(cut_d, k, base, tanh_scale, SOFTCAP, KEYS16, False), f_lo - 1, SOFTCAP,
-                                 KEYS16, R, LANES, VEC).to(tl.float32) * tl.exp2(cut_d)
-    goal = top_p * s_top
-    if (f >= 0) & (m_range < goal):  # top-p keeps every token above f: its cut among f's single keys
-        e_f = tl.where(cnt_f > 0, cnt_f * tl.exp2(d_f), 0.0)
-        kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, e_f, e_f, m_range, zero, zero, goal, 0, 1, True)
-        cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
-        s_kept, a_kept = _tied_sums(cnt_f, d_f, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), m_range, a_hi)
-        counted = f_lo
-    else:  # among the first pass's bins above f
-        in_range = (cnt > 0) & (o_bin > f)
-        d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi - lo_key), k, base, tanh_scale, SOFTCAP, KEYS16),
-                          _d_max(base))
-        w_lo = tl.where(in_range, cnt * tl.exp2(d_lo), 0.0)
-        w_hi = tl.where(in_range, cnt * tl.exp2(d_hi), 0.0)
-        kept, ambiguous, b_hi, b_lo = _decide(tl.where(in_range, cnt, 0.0), w_lo, w_hi, zero, zero, m_range, goal,
-                                              shift, 0, True)
+        w_lo = tl.where(cnt > 0, cnt * tl.exp2(d_lo), 0.0)
+        w_hi = tl.where(cnt > 0, cnt * tl.exp2(d_hi), 0.0)
+        above_f = tl.sum(tl.where(o_bin > f, cnt, 0.0), 0)
+        m_lo = tl.sum(tl.where(o_bin > f, w_lo, 0.0), 0) + (kf - above_f) * tl.exp2(
+            _key_d(f_lo, k, base, tanh_scale, SOFTCAP, KEYS16))
+        m_hi = tl.minimum(s_all, tl.sum(tl.where(o_bin >= f, w_hi, 0.0), 0))
+        if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == _key_d(f_lo, k, base, tanh_scale, SOFTCAP, KEYS16):
+            m_hi = s_all                     # a tie group in d reaches below f: top-k may keep some of it
+        sure, sure_run, b_hi, b_lo = _decide(cnt, w_lo, w_hi, zero, zero, s_all, top_p * m_lo, shift, 0, True)
+        maybe, run, b_hi, b_lo = _decide(cnt, w_lo, w_hi, zero, zero, s_all, top_p * m_hi, shift, 0, True)
+        run = (maybe | run) & ~sure & (o_bin >= f)
+        b_hi = tl.max(tl.where(run, o_bin, -1), 0)
+        b_lo = tl.min(tl.where(run, o_bin, NB), 0)
         r_lo = klo + (b_lo.to(tl.uint32) << shift)
         top = klo + (b_hi.to(tl.uint32) << shift)
         r_hi = top + tl.minimum(width, khi - top)
-        if b_hi < 0:  # decided: the lowest kept bin's lowest key; the sums where the bins are single keys
-            cut_key = klo + (tl.min(tl.where(kept, o_bin, NB), 0).to(tl.uint32) << shift)
-            s_kept = zero - 1.0
-            boundary = shift > 0
-            counted = cut_key
-            if shift == 0:
-                s_kept, a_kept = _tied_sums(tl.where(in_range, cnt, 0.0), d_lo,
-                                            _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), zero, zero)
-                counted = klo + (f + 1).to(tl.uint32)
-        elif r_hi - r_lo < NB:  # a run of at most NB keys: one pass of single keys decides it
-            cut_key, s_kept, a_kept, boundary, counted = _narrow(p_blk, o_blk, lead, n_end, k, base, tanh_scale, r_lo,
-                                                                 r_hi, cut_key, b_hi < 0, zero, goal, zero - 1.0,
-                                                                 a_kept, MAX_PASSES - 1, True, WITH_ENTROPY, SOFTCAP,
-                                                                 KEYS16, R, LANES, VEC)
-        else:  # a wider run: top-p's own selection over what top-k keeps
-            cut_key, s_kept, a_kept, boundary, counted = _select_keys(
-                p_blk, o_blk, lead, n_end, k, base, tanh_scale, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16),
-                top_p, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+        wide = (b_hi >= 0) & (r_hi - r_lo >= NB)
+        b_sure = tl.min(tl.where(sure, o_bin, NB), 0)
+        cut_p = tl.where(b_sure < NB, klo + (b_sure.to(tl.uint32) << shift), tl.minimum(khi + 1, _key16_top(KEYS16)))
+    if wide:
+        cut_key, s_kept, a_kept, boundary, counted = _joint_passes(
+            p_blk, o_blk, lead, n_end, k, base, tanh_scale, kf, top_p, f_lo, f_lo + tl.minimum(width, khi - f_lo),
+            above_f, f < 0, f_lo, m_lo, m_hi, zero, r_lo, r_hi, cut_p, f < 0, klo * 0 + _key16_top(KEYS16),
+            WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+    else:
+        cut_key = klo
+        s_kept = zero - 1.0
+        a_kept = zero
+        boundary = f > NB                        # False: the cut is a single key, or a bin's edge (``_settle``)
+        counted = klo                            # the lowest key the sums cover
+        s_top = s_all                            # the mass top-k keeps
+        m_range = s_all                          # the mass of the bins above f
+        f_lo = klo
+        cnt_f = cnt * 0.0
+        d_f = d_lo
+        a_hi = zero
+        if f >= 0:
+            f_lo = klo + (f.to(tl.uint32) << shift)
+            hist_f, m_range, unused, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, f_lo,
+                                                        f_lo + tl.minimum(width, khi - f_lo), 0, 0.0, 0.0, False, True,
+                                                        False, WITH_ENTROPY, SOFTCAP, R, LANES, VEC, 0.0, False, KEYS16)
+            cnt_f = hist_f.to(tl.float32)
+            d_f = _key_d(f_lo + o_bin.to(tl.uint32), k, base, tanh_scale, SOFTCAP, KEYS16)
+            # (single keys decide by the counts: pass 1 of 3, ``_decide``'s "more to come")
+            kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, cnt_f, cnt_f, tl.sum(tl.where(o_bin > f, cnt, 0.0), 0),
+                                                     zero, zero, kf, 0, 1, False)
+            cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
+            cut_d = _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16)
+            s_top, a_kept = _tied_sums(cnt_f, d_f, cut_d, m_range, a_hi)
+            if _key_d(f_lo - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == cut_d:   # its tie group reaches below f
+                s_top += _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                     _first_key(cut_d, k, base, tanh_scale, SOFTCAP, KEYS16, False), f_lo - 1, SOFTCAP,
+                                     KEYS16, R, LANES, VEC).to(tl.float32) * tl.exp2(cut_d)
+        goal = top_p * s_top
+        if (f >= 0) & (m_range < goal):  # top-p keeps every token above f: its cut among f's single keys
+            e_f = tl.where(cnt_f > 0, cnt_f * tl.exp2(d_f), 0.0)
+            kept_f, ambiguous, b_amb, b_lo = _decide(cnt_f, e_f, e_f, m_range, zero, zero, goal, 0, 1, True)
+            cut_key = f_lo + tl.min(tl.where(kept_f, o_bin, NB), 0).to(tl.uint32)
+            s_kept, a_kept = _tied_sums(cnt_f, d_f, _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), m_range,
+                                        a_hi)
+            counted = f_lo
+        else:  # among the first pass's bins above f
+            in_range = (cnt > 0) & (o_bin > f)
+            w_lo = tl.where(in_range, cnt * tl.exp2(d_lo), 0.0)
+            w_hi = tl.where(in_range, cnt * tl.exp2(d_hi), 0.0)
+            kept, ambiguous, b_hi, b_lo = _decide(tl.where(in_range, cnt, 0.0), w_lo, w_hi, zero, zero, m_range,
+                                                  goal, shift, 0, True)
+            r_lo = klo + (b_lo.to(tl.uint32) << shift)
+            top = klo + (b_hi.to(tl.uint32) << shift)
+            r_hi = top + tl.minimum(width, khi - top)
+            if b_hi < 0:  # decided: the lowest kept bin's lowest key; the sums where the bins are single keys
+                cut_key = klo + (tl.min(tl.where(kept, o_bin, NB), 0).to(tl.uint32) << shift)
+                s_kept = zero - 1.0
+                boundary = shift > 0
+                counted = cut_key
+                if shift == 0:
+                    s_kept, a_kept = _tied_sums(tl.where(in_range, cnt, 0.0), d_lo,
+                                                _key_d(cut_key, k, base, tanh_scale, SOFTCAP, KEYS16), zero, zero)
+                    counted = klo + (f + 1).to(tl.uint32)
+            elif r_hi - r_lo < NB:  # a run of at most NB keys: one pass of single keys decides it
+                cut_key, s_kept, a_kept, boundary, counted = _narrow(
+                    p_blk, o_blk, lead, n_end, k, base, tanh_scale, r_lo, r_hi, cut_key, b_hi < 0, zero, goal,
+                    zero - 1.0, a_kept, MAX_PASSES - 1, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
+            else:  # a wider run, where top-k keeps every candidate (f < 0): top-p's passes 2 and 3 over its keys
+                cut_key, s_kept, a_kept, boundary, counted = _narrow(
+                    p_blk, o_blk, lead, n_end, k, base, tanh_scale, r_lo, r_hi, cut_key, b_hi < 0, zero, goal,
+                    zero - 1.0, a_kept, 1, True, WITH_ENTROPY, SOFTCAP, KEYS16, R, LANES, VEC)
     return _settle(p_blk, o_blk, lead, n_end, k, base, tanh_scale, cut_key, s_kept, a_kept, counted, boundary,
                    SOFTCAP, KEYS16, R, LANES, VEC)
 
@@ -845,6 +916,125 @@ def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor,
 
 
 @triton.jit
+def _joint_passes(p_blk, o_blk, lead, n_end, k, base, tanh_scale, kf, top_p, klo_k, khi_k, above_k, done_k, cut_k,
+                  m_lo, m_hi, a_k_kept, klo_p, khi_p, cut_p, done_p, key_top, WITH_ENTROPY: tl.constexpr,
+                  SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+                  VEC: tl.constexpr):
+    """Passes 2 and 3 of top-k and top-p side by side (``_joint_pass``), from a first pass that left
+    top-k's run of keys [klo_k, khi_k] with ``above_k`` tokens above it (or its cut, ``done_k``), the
+    bounds [m_lo, m_hi] on the mass it keeps (with ``a_k_kept``, exact once done), and top-p's run
+    [klo_p, khi_p] below its surely kept keys from ``cut_p`` up (or its cut, ``done_p``). Each pass
+    counts both runs; top-k's single keys make the mass it keeps exact by the last pass, and top-p
+    decides between the goals its bounds allow until then (a bin kept for the lower goal is kept,
+    one dropped for the upper is dropped, bins below top-k's run are dropped), the last by the
+    middle rule, with the sums. (top-p's cut key, s, a; with KEYS16, whether the cut is a bin's
+    edge and the lowest key the sums cover, for ``_settle``)."""
+    o_bin = tl.arange(0, NB)
+    s_p = m_lo * 0.0 - 1.0                   # top-p's kept tokens' sums, −1 until a pass sums them
+    a_p = m_lo * 0.0
+    boundary = done_p != done_p              # False: top-p's cut is one key, or a bin's edge (``_settle``)
+    counted = cut_p                          # the lowest key top-p's sums cover
+    for i in range(1, MAX_PASSES):
+        if ~done_k | ~done_p | (s_p < 0):
+            shift = tl.maximum(_bits(khi_p - klo_p) - NB_BITS, 0)
+            shift_k = tl.maximum(_bits(khi_k - klo_k) - NB_BITS, 0)
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                                                   klo_p, khi_p, shift, 0.0, 0.0, klo_k, khi_k,
+                                                                   shift_k, False, WITH_ENTROPY, SOFTCAP, R, LANES,
+                                                                   VEC, KEYS16)
+            if not done_k:
+                cnt = hist_k.to(tl.float32)
+                f = tl.max(tl.where(above_k + tl.cumsum(cnt, 0, reverse=True) >= kf, o_bin, 0), 0)
+                width = ((1 << shift_k) - 1).to(tl.uint32)
+                lo_key = klo_k + (o_bin.to(tl.uint32) << shift_k)
+                d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, KEYS16)
+                w_lo = tl.where(cnt > 0, cnt * tl.exp2(d_lo), 0.0)
+                lo_f = klo_k + (f.to(tl.uint32) << shift_k)
+                if shift_k == 0:             # single keys: top-k's cut, and the mass it keeps exact
+                    if KEYS16 is not None:   # the cut's tie group in d kept whole, below the run too
+                        d_f = _key_d(lo_f, k, base, tanh_scale, SOFTCAP, KEYS16)
+                        m_lo, a_k_kept = _tied_sums(cnt, d_lo, d_f, s_k, a_k)
+                        if _key_d(klo_k - 1, k, base, tanh_scale, SOFTCAP, KEYS16) == d_f:
+                            e = _count_keys(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
+                                            _first_key(d_f, k, base, tanh_scale, SOFTCAP, KEYS16, False), klo_k - 1,
+                                            SOFTCAP, KEYS16, R, LANES, VEC).to(tl.float32) * tl.exp2(d_f)
+                            m_lo += e
+                            a_k_kept += e * d_f
+                    else:
+                        m_lo, a_k_kept = _kept_sums((o_bin >= f) & (cnt > 0), w_lo, d_lo, s_k, a_k)
+                    m_hi = m_lo
+                    cut_k = lo_f
+                    done_k = shift_k == 0
+                else:
+                    d_hi = tl.minimum(_key_d(lo_key + tl.minimum(width, khi_k - lo_key), k, base, tanh_scale, SOFTCAP,
+                                             KEYS16), _d_max(base))
+                    above_f = above_k + tl.sum(tl.where(o_bin > f, cnt, 0.0), 0)
+                    e_f = tl.sum(tl.where(o_bin == f, tl.exp2(d_lo), 0.0), 0)
+                    m_lo = s_k + tl.sum(tl.where(o_bin > f, w_lo, 0.0), 0) + (kf - above_f) * e_f
+                    m_hi = s_k + tl.sum(tl.where((o_bin >= f) & (cnt > 0), cnt * tl.exp2(d_hi), 0.0), 0)
+                    above_k = above_f
+                    khi_k = lo_f + tl.minimum(width, khi_k - lo_f)
+                    klo_k = lo_f
+            if done_p:                       # decided before on bins of several keys: summed from its cut up
+                if s_p < 0:
+                    s_p = s_hi
+                    a_p = a_hi
+            else:
+                cnt = hist.to(tl.float32)
+                width = ((1 << shift) - 1).to(tl.uint32)
+                lo_key = klo_p + (o_bin.to(tl.uint32) << shift)
+                hi_key = lo_key + tl.minimum(width, khi_p - lo_key)
+                d_lo = _key_d(lo_key, k, base, tanh_scale, SOFTCAP, KEYS16)
+                e_lo = tl.where(cnt > 0, tl.exp2(d_lo), 0.0)
+                w_lo = cnt * e_lo
+                w_hi = tl.where(cnt > 0, cnt * tl.exp2(tl.minimum(_key_d(hi_key, k, base, tanh_scale, SOFTCAP, KEYS16),
+                                                                  _d_max(base))), 0.0)
+                # (top-k's bins are single keys by the last pass: its goal is then exact)
+                kept, unused, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_lo, shift, i, True)
+                maybe, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_hi, shift, i,
+                                                       True)
+                possible = hi_key >= tl.where(done_k, cut_k, klo_k)   # not below every token top-k may keep
+                kept = kept & possible
+                ambiguous = (maybe | ambiguous) & ~kept & possible
+                b_hi = tl.max(tl.where(ambiguous, o_bin, -1), 0)
+                b_lo = tl.min(tl.where(ambiguous, o_bin, NB), 0)
+                if b_hi < 0:
+                    b_kept = tl.min(tl.where(kept, o_bin, NB), 0)
+                    cut_p = tl.where(b_kept < NB, klo_p + (b_kept.to(tl.uint32) << shift),
+                                     tl.minimum(khi_p + 1, key_top))
+                    done_p = b_hi < 0
+                    boundary = (shift > 0) | (b_kept >= NB)   # a bin's edge, or the key above the run
+                    counted = tl.where(boundary, cut_p, klo_p)
+                    if shift == 0:
+                        if KEYS16 is not None:
+                            s_p, a_p = _tied_sums(tl.where(b_kept < NB, cnt, 0.0), d_lo,
+                                                  _key_d(cut_p, k, base, tanh_scale, SOFTCAP, KEYS16), s_hi, a_hi)
+                        else:
+                            s_p, a_p = _kept_sums(kept, w_lo, d_lo, s_hi, a_hi)
+                    elif i >= MAX_PASSES - 1:   # each kept bin's mass at the middle of its bounds, at its lowest d
+                        s_p, a_p = _kept_sums(kept, 0.5 * (w_lo + w_hi), d_lo, s_hi, a_hi)
+                else:
+                    top = klo_p + (b_hi.to(tl.uint32) << shift)
+                    khi_p = top + tl.minimum(width, khi_p - top)
+                    klo_p = klo_p + (b_lo.to(tl.uint32) << shift)
+                if done_p & (s_p < 0):       # the next pass sums the tokens from cut_p up
+                    klo_p = cut_p
+                    khi_p = cut_p - 1
+    if cut_p < cut_k:                        # top-p keeps every token top-k keeps
+        cut_p = cut_k
+        s_p = m_lo
+        a_p = a_k_kept
+        boundary = cut_p != cut_p            # its tie group summed whole
+        counted = cut_k
+        if KEYS16 is not None:
+            counted = _first_key(_key_d(cut_k, k, base, tanh_scale, SOFTCAP, KEYS16), k, base, tanh_scale, SOFTCAP,
+                                 KEYS16, False)
+    if not WITH_ENTROPY:
+        a_p = a_p * 0.0
+    return cut_p, s_p, a_p, boundary, counted
+
+
+@triton.jit
 def _top_k_top_p_joint(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, top_k, top_p,
                        WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
                        VEC: tl.constexpr):
@@ -910,82 +1100,10 @@ def _top_k_top_p_joint(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor, to
     if b_hi >= 0:
         klo_p = _bin_start(b_lo, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None)
         khi_p = _bin_start(b_hi + 1, start, key_top, lo_d, scale, k, base, tanh_scale, SOFTCAP, None) - 1
-    s_p = s_in * 0.0 - 1.0                   # top-p's kept tokens' sums, −1 until a pass sums them
-    a_p = s_in * 0.0
-    for i in range(1, MAX_PASSES):
-        if ~done_k | ~done_p | (s_p < 0):
-            shift = tl.maximum(_bits(khi_p - klo_p) - NB_BITS, 0)
-            shift_k = tl.maximum(_bits(khi_k - klo_k) - NB_BITS, 0)
-            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale,
-                                                                   klo_p, khi_p, shift, lo_d, scale, klo_k, khi_k,
-                                                                   shift_k, False, WITH_ENTROPY, SOFTCAP, R, LANES,
-                                                                   VEC)
-            if not done_k:
-                cnt = hist_k.to(tl.float32)
-                f = tl.max(tl.where(above_k + tl.cumsum(cnt, 0, reverse=True) >= kf, o_bin, 0), 0)
-                width = ((1 << shift_k) - 1).to(tl.uint32)
-                lo_key = klo_k + (o_bin.to(tl.uint32) << shift_k)
-                d_lo = _value(lo_key)
-                w_lo = tl.where(cnt > 0, cnt * tl.exp2(d_lo), 0.0)
-                lo_f = klo_k + (f.to(tl.uint32) << shift_k)
-                if shift_k == 0:             # single keys: top-k's cut, and the mass it keeps exact
-                    m_lo, a_k_kept = _kept_sums((o_bin >= f) & (cnt > 0), w_lo, d_lo, s_k, a_k)
-                    m_hi = m_lo
-                    cut_k = lo_f
-                    done_k = shift_k == 0
-                else:
-                    d_hi = tl.minimum(_value(lo_key + tl.minimum(width, khi_k - lo_key)), _d_max(base))
-                    above_f = above_k + tl.sum(tl.where(o_bin > f, cnt, 0.0), 0)
-                    e_f = tl.sum(tl.where(o_bin == f, tl.exp2(d_lo), 0.0), 0)
-                    m_lo = s_k + tl.sum(tl.where(o_bin > f, w_lo, 0.0), 0) + (kf - above_f) * e_f
-                    m_hi = s_k + tl.sum(tl.where((o_bin >= f) & (cnt > 0), cnt * tl.exp2(d_hi), 0.0), 0)
-                    above_k = above_f
-                    khi_k = lo_f + tl.minimum(width, khi_k - lo_f)
-                    klo_k = lo_f
-            if done_p:                       # decided before on bins of several keys: summed from its cut up
-                if s_p < 0:
-                    s_p = s_hi
-                    a_p = a_hi
-            else:
-                cnt = hist.to(tl.float32)
-                width = ((1 << shift) - 1).to(tl.uint32)
-                lo_key = klo_p + (o_bin.to(tl.uint32) << shift)
-                hi_key = lo_key + tl.minimum(width, khi_p - lo_key)
-                d_lo = _value(lo_key)
-                e_lo = tl.where(cnt > 0, tl.exp2(d_lo), 0.0)
-                w_lo = cnt * e_lo
-                w_hi = tl.where(cnt > 0, cnt * tl.exp2(tl.minimum(_value(hi_key), _d_max(base))), 0.0)
-                # (top-k's bins are single keys by the last pass: its goal is then exact)
-                kept, unused, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_lo, shift, i, True)
-                maybe, ambiguous, b_hi, b_lo = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, top_p * m_hi, shift, i,
-                                                       True)
-                possible = hi_key >= tl.where(done_k, cut_k, klo_k)   # not below every token top-k may keep
-                kept = kept & possible
-                ambiguous = (maybe | ambiguous) & ~kept & possible
-                b_hi = tl.max(tl.where(ambiguous, o_bin, -1), 0)
-                b_lo = tl.min(tl.where(ambiguous, o_bin, NB), 0)
-                if b_hi < 0:
-                    b_kept = tl.min(tl.where(kept, o_bin, NB), 0)
-                    cut_p = tl.where(b_kept < NB, klo_p + (b_kept.to(tl.uint32) << shift),
-                                     tl.minimum(khi_p + 1, key_top))
-                    done_p = b_hi < 0
-                    if shift == 0:
-                        s_p, a_p = _kept_sums(kept, w_lo, d_lo, s_hi, a_hi)
-                    elif i >= MAX_PASSES - 1:   # each kept bin's mass at the middle of its bounds, at its lowest d
-                        s_p, a_p = _kept_sums(kept, 0.5 * (w_lo + w_hi), d_lo, s_hi, a_hi)
-                else:
-                    top = klo_p + (b_hi.to(tl.uint32) << shift)
-                    khi_p = top + tl.minimum(width, khi_p - top)
-                    klo_p = klo_p + (b_lo.to(tl.uint32) << shift)
-                if done_p & (s_p < 0):       # the next pass sums the tokens from cut_p up
-                    klo_p = cut_p
-                    khi_p = cut_p - 1
-    if cut_p < cut_k:                        # top-p keeps every token top-k keeps
-        cut_p = cut_k
-        s_p = m_lo
-        a_p = a_k_kept
-    if not WITH_ENTROPY:
-        a_p = a_p * 0.0
+    cut_p, s_p, a_p, unused, unused_too = _joint_passes(p_blk, o_blk, lead, n_end, k, base, tanh_scale, kf, top_p,
+                                                        klo_k, khi_k, above_k, done_k, cut_k, m_lo, m_hi, a_k_kept,
+                                                        klo_p, khi_p, cut_p, done_p, key_top, WITH_ENTROPY, SOFTCAP,
+                                                        None, R, LANES, VEC)
     return _value(cut_p), s_p, a_p
 
 
