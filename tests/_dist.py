@@ -56,3 +56,14 @@ def run(fn, world_size, tmp_path, *args, timeout=TIMEOUT_S):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+def _each_case(rank, world_size, fn, out_dir, cases):
+    for case in cases:
+        fn(rank, world_size, out_dir, case)
+
+
+def run_cases(fn, world_size, tmp_path, out_dir, cases, timeout=TIMEOUT_S):
+    """``run`` of ``fn(rank, world_size, out_dir, case)`` for each of ``cases`` in turn, in one set of
+    processes: one start-up (the imports of a spawned process) for all of them."""
+    run(_each_case, world_size, tmp_path, fn, out_dir, cases, timeout=timeout)

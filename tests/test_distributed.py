@@ -839,8 +839,19 @@ def _same_as_one_process(got, logp64, ent64, loss64, outside64):
     assert abs(got["metrics"]["outside_support"].item() - outside64.item()) <= 1e-7
 
 
-@pytest.mark.parametrize("case", ["replay", "min_p", "top_k", "top_p", "filters"])
-def test_vocab_parallel_truncated(tmp_path, case):
+TRUNCATED_CASES = ["replay", "min_p", "top_k", "top_p", "filters"]
+
+
+@pytest.fixture(scope="module")
+def truncated_runs(tmp_path_factory):
+    """Every case of ``test_vocab_parallel_truncated`` on 2 ranks, in one set of processes."""
+    out = tmp_path_factory.mktemp("truncated")
+    _dist.run_cases(_tp_truncated_worker, 2, out, str(out), TRUNCATED_CASES)
+    return out
+
+
+@pytest.mark.parametrize("case", TRUNCATED_CASES)
+def test_vocab_parallel_truncated(truncated_runs, case):
     """A replayed kept set, or the sampler's filters, over 2 uneven vocabulary slices: the
     log-probs, entropy, loss and ``outside_support`` equal the float64 reference on every rank,
     and the logits' gradients are the ranks' slices of the reference's, on both paths; a target
@@ -853,7 +864,6 @@ def test_vocab_parallel_truncated(tmp_path, case):
     from _cases import FP32_RTOL, max_rel_err
 
     world_size = 2
-    _dist.run(_tp_truncated_worker, world_size, tmp_path, str(tmp_path), case)
     full, ids, mask, old, adv, ref, logprobs_kw, loss_kw = _truncated_inputs(case)
     x64 = full.double().requires_grad_()
     logp64, ent64 = reference.token_logprobs(x64, ids, return_entropy=True, mask=mask, **logprobs_kw)
@@ -863,7 +873,7 @@ def test_vocab_parallel_truncated(tmp_path, case):
                                             beta=0.1, entropy_coef=0.01, return_metrics=True, **loss_kw)
     loss64.backward()
     assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 0.5
-    ranks = [torch.load(tmp_path / f"{case}-{r}.pt") for r in range(world_size)]
+    ranks = [torch.load(truncated_runs / f"{case}-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
             _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
@@ -938,8 +948,19 @@ def _tp_linear_truncated_worker(rank, world_size, out_dir, case):
     torch.save(out, f"{out_dir}/linear-{case}-{rank}.pt")
 
 
-@pytest.mark.parametrize("case", ["replay", "min_p", "filters"])
-def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
+LINEAR_TRUNCATED_CASES = ["replay", "min_p", "filters"]
+
+
+@pytest.fixture(scope="module")
+def linear_truncated_runs(tmp_path_factory):
+    """Every case of ``test_vocab_parallel_fused_linear_truncated`` on 2 ranks, in one set of processes."""
+    out = tmp_path_factory.mktemp("linear-truncated")
+    _dist.run_cases(_tp_linear_truncated_worker, 2, out, str(out), LINEAR_TRUNCATED_CASES)
+    return out
+
+
+@pytest.mark.parametrize("case", LINEAR_TRUNCATED_CASES)
+def test_vocab_parallel_fused_linear_truncated(linear_truncated_runs, case):
     """The fused linear path over 2 slices of the head with a replayed kept set, min_p (the
     threshold the largest logit's of every slice), or min_p, top_k and top_p together (counted
     over every slice; per token, some off, for the log-probs, numbers for the loss): log-probs, entropy, the loss and ``outside_support`` equal the float64
@@ -949,7 +970,6 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
     from _cases import FP32_RTOL, max_rel_err
 
     world_size = 2
-    _dist.run(_tp_linear_truncated_worker, world_size, tmp_path, str(tmp_path), case)
     hidden, weight, ids, mask, old, adv, logprobs_kw, loss_kw = _linear_truncated_inputs(case)
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp64, ent64 = reference.token_logprobs(h64 @ w64.T, ids, return_entropy=True, mask=mask, **logprobs_kw)
@@ -959,7 +979,7 @@ def test_vocab_parallel_fused_linear_truncated(tmp_path, case):
                                             adv.double(), mask, entropy_coef=0.01, return_metrics=True, **loss_kw)
     loss64.backward()
     assert logp64.isinf().any() and 0 < metrics64["outside_support"] < 1
-    ranks = [torch.load(tmp_path / f"linear-{case}-{r}.pt") for r in range(world_size)]
+    ranks = [torch.load(linear_truncated_runs / f"linear-{case}-{r}.pt") for r in range(world_size)]
     for backend in ("triton", "torch"):
         for got in (r[backend] for r in ranks):
             _same_as_one_process(got, logp64, ent64, loss64, metrics64["outside_support"])
