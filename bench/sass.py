@@ -25,6 +25,7 @@ Run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -599,6 +600,23 @@ def print_table(rows, file=sys.stdout):
                   f"{p['instructions_per_element']!s:>10} {p['budget']:>6} {p['mufu_per_element']!s:>9}", file=file)
 
 
+def sources_digest():
+    """A sha256 of everything a report compiles from: the package's Python files (the kernels, and
+    the launchers and calls whose signatures ``recorded_launches`` takes) and this script with
+    ``bench/specialization.py`` (the variants). With the Triton version, which ships the compiler
+    and ptxas, it names the compile: a report whose digest and version match the checkout's is
+    what compiling it again gives (``tests/test_sass_budget.py`` reads such a report instead)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    paths = [os.path.join("bench", "sass.py"), os.path.join("bench", "specialization.py")]
+    for folder, _, files in os.walk(os.path.join(root, "mhpo_kernels")):
+        paths += [os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py")]
+    digest = hashlib.sha256()
+    for path in sorted(p.replace(os.sep, "/") for p in paths):
+        with open(os.path.join(root, path), "rb") as f:
+            digest.update(path.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
+
+
 def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("bench.sass compiles the kernels: run it without TRITON_INTERPRET")
@@ -612,7 +630,8 @@ def main(argv=None):
     rows = measure(names, args.cubins)
     print_table(rows)
     report = {"what": "compiled-code figures from sm_90 SASS (instructions, registers), not speed",
-              "target": "sm_90", "V": V, "unaligned_V": list(UNALIGNED_V), "triton": triton.__version__, "variants": rows}
+              "target": "sm_90", "V": V, "unaligned_V": list(UNALIGNED_V), "triton": triton.__version__,
+              "sources": sources_digest() if names == list(variants()) else None, "variants": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
