@@ -10,6 +10,7 @@ n terms is good to n · 2⁻²⁴ of its size, 2e-5 at the 300 tokens of most ro
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -441,6 +442,53 @@ def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_
     assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4, reads
 
 
+def _key(d):
+    """select._key of fp32 values: uint32 keys (as int) in the values' order."""
+    bits = int(np.float32(d).view(np.uint32))
+    return (bits | 0x80000000) if bits < 0x80000000 else (~bits & 0xFFFFFFFF)
+
+
+def _value(key):
+    """select._value: the fp32 value of a key."""
+    return float(np.uint32(key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF).view(np.float32))
+
+
+def _top_key_of_top_k_bin(x, k, slots):
+    """The highest key of the bin of keys of d that ``select._top_k_top_p_gathered``'s two counting
+    passes leave holding top_k's k-th value, for fp32 logits x whose largest is 0 (d = fp32(x ·
+    log2 e), base 0; τ 1, min_p off), asserting that more than ``slots`` lie from that bin up (the
+    third pass gathers the tokens above it and counts it key by key)."""
+    keys = np.array([_key(v + 0.0) for v in np.float32(x) * np.float32(1.4426950408889634)], dtype=np.int64)
+    klo, khi, above = _key(-3.4028234663852886e38), _key(7.888609052210118e-31), 0
+    for _ in range(2):
+        shift = max(int(np.float32(khi - klo).view(np.uint32) >> 23) - 127 + 1 - 11, 0)
+        inside = (keys >= klo) & (keys <= khi)
+        cnt = np.bincount((keys[inside] - klo) >> shift, minlength=2048)[:2048]
+        from_bin = above + np.cumsum(cnt[::-1])[::-1]
+        f = int(np.nonzero(from_bin >= k)[0].max())
+        assert from_bin[f] > slots, "the gather would hold the candidates"
+        lo_f = klo + (f << shift)
+        khi, above, klo = lo_f + min((1 << shift) - 1, khi - lo_f), from_bin[f] - cnt[f], lo_f
+    return khi
+
+
+def _on_the_top_key(x, k, slots):
+    """``x`` with x[450] a logit whose d lies on the highest key of top_k's bin
+    (``_top_key_of_top_k_bin``), the tied x[50:450] moved down a step at a time until such a
+    logit exists (x · log2 e rounds past some keys)."""
+    log2e = np.float32(1.4426950408889634)
+    for _ in range(64):
+        top = _value(_top_key_of_top_k_bin(x, k, slots))
+        near = (np.float32(top / log2e).view(np.int32) + np.arange(-3, 4, dtype=np.int32)).view(np.float32)
+        hit = [v for v in near if np.float32(v) * log2e == np.float32(top)]
+        if hit:
+            x[450] = hit[0]
+            return x
+        x[50:450] = np.nextafter(x[50:450], np.float32(-np.inf))
+        x[450] = x[50]
+    raise AssertionError("no logit on the bin's highest key")
+
+
 def _rows_the_gather_cannot_hold(slots):
     """(logits (R, V) fp32, min_p, top_k, top_p, how) with top_p and a top_k whose candidates
     outnumber ``slots``: random rows of every kind with top_k above ``slots``, some with min_p
@@ -452,9 +500,10 @@ def _rows_the_gather_cannot_hold(slots):
     with top_k 400 whose top_p keeps all that top_k keeps (top_k's sums are the row's); and top_k 100
     and 150, below ``slots``, whose k-th value lies among 400 tokens tied, or within 2.5e-5 of each
     other, which two counting passes leave in one bin ("tied", "band": the 50 tokens above
-    gathered, the bin counted key by key). top_p lies halfway between two of the float64 kept
-    set's cumulative shares, at 0.3 of its mass (a cutoff among the band), or 0.9 (among the 50
-    above it)."""
+    gathered, the bin counted key by key), and the tied row with one more token on that bin's
+    highest key, top_k 52 keeping the 400 with it (counted once, in the bin, not gathered too).
+    top_p lies halfway between two of the float64 kept set's cumulative shares, at 0.3 of its
+    mass (a cutoff among the band), or 0.9 (among the 50 above it)."""
     import numpy as np
 
     V = 600
@@ -468,10 +517,14 @@ def _rows_the_gather_cannot_hold(slots):
     flat = rng.standard_normal(V) * 0.5
     tied = np.concatenate([rng.uniform(-2, 0, 50), np.full(400, -2.1), rng.uniform(-14, -4, V - 450)])
     band = np.concatenate([rng.uniform(-2, 0, 50), -2.1 + rng.uniform(0, 2.5e-5, 400), rng.uniform(-14, -4, V - 450)])
+    on_top = _on_the_top_key(np.concatenate([[0.0], rng.uniform(-2, -0.01, 49), np.full(401, -2.1),
+                                             rng.uniform(-14, -4, V - 451)]).astype(np.float32), 52, slots)
+    assert -2.101 < on_top[50] < on_top[450] < -2.0995   # the bin's highest key: within 2^10 keys above
     rows, ks, ps = [], [], []
     for z, k, share, kind in ((far, V - 5, 0.3, "joint"), (tied_top, 290, 0.3, "joint, tied top"),
                               (flat, 400, 0.0, "joint, all top_k keeps"), (tied, 100, 0.3, "tied"),
-                              (band, 150, 0.3, "band"), (band, 150, 0.9, "band")):
+                              (band, 150, 0.3, "band"), (band, 150, 0.9, "band"),
+                              (on_top, 52, 0.0, "tied, one on the bin's top key")):
         z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
         keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
         values, counts = z[keep].unique(return_counts=True)      # ascending
