@@ -91,7 +91,7 @@ def _tp_inputs(V=1001, B=2, T=5, seed=0):
 TP_KW = dict(temperature=0.8, beta=0.1, loss_agg_mode="token-mean", return_metrics=True)
 
 
-def _tp_worker(rank, world_size, backend, out_dir):
+def _tp_worker(rank, world_size, out_dir, backend):
     import mhpo_kernels
     import torch.distributed as dist
     from test_host_syncs import counting_syncs
@@ -109,12 +109,22 @@ def _tp_worker(rank, world_size, backend, out_dir):
         logp, ent = mhpo_kernels.token_logprobs(full[..., start:start + size], ids.masked_fill(~mask, -100),
                                                 return_entropy=True, tp_group=dist.group.WORLD)
     out.update(loss=loss.detach(), metrics={k: v for k, v in metrics.items()}, grad=x.grad, logp=logp, ent=ent)
-    torch.save(out, f"{out_dir}/tp-{rank}.pt")
+    torch.save(out, f"{out_dir}/tp-{backend}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """``_tp_worker`` on both paths over 2 and over 3 ranks, one set of processes per world size."""
+    runs = {}
+    for world_size in (2, 3):
+        runs[world_size] = tmp_path_factory.mktemp(f"tp{world_size}")
+        _dist.run_cases(_tp_worker, world_size, runs[world_size], str(runs[world_size]), ["triton", "torch"])
+    return runs
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
+def test_vocab_parallel_equals_one_process(tp_runs, backend, world_size):
     """Uneven vocabulary slices over 2 and 3 ranks: every rank's loss, metrics, log-probs and
     entropy equal the single-process op's, and its logits gradient is its slice of the full one.
     On the Triton path, forward and backward read the host once on each rank: the agreement's
@@ -124,7 +134,6 @@ def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
     import reference
     from _cases import FP32_RTOL, max_rel_err
 
-    _dist.run(_tp_worker, world_size, tmp_path, backend, str(tmp_path))
     full, ids, mask, old, adv, ref = _tp_inputs()
     x = full.clone().requires_grad_()
     with mhpo_kernels.use_backend(backend):
@@ -137,7 +146,7 @@ def test_vocab_parallel_equals_one_process(tmp_path, backend, world_size):
     (loss64 * 1.3).backward()
     grads = []
     for rank, (start, size) in enumerate(_split(full.shape[-1], world_size)):
-        got = torch.load(tmp_path / f"tp-{rank}.pt")
+        got = torch.load(tp_runs[world_size] / f"tp-{backend}-{rank}.pt")
         if backend == "triton":  # the PyTorch path reads host-side scalars (``tests/test_host_syncs.py``)
             assert got["syncs"] == {"tolist": 1}, got["syncs"]
         assert abs(got["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item())
@@ -360,7 +369,7 @@ def _tp_linear_inputs(V=701, B=2, T=5, H=16, seed=3):
 LINEAR_KW = dict(chunk_size=3, final_logit_softcap=6.0, temperature=0.9, return_metrics=True)
 
 
-def _tp_linear_worker(rank, world_size, backend, out_dir):
+def _tp_linear_worker(rank, world_size, out_dir, backend):
     import mhpo_kernels
     import torch.distributed as dist
 
@@ -380,19 +389,28 @@ def _tp_linear_worker(rank, world_size, backend, out_dir):
         out["logp"] = mhpo_kernels.fused_linear_token_logprobs(
             hidden, weight[start:start + size], ids, bias=bias[start:start + size], chunk_size=3,
             final_logit_softcap=6.0, temperature=0.9, tp_group=dist.group.WORLD)
-    torch.save(out, f"{out_dir}/tpl-{rank}.pt")
+    torch.save(out, f"{out_dir}/tpl-{backend}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tp_linear_runs(tmp_path_factory):
+    """``_tp_linear_worker`` on both paths over 2 and over 3 ranks, one set of processes per world size."""
+    runs = {}
+    for world_size in (2, 3):
+        runs[world_size] = tmp_path_factory.mktemp(f"tpl{world_size}")
+        _dist.run_cases(_tp_linear_worker, world_size, runs[world_size], str(runs[world_size]), ["triton", "torch"])
+    return runs
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_vocab_parallel_fused_linear_equals_one_process(tmp_path, backend, world_size):
+def test_vocab_parallel_fused_linear_equals_one_process(tp_linear_runs, backend, world_size):
     """The LM head's rows split over ranks (uneven): loss and metrics on every rank, dhidden
     reduced inside the op (or left partial, summing to the same), and each rank's dweight and
     dbias slices equal the single-process fused path's."""
     import mhpo_kernels
     from _cases import FP32_RTOL, max_rel_err
 
-    _dist.run(_tp_linear_worker, world_size, tmp_path, backend, str(tmp_path))
     hidden, weight, bias, ids, mask, old, adv = _tp_linear_inputs()
     h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
     with mhpo_kernels.use_backend(backend):
@@ -400,7 +418,7 @@ def test_vocab_parallel_fused_linear_equals_one_process(tmp_path, backend, world
         (loss * 0.7).backward()
         logp = mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, bias=bias, chunk_size=3,
                                                         final_logit_softcap=6.0, temperature=0.9)
-    ranks = [torch.load(tmp_path / f"tpl-{r}.pt") for r in range(world_size)]
+    ranks = [torch.load(tp_linear_runs[world_size] / f"tpl-{backend}-{r}.pt") for r in range(world_size)]
     for got in ranks:
         assert abs(got[True]["loss"].item() - loss.item()) <= FP32_RTOL * abs(loss.item())
         for k, v in metrics.items():
