@@ -112,14 +112,19 @@ def _tp_worker(rank, world_size, out_dir, backend):
     torch.save(out, f"{out_dir}/tp-{backend}-{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def tp_runs(tmp_path_factory):
-    """``_tp_worker`` on both paths over 2 and over 3 ranks, one set of processes per world size."""
+def _on_both_paths(worker, name, tmp_path_factory):
+    """``worker`` on both paths over 2 and over 3 ranks, one set of processes per world size:
+    {world size: the folder of its results}."""
     runs = {}
     for world_size in (2, 3):
-        runs[world_size] = tmp_path_factory.mktemp(f"tp{world_size}")
-        _dist.run_cases(_tp_worker, world_size, runs[world_size], str(runs[world_size]), ["triton", "torch"])
+        runs[world_size] = tmp_path_factory.mktemp(f"{name}{world_size}")
+        _dist.run_cases(worker, world_size, runs[world_size], str(runs[world_size]), ["triton", "torch"])
     return runs
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    return _on_both_paths(_tp_worker, "tp", tmp_path_factory)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -394,12 +399,7 @@ def _tp_linear_worker(rank, world_size, out_dir, backend):
 
 @pytest.fixture(scope="module")
 def tp_linear_runs(tmp_path_factory):
-    """``_tp_linear_worker`` on both paths over 2 and over 3 ranks, one set of processes per world size."""
-    runs = {}
-    for world_size in (2, 3):
-        runs[world_size] = tmp_path_factory.mktemp(f"tpl{world_size}")
-        _dist.run_cases(_tp_linear_worker, world_size, runs[world_size], str(runs[world_size]), ["triton", "torch"])
-    return runs
+    return _on_both_paths(_tp_linear_worker, "tpl", tmp_path_factory)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -860,12 +860,16 @@ def _same_as_one_process(got, logp64, ent64, loss64, outside64):
 TRUNCATED_CASES = ["replay", "min_p", "top_k", "top_p", "filters"]
 
 
+def _cases_on_two_ranks(worker, name, cases, tmp_path_factory):
+    """``worker``'s ``cases`` on 2 ranks, in one set of processes: the folder of their results."""
+    out = tmp_path_factory.mktemp(name)
+    _dist.run_cases(worker, 2, out, str(out), cases)
+    return out
+
+
 @pytest.fixture(scope="module")
 def truncated_runs(tmp_path_factory):
-    """Every case of ``test_vocab_parallel_truncated`` on 2 ranks, in one set of processes."""
-    out = tmp_path_factory.mktemp("truncated")
-    _dist.run_cases(_tp_truncated_worker, 2, out, str(out), TRUNCATED_CASES)
-    return out
+    return _cases_on_two_ranks(_tp_truncated_worker, "truncated", TRUNCATED_CASES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", TRUNCATED_CASES)
@@ -971,10 +975,8 @@ LINEAR_TRUNCATED_CASES = ["replay", "min_p", "filters"]
 
 @pytest.fixture(scope="module")
 def linear_truncated_runs(tmp_path_factory):
-    """Every case of ``test_vocab_parallel_fused_linear_truncated`` on 2 ranks, in one set of processes."""
-    out = tmp_path_factory.mktemp("linear-truncated")
-    _dist.run_cases(_tp_linear_truncated_worker, 2, out, str(out), LINEAR_TRUNCATED_CASES)
-    return out
+    return _cases_on_two_ranks(_tp_linear_truncated_worker, "linear-truncated", LINEAR_TRUNCATED_CASES,
+                               tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", LINEAR_TRUNCATED_CASES)
