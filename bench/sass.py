@@ -78,6 +78,12 @@ BUDGET["select"] = 28.0
 # largest pair it fuses: top-k's pass over several keys and top-p's over keys with the masses
 # above and within (16.94 + 25.56 under 3.9; the others: 16.94 + 20.69, 16.94 + 24.62).
 BUDGET["select-fused"] = 42.5
+# Over a vocabulary split (``_slice_count_kernel``) every pass over keys sums the masses above and
+# within its range (24.69 under 3.9), and the last its masses and Σ 2^d·d at the slice's own base
+# (19.81): a loop that counts top-k's run beside top-p's (the uniform pass with top-k's first
+# keys, both runs, or both runs with the sums at the slice's base) is held to the pair it fuses
+# in the last pass, top-k's pass over keys and top-p's last (24.69 + 19.81).
+BUDGET["select-fused-slices"] = 44.5
 # Replay's loops (kernels/replay.py) gather one kept id per thread per step: an id load, a
 # scattered logit load, the lane's online log-sum-exp with a rebase per id (two MUFU), or the
 # gradient element. More work per logit than a sweep, on K of V logits: their own budget, from
@@ -155,8 +161,10 @@ SELECT_FLAGS = {
 }
 # top-k and top-p over a vocabulary split: one counting pass a launch (kernels/select.py,
 # ``_slice_count_kernel``), whose loops are the selection's: top-p's uniform pass, a pass over
-# keys with the mass above and within, the kept tokens' sums (with the entropy's Σ 2^d·d); and the
-# gather of top-k's candidates beside top-p (``_slice_gather_kernel``), the selection's gather loop.
+# keys with the mass above and within, the kept tokens' sums (with the entropy's Σ 2^d·d); with
+# both filters (JOINT) also top-p's uniform pass beside top-k's keys and both runs side by side
+# (with the sums of d at the slice's own base); and the gather of top-k's candidates beside top-p
+# (``_slice_gather_kernel``), the selection's gather loop, and the gather with top-k's bin counted.
 SLICE_COUNT_FLAGS = dict(SOFTCAP=False, HAS_TAU=False)
 # DX_IN_PHASE: the gradient is the logits (in place) or a tensor of the same strides, as the
 # autograd ops allocate it for contiguous logits.
@@ -236,7 +244,10 @@ def variants():
                 _mhpo_bwd_kernel, dtype, flags, V, True)
         for suffix, flags in SELECT_FLAGS.items():
             out[f"select-{dtype}-{suffix}"] = Variant(_select_kernel, dtype, flags, V, True)
-        out[f"select-{dtype}-slices"] = Variant(_slice_count_kernel, dtype, SLICE_COUNT_FLAGS, V, True)
+        out[f"select-{dtype}-slices"] = Variant(_slice_count_kernel, dtype, {**SLICE_COUNT_FLAGS, "JOINT": False},
+                                                V, True)
+        out[f"select-{dtype}-slices-joint"] = Variant(_slice_count_kernel, dtype,
+                                                      {**SLICE_COUNT_FLAGS, "JOINT": True}, V, True)
         out[f"select-{dtype}-slices-gather"] = Variant(_slice_gather_kernel, dtype, SLICE_COUNT_FLAGS, V, True)
     for dtype in ONE_SWEEP_DTYPES:
         for suffix, flags in ONE_SWEEP_FLAGS.items():
@@ -333,10 +344,13 @@ def launch_of(var, batch=BATCH, splits=SPLITS):
             keys = torch.empty(N, dtype=torch.int64, device="meta")
             ints = torch.empty(N, dtype=torch.int32, device="meta")
             slice_count(logits, target, logit_map(), per_token(), ints, keys, keys, ints, per_token(), per_token(),
-                        per_token())
+                        per_token(), (keys, keys, ints) if f["JOINT"] else None)
         elif var.kernel is _slice_gather_kernel:
-            slice_gather(logits, target, logit_map(), per_token(), torch.empty(N, dtype=torch.int64, device="meta"),
-                         torch.empty(N, dtype=torch.int32, device="meta"), torch.empty(N, 2048, device="meta"))
+            keys = torch.empty(N, dtype=torch.int64, device="meta")
+            slots = torch.empty(N, 2, 2048, device="meta")
+            first = torch.empty(N, dtype=torch.int32, device="meta")
+            slice_gather(logits, target, logit_map(), per_token(), keys, first, keys, keys, slots[:, 0],
+                         slots[:, 1].view(torch.int32))
         elif var.kernel is _mhpo_bwd_kernel:
             dent = f["HAS_DENT"]
             mhpo_bwd(logits, grad, target, per_token(), per_token(), per_token(), per_token(dent), per_token(dent),
@@ -496,12 +510,14 @@ def _selection_work(loop, dtype):
             "gathers_per_element": round(sum(1 for t in body if re.search(r"\bSTG\.E(\s|$)", t)) / elements, 2)}
 
 
-def select_budget(loop):
+def select_budget(loop, name=""):
     """A selection loop's budget: a counting loop's or the gather's, or where one read does the
     work of two (two histograms per logit, or a histogram and a gathered word) the two loops it
-    fuses."""
+    fuses (the split's own, for a split's counting pass: variant ``name`` ``-slices-joint``)."""
     work = loop.get("histograms_per_element", 0) + loop.get("gathers_per_element", 0)
-    return BUDGET["select-fused" if work > 1 else "select"]
+    if work > 1:
+        return BUDGET["select-fused-slices" if name.endswith("-slices-joint") else "select-fused"]
+    return BUDGET["select"]
 
 
 def analyze(cubin_path, instrs, dtype, two_passes=False, cut=False, select=False, replay=None):
@@ -578,7 +594,7 @@ def measure(names, cubin_dir, processes=None):
         if "pass2" in report:
             report = {**report, "pass2": {**report["pass2"], "budget": budget_for(name, pass2=True)}}
         if "select" in report:
-            report = {**report, "select": [{**loop, "budget": select_budget(loop)} for loop in report["select"]]}
+            report = {**report, "select": [{**loop, "budget": select_budget(loop, name)} for loop in report["select"]]}
         rows.append({"name": name, "dtype": var.dtype, "V": var.V, "aligned": var.aligned, **report,
                      "budget": budget_for(name)})
     return rows

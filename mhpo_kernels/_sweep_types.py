@@ -22,9 +22,10 @@ STATUS_SLOTS = 18
 # negative log-likelihood passed by mistake); the old and reference log-probs are refused then.
 LOGP_ABOVE_ZERO = 1e-2
 # The selection counts a row's candidates in this many bins a pass (kernels/select.py); over a
-# vocabulary split each pass is a launch of one of these kinds (``slice_select.py``).
+# vocabulary split each pass is a launch of one of these kinds (``slice_select.py``); the last three
+# count top-k's run beside top-p's, in a second histogram.
 SELECT_BINS = 2048
-COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS = range(4)
+COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_JOINT_UNIFORM, COUNT_JOINT, COUNT_JOINT_SUMS = range(7)
 
 # The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
 METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl", "outside_support")

@@ -17,7 +17,8 @@ from ._sweep_types import (
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
     STATUS_ADV_VARIES, STATUS_KEPT_IDS, STATUS_KEPT_OFFSETS, STATUS_KEPT_TWICE, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
 )
-from ._sweep_types import COUNT_KEYS, COUNT_SUMS, COUNT_UNIFORM, SELECT_BINS as NB
+from ._sweep_types import (COUNT_JOINT, COUNT_JOINT_SUMS, COUNT_JOINT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_UNIFORM,
+                           SELECT_BINS as NB)
 from . import epilogue
 from .epilogue import LN2, per_sequence_sum, segment_ids
 
@@ -390,51 +391,74 @@ def order_keys(d):
     return torch.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b | 0x80000000)
 
 
-def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta):
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta, joint=None):
     """``kernels.select.slice_count`` in PyTorch: one counting pass of the rows' selection over
     this slice at the common ``base`` (the rows' d formed as ``_exponents`` forms them; the kept
-    tokens' sums of d + ``delta``)."""
+    tokens' sums of d + ``delta``; ``joint``: top-k's runs beside top-p's)."""
     B, T, V = logits.shape
-    hist = torch.zeros(B * T, NB, dtype=torch.int32, device=logits.device)
-    sums = torch.zeros(B * T, 4, dtype=torch.float32, device=logits.device)
+    n_hist = 2 if joint else 1
+    hist = torch.zeros(B * T, n_hist, NB, dtype=torch.int32, device=logits.device)
+    sums = torch.zeros(B * T, 6 if joint else 4, dtype=torch.float32, device=logits.device)
+
+    def tally(d, e, key, m, keys, k_lo, k_hi, k_shift, r0, r1, i):
+        """The counts of run ``i`` (0: top-p's or a single filter's, 1: top-k's beside it)."""
+        lo_r = lo[r0:r1].unsqueeze(-1)
+        uniform = (m == COUNT_UNIFORM) | (m == COUNT_JOINT_UNIFORM) if i == 0 else torch.zeros_like(keys)
+        u_bin = ((d - lo_r) * scale[r0:r1].unsqueeze(-1)).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)
+        in_keys = keys & (key >= k_lo) & (key <= k_hi)
+        bins = torch.where(uniform, u_bin, (key - k_lo).clamp(min=0) >> k_shift)
+        inside = (uniform & (d >= lo_r)) | in_keys
+        rows = torch.arange(r1 - r0, device=d.device).unsqueeze(-1) * NB
+        counts = torch.zeros((r1 - r0) * NB, dtype=torch.int32, device=d.device)
+        counts.index_add_(0, (rows + bins.clamp(max=NB - 1))[inside], torch.ones_like(bins, dtype=torch.int32)[inside])
+        hist[r0:r1, i] = counts.view(r1 - r0, NB)
+        return inside, keys & (key > k_hi)
+
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, _, _, _ = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         m = torch.where(valid, mode[r0:r1], 0).unsqueeze(-1)
         key = order_keys(d + 0.0)           # −0 as +0, as the kernel's keys
-        k_lo, k_hi = klo[r0:r1].unsqueeze(-1), khi[r0:r1].unsqueeze(-1)
-        lo_r = lo[r0:r1].unsqueeze(-1)
-        uniform = ((d - lo_r) * scale[r0:r1].unsqueeze(-1)).nan_to_num(0.0).clamp(0, NB - 1).to(torch.int64)
-        in_uniform = (m == COUNT_UNIFORM) & (d >= lo_r)
-        rebased = m == COUNT_SUMS           # the keys' counts as COUNT_KEYS', the sums of d + delta
-        in_keys = ((m == COUNT_KEYS) | rebased) & (key >= k_lo) & (key <= k_hi)
-        bins = torch.where(m == COUNT_UNIFORM, uniform, ((key - k_lo).clamp(min=0) >> shift[r0:r1].long().unsqueeze(-1)))
-        inside = in_uniform | in_keys
-        rows = torch.arange(r1 - r0, device=d.device).unsqueeze(-1) * NB
-        counts = torch.zeros((r1 - r0) * NB, dtype=torch.int32, device=d.device)
-        counts.index_add_(0, (rows + bins.clamp(max=NB - 1))[inside], torch.ones_like(bins, dtype=torch.int32)[inside])
-        hist[r0:r1] = counts.view(r1 - r0, NB)
         d_y = d.gather(-1, target[r0:r1].long().clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+        rebased = (m == COUNT_SUMS) | (m == COUNT_JOINT_SUMS)   # the sums of d + delta, Σ 2^d·d above
         d = torch.where(rebased, d + delta[r0:r1].unsqueeze(-1), d)
         e = torch.exp2(d)
-        above = ((m == COUNT_KEYS) | rebased) & (key > k_hi)
+        beside = (m == COUNT_JOINT_UNIFORM) | (m == COUNT_JOINT) | (m == COUNT_JOINT_SUMS)
+        keys = (m == COUNT_KEYS) | (m == COUNT_SUMS) | (m == COUNT_JOINT) | (m == COUNT_JOINT_SUMS)
+        inside, above = tally(d, e, key, m, keys, klo[r0:r1].unsqueeze(-1), khi[r0:r1].unsqueeze(-1),
+                              shift[r0:r1].long().unsqueeze(-1), r0, r1, 0)
         sums[r0:r1, 0] = torch.where(above, e, 0.0).sum(-1)
         sums[r0:r1, 1] = torch.where(inside & ~rebased, e, 0.0).sum(-1)
         sums[r0:r1, 2] = torch.where(above & rebased & (e > 0), e * d, 0.0).sum(-1)
         sums[r0:r1, 3] = torch.where(valid & (target[r0:r1] < V), d_y, 0.0)
-    return hist, sums
+        if joint:                           # top-k's run: counts, and the sums above it but in the first pass
+            klo_k, khi_k, shift_k = (x[r0:r1].long().unsqueeze(-1) for x in joint)
+            _, above = tally(d, e, key, m, beside, klo_k, khi_k, shift_k, r0, r1, 1)
+            above = above & (m != COUNT_JOINT_UNIFORM)
+            sums[r0:r1, 4] = torch.where(above, e, 0.0).sum(-1)
+            sums[r0:r1, 5] = torch.where(above & rebased & (e > 0), e * d, 0.0).sum(-1)
+    return (hist if joint else hist[:, 0]), sums
 
 
-def slice_gather(logits, target, lmap, base, from_key, first, out):
+def slice_gather(logits, target, lmap, base, from_key, first, klo, khi, slots, counts):
     """``kernels.select.slice_gather`` in PyTorch: the rows' d from ``from_key``'s value up, in
-    the slice's order from slot ``first`` on of their row of ``out`` (rows with ``first`` < 0:
-    none)."""
+    the slice's order from slot ``first`` on of their row of ``slots`` (rows with ``first`` < 0:
+    none), and the keys of [klo, khi] counted one bin a key in their row of ``counts``."""
     for b, t0, t1, r0 in _chunks(logits):
         r1 = r0 + t1 - t0
         d, valid, _, _, _ = _exponents(logits, target, b, t0, t1, r0, base, lmap)
         start = first[r0:r1].long().unsqueeze(-1)
-        gathered = (valid.unsqueeze(-1) & (start >= 0)) & (order_keys(d + 0.0) >= from_key[r0:r1].unsqueeze(-1))
+        key = order_keys(d + 0.0)
+        mine = valid.unsqueeze(-1) & (start >= 0)
+        gathered = mine & (key >= from_key[r0:r1].unsqueeze(-1))
         slot = start + gathered.cumsum(-1) - 1
         at = gathered & (slot < NB)
-        out[r0:r1][at.nonzero(as_tuple=True)[0], slot[at]] = d[at]
-    return out
+        slots[r0:r1][at.nonzero(as_tuple=True)[0], slot[at]] = d[at]
+        k_lo, k_hi = klo[r0:r1].unsqueeze(-1), khi[r0:r1].unsqueeze(-1)
+        counted = (k_lo <= k_hi) & (start >= 0)
+        run = mine & counted & (key >= k_lo) & (key <= k_hi)
+        rows = torch.arange(r1 - r0, device=d.device).unsqueeze(-1).expand_as(run)
+        block = torch.zeros(r1 - r0, NB, dtype=counts.dtype, device=d.device)
+        block.index_put_((rows[run], (key - k_lo)[run]), torch.ones_like(key[run], dtype=counts.dtype), accumulate=True)
+        counts[r0:r1] = torch.where(counted, block, counts[r0:r1])
+    return slots, counts

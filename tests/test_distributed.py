@@ -1012,22 +1012,22 @@ def test_vocab_parallel_fused_linear_truncated(linear_truncated_runs, case):
 def _count_slice_reads(reads, sums):
     """Make ``slice_select``'s launches add 1 to ``reads`` (N,) at each row they read (a counting
     pass's mode not COUNT_SKIP, a gather's first slot ≥ 0), and to ``sums`` where that read is the
-    pass of sums alone (an empty range of keys: klo > khi)."""
+    pass of sums alone (COUNT_SUMS over an empty range of keys: klo > khi)."""
     import types
     from mhpo_kernels import _dispatch, slice_select
-    from mhpo_kernels._sweep_types import COUNT_SKIP
+    from mhpo_kernels._sweep_types import COUNT_SKIP, COUNT_SUMS
 
     def kernel(name, device, backend):
         launch = _dispatch.kernel(name, device, backend)
 
         def counted(logits, target, lmap, base, mode, klo, khi, *rest):
             reads.add_(mode != COUNT_SKIP)
-            sums.add_((mode != COUNT_SKIP) & (klo > khi))
+            sums.add_((mode == COUNT_SUMS) & (klo > khi))
             return launch(logits, target, lmap, base, mode, klo, khi, *rest)
 
-        def gathered(logits, target, lmap, base, from_key, first, out):
+        def gathered(logits, target, lmap, base, from_key, first, *rest):
             reads.add_(first >= 0)
-            return launch(logits, target, lmap, base, from_key, first, out)
+            return launch(logits, target, lmap, base, from_key, first, *rest)
         return gathered if name == "slice_gather" else counted
 
     slice_select._dispatch = types.SimpleNamespace(kernel=kernel)
@@ -1097,6 +1097,72 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path, dtype):
         assert ((reads == 3) & (sums == 0) & one).any(), (reads, sums)
 
 
+def _tp_joint_rows_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+    from test_truncation import _random_rows
+
+    x, min_p, top_k, top_p = _random_rows(12, 3000, seed=19, kinds=("kp", "mkp", "k", "p"), k_above=2048)
+    start, size = _split(3000, world_size)[rank]
+    ids = x.argmax(-1)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for backend in ("triton", "torch"):
+            reads, sums = torch.zeros(12, dtype=torch.int64), torch.zeros(12, dtype=torch.int64)
+            _count_slice_reads(reads, sums)
+            with mhpo_kernels.use_backend(backend):
+                leaf = x[:, start:start + size].to(dtype, copy=True).requires_grad_()
+                logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
+                                                        top_p=top_p, tp_group=dist.group.WORLD)
+                logp.sum().backward()
+            out[str(dtype), backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads,
+                                            sums=sums)
+    torch.save(out, f"{out_dir}/joint-{rank}.pt")
+
+
+def test_vocab_parallel_top_k_above_the_gather(tmp_path):
+    """12 random rows of 3,000 (``test_truncation._random_rows``, fp32 and bf16 values) over 3
+    uneven slices, with a top_k above 2048 beside top_p (with or without min_p), or either alone,
+    or a top_k the gather holds beside top_p, in the same call: the rows with both and a top_k
+    above 2048 count top-p's uniform bins and top-k's keys in one pass, then both runs side by
+    side (``slice_select._joint``), and read each slice 3 times, summing the kept tokens in the
+    last, as one launch does (``select._top_k_top_p_joint``); the others take their own passes in
+    the same launches. Each keeps the float64 sort's set (each kept token but the target has a
+    non-zero gradient on its rank, every other token a zero one), with the oracle's log-probs and
+    entropy, on both paths."""
+    import reference
+    from test_truncation import _random_rows
+    from _cases import FP32_RTOL, max_rel_err
+
+    world_size = 3
+    _dist.run(_tp_joint_rows_worker, world_size, tmp_path, str(tmp_path))
+    x, min_p, top_k, top_p = _random_rows(12, 3000, seed=19, kinds=("kp", "mkp", "k", "p"), k_above=2048)
+    both = (top_k > 2048) & (top_p < 1)
+    gathered = (top_k > 0) & (top_k <= 2048) & (top_p < 1)   # min_p left fewer: top_k 523, gathered
+    assert both.sum() == 5 and gathered.sum() == 1 and ((top_k > 2048) & ~both).any() and ((top_p < 1) & ~both).any()
+    ranks = [torch.load(tmp_path / f"joint-{r}.pt") for r in range(world_size)]
+    for dtype in (torch.float32, torch.bfloat16):
+        z = x.to(dtype).double()
+        ids = x.argmax(-1)
+        want = reference.kept_set(z, min_p=min_p, top_k=top_k, top_p=top_p)
+        assert want.sum(-1).min() >= 1 and (want.sum(-1) < 3000).all()
+        want_logp, want_ent = reference.token_logprobs(z, ids, return_entropy=True, min_p=min_p, top_k=top_k,
+                                                       top_p=top_p)
+        for backend in ("triton", "torch"):
+            got = [r[str(dtype), backend] for r in ranks]
+            kept = torch.cat([g["grad"] for g in got], -1) != 0
+            kept[torch.arange(12), ids] = True
+            for row in range(12):
+                assert torch.equal(kept[row], want[row]), (dtype, backend, row)
+            for g in got:
+                assert max_rel_err(g["logp"], want_logp) <= FP32_RTOL, (dtype, backend)
+                assert max_rel_err(g["ent"], want_ent) <= FP32_RTOL, (dtype, backend)
+                assert torch.equal(g["reads"], got[0]["reads"]) and torch.equal(g["sums"], got[0]["sums"])
+            reads, sums = got[0]["reads"], got[0]["sums"]
+            assert (reads[both] == 3).all() and (sums[both] == 0).all(), (dtype, backend, reads, sums)
+            assert reads[~both].max() <= 3, (dtype, backend, reads)
+
+
 def _smallest_kept(x, top_k, top_p):
     """Each row's smallest token that the float64 sort keeps (ids (R,))."""
     import reference
@@ -1142,12 +1208,14 @@ def test_vocab_parallel_both_filters_gather_top_k_candidates(tmp_path):
     a row gathers top_k's candidates once at most 2048 lie from its k-th value's bin up over every
     slice, each slice's after the slices before it, in the next pass's place, and decides both
     filters from them with the kept tokens' sums (``slice_select._decide_gathered``): the
-    selection reads each slice twice (one counting pass, the gather) or three times (two), no pass
-    of sums after. Rows left wider (top_k 3000, 2500 tokens tied at the k-th value) take each
-    filter's own passes; a top_k of the whole row is off (top_p's passes alone). The gathers ride in the counting passes'
-    all-reduces: 6 of N × 2048 counts (3 per filter, as without them), and one of N × 3 counts for
-    each pass that may gather. On both paths every row has the float64 oracle's log-probs, entropy
-    and gradient."""
+    selection reads each slice twice (one counting pass, the gather) or three times (two). 2500
+    tokens tied at the k-th value: the third pass gathers the 10 above them and counts their bin
+    key by key. A top_k of 3000, above what the gather holds, or of 2200 with 2500 tokens tied at
+    its k-th value: both filters side by side, three passes (``slice_select._joint``). No pass of
+    sums after; a top_k of the whole row is off (top_p's passes alone). The rows of each kind
+    share each pass's launch and its all-reduces: 3 of N × 2 × 2048 counts (top-k's runs beside
+    top-p's), 3 of the sums, and one of N × 3 counts for each pass that may gather. On both
+    paths every row has the float64 oracle's log-probs, entropy and gradient."""
     import reference
     from _cases import FP32_RTOL, max_rel_err
     from test_truncation import _fp32_rows_for_the_gather
@@ -1168,11 +1236,13 @@ def test_vocab_parallel_both_filters_gather_top_k_candidates(tmp_path):
             assert max_rel_err(r[backend]["ent"], ent) <= FP32_RTOL, backend
         reads, sums = ranks[0][backend]["reads"], ranks[0][backend]["sums"]
         assert all(torch.equal(reads, r[backend]["reads"]) for r in ranks), backend
-        assert reads[:2].tolist() == [2, 3] and sums[:2].sum() == 0, (backend, reads, sums)
-        assert reads[2:4].min() > 3 and reads[4] <= 3, (backend, reads)   # fallen back; top_p alone
+        assert reads[:4].tolist() == [2, 3, 3, 3] and reads[5] == 3 and sums[:4].sum() == sums[5] == 0, \
+            (backend, reads, sums)
+        assert reads[4] <= 3, (backend, reads)   # top_p alone
         shapes = ranks[0][backend]["all_reduces"]
         n = len(rows)
-        assert shapes.count((n, 2048)) == 6 and shapes.count((n, world_size)) == 2, (backend, shapes)
+        assert shapes.count((n, 2, 2048)) == 3 and shapes.count((n, world_size)) == 2, (backend, shapes)
+        assert len(shapes) == 3 + 3 + 2, (backend, shapes)   # and the passes' sums
 
 
 def _tp_last_pass_worker(rank, world_size, out_dir):

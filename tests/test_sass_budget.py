@@ -92,7 +92,8 @@ def test_every_variant_within_the_instruction_budget(report):
         for loop in r.get("select", []):
             work = loop["histograms_per_element"] + loop["gathers_per_element"]
             assert work in (0, 1, 2) and loop["histograms_per_element"] <= 2, (r["name"], loop)
-            assert loop["budget"] == BUDGET["select-fused" if work == 2 else "select"], (r["name"], loop)
+            fused = "select-fused-slices" if r["name"].endswith("-slices-joint") else "select-fused"
+            assert loop["budget"] == BUDGET[fused if work == 2 else "select"], (r["name"], loop)
         if sweep == "onesweep":
             assert r["pass2"]["budget"] == BUDGET["bwd" + softcap]
 
@@ -165,12 +166,24 @@ def test_truncation_passes(report):
                 assert loop["budget"] == BUDGET["select-fused"] >= loop["instructions_per_element"], loop
         assert len(by_name[f"select-{dtype}-slices"]["select"]) == 3
         # The split's gather of top-k's candidates beside top-p (its own launch): the selection
-        # kernel's gather loop, no MUFU, within 2 instructions per element (each forms d of its dtype).
-        (gather,), kernel_gather = by_name[f"select-{dtype}-slices-gather"]["select"], \
-            by_name["select-fp32-minp-topk-topp"]["select"][1]
-        assert gather["mufu_per_element"] == kernel_gather["mufu_per_element"] == 0, (gather, kernel_gather)
-        gap = gather["instructions_per_element"] - kernel_gather["instructions_per_element"]
-        assert abs(gap) <= 2 and gather["vector_stores"] == 0, (gather, kernel_gather)
+        # kernel's gather loop, and its gather with top-k's bin counted, no MUFU, each within 2
+        # instructions per element of the kernel's (each forms d of its dtype).
+        gathers = by_name[f"select-{dtype}-slices-gather"]["select"]
+        kernel_gathers = by_name["select-fp32-minp-topk-topp"]["select"][1:3]
+        assert [(loop["histograms_per_element"], loop["gathers_per_element"]) for loop in gathers] == [(0, 1), (1, 1)]
+        for gather, kernel_gather in zip(gathers, kernel_gathers):
+            assert gather["mufu_per_element"] == kernel_gather["mufu_per_element"] == 0, (gather, kernel_gather)
+            gap = gather["instructions_per_element"] - kernel_gather["instructions_per_element"]
+            assert abs(gap) <= 2 and gather["vector_stores"] == 0, (gather, kernel_gather)
+        # The split with both filters: its three passes, and three that count top-k's run beside
+        # top-p's (two histograms, one MUFU), each below the split's own pair it fuses in the last
+        # pass, top-k's pass over keys and top-p's last (``BUDGET["select-fused-slices"]``).
+        single, fused = [], []
+        for loop in by_name[f"select-{dtype}-slices-joint"]["select"]:
+            (fused if loop["histograms_per_element"] == 2 else single).append(loop)
+        uniform, keys, last = (loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"])
+        assert len(single) == len(fused) == 3 and all(loop["mufu_per_element"] <= MUFU_BUDGET for loop in fused)
+        assert max(loop["instructions_per_element"] for loop in fused) < keys + last, (fused, keys, last)
         if dtype == "fp32":   # top-k's count, the gather, the gather with top-k's bin counted, and both
             # filters side by side (top-p's uniform pass with top-k's first, then both runs): (histograms,
             # gathered words) per logit; each fused loop costs less than the two it fuses

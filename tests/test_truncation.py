@@ -389,7 +389,8 @@ def _fp32_rows_for_the_gather():
     tokens in one bin of that pass around the k-th value (gathered after two); top_k 3000, above
     what the gather holds (both selections side by side); 2500 tokens tied at the k-th value of
     top_k 20, which two passes leave in one bin (the 10 above it gathered, the bin counted key by
-    key); and top_k 4000, the whole row (off: top_p alone)."""
+    key); top_k 4000, the whole row (off: top_p alone); and 2500 tokens tied at the k-th value of
+    top_k 2200 (side by side, the bounds on the mass top_k keeps far apart until its last pass)."""
     import numpy as np
 
     rng = np.random.default_rng(31)
@@ -397,8 +398,9 @@ def _fp32_rows_for_the_gather():
     band = np.concatenate([[0.0], rng.uniform(-0.1, -0.02, 10), -0.132 - rng.uniform(0, 0.0066, 3000),
                            rng.uniform(-8, -4, 989)])   # d of the 3000 in [-0.2, -0.1904]: one bin
     ties = np.concatenate([rng.uniform(-0.9, 0.0, 10), np.full(2500, -1.0), rng.uniform(-8, -2, 1490)])
+    wide_ties = np.concatenate([rng.uniform(-0.9, 0.0, 100), np.full(2500, -1.0), rng.uniform(-8, -2, 1400)])
     for z, k, how in ((gaussian, 50, "gathered"), (band, 100, "gathered"), (gaussian, 3000, "joint"),
-                      (ties, 20, "tied"), (gaussian, 4000, "off")):
+                      (ties, 20, "tied"), (gaussian, 4000, "off"), (wide_ties, 2200, "joint")):
         z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
         keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
         values, counts = z[keep].unique(return_counts=True)      # ascending
@@ -439,7 +441,7 @@ def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_
         assert (passes[-1] == "gather") == (how in ("gathered", "tied")) and passes.count("gather") <= 1, passes
         assert passes == (["joint"] * len(passes) if how == "joint" else [p for p in passes if p != "joint"]), passes
         reads.append(1 + len(passes) + (not summed[-1]))
-    assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4, reads
+    assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4 and reads[5] == 4, reads
 
 
 def _key(d):

@@ -36,7 +36,8 @@ BATCH_INTS = ("N", "T", "stride_xb", "stride_xt", "stride_db", "stride_dt", "n_s
 PER_TOKEN_POINTERS = ("p_y", "p_old", "p_adv", "p_g", "p_ref", "p_tau", "p_min_p", "p_top_k", "p_top_p", "p_cut",
                       "p_sums", "p_lse2_base", "p_lse2_rest", "p_logp", "p_ent", "p_psi", "p_zeta", "p_loss", "p_coef",
                       "p_dlogp", "p_dent", "p_upstream", "p_base", "p_mode", "p_klo", "p_khi", "p_shift", "p_lo",
-                      "p_scale", "p_delta", "p_hist", "p_from", "p_first", "p_slots")
+                      "p_scale", "p_delta", "p_hist", "p_from", "p_first", "p_slots", "p_klo_k", "p_khi_k", "p_shift_k",
+                      "p_counts")
 
 
 @triton.jit

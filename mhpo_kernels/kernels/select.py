@@ -329,7 +329,8 @@ def _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
 def _joint_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
                 hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, MASKED: tl.constexpr, UNIFORM: tl.constexpr,
                 ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-                VEC: tl.constexpr, KEYS16: tl.constexpr = None):
+                VEC: tl.constexpr, KEYS16: tl.constexpr = None, delta=0.0, REBASED: tl.constexpr = False,
+                IN: tl.constexpr = True):
     """One block of ``_joint_pass``: its d tallied twice, for top-p's run and for top-k's."""
     b_raw, b_x, b_d, m_v = _block_d(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, MASKED, SOFTCAP)
     if UNIFORM:   # top-p's first pass, top-k's first over the keys: no mass above either
@@ -339,21 +340,25 @@ def _joint_step(p_blk, v0, o_blk, lo, hi, k, base, tanh_scale, klo, khi, shift, 
                                           a_k, MASKED, False, False, False, False, R, LANES, VEC, 0.0, False, KEYS16)
     else:
         hist, s_hi, s_in, a_hi = _tally(b_raw, b_x, b_d, m_v, klo, khi, shift, lo_d, scale, hist, s_hi, s_in, a_hi,
-                                        MASKED, False, True, True, ENTROPY, R, LANES, VEC, 0.0, False, KEYS16)
+                                        MASKED, False, True, IN, ENTROPY, R, LANES, VEC, delta, REBASED, KEYS16)
         hist_k, s_k, unused, a_k = _tally(b_raw, b_x, b_d, m_v, klo_k, khi_k, shift_k, lo_d, scale, hist_k, s_k, s_k,
-                                          a_k, MASKED, False, True, False, ENTROPY, R, LANES, VEC, 0.0, False, KEYS16)
+                                          a_k, MASKED, False, True, False, ENTROPY, R, LANES, VEC, delta, REBASED,
+                                          KEYS16)
     return hist, s_hi, s_in, a_hi, hist_k, s_k, a_k
 
 
 @triton.jit
 def _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
                 UNIFORM: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, R: tl.constexpr,
-                LANES: tl.constexpr, VEC: tl.constexpr, KEYS16: tl.constexpr = None):
+                LANES: tl.constexpr, VEC: tl.constexpr, KEYS16: tl.constexpr = None, delta=0.0,
+                REBASED: tl.constexpr = False, IN: tl.constexpr = True):
     """One read of a valid row [lead, n_end) (``_count_pass``'s blocks) for top-p's run and top-k's
     at once: top-p's [klo, khi] by bins of 2^shift keys, with the mass above it (ENTROPY: and its
     Σ 2^d·d) and within it, and top-k's [klo_k, khi_k] by bins of 2^shift_k keys, with the mass
     above it (and its Σ 2^d·d). UNIFORM: top-p's bins uniform in d from ``lo_d`` (``_count_pass``),
-    with the mass within them only, top-k's with no mass. KEYS16: keys of the 16-bit logits."""
+    with the mass within them only, top-k's with no mass. KEYS16: keys of the 16-bit logits.
+    REBASED: the sums (not UNIFORM's) of d + ``delta``, as ``_count_pass``'s; IN False: not the
+    mass within top-p's run (a last pass)."""
     BLOCK: tl.constexpr = R * LANES * VEC
     n_full = n_end // BLOCK * BLOCK
     klo, khi, shift = _placed(klo, khi, shift, KEYS16)
@@ -367,15 +372,18 @@ def _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift,
     a_k = tl.zeros([LANES], tl.float32)
     hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
         p_blk, 0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k, hist,
-        s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
+        s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16, delta, REBASED,
+        IN)
     for v0 in range(BLOCK, n_full, BLOCK):
         hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
             p_blk, v0, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
-            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, False, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, False, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16, delta,
+            REBASED, IN)
     if (n_full > 0) & (n_full < n_end):
         hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_step(
             p_blk, n_full, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d, scale, klo_k, khi_k,
-            shift_k, hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16)
+            shift_k, hist, s_hi, s_in, a_hi, hist_k, s_k, a_k, True, UNIFORM, ENTROPY, SOFTCAP, R, LANES, VEC, KEYS16,
+            delta, REBASED, IN)
     return (hist, tl.sum(s_hi, 0), tl.sum(s_in, 0), tl.sum(a_hi, 0), hist_k, tl.sum(s_k, 0),
             tl.sum(a_k, 0))
 
@@ -1254,8 +1262,9 @@ def select_cuts(logits, target, part, n_segs, seg_len, lmap, cut, sums, with_ent
 
 # ---- one counting pass over a vocabulary slice (vocab_parallel.py) -----------------------------
 # With the vocabulary split over ranks, a row's selection counts every slice: each pass is a launch
-# whose (N, NB) counts and sums the ranks add up, and ``slice_select.py`` decides between passes.
-COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS = (tl.constexpr(m) for m in range(4))  # _sweep_types' COUNT_*
+# whose counts and sums the ranks add up, and ``slice_select.py`` decides between passes.
+COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_JOINT_UNIFORM, COUNT_JOINT, COUNT_JOINT_SUMS = \
+    (tl.constexpr(m) for m in range(7))  # _sweep_types' COUNT_*
 
 
 @triton.jit(do_not_specialize=BATCH_INTS, do_not_specialize_on_alignment=PER_TOKEN_POINTERS)
@@ -1264,13 +1273,17 @@ def _slice_count_kernel(
     p_y,                                         # (N,) int32 target ids in the slice, V: another slice's, < 0 invalid
     p_tau, p_base,                               # (N,) per token: τ_t, the group's common base b
     p_mode, p_klo, p_khi, p_shift, p_lo, p_scale,  # (N,) per token: the pass (COUNT_*) and its range
-    p_delta,                                     # (N,) COUNT_SUMS: the sums of d + delta (the slice's own base)
-    p_hist,                                      # (N, NB) int32 output: the counts by bin
+    p_delta,                                     # (N,) COUNT_SUMS, COUNT_JOINT_SUMS: the sums of d + delta
+                                                 # (the slice's own base)
+    p_klo_k, p_khi_k, p_shift_k,                 # JOINT: (N,) per token, top-k's run beside top-p's
+    p_hist,                                      # (N, NB) int32 output: the counts by bin (JOINT: (N, 2, NB),
+                                                 # top-k's run's second)
     p_sums,                                      # (N, 4) fp32 output: the mass above the range, within it,
-                                                 # Σ 2^d·d above it, the target's d (0 off the slice)
+                                                 # Σ 2^d·d above it, the target's d (0 off the slice); JOINT:
+                                                 # (N, 6), then the mass above top-k's run and its Σ 2^d·d
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
-    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, JOINT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     """One pass of one row's selection over this slice, at the common base b: its candidates'
@@ -1278,7 +1291,11 @@ def _slice_count_kernel(
     [klo, khi] (COUNT_KEYS, with the mass above and within); or those counts with the mass and
     Σ 2^d·d of the keys above khi (COUNT_SUMS: a filter's last pass, or with an empty range the
     kept tokens' sums), of d + delta: at the slice's own base, where they cannot underflow to 0
-    for a slice far below the largest. Every d is formed as the sweeps form it."""
+    for a slice far below the largest. JOINT (top-k and top-p side by side, ``_joint_pass``):
+    COUNT_JOINT_UNIFORM counts top-p's uniform bins and top-k's run [klo_k, khi_k] by 2^shift_k
+    keys; COUNT_JOINT both runs by keys, with the mass above and within top-p's and above
+    top-k's; COUNT_JOINT_SUMS the same counts with the mass and Σ 2^d·d above each run, of
+    d + delta (the last pass). Every d is formed as the sweeps form it."""
     row = tl.program_id(0)
     y, valid, has_y, n_read = _row_target(p_y, row, N, V)
     if HAS_TAU:
@@ -1296,9 +1313,12 @@ def _slice_count_kernel(
     o_blk = _block_offsets(R, LANES, VEC)
     n_end = lead + n_read
     hist = tl.zeros([NB], tl.int32)
+    hist_k = tl.zeros([NB], tl.int32)
     s_hi = 0.0
     s_in = 0.0
     a_hi = 0.0
+    s_k = 0.0
+    a_k = 0.0
     if mode == COUNT_UNIFORM:
         hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
                                              scale, True, False, True, False, SOFTCAP, R, LANES, VEC)
@@ -1309,32 +1329,60 @@ def _slice_count_kernel(
         hist, s_hi, s_in, a_hi = _count_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo, khi, shift, lo_d,
                                              scale, False, True, False, True, SOFTCAP, R, LANES, VEC,
                                              tl.load(p_delta + row), True)
-    tl.store(p_hist + row.to(tl.int64) * NB + tl.arange(0, NB), hist)
+    elif JOINT:
+        klo_k = tl.load(p_klo_k + row, mask=valid, other=0).to(tl.uint32)
+        khi_k = tl.load(p_khi_k + row, mask=valid, other=0).to(tl.uint32)
+        shift_k = tl.load(p_shift_k + row, mask=valid, other=0)
+        if mode == COUNT_JOINT_UNIFORM:
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo,
+                                                                   khi, shift, lo_d, scale, klo_k, khi_k, shift_k,
+                                                                   True, False, SOFTCAP, R, LANES, VEC)
+        elif mode == COUNT_JOINT:
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo,
+                                                                   khi, shift, 0.0, 0.0, klo_k, khi_k, shift_k,
+                                                                   False, False, SOFTCAP, R, LANES, VEC)
+        elif mode == COUNT_JOINT_SUMS:
+            hist, s_hi, s_in, a_hi, hist_k, s_k, a_k = _joint_pass(p_blk, o_blk, lead, n_end, k, base, tanh_scale, klo,
+                                                                   khi, shift, 0.0, 0.0, klo_k, khi_k, shift_k,
+                                                                   False, True, SOFTCAP, R, LANES, VEC, None,
+                                                                   tl.load(p_delta + row), True, False)
+    o_bin = tl.arange(0, NB)
+    if JOINT:
+        tl.store(p_hist + row.to(tl.int64) * (2 * NB) + o_bin, hist)
+        tl.store(p_hist + row.to(tl.int64) * (2 * NB) + NB + o_bin, hist_k)
+        tl.store(p_sums + 6 * row + 4, s_k)
+        tl.store(p_sums + 6 * row + 5, a_k)
+    else:
+        tl.store(p_hist + row.to(tl.int64) * NB + o_bin, hist)
     x_y = tl.load(p_x + off + tl.where(has_y, y, 0), mask=has_y, other=0.0).to(tl.float32)
     d_y = tl.where(has_y, tl.fma(_logit_u(x_y, tanh_scale, SOFTCAP), k, -base), 0.0)
-    tl.store(p_sums + 4 * row, s_hi)
-    tl.store(p_sums + 4 * row + 1, s_in)
-    tl.store(p_sums + 4 * row + 2, a_hi)
-    tl.store(p_sums + 4 * row + 3, d_y)
+    n_sums: tl.constexpr = 6 if JOINT else 4
+    tl.store(p_sums + n_sums * row, s_hi)
+    tl.store(p_sums + n_sums * row + 1, s_in)
+    tl.store(p_sums + n_sums * row + 2, a_hi)
+    tl.store(p_sums + n_sums * row + 3, d_y)
 
 
-def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta):
+def slice_count(logits, target, lmap, base, mode, klo, khi, shift, lo, scale, delta, joint=None):
     """One counting pass of the rows' selection over this slice of ``logits`` (B, T, V) at the
     common ``base``, each row as its ``mode`` (COUNT_*) says: ((N, NB) int32 counts, (N, 4) fp32
     sums: the mass above the range, within it, Σ 2^d·d above it (COUNT_SUMS: of d + ``delta``),
-    the target's d)."""
+    the target's d). ``joint``: (klo_k, khi_k, shift_k), top-k's runs beside top-p's
+    (COUNT_JOINT_*): then (N, 2, NB) counts, top-k's second, and (N, 6) sums, the mass above
+    top-k's run and its Σ 2^d·d last."""
     B, T, V = logits.shape
     N = B * T
-    hist = torch.empty(N, NB.value, dtype=torch.int32, device=logits.device)
-    sums = torch.empty(N, 4, dtype=torch.float32, device=logits.device)
+    hist = torch.empty((N, 2, NB.value) if joint else (N, NB.value), dtype=torch.int32, device=logits.device)
+    sums = torch.empty(N, 6 if joint else 4, dtype=torch.float32, device=logits.device)
     cfg = sweep_config(V, logits.element_size())
     with on_device(logits.device):
         _slice_count_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1), target, lmap.tau, base,
-            mode, klo, khi, shift, lo, scale, delta, hist, sums, N, T, V, lmap.log2_scale, lmap.tanh_scale,
-            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
-            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-            maxnreg=MAX_REGISTERS,
+            mode, klo, khi, shift, lo, scale, delta, *(joint or (None, None, None)), hist, sums, N, T, V,
+            lmap.log2_scale, lmap.tanh_scale,
+            SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, JOINT=joint is not None,
+            ROWS_ALIGNED=rows_aligned(logits, cfg.vec), R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
     return hist, sums
 
@@ -1346,16 +1394,22 @@ def _slice_gather_kernel(
     p_tau, p_base,                               # (N,) per token: τ_t, the group's common base b
     p_from,                                      # (N,) int64: the lowest key of the row's candidates
     p_first,                                     # (N,) int32: the row's first slot for this slice, < 0: none
-    p_slots,                                     # (N, NB) fp32 output: the candidates' d, from slot first on
+    p_klo, p_khi,                                # (N,) int64: a run of keys counted one bin a key (klo > khi: none)
+    p_slots, p_counts,                           # (N, NB) fp32 and int32 outputs, rows ROW_STRIDE apart: the
+                                                 # candidates' d, from slot first on, and the run's counts
     N, T, V,
     k, tanh_scale,                               # logit map, see logit_map.py (k of τ = 1 with HAS_TAU)
     SOFTCAP: tl.constexpr, HAS_TAU: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     R: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    ROW_STRIDE: tl.constexpr,                    # the outputs' row stride: 2 NB, the two halves of the
+                                                 # split's counts (``slice_count`` with ``joint``)
 ):
     """One read of one row of this slice at the common base b: its d from ``p_from``'s value up
     (top-k's candidates beside top-p, ``slice_select._decide_gathered``), stored in its row of
-    ``p_slots`` from slot ``first`` on, the slices before it having the slots below. Every d is
-    formed as the sweeps form it."""
+    ``p_slots`` from slot ``first`` on, the slices before it having the slots below; where the
+    row has a run [klo, khi] (top-k's bin of its k-th value, the tokens above it gathered), its
+    keys counted one bin a key into ``p_counts`` (``_top_k_top_p_gathered``'s last pass). Every d
+    is formed as the sweeps form it."""
     row = tl.program_id(0)
     _, valid, _, n_read = _row_target(p_y, row, N, V)
     first = tl.load(p_first + row, mask=valid, other=-1)
@@ -1364,25 +1418,39 @@ def _slice_gather_kernel(
             k = k / tl.load(p_tau + row)
         off = _row_offset(row, T, stride_xb, stride_xt, ROWS_ALIGNED, VEC)
         lead = _row_lead(off, VEC)
-        _gather_pass(_block_base(p_x, off, lead, True, VEC), _block_offsets(R, LANES, VEC), lead, lead + n_read, k,
-                     tl.load(p_base + row), tanh_scale, _value(tl.load(p_from + row).to(tl.uint32)),
-                     p_slots + row.to(tl.int64) * NB, NB, SOFTCAP, R, LANES, VEC, first)
+        p_blk = _block_base(p_x, off, lead, True, VEC)
+        o_blk = _block_offsets(R, LANES, VEC)
+        base = tl.load(p_base + row)
+        lo_d = _value(tl.load(p_from + row).to(tl.uint32))
+        p_row = p_slots + row.to(tl.int64) * ROW_STRIDE
+        klo = tl.load(p_klo + row).to(tl.uint32)
+        khi = tl.load(p_khi + row).to(tl.uint32)
+        if klo <= khi:
+            n, hist = _gather_pass(p_blk, o_blk, lead, lead + n_read, k, base, tanh_scale, lo_d, p_row, NB, SOFTCAP, R,
+                                   LANES, VEC, first, klo, khi, True)
+            tl.store(p_counts + row.to(tl.int64) * ROW_STRIDE + tl.arange(0, NB), hist)
+        else:
+            _gather_pass(p_blk, o_blk, lead, lead + n_read, k, base, tanh_scale, lo_d, p_row, NB, SOFTCAP, R, LANES,
+                         VEC, first)
 
 
-def slice_gather(logits, target, lmap, base, from_key, first, out):
+def slice_gather(logits, target, lmap, base, from_key, first, klo, khi, slots, counts):
     """Top-k's candidates of the rows with ``first`` ≥ 0 in this slice of ``logits`` (B, T, V):
     their d at the common ``base`` from ``from_key``'s value up, stored in slots ``first`` on of
-    their row of ``out`` (N, NB) fp32, whose other slots are left as they are (0: summed over the
-    group, the slots hold every slice's)."""
+    their row of ``slots`` (N, NB) fp32, and where klo ≤ khi the keys of [klo, khi] counted one
+    bin a key in their row of ``counts`` (N, NB) int32 (both with unit stride along NB and the
+    same row stride); their other slots and counts are left as they are (0: summed over the
+    group, each slot holds one slice's d)."""
     B, T, V = logits.shape
     N = B * T
     cfg = sweep_config(V, logits.element_size())
+    assert slots.stride() == counts.stride() and slots.stride(1) == 1
     with on_device(logits.device):
         _slice_gather_kernel[(N,)](
-            logits, logits.stride(0), logits.stride(1), target, lmap.tau, base, from_key, first, out, N, T, V,
-            lmap.log2_scale, lmap.tanh_scale,
+            logits, logits.stride(0), logits.stride(1), target, lmap.tau, base, from_key, first, klo, khi, slots,
+            counts, N, T, V, lmap.log2_scale, lmap.tanh_scale,
             SOFTCAP=lmap.softcap, HAS_TAU=lmap.tau is not None, ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
-            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-            maxnreg=MAX_REGISTERS,
+            R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec, ROW_STRIDE=slots.stride(0), num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION, maxnreg=MAX_REGISTERS,
         )
-    return out
+    return slots, counts
