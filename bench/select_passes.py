@@ -201,6 +201,7 @@ def _other_rows(kind, rng):
 
 FILTERS = (("k", 20), ("k", 1000), ("p", 0.5), ("p", 0.9), ("p", 0.95), ("p", 0.999))
 BOTH = ((20, 0.9), (20, 0.95), (50, 0.99), (1000, 0.9))
+SPLIT_BOTH = BOTH + ((3000, 0.9),)   # over a split: a top_k above what the gather holds as well
 ALONE = ((20, None), (1000, None), (None, 0.9), (None, 0.999))
 KINDS = [f"z ~ N(0, {s}²)" for s in (1, 3, 6, 12)] + ["bf16 + head", "ties (grid)", "tied largest", "near-tied top",
                                                    "near-tied top, τ"]
@@ -312,7 +313,7 @@ def _split_rank(rank, world, folder, rows):
         x = torch.tensor(np.asarray(_rows(kind, rows, rng)))
         ids = x.argmax(-1)
         table[kind] = []
-        for top_k, top_p in BOTH:
+        for top_k, top_p in SPLIT_BOTH:
             reads = torch.ones(rows, dtype=torch.int64)   # the statistics
             with mhpo_kernels.use_backend("torch"):
                 logp = mhpo_kernels.token_logprobs(x[:, rank * size:(rank + 1) * size], ids, top_k=top_k,
@@ -343,7 +344,7 @@ def split(rows, world):
             table = json.load(f)
     print(f"reads of each slice by the forward with top_k and top_p together over {world} slices (statistics + the "
           f"selection's launches), over {rows} rows, V = {V}, counted by slice_select's launches")
-    print(f"{'rows':>18} " + " ".join(f"{f'k {k}, p {p}':>13}" for k, p in BOTH))
+    print(f"{'rows':>18} " + " ".join(f"{f'k {k}, p {p}':>13}" for k, p in SPLIT_BOTH))
     for kind, counts in table.items():
         print(f"{kind:>18} " + " ".join(f"{f'{a}–{b}' if a != b else str(a):>13}" for a, b in counts))
 

@@ -183,6 +183,9 @@ def test_truncation_passes(report):
             (fused if loop["histograms_per_element"] == 2 else single).append(loop)
         uniform, keys, last = (loop["instructions_per_element"] for loop in by_name[f"select-{dtype}-slices"]["select"])
         assert len(single) == len(fused) == 3 and all(loop["mufu_per_element"] <= MUFU_BUDGET for loop in fused)
+        alone = sorted(loop["loop_instructions"] for loop in by_name[f"select-{dtype}-slices"]["select"])
+        for mine, theirs in zip(sorted(loop["loop_instructions"] for loop in single), alone):
+            assert 0 <= mine - theirs <= 4, (single, alone)   # the one filter's passes, as without top-k's run
         assert max(loop["instructions_per_element"] for loop in fused) < keys + last, (fused, keys, last)
         if dtype == "fp32":   # top-k's count, the gather, the gather with top-k's bin counted, and both
             # filters side by side (top-p's uniform pass with top-k's first, then both runs): (histograms,
