@@ -1034,25 +1034,32 @@ def _count_slice_reads(reads, sums):
 
 
 def _tp_random_rows_worker(rank, world_size, out_dir, dtype):
-    import mhpo_kernels
-    import torch.distributed as dist
     from test_truncation import _random_rows
 
     dtype = getattr(torch, dtype)
     x, min_p, top_k, top_p = _random_rows(60, 512, seed=7, rounded=None if dtype == torch.float32 else dtype)
     start, size = _split(512, world_size)[rank]
     ids = x.argmax(-1)
-    out = {}
-    for backend in ("triton", "torch"):
-        reads, sums = torch.zeros(60, dtype=torch.int64), torch.zeros(60, dtype=torch.int64)
-        _count_slice_reads(reads, sums)
-        with mhpo_kernels.use_backend(backend):
-            leaf = x[:, start:start + size].to(dtype, copy=True).requires_grad_()
-            logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
-                                                    top_p=top_p, tp_group=dist.group.WORLD)
-            logp.sum().backward()
-        out[backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads, sums=sums)
+    out = {backend: _filtered_slice(x[:, start:start + size].to(dtype), ids, backend, min_p, top_k, top_p)
+           for backend in ("triton", "torch")}
     torch.save(out, f"{out_dir}/rows-{rank}.pt")
+
+
+def _filtered_slice(x, ids, backend, min_p, top_k, top_p):
+    """``token_logprobs`` of this rank's slice ``x`` of the rows with the filters, over the world
+    group, on ``backend``: the log-probs, entropy, the slice's gradient of the log-probs' sum, and
+    the reads of each row by the selection's launches (``_count_slice_reads``)."""
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    reads, sums = torch.zeros(len(ids), dtype=torch.int64), torch.zeros(len(ids), dtype=torch.int64)
+    _count_slice_reads(reads, sums)
+    with mhpo_kernels.use_backend(backend):
+        leaf = x.clone().requires_grad_()
+        logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
+                                                top_p=top_p, tp_group=dist.group.WORLD)
+        logp.sum().backward()
+    return dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads, sums=sums)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -1098,25 +1105,14 @@ def test_vocab_parallel_random_rows_keep_the_sorts_set(tmp_path, dtype):
 
 
 def _tp_joint_rows_worker(rank, world_size, out_dir):
-    import mhpo_kernels
-    import torch.distributed as dist
     from test_truncation import _random_rows
 
     x, min_p, top_k, top_p = _random_rows(12, 3000, seed=19, kinds=("kp", "mkp", "k", "p"), k_above=2048)
     start, size = _split(3000, world_size)[rank]
     ids = x.argmax(-1)
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        for backend in ("triton", "torch"):
-            reads, sums = torch.zeros(12, dtype=torch.int64), torch.zeros(12, dtype=torch.int64)
-            _count_slice_reads(reads, sums)
-            with mhpo_kernels.use_backend(backend):
-                leaf = x[:, start:start + size].to(dtype, copy=True).requires_grad_()
-                logp, ent = mhpo_kernels.token_logprobs(leaf, ids, return_entropy=True, min_p=min_p, top_k=top_k,
-                                                        top_p=top_p, tp_group=dist.group.WORLD)
-                logp.sum().backward()
-            out[str(dtype), backend] = dict(logp=logp.detach(), ent=ent.detach(), grad=leaf.grad, reads=reads,
-                                            sums=sums)
+    out = {(str(dtype), backend): _filtered_slice(x[:, start:start + size].to(dtype), ids, backend, min_p, top_k,
+                                                  top_p)
+           for dtype in (torch.float32, torch.bfloat16) for backend in ("triton", "torch")}
     torch.save(out, f"{out_dir}/joint-{rank}.pt")
 
 
