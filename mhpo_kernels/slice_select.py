@@ -289,11 +289,9 @@ def _joint(base, delta, floor, top_k, top_p, on):
     b_lo, b_hi = st.pop("b_lo"), st.pop("b_hi")
     st["klo_p"] = torch.where(st["done_p"], st["cut_p"], _bin_start(b_lo, lo, scale))
     st["khi_p"] = torch.where(st["done_p"], st["cut_p"] - 1, _bin_start(b_hi + 1, lo, scale) - 1)
+    st["has_run"] = found   # top-k's run: single keys by the last pass, counted again there if done before
     for i in range(1, MAX_PASSES):
         last = i == MAX_PASSES - 1
-        if last:   # the sums from top-k's threshold up, where top-p keeps every token top-k keeps
-            st["klo_k"] = torch.where(st["done_k"], st["cut_k"], st["klo_k"])
-            st["khi_k"] = torch.where(st["done_k"], st["cut_k"] - 1, st["khi_k"])
         st["more"] = on
         st["shift"], st["shift_k"] = _shift(st["klo_p"], st["khi_p"]), _shift(st["klo_k"], st["khi_k"])
         hist, sums, own = yield dict(mode=_mode(~on, COUNT_JOINT_SUMS if last else COUNT_JOINT), klo=st["klo_p"],
@@ -348,41 +346,40 @@ def _joint_next(st, cnt, sums, own, last):
     """The joint's second or third pass for a block of rows (select._joint_passes): top-k's bin of
     its k-th value, whose single keys make its cut and the mass it keeps exact; top-p decided
     between the goals those bounds allow (the last pass by the middle rule), or its run narrowed.
-    The last pass (``own``: this slice's counts and sums at its own base) gives this slice's kept
-    tokens' sums: top-p's kept bins and the mass above them, or where top-p was decided before,
-    the mass from its threshold up (an empty run); and top-k's, for a top-p that keeps them all."""
+    The last pass counts top-k's run by single keys (again, where they made it exact before):
+    where top-p's cut falls among them (the mass above the run below its goal) it is decided
+    there exactly, key by key (``select._exact_in_run``). That pass (``own``: this slice's counts
+    and sums at its own base) gives this slice's kept tokens' sums: top-p's kept bins and the mass
+    above them, or where top-p was decided before, the mass from its threshold up (an empty run),
+    or top-k's run's kept keys and the mass above them."""
     bins = torch.arange(NB, device=cnt.device)
     on, delta, kf = st["more"], st["delta"], st["kf"]
     # top-k
     klo, khi, shift = st["klo_k"], st["khi_k"], st["shift_k"]
     counting = on & ~st["done_k"]
     cnt_k, s_k = cnt[:, 1], sums[:, 4]
-    lo_key, d_lo, d_hi = _key_bins(klo, khi, shift, st["base"])
+    lo_key_k, d_lo_k, d_hi_k = _key_bins(klo, khi, shift, st["base"])
     f = torch.where(st["above_k"].unsqueeze(-1) + cnt_k.flip(-1).cumsum(-1).flip(-1) >= kf.unsqueeze(-1), bins,
                     0).amax(-1)
     at_f, above = bins == f.unsqueeze(-1), bins > f.unsqueeze(-1)
-    w_lo = torch.where(cnt_k > 0, cnt_k * torch.exp2(d_lo.double()), 0.0)
+    w_k = torch.where(cnt_k > 0, cnt_k * torch.exp2(d_lo_k.double()), 0.0)
     lo_f = klo + (f << shift)
     single = counting & (shift == 0)
     kept_k = (above | at_f) & (cnt_k > 0)
-    exact = s_k + torch.where(kept_k, w_lo, 0.0).sum(-1)
+    exact = s_k + torch.where(kept_k, w_k, 0.0).sum(-1)
     above_f = st["above_k"] + torch.where(above, cnt_k, 0.0).sum(-1)
-    e_f = torch.where(at_f, torch.exp2(d_lo.double()), 0.0).sum(-1)
-    m_lo = s_k + torch.where(above, w_lo, 0.0).sum(-1) + (kf - above_f) * e_f
-    m_hi = s_k + torch.where(kept_k, cnt_k * torch.exp2(d_hi.double()), 0.0).sum(-1)
+    e_f = torch.where(at_f, torch.exp2(d_lo_k.double()), 0.0).sum(-1)
+    m_lo = s_k + torch.where(above, w_k, 0.0).sum(-1) + (kf - above_f) * e_f
+    m_hi = s_k + torch.where(kept_k, cnt_k * torch.exp2(d_hi_k.double()), 0.0).sum(-1)
     narrow = counting & ~single
-    if last:   # top-k's kept tokens of this slice: from its threshold up, or its single keys' now
-        own_cnt, own_sums = own
-        own_m, own_a = _own_mass(own_cnt[:, 1], d_lo, d_hi, delta, kept_k)
-        st["own_m"] = own_sums[:, 4] + torch.where(single, own_m, 0.0)
-        st["own_a"] = own_sums[:, 5] + torch.where(single, own_a, 0.0)
     st["m_lo"] = torch.where(single, exact, torch.where(narrow, m_lo, st["m_lo"]))
     st["m_hi"] = torch.where(single, exact, torch.where(narrow, m_hi, st["m_hi"]))
     st["cut_k"] = torch.where(single, lo_f, st["cut_k"])
     st["done_k"] = st["done_k"] | single
-    st["above_k"] = torch.where(narrow, above_f, st["above_k"])
-    st["khi_k"] = torch.where(narrow, lo_f + torch.minimum((1 << shift) - 1, khi - lo_f), khi)
-    st["klo_k"] = torch.where(narrow, lo_f, klo)
+    if not last:
+        st["above_k"] = torch.where(narrow, above_f, st["above_k"])
+        st["khi_k"] = torch.where(narrow, lo_f + torch.minimum((1 << shift) - 1, khi - lo_f), khi)
+        st["klo_k"] = torch.where(narrow, lo_f, klo)
     # top-p
     klo, khi, shift = st["klo_p"], st["khi_p"], st["shift"]
     cnt, s_hi, s_in = cnt[:, 0], sums[:, 0], sums[:, 1]
@@ -401,9 +398,24 @@ def _joint_next(st, cnt, sums, own, last):
     b_kept = torch.where(kept, bins, NB).amin(-1)
     cut = torch.where(b_kept < NB, klo + (b_kept.clamp(max=NB - 1) << shift), (khi + 1).clamp(max=KEY_INF))
     st["cut_p"] = torch.where(decided, cut, st["cut_p"])
-    if last:   # every row is decided: the kept bins' sums and the mass above them (all of it, decided before)
+    if last:   # every row is decided: this slice's sums
+        own_cnt, own_sums = own
         s, a = _own_mass(own_cnt[:, 0], d_lo, d_hi, delta, kept & decided.unsqueeze(-1))
         st["s"], st["a"] = own_sums[:, 0] + s, own_sums[:, 2] + a
+        # top-k's run, single keys: its kept keys, and top-p's among them where its cut lies there
+        mine = (cnt_k > 0) & (lo_key_k >= st["cut_k"].unsqueeze(-1))
+        own_m, own_a = _own_mass(own_cnt[:, 1], d_lo_k, d_hi_k, delta, mine)
+        st["own_m"], st["own_a"] = own_sums[:, 4] + own_m, own_sums[:, 5] + own_a
+        goal = st["top_p"] * st["m_lo"]
+        in_run = on & st["has_run"] & (s_k < goal)
+        above_key = s_k.unsqueeze(-1) + torch.where(mine, w_k, 0.0).flip(-1).cumsum(-1).flip(-1) - \
+            torch.where(mine, w_k, 0.0)
+        kept_run = mine & (above_key < goal.unsqueeze(-1))
+        s_run, a_run = _own_mass(own_cnt[:, 1], d_lo_k, d_hi_k, delta, kept_run)
+        b_run = torch.where(kept_run, bins, NB).amin(-1).clamp(max=NB - 1)
+        st["cut_p"] = torch.where(in_run, st["klo_k"] + b_run, st["cut_p"])
+        st["s"] = torch.where(in_run, own_sums[:, 4] + s_run, st["s"])
+        st["a"] = torch.where(in_run, own_sums[:, 5] + a_run, st["a"])
         st["summed"] = on
     st["done_p"] = st["done_p"] | decided
     top = klo + (b_hi.clamp(min=0) << shift)

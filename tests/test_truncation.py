@@ -389,8 +389,11 @@ def _fp32_rows_for_the_gather():
     tokens in one bin of that pass around the k-th value (gathered after two); top_k 3000, above
     what the gather holds (both selections side by side); 2500 tokens tied at the k-th value of
     top_k 20, which two passes leave in one bin (the 10 above it gathered, the bin counted key by
-    key); top_k 4000, the whole row (off: top_p alone); and 2500 tokens tied at the k-th value of
-    top_k 2200 (side by side, the bounds on the mass top_k keeps far apart until its last pass)."""
+    key); top_k 4000, the whole row (off: top_p alone); 2500 tokens tied at the k-th value of
+    top_k 2200 (side by side, the bounds on the mass top_k keeps far apart until its last pass);
+    and top_k 2601 whose k-th value, 2 tied tokens, lies 1 below 2500 tied ones, top_p keeping
+    every token top_k keeps (its own bins between the two stay wide into its last pass: the cut is
+    decided among top_k's single keys, ``select._exact_in_run``)."""
     import numpy as np
 
     rng = np.random.default_rng(31)
@@ -399,13 +402,19 @@ def _fp32_rows_for_the_gather():
                            rng.uniform(-8, -4, 989)])   # d of the 3000 in [-0.2, -0.1904]: one bin
     ties = np.concatenate([rng.uniform(-0.9, 0.0, 10), np.full(2500, -1.0), rng.uniform(-8, -2, 1490)])
     wide_ties = np.concatenate([rng.uniform(-0.9, 0.0, 100), np.full(2500, -1.0), rng.uniform(-8, -2, 1400)])
+    far_below = np.concatenate([rng.uniform(-0.9, 0.0, 100), np.full(2500, -1.0), np.full(2, -2.0),
+                                rng.uniform(-8, -2.5, 1398)])
     for z, k, how in ((gaussian, 50, "gathered"), (band, 100, "gathered"), (gaussian, 3000, "joint"),
-                      (ties, 20, "tied"), (gaussian, 4000, "off"), (wide_ties, 2200, "joint")):
+                      (ties, 20, "tied"), (gaussian, 4000, "off"), (wide_ties, 2200, "joint"),
+                      (far_below, 2601, "joint, all")):
         z = torch.from_numpy(rng.permutation(z).astype(np.float32)).double()
         keep = reference.kept_set(z.reshape(1, -1), top_k=torch.tensor([k]))[0]
         values, counts = z[keep].unique(return_counts=True)      # ascending
         share = counts * (values - values.max()).exp()
         cumulative = (share / share.sum()).cumsum(0)
+        if how.endswith("all"):   # top_p keeps every token top_k keeps: half the smallest group's share short of 1
+            yield z.float(), k, float(1 - cumulative[0] / 2), "joint"
+            continue
         m = int(torch.searchsorted(cumulative, torch.tensor(0.3, dtype=torch.float64)))
         yield z.float(), k, float(1 - (cumulative[m - 1] + cumulative[m]) / 2), how
 
@@ -441,7 +450,7 @@ def test_fp32_rows_with_both_filters_read_at_most_four_times(monkeypatch, block_
         assert (passes[-1] == "gather") == (how in ("gathered", "tied")) and passes.count("gather") <= 1, passes
         assert passes == (["joint"] * len(passes) if how == "joint" else [p for p in passes if p != "joint"]), passes
         reads.append(1 + len(passes) + (not summed[-1]))
-    assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4 and reads[5] == 4, reads
+    assert reads[:4] == [3, 4, 4, 4] and reads[4] <= 4 and reads[5:] == [4, 4], reads
 
 
 def _key(d):

@@ -44,11 +44,14 @@ each pass narrowing the candidates to the bins it could not decide.
   first pass with top-k's first over keys, then two passes of top-k's run of keys and top-p's,
   top-p deciding between the goals that top-k's bounds on the mass it keeps allow (a bin of one
   key can be ambiguous there) until its last pass, where top-k's bins are single keys, which
-  makes that mass exact: the statistics and three passes. Where two passes leave more than
-  SLOTS from the k-th value's bin up with a top_k of at most SLOTS (that many tokens tied with
-  its k-th value or within 2^10 keys of it), fewer than k lie above the bin: the third pass
-  gathers those and counts the bin one bin a key, and both filters are decided from the two
-  (``_kept_cut``). A top_k of the whole row is off.
+  makes that mass exact: the statistics and three passes. Where top-p's cut falls among those
+  keys (the mass above top-k's run is below its goal) it is decided there key by key, exactly
+  (``_exact_in_run``): top-p's own bins may still be wide then, its run held open between
+  ambiguous bins far apart (a large tie group above, top-k's k-th value below). Where two
+  passes leave more than SLOTS from the k-th value's bin up with a top_k of at most SLOTS (that
+  many tokens tied with its k-th value or within 2^10 keys of it), fewer than k lie above the
+  bin: the third pass gathers those and counts the bin one bin a key, and both filters are
+  decided from the two (``_kept_cut``). A top_k of the whole row is off.
 - bf16 and fp16 logits (KEYS16). The keys are the logits' own, 2^16 values (``_key16``: bf16's
   the upper half of its fp32 value's key, fp16's formed from its bits): d is monotone in them,
   so a threshold on them is one on d. The first pass bins the candidates' keys, from the first
@@ -924,6 +927,25 @@ def _top_k_top_p_gathered(p_blk, o_blk, lead, n_end, k, base, tanh_scale, floor,
 
 
 @triton.jit
+def _exact_in_run(hist_k, klo_k, cut_k, s_k, a_k, goal, cut_p, s_p, a_p):
+    """top-p's cut, s and a where they lie in top-k's run counted by single keys of d (the last
+    joint pass; ``s_k``, ``a_k``: the sums above the run): where the mass above the run is below
+    top-p's ``goal``, top-p's cut is among top-k's kept keys (from ``cut_k`` up) and each key's
+    weight above it is exact, so it is decided there key by key; else top-p's own (``cut_p``, s_p,
+    a_p). Its own bins may be wide there (ambiguous bins far apart, between which its run stays
+    open), and their middle rule is no bound on a cut that lies below them."""
+    o_bin = tl.arange(0, NB)
+    if s_k < goal:
+        key = klo_k + o_bin.to(tl.uint32)
+        d = _value(key)
+        w = tl.where((hist_k > 0) & (key >= cut_k), hist_k.to(tl.float32) * tl.exp2(d), 0.0)
+        kept = (w > 0) & (s_k + tl.cumsum(w, 0, reverse=True) - w < goal)
+        cut_p = klo_k + tl.min(tl.where(kept, o_bin, NB), 0).to(tl.uint32)
+        s_p, a_p = _kept_sums(kept, w, d, s_k, a_k)
+    return cut_p, s_p, a_p
+
+
+@triton.jit
 def _joint_passes(p_blk, o_blk, lead, n_end, k, base, tanh_scale, kf, top_p, klo_k, khi_k, above_k, done_k, cut_k,
                   m_lo, m_hi, a_k_kept, klo_p, khi_p, cut_p, done_p, key_top, WITH_ENTROPY: tl.constexpr,
                   SOFTCAP: tl.constexpr, KEYS16: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
@@ -1028,6 +1050,9 @@ def _joint_passes(p_blk, o_blk, lead, n_end, k, base, tanh_scale, kf, top_p, klo
                 if done_p & (s_p < 0):       # the next pass sums the tokens from cut_p up
                     klo_p = cut_p
                     khi_p = cut_p - 1
+            if KEYS16 is None:
+                if (i == MAX_PASSES - 1) & (khi_k >= klo_k):
+                    cut_p, s_p, a_p = _exact_in_run(hist_k, klo_k, cut_k, s_k, a_k, top_p * m_lo, cut_p, s_p, a_p)
     if cut_p < cut_k:                        # top-p keeps every token top-k keeps
         cut_p = cut_k
         s_p = m_lo
