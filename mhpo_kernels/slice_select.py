@@ -436,7 +436,7 @@ def _gathered(base, delta, floor, top_k, top_p, on, place):
     fewer than k lie above the bin: the gather takes those and counts the bin one bin a key into
     the second counts. Returns ``_threshold``'s four values."""
     klo = order_keys(floor)
-    st = dict(klo=klo, khi=torch.full_like(klo, KEY_INF), shift=torch.zeros_like(klo), kf=top_k.double(),
+    st = dict(klo=klo, khi=order_keys(_d_max(base)), shift=torch.zeros_like(klo), kf=top_k.double(),
               counting=on.clone(), gather=torch.zeros_like(on), fallback=torch.zeros_like(on), above=_zeros64(base),
               own_above=_zeros64(base), own_from=_zeros64(base))
     found = (klo.clone(), _zeros64(base), _zeros64(base), torch.zeros_like(on))   # cut key, s, a, summed
