@@ -201,12 +201,12 @@ def _uniform_pass(st, cnt, sums, own):
 
 def _key_bins(klo, khi, shift, base):
     """The bins of 2^shift keys from klo over [klo, khi] (bins past khi empty): (each bin's lowest
-    key, its lowest d, its highest d (at most ``_d_max(base)``))."""
+    key, its highest key, its lowest d, its highest d (at most ``_d_max(base)``))."""
     bins = torch.arange(NB, device=klo.device)
     lo_key = (klo.unsqueeze(-1) + (bins << shift.unsqueeze(-1))).clamp(max=KEY_INF)
     width = ((1 << shift) - 1).unsqueeze(-1)
     hi_key = lo_key + torch.minimum(width, (khi.unsqueeze(-1) - lo_key).clamp(min=0))
-    return lo_key, key_value(lo_key), torch.minimum(key_value(hi_key), _d_max(base).unsqueeze(-1))
+    return lo_key, hi_key, key_value(lo_key), torch.minimum(key_value(hi_key), _d_max(base).unsqueeze(-1))
 
 
 def _own_mass(own_cnt, d_lo, d_hi, delta, kept):
@@ -227,7 +227,7 @@ def _keys_pass(st, cnt, sums, own, last, by_mass):
     bins = torch.arange(NB, device=cnt.device)
     klo, khi, shift, done = st["klo"], st["khi"], st["shift"], st["done"]
     s_hi, s_in = sums[:, 0], sums[:, 1]
-    lo_key, d_lo, d_hi = _key_bins(klo, khi, shift, st["base"])
+    _, _, d_lo, d_hi = _key_bins(klo, khi, shift, st["base"])
     above = st["above"]
     if by_mass:
         above = s_hi
@@ -292,7 +292,6 @@ def _joint(base, delta, floor, top_k, top_p, on):
     st["has_run"] = found   # top-k's run: single keys by the last pass, counted again there if done before
     for i in range(1, MAX_PASSES):
         last = i == MAX_PASSES - 1
-        st["more"] = on
         st["shift"], st["shift_k"] = _shift(st["klo_p"], st["khi_p"]), _shift(st["klo_k"], st["khi_k"])
         hist, sums, own = yield dict(mode=_mode(~on, COUNT_JOINT_SUMS if last else COUNT_JOINT), klo=st["klo_p"],
                                      khi=st["khi_p"], shift=st["shift"], lo=lo, scale=scale, klo_k=st["klo_k"],
@@ -353,12 +352,12 @@ def _joint_next(st, cnt, sums, own, last):
     above them, or where top-p was decided before, the mass from its threshold up (an empty run),
     or top-k's run's kept keys and the mass above them."""
     bins = torch.arange(NB, device=cnt.device)
-    on, delta, kf = st["more"], st["delta"], st["kf"]
+    on, delta, kf = st["on"], st["delta"], st["kf"]
     # top-k
     klo, khi, shift = st["klo_k"], st["khi_k"], st["shift_k"]
     counting = on & ~st["done_k"]
     cnt_k, s_k = cnt[:, 1], sums[:, 4]
-    lo_key_k, d_lo_k, d_hi_k = _key_bins(klo, khi, shift, st["base"])
+    lo_key_k, _, d_lo_k, d_hi_k = _key_bins(klo, khi, shift, st["base"])
     f = torch.where(st["above_k"].unsqueeze(-1) + cnt_k.flip(-1).cumsum(-1).flip(-1) >= kf.unsqueeze(-1), bins,
                     0).amax(-1)
     at_f, above = bins == f.unsqueeze(-1), bins > f.unsqueeze(-1)
@@ -384,8 +383,7 @@ def _joint_next(st, cnt, sums, own, last):
     klo, khi, shift = st["klo_p"], st["khi_p"], st["shift"]
     cnt, s_hi, s_in = cnt[:, 0], sums[:, 0], sums[:, 1]
     deciding = on & ~st["done_p"]
-    lo_key, d_lo, d_hi = _key_bins(klo, khi, shift, st["base"])
-    hi_key = lo_key + torch.minimum(((1 << shift) - 1).unsqueeze(-1), (khi.unsqueeze(-1) - lo_key).clamp(min=0))
+    _, hi_key, d_lo, d_hi = _key_bins(klo, khi, shift, st["base"])
     w_lo = torch.where(cnt > 0, cnt * torch.exp2(d_lo.double()), 0.0)
     w_hi = torch.where(cnt > 0, cnt * torch.exp2(d_hi.double()), 0.0)
     kept, _ = _decide(cnt, w_lo, w_hi, s_hi, s_hi, s_in, st["top_p"] * st["m_lo"], shift, last, True)
