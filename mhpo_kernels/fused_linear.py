@@ -12,12 +12,11 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    check_flag, check_float_tensor, check_kept_ids, check_nonnegative, check_positive, check_sampling,
+    check_flag, check_float_tensor, check_kept_ids, check_positive, check_sampling,
     check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
-from .loss import (check_truncated_loss, metrics_from_vector, metrics_of, mhpo_objective, normalizer_tensor,
-                   resolve_objective)
+from .loss import check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, resolve_objective
 from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
@@ -166,16 +165,11 @@ def fused_linear_policy_loss(
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():  # with a tp_group, every rank hears of any error raised in here
-        chosen = resolve_objective(objective)
-        if chosen.sequence_level:
+        if resolve_objective(objective).sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
-        sampling = check_sampling(min_p, top_k, top_p)
-        kept = check_kept_ids(kept_ids, sampling)
-        if sampling.on or kept is not None:
-            check_truncated_loss(seq_valid_tokens, False)
-        check_nonnegative("entropy_coef", entropy_coef)
+        hp, sampling, kept = check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
+                                                  seq_valid_tokens)
         _check_batch_invariant(batch_invariant, tp_group)
-        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,
                                              batch_invariant)
         tau_value, tau = check_temperature(temperature)
@@ -209,14 +203,14 @@ def fused_linear_policy_loss(
                                                    normalizer, batch_invariant, bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None, truncated=True)
+        return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None, truncated=True)
     if tp_group is not None:
         loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
             entropy_coef)
         if not return_metrics:
             return loss
-        return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
+        return loss, _metrics(logp, entropy, psi, zeta, batch, hp)
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -227,7 +221,13 @@ def fused_linear_policy_loss(
     )
     if not return_metrics:
         return loss
-    return loss, metrics_of(logp, entropy, psi, zeta, batch, resolve_objective(objective))
+    return loss, _metrics(logp, entropy, psi, zeta, batch, hp)
+
+
+def _metrics(logp, entropy, psi, zeta, batch, hp):
+    """The metrics dict of an untruncated loss's per-token values."""
+    vector = ops.metrics_vector(logp, entropy, psi, zeta, batch.target, batch.weight, batch.old, batch.ref, hp)
+    return metrics_from_vector(vector, hp.kind, batch.ref is not None)
 
 
 def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,

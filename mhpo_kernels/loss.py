@@ -1,21 +1,18 @@
-"""The public ``mhpo_loss``, ``policy_loss`` and ``token_logprobs``: validate, run the sweeps (the
-``ops`` custom ops, which carry the autograd formula), reduce."""
+"""The public ``mhpo_loss``, ``policy_loss`` and ``token_logprobs``: check the call (``_inputs``),
+run the sweeps (``ops.row_stats``, or ``vocab_parallel.row_stats`` over a split vocabulary)."""
 
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, ops, vocab_parallel
 from ._inputs import (
-    check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative,
-    check_positive, check_sampling, check_temperature, check_tp_group, prepare_mhpo,
-    prepare_tokens,
+    check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative, check_positive,
+    check_sampling, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
-from .ops import LOSS_AND_METRICS, LOSS_TOTAL, row_stats
-from . import vocab_parallel
+from .ops import LOSS_AND_METRICS, LOSS_TOTAL
 from .vocab_parallel import agree_on_inputs, agreed_settings, dtype_name, normalizer_setting
 
 
@@ -27,9 +24,8 @@ def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
 
 
 class RefusedObjective(NamedTuple):
-    """Hyperparameters that failed their checks before ``policy_loss`` ran, with a tp_group: the
-    error is raised among the local checks, which every rank hears of (a raise before the first
-    collective would leave the other ranks waiting in it)."""
+    """``mhpo_loss``'s hyperparameters that failed their checks, with a tp_group: raised inside
+    ``prepare()``, so that every rank hears of it before the first collective."""
 
     error: Exception
 
@@ -51,6 +47,25 @@ def resolve_objective(objective):
     return MHPO() if objective is None else check_objective(objective)
 
 
+def check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids, seq_valid_tokens,
+                         grad_in_forward=False, tp_group=None):
+    """(TokenParams, Sampling, kept_ids) of a policy loss's objective and options, checked."""
+    chosen = resolve_objective(objective)
+    check_nonnegative("entropy_coef", entropy_coef)
+    check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
+    sampling = check_sampling(min_p, top_k, top_p)
+    kept = check_kept_ids(kept_ids, sampling)
+    if sampling.on or kept is not None:  # the weights are formed after the sweep, from every kept set
+        if seq_valid_tokens is not None:
+            raise NotImplementedError("min_p, top_k, top_p and kept_ids with seq_valid_tokens are not supported: "
+                                      "the other ranks' counts cannot leave out this rank's targets outside the "
+                                      "kept set")
+        if grad_in_forward:
+            raise ValueError("grad_in_forward=True is not supported with min_p, top_k or top_p, nor kept_ids: "
+                             "the loss's weights need the kept set of every token, known only after the sweep")
+    return TokenParams.of(chosen, check_nonnegative("beta", beta)), sampling, kept
+
+
 class Prepared(NamedTuple):
     hp: TokenParams
     lmap: LogitMap
@@ -62,33 +77,30 @@ class Prepared(NamedTuple):
 
 def _prepared(prepare, tp_group, logits, settings=None):
     """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed on them and
-    on ``settings(prepared)`` (see ``vocab_parallel.agree_on_inputs``), the slice set on the batch."""
+    on ``settings(prepared)`` (``vocab_parallel.agree_on_inputs``)."""
     if check_tp_group(tp_group) is None:
         return prepare()
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
     return agree_on_inputs(tp_group, device, prepare, settings=settings)
 
 
-def metrics_from_vector(vector, objective, has_ref, truncated=False):
+def metrics_from_vector(vector, kind, has_ref, truncated=False):
     """The metrics dict of the finalize reduction's vector, detached 0-d views: those SPEC.md
-    section 8 lists for the objective (ψ, ζ, survival, saturated share for MHPO only), kl with
-    reference log-probs, and ``outside_support`` where the call names a truncation."""
-    names = (MHPO_METRICS if objective.kind == MHPO_KIND else OTHER_METRICS) + (("kl",) if has_ref else ()) + \
+    section 8 lists for the objective ``kind`` (ψ, ζ, survival, saturated share for MHPO only),
+    kl with reference log-probs, and ``outside_support`` where the call names a truncation."""
+    names = (MHPO_METRICS if kind == MHPO_KIND else OTHER_METRICS) + (("kl",) if has_ref else ()) + \
         (("outside_support",) if truncated else ())
     return {name: vector.detach()[METRICS.index(name)] for name in names}
 
 
-def metrics_of(logp, entropy, psi, zeta, batch, objective, target0=None):
-    """The metrics dict of per-token statistics that no sweeps op reduced (vocabulary parallelism,
-    the fused linear path): the finalize reduction the op runs, on detached inputs; ``target0``:
-    a truncated loss's targets before those outside the kept set left."""
-    def detached(x):
-        return None if x is None else x.detach()
-
-    _, vector = _dispatch.kernel("finalize", logp.device)(
-        batch.target, None, batch.weight, detached(entropy), detached(logp), detached(psi), detached(zeta), batch.old,
-        batch.ref, 0.0, objective.values()[0], mhpo=objective.kind == MHPO_KIND, metrics=True, target0=target0)
-    return metrics_from_vector(vector, objective, batch.ref is not None, truncated=target0 is not None)
+def normalizer_tensor(normalizer, device, lmap):
+    """The normalizer as a truncated loss's second prepare launch reads it: None, or 0-d fp32 on
+    ``device`` (a number by arithmetic, so a new value is no recompile). None untruncated."""
+    if normalizer is None or not lmap.truncated:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(device=device, dtype=torch.float32)
+    return torch.zeros((), dtype=torch.float32, device=device) + normalizer
 
 
 def mhpo_loss(
@@ -189,21 +201,16 @@ def policy_loss(
     vLLM ratio does).
     """
     def prepare():  # with a tp_group, every rank hears of any error raised in here
-        chosen = resolve_objective(objective)
-        if chosen.sequence_level and tp_group is not None:
+        sequence_level = resolve_objective(objective).sequence_level
+        if sequence_level and tp_group is not None:
             raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
                                       "global log-probs before the epilogue")
-        if chosen.sequence_level and seq_valid_tokens is not None:
+        if sequence_level and seq_valid_tokens is not None:
             raise NotImplementedError("GSPO with seq_valid_tokens (a sequence split over ranks) is not "
                                       "supported: its sequence ratio needs the log-probs of every rank")
-        check_nonnegative("entropy_coef", entropy_coef)
-        check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
-        sampling = check_sampling(min_p, top_k, top_p)
-        kept = check_kept_ids(kept_ids, sampling)
-        if sampling.on or kept is not None:
-            check_truncated_loss(seq_valid_tokens, grad_in_forward)
+        hp, sampling, kept = check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
+                                                  seq_valid_tokens, grad_in_forward, tp_group)
         check_positive("grad_scale", grad_scale)
-        hp = TokenParams.of(chosen, check_nonnegative("beta", beta))
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
         inplace = check_inplace(logits, logits3, inplace_backward)   # a host check: before the launch
@@ -211,7 +218,7 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
+            sequence_level=sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
                              backend=_dispatch.call_backend(logits.device))
@@ -228,53 +235,20 @@ def policy_loss(
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
-    with_entropy = bool(return_metrics) or entropy_coef > 0
     # The one sweep computes a gradient: only where a backward can ask for it (under no_grad, or
     # for logits that do not require grad, it would cost a logits-sized buffer, and in place
     # would overwrite logits that no backward hands a gradient for).
     one_sweep = bool(grad_in_forward) and torch.is_grad_enabled() and logits.requires_grad
-    if tp_group is not None:
-        stats, target, weight = vocab_parallel.row_stats(
-            logits3, batch, hp, lmap, batch.tp, with_entropy, shifted, inplace, agg=AGG_MODES.index(loss_agg_mode),
-            normalizer=normalizer_tensor(normalizer, logits.device, lmap))
-        loss = stats.loss.sum()
-        if entropy_coef != 0:  # Σ_t g_t · (loss_t − entropy_coef · H_t)
-            loss = loss - entropy_coef * (weight * stats.entropy).sum()
-        if not return_metrics:
-            return loss
-        return loss, metrics_of(stats.logp, stats.entropy, stats.psi, stats.zeta,
-                                replace(batch, target=target, weight=weight), resolve_objective(objective),
-                                batch.target if any(v is not None for v in (min_p, top_k, top_p, kept_ids)) else None)
-    # The sweeps' op reduces the loss and the metrics itself (the finalize launch).
-    stats, loss, metrics = row_stats(
-        logits3, batch, hp, lmap, with_entropy, shifted=shifted, inplace_backward=inplace, grad_in_forward=one_sweep,
-        totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL, entropy_coef=entropy_coef, grad_scale=grad_scale,
-        agg=AGG_MODES.index(loss_agg_mode), normalizer=normalizer_tensor(normalizer, logits.device, lmap))
+    sweeps = ops.row_stats if tp_group is None else vocab_parallel.row_stats
+    _, loss, metrics = sweeps(
+        logits3, batch, hp, lmap, bool(return_metrics) or entropy_coef > 0, shifted=shifted, inplace_backward=inplace,
+        grad_in_forward=one_sweep, totals=LOSS_AND_METRICS if return_metrics else LOSS_TOTAL,
+        entropy_coef=entropy_coef, grad_scale=grad_scale, agg=AGG_MODES.index(loss_agg_mode),
+        normalizer=normalizer_tensor(normalizer, logits.device, lmap))
     if not return_metrics:
         return loss
-    return loss, metrics_from_vector(metrics, resolve_objective(objective), batch.ref is not None,
+    return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None,
                                      truncated=any(v is not None for v in (min_p, top_k, top_p, kept_ids)))
-
-
-def check_truncated_loss(seq_valid_tokens, grad_in_forward):
-    """A loss over a truncated softmax forms its weights after the sweep, from every token's
-    kept set: refused where that cannot be done on this rank, or in the forward's one launch."""
-    if seq_valid_tokens is not None:
-        raise NotImplementedError("min_p, top_k, top_p and kept_ids with seq_valid_tokens are not supported: the "
-                                  "other ranks' counts cannot leave out this rank's targets outside the kept set")
-    if grad_in_forward:
-        raise ValueError("grad_in_forward=True is not supported with min_p, top_k or top_p, nor kept_ids: the "
-                         "loss's weights need the kept set of every token, known only after the sweep")
-
-
-def normalizer_tensor(normalizer, device, lmap):
-    """The normalizer as the truncated loss's second prepare launch reads it: None, or 0-d fp32
-    on ``device`` (a number by arithmetic, so a new value is no recompile). None untruncated."""
-    if normalizer is None or not lmap.truncated:
-        return None
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.detach().to(device=device, dtype=torch.float32)
-    return torch.zeros((), dtype=torch.float32, device=device) + normalizer
 
 
 def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -323,10 +297,8 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
                                dtypes=(dtype_name(logits),))
 
     hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
-    if tp_group is None:
-        stats = row_stats(logits3, batch, hp, lmap, return_entropy, shifted=shifted, inplace_backward=inplace)[0]
-    else:
-        stats = vocab_parallel.row_stats(logits3, batch, hp, lmap, batch.tp, return_entropy, shifted, inplace)[0]
+    sweeps = ops.row_stats if tp_group is None else vocab_parallel.row_stats
+    stats = sweeps(logits3, batch, hp, lmap, return_entropy, shifted=shifted, inplace_backward=inplace)[0]
     logp = stats.logp.reshape(batch.token_shape)
     if not return_entropy:
         return logp

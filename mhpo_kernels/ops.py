@@ -101,14 +101,21 @@ def _token_rows(x, shifted):
     return x[:, :-1] if shifted else x
 
 
-def _totals(logits, stats, target, weight, old, ref, hp, entropy_coef, totals, target0=None):
+def _totals(like, stats, target, weight, old, ref, hp, entropy_coef, totals, target0=None):
     """The finalize reduction of sweep 1's rows: (0-d loss, metrics), or two empty tensors."""
     if totals == NO_TOTALS:
-        return _fp32(logits, 0), _fp32(logits, 0)
-    finalize = _dispatch.kernel("finalize", logits.device)
+        return _fp32(like, 0), _fp32(like, 0)
+    finalize = _dispatch.kernel("finalize", like.device)
     return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, ref,
                     entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS,
                     target0=target0)
+
+
+def metrics_vector(logp, entropy, psi, zeta, target, weight, old, ref, hp, target0=None):
+    """The metrics of per-token values no sweeps op reduced (vocabulary parallelism, the fused
+    linear path): the finalize reduction on detached inputs, without the loss."""
+    stats = RowStats(None, None, *(None if x is None else x.detach() for x in (logp, entropy, psi, zeta)), None, None)
+    return _totals(logp, stats, target, weight, old, ref, hp, 0.0, LOSS_AND_METRICS, target0)[1]
 
 
 def kept_tokens(logp, lmap, cut, target, old, kind, layout, agg, normalizer):

@@ -412,17 +412,25 @@ def outside_kept_set(lmap, target):
     return lmap.truncated_rows(None) & (target >= 0) & (inside == 0)
 
 
-def row_stats(logits, batch, hp, lmap, tp, with_entropy, shifted, inplace_backward, agg=-1, normalizer=None):
-    """``ops.row_stats`` for a vocabulary slice: (RowStats of the global per-token values whose
-    logp, entropy and loss carry gradient to this rank's logits, the targets and the aggregation
-    weights of the loss: a truncated loss (min_p, a replayed kept set) leaves out the targets
-    outside the kept set, with ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or
-    0-d) as in ``ops.row_stats``)."""
+def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
+              totals=ops.NO_TOTALS, entropy_coef=0.0, grad_scale=1.0, agg=-1, normalizer=None):
+    """``ops.row_stats`` on this rank's slice (``batch.tp``), with its arguments and outputs: the
+    global per-token values, whose logp, entropy and loss carry gradient to this rank's logits.
+    The loss is summed here, the metrics reduced from detached values (``ops.metrics_vector``)."""
     assert batch.unread_status is None, "a split vocabulary's inputs are used once the ranks agreed on them"
-    logp, entropy, loss, psi, zeta, target, g = _VocabParallelSweeps.apply(
-        logits, tp, batch, hp, lmap, bool(with_entropy), batch.adv is not None, bool(shifted),
-        bool(inplace_backward), agg, normalizer)
+    assert not grad_in_forward, "refused with tp_group by check_grad_in_forward"
     with_loss = batch.adv is not None
-    stats = RowStats(None, None, logp, entropy if with_entropy else None, psi if with_loss else None,
-                     zeta if with_loss else None, loss if with_loss else None, None)
-    return stats, target, g if with_loss else None
+    logp, entropy, loss, psi, zeta, target, g = _VocabParallelSweeps.apply(
+        logits, batch.tp, batch, hp, lmap, bool(with_entropy), with_loss, bool(shifted), bool(inplace_backward), agg,
+        normalizer)
+    stats = RowStats(None, None, logp, entropy if with_entropy else None, *(
+        x if with_loss else None for x in (psi, zeta, loss)), None)
+    if totals == ops.NO_TOTALS:
+        return stats, None, None
+    total = loss.sum()
+    if entropy_coef != 0:  # Σ_t g_t · (loss_t − entropy_coef · H_t)
+        total = total - entropy_coef * (g * entropy).sum()
+    if totals != ops.LOSS_AND_METRICS:
+        return stats, total, None
+    return stats, total, ops.metrics_vector(logp, stats.entropy, psi, zeta, target, g, batch.old, batch.ref, hp,
+                                            batch.target if lmap.truncated else None)
