@@ -582,20 +582,15 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
                  top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids, unread_status=unread)
 
 
-def prepare_mhpo(
-    input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
-    loss_agg_mode, ignore_index, source="logits without V", normalizer=None, cu_seqlens=None,
-    seq_valid_tokens=None, temperature=None, sequence_level=False, sampling=Sampling(), token_weights=None,
-    kept_ids=None,
-):
-    """Check every per-token argument of a policy loss; return the Batch for the sweeps.
-    ``sequence_level`` (GSPO): the advantages must be one per sequence, checked in the same sync."""
+def prepare_mhpo(input_ids, token_shape, V, device, old_logprobs, advantages, mask, ref_logprobs, beta,
+                 loss_agg_mode, ignore_index, **options):
+    """``prepare_tokens`` for a policy loss, whose own arguments are checked first; ``options``
+    by ``prepare_tokens``' names (``sequence_level``, GSPO: the advantages one per sequence)."""
     check_agg_mode(loss_agg_mode)
     if check_nonnegative("beta", beta) > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
     old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
     ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
     _check_tensor("advantages", advantages, device)
-    return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, source, cu_seqlens, temperature,
-                          advantages, loss_agg_mode, normalizer, seq_valid_tokens, sequence_level, old, ref, sampling,
-                          token_weights, kept_ids)
+    return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, advantages=advantages,
+                          loss_agg_mode=loss_agg_mode, old=old, ref=ref, **options)

@@ -19,6 +19,7 @@ import torch.distributed
 
 from . import _dispatch
 from ._sweep_types import mhpo_token_params, RowStats
+from .slice_select import min_p_cuts, selected_cuts
 
 
 def _valid_rows(target, n_valid):
@@ -137,7 +138,7 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
     a second sweep of the same tile the kept tokens' sums. The stats then hold that threshold
     (``cut``) and the log-sum-exp at the slice's own base, as the backward forms d (the logits'
     path, vocab_parallel.py, does the same). top_k and top_p with ``tp``: counted over every
-    slice at the common base (``VocabSlice.selected_cuts``); the stats hold the threshold at it."""
+    slice at the common base (``slice_select.selected_cuts``); the stats hold the threshold at it."""
     if tp is None:
         return forward_sweep(tile, target, old, adv, g, ref, hp, lmap, with_entropy=with_entropy,
                              with_loss=with_loss)
@@ -146,13 +147,13 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
         local = forward_sweep(tile, local_target, None, None, None, None, hp,
                               dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None), with_entropy=with_entropy,
                               with_loss=False)
-        cut, local = tp.selected_cuts(tile, local, local_target, lmap, target >= 0)
+        cut, local = selected_cuts(tp, tile, local, local_target, lmap, target >= 0)
         return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]._replace(cut=cut)
     if lmap.min_p is not None:
         min_p, lmap = lmap.min_p, dataclasses.replace(lmap, min_p=None)
         first = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=False,
                               with_loss=False)
-        _, local_cut = tp.min_p_cuts(first.lse2_base, min_p, target >= 0)
+        _, local_cut = min_p_cuts(tp, first.lse2_base, min_p, target >= 0)
         lmap = dataclasses.replace(lmap, cut=local_cut)
     local = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=with_entropy,
                           with_loss=False)

@@ -120,13 +120,9 @@ def metrics_vector(logp, entropy, psi, zeta, target, weight, old, ref, hp, targe
 
 def kept_tokens(logp, lmap, cut, target, old, kind, layout, agg, normalizer):
     """(target, g) of a loss over a truncated softmax (SPEC.md, section 9): the prepare launch
-    once more, over the sequences ``layout`` = (cu, S, T) as ``Batch`` has them, with the
-    aggregation ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or 0-d), its checks
-    not read. A target outside the kept set of its
-    truncated row (log-prob −inf in a row with a threshold ``cut`` or a replayed set of
-    ``lmap``), or whose old log-prob is −inf (the old policy's kept set left it out: no ratio
-    exists) for an objective that reads it, becomes invalid (−1), and the weights g are formed
-    again without it."""
+    once more, over the sequences ``layout`` = ``Batch.layout()``, with the aggregation ``agg``
+    and ``normalizer``. A target outside its row's kept set (log-prob −inf), or whose old
+    log-prob is −inf for an objective that reads it, becomes invalid (−1): g is formed without it."""
     prepare = _dispatch.kernel("prepare", target.device)
     rows = dict(kept=(lmap.kept_start, lmap.kept_end)) if lmap.replayed else dict(cut=cut)
     cu, n_seqs, T = layout
@@ -211,22 +207,15 @@ def _sweeps_forward(
     normalizer: Optional[Tensor] = None, sequence_level: bool = False, kept_offsets: Optional[Tensor] = None,
     kept_ids: Optional[Tensor] = None, cut: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sweep 1: the ``RowStats`` fields in order, each (N,) fp32 (empty when not asked for); then
-    with ``grad_in_forward`` ∂L/∂logits for an upstream gradient of 1, from the same launch, in a
-    buffer of the logits' shape and dtype (else empty), whose backward rescales it; then with
-    ``totals`` the finalize reduction: the 0-d loss (Σ_t g_t·loss_t, less the entropy bonus when
-    ``entropy_bonus``) and with LOSS_AND_METRICS the (len(METRICS),) metrics (else empty); then,
-    with a loss and truncation (``min_p``, ``top_k``, ``top_p``: (N,) per token), the weights of
-    the tokens inside the kept set (else empty); last, with a filter or ``cut``, each row's
-    threshold (``RowStats.cut``, else empty). ``kept_offsets`` and ``kept_ids``: a replayed kept set
-    (``LogitMap``), exclusive with the filters. ``cut``: instead of the filters, each row's
-    threshold on its exponents given (a vocabulary slice's under min_p, ``vocab_parallel``), for
-    log-probs and entropy.
-    ``params``: the runtime scalars (``pack_params``), a host tensor. ``inplace_backward``
-    changes only the autograd formula: its backward overwrites the logits. ``cu``: the (S + 1,)
-    sequence boundaries over the tokens, for GSPO (``sequence_level``) and for a truncated loss,
-    which also passes the aggregation (``agg``, an index of ``AGG_MODES``) and its
-    ``normalizer``."""
+    """Sweep 1, outputs in order: the ``RowStats`` fields, each (N,) fp32 (empty when not asked
+    for); with ``grad_in_forward``, ∂L/∂logits for an upstream gradient of 1 from the same launch
+    (its backward rescales it); with ``totals``, the 0-d loss (less the entropy bonus when
+    ``entropy_bonus``) and with LOSS_AND_METRICS the metrics vector; with a truncated loss, the
+    weights of the tokens inside the kept set; with a filter or ``cut``, each row's threshold.
+    ``params``: the runtime scalars (``pack_params``), a host tensor. ``cut``: each row's
+    threshold given (a vocabulary slice's under min_p). ``cu``, ``agg``, ``normalizer``: the
+    sequences and aggregation of GSPO and of a truncated loss. ``inplace_backward`` changes only
+    the autograd formula."""
     a = SweepsArgs(**locals())   # the arguments alone: the first statement
     grad = _grad_buffer(logits) if grad_in_forward else None
     out = _forward_sweep(a, grad)
@@ -448,13 +437,10 @@ torch.library.register_autograd("mhpo_kernels::sweeps_forward", _sweeps_backward
 def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_backward=False, grad_in_forward=False,
               totals=NO_TOTALS, entropy_coef=0.0, grad_scale=1.0, agg=-1, normalizer=None):
     """Sweep 1 on (B, T, V) logits ((B, T + 1, V) when ``shifted``) and a prepared batch:
-    (``RowStats``, absent fields None; with ``totals`` the differentiable 0-d loss, and with
-    LOSS_AND_METRICS the detached metrics vector; else None). The reference log-probs are read
-    for β > 0 or the metrics. ``grad_in_forward``: the logits' gradient for the upstream gradient
-    ``grad_scale`` comes from the same launch (into the logits with ``inplace_backward``). A
-    loss over a truncated softmax (``lmap.truncated``) forms its weights again without the tokens
-    outside the kept set: ``agg`` (an index of ``AGG_MODES``) and ``normalizer`` (None or a 0-d
-    tensor) say how. The rows' thresholds come back as ``RowStats.cut``."""
+    (``RowStats``, absent fields None; with ``totals`` the differentiable 0-d loss; with
+    LOSS_AND_METRICS the detached metrics vector). ``grad_in_forward``: the logits' gradient for
+    the upstream gradient ``grad_scale`` from the same launch (into the logits with
+    ``inplace_backward``). ``agg``, ``normalizer``: a truncated loss's aggregation."""
     with_loss = batch.adv is not None
     truncated = with_loss and lmap.truncated
     ref = batch.ref if hp.beta > 0 or totals == LOSS_AND_METRICS else None

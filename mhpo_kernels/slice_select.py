@@ -1,4 +1,5 @@
-"""top-k and top-p over a vocabulary split (SPEC.md, sections 6 and 9): ``kernels/select.py``'s
+"""The sampler's filters over a vocabulary split (SPEC.md, sections 6 and 9). min_p needs only
+every slice's largest logit (``min_p_cuts``); top-k and top-p run ``kernels/select.py``'s
 selection with every counting pass a launch over this rank's slice (``slice_count``: the Triton
 kernel or ``torch_sweeps``' version, as the call's backend), its counts and sums added over the
 group, and the decisions between passes taken here on (N, NB) tensors, the same on every rank.
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from . import _dispatch
 from ._sweep_types import (COUNT_JOINT, COUNT_JOINT_SUMS, COUNT_JOINT_UNIFORM, COUNT_KEYS, COUNT_SKIP, COUNT_SUMS,
                            COUNT_UNIFORM, SELECT_BINS as NB)
-from .torch_sweeps import order_keys
+from .torch_sweeps import FLOOR_BASE, order_keys
 
 NB_BITS, MAX_PASSES = 11, 3
 UNIFORM_RANGE = 64.0               # select.UNIFORM_RANGE: top-p's first pass bins d ≥ −64
@@ -642,3 +643,53 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     sums[:, 0] = torch.where(summed, s, sums[:, 0])
     sums[:, 2] = torch.where(summed, a, sums[:, 2])
     return cut, sums
+
+
+def min_p_cuts(tp, base, min_p, valid):
+    """min_p's thresholds on the exponents d (SPEC.md, section 9; ``select._cut``) from the
+    largest logit of every slice: one all-gather of the slices' bases b_r per token, (N,)
+    fp32 each. Returns (the threshold relative to the global base b, which marks the
+    truncated rows; the same relative to b_r, for this slice's sums and gradient), −inf
+    where not truncated."""
+    bases = [torch.empty_like(base) for _ in range(tp.world)]
+    dist.all_gather(bases, base.contiguous(), group=tp.group)
+    top = torch.stack(bases).amax(0)
+    cut = _min_p_cut(top, min_p, valid)
+    return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
+
+def selected_cuts(tp, logits, local, target, lmap, valid):
+    """top_k and top_p (after min_p) over every slice of ``tp`` (``select_over_slices``): (each row's threshold
+    relative to the common base b, the largest slice base; this slice's statistics for the
+    combine: over its kept tokens at its own base, those of ``local`` where a row is not
+    truncated). One all-gather of each slice's
+    (b_r, log2 s_r) gives b and the rows whose softmax is finite, which the selection takes."""
+    mine = torch.stack([local.lse2_base, local.lse2_rest], 1).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(tp.world)]
+    dist.all_gather(gathered, mine, group=tp.group)
+    base_r, rest_r = torch.stack(gathered).double().unbind(-1)
+    top = base_r.amax(0)
+    total = torch.exp2((base_r - top) + rest_r).sum(0)
+    finite = valid & (total > 0) & (total < math.inf)
+    top = top.float()
+    cut = _min_p_cut(top, lmap.min_p, valid) if lmap.min_p is not None else torch.full_like(top, -math.inf)
+    cut, sums = select_over_slices(logits, target, lmap, tp.group, top, local.lse2_base, cut, finite, tp.total)
+    s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]   # the sums at the slice's base; d_y at the common one
+    rest = torch.log2(s)
+    truncated = cut > -math.inf
+
+    def kept(x, old):
+        return torch.where(truncated, x, old)
+
+    logp = torch.where(d_y >= cut, (d_y + (top - local.lse2_base) - rest) * LN2, -math.inf)
+    entropy = local.entropy   # None or empty where not asked for
+    if entropy is not None and entropy.numel():
+        entropy = kept((rest - a / s) * LN2, entropy)
+    return cut, local._replace(lse2_rest=kept(rest, local.lse2_rest), logp=kept(logp, local.logp),
+                               entropy=entropy)
+
+
+def _min_p_cut(top, min_p, valid):
+    """min_p's threshold on d at the largest slice base ``top`` (``select._cut``), −inf where off
+    and where no slice has a finite logit (its softmax is not truncated, SPEC.md, section 9)."""
+    cut = torch.where(valid & (min_p > 0) & (top > FLOOR_BASE), min_p.clamp(min=1e-45).log2(), -math.inf)
+    return torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept

@@ -16,10 +16,10 @@ The backward needs no collective: with the global log-sum-exp, each rank's gradi
 of the full gradient. A replayed kept set (``kept_ids``) goes to every rank whole; each rank reads
 the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics combine as above.
 ``min_p`` keeps the tokens within log min_p of the largest logit of every slice: one all-gather
-of the slices' bases gives each rank its threshold (``VocabSlice.min_p_cuts``), and a second
+of the slices' bases gives each rank its threshold (``slice_select.min_p_cuts``), and a second
 sweep over the slice sums the tokens it keeps before the combine. ``top_k`` and ``top_p`` count
 every slice's tokens at the largest slice base, each pass's counts all-reduced
-(``VocabSlice.selected_cuts``, ``slice_select.py``).
+(``slice_select.selected_cuts``).
 """
 
 import hashlib
@@ -33,9 +33,8 @@ from . import ops
 from ._op_support import once_differentiable
 from ._inputs import status_failed
 from ._sweep_types import STATUS_N_VALID, STATUS_SLOTS, RowStats
-from .epilogue import LN2, merge_slices, token_terms
-from .slice_select import select_over_slices
-from .torch_sweeps import FLOOR_BASE
+from .epilogue import merge_slices, token_terms
+from .slice_select import min_p_cuts, selected_cuts
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
 STATUS_AT = 8 + SETTING_SLOTS   # the prepare launch's status in a rank's row of the agreement
@@ -205,48 +204,6 @@ class VocabSlice:
         local = kept_ids.to(torch.int64) - self.start
         return torch.where((local >= 0) & (local < self.size), local, -1).to(torch.int32)
 
-    def min_p_cuts(self, base, min_p, valid):
-        """min_p's thresholds on the exponents d (SPEC.md, section 9; ``select._cut``) from the
-        largest logit of every slice: one all-gather of the slices' bases b_r per token, (N,)
-        fp32 each. Returns (the threshold relative to the global base b, which marks the
-        truncated rows; the same relative to b_r, for this slice's sums and gradient), −inf
-        where not truncated."""
-        bases = [torch.empty_like(base) for _ in range(self.world)]
-        dist.all_gather(bases, base.contiguous(), group=self.group)
-        top = torch.stack(bases).amax(0)
-        cut = _min_p_cut(top, min_p, valid)
-        return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
-
-    def selected_cuts(self, logits, local, target, lmap, valid):
-        """top_k and top_p (after min_p) over every slice (``slice_select``): (each row's threshold
-        relative to the common base b, the largest slice base; this slice's statistics for the
-        combine: over its kept tokens at its own base, those of ``local`` where a row is not
-        truncated). One all-gather of each slice's
-        (b_r, log2 s_r) gives b and the rows whose softmax is finite, which the selection takes."""
-        mine = torch.stack([local.lse2_base, local.lse2_rest], 1).contiguous()
-        gathered = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(gathered, mine, group=self.group)
-        base_r, rest_r = torch.stack(gathered).double().unbind(-1)
-        top = base_r.amax(0)
-        total = torch.exp2((base_r - top) + rest_r).sum(0)
-        finite = valid & (total > 0) & (total < math.inf)
-        top = top.float()
-        cut = _min_p_cut(top, lmap.min_p, valid) if lmap.min_p is not None else torch.full_like(top, -math.inf)
-        cut, sums = select_over_slices(logits, target, lmap, self.group, top, local.lse2_base, cut, finite, self.total)
-        s, a, d_y = sums[:, 0], sums[:, 2], sums[:, 3]   # the sums at the slice's base; d_y at the common one
-        rest = torch.log2(s)
-        truncated = cut > -math.inf
-
-        def kept(x, old):
-            return torch.where(truncated, x, old)
-
-        logp = torch.where(d_y >= cut, (d_y + (top - local.lse2_base) - rest) * LN2, -math.inf)
-        entropy = local.entropy   # None or empty where not asked for
-        if entropy is not None and entropy.numel():
-            entropy = kept((rest - a / s) * LN2, entropy)
-        return cut, local._replace(lse2_rest=kept(rest, local.lse2_rest), logp=kept(logp, local.logp),
-                                   entropy=entropy)
-
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
         ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).to(target.device, non_blocking=True)
@@ -276,13 +233,6 @@ class VocabSlice:
                 target, g = ops.kept_tokens(logp, lmap, cut, target, old, hp.kind, layout, agg, normalizer)
             psi, zeta, loss, coef = token_terms(logp, target >= 0, old, adv, g, ref, hp)
         return RowStats(base, lse2_rest, logp, entropy, psi, zeta, loss, coef), target, g
-
-
-def _min_p_cut(top, min_p, valid):
-    """min_p's threshold on d at the largest slice base ``top`` (``select._cut``), −inf where off
-    and where no slice has a finite logit (its softmax is not truncated, SPEC.md, section 9)."""
-    cut = torch.where(valid & (min_p > 0) & (top > FLOOR_BASE), min_p.clamp(min=1e-45).log2(), -math.inf)
-    return torch.minimum(cut, -(top.abs() * 2.0**-23 + 2.0**-126))   # the largest logit is always kept
 
 
 def dtype_name(x):
@@ -358,10 +308,10 @@ class _VocabParallelSweeps(torch.autograd.Function):
         local, cut, local_cut = sweep(), None, None
         selected = lmap.top_k is not None or lmap.top_p is not None
         if selected:  # thresholds counted over every slice, at the largest slice base
-            cut, local = tp.selected_cuts(logits[:, :-1] if shifted else logits, local, target, lmap, batch.valid)
+            cut, local = selected_cuts(tp, logits[:, :-1] if shifted else logits, local, target, lmap, batch.valid)
             local_cut = cut
         elif lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
-            cut, local_cut = tp.min_p_cuts(local.lse2_base, lmap.min_p, batch.valid)
+            cut, local_cut = min_p_cuts(tp, local.lse2_base, lmap.min_p, batch.valid)
             local = sweep(local_cut)
         ref = batch.ref if hp.beta > 0 else None
         kept = (lmap, cut, batch.layout(), agg, normalizer) if lmap.truncated else None
