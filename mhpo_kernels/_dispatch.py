@@ -51,6 +51,13 @@ def _kernels_interpreted():
     return type(module._mhpo_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _kernels_compiled():
+    """True when the Triton kernels were compiled for a GPU (not built by the interpreter)."""
+    from .kernels import forward
+
+    return type(forward._mhpo_fwd_kernel).__name__ == "JITFunction"
+
+
 def _triton_importable():
     try:
         import triton  # noqa: F401
@@ -96,7 +103,7 @@ def _quiet(sweep):
 
 
 def _check_triton_runs(device):
-    if device.type != "cuda" and not _kernels_interpreted():
+    if device.type != "cuda" and _kernels_compiled():
         raise RuntimeError(
             f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "
             f"interpreter, and TRITON_INTERPRET=1 was not set before mhpo_kernels first ran its "
