@@ -55,7 +55,7 @@ The fused linear path's ops are in ``linear_ops``.
 
 import collections
 import inspect
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -94,6 +94,24 @@ def _grad_buffer(logits):
 
 
 NO_TOTALS, LOSS_TOTAL, LOSS_AND_METRICS = range(3)
+
+
+class SweepsOut(NamedTuple):
+    """``sweeps_forward``'s outputs by name (the op returns a plain tuple, absent ones empty)."""
+
+    lse2_base: Tensor
+    lse2_rest: Tensor
+    logp: Tensor
+    entropy: Tensor
+    psi: Tensor
+    zeta: Tensor
+    loss: Tensor
+    coef: Tensor
+    grad: Tensor          # grad_in_forward: ∂L/∂logits for an upstream gradient of 1
+    total: Tensor         # 0-d: Σ_t g_t · loss_t (less the entropy bonus)
+    metrics: Tensor       # (len(METRICS),)
+    kept_weight: Tensor   # a truncated loss: g over the tokens inside their kept set
+    cut: Tensor           # a filter or a given cut: each row's threshold
 
 
 def _token_rows(x, shifted):
@@ -449,15 +467,15 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
                   with_entropy=bool(with_entropy), shifted=bool(shifted), totals=totals)
     if grad_in_forward and inplace_backward:
         out = OneSweepInplace.apply(logits, *inputs.values())
-        out = out[:8] + (None,) + out[8:]
+        out = SweepsOut(*out[:8], None, *out[8:])   # the gradient is in the logits
     else:
-        out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
+        out = SweepsOut(*sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
                              cu=batch.boundaries() if hp.kind == GSPO_KIND else batch.cu if truncated else None,
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
                              min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,
                              normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND,
-                             kept_offsets=batch.kept_offsets, kept_ids=lmap.kept_ids)
+                             kept_offsets=batch.kept_offsets, kept_ids=lmap.kept_ids))
     present = (True, True, True, with_entropy) + (with_loss,) * 4
-    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out[12] if lmap.filtered else None)
-    return stats, (out[9] if totals else None), (out[10] if totals == LOSS_AND_METRICS else None)
+    stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out.cut if lmap.filtered else None)
+    return stats, (out.total if totals else None), (out.metrics if totals == LOSS_AND_METRICS else None)
