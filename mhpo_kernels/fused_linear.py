@@ -197,6 +197,7 @@ def fused_linear_policy_loss(
 
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
+    named = any(v is not None for v in (min_p, top_k, top_p, kept_ids))
     if lmap.truncated:
         loss, metrics = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
                                                    bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
@@ -210,7 +211,7 @@ def fused_linear_policy_loss(
             entropy_coef)
         if not return_metrics:
             return loss
-        return loss, _metrics(logp, entropy, psi, zeta, batch, hp)
+        return loss, _metrics(logp, entropy, psi, zeta, batch, hp, named)
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
@@ -221,13 +222,14 @@ def fused_linear_policy_loss(
     )
     if not return_metrics:
         return loss
-    return loss, _metrics(logp, entropy, psi, zeta, batch, hp)
+    return loss, _metrics(logp, entropy, psi, zeta, batch, hp, named)
 
 
-def _metrics(logp, entropy, psi, zeta, batch, hp):
-    """The metrics dict of an untruncated loss's per-token values."""
+def _metrics(logp, entropy, psi, zeta, batch, hp, named):
+    """The metrics dict of an untruncated loss's per-token values; ``named``: the call names a
+    filter or a kept set (off), so ``outside_support`` (0) is reported as on the logits."""
     vector = ops.metrics_vector(logp, entropy, psi, zeta, batch.target, batch.weight, batch.old, batch.ref, hp)
-    return metrics_from_vector(vector, hp.kind, batch.ref is not None)
+    return metrics_from_vector(vector, hp.kind, batch.ref is not None, truncated=named)
 
 
 def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,

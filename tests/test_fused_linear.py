@@ -138,7 +138,7 @@ def test_metrics_and_logprobs_match_materialized(device):
         hidden, weight, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap,
         chunk_size=case.chunk, return_metrics=True, **kwargs)
     _, expected = mhpo_kernels.mhpo_loss(logits, return_metrics=True, **kwargs)
-    assert metrics.keys() == expected.keys()
+    assert metrics.keys() == expected.keys() and "outside_support" not in metrics
     for name in metrics:
         assert metrics[name].item() == pytest.approx(expected[name].item(), rel=FP32_RTOL, abs=1e-6), name
     ids = kwargs["input_ids"]
@@ -148,6 +148,30 @@ def test_metrics_and_logprobs_match_materialized(device):
     logp_m, ent_m = mhpo_kernels.token_logprobs(logits, ids, temperature=case.temperature, return_entropy=True)
     assert not logp.requires_grad and logp.shape == ids.shape
     assert max_rel_err(logp, logp_m) <= FP32_RTOL and max_rel_err(ent, ent_m) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_filters_named_but_off_report_outside_support_on_every_path(backend):
+    """Filters that are named but off (top_k=0, min_p=0, top_p=1) truncate nothing, and every path
+    reports ``outside_support`` = 0 beside the same other metrics: the fused linear loss, the
+    loss on the logits and the float64 reference."""
+    case = CASES[3]
+    params, kwargs = make(case, torch.float32, "cpu")
+    hidden, weight, bias = params
+    logits = transform(hidden @ weight.T + (0.0 if bias is None else bias), case)
+    off = dict(top_k=0, min_p=0.0, top_p=1.0)
+    with mhpo_kernels.use_backend(backend):
+        _, fused = mhpo_kernels.fused_linear_mhpo_loss(
+            hidden, weight, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap,
+            chunk_size=case.chunk, return_metrics=True, **kwargs, **off)
+        _, on_logits = mhpo_kernels.mhpo_loss(logits, return_metrics=True, **kwargs, **off)
+    (h64, w64, b64), args64 = float64(params, kwargs)
+    logits64 = transform(h64 @ w64.T + (0.0 if b64 is None else b64), case)
+    _, want = reference.mhpo_loss(logits64, return_metrics=True, **args64, **off)
+    assert fused.keys() == on_logits.keys() == want.keys() and "outside_support" in want
+    assert fused["outside_support"].item() == on_logits["outside_support"].item() == want["outside_support"].item() == 0
+    for name in want:
+        assert fused[name].item() == pytest.approx(want[name].item(), rel=FP32_RTOL, abs=1e-6), name
 
 
 def test_frozen_head_and_no_grad():
