@@ -469,13 +469,14 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
         out = OneSweepInplace.apply(logits, *inputs.values())
         out = SweepsOut(*out[:8], None, *out[8:])   # the gradient is in the logits
     else:
-        out = SweepsOut(*sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
+        out = sweeps_forward(logits, **inputs, with_loss=with_loss, inplace_backward=bool(inplace_backward),
                              cu=batch.boundaries() if hp.kind == GSPO_KIND else batch.cu if truncated else None,
                              grad_in_forward=bool(grad_in_forward),
                              entropy_bonus=bool(totals) and with_loss and bool(with_entropy) and entropy_coef != 0,
                              min_p=lmap.min_p, top_k=lmap.top_k, top_p=lmap.top_p, agg=agg if truncated else -1,
                              normalizer=normalizer if truncated else None, sequence_level=hp.kind == GSPO_KIND,
-                             kept_offsets=batch.kept_offsets, kept_ids=lmap.kept_ids))
+                             kept_offsets=batch.kept_offsets, kept_ids=lmap.kept_ids)
+        out = SweepsOut(*out)
     present = (True, True, True, with_entropy) + (with_loss,) * 4
     stats = RowStats(*(x if p else None for x, p in zip(out[:8], present)), cut=out.cut if lmap.filtered else None)
     return stats, (out.total if totals else None), (out.metrics if totals == LOSS_AND_METRICS else None)

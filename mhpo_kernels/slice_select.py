@@ -657,12 +657,13 @@ def min_p_cuts(tp, base, min_p, valid):
     cut = _min_p_cut(top, min_p, valid)
     return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
 
+
 def selected_cuts(tp, logits, local, target, lmap, valid):
-    """top_k and top_p (after min_p) over every slice of ``tp`` (``select_over_slices``): (each row's threshold
-    relative to the common base b, the largest slice base; this slice's statistics for the
-    combine: over its kept tokens at its own base, those of ``local`` where a row is not
-    truncated). One all-gather of each slice's
-    (b_r, log2 s_r) gives b and the rows whose softmax is finite, which the selection takes."""
+    """top_k and top_p (after min_p) over every slice of ``tp`` (``select_over_slices``): (each
+    row's threshold relative to the common base b, the largest slice base; this slice's statistics
+    for the combine: over its kept tokens at its own base, those of ``local`` where a row is not
+    truncated). One all-gather of each slice's (b_r, log2 s_r) gives b and the rows whose softmax
+    is finite, which the selection takes."""
     mine = torch.stack([local.lse2_base, local.lse2_rest], 1).contiguous()
     gathered = [torch.empty_like(mine) for _ in range(tp.world)]
     dist.all_gather(gathered, mine, group=tp.group)

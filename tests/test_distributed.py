@@ -1208,8 +1208,8 @@ def test_vocab_parallel_both_filters_gather_top_k_candidates(tmp_path):
     tokens tied at the k-th value: the third pass gathers the 10 above them and counts their bin
     key by key. A top_k of 3000, above what the gather holds, of 2200 with 2500 tokens tied at its
     k-th value, or of 2601 with 2500 tied 1 above it and a top_p that keeps them all: both filters
-    side by side, three passes (``slice_select._joint``). No pass of sums after; a top_k of the whole row is off (top_p's passes alone). The rows of each kind
-    share each pass's launch and its all-reduces: 3 of N × 2 × 2048 counts (top-k's runs beside
+    side by side, three passes (``slice_select._joint``). No pass of sums after; a top_k of the
+    whole row is off (top_p's passes alone). The rows of each kind share each pass's launch and its all-reduces: 3 of N × 2 × 2048 counts (top-k's runs beside
     top-p's), 3 of the sums, and one of N × 3 counts for each pass that may gather. On both
     paths every row has the float64 oracle's log-probs, entropy and gradient."""
     import reference
