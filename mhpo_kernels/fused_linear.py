@@ -165,9 +165,10 @@ def fused_linear_policy_loss(
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():  # with a tp_group, every rank hears of any error raised in here
-        if resolve_objective(objective).sequence_level:
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level:
             raise NotImplementedError("GSPO on the fused linear path is not supported: use policy_loss on logits")
-        hp, sampling, kept = check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
+        hp, sampling, kept = check_policy_options(chosen, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
                                                   seq_valid_tokens)
         _check_batch_invariant(batch_invariant, tp_group)
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,

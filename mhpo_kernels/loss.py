@@ -47,10 +47,10 @@ def resolve_objective(objective):
     return MHPO() if objective is None else check_objective(objective)
 
 
-def check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids, seq_valid_tokens,
+def check_policy_options(chosen, beta, entropy_coef, min_p, top_k, top_p, kept_ids, seq_valid_tokens,
                          grad_in_forward=False, tp_group=None):
-    """(TokenParams, Sampling, kept_ids) of a policy loss's objective and options, checked."""
-    chosen = resolve_objective(objective)
+    """(TokenParams, Sampling, kept_ids) of a policy loss's options, checked, with the objective
+    ``chosen`` (``resolve_objective``'s)."""
     check_nonnegative("entropy_coef", entropy_coef)
     check_grad_in_forward(grad_in_forward, chosen, tp_group, entropy_coef)
     sampling = check_sampling(min_p, top_k, top_p)
@@ -201,14 +201,14 @@ def policy_loss(
     vLLM ratio does).
     """
     def prepare():  # with a tp_group, every rank hears of any error raised in here
-        sequence_level = resolve_objective(objective).sequence_level
-        if sequence_level and tp_group is not None:
+        chosen = resolve_objective(objective)
+        if chosen.sequence_level and tp_group is not None:
             raise NotImplementedError("GSPO with tp_group is not supported: its sequence ratios need the "
                                       "global log-probs before the epilogue")
-        if sequence_level and seq_valid_tokens is not None:
+        if chosen.sequence_level and seq_valid_tokens is not None:
             raise NotImplementedError("GSPO with seq_valid_tokens (a sequence split over ranks) is not "
                                       "supported: its sequence ratio needs the log-probs of every rank")
-        hp, sampling, kept = check_policy_options(objective, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
+        hp, sampling, kept = check_policy_options(chosen, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
                                                   seq_valid_tokens, grad_in_forward, tp_group)
         check_positive("grad_scale", grad_scale)
         tau_value, tau = check_temperature(temperature)
@@ -218,7 +218,7 @@ def policy_loss(
             input_ids, token_shape, logits.shape[-1] if tp_group is None else None, logits.device,
             old_logprobs, advantages, mask, ref_logprobs, beta, loss_agg_mode, ignore_index,
             normalizer=normalizer, cu_seqlens=cu_seqlens, seq_valid_tokens=seq_valid_tokens, temperature=tau,
-            sequence_level=sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
+            sequence_level=chosen.sequence_level, sampling=sampling, token_weights=token_weights, kept_ids=kept,
         )
         lmap = LogitMap.make(tau_value, tau=batch.tau, **batch.truncation(),
                              backend=_dispatch.call_backend(logits.device))
