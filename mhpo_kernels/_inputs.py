@@ -299,11 +299,14 @@ def _is_integer(x):
 
 
 def _check_tensor(name, x, device, kind=None):
-    """A tensor on ``device``; ``kind`` "float" or "int": of that kind of dtype."""
+    """A tensor on ``device``; ``kind`` "float", "int" or "real" (a mask: bool or 0/1 numbers): of
+    that kind of dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, but logits are on {device}")
+    if kind == "real" and x.is_complex():
+        raise TypeError(f"{name} must be bool or 0/1 numbers, got {x.dtype}")
     if kind == "float" and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
     if kind == "int" and not _is_integer(x):
@@ -311,14 +314,16 @@ def _check_tensor(name, x, device, kind=None):
     return x
 
 
-def _check_float_per_token(name, x, token_shape, device):
-    """An optional floating (B, T) tensor, returned flat in fp32 (a copy only if needed)."""
+def _like_ids(name, x, token_shape, device, kind):
+    """An optional tensor shaped like input_ids (its values: the prepare launch), flat, detached
+    and contiguous; of ``kind`` "float": in fp32 (a copy only if needed)."""
     if x is None:
         return None
-    _check_tensor(name, x, device, "float")
+    _check_tensor(name, x, device, kind)
     if x.shape != token_shape:
         raise ValueError(f"{name} must have shape {tuple(token_shape)} like input_ids, got {tuple(x.shape)}")
-    return x.detach().reshape(-1).to(torch.float32).contiguous()
+    x = x.detach().reshape(-1)
+    return (x.to(torch.float32) if kind == "float" else x).contiguous()
 
 
 def check_float_tensor(name, x):
@@ -389,18 +394,6 @@ def _check_ids(input_ids, token_shape, device, source):
     return input_ids.detach().reshape(-1).contiguous()
 
 
-def _check_mask(mask, token_shape, device):
-    """An optional bool or 0/1 mask shaped like input_ids (its values: the prepare launch)."""
-    if mask is None:
-        return None
-    _check_tensor("mask", mask, device)
-    if mask.shape != token_shape:
-        raise ValueError(f"mask must have shape {tuple(token_shape)} like input_ids, got {tuple(mask.shape)}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
-    return mask.detach().reshape(-1).contiguous()
-
-
 def _advantage_layout(advantages, token_shape, device, n_seqs=None, name="advantages"):
     """ADV_PER_TOKEN (input_ids' shape), ADV_SCALAR (() or (1,)) or ADV_PER_SEQ ((B,) or (B, 1)
     with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S): of the advantages, or of
@@ -466,37 +459,30 @@ def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):
     return seq_valid_tokens.detach().to(torch.float32).contiguous()
 
 
-_BAD_IDS = "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"
-_BAD_MASK = "mask must hold only 0 and 1 (or be bool)"
-_BAD_NORMALIZER = "normalizer must be finite and > 0"
-_BAD_TEMPERATURE = "temperature must be finite and > 0 at valid tokens (a NaN one is data: it propagates)"
-_BAD_SEQ_COUNTS = ("seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
-                   "this rank's own count for some sequence")
-_ADV_NOT_PER_SEQUENCE = ("advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) "
-                         "or (S, 1)), or per token and constant over each sequence's valid tokens")
-
-
 def _messages(N):
     """The status slots that fail a call, in the order they are raised, with their messages."""
-    return ((STATUS_BAD_IDS, _BAD_IDS), (STATUS_MASK, _BAD_MASK), (STATUS_NORM, _BAD_NORMALIZER),
-            (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)"),
-            (STATUS_TAU, _BAD_TEMPERATURE),
-            (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({N},) are ambiguous: cu_seqlens has S = N "
-                                  f"= {N} sequences but not one token each: pass per-sequence values as (S, 1)"),
-            (STATUS_SEQ_COUNTS, _BAD_SEQ_COUNTS), (STATUS_ADV_VARIES, _ADV_NOT_PER_SEQUENCE),
-            (STATUS_OLD_POSITIVE, _positive_logp("old_logprobs")), (STATUS_REF_POSITIVE, _positive_logp("ref_logprobs")),
-            (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
-            (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"),
-            (STATUS_TOKEN_W, "token_weights must be ≥ 0 at valid tokens: it holds a negative value"),
-            (STATUS_KEPT_OFFSETS, "kept_ids' offsets must start at 0, be non-decreasing and end at the number of "
-                                  "ids"),
-            (STATUS_KEPT_IDS, "kept_ids holds ids outside [0, V) (V: the logits' last dimension)"),
-            (STATUS_KEPT_TWICE, "kept_ids holds an id twice in one row's kept set"))
-
-
-def _positive_logp(name):
-    return (f"{name} holds finite values above 0 at valid tokens: log-probs are ≤ 0 (a negative "
-            f"log-likelihood passed by mistake? pass log-probs, e.g. -nll)")
+    positive = ("{} holds finite values above 0 at valid tokens: log-probs are ≤ 0 (a negative log-likelihood "
+                "passed by mistake? pass log-probs, e.g. -nll)")
+    return (
+        (STATUS_BAD_IDS, "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"),
+        (STATUS_MASK, "mask must hold only 0 and 1 (or be bool)"),
+        (STATUS_NORM, "normalizer must be finite and > 0"),
+        (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)"),
+        (STATUS_TAU, "temperature must be finite and > 0 at valid tokens (a NaN one is data: it propagates)"),
+        (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} "
+                              f"sequences but not one token each: pass per-sequence values as (S, 1)"),
+        (STATUS_SEQ_COUNTS, "seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
+                            "this rank's own count for some sequence"),
+        (STATUS_ADV_VARIES, "advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) or "
+                            "(S, 1)), or per token and constant over each sequence's valid tokens"),
+        (STATUS_OLD_POSITIVE, positive.format("old_logprobs")),
+        (STATUS_REF_POSITIVE, positive.format("ref_logprobs")),
+        (STATUS_MIN_P, "min_p must lie in [0, 1] at valid tokens (≤ 0 is off): it holds NaN or a value above 1"),
+        (STATUS_TOP_P, "top_p must be > 0 at valid tokens (≥ 1 is off): it holds NaN or a value ≤ 0"),
+        (STATUS_TOKEN_W, "token_weights must be ≥ 0 at valid tokens: it holds a negative value"),
+        (STATUS_KEPT_OFFSETS, "kept_ids' offsets must start at 0, be non-decreasing and end at the number of ids"),
+        (STATUS_KEPT_IDS, "kept_ids holds ids outside [0, V) (V: the logits' last dimension)"),
+        (STATUS_KEPT_TWICE, "kept_ids holds an id twice in one row's kept set"))
 
 
 def status_error(flags, ids, V, normalizer):
@@ -549,7 +535,7 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
 
     ids = _check_ids(input_ids, token_shape, device, source)
     ignore_index = check_ignore_index(ignore_index)
-    mask = _check_mask(mask, token_shape, device)
+    mask = _like_ids("mask", mask, token_shape, device, "real")
     cu = _check_cu_seqlens(cu_seqlens, token_shape, device)
     tau = None if temperature is None else \
         _per_token_tensor("temperature", temperature, token_shape, device).to(torch.float32).contiguous()
@@ -589,8 +575,8 @@ def prepare_mhpo(input_ids, token_shape, V, device, old_logprobs, advantages, ma
     check_agg_mode(loss_agg_mode)
     if check_nonnegative("beta", beta) > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
-    old = _check_float_per_token("old_logprobs", old_logprobs, token_shape, device)
-    ref = _check_float_per_token("ref_logprobs", ref_logprobs, token_shape, device)
+    old = _like_ids("old_logprobs", old_logprobs, token_shape, device, "float")
+    ref = _like_ids("ref_logprobs", ref_logprobs, token_shape, device, "float")
     _check_tensor("advantages", advantages, device)
     return prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask, advantages=advantages,
                           loss_agg_mode=loss_agg_mode, old=old, ref=ref, **options)

@@ -238,6 +238,7 @@ class VocabSlice:
 def dtype_name(x):
     return None if not isinstance(x, torch.Tensor) else str(x.dtype)
 
+
 def agreed_settings(call, hp, lmap, **flags):
     """What every rank of a tp_group must pass alike, by name (``vocab_parallel.agree``): the
     call, the objective with its values and switches, β, the logit map (temperature, scale,
@@ -245,6 +246,7 @@ def agreed_settings(call, hp, lmap, **flags):
     return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
                 temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap, lmap.tau is not None),
                 truncation=tuple(x is not None for x in (lmap.min_p, lmap.top_k, lmap.top_p)), **flags)
+
 
 def normalizer_setting(normalizer):
     """``normalizer`` as the ranks of a tp_group must agree on it: None, or the value the loss

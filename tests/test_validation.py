@@ -38,6 +38,7 @@ BAD_CALLS = [
     ("adv-not-tensor", dict(advantages=1.0), TypeError, "advantages"),
     ("mask-shape", dict(mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError, "mask"),
     ("mask-not-binary", dict(mask=torch.full((B, T), 2.0)), ValueError, "mask"),
+    ("mask-complex", dict(mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, "mask"),
     ("ref-shape", dict(ref_logprobs=torch.zeros(T), beta=0.1), ValueError, "ref_logprobs"),
     ("beta-without-ref", dict(beta=0.1), ValueError, "ref_logprobs"),
     ("beta-negative", dict(beta=-0.1, ref_logprobs=torch.zeros(B, T)), ValueError, "beta"),
