@@ -258,13 +258,15 @@ def has_internal_overlap(x):
 
 
 def check_inplace(logits, logits3, inplace_backward):
-    """``inplace_backward``, refused for a leaf that requires grad (its values would be lost) and
-    for logits whose elements share memory (the rows' gradients would overwrite each other)."""
+    """``inplace_backward``, refused for a leaf that requires grad or a view of one (its values
+    would be lost) and for logits whose elements share memory (the rows' gradients would
+    overwrite each other)."""
     if not check_flag("inplace_backward", inplace_backward):
         return False
-    if logits.is_leaf and logits.requires_grad:
-        raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires "
-                         "grad; use it on logits computed by the model (e.g. an LM head's output)")
+    storage = logits if logits._base is None else logits._base   # a view's root tensor
+    if logits.requires_grad and storage.is_leaf:
+        raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires grad or a "
+                         "view of one; use it on logits computed by the model (e.g. an LM head's output)")
     if has_internal_overlap(logits3):
         raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got a "
                          f"view with shape {tuple(logits.shape)} and strides {logits.stride()} (e.g. an "

@@ -21,7 +21,7 @@ def _inputs(B=3, T=5, V=700, seed=0, device=TRITON_DEVICE):
     full = torch.randn(B, T + 1, V, generator=g) * 2.0
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) > 0.3
-    mask[:, 0] = True
+    mask[:, :1] = True
     old = torch.randn(B, T, generator=g) - 6.0
     adv = torch.randn(B, generator=g)
     ref = old + 0.3 * torch.randn(B, T, generator=g)
@@ -140,10 +140,45 @@ def test_inplace_backward_raises_where_the_logits_are_saved_elsewhere():
         (loss + other).backward()
 
 
-def test_inplace_backward_refuses_a_leaf():
+@pytest.mark.parametrize("view", ["leaf", "view", "slice"])
+@pytest.mark.parametrize("call", ["mhpo_loss", "token_logprobs"])
+def test_inplace_backward_refuses_a_leaf_and_its_views(view, call):
+    """A view of a leaf writes into the leaf's storage: refused as the leaf is, before any launch,
+    and its values are left alone."""
     full, ids, _, old, adv, _ = _inputs()
-    with pytest.raises(ValueError, match="inplace_backward"):
-        mhpo_kernels.mhpo_loss(full.clone().requires_grad_(), ids, old, adv, inplace_backward=True)
+    leaf = full.clone().requires_grad_()
+    logits = {"leaf": leaf, "view": leaf.view(full.shape), "slice": leaf[:, :]}[view]
+    args = (old, adv) if call == "mhpo_loss" else ()
+    with pytest.raises(ValueError, match="inplace_backward=True would overwrite logits, a leaf"):
+        getattr(mhpo_kernels, call)(logits, ids, *args, inplace_backward=True)
+    assert torch.equal(leaf.detach(), full)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["loss", "loss-inplace", "loss-grad-in-forward", "logprobs"])
+def test_full_logits_of_empty_completions(backend, call):
+    """(B, 1, V) logits with (B, 0) ids: the shift's one position and no token. The loss is 0 and
+    the gradient zero rows, as the float64 reference's on the (B, 0, V) slice (the empty view of
+    the tokens' rows may have no address: only the shift's rows are written)."""
+    full, ids, _, old, adv, _ = _inputs(T=0, V=37)
+    base = full.detach().clone().requires_grad_()
+    with mhpo_kernels.use_backend(backend):
+        logits = base * 1.0
+        if call == "logprobs":
+            loss = mhpo_kernels.token_logprobs(logits, ids).sum()
+        else:
+            loss = mhpo_kernels.mhpo_loss(logits, ids, old, adv, inplace_backward=call == "loss-inplace",
+                                          grad_in_forward=call == "loss-grad-in-forward")
+        loss.backward()
+    x64 = full[:, :-1].detach().cpu().double().requires_grad_()
+    if call == "logprobs":
+        loss64 = reference.token_logprobs(x64, ids.cpu()).sum()
+    else:
+        loss64 = reference.mhpo_loss(x64, ids.cpu(), old.cpu().double(), adv.cpu().double())
+    loss64.backward()
+    assert loss.item() == loss64.item() == 0.0
+    assert torch.equal(base.grad, torch.zeros_like(base.grad))
+    assert x64.grad.shape == (3, 0, 37)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

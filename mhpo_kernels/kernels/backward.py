@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from .._config import FP_FUSION, launch_splits, on_device, split_length, sweep_config
+from ..torch_sweeps import _zero_tail
 from .logit_map import LN2, _logit_slope, _logit_u
 from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, _row_lead, _row_offset,
                    _tail_offset, _row_target, rows_aligned)
@@ -272,9 +273,11 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
     next-token shift), and position T of each sequence gets a zero row too."""
     B, T, V = logits.shape
     N = B * T
-    tail = B if zero_tail else 0
-    if N + tail == 0:
+    if N == 0:  # no token rows (their empty view may have no address): the shift's zero rows alone
+        if zero_tail:
+            _zero_tail(grad)
         return grad
+    tail = B if zero_tail else 0
     per_token = (target, base, lse2_rest, dlogp, entropy, dentropy, lmap.tau, lmap.cut)
     assert all(x is None or x.is_contiguous() for x in per_token), "per-token inputs must be flat"
     assert grad.stride(-1) == 1 and grad.dtype == logits.dtype and target.dtype == torch.int32
