@@ -393,7 +393,9 @@ def _check_ids(input_ids, token_shape, device, source):
                        f"with ids (B, T) are read as already aligned, position t predicting ids[:, t]")
         raise ValueError(f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, "
                          f"got {tuple(input_ids.shape)}")
-    return input_ids.detach().reshape(-1).contiguous()
+    ids = input_ids.detach().reshape(-1)
+    # Unsigned ids (a tokenizer's uint16 or uint32) as int64: the kernels compare them with a negative ignore_index.
+    return (ids if ids.dtype.is_signed else ids.to(torch.int64)).contiguous()
 
 
 def _advantage_layout(advantages, token_shape, device, n_seqs=None, name="advantages"):

@@ -385,3 +385,31 @@ def test_positive_logprobs_are_refused(path, name):
         infinite = logp.clone()
         infinite[0, 2] = value
         call(infinite)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32],
+                         ids=lambda dtype: str(dtype)[6:])
+def test_ids_of_every_integer_dtype_mean_the_same(backend, dtype):
+    """Integer ids of any width, unsigned included (a tokenizer's uint16), give the int64 call's
+    loss, metrics and gradient bit for bit, and the float64 reference's within fp32 rounding."""
+    from _cases import FP32_RTOL
+    from conftest import TRITON_DEVICE
+
+    args = {k: v.to(TRITON_DEVICE) for k, v in good_args().items()}
+    args["mask"][1, 2] = False
+    results = []
+    for ids in (args["input_ids"], args["input_ids"].to(dtype)):
+        logits = args["logits"].clone().requires_grad_()
+        with mhpo_kernels.use_backend(backend):
+            loss, metrics = mhpo_kernels.mhpo_loss(**{**args, "logits": logits, "input_ids": ids}, return_metrics=True)
+            loss.backward()
+            logp = mhpo_kernels.token_logprobs(logits.detach(), ids, mask=args["mask"])
+        results.append((loss.detach(), metrics, logits.grad, logp))
+    (loss, metrics, grad, logp), (loss_u, metrics_u, grad_u, logp_u) = results
+    assert torch.equal(loss, loss_u) and torch.equal(grad, grad_u) and torch.equal(logp, logp_u)
+    assert all(torch.equal(metrics[k], metrics_u[k]) for k in metrics)
+    x64 = args["logits"].cpu().double()
+    loss64 = reference.mhpo_loss(x64, args["input_ids"].cpu(), args["old_logprobs"].cpu().double(),
+                                 args["advantages"].cpu().double(), args["mask"].cpu())
+    assert abs(loss_u.item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
