@@ -171,6 +171,8 @@ def fused_linear_policy_loss(
         hp, sampling, kept = check_policy_options(chosen, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
                                                   seq_valid_tokens)
         _check_batch_invariant(batch_invariant, tp_group)
+        check_flag("return_metrics", return_metrics)
+        check_flag("reduce_dhidden", reduce_dhidden)
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,
                                              batch_invariant)
         tau_value, tau = check_temperature(temperature)
@@ -316,6 +318,8 @@ def fused_linear_token_logprobs(
 
     def prepare():
         _check_batch_invariant(batch_invariant, tp_group)
+        check_flag("return_entropy", return_entropy)
+        check_flag("reduce_dhidden", reduce_dhidden)
         hidden2d, chunk_rows = _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_size,
                                              batch_invariant)
         tau_value, tau = check_temperature(temperature)

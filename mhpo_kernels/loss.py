@@ -7,7 +7,7 @@ import torch
 
 from . import _dispatch, ops, vocab_parallel
 from ._inputs import (
-    check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative, check_positive,
+    check_flag, check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative, check_positive,
     check_sampling, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
@@ -211,6 +211,7 @@ def policy_loss(
         hp, sampling, kept = check_policy_options(chosen, beta, entropy_coef, min_p, top_k, top_p, kept_ids,
                                                   seq_valid_tokens, grad_in_forward, tp_group)
         check_positive("grad_scale", grad_scale)
+        check_flag("return_metrics", return_metrics)
         tau_value, tau = check_temperature(temperature)
         logits3, token_shape, shifted = check_logits(logits, input_ids, tp_group)
         inplace = check_inplace(logits, logits3, inplace_backward)   # a host check: before the launch
@@ -280,6 +281,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     every rank passes the same global kept set and reads its own slice's ids.
     """
     def prepare():
+        check_flag("return_entropy", return_entropy)
         tau_value, tau = check_temperature(temperature)
         sampling = check_sampling(min_p, top_k, top_p)
         kept = check_kept_ids(kept_ids, sampling)

@@ -413,3 +413,34 @@ def test_ids_of_every_integer_dtype_mean_the_same(backend, dtype):
     loss64 = reference.mhpo_loss(x64, args["input_ids"].cpu(), args["old_logprobs"].cpu().double(),
                                  args["advantages"].cpu().double(), args["mask"].cpu())
     assert abs(loss_u.item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+
+
+@pytest.mark.parametrize("value", ["no", 1, None], ids=["str", "int", "None"])
+def test_output_flags_are_bools_on_every_op(value, monkeypatch):
+    """A flag that shapes a result (return_metrics, return_entropy, reduce_dhidden) must be a bool,
+    as inplace_backward must: "no" meaning True would change what the call returns."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a sweep ran before validation finished")
+
+    monkeypatch.setattr(mhpo_kernels._dispatch, "sweeps", no_kernel)
+    hidden, weight = torch.randn(B, T, 8), torch.randn(V, 8)
+    ids = torch.randint(0, V, (B, T))
+    calls = {
+        "return_metrics": [
+            lambda f: mhpo_kernels.mhpo_loss(torch.randn(B, T, V), ids, None, torch.randn(B), return_metrics=f),
+            lambda f: mhpo_kernels.policy_loss(torch.randn(B, T, V), ids, None, torch.randn(B), return_metrics=f),
+            lambda f: mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, None, torch.randn(B), return_metrics=f),
+        ],
+        "return_entropy": [
+            lambda f: mhpo_kernels.token_logprobs(torch.randn(B, T, V), ids, return_entropy=f),
+            lambda f: mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, return_entropy=f),
+        ],
+        "reduce_dhidden": [
+            lambda f: mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, None, torch.randn(B), reduce_dhidden=f),
+            lambda f: mhpo_kernels.fused_linear_token_logprobs(hidden, weight, ids, reduce_dhidden=f),
+        ],
+    }
+    for name, of_name in calls.items():
+        for call in of_name:
+            with pytest.raises(TypeError, match=f"{name} must be a bool, got"):
+                call(value)

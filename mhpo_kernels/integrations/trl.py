@@ -254,7 +254,7 @@ class MHPOTrainer(GRPOTrainer):
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1,
                                use_cache=False).logits[:, -logits_to_keep - 1:]
             out = mhpo_kernels.token_logprobs(logits, ids[:, -logits_to_keep:], temperature=self.temperature,
-                                              return_entropy=compute_entropy, mask=mask[:, -logits_to_keep:],
+                                              return_entropy=bool(compute_entropy), mask=mask[:, -logits_to_keep:],
                                               **filters)
             logps.append(out[0] if compute_entropy else out)
             if compute_entropy:

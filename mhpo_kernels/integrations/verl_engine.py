@@ -259,9 +259,9 @@ def _local_logits(logits):
 def _token_logprobs(logits, labels, temperature, calculate_entropy, tp_group, filters=None):
     """One fused read of the logits; the backward overwrites them with their gradient (the model's
     output logits are read by nothing else: verl's own path only reads them to divide by τ)."""
-    inplace = logits.requires_grad and not logits.is_leaf
+    inplace = logits.requires_grad and not (logits if logits._base is None else logits._base).is_leaf
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE,
-                         return_entropy=calculate_entropy, inplace_backward=inplace, tp_group=tp_group,
+                         return_entropy=bool(calculate_entropy), inplace_backward=inplace, tp_group=tp_group,
                          **(filters or {}))
     return out if calculate_entropy else (out, None)
 
