@@ -295,13 +295,22 @@ def scale_rows_(grad: Tensor, target: Tensor, upstream: Tensor, params: Tensor, 
 scale_rows_.register_fake(lambda *_, **__: None)
 
 
-def _hand_back(grad, target, d_total, params, shifted):
+ONE_BACKWARD = ("mhpo_kernels: grad_in_forward=True computes the logits' gradient once, in the forward, and the "
+                "first backward hands it over, scaled in place: a second backward through the same loss "
+                "(retain_graph=True) is not supported; pass grad_in_forward=False to differentiate it again")
+
+
+def _hand_back(ctx, d_total):
     """The gradient the forward computed for the upstream gradient it was told of, times the
-    loss's upstream gradient over that one (a no-op when they agree). Only the loss is
+    loss's upstream gradient over that one (a no-op when they agree), once. Only the loss is
     differentiable then: the forward marks the log-probs and entropy non-differentiable."""
     if d_total is None:
         return None
-    scale_rows_(grad, target, d_total, params, shifted)
+    if getattr(ctx, "handed_back", False):
+        raise RuntimeError(ONE_BACKWARD)
+    ctx.handed_back = True
+    grad, target, params = ctx.saved_tensors
+    scale_rows_(grad, target, d_total, params, ctx.shifted)
     return grad
 
 
@@ -324,8 +333,7 @@ class OneSweepInplace(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight, _cut):
-        grad, target, params = ctx.saved_tensors
-        return (_hand_back(grad, target, d_total, params, ctx.shifted),) + (None,) * 11
+        return (_hand_back(ctx, d_total),) + (None,) * 11
 
 
 def _backward_sweep(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, tau, params, softcap,
@@ -420,8 +428,7 @@ def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_lo
     else:
         d_total = None  # the empty placeholder output
     if ctx.grad_in_forward:
-        grad, target, params = ctx.saved_tensors
-        return (_hand_back(grad, target, d_total, params, ctx.shifted),) + nothing[1:]
+        return (_hand_back(ctx, d_total),) + nothing[1:]
     logits, target, base, lse2_rest, coef, entropy, seq_coef, weight, cu, tau, params, cut, kept_offsets, kept_ids = \
         ctx.saved_tensors
     if not ctx.with_loss:

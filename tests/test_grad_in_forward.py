@@ -245,3 +245,27 @@ def test_inplace_flat_logits_and_a_second_reader_raises():
     loss = mhpo_loss(logits, **flat, inplace_backward=True, grad_in_forward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + other).backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "in-place"])
+def test_a_second_backward_is_a_clear_error(backend, inplace):
+    """The forward's gradient is scaled in place by the first backward: a second backward through
+    the same loss raises the package's error, where the two-sweep path simply differentiates again."""
+    from conftest import TRITON_DEVICE
+
+    x0, ids, old, adv, mask, _, _ = (t.to(TRITON_DEVICE) for t in _inputs(6, 2, 3, 30, torch.float32, False))
+    grads = []
+    with mhpo_kernels.use_backend(backend):
+        for gif in (False, True):
+            leaf = x0.clone().requires_grad_()
+            loss = mhpo_loss(leaf * 1, ids, old, adv, mask, inplace_backward=inplace, grad_in_forward=gif)
+            loss.backward(retain_graph=True)
+            grads.append(leaf.grad.clone())
+            if gif:
+                with pytest.raises(RuntimeError, match="grad_in_forward=True computes the logits' gradient once"):
+                    loss.backward()
+            elif not inplace:  # in place, the first backward overwrote the logits the second would read
+                loss.backward()
+                assert torch.equal(leaf.grad, 2 * grads[0])
+    assert torch.equal(grads[0], grads[1])
