@@ -306,7 +306,7 @@ def _check_tensor(name, x, device, kind=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, but logits are on {device}")
+        raise ValueError(f"{name} is on {x.device}, but the inputs are on {device}")
     if kind == "real" and x.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {x.dtype}")
     if kind == "float" and not x.is_floating_point():
@@ -491,13 +491,14 @@ def _messages(N):
 
 def status_error(flags, ids, V, normalizer):
     """The error of the first flag set among the prepare launch's status values ``flags`` (host
-    integers), or None."""
+    integers), or None. V None: split over ranks (the launch flags negative ids)."""
     for slot, message in _messages(ids.numel()):
         if not flags[slot]:
             continue
         if slot == STATUS_BAD_IDS:
             where = flags[STATUS_FIRST_BAD]
-            message = (f"input_ids holds {flags[slot]} id(s) outside [0, {V}) at valid positions, e.g. "
+            span = f"[0, {V})" if V is not None else "[0, V) (V: the vocabulary of all ranks)"
+            message = (f"input_ids holds {flags[slot]} id(s) outside {span} at valid positions, e.g. "
                        f"{ids[where].item()} at flat position {where} (use ignore_index or mask to skip)")
         elif slot == STATUS_NORM:
             message = f"{message}, got {normalizer.item() if isinstance(normalizer, torch.Tensor) else normalizer}"
@@ -564,9 +565,9 @@ def prepare_tokens(input_ids, token_shape, V, device, ignore_index, mask=None, s
         min_p=min_p, top_p=top_p, tw=tw, tw_mode=tw_mode, kept_set=kept_set)
     n_valid = unread = None
     if V is None and not torch.compiler.is_compiling():  # read with the agreement's table: one sync
-        unread = (status, lambda flags: status_error(flags, ids, bound, normalizer))
+        unread = (status, lambda flags: status_error(flags, ids, V, normalizer))
     else:
-        n_valid = _raise_on_status(status, ids, bound, normalizer)
+        n_valid = _raise_on_status(status, ids, V, normalizer)
     kept_offsets, kept_ids = (None, None) if kept_set is None else (kept_set[0], kept_set[1].to(torch.int32))
     return Batch(token_shape, cu, n_seqs, T, target, old, adv_t, weight, ref, tau, n_valid, min_p=min_p, top_k=top_k,
                  top_p=top_p, kept_offsets=kept_offsets, kept_ids=kept_ids, unread_status=unread)

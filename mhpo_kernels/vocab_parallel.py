@@ -175,10 +175,11 @@ class VocabSlice:
             raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
-        if len({tuple(t[2:6]) for t in table}) > 1:
-            raise ValueError("tp_group: input_ids, mask, cu_seqlens, temperature or min_p differ across ranks; "
-                             "every rank must pass the same global ids, mask, sequence boundaries and per-token "
-                             "temperature and min_p")
+        for prints, what in ((slice(2, 4), "input_ids or mask"),
+                             (slice(4, 6), "cu_seqlens, the per-token temperature, min_p, top_k or top_p, or kept_ids")):
+            if len({tuple(t[prints]) for t in table}) > 1:
+                raise ValueError(f"tp_group: {what} differ across ranks; every rank must pass the same global ids, "
+                                 f"mask, sequence boundaries, per-token temperature and filters, and kept set")
         tp = VocabSlice(group, rank, sizes)
         if table[rank][7] >= tp.total:  # the ids' upper bound, now that V is known (reads only to raise)
             bad = batch.target >= tp.total

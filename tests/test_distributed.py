@@ -184,6 +184,9 @@ def _tp_bad_call(rank, world_size, case):
     if case == "id-out-of-range":
         ids = ids.clone()
         ids[0, 0] = full.shape[-1]           # valid position, one past the global vocabulary
+    elif case == "id-negative":
+        ids = ids.clone()
+        ids[0, 0] = -5                       # valid position (not ignore_index): refused before V is agreed
     elif case == "tokens-disagree" and rank == 1:
         x, ids, mask, old = x[:, :-1], ids[:, :-1], mask[:, :-1], old[:, :-1]
     elif case == "empty-slice" and rank == 1:
@@ -251,13 +254,14 @@ def _tp_bad_call(rank, world_size, case):
 
 BAD_TP_CALLS = [
     ("id-out-of-range", "outside \\[0, 1001\\)"),
+    ("id-negative", "1 id\\(s\\) outside \\[0, V\\) \\(V: the vocabulary of all ranks\\) at valid positions, e.g. -5"),
     ("tokens-disagree", "input_ids must have shape|disagree on the number of tokens|failed validation"),
     ("empty-slice", "vocabulary dimension|failed validation|at least 1"),
     ("old-positive-one-rank", "old_logprobs holds finite values above 0|rank\\(s\\) \\[0\\] failed validation"),
     ("one-rank-bad-dtype", "logits are float64, which tp_group does not take|failed validation"),
-    ("ids-differ", "differ across ranks"),
+    ("ids-differ", "input_ids or mask differ across ranks"),
     ("top-p-one-rank", "disagree on truncation"),
-    ("top-k-differs", "differ across ranks"),
+    ("top-k-differs", "top_k or top_p, or kept_ids differ across ranks"),
     ("min-p-one-rank", "disagree on truncation"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
@@ -911,7 +915,7 @@ def test_vocab_parallel_truncated(truncated_runs, case):
                     assert a[row].isnan().all() and torch.equal(a[~row], b[~row]), backend
     if case == "replay":
         for got in ranks:
-            assert got["bad"] is not None, got["bad"]
+            assert got["bad"] is not None and "kept_ids differ across ranks" in got["bad"], got["bad"]
 
 
 def _linear_truncated_inputs(case):

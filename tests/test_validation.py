@@ -444,3 +444,15 @@ def test_output_flags_are_bools_on_every_op(value, monkeypatch):
         for call in of_name:
             with pytest.raises(TypeError, match=f"{name} must be a bool, got"):
                 call(value)
+
+
+def test_a_tensor_on_another_device_names_the_inputs_device():
+    """On the fused linear path too, which has hidden states and no logits."""
+    hidden, weight, ids = torch.randn(B, T, 8), torch.randn(V, 8), torch.randint(0, V, (B, T))
+    calls = [
+        lambda old: mhpo_kernels.mhpo_loss(torch.randn(B, T, V), ids, old, torch.randn(B)),
+        lambda old: mhpo_kernels.fused_linear_mhpo_loss(hidden, weight, ids, old, torch.randn(B)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="old_logprobs is on meta, but the inputs are on cpu"):
+            call(torch.zeros(B, T, device="meta"))
