@@ -254,6 +254,14 @@ def aggregate(loss_tok, valid, loss_agg_mode, normalizer=None, seq_valid_tokens=
     return per_seq.sum() / ((tokens_per_seq > 0).sum().clamp(min=1) if normalizer is None else normalizer)
 
 
+def _as_rows(x, B):
+    """Advantages, or values laid out as they are, as (B, 1) or (B, T): () or (1,) one for every
+    token, (B,) or (B, 1) one per sequence, (B, T) one per token; B = 0 included."""
+    if x.numel() == 1:
+        return x.reshape(1, 1).expand(B, 1)
+    return x.reshape(B, -1) if B > 0 else x.reshape(0, 1)
+
+
 def mhpo_loss_from_logprobs(
     logp,
     old_logprobs,
@@ -290,11 +298,11 @@ def mhpo_loss_from_logprobs(
             raise ValueError(f"{name} holds finite values above 0 at valid tokens: log-probs are ≤ 0")
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
-    adv = advantages.reshape(logp.shape[0], -1).expand(valid.shape)
+    adv = _as_rows(advantages, logp.shape[0]).expand(valid.shape)
     log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
     loss_tok = -weight * adv if objective is None else objective_loss(logp, old, adv, valid, objective)
     if token_weights is not None:   # 0 at invalid tokens, whatever they hold
-        w = token_weights.reshape(logp.shape[0], -1).expand(valid.shape)
+        w = _as_rows(token_weights, logp.shape[0]).expand(valid.shape)
         loss_tok = loss_tok * torch.where(valid, w, torch.zeros_like(w))
     if ref_logprobs is not None:
         delta = ref_logprobs - logp
@@ -391,13 +399,10 @@ def mhpo_loss(
         outside = outside | (valid & (old == -math.inf))   # no ratio: the old policy's kept set left it out
     share = (outside.sum() / valid.sum().clamp(min=1)).to(logp.dtype)
     valid = valid & ~outside
-    if advantages.numel() == 1:                            # () or (1,): one advantage for every token
-        advantages = advantages.reshape(1, 1).expand(logits3.shape[0], 1)
     if token_weights is not None:                         # laid out as the advantages
-        token_weights = token_weights.reshape(1, 1).expand(logits3.shape[0], 1) if token_weights.numel() == 1 \
-            else token_weights.reshape(logits3.shape[0], -1)
+        token_weights = _as_rows(token_weights, logits3.shape[0])
     out = mhpo_loss_from_logprobs(
-        logp, old, advantages.reshape(logits3.shape[0], -1), valid, c=c, k_pos=k_pos,
+        logp, old, _as_rows(advantages, logits3.shape[0]), valid, c=c, k_pos=k_pos,
         lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg, loss_agg_mode=loss_agg_mode,
         ref_logprobs=ref, beta=beta, return_metrics=return_metrics,
         entropy=_entropy(logprobs) if return_metrics or entropy_coef > 0 else None, normalizer=normalizer,

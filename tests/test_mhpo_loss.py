@@ -90,6 +90,27 @@ def test_all_invalid_batch_is_zero(device):
         assert loss.item() == 0.0 and not grad.any()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("adv_shape", [(0,), (0, 4), ()], ids=["per-sequence", "per-token", "one-for-all"])
+def test_empty_batch_is_zero_on_every_path(backend, adv_shape):
+    """B = 0 sequences: a 0 loss and an empty gradient, as the float64 reference gives."""
+    from conftest import TRITON_DEVICE
+
+    ids = torch.zeros(0, 4, dtype=torch.long, device=TRITON_DEVICE)
+    old, adv = torch.zeros(0, 4, device=TRITON_DEVICE), torch.ones(adv_shape, device=TRITON_DEVICE)
+    logits = torch.randn(0, 4, 33, device=TRITON_DEVICE, requires_grad=True)
+    with mhpo_kernels.use_backend(backend):
+        loss = mhpo_kernels.mhpo_loss(logits, ids, old, adv, token_weights=adv)
+        loss.backward()
+        logp = mhpo_kernels.token_logprobs(logits.detach(), ids)
+    x64 = logits.detach().cpu().double().requires_grad_()
+    loss64 = reference.mhpo_loss(x64, ids.cpu(), old.cpu().double(), adv.cpu().double(),
+                                 token_weights=adv.cpu().double())
+    loss64.backward()
+    assert loss.item() == loss64.item() == 0.0
+    assert logits.grad.shape == x64.grad.shape == (0, 4, 33) and logp.shape == (0, 4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_on_policy_none_equals_detached_logp(device):
     """old_logprobs=None means old = sg[logp]: the same loss and gradient as passing it."""
