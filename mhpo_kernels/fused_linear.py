@@ -13,10 +13,12 @@ from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
     check_flag, check_float_tensor, check_kept_ids, check_positive, check_sampling,
-    check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
+    check_temperature, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
-from .loss import check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, resolve_objective
+from .loss import (
+    check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, prepared, resolve_objective,
+)
 from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
@@ -75,18 +77,12 @@ class _Prepared(NamedTuple):
 
 
 def _prepared(prepare, tp_group, hidden, weight, chunk_size=None, settings=None):
-    """``prepare()``'s checked arguments; with a tp_group only once every rank agreed on them and
-    on ``settings(prepared)`` (the chunk size among them: every chunk is one collective)."""
-    if check_tp_group(tp_group) is None:
-        return prepare()
-    from .vocab_parallel import agree_on_inputs
-
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    prepared = agree_on_inputs(tp_group, device, prepare, local_size=lambda p: weight.shape[0], settings=settings)
-    if chunk_size is None:  # every rank must make the same chunks (one collective each): the largest slice's
-        rows = fused_linear_chunk_rows(max(prepared.batch.tp.sizes), hidden.element_size())
-        prepared = prepared._replace(chunk_rows=rows)
-    return prepared
+    """``loss.prepared`` over the LM head's rows, with the chunk size (``settings`` hold it) that
+    every rank of a tp_group makes alike: every chunk is one collective."""
+    p = prepared(prepare, tp_group, hidden, settings, local_size=lambda _: weight.shape[0])
+    if tp_group is not None and chunk_size is None:  # the largest slice's
+        p = p._replace(chunk_rows=fused_linear_chunk_rows(max(p.batch.tp.sizes), hidden.element_size()))
+    return p
 
 
 def fused_linear_mhpo_loss(

@@ -75,13 +75,14 @@ class Prepared(NamedTuple):
     inplace: bool
 
 
-def _prepared(prepare, tp_group, logits, settings=None):
+def prepared(prepare, tp_group, x, settings=None, local_size=lambda p: p.logits3.shape[-1]):
     """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed on them and
-    on ``settings(prepared)`` (``vocab_parallel.agree_on_inputs``)."""
+    on ``settings(prepared)`` (``vocab_parallel.agree_on_inputs``), the slice of the vocabulary
+    ``local_size(prepared)`` long. ``x``: the logits, or the hidden states."""
     if check_tp_group(tp_group) is None:
         return prepare()
-    device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
-    return agree_on_inputs(tp_group, device, prepare, settings=settings)
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    return agree_on_inputs(tp_group, device, prepare, local_size, settings)
 
 
 def metrics_from_vector(vector, kind, has_ref, truncated=False):
@@ -234,7 +235,7 @@ def policy_loss(
             kept_ids_given=kept_ids is not None,
             dtypes=tuple(map(dtype_name, (logits, old_logprobs, advantages, mask, ref_logprobs, token_weights))))
 
-    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
+    hp, lmap, logits3, shifted, batch, inplace = prepared(prepare, tp_group, logits, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     # The one sweep computes a gradient: only where a backward can ask for it (under no_grad, or
     # for logits that do not require grad, it would cost a logits-sized buffer, and in place
@@ -298,7 +299,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
                                shifted=p.shifted, inplace_backward=p.inplace, kept_ids_given=kept_ids is not None,
                                dtypes=(dtype_name(logits),))
 
-    hp, lmap, logits3, shifted, batch, inplace = _prepared(prepare, tp_group, logits, settings)
+    hp, lmap, logits3, shifted, batch, inplace = prepared(prepare, tp_group, logits, settings)
     sweeps = ops.row_stats if tp_group is None else vocab_parallel.row_stats
     stats = sweeps(logits3, batch, hp, lmap, return_entropy, shifted=shifted, inplace_backward=inplace)[0]
     logp = stats.logp.reshape(batch.token_shape)

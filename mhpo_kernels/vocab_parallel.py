@@ -272,13 +272,13 @@ def _per_token_settings(batch):
     return torch.cat(parts)
 
 
-def agree_on_inputs(tp_group, device, prepare, local_size=lambda prepared: prepared.logits3.shape[-1],
-                    settings=None):
+def agree_on_inputs(tp_group, device, prepare, local_size, settings=None):
     """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
     checked only for ≥ 0), then the agreement (``VocabSlice.agree``), whose table also gives the
     ids' upper bound against the global vocabulary: the same ids and mask on every rank
-    (fingerprinted) give the same verdict on every rank. ``settings(prepared)``: name → value of
-    what must agree across ranks. Returns what ``prepare()`` returned, with ``batch.tp`` set."""
+    (fingerprinted) give the same verdict on every rank. ``local_size(prepared)``: this rank's
+    slice of the vocabulary; ``settings(prepared)``: name → value of what must agree across ranks.
+    Returns what ``prepare()`` returned, with ``batch.tp`` set."""
     error, prepared, batch, agreed = None, None, None, None
     try:
         prepared = prepare()
