@@ -97,8 +97,8 @@ def fused_linear_mhpo_loss(
 
     Equals ``mhpo_loss(z, input_ids, ...)`` with every keyword of ``mhpo_loss`` (``normalizer``,
     ``cu_seqlens`` with hidden (N, H), ``seq_valid_tokens``, ``entropy_coef``, ``token_weights``,
-    the sampler's filters and ``kept_ids`` included; ``inplace_backward`` has no meaning here: the logits tile is always its own
-    gradient), where
+    the sampler's filters and ``kept_ids`` included; ``inplace_backward`` has no meaning here: the
+    logits tile is always its own gradient), where
 
         z = s · (hidden @ weight.T + bias)                      s = logit_scale
         z = cap · tanh(z / cap)                                 if final_logit_softcap (Gemma)
@@ -154,8 +154,8 @@ def fused_linear_policy_loss(
     sweep (∂L/∂H_t = −entropy_coef · g_t): no extra pass and no extra GEMM.
 
     The sampler's filters (``min_p``, ``top_k``, ``top_p``, SPEC.md, section 9), or its kept set
-    replayed (``kept_ids``): a target outside its kept set leaves the aggregation, which changes its sequence's weights, known only once
-    every chunk's forward ran. The loss is then the differentiable ``fused_linear_token_logprobs``
+    replayed (``kept_ids``): a target outside its kept set leaves the aggregation, which changes
+    its sequence's weights, known only once every chunk's forward ran. The loss is then the differentiable ``fused_linear_token_logprobs``
     (1 GEMM per chunk forward, 3 backward: one GEMM per chunk more than untruncated) and the
     per-token epilogue on (N,) vectors, as the logits path's truncated loss."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)

@@ -175,8 +175,8 @@ class VocabSlice:
             raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
-        for prints, what in ((slice(2, 4), "input_ids or mask"),
-                             (slice(4, 6), "cu_seqlens, the per-token temperature, min_p, top_k or top_p, or kept_ids")):
+        per_token = "cu_seqlens, the per-token temperature, min_p, top_k or top_p, or kept_ids"
+        for prints, what in ((slice(2, 4), "input_ids or mask"), (slice(4, 6), per_token)):
             if len({tuple(t[prints]) for t in table}) > 1:
                 raise ValueError(f"tp_group: {what} differ across ranks; every rank must pass the same global ids, "
                                  f"mask, sequence boundaries, per-token temperature and filters, and kept set")
