@@ -3,6 +3,7 @@ logits (verl's policy-loss registry): O(N) work, so plain PyTorch, with the exac
 
 import torch
 
+from ._inputs import _check_tensor
 from .loss import mhpo_params
 from .epilogue import token_terms
 
@@ -31,19 +32,27 @@ def mhpo_token_loss(logp, old_logprobs, advantages, *, c=1.5, k_pos=1.5, lam_pos
     each shaped like ``logp``.
 
     ``logp`` carries the gradient (dψ/dlog_r = sech²(log_r/c), evaluated directly, never as
-    1 − tanh²); ``old_logprobs`` (None: on-policy) and ``advantages`` (broadcastable to logp) are
-    data. No masking, KL or aggregation: the caller's framework does those.
+    1 − tanh²); ``old_logprobs`` (None: on-policy) and ``advantages`` are data, the advantages laid
+    out as ``mhpo_loss`` takes them: logp's shape, one per sequence ((B,) or (B, 1) for (B, T)
+    log-probs) or one for all (() or (1,)). No masking, KL or aggregation: the caller's framework
+    does those.
     """
     hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, 0.0)
-    if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
-        raise TypeError("logp must be a floating tensor")
+    _check_tensor("logp", logp, getattr(logp, "device", None), "float")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
+        if x is not None or name != "old_logprobs":
+            _check_tensor(name, x, logp.device, "float")
     if old_logprobs is not None and old_logprobs.shape != logp.shape:
         raise ValueError(f"old_logprobs must have logp's shape {tuple(logp.shape)}, got {tuple(old_logprobs.shape)}")
-    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
-        raise TypeError("advantages must be a floating tensor")
-    try:
-        adv = torch.broadcast_to(advantages, logp.shape)
-    except RuntimeError:
-        raise ValueError(f"advantages must broadcast to logp's shape {tuple(logp.shape)} (one per token, or per "
-                         f"sequence as (B, 1)), got shape {tuple(advantages.shape)}") from None
+    B = logp.shape[0] if logp.dim() == 2 else None
+    if advantages.shape == logp.shape:
+        adv = advantages
+    elif advantages.dim() <= 1 and advantages.numel() == 1:
+        adv = advantages.reshape(()).expand(logp.shape)
+    elif B is not None and advantages.shape in ((B,), (B, 1)):
+        adv = advantages.reshape(B, 1).expand(logp.shape)
+    else:
+        per_sequence = "" if B is None else f", one per sequence ({B},) or ({B}, 1)"
+        raise ValueError(f"advantages must have logp's shape {tuple(logp.shape)}{per_sequence}, or one for all "
+                         f"(() or (1,)), got shape {tuple(advantages.shape)}")
     return _MHPOTokenLoss.apply(logp, old_logprobs, adv.float(), hp)

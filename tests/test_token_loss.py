@@ -34,3 +34,23 @@ def test_on_policy_and_checks():
         mhpo_kernels.mhpo_token_loss(logp, torch.zeros(3, 2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="c"):
         mhpo_kernels.mhpo_token_loss(logp, None, torch.ones(2, 3), c=0.0)
+
+
+def test_advantages_are_laid_out_as_mhpo_loss_takes_them():
+    """(B,) is one advantage per sequence, as in mhpo_loss, also where B = T (NumPy's broadcasting
+    would give one per position); a layout mhpo_loss does not take is refused."""
+    logp = torch.randn(3, 3) - 2.0
+    old = logp + 0.3 * torch.randn(3, 3)
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    per_token = adv[:, None].expand(3, 3)
+    expected = mhpo_kernels.mhpo_token_loss(logp, old, per_token)
+    for layout in (adv, adv[:, None]):
+        assert all(torch.equal(a, b) for a, b in zip(mhpo_kernels.mhpo_token_loss(logp, old, layout), expected))
+    for one in (torch.tensor(2.0), torch.tensor([2.0])):
+        got = mhpo_kernels.mhpo_token_loss(logp, old, one)[0]
+        assert torch.equal(got, mhpo_kernels.mhpo_token_loss(logp, old, torch.full((3, 3), 2.0))[0])
+    for bad in (adv[None, :], torch.ones(3, 3, 1), torch.ones(2)):
+        with pytest.raises(ValueError, match="advantages must have logp's shape"):
+            mhpo_kernels.mhpo_token_loss(logp, old, bad)
+    with pytest.raises(TypeError, match="old_logprobs must be a torch.Tensor"):
+        mhpo_kernels.mhpo_token_loss(logp, old.tolist(), adv)
