@@ -5,6 +5,7 @@ gradient during the forward (``linear_sweeps``), and the backward only scales th
 by the upstream gradient.
 """
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from . import _dispatch, linear_ops, ops
 from ._config import fused_linear_chunk_rows
 from ._inputs import (
-    check_flag, check_float_tensor, check_kept_ids, check_positive, check_sampling,
+    LOGIT_DTYPES, check_flag, check_float_tensor, check_kept_ids, check_positive, check_sampling,
     check_temperature, prepare_mhpo, prepare_tokens,
 )
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
@@ -34,8 +35,8 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if x is not None or name != "bias":
             check_float_tensor(name, x)
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be (B, T, H) or (N, H), got shape {tuple(hidden.shape)}")
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must be (B, T, H) or (N, H) with H >= 1, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} and V >= 1, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -45,8 +46,10 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
     if bias is not None:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"bias must be a {hidden.dtype} tensor on {hidden.device}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device}, but hidden is on {hidden.device}")
     check_positive("logit_scale", logit_scale)
     if final_logit_softcap is not None:
         check_positive("final_logit_softcap", final_logit_softcap)
@@ -54,18 +57,22 @@ def _check_linear(hidden, weight, bias, logit_scale, final_logit_softcap, chunk_
         chunk_size = fused_linear_chunk_rows(weight.shape[0], hidden.element_size())
         if batch_invariant:
             chunk_size = min(chunk_size, BATCH_INVARIANT_CHUNK)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
-    return hidden.reshape(-1, hidden.shape[-1]), chunk_size
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or an int (tokens per chunk), got {type(chunk_size).__name__}")
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (tokens per chunk), got {chunk_size}")
+    return hidden.reshape(-1, hidden.shape[-1]), int(chunk_size)
 
 
 def _autocast_inputs(hidden, weight, bias):
     """Under autocast, the LM head's GEMMs run in the autocast dtype, as ``F.linear`` would: cast
-    the inputs (differentiably) once here; the op itself then runs with autocast off."""
+    the inputs autocast casts (float32, float16, bfloat16) differentiably once here, the others
+    are left to the checks; the op itself then runs with autocast off."""
     if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
-    return tuple(x if not isinstance(x, torch.Tensor) else x.to(dtype) for x in (hidden, weight, bias))
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in LOGIT_DTYPES else x
+                 for x in (hidden, weight, bias))
 
 
 class _Prepared(NamedTuple):

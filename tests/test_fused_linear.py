@@ -203,14 +203,33 @@ def test_frozen_head_and_no_grad():
     (dict(logit_scale=-1.0), ValueError, "logit_scale"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(beta=0.5), ValueError, "ref_logprobs"),
+    (dict(bias=torch.randn(50, dtype=torch.float16)), TypeError, "bias must have hidden's dtype"),
+    (dict(bias=torch.randn(50, device="meta")), ValueError, "bias is on meta, but hidden is on cpu"),
+    (dict(chunk_size="4"), TypeError, "chunk_size must be None or an int"),
+    (dict(chunk_size=2.0), TypeError, "chunk_size must be None or an int"),
+    (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(50, 0)), ValueError, "hidden must be .* with H >= 1"),
 ], ids=["weight-H", "weight-dtype", "bias-shape", "hidden-1d", "ids-shape", "ids-range", "chunk",
-        "softcap", "scale", "temperature", "beta-no-ref"])
+        "softcap", "scale", "temperature", "beta-no-ref", "bias-dtype", "bias-device", "chunk-str", "chunk-float",
+        "H-0"])
 def test_bad_calls_raise(change, error, name):
     args = dict(hidden=torch.randn(2, 3, 16), weight=torch.randn(50, 16), input_ids=torch.randint(0, 50, (2, 3)),
-                old_logprobs=torch.randn(2, 3), advantages=torch.randn(2))
+                old_logprobs=-torch.rand(2, 3), advantages=torch.randn(2))
     args.update(change)
     with pytest.raises(error, match=name):
         mhpo_kernels.fused_linear_mhpo_loss(**args)
+
+
+@pytest.mark.parametrize("bad", ["int64", "bool", "float64"])
+def test_autocast_leaves_inputs_it_does_not_cast_to_the_checks(bad):
+    """Integer, bool and float64 hidden states or bias are refused under autocast as without it
+    (autocast would have cast them to bf16 and the call run on them)."""
+    dtype = getattr(torch, bad)
+    hidden, weight = torch.randn(2, 3, 16), torch.randn(50, 16)
+    ids, old, adv = torch.randint(0, 50, (2, 3)), -torch.rand(2, 3), torch.randn(2)
+    for args in (dict(hidden=hidden.to(dtype), weight=weight.to(dtype)), dict(bias=torch.zeros(50, dtype=dtype))):
+        args = {**dict(hidden=hidden, weight=weight), **args}
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must be float32|dtype"):
+            mhpo_kernels.fused_linear_mhpo_loss(input_ids=ids, old_logprobs=old, advantages=adv, **args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
