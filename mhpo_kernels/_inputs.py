@@ -217,7 +217,7 @@ def _filter_tensor(name, value, token_shape, device):
             return torch.zeros(n, dtype=dtype, device=device) + value
         return torch.empty(n, dtype=dtype, device=device).fill_(value)  # one device op
     value = _per_token_tensor(name, value, token_shape, device)
-    if name == "top_k":  # any k beyond the vocabulary keeps every token; any k ≤ 0 is off
+    if name == "top_k":  # any k beyond the vocabulary keeps every finite logit; any k ≤ 0 is off
         value = value.to(torch.int64).clamp(-1, INT32_MAX)
     return value.to(dtype).contiguous()
 

@@ -566,7 +566,8 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     target's d at ``base``) of top-k and top-p after ``cut`` (min_p's, or −inf) at the rows
     ``finite`` (valid, with a finite softmax over every slice), for this slice of ``logits``
     (B, T, V) and its targets; a top-k of at least ``vocab``, the whole vocabulary (all slices
-    together), keeps every token: off, as one launch takes it."""
+    together), keeps every token whose logit is finite: no selection, the lowest finite threshold,
+    as one launch takes it."""
     kernel = _dispatch.kernel("slice_count", logits.device, lmap.backend)
     zeros = torch.zeros_like(base)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -614,7 +615,10 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
 
     # Each row's threshold, and the kept tokens' sums where its last pass found them: the rows of
     # each filter alone and of both (a top-k the gather holds, or above it) side by side.
-    on_k = None if lmap.top_k is None else finite & (lmap.top_k > 0) & (lmap.top_k < vocab)
+    on_k = None
+    if lmap.top_k is not None:
+        on_k = finite & (lmap.top_k > 0) & (lmap.top_k < vocab)
+        cut = torch.where(finite & (lmap.top_k >= vocab), cut.clamp(min=-FLT_MAX), cut)
     on_p = None if lmap.top_p is None else finite & (lmap.top_p < 1)
     floor = cut.clamp(min=-FLT_MAX)
     flows, rows = [], []

@@ -794,6 +794,8 @@ def _truncated_inputs(case):
                        top_p=(per_token(0.9, 0.5, 0.7, 1.0, 0.95), 0.8))
     else:
         filters = {case: filters[case]}
+    if case == "top_k":  # token 6 (its target a −inf logit) keeps every finite logit of the vocabulary: still on
+        filters["top_k"][0][1, 1] = full.shape[-1] + 5
     return (full, ids, mask, old, adv, ref, {name: v[0] for name, v in filters.items()},
             {name: v[1] for name, v in filters.items()})
 

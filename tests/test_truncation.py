@@ -1608,3 +1608,40 @@ def test_top_p_smallest_kept_group_on_a_long_bf16_row(backend):
     want = reference.token_logprobs(x2.double(), ids.reshape(1, 2), temperature=1.2, top_p=0.999)
     assert want[0, 0].isfinite() and want[0, 1] == -math.inf
     _close(logp, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", ["V", "V+5"])
+def test_top_k_of_the_whole_row_leaves_minus_inf_logits_out(backend, top_k):
+    """A top_k of V or more is on (SPEC.md, section 9: top_k > 0) and keeps every token whose logit
+    is finite: a target at a −inf logit is outside the kept set, so it passes no log-prob
+    gradient, leaves the loss's aggregation and counts in ``outside_support``, on the logits and
+    the fused linear path alike, as in the float64 reference (the kernels took such a top_k as
+    off: the loss was inf for GPG, the gradient a softmax row)."""
+    from conftest import TRITON_DEVICE
+    from mhpo_kernels.objectives import GPG
+
+    V = 8
+    k = V if top_k == "V" else V + 5
+    x = torch.tensor([[[-math.inf, 1.0, 0.5, -0.5, 2.0, 0.0, -1.0, 0.25]] * 2])   # the first logit −inf
+    ids, old, adv = torch.tensor([[0, 4]]), torch.tensor([[-1.0, -0.7]]), torch.tensor([1.0])
+    want, metrics64 = reference.policy_loss(x.double(), ids, old.double(), adv.double(), objective=GPG(),
+                                            return_metrics=True, top_k=k)
+    x64 = x.double().requires_grad_()
+    reference.token_logprobs(x64, ids, top_k=k)[0, 0].backward()
+    assert metrics64["outside_support"] == 0.5 and not x64.grad.any()
+    # The fused linear path: hidden one-hot, the LM head's bias holding the logits.
+    h, w = torch.eye(1, 4).expand(2, 4).reshape(1, 2, 4), torch.zeros(V, 4)
+    with mhpo_kernels.use_backend(backend):
+        on = lambda t: t.to(TRITON_DEVICE)   # noqa: E731
+        loss, metrics = mhpo_kernels.policy_loss(on(x), on(ids), on(old), on(adv), objective=GPG(),
+                                                 return_metrics=True, top_k=k)
+        fused, fused_metrics = mhpo_kernels.fused_linear_policy_loss(
+            on(h), on(w), on(ids), on(old), on(adv), bias=on(x[0, 0]), objective=GPG(), return_metrics=True,
+            top_k=k)
+        logits = on(x).requires_grad_()
+        mhpo_kernels.token_logprobs(logits, on(ids), top_k=k)[0, 0].backward()
+    for got, got_metrics in ((loss, metrics), (fused, fused_metrics)):
+        assert abs(got.item() - want.item()) <= FP32_RTOL * abs(want.item())
+        assert got_metrics["outside_support"].item() == 0.5
+    assert not logits.grad.any()

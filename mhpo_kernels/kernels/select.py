@@ -1225,7 +1225,10 @@ def _select_kernel(
     top_p = 1.0
     if TOP_K:
         top_k = tl.load(p_top_k + row, mask=valid, other=0)
-        top_k = tl.where(top_k < V, top_k, 0)    # a top-k of the whole row keeps every token: off
+        # A top-k of the whole row keeps every token whose logit is finite: no selection, the lowest
+        # finite threshold (a −inf logit is outside every kept set, SPEC.md, section 9).
+        cut = tl.where(finite & (top_k >= V), tl.maximum(cut, -FLT_MAX), cut)
+        top_k = tl.where(top_k < V, top_k, 0)
     if TOP_P:
         top_p = tl.load(p_top_p + row, mask=valid, other=1.0)
     if p_gather is not None:
