@@ -20,6 +20,7 @@ from ._sweep_types import (
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT32_MAX = 2**31 - 1
+FP32_TINY, FP32_BELOW_ONE = 2.0**-149, 1 - 2.0**-24   # fp32's smallest value above 0, largest below 1
 
 
 @dataclass
@@ -161,7 +162,11 @@ def _check_filter(name, value):
         return value
     if bad(value):
         raise ValueError(f"{name} must {allowed}, got {value}")
-    return int(value) if integer else float(value)
+    if integer:
+        return int(value)
+    # On stays on in fp32, which the kernels read: a value below its smallest (which rounds to 0),
+    # or a top_p between 1 and the largest fp32 below 1 (which rounds to 1), takes that bound.
+    return min(max(float(value), FP32_TINY), FP32_BELOW_ONE) if 0 < value < 1 else float(value)
 
 
 def check_sampling(min_p=None, top_k=None, top_p=None):
@@ -219,6 +224,11 @@ def _filter_tensor(name, value, token_shape, device):
     value = _per_token_tensor(name, value, token_shape, device)
     if name == "top_k":  # any k beyond the vocabulary keeps every finite logit; any k ≤ 0 is off
         value = value.to(torch.int64).clamp(-1, INT32_MAX)
+    elif value.dtype == torch.float64:  # what fp32 would round off or to 1: kept on, or refused (min_p > 1)
+        on = (value > 0) & (value < 1)
+        value = torch.where(on, value.clamp(FP32_TINY, FP32_BELOW_ONE), value)
+        if name == "min_p":   # the prepare launch refuses NaN and fp32 values above 1
+            value = torch.where(value > 1, math.nan, value)
     return value.to(dtype).contiguous()
 
 
