@@ -162,9 +162,10 @@ def fused_linear_policy_loss(
 
     The sampler's filters (``min_p``, ``top_k``, ``top_p``, SPEC.md, section 9), or its kept set
     replayed (``kept_ids``): a target outside its kept set leaves the aggregation, which changes
-    its sequence's weights, known only once every chunk's forward ran. The loss is then the differentiable ``fused_linear_token_logprobs``
-    (1 GEMM per chunk forward, 3 backward: one GEMM per chunk more than untruncated) and the
-    per-token epilogue on (N,) vectors, as the logits path's truncated loss."""
+    its sequence's weights, known only once every chunk's forward ran. The loss is then the
+    differentiable ``fused_linear_token_logprobs`` (1 GEMM per chunk forward, 3 backward: one GEMM
+    per chunk more than untruncated) and the per-token epilogue on (N,) vectors, as the logits
+    path's truncated loss."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
 
     def prepare():  # with a tp_group, every rank hears of any error raised in here
