@@ -39,7 +39,7 @@ from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 from . import harness, report
 from .check_report import HEADLINE, merge
-from .providers import PROVIDERS
+from .providers import PROVIDERS, ModelOutput
 from .workloads import Case, make_inputs
 SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
@@ -138,15 +138,16 @@ def _one_sweep_programs_knob():
 def _whole_op(logits, target, old, adv, one_sweep=True, inplace=False):
     """One training call of ``mhpo_loss``, forward and backward, as a trainer makes it: validation,
     the prepare and finalize launches and the sweeps (two, or the one with ``one_sweep``), into a
-    gradient buffer or, ``inplace``, into the logits (a view of them, so not a leaf; each call then
-    reads the previous call's gradient as its logits, which costs the same)."""
+    gradient buffer or, ``inplace``, into the logits (``providers.ModelOutput``: their storage as a
+    model's output; each call then reads the previous call's gradient as its logits, which costs
+    the same)."""
     x = logits.detach().requires_grad_()
     shape = logits.shape[:2]
     ids, old, adv = target.long().reshape(shape), old.reshape(shape), adv.reshape(shape)
 
     def step():
         x.grad = None
-        inputs = x.view_as(x) if inplace else x
+        inputs = ModelOutput.apply(x) if inplace else x
         loss = mhpo_kernels.mhpo_loss(inputs, ids, old, adv, grad_in_forward=one_sweep, inplace_backward=inplace)
         loss.backward()
         return loss
@@ -349,11 +350,11 @@ def step_inplace(args):
     reference_grad, mismatches, loss_mismatches, first_loss = None, {"out_of_place": 0, "inplace": 0}, 0, None
     for _ in range(repeats):
         for key in ("out_of_place", "inplace"):
-            # In place: a view stands for the model's output (the op refuses to overwrite a leaf);
-            # its private copy of the logits becomes their gradient.
+            # In place: ``ModelOutput`` stands for the model's output (the op refuses to overwrite
+            # a leaf or a view of one); its private copy of the logits becomes their gradient.
             leaf = full.clone().requires_grad_()
             inplace = key == "inplace"
-            loss = mhpo_kernels.mhpo_loss(leaf.view_as(leaf) if inplace else leaf, ids, old, adv, mask,
+            loss = mhpo_kernels.mhpo_loss(ModelOutput.apply(leaf) if inplace else leaf, ids, old, adv, mask,
                                           inplace_backward=inplace)
             loss.backward()
             grad = leaf.grad
