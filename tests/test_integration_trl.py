@@ -417,6 +417,29 @@ def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, co
 SAMPLER = dict(top_k=40, top_p=0.9, min_p=0.02)
 
 
+def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path):
+    """TRL's generation_kwargs override its top_k, top_p and min_p for the generation: the scoring
+    takes them too. A filter left None, which generation fills from a model's generation_config
+    that sets it, is refused (the sampled distribution would not be the one scored)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    trainer = make_trainer(tiny_model, tmp_path / "kw", sampler_logprobs=True, beta=0.0, top_k=40,
+                           generation_kwargs={"top_k": 5, "top_p": 0.5})
+    assert trainer.sampling() == dict(top_k=5, top_p=0.5, min_p=None)
+    path, tokenizer = tiny_model
+    shipped = str(tmp_path / "shipped")
+    shutil.copytree(path, shipped)
+    GenerationConfig(do_sample=True, top_k=20, top_p=0.95, min_p=0.1, pad_token_id=0, eos_token_id=2).save_pretrained(
+        shipped)
+    with pytest.raises(ValueError, match="sampler_logprobs with min_p unset while the model's generation_config "
+                                         "sets min_p=0.1"):
+        make_trainer((shipped, tokenizer), tmp_path / "shipped-run", sampler_logprobs=True, beta=0.0)
+    trainer = make_trainer((shipped, tokenizer), tmp_path / "set", sampler_logprobs=True, beta=0.0, min_p=0.05)
+    assert trainer.sampling() == dict(top_k=0, top_p=1.0, min_p=0.05)
+
+
 @mhpo_kernels.use_backend("torch")  # TRL's calls and semantics; test_truncation.py holds the kernels to the oracle
 def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path):
     """sampler_logprobs: the old log-probs (TRL's _get_per_token_logps_and_entropies) and the loss

@@ -168,6 +168,15 @@ class MHPOTrainer(GRPOTrainer):
         unsupported["sampler_logprobs with beta > 0 and a PEFT model (the reference, the same model with its "
                     "adapter off, would be scored under the filters)"] = (
             args.sampler_logprobs and self.beta != 0.0 and getattr(self, "ref_model", None) is None)
+        # A filter left None is filled at generate time from the model's generation_config: the
+        # sampled distribution would not be the one scored.
+        if args.sampler_logprobs:
+            shipped = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+            for name, value in self._generation_filters().items():
+                if value is None and getattr(shipped, name, None) is not None:
+                    unsupported[f"sampler_logprobs with {name} unset while the model's generation_config sets "
+                                f"{name}={getattr(shipped, name)!r}, which generation may apply: set {name} in "
+                                f"the config (or generation_kwargs)"] = True
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
@@ -233,7 +242,14 @@ class MHPOTrainer(GRPOTrainer):
         softmax: a sampled token outside its own kept set would make the KL term infinite."""
         if not self.args.sampler_logprobs or (model is not None and model is getattr(self, "ref_model", None)):
             return {}
-        return dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        return self._generation_filters()
+
+    def _generation_filters(self):
+        """top_k, top_p and min_p as the generation takes them: GRPOConfig's, which
+        ``generation_kwargs`` override (TRL's rule, for transformers and vLLM generation alike)."""
+        filters = dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        overrides = getattr(self.args, "generation_kwargs", None) or {}
+        return {**filters, **{name: overrides[name] for name in filters if name in overrides}}
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
