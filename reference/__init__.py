@@ -188,13 +188,20 @@ def hazard(psi, k_pos, lam_pos, k_neg, lam_neg):
     return (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg
 
 
-def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg):
-    """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token."""
+def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg, lfm=True, dhp=True):
+    """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token; without
+    ``lfm`` ψ = log r (no modulator), without ``dhp`` ζ = 0 (no hazard penalty), as the ablations."""
     log_ratio = logp - old_logp
-    psi = c * torch.tanh(log_ratio / c)                        # Log-Fidelity Modulator
-    zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg)  # ζ carries no gradient
+    psi = c * torch.tanh(log_ratio / c) if lfm else log_ratio  # Log-Fidelity Modulator
+    zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg) if dhp else torch.zeros_like(psi)  # no gradient
     weight = torch.exp(psi - zeta)
     return log_ratio, psi, zeta, weight
+
+
+def _mhpo_of(objective):
+    """An MHPO objective's hyperparameters and switches, as ``mhpo_terms`` takes them."""
+    o = objective
+    return dict(c=o.c, k_pos=o.k_pos, lam_pos=o.lam_pos, k_neg=o.k_neg, lam_neg=o.lam_neg, lfm=o.lfm, dhp=o.dhp)
 
 
 def objective_loss(logp, old, adv, valid, objective):
@@ -204,11 +211,7 @@ def objective_loss(logp, old, adv, valid, objective):
 
     log_ratio = logp - old
     if isinstance(objective, O.MHPO):
-        c = objective.c
-        psi = c * torch.tanh(log_ratio / c) if objective.lfm else log_ratio
-        zeta = (hazard(psi.detach(), objective.k_pos, objective.lam_pos, objective.k_neg, objective.lam_neg)
-                if objective.dhp else torch.zeros_like(psi))
-        return -torch.exp(psi - zeta) * adv
+        return -mhpo_terms(logp, old, **_mhpo_of(objective))[3] * adv
     if isinstance(objective, O.PPOClip):
         return _ppo_clip(torch.exp(log_ratio), adv, objective.eps_low, objective.eps_high, objective.dual_clip)
     if isinstance(objective, O.CISPO):
@@ -299,7 +302,15 @@ def mhpo_loss_from_logprobs(
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
     adv = _as_rows(advantages, logp.shape[0]).expand(valid.shape)
-    log_ratio, psi, zeta, weight = mhpo_terms(logp, old, c, k_pos, lam_pos, k_neg, lam_neg)
+    from mhpo_kernels import objectives as O
+
+    # MHPO's terms, of the objective's hyperparameters when it is an MHPO record; for another
+    # objective only what its metrics read (no psi, zeta, survival or saturated_frac)
+    mhpo = objective is None or isinstance(objective, O.MHPO)
+    terms = dict(c=c, k_pos=k_pos, lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg)
+    if objective is not None and mhpo:
+        terms = _mhpo_of(objective)
+    log_ratio, psi, zeta, weight = mhpo_terms(logp, old, **terms)
     loss_tok = -weight * adv if objective is None else objective_loss(logp, old, adv, valid, objective)
     if token_weights is not None:   # 0 at invalid tokens, whatever they hold
         w = _as_rows(token_weights, logp.shape[0]).expand(valid.shape)
@@ -320,13 +331,10 @@ def mhpo_loss_from_logprobs(
     def mean(x):
         return (torch.where(valid, x, torch.zeros_like(x)).sum() / n_valid).detach()
 
-    metrics = {
-        "psi": mean(psi),
-        "zeta": mean(zeta),
-        "survival": mean(torch.exp(-zeta)),
-        "abs_log_ratio": mean(log_ratio.abs()),
-        "saturated_frac": mean((log_ratio.abs() > c).to(logp.dtype)),
-    }
+    metrics = {"abs_log_ratio": mean(log_ratio.abs())}
+    if mhpo:
+        metrics.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)),
+                       saturated_frac=mean((log_ratio.abs() > terms["c"]).to(logp.dtype)))
     if entropy is not None:
         metrics["entropy"] = mean(entropy)
     metrics["logp"] = mean(logp)

@@ -52,6 +52,24 @@ def test_objective_against_float64(name, agg, backend):
         assert max_rel_err(grad.cpu(), grad64) <= FP32_RTOL, ratio
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_objective_metrics_against_float64(name, backend):
+    """The metrics of every objective: the same keys as the float64 reference's (psi, zeta,
+    survival and saturated_frac for MHPO records only) and values, an MHPO record's of its own
+    hyperparameters and switches (the reference took mhpo_loss's defaults)."""
+    objective = OBJECTIVES[name]
+    logits, kwargs = make_inputs(SMALL, Regime("obj", ratio="far", kl=True), seed=1, device=TRITON_DEVICE)
+    with mhpo_kernels.use_backend(backend):
+        _, metrics = _call(mhpo_kernels.policy_loss, objective, logits, {**kwargs, "return_metrics": True})
+    kw64 = as_float64({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    _, metrics64 = _call(reference.policy_loss, objective, logits.cpu().double(), {**kw64, "return_metrics": True})
+    assert set(metrics) == set(metrics64)
+    assert ("psi" in metrics) == isinstance(objective, MHPO)
+    for key, want in metrics64.items():   # means over valid tokens of O(1) values: fp32 accuracy
+        assert abs(metrics[key].item() - want.item()) <= FP32_RTOL * max(1.0, abs(want.item())), key
+
+
 @pytest.mark.parametrize("name", ["grpo", "cispo", "sapo", "gspo"])
 def test_objective_bf16_no_worse_than_eager(name):
     """bf16 logits: the error against float64 is no worse than eager PyTorch's own at bf16, plus
