@@ -267,14 +267,19 @@ def has_internal_overlap(x):
     return False
 
 
+def overwrites_a_leaf(logits):
+    """Whether writing into ``logits`` would overwrite a leaf that requires grad: it is one, or a
+    view of one."""
+    return logits.requires_grad and (logits if logits._base is None else logits._base).is_leaf
+
+
 def check_inplace(logits, logits3, inplace_backward):
     """``inplace_backward``, refused for a leaf that requires grad or a view of one (its values
     would be lost) and for logits whose elements share memory (the rows' gradients would
     overwrite each other)."""
     if not check_flag("inplace_backward", inplace_backward):
         return False
-    storage = logits if logits._base is None else logits._base   # a view's root tensor
-    if logits.requires_grad and storage.is_leaf:
+    if overwrites_a_leaf(logits):
         raise ValueError("inplace_backward=True would overwrite logits, a leaf tensor that requires grad or a "
                          "view of one; use it on logits computed by the model (e.g. an LM head's output)")
     if has_internal_overlap(logits3):

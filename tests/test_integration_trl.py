@@ -428,6 +428,8 @@ def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path
     trainer = make_trainer(tiny_model, tmp_path / "kw", sampler_logprobs=True, beta=0.0, top_k=40,
                            generation_kwargs={"top_k": 5, "top_p": 0.5})
     assert trainer.sampling() == dict(top_k=5, top_p=0.5, min_p=None)
+    generation = trainer.generation_config    # TRL's own, which its generation samples with
+    assert (generation.top_k, generation.top_p, generation.min_p) == (5, 0.5, None)
     path, tokenizer = tiny_model
     shipped = str(tmp_path / "shipped")
     shutil.copytree(path, shipped)

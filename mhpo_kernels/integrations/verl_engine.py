@@ -51,6 +51,7 @@ from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 from verl.workers.utils.padding import no_padding_2_padding
 
+from .._inputs import overwrites_a_leaf
 from ..fused_linear import fused_linear_token_logprobs
 from ..loss import token_logprobs
 from ._head import gathered_head, head_logit_scale
@@ -259,7 +260,7 @@ def _local_logits(logits):
 def _token_logprobs(logits, labels, temperature, calculate_entropy, tp_group, filters=None):
     """One fused read of the logits; the backward overwrites them with their gradient (the model's
     output logits are read by nothing else: verl's own path only reads them to divide by τ)."""
-    inplace = logits.requires_grad and not (logits if logits._base is None else logits._base).is_leaf
+    inplace = logits.requires_grad and not overwrites_a_leaf(logits)
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE,
                          return_entropy=bool(calculate_entropy), inplace_backward=inplace, tp_group=tp_group,
                          **(filters or {}))
