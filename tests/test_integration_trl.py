@@ -442,6 +442,21 @@ def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path
     assert trainer.sampling() == dict(top_k=0, top_p=1.0, min_p=0.05)
 
 
+@pytest.mark.parametrize("config, named", [
+    (dict(repetition_penalty=1.1), "repetition_penalty=1.1"),
+    (dict(generation_kwargs={"temperature": 0.7}), "temperature=0.7"),
+    (dict(generation_kwargs={"typical_p": 0.9, "max_new_tokens": 8}), "typical_p=0.9"),
+], ids=["repetition-penalty", "temperature-override", "typical-p"])
+def test_sampler_logprobs_refuse_what_reshapes_the_sampled_distribution(tiny_model, tmp_path, config, named):
+    """The scoring takes the temperature and the three filters: a generation that also applies a
+    repetition penalty, another temperature or another processor sampled from a distribution it
+    does not score, so the trainer refuses it by name; lengths and stops change nothing."""
+    with pytest.raises(ValueError, match=f"sampler_logprobs with {named} for the generation"):
+        make_trainer(tiny_model, tmp_path / "refused", sampler_logprobs=True, beta=0.0, **config)
+    make_trainer(tiny_model, tmp_path / "kept", sampler_logprobs=True, beta=0.0,
+                 generation_kwargs={"max_new_tokens": 8, "do_sample": True, "temperature": 0.9})
+
+
 @mhpo_kernels.use_backend("torch")  # TRL's calls and semantics; test_truncation.py holds the kernels to the oracle
 def test_sampler_logprobs_score_the_truncated_distribution(tiny_model, tmp_path):
     """sampler_logprobs: the old log-probs (TRL's _get_per_token_logps_and_entropies) and the loss

@@ -54,9 +54,16 @@ except ImportError:  # pragma: no cover - depends on the installed TRL
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
 TRL_LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
-# TRL's aggregation per loss type: (loss_agg_mode, normalizer) — see MHPOTrainer.trl_aggregation.
+# TRL's aggregation per loss type (its normalizer: MHPOTrainer.aggregation).
 TRL_AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
                    "dr_grpo": "seq-mean-token-sum", "dapo": "token-mean", "cispo": "token-mean"}
+# generation_kwargs (transformers' or vLLM's) that leave each sampled token's distribution as the
+# scoring with sampler_logprobs forms it (the filters it takes, lengths, stops, ids, outputs).
+SAMPLING_NEUTRAL = frozenset((
+    "top_k", "top_p", "min_p", "max_new_tokens", "max_tokens", "stop", "stop_strings", "stop_token_ids",
+    "eos_token_id", "pad_token_id", "bos_token_id", "n", "seed", "logprobs", "cache_implementation", "use_cache",
+    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "detokenize",
+))
 
 
 @dataclass
@@ -108,7 +115,8 @@ class MHPOConfig(GRPOConfig):
         metadata={"help": "MHPO: score the old and current log-probs under the distribution the generation "
                           "sampled from: the softmax truncated by top_k, top_p and min_p (SPEC.md, section 9); "
                           "the reference model's over its full softmax. Text-only models; with "
-                          "beta > 0 a separate reference model (not PEFT's)."},
+                          "beta > 0 a separate reference model (not PEFT's). A generation that reshapes the "
+                          "distribution otherwise (repetition_penalty, another processor) is refused."},
     )
     inplace_backward: bool = field(
         default=True,
@@ -177,6 +185,14 @@ class MHPOTrainer(GRPOTrainer):
                     unsupported[f"sampler_logprobs with {name} unset while the model's generation_config sets "
                                 f"{name}={getattr(shipped, name)!r}, which generation may apply: set {name} in "
                                 f"the config (or generation_kwargs)"] = True
+            # Anything else that reshapes the sampled distribution is not scored: refused by name.
+            overrides = getattr(args, "generation_kwargs", None) or {}
+            neutral = dict(repetition_penalty=1.0, temperature=self.temperature, do_sample=True)
+            given = {"repetition_penalty": self.repetition_penalty, **overrides}
+            unscored = [f"{name}={value!r}" for name, value in given.items()
+                        if name not in SAMPLING_NEUTRAL and not (name in neutral and value == neutral[name])]
+            unsupported[f"sampler_logprobs with {', '.join(unscored)} for the generation (the scoring takes "
+                        f"temperature, top_k, top_p and min_p only)"] = bool(unscored)
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
