@@ -218,10 +218,12 @@ def _filter_tensor(name, value, token_shape, device):
     dtype = torch.int32 if name == "top_k" else torch.float32
     if not isinstance(value, torch.Tensor):
         value = min(value, INT32_MAX) if name == "top_k" else value
-        if torch.compiler.is_compiling():  # arithmetic: a new value is a graph input, no recompile
-            return torch.zeros(n, dtype=dtype, device=device) + value
-        return torch.empty(n, dtype=dtype, device=device).fill_(value)  # one device op
-    value = _per_token_tensor(name, value, token_shape, device)
+        if not torch.compiler.is_compiling():  # ``check_sampling`` rounded it for fp32
+            return torch.empty(n, dtype=dtype, device=device).fill_(value)  # one device op
+        # Arithmetic: a new value is a graph input, no recompile; rounded for fp32 as a float64 tensor is.
+        value = torch.zeros(n, dtype=torch.int64 if name == "top_k" else torch.float64, device=device) + value
+    else:
+        value = _per_token_tensor(name, value, token_shape, device)
     if name == "top_k":  # any k beyond the vocabulary keeps every finite logit; any k ≤ 0 is off
         value = value.to(torch.int64).clamp(-1, INT32_MAX)
     elif value.dtype == torch.float64:  # what fp32 would round off or to 1: kept on, or refused (min_p > 1)

@@ -1648,25 +1648,36 @@ def test_top_k_of_the_whole_row_leaves_minus_inf_logits_out(backend, top_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "float64-tensor"])
-def test_filter_values_fp32_would_round_stay_on(backend, as_tensor):
+@pytest.mark.parametrize("given", ["number", "float64-tensor", "compiled-number"])
+def test_filter_values_fp32_would_round_stay_on(backend, given):
     """The kernels read the filters in fp32: a top_p or min_p of 1e-50 (0 in fp32) and a top_p of
     1 − 1e-9 (1 in fp32) are still on, as in the float64 reference: the target 200 below the
-    largest logit is outside their kept set (top_p 1e-50 was refused as ≤ 0, the others off). A
-    min_p above 1 by less than fp32 holds is refused as a number is."""
+    largest logit is outside their kept set (top_p 1e-50 was refused as ≤ 0, the others off); so
+    too under torch.compile, where a number is a graph input. A min_p above 1 by less than fp32
+    holds is refused as a number is."""
     from conftest import TRITON_DEVICE
 
     x = torch.tensor([[[0.0, -1.0, -200.0, -2.0]]])
     ids = torch.tensor([[2]])
+    as_tensor = given == "float64-tensor"
 
     def value(v):
         return torch.full((1, 1), v, dtype=torch.float64, device=TRITON_DEVICE) if as_tensor else v
 
     for filters in (dict(top_p=1e-50), dict(min_p=1e-50), dict(top_p=1 - 1e-9)):
+        (name, v), = filters.items()
         want = reference.token_logprobs(x.double(), ids, **filters)
+
+        def call(logits, ids, v):
+            return mhpo_kernels.token_logprobs(logits, ids, **{name: v})
+
+        if given == "compiled-number":
+            torch._dynamo.reset()
+            call = torch.compile(call, fullgraph=True, backend="aot_eager")
         with mhpo_kernels.use_backend(backend):
-            got = mhpo_kernels.token_logprobs(x.to(TRITON_DEVICE), ids.to(TRITON_DEVICE),
-                                              **{k: value(v) for k, v in filters.items()})
+            got = call(x.to(TRITON_DEVICE), ids.to(TRITON_DEVICE), value(v))
         assert want.item() == got.item() == -math.inf, filters
+    if given == "compiled-number":
+        return   # the bound is an assert of the graph there (docs/compile.md)
     with mhpo_kernels.use_backend(backend), pytest.raises(ValueError, match="min_p must lie in \\[0, 1\\]"):
         mhpo_kernels.token_logprobs(x.to(TRITON_DEVICE), ids.to(TRITON_DEVICE), min_p=value(1 + 1e-12))
