@@ -46,6 +46,11 @@ def trl_importance_weights(old_logprobs, rollout_logprobs, mask, mode="token_tru
     """
     if mode not in TRL_MODES:
         raise ValueError(f"mode must be one of {TRL_MODES}, got {mode!r}")
+    _check_shapes(old_logprobs, rollout_logprobs, mask, "mask")
+    if clip_min is not None and clip_max is not None and not clip_min < clip_max:   # TRL's GRPOConfig refuses them
+        raise ValueError(f"clip_min ({clip_min}) must be less than clip_max ({clip_max})")
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        raise ValueError(f"mode={mode!r} needs clip_min or clip_max (a truncation needs a bound)")
     mask = mask.bool()
     log_ratio = torch.where(mask, old_logprobs - rollout_logprobs, 0.0)
     finite = torch.finfo(log_ratio.dtype)  # as TRL's nan_to_num: NaN → 0, ±inf → the largest finite values
@@ -65,6 +70,8 @@ def trl_importance_weights(old_logprobs, rollout_logprobs, mask, mode="token_tru
     counted = torch.ones_like(ratio, dtype=torch.bool) if sequence else mask
 
     def extreme(x, where, largest):  # 0 where nothing counts, as TRL reports it
+        if x.numel() == 0:
+            return x.new_zeros(())
         fill = -math.inf if largest else math.inf
         x = torch.where(where, x, fill)
         return torch.where(where.any(), x.max() if largest else x.min(), 0.0)
@@ -77,6 +84,15 @@ def trl_importance_weights(old_logprobs, rollout_logprobs, mask, mode="token_tru
         "sampling/importance_sampling_ratio/max": extreme(ratio, counted, True),
     }
     return ratio.detach(), {k: v.detach() for k, v in metrics.items()}
+
+
+def _check_shapes(old_logprobs, rollout_logprobs, mask, mask_name):
+    for name, x in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs), (mask_name, mask)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (old_logprobs.dim() == 2 and old_logprobs.shape == rollout_logprobs.shape == mask.shape):
+        raise ValueError(f"old_logprobs, rollout_logprobs and {mask_name} must have one shape (B, T), got "
+                         f"{tuple(old_logprobs.shape)}, {tuple(rollout_logprobs.shape)} and {tuple(mask.shape)}")
 
 
 def _bounds(spec, name):
@@ -136,11 +152,10 @@ def verl_rollout_correction(old_logprobs, rollout_logprobs, response_mask, *, ro
     differences, chi2_token, chi2_seq). verl's per-option statistics of k (mean, max, std, seq_*)
     and its per-sequence weight statistics are not computed here.
     """
+    _check_shapes(old_logprobs, rollout_logprobs, response_mask, "response_mask")
     mask = response_mask.bool()
     if not bool(mask.any()):
         raise ValueError("response_mask must hold at least one valid token")
-    if old_logprobs.shape != rollout_logprobs.shape or old_logprobs.shape != response_mask.shape:
-        raise ValueError("old_logprobs, rollout_logprobs and response_mask must have one shape (B, T)")
     maskf = mask.to(old_logprobs.dtype)
     log_ratio = old_logprobs - rollout_logprobs
     bounded = log_ratio.clamp(-VERL_LOG_BOUND, VERL_LOG_BOUND)
@@ -170,7 +185,7 @@ def verl_rollout_correction(old_logprobs, rollout_logprobs, response_mask, *, ro
             big = mean > 1e-8
             weights = torch.where(big, weights / torch.where(big, mean, 1.0), weights)
             metrics["rollout_is_batch_norm_factor"] = torch.where(big, mean, 1.0)
-    kept = response_mask
+    kept = response_mask.clone()   # the caller's own is never handed back (verl's is a new tensor too)
     if rollout_rs is not None:
         options = list(dict.fromkeys(o.strip() for o in str(rollout_rs).split(",") if o.strip()))
         unknown = [o for o in options if o not in VERL_RS_OPTIONS]

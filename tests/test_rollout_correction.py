@@ -70,3 +70,33 @@ def test_refusals():
         verl_rollout_correction(old, rollout, mask, rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2")
     with pytest.raises(ValueError, match="at least one valid token"):
         verl_rollout_correction(old, rollout, torch.zeros_like(mask), rollout_is="token")
+    with pytest.raises(ValueError, match="must have one shape \\(B, T\\)"):
+        verl_rollout_correction(old, rollout[:, :-1], mask, rollout_is="token")
+
+
+def test_the_kept_mask_is_a_new_tensor():
+    """verl returns a new mask; so does this, so that writing into it leaves the caller's alone."""
+    old, rollout, mask = _inputs()
+    _, kept, _ = verl_rollout_correction(old, rollout, mask, rollout_is="token")
+    assert torch.equal(kept, mask) and kept.data_ptr() != mask.data_ptr()
+
+
+def test_trl_importance_weights_refusals_and_an_empty_batch():
+    """What TRL's GRPOConfig refuses (clip_min ≥ clip_max, a truncation with no bound) is refused,
+    so is a mask or engine log-probs of another shape (broadcast, they would weight other
+    tokens); an empty batch reports 0 for every extreme, as TRL does."""
+    from mhpo_kernels.rollout_correction import trl_importance_weights
+
+    old, rollout, mask = _inputs()
+    with pytest.raises(ValueError, match="clip_min \\(3.0\\) must be less than clip_max \\(0.5\\)"):
+        trl_importance_weights(old, rollout, mask, "token_mask", clip_min=3.0, clip_max=0.5)
+    with pytest.raises(ValueError, match="needs clip_min or clip_max"):
+        trl_importance_weights(old, rollout, mask, "sequence_truncate", clip_min=None, clip_max=None)
+    for bad in (dict(rollout_logprobs=rollout[0]), dict(mask=mask[:1])):
+        args = {**dict(old_logprobs=old, rollout_logprobs=rollout, mask=mask), **bad}
+        with pytest.raises(ValueError, match="must have one shape \\(B, T\\)"):
+            trl_importance_weights(**args)
+    for mode, empty in (("token_truncate", (slice(None), slice(0))), ("sequence_mask", slice(0))):
+        weights, metrics = trl_importance_weights(old[empty], rollout[empty], mask[empty], mode, clip_max=2.0)
+        assert weights.numel() == 0
+        assert all(v.item() == 0 for v in metrics.values()), metrics
