@@ -58,6 +58,15 @@ class PolicyLoss(torch.nn.Module):
                 f"loss_agg_mode={self.loss_agg_mode!r}, beta={self.beta}, entropy_coef={self.entropy_coef}")
 
 
+def _objective_value(name):
+    """A value of the module's MHPO objective, read-only: set afterwards it would not reach the loss."""
+    def refuse(self, value):
+        raise AttributeError(f"MHPOLoss.{name} is its objective's, fixed at construction: build a new "
+                             f"MHPOLoss({name}={value!r}, ...)")
+
+    return property(lambda self: getattr(self.objective, name), refuse)
+
+
 class MHPOLoss(PolicyLoss):
     """``mhpo_loss`` with its hyperparameters held by the module, by keyword only, every one
     checked at construction: ``PolicyLoss`` with ``MHPO(c, k_pos, lam_pos, k_neg, lam_neg)``.
@@ -69,7 +78,8 @@ class MHPOLoss(PolicyLoss):
     def __init__(self, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0, **settings):
         values = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta).values
         super().__init__(objective=MHPO(*values), beta=beta, **settings)
-        self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg = values
+
+    c, k_pos, lam_pos, k_neg, lam_neg = map(_objective_value, ("c", "k_pos", "lam_pos", "k_neg", "lam_neg"))
 
     def extra_repr(self):
         return (

@@ -221,6 +221,17 @@ def test_module_takes_hyperparameters_by_keyword_only():
     assert mhpo_kernels.MHPOLoss(c=0.7).c == 0.7
 
 
+@pytest.mark.parametrize("name", ["c", "k_pos", "lam_pos", "k_neg", "lam_neg"])
+def test_module_hyperparameters_cannot_be_set_afterwards(name):
+    """They are the module's objective's: one set afterwards would show in its repr and never
+    reach the loss, so it is refused, and the module keeps its loss."""
+    module = mhpo_kernels.MHPOLoss(c=2.0)
+    before = repr(module)
+    with pytest.raises(AttributeError, match=f"MHPOLoss.{name} is its objective's, fixed at construction"):
+        setattr(module, name, 0.3)
+    assert repr(module) == before and getattr(module, name) == getattr(module.objective, name)
+
+
 @pytest.mark.parametrize("logits_dim", [2, 3])
 def test_advantage_shapes_mean_the_same_for_2d_and_3d_logits(logits_dim):
     """(B, 1) is one advantage per sequence, like (B,); () and (1,) are one advantage for every
