@@ -39,19 +39,24 @@ class TinyLM(torch.nn.Module):
 
 @torch.no_grad()
 def sample(model, prompt, n):
-    """n completions of MAX_NEW tokens (a completion ends early at token 0)."""
-    out = []
+    """n completions of MAX_NEW tokens (a completion ends early at token 0), each sampled from the
+    prompt left-padded as the batch holds it: TinyLM has no attention mask, so the pads are part
+    of the context its log-probs are scored in, and must be part of the one it samples in."""
+    width = max(len(p) for p in PROMPTS)
+    out, logps = [], []
     for _ in range(n):
-        ids = list(prompt)
+        ids = [0] * (width - len(prompt)) + list(prompt)
         completion = []
         for _ in range(MAX_NEW):
-            token = int(torch.multinomial(model(torch.tensor([ids])).softmax(-1)[0, -1], 1))
+            p = model(torch.tensor([ids])).softmax(-1)[0, -1]
+            token = int(torch.multinomial(p, 1))
             completion.append(token)
+            logps.append(float(p[token].log()))
             ids.append(token)
             if token == 0:
                 break
         out.append(completion)
-    return out
+    return out, logps
 
 
 def main():
@@ -60,13 +65,16 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     for step in range(STEPS):
         prompts = [p for p in PROMPTS for _ in range(GROUP)]
-        completions = [c for p in PROMPTS for c in sample(model, p, GROUP)]
+        sampled = [sample(model, p, GROUP) for p in PROMPTS]
+        completions = [c for group, _ in sampled for c in group]
         input_ids, completion_ids, mask, P = make_batch(prompts, completions)
         rewards = torch.tensor([sum(t == TARGET for t in c) / len(c) for c in completions])
         grouped = rewards.view(len(PROMPTS), GROUP)
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
         with torch.no_grad():   # the rollout policy's log-probs
             old_logprobs = mhpo_kernels.token_logprobs(model(input_ids)[:, P - 1:], completion_ids, mask=mask)
+        # They are the sampler's, token for token (mask[..] orders them as the sampling did).
+        assert torch.allclose(old_logprobs[mask], torch.tensor([lp for _, lps in sampled for lp in lps]), atol=1e-5)
         for _ in range(INNER):
             logits = model(input_ids)[:, P - 1:]                 # (B, C + 1, V): the op shifts
             loss, metrics = mhpo_kernels.mhpo_loss(logits, completion_ids, old_logprobs, advantages, mask,
