@@ -465,8 +465,11 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
                          f"(N, H); got input_ids of shape {tuple(token_shape)} (a padded batch needs no cu_seqlens)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D (S + 1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() == 1 and token_shape[0] > 0:   # the kernels index the first sequence
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N = {token_shape[0]} (the "
+                         f"number of tokens): (S + 1,) with S ≥ 1 for N > 0, got shape (1,)")
     # Frameworks often keep a host copy of the boundaries (for flash-attention's max_seqlen): taken as is.
-    return cu_seqlens.detach().to(device=device, dtype=torch.int64)
+    return cu_seqlens.detach().to(device=device, dtype=torch.int64).contiguous()   # the kernels read it flat
 
 
 def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):

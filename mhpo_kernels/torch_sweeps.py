@@ -107,7 +107,7 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         return target, weight, None, torch.stack(status)
     adv = adv.to(torch.float32)
     adv_t = adv.reshape(1).expand(N) if adv_mode == ADV_SCALAR else adv[seq_id] if adv_mode == ADV_PER_SEQ else adv
-    if same_adv:  # each valid token against the valid token before it, in the same sequence
+    if same_adv and N > 0:  # each valid token against the valid token before it, in the same sequence
         before = torch.cat([positions.new_full((1,), -1), torch.where(valid, positions, -1).cummax(0).values[:-1]])
         prev = before.clamp(min=0)
         # "<" or ">", not "!=": a NaN advantage is no shape error (it makes the loss NaN)

@@ -458,3 +458,44 @@ def test_packed_per_token_temperature_and_one_advantage(path):
     full_loss, _ = run(c["x"], input_ids=c["ids"], old_logprobs=c["old"], advantages=adv.expand(B, T),
                        mask=c["mask"], temperature=tau)
     assert padded_loss.item() == pytest.approx(full_loss.item(), rel=FP32_RTOL)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_boundaries_are_read_as_their_values(path):
+    """cu_seqlens as a strided view (every other element of a longer tensor) gives the loss and
+    gradient of its contiguous copy: the kernels read it flat, so it is made contiguous first
+    (the Triton path read [0, 1, 3, 10] for [0, 3, 7, 10], values that pass every check)."""
+    device = _device(path)
+    g = torch.Generator().manual_seed(5)
+    N = 10
+    x = torch.randn(N, V, generator=g).to(device)
+    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    old = reference.token_logprobs(x.double().cpu(), ids.cpu()).float().to(device) + 0.1
+    wide = torch.tensor([0, 1, 3, 5, 7, 8, 10, 11], dtype=torch.int64, device=device)
+    cu = wide[::2]
+    assert not cu.is_contiguous() and cu.tolist() == [0, 3, 7, 10]
+    for objective in (MHPO(), GSPO(eps_low=0.2, eps_high=0.3)):
+        adv = torch.randn(3, generator=g).to(device)
+        with mhpo_kernels.use_backend(path):
+            got = _loss(mhpo_kernels.policy_loss, x, ids, old.clamp(max=0), adv, objective=objective, cu_seqlens=cu)
+            want = _loss(mhpo_kernels.policy_loss, x, ids, old.clamp(max=0), adv, objective=objective,
+                         cu_seqlens=cu.contiguous())
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), objective
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_degenerate_streams_on_both_paths(path):
+    """Boundaries of no sequence for N > 0 tokens are refused by name on both paths (the PyTorch
+    path raised an IndexError), and GSPO with per-token advantages on no tokens gives 0."""
+    device = _device(path)
+    x, ids = torch.randn(4, V, device=device), torch.zeros(4, dtype=torch.int64, device=device)
+    with mhpo_kernels.use_backend(path):
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+            mhpo_kernels.policy_loss(x, ids, None, torch.zeros(0, device=device), objective=GSPO(),
+                                     cu_seqlens=torch.zeros(1, dtype=torch.int64, device=device))
+        for shape in ((2, 0, V), (0, V)):
+            empty = torch.randn(shape, device=device, requires_grad=True)
+            loss = mhpo_kernels.policy_loss(empty, torch.zeros(shape[:-1], dtype=torch.int64, device=device), None,
+                                            torch.zeros(shape[:-1], device=device), objective=GSPO())
+            loss.backward()
+            assert loss.item() == 0 and empty.grad.shape == empty.shape
