@@ -140,6 +140,7 @@ def sequence_terms(logp, valid, old, adv, g, ref, hp, seq_id, n_seqs):
         d = ref.to(f64) - logp
         loss = loss + hp.beta * (torch.expm1(d) - d)
         kl_coef = -hp.beta * torch.expm1(d)
+    kl_coef = torch.where(loss.isnan(), loss, kl_coef)   # a NaN token term (its KL's too): a NaN row
     g = g.to(f64)
 
     def out(x):

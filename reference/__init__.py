@@ -320,6 +320,11 @@ def mhpo_loss_from_logprobs(
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator
         if beta > 0:                                           # β = 0: the term is not evaluated
             loss_tok = loss_tok + beta * kl
+    # A valid token whose term is NaN has a gradient row of NaN, whatever its derivative (a select,
+    # a constant, a weight's zero upstream): SPEC.md, section 5, rule 6.
+    # (Added, not replaced: under GSPO the token's copy of its sequence term still reaches the others.)
+    poisoned = valid & loss_tok.detach().isnan()
+    loss_tok = loss_tok + torch.where(poisoned, logp * torch.where(poisoned, math.nan, 0.0), 0.0)
     if entropy_coef > 0:
         loss_tok = loss_tok - entropy_coef * entropy
     loss = aggregate(loss_tok, valid, loss_agg_mode, normalizer, seq_valid_tokens)

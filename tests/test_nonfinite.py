@@ -17,7 +17,8 @@ What an injection must do is the contract's: ``poison`` (a NaN that enters the l
 logit, a whole row of one non-finite value: the loss is NaN, the poisoned rows of the gradient are NaN, every other row bit-identical
 to the clean call's), ``no-op`` (an input the loss does not read: old log-probs for GPG, the
 reference at β = 0: everything bit-identical) or ``agree`` (the paths agree on whether the loss is
-finite, and on its value within fp32 accuracy; rows of other tokens stay bit-identical).
+finite, and on its value within fp32 accuracy; a NaN loss comes with the token's row NaN; rows
+of other tokens stay bit-identical).
 
 ``MHPO_FUZZ_SCALE`` scales the number of injections, as in ``test_fuzz.py``. The examples are
 sized for the interpreter: B = 2, T = 3, one call per path per example.
@@ -273,6 +274,8 @@ def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, m
         if kind == "poison":
             assert loss.isnan(), f"{where}: loss {loss.item()}, not NaN"
             assert grad[rows].isnan().all(), f"{where}: a poisoned gradient row is not all NaN"
+        elif kind == "agree" and loss.isnan():  # the token's own term is NaN (e.g. a KL of inf − inf)
+            assert grad[b, t].isnan().all(), f"{where}: the NaN term's gradient row is not all NaN"
     if kind == "agree":
         finite = {p: bool(torch.isfinite(loss)) for p, (loss, _) in results.items()}
         tag_finite = f"{tag}: {target.name}={value} at {(b, t)}: finite {finite}, losses " + \
@@ -512,3 +515,32 @@ def test_gspo_nan_advantage():
     _advantage(inputs, 0, 0, math.nan, None)
     _check_injection("gspo NaN advantage", OBJECTIVES["gspo"], None, inputs, TARGET["adv"], math.nan, 0, 0,
                      "seq-mean-token-mean", BETA)
+
+
+def test_gspo_infinite_reference_poisons_its_own_row():
+    """A reference log-prob of +inf makes the token's KL term inf − inf, NaN: under GSPO too its
+    gradient row is NaN in every element (the sequence term is clean: only its own row)."""
+    inputs = _inputs(0, 5, OBJECTIVES["gspo"])
+    TARGET["ref"].inject(inputs, 0, 1, math.inf, random.Random(0))
+    _check_injection("gspo +inf reference", OBJECTIVES["gspo"], None, inputs, TARGET["ref"], math.inf, 0, 1,
+                     "seq-mean-token-mean", BETA)
+
+
+@pytest.mark.parametrize("name", ["ppo-clip", "sapo", "gpg", "mhpo"])
+def test_nan_token_weight_poisons_its_row(name):
+    """A NaN token weight at a valid token is data (SPEC.md, section 3): the loss is NaN and the
+    token's gradient row NaN in every element on every path, also where the objective's
+    derivative is a select that the clipped branch zeroes (PPO-clip, ratio e above 1 + ε, A > 0)."""
+    objective = OBJECTIVES[name]
+    inputs = _inputs(0, 5, objective)
+    b, t = VALID_TOKENS[0]
+    logp = reference.token_logprobs(inputs["logits"].double(), inputs["input_ids"].clamp(min=0),
+                                    temperature=inputs["temperature"].double())
+    inputs["old_logprobs"][b, t] = float(logp[b, t]) - 1.0
+    inputs["advantages"][b, t] = 1.0
+    inputs["token_weights"] = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) + 0.5
+    inputs["token_weights"][b, t] = math.nan
+    for path in PATHS:
+        loss, grad = _call(path, objective, inputs, "seq-mean-token-mean", 0.0)
+        assert loss.isnan() and grad[b, t].isnan().all(), (path, grad[b, t])
+        assert not grad[VALID & ~poisoned_rows(TARGET["adv"], objective, b, t)].isnan().any(), path
