@@ -41,10 +41,13 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept
     tokens, whose τ may be anything). ``filters``: {top_k, top_p, min_p} (SPEC.md, section 9):
     the softmax is then the truncated one, and a target outside its kept set gets −inf and no
     gradient; a row holding a NaN or +inf logit keeps every token (its results are NaN). ``kept``:
-    a replayed kept set instead, as a bool shaped like ``logits`` (``replayed_set``): the logits
-    outside it are never read, so whatever they hold reaches nothing.
+    a replayed kept set instead, (a bool shaped like ``logits``, the truncated rows) as
+    ``replayed_set`` gives it: the logits outside it are never read, so whatever they hold
+    reaches nothing, and a target of a truncated row whose logit is −inf is outside, as −inf
+    logits are outside every kept set.
     """
     if kept is not None:
+        kept, truncated_rows = kept
         logits = torch.where(kept, logits, torch.zeros_like(logits))
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
     ids = torch.where(valid, input_ids, torch.zeros_like(input_ids))
@@ -66,6 +69,8 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept
         outside = valid & ~kept.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logprobs = F.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if kept is not None:
+        outside = outside | (valid & truncated_rows & (logp == -math.inf))
     logp = torch.where(outside, torch.full_like(logp, -math.inf), logp)
     return logp, logprobs, outside
 
@@ -116,17 +121,16 @@ def kept_set(z, top_k=None, top_p=None, min_p=None):
 
 def replayed_set(kept_ids, shape):
     """A replayed kept set (offsets, ids), CSR over the tokens in flat order (SPEC.md, section 9),
-    as a bool of ``shape`` (..., V): row r keeps ids[offsets[r]:offsets[r + 1]], an empty row
-    every token."""
+    as (a bool of ``shape`` (..., V), a bool of shape[:-1]: the truncated rows): row r keeps
+    ids[offsets[r]:offsets[r + 1]], an empty row every token (it is not truncated)."""
     offsets, ids = (x.tolist() for x in kept_ids)
     rows = len(offsets) - 1
     kept = torch.zeros(rows, shape[-1], dtype=torch.bool)
+    truncated_rows = torch.tensor([offsets[r + 1] > offsets[r] for r in range(rows)], dtype=torch.bool)
     for r in range(rows):
-        if offsets[r + 1] > offsets[r]:
-            kept[r, ids[offsets[r]:offsets[r + 1]]] = True
-        else:
-            kept[r] = True
-    return kept.reshape(shape)
+        kept[r, ids[offsets[r]:offsets[r + 1]]] = True
+    kept[~truncated_rows] = True
+    return kept.reshape(shape), truncated_rows.reshape(shape[:-1])
 
 
 def truncated(z, keep):
@@ -174,7 +178,7 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     logits3, ids, mask3 = _as_batch(logits, input_ids, mask)
     valid = _valid_tokens(ids, mask3, ignore_index)
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
-    kept = None if kept_ids is None else replayed_set(kept_ids, logits3.shape).to(logits.device)
+    kept = None if kept_ids is None else [x.to(logits.device) for x in replayed_set(kept_ids, logits3.shape)]
     logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
     logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
     if not return_entropy:
@@ -388,15 +392,17 @@ def mhpo_loss(
     metrics. ``kept_ids`` (offsets, ids): the kept set replayed instead, the same way."""
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
     n_tokens = input_ids.numel()
-    kept = None if kept_ids is None else replayed_set(kept_ids, (n_tokens, logits.shape[-1])).to(logits.device)
+    kept, truncated_rows = (None, None) if kept_ids is None else (
+        x.to(logits.device) for x in replayed_set(kept_ids, (n_tokens, logits.shape[-1])))
     if cu_seqlens is not None:
         per_token = advantages.shape == input_ids.shape    # else (S,), one per sequence
         tau_tokens = torch.is_tensor(temperature) and temperature.shape == input_ids.shape
         w_tokens = token_weights is not None and token_weights.shape == input_ids.shape
         names = [k for k, v in filters.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
-        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, w, kept, *filter_values) = \
+        held, (logits, input_ids, old_logprobs, mask, ref_logprobs, adv_tokens, tau, w, kept, truncated_rows,
+               *filter_values) = \
             _unpack(cu_seqlens, logits, input_ids, old_logprobs, mask, ref_logprobs, advantages if per_token else None,
-                    temperature if tau_tokens else None, token_weights if w_tokens else None, kept,
+                    temperature if tau_tokens else None, token_weights if w_tokens else None, kept, truncated_rows,
                     *(filters[k] for k in names))
         filters.update(zip(names, filter_values))
         advantages = adv_tokens if per_token else advantages
@@ -405,7 +411,7 @@ def mhpo_loss(
         mask = held if mask is None else held & mask.bool()
     logits = _next_token_positions(logits, input_ids)
     logits3, ids, old, mask, ref = _as_batch(logits, input_ids, old_logprobs, mask, ref_logprobs)
-    kept = None if kept is None else kept.reshape(logits3.shape)
+    kept = None if kept is None else (kept.reshape(logits3.shape), truncated_rows.reshape(logits3.shape[:-1]))
     valid = _valid_tokens(ids, mask, ignore_index)
     logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
     if (_any_on(filters) or kept is not None) and old is not None and type(objective).__name__ != "GPG":

@@ -125,6 +125,26 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, agg):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_target_inside_its_kept_set_is_outside(backend):
+    """−inf logits are outside every kept set, a replayed one too (SPEC.md, section 9): a target
+    listed in its row's set whose logit is −inf leaves the loss like one outside the set (counted
+    in ``outside_support``); in an empty row, which is not truncated, it stays, with log-prob −inf."""
+    V = 16
+    x = _logits((1, 4, V), seed=31)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    x[0, 1, 1] = x[0, 3, 3] = -math.inf             # row 1: inside its set; row 3: an empty row
+    offsets, kept = torch.tensor([0, 2, 5, 7, 7]), torch.tensor([0, 5, 1, 2, 3, 2, 9])
+    old = torch.tensor([[-1.0, -2.0, -1.5, -0.5]])
+    adv = torch.tensor([[1.0, -1.0, 0.5, 2.0]])
+    kw = dict(loss_agg_mode="token-mean", kept_ids=(offsets, kept))
+    with mhpo_kernels.use_backend(backend):
+        got = _loss_and_grad(mhpo_kernels.mhpo_loss, x, ids, old, adv, **kw)
+    want = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(), adv.double(), **kw)
+    assert want[1]["outside_support"].item() == 0.25
+    _same_loss(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_stream_through_the_module(backend):
     """A packed stream with kept sets, through MHPOLoss.forward, equals the reference. Row 1 has
     no set and its target's logit is −inf: its log-prob −inf is data there (SPEC.md, section 5),
