@@ -217,13 +217,13 @@ def objective_loss(logp, old, adv, valid, objective):
     if isinstance(objective, O.MHPO):
         return -mhpo_terms(logp, old, **_mhpo_of(objective))[3] * adv
     if isinstance(objective, O.PPOClip):
-        return _ppo_clip(torch.exp(log_ratio), adv, objective.eps_low, objective.eps_high, objective.dual_clip)
+        return _ppo_clip(_Ratio.apply(log_ratio), adv, objective.eps_low, objective.eps_high, objective.dual_clip)
     if isinstance(objective, O.CISPO):
         weight = torch.exp(log_ratio).clamp(objective.min_ratio, objective.max_ratio).detach()
         return -weight * adv * logp
     if isinstance(objective, O.SAPO):
         tau = torch.where(adv > 0, objective.tau_pos, objective.tau_neg)
-        return -torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * (4 / tau) * adv
+        return -torch.sigmoid(tau * (_Ratio.apply(log_ratio) - 1)) * (4 / tau) * adv
     if isinstance(objective, O.GPG):
         return -adv * logp
     if isinstance(objective, O.GSPO):  # the sequence's ratio, from the mean of its tokens' log r
@@ -231,9 +231,26 @@ def objective_loss(logp, old, adv, valid, objective):
         n = v.sum(-1, keepdim=True).clamp(min=1)
         log_s = (torch.where(valid, log_ratio, torch.zeros_like(log_ratio)) * v).sum(-1, keepdim=True) / n
         adv_seq = (torch.where(valid, adv, torch.zeros_like(adv)) * v).sum(-1, keepdim=True) / n
-        loss = _ppo_clip(torch.exp(log_s), adv_seq, objective.eps_low, objective.eps_high, None)
+        loss = _ppo_clip(_Ratio.apply(log_s), adv_seq, objective.eps_low, objective.eps_high, None)
         return loss.expand_as(logp)
     raise TypeError(f"unknown objective {objective!r}")
+
+
+class _Ratio(torch.autograd.Function):
+    """r = exp(log r), whose derivative passes nothing where the term's derivative in r is 0: a
+    clip that binds, a gate that saturates (SPEC.md, section 7), also at r = inf, where
+    autograd's 0 · inf would be NaN. A NaN upstream gradient stays NaN."""
+
+    @staticmethod
+    def forward(ctx, log_ratio):
+        ratio = torch.exp(log_ratio)
+        ctx.save_for_backward(ratio)
+        return ratio
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ratio,) = ctx.saved_tensors
+        return torch.where(grad == 0, torch.zeros_like(grad), grad * ratio)
 
 
 def _ppo_clip(ratio, adv, eps_low, eps_high, dual_clip):

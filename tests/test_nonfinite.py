@@ -544,3 +544,21 @@ def test_nan_token_weight_poisons_its_row(name):
         loss, grad = _call(path, objective, inputs, "seq-mean-token-mean", 0.0)
         assert loss.isnan() and grad[b, t].isnan().all(), (path, grad[b, t])
         assert not grad[VALID & ~poisoned_rows(TARGET["adv"], objective, b, t)].isnan().any(), path
+
+
+@pytest.mark.parametrize("name", ["ppo-clip", "sapo", "gspo"])
+def test_an_infinite_ratio_where_the_term_is_flat_passes_no_gradient(name):
+    """An old log-prob of −inf (r = inf even in float64) with A > 0: PPO-clip's clip binds, SAPO's
+    gate saturates, GSPO's sequence ratio is clipped, so the token's term is flat in its log-prob
+    (SPEC.md, section 7) and its gradient row is 0 on every path (autograd's 0 · inf gave the
+    reference NaN there); the loss agrees."""
+    objective = OBJECTIVES[name]
+    inputs = _inputs(0, 5, objective)
+    b, t = VALID_TOKENS[0]
+    inputs["old_logprobs"][b, t] = -math.inf
+    inputs["advantages"].abs_()
+    results = {path: _call(path, objective, inputs, "seq-mean-token-mean", 0.0) for path in PATHS}
+    want = results["reference"][0].item()
+    for path, (loss, grad) in results.items():
+        assert torch.isfinite(loss) and abs(loss.item() - want) <= FP32_RTOL * abs(want), (path, loss, want)
+        assert not grad[b, t].any(), (path, grad[b, t])
