@@ -19,7 +19,7 @@ import torch.distributed
 
 from . import _dispatch
 from ._sweep_types import mhpo_token_params, RowStats
-from .slice_select import min_p_cuts, selected_cuts
+from .slice_select import selected_cuts
 
 
 def _valid_rows(target, n_valid):
@@ -131,37 +131,19 @@ def _gather_rows(kept, *xs):
 def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_entropy, with_loss, tp):
     """Sweep 1 on one tile: the rows' RowStats. With ``tp`` (the vocabulary split over ranks) the
     tile holds this rank's columns: the sweep gives the slice's statistics and ``tp.finish_rows``
-    makes them global (one all-gather per chunk) and runs the per-token epilogue.
-
-    min_p with ``tp``: the threshold is the largest logit's of every slice, so a first sweep gives
-    the slice's base, one all-gather the threshold on this slice's exponents (``min_p_cuts``), and
-    a second sweep of the same tile the kept tokens' sums. The stats then hold that threshold
-    (``cut``) and the log-sum-exp at the slice's own base, as the backward forms d (the logits'
-    path, vocab_parallel.py, does the same). top_k and top_p with ``tp``: counted over every
-    slice at the common base (``slice_select.selected_cuts``); the stats hold the threshold at it."""
+    makes them global (one all-gather per chunk) and runs the per-token epilogue. The filters'
+    thresholds with ``tp`` are found over every slice on d at the common base
+    (``slice_select.selected_cuts``, as on the logits' path); the stats hold them there."""
     if tp is None:
         return forward_sweep(tile, target, old, adv, g, ref, hp, lmap, with_entropy=with_entropy,
                              with_loss=with_loss)
-    local_target, local_cut = tp.local_target(target), None
-    if lmap.top_k is not None or lmap.top_p is not None:  # thresholds counted over every slice
-        local = forward_sweep(tile, local_target, None, None, None, None, hp,
-                              dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None), with_entropy=with_entropy,
-                              with_loss=False)
-        cut, local = selected_cuts(tp, tile, local, local_target, lmap, target >= 0)
-        return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]._replace(cut=cut)
-    if lmap.min_p is not None:
-        min_p, lmap = lmap.min_p, dataclasses.replace(lmap, min_p=None)
-        first = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=False,
-                              with_loss=False)
-        _, local_cut = min_p_cuts(tp, first.lse2_base, min_p, target >= 0)
-        lmap = dataclasses.replace(lmap, cut=local_cut)
-    local = forward_sweep(tile, local_target, None, None, None, None, hp, lmap, with_entropy=with_entropy,
+    local_target, cut = tp.local_target(target), None
+    local = forward_sweep(tile, local_target, None, None, None, None, hp,
+                          dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None), with_entropy=with_entropy,
                           with_loss=False)
-    stats = tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]
-    if local_cut is None:
-        return stats
-    return stats._replace(lse2_base=local.lse2_base, lse2_rest=stats.lse2_rest + (stats.lse2_base - local.lse2_base),
-                          cut=local_cut)
+    if lmap.filtered:
+        cut, local = selected_cuts(tp, tile, local, local_target, lmap, target >= 0)
+    return tp.finish_rows(local, target, old, adv, g, ref, hp, with_entropy, with_loss)[0]._replace(cut=cut)
 
 
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,

@@ -1,5 +1,5 @@
 """The sampler's filters over a vocabulary split (SPEC.md, sections 6 and 9). min_p needs only
-every slice's largest logit (``min_p_cuts``); top-k and top-p run ``kernels/select.py``'s
+every slice's largest logit (``_min_p_cut``); top-k and top-p run ``kernels/select.py``'s
 selection with every counting pass a launch over this rank's slice (``slice_count``: the Triton
 kernel or ``torch_sweeps``' version, as the call's backend), its counts and sums added over the
 group, and the decisions between passes taken here on (N, NB) tensors, the same on every rank.
@@ -647,19 +647,6 @@ def select_over_slices(logits, target, lmap, group, base, local_base, cut, finit
     sums[:, 0] = torch.where(summed, s, sums[:, 0])
     sums[:, 2] = torch.where(summed, a, sums[:, 2])
     return cut, sums
-
-
-def min_p_cuts(tp, base, min_p, valid):
-    """min_p's thresholds on the exponents d (SPEC.md, section 9; ``select._cut``) from the
-    largest logit of every slice: one all-gather of the slices' bases b_r per token, (N,)
-    fp32 each. Returns (the threshold relative to the global base b, which marks the
-    truncated rows; the same relative to b_r, for this slice's sums and gradient), −inf
-    where not truncated."""
-    bases = [torch.empty_like(base) for _ in range(tp.world)]
-    dist.all_gather(bases, base.contiguous(), group=tp.group)
-    top = torch.stack(bases).amax(0)
-    cut = _min_p_cut(top, min_p, valid)
-    return cut, torch.where(cut > -math.inf, cut + (top - base), -math.inf)
 
 
 def selected_cuts(tp, logits, local, target, lmap, valid):

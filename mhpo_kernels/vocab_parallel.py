@@ -15,11 +15,9 @@ rows (V_r, H). The sweeps run on the slice unchanged; what crosses ranks is O(N)
 The backward needs no collective: with the global log-sum-exp, each rank's gradient is its slice
 of the full gradient. A replayed kept set (``kept_ids``) goes to every rank whole; each rank reads
 the kept ids of its slice (``VocabSlice.local_kept_ids``), whose statistics combine as above.
-``min_p`` keeps the tokens within log min_p of the largest logit of every slice: one all-gather
-of the slices' bases gives each rank its threshold (``slice_select.min_p_cuts``), and a second
-sweep over the slice sums the tokens it keeps before the combine. ``top_k`` and ``top_p`` count
-every slice's tokens at the largest slice base, each pass's counts all-reduced
-(``slice_select.selected_cuts``).
+The filters find each row's threshold on the exponents d at the largest slice base, alike on
+every rank (``slice_select.selected_cuts``): ``min_p`` from that base, ``top_k`` and ``top_p``
+by counting every slice's tokens, each pass's counts all-reduced.
 """
 
 import hashlib
@@ -34,20 +32,28 @@ from ._op_support import once_differentiable
 from ._inputs import status_failed
 from ._sweep_types import STATUS_N_VALID, STATUS_SLOTS, RowStats
 from .epilogue import merge_slices, token_terms
-from .slice_select import min_p_cuts, selected_cuts
+from .slice_select import selected_cuts
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
 STATUS_AT = 8 + SETTING_SLOTS   # the prepare launch's status in a rank's row of the agreement
 
 
+FINGERPRINT_PRIME = 2**31 - 1
+FINGERPRINT_MAPS = ((48271, 69621, 12345), (16807, 39373, 67890))   # (a, b, c) of h = a·x + b·i + c mod p
+
+
 def _fingerprint(x):
-    """Two int64 sums, 0-d tensors on x's device (never read on the host), that differ with
-    overwhelming odds when ranks pass different values (a floating tensor by its bits)."""
+    """Two int64 sums, 0-d tensors on x's device (never read on the host): Σ_i h(x_i, i)² mod p
+    for two affine maps h modulo the prime p (``FINGERPRINT_MAPS``; a floating tensor by its
+    bits). Ranks that pass different values differ with odds of about 1 − 2⁻⁶⁰; the squares
+    keep a simple difference (+1, −2, +1 at three positions) from cancelling as it does in a
+    linear sum. Every product stays below 2⁶²: no overflow."""
     if x.is_floating_point():
         x = x.to(torch.float32).view(torch.int32)
-    flat = x.reshape(-1).to(torch.int64)
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
-    return [flat.sum(), (flat * weights).sum()]
+    p = FINGERPRINT_PRIME
+    flat = x.reshape(-1).to(torch.int64) % p
+    position = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % p
+    return [(((flat * a + position * b + c) % p) ** 2 % p).sum() for a, b, c in FINGERPRINT_MAPS]
 
 
 def _setting_hashes(settings):
@@ -181,7 +187,11 @@ class VocabSlice:
                 raise ValueError(f"tp_group: {what} differ across ranks; every rank must pass the same global ids, "
                                  f"mask, sequence boundaries, per-token temperature and filters, and kept set")
         tp = VocabSlice(group, rank, sizes)
-        if table[rank][7] >= tp.total:  # the ids' upper bound, now that V is known (reads only to raise)
+        beyond = [r for r in range(world) if table[r][7] >= tp.total]   # ids' upper bounds, now that V is known
+        if beyond and rank not in beyond:   # the same verdict on every rank, whatever the fingerprints said
+            raise ValueError(f"tp_group: rank(s) {beyond} hold ids outside [0, {tp.total}) (the vocabulary of all "
+                             f"ranks; their error is raised there); no rank computed anything")
+        if beyond:  # this rank's own (reads only to raise)
             bad = batch.target >= tp.total
             if not bad.any():
                 raise ValueError(f"kept_ids holds ids outside [0, {tp.total}) (the vocabulary of all ranks)")
@@ -302,36 +312,24 @@ class _VocabParallelSweeps(torch.autograd.Function):
         target = tp.local_target(batch.target)
         kept_ids = tp.local_kept_ids(batch.kept_ids)
         params = ops.pack_params(hp, lmap)
-        def sweep(cut=None):
-            return RowStats(*ops.sweeps_forward(
-                logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
-                softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
-                inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids, cut=cut)[:8])
-
-        local, cut, local_cut = sweep(), None, None
-        selected = lmap.top_k is not None or lmap.top_p is not None
-        if selected:  # thresholds counted over every slice, at the largest slice base
+        local, cut = RowStats(*ops.sweeps_forward(
+            logits, target, old=None, adv=None, weight=None, ref=None, tau=lmap.tau, params=params,
+            softcap=lmap.softcap, with_entropy=bool(with_entropy), with_loss=False, shifted=bool(shifted),
+            inplace_backward=False, kept_offsets=batch.kept_offsets, kept_ids=kept_ids)[:8]), None
+        if lmap.filtered:  # thresholds found over every slice, on d at the largest slice base
             cut, local = selected_cuts(tp, logits[:, :-1] if shifted else logits, local, target, lmap, batch.valid)
-            local_cut = cut
-        elif lmap.min_p is not None:  # the slice's kept tokens, under the threshold of every slice's largest logit
-            cut, local_cut = min_p_cuts(tp, local.lse2_base, lmap.min_p, batch.valid)
-            local = sweep(local_cut)
         ref = batch.ref if hp.beta > 0 else None
         kept = (lmap, cut, batch.layout(), agg, normalizer) if lmap.truncated else None
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept)
-        outside, base, lse2_rest = None, stats.lse2_base, stats.lse2_rest
+        outside = None
         if lmap.replayed:
             outside = outside_kept_set(lmap, batch.target)
         elif cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
             outside = (stats.logp == -math.inf) & (cut > -math.inf)
-            if not selected:
-                # The backward forms d at the slice's own base, against the threshold the forward's
-                # sums used, so that both keep the same tokens; the log-sum-exp moves by the bases'
-                # difference. (Selected thresholds are at the common base, the combine's.)
-                base, lse2_rest = local.lse2_base, stats.lse2_rest + (stats.lse2_base - local.lse2_base)
-        ctx.save_for_backward(logits, target, base, lse2_rest, stats.coef, stats.entropy, lmap.tau,
-                              batch.kept_offsets, kept_ids, outside, local_cut)
+        # The backward forms d at the common base, the combine's, against the thresholds there.
+        ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
+                              batch.kept_offsets, kept_ids, outside, cut)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
         empty = logits.new_empty(0, dtype=torch.float32)

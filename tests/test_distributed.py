@@ -179,8 +179,10 @@ def _tp_bad_call(rank, world_size, case):
     full, ids, mask, old, adv, _ = _tp_inputs()
     start, size = _split(full.shape[-1], world_size)[rank]
     x = full[..., start:start + size]
+    from mhpo_kernels import vocab_parallel
+
     kw = {}
-    get_backend = dist.get_backend
+    get_backend, fingerprint = dist.get_backend, vocab_parallel._fingerprint
     if case == "id-out-of-range":
         ids = ids.clone()
         ids[0, 0] = full.shape[-1]           # valid position, one past the global vocabulary
@@ -198,6 +200,15 @@ def _tp_bad_call(rank, world_size, case):
     elif case == "ids-differ" and rank == 1:
         ids = ids.clone()
         ids[1, 2] = (ids[1, 2] + 1) % full.shape[-1]
+    elif case == "ids-differ-linearly":              # +1, −2, +1: a linear checksum's blind spot
+        ids, mask = ids.clone(), mask.clone()
+        mask[0, :3] = True
+        ids[0, :3] = torch.tensor([100, 200, 300]) + (torch.tensor([1, -2, 1]) if rank == 1 else 0)
+    elif case == "ids-past-v-unfingerprinted":       # were the fingerprints to collide: V still refused everywhere
+        vocab_parallel._fingerprint = lambda x: [torch.zeros((), dtype=torch.int64)] * 2
+        if rank == 1:
+            ids = ids.clone()
+            ids[0, 0] = full.shape[-1]
     elif case == "temperature-differs":
         kw["temperature"] = 1.0 + 0.1 * rank
     elif case == "objective-differs" and rank == 1:
@@ -249,6 +260,8 @@ def _tp_bad_call(rank, world_size, case):
         message = f"{type(e).__name__}: {e}"
     finally:
         dist.get_backend = get_backend
+        if case == "ids-past-v-unfingerprinted":
+            vocab_parallel._fingerprint = fingerprint
     return message
 
 
@@ -260,6 +273,8 @@ BAD_TP_CALLS = [
     ("old-positive-one-rank", "old_logprobs holds finite values above 0|rank\\(s\\) \\[0\\] failed validation"),
     ("one-rank-bad-dtype", "logits are float64, which tp_group does not take|failed validation"),
     ("ids-differ", "input_ids or mask differ across ranks"),
+    ("ids-differ-linearly", "input_ids or mask differ across ranks"),
+    ("ids-past-v-unfingerprinted", "outside \\[0, 1001\\)"),
     ("top-p-one-rank", "disagree on truncation"),
     ("top-k-differs", "top_k or top_p, or kept_ids differ across ranks"),
     ("min-p-one-rank", "disagree on truncation"),
@@ -1374,3 +1389,67 @@ def test_vocab_parallel_filters_edge_rows(tmp_path):
                 assert torch.equal(got.isnan(), want.isnan()), (backend, name, got, want)
                 assert max_rel_err(got.nan_to_num(), want.detach().nan_to_num()) <= FP32_RTOL, (backend, name, got, want)
 
+
+
+def _min_p_tie_inputs(R=8, V=37):
+    """Rows whose largest logit is in the first of two slices (20 and 17), with two equal logits,
+    one in each slice, exactly at min_p's threshold (min_p = their ratio to the largest), each
+    row twice: the target on the one copy, then on the other."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(R, V, generator=g)
+    min_p = torch.empty(R)
+    for r in range(R):
+        x[r, 2] = 3.0 + r * 0.37
+        x[r, 5] = x[r, 25] = x[r, 2] - (1.3 + 0.21 * r)
+        min_p[r] = math.exp(x[r, 5].item() - x[r, 2].item())
+    return torch.cat([x, x]), torch.tensor([5] * R + [25] * R), torch.cat([min_p, min_p])
+
+
+def _min_p_tie_calls(x, ids, min_p, tp_group, backend):
+    """(log-probs, their gradient) on the logits path and on the fused linear path (one-hot hidden
+    states, the head the logits' transpose: the same logits, exactly)."""
+    import mhpo_kernels
+
+    out = []
+    with mhpo_kernels.use_backend(backend):
+        for linear in (False, True):
+            leaf = (x.T if linear else x).clone().requires_grad_()
+            if linear:
+                lp = mhpo_kernels.fused_linear_token_logprobs(torch.eye(x.shape[0]), leaf, ids, min_p=min_p,
+                                                              tp_group=tp_group)
+            else:
+                lp = mhpo_kernels.token_logprobs(leaf, ids, min_p=min_p, tp_group=tp_group)
+            torch.where(lp.isinf(), 0.0, lp).sum().backward()
+            out.append((lp.detach(), leaf.grad.T if linear else leaf.grad))
+    return out
+
+
+def _tp_min_p_tie_worker(rank, world_size, out_dir):
+    import torch.distributed as dist
+
+    x, ids, min_p = _min_p_tie_inputs()
+    start, size = ((0, 20), (20, 17))[rank]
+    torch.save({b: _min_p_tie_calls(x[:, start:start + size], ids, min_p, dist.group.WORLD, b)
+                for b in ("triton", "torch")}, f"{out_dir}/min-p-tie-{rank}.pt")
+
+
+def test_vocab_parallel_min_p_keeps_ties_at_the_threshold_together(tmp_path):
+    """min_p's threshold on d at the largest slice base, alike on every rank: two equal logits at
+    it, one in each slice, are both kept on every rank, as in one process (the slices' own
+    thresholds, each at its own base, rounded apart and dropped one), on the logits and the fused
+    linear paths, both backends; the gradient is the slices' of one process's."""
+    from _cases import FP32_RTOL, max_rel_err
+
+    _dist.run(_tp_min_p_tie_worker, 2, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"min-p-tie-{r}.pt") for r in range(2)]
+    x, ids, min_p = _min_p_tie_inputs()
+    for backend in ("triton", "torch"):
+        for path, (want_lp, want_grad) in enumerate(_min_p_tie_calls(x, ids, min_p, None, backend)):
+            R = ids.numel() // 2
+            assert want_lp[:R].isfinite().sum() > 0 and torch.equal(want_lp[:R].isinf(), want_lp[R:].isinf())
+            for got in (r[backend][path] for r in ranks):
+                assert torch.equal(got[0].isinf(), want_lp.isinf()), (backend, path, got[0], want_lp)
+                fin = want_lp.isfinite()
+                assert max_rel_err(got[0][fin], want_lp[fin]) <= FP32_RTOL, (backend, path)
+            grad = torch.cat([ranks[0][backend][path][1], ranks[1][backend][path][1]], -1)
+            assert max_rel_err(grad, want_grad) <= FP32_RTOL, (backend, path)
