@@ -483,17 +483,19 @@ def _check_seq_valid_tokens(seq_valid_tokens, n_seqs, device):
     return seq_valid_tokens.detach().to(torch.float32).contiguous()
 
 
-def _messages(N):
-    """The status slots that fail a call, in the order they are raised, with their messages."""
+def _messages(N=None):
+    """The status slots that fail a call, in the order they are raised, with their messages (N:
+    the number of tokens; None: unnamed)."""
+    n = "N" if N is None else f"N = {N}"
     positive = ("{} holds finite values above 0 at valid tokens: log-probs are ≤ 0 (a negative log-likelihood "
                 "passed by mistake? pass log-probs, e.g. -nll)")
     return (
         (STATUS_BAD_IDS, "input_ids holds ids outside [0, V) at valid positions (use ignore_index or mask to skip)"),
         (STATUS_MASK, "mask must hold only 0 and 1 (or be bool)"),
         (STATUS_NORM, "normalizer must be finite and > 0"),
-        (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at N = {N} (the number of tokens)"),
+        (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at {n} (the number of tokens)"),
         (STATUS_TAU, "temperature must be finite and > 0 at valid tokens (a NaN one is data: it propagates)"),
-        (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({N},) are ambiguous: cu_seqlens has S = N = {N} "
+        (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({'N' if N is None else N},) are ambiguous: cu_seqlens has S = {n} "
                               f"sequences but not one token each: pass per-sequence values as (S, 1)"),
         (STATUS_SEQ_COUNTS, "seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
                             "this rank's own count for some sequence"),
@@ -534,8 +536,8 @@ def status_failed(flags):
 def _raise_on_status(status, ids, V, normalizer):
     """The call's one host sync: raise the first flag of the prepare launch that is set; return
     the number of valid tokens (None inside torch.compile, where each flag is an assert)."""
-    if torch.compiler.is_compiling():
-        for slot, message in _messages(ids.numel()):
+    if torch.compiler.is_compiling():   # N unnamed: formatting a symbolic size would specialize the graph on it
+        for slot, message in _messages():
             torch._assert_async(status[slot] == 0, message)
         return None
     flags = status.tolist()

@@ -354,3 +354,44 @@ def test_new_hyperparameter_values_compile_at_most_twice(call, backend):
             losses.add(round(expected.item(), 6))
     assert counter.frame_count <= 2, counter.frame_count
     assert len(losses) == len(VALUES)   # the values did change the result
+
+
+def _length_calls():
+    """Calls whose batch length varies from step to step, as RL's does: a padded batch with the
+    shift, a packed stream of GSPO sequences, the fused linear path."""
+    from mhpo_kernels.objectives import GSPO
+
+    def padded(i):
+        return mhpo_kernels.mhpo_loss(i["x"], i["ids"], i["old"], i["adv"], i["mask"])
+
+    def packed(i):
+        n = i["ids"].numel()
+        cu = torch.tensor([0, n // 2, n])
+        return mhpo_kernels.policy_loss(i["x"][:, :-1].reshape(n, -1), i["ids"].reshape(-1), i["old"].reshape(-1),
+                                        i["adv"], objective=GSPO(), cu_seqlens=cu)
+
+    def linear(i):
+        return mhpo_kernels.fused_linear_mhpo_loss(i["x"][:, :-1, :8], i["head"], i["ids"], i["old"], i["adv"],
+                                                   i["mask"])
+
+    return [padded, packed, linear]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("call", _length_calls(), ids=lambda c: c.__name__)
+def test_new_batch_lengths_compile_at_most_twice(call, backend):
+    """A new length T under torch.compile(fullgraph=True): dynamo compiles the first as a constant,
+    then once with the sizes symbolic, and never again (no check may specialize on a size: the
+    value checks' messages name N, the number of tokens, only when eager); each call equals eager."""
+    g = torch.Generator().manual_seed(9)
+    B, V = 2, 24
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    with mhpo_kernels.use_backend(backend):
+        for T in (3, 4, 5, 7):
+            i = dict(x=torch.randn(B, T + 1, V, generator=g), ids=torch.randint(0, V, (B, T), generator=g),
+                     old=-torch.rand(B, T, generator=g) - 1, adv=torch.randn(2, generator=g),
+                     mask=torch.rand(B, T, generator=g) > 0.2, head=torch.randn(V, 8, generator=g))
+            got, expected = compiled(i), call(i)
+            assert max_rel_err(got.detach(), expected.detach()) <= FP32_RTOL, T
+    assert counter.frame_count <= 2, counter.frame_count
