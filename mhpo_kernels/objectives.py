@@ -23,7 +23,7 @@ def _real(owner, name, value, *, low=None, low_open=True, high=None, optional=Fa
     where = f"{owner}.{name}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not (value == value and abs(value) != math.inf):   # math.isfinite, as torch.compile traces a number
         raise ValueError(f"{where} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{where} must be {'>' if low_open else '>='} {low}, got {value}")

@@ -395,3 +395,31 @@ def test_new_batch_lengths_compile_at_most_twice(call, backend):
             got, expected = compiled(i), call(i)
             assert max_rel_err(got.detach(), expected.detach()) <= FP32_RTOL, T
     assert counter.frame_count <= 2, counter.frame_count
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_new_objective_hyperparameters_compile_under_fullgraph(backend):
+    """The objective's own values (mhpo_loss's c, a PPOClip built in the step with a new ε) are the
+    call's constants: a new value compiles again (docs/compile.md) rather than failing the
+    fullgraph trace (their finiteness check called math.isfinite, which dynamo cannot trace on a
+    symbolic number), and each call equals eager."""
+    from mhpo_kernels.objectives import PPOClip
+
+    g = torch.Generator().manual_seed(10)
+    B, T, V = 2, 3, 24
+    x, ids = torch.randn(B, T + 1, V, generator=g), torch.randint(0, V, (B, T), generator=g)
+    old, adv = -torch.rand(B, T, generator=g) - 1, torch.randn(B, generator=g)
+
+    def mhpo(c):
+        return mhpo_kernels.mhpo_loss(x, ids, old, adv, c=c)
+
+    def ppo(eps):
+        return mhpo_kernels.policy_loss(x, ids, old, adv, objective=PPOClip(eps_low=eps, eps_high=eps))
+
+    with mhpo_kernels.use_backend(backend):
+        for call, values in ((mhpo, (1.5, 1.2, 0.9)), (ppo, (0.2, 0.1, 0.05))):
+            torch._dynamo.reset()
+            compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+            results = [(compiled(v).item(), call(v).item()) for v in values]
+            assert all(got == pytest.approx(want, rel=FP32_RTOL) for got, want in results), results
+            assert len({round(want, 7) for _, want in results}) == len(values)
