@@ -223,9 +223,9 @@ def fused_linear_policy_loss(
     loss, logp, entropy, psi, zeta, *_ = linear_ops.fused_linear_forward(
         hidden2d, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
         batch.ref if hp.beta > 0 else None,  # β = 0: the KL term is never evaluated
-        lmap.tau, ops.pack_params(hp, lmap), lmap.softcap, chunk_rows, bool(return_metrics),
+        lmap.tau, ops.pack_params(hp, lmap, entropy_coef), lmap.softcap, chunk_rows, bool(return_metrics),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, entropy_coef, batch.n_valid, batch_invariant,
+        grad_on and bias is not None and bias.requires_grad, batch.n_valid, batch_invariant,
     )
     if not return_metrics:
         return loss

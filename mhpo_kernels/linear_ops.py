@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
-from ._op_support import _fp32, _unpack, _without_autocast, once_differentiable
+from ._op_support import ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable
 from .vocab_parallel import outside_kept_set
 
 
@@ -32,17 +32,19 @@ def fused_linear_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, old: Optional[Tensor],
     adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
-    entropy_coef: float = 0.0, n_valid: Optional[int] = None, batch_invariant: bool = False,
+    n_valid: Optional[int] = None, batch_invariant: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
-    for an upstream gradient of 1 and empty when not asked for. ``n_valid``: the valid tokens as
+    for an upstream gradient of 1 and empty when not asked for. The entropy bonus's coefficient is
+    ``params``' (a runtime scalar: a new one is no recompile). ``n_valid``: the valid tokens as
     validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``).
     ``batch_invariant``: every chunk ``chunk_rows`` rows (``linear_sweeps._whole_chunks``)."""
-    hp, lmap, _ = _unpack(params, softcap, tau)
+    hp, lmap, values = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
         loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
-            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=entropy_coef, batch_invariant=batch_invariant)
+            need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=values[ENTROPY_COEF],
+            batch_invariant=batch_invariant)
     return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
             hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
             _fp32(hidden, 0) if db is None else db)
@@ -50,7 +52,7 @@ def fused_linear_forward(
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chunk_rows, with_entropy,
-      need_dh, need_dw, need_db, entropy_coef=0.0, n_valid=None, batch_invariant=False):
+      need_dh, need_dw, need_db, n_valid=None, batch_invariant=False):
     n = hidden.shape[0]
     return (
         torch.empty((), dtype=torch.float32, device=hidden.device), _fp32(hidden, n),
@@ -80,7 +82,6 @@ class LinearArgs(NamedTuple):
     need_dh: bool
     need_dw: bool
     need_db: bool
-    entropy_coef: float = 0.0
     n_valid: Optional[int] = None
     batch_invariant: bool = False
 

@@ -295,7 +295,7 @@ VALUES = [(1.0, 0.1, 0.01, 3.0), (0.7, 0.2, 0.02, 4.0), (1.3, 0.05, 0.03, 5.0), 
 def _hyper_calls():
     """Each public form with every hyperparameter that may change between calls as an argument:
     temperature τ, β, entropy_coef, a float normalizer, the sampler's filters (token_logprobs and
-    the module: τ)."""
+    the module: τ), on the logits and on the fused linear path."""
     from mhpo_kernels.objectives import PPOClip
 
     def mhpo(x, i, tau, beta, ec, norm):
@@ -325,7 +325,14 @@ def _hyper_calls():
     def module_forward(x, i, tau, *_):
         return module(x, i["ids"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], temperature=tau)
 
-    return [mhpo, policy, logprobs, logprobs_truncated, mhpo_truncated, module_forward]
+    head = torch.randn(24, 24, generator=torch.Generator().manual_seed(11)) * 0.3
+
+    def fused_linear(x, i, tau, beta, ec, norm):  # the logits' tensor as hidden states (H = V)
+        return mhpo_kernels.fused_linear_mhpo_loss(x[:, :-1], head, i["ids"], i["old"], i["adv"], i["mask"],
+                                                   temperature=tau, beta=beta, ref_logprobs=i["ref"],
+                                                   entropy_coef=ec, normalizer=norm)
+
+    return [mhpo, policy, logprobs, logprobs_truncated, mhpo_truncated, module_forward, fused_linear]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
