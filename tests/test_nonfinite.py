@@ -562,3 +562,33 @@ def test_an_infinite_ratio_where_the_term_is_flat_passes_no_gradient(name):
     for path, (loss, grad) in results.items():
         assert torch.isfinite(loss) and abs(loss.item() - want) <= FP32_RTOL * abs(want), (path, loss, want)
         assert not grad[b, t].any(), (path, grad[b, t])
+
+
+@pytest.mark.parametrize("truncation", ["filters", "replay"])
+def test_a_nan_term_under_a_truncated_softmax_poisons_its_kept_set(truncation):
+    """A NaN old log-prob at a valid token whose target is inside its kept set: the loss is NaN,
+    the token's gradient row NaN over its kept set and 0 outside it (the loss reads no logit
+    there), on every path alike (the Triton filters' rows were NaN outside it too)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 4, 24, generator=g)
+    ids = x.argmax(-1)
+    old, adv = -torch.rand(1, 4, generator=g) - 0.5, torch.randn(1, 4, generator=g)
+    old[0, 1] = math.nan
+    kw = dict(top_p=0.9, top_k=5) if truncation == "filters" else dict(
+        kept_ids=(torch.arange(0, 13, 3), torch.cat([torch.stack([i, (i + 1) % 24, (i + 2) % 24]) for i in ids[0]])))
+    rows = {}
+    for path in PATHS:
+        z = (x.double() if path == "reference" else x).clone().requires_grad_()
+        if path == "reference":
+            loss = reference.mhpo_loss(z, ids, old.double(), adv.double(), **kw)
+        else:
+            with mhpo_kernels.use_backend(path):
+                loss = mhpo_kernels.mhpo_loss(z, ids, old, adv, **kw)
+        loss.backward()
+        assert loss.isnan(), path
+        rows[path] = z.grad[0, 1]
+        assert not z.grad[0, [0, 2, 3]].isnan().any(), path
+    nan = rows["reference"].isnan()
+    assert 1 < int(nan.sum()) < 24
+    for path, row in rows.items():
+        assert torch.equal(row.isnan(), nan) and not row[~nan].any(), (path, row)
