@@ -318,6 +318,8 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             outside = has_y & dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1))
             dlogp_c = torch.where(outside, 0.0, dlogp_c)
         dz = _rowwise(torch.exp2, q)                    # p, then overwritten with ∂L/∂z
+        if lmap.cut is not None:  # p = 0 outside the kept set, times the row's coefficients (as the kernel)
+            dz.masked_fill_(dropped, 0.0)
         if dentropy is not None:
             dent = torch.where(valid, dentropy[r0:r1], 0.0).unsqueeze(-1)
             h = entropy[r0:r1].unsqueeze(-1)
@@ -330,7 +332,7 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         dz.mul_(slope.unsqueeze(-1) if isinstance(slope, torch.Tensor) else slope)
         if lmap.softcap:
             dz.mul_(1.0 - u * u)                        # dz/dx from tanh's result, as eager does
-        if dropped is not None:                         # p = 0 outside the kept set (a NaN there stays out)
+        if lmap.replayed and dropped is not None:  # written without reading, as the replay kernels do
             dz.masked_fill_(dropped, 0.0)
         dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
         grad[b, t0:t1] = dz

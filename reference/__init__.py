@@ -134,8 +134,25 @@ def replayed_set(kept_ids, shape):
 
 
 def truncated(z, keep):
-    """The logits of the truncated distribution: −inf outside the kept set (no gradient there)."""
-    return torch.where(keep, z, torch.full_like(z, -math.inf))
+    """The logits of the truncated distribution: −inf outside the kept set, where the gradient is
+    0 times the row's (``_Truncated``)."""
+    return _Truncated.apply(z, keep)
+
+
+class _Truncated(torch.autograd.Function):
+    """−inf outside the kept set. The loss reads no logit there: its derivative is 0 · the row's,
+    0 unless the row's is NaN or infinite (a NaN token term: rule 6 of SPEC.md, section 5, whose
+    row is then NaN in every element, as the kernels' 0 · p's coefficients give it)."""
+
+    @staticmethod
+    def forward(ctx, z, keep):
+        ctx.save_for_backward(keep)
+        return torch.where(keep, z, torch.full_like(z, -math.inf))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, grad * 0.0), None
 
 
 def _entropy(logprobs):

@@ -28,9 +28,9 @@ from .rows import (BATCH_INTS, PER_TOKEN_POINTERS, _block_base, _block_offsets, 
 # adds nothing to the entropy term (p log p → 0): q is clamped to a finite floor first.
 #
 # A softmax truncated to a kept set K (d_v = k·u_v − b ≥ cut, the threshold the forward found and
-# stored per row) is the same softmax over K: p_v is 0 outside K, where the loop writes 0 (also
-# for a token whose coefficients are NaN: its row is NaN over K), and a target outside K has no
-# log-prob gradient (its dlogp is taken as 0; its entropy's gradient is still the row's).
+# stored per row) is the same softmax over K: p_v is 0 outside K, where the loop writes 0, and a
+# target outside K has no log-prob gradient (its dlogp is taken as 0; its entropy's gradient is
+# still the row's).
 
 Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
 
@@ -39,21 +39,19 @@ Q_FLOOR = tl.constexpr(-256.0)  # 2^q is already 0 in fp32 below −150
 def _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, cut,
                 SOFTCAP: tl.constexpr, HAS_DENT: tl.constexpr, CUT: tl.constexpr):
     """The loop's term p · (a0 + a1 · q) · σ for a block (or one element) of raw logits; with
-    ``CUT``, 0 where d < ``cut`` (outside the kept set, whatever a0 and a1 hold: a NaN token's
-    row is NaN over its kept set only; a NaN logit, d NaN, stays)."""
+    ``CUT``, 0 where d < ``cut`` (outside the kept set; NaN stays)."""
     b_u = _logit_u(b_x, tanh_scale, SOFTCAP)
     b_d = tl.fma(b_u, k, -base)
     b_q = b_d - log2_s
     b_p = tl.exp2(b_q)
+    if CUT:
+        b_p = tl.where(b_d < cut, 0.0, b_p)
     if HAS_DENT:
         b_q = tl.maximum(b_q, Q_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         b_g = b_p * (a0 + a1 * b_q)
     else:
         b_g = b_p * a0
-    b_g = b_g * _logit_slope(b_u, 1.0, SOFTCAP)
-    if CUT:
-        b_g = tl.where(b_d < cut, 0.0, b_g)
-    return b_g
+    return b_g * _logit_slope(b_u, 1.0, SOFTCAP)
 
 
 @triton.jit
