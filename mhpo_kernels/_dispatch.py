@@ -17,6 +17,8 @@ import os
 import sys
 import warnings
 
+import torch
+
 from . import torch_sweeps
 
 _FORWARD_MODULE = f"{__package__}.kernels.forward"
@@ -81,8 +83,6 @@ def call_backend(device):
     """The backend a call names in its ``LogitMap`` (``backend_for``), so that its backward runs
     where its forward ran; None inside torch.compile, which cannot read ``use_backend``'s context
     variable: there the ops choose when they run."""
-    import torch
-
     return None if torch.compiler.is_compiling() else backend_for(device)
 
 
@@ -124,8 +124,6 @@ def kernel(name, device, backend=None):
     given (else ``backend_for``). Inside torch.compile, where all but the sweeps run outside any
     custom op, they are PyTorch's on every device (the graph fuses their ops; the checks become
     asserts of the graph)."""
-    import torch
-
     module, function = KERNELS[name]
     if (name in ("prepare", "finalize", "token_terms") and torch.compiler.is_compiling()) or \
             (backend or backend_for(device)) != "triton":

@@ -85,13 +85,11 @@ def _check_real(name, value, low_ok):
     return float(value)
 
 
-def check_positive(name, value):
-    """A finite real number > 0 (not a bool, not a tensor)."""
+def check_positive(name, value):  # a finite real number > 0
     return _check_real(name, value, low_ok=False)
 
 
-def check_nonnegative(name, value):
-    """A finite real number ≥ 0 (not a bool, not a tensor)."""
+def check_nonnegative(name, value):  # a finite real number ≥ 0
     return _check_real(name, value, low_ok=True)
 
 
@@ -317,12 +315,12 @@ def _is_integer(x):
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
-def _check_tensor(name, x, device, kind=None):
-    """A tensor on ``device``; ``kind`` "float", "int" or "real" (a mask: bool or 0/1 numbers): of
-    that kind of dtype."""
+def _check_tensor(name, x, device, kind=None, host_ok=False):
+    """A tensor on ``device`` (or, ``host_ok``, on the CPU); ``kind`` "float", "int" or "real" (a
+    mask: bool or 0/1 numbers): of that kind of dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device != device:
+    if x.device != device and not (host_ok and x.device.type == "cpu"):
         raise ValueError(f"{name} is on {x.device}, but the inputs are on {device}")
     if kind == "real" and x.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {x.dtype}")
@@ -394,9 +392,7 @@ def check_normalizer(normalizer, device):
     if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
         raise TypeError(f"normalizer must be a number or a 0-d real tensor, got a {normalizer.dtype} "
                         f"tensor of shape {tuple(normalizer.shape)}")
-    if normalizer.device != device and normalizer.device.type != "cpu":
-        raise ValueError(f"normalizer is on {normalizer.device}, but the inputs are on {device}")
-    return normalizer.detach().to(device)
+    return _check_tensor("normalizer", normalizer, device, host_ok=True).detach().to(device)
 
 
 def _check_ids(input_ids, token_shape, device, source):
@@ -415,36 +411,30 @@ def _check_ids(input_ids, token_shape, device, source):
     return (ids if ids.dtype.is_signed else ids.to(torch.int64)).contiguous()
 
 
-def _advantage_layout(advantages, token_shape, device, n_seqs=None, name="advantages"):
-    """ADV_PER_TOKEN (input_ids' shape), ADV_SCALAR (() or (1,)) or ADV_PER_SEQ ((B,) or (B, 1)
-    with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S): of the advantages, or of
-    another per-token input laid out as they may be (``name``)."""
-    _check_tensor(name, advantages, device, "float")
-    if advantages.shape == token_shape:
-        return ADV_PER_TOKEN
-    if advantages.dim() <= 1 and advantages.numel() == 1:
-        return ADV_SCALAR
-    if n_seqs is not None:
-        if advantages.shape in ((n_seqs,), (n_seqs, 1)):
-            return ADV_PER_SEQ
-        expected = (f"(S,) or (S, 1) = ({n_seqs}, 1) per sequence of cu_seqlens, (N,) = ({token_shape[0]},) "
-                    f"per token, (1,) or ()")
-    elif len(token_shape) == 2:
-        B, T = token_shape
-        if advantages.shape in ((B,), (B, 1)):
-            return ADV_PER_SEQ
-        expected = f"(B,) = ({B},), (B, 1) = ({B}, 1), (B, T) = ({B}, {T}), (1,) or ()"
-    else:
-        expected = f"(N,) = ({token_shape[0]},), (1,) or ()"
-    raise ValueError(f"{name} must have shape {expected}, got {tuple(advantages.shape)}")
-
-
 def _laid_out(name, x, token_shape, device, cu, n_seqs):
-    """(layout, values, ambiguous) of the advantages or another input laid out as they may be
-    (``_advantage_layout``): flat, contiguous but for one value for all; ambiguous: (N,) with as
-    many sequences of cu_seqlens as tokens, read per token, which is the same only if every
-    sequence has one token (the prepare launch checks it)."""
-    layout = _advantage_layout(x, token_shape, device, n_seqs if cu is not None else None, name)
+    """(layout, values, ambiguous) of the advantages, or of another input laid out as they may be
+    (``name``): ADV_PER_TOKEN (input_ids' shape), ADV_SCALAR (() or (1,)) or ADV_PER_SEQ ((B,) or
+    (B, 1) with (B, T) ids; (S,) or (S, 1) with cu_seqlens, ``n_seqs`` = S). Values flat,
+    contiguous but for one value for all; ambiguous: (N,) with as many sequences of cu_seqlens as
+    tokens, read per token, which is the same only if every sequence has one token (the prepare
+    launch checks it)."""
+    _check_tensor(name, x, device, "float")
+    per_seq = (n_seqs,) if cu is not None else token_shape[:1] if len(token_shape) == 2 else None
+    if x.shape == token_shape:
+        layout = ADV_PER_TOKEN
+    elif x.dim() <= 1 and x.numel() == 1:
+        layout = ADV_SCALAR
+    elif per_seq is not None and x.shape in (per_seq, (*per_seq, 1)):
+        layout = ADV_PER_SEQ
+    elif cu is not None:
+        raise ValueError(f"{name} must have shape (S,) or (S, 1) = ({n_seqs}, 1) per sequence of cu_seqlens, "
+                         f"(N,) = ({token_shape[0]},) per token, (1,) or (), got {tuple(x.shape)}")
+    elif per_seq is not None:
+        B, T = token_shape
+        raise ValueError(f"{name} must have shape (B,) = ({B},), (B, 1) = ({B}, 1), (B, T) = ({B}, {T}), (1,) "
+                         f"or (), got {tuple(x.shape)}")
+    else:
+        raise ValueError(f"{name} must have shape (N,) = ({token_shape[0]},), (1,) or (), got {tuple(x.shape)}")
     flat = x.detach().reshape(-1)
     ambiguous = cu is not None and layout == ADV_PER_TOKEN and x.dim() == 1 and n_seqs == flat.numel() > 1
     return layout, flat if layout == ADV_SCALAR else flat.contiguous(), ambiguous
@@ -454,12 +444,7 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
     """The (S + 1,) boundaries of packed sequences as int64 (their values: the prepare launch)."""
     if cu_seqlens is None:
         return None
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but the inputs are on {device}")
-    if not _is_integer(cu_seqlens):
-        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    _check_tensor("cu_seqlens", cu_seqlens, device, "int", host_ok=True)
     if len(token_shape) != 1:
         raise ValueError(f"cu_seqlens describes a packed stream: flat input_ids (N,) with logits (N, V) or hidden "
                          f"(N, H); got input_ids of shape {tuple(token_shape)} (a padded batch needs no cu_seqlens)")

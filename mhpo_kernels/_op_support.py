@@ -76,14 +76,11 @@ def once_differentiable(backward):
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return out
-        present = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
+        present = [g.detach().requires_grad_() for g in out if isinstance(g, Tensor)]
         if not present:
             return out
-        wrapped = _NotDifferentiable.apply(*[out[i].detach().requires_grad_() for i in present])
-        out = list(out)
-        for i, g in zip(present, wrapped):
-            out[i] = g
-        return tuple(out)
+        wrapped = iter(_NotDifferentiable.apply(*present))
+        return tuple(next(wrapped) if isinstance(g, Tensor) else g for g in out)
 
     return run
 

@@ -9,7 +9,7 @@ LOG2E = 1.4426950408889634
 
 # The aggregation modes, in the order the prepare launch numbers them.
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
-# How the advantages are laid out (``_inputs._advantage_layout``); the prepare launch reads them so.
+# How the advantages are laid out (``_inputs._laid_out``); the prepare launch reads them so.
 ADV_NONE, ADV_SCALAR, ADV_PER_SEQ, ADV_PER_TOKEN = range(4)
 # The prepare launch's status vector (int64), read by the host in validation's one sync: the valid
 # tokens, then each value check's count of offending tokens or sequences (the first bad id's flat

@@ -13,7 +13,7 @@ from ._inputs import (
 from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
 from .objectives import MHPO, MHPO_KIND, check_objective
 from .ops import LOSS_AND_METRICS, LOSS_TOTAL
-from .vocab_parallel import agree_on_inputs, agreed_settings, dtype_name, normalizer_setting
+from .vocab_parallel import VocabSlice, agreed_settings, dtype_name, normalizer_setting
 
 
 def mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, beta):
@@ -75,14 +75,26 @@ class Prepared(NamedTuple):
     inplace: bool
 
 
-def prepared(prepare, tp_group, x, settings=None, local_size=lambda p: p.logits3.shape[-1]):
-    """``prepare()``'s checked arguments; with a tp_group, only once every rank agreed on them and
-    on ``settings(prepared)`` (``vocab_parallel.agree_on_inputs``), the slice of the vocabulary
-    ``local_size(prepared)`` long. ``x``: the logits, or the hidden states."""
+def prepared(prepare, tp_group, x, settings, local_size=lambda p: p.logits3.shape[-1]):
+    """``prepare()``'s checked arguments (``x``: the logits, or the hidden states). With a
+    tp_group, any error of ``prepare()`` or ``settings(prepared)`` (name → value of what must
+    agree across ranks) is caught and told to the other ranks in the agreement
+    (``VocabSlice.agree``), which raises the same verdict on every rank, the ids' upper bound
+    against the global vocabulary included; then ``batch.tp`` is this rank's slice of the
+    vocabulary, ``local_size(prepared)`` long."""
     if check_tp_group(tp_group) is None:
         return prepare()
+    p = batch = agreed = error = None
+    try:
+        p = prepare()
+        batch = p.batch
+        agreed = settings(p)
+    except Exception as e:  # whatever it is, the other ranks must hear of it before they wait
+        error = e
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    return agree_on_inputs(tp_group, device, prepare, local_size, settings)
+    size = local_size(p) if batch is not None else 0
+    batch.tp = VocabSlice.agree(tp_group, size, device, batch=batch, local_error=error, settings=agreed)
+    return p
 
 
 def metrics_from_vector(vector, kind, has_ref, truncated=False):

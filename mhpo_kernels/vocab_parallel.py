@@ -104,21 +104,9 @@ class VocabSlice:
     rank: int
     sizes: tuple
 
-    @property
-    def world(self):
-        return len(self.sizes)
-
-    @property
-    def start(self):
-        return sum(self.sizes[:self.rank])
-
-    @property
-    def size(self):
-        return self.sizes[self.rank]
-
-    @property
-    def total(self):
-        return sum(self.sizes)
+    def __post_init__(self):  # the ranks, this slice's first id and size, the whole vocabulary
+        self.world, self.start, self.size, self.total = (len(self.sizes), sum(self.sizes[:self.rank]),
+                                                         self.sizes[self.rank], sum(self.sizes))
 
     @staticmethod
     def agree(group, local_size, device, batch=None, local_error=None, settings=None):
@@ -280,26 +268,6 @@ def _per_token_settings(batch):
     if batch.kept_offsets is not None:
         parts += [batch.kept_offsets, batch.kept_ids.to(torch.int64)]
     return torch.cat(parts)
-
-
-def agree_on_inputs(tp_group, device, prepare, local_size, settings=None):
-    """Every local check first (``prepare()`` returns the checked arguments, ``.batch`` with ids
-    checked only for ≥ 0), then the agreement (``VocabSlice.agree``), whose table also gives the
-    ids' upper bound against the global vocabulary: the same ids and mask on every rank
-    (fingerprinted) give the same verdict on every rank. ``local_size(prepared)``: this rank's
-    slice of the vocabulary; ``settings(prepared)``: name → value of what must agree across ranks.
-    Returns what ``prepare()`` returned, with ``batch.tp`` set."""
-    error, prepared, batch, agreed = None, None, None, None
-    try:
-        prepared = prepare()
-        batch = prepared.batch
-        agreed = None if settings is None else settings(prepared)
-    except Exception as e:  # whatever it is, the other ranks must hear of it before they wait
-        error = e
-    size = local_size(prepared) if batch is not None else 0
-    batch_tp = VocabSlice.agree(tp_group, size, device, batch=batch, local_error=error, settings=agreed)
-    batch.tp = batch_tp
-    return prepared
 
 
 class _VocabParallelSweeps(torch.autograd.Function):
