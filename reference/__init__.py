@@ -340,6 +340,9 @@ def mhpo_loss_from_logprobs(
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     old = logp.detach() if old_logprobs is None else old_logprobs   # on-policy: ratio 1
     adv = _as_rows(advantages, logp.shape[0]).expand(valid.shape)
+    if token_weights is not None:   # w_t multiplies the advantage (SPEC.md, section 3); 0 at invalid tokens
+        w = _as_rows(token_weights, logp.shape[0]).expand(valid.shape)
+        adv = adv * torch.where(valid, w, torch.zeros_like(w))
     from mhpo_kernels import objectives as O
 
     # MHPO's terms, of the objective's hyperparameters when it is an MHPO record; for another
@@ -350,9 +353,6 @@ def mhpo_loss_from_logprobs(
         terms = _mhpo_of(objective)
     log_ratio, psi, zeta, weight = mhpo_terms(logp, old, **terms)
     loss_tok = -weight * adv if objective is None else objective_loss(logp, old, adv, valid, objective)
-    if token_weights is not None:   # 0 at invalid tokens, whatever they hold
-        w = _as_rows(token_weights, logp.shape[0]).expand(valid.shape)
-        loss_tok = loss_tok * torch.where(valid, w, torch.zeros_like(w))
     if ref_logprobs is not None:
         delta = ref_logprobs - logp
         kl = torch.exp(delta) - delta - 1                      # Schulman's k3 estimator

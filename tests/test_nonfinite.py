@@ -562,6 +562,18 @@ def test_an_infinite_ratio_where_the_term_is_flat_passes_no_gradient(name):
     for path, (loss, grad) in results.items():
         assert torch.isfinite(loss) and abs(loss.item() - want) <= FP32_RTOL * abs(want), (path, loss, want)
         assert not grad[b, t].any(), (path, grad[b, t])
+    # A token weight of 0 there: w multiplies the advantage (SPEC.md, section 3), so PPO-clip's
+    # −A·w·r is 0 · inf, NaN, on every path (a weight applied after the term gave the reference a
+    # finite loss); SAPO's saturated gate and GSPO's mean over the sequence stay finite, alike.
+    inputs["token_weights"] = torch.ones(B, T)
+    inputs["token_weights"][b, t] = 0.0
+    results = {path: _call(path, objective, inputs, "seq-mean-token-mean", 0.0) for path in PATHS}
+    for path, (loss, grad) in results.items():
+        if name == "ppo-clip":
+            assert loss.isnan() and grad[b, t].isnan().all(), (path, loss)
+        else:
+            want = results["reference"][0].item()
+            assert torch.isfinite(loss) and abs(loss.item() - want) <= FP32_RTOL * abs(want), (path, loss, want)
 
 
 @pytest.mark.parametrize("truncation", ["filters", "replay"])
