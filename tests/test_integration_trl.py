@@ -6,6 +6,7 @@ its loss with the reference (fp32 throughout: the op's logits gradient agrees wi
 measured ≤ 5e-6; 3e-5 leaves room)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -446,15 +447,32 @@ def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path
     (dict(repetition_penalty=1.1), "repetition_penalty=1.1"),
     (dict(generation_kwargs={"temperature": 0.7}), "temperature=0.7"),
     (dict(generation_kwargs={"typical_p": 0.9, "max_new_tokens": 8}), "typical_p=0.9"),
-], ids=["repetition-penalty", "temperature-override", "typical-p"])
+    (dict(vllm_structured_outputs_regex="w1 w2"), "vllm_structured_outputs_regex='w1 w2'"),
+    ("shipped", "no_repeat_ngram_size=2"),
+], ids=["repetition-penalty", "temperature-override", "typical-p", "structured-outputs", "shipped-processor"])
 def test_sampler_logprobs_refuse_what_reshapes_the_sampled_distribution(tiny_model, tmp_path, config, named):
     """The scoring takes the temperature and the three filters: a generation that also applies a
-    repetition penalty, another temperature or another processor sampled from a distribution it
-    does not score, so the trainer refuses it by name; lengths and stops change nothing."""
-    with pytest.raises(ValueError, match=f"sampler_logprobs with {named} for the generation"):
-        make_trainer(tiny_model, tmp_path / "refused", sampler_logprobs=True, beta=0.0, **config)
-    make_trainer(tiny_model, tmp_path / "kept", sampler_logprobs=True, beta=0.0,
-                 generation_kwargs={"max_new_tokens": 8, "do_sample": True, "temperature": 0.9})
+    repetition penalty, another temperature or another processor (given, or left to the model's
+    generation_config, which generation fills in) sampled from a distribution it does not score,
+    so the trainer refuses it by name; lengths, stops and processors at their off values change
+    nothing."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = tiny_model
+    if config == "shipped":
+        path, tokenizer = tiny_model
+        model = (str(tmp_path / "shipped"), tokenizer)
+        shutil.copytree(path, model[0])
+        GenerationConfig(do_sample=True, no_repeat_ngram_size=2, pad_token_id=0, eos_token_id=2).save_pretrained(
+            model[0])
+        config = {}
+    with pytest.raises(ValueError, match=f"sampler_logprobs with {re.escape(named)} for the generation"):
+        make_trainer(model, tmp_path / "refused", sampler_logprobs=True, beta=0.0, **config)
+    make_trainer(tiny_model, tmp_path / "kept", sampler_logprobs=True, beta=0.0, generation_kwargs={
+        "max_new_tokens": 8, "do_sample": True, "temperature": 0.9, "presence_penalty": 0.0, "typical_p": 1.0,
+        "num_beams": 1, "ignore_eos": False})
 
 
 @mhpo_kernels.use_backend("torch")  # TRL's calls and semantics; test_truncation.py holds the kernels to the oracle

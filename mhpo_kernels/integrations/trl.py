@@ -60,10 +60,20 @@ TRL_AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean",
 # generation_kwargs (transformers' or vLLM's) that leave each sampled token's distribution as the
 # scoring with sampler_logprobs forms it (the filters it takes, lengths, stops, ids, outputs).
 SAMPLING_NEUTRAL = frozenset((
-    "top_k", "top_p", "min_p", "max_new_tokens", "max_tokens", "stop", "stop_strings", "stop_token_ids",
-    "eos_token_id", "pad_token_id", "bos_token_id", "n", "seed", "logprobs", "cache_implementation", "use_cache",
-    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "detokenize",
+    "top_k", "top_p", "min_p", "max_new_tokens", "max_tokens", "max_length", "stop", "stop_strings",
+    "stop_token_ids", "eos_token_id", "pad_token_id", "bos_token_id", "ignore_eos", "n", "num_return_sequences",
+    "seed", "logprobs", "prompt_logprobs", "output_scores", "output_logits", "return_dict_in_generate",
+    "renormalize_logits", "cache_implementation", "use_cache", "skip_special_tokens",
+    "spaces_between_special_tokens", "include_stop_str_in_output", "detokenize",
 ))
+# The processors (transformers' or vLLM's) the scoring does not take, each with its off value
+# (None is off for all of them): another value reshapes the distribution sampled from.
+PROCESSORS_OFF = dict(
+    repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, encoder_repetition_penalty=1.0,
+    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
+    min_tokens=0, min_length=0, do_sample=True, bad_words_ids=None, suppress_tokens=None,
+    begin_suppress_tokens=None, sequence_bias=None, logit_bias=None, allowed_token_ids=None, bad_words=None,
+)
 
 
 @dataclass
@@ -185,12 +195,18 @@ class MHPOTrainer(GRPOTrainer):
                     unsupported[f"sampler_logprobs with {name} unset while the model's generation_config sets "
                                 f"{name}={getattr(shipped, name)!r}, which generation may apply: set {name} in "
                                 f"the config (or generation_kwargs)"] = True
-            # Anything else that reshapes the sampled distribution is not scored: refused by name.
+            # Anything else that reshapes the sampled distribution is not scored: refused by name,
+            # given for the generation or left to the model's generation_config (generation fills
+            # in what it does not set).
             overrides = getattr(args, "generation_kwargs", None) or {}
-            neutral = dict(repetition_penalty=1.0, temperature=self.temperature, do_sample=True)
+            off = {**PROCESSORS_OFF, "temperature": self.temperature}
             given = {"repetition_penalty": self.repetition_penalty, **overrides}
-            unscored = [f"{name}={value!r}" for name, value in given.items()
-                        if name not in SAMPLING_NEUTRAL and not (name in neutral and value == neutral[name])]
+            given.update({name: getattr(shipped, name, None) for name in PROCESSORS_OFF
+                          if name not in given and name not in ("do_sample", "num_beams")})
+            if getattr(args, "vllm_structured_outputs_regex", None) is not None:
+                given["vllm_structured_outputs_regex"] = args.vllm_structured_outputs_regex
+            unscored = [f"{name}={value!r}" for name, value in given.items() if name not in SAMPLING_NEUTRAL
+                        and not (value is None or (name in off and value == off[name]))]
             unsupported[f"sampler_logprobs with {', '.join(unscored)} for the generation (the scoring takes "
                         f"temperature, top_k, top_p and min_p only)"] = bool(unscored)
         chosen = [name for name, on in unsupported.items() if on]
