@@ -45,9 +45,10 @@ FINGERPRINT_MAPS = ((48271, 69621, 12345), (16807, 39373, 67890))   # (a, b, c) 
 def _fingerprint(x):
     """Two int64 sums, 0-d tensors on x's device (never read on the host): Σ_i h(x_i, i)² mod p
     for two affine maps h modulo the prime p (``FINGERPRINT_MAPS``; a floating tensor by its
-    bits). Ranks that pass different values differ with odds of about 1 − 2⁻⁶⁰; the squares
-    keep a simple difference (+1, −2, +1 at three positions) from cancelling as it does in a
-    linear sum. Every product stays below 2⁶²: no overflow."""
+    bits, every value taken mod p). Values that differ mod p give sums that agree only by a
+    chance of about 2⁻⁶⁰ (ids are below p; -1, an invalid token, is p − 1); the squares keep a
+    simple difference (+1, −2, +1 at three positions) from cancelling as it does in a linear
+    sum. Every product stays below 2⁶²: no overflow."""
     if x.is_floating_point():
         x = x.to(torch.float32).view(torch.int32)
     p = FINGERPRINT_PRIME
