@@ -170,11 +170,12 @@ class VocabSlice:
             raise ValueError(f"tp_group: every rank needs a vocabulary slice of at least 1, got sizes {list(sizes)}")
         if len({t[1] for t in table}) > 1:
             raise ValueError(f"tp_group: ranks disagree on the number of tokens: {[t[1] for t in table]}")
-        per_token = "cu_seqlens, the per-token temperature, min_p, top_k or top_p, or kept_ids"
+        per_token = ("cu_seqlens, the per-token temperature, min_p, top_k or top_p, kept_ids, or the data "
+                     "(old_logprobs, ref_logprobs, advantages, token_weights, seq_valid_tokens)")
         for prints, what in ((slice(2, 4), "input_ids or mask"), (slice(4, 6), per_token)):
             if len({tuple(t[prints]) for t in table}) > 1:
                 raise ValueError(f"tp_group: {what} differ across ranks; every rank must pass the same global ids, "
-                                 f"mask, sequence boundaries, per-token temperature and filters, and kept set")
+                                 f"mask, sequence boundaries, per-token temperature and filters, kept set and data")
         tp = VocabSlice(group, rank, sizes)
         beyond = [r for r in range(world) if table[r][7] >= tp.total]   # ids' upper bounds, now that V is known
         if beyond and rank not in beyond:   # the same verdict on every rank, whatever the fingerprints said
@@ -260,10 +261,13 @@ def normalizer_setting(normalizer):
 
 
 def _per_token_settings(batch):
-    """The sequence boundaries, the bits of the per-token temperature and filters at valid tokens
-    and a replayed kept set, as one int64 tensor to fingerprint: ranks must pass them alike."""
+    """The sequence boundaries, the bits at valid tokens of the per-token temperature, filters and
+    data (old and reference log-probs, advantages times token weights, the aggregation's weights),
+    and a replayed kept set, as one int64 tensor to fingerprint: ranks must pass them alike (ranks
+    that passed other data would each compute another loss)."""
     parts = [batch.boundaries()]
-    for per_token, off in ((batch.tau, 1.0), (batch.min_p, 0.0), (batch.top_k, 0), (batch.top_p, 1.0)):
+    for per_token, off in ((batch.tau, 1.0), (batch.min_p, 0.0), (batch.top_k, 0), (batch.top_p, 1.0),
+                           (batch.old, 0.0), (batch.adv, 0.0), (batch.ref, 0.0), (batch.weight, 0.0)):
         if per_token is not None:
             parts.append(torch.where(batch.valid, per_token, off).view(torch.int32).to(torch.int64))
     if batch.kept_offsets is not None:

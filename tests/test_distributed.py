@@ -209,6 +209,11 @@ def _tp_bad_call(rank, world_size, case):
         if rank == 1:
             ids = ids.clone()
             ids[0, 0] = full.shape[-1]
+    elif case == "old-differs" and rank == 1:         # data: each rank would compute another loss
+        old = old.clone()
+        old[0, 0] -= 0.5
+    elif case == "advantages-differ" and rank == 1:
+        adv = adv + 1.0
     elif case == "temperature-differs":
         kw["temperature"] = 1.0 + 0.1 * rank
     elif case == "objective-differs" and rank == 1:
@@ -276,7 +281,10 @@ BAD_TP_CALLS = [
     ("ids-differ-linearly", "input_ids or mask differ across ranks"),
     ("ids-past-v-unfingerprinted", "outside \\[0, 1001\\)"),
     ("top-p-one-rank", "disagree on truncation"),
-    ("top-k-differs", "top_k or top_p, or kept_ids differ across ranks"),
+    ("top-k-differs", "top_k or top_p, kept_ids, or the data .* differ across ranks"),
+    ("old-differs", "or the data \\(old_logprobs, ref_logprobs, advantages, token_weights, seq_valid_tokens\\) "
+                    "differ across ranks"),
+    ("advantages-differ", "or the data .* differ across ranks"),
     ("min-p-one-rank", "disagree on truncation"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
     ("objective-differs", "disagree on objective"),
@@ -932,7 +940,7 @@ def test_vocab_parallel_truncated(truncated_runs, case):
                     assert a[row].isnan().all() and torch.equal(a[~row], b[~row]), backend
     if case == "replay":
         for got in ranks:
-            assert got["bad"] is not None and "kept_ids differ across ranks" in got["bad"], got["bad"]
+            assert got["bad"] is not None and "kept_ids, or the data" in got["bad"], got["bad"]
 
 
 def _linear_truncated_inputs(case):
