@@ -451,8 +451,7 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D (S + 1,), got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.numel() == 1 and token_shape[0] > 0:   # the kernels index the first sequence
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N = {token_shape[0]} (the "
-                         f"number of tokens): (S + 1,) with S ≥ 1 for N > 0, got shape (1,)")
+        raise ValueError(f"{dict(_messages(token_shape[0]))[STATUS_CU]}: (S + 1,) with S ≥ 1 for N > 0, got shape (1,)")
     # Frameworks often keep a host copy of the boundaries (for flash-attention's max_seqlen): taken as is.
     return cu_seqlens.detach().to(device=device, dtype=torch.int64).contiguous()   # the kernels read it flat
 
@@ -480,8 +479,9 @@ def _messages(N=None):
         (STATUS_NORM, "normalizer must be finite and > 0"),
         (STATUS_CU, f"cu_seqlens must start at 0, be non-decreasing and end at {n} (the number of tokens)"),
         (STATUS_TAU, "temperature must be finite and > 0 at valid tokens (a NaN one is data: it propagates)"),
-        (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({'N' if N is None else N},) are ambiguous: cu_seqlens has S = {n} "
-                              f"sequences but not one token each: pass per-sequence values as (S, 1)"),
+        (STATUS_NOT_ONE_EACH, f"advantages or token_weights of shape ({'N' if N is None else N},) are ambiguous: "
+                              f"cu_seqlens has S = {n} sequences but not one token each: pass per-sequence values "
+                              f"as (S, 1)"),
         (STATUS_SEQ_COUNTS, "seq_valid_tokens must count each sequence's valid tokens over every rank: it is below "
                             "this rank's own count for some sequence"),
         (STATUS_ADV_VARIES, "advantages must be one per sequence for GSPO: (B,) or (B, 1) (with cu_seqlens (S,) or "

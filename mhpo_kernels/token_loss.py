@@ -3,7 +3,8 @@ logits (verl's policy-loss registry): O(N) work, so plain PyTorch, with the exac
 
 import torch
 
-from ._inputs import _check_tensor
+from ._inputs import _check_tensor, _laid_out
+from ._sweep_types import ADV_PER_SEQ, ADV_PER_TOKEN
 from .loss import mhpo_params
 from .epilogue import token_terms
 
@@ -39,20 +40,11 @@ def mhpo_token_loss(logp, old_logprobs, advantages, *, c=1.5, k_pos=1.5, lam_pos
     """
     hp = mhpo_params(c, k_pos, lam_pos, k_neg, lam_neg, 0.0)
     _check_tensor("logp", logp, getattr(logp, "device", None), "float")
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
-        if x is not None or name != "old_logprobs":
-            _check_tensor(name, x, logp.device, "float")
+    if old_logprobs is not None:
+        _check_tensor("old_logprobs", old_logprobs, logp.device, "float")
     if old_logprobs is not None and old_logprobs.shape != logp.shape:
         raise ValueError(f"old_logprobs must have logp's shape {tuple(logp.shape)}, got {tuple(old_logprobs.shape)}")
-    B = logp.shape[0] if logp.dim() == 2 else None
-    if advantages.shape == logp.shape:
-        adv = advantages
-    elif advantages.dim() <= 1 and advantages.numel() == 1:
-        adv = advantages.reshape(()).expand(logp.shape)
-    elif B is not None and advantages.shape in ((B,), (B, 1)):
-        adv = advantages.reshape(B, 1).expand(logp.shape)
-    else:
-        per_sequence = "" if B is None else f", one per sequence ({B},) or ({B}, 1)"
-        raise ValueError(f"advantages must have logp's shape {tuple(logp.shape)}{per_sequence}, or one for all "
-                         f"(() or (1,)), got shape {tuple(advantages.shape)}")
+    layout, adv, _ = _laid_out("advantages", advantages, logp.shape, logp.device, None, None)  # as mhpo_loss's
+    adv = adv.reshape(-1, 1) if layout == ADV_PER_SEQ else adv.reshape(logp.shape if layout == ADV_PER_TOKEN else ())
+    adv = adv.expand(logp.shape)
     return _MHPOTokenLoss.apply(logp, old_logprobs, adv.float(), hp)

@@ -338,7 +338,7 @@ def test_likely_mistakes_are_named(backend):
         with pytest.raises(TypeError, match=r"got the class PPOClip: pass PPOClip\(\)"):
             mhpo_kernels.policy_loss(logits, ids, None, torch.randn(2), objective=PPOClip)
     logp = torch.randn(2, 3).requires_grad_()
-    with pytest.raises(ValueError, match=r"advantages must have logp's shape \(2, 3\), one per .*got shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"advantages must have shape \(B,\) = \(2,\), .*\(B, T\) = \(2, 3\).*got \(5,\)"):
         mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(5))
     loss, _, _ = mhpo_kernels.mhpo_token_loss(logp, None, torch.randn(2, 1))   # per sequence: fine
     assert loss.shape == (2, 3)
