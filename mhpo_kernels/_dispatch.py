@@ -86,6 +86,15 @@ def call_backend(device):
     return None if torch.compiler.is_compiling() else backend_for(device)
 
 
+def check_float64(device, backend=None):
+    """Float64 logits, which only the PyTorch path computes: refused where the Triton kernels would
+    run them (on ``backend`` if given, else ``backend_for``)."""
+    if (backend or backend_for(device)) == "triton":
+        raise TypeError("logits are float64, which only the PyTorch path computes (for gradcheck and debugging): "
+                        "the Triton kernels read float32, bfloat16 and float16; use CPU tensors without "
+                        "TRITON_INTERPRET, or mhpo_kernels.use_backend('torch')")
+
+
 def _quiet(sweep):
     """``sweep`` without the interpreter's floating-point warnings. It evaluates both sides of
     every ``tl.where`` with NumPy, masked lanes included (0 · inf, log 0 in lanes the kernel then

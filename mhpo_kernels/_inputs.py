@@ -361,10 +361,8 @@ def check_logits(logits, input_ids, tp_group=None):
         if tp_group is not None:
             raise TypeError("logits are float64, which tp_group does not take: the slices' statistics combine in "
                             "fp32; pass float32 logits, or the whole vocabulary without tp_group")
-        if _dispatch.backend_for(logits.device) == "triton":
-            raise TypeError("logits are float64, which only the PyTorch path computes (for gradcheck and debugging): "
-                            "the Triton kernels read float32, bfloat16 and float16; use CPU tensors without "
-                            "TRITON_INTERPRET, or mhpo_kernels.use_backend('torch')")
+        if not torch.compiler.is_compiling():  # inside, the sweeps op refuses them when it runs
+            _dispatch.check_float64(logits.device)
     else:
         check_float_tensor("logits", logits)
     if logits.dim() not in (2, 3):

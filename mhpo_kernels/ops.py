@@ -160,6 +160,8 @@ def _forward_sweep(a, grad=None):
     hp, lmap, values = _unpack(a.params, a.softcap, a.tau, min_p=a.min_p, top_k=a.top_k, top_p=a.top_p, cut=a.cut,
                                kept_offsets=a.kept_offsets, kept_ids=a.kept_ids)
     entropy_coef = values[ENTROPY_COEF]
+    if a.logits.dtype == torch.float64:
+        _dispatch.check_float64(a.logits.device, lmap.backend)
     forward_sweep, _ = _dispatch.sweeps(a.logits.device, lmap.backend)
     truncated = a.with_loss and lmap.truncated
     after = a.with_loss and (a.sequence_level or truncated)

@@ -78,3 +78,23 @@ def test_triton_path_refuses_float64():
             mhpo_kernels.mhpo_loss(x, ids, old, adv, mask)
         with pytest.raises(TypeError, match="float64"):
             mhpo_kernels.token_logprobs(x, ids)
+
+
+def test_float64_under_torch_compile():
+    """Under torch.compile(fullgraph=True), float64 logits trace (the backend is chosen when the op
+    runs, not read from ``use_backend`` at trace time): the PyTorch path's loss and gradient equal
+    eager's bit for bit, and the Triton path refuses them with the same error as eagerly."""
+    x, ids, mask, old, adv, tau = _inputs(4)
+
+    def loss(x):
+        return mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, temperature=tau)
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    with mhpo_kernels.use_backend("torch"):
+        got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = compiled(got_x), loss(want_x)
+        got.backward(), want.backward()
+        assert got.dtype == torch.float64 and torch.equal(got, want) and torch.equal(got_x.grad, want_x.grad)
+    with mhpo_kernels.use_backend("triton"):
+        with pytest.raises(TypeError, match="float64, which only the PyTorch path computes"):
+            compiled(x)
