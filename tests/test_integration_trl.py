@@ -179,6 +179,18 @@ def test_unsupported_options_fail_clearly(tiny_model, tmp_path, option):
         make_trainer(tiny_model, tmp_path, **option)
 
 
+def test_trl_objective_refuses_trls_default_bias_corrected_kl(tiny_model, tmp_path):
+    """TRL's loss multiplies its KL term by the ratio by default (use_bias_correction_kl=True),
+    which the op does not: objective='trl' with beta > 0 and the option left unset is refused
+    rather than trained with another KL gradient; set to False, or with beta = 0 (no KL term),
+    or under the MHPO objective (whose KL term is SPEC.md's k3), the trainer builds."""
+    with pytest.raises(ValueError, match="use_bias_correction_kl=False for the plain k3"):
+        make_trainer(tiny_model, tmp_path / "a", objective="trl", loss_type="dapo")
+    for config in (dict(objective="trl", loss_type="dapo", use_bias_correction_kl=False),
+                   dict(objective="trl", loss_type="dapo", beta=0.0), dict()):
+        assert make_trainer(tiny_model, tmp_path / "b", **config).beta == config.get("beta", 0.04)
+
+
 def _vllm_ratio(inputs, ratio_shape, seed=3):
     B, T = inputs["completion_ids"].shape
     g = torch.Generator().manual_seed(seed)

@@ -26,6 +26,7 @@ Two paths, chosen by ``MHPOConfig.use_fused_linear``:
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import trl
@@ -43,6 +44,10 @@ if not TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]:
     )
 
 from trl.models.utils import _ForwardRedirection  # noqa: E402
+
+# Whether TRL's own loss multiplies its KL term by the ratio by default (False where the release
+# has no such option).
+TRL_BIAS_CORRECTION_KL = getattr(GRPOConfig.__dataclass_fields__.get("use_bias_correction_kl"), "default", False)
 
 from ._head import gathered_head, head_logit_scale  # noqa: E402
 
@@ -106,9 +111,12 @@ class MHPOConfig(GRPOConfig):
         default="seq-mean-token-mean",
         metadata={"help": f"MHPO: aggregation over tokens, one of {AGG_MODES}."},
     )
-    use_bias_correction_kl: bool = field(
-        default=False,
-        metadata={"help": "Not supported with MHPO, whose KL term is the plain k3 of mhpo_kernels' SPEC.md (TRL's default is True)."},
+    use_bias_correction_kl: Optional[bool] = field(
+        default=None,
+        metadata={"help": "TRL's KL term times the ratio, which the fused op does not compute: True is refused. "
+                          "None (the default) is False with the MHPO objective, whose KL term is the plain k3 of "
+                          "mhpo_kernels' SPEC.md, and TRL's own default (True, refused) with objective='trl' and "
+                          "beta > 0: pass False there to train with the plain k3."},
     )
     use_fused_linear: bool = field(
         default=False,
@@ -168,7 +176,11 @@ class MHPOTrainer(GRPOTrainer):
             "entropy_coef except with objective='trl' and loss_type='bnpo' (TRL's bonus is a local token "
             "mean of the entropy, which the fused loss aggregates like the loss)":
                 getattr(self, "entropy_coef", 0.0) != 0.0 and not (trl_loss and self.loss_type == "bnpo"),
-            "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
+            # None is TRL's default, True, for TRL's own loss: its KL term is then not the op's.
+            "use_bias_correction_kl (TRL's default with objective='trl' and beta > 0; pass "
+            "use_bias_correction_kl=False for the plain k3 KL term)":
+                args.use_bias_correction_kl or (args.use_bias_correction_kl is None and trl_loss and self.beta != 0.0
+                                                and TRL_BIAS_CORRECTION_KL),
             "delta (two-sided clipping) with the MHPO objective": getattr(args, "delta", None) is not None
                 and not trl_loss,
             "use_fused_linear with objective='trl' (the fused linear path computes MHPO)":
