@@ -366,11 +366,12 @@ def test_two_processes_give_the_head_the_one_process_gradient(tiny_model, tmp_pa
 
 class LossLog(TrainerCallback):
     def __init__(self):
-        self.losses = []
+        self.losses, self.logs = [], []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
+            self.logs.append(dict(logs))
 
 
 def _trl_trainer(tiny_model, tmp_path, cls, callbacks=(), **config):
@@ -394,7 +395,7 @@ def _trl_run(tiny_model, tmp_path, cls, **config):
     # the Triton kernels to (under the interpreter these runs took 10 s each).
     with mhpo_kernels.use_backend("torch"):
         _trl_trainer(tiny_model, tmp_path, cls, callbacks=[log], **config).train()
-    return log.losses
+    return log
 
 
 @pytest.mark.parametrize("config", [
@@ -405,13 +406,19 @@ def _trl_run(tiny_model, tmp_path, cls, **config):
 def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     """objective='trl': the training losses equal TRL's own GRPOTrainer's on the same seed, for
     each supported loss_type (TRL's ε, δ, SAPO temperatures and normalization), and TRL's entropy
-    bonus where its meaning is the op's (bnpo: both are the local token mean)."""
+    bonus where its meaning is the op's (bnpo: both are the local token mean). TRL's logs of the
+    KL, the entropy and, with the bonus, the loss before it and the coefficient, are logged too
+    and equal (its clip_ratio/* are not: docs/trl.md)."""
     ours = _trl_run(tiny_model, tmp_path / "ours", MHPOTrainer, **config)
     theirs = _trl_run(tiny_model, tmp_path / "trl", trl.GRPOTrainer, **config)
-    assert len(ours) == len(theirs) == 2
+    assert len(ours.losses) == len(theirs.losses) == 2
     # Means of per-token terms of size up to |A|·|logp| ≈ 10 (CISPO) that cancel to 1e-2 or less:
     # fp32 rounding of the terms leaves ~1e-7 absolute (measured ≤ 1.5e-7).
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    assert ours.losses == pytest.approx(theirs.losses, rel=1e-5, abs=1e-6)
+    names = {"kl", "entropy"} | ({"policy_loss", "entropy_coef"} if "entropy_coef" in config else set())
+    for mine, trls in zip(ours.logs, theirs.logs):
+        assert names <= trls.keys() and names <= mine.keys(), (names, sorted(trls), sorted(mine))
+        assert {k: mine[k] for k in names} == pytest.approx({k: trls[k] for k in names}, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("config, match", [

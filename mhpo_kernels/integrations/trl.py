@@ -416,6 +416,12 @@ class MHPOTrainer(GRPOTrainer):
                 loss, metrics = self.loss_from_logits(logits, *args, loss_agg_mode=agg_mode, token_weights=ratio)
 
         mode = "train" if self.model.training else "eval"
+        coef = self.entropy_bonus_coef()
+        if coef != 0.0:  # TRL's logs with a bonus: the loss before it (unscaled) and the coefficient
+            policy_loss = loss.detach() + coef * metrics["entropy"]   # the bonus: coef · the token mean of H
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(coef)
         if mode == "train" and per_accumulation:
             # TRL turns off HF's loss scaling: scale for gradient accumulation here (a dapo
             # normalizer already carries it, as TRL's dapo does).
