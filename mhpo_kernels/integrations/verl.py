@@ -23,6 +23,7 @@ Installed with ``pip install mhpo-kernels[verl]``, this module is a ``verl.plugi
           lam_neg: 0.8
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def check_verl_version(version):
 
 check_verl_version(verl.__version__)
 
-from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss  # noqa: E402
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, register_policy_loss  # noqa: E402
 from verl.workers.config import PolicyLossConfig  # noqa: E402
 
 from ..token_loss import mhpo_token_loss  # noqa: E402
@@ -98,3 +99,29 @@ def compute_policy_loss_mhpo(
             "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
         }
     return pg_loss, metrics
+
+
+BYPASS_MODE = "bypass_mode"
+
+
+def _refusing_mhpo(bypass_loss):
+    """verl's rollout-correction bypass mode (``apply_bypass_mode``) sets ``policy_loss.loss_mode``
+    to its own loss, PPO-clip or REINFORCE: a run configured for MHPO would train that instead.
+    Its loss, refusing a policy-loss config that carries MHPO's hyperparameters."""
+
+    @functools.wraps(bypass_loss)
+    def loss(*args, config=None, **kwargs):
+        policy_loss = getattr(config, "policy_loss", None)
+        if policy_loss is not None and all(policy_loss.get(k, None) is not None for k in _DEFAULTS):
+            raise ValueError(
+                "mhpo_kernels: algorithm.rollout_correction.bypass_mode=True replaces the policy loss with verl's "
+                "bypass loss (PPO-clip or REINFORCE; apply_bypass_mode sets policy_loss.loss_mode='bypass_mode'), "
+                "so MHPO would not be trained; turn bypass_mode off to train MHPO with rollout correction")
+        return bypass_loss(*args, config=config, **kwargs)
+
+    loss.refuses_mhpo = True
+    return loss
+
+
+if BYPASS_MODE in POLICY_LOSS_REGISTRY and not getattr(POLICY_LOSS_REGISTRY[BYPASS_MODE], "refuses_mhpo", False):
+    POLICY_LOSS_REGISTRY[BYPASS_MODE] = _refusing_mhpo(POLICY_LOSS_REGISTRY[BYPASS_MODE])
