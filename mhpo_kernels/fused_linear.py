@@ -16,6 +16,7 @@ from ._inputs import (
     LOGIT_DTYPES, check_flag, check_float_tensor, check_kept_ids, check_positive, check_sampling,
     check_temperature, prepare_mhpo, prepare_tokens,
 )
+from ._op_support import once_differentiable
 from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .loss import (
     check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, prepared, resolve_objective,
@@ -271,10 +272,28 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
         target, terms, g, None if entropy is None else entropy.detach(), logp.detach(), psi, zeta, batch.old,
         batch.ref, entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=return_metrics,
         target0=batch.target)
-    slope = (coef * torch.where(valid, logp, 0.0)).sum()
-    if entropy_coef > 0:
-        slope = slope - entropy_coef * (g * torch.where(valid, entropy, 0.0)).sum()
-    return total + (slope - slope.detach()), metrics
+    dentropy = -entropy_coef * g if entropy_coef > 0 else None
+    return _TermsGradient.apply(total, valid, logp, coef, entropy, dentropy), metrics
+
+
+class _TermsGradient(torch.autograd.Function):
+    """``total``, a loss formed on detached per-token values, with its gradient: ∂L/∂logp_t =
+    coef_t and ∂L/∂H_t = dentropy_t at the valid tokens, times the upstream gradient. (Adding a
+    zero-valued Σ coef · logp − its detached copy would make an infinite loss term NaN: inf − inf.)"""
+
+    @staticmethod
+    def forward(ctx, total, valid, logp, coef, entropy, dentropy):
+        ctx.save_for_backward(valid, coef, dentropy)
+        return total.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_total):
+        valid, coef, dentropy = ctx.saved_tensors
+        d_logp = torch.where(valid, d_total * coef, 0.0) if ctx.needs_input_grad[2] else None
+        d_entropy = torch.where(valid, d_total * dentropy, 0.0) if dentropy is not None and ctx.needs_input_grad[4] \
+            else None
+        return None, None, d_logp, None, d_entropy, None
 
 
 def _check_batch_invariant(batch_invariant, tp_group):

@@ -605,3 +605,30 @@ def test_a_nan_term_under_a_truncated_softmax_poisons_its_kept_set(truncation):
     assert int(nan.sum()) == 24 if truncation == "filters" else 1 < int(nan.sum()) < 24
     for path, row in rows.items():
         assert torch.equal(row.isnan(), nan) and not row[~nan].any(), (path, row)
+
+
+@pytest.mark.parametrize("truncation", ["filters", "replay"])
+def test_fused_linear_infinite_advantage_under_a_truncated_softmax(truncation):
+    """SPEC.md, section 5, rule 5 on the fused linear path's truncated loss: an infinite
+    advantage gives an infinite loss, as on the logits and in the reference (its gradient used
+    to be attached as a zero-valued Σ coef · logp minus its detached copy: inf − inf, NaN); the
+    finite tokens' gradient rows stay finite."""
+    g = torch.Generator().manual_seed(13)
+    N, H, V = 6, 8, 20
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ids, old = torch.randint(0, V, (N,), generator=g), -torch.rand(N, generator=g) - 1
+    kw = dict(top_k=V, min_p=1e-9) if truncation == "filters" else dict(
+        kept_ids=(torch.arange(N + 1) * 2, torch.stack([ids, (ids + 1) % V], 1).flatten()))
+    for sign in (1.0, -1.0):
+        adv = torch.randn(N, generator=g)
+        adv[0] = sign * math.inf
+        want = reference.mhpo_loss(hidden.double() @ weight.double().T, ids, old.double(), adv.double(), **kw)
+        assert want.item() == -sign * math.inf
+        for path in ("triton", "torch"):
+            h = hidden.clone().requires_grad_()
+            with mhpo_kernels.use_backend(path):
+                loss = mhpo_kernels.fused_linear_mhpo_loss(h, weight, ids, old, adv, **kw)
+                logits_loss = mhpo_kernels.mhpo_loss(hidden @ weight.T, ids, old, adv, **kw)
+            loss.backward()
+            assert loss.item() == logits_loss.item() == want.item(), (path, sign, loss, logits_loss)
+            assert torch.isfinite(h.grad[1:]).all(), (path, sign)
