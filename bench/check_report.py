@@ -87,8 +87,8 @@ def step_record(args):
     refusal = _refusal(tail, args.refused) if args.rc not in (0, 124, 137) else None
     if refusal:
         status = f"skipped: the tool refused ({refusal[:120]})"
-    if args.skipped:
-        status = "skipped: no time left"
+    if args.skipped:   # not a tool's refusal: a step that never ran is a failure to read
+        status = "not run: no time left"
     if args.skipped_because:
         status = f"skipped: {args.skipped_because}"
     recorded = load(args.out)["steps"].get(args.name, {}).get("status", "")

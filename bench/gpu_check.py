@@ -19,6 +19,7 @@ alone, for compute-sanitizer and ncu). Recording a shell step, ncu's CSV and the
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import inspect
@@ -214,7 +215,11 @@ def step_sweeps(args):
         # place and in place (the kernels-alone times above leave out the call's other launches).
         for sweeps_, one in (("two", False), ("one", True)):
             for place, inplace in (("out", False), ("inplace", True)):
-                ms = _timed(_whole_op(logits, target, old, adv, one, inplace), device, repeats, kernels=False)
+                # In place on a copy: the calls overwrite it with gradients, which every later
+                # timing would otherwise read as its logits.
+                call = _whole_op(logits.clone() if inplace else logits, target, old, adv, one, inplace)
+                ms = _timed(call, device, repeats, kernels=False)
+                del call
                 row[f"call_{sweeps_}_sweep_{place}_ms"] = ms
                 row[f"call_{sweeps_}_sweep_{place}_gbps"] = _gbps((2 if one else 3) * nbytes, ms)
         if one_sweep is None:
@@ -236,7 +241,7 @@ def _predicted_extra(per_token, provider, case):
     """A provider's extra bytes at ``case`` from its largest measured case of the same V parity and
     dtype (its memory grows with the tokens), or None before any."""
     key = (provider, case.V % 16 == 0, case.dtype)
-    return per_token[key] * case.tokens if key in per_token else None
+    return per_token[key][1] * case.tokens if key in per_token else None
 
 
 def step_headline(args):
@@ -257,7 +262,7 @@ def step_headline(args):
     result = {"copy_gbps": ceilings["copy_gbps"], "rows": []}
     per_token = {}
     for case in cases:
-        inputs = make_inputs(case, device)
+        inputs = make_inputs(case, device, extras=False)   # the headline providers read the padded batch alone
         fused_values = {}
         for provider in providers:
             predicted = _predicted_extra(per_token, provider.name, case)
@@ -270,8 +275,9 @@ def step_headline(args):
                                              fused_values.get(provider.computes), ceilings, flush_l2=True)
                 if provider.name in ("fused", "fused-grpo"):
                     fused_values[provider.computes] = value
-                if row["extra_bytes"] is not None:
-                    per_token[(provider.name, case.V % 16 == 0, case.dtype)] = row["extra_bytes"] / case.tokens
+                key = (provider.name, case.V % 16 == 0, case.dtype)
+                if row["extra_bytes"] is not None and case.tokens >= per_token.get(key, (0,))[0]:
+                    per_token[key] = (case.tokens, row["extra_bytes"] / case.tokens)   # the largest case's
             result["rows"].append(row)
             print(f"{case.id} {provider.name}: {row['status']} {row.get('median_ms') or ''}", flush=True)
         inputs = fused_values = value = None
@@ -362,9 +368,10 @@ def step_inplace(args):
                 reference_grad, first_loss = grad.clone(), loss.detach().clone()
             mismatches[key] += int(not torch.equal(grad, reference_grad))
             loss_mismatches += int(not torch.equal(loss.detach(), first_loss))
-    return {"shape": list(shape), "repeats": repeats, "grad_mismatches": mismatches,
-            "loss_mismatches": loss_mismatches, "bitwise_equal": not any(mismatches.values()) and not loss_mismatches,
-            "linear_batch_invariant": _linear_batch_invariance(device, args.dry_run)}
+    result = {"shape": list(shape), "repeats": repeats, "grad_mismatches": mismatches,
+              "loss_mismatches": loss_mismatches, "bitwise_equal": not any(mismatches.values()) and not loss_mismatches}
+    merge(args.out, "inplace", result)   # kept if the fused linear part below runs out of time
+    return {**result, "linear_batch_invariant": _linear_batch_invariance(device, args.dry_run)}
 
 
 def _linear_batch_invariance(device, dry):
@@ -780,6 +787,34 @@ def _warm_calls(device, dry):
                     logits, target, old, adv, _ = _sweep_inputs(n, v, dtype, device)
                     _whole_op(logits, target, old, adv, one, inplace)()
                 calls.append(call)
+    return calls + _warm_sweeps(device, dry)
+
+
+def _warm_sweeps(device, dry):
+    """The sweeps the grid, align, sanitizer and ncu steps launch, on few rows: each BLOCK_V ×
+    num_warps of the grid and both V of each align pair (bf16, the two sweeps), and every variant
+    of the kernel cases, split and at one program per row, and the ncu case's."""
+    V, dtype = (DRY["V"], torch.float32) if dry else (HEADLINE[1], torch.bfloat16)
+    calls = []
+
+    def sweeps(v, config=None):
+        with _config.overridden(*config) if config else contextlib.nullcontext():
+            forward, backward = _two_sweeps(*_sweep_inputs(8, v, dtype, device))
+            forward(), backward()
+
+    for config in (DRY["grid"] if dry else GRID):
+        calls.append(functools.partial(sweeps, V, config))
+    for v in [v for pair in (DRY["align"] if dry else ALIGN_V) for v in pair]:
+        calls.append(functools.partial(sweeps, v))
+
+    def variants(case_dtype, n, v, split, headline=False):
+        with _config.overridden(row_splits=split):
+            _launch_variants(*_dispatch.sweeps(device), n, v, case_dtype, device, headline)
+
+    for _, case_dtype, n, v in _kernel_cases(dry):
+        for split in (None, 1):
+            calls.append(functools.partial(variants, case_dtype, n, v, split))
+    calls.append(functools.partial(variants, torch.bfloat16, 8, V, None, headline=True))
     return calls
 
 
@@ -791,14 +826,16 @@ def _warm_baselines(device, dry):
     from .providers import compile_dynamic
 
     V = DRY["V"] if dry else HEADLINE[1]
-    cases = [Case(1, 8, V, "bf16"), Case(2, 8, V, "bf16"), Case(2, 8, V, "fp32")]
+    cases = [Case(1, 8, V, "bf16"), Case(2, 8, V, "bf16"), Case(2, 8, V, "fp32"), Case(1, 8, V - 1, "bf16"),
+             Case(2, 8, V - 1, "bf16")]
     calls = []
-    for provider in (compile_dynamic(), PROVIDERS["logits"]["liger"], PROVIDERS["logits"]["fused-grpo"]):
+    for provider in (compile_dynamic(), PROVIDERS["logits"]["liger"], PROVIDERS["logits"]["fused-grpo"],
+                     PROVIDERS["logits"]["fused"]):
         if provider.unavailable(device, "fwd_bwd"):
             continue
         for case in cases:
             def call(provider=provider, case=case):
-                provider.step(make_inputs(case, device), "fwd_bwd")()
+                provider.step(make_inputs(case, device, extras=False), "fwd_bwd")()
             calls.append(call)
     return calls
 
@@ -810,10 +847,16 @@ def step_warm(args):
     device = _device(args.dry_run)
     calls = _warm_calls(device, args.dry_run)[args.part::args.of]
     t0 = time.perf_counter()
-    for call in calls:
-        call()
+    errors = []
+    for call in calls:   # one that fails (a grid configuration that does not compile) is its step's result
+        try:
+            call()
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     harness.sync(device)
-    return {"calls": len(calls), "seconds": round(time.perf_counter() - t0, 2)}
+    if errors and args.dry_run:   # on the CPU every call must run
+        raise RuntimeError(errors[0])
+    return {"calls": len(calls), "errors": errors, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 STEPS = {"smoke": step_smoke, "env": step_env, "headline": step_headline, "sweeps": step_sweeps, "grid": step_grid, "align": step_align,
@@ -840,7 +883,9 @@ def main(argv=None):
             if step not in args.skip:
                 _run(step, args)
     else:
-        _run(args.step, args)
+        result = _run(args.step, args)
+        if args.step in UNSTORED and result["status"] == "error":
+            sys.exit(2)   # run under a tool or in shares: the shell records the exit status alone
 
 
 def _run(step, args):

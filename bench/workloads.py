@@ -111,12 +111,14 @@ def _randn(shape, scale, dtype, device, generator):
 KEPT = 50  # the replayed kept set per token: the sampler's top-50, as a top_k = 50 sampler keeps
 
 
-def make_inputs(case, device, seed=0):
+def make_inputs(case, device, seed=0, extras=True):
     """Trainer-shaped inputs. Logits suite: ``full_logits`` (B, T+1, V) as a model returns them,
     and ``logits``, the view [:, :-1] that predicts the ids. Linear suite: hidden (B, T, H) and an LM head (V, H) scaled so the logits
     have unit-ish spread. Both: sampled ids, old and reference log-probs near the current policy,
-    a mask with ragged completion lengths, per-sequence advantages. Logits suite: also
-    ``kept_ids``, each row's KEPT largest logits as a replayed kept set (CSR), made untimed."""
+    a mask with ragged completion lengths, per-sequence advantages. Logits suite, with
+    ``extras``: also the packed copy (``_packed``) and ``kept_ids``, each row's KEPT largest
+    logits as a replayed kept set (CSR), made untimed; without, no memory beyond the padded batch
+    (a copy of the logits would count against what the providers measured find free)."""
     import mhpo_kernels
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -144,7 +146,7 @@ def make_inputs(case, device, seed=0):
         ref_logprobs=logp + 0.2 * noise[1],
         advantages=torch.randn(B, generator=g).to(device),
     )
-    if case.suite == "logits":
+    if case.suite == "logits" and extras:
         inputs.update(_packed(inputs))
         with torch.no_grad():
             kept = inputs["logits"].topk(min(KEPT, V), -1).indices.reshape(-1).to(torch.int32)

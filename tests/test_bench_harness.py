@@ -308,22 +308,51 @@ def test_gpu_check_limits_add_up_to_its_time():
 
 
 def test_gpu_check_records_a_refusing_tool_as_skipped(tmp_path):
-    """ncu without counter permission (and any tool that refuses) is "skipped: why", not a
-    failure; a real failure stays one."""
+    """ncu without counter permission (and any tool that refuses, on its own lines) is "skipped:
+    why", not a failure; a real failure stays one, and so does a target's error whose message
+    happens to say "not supported"; a step that never started is "not run"."""
+    import re
+
     from bench import check_report
 
-    log = tmp_path / "ncu.csv"
-    log.write_text("==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access "
-                   "NVIDIA GPU Performance Counters\n")
-    pattern = "ERR_NVGPUCTRPERM|permission to access|not supported"
-    check_report.main(["record", "--out", str(tmp_path), "--name", "ncu", "--rc", "1", "--seconds", "3",
-                       "--file", str(log), "--refused", pattern])
-    (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read of size 2 bytes\n")
-    check_report.main(["record", "--out", str(tmp_path), "--name", "memcheck", "--rc", "3", "--seconds", "5",
-                       "--file", str(tmp_path / "memcheck.log"), "--refused", pattern])
-    check_report.main(["record", "--out", str(tmp_path), "--name", "initcheck", "--rc", "0", "--seconds", "0",
+    pattern = re.search(r"^REFUSED='(.*)'$", open("bench/gpu_check.sh").read(), re.M).group(1)
+    logs = {
+        "ncu": (1, "==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access "
+                   "NVIDIA GPU Performance Counters\n"),
+        "synccheck": (1, "========= Error: Device not supported\n"),
+        "racecheck": (1, "==ERROR== Failed to load the profiler library: LibraryNotLoaded\n"),
+        "memcheck": (3, "========= Invalid __global__ read of size 2 bytes\n"),
+        "initcheck": (2, '{"status": "error", "error": "NotImplementedError: bf16 atomics not supported"}\n'),
+    }
+    for name, (rc, text) in logs.items():
+        (tmp_path / f"{name}.log").write_text(text)
+        check_report.main(["record", "--out", str(tmp_path), "--name", name, "--rc", str(rc), "--seconds", "3",
+                           "--file", str(tmp_path / f"{name}.log"), "--refused", pattern])
+    check_report.main(["record", "--out", str(tmp_path), "--name", "tool-absent", "--rc", "0", "--seconds", "0",
                        "--skipped-because", "compute-sanitizer not installed"])
+    check_report.main(["record", "--out", str(tmp_path), "--name", "grid", "--rc", "124", "--seconds", "0",
+                       "--skipped"])
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert steps["ncu"]["status"].startswith("skipped: the tool refused (==ERROR== ERR_NVGPUCTRPERM")
+    assert steps["synccheck"]["status"].startswith("skipped: the tool refused")
+    assert steps["racecheck"]["status"].startswith("skipped: the tool refused")
     assert steps["memcheck"]["status"] == "exit 3"
-    assert steps["initcheck"]["status"] == "skipped: compute-sanitizer not installed"
+    assert steps["initcheck"]["status"] == "exit 2"
+    assert steps["tool-absent"]["status"] == "skipped: compute-sanitizer not installed"
+    assert steps["grid"]["status"] == "not run: no time left"
+    # Only the tool steps pass the pattern: a pytest tail that says "not supported" is a failure.
+    assert 'STEP_REFUSED=$REFUSED step "$@"' in open("bench/gpu_check.sh").read()
+
+
+def test_gpu_check_target_error_exits_non_zero(monkeypatch, capsys):
+    """A step run under a tool or in shares (the sanitizers' and ncu's target, warm) that catches
+    its own error exits non-zero: the shell records only its exit status, and 0 read as "ok"."""
+    from bench import gpu_check
+
+    def fails(args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(gpu_check.STEPS, "sanitize-target", fails)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["sanitize-target", "--dry-run"])
+    assert exit_.value.code == 2 and '"status": "error"' in capsys.readouterr().out
