@@ -28,8 +28,9 @@ FLOOR_BASE = -3.0e38
 # op over threads from this many on (at::internal::GRAIN_SIZE), anywhere in a row.
 BLOCK_ELEMENTS = 32768
 # Block-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its
-# inputs and outputs (measured by tests/test_torch_path_memory.py, at any N).
-BLOCK_COPIES = 7
+# inputs and outputs (measured by tests/test_torch_path_memory.py, at any N; the exponents'
+# float64 quarter rows, ``_exponents``, take half a block of it).
+BLOCK_COPIES = 8
 
 
 def boundaries(cu, n_seqs, T, device):
@@ -166,11 +167,12 @@ def _row_scale(value, lmap, valid, r0, dtype=torch.float32):
 def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     """The base-2 exponents d = k·u(x) − b of rows [r0, r0 + t1 − t0) as a fresh fp32 chunk, as the
     kernels form them (``kernels/logit_map.py``): b = fp32(k · max u) when ``base`` is None (sweep
-    1), else the saved one (sweep 2). d = (u − m)·k + (m·k − b) with m = b / k, the row's max but
-    for roundings: u − m is exact near the max and the row's offset m·k − b is formed in float64,
-    so d carries one or two fp32 roundings relative to itself, as the kernels' FMA does, in one
-    fp32 buffer. As the FMA's, d is a function of u, k and b alone: every sweep, and every slice
-    of a vocabulary split at a common b (``slice_select.py``), forms the same d of the same logit. Invalid
+    1), else the saved one (sweep 2). d = fp32(u·k − b) formed in float64, where the product of two
+    fp32 values is exact: one rounding of the exact value, as the kernels' fma(u, k, −b) makes
+    (but for a float64 rounding on the way when u·k and b lie far apart), so that two 16-bit logits
+    are tied here exactly where the kernels tie them (SPEC.md, section 9). As the FMA's, d is a
+    function of u, k and b alone: every sweep, and every slice of a vocabulary split at a common b
+    (``slice_select.py``), forms the same d of the same logit. Invalid
     rows are zeroed first (they may hold NaN). Replayed rows (``_dropped``) take b from their kept
     logits, and d = −inf outside them. Returns (d, valid, b, u, dropped) with u the softcapped
     logits (None without softcap) and dropped the mask of ``_dropped`` (None without replay)."""
@@ -185,12 +187,11 @@ def _exponents(logits, target, b, t0, t1, r0, base, lmap):
     # that d = −inf, never −inf − (−inf). A +inf or NaN max stays the base, as in the kernels:
     # every d of the row is then NaN (SPEC.md, section 5).
     base = torch.where(m == -math.inf, FLOOR_BASE, m * k) if base is None else base[r0:r0 + t1 - t0]
-    m = torch.where(torch.isfinite(base) & (base != FLOOR_BASE), base / k, 0.0)
-    k64 = k.double() if isinstance(k, torch.Tensor) else k
-    offset = (m.double() * k64 - base.double()).to(x.dtype).unsqueeze(-1)
-    d = (u - m.unsqueeze(-1)) if lmap.softcap else u.sub_(m.unsqueeze(-1))
-    k = k.unsqueeze(-1) if isinstance(k, torch.Tensor) else k
-    d = d.mul_(k).add_(offset)
+    k64, b64 = (k.double().unsqueeze(-1) if isinstance(k, torch.Tensor) else k), base.double().unsqueeze(-1)
+    d = torch.empty_like(u) if lmap.softcap else u   # without softcap u is the fresh copy x: d takes its place
+    step = -(-u.shape[-1] // 4)   # float64 a quarter row at a time: half a block's bytes
+    for c0 in range(0, u.shape[-1], step):
+        d[:, c0:c0 + step] = u[:, c0:c0 + step].to(torch.float64, copy=True).mul_(k64).sub_(b64)
     if dropped is not None:  # never read, as the kernels read only the kept logits: a NaN there stays out
         d.masked_fill_(dropped, -math.inf)
     return d, valid, base, (u if lmap.softcap else None), dropped

@@ -929,8 +929,9 @@ def test_the_statistics_launch_tests_every_logit_for_bf16_values(layout, monkeyp
     assert seen["n_segs"] == 4 and seen["test"].tolist() == want
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_values_sharing_an_exponent_are_kept_together(dtype):
+def test_values_sharing_an_exponent_are_kept_together(dtype, backend):
     """Two logits whose exponents d round to one fp32 value are one value to the threshold (SPEC.md,
     section 9): with top_k 2, the second largest tied twice, the 300 logits 40 bf16 steps below it,
     near 0, share its d and are kept with it. Over bf16 keys they lie below the bin the selection
@@ -938,7 +939,8 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
     ``_settle``); over keys of d (fp32 logits, one of them no bf16 value) they are its key. As
     fp16 logits, 7 fp16 steps below, across +0 (an edge of the first pass's bins of 32 keys).
     Log-probs and entropy against that set's in float64, from the exponents formed as the kernels
-    form them (d = u·k − b, one rounding)."""
+    form them (d = u·k − b, one rounding), on both paths (the PyTorch path formed d as (u − m)·k +
+    offset, whose u − m rounds far below the max: it kept other sets)."""
     import numpy as np
 
     def below(v, steps):   # the bf16 value `steps` representable values below v > 0
@@ -963,7 +965,7 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
     want_logp = (d[0] - np.log2(np.exp2(d[kept]).sum())) * math.log(2)
     want_ent = -(p * np.log(p)).sum()
     xb = x.to(getattr(torch, dtype)).reshape(1, 1, -1)
-    with mhpo_kernels.use_backend("triton"):
+    with mhpo_kernels.use_backend(backend):
         logp, ent = mhpo_kernels.token_logprobs(xb, torch.zeros(1, 1, dtype=torch.long), return_entropy=True,
                                                 top_k=2)
     assert kept.sum() == 303
@@ -971,9 +973,10 @@ def test_values_sharing_an_exponent_are_kept_together(dtype):
         (logp.item(), want_logp, ent.item(), want_ent)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("seed", [1003, 1050])
-def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed, dtype):
+def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed, dtype, backend):
     """Rows of bf16 (fp16) logits, many of them within 10⁻²·⁵ of 0 (so that neighbouring values share an
     exponent d), a few spread, one largest, at random temperatures, with random top_k, top_p and
     min_p per row: the kept set and log-prob are those of the set of d (ties in d kept together,
@@ -999,7 +1002,7 @@ def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed, dtype):
     top_p = rng.uniform(0.05, 0.999, R)
     top_p[rng.random(R) < 0.15] = float(np.float32(1 - 2 ** -24))
     min_p = np.where(rng.random(R) < 0.3, 10 ** rng.uniform(-6, -1, R), 0.0)
-    _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p)
+    _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p, backend=backend)
 
 
 def test_fp16_rows_of_ties_keep_the_set_of_their_exponents():
@@ -1055,9 +1058,9 @@ def _fill_row(rng, row, small, top, mid, spread):
     row[n0 + nm + 1:n0 + nm + 1 + nt] = top - rng.uniform(0, 1, nt)
 
 
-def _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p, ids=None):
+def _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p, ids=None, backend="triton"):
     """Rows x (R, V) rounded to ``dtype`` with per row τ and filters (NumPy): on every row whose set
-    stays put when top_p or min_p moves by 1e-4, the Triton path keeps the set of d ≥ its
+    stays put when top_p or min_p moves by 1e-4, the ``backend`` path keeps the set of d ≥ its
     threshold, ties in d together, with d formed as the kernels form it (d = u·k − b, one
     rounding, k and b in fp32), and gives its log-prob at the target (the largest, or ``ids``)."""
     import numpy as np
@@ -1086,7 +1089,7 @@ def _keep_the_set_of_exponents(x, dtype, tau, top_k, top_p, min_p, ids=None):
     assert clear.sum() >= R // 2
     ids = x.argmax(-1) if ids is None else torch.from_numpy(ids)
     leaf = x.reshape(1, R, V).to(dtype).requires_grad_()
-    with mhpo_kernels.use_backend("triton"):
+    with mhpo_kernels.use_backend(backend):
         logp = mhpo_kernels.token_logprobs(leaf, ids.reshape(1, R), top_k=top_k.reshape(1, R),
                                            top_p=top_p.reshape(1, R), min_p=min_p.reshape(1, R),
                                            temperature=tau.reshape(1, R))
