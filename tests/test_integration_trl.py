@@ -434,7 +434,7 @@ def test_trl_objective_refuses_what_it_does_not_compute(tiny_model, tmp_path, co
         make_trainer(tiny_model, tmp_path, objective="trl", **config)
 
 
-SAMPLER = dict(top_k=40, top_p=0.9, min_p=0.02)
+SAMPLER = dict(top_k=40, top_p=0.9)   # top_p with min_p only under vLLM (transformers applies them in another order)
 
 
 def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path):
@@ -460,6 +460,12 @@ def test_sampler_logprobs_take_the_filters_generation_takes(tiny_model, tmp_path
         make_trainer((shipped, tokenizer), tmp_path / "shipped-run", sampler_logprobs=True, beta=0.0)
     trainer = make_trainer((shipped, tokenizer), tmp_path / "set", sampler_logprobs=True, beta=0.0, min_p=0.05)
     assert trainer.sampling() == dict(top_k=0, top_p=1.0, min_p=0.05)
+    # transformers' generate applies top_p before min_p; the scoring takes vLLM's order: refused.
+    with pytest.raises(ValueError, match="both top_p < 1 and min_p > 0 under transformers' generation"):
+        make_trainer(tiny_model, tmp_path / "order", sampler_logprobs=True, beta=0.0, top_p=0.9,
+                     generation_kwargs={"min_p": 0.02})
+    assert make_trainer(tiny_model, tmp_path / "one", sampler_logprobs=True, beta=0.0, top_k=40,
+                        min_p=0.02).sampling() == dict(top_k=40, top_p=1.0, min_p=0.02)
 
 
 @pytest.mark.parametrize("config, named", [

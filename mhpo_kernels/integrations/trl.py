@@ -221,6 +221,13 @@ class MHPOTrainer(GRPOTrainer):
                         and not (value is None or (name in off and value == off[name]))]
             unsupported[f"sampler_logprobs with {', '.join(unscored)} for the generation (the scoring takes "
                         f"temperature, top_k, top_p and min_p only)"] = bool(unscored)
+            # transformers' generate applies top_p before min_p, the scoring vLLM's order (min_p, top_k,
+            # top_p; SPEC.md, section 9): with both on, top_p renormalizes over other sets.
+            filters = self._generation_filters()
+            unsupported["sampler_logprobs with both top_p < 1 and min_p > 0 under transformers' generation, "
+                        "which applies top_p before min_p (the scoring takes vLLM's order: min_p, top_k, top_p); "
+                        "use one of them, or vLLM"] = (
+                not getattr(args, "use_vllm", False) and (filters["top_p"] or 1.0) < 1.0 and (filters["min_p"] or 0.0) > 0)
         chosen = [name for name, on in unsupported.items() if on]
         if chosen:
             raise ValueError(f"MHPOTrainer does not support: {', '.join(chosen)}")
