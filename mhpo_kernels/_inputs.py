@@ -402,6 +402,10 @@ def _check_ids(input_ids, token_shape, device, source):
             shifted = (f" or ({B}, {T - 1}): the ids each position predicts. Logits (B, T + 1, V), a model's output "
                        f"on seqs, go whole with ids (B, T) = seqs[:, 1:] (the next-token shift); logits (B, T, V) "
                        f"with ids (B, T) are read as already aligned, position t predicting ids[:, t]")
+        elif len(token_shape) == 2 and tuple(input_ids.shape) == (token_shape[0], token_shape[1] - 1):
+            raise ValueError(f"input_ids must have shape {tuple(token_shape)} ({source}), got "
+                             f"{tuple(input_ids.shape)}: hidden states take no next-token shift; pass "
+                             f"hidden[:, :-1], the positions that predict the ids")
         raise ValueError(f"input_ids must have shape {tuple(token_shape)} ({source}){shifted}, "
                          f"got {tuple(input_ids.shape)}")
     ids = input_ids.detach().reshape(-1)
@@ -585,6 +589,8 @@ def prepare_mhpo(input_ids, token_shape, V, device, old_logprobs, advantages, ma
     check_agg_mode(loss_agg_mode)
     if check_nonnegative("beta", beta) > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs it)")
+    if isinstance(input_ids, torch.Tensor) and input_ids.shape != token_shape:  # its own error before theirs
+        _check_ids(input_ids, token_shape, device, options.get("source", "logits without V"))
     old = _like_ids("old_logprobs", old_logprobs, token_shape, device, "float")
     ref = _like_ids("ref_logprobs", ref_logprobs, token_shape, device, "float")
     _check_tensor("advantages", advantages, device)

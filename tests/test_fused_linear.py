@@ -229,9 +229,11 @@ def test_frozen_head_and_no_grad():
     (dict(chunk_size="4"), TypeError, "chunk_size must be None or an int"),
     (dict(chunk_size=2.0), TypeError, "chunk_size must be None or an int"),
     (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(50, 0)), ValueError, "hidden must be .* with H >= 1"),
+    # hidden one position longer than the ids: the ids' error (not old_logprobs'), naming the slice
+    (dict(hidden=torch.randn(2, 4, 16)), ValueError, r"input_ids must have shape \(2, 4\).*hidden\[:, :-1\]"),
 ], ids=["weight-H", "weight-dtype", "bias-shape", "hidden-1d", "ids-shape", "ids-range", "chunk",
         "softcap", "scale", "temperature", "beta-no-ref", "bias-dtype", "bias-device", "chunk-str", "chunk-float",
-        "H-0"])
+        "H-0", "hidden-shifted"])
 def test_bad_calls_raise(change, error, name):
     args = dict(hidden=torch.randn(2, 3, 16), weight=torch.randn(50, 16), input_ids=torch.randint(0, 50, (2, 3)),
                 old_logprobs=-torch.rand(2, 3), advantages=torch.randn(2))
