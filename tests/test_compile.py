@@ -406,10 +406,10 @@ def test_new_batch_lengths_compile_at_most_twice(call, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_new_objective_hyperparameters_compile_under_fullgraph(backend):
-    """The objective's own values (mhpo_loss's c, a PPOClip built in the step with a new ε) are the
-    call's constants: a new value compiles again (docs/compile.md) rather than failing the
-    fullgraph trace (their finiteness check called math.isfinite, which dynamo cannot trace on a
-    symbolic number), and each call equals eager."""
+    """The objective's own values (mhpo_loss's c, a PPOClip built in the step with a new ε) compile
+    once more and never again, as τ and β do (docs/compile.md), rather than failing the fullgraph
+    trace (their finiteness check called math.isfinite, which dynamo cannot trace on a symbolic
+    number), and each call equals eager."""
     from mhpo_kernels.objectives import PPOClip
 
     g = torch.Generator().manual_seed(10)
@@ -426,7 +426,9 @@ def test_new_objective_hyperparameters_compile_under_fullgraph(backend):
     with mhpo_kernels.use_backend(backend):
         for call, values in ((mhpo, (1.5, 1.2, 0.9)), (ppo, (0.2, 0.1, 0.05))):
             torch._dynamo.reset()
-            compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+            counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(call, backend=counter, fullgraph=True)
             results = [(compiled(v).item(), call(v).item()) for v in values]
             assert all(got == pytest.approx(want, rel=FP32_RTOL) for got, want in results), results
             assert len({round(want, 7) for _, want in results}) == len(values)
+            assert counter.frame_count <= 2, (call.__name__, counter.frame_count)
