@@ -206,13 +206,16 @@ def fused_linear_policy_loss(
     hp, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     entropy_coef = float(entropy_coef)  # checked in prepare()
     named = any(v is not None for v in (min_p, top_k, top_p, kept_ids))
-    if lmap.truncated:
-        loss, metrics = _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
-                                                   bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
-                                                   normalizer, batch_invariant, bool(reduce_dhidden))
+    # In fp16 the tiles' gradient formed in the forward, for an upstream gradient of 1, would leave
+    # fp16's range before a loss scaler's factor reached it (g_t ~ 1/N: most of it below the
+    # normal range): the loss then takes the log-probs' backward, which knows that factor.
+    if lmap.truncated or hidden2d.dtype == torch.float16:
+        loss, metrics = _logprobs_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows,
+                                       bool(return_metrics), entropy_coef, AGG_MODES.index(loss_agg_mode),
+                                       normalizer, batch_invariant, bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None, truncated=True)
+        return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None, truncated=named)
     if tp_group is not None:
         loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
@@ -240,17 +243,18 @@ def _metrics(logp, entropy, psi, zeta, batch, hp, named):
     return metrics_from_vector(vector, hp.kind, batch.ref is not None, truncated=named)
 
 
-def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
-                    normalizer, batch_invariant, reduce_dhidden=True):
-    """A policy loss over the sampler's truncated softmax from the hidden states: (the 0-d loss,
-    the metrics vector (empty without ``return_metrics``)).
+def _logprobs_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
+                   normalizer, batch_invariant, reduce_dhidden=True):
+    """A policy loss from the differentiable fused log-probs (a truncated softmax, or fp16 hidden
+    states): (the 0-d loss, the metrics vector (empty without ``return_metrics``)).
 
-    The differentiable fused log-probs first; then, on (N,) vectors as ``ops`` does for logits, a
-    target outside its kept set (or with an old log-prob of −inf) leaves the aggregation, the
-    weights are formed again, the per-token epilogue gives each term and its derivative, and the
-    finalize reduction the loss. Its gradient reaches the log-probs (∂L/∂logp_t = g_t · d loss_t
-    / d logp_t) and the entropy (−entropy_coef · g_t) through a zero-valued term, and from them
-    the fused log-probs' backward takes it to hidden, weight and bias. With a vocabulary split
+    The differentiable fused log-probs first; then, on (N,) vectors as ``ops`` does for logits,
+    under truncation a target outside its kept set (or with an old log-prob of −inf) leaves the
+    aggregation and the weights are formed again; the per-token epilogue gives each term and its
+    derivative, and the finalize reduction the loss. Its gradient reaches the log-probs
+    (∂L/∂logp_t = g_t · d loss_t / d logp_t) and the entropy (−entropy_coef · g_t) through
+    ``_TermsGradient``, and from them the fused log-probs' backward, which knows the upstream
+    gradient, takes it to hidden, weight and bias. With a vocabulary split
     (``batch.tp``) the log-probs are the global ones on every rank."""
     with_entropy = return_metrics or entropy_coef > 0
     if batch.tp is not None:
@@ -261,8 +265,10 @@ def _truncated_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_
         logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
             chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
-    target, g = ops.kept_tokens(logp.detach(), lmap, cut, batch.target, batch.old, hp.kind, batch.layout(), agg,
-                                normalizer_tensor(normalizer, logp.device, lmap))
+    target, g = batch.target, batch.weight
+    if lmap.truncated:
+        target, g = ops.kept_tokens(logp.detach(), lmap, cut, batch.target, batch.old, hp.kind, batch.layout(), agg,
+                                    normalizer_tensor(normalizer, logp.device, lmap))
     valid = target >= 0
     entropy = entropy if with_entropy else None
     ref = batch.ref if hp.beta > 0 else None

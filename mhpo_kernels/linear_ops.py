@@ -33,22 +33,21 @@ def fused_linear_forward(
     adv: Tensor, g: Tensor, ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, chunk_rows: int, with_entropy: bool, need_dh: bool, need_dw: bool, need_db: bool,
     n_valid: Optional[int] = None, batch_invariant: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32), grad_scale); the
-    gradients are for an upstream gradient of ``grad_scale`` (empty: 1; fp16's, a 0-d power of two,
-    ``linear_sweeps._fp16_grad_scale``) and empty when not asked for. The entropy bonus's coefficient is
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logp, entropy, psi, zeta, dhidden, dweight (fp32), dbias (fp32)); the gradients are
+    for an upstream gradient of 1 and empty when not asked for. The entropy bonus's coefficient is
     ``params``' (a runtime scalar: a new one is no recompile). ``n_valid``: the valid tokens as
     validation counted them, None inside torch.compile (``linear_sweeps._valid_rows``).
     ``batch_invariant``: every chunk ``chunk_rows`` rows (``linear_sweeps._whole_chunks``)."""
     hp, lmap, values = _unpack(params, softcap, tau)
     with _without_autocast(hidden.device):
-        loss, logp, entropy, psi, zeta, dh, dw, db, grad_scale = fused_linear_sweeps(
+        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows, with_entropy,
             need_dh, need_dw, need_db, n_valid=n_valid, entropy_coef=values[ENTROPY_COEF],
             batch_invariant=batch_invariant)
     return (loss, logp, _fp32(hidden, 0) if entropy is None else entropy, psi, zeta,
             hidden.new_empty(0) if dh is None else dh, _fp32(hidden, 0) if dw is None else dw,
-            _fp32(hidden, 0) if db is None else db, _fp32(hidden, 0) if grad_scale is None else grad_scale)
+            _fp32(hidden, 0) if db is None else db)
 
 
 @fused_linear_forward.register_fake
@@ -61,8 +60,6 @@ def _(hidden, weight, bias, target, old, adv, g, ref, tau, params, softcap, chun
         torch.empty(hidden.shape if need_dh else (0,), dtype=hidden.dtype, device=hidden.device),
         torch.empty(weight.shape if need_dw else (0,), dtype=torch.float32, device=hidden.device),
         _fp32(hidden, weight.shape[0] if need_db else 0),
-        torch.empty((0,) if hidden.dtype != torch.float16 or not (need_dh or need_dw or need_db) else (),
-                    dtype=torch.float32, device=hidden.device),
     )
 
 
@@ -91,24 +88,20 @@ class LinearArgs(NamedTuple):
 
 def _linear_setup(ctx, inputs, output):
     a = LinearArgs(*inputs)
-    _, logp, entropy, psi, zeta, dh, dw, db, grad_scale = output
-    ctx.save_for_backward(dh, dw, db, grad_scale)
+    _, logp, entropy, psi, zeta, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
     ctx.needs = (a.need_dh, a.need_dw, a.need_db)
     ctx.dtypes = (a.hidden.dtype, a.weight.dtype)
-    ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db, grad_scale)
+    ctx.mark_non_differentiable(logp, entropy, psi, zeta, dh, dw, db)
     ctx.set_materialize_grads(False)
 
 
 def scaled_linear_grads(saved, needs, dtypes, d_loss):
-    """(dhidden, dweight, dbias) for the upstream gradient ``d_loss`` from ``saved`` = (the ones
-    the forward computed for the upstream gradient ``grad_scale``, grad_scale: empty or None for
-    1), None where not needed. Each element is multiplied in fp32 and rounded once: the factor is
-    a (1,) fp32 tensor, which (unlike a 0-d one) sets the product's dtype."""
-    *grads, grad_scale = saved
-    factor = d_loss.float().reshape(1)
-    if grad_scale is not None and grad_scale.numel():
-        factor = factor / grad_scale
+    """(dhidden, dweight, dbias) for the upstream gradient ``d_loss`` from the ones the forward
+    computed for 1 (None where not needed): each element multiplied in fp32 and rounded once (the
+    factor a (1,) fp32 tensor: a 0-d one would be computed in the gradients' dtype on CUDA)."""
     h_dtype, w_dtype = dtypes
+    factor = d_loss.float().reshape(1)
 
     def scaled(x, need, dtype):
         if not need:
@@ -116,7 +109,7 @@ def scaled_linear_grads(saved, needs, dtypes, d_loss):
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         return torch.mul(x, factor, out=out)
 
-    return tuple(scaled(x, need, dtype) for x, need, dtype in zip(grads, needs, (h_dtype, w_dtype, w_dtype)))
+    return tuple(scaled(x, need, dtype) for x, need, dtype in zip(saved, needs, (h_dtype, w_dtype, w_dtype)))
 
 
 @once_differentiable
@@ -252,17 +245,17 @@ torch.library.register_autograd("mhpo_kernels::fused_linear_logprobs", _logprobs
 
 class _VocabParallelLinear(torch.autograd.Function):
     """The fused linear path on this rank's rows of the LM head (``linear_sweeps`` with ``tp``):
-    the forward computes the loss and the gradients for an upstream gradient of 1 (fp16: a power
-    of two), the backward scales them; no collective in the backward."""
+    the forward computes the loss and the gradients for an upstream gradient of 1, the backward
+    scales them; no collective in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, hp, lmap, chunk_rows, with_entropy, needs, reduce_dhidden,
                 entropy_coef):
-        loss, logp, entropy, psi, zeta, dh, dw, db, grad_scale = fused_linear_sweeps(
+        loss, logp, entropy, psi, zeta, dh, dw, db = fused_linear_sweeps(
             hidden, weight, bias, batch.target, batch.old, batch.adv, batch.weight,
             batch.ref if hp.beta > 0 else None, hp, lmap, chunk_rows, with_entropy, *needs,
             tp=batch.tp, reduce_dhidden=reduce_dhidden, n_valid=batch.n_valid, entropy_coef=entropy_coef)
-        ctx.save_for_backward(dh, dw, db, grad_scale)
+        ctx.save_for_backward(dh, dw, db)
         ctx.needs, ctx.dtypes = needs, (hidden.dtype, weight.dtype)
         empty = logp.new_empty(0)
         outputs = (logp, empty if entropy is None else entropy, psi, zeta)

@@ -149,11 +149,10 @@ def _chunk_stats(forward_sweep, tile, target, old, adv, g, ref, hp, lmap, with_e
 def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap, chunk_rows,
                         with_entropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None,
                         entropy_coef=0.0, batch_invariant=False):
-    """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias, grad_scale) from hidden (N, H),
-    weight (V, H): the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32
-    (entropy None unless asked), the gradients for an upstream gradient of ``grad_scale`` (None
-    unless asked; dweight and dbias in fp32, dhidden in hidden's dtype): 1 (None), or in fp16 a
-    power of two (a 0-d fp32 tensor, ``_fp16_grad_scale``).
+    """(loss, logp, entropy, psi, zeta, dhidden, dweight, dbias) from hidden (N, H), weight (V, H):
+    the loss a 0-d fp32 sum of g_t · loss_t, the per-token fields (N,) fp32 (entropy None unless
+    asked), the gradients for an upstream gradient of 1 (None unless asked; dweight and dbias in
+    fp32, dhidden in hidden's dtype).
 
     ``tp``: a ``vocab_parallel.VocabSlice``; weight and bias are this rank's rows of the head, and
     ``target`` holds global ids. dhidden is then this rank's partial sum, all-reduced over the
@@ -183,8 +182,6 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
                                                     adv=(adv, 0), g=(g, 0), ref=(ref, 0)), lmap)
         hidden, target, old, adv, g, ref = rows.values()
     dh, dw, db = _grad_buffers(hidden, weight, need_dh, need_dw, need_db)
-    grad_scale = _fp16_grad_scale(g) if hidden.dtype == torch.float16 and (need_dh or need_dw or need_db) else None
-    g = g if grad_scale is None else g * grad_scale
     parts = []
     for r0, r1, h_c, tile in _logits_tiles(hidden, weight, bias, chunk_rows):
         def rows(x):
@@ -224,19 +221,7 @@ def fused_linear_sweeps(hidden, weight, bias, target, old, adv, g, ref, hp, lmap
     dh = None if dh is None else dh[:m]
     logp, entropy, psi, zeta, dh = (_scatter_rows(x, kept, n) for x in
                                     (stats.logp, stats.entropy, stats.psi, stats.zeta, dh))
-    loss = stats.loss.sum() if grad_scale is None else stats.loss.sum() / grad_scale
-    return loss, logp, entropy, psi, zeta, dh, dw, db, grad_scale
-
-
-def _fp16_grad_scale(g):
-    """2^−e for the largest weight g_t = m · 2^e (m in [0.5, 1)), a 0-d fp32 tensor, no host sync.
-    A tile's gradient is g_t · ∂loss_t/∂z, and g_t is about 1/N: in fp16 most of it would fall
-    below the smallest normal value (6e-5) before the backward's upstream gradient (a loss
-    scaler's, say) reaches it. Formed for the weights times this power of two instead, every
-    product is exact, the gradient's magnitude is that of ∂loss_t/∂z, and the backward divides
-    the scale out in fp32 (the loss here, exactly)."""
-    exponent = torch.frexp(g.max() if g.numel() else g.new_zeros(()))[1]
-    return torch.ldexp(g.new_ones(()), -exponent.clamp(min=-126))
+    return stats.loss.sum(), logp, entropy, psi, zeta, dh, dw, db
 
 
 def _grad_buffers(hidden, weight, need_dh, need_dw, need_db):

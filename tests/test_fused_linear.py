@@ -132,9 +132,10 @@ def test_bf16_no_worse_than_materialized(case, device):
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.id)
 def test_fp16_under_a_loss_scale_no_worse_than_materialized(case, device):
     """fp16 with a loss scaler's upstream gradient (65536) and a global token count (normalizer
-    8192: g_t = 2^-13). The forward forms each tile's gradient before that upstream gradient is
-    known; formed for g_t alone, most of it fell below fp16's normal range (dhidden was off by up
-    to 280% element-wise, a third of dweight's rows 0). The error against float64 must not exceed
+    8192: g_t = 2^-13). Formed in the forward for an upstream gradient of 1, the tiles' gradient
+    g_t · ∂loss_t/∂z fell mostly below fp16's normal range before the scaler's factor reached it
+    (dhidden was off by up to 280% element-wise, a third of dweight's rows 0); the fp16 loss takes
+    the log-probs' backward, which knows the factor. The error against float64 must not exceed
     the materialized logits' (whose backward rounds G · ∂L/∂z) by more than two fp16 roundings:
     the tile's gradient stored in fp16, and z, which the fused GEMM rounds once with the bias and
     the materialized path twice (measured: 1.1 roundings at most; 112 before)."""
@@ -147,6 +148,35 @@ def test_fp16_under_a_loss_scale_no_worse_than_materialized(case, device):
     for name, g, g64, gm in zip(("dhidden", "dweight", "dbias"), fused_grads, grads64, grads_m):
         assert g.dtype == torch.float16, name
         assert max_rel_err(g.cpu(), g64) <= max_rel_err(gm.cpu(), g64) + 2 * u, name
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp16_large_derivative_stays_finite(backend):
+    """fp16 with one token's ratio at e^11.5 under PPO-clip (A < 0: the unclipped side, a
+    derivative of 1e5): the gradient is finite and the materialized logits' (a scale chosen in
+    the forward for the tiles' gradient would have had to trade this range against the small
+    probabilities' precision; the fp16 loss takes the log-probs' backward instead)."""
+    from mhpo_kernels.objectives import PPOClip
+
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 24, 16, 50
+    hidden, weight = torch.randn(N, H, generator=g).half(), (torch.randn(V, H, generator=g) * 0.3).half()
+    ids = torch.randint(0, V, (N,), generator=g)
+    old = torch.log_softmax(hidden.float() @ weight.float().T, -1).gather(1, ids[:, None])[:, 0]
+    old[0] -= 12.5
+    adv = torch.ones(N)
+    adv[0] = -1.0
+    kw = dict(objective=PPOClip(), loss_agg_mode="token-mean")
+    grads = []
+    with mhpo_kernels.use_backend(backend):
+        for fused_path in (True, False):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = (mhpo_kernels.fused_linear_policy_loss(h, w, ids, old, adv, **kw) if fused_path
+                    else mhpo_kernels.policy_loss(h @ w.T, ids, old, adv, **kw))
+            loss.backward()
+            grads.append((h.grad, w.grad))
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all() and max_rel_err(got, want) <= 2 * UNIT_ROUNDOFF[torch.float16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -323,7 +353,7 @@ def test_padded_tokens_take_no_part_in_the_gemms():
     flops_full = _gemm_flops(lambda: step(hidden, target, full))
     flops_half = _gemm_flops(lambda: step(dirty, padded, half))
     assert flops_full > 0 and flops_half <= 0.55 * flops_full
-    loss, logp, _, _, _, dh, dw, _, _ = half[0]
+    loss, logp, _, _, _, dh, dw, _ = half[0]
     assert torch.isfinite(loss) and torch.isfinite(dw).all() and torch.isfinite(dh).all()
     assert not dh[N // 2:].any() and not logp[N // 2:].any()
     # The valid half alone, in the same chunks, gives the same weight gradient bit for bit.
