@@ -101,13 +101,14 @@ def test_ppo_loss_equals_reference(mode, global_info):
 
 
 def test_bypass_mode_refuses_an_mhpo_config():
-    """verl's rollout-correction bypass mode (``apply_bypass_mode``) sets the policy loss to its own
-    PPO-clip or REINFORCE: with MHPO's config the loss refuses rather than training PPO-clip;
-    with verl's own config it is verl's loss, unchanged."""
+    """verl's rollout-correction bypass mode sets the policy loss to its own PPO-clip or REINFORCE
+    (``apply_bypass_mode``): it refuses a loss mode of mhpo before overwriting it (with MHPO's
+    config class or verl's), and the bypass loss refuses a config that carries MHPO's
+    hyperparameters (however it was called); with verl's own config both are verl's, unchanged."""
     from omegaconf import OmegaConf
     from verl import DataProto
     from verl.trainer.config.algorithm import RolloutCorrectionConfig
-    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+    from verl.trainer.ppo import rollout_corr_helper
     from verl.workers.config import PolicyLossConfig
 
     from mhpo_kernels.integrations.verl import MHPOPolicyLossConfig
@@ -116,22 +117,29 @@ def test_bypass_mode_refuses_an_mhpo_config():
     B = mask.shape[0]
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
 
-    def bypassed(policy_loss):  # the actor config as verl's trainer leaves it in bypass mode
-        policy_loss = OmegaConf.structured(policy_loss)
+    def bypass(policy_loss):  # verl's trainer step in bypass mode
         batch = DataProto.from_dict({"rollout_log_probs": data["old_log_probs"], "response_mask": mask})
-        apply_bypass_mode(batch, RolloutCorrectionConfig.bypass_ppo_clip(), policy_loss)
-        assert policy_loss.loss_mode == "bypass_mode"
+        rollout_corr_helper.apply_bypass_mode(batch, RolloutCorrectionConfig.bypass_ppo_clip(), policy_loss)
+
+    def actor(policy_loss):
         return ActorConfig(strategy="fsdp", ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=B, rollout_n=1,
                            loss_agg_mode="token-mean", use_kl_loss=False, entropy_coeff=0.0, policy_loss=policy_loss)
 
-    with pytest.raises(ValueError, match="bypass_mode=True replaces the policy loss"):
-        ppo_loss(bypassed(MHPOPolicyLossConfig(**HP)), {"log_probs": flat}, data)
-    config = bypassed(PolicyLossConfig())
-    got, _ = ppo_loss(config, {"log_probs": flat}, data)
+    for policy_loss in (MHPOPolicyLossConfig(**HP), PolicyLossConfig(loss_mode="mhpo")):
+        with pytest.raises(ValueError, match="bypass_mode=True replaces the policy loss"):
+            bypass(OmegaConf.structured(policy_loss))
     logp = _padded(flat, data["attention_mask"], data["prompts"].shape[1], mask.shape[1])
-    want, _ = get_policy_loss_fn("bypass_mode").__wrapped__(
-        old_log_prob=data["old_log_probs"], log_prob=logp, advantages=data["advantages"], response_mask=mask,
-        loss_agg_mode="token-mean", config=config)
+    args = (data["old_log_probs"], logp, data["advantages"], mask, "token-mean")
+    mhpo = OmegaConf.structured(MHPOPolicyLossConfig(**HP))
+    mhpo.loss_mode = "bypass_mode"
+    for call in (lambda loss, config: loss(*args, config), lambda loss, config: loss(*args, config=config)):
+        with pytest.raises(ValueError, match="bypass_mode=True replaces the policy loss"):
+            call(get_policy_loss_fn("bypass_mode"), actor(mhpo))
+    verl_own = OmegaConf.structured(PolicyLossConfig())
+    bypass(verl_own)
+    assert verl_own.loss_mode == "bypass_mode"
+    got, _ = ppo_loss(actor(verl_own), {"log_probs": flat}, data)
+    want, _ = get_policy_loss_fn("bypass_mode").__wrapped__(*args, config=actor(verl_own))
     assert got.item() == pytest.approx(want.item(), rel=FP32_RTOL)
 
 

@@ -24,6 +24,7 @@ Installed with ``pip install mhpo-kernels[verl]``, this module is a ``verl.plugi
 """
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -102,26 +103,42 @@ def compute_policy_loss_mhpo(
 
 
 BYPASS_MODE = "bypass_mode"
+BYPASS_REFUSED = ("mhpo_kernels: algorithm.rollout_correction.bypass_mode=True replaces the policy loss with verl's "
+                  "bypass loss (PPO-clip or REINFORCE; apply_bypass_mode sets policy_loss.loss_mode='bypass_mode'), "
+                  "so MHPO would not be trained; turn bypass_mode off to train MHPO with rollout correction")
 
 
-def _refusing_mhpo(bypass_loss):
-    """verl's rollout-correction bypass mode (``apply_bypass_mode``) sets ``policy_loss.loss_mode``
-    to its own loss, PPO-clip or REINFORCE: a run configured for MHPO would train that instead.
-    Its loss, refusing a policy-loss config that carries MHPO's hyperparameters."""
+def _refusing_mhpo(fn, is_mhpo):
+    """verl's ``fn``, raising ``BYPASS_REFUSED`` where ``is_mhpo`` holds of its bound arguments.
+    verl's rollout-correction bypass mode sets ``policy_loss.loss_mode`` to its own loss, PPO-clip
+    or REINFORCE: a run configured for MHPO would train that instead."""
+    signature = inspect.signature(fn)
 
-    @functools.wraps(bypass_loss)
-    def loss(*args, config=None, **kwargs):
-        policy_loss = getattr(config, "policy_loss", None)
-        if policy_loss is not None and all(policy_loss.get(k, None) is not None for k in _DEFAULTS):
-            raise ValueError(
-                "mhpo_kernels: algorithm.rollout_correction.bypass_mode=True replaces the policy loss with verl's "
-                "bypass loss (PPO-clip or REINFORCE; apply_bypass_mode sets policy_loss.loss_mode='bypass_mode'), "
-                "so MHPO would not be trained; turn bypass_mode off to train MHPO with rollout correction")
-        return bypass_loss(*args, config=config, **kwargs)
+    @functools.wraps(fn)
+    def refusing(*args, **kwargs):
+        if is_mhpo(signature.bind(*args, **kwargs).arguments):
+            raise ValueError(BYPASS_REFUSED)
+        return fn(*args, **kwargs)
 
-    loss.refuses_mhpo = True
-    return loss
+    refusing.refuses_mhpo = True
+    return refusing
+
+
+def _mhpo_loss_config(arguments):   # the bypass loss: the config still carries MHPO's hyperparameters
+    policy_loss = getattr(arguments.get("config"), "policy_loss", None)
+    return policy_loss is not None and any(policy_loss.get(k, None) is not None for k in _DEFAULTS)
+
+
+def _mhpo_loss_mode(arguments):     # apply_bypass_mode, before it overwrites the loss mode
+    policy_loss = arguments.get("policy_loss_config")
+    return policy_loss is not None and policy_loss.get("loss_mode", None) == LOSS_MODE
 
 
 if BYPASS_MODE in POLICY_LOSS_REGISTRY and not getattr(POLICY_LOSS_REGISTRY[BYPASS_MODE], "refuses_mhpo", False):
-    POLICY_LOSS_REGISTRY[BYPASS_MODE] = _refusing_mhpo(POLICY_LOSS_REGISTRY[BYPASS_MODE])
+    POLICY_LOSS_REGISTRY[BYPASS_MODE] = _refusing_mhpo(POLICY_LOSS_REGISTRY[BYPASS_MODE], _mhpo_loss_config)
+try:  # verl's trainers import it when they call it: the refusing one
+    from verl.trainer.ppo import rollout_corr_helper  # noqa: E402
+except ImportError:
+    rollout_corr_helper = None
+if rollout_corr_helper is not None and not getattr(rollout_corr_helper.apply_bypass_mode, "refuses_mhpo", False):
+    rollout_corr_helper.apply_bypass_mode = _refusing_mhpo(rollout_corr_helper.apply_bypass_mode, _mhpo_loss_mode)
