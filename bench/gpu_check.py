@@ -791,21 +791,27 @@ def _warm_calls(device, dry):
 
 
 def _warm_sweeps(device, dry):
-    """The sweeps the grid, align, sanitizer and ncu steps launch, on few rows: each BLOCK_V ×
-    num_warps of the grid and both V of each align pair (bf16, the two sweeps), and every variant
-    of the kernel cases, split and at one program per row, and the ncu case's."""
+    """The sweeps the grid, align, sanitizer and ncu steps launch, on few rows split as the steps'
+    rows will be: each BLOCK_V × num_warps of the grid and both V of each align pair (bf16, the
+    two sweeps), every variant of the kernel cases, split and at one program per row, and the ncu
+    case's."""
     V, dtype = (DRY["V"], torch.float32) if dry else (HEADLINE[1], torch.bfloat16)
     calls = []
 
-    def sweeps(v, config=None):
-        with _config.overridden(*config) if config else contextlib.nullcontext():
-            forward, backward = _two_sweeps(*_sweep_inputs(8, v, dtype, device))
-            forward(), backward()
+    def splits(rows, v, itemsize):   # the step's rows split as they will be (SPLIT is a constexpr)
+        return _config.launch_splits(rows, v, itemsize, device)
 
+    def sweeps(v, rows, config=()):  # 8 rows, launched as the step's rows are
+        with _config.overridden(*config):
+            with _config.overridden(row_splits=splits(rows, v, dtype.itemsize)):
+                forward, backward = _two_sweeps(*_sweep_inputs(8, v, dtype, device))
+                forward(), backward()
+
+    n_grid, n_align = (DRY["rows"][-1], DRY["rows"][-1]) if dry else (HEADLINE[0], 4096)
     for config in (DRY["grid"] if dry else GRID):
-        calls.append(functools.partial(sweeps, V, config))
+        calls.append(functools.partial(sweeps, V, n_grid, config))
     for v in [v for pair in (DRY["align"] if dry else ALIGN_V) for v in pair]:
-        calls.append(functools.partial(sweeps, v))
+        calls.append(functools.partial(sweeps, v, n_align))
 
     def variants(case_dtype, n, v, split, headline=False):
         with _config.overridden(row_splits=split):
@@ -814,7 +820,7 @@ def _warm_sweeps(device, dry):
     for _, case_dtype, n, v in _kernel_cases(dry):
         for split in (None, 1):
             calls.append(functools.partial(variants, case_dtype, n, v, split))
-    calls.append(functools.partial(variants, torch.bfloat16, 8, V, None, headline=True))
+    calls.append(functools.partial(variants, torch.bfloat16, 8, V, splits(HEADLINE[0], V, 2), headline=True))
     return calls
 
 
