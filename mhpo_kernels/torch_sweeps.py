@@ -27,9 +27,10 @@ FLOOR_BASE = -3.0e38
 # A block of rows holds at most this many elements (one row at least): ATen splits an elementwise
 # op over threads from this many on (at::internal::GRAIN_SIZE), anywhere in a row.
 BLOCK_ELEMENTS = 32768
-# Block-sized fp32 temporaries a sweep holds at once, at most: its working memory beyond its
-# inputs and outputs (measured by tests/test_torch_path_memory.py, at any N; the exponents'
-# float64 quarter rows, ``_exponents``, take half a block of it).
+# Block-sized fp32 temporaries a sweep holds at once, at most (a block: max(BLOCK_ELEMENTS, V + 1)
+# elements, one row at least): its working memory beyond its inputs and outputs (measured by
+# tests/test_torch_path_memory.py, at any N; the exponents' float64 quarter rows, ``_exponents``,
+# take half a block of it).
 BLOCK_COPIES = 8
 
 

@@ -13,12 +13,12 @@ from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 
 
 @pytest.mark.parametrize("with_entropy, softcap", [(False, None), (True, 30.0)], ids=["plain", "entropy-softcap"])
-@pytest.mark.parametrize("rows", [160, 480])
-def test_sweeps_stay_within_a_few_blocks(with_entropy, softcap, rows):
+@pytest.mark.parametrize("rows, V", [(160, 1000), (480, 1000), (16, 40000)])
+def test_sweeps_stay_within_a_few_blocks(with_entropy, softcap, rows, V):
     """The variant with the most temporaries (entropy and softcap) and the one with the fewest, at
-    two row counts (5 and 15 blocks of 32 rows a sequence)."""
+    two row counts (5 and 15 blocks of 32 rows a sequence), and at a V past a block's elements
+    (a block is then one row)."""
     g = torch.Generator().manual_seed(0)
-    V = 1000
     x = torch.randn(2, rows // 2, V, generator=g) * 3
     target = torch.randint(0, V, (rows,), generator=g, dtype=torch.int32)
     old, adv, weight = torch.randn(rows, generator=g) - 7, torch.randn(rows, generator=g), torch.full((rows,), 0.01)
@@ -38,5 +38,5 @@ def test_sweeps_stay_within_a_few_blocks(with_entropy, softcap, rows):
     outputs = (8 * 4 + 12 * 8) * rows  # the 8 fp32 vectors sweep 1 returns, the epilogue's float64 ones
     for sweep in (forward, backward):
         peak = cpu_allocated_peak(sweep)
-        block = torch_sweeps.BLOCK_ELEMENTS * 4
+        block = max(torch_sweeps.BLOCK_ELEMENTS, V + 1) * 4
         assert V * 4 <= peak <= torch_sweeps.BLOCK_COPIES * block + outputs, (sweep.__name__, peak / block)

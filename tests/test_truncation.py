@@ -939,8 +939,7 @@ def test_values_sharing_an_exponent_are_kept_together(dtype, backend):
     ``_settle``); over keys of d (fp32 logits, one of them no bf16 value) they are its key. As
     fp16 logits, 7 fp16 steps below, across +0 (an edge of the first pass's bins of 32 keys).
     Log-probs and entropy against that set's in float64, from the exponents formed as the kernels
-    form them (d = u·k − b, one rounding), on both paths (the PyTorch path formed d as (u − m)·k +
-    offset, whose u − m rounds far below the max: it kept other sets)."""
+    form them (d = u·k − b, one rounding), on both paths."""
     import numpy as np
 
     def below(v, steps):   # the bf16 value `steps` representable values below v > 0
@@ -984,7 +983,8 @@ def test_rows_of_values_near_zero_keep_the_set_of_their_exponents(seed, dtype, b
     The seeds hold rows that went wrong three ways (kernels/select.py): a last pass that kept no key
     of its range, the cut on the key above, which shares its d with the one below (``_settle``);
     sums that took such a tie group before the cut moved above it; and top_k's tie group below
-    the bin it counts by single keys, left out of top_p's goal."""
+    the bin it counts by single keys, left out of top_p's goal. On both paths: the PyTorch path
+    formed d as (u − m)·k + offset, whose u − m rounds far below the max, and kept other sets."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
