@@ -82,7 +82,10 @@ def step_record(args):
     tail = []
     if args.file and os.path.exists(args.file):
         with open(args.file, errors="replace") as f:
-            tail = f.read().splitlines()[-12:]
+            lines = f.read().splitlines()
+        mark = f"== {args.name}"   # steps that share a log (the sanitizers): this step's own lines
+        start = max((i + 1 for i, line in enumerate(lines) if line == mark), default=0)
+        tail = lines[start:][-12:]
     status = "ok" if args.rc == 0 else ("timed out" if args.rc in (124, 137) else f"exit {args.rc}")
     refusal = _refusal(tail, args.refused) if args.rc not in (0, 124, 137) else None
     if refusal:

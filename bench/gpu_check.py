@@ -41,7 +41,7 @@ from mhpo_kernels._sweep_types import LogitMap, mhpo_token_params
 from . import harness, report
 from .check_report import HEADLINE, merge
 from .providers import PROVIDERS, ModelOutput
-from .workloads import Case, make_inputs
+from .workloads import DTYPES, Case, make_inputs
 SWEEP_ROWS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # BLOCK_V × num_warps, each lane at least 8 elements; the default and its neighbours first, so a
 # step cut short keeps the informative ones.
@@ -841,7 +841,10 @@ def _warm_baselines(device, dry):
             continue
         for case in cases:
             def call(provider=provider, case=case):
-                provider.step(make_inputs(case, device, extras=False), "fwd_bwd")()
+                # the headline's rows are not split, these few would be (SPLIT is a constexpr)
+                splits = _config.launch_splits(HEADLINE[0], case.V, DTYPES[case.dtype].itemsize, device)
+                with _config.overridden(row_splits=splits):
+                    provider.step(make_inputs(case, device, extras=False), "fwd_bwd")()
             calls.append(call)
     return calls
 

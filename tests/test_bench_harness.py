@@ -328,6 +328,12 @@ def test_gpu_check_records_a_refusing_tool_as_skipped(tmp_path):
         (tmp_path / f"{name}.log").write_text(text)
         check_report.main(["record", "--out", str(tmp_path), "--name", name, "--rc", str(rc), "--seconds", "3",
                            "--file", str(tmp_path / f"{name}.log"), "--refused", pattern])
+    # The sanitizers share one log: a tool's refusal earlier in it is not the next tool's.
+    shared = tmp_path / "sanitizers.log"
+    shared.write_text("== racecheck\n========= Error: Device not supported\n== memcheck-after\n"
+                      "RuntimeError: CUDA error: an illegal memory access was encountered\n")
+    check_report.main(["record", "--out", str(tmp_path), "--name", "memcheck-after", "--rc", "2", "--seconds", "3",
+                       "--file", str(shared), "--refused", pattern])
     check_report.main(["record", "--out", str(tmp_path), "--name", "tool-absent", "--rc", "0", "--seconds", "0",
                        "--skipped-because", "compute-sanitizer not installed"])
     check_report.main(["record", "--out", str(tmp_path), "--name", "grid", "--rc", "124", "--seconds", "0",
@@ -338,6 +344,7 @@ def test_gpu_check_records_a_refusing_tool_as_skipped(tmp_path):
     assert steps["racecheck"]["status"].startswith("skipped: the tool refused")
     assert steps["memcheck"]["status"] == "exit 3"
     assert steps["initcheck"]["status"] == "exit 2"
+    assert steps["memcheck-after"]["status"] == "exit 2"
     assert steps["tool-absent"]["status"] == "skipped: compute-sanitizer not installed"
     assert steps["grid"]["status"] == "not run: no time left"
     # Only the tool steps pass the pattern: a pytest tail that says "not supported" is a failure.
