@@ -798,14 +798,10 @@ def _warm_sweeps(device, dry):
     V, dtype = (DRY["V"], torch.float32) if dry else (HEADLINE[1], torch.bfloat16)
     calls = []
 
-    def splits(rows, v, itemsize):   # the step's rows split as they will be (SPLIT is a constexpr)
-        return _config.launch_splits(rows, v, itemsize, device)
-
     def sweeps(v, rows, config=()):  # 8 rows, launched as the step's rows are
-        with _config.overridden(*config):
-            with _config.overridden(row_splits=splits(rows, v, dtype.itemsize)):
-                forward, backward = _two_sweeps(*_sweep_inputs(8, v, dtype, device))
-                forward(), backward()
+        with _config.overridden(*config), _split_as(rows, v, dtype, device):
+            forward, backward = _two_sweeps(*_sweep_inputs(8, v, dtype, device))
+            forward(), backward()
 
     n_grid, n_align = (DRY["rows"][-1], DRY["rows"][-1]) if dry else (HEADLINE[0], 4096)
     for config in (DRY["grid"] if dry else GRID):
@@ -820,8 +816,15 @@ def _warm_sweeps(device, dry):
     for _, case_dtype, n, v in _kernel_cases(dry):
         for split in (None, 1):
             calls.append(functools.partial(variants, case_dtype, n, v, split))
-    calls.append(functools.partial(variants, torch.bfloat16, 8, V, splits(HEADLINE[0], V, 2), headline=True))
+    calls.append(functools.partial(variants, torch.bfloat16, 8, V,
+                                   _config.launch_splits(HEADLINE[0], V, 2, device), headline=True))
     return calls
+
+
+def _split_as(rows, V, dtype, device):
+    """Launches split as ``rows`` rows of V would be on ``device``: warm's few rows compile the
+    variant the step's rows take (SPLIT is a constexpr; few rows split on a GPU, thousands not)."""
+    return _config.overridden(row_splits=_config.launch_splits(rows, V, dtype.itemsize, device))
 
 
 def _warm_baselines(device, dry):
@@ -841,9 +844,7 @@ def _warm_baselines(device, dry):
             continue
         for case in cases:
             def call(provider=provider, case=case):
-                # the headline's rows are not split, these few would be (SPLIT is a constexpr)
-                splits = _config.launch_splits(HEADLINE[0], case.V, DTYPES[case.dtype].itemsize, device)
-                with _config.overridden(row_splits=splits):
+                with _split_as(HEADLINE[0], case.V, DTYPES[case.dtype], device):
                     provider.step(make_inputs(case, device, extras=False), "fwd_bwd")()
             calls.append(call)
     return calls
