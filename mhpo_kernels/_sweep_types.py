@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .objectives import CISPO_KIND, PPO_CLIP_KIND
+
 LOG2E = 1.4426950408889634
 
 # The aggregation modes, in the order the prepare launch numbers them.
@@ -28,10 +30,13 @@ SELECT_BINS = 2048
 COUNT_SKIP, COUNT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_JOINT_UNIFORM, COUNT_JOINT, COUNT_JOINT_SUMS = range(7)
 
 # The finalize reduction's outputs: the 0-d loss, and the metrics as one fp32 vector in these slots.
-METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl", "outside_support")
-# The metrics each call reports, by objective (``loss.metrics``): MHPO's own four only for MHPO.
+METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp", "kl", "outside_support",
+           "clip_low_frac", "clip_high_frac")
+# The metrics each call reports, by objective (``loss.metrics_from_vector``): MHPO's own four only
+# for MHPO, the clipped shares only for an objective that clips its token ratio (``clip_bounds``).
 MHPO_METRICS = ("psi", "zeta", "survival", "abs_log_ratio", "saturated_frac", "entropy", "logp")
 OTHER_METRICS = ("abs_log_ratio", "entropy", "logp")
+CLIP_METRICS = OTHER_METRICS + ("clip_low_frac", "clip_high_frac")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,17 @@ class TokenParams:
     def of(objective, beta):
         lfm, dhp = objective.flags()
         return TokenParams(objective.kind, tuple(float(v) for v in objective.values()), float(beta), lfm, dhp)
+
+
+def clip_bounds(hp):
+    """(lo, hi): the token ratio's clip bounds whose crossings the metrics count (PPO-clip's
+    1 − ε_low and 1 + ε_high, CISPO's min_ratio and max_ratio), or None for an objective that
+    clips no token ratio."""
+    if hp.kind == PPO_CLIP_KIND:
+        return 1.0 - hp.values[0], 1.0 + hp.values[1]
+    if hp.kind == CISPO_KIND:
+        return hp.values[1], hp.values[0]
+    return None
 
 
 def mhpo_token_params(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, beta=0.0):

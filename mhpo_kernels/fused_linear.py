@@ -21,7 +21,6 @@ from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .loss import (
     check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, prepared, resolve_objective,
 )
-from .objectives import MHPO_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
 
@@ -215,7 +214,7 @@ def fused_linear_policy_loss(
                                        normalizer, batch_invariant, bool(reduce_dhidden))
         if not return_metrics:
             return loss
-        return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None, truncated=named)
+        return loss, metrics_from_vector(metrics, hp, batch.ref is not None, truncated=named)
     if tp_group is not None:
         loss, logp, entropy, psi, zeta = linear_ops.vocab_parallel_linear(
             hidden2d, weight, bias, batch, hp, lmap, chunk_rows, bool(return_metrics), bool(reduce_dhidden),
@@ -239,8 +238,9 @@ def fused_linear_policy_loss(
 def _metrics(logp, entropy, psi, zeta, batch, hp, named):
     """The metrics dict of an untruncated loss's per-token values; ``named``: the call names a
     filter or a kept set (off), so ``outside_support`` (0) is reported as on the logits."""
-    vector = ops.metrics_vector(logp, entropy, psi, zeta, batch.target, batch.weight, batch.old, batch.ref, hp)
-    return metrics_from_vector(vector, hp.kind, batch.ref is not None, truncated=named)
+    vector = ops.metrics_vector(logp, entropy, psi, zeta, batch.target, batch.weight, batch.old, batch.adv,
+                                batch.ref, hp)
+    return metrics_from_vector(vector, hp, batch.ref is not None, truncated=named)
 
 
 def _logprobs_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_metrics, entropy_coef, agg,
@@ -276,8 +276,7 @@ def _logprobs_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_m
                                                                           g, ref, hp)
     total, metrics = _dispatch.kernel("finalize", logp.device)(
         target, terms, g, None if entropy is None else entropy.detach(), logp.detach(), psi, zeta, batch.old,
-        batch.ref, entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=return_metrics,
-        target0=batch.target)
+        batch.adv, batch.ref, entropy_coef, hp, metrics=return_metrics, target0=batch.target)
     dentropy = -entropy_coef * g if entropy_coef > 0 else None
     return _TermsGradient.apply(total, valid, logp, coef, entropy, dentropy), metrics
 

@@ -10,7 +10,9 @@ from ._inputs import (
     check_flag, check_grad_in_forward, check_inplace, check_kept_ids, check_logits, check_nonnegative, check_positive,
     check_sampling, check_temperature, check_tp_group, prepare_mhpo, prepare_tokens,
 )
-from ._sweep_types import AGG_MODES, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, mhpo_token_params, TokenParams
+from ._sweep_types import (
+    AGG_MODES, CLIP_METRICS, METRICS, MHPO_METRICS, OTHER_METRICS, LogitMap, TokenParams, clip_bounds, mhpo_token_params,
+)
 from .objectives import MHPO, MHPO_KIND, check_objective
 from .ops import LOSS_AND_METRICS, LOSS_TOTAL
 from .vocab_parallel import VocabSlice, agreed_settings, dtype_name, normalizer_setting
@@ -97,12 +99,13 @@ def prepared(prepare, tp_group, x, settings, local_size=lambda p: p.logits3.shap
     return p
 
 
-def metrics_from_vector(vector, kind, has_ref, truncated=False):
+def metrics_from_vector(vector, hp, has_ref, truncated=False):
     """The metrics dict of the finalize reduction's vector, detached 0-d views: those SPEC.md
-    section 8 lists for the objective ``kind`` (ψ, ζ, survival, saturated share for MHPO only),
-    kl with reference log-probs, and ``outside_support`` where the call names a truncation."""
-    names = (MHPO_METRICS if kind == MHPO_KIND else OTHER_METRICS) + (("kl",) if has_ref else ()) + \
-        (("outside_support",) if truncated else ())
+    section 8 lists for the objective ``hp`` (ψ, ζ, survival, saturated share for MHPO only; the
+    clipped shares for PPO-clip and CISPO), kl with reference log-probs, and ``outside_support``
+    where the call names a truncation."""
+    own = MHPO_METRICS if hp.kind == MHPO_KIND else CLIP_METRICS if clip_bounds(hp) else OTHER_METRICS
+    names = own + (("kl",) if has_ref else ()) + (("outside_support",) if truncated else ())
     return {name: vector.detach()[METRICS.index(name)] for name in names}
 
 
@@ -207,8 +210,10 @@ def policy_loss(
     run the same two sweeps with a different per-token epilogue; GSPO computes its sequence
     ratios between the sweeps (O(N), no third pass over the logits) and needs one advantage per
     sequence, (B,) or (B, T) constant over each sequence's valid tokens. ``return_metrics`` gives
-    abs_log_ratio, entropy, logp, kl (when a reference is given), and for MHPO also psi, zeta,
-    survival and saturated_frac. GSPO is not available with ``tp_group`` or ``seq_valid_tokens``,
+    abs_log_ratio, entropy, logp, kl (when a reference is given), for MHPO also psi, zeta,
+    survival and saturated_frac, and for PPOClip and CISPO clip_low_frac and clip_high_frac (the
+    shares of tokens whose ratio the clip bounds: below the lower bound with A < 0, above the
+    upper with A > 0). GSPO is not available with ``tp_group`` or ``seq_valid_tokens``,
     nor with ``grad_in_forward``. ``token_weights`` multiply each token's policy term, under GSPO
     each token's copy of its sequence's term (they may vary within a sequence, as TRL's per-token
     vLLM ratio does).
@@ -261,7 +266,7 @@ def policy_loss(
         normalizer=normalizer_tensor(normalizer, logits.device, lmap))
     if not return_metrics:
         return loss
-    return loss, metrics_from_vector(metrics, hp.kind, batch.ref is not None,
+    return loss, metrics_from_vector(metrics, hp, batch.ref is not None,
                                      truncated=any(v is not None for v in (min_p, top_k, top_p, kept_ids)))
 
 

@@ -64,7 +64,7 @@ from . import _dispatch
 from ._op_support import GRAD_SCALE, ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable, pack_params
 from ._inputs import INT32_MAX, has_internal_overlap
 from ._sweep_types import ADV_NONE, METRICS, RowStats
-from .objectives import GPG_KIND, GSPO_KIND, MHPO_KIND
+from .objectives import GPG_KIND, GSPO_KIND
 from .epilogue import per_sequence_sum, segment_ids, sequence_terms
 
 
@@ -119,21 +119,20 @@ def _token_rows(x, shifted):
     return x[:, :-1] if shifted else x
 
 
-def _totals(like, stats, target, weight, old, ref, hp, entropy_coef, totals, target0=None):
+def _totals(like, stats, target, weight, old, adv, ref, hp, entropy_coef, totals, target0=None):
     """The finalize reduction of sweep 1's rows: (0-d loss, metrics), or two empty tensors."""
     if totals == NO_TOTALS:
         return _fp32(like, 0), _fp32(like, 0)
     finalize = _dispatch.kernel("finalize", like.device)
-    return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, ref,
-                    entropy_coef, hp.values[0], mhpo=hp.kind == MHPO_KIND, metrics=totals == LOSS_AND_METRICS,
-                    target0=target0)
+    return finalize(target, stats.loss, weight, stats.entropy, stats.logp, stats.psi, stats.zeta, old, adv, ref,
+                    entropy_coef, hp, metrics=totals == LOSS_AND_METRICS, target0=target0)
 
 
-def metrics_vector(logp, entropy, psi, zeta, target, weight, old, ref, hp, target0=None):
+def metrics_vector(logp, entropy, psi, zeta, target, weight, old, adv, ref, hp, target0=None):
     """The metrics of per-token values no sweeps op reduced (vocabulary parallelism, the fused
     linear path): the finalize reduction on detached inputs, without the loss."""
     stats = RowStats(None, None, *(None if x is None else x.detach() for x in (logp, entropy, psi, zeta)), None, None)
-    return _totals(logp, stats, target, weight, old, ref, hp, 0.0, LOSS_AND_METRICS, target0)[1]
+    return _totals(logp, stats, target, weight, old, adv, ref, hp, 0.0, LOSS_AND_METRICS, target0)[1]
 
 
 def kept_tokens(logp, lmap, cut, target, old, kind, layout, agg, normalizer):
@@ -188,7 +187,7 @@ def _forward_sweep(a, grad=None):
             psi, zeta, loss, coef = _dispatch.kernel("token_terms", a.logits.device)(
                 stats.logp, target, a.old, a.adv, weight, ref, hp)
         stats = stats._replace(psi=psi, zeta=zeta, loss=loss, coef=coef)
-    totals = _totals(a.logits, stats, target, weight, a.old, a.ref, hp, entropy_coef, a.totals,
+    totals = _totals(a.logits, stats, target, weight, a.old, a.adv, a.ref, hp, entropy_coef, a.totals,
                      a.target if truncated else None)
     def present(x):  # absent outputs as empty tensors, each its own
         return _fp32(a.logits, 0) if x is None else x

@@ -16,7 +16,9 @@ from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
     STATUS_ADV_VARIES, STATUS_KEPT_IDS, STATUS_KEPT_OFFSETS, STATUS_KEPT_TWICE, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
+    clip_bounds,
 )
+from .objectives import MHPO_KIND
 from ._sweep_types import (COUNT_JOINT, COUNT_JOINT_SUMS, COUNT_JOINT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_UNIFORM,
                            SELECT_BINS as NB)
 from . import epilogue
@@ -354,11 +356,12 @@ def scale_rows_(grad, target, upstream, expected=1.0):
     return grad.mul_(torch.where(target.reshape(B, T, 1) >= 0, upstream / expected, 1.0))
 
 
-def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics, target0=None):
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, adv, ref, entropy_coef, hp, *, metrics, target0=None):
     """(the 0-d fp32 loss Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t, 0 without ``loss``; the
-    (len(METRICS),) fp32 metrics when ``metrics``, means over valid tokens, 0 when there are none,
-    slots a call does not have 0, and with ``target0`` (the targets before a truncated loss left
-    some out) their share that left, ``outside_support``; else empty), as ``kernels.finalize``."""
+    (len(METRICS),) fp32 metrics of the objective ``hp`` when ``metrics``, means over valid tokens,
+    0 when there are none, slots a call does not have 0, and with ``target0`` (the targets before
+    a truncated loss left some out) their share that left, ``outside_support``; else empty), as
+    ``kernels.finalize``."""
     total = torch.zeros((), dtype=logp.dtype, device=target.device)
     if loss is not None:
         total = loss.sum()
@@ -375,9 +378,14 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, 
 
     log_ratio = logp - old if old is not None else torch.zeros_like(logp)
     values = dict(abs_log_ratio=mean(log_ratio.abs()), entropy=mean(entropy), logp=mean(logp))
-    if mhpo:
+    if hp.kind == MHPO_KIND:
         values.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)),
-                      saturated_frac=mean((log_ratio.abs() > c).float()))
+                      saturated_frac=mean((log_ratio.abs() > hp.values[0]).float()))
+    clip = clip_bounds(hp) if adv is not None else None
+    if clip is not None:   # the ratio as the kernels form it: exp of the log-ratio, in its dtype
+        ratio, (lo, hi) = log_ratio.exp(), clip
+        values.update(clip_low_frac=mean(((ratio < lo) & (adv < 0)).float()),
+                      clip_high_frac=mean(((ratio > hi) & (adv > 0)).float()))
     if ref is not None:
         delta = ref - logp
         values["kl"] = mean(torch.expm1(delta) - delta)

@@ -356,5 +356,5 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
         total = total - entropy_coef * (g * entropy).sum()
     if totals != ops.LOSS_AND_METRICS:
         return stats, total, None
-    return stats, total, ops.metrics_vector(logp, stats.entropy, psi, zeta, target, g, batch.old, batch.ref, hp,
-                                            batch.target if lmap.truncated else None)
+    return stats, total, ops.metrics_vector(logp, stats.entropy, psi, zeta, target, g, batch.old, batch.adv, batch.ref,
+                                            hp, batch.target if lmap.truncated else None)

@@ -378,6 +378,14 @@ def mhpo_loss_from_logprobs(
     if mhpo:
         metrics.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)),
                        saturated_frac=mean((log_ratio.abs() > terms["c"]).to(logp.dtype)))
+    # The shares of tokens whose ratio the clip bounds in the direction of their update (SPEC.md,
+    # section 8): below the lower bound with A < 0, above the upper bound with A > 0
+    bounds = {O.PPOClip: lambda o: (1 - o.eps_low, 1 + o.eps_high), O.CISPO: lambda o: (o.min_ratio, o.max_ratio)}
+    if type(objective) in bounds:
+        lo, hi = bounds[type(objective)](objective)
+        ratio = torch.exp(log_ratio)
+        metrics.update(clip_low_frac=mean(((ratio < lo) & (adv < 0)).to(logp.dtype)),
+                       clip_high_frac=mean(((ratio > hi) & (adv > 0)).to(logp.dtype)))
     if entropy is not None:
         metrics["entropy"] = mean(entropy)
     metrics["logp"] = mean(logp)

@@ -91,6 +91,13 @@ def _tp_inputs(V=1001, B=2, T=5, seed=0):
 TP_KW = dict(temperature=0.8, beta=0.1, loss_agg_mode="token-mean", return_metrics=True)
 
 
+def _tp_clip():
+    """An objective that clips some of ``_tp_inputs``' tokens at each bound, not all."""
+    from mhpo_kernels.objectives import PPOClip
+
+    return PPOClip(eps_low=0.2, eps_high=0.28)
+
+
 def _tp_worker(rank, world_size, out_dir, backend):
     import mhpo_kernels
     import torch.distributed as dist
@@ -108,7 +115,10 @@ def _tp_worker(rank, world_size, out_dir, backend):
         out["syncs"] = dict(syncs.counts)
         logp, ent = mhpo_kernels.token_logprobs(full[..., start:start + size], ids.masked_fill(~mask, -100),
                                                 return_entropy=True, tp_group=dist.group.WORLD)
-    out.update(loss=loss.detach(), metrics={k: v for k, v in metrics.items()}, grad=x.grad, logp=logp, ent=ent)
+        _, clip_metrics = mhpo_kernels.policy_loss(full[..., start:start + size], ids, old, adv, mask,
+                                                   objective=_tp_clip(), tp_group=dist.group.WORLD, return_metrics=True)
+    out.update(loss=loss.detach(), metrics={k: v for k, v in metrics.items()}, grad=x.grad, logp=logp, ent=ent,
+               clip_metrics=clip_metrics)
     torch.save(out, f"{out_dir}/tp-{backend}-{rank}.pt")
 
 
@@ -145,6 +155,8 @@ def test_vocab_parallel_equals_one_process(tp_runs, backend, world_size):
         loss, metrics = mhpo_kernels.mhpo_loss(x, ids, old, adv, mask, ref_logprobs=ref, **TP_KW)
         (loss * 1.3).backward()
         logp, ent = mhpo_kernels.token_logprobs(full, ids.masked_fill(~mask, -100), return_entropy=True)
+        _, clip_metrics = mhpo_kernels.policy_loss(full, ids, old, adv, mask, objective=_tp_clip(), return_metrics=True)
+    assert 0 < clip_metrics["clip_low_frac"].item() < 1 and 0 < clip_metrics["clip_high_frac"].item() < 1
     x64 = full.double().requires_grad_()
     kw64 = {k: v for k, v in TP_KW.items() if k != "return_metrics"}
     loss64 = reference.mhpo_loss(x64, ids, old.double(), adv.double(), mask, ref_logprobs=ref.double(), **kw64)
@@ -158,6 +170,9 @@ def test_vocab_parallel_equals_one_process(tp_runs, backend, world_size):
         assert abs(got["loss"].item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
         for k, v in metrics.items():
             assert abs(got["metrics"][k].item() - v.item()) <= FP32_RTOL * max(abs(v.item()), 1e-3), k
+        assert got["clip_metrics"].keys() == clip_metrics.keys()
+        for k in ("clip_low_frac", "clip_high_frac"):   # shares of a few tokens: the same tokens
+            assert got["clip_metrics"][k].item() == clip_metrics[k].item(), k
         assert max_rel_err(got["logp"], logp) <= FP32_RTOL and max_rel_err(got["ent"], ent) <= FP32_RTOL
         assert got["grad"].shape[-1] == size
         grads.append(got["grad"])

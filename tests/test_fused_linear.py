@@ -1,6 +1,7 @@
 """fused_linear_mhpo_loss against mhpo_loss on materialized logits and against the float64
 reference: loss, dhidden, dweight, dbias, over odd shapes and every projection option."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +11,7 @@ import mhpo_kernels
 import reference
 from _cases import FP32_RTOL, UNIT_ROUNDOFF, max_rel_err
 from conftest import DEVICES
+from mhpo_kernels.objectives import CISPO, PPOClip
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,34 @@ def test_metrics_and_logprobs_match_materialized(device):
     logp_m, ent_m = mhpo_kernels.token_logprobs(logits, ids, temperature=case.temperature, return_entropy=True)
     assert not logp.requires_grad and logp.shape == ids.shape
     assert max_rel_err(logp, logp_m) <= FP32_RTOL and max_rel_err(ent, ent_m) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("objective, dtype, min_p", [
+    (PPOClip(eps_low=0.2, eps_high=0.28), torch.float32, None), (CISPO(max_ratio=1.3, min_ratio=0.7), torch.float32, 2e-3),
+    (PPOClip(eps_low=0.2, eps_high=0.28), torch.float16, None)])
+def test_clipped_shares_match_materialized(objective, dtype, min_p):
+    """The clipped shares of PPO-clip and CISPO on the fused linear path equal the loss's on the
+    materialized logits: in fp32, and on the log-probs route (a min-p softmax, fp16 hidden
+    states). Some tokens are clipped at each bound, not all."""
+    case = CASES[0]
+    params, kwargs = make(case, dtype, "cpu")
+    hidden, weight, bias = params
+    logits = transform(hidden.float() @ weight.float().T + bias.float(), case).to(dtype)
+    g = torch.Generator().manual_seed(1)   # ratios e^±0.6 about the policy's, advantages of both signs per token
+    logp = mhpo_kernels.token_logprobs(logits, kwargs["input_ids"], temperature=case.temperature, min_p=min_p)
+    kwargs = dict(kwargs, old_logprobs=(logp + 0.6 * torch.randn(logp.shape, generator=g)).clamp(max=0),
+                  advantages=torch.randn(logp.shape, generator=g), mask=None, beta=0.0)
+    _, fused = mhpo_kernels.fused_linear_policy_loss(
+        hidden, weight, bias=bias, logit_scale=case.scale, final_logit_softcap=case.softcap, chunk_size=case.chunk,
+        objective=objective, min_p=min_p, return_metrics=True, **kwargs)
+    _, on_logits = mhpo_kernels.policy_loss(logits, objective=objective, min_p=min_p, return_metrics=True, **kwargs)
+    assert fused.keys() == on_logits.keys()
+    # fp16: the two paths round the logits differently (in the GEMM, or after it), by ~1e-3 in a
+    # log-prob, so a token that close to a bound may fall on either side: one token's share apart
+    one_token = 1 / (logp > -math.inf).sum().item() if dtype == torch.float16 else 0.0
+    for name in ("clip_low_frac", "clip_high_frac"):
+        assert 0 < on_logits[name].item() < 1, name
+        assert abs(fused[name].item() - on_logits[name].item()) <= one_token, name
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

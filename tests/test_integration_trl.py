@@ -407,8 +407,9 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     """objective='trl': the training losses equal TRL's own GRPOTrainer's on the same seed, for
     each supported loss_type (TRL's ε, δ, SAPO temperatures and normalization), and TRL's entropy
     bonus where its meaning is the op's (bnpo: both are the local token mean). TRL's logs of the
-    KL, the entropy and, with the bonus, the loss before it and the coefficient, are logged too
-    and equal (its clip_ratio/* are not: docs/trl.md)."""
+    KL, the entropy, the token-level clipped shares (clip_ratio/*_mean, cispo_clip_ratio: nonzero
+    in the second step) and, with the bonus, the loss before it and the coefficient, are logged
+    too and equal (clip_ratio/low_min and high_max are not: docs/trl.md)."""
     ours = _trl_run(tiny_model, tmp_path / "ours", MHPOTrainer, **config)
     theirs = _trl_run(tiny_model, tmp_path / "trl", trl.GRPOTrainer, **config)
     assert len(ours.losses) == len(theirs.losses) == 2
@@ -416,6 +417,9 @@ def test_trl_objective_trains_as_grpo_trainer(tiny_model, tmp_path, config):
     # fp32 rounding of the terms leaves ~1e-7 absolute (measured ≤ 1.5e-7).
     assert ours.losses == pytest.approx(theirs.losses, rel=1e-5, abs=1e-6)
     names = {"kl", "entropy"} | ({"policy_loss", "entropy_coef"} if "entropy_coef" in config else set())
+    if config.get("importance_sampling_level") != "sequence":
+        names |= {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(
+            config["loss_type"], {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"})
     for mine, trls in zip(ours.logs, theirs.logs):
         assert names <= trls.keys() and names <= mine.keys(), (names, sorted(trls), sorted(mine))
         assert {k: mine[k] for k in names} == pytest.approx({k: trls[k] for k in names}, rel=1e-5, abs=1e-6)

@@ -56,8 +56,10 @@ def test_objective_against_float64(name, agg, backend):
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_objective_metrics_against_float64(name, backend):
     """The metrics of every objective: the same keys as the float64 reference's (psi, zeta,
-    survival and saturated_frac for MHPO records only) and values, an MHPO record's of its own
-    hyperparameters and switches (the reference took mhpo_loss's defaults)."""
+    survival and saturated_frac for MHPO records only, the clipped shares for PPOClip and CISPO)
+    and values, an MHPO record's of its own hyperparameters and switches (the reference took
+    mhpo_loss's defaults). The ratios are far from 1, so each clipped share counts some tokens
+    and not all: a share off by one token is off by more than the tolerance."""
     objective = OBJECTIVES[name]
     logits, kwargs = make_inputs(SMALL, Regime("obj", ratio="far", kl=True), seed=1, device=TRITON_DEVICE)
     with mhpo_kernels.use_backend(backend):
@@ -66,6 +68,9 @@ def test_objective_metrics_against_float64(name, backend):
     _, metrics64 = _call(reference.policy_loss, objective, logits.cpu().double(), {**kw64, "return_metrics": True})
     assert set(metrics) == set(metrics64)
     assert ("psi" in metrics) == isinstance(objective, MHPO)
+    assert ("clip_low_frac" in metrics) == ("clip_high_frac" in metrics) == isinstance(objective, (PPOClip, CISPO))
+    for key in ("clip_low_frac", "clip_high_frac"):
+        assert 0 < metrics64.get(key, 0.5) < 1, key
     for key, want in metrics64.items():   # means over valid tokens of O(1) values: fp32 accuracy
         assert abs(metrics[key].item() - want.item()) <= FP32_RTOL * max(1.0, abs(want.item())), key
 

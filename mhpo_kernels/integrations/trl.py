@@ -6,7 +6,8 @@ replaces ``GRPOTrainer._compute_loss`` (TRL 1.14–1.16) and honours TRL's tempe
 ``ref_per_token_logps``, ``tool_mask``, vLLM importance-sampling correction (the op's
 ``token_weights``: a factor on each token's policy term, not its KL term, as TRL applies it) and
 gradient-accumulation scaling. It logs the MHPO metrics as ``mhpo/<name>`` beside TRL's ``kl`` and
-``entropy``.
+``entropy`` (with ``objective="trl"``, also TRL's clipped shares, as ``clip_ratio/*_mean`` or
+``cispo_clip_ratio``).
 
 Two paths, chosen by ``MHPOConfig.use_fused_linear``:
 
@@ -437,12 +438,19 @@ class MHPOTrainer(GRPOTrainer):
         return loss
 
     def _log_mhpo_metrics(self, mode, metrics, mask):
-        """Token-weighted means across processes, like TRL's own masked metrics."""
+        """Token-weighted means across processes, like TRL's own masked metrics; TRL's own names
+        for its kl, entropy and (token level) clipped shares, ``mhpo/<name>`` for the rest."""
         n = mask.sum().float()
         names = [k for k in metrics if k not in ("logp",)]  # MHPO's ψ, ζ, … only with the MHPO objective
         local = torch.stack([metrics[k].float() * n for k in names] + [n])
         totals = self.accelerator.reduce(local, reduction="sum")
-        count = totals[-1].clamp(min=1.0)
-        for k, total in zip(names, totals[:-1]):
-            name = {"entropy": "entropy", "kl": "kl"}.get(k, f"mhpo/{k}")
-            self._metrics[mode][name].append((total / count).item())
+        means = dict(zip(names, (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()))
+        trl_names = {"entropy": "entropy", "kl": "kl"}
+        if self.loss_type == "cispo":    # TRL's cispo clips the ratio above only
+            trl_names.update(clip_high_frac="cispo_clip_ratio")
+            means.pop("clip_low_frac", None)
+        elif "clip_low_frac" in means:   # PPO-clip; the two shares are disjoint (A < 0, A > 0)
+            trl_names.update(clip_low_frac="clip_ratio/low_mean", clip_high_frac="clip_ratio/high_mean")
+            means["clip_ratio/region_mean"] = means["clip_low_frac"] + means["clip_high_frac"]
+        for k, mean in means.items():
+            self._metrics[mode][trl_names.get(k, k if "/" in k else f"mhpo/{k}")].append(mean)

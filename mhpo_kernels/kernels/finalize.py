@@ -8,34 +8,39 @@ import triton
 import triton.language as tl
 
 from .._config import on_device
-from .._sweep_types import METRICS
+from .._sweep_types import METRICS, clip_bounds
+from ..objectives import MHPO_KIND
 
 from .token_math import _k3, _loss_terms
 
 # Slots of the metrics vector, as ``_sweep_types.METRICS`` names them.
-PSI, ZETA, SURVIVAL, ABS_LOG_RATIO, SATURATED, ENTROPY, LOGP, KL, OUTSIDE_SUPPORT = (
+PSI, ZETA, SURVIVAL, ABS_LOG_RATIO, SATURATED, ENTROPY, LOGP, KL, OUTSIDE_SUPPORT, CLIP_LOW, CLIP_HIGH = (
     tl.constexpr(METRICS.index(name)) for name in METRICS)
 BLOCK = 1024
 
 
 @triton.jit(do_not_specialize=["N"])
 def _finalize_kernel(
-    p_target, p_loss, p_g, p_ent, p_logp, p_psi, p_zeta, p_old, p_ref,   # (N,) from sweep 1 and prepare
-    p_target0,                                                             # (N,) int32 before truncation
-    p_loss_out, p_out,                                                     # 0-d and (len(METRICS),) fp32
-    N, entropy_coef, c,
+    p_target, p_loss, p_g, p_ent, p_logp, p_psi, p_zeta, p_old, p_adv, p_ref,  # (N,) from sweep 1 and prepare
+    p_target0,                                                                   # (N,) int32 before truncation
+    p_loss_out, p_out,                                                           # 0-d and (len(METRICS),) fp32
+    N, entropy_coef, c, clip_lo, clip_hi,
     WITH_LOSS: tl.constexpr, ENTROPY_BONUS: tl.constexpr, METRICS: tl.constexpr, MHPO: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, TRUNCATED: tl.constexpr, BLOCK: tl.constexpr,
+    CLIP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, TRUNCATED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """loss = Σ_t g_t·loss_t − entropy_coef · Σ_t g_t·H_t (the sweep wrote g_t·loss_t), and the
     metrics: means over valid tokens (0 when there are none). With TRUNCATED, ``p_target0`` marks
     the tokens valid before the ones outside their kept set left (SPEC.md, section 9), and
-    ``outside_support`` is their share of those (else 0). Each sum runs per lane over the blocks
-    in order, then once across the lanes."""
+    ``outside_support`` is their share of those (else 0). With CLIP, the shares of tokens whose
+    ratio r is clipped where the clip bounds their update: r < ``clip_lo`` with A < 0, r >
+    ``clip_hi`` with A > 0 (SPEC.md, section 8). Each sum runs per lane over the blocks in order,
+    then once across the lanes."""
     o_b = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], tl.float32)
     loss, bonus, n = zero, zero, zero
     psi, zeta, survival, abs_lr, saturated, ent, logp, kl = zero, zero, zero, zero, zero, zero, zero, zero
+    clip_low, clip_high = zero, zero
     n0 = zero
     for t0 in range(0, N, BLOCK):
         o = t0 + o_b
@@ -58,6 +63,11 @@ def _finalize_kernel(
                 zeta += b_zeta
                 survival += tl.where(valid, tl.exp(-b_zeta), 0.0)
                 saturated += tl.where(valid & (tl.abs(log_ratio) > c), 1.0, 0.0)
+            if CLIP:
+                ratio = tl.exp(log_ratio)
+                b_adv = tl.load(p_adv + o, mask=valid, other=0.0)
+                clip_low += tl.where(valid & (ratio < clip_lo) & (b_adv < 0), 1.0, 0.0)
+                clip_high += tl.where(valid & (ratio > clip_hi) & (b_adv > 0), 1.0, 0.0)
             abs_lr += tl.where(valid, tl.abs(log_ratio), 0.0)
             ent += tl.load(p_ent + o, mask=valid, other=0.0)
             logp += b_logp
@@ -84,23 +94,27 @@ def _finalize_kernel(
             n0 = tl.sum(n0, 0)
             outside = (n0 - tl.sum(n, 0)) / tl.maximum(n0, 1.0)
         tl.store(p_out + OUTSIDE_SUPPORT, outside)
+        tl.store(p_out + CLIP_LOW, tl.sum(clip_low, 0) / count)
+        tl.store(p_out + CLIP_HIGH, tl.sum(clip_high, 0) / count)
 
 
 
-def finalize(target, loss, g, entropy, logp, psi, zeta, old, ref, entropy_coef, c, *, mhpo, metrics, target0=None):
+def finalize(target, loss, g, entropy, logp, psi, zeta, old, adv, ref, entropy_coef, hp, *, metrics, target0=None):
     """Launch the reduction: (the 0-d fp32 loss, 0 without ``loss``; the (len(METRICS),) fp32
-    metrics when ``metrics``, else empty; slots a call does not have hold 0). ``target0``: a
-    truncated loss's targets before ``prepare`` left out those outside the kept set."""
+    metrics of the objective ``hp`` when ``metrics``, else empty; slots a call does not have hold
+    0). ``target0``: a truncated loss's targets before ``prepare`` left out those outside the kept
+    set."""
     N = target.numel()
+    clip = clip_bounds(hp) if metrics and adv is not None else None
     total = torch.empty((), dtype=torch.float32, device=target.device)
     out = torch.empty(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
     with on_device(target.device):
         _finalize_kernel[(1,)](
-            target, loss, g, entropy, logp, psi, zeta, old, ref, target0, total, out, N, float(entropy_coef),
-            float(c),
+            target, loss, g, entropy, logp, psi, zeta, old, adv, ref, target0, total, out, N, float(entropy_coef),
+            float(hp.values[0]), *(clip or (0.0, 0.0)),
             WITH_LOSS=loss is not None, ENTROPY_BONUS=loss is not None and entropy_coef != 0, METRICS=metrics,
-            MHPO=mhpo, HAS_OLD=old is not None, HAS_REF=ref is not None, TRUNCATED=target0 is not None,
-            BLOCK=BLOCK, num_warps=4,
+            MHPO=hp.kind == MHPO_KIND, CLIP=clip is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
+            TRUNCATED=target0 is not None, BLOCK=BLOCK, num_warps=4,
         )
     return total, out
 
