@@ -79,8 +79,9 @@ def objective_terms(logp, log_ratio, adv, hp):
         tau_pos, tau_neg = hp.values[:2]
         ratio = log_ratio.exp()
         tau = torch.where(adv > 0, tau_pos, tau_neg)
-        gate = torch.sigmoid(tau * (ratio - 1.0))
-        slope = gate * (1.0 - gate)
+        x = tau * (ratio - 1.0)
+        gate = torch.sigmoid(x)
+        slope = gate * torch.sigmoid(-x)   # σ(1 − σ) without 1 − σ's cancellation (kernels/token_math.py)
         return -gate * (4.0 / tau) * adv, torch.where(slope > 0, -adv * 4.0 * slope * ratio, 0.0), log_ratio, zero
     if hp.kind == GPG_KIND:
         return -adv * logp, -adv + zero, log_ratio, zero

@@ -209,11 +209,27 @@ def hazard(psi, k_pos, lam_pos, k_neg, lam_neg):
     return (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg
 
 
+class _Tanh(torch.autograd.Function):
+    """tanh whose derivative is sech² itself, 4e/(1 + e)² with e = exp(−2|u|) (SPEC.md, section 2):
+    autograd's 1 − tanh² cancels to 0 from |u| ≈ 19 even in float64."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return torch.tanh(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        e = torch.exp(-2 * u.abs())
+        return grad * 4 * e / (1 + e) ** 2
+
+
 def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg, lfm=True, dhp=True):
     """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token; without
     ``lfm`` ψ = log r (no modulator), without ``dhp`` ζ = 0 (no hazard penalty), as the ablations."""
     log_ratio = logp - old_logp
-    psi = c * torch.tanh(log_ratio / c) if lfm else log_ratio  # Log-Fidelity Modulator
+    psi = c * _Tanh.apply(log_ratio / c) if lfm else log_ratio  # Log-Fidelity Modulator
     zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg) if dhp else torch.zeros_like(psi)  # no gradient
     weight = torch.exp(psi - zeta)
     return log_ratio, psi, zeta, weight

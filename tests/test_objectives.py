@@ -1,6 +1,8 @@
 """policy_loss with every objective: against the float64 reference in every aggregation mode, with
 masked garbage, in bf16, against verl's own policy-loss functions, and bad hyperparameters refused."""
 
+import math
+
 import pytest
 import torch
 
@@ -73,6 +75,34 @@ def test_objective_metrics_against_float64(name, backend):
         assert 0 < metrics64.get(key, 0.5) < 1, key
     for key, want in metrics64.items():   # means over valid tokens of O(1) values: fp32 accuracy
         assert abs(metrics[key].item() - want.item()) <= FP32_RTOL * max(1.0, abs(want.item())), key
+
+
+SATURATING = {   # (objective, log r per token): where a slope in the gradient nears 0
+    # SAPO's σ(1 − σ) at τ(r − 1) = 8 ... 20, τ = 2: fp32's 1 − σ cancels (6% off at 16, 0 from 17)
+    "sapo": (SAPO(tau_pos=2.0), torch.log1p(torch.tensor([8.0, 12.0, 16.0, 17.0, 20.0], dtype=torch.float64) / 2)),
+    # MHPO's sech²(log r / c) at log r / c = 15 ... 30: 1 − tanh² cancels from 19 even in float64
+    "mhpo": (MHPO(c=1.5), 1.5 * torch.tensor([15.0, 19.0, 20.0, 25.0, 30.0], dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(SATURATING))
+def test_gradient_where_a_slope_saturates(name, backend):
+    """Each token's gradient row equals the float64 reference's to fp32 accuracy, row by row (a
+    check relative to the largest row would not see the small ones go wrong), and none is 0."""
+    objective, log_r = SATURATING[name]
+    logits = torch.zeros(len(log_r), 8, device=TRITON_DEVICE)
+    ids = torch.zeros(len(log_r), dtype=torch.long, device=TRITON_DEVICE)
+    old = (math.log(1 / 8) - log_r).float().to(TRITON_DEVICE)   # logp = log 1/8
+    adv = torch.ones(len(log_r), device=TRITON_DEVICE)
+    with mhpo_kernels.use_backend(backend):
+        _, grad = loss_and_grad(lambda z, **kw: mhpo_kernels.policy_loss(z, objective=objective, **kw), logits,
+                                dict(input_ids=ids, old_logprobs=old, advantages=adv))
+    _, grad64 = loss_and_grad(lambda z, **kw: reference.policy_loss(z, objective=objective, **kw),
+                              logits.cpu().double(), dict(input_ids=ids.cpu(), old_logprobs=old.cpu().double(),
+                                                          advantages=adv.cpu().double()))
+    for row, row64 in zip(grad.cpu(), grad64):
+        assert row64.abs().max() > 0 and max_rel_err(row, row64) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("name", ["grpo", "cispo", "sapo", "gspo"])
