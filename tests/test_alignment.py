@@ -169,23 +169,43 @@ def test_softcap_sweeps_at_every_residue(dtype, inplace, backend):
         assert stats.logp[r] == 0 and stats.entropy[r] == 0 and not grad[0, r].any()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("one_sweep", [False, True], ids=["two-sweeps", "grad-in-forward"])
+def test_vocabulary_of_one_with_any_stride_in_place(one_sweep, backend):
+    """V = 1 logits whose vocabulary stride is not 1 (a (B, 1, T) output transposed): taken as a
+    view, in place too, with the reference's loss and its zero gradient (log-probs are 0)."""
+    w = torch.randn(2, 1, 3, device=TRITON_DEVICE, requires_grad=True)
+    ids, adv = torch.zeros(2, 3, dtype=torch.long, device=TRITON_DEVICE), torch.ones(2, device=TRITON_DEVICE)
+    with mhpo_kernels.use_backend(backend):
+        loss = mhpo_kernels.mhpo_loss((w * 1.0).transpose(1, 2), ids, None, adv, inplace_backward=True,
+                                      grad_in_forward=one_sweep)
+        loss.backward()
+    w64 = w.detach().cpu().double().requires_grad_()
+    loss64 = reference.mhpo_loss(w64.transpose(1, 2), ids.cpu(), None, adv.cpu().double())
+    loss64.backward()
+    assert abs(loss.item() - loss64.item()) <= FP32_RTOL * abs(loss64.item())
+    assert w.grad.abs().max().item() <= 1e-7 and w64.grad.abs().max().item() == 0   # fp32 roundings of p − 1 = 0
+
+
 @pytest.mark.parametrize("vec", [4, 8])
 def test_in_phase_is_exact(vec):
     """The backward claims 16-byte gradient stores only when every gradient row starts at its
-    logits row's residue: the host check against every row of small tensors."""
-    def brute(x, d):
+    logits row's residue: the host check against every row of small tensors, with the shift's
+    zero rows at position T too (``zero_tail``; with T = 1 only they tell the stride along T)."""
+    def brute(x, d, tail):
         return all((b * x.stride(0) + t * x.stride(1) - b * d.stride(0) - t * d.stride(1)) % vec == 0
-                   for b in range(x.shape[0]) for t in range(x.shape[1]))
+                   for b in range(x.shape[0]) for t in range(x.shape[1] + tail))
 
     for V in (6, 7, 8, 16):
         for Bn, Tn in ((1, 1), (1, 3), (3, 1), (2, 3)):
             full = torch.empty(Bn, Tn + 1, V)
             views = [full[:, :-1], full[:, 1:], full.transpose(0, 1)[:Tn].transpose(0, 1),
-                     torch.empty(Bn, Tn, V), torch.empty(Tn, Bn, V).transpose(0, 1)]
+                     torch.empty(Bn, Tn, V), torch.empty(Tn, Bn, V).transpose(0, 1),
+                     torch.empty(Bn, 2 * Tn, V)[:, ::2]]   # every other position: stride 2V along T
             for x in views:
                 for d in views:
-                    if x.shape == d.shape:
-                        assert _in_phase(x, d, vec) == brute(x, d), (V, Bn, Tn, x.stride(), d.stride())
+                    for tail in (False, True) if x.shape == d.shape else ():
+                        assert _in_phase(x, d, vec, tail) == brute(x, d, tail), (V, Bn, Tn, x.stride(), d.stride())
 
 
 def test_gradient_buffer_in_phase(monkeypatch):

@@ -257,11 +257,12 @@ def scale_rows_(grad, target, upstream, expected=1.0):
     return grad
 
 
-def _in_phase(logits, grad, vec):
+def _in_phase(logits, grad, vec, zero_tail=False):
     """Whether every gradient row starts at the same element offset mod ``vec`` as its logits row
-    (host metadata only: the kernel's claim that lets it store 16-byte vectors)."""
+    (host metadata only: the kernel's claim that lets it store 16-byte vectors). ``zero_tail``:
+    the rows at position T count too (at T·stride_t, so that stride counts even when T = 1)."""
     B, T, _ = logits.shape
-    return all((sx - sd) % vec == 0 for sx, sd, n in zip(logits.stride()[:2], grad.stride()[:2], (B, T))
+    return all((sx - sd) % vec == 0 for sx, sd, n in zip(logits.stride()[:2], grad.stride()[:2], (B, T + zero_tail))
                if n > 1)
 
 
@@ -309,7 +310,7 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             HAS_DENT=has_dent,
             HAS_TAU=lmap.tau is not None,
             CUT=lmap.cut is not None,
-            DX_IN_PHASE=_in_phase(logits, grad, cfg.vec),
+            DX_IN_PHASE=_in_phase(logits, grad, cfg.vec, zero_tail),
             SPLIT=splits > 1,
             ROWS_ALIGNED=rows_aligned(logits, cfg.vec),
             R=cfg.r, LANES=cfg.lanes, VEC=cfg.vec,
