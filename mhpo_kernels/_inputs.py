@@ -374,9 +374,11 @@ def check_logits(logits, input_ids, tp_group=None):
             and tuple(input_ids.shape) == (logits.shape[0], logits.shape[1] - 1)):
         token_shape, shifted = input_ids.shape, True
     logits3 = logits if logits.dim() == 3 else logits.unsqueeze(0)
-    if logits3.stride(-1) != 1 and logits3.shape[-1] > 1:
-        # The kernels read rows with unit stride; any other layout costs one copy here.
-        logits3 = logits3.contiguous()
+    if logits3.stride(-1) != 1:
+        # The kernels read rows with unit stride: a vocabulary of one takes it as a view (its one
+        # element has no neighbour), any other layout costs one copy here.
+        logits3 = logits3.as_strided(logits3.shape, (*logits3.stride()[:2], 1)) if logits3.shape[-1] == 1 \
+            else logits3.contiguous()
     return logits3, token_shape, shifted
 
 
