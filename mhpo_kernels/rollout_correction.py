@@ -121,6 +121,9 @@ def _rs_thresholds(options, spec):
     for option, s in zip(options, specs * len(options) if len(specs) == 1 else specs):
         lower, upper = _bounds(s, f"rollout_rs_threshold for {option}")
         if option.endswith("k1"):        # a ratio band; "upper" alone means [1/upper, upper]
+            if lower is None and upper < 1:   # as verl refuses it: the band would be empty
+                raise ValueError(f"rollout_rs_threshold for {option} must be >= 1 when given alone (the band "
+                                 f"[1/upper, upper]), got {s!r}")
             out[option] = (math.log(1.0 / upper if lower is None else lower), math.log(upper))
         elif lower is not None:
             raise ValueError(f"rollout_rs_threshold for {option} takes one upper bound, got {s!r}")

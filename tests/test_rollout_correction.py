@@ -68,6 +68,12 @@ def test_refusals():
         verl_rollout_correction(old, rollout, mask, rollout_rs="token_k2")
     with pytest.raises(ValueError, match="one upper bound"):
         verl_rollout_correction(old, rollout, mask, rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2")
+    for option in ("token_k1", "seq_sum_k1", "seq_mean_k1"):   # [1/u, u] empty for u < 1: verl refuses it too
+        with pytest.raises(ValueError, match="must be >= 1 when given alone"):
+            verl_rollout_correction(old, rollout, mask, rollout_rs=option, rollout_rs_threshold="0.8")
+        with pytest.raises(ValueError, match="lower <= upper"):
+            compute_rollout_correction_and_rejection_mask(old, rollout, mask, rollout_rs=option,
+                                                          rollout_rs_threshold="0.8")
     with pytest.raises(ValueError, match="at least one valid token"):
         verl_rollout_correction(old, rollout, torch.zeros_like(mask), rollout_is="token")
     with pytest.raises(ValueError, match="must have one shape \\(B, T\\)"):
