@@ -112,6 +112,9 @@ def _quiet(sweep):
 
 
 def _check_triton_runs(device):
+    if not _triton_importable():
+        raise RuntimeError("mhpo_kernels: the Triton backend needs triton, which is not installed here; "
+                           "use_backend('torch') runs the PyTorch path")
     if device.type != "cuda" and _kernels_compiled():
         raise RuntimeError(
             f"mhpo_kernels: the Triton backend runs {device.type} tensors only under Triton's "

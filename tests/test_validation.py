@@ -159,14 +159,19 @@ def test_inplace_backward_on_a_non_overlapping_view_is_exact():
     assert torch.equal(grad(True), grad(False))
 
 
-def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
+@pytest.mark.parametrize("triton, error", [
+    ("installed", "the Triton backend runs cpu tensors only under Triton's interpreter"),
+    ("absent", "the Triton backend needs triton, which is not installed here")])
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(triton, error):
     """In a fresh process without TRITON_INTERPRET, the kernels are compiled for a GPU: forcing
-    them on CPU tensors raises the package's error, not Triton's "0 active drivers"."""
+    them on CPU tensors raises the package's error, not Triton's "0 active drivers"; and so it
+    does where Triton is not installed, not an ImportError."""
     import os
     import subprocess
     import sys
 
-    script = ("import torch, mhpo_kernels\n"
+    script = ("import sys\nsys.modules['triton'] = None\n" if triton == "absent" else "") + (
+              "import torch, mhpo_kernels\n"
               "x = torch.randn(2, 3, 8)\n"
               "with mhpo_kernels.use_backend('triton'):\n"
               "    mhpo_kernels.mhpo_loss(x, torch.randint(0, 8, (2, 3)), None, torch.randn(2))\n")
@@ -174,8 +179,7 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "RuntimeError: mhpo_kernels: the Triton backend runs cpu tensors only under Triton's interpreter" \
-        in done.stderr, done.stderr[-2000:]
+    assert f"RuntimeError: mhpo_kernels: {error}" in done.stderr, done.stderr[-2000:]
 
 
 def _double_backward_cases():
