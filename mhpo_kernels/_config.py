@@ -174,7 +174,7 @@ def split_length(V, cfg, splits):
 # be re-read: P programs keep P · row_bytes / 2 pending. Sized from the device's L2 (PyTorch
 # reports 60 MB on an H200, 50 MB on an H100) so that the pending half-rows fill at most half of
 # it (the other half for the gradient's writes passing through): P = L2 / row_bytes, at least one
-# program per SM and at most two. bf16 rows of V 151,936 (304 KB): 197 programs on an H200 (1.5
+# program per SM and at most two. bf16 rows of V 151,936 (304 KB): 207 programs on an H200 (1.6
 # per SM, L2 in MiB), 172 on an H100. The first pass loads with "evict_last", the second with
 # "evict_first". ``overridden(programs_per_sm=...)`` replaces the rule (bench/gpu_check.sh times
 # 1, 1.5 and 2 per SM against it).

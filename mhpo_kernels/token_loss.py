@@ -29,8 +29,8 @@ class _MHPOTokenLoss(torch.autograd.Function):
 
 
 def mhpo_token_loss(logp, old_logprobs, advantages, *, c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8):
-    """Per-token MHPO loss −exp(ψ − ζ)·A and its ψ, ζ, from log-probs: (loss, psi, zeta), fp32,
-    each shaped like ``logp``.
+    """Per-token MHPO loss −exp(ψ − ζ)·A and its ψ, ζ, from log-probs: (loss, psi, zeta), fp32
+    (float64 for float64 log-probs), each shaped like ``logp``.
 
     ``logp`` carries the gradient (dψ/dlog_r = sech²(log_r/c), evaluated directly, never as
     1 − tanh²); ``old_logprobs`` (None: on-policy) and ``advantages`` are data, the advantages laid
