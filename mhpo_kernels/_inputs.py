@@ -77,7 +77,7 @@ def _check_real(name, value, low_ok):
     relation = ">=" if low_ok else ">"
     if torch.compiler.is_compiling():
         # As a tensor: a check of the symbolic number itself would specialize the graph on it.
-        t = torch.zeros((), dtype=torch.float64) + value
+        t = torch.zeros((), dtype=torch.float64, device="cpu") + value
         torch._assert_async(((t >= 0) if low_ok else (t > 0)) & (t < math.inf), f"{name} must be finite and {relation} 0")
         return value
     if not (math.isfinite(value) and (value >= 0 if low_ok else value > 0)):
@@ -150,13 +150,14 @@ def _check_filter(name, value):
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be None, {'an int' if integer else 'a number'} or a tensor, "
                         f"got {type(value).__name__}")
-    if not integer and value != value:
+    if not integer and value != value and not torch.compiler.is_compiling():   # inside: the asserts below
         raise ValueError(f"{name} must {allowed}, got {value}")
     if off(value):
         return None
-    if torch.compiler.is_compiling():  # the bound as an assert: a guard on it would specialize the graph
+    if torch.compiler.is_compiling():  # the bound as an assert (top_p's: the prepare launch's), not a guard
         if name == "min_p":
-            torch._assert_async(torch.zeros((), dtype=torch.float64) + value <= 1, f"{name} must {allowed}")
+            torch._assert_async(torch.zeros((), dtype=torch.float64, device="cpu") + value <= 1,
+                                f"{name} must {allowed}")
         return value
     if bad(value):
         raise ValueError(f"{name} must {allowed}, got {value}")

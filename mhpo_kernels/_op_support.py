@@ -27,9 +27,9 @@ def pack_params(hp, lmap, entropy_coef=0.0, grad_scale=1.0):
     if torch.compiler.is_compiling():
         # A number that changed between calls is symbolic here; torch.tensor of it would specialize
         # the graph on its value (a recompile per value), arithmetic on a tensor keeps it an input.
-        zero = torch.zeros((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device="cpu")
         return torch.stack([zero + v for v in values])
-    return torch.tensor(values, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64, device="cpu")   # not torch's default device
 
 
 def _unpack(params, softcap, tau=None, **per_row):

@@ -12,17 +12,32 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
+
 # The epilogue each objective selects in the kernels (``token_math._token_loss``).
 MHPO_KIND, PPO_CLIP_KIND, CISPO_KIND, SAPO_KIND, GPG_KIND, GSPO_KIND = range(6)
 
 
 def _real(owner, name, value, *, low=None, low_open=True, high=None, optional=False):
-    """Check one field: a finite real number in the stated range, or None when optional."""
+    """Check one field: a finite real number in the stated range, or None when optional; inside
+    torch.compile, where it may be a symbolic input, the range as an assertion of the graph."""
     if value is None and optional:
         return
     where = f"{owner}.{name}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a real number, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        # As a tensor, the message not formatting it: a check of the symbolic number itself would
+        # specialize the graph on it, and formatting it cannot be traced.
+        t = torch.zeros((), dtype=torch.float64, device="cpu") + value
+        ok = t.abs() < math.inf   # False for NaN too
+        if low is not None:
+            ok = ok & ((t > low) if low_open else (t >= low))
+        if high is not None:
+            ok = ok & (t < high)
+        rule = "" if low is None else f" and {'>' if low_open else '>='} {low}"
+        torch._assert_async(ok, f"{where} must be finite{rule}{'' if high is None else f' and < {high}'}")
+        return
     if not (value == value and abs(value) != math.inf):   # math.isfinite, as torch.compile traces a number
         raise ValueError(f"{where} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
@@ -109,7 +124,10 @@ class CISPO(_Objective):
     def __post_init__(self):
         _real("CISPO", "max_ratio", self.max_ratio, low=0.0)
         _real("CISPO", "min_ratio", self.min_ratio, low=0.0, low_open=False)
-        if self.min_ratio > self.max_ratio:
+        if torch.compiler.is_compiling():   # an assertion of the graph, as in _real
+            torch._assert_async(torch.zeros((), dtype=torch.float64, device="cpu") + self.min_ratio <= self.max_ratio,
+                                "CISPO.min_ratio must be <= max_ratio")
+        elif self.min_ratio > self.max_ratio:
             raise ValueError(f"CISPO.min_ratio must be <= max_ratio, got {self.min_ratio} > {self.max_ratio}")
 
     def values(self):

@@ -161,7 +161,7 @@ def _row_scale(value, lmap, valid, r0, dtype=torch.float32):
     """A scale of the logit map (``log2_scale`` or ``slope``) for the chunk's rows, as the kernels
     form it: the fp32 scalar, divided by each row's τ_t in fp32 with a per-token temperature
     ((rows,) tensor; 1 at invalid rows, which may hold anything)."""
-    scale = torch.tensor(value, dtype=dtype)
+    scale = torch.tensor(value, dtype=dtype, device="cpu")
     if lmap.tau is None:
         return scale.item()
     return scale / torch.where(valid, lmap.tau[r0:r0 + valid.numel()], 1.0)

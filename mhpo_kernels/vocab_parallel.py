@@ -130,7 +130,7 @@ class VocabSlice:
         n = -1 if batch is None else batch.target.numel()
         host = [int(local_size), n, -2, -2, -2, -2, 0 if local_error is None else 1, -1, *hashes] + [0] * STATUS_SLOTS
         # From pageable host memory without a stream sync (the list is not touched again).
-        mine = torch.tensor(host, dtype=torch.int64).to(comm_device, non_blocking=True)
+        mine = torch.tensor(host, dtype=torch.int64, device="cpu").to(comm_device, non_blocking=True)
         if batch is not None and local_error is None:
             prints = _fingerprint(batch.target) + _fingerprint(_per_token_settings(batch))
             top = batch.target.amax() if n > 0 else batch.target.new_full((), -1)
@@ -207,7 +207,7 @@ class VocabSlice:
 
     def owner_of(self, target):
         """The rank whose slice holds each global target id (−1 for invalid tokens)."""
-        ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).to(target.device, non_blocking=True)
+        ends = torch.tensor(self.sizes, dtype=torch.int64, device="cpu").cumsum(0).to(target.device, non_blocking=True)
         rank = torch.bucketize(target.to(torch.int64), ends, right=True)
         return torch.where(target >= 0, rank, -1)
 
@@ -257,7 +257,7 @@ def normalizer_setting(normalizer):
         return None
     if isinstance(normalizer, torch.Tensor):
         return normalizer.detach().to(torch.float32)
-    return torch.tensor(float(normalizer), dtype=torch.float32)
+    return torch.tensor(float(normalizer), dtype=torch.float32, device="cpu")
 
 
 def _per_token_settings(batch):

@@ -432,3 +432,37 @@ def test_new_objective_hyperparameters_compile_under_fullgraph(backend):
             assert all(got == pytest.approx(want, rel=FP32_RTOL) for got, want in results), results
             assert len({round(want, 7) for _, want in results}) == len(values)
             assert counter.frame_count <= 2, (call.__name__, counter.frame_count)
+
+
+def test_bad_values_inside_compile_raise_the_packages_message():
+    """Inside torch.compile(fullgraph=True), a bad objective value (c ≤ 0, a NaN ε, CISPO's
+    min_ratio above max_ratio) or a NaN min_p or top_p raises the package's message, an assertion
+    of the graph, both as the first call's constant and once the value is symbolic; not dynamo's
+    own error (its check formatted the value, which dynamo cannot trace)."""
+    from mhpo_kernels.objectives import CISPO, PPOClip
+
+    g = torch.Generator().manual_seed(11)
+    B, T, V = 2, 3, 24
+    x, ids = torch.randn(B, T + 1, V, generator=g), torch.randint(0, V, (B, T), generator=g)
+    old, adv = -torch.rand(B, T, generator=g) - 1, torch.randn(B, generator=g)
+    nan = float("nan")
+    calls = {
+        "c must be finite and > 0": (lambda v: mhpo_kernels.mhpo_loss(x, ids, old, adv, c=v), (1.5, 1.2, -1.0)),
+        "PPOClip.eps_low must be finite": (
+            lambda v: mhpo_kernels.policy_loss(x, ids, old, adv, objective=PPOClip(eps_low=v)), (0.2, 0.1, nan)),
+        "CISPO.min_ratio must be <= max_ratio": (
+            lambda v: mhpo_kernels.policy_loss(x, ids, old, adv, objective=CISPO(max_ratio=2.0, min_ratio=v)),
+            (0.5, 0.8, 3.0)),
+        "min_p must lie in": (lambda v: mhpo_kernels.token_logprobs(x, ids, min_p=v), (0.1, 0.2, nan)),
+        "top_p must be > 0": (lambda v: mhpo_kernels.token_logprobs(x, ids, top_p=v), (0.9, 0.8, nan)),
+    }
+    with mhpo_kernels.use_backend("torch"):
+        for message, (call, values) in calls.items():
+            for bad_at in (0, 2):   # the first call's constant; a value symbolic by then
+                torch._dynamo.reset()
+                compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+                for v in values[:bad_at]:
+                    compiled(v)
+                with pytest.raises(RuntimeError, match=message) as raised:
+                    compiled(values[2])
+                assert not isinstance(raised.value, torch._dynamo.exc.TorchDynamoException), (message, bad_at)

@@ -1,5 +1,6 @@
 """Every malformed call raises TypeError/ValueError naming the argument, before any kernel runs."""
 
+import contextlib
 import math
 
 import pytest
@@ -474,3 +475,35 @@ def test_a_tensor_on_another_device_names_the_inputs_device():
     for call in calls:
         with pytest.raises(ValueError, match="old_logprobs is on meta, but the inputs are on cpu"):
             call(torch.zeros(B, T, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_default_device_leaves_the_host_scalars_on_the_host(backend):
+    """Under ``with torch.device(...)`` (or torch.set_default_device) the ops' runtime scalars stay
+    a host tensor: on the meta device they read as garbage (a loss of 0 or 3.7e30, silently), on
+    CUDA they would be a device read per op. Loss, metrics and gradients equal the call outside
+    it, on the logits (with a filter, a per-token τ) and on the fused linear path."""
+    from conftest import TRITON_DEVICE
+
+    g = torch.Generator().manual_seed(0)
+    x, ids = torch.randn(2, 4, 16, generator=g, device=TRITON_DEVICE), torch.randint(0, 16, (2, 3), generator=g)
+    old, adv = -torch.rand(2, 3, generator=g) - 1, torch.randn(2, generator=g)
+    hidden, head = torch.randn(2, 3, 8, generator=g), torch.randn(16, 8, generator=g)
+    ids, old, adv, hidden, head = (t.to(TRITON_DEVICE) for t in (ids, old, adv, hidden, head))
+    tau = torch.full((2, 3), 0.7, device=TRITON_DEVICE)
+    calls = {
+        "logits": lambda x, h: mhpo_kernels.mhpo_loss(x, ids, old, adv, top_k=5, temperature=tau,
+                                                      return_metrics=True),
+        "fused linear": lambda x, h: mhpo_kernels.fused_linear_mhpo_loss(h, head, ids, old, adv, return_metrics=True),
+    }
+    for name, call in calls.items():
+        results = []
+        for default in (None, "meta"):
+            xx, hh = x.clone().requires_grad_(), hidden.clone().requires_grad_()
+            with mhpo_kernels.use_backend(backend), torch.device(default) if default else contextlib.nullcontext():
+                loss, metrics = call(xx, hh)
+                loss.backward()
+            results.append((loss.detach(), metrics, xx.grad if name == "logits" else hh.grad))
+        (loss, metrics, grad), (loss_m, metrics_m, grad_m) = results
+        assert loss.device == loss_m.device and torch.equal(loss, loss_m), name
+        assert all(torch.equal(metrics[k], metrics_m[k]) for k in metrics) and torch.equal(grad, grad_m), name
