@@ -101,7 +101,7 @@ def prepared(prepare, tp_group, x, settings, local_size=lambda p: p.logits3.shap
 
 def metrics_from_vector(vector, hp, has_ref, truncated=False):
     """The metrics dict of the finalize reduction's vector, detached 0-d views: those SPEC.md
-    section 8 lists for the objective ``hp`` (ψ, ζ, survival, saturated share for MHPO only; the
+    sections 4 and 7 list for the objective ``hp`` (ψ, ζ, survival, saturated share for MHPO only; the
     clipped shares for PPO-clip and CISPO), kl with reference log-probs, and ``outside_support``
     where the call names a truncation."""
     own = MHPO_METRICS if hp.kind == MHPO_KIND else CLIP_METRICS if clip_bounds(hp) else OTHER_METRICS

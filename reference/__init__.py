@@ -225,6 +225,22 @@ class _Tanh(torch.autograd.Function):
         return grad * 4 * e / (1 + e) ** 2
 
 
+class _Sigmoid(torch.autograd.Function):
+    """σ whose derivative is e/(1 + e)² with e = exp(−|x|): autograd's σ(1 − σ) cancels, 4% off at
+    x = 36 and 0 from 37 even in float64 (SAPO's saturated gate)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        e = torch.exp(-x.abs())
+        return grad * e / (1 + e) ** 2
+
+
 def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg, lfm=True, dhp=True):
     """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token; without
     ``lfm`` ψ = log r (no modulator), without ``dhp`` ζ = 0 (no hazard penalty), as the ablations."""
@@ -256,7 +272,7 @@ def objective_loss(logp, old, adv, valid, objective):
         return -weight * adv * logp
     if isinstance(objective, O.SAPO):
         tau = torch.where(adv > 0, objective.tau_pos, objective.tau_neg)
-        return -torch.sigmoid(tau * (_Ratio.apply(log_ratio) - 1)) * (4 / tau) * adv
+        return -_Sigmoid.apply(tau * (_Ratio.apply(log_ratio) - 1)) * (4 / tau) * adv
     if isinstance(objective, O.GPG):
         return -adv * logp
     if isinstance(objective, O.GSPO):  # the sequence's ratio, from the mean of its tokens' log r
@@ -395,7 +411,7 @@ def mhpo_loss_from_logprobs(
         metrics.update(psi=mean(psi), zeta=mean(zeta), survival=mean(torch.exp(-zeta)),
                        saturated_frac=mean((log_ratio.abs() > terms["c"]).to(logp.dtype)))
     # The shares of tokens whose ratio the clip bounds in the direction of their update (SPEC.md,
-    # section 8): below the lower bound with A < 0, above the upper bound with A > 0
+    # section 7): below the lower bound with A < 0, above the upper bound with A > 0
     bounds = {O.PPOClip: lambda o: (1 - o.eps_low, 1 + o.eps_high), O.CISPO: lambda o: (o.min_ratio, o.max_ratio)}
     if type(objective) in bounds:
         lo, hi = bounds[type(objective)](objective)

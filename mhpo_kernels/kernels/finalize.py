@@ -34,7 +34,7 @@ def _finalize_kernel(
     the tokens valid before the ones outside their kept set left (SPEC.md, section 9), and
     ``outside_support`` is their share of those (else 0). With CLIP, the shares of tokens whose
     ratio r is clipped where the clip bounds their update: r < ``clip_lo`` with A < 0, r >
-    ``clip_hi`` with A > 0 (SPEC.md, section 8). Each sum runs per lane over the blocks in order,
+    ``clip_hi`` with A > 0 (SPEC.md, section 7). Each sum runs per lane over the blocks in order,
     then once across the lanes."""
     o_b = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], tl.float32)
