@@ -21,6 +21,8 @@ from ._sweep_types import (
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT32_MAX = 2**31 - 1
 FP32_TINY, FP32_BELOW_ONE = 2.0**-149, 1 - 2.0**-24   # fp32's smallest value above 0, largest below 1
+FP32_NORMAL, FP32_MAX = 2.0**-126, (2 - 2.0**-23) * 2.0**127   # fp32's smallest normal value, largest value
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 @dataclass
@@ -80,7 +82,11 @@ def _check_real(name, value, low_ok):
         t = torch.zeros((), dtype=torch.float64, device="cpu") + value
         torch._assert_async(((t >= 0) if low_ok else (t > 0)) & (t < math.inf), f"{name} must be finite and {relation} 0")
         return value
-    if not (math.isfinite(value) and (value >= 0 if low_ok else value > 0)):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:   # an int beyond a float's range
+        raise ValueError(f"{name} must be finite and {relation} 0, got an int beyond a float's range") from None
+    if not (finite and (value >= 0 if low_ok else value > 0)):
         raise ValueError(f"{name} must be finite and {relation} 0, got {value}")
     return float(value)
 
@@ -309,6 +315,8 @@ def check_grad_in_forward(grad_in_forward, objective=None, tp_group=None, entrop
 def check_ignore_index(ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must lie in int64's range, got {ignore_index}")
     return int(ignore_index)
 
 
@@ -389,10 +397,17 @@ def check_normalizer(normalizer, device):
     if normalizer is None:
         return None
     if not isinstance(normalizer, torch.Tensor):
-        return check_positive("normalizer", normalizer)
-    if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
-        raise TypeError(f"normalizer must be a number or a 0-d real tensor, got a {normalizer.dtype} "
-                        f"tensor of shape {tuple(normalizer.shape)}")
+        value = check_positive("normalizer", normalizer)
+        if not torch.compiler.is_compiling() and not FP32_NORMAL <= value <= FP32_MAX:
+            # the weights 1/normalizer are fp32: beyond this range they vanish or overflow
+            raise ValueError(f"normalizer must lie in fp32's normal range [{FP32_NORMAL:.4g}, {FP32_MAX:.4g}] "
+                             f"(the weights 1/normalizer are fp32), got {value}")
+        return value
+    if normalizer.is_complex() or normalizer.dtype == torch.bool:
+        raise TypeError(f"normalizer must be a number or a 0-d real tensor, got a {normalizer.dtype} tensor")
+    if normalizer.dim() != 0:
+        raise ValueError(f"normalizer must be a number or a 0-d tensor, got a tensor of shape "
+                         f"{tuple(normalizer.shape)}")
     return _check_tensor("normalizer", normalizer, device, host_ok=True).detach().to(device)
 
 
@@ -454,7 +469,8 @@ def _check_cu_seqlens(cu_seqlens, token_shape, device):
         raise ValueError(f"cu_seqlens describes a packed stream: flat input_ids (N,) with logits (N, V) or hidden "
                          f"(N, H); got input_ids of shape {tuple(token_shape)} (a padded batch needs no cu_seqlens)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D (S + 1,), got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must have shape (S + 1,), one more than the S sequences, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.numel() == 1 and token_shape[0] > 0:   # the kernels index the first sequence
         raise ValueError(f"{dict(_messages(token_shape[0]))[STATUS_CU]}: (S + 1,) with S ≥ 1 for N > 0, got shape (1,)")
     # Frameworks often keep a host copy of the boundaries (for flash-attention's max_seqlen): taken as is.

@@ -58,6 +58,13 @@ BAD_CALLS = [
     ("temperature-not-number", dict(temperature="hot"), TypeError, "temperature"),
     ("agg-unknown", dict(loss_agg_mode="seq-sum"), ValueError, "loss_agg_mode"),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, "ignore_index"),
+    ("ignore-index-beyond-int64", dict(ignore_index=-10**30), ValueError, "ignore_index must lie in int64"),
+    ("beta-int-beyond-float", dict(beta=10**400, ref_logprobs=torch.zeros(B, T)), ValueError, "beta must be finite"),
+    # the weights 1/normalizer are fp32: a number outside its normal range would vanish or overflow
+    ("normalizer-below-fp32", dict(normalizer=1e-50), ValueError, "normalizer must lie in fp32's normal range"),
+    ("normalizer-above-fp32", dict(normalizer=1e39), ValueError, "normalizer must lie in fp32's normal range"),
+    ("normalizer-shape", dict(normalizer=torch.ones(1)), ValueError, "normalizer must be a number or a 0-d"),
+    ("normalizer-bool", dict(normalizer=torch.tensor(True)), TypeError, "normalizer"),
     ("device-mismatch", dict(advantages=torch.zeros(B, device="meta")), ValueError, "advantages"),
 ] + [
     (f"{name}-{what}", {name: value}, ValueError, name)
