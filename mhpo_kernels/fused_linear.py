@@ -83,6 +83,11 @@ class _Prepared(NamedTuple):
     batch: object
 
 
+def _needs_grad(x):
+    """Whether the call computes ``x``'s gradient: with a vocabulary split, its all-reduce."""
+    return torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
+
+
 def _prepared(prepare, tp_group, hidden, weight, chunk_size=None, settings=None):
     """``loss.prepared`` over the LM head's rows, with the chunk size (``settings`` hold it) that
     every rank of a tp_group makes alike: every chunk is one collective."""
@@ -122,9 +127,12 @@ def fused_linear_mhpo_loss(
             each rank passes its contiguous rows of the head, weight (V_r, H) and bias (V_r,), in
             rank order, and the same hidden states and global ids. Every rank returns the whole
             vocabulary's loss and metrics; its weight and bias gradients are its rows of the full
-            ones. Collectives, all in the forward: the agreement (a few int64 per rank), one
-            all-gather of 4 fp32 per token and rank per chunk of tokens (16 · chunk · world bytes
-            received), and one all-reduce of dhidden (N_valid × H in hidden's dtype).
+            ones. Collectives: the agreement (a few int64 per rank), one all-gather of 4 fp32 per
+            token and rank per chunk of tokens (16 · chunk · world bytes received), and one
+            all-reduce of dhidden (N_valid × H in hidden's dtype), in the forward; in the backward
+            with a filter, a replayed kept set or fp16 hidden states (the log-probs' route), with
+            the filters' counting passes in the forward (docs/parallelism.md). Whether hidden
+            needs a gradient must agree across ranks: the all-reduce of dhidden runs on all or none.
         reduce_dhidden: with tp_group, sum dhidden over the group inside the op (default); False
             leaves each rank its partial dhidden, for callers whose sequence-parallel gather
             already reduces it in its backward (Megatron's).
@@ -198,7 +206,7 @@ def fused_linear_policy_loss(
             ref_logprobs_given=ref_logprobs is not None, bias_given=bias is not None,
             seq_valid_tokens_given=seq_valid_tokens is not None, entropy_coef=float(entropy_coef),
             return_metrics=bool(return_metrics), reduce_dhidden=bool(reduce_dhidden),
-            kept_ids_given=kept_ids is not None,
+            kept_ids_given=kept_ids is not None, dhidden_needed=_needs_grad(hidden),
             dtypes=tuple(map(dtype_name, (hidden, weight, old_logprobs, advantages, mask, ref_logprobs,
                                           token_weights))))
 
@@ -364,7 +372,7 @@ def fused_linear_token_logprobs(
         return agreed_settings("fused_linear_token_logprobs", p.hp, p.lmap, chunk_size=chunk_size,
                                bias_given=bias is not None, return_entropy=bool(return_entropy),
                                reduce_dhidden=bool(reduce_dhidden), kept_ids_given=kept_ids is not None,
-                               dtypes=(dtype_name(hidden), dtype_name(weight)))
+                               dhidden_needed=_needs_grad(hidden), dtypes=(dtype_name(hidden), dtype_name(weight)))
 
     _, lmap, hidden2d, chunk_rows, batch = _prepared(prepare, tp_group, hidden, weight, chunk_size, settings)
     if tp_group is not None:

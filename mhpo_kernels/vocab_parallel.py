@@ -242,10 +242,12 @@ def dtype_name(x):
 
 def agreed_settings(call, hp, lmap, **flags):
     """What every rank of a tp_group must pass alike, by name (``vocab_parallel.agree``): the
-    call, the objective with its values and switches, β, the logit map (temperature, scale,
-    softcap), which filters truncate it, then the call's own flags and dtypes."""
+    call, the objective with its values and switches, β, whether the temperature is a tensor (one
+    per token), the logit map (1/τ times the scale, the scale after a softcap, the softcap), which
+    filters truncate it, then the call's own flags and dtypes."""
     return dict(call=call, objective=(hp.kind, hp.values, hp.lfm, hp.dhp), beta=hp.beta,
-                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap, lmap.tau is not None),
+                temperature_is_a_tensor=lmap.tau is not None,
+                temperature_and_logit_map=(lmap.in_scale, lmap.out_scale, lmap.softcap),
                 truncation=tuple(x is not None for x in (lmap.min_p, lmap.top_k, lmap.top_p)), **flags)
 
 

@@ -231,6 +231,8 @@ def _tp_bad_call(rank, world_size, case):
         adv = adv + 1.0
     elif case == "temperature-differs":
         kw["temperature"] = 1.0 + 0.1 * rank
+    elif case == "temperature-tensor-one-rank":   # the same τ, as a 0-d tensor on rank 0
+        kw["temperature"] = torch.tensor(0.8) if rank == 0 else 0.8
     elif case == "objective-differs" and rank == 1:
         kw["objective"] = PPOClip()
     elif case == "dual-clip-differs":
@@ -271,8 +273,15 @@ def _tp_bad_call(rank, world_size, case):
         x = x.double()
     elif case == "nccl-with-cpu-tensors":        # the group's backend as an NCCL group reports it
         dist.get_backend = lambda group=None: "nccl"
+    elif case == "dhidden-needed-one-rank":      # the fused linear path: only rank 0 would all-reduce dhidden
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(*ids.shape, 8, generator=g).requires_grad_(rank == 0)
+        head = torch.randn(full.shape[-1], 8, generator=g)[start:start + size]
     try:
         call = mhpo_kernels.mhpo_loss if "c" in kw else mhpo_kernels.policy_loss
+        if case == "dhidden-needed-one-rank":
+            def call(hidden, *args, **kwargs):
+                return mhpo_kernels.fused_linear_mhpo_loss(hidden, head, *args, **kwargs)
         with mhpo_kernels.use_backend("torch" if case == "float64-torch-path" else "triton"):
             call(x, ids, old, adv, mask, tp_group=dist.group.WORLD, **kw)
         message = None
@@ -302,6 +311,7 @@ BAD_TP_CALLS = [
     ("advantages-differ", "or the data .* differ across ranks"),
     ("min-p-one-rank", "disagree on truncation"),
     ("temperature-differs", "disagree on temperature_and_logit_map"),
+    ("temperature-tensor-one-rank", "disagree on temperature_is_a_tensor"),
     ("objective-differs", "disagree on objective"),
     ("dual-clip-differs", "disagree on objective"),
     ("agg-mode-differs", "disagree on loss_agg_mode"),
@@ -317,6 +327,7 @@ BAD_TP_CALLS = [
     ("float64-torch-path", "float64, which tp_group does not take"),
     ("kept-ids-one-rank", "disagree on kept_ids_given"),
     ("kept-ids-past-v", "kept_ids holds ids outside \\[0, 1001\\)"),
+    ("dhidden-needed-one-rank", "disagree on dhidden_needed"),
 ]
 
 

@@ -66,9 +66,11 @@ def counting_syncs(outside_ops=True):
 
     def from_host(make, name):
         """A tensor made from Python data on a named device: on a GPU a copy from host memory that
-        waits like a read (a tensor made without a device stays in host memory: no sync)."""
+        waits like a read (a tensor made without a device, or with the literal ``device="cpu"``
+        the package writes for its host tensors, stays in host memory: no sync; a device taken
+        from an input, CPU in these runs, counts as it would on a GPU)."""
         def run(*args, **kwargs):
-            if kwargs.get("device") is not None:
+            if kwargs.get("device") not in (None, "cpu"):
                 mode.counts[name] += 1
             return make(*args, **kwargs)
         return run
@@ -167,11 +169,13 @@ def _(target):
 
 
 def test_counter_sees_tensors_made_from_host_data():
-    """``torch.tensor(x, device=...)`` counts (a copy from host memory on a GPU); without a device
-    (a host tensor) it does not."""
+    """``torch.tensor(x, device=...)`` with an input's device counts (a copy from host memory on a
+    GPU; CPU in these runs); without a device, or with the literal "cpu" (a host tensor), it does
+    not."""
     with counting_syncs() as syncs:
-        torch.tensor([1.0, 2.0], device="cpu")
+        torch.tensor([1.0, 2.0], device=torch.zeros(1).device)
         torch.tensor([1.0, 2.0])
+        torch.tensor([1.0, 2.0], device="cpu")
     assert dict(syncs.counts) == {"tensor(device=)": 1}, dict(syncs.counts)
 
 
