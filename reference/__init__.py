@@ -209,43 +209,30 @@ def hazard(psi, k_pos, lam_pos, k_neg, lam_neg):
     return (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg
 
 
-class _Tanh(torch.autograd.Function):
-    """tanh whose derivative is sech² itself, 4e/(1 + e)² with e = exp(−2|u|) (SPEC.md, section 2):
-    autograd's 1 − tanh² cancels to 0 from |u| ≈ 19 even in float64."""
+class _Saturating(torch.autograd.Function):
+    """tanh (``tanh`` True) or σ, whose derivative is formed from e = exp(−s·|u|) itself:
+    sech²(u) = 4e/(1 + e)² with s = 2, σ′(u) = e/(1 + e)² with s = 1 (SPEC.md, section 2).
+    Autograd's 1 − tanh² and σ(1 − σ) cancel even in float64: 0 from |u| ≈ 19 (MHPO's modulator)
+    and from u ≈ 37 (SAPO's gate)."""
 
     @staticmethod
-    def forward(ctx, u):
+    def forward(ctx, u, tanh):
         ctx.save_for_backward(u)
-        return torch.tanh(u)
+        ctx.tanh = tanh
+        return torch.tanh(u) if tanh else torch.sigmoid(u)
 
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
-        e = torch.exp(-2 * u.abs())
-        return grad * 4 * e / (1 + e) ** 2
-
-
-class _Sigmoid(torch.autograd.Function):
-    """σ whose derivative is e/(1 + e)² with e = exp(−|x|): autograd's σ(1 − σ) cancels, 4% off at
-    x = 36 and 0 from 37 even in float64 (SAPO's saturated gate)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sigmoid(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        e = torch.exp(-x.abs())
-        return grad * e / (1 + e) ** 2
+        e = torch.exp(-(2 if ctx.tanh else 1) * u.abs())
+        return grad * (4 if ctx.tanh else 1) * e / (1 + e) ** 2, None
 
 
 def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg, lfm=True, dhp=True):
     """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token; without
     ``lfm`` ψ = log r (no modulator), without ``dhp`` ζ = 0 (no hazard penalty), as the ablations."""
     log_ratio = logp - old_logp
-    psi = c * _Tanh.apply(log_ratio / c) if lfm else log_ratio  # Log-Fidelity Modulator
+    psi = c * _Saturating.apply(log_ratio / c, True) if lfm else log_ratio  # Log-Fidelity Modulator
     zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg) if dhp else torch.zeros_like(psi)  # no gradient
     weight = torch.exp(psi - zeta)
     return log_ratio, psi, zeta, weight
@@ -272,7 +259,7 @@ def objective_loss(logp, old, adv, valid, objective):
         return -weight * adv * logp
     if isinstance(objective, O.SAPO):
         tau = torch.where(adv > 0, objective.tau_pos, objective.tau_neg)
-        return -_Sigmoid.apply(tau * (_Ratio.apply(log_ratio) - 1)) * (4 / tau) * adv
+        return -_Saturating.apply(tau * (_Ratio.apply(log_ratio) - 1), False) * (4 / tau) * adv
     if isinstance(objective, O.GPG):
         return -adv * logp
     if isinstance(objective, O.GSPO):  # the sequence's ratio, from the mean of its tokens' log r
