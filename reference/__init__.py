@@ -209,30 +209,29 @@ def hazard(psi, k_pos, lam_pos, k_neg, lam_neg):
     return (F.softplus(psi) / lam_pos) ** k_pos + (F.softplus(-psi) / lam_neg) ** k_neg
 
 
-class _Saturating(torch.autograd.Function):
-    """tanh (``tanh`` True) or σ, whose derivative is formed from e = exp(−s·|u|) itself:
-    sech²(u) = 4e/(1 + e)² with s = 2, σ′(u) = e/(1 + e)² with s = 1 (SPEC.md, section 2).
-    Autograd's 1 − tanh² and σ(1 − σ) cancel even in float64: 0 from |u| ≈ 19 (MHPO's modulator)
-    and from u ≈ 37 (SAPO's gate)."""
+# tanh and σ written so that autograd's derivative is exact where they saturate, as SPEC.md,
+# section 2 asks: torch.tanh's 1 − tanh² and torch.sigmoid's σ(1 − σ) cancel even in float64, to 0
+# from |u| ≈ 19 (MHPO's modulator) and from x ≈ 37 (SAPO's gate). With e = e^{−2|u|} (tanh) or
+# e^{−|x|} (σ), never above 1: tanh = (1 − e)/(1 + e), whose derivative autograd forms as
+# 4e/(1 + e)² (torch.tanh itself for |u| < 1/2, where 1 − e would cancel in the value), and σ =
+# 1/(1 + e) or e/(1 + e). |·| as sign · u, so that it is differentiable at 0.
+def _tanh(u):
+    sign = torch.where(u < 0, -1.0, 1.0)
+    a = sign * u
+    e = torch.exp(-2 * a)
+    return sign * torch.where(a < 0.5, torch.tanh(a), (1 - e) / (1 + e))
 
-    @staticmethod
-    def forward(ctx, u, tanh):
-        ctx.save_for_backward(u)
-        ctx.tanh = tanh
-        return torch.tanh(u) if tanh else torch.sigmoid(u)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        e = torch.exp(-(2 if ctx.tanh else 1) * u.abs())
-        return grad * (4 if ctx.tanh else 1) * e / (1 + e) ** 2, None
+def _sigmoid(x):
+    e = torch.exp(torch.where(x < 0, 1.0, -1.0) * x)
+    return torch.where(x < 0, e / (1 + e), 1 / (1 + e))
 
 
 def mhpo_terms(logp, old_logp, c, k_pos, lam_pos, k_neg, lam_neg, lfm=True, dhp=True):
     """ψ (with gradient), ζ (without) and the weight w = exp(ψ − ζ) of SPEC.md, per token; without
     ``lfm`` ψ = log r (no modulator), without ``dhp`` ζ = 0 (no hazard penalty), as the ablations."""
     log_ratio = logp - old_logp
-    psi = c * _Saturating.apply(log_ratio / c, True) if lfm else log_ratio  # Log-Fidelity Modulator
+    psi = c * _tanh(log_ratio / c) if lfm else log_ratio  # Log-Fidelity Modulator
     zeta = hazard(psi.detach(), k_pos, lam_pos, k_neg, lam_neg) if dhp else torch.zeros_like(psi)  # no gradient
     weight = torch.exp(psi - zeta)
     return log_ratio, psi, zeta, weight
@@ -259,7 +258,7 @@ def objective_loss(logp, old, adv, valid, objective):
         return -weight * adv * logp
     if isinstance(objective, O.SAPO):
         tau = torch.where(adv > 0, objective.tau_pos, objective.tau_neg)
-        return -_Saturating.apply(tau * (_Ratio.apply(log_ratio) - 1), False) * (4 / tau) * adv
+        return -_sigmoid(tau * (_Ratio.apply(log_ratio) - 1)) * (4 / tau) * adv
     if isinstance(objective, O.GPG):
         return -adv * logp
     if isinstance(objective, O.GSPO):  # the sequence's ratio, from the mean of its tokens' log r
