@@ -18,15 +18,15 @@ def _entry(rank, world_size, store_path, fn, args, result_dir):
     down in the usual way races with the other ranks' teardown now and then (an abort in a
     background thread at exit); nothing is left to clean up in a throwaway process."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # children re-import the kernels: same backend
-    if os.environ["TRITON_INTERPRET"] == "1":
-        from _interpreter import patch_the_language_once_per_launch
+    from _interpreter import in_a_roomy_frame, patch_the_language_once_per_launch
 
+    if os.environ["TRITON_INTERPRET"] == "1":
         patch_the_language_once_per_launch()
     code = 0
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
-        fn(rank, world_size, *args)
+        in_a_roomy_frame(fn, rank, world_size, *args)
         dist.barrier()                 # every rank is done talking before any rank leaves
     except BaseException:
         with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
