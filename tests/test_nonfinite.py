@@ -9,7 +9,7 @@ coefficient (0 or 0.05), each value in every run, and whether the batch goes in 
 or packed, (B·T, V) with ``cu_seqlens`` (the same sequences), then:
 
 - a clean call, and the same call with garbage (NaN, ±inf, an out-of-range id) in every input at
-  every invalid token (mask false or ``ignore_index``): loss and gradient bit-identical;
+  every invalid token (mask false or ``ignore_index``): loss, gradient and metrics bit-identical;
 - ``budget(4)`` injections of one of NaN, +inf, −inf at one valid token, at one of the targets of
   ``TARGETS``, each combination at most once per run, with the invalid garbage as well.
 
@@ -18,7 +18,10 @@ logit, a whole row of one non-finite value: the loss is NaN, the poisoned rows o
 to the clean call's), ``no-op`` (an input the loss does not read: old log-probs for GPG, the
 reference at β = 0: everything bit-identical) or ``agree`` (the paths agree on whether the loss is
 finite, and on its value within fp32 accuracy; a NaN loss comes with the token's row NaN; rows
-of other tokens stay bit-identical).
+of other tokens stay bit-identical). Every call returns its metrics too: after any injection the
+paths report the same ones, each NaN, the same infinity or finite within fp32 accuracy of the
+reference's on every path, and a no-op changes none but those that report the unread input
+(``REPORTED``).
 
 ``MHPO_FUZZ_SCALE`` scales the number of injections, as in ``test_fuzz.py``. The examples are
 sized for the interpreter: B = 2, T = 3, one call per path per example.
@@ -210,25 +213,25 @@ def _packed(inputs):
 
 
 def _call(path, objective, inputs, mode, beta, entropy_coef=0.0, packed=False):
-    """(loss, dloss/dlogits) on one path: fp32 for the sweeps, float64 for the reference. The
-    gradient is (B, T, V) whether the call was padded or ``packed``."""
+    """(loss, dloss/dlogits, metrics) on one path: fp32 for the sweeps, float64 for the reference.
+    The gradient is (B, T, V) whether the call was padded or ``packed``."""
     if packed:
         inputs = _packed(inputs)
     x = inputs["logits"].detach().clone()
     kwargs = dict({k: v for k, v in inputs.items() if k != "logits"}, objective=objective, loss_agg_mode=mode,
-                  beta=beta, ignore_index=IGNORE_INDEX, entropy_coef=entropy_coef)
+                  beta=beta, ignore_index=IGNORE_INDEX, entropy_coef=entropy_coef, return_metrics=True)
     if path == "reference":
         x = x.double()
         kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in kwargs.items()}
         x.requires_grad_()
-        loss = reference.policy_loss(x, **kwargs)
+        loss, metrics = reference.policy_loss(x, **kwargs)
     else:
         x.requires_grad_()
         with mhpo_kernels.use_backend(path):
-            loss = mhpo_kernels.policy_loss(x, **kwargs)
+            loss, metrics = mhpo_kernels.policy_loss(x, **kwargs)
     (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad.reshape(B, T, -1)
+    return loss.detach(), grad.reshape(B, T, -1), {k: v.detach() for k, v in metrics.items()}
 
 
 def _scale(objective, inputs, mode, beta, entropy_coef=0.0, packed=False):
@@ -257,18 +260,43 @@ def _same(a, b):
         torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) and torch.equal(a.isnan(), b.isnan())
 
 
+# The metrics that report an input the loss does not read (rule 4): they change with it.
+REPORTED = {"ref": ("kl",), "old": ("abs_log_ratio",)}
+
+
+def _metrics_agree(where, results):
+    """The paths report the same metrics, each NaN, the same infinity or finite on every path,
+    and a finite one within fp32 accuracy of the float64 reference's: a metric is a mean over
+    the valid tokens of O(1) values (a share, a log-ratio, ψ, an entropy)."""
+    want = results["reference"][2]
+    for path in ("triton", "torch"):
+        got = results[path][2]
+        assert set(got) == set(want), f"{where} {path}: metrics {sorted(got)}, the reference's {sorted(want)}"
+        for key, w in want.items():
+            assert _same_class(got[key], w) and (not torch.isfinite(w) or abs(got[key].item() - w.item())
+                                                 <= FP32_RTOL * max(1.0, abs(w.item()))), \
+                f"{where} {path}: metric {key} is {got[key].item()}, the reference's {w.item()}"
+
+
+def _same_result(result, clean, reported=()):
+    """Two calls' (loss, gradient, metrics) bit-identical, the metrics ``reported`` left out."""
+    metrics, clean_metrics = ({k: m for k, m in r[2].items() if k not in reported} for r in (result, clean))
+    return _same(result[0], clean[0]) and _same(result[1], clean[1]) and metrics.keys() == clean_metrics.keys() \
+        and all(_same(m, clean_metrics[k]) for k, m in metrics.items())
+
+
 def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, mode, beta, **call):
     """One injection on the three paths against the contract; ``clean`` (per path) may be None
     for a replay, which then checks only the poisoned token. ``call``: entropy_coef, packed."""
     kind = expectation(target, value, objective, beta)
     rows = poisoned_rows(target, objective, b, t)
     results = {p: _call(p, objective, dirty_inputs, mode, beta, **call) for p in PATHS}
-    for path, (loss, grad) in results.items():
+    for path, (loss, grad, metrics) in results.items():
         where = f"{tag} {path}: {target.name}={value} at {(b, t)} ({kind})"
         if clean is not None:
-            clean_loss, clean_grad = clean[path]
+            clean_grad = clean[path][1]
             if kind == "no-op":
-                assert _same(loss, clean_loss) and _same(grad, clean_grad), where
+                assert _same_result((loss, grad, metrics), clean[path], REPORTED.get(target.name, ())), where
                 continue
             assert _same(grad[~rows], clean_grad[~rows]), f"{where}: another token's gradient row changed"
         if kind == "poison":
@@ -276,10 +304,11 @@ def _check_injection(tag, objective, clean, dirty_inputs, target, value, b, t, m
             assert grad[rows].isnan().all(), f"{where}: a poisoned gradient row is not all NaN"
         elif kind == "agree" and loss.isnan():  # the token's own term is NaN (e.g. a KL of inf − inf)
             assert grad[b, t].isnan().all(), f"{where}: the NaN term's gradient row is not all NaN"
+    _metrics_agree(f"{tag}: {target.name}={value} at {(b, t)} ({kind})", results)
     if kind == "agree":
-        finite = {p: bool(torch.isfinite(loss)) for p, (loss, _) in results.items()}
+        finite = {p: bool(torch.isfinite(loss)) for p, (loss, _, _) in results.items()}
         tag_finite = f"{tag}: {target.name}={value} at {(b, t)}: finite {finite}, losses " + \
-            str({p: loss.item() for p, (loss, _) in results.items()})
+            str({p: loss.item() for p, (loss, _, _) in results.items()})
         assert len(set(finite.values())) == 1, tag_finite
         if finite["reference"]:
             want = results["reference"][0].item()
@@ -300,13 +329,14 @@ def test_policy_loss_non_finite(name):
     inputs = _inputs(rng.randrange(2**31), V, objective)
 
     clean = {p: _call(p, objective, inputs, mode, beta, **call) for p in PATHS}
-    for path, (loss, grad) in clean.items():
+    for path, (loss, grad, metrics) in clean.items():
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), f"{tag} {path}: clean input not finite"
+        assert all(torch.isfinite(m) for m in metrics.values()), f"{tag} {path}: clean input's metrics not finite"
         assert not grad[~VALID].any(), f"{tag} {path}"
+    _metrics_agree(f"{tag}: clean", clean)
     garbage = _with_garbage(inputs, rng)
     for path in PATHS:
-        loss, grad = _call(path, objective, garbage, mode, beta, **call)
-        assert _same(loss, clean[path][0]) and _same(grad, clean[path][1]), \
+        assert _same_result(_call(path, objective, garbage, mode, beta, **call), clean[path]), \
             f"{tag} {path}: garbage at invalid tokens changed the result"
 
     combos = [(target, value) for target, value in itertools.product(TARGETS, VALUES)
@@ -541,7 +571,7 @@ def test_nan_token_weight_poisons_its_row(name):
     inputs["token_weights"] = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) + 0.5
     inputs["token_weights"][b, t] = math.nan
     for path in PATHS:
-        loss, grad = _call(path, objective, inputs, "seq-mean-token-mean", 0.0)
+        loss, grad, _ = _call(path, objective, inputs, "seq-mean-token-mean", 0.0)
         assert loss.isnan() and grad[b, t].isnan().all(), (path, grad[b, t])
         assert not grad[VALID & ~poisoned_rows(TARGET["adv"], objective, b, t)].isnan().any(), path
 
@@ -559,7 +589,7 @@ def test_an_infinite_ratio_where_the_term_is_flat_passes_no_gradient(name):
     inputs["advantages"].abs_()
     results = {path: _call(path, objective, inputs, "seq-mean-token-mean", 0.0) for path in PATHS}
     want = results["reference"][0].item()
-    for path, (loss, grad) in results.items():
+    for path, (loss, grad, _) in results.items():
         assert torch.isfinite(loss) and abs(loss.item() - want) <= FP32_RTOL * abs(want), (path, loss, want)
         assert not grad[b, t].any(), (path, grad[b, t])
     # A token weight of 0 there: w multiplies the advantage (SPEC.md, section 3), so PPO-clip's
@@ -568,7 +598,7 @@ def test_an_infinite_ratio_where_the_term_is_flat_passes_no_gradient(name):
     inputs["token_weights"] = torch.ones(B, T)
     inputs["token_weights"][b, t] = 0.0
     results = {path: _call(path, objective, inputs, "seq-mean-token-mean", 0.0) for path in PATHS}
-    for path, (loss, grad) in results.items():
+    for path, (loss, grad, _) in results.items():
         if name == "ppo-clip":
             assert loss.isnan() and grad[b, t].isnan().all(), (path, loss)
         else:
