@@ -2,6 +2,8 @@
 ``verl.plugins`` entry point), selectable from YAML, and verl's own ``ppo_loss`` with it gives the
 reference loss and gradients in every aggregation mode both share."""
 
+import math
+
 import pytest
 import torch
 
@@ -98,6 +100,26 @@ def test_ppo_loss_equals_reference(mode, global_info):
     assert loss.item() == pytest.approx(loss64.item(), rel=FP32_RTOL)
     assert max_rel_err(grad, grad64) <= FP32_RTOL
     assert "actor/mhpo_psi" in metrics
+
+
+def test_shared_metric_equals_verls_own():
+    """``actor/ppo_kl`` is the metric MHPO's loss shares with verl's own losses: it equals what
+    verl's vanilla loss logs on the same inputs, with a log-ratio beyond verl's clamp of ±20 and
+    NaN where the response mask is off (verl's masked mean leaves it out); the MHPO metrics stay
+    finite there too."""
+    from mhpo_kernels.integrations.verl import MHPOPolicyLossConfig
+
+    old = torch.tensor([[-1.0, -30.0, -2.0], [-0.5, -1.0, float("nan")]])
+    logp = torch.tensor([[-1.2, -3.0, -2.1], [-0.4, -1.0, -1.0]])   # log r = +27 at (0, 1)
+    adv = torch.tensor([[1.0, 1.0, -1.0], [0.5, -0.5, 1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    logged = {}
+    for mode, policy_loss in (("vanilla", None), ("mhpo", MHPOPolicyLossConfig(**HP))):
+        config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                             **({} if policy_loss is None else {"policy_loss": policy_loss}))
+        _, logged[mode] = get_policy_loss_fn(mode)(old, logp, adv, mask, "token-mean", config)
+    assert logged["mhpo"]["actor/ppo_kl"] == pytest.approx(logged["vanilla"]["actor/ppo_kl"], rel=FP32_RTOL)
+    assert all(math.isfinite(v) for v in logged["mhpo"].values()), logged["mhpo"]
 
 
 def test_bypass_mode_refuses_an_mhpo_config():

@@ -45,6 +45,7 @@ def check_verl_version(version):
 check_verl_version(verl.__version__)
 
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, register_policy_loss  # noqa: E402
+from verl.utils.torch_functional import masked_mean  # noqa: E402
 from verl.workers.config import PolicyLossConfig  # noqa: E402
 
 from ..token_loss import mhpo_token_loss  # noqa: E402
@@ -72,10 +73,6 @@ def _hyperparameters(config):
     return {k: float(get(k, d)) for k, d in _DEFAULTS.items()}
 
 
-def _masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 @register_policy_loss(LOSS_MODE)
 def compute_policy_loss_mhpo(
     old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
@@ -88,18 +85,18 @@ def compute_policy_loss_mhpo(
         loss_mat = loss_mat * rollout_is_weights
     batch_info = dict(config.global_batch_info) if config is not None else {}
     pg_loss = agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
-    with torch.no_grad():
-        mask = response_mask.to(psi.dtype)
+    with torch.no_grad():   # verl's masked mean: what lies outside the mask, NaN included, adds nothing
         log_ratio = (log_prob - old_log_prob).float()
         metrics = {
-            "actor/mhpo_psi": _masked_mean(psi, mask).item(),
-            "actor/mhpo_zeta": _masked_mean(zeta, mask).item(),
-            "actor/mhpo_survival": _masked_mean(torch.exp(-zeta), mask).item(),
-            "actor/mhpo_abs_log_ratio": _masked_mean(log_ratio.abs(), mask).item(),
-            "actor/mhpo_saturated_frac": _masked_mean((log_ratio.abs() > hp["c"]).float(), mask).item(),
-            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
+            "actor/mhpo_psi": masked_mean(psi, response_mask),
+            "actor/mhpo_zeta": masked_mean(zeta, response_mask),
+            "actor/mhpo_survival": masked_mean(torch.exp(-zeta), response_mask),
+            "actor/mhpo_abs_log_ratio": masked_mean(log_ratio.abs(), response_mask),
+            "actor/mhpo_saturated_frac": masked_mean((log_ratio.abs() > hp["c"]).float(), response_mask),
+            # verl's own losses log it of the log-ratio clamped to ±20, as they form their ratio
+            "actor/ppo_kl": masked_mean(-log_ratio.clamp(-20.0, 20.0), response_mask),
         }
-    return pg_loss, metrics
+    return pg_loss, {k: v.item() for k, v in metrics.items()}
 
 
 BYPASS_MODE = "bypass_mode"
