@@ -26,6 +26,12 @@ NCU_KERNELS="regex:_mhpo_"
 CUDA_TESTS="tests/test_mhpo_loss.py tests/test_token_logprobs.py tests/test_objectives.py tests/test_alignment.py
   tests/test_fused_linear.py tests/test_truncation.py tests/test_replay.py tests/test_nonfinite.py"
 SANITIZER_KERNELS="kns=_mhpo_"
+# The option that takes it: --kernel-name (CUDA 13.0's compute-sanitizer 2025.3 has no --filter),
+# or --filter where an older one lacks --kernel-name.
+SANITIZER_FILTER=--kernel-name
+if command -v compute-sanitizer >/dev/null 2>&1 && ! compute-sanitizer --help 2>&1 | grep -q -- --kernel-name; then
+  SANITIZER_FILTER=--filter
+fi
 
 # Optional wheels carried in .whl (Liger and TRL, for the integration tests): nothing can be fetched there.
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -122,7 +128,7 @@ step tests 40 "$OUT/tests.log" $PY -m pytest -q -rfE --maxfail=5 -p no:cacheprov
 step sanitize-compile 10 "$OUT/steps.log" $CHECK sanitize-target
 for tool in memcheck:15 racecheck:10 initcheck:10 synccheck:10; do
   tool_step compute-sanitizer "${tool%%:*}" "${tool##*:}" "$OUT/sanitizers.log" \
-    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool%%:*}" --filter "$SANITIZER_KERNELS" \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool%%:*}" $SANITIZER_FILTER "$SANITIZER_KERNELS" \
     --error-exitcode 3 $CHECK sanitize-target
 done
 # DRAM bytes of each kernel at the headline case (one forward, one backward), clocks left alone.
