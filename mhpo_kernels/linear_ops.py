@@ -294,6 +294,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logp, entropy, base, lse2_rest, cut = token_logprobs_sweeps(hidden, weight, bias, batch.target, lmap,
                                                                     chunk_rows, with_entropy, tp=batch.tp,
                                                                     n_valid=batch.n_valid)
+        if outside is not None:   # −inf whatever the set's logits hold (a NaN there would merge to NaN)
+            logp = torch.where(outside, -math.inf, logp)
         if cut is not None:
             # The filters' thresholds on this slice's exponents at ``base``, where the backward
             # forms them; a target below it has log-prob −inf on every rank.

@@ -365,8 +365,8 @@ def finalize(target, loss, g, entropy, logp, psi, zeta, old, adv, ref, entropy_c
     total = torch.zeros((), dtype=logp.dtype, device=target.device)
     if loss is not None:
         total = loss.sum()
-        if entropy_coef != 0:
-            total = total - entropy_coef * (g * entropy).sum()
+        if entropy_coef != 0:   # at valid tokens only: a left-out one's g_t = 0 may meet H_t = NaN
+            total = total - entropy_coef * torch.where(target >= 0, g * entropy, 0.0).sum()
     out = torch.zeros(len(METRICS) if metrics else 0, dtype=torch.float32, device=target.device)
     if not metrics:
         return total, out

@@ -220,13 +220,16 @@ class VocabSlice:
         dist.all_gather(gathered, mine.contiguous(), group=self.group)
         return merge_slices(torch.stack(gathered), self.owner_of(target), target >= 0, with_entropy)
 
-    def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss, kept=None):
+    def finish_rows(self, local, target, old, adv, g, ref, hp, with_entropy, with_loss, kept=None, outside=None):
         """The global RowStats of a block of rows (``target`` global, −1 invalid) from the slice's:
         ``combine``, then the per-token epilogue, the same on every rank; and the (target, g) it
         used. ``kept``: a loss over a truncated softmax, (its LogitMap, the rows' thresholds or None,
         ``Batch.layout()``, agg, normalizer) as ``ops.kept_tokens`` takes them: the targets outside
-        their kept set leave the aggregation."""
+        their kept set leave the aggregation. ``outside``: the targets outside their replayed kept
+        set, whose log-prob is −inf whatever the set's logits hold (a NaN there would merge to NaN)."""
         base, lse2_rest, logp, entropy = self.combine(local, target, with_entropy)
+        if outside is not None:
+            logp = torch.where(outside, -math.inf, logp)
         psi = zeta = loss = coef = None
         if with_loss:
             if kept is not None:
@@ -295,12 +298,10 @@ class _VocabParallelSweeps(torch.autograd.Function):
             cut, local = selected_cuts(tp, logits[:, :-1] if shifted else logits, local, target, lmap, batch.valid)
         ref = batch.ref if hp.beta > 0 else None
         kept = (lmap, cut, batch.layout(), agg, normalizer) if lmap.truncated else None
+        outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
-                                               with_entropy, with_loss, kept)
-        outside = None
-        if lmap.replayed:
-            outside = outside_kept_set(lmap, batch.target)
-        elif cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
+                                               with_entropy, with_loss, kept, outside)
+        if cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
             outside = (stats.logp == -math.inf) & (cut > -math.inf)
         # The backward forms d at the common base, the combine's, against the thresholds there.
         ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
@@ -354,8 +355,8 @@ def row_stats(logits, batch, hp, lmap, with_entropy, shifted=False, inplace_back
     if totals == ops.NO_TOTALS:
         return stats, None, None
     total = loss.sum()
-    if entropy_coef != 0:  # Σ_t g_t · (loss_t − entropy_coef · H_t)
-        total = total - entropy_coef * (g * entropy).sum()
+    if entropy_coef != 0:  # Σ_t g_t · (loss_t − entropy_coef · H_t) over the valid tokens (finalize's)
+        total = total - entropy_coef * torch.where(target >= 0, g * entropy, 0.0).sum()
     if totals != ops.LOSS_AND_METRICS:
         return stats, total, None
     return stats, total, ops.metrics_vector(logp, stats.entropy, psi, zeta, target, g, batch.old, batch.adv, batch.ref,

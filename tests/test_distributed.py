@@ -1025,6 +1025,56 @@ def _tp_linear_truncated_worker(rank, world_size, out_dir, case):
     torch.save(out, f"{out_dir}/linear-{case}-{rank}.pt")
 
 
+def _left_out_inputs():
+    """Logits (1, 4, 20) and hidden states (3, 8) with an LM head (20, 8), each with targets
+    outside their replayed kept sets whose kept logits hold +inf or NaN, in either slice of 10."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 20, generator=g)
+    x[0, 0, 13], x[0, 1, 2], x[0, 2, 15], x[0, 3, 4] = math.inf, math.inf, math.nan, math.nan
+    kept = (torch.tensor([0, 2, 4, 6, 8]), torch.tensor([13, 2, 13, 2, 4, 15, 4, 15]))
+    hidden, weight = torch.randn(3, 8, generator=g), torch.randn(20, 8, generator=g)
+    hidden[1] = math.nan
+    linear_kept = (torch.tensor([0, 2, 4, 6]), torch.tensor([1, 14, 13, 2, 3, 11]))   # token 1: 12 outside
+    return (x, torch.tensor([[12, 12, 3, 3]]), kept), (hidden, weight, torch.tensor([1, 12, 3]), linear_kept)
+
+
+def _tp_left_out_worker(rank, world_size, out_dir):
+    import mhpo_kernels
+    import torch.distributed as dist
+
+    (x, ids, kept), (hidden, weight, linear_ids, linear_kept) = _left_out_inputs()
+    cols = slice(10 * rank, 10 * rank + 10)
+    out = {}
+    for backend in ("triton", "torch"):
+        with mhpo_kernels.use_backend(backend):
+            out[backend] = (
+                mhpo_kernels.token_logprobs(x[..., cols], ids, kept_ids=kept, tp_group=dist.group.WORLD),
+                mhpo_kernels.fused_linear_token_logprobs(hidden, weight[cols], linear_ids, kept_ids=linear_kept,
+                                                         tp_group=dist.group.WORLD),
+                mhpo_kernels.mhpo_loss(x[..., cols], ids, -torch.ones(1, 4), torch.ones(1, 4), kept_ids=kept,
+                                       entropy_coef=0.01, tp_group=dist.group.WORLD))
+    torch.save(out, f"{out_dir}/left-out-{rank}.pt")
+
+
+def test_vocab_parallel_target_outside_a_non_finite_kept_set(tmp_path):
+    """A target outside its replayed kept set has log-prob −inf on every rank whatever the set's
+    logits hold (SPEC.md, sections 6 and 9), as in one process: +inf or NaN among them, in the
+    target's slice or the other, merged NaN into it before. A loss leaves such tokens out, with
+    their entropy bonus (0 · NaN was NaN): every token left out, it is 0."""
+    import reference
+
+    _dist.run(_tp_left_out_worker, 2, tmp_path, str(tmp_path))
+    (x, ids, kept), (hidden, weight, linear_ids, linear_kept) = _left_out_inputs()
+    want = reference.token_logprobs(x.double(), ids, kept_ids=kept)
+    want_linear = reference.token_logprobs(hidden.double() @ weight.double().T, linear_ids, kept_ids=linear_kept)
+    assert (want == -math.inf).all() and want_linear[1] == -math.inf and want_linear[[0, 2]].isfinite().all()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"left-out-{rank}.pt")
+        for backend, (logp, linear_logp, loss) in got.items():
+            assert (logp == -math.inf).all() and loss == 0, (rank, backend, logp, loss)
+            assert linear_logp[1] == -math.inf and linear_logp[[0, 2]].isfinite().all(), (rank, backend, linear_logp)
+
+
 LINEAR_TRUNCATED_CASES = ["replay", "min_p", "filters"]
 
 

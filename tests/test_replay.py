@@ -238,6 +238,29 @@ def test_non_finite_logits_inside_a_kept_set(backend):
     assert not grad[0, 3].any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_a_left_out_token_adds_nothing_whatever_its_row_holds(backend, value):
+    """A target outside its kept set leaves the loss as an invalid token does (SPEC.md, section
+    9), also with +inf or NaN among its row's kept logits and an entropy bonus, whose g_t·H_t is
+    then 0·NaN: the loss is bit-identical to the one with that row clean, and the reference's."""
+    x = _logits((1, 3, 16), seed=31)
+    ids = torch.tensor([[1, 2, 3]])                    # row 1 keeps {5, 6}: its target 2 is outside
+    kept = (torch.tensor([0, 2, 4, 6]), torch.tensor([1, 4, 5, 6, 3, 7]))
+    old, adv = torch.full((1, 3), -1.0), torch.tensor([[1.0, -0.5, 0.7]])
+    dirty = x.clone()
+    dirty[0, 1, 5] = value
+
+    def loss(fn, z):
+        return fn(z, ids, old.to(z.dtype), adv.to(z.dtype), kept_ids=kept, entropy_coef=0.01)
+
+    with mhpo_kernels.use_backend(backend):
+        got, clean = loss(mhpo_kernels.mhpo_loss, dirty), loss(mhpo_kernels.mhpo_loss, x)
+    want = loss(reference.mhpo_loss, dirty.double())
+    assert torch.equal(got, clean), (got, clean)
+    assert math.isfinite(want.item()) and abs(got.item() - want.item()) <= FP32_RTOL * abs(want.item())
+
+
 def _head(N, H, V, seed):
     """Hidden states and an LM head (weight, bias) on a grid: the logits they make are exact in fp32."""
     g = torch.Generator().manual_seed(seed)

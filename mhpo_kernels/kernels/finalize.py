@@ -47,8 +47,9 @@ def _finalize_kernel(
         m = o < N
         if WITH_LOSS:
             loss += tl.load(p_loss + o, mask=m, other=0.0)
-            if ENTROPY_BONUS:
-                bonus += tl.load(p_g + o, mask=m, other=0.0) * tl.load(p_ent + o, mask=m, other=0.0)
+            if ENTROPY_BONUS:   # at valid tokens only: a left-out one's g_t = 0 may meet H_t = NaN
+                kept = tl.load(p_target + o, mask=m, other=-1) >= 0
+                bonus += tl.load(p_g + o, mask=kept, other=0.0) * tl.load(p_ent + o, mask=kept, other=0.0)
         if METRICS:
             valid = tl.load(p_target + o, mask=m, other=-1) >= 0
             n += valid.to(tl.float32)
