@@ -1,6 +1,7 @@
 """Test set-up. Without CUDA, the Triton kernels run on CPU tensors under Triton's interpreter;
 the variable must be set before the kernels are first imported, hence here."""
 
+import functools
 import os
 
 import pytest
@@ -26,14 +27,14 @@ if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
     patch_the_language_once_per_launch()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Each test, its fixtures included, run by pytest's own protocol from a roomy frame
-    (``_interpreter.in_a_roomy_frame``: a third off the interpreted tests' time)."""
-    from _pytest.runner import pytest_runtest_protocol as protocol
+def pytest_itemcollected(item):
+    """Each test's set-up (its fixtures) and call run from a roomy frame
+    (``_interpreter.in_a_roomy_frame``: a third off the interpreted tests' time); pytest's
+    protocol and every plugin's hooks are left as they are."""
     from _interpreter import in_a_roomy_frame
 
-    return in_a_roomy_frame(protocol, item=item, nextitem=nextitem)
+    for name in ("setup", "runtest"):
+        setattr(item, name, functools.partial(in_a_roomy_frame, getattr(item, name)))
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
