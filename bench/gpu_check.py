@@ -831,8 +831,8 @@ def _warm_baselines(device, dry):
     """The headline step's baselines once each, first in the list so that the shares compile
     them in parallel: at a small shape the compiled reference (``dynamic=True``: batch 1 and 2 are
     its two graphs, since a size of 1 is specialized, for each dtype; inductor keeps them in its
-    on-disk cache) and the fused GRPO Liger is compared with; Liger's kernel at the headline's
-    own cases."""
+    on-disk cache) and the fused GRPO Liger is compared with; Liger's kernel at one sequence of
+    each of the headline's own lengths, vocabularies and dtypes."""
     from .providers import compile_dynamic
 
     V = DRY["V"] if dry else HEADLINE[1]
@@ -843,9 +843,11 @@ def _warm_baselines(device, dry):
     for provider in (compile_dynamic(), liger, PROVIDERS["logits"]["fused-grpo"], PROVIDERS["logits"]["fused"]):
         if provider.unavailable(device, "fwd_bwd"):
             continue
-        # Liger's kernels take the sequence length and the vocabulary as compile-time constants:
-        # warmed at a small shape, the headline's first call of each case would compile them again.
-        for case in HEADLINE_CASES if provider is liger and not dry else small:
+        # Liger's kernels take the sequence length and the vocabulary as compile-time constants
+        # (not the batch): warmed at T = 8, the headline's first call of each case would compile
+        # them again. One sequence of each headline (T, V, dtype) keeps the warm step's memory small.
+        headline = list(dict.fromkeys(Case(1, c.T, c.V, c.dtype) for c in HEADLINE_CASES))
+        for case in headline if provider is liger and not dry else small:
             def call(provider=provider, case=case):
                 with _split_as(HEADLINE[0], case.V, DTYPES[case.dtype], device):
                     provider.step(make_inputs(case, device, extras=False), "fwd_bwd")()
