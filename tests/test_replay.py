@@ -243,7 +243,8 @@ def test_non_finite_logits_inside_a_kept_set(backend):
 def test_a_left_out_token_adds_nothing_whatever_its_row_holds(backend, value):
     """A target outside its kept set leaves the loss as an invalid token does (SPEC.md, section
     9), also with +inf or NaN among its row's kept logits and an entropy bonus, whose g_t·H_t is
-    then 0·NaN: the loss is bit-identical to the one with that row clean, and the reference's."""
+    then 0·NaN: the loss is bit-identical to the one with that row clean, and the reference's.
+    (That row's gradient over K is still NaN, on every path: SPEC.md, section 9 names the gap.)"""
     x = _logits((1, 3, 16), seed=31)
     ids = torch.tensor([[1, 2, 3]])                    # row 1 keeps {5, 6}: its target 2 is outside
     kept = (torch.tensor([0, 2, 4, 6]), torch.tensor([1, 4, 5, 6, 3, 7]))
