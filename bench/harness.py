@@ -26,14 +26,16 @@ def sync(device):
 
 
 def l2_flusher(device):
-    """A callable that evicts the device's L2 (writes a buffer twice its size), or None off CUDA:
+    """A callable that evicts the device's L2 (reads a buffer twice its size), or None off CUDA:
     run before each timed call, outside its events, so that no repetition finds the previous
-    one's data in L2 (which would flatter a kernel whose point is L2, the one sweep)."""
+    one's data in L2 (which would flatter a kernel whose point is L2, the one sweep). It reads
+    rather than writes: a write would leave L2 full of dirty lines, whose write-back would then
+    fall inside the timed call (up to one L2 of extra DRAM traffic, as much as a small call's own)."""
     if device.type != "cuda":
         return None
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
-    scratch = torch.empty(2 * l2, dtype=torch.uint8, device=device)
-    return scratch.zero_
+    scratch = torch.zeros(2 * l2 // 4, dtype=torch.int32, device=device)
+    return lambda: scratch.sum()
 
 
 def time_ms(fn, device, warmup=3, repeats=10, flush_l2=False, graph=False):
