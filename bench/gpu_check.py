@@ -839,14 +839,14 @@ def _warm_baselines(device, dry):
     small = [Case(1, 8, V, "bf16"), Case(2, 8, V, "bf16"), Case(2, 8, V, "fp32"), Case(1, 8, V - 1, "bf16"),
              Case(2, 8, V - 1, "bf16")]
     liger = PROVIDERS["logits"]["liger"]
+    # Liger's kernels take the sequence length and the vocabulary as compile-time constants (not
+    # the batch): warmed at T = 8, the headline's first call of each case would compile them
+    # again. One sequence of each headline (T, V, dtype) keeps the warm step's memory small.
+    headline = list(dict.fromkeys(Case(1, c.T, c.V, c.dtype) for c in HEADLINE_CASES))
     calls = []
     for provider in (compile_dynamic(), liger, PROVIDERS["logits"]["fused-grpo"], PROVIDERS["logits"]["fused"]):
         if provider.unavailable(device, "fwd_bwd"):
             continue
-        # Liger's kernels take the sequence length and the vocabulary as compile-time constants
-        # (not the batch): warmed at T = 8, the headline's first call of each case would compile
-        # them again. One sequence of each headline (T, V, dtype) keeps the warm step's memory small.
-        headline = list(dict.fromkeys(Case(1, c.T, c.V, c.dtype) for c in HEADLINE_CASES))
         for case in headline if provider is liger and not dry else small:
             def call(provider=provider, case=case):
                 with _split_as(HEADLINE[0], case.V, DTYPES[case.dtype], device):

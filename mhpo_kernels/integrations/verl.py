@@ -93,7 +93,7 @@ def compute_policy_loss_mhpo(
             "actor/mhpo_survival": masked_mean(torch.exp(-zeta), response_mask),
             "actor/mhpo_abs_log_ratio": masked_mean(log_ratio.abs(), response_mask),
             "actor/mhpo_saturated_frac": masked_mean((log_ratio.abs() > hp["c"]).float(), response_mask),
-            # verl's own losses log it of the log-ratio clamped to ±20, as they form their ratio
+            # as verl's vanilla-family losses log it: of the log-ratio clamped to ±20, as they form their ratio
             "actor/ppo_kl": masked_mean(-log_ratio.clamp(-20.0, 20.0), response_mask),
         }
     return pg_loss, {k: v.item() for k, v in metrics.items()}
