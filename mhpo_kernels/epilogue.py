@@ -21,6 +21,14 @@ def segment_ids(cu, n):
     return (torch.bucketize(positions, cu, right=True) - 1).clamp_(min=0).clamp_(max=cu.numel() - 2)
 
 
+def left_out(logp, truncated, old=None):
+    """(N,) bool: the tokens a truncated loss leaves out (SPEC.md, section 9): a log-prob of −inf
+    in a ``truncated`` row (a target outside its kept set), or an ``old`` log-prob of −inf (an
+    objective that reads none passes None). ``kernels/prepare.py`` holds the same rule."""
+    out = truncated & (logp == -math.inf)
+    return out if old is None else out | (old == -math.inf)
+
+
 def per_sequence_sum(x, seq_id, n_seqs):
     """Σ of x (N,) over each sequence's tokens: (S,), in x's dtype, 0 for an empty sequence.
     ``seq_id`` (N,) is non-decreasing: tokens in sequence order, as ``segment_ids`` gives them.

@@ -21,6 +21,7 @@ from ._sweep_types import AGG_MODES, LogitMap, mhpo_token_params, TokenParams
 from .loss import (
     check_policy_options, metrics_from_vector, mhpo_objective, normalizer_tensor, prepared, resolve_objective,
 )
+from .objectives import GPG_KIND
 from .vocab_parallel import agreed_settings, dtype_name, normalizer_setting
 
 
@@ -265,14 +266,16 @@ def _logprobs_loss(hidden2d, weight, bias, batch, hp, lmap, chunk_rows, return_m
     gradient, takes it to hidden, weight and bias. With a vocabulary split
     (``batch.tp``) the log-probs are the global ones on every rank."""
     with_entropy = return_metrics or entropy_coef > 0
+    # The tokens the loss leaves out pass no gradient at all: the log-probs' backward knows them.
+    loss = dict(loss=lmap.truncated, old=None if hp.kind == GPG_KIND else batch.old)
     if batch.tp is not None:
         logp, entropy, cut = linear_ops.vocab_parallel_logprobs(hidden2d, weight, bias, batch, lmap, chunk_rows,
-                                                                with_entropy, reduce_dhidden)
+                                                                with_entropy, reduce_dhidden, **loss)
         cut = cut if lmap.filtered else None
     else:
         logp, entropy, _, _, cut = linear_ops.fused_linear_logprobs(
             hidden2d, weight, bias, batch.target, lmap.tau, ops.pack_params(TokenParams(), lmap), lmap.softcap,
-            chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant)
+            chunk_rows, with_entropy, batch.n_valid, **batch.truncation(), batch_invariant=batch_invariant, **loss)
     target, g = batch.target, batch.weight
     if lmap.truncated:
         target, g = ops.kept_tokens(logp.detach(), lmap, cut, batch.target, batch.old, hp.kind, batch.layout(), agg,

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 from ._op_support import ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable
+from .epilogue import left_out
 from .vocab_parallel import outside_kept_set
 
 
@@ -131,12 +132,15 @@ def fused_linear_logprobs(
     params: Tensor, softcap: bool, chunk_rows: int, with_entropy: bool, n_valid: Optional[int] = None,
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None,
     batch_invariant: bool = False, kept_offsets: Optional[Tensor] = None, kept_ids: Optional[Tensor] = None,
+    loss: bool = False, old: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logp, entropy (empty unless asked), base, lse2_rest, cut (empty unless filtered)), each
     (N,) fp32; 1 GEMM per chunk. The last three are the row statistics the backward needs.
     ``n_valid`` as in ``fused_linear_forward``; ``min_p``, ``top_k``, ``top_p`` (N,): the
     sampler's truncated softmax (SPEC.md, section 9), whose kept sets ``cut`` holds;
-    ``kept_offsets`` and ``kept_ids``: a replayed kept set (``LogitMap``)."""
+    ``kept_offsets`` and ``kept_ids``: a replayed kept set (``LogitMap``). ``loss``: the log-probs
+    of a truncated loss, with its ``old`` log-probs (None for an objective that reads none): the
+    backward leaves out the tokens the loss leaves out (``_grad_target``)."""
     _, lmap, _ = _unpack(params, softcap, tau, min_p=min_p, top_k=top_k, top_p=top_p, kept_offsets=kept_offsets,
                          kept_ids=kept_ids)
     with _without_autocast(hidden.device):
@@ -149,7 +153,7 @@ def fused_linear_logprobs(
 
 @fused_linear_logprobs.register_fake
 def _(hidden, weight, bias, target, tau, params, softcap, chunk_rows, with_entropy, n_valid=None, min_p=None,
-      top_k=None, top_p=None, batch_invariant=False, kept_offsets=None, kept_ids=None):
+      top_k=None, top_p=None, batch_invariant=False, kept_offsets=None, kept_ids=None, loss=False, old=None):
     n = hidden.shape[0]
     filtered = min_p is not None or top_k is not None or top_p is not None
     return (_fp32(hidden, n), _fp32(hidden, n if with_entropy else 0), _fp32(hidden, n), _fp32(hidden, n),
@@ -162,17 +166,18 @@ def fused_linear_logprobs_backward(
     base: Tensor, lse2_rest: Tensor, entropy: Optional[Tensor], dlogp: Tensor, dentropy: Optional[Tensor],
     params: Tensor, softcap: bool, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
     n_valid: Optional[int] = None, cut: Optional[Tensor] = None, batch_invariant: bool = False,
-    kept_offsets: Optional[Tensor] = None, kept_ids: Optional[Tensor] = None,
+    kept_offsets: Optional[Tensor] = None, kept_ids: Optional[Tensor] = None, grad_target: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes (empty when not asked for): per chunk, the
     tile recomputed (1 GEMM), turned into its gradient by sweep 2, folded (2 GEMMs). ``cut``: the
     forward's kept-set thresholds of a filtered softmax; ``kept_offsets``, ``kept_ids``: a
-    replayed kept set."""
+    replayed kept set; ``grad_target``: the targets with −1 at the tokens that pass no gradient
+    (``linear_sweeps.token_logprobs_grads``)."""
     _, lmap, _ = _unpack(params, softcap, tau, cut=cut, kept_offsets=kept_offsets, kept_ids=kept_ids)
     with _without_autocast(hidden.device):
         dh, dw, db = token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest,
                                           entropy, dlogp, dentropy, need_dh, need_dw, need_db, n_valid=n_valid,
-                                          batch_invariant=batch_invariant)
+                                          batch_invariant=batch_invariant, grad_target=grad_target)
     return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype),
             weight.new_empty(0) if db is None else db.to(weight.dtype))
 
@@ -180,7 +185,7 @@ def fused_linear_logprobs_backward(
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, target, tau, base, lse2_rest, entropy, dlogp, dentropy, params, softcap,
       chunk_rows, need_dh, need_dw, need_db, n_valid=None, cut=None, batch_invariant=False, kept_offsets=None,
-      kept_ids=None):
+      kept_ids=None, grad_target=None):
     return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             weight.new_empty(weight.shape[0] if need_db else 0))
 
@@ -204,14 +209,28 @@ class LogprobsArgs(NamedTuple):
     batch_invariant: bool = False
     kept_offsets: Optional[Tensor] = None
     kept_ids: Optional[Tensor] = None
+    loss: bool = False
+    old: Optional[Tensor] = None
+
+
+def _grad_target(target, logp, truncated, loss, old, dentropy):
+    """``target`` with −1 at the tokens that pass no gradient at all (SPEC.md, section 9), or None
+    where there are none: those a truncated loss leaves out (``epilogue.left_out``), and of
+    log-probs alone, a target outside its kept set whose entropy gets no gradient either."""
+    if truncated is None or not (loss or dentropy is None):
+        return None
+    return torch.where(left_out(logp, truncated, old if loss else None), -1, target)
 
 
 def _logprobs_setup(ctx, inputs, output):
     a = LogprobsArgs(*inputs)
     filtered = any(x is not None for x in (a.min_p, a.top_k, a.top_p))
     logp, entropy, base, lse2_rest, cut = output
+    truncated = filtered or a.kept_offsets is not None
     ctx.save_for_backward(a.hidden, a.weight, a.bias, a.target, a.tau, base, lse2_rest,
-                          entropy if a.with_entropy else None, cut if filtered else None, a.kept_offsets, a.kept_ids)
+                          entropy if a.with_entropy else None, cut if filtered else None, a.kept_offsets, a.kept_ids,
+                          logp if truncated else None, a.old if a.loss else None)
+    ctx.loss = a.loss
     ctx.params, ctx.softcap, ctx.chunk_rows, ctx.n_valid = a.params, a.softcap, a.chunk_rows, a.n_valid
     ctx.batch_invariant = bool(a.batch_invariant)
     ctx.mark_non_differentiable(base, lse2_rest, cut)
@@ -220,7 +239,8 @@ def _logprobs_setup(ctx, inputs, output):
 
 @once_differentiable
 def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
-    hidden, weight, bias, target, tau, base, lse2_rest, entropy, cut, kept_offsets, kept_ids = ctx.saved_tensors
+    hidden, weight, bias, target, tau, base, lse2_rest, entropy, cut, kept_offsets, kept_ids, logp, old = \
+        ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if entropy is None:
@@ -229,10 +249,13 @@ def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
         return (None,) * len(LogprobsArgs._fields)
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
+    truncated = None
+    if logp is not None:  # from the saved tensors: under torch.compile the host params are not read here
+        truncated = cut > -math.inf if cut is not None else kept_offsets[1:] > kept_offsets[:-1]
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
         ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut, ctx.batch_invariant,
-        kept_offsets, kept_ids)
+        kept_offsets, kept_ids, _grad_target(target, logp, truncated, ctx.loss, old, dent))
     grads = (dh if need_dh else None, dw if need_dw else None, db if need_db else None)
     return grads + (None,) * (len(LogprobsArgs._fields) - 3)
 
@@ -285,7 +308,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     those statistics, whose only collective is dhidden's all-reduce."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+    def forward(ctx, hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden, loss, old):
         # A replayed kept set: this rank's ids (vocab_parallel.py); its targets outside their
         # sets get no log-prob gradient on any rank.
         outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
@@ -296,12 +319,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                                                                     n_valid=batch.n_valid)
         if outside is not None:   # −inf whatever the set's logits hold (a NaN there would merge to NaN)
             logp = torch.where(outside, -math.inf, logp)
+        # A target outside its kept set (or at −inf, in none) has log-prob −inf on every rank.
+        truncated = lmap.truncated_rows(cut)
         if cut is not None:
             # The filters' thresholds on this slice's exponents at ``base``, where the backward
-            # forms them; a target below it has log-prob −inf on every rank.
-            outside = (logp == -math.inf) & (cut > -math.inf)
+            # forms them.
             lmap = dataclasses.replace(lmap, min_p=None, top_k=None, top_p=None, cut=cut)
-        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy, outside)
+        ctx.save_for_backward(hidden, weight, bias, base, lse2_rest, entropy, logp, truncated, old if loss else None)
+        ctx.loss = loss
         ctx.batch, ctx.lmap, ctx.chunk_rows, ctx.reduce_dhidden = batch, lmap, chunk_rows, reduce_dhidden
         ctx.set_materialize_grads(False)  # an entropy kept for logging only adds no backward term
         empty = logp.new_empty(0)
@@ -312,24 +337,27 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_logp, d_entropy, _cut):
-        hidden, weight, bias, base, lse2_rest, entropy, outside = ctx.saved_tensors
+        hidden, weight, bias, base, lse2_rest, entropy, logp, truncated, old = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
         dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
-        if outside is not None:
-            dlogp = torch.where(outside, 0.0, dlogp)
+        if truncated is not None:
+            dlogp = torch.where(left_out(logp, truncated), 0.0, dlogp)
         # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
         dh, dw, db = token_logprobs_grads(
             hidden, weight, bias, ctx.batch.target, ctx.lmap, ctx.chunk_rows, base, lse2_rest, entropy,
             dlogp, dent, need_dh, need_dw, need_db and bias is not None, tp=ctx.batch.tp,
-            reduce_dhidden=ctx.reduce_dhidden, n_valid=ctx.batch.n_valid)
+            reduce_dhidden=ctx.reduce_dhidden, n_valid=ctx.batch.n_valid,
+            grad_target=_grad_target(ctx.batch.target, logp, truncated, ctx.loss, old, dent))
         grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))
-        return grads + (None,) * 5
+        return grads + (None,) * 7
 
 
-def vocab_parallel_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden):
+def vocab_parallel_logprobs(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy, reduce_dhidden, loss=False,
+                            old=None):
     """(logp, entropy or an empty tensor, the rows' thresholds of the filters or an empty tensor)
-    of the fused linear path over a vocabulary slice."""
+    of the fused linear path over a vocabulary slice; ``loss`` and ``old`` as in
+    ``fused_linear_logprobs``."""
     return _VocabParallelLogprobs.apply(hidden, weight, bias, batch, lmap, chunk_rows, with_entropy,
-                                        reduce_dhidden)
+                                        reduce_dhidden, loss, old)
 

@@ -274,19 +274,23 @@ def token_logprobs_sweeps(hidden, weight, bias, target, lmap, chunk_rows, with_e
 
 def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, lse2_rest, entropy, dlogp,
                          dentropy, need_dh, need_dw, need_db, tp=None, reduce_dhidden=True, n_valid=None,
-                         batch_invariant=False):
+                         batch_invariant=False, grad_target=None):
     """The backward of ``token_logprobs_sweeps``: (dhidden, dweight, dbias) (fp32 accumulators for
     the last two; None where not needed) for the upstream gradients ``dlogp`` and ``dentropy``
     ((N,) fp32; ``dentropy`` None when the entropy got none). Per chunk of valid tokens the tile
     is recomputed (1 GEMM), sweep 2 turns it into ∂L/∂logits in place and 2 GEMMs fold it. With
     ``tp`` the tile holds this rank's columns and ``base``/``lse2_rest``/``entropy`` are the global
     statistics, so the tile's gradient is this rank's slice of the full one: the only collective
-    is dhidden's all-reduce (unless ``reduce_dhidden`` is False)."""
+    is dhidden's all-reduce (unless ``reduce_dhidden`` is False). ``grad_target``: ``target``
+    with −1 at the tokens that pass no gradient at all (SPEC.md, section 9): their logits are not
+    read and their hidden rows enter dweight's GEMM as zeros, so that nothing they hold (a NaN)
+    reaches it as 0 · NaN."""
     _, backward_sweep = _dispatch.sweeps(hidden.device, lmap.backend)
     n = hidden.shape[0]
     kept = _valid_rows(target, n_valid)
     hidden, target, base, lse2_rest, entropy, dlogp, dentropy = _gather_rows(
-        kept, _without_padding(hidden, target, n_valid), target, base, lse2_rest, entropy, dlogp, dentropy)
+        kept, _without_padding(hidden, target, n_valid), target if grad_target is None else grad_target, base,
+        lse2_rest, entropy, dlogp, dentropy)
     lmap = lmap if kept is None else lmap.rows(kept)
     m = hidden.shape[0]
     if batch_invariant:
@@ -302,6 +306,8 @@ def token_logprobs_grads(hidden, weight, bias, target, lmap, chunk_rows, base, l
         tile_target = rows(target) if tp is None else tp.local_target(rows(target))
         backward_sweep(tile, tile, tile_target, rows(base), rows(lse2_rest), rows(dlogp).contiguous(),
                        rows(entropy), rows(dentropy), lmap.rows(slice(r0, r1)))
+        if grad_target is not None and dw is not None:   # the chunk's rows that pass no gradient
+            h_c = h_c.masked_fill(rows(target).unsqueeze(-1) < 0, 0)
         _fold_tile_grad(tile[0], h_c, weight, rows(dh), dw, db)
     if tp is not None and need_dh and reduce_dhidden:
         torch.distributed.all_reduce(dh, group=tp.group)

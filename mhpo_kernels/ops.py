@@ -111,6 +111,7 @@ class SweepsOut(NamedTuple):
     total: Tensor         # 0-d: Σ_t g_t · loss_t (less the entropy bonus)
     metrics: Tensor       # (len(METRICS),)
     kept_weight: Tensor   # a truncated loss: g over the tokens inside their kept set
+    kept_target: Tensor   # and its targets, −1 at the tokens it left out (int32)
     cut: Tensor           # a filter or a given cut: each row's threshold
 
 
@@ -192,7 +193,8 @@ def _forward_sweep(a, grad=None):
     def present(x):  # absent outputs as empty tensors, each its own
         return _fp32(a.logits, 0) if x is None else x
 
-    return tuple(map(present, stats[:8])) + totals + (weight if truncated else present(None), present(stats.cut))
+    kept = (weight, target) if truncated else (present(None), a.target.new_empty(0))
+    return tuple(map(present, stats[:8])) + totals + kept + (present(stats.cut),)
 
 
 def _thresholds(a):
@@ -212,9 +214,9 @@ def _fake_outputs(a, grad):
     present = (True, True, True, a.with_entropy) + (a.with_loss,) * 4
     stats = tuple(_fp32(a.logits, n if p else 0) for p in present)
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
-    weight = _fp32(a.logits, n if _kept_weights(a) else 0)
-    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0), weight,
-                    _fp32(a.logits, n if _thresholds(a) else 0))
+    kept = n if _kept_weights(a) else 0
+    return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0),
+                    _fp32(a.logits, kept), a.target.new_empty(kept), _fp32(a.logits, n if _thresholds(a) else 0))
 
 
 def _sweeps_forward(
@@ -225,12 +227,13 @@ def _sweeps_forward(
     min_p: Optional[Tensor] = None, top_k: Optional[Tensor] = None, top_p: Optional[Tensor] = None, agg: int = -1,
     normalizer: Optional[Tensor] = None, sequence_level: bool = False, kept_offsets: Optional[Tensor] = None,
     kept_ids: Optional[Tensor] = None, cut: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor]:
     """Sweep 1, outputs in order: the ``RowStats`` fields, each (N,) fp32 (empty when not asked
     for); with ``grad_in_forward``, ∂L/∂logits for an upstream gradient of 1 from the same launch
     (its backward rescales it); with ``totals``, the 0-d loss (less the entropy bonus when
     ``entropy_bonus``) and with LOSS_AND_METRICS the metrics vector; with a truncated loss, the
-    weights of the tokens inside the kept set; with a filter or ``cut``, each row's threshold.
+    weights and targets of the tokens inside the kept set; with a filter or ``cut``, each row's threshold.
     ``params``: the runtime scalars (``pack_params``), a host tensor. ``cut``: each row's
     threshold given (a vocabulary slice's under min_p). ``cu``, ``agg``, ``normalizer``: the
     sequences and aggregation of GSPO and of a truncated loss. ``inplace_backward`` changes only
@@ -264,7 +267,7 @@ def sweeps_forward_grad_(
     logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor],
     weight: Optional[Tensor], ref: Optional[Tensor], tau: Optional[Tensor], params: Tensor,
     softcap: bool, with_entropy: bool, shifted: bool, totals: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sweep 1 with the loss, and in the same launch ``logits`` overwritten with ∂L/∂logits for an
     upstream gradient of 1 (each row is read whole before the same program writes it); the
     ``RowStats`` fields and the totals as in ``sweeps_forward``. No autograd formula of its own:
@@ -333,7 +336,8 @@ class OneSweepInplace(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight, _cut):
+    def backward(ctx, _base, _log2_sum, _logp, _entropy, _psi, _zeta, _loss, _coef, d_total, _metrics, _weight,
+                 _kept_target, _cut):
         return (_hand_back(ctx, d_total),) + (None,) * 11
 
 
@@ -391,7 +395,7 @@ def backward_sweep(logits, inplace, **args):
 
 def _sweeps_setup(ctx, inputs, output):
     a = SweepsArgs(*inputs)
-    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics, kept_weight, cut = output
+    base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, _, metrics, kept_weight, kept_target, cut = output
     ctx.totals = a.totals
     ctx.grad_in_forward = a.grad_in_forward
     if a.totals:  # the 0-d loss is the loss's one differentiable output
@@ -400,19 +404,21 @@ def _sweeps_setup(ctx, inputs, output):
         ctx.save_for_backward(grad, a.target, a.params)
         ctx.shifted = a.shifted
         ctx.mark_non_differentiable(base, lse2_rest, logp, entropy, psi, zeta, loss, coef, grad, metrics, kept_weight,
-                                    cut)
+                                    kept_target, cut)
         ctx.set_materialize_grads(False)
         return
     # GSPO (cu given): zeta holds each token's share of its sequence term's derivative (_sequence_terms)
     seq = a.with_loss and a.sequence_level
-    weight = kept_weight if _kept_weights(a) else a.weight
+    # A truncated loss: a token it left out (outside its kept set, or an old log-prob of −inf) has
+    # no gradient, and its row is written zero without being read, as an invalid token's.
+    weight, target = (kept_weight, kept_target) if _kept_weights(a) else (a.weight, a.target)
     ctx.sequence_level = seq
-    ctx.save_for_backward(a.logits, a.target, base, lse2_rest, coef, entropy, zeta if seq else None,
+    ctx.save_for_backward(a.logits, target, base, lse2_rest, coef, entropy, zeta if seq else None,
                           weight if seq or a.entropy_bonus else None, a.cu if seq else None, a.tau, a.params,
                           cut if _thresholds(a) else None, a.kept_offsets, a.kept_ids)
     ctx.softcap, ctx.with_entropy, ctx.with_loss = a.softcap, a.with_entropy, a.with_loss
     ctx.shifted, ctx.inplace, ctx.entropy_bonus = a.shifted, a.inplace_backward, a.entropy_bonus
-    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, cut)
+    ctx.mark_non_differentiable(base, lse2_rest, psi, zeta, coef, grad, metrics, kept_weight, kept_target, cut)
     ctx.set_materialize_grads(False)
 
 
@@ -422,7 +428,7 @@ def _add(x, y):
 
 @once_differentiable
 def _sweeps_backward(ctx, _base, _log2_sum, d_logp, d_entropy, _psi, _zeta, d_loss, _coef, _grad, d_total, _metrics,
-                     _weight, _cut):
+                     _weight, _kept_target, _cut):
     nothing = (None,) * len(SweepsArgs._fields)
     if ctx.totals:
         d_loss = None   # the per-token losses are not differentiable then: the 0-d total is

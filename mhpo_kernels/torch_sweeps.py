@@ -54,12 +54,8 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
         if mask.dtype != torch.bool:
             status[STATUS_MASK] = ((mask != 0) & (mask != 1)).sum()
         valid = valid & (mask != 0)
-    if logp is not None:  # outside the kept set: a log-prob of −inf in a truncated row, or an old one of −inf
-        truncated = cut > -math.inf if cut is not None else kept[1] > kept[0]
-        outside = truncated & (logp == -math.inf)
-        if old is not None:
-            outside = outside | (old == -math.inf)
-        valid = valid & ~outside
+    if logp is not None:  # a truncated loss's: the tokens it leaves out
+        valid = valid & ~epilogue.left_out(logp, cut > -math.inf if cut is not None else kept[1] > kept[0], old)
     bad = valid & ((ids < 0) | (ids >= V))
     positions = torch.arange(N, device=device, dtype=torch.int64)
     status[STATUS_N_VALID], status[STATUS_BAD_IDS] = valid.sum(), bad.sum()
@@ -315,11 +311,17 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
         y = target[r0:r1].long()
         if lmap.cut is not None:                        # outside the kept set, before q becomes log2 p
             dropped = q < torch.where(valid, lmap.cut[r0:r1], -math.inf).to(q.dtype).unsqueeze(-1)
+        has_y = (valid & (y < q.shape[-1])).unsqueeze(-1)   # else another vocabulary slice's target
+        outside = None
+        if dropped is not None:  # a target outside the kept set: no log-prob gradient
+            y_c = y.clamp(0, q.shape[-1] - 1).unsqueeze(-1)
+            outside = has_y & dropped.gather(-1, y_c)
+            if lmap.replayed:   # or at d = −inf, which no kept set holds (SPEC.md, section 9)
+                truncated = lmap.truncated_rows(None)[r0:r1].unsqueeze(-1)
+                outside |= has_y & truncated & (q.gather(-1, y_c) == -math.inf)
         q.sub_(lse2_rest[r0:r1].unsqueeze(-1))           # log2 p
         dlogp_c = torch.where(valid, dlogp[r0:r1], 0.0).unsqueeze(-1)
-        has_y = (valid & (y < q.shape[-1])).unsqueeze(-1)   # else another vocabulary slice's target
-        if dropped is not None:  # a target outside the kept set: no log-prob gradient
-            outside = has_y & dropped.gather(-1, y.clamp(0, q.shape[-1] - 1).unsqueeze(-1))
+        if outside is not None:
             dlogp_c = torch.where(outside, 0.0, dlogp_c)
         dz = _rowwise(torch.exp2, q)                    # p, then overwritten with ∂L/∂z
         if lmap.cut is not None:  # p = 0 outside the kept set, times the row's coefficients (as the kernel)
@@ -338,6 +340,8 @@ def mhpo_bwd(logits, grad, target, base, lse2_rest, dlogp, entropy, dentropy, lm
             dz.mul_(1.0 - u * u)                        # dz/dx from tanh's result, as eager does
         if lmap.replayed and dropped is not None:  # written without reading, as the replay kernels do
             dz.masked_fill_(dropped, 0.0)
+            if dentropy is None:  # and no gradient at all where the target is outside (0 · a NaN there)
+                dz.masked_fill_(outside, 0.0)
         dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
         grad[b, t0:t1] = dz
     return grad

@@ -31,7 +31,7 @@ from . import ops
 from ._op_support import once_differentiable
 from ._inputs import status_failed
 from ._sweep_types import STATUS_N_VALID, STATUS_SLOTS, RowStats
-from .epilogue import merge_slices, token_terms
+from .epilogue import left_out, merge_slices, token_terms
 from .slice_select import selected_cuts
 
 SETTING_SLOTS = 20  # hashed settings per call; every call fills them in the same order
@@ -301,13 +301,17 @@ class _VocabParallelSweeps(torch.autograd.Function):
         outside = outside_kept_set(lmap, batch.target) if lmap.replayed else None
         stats, kept_target, g = tp.finish_rows(local, batch.target, batch.old, batch.adv, batch.weight, ref, hp,
                                                with_entropy, with_loss, kept, outside)
-        if cut is not None:  # a target below the threshold: its log-prob is −inf on every rank
-            outside = (stats.logp == -math.inf) & (cut > -math.inf)
+        truncated = lmap.truncated_rows(cut)
+        if truncated is not None:  # outside its kept set (or at −inf, in none): log-prob −inf on every rank
+            outside = left_out(stats.logp, truncated)
+        if with_loss and lmap.truncated:  # a token the loss left out: no gradient, its row not read (ops.py)
+            target = torch.where(kept_target < 0, -1, target)
         # The backward forms d at the common base, the combine's, against the thresholds there.
         ctx.save_for_backward(logits, target, stats.lse2_base, stats.lse2_rest, stats.coef, stats.entropy, lmap.tau,
                               batch.kept_offsets, kept_ids, outside, cut)
         ctx.params, ctx.softcap, ctx.shifted, ctx.inplace = params, lmap.softcap, shifted, inplace
         ctx.with_entropy, ctx.with_loss = with_entropy, with_loss
+        ctx.set_materialize_grads(False)  # an output that got no gradient adds no term
         empty = logits.new_empty(0, dtype=torch.float32)
         outputs = (stats.logp, stats.entropy if with_entropy else empty, stats.loss if with_loss else empty,
                    stats.psi if with_loss else empty, stats.zeta if with_loss else empty)
@@ -319,10 +323,14 @@ class _VocabParallelSweeps(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_logp, d_entropy, d_loss, _psi, _zeta, _target, _g):
         logits, target, base, lse2_rest, coef, entropy, tau, kept_offsets, kept_ids, outside, cut = ctx.saved_tensors
-        dlogp = d_logp.float() if outside is None else torch.where(outside, 0.0, d_logp.float())
-        if ctx.with_loss:
+        dlogp = torch.zeros_like(lse2_rest) if d_logp is None else d_logp.float()
+        if outside is not None:
+            dlogp = torch.where(outside, 0.0, dlogp)
+        if ctx.with_loss and d_loss is not None:
             dlogp = dlogp + coef * d_loss
-        dent = d_entropy.float().contiguous() if ctx.with_entropy else None
+        dent = d_entropy.float().contiguous() if ctx.with_entropy and d_entropy is not None else None
+        if outside is not None and dent is None:  # no gradient at all: the row is not read
+            target = torch.where(outside, -1, target)
         return (ops.backward_sweep(logits, ctx.inplace, target=target, base=base, lse2_rest=lse2_rest,
                                    dlogp=dlogp.contiguous(), entropy=entropy if dent is not None else None,
                                    dentropy=dent, tau=tau, params=ctx.params, softcap=ctx.softcap,

@@ -31,7 +31,7 @@ def _valid_tokens(input_ids, mask, ignore_index):
     return valid
 
 
-def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept=None):
+def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept=None, left_out=None):
     """log softmax(x/τ)[y] and log softmax(x/τ) over the vocabulary, for valid tokens only, and
     the (B, T) bool of the targets outside the kept set (all False without ``filters``).
 
@@ -44,7 +44,8 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept
     a replayed kept set instead, (a bool shaped like ``logits``, the truncated rows) as
     ``replayed_set`` gives it: the logits outside it are never read, so whatever they hold
     reaches nothing, and a target of a truncated row whose logit is −inf is outside, as −inf
-    logits are outside every kept set.
+    logits are outside every kept set. ``left_out``: (B, T) bool, rows that pass no gradient at
+    all (section 9): what they hold reaches no derivative, not even as 0 · NaN.
     """
     if kept is not None:
         kept, truncated_rows = kept
@@ -67,6 +68,8 @@ def _selected_logprobs(logits, input_ids, valid, temperature, filters=None, kept
     if kept is not None:
         z = truncated(z, kept)
         outside = valid & ~kept.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if left_out is not None:
+        z = torch.where(left_out.unsqueeze(-1), z.detach(), z)
     logprobs = F.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     if kept is not None:
@@ -196,7 +199,9 @@ def token_logprobs(logits, input_ids, temperature=1.0, ignore_index=-100, return
     valid = _valid_tokens(ids, mask3, ignore_index)
     filters = {k: v for k, v in dict(top_k=top_k, top_p=top_p, min_p=min_p).items() if v is not None}
     kept = None if kept_ids is None else [x.to(logits.device) for x in replayed_set(kept_ids, logits3.shape)]
-    logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
+    logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
+    if filters or kept is not None:  # a target outside its kept set: no log-prob gradient, not even 0 · NaN
+        logp = _selected_logprobs(logits3, ids, valid, temperature, filters, kept, left_out=outside)[0]
     logp = torch.where(valid, logp, torch.zeros_like(logp)).reshape(input_ids.shape)
     if not return_entropy:
         return logp
@@ -476,6 +481,8 @@ def mhpo_loss(
     logp, logprobs, outside = _selected_logprobs(logits3, ids, valid, temperature, filters, kept)
     if (_any_on(filters) or kept is not None) and old is not None and type(objective).__name__ != "GPG":
         outside = outside | (valid & (old == -math.inf))   # no ratio: the old policy's kept set left it out
+    if filters or kept is not None:  # a token left out passes no gradient at all (section 9)
+        logp, logprobs, _ = _selected_logprobs(logits3, ids, valid, temperature, filters, kept, left_out=outside)
     share = (outside.sum() / valid.sum().clamp(min=1)).to(logp.dtype)
     valid = valid & ~outside
     if token_weights is not None:                         # laid out as the advantages

@@ -232,9 +232,10 @@ def test_opcheck(config):
             kwargs = replayed
         torch.library.opcheck(ops.sweeps_forward, args, kwargs)
         if shifted:  # the backward ops themselves, out of place and in place
-            stats = [s.detach() for s in ops.sweeps_forward(*args, **kwargs)]
-            bwd_args = (x.detach().clone(), ids, stats[0], stats[1], torch.randn(6, generator=g), stats[3],
-                        torch.randn(6, generator=g), tau, params, False, True, stats[12] if truncated else None)
+            stats = ops.SweepsOut(*(s.detach() for s in ops.sweeps_forward(*args, **kwargs)))
+            bwd_args = (x.detach().clone(), ids, stats.lse2_base, stats.lse2_rest, torch.randn(6, generator=g),
+                        stats.entropy, torch.randn(6, generator=g), tau, params, False, True,
+                        stats.cut if truncated else None)
             bwd_kwargs = replayed if config == "logits-shifted-replayed" else {}
             torch.library.opcheck(ops.sweeps_backward, bwd_args, bwd_kwargs)
             torch.library.opcheck(ops.sweeps_backward_, bwd_args, bwd_kwargs)

@@ -1038,6 +1038,43 @@ def _left_out_inputs():
     return (x, torch.tensor([[12, 12, 3, 3]]), kept), (hidden, weight, torch.tensor([1, 12, 3]), linear_kept)
 
 
+def _value_and_grads(fn, *leaves):
+    """(fn's value, its gradients): of the sum of its finite values, or of a 0-d loss itself."""
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    (torch.where(out.isinf(), 0.0, out).sum() if out.dim() else out).backward()
+    return (out.detach(),) + tuple(t.grad for t in leaves)
+
+
+def _left_out_runs(x, ids, kept, hidden, weight, linear_ids, linear_kept, lib, **tp):
+    """``_value_and_grads`` of the log-probs and of a loss, on the logits and on the LM head
+    (∂/∂hidden and ∂/∂weight), for ``_left_out_inputs``, with ``lib`` (mhpo_kernels or the
+    reference, which has no fused linear path: it takes the logits the head makes)."""
+    from mhpo_kernels.objectives import MHPO
+
+    fused = lib.__name__ == "mhpo_kernels"
+    old, adv = -torch.ones(1, 4, dtype=x.dtype), torch.ones(1, 4, dtype=x.dtype)
+    linear_old, linear_adv = -torch.ones(1, 3, dtype=x.dtype), torch.ones(1, dtype=x.dtype)
+    loss = dict(objective=MHPO(), entropy_coef=0.01)
+
+    def head_logprobs(h, w):
+        if fused:
+            return lib.fused_linear_token_logprobs(h, w, linear_ids, kept_ids=linear_kept, **tp)
+        return lib.token_logprobs(h @ w.T, linear_ids, kept_ids=linear_kept)
+
+    def head_loss(h, w):
+        args = (linear_ids[None], linear_old, linear_adv)
+        if fused:
+            return lib.fused_linear_policy_loss(h[None], w, *args, kept_ids=linear_kept, **loss, **tp)
+        return lib.policy_loss(h[None] @ w.T, *args, kept_ids=linear_kept, **loss)
+
+    return (
+        _value_and_grads(lambda z: lib.token_logprobs(z, ids, kept_ids=kept, **tp), x),
+        _value_and_grads(lambda z: lib.policy_loss(z, ids, old, adv, kept_ids=kept, **loss, **tp), x),
+        _value_and_grads(head_logprobs, hidden, weight),
+        _value_and_grads(head_loss, hidden, weight))
+
+
 def _tp_left_out_worker(rank, world_size, out_dir):
     import mhpo_kernels
     import torch.distributed as dist
@@ -1047,12 +1084,8 @@ def _tp_left_out_worker(rank, world_size, out_dir):
     out = {}
     for backend in ("triton", "torch"):
         with mhpo_kernels.use_backend(backend):
-            out[backend] = (
-                mhpo_kernels.token_logprobs(x[..., cols], ids, kept_ids=kept, tp_group=dist.group.WORLD),
-                mhpo_kernels.fused_linear_token_logprobs(hidden, weight[cols], linear_ids, kept_ids=linear_kept,
-                                                         tp_group=dist.group.WORLD),
-                mhpo_kernels.mhpo_loss(x[..., cols], ids, -torch.ones(1, 4), torch.ones(1, 4), kept_ids=kept,
-                                       entropy_coef=0.01, tp_group=dist.group.WORLD))
+            out[backend] = _left_out_runs(x[..., cols], ids, kept, hidden, weight[cols], linear_ids, linear_kept,
+                                          mhpo_kernels, tp_group=dist.group.WORLD)
     torch.save(out, f"{out_dir}/left-out-{rank}.pt")
 
 
@@ -1060,19 +1093,29 @@ def test_vocab_parallel_target_outside_a_non_finite_kept_set(tmp_path):
     """A target outside its replayed kept set has log-prob −inf on every rank whatever the set's
     logits hold (SPEC.md, sections 6 and 9), as in one process: +inf or NaN among them, in the
     target's slice or the other, merged NaN into it before. A loss leaves such tokens out, with
-    their entropy bonus (0 · NaN was NaN): every token left out, it is 0."""
+    their entropy bonus (0 · NaN was NaN): every token left out, it is 0. The log-probs alone
+    and the losses give those rows no gradient, not 0 · NaN: the logits' rows are 0, and the
+    head's hidden state of NaN at such a token reaches neither dhidden nor dweight, as in the
+    float64 reference with that state taking no part."""
     import reference
+    from test_truncation import _close
 
     _dist.run(_tp_left_out_worker, 2, tmp_path, str(tmp_path))
     (x, ids, kept), (hidden, weight, linear_ids, linear_kept) = _left_out_inputs()
-    want = reference.token_logprobs(x.double(), ids, kept_ids=kept)
-    want_linear = reference.token_logprobs(hidden.double() @ weight.double().T, linear_ids, kept_ids=linear_kept)
-    assert (want == -math.inf).all() and want_linear[1] == -math.inf and want_linear[[0, 2]].isfinite().all()
+    clean = torch.where(torch.tensor([False, True, False]).unsqueeze(-1), 0.0, hidden)   # token 1's state: none
+    want = _left_out_runs(x.double(), ids, kept, clean.double(), weight.double(), linear_ids, linear_kept, reference)
+    assert (want[0][0] == -math.inf).all() and want[2][0][1] == -math.inf and want[2][0][[0, 2]].isfinite().all()
     for rank in range(2):
+        cols = slice(10 * rank, 10 * rank + 10)
         got = torch.load(tmp_path / f"left-out-{rank}.pt")
-        for backend, (logp, linear_logp, loss) in got.items():
-            assert (logp == -math.inf).all() and loss == 0, (rank, backend, logp, loss)
-            assert linear_logp[1] == -math.inf and linear_logp[[0, 2]].isfinite().all(), (rank, backend, linear_logp)
+        for backend, (logprobs, loss, linear_logprobs, linear_loss) in got.items():
+            assert (logprobs[0] == -math.inf).all() and loss[0] == 0, (rank, backend, logprobs[0], loss[0])
+            assert not logprobs[1].any() and not loss[1].any(), (rank, backend)
+            for (value, dh, dw), (want_value, want_dh, want_dw) in ((linear_logprobs, want[2]), (linear_loss, want[3])):
+                assert not dh[1].any() and dw.isfinite().all(), (rank, backend)
+                _close(value, want_value)
+                _close(dh, want_dh)
+                _close(dw, want_dw[cols])
 
 
 LINEAR_TRUNCATED_CASES = ["replay", "min_p", "filters"]

@@ -142,6 +142,15 @@ def test_a_minus_inf_target_inside_its_kept_set_is_outside(backend):
     want = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(), adv.double(), **kw)
     assert want[1]["outside_support"].item() == 0.25
     _same_loss(got, want)
+    # Its log-prob (−inf) passes no gradient, whatever the upstream one (here 1 at every token).
+    grads = []
+    for fn, z in ((mhpo_kernels.token_logprobs, x), (reference.token_logprobs, x.double())):
+        z = z.clone().requires_grad_()
+        with mhpo_kernels.use_backend(backend):
+            fn(z, ids, kept_ids=(offsets, kept)).backward(torch.ones(ids.shape, dtype=z.dtype))
+        grads.append(z.grad)
+    assert not grads[0][0, 1].any() and grads[0][0, 3].any()
+    _close(*grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,9 +251,10 @@ def test_non_finite_logits_inside_a_kept_set(backend):
 @pytest.mark.parametrize("value", [math.inf, math.nan])
 def test_a_left_out_token_adds_nothing_whatever_its_row_holds(backend, value):
     """A target outside its kept set leaves the loss as an invalid token does (SPEC.md, section
-    9), also with +inf or NaN among its row's kept logits and an entropy bonus, whose g_t·H_t is
-    then 0·NaN: the loss is bit-identical to the one with that row clean, and the reference's.
-    (That row's gradient over K is still NaN, on every path: SPEC.md, section 9 names the gap.)"""
+    9), also with +inf or NaN among its row's kept logits and an entropy bonus (whose g_t·H_t is
+    then 0·NaN): the loss and its gradient are bit-identical to those with that row clean, that
+    row's gradient is 0, not 0 · NaN, and both equal the reference's. Log-probs alone give the
+    row no gradient either; an entropy differentiated (even times 0) gives it the entropy's, NaN."""
     x = _logits((1, 3, 16), seed=31)
     ids = torch.tensor([[1, 2, 3]])                    # row 1 keeps {5, 6}: its target 2 is outside
     kept = (torch.tensor([0, 2, 4, 6]), torch.tensor([1, 4, 5, 6, 3, 7]))
@@ -253,13 +263,32 @@ def test_a_left_out_token_adds_nothing_whatever_its_row_holds(backend, value):
     dirty[0, 1, 5] = value
 
     def loss(fn, z):
-        return fn(z, ids, old.to(z.dtype), adv.to(z.dtype), kept_ids=kept, entropy_coef=0.01)
+        z = z.clone().requires_grad_()
+        out = fn(z, ids, old.to(z.dtype), adv.to(z.dtype), kept_ids=kept, entropy_coef=0.01)
+        out.backward()
+        return out.detach(), z.grad
+
+    def logprobs(fn, z, entropy_weight):
+        z = z.clone().requires_grad_()
+        logp, ent = fn(z, ids, kept_ids=kept, return_entropy=True)
+        total = torch.where(logp.isinf(), 0.0, logp).sum()
+        (total if entropy_weight is None else total + entropy_weight * ent[0, 1]).backward()
+        return z.grad
 
     with mhpo_kernels.use_backend(backend):
-        got, clean = loss(mhpo_kernels.mhpo_loss, dirty), loss(mhpo_kernels.mhpo_loss, x)
-    want = loss(reference.mhpo_loss, dirty.double())
-    assert torch.equal(got, clean), (got, clean)
+        (got, grad), (clean, clean_grad) = loss(mhpo_kernels.mhpo_loss, dirty), loss(mhpo_kernels.mhpo_loss, x)
+        lp_grad = logprobs(mhpo_kernels.token_logprobs, dirty, None)
+        ent_grad = logprobs(mhpo_kernels.token_logprobs, dirty, 0)
+    want, want_grad = loss(reference.mhpo_loss, dirty.double())
+    assert torch.equal(got, clean) and torch.equal(grad, clean_grad), (got, clean)
+    assert not grad[0, 1].any() and not want_grad[0, 1].any()
     assert math.isfinite(want.item()) and abs(got.item() - want.item()) <= FP32_RTOL * abs(want.item())
+    _close(grad, want_grad)
+    want_lp_grad = logprobs(reference.token_logprobs, dirty.double(), None)
+    assert not lp_grad[0, 1].any() and not want_lp_grad[0, 1].any()
+    _close(lp_grad, want_lp_grad)
+    assert ent_grad[0, 1, [5, 6]].isnan().all()
+    assert logprobs(reference.token_logprobs, dirty.double(), 0)[0, 1].isnan().any()
 
 
 def _head(N, H, V, seed):
@@ -343,3 +372,59 @@ def test_fused_linear_loss(backend):
     assert metrics["outside_support"].item() == pytest.approx(want_metrics["outside_support"].item(), abs=1e-7)
     for a, b in zip(grads, want_grads):
         _close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_left_out_states_reach_no_gradient(backend):
+    """Hidden states of NaN at a token whose target is outside its replayed kept set (log-prob
+    −inf) and, in a loss, at one whose old log-prob is −inf (its row NaN): the loss leaves both
+    out, and the log-probs alone give the first no gradient (its entropy given none). What those
+    states hold reaches no gradient (dhidden's rows 0; dweight and dbias finite, not 0 · NaN),
+    which equals the float64 reference's with those states taking no part."""
+    from mhpo_kernels.objectives import MHPO
+
+    N, H, V = 6, 8, 40
+    hidden, weight, bias = _head(N, H, V, seed=37)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    offsets = torch.tensor([0, 3, 6, 9, 12, 12, 15])   # token 2's set leaves its target 3 out; token 4's is empty
+    kept = torch.tensor([1, 7, 8, 2, 9, 10, 11, 12, 13, 4, 0, 14, 6, 15, 16])
+    old, adv, mask = torch.full((1, N), -1.0), torch.tensor([0.7]), torch.ones(1, N, dtype=torch.bool)
+    old[0, 3] = -math.inf                               # token 3: inside its set, its old log-prob −inf
+    upstream = torch.linspace(-1.0, 1.0, N).reshape(1, N)
+
+    def grads(fn, h, w, b):
+        h, w, b = (t.clone().requires_grad_() for t in (h, w, b))
+        out = fn(h, w, b)
+        total = torch.where(out.isinf(), 0.0, out * upstream.to(out.dtype)).sum() if out.dim() else out
+        total.backward()
+        return out.detach(), h.grad, w.grad, b.grad
+
+    for name in ("logprobs", "loss"):
+        rows = torch.tensor([False, False, True, name == "loss", False, False])
+        dirty = hidden.clone()
+        dirty[rows] = math.nan
+        if name == "logprobs":
+            def fused(h, w, b):
+                return mhpo_kernels.fused_linear_token_logprobs(h[None], w, ids, bias=b, chunk_size=4,
+                                                                kept_ids=(offsets, kept))
+
+            def eager(h, w, b):
+                h = torch.where(rows.unsqueeze(-1), 0.0, h)   # those states take no part
+                return reference.token_logprobs(h[None] @ w.T + b, ids, kept_ids=(offsets, kept))
+        else:
+            kw = dict(objective=MHPO(), entropy_coef=0.01, kept_ids=(offsets, kept))
+
+            def fused(h, w, b):
+                return mhpo_kernels.fused_linear_policy_loss(h[None], w, ids, old, adv, mask, bias=b, chunk_size=4,
+                                                             **kw)
+
+            def eager(h, w, b):
+                h = torch.where(rows.unsqueeze(-1), 0.0, h)
+                return reference.policy_loss(h[None] @ w.T + b, ids, old.double(), adv.double(), mask, **kw)
+
+        with mhpo_kernels.use_backend(backend):
+            got = grads(fused, dirty, weight, bias)
+        want = grads(eager, dirty.double(), weight.double(), bias.double())
+        assert not got[1][rows].any() and got[2].isfinite().all() and got[3].isfinite().all(), name
+        for a, b in zip(got, want):
+            _close(a, b)

@@ -1424,6 +1424,25 @@ def test_losses_leave_out_targets_outside_the_kept_set(backend, objective, filte
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_left_out_for_its_old_logprob_passes_no_gradient_whatever_its_row_holds(backend):
+    """A token whose old log-prob is −inf leaves a truncated loss (SPEC.md, section 9), also where
+    its row holds a NaN, which keeps the whole row (section 5): the loss is finite, and that
+    row's gradient is 0 (written without reading the row), not 0 · NaN, as the reference's."""
+    x = _grid_logits(1, 4, 300, seed=12)
+    ids = x.argmax(-1)
+    x[0, 1, 7] = float("nan")
+    old = torch.tensor([[-1.0, -math.inf, -0.5, -2.0]])
+    adv = torch.tensor([[1.0, -0.5, 0.7, 0.3]])
+    kw = dict(min_p=0.1, entropy_coef=0.01, loss_agg_mode="token-mean")
+    with mhpo_kernels.use_backend(backend):
+        got = _loss_and_grad(mhpo_kernels.mhpo_loss, x, ids, old, adv, **kw)
+    want = _loss_and_grad(reference.mhpo_loss, x.double(), ids, old.double(), adv.double(), **kw)
+    assert math.isfinite(want[0].item()) and want[1]["outside_support"].item() == 0.25
+    assert not got[2][0, 1].any() and not want[2][0, 1].any() and got[2][0, 0].any()
+    _same_loss(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_per_token_filters_and_the_module(backend):
     """A packed stream with per-token values of each filter, through MHPOLoss.forward, equals the
     reference of the same stream. The first token's row is left whole and its target's logit is

@@ -32,12 +32,19 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _kept_step(p_row, p_ids, j, end, BLOCK: tl.constexpr):
+def _kept_ids(p_ids, j, end, V, BLOCK: tl.constexpr):
     """A step of kept ids [j, j + BLOCK) ∩ [j, end): (the ids, which are in range and this
-    slice's (an id < 0 is another slice's, vocab_parallel.py), their logits)."""
+    slice's: an id < 0 is another slice's (vocab_parallel.py), and one ≥ V, which validation
+    refuses, is never an address)."""
     o_j = j + tl.arange(0, BLOCK)
     b_v = tl.load(p_ids + o_j, mask=o_j < end, other=-1)
-    m_j = b_v >= 0
+    return b_v, (b_v >= 0) & (b_v < V)
+
+
+@triton.jit
+def _kept_step(p_row, p_ids, j, end, V, BLOCK: tl.constexpr):
+    """``_kept_ids`` and their logits."""
+    b_v, m_j = _kept_ids(p_ids, j, end, V, BLOCK)
     return b_v, m_j, tl.load(p_row + b_v, mask=m_j, other=0.0).to(tl.float32)
 
 
@@ -90,7 +97,7 @@ def _replay_fwd_kernel(
         a = tl.zeros([BLOCK], tl.float32)
         seen = tl.zeros([BLOCK], tl.int32)
         for j in range(start, end, BLOCK):
-            b_v, m_j, b_x = _kept_step(p_row, p_ids, j, end, BLOCK)
+            b_v, m_j, b_x = _kept_step(p_row, p_ids, j, end, V, BLOCK)
             b_u = tl.where(m_j, _logit_u(b_x, tanh_scale, SOFTCAP), float("-inf"))
             c_new = _max_nan(c, b_u * k)
             s, a = _rebased(c, s, a, c_new, WITH_ENTROPY)
@@ -137,10 +144,18 @@ def _replay_bwd_kernel(
             p_row = p_x + _row_offset(row, T, stride_xb, stride_xt, False, 1)
             base = tl.load(p_lse2_base + row)
             log2_s = tl.load(p_lse2_rest + row)
-            # a target outside the kept set: no log-prob gradient (SPEC.md, section 9); another
-            # slice's target (y ≥ V): its rank decides, and the caller zeroed dlogp if outside
-            dlogp = tl.where((y >= V) | _has_target(p_ids, y, start, end, BLOCK), tl.load(p_dlogp + row), 0.0)
             u_y = _logit_u(tl.load(p_row + y, mask=y < V, other=0.0).to(tl.float32), tanh_scale, SOFTCAP)
+            # A target outside the kept set (not in it, or at d = −inf, which no kept set holds):
+            # no log-prob gradient (SPEC.md, section 9); where the entropy gets none either, none
+            # at all: the row's kept elements take 0 unread (a NaN there would give 0 · NaN).
+            # Another slice's target (y ≥ V): its rank decides, and the caller passed −1 or
+            # zeroed dlogp if outside.
+            d_y = tl.fma(u_y, k, -base)
+            inside = (y >= V) | (_has_target(p_ids, y, start, end, BLOCK) & (d_y != float("-inf")))
+            read = inside
+            if HAS_DENT:  # the entropy's gradient needs the row whatever the log-prob's: read every one
+                read = replayed
+            dlogp = tl.where(inside, tl.load(p_dlogp + row), 0.0)
             g_y = _logit_slope(u_y, dlogp * slope, SOFTCAP)  # the one-hot term
             if HAS_DENT:
                 dent = tl.load(p_dent + row)
@@ -150,17 +165,17 @@ def _replay_bwd_kernel(
                 a0 = -dlogp * slope
                 a1 = 0.0
             for j in range(start, end, BLOCK):
-                b_v, m_j, b_x = _kept_step(p_row, p_ids, j, end, BLOCK)
+                b_v, m_j = _kept_ids(p_ids, j, end, V, BLOCK)
+                b_x = tl.load(p_row + b_v, mask=tl.where(read, m_j, False), other=0.0).to(tl.float32)
                 b_g = _grad_block(b_x, k, base, log2_s, a0, a1, tanh_scale, 0.0, SOFTCAP, HAS_DENT, False)
                 b_g += tl.where(b_v == y, g_y, 0.0)
-                tl.store(p_g + j + tl.arange(0, BLOCK), b_g, mask=m_j)
+                tl.store(p_g + j + tl.arange(0, BLOCK), tl.where(read, b_g, 0.0), mask=m_j)
         else:
             p_drow = p_dx + _row_offset(row, T, stride_db, stride_dt, False, 1)
             for j in range(start, end, BLOCK):
-                o_j = j + tl.arange(0, BLOCK)
-                b_v = tl.load(p_ids + o_j, mask=o_j < end, other=-1)
-                b_g = tl.load(p_g + o_j, mask=b_v >= 0, other=0.0)
-                tl.store(p_drow + b_v, b_g.to(p_drow.dtype.element_ty), mask=b_v >= 0)
+                b_v, m_j = _kept_ids(p_ids, j, end, V, BLOCK)
+                b_g = tl.load(p_g + j + tl.arange(0, BLOCK), mask=m_j, other=0.0)
+                tl.store(p_drow + b_v, b_g.to(p_drow.dtype.element_ty), mask=m_j)
 
 
 def unreplayed(target, lmap):
