@@ -77,6 +77,15 @@ def mhpo_token_params(c=1.5, k_pos=1.5, lam_pos=1.0, k_neg=2.0, lam_neg=0.8, bet
 PER_ROW = ("tau", "min_p", "top_k", "top_p", "cut", "kept_start", "kept_end")
 
 
+def truncated_rows(cut, kept_start=None, kept_end=None):
+    """(N,) bool: the rows truncated to a kept set: a replayed one not empty (``kept_start``,
+    ``kept_end``: the CSR offsets' two views), else a finite threshold in ``cut`` (the filters');
+    None when neither is given."""
+    if kept_start is not None:
+        return kept_end > kept_start
+    return None if cut is None else cut > -float("inf")
+
+
 @dataclass(frozen=True, eq=False)
 class LogitMap:
     """x ↦ z, the logit the softmax sees: z = s·x/τ, or with softcap z = cap·tanh(s·x/cap)/τ.
@@ -125,10 +134,8 @@ class LogitMap:
 
     def truncated_rows(self, cut):
         """(N,) bool: the rows truncated to a kept set, given the forward's thresholds ``cut``
-        (filters: a finite threshold; replay: a kept set given); None when neither is on."""
-        if self.replayed:
-            return self.kept_end > self.kept_start
-        return None if cut is None else cut > -float("inf")
+        (``truncated_rows`` below); None when neither is on."""
+        return truncated_rows(cut, self.kept_start, self.kept_end)
 
     @property
     def log2_scale(self):

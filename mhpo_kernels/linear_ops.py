@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .linear_sweeps import fused_linear_sweeps, token_logprobs_grads, token_logprobs_sweeps
 from ._op_support import ENTROPY_COEF, _fp32, _unpack, _without_autocast, once_differentiable
+from ._sweep_types import LogitMap, truncated_rows
 from .epilogue import left_out
 from .vocab_parallel import outside_kept_set
 
@@ -249,9 +250,8 @@ def _logprobs_backward(ctx, d_logp, d_entropy, _base, _log2_sum, _cut):
         return (None,) * len(LogprobsArgs._fields)
     dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
     dent = None if d_entropy is None else d_entropy.float().contiguous()
-    truncated = None
-    if logp is not None:  # from the saved tensors: under torch.compile the host params are not read here
-        truncated = cut > -math.inf if cut is not None else kept_offsets[1:] > kept_offsets[:-1]
+    # From the saved tensors: under torch.compile the host params are not read here.
+    truncated = None if logp is None else truncated_rows(cut, **LogitMap.replay_rows(kept_offsets))
     dh, dw, db = fused_linear_logprobs_backward(
         hidden, weight, bias, target, tau, base, lse2_rest, entropy if dent is not None else None, dlogp, dent,
         ctx.params, ctx.softcap, ctx.chunk_rows, need_dh, need_dw, need_db, ctx.n_valid, cut, ctx.batch_invariant,
@@ -341,7 +341,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dent = None if entropy is None or d_entropy is None else d_entropy.float().contiguous()
         dlogp = torch.zeros_like(base) if d_logp is None else d_logp.float().contiguous()
-        if truncated is not None:
+        if truncated is not None:  # a target outside its kept set: no log-prob gradient
             dlogp = torch.where(left_out(logp, truncated), 0.0, dlogp)
         # Every rank runs the same backward (dhidden's all-reduce included), whichever output got a gradient.
         dh, dw, db = token_logprobs_grads(

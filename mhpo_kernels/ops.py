@@ -193,7 +193,7 @@ def _forward_sweep(a, grad=None):
     def present(x):  # absent outputs as empty tensors, each its own
         return _fp32(a.logits, 0) if x is None else x
 
-    kept = (weight, target) if truncated else (present(None), a.target.new_empty(0))
+    kept = (weight, target) if truncated else (present(None), a.target.new_empty(0, dtype=torch.int32))
     return tuple(map(present, stats[:8])) + totals + kept + (present(stats.cut),)
 
 
@@ -216,7 +216,8 @@ def _fake_outputs(a, grad):
     total = _fp32(a.logits, 1).reshape(()) if a.totals else _fp32(a.logits, 0)
     kept = n if _kept_weights(a) else 0
     return stats + (grad, total, _fp32(a.logits, len(METRICS) if a.totals == LOSS_AND_METRICS else 0),
-                    _fp32(a.logits, kept), a.target.new_empty(kept), _fp32(a.logits, n if _thresholds(a) else 0))
+                    _fp32(a.logits, kept), a.target.new_empty(kept, dtype=torch.int32),
+                    _fp32(a.logits, n if _thresholds(a) else 0))
 
 
 def _sweeps_forward(
@@ -321,8 +322,8 @@ def _hand_back(ctx, d_total):
 class OneSweepInplace(torch.autograd.Function):
     """``grad_in_forward`` with ``inplace_backward``: the forward overwrites the logits with their
     gradient (``sweeps_forward_grad_``, whose version bump makes any other node that saved the
-    logits refuse to run), the backward scales it and hands it back. Returns the eight
-    ``RowStats`` fields, the 0-d loss and the metrics."""
+    logits refuse to run), the backward scales it and hands it back. Returns
+    ``sweeps_forward_grad_``'s outputs: ``SweepsOut``'s but the gradient (in the logits)."""
 
     @staticmethod
     def forward(ctx, logits, target, old, adv, weight, ref, tau, params, softcap, with_entropy, shifted, totals):

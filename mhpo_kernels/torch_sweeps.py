@@ -16,7 +16,7 @@ from ._sweep_types import (
     ADV_PER_SEQ, ADV_SCALAR, AGG_MODES, METRICS, STATUS_BAD_IDS, STATUS_CU, STATUS_FIRST_BAD, STATUS_MASK,
     STATUS_N_VALID, STATUS_NORM, STATUS_NOT_ONE_EACH, STATUS_SEQ_COUNTS, STATUS_SLOTS, STATUS_TAU,
     STATUS_ADV_VARIES, STATUS_KEPT_IDS, STATUS_KEPT_OFFSETS, STATUS_KEPT_TWICE, STATUS_OLD_POSITIVE, STATUS_REF_POSITIVE, STATUS_MIN_P, STATUS_TOP_P, STATUS_TOKEN_W, LOGP_ABOVE_ZERO, RowStats,
-    clip_bounds,
+    clip_bounds, truncated_rows,
 )
 from .objectives import MHPO_KIND
 from ._sweep_types import (COUNT_JOINT, COUNT_JOINT_SUMS, COUNT_JOINT_UNIFORM, COUNT_KEYS, COUNT_SUMS, COUNT_UNIFORM,
@@ -55,7 +55,7 @@ def prepare(ids, mask, cu, adv, adv_mode, tau, normalizer, seq_counts, n_seqs, T
             status[STATUS_MASK] = ((mask != 0) & (mask != 1)).sum()
         valid = valid & (mask != 0)
     if logp is not None:  # a truncated loss's: the tokens it leaves out
-        valid = valid & ~epilogue.left_out(logp, cut > -math.inf if cut is not None else kept[1] > kept[0], old)
+        valid = valid & ~epilogue.left_out(logp, truncated_rows(cut, *(kept or (None, None))), old)
     bad = valid & ((ids < 0) | (ids >= V))
     positions = torch.arange(N, device=device, dtype=torch.int64)
     status[STATUS_N_VALID], status[STATUS_BAD_IDS] = valid.sum(), bad.sum()
